@@ -1,0 +1,22 @@
+//! Generates Rust code for the Workload API, node API and admin API from `proto/`.
+//!
+//! `protoc` comes from the `protoc-bin-vendored` crate so a fresh machine needs no manual install.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    std::env::set_var("PROTOC", protoc);
+    let includes = protoc_bin_vendored::include_path()?.display().to_string();
+    let protos = [
+        "proto/spiffe/workload.proto",
+        "proto/sigil/node/v1/node.proto",
+        "proto/sigil/admin/v1/admin.proto",
+    ];
+    for p in &protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_protos(&protos, &["proto", includes.as_str()])?;
+    Ok(())
+}

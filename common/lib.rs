@@ -1,0 +1,21 @@
+//! Sigil's shared library: what both `sigil-server` and `sigil-agent` need.
+//!
+//! Layout, one concept a module:
+//! - [`spiffe_id`]: `SpiffeId` and `TrustDomain`, enforcing the SPIFFE-ID spec.
+//! - [`selector`]: `type:value` selectors and selector sets.
+//! - [`ttl`]: human durations (`90s`, `15m`, `1h`).
+//! - [`entry`]: the registration-entry model, validated, with proto conversions.
+//! - [`x509`]: PEM/DER helpers and X509-SVID inspection shared by tests and tools.
+//! - [`proto`]: generated code for the Workload, node and admin APIs.
+//! - [`uds`]: gRPC over Unix sockets (client connector, peer credentials).
+
+pub mod entry;
+pub mod proto;
+pub mod selector;
+pub mod spiffe_id;
+pub mod ttl;
+pub mod uds;
+pub mod x509;
+
+pub use selector::{Selector, SelectorSet};
+pub use spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};

@@ -1,0 +1,206 @@
+//! Registration datastore: entries, attested agents, join tokens and bundles.
+//!
+//! The [`Datastore`] trait is what the rest of the server uses; [`sqlite::SqliteDatastore`] is the
+//! embedded default (PostgreSQL comes later behind the same trait). Every write is durable when
+//! the call returns: the admin API acknowledges nothing that a `kill -9` could lose.
+//!
+//! Revisions: every entry change takes the next value of one global, monotonically increasing
+//! revision counter, and deletions leave a tombstone with their revision, so an agent can ask
+//! "what changed since revision R" ([`Datastore::entry_changes_since`]).
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use sigil::entry::RegistrationEntry;
+use sigil::{SelectorSet, SpiffeId, TrustDomain};
+
+/// Datastore failures. The admin API maps them to gRPC status codes.
+#[derive(Debug, thiserror::Error)]
+pub enum DatastoreError {
+    /// Same SPIFFE ID, parent ID and selectors as an existing entry (its id attached).
+    #[error("an entry with the same SPIFFE ID, parent ID and selectors already exists (id {0})")]
+    AlreadyExists(String),
+    /// No such entry / agent / token.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// A join token that existed but has expired (it is removed).
+    #[error("join token has expired")]
+    Expired,
+    /// A page token this datastore did not produce.
+    #[error("invalid page token {0:?}")]
+    InvalidPageToken(String),
+    /// Stored data that does not parse (manual edits, disk corruption).
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// The database itself failed (I/O, locking, ...).
+    #[error("database error: {0}")]
+    Backend(String),
+}
+
+/// How a filter's selectors must relate to an entry's selectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SelectorMatch {
+    /// Entry selectors equal the given set.
+    #[default]
+    Exact,
+    /// Entry selectors are a subset of the given set (the entries a workload with these
+    /// selectors would get).
+    Subset,
+    /// Entry selectors are a superset of the given set.
+    Superset,
+    /// Entry has at least one of the given selectors.
+    Any,
+}
+
+/// Entry filter; `None` fields do not filter. All given fields must match.
+#[derive(Debug, Clone, Default)]
+pub struct EntryFilter {
+    /// Exact SPIFFE ID.
+    pub spiffe_id: Option<SpiffeId>,
+    /// Exact parent ID.
+    pub parent_id: Option<SpiffeId>,
+    /// Selector set and how to match it.
+    pub selectors: Option<(SelectorSet, SelectorMatch)>,
+}
+
+/// One page of results.
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    /// The items, in a stable order (creation order).
+    pub items: Vec<T>,
+    /// Token for the next page; `None` when this is the last page.
+    pub next_token: Option<String>,
+}
+
+/// An attested node agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttestedAgent {
+    /// The agent's SPIFFE ID.
+    pub spiffe_id: SpiffeId,
+    /// Node attestation method (`join_token`, `x509pop`, ...).
+    pub attestation_type: String,
+    /// Hex serial of the agent's current SVID.
+    pub x509_svid_serial: String,
+    /// Expiry of that SVID, Unix seconds.
+    pub x509_svid_expires_at: i64,
+    /// Banned agents are refused and may not re-attest.
+    pub banned: bool,
+    /// Node selectors from attestation.
+    pub selectors: SelectorSet,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds.
+    pub updated_at: i64,
+}
+
+/// A single-use join token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinToken {
+    /// The secret token value.
+    pub token: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+    /// Node-alias SPIFFE ID to create on use.
+    pub spiffe_id: Option<SpiffeId>,
+}
+
+/// A trust bundle as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBundle {
+    /// Whose bundle.
+    pub trust_domain: TrustDomain,
+    /// DER root certificates.
+    pub x509_roots: Vec<Vec<u8>>,
+    /// JWT signing public keys as a JWKS `keys` JSON array.
+    pub jwt_keys_json: String,
+    /// Incremented by [`Datastore::set_bundle`] whenever the content changes.
+    pub sequence: u64,
+}
+
+/// Entry changes after a revision.
+#[derive(Debug, Clone, Default)]
+pub struct EntryChanges {
+    /// Entries created or updated after the revision (current content).
+    pub upserted: Vec<RegistrationEntry>,
+    /// Ids of entries deleted after the revision.
+    pub removed: Vec<String>,
+    /// The current (highest) revision.
+    pub revision: i64,
+}
+
+/// Storage for everything the server must not lose.
+#[async_trait]
+pub trait Datastore: Send + Sync + 'static {
+    /// Creates entries in one durable transaction. The outer error is a backend failure (nothing
+    /// was written); otherwise one result per input, in order: the stored entry (id, revision and
+    /// times assigned) or why that one was refused (e.g. [`DatastoreError::AlreadyExists`],
+    /// including duplicates within the batch).
+    async fn create_entries(
+        &self,
+        entries: Vec<RegistrationEntry>,
+    ) -> Result<Vec<Result<RegistrationEntry, DatastoreError>>, DatastoreError>;
+
+    /// The entry with this id, if any.
+    async fn get_entry(&self, id: &str) -> Result<Option<RegistrationEntry>, DatastoreError>;
+
+    /// Entries matching `filter`, at most `page_size` of them, after `page_token`.
+    async fn list_entries(
+        &self,
+        filter: &EntryFilter,
+        page_size: usize,
+        page_token: Option<&str>,
+    ) -> Result<Page<RegistrationEntry>, DatastoreError>;
+
+    /// Number of entries matching `filter`.
+    async fn count_entries(&self, filter: &EntryFilter) -> Result<u64, DatastoreError>;
+
+    /// Replaces the entry with `entry.id` (content fields only; created_at is kept), assigning a
+    /// new revision and updated_at. NotFound / AlreadyExists as for create.
+    async fn update_entry(&self, entry: RegistrationEntry) -> Result<RegistrationEntry, DatastoreError>;
+
+    /// Deletes an entry, returning what was deleted; leaves a tombstone for sync.
+    async fn delete_entry(&self, id: &str) -> Result<RegistrationEntry, DatastoreError>;
+
+    /// Entries created/updated and ids deleted after `revision`, and the current revision.
+    async fn entry_changes_since(&self, revision: i64) -> Result<EntryChanges, DatastoreError>;
+
+    /// Creates or replaces an agent record (keyed by SPIFFE ID).
+    async fn upsert_agent(&self, agent: AttestedAgent) -> Result<(), DatastoreError>;
+
+    /// The agent with this ID, if any.
+    async fn get_agent(&self, id: &SpiffeId) -> Result<Option<AttestedAgent>, DatastoreError>;
+
+    /// Agents in a stable order, paged.
+    async fn list_agents(
+        &self,
+        page_size: usize,
+        page_token: Option<&str>,
+    ) -> Result<Page<AttestedAgent>, DatastoreError>;
+
+    /// Number of agents.
+    async fn count_agents(&self) -> Result<u64, DatastoreError>;
+
+    /// Removes an agent (eviction: it must attest again). NotFound if absent.
+    async fn delete_agent(&self, id: &SpiffeId) -> Result<(), DatastoreError>;
+
+    /// Sets or clears the banned flag. NotFound if absent.
+    async fn set_agent_banned(&self, id: &SpiffeId, banned: bool) -> Result<(), DatastoreError>;
+
+    /// Stores a new join token.
+    async fn create_join_token(&self, token: JoinToken) -> Result<(), DatastoreError>;
+
+    /// Atomically takes a token so it can be used once: NotFound if unknown or already used,
+    /// Expired if past `expires_at` relative to `now` (Unix seconds; it is deleted either way).
+    async fn consume_join_token(&self, token: &str, now: i64) -> Result<JoinToken, DatastoreError>;
+
+    /// Deletes tokens expired at `now`; returns how many.
+    async fn prune_join_tokens(&self, now: i64) -> Result<u64, DatastoreError>;
+
+    /// The bundle of `td`, if stored.
+    async fn get_bundle(&self, td: &TrustDomain) -> Result<Option<StoredBundle>, DatastoreError>;
+
+    /// Stores a bundle. If the content differs from what is stored, the sequence becomes the
+    /// stored sequence + 1 (1 for a new bundle); the input's sequence is ignored. Returns what
+    /// is now stored.
+    async fn set_bundle(&self, bundle: StoredBundle) -> Result<StoredBundle, DatastoreError>;
+}
