@@ -5,10 +5,12 @@
 //! - [`selector`]: `type:value` selectors and selector sets.
 //! - [`ttl`]: human durations (`90s`, `15m`, `1h`).
 //! - [`entry`]: the registration-entry model, validated, with proto conversions.
+//! - [`bundle`]: trust bundles in PEM and SPIFFE bundle (JWKS) formats.
 //! - [`x509`]: PEM/DER helpers and X509-SVID inspection shared by tests and tools.
 //! - [`proto`]: generated code for the Workload, node and admin APIs.
 //! - [`uds`]: gRPC over Unix sockets (client connector, peer credentials).
 
+pub mod bundle;
 pub mod entry;
 pub mod proto;
 pub mod selector;

@@ -1,0 +1,1 @@
+//! Trust bundles (being written).
