@@ -7,11 +7,17 @@
 //! - [`entry`]: the registration-entry model, validated, with proto conversions.
 //! - [`bundle`]: trust bundles in PEM and SPIFFE bundle (JWKS) formats.
 //! - [`x509`]: PEM/DER helpers and X509-SVID inspection shared by tests and tools.
+//! - [`jwt`]: JWT-SVID validation against a bundle's JWT authorities.
+//! - [`health`]: the `/live`, `/ready` and `/metrics` HTTP endpoint.
+//! - [`logging`]: `tracing` set-up (text or JSON).
 //! - [`proto`]: generated code for the Workload, node and admin APIs.
 //! - [`uds`]: gRPC over Unix sockets (client connector, peer credentials).
 
 pub mod bundle;
 pub mod entry;
+pub mod jwt;
+pub mod health;
+pub mod logging;
 pub mod proto;
 pub mod selector;
 pub mod spiffe_id;

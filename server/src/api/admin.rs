@@ -1,0 +1,605 @@
+//! The admin API service (`sigil.admin.v1.Admin`) on the server's local Unix socket.
+//!
+//! Access control is the socket's file permissions (directory 0700). Each request is measured
+//! ([`Metrics::observe_admin`]); each mutation is written to the audit log as a structured
+//! `tracing` event with target `sigil::audit`: the caller's uid from the socket's peer
+//! credentials, the action, its target and the result.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use sigil::bundle::Bundle;
+use sigil::entry::{selectors_from_proto, RegistrationEntry};
+use sigil::proto::admin as pb;
+use sigil::proto::admin::admin_server::Admin;
+use sigil::{SpiffeId, TrustDomain};
+use tokio::sync::RwLock;
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Code, Request, Response, Status};
+
+use crate::datastore::{
+    AttestedAgent, Datastore, DatastoreError, EntryFilter, JoinToken, SelectorMatch,
+};
+use crate::metrics::Metrics;
+
+/// Default page size for list calls.
+pub const DEFAULT_PAGE_SIZE: usize = 500;
+/// Largest page size a caller may ask for.
+pub const MAX_PAGE_SIZE: usize = 10_000;
+/// Largest batch in one BatchCreateEntries call.
+pub const MAX_BATCH: usize = 10_000;
+/// Default join-token lifetime (seconds).
+pub const DEFAULT_JOIN_TOKEN_TTL: i64 = 600;
+
+/// State the admin API shares with the rest of the server.
+pub struct AdminState {
+    /// The server's trust domain.
+    pub trust_domain: TrustDomain,
+    /// Registration data.
+    pub datastore: Arc<dyn Datastore>,
+    /// The current trust bundle (with its stored sequence number).
+    pub bundle: RwLock<Bundle>,
+    /// Metrics.
+    pub metrics: Metrics,
+}
+
+/// The admin gRPC service.
+pub struct AdminService {
+    state: Arc<AdminState>,
+}
+
+impl AdminService {
+    /// Wraps shared state.
+    pub fn new(state: Arc<AdminState>) -> Self {
+        Self { state }
+    }
+
+    /// Runs a handler, recording its latency and status code.
+    async fn measured<T>(
+        &self,
+        method: &'static str,
+        f: impl Future<Output = Result<T, Status>>,
+    ) -> Result<Response<T>, Status> {
+        let start = Instant::now();
+        let result = f.await;
+        let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+        self.state.metrics.observe_admin(method, code, start.elapsed());
+        result.map(Response::new)
+    }
+
+    fn td(&self) -> &TrustDomain {
+        &self.state.trust_domain
+    }
+
+    /// Validates an entry from the API: well-formed, in our trust domain, not reserved.
+    fn validate_entry(&self, e: &pb::Entry) -> Result<RegistrationEntry, Status> {
+        let entry = RegistrationEntry::from_proto(e).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        for (field, id) in [("spiffe_id", &entry.spiffe_id), ("parent_id", &entry.parent_id)] {
+            if !id.is_member_of(self.td()) {
+                return Err(Status::invalid_argument(format!(
+                    "invalid {field}: {id} is not in this server's trust domain {}",
+                    self.td()
+                )));
+            }
+        }
+        if crate::api::is_reserved(&entry.spiffe_id) {
+            return Err(Status::invalid_argument(format!(
+                "invalid spiffe_id: paths under {} are reserved for Sigil's server and agents",
+                crate::api::RESERVED_PREFIX
+            )));
+        }
+        Ok(entry)
+    }
+
+    fn parse_id(&self, field: &str, s: &str) -> Result<SpiffeId, Status> {
+        SpiffeId::parse(s).map_err(|e| Status::invalid_argument(format!("invalid {field}: {e}")))
+    }
+
+    fn filter(&self, f: Option<pb::EntryFilter>) -> Result<EntryFilter, Status> {
+        let Some(f) = f else {
+            return Ok(EntryFilter::default());
+        };
+        let spiffe_id = (!f.spiffe_id.is_empty())
+            .then(|| self.parse_id("filter.spiffe_id", &f.spiffe_id))
+            .transpose()?;
+        let parent_id = (!f.parent_id.is_empty())
+            .then(|| self.parse_id("filter.parent_id", &f.parent_id))
+            .transpose()?;
+        let selectors = if f.selectors.is_empty() {
+            None
+        } else {
+            let set = selectors_from_proto(&f.selectors)
+                .map_err(|e| Status::invalid_argument(format!("invalid filter.selectors: {e}")))?;
+            let how = match pb::SelectorMatch::try_from(f.selector_match) {
+                Ok(pb::SelectorMatch::Exact) => SelectorMatch::Exact,
+                Ok(pb::SelectorMatch::Subset) => SelectorMatch::Subset,
+                Ok(pb::SelectorMatch::Superset) => SelectorMatch::Superset,
+                Ok(pb::SelectorMatch::Any) => SelectorMatch::Any,
+                Err(_) => {
+                    return Err(Status::invalid_argument(format!(
+                        "invalid filter.selector_match {}",
+                        f.selector_match
+                    )))
+                }
+            };
+            Some((set, how))
+        };
+        Ok(EntryFilter {
+            spiffe_id,
+            parent_id,
+            selectors,
+        })
+    }
+
+    async fn refresh_entry_gauge(&self) {
+        if let Ok(n) = self.state.datastore.count_entries(&EntryFilter::default()).await {
+            self.state.metrics.entries.set(n as i64);
+        }
+    }
+}
+
+/// The caller's uid from the Unix socket's peer credentials, if known.
+fn caller_uid<T>(req: &Request<T>) -> Option<u32> {
+    req.extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|i| i.peer_cred)
+        .map(|c| c.uid())
+}
+
+/// Writes one audit event.
+fn audit<T>(uid: Option<u32>, action: &str, target: &str, result: &Result<T, Status>) {
+    let outcome = match result {
+        Ok(_) => "ok".to_string(),
+        Err(s) => format!("{:?}: {}", s.code(), s.message()),
+    };
+    match uid {
+        Some(uid) => tracing::info!(target: "sigil::audit", caller_uid = uid, action, target, result = %outcome, "admin action"),
+        None => tracing::info!(target: "sigil::audit", caller_uid = "unknown", action, target, result = %outcome, "admin action"),
+    }
+}
+
+/// Maps datastore errors to gRPC statuses; backend failures are logged and hidden.
+pub fn ds_status(e: DatastoreError) -> Status {
+    match e {
+        DatastoreError::AlreadyExists(_) => Status::already_exists(e.to_string()),
+        DatastoreError::NotFound(_) => Status::not_found(e.to_string()),
+        DatastoreError::InvalidPageToken(_) => Status::invalid_argument(e.to_string()),
+        DatastoreError::Expired => Status::permission_denied(e.to_string()),
+        DatastoreError::Corrupt(_) | DatastoreError::Backend(_) => {
+            tracing::error!(error = %e, "datastore failure");
+            Status::internal(format!("datastore failure: {e}"))
+        }
+    }
+}
+
+fn page_size(requested: u32) -> usize {
+    match requested as usize {
+        0 => DEFAULT_PAGE_SIZE,
+        n => n.min(MAX_PAGE_SIZE),
+    }
+}
+
+fn token(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn agent_to_proto(a: &AttestedAgent) -> pb::Agent {
+    pb::Agent {
+        spiffe_id: a.spiffe_id.to_string(),
+        attestation_type: a.attestation_type.clone(),
+        x509_svid_serial: a.x509_svid_serial.clone(),
+        x509_svid_expires_at: a.x509_svid_expires_at,
+        banned: a.banned,
+        selectors: a.selectors.iter().map(sigil::entry::selector_to_proto).collect(),
+        created_at: a.created_at,
+        updated_at: a.updated_at,
+    }
+}
+
+fn now_unix() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn create_entry(
+        &self,
+        req: Request<pb::CreateEntryRequest>,
+    ) -> Result<Response<pb::CreateEntryResponse>, Status> {
+        let uid = caller_uid(&req);
+        let req = req.into_inner();
+        self.measured("CreateEntry", async {
+            let mut target = req.entry.as_ref().map(|e| e.spiffe_id.clone()).unwrap_or_default();
+            let result = async {
+                let e = req.entry.as_ref().ok_or_else(|| Status::invalid_argument("entry is required"))?;
+                let entry = self.validate_entry(e)?;
+                let mut results = self.state.datastore.create_entries(vec![entry]).await.map_err(ds_status)?;
+                let created = results
+                    .pop()
+                    .ok_or_else(|| Status::internal("datastore returned no result"))?
+                    .map_err(ds_status)?;
+                target = format!("{} ({})", created.id, created.spiffe_id);
+                Ok(pb::CreateEntryResponse {
+                    entry: Some(created.to_proto()),
+                })
+            }
+            .await;
+            audit(uid, "entry.create", &target, &result);
+            self.refresh_entry_gauge().await;
+            result
+        })
+        .await
+    }
+
+    async fn batch_create_entries(
+        &self,
+        req: Request<pb::BatchCreateEntriesRequest>,
+    ) -> Result<Response<pb::BatchCreateEntriesResponse>, Status> {
+        let uid = caller_uid(&req);
+        let req = req.into_inner();
+        self.measured("BatchCreateEntries", async {
+            if req.entries.len() > MAX_BATCH {
+                let r = Err(Status::invalid_argument(format!(
+                    "batch of {} entries is larger than the maximum of {MAX_BATCH}; split it",
+                    req.entries.len()
+                )));
+                audit(uid, "entry.batch_create", &format!("{} entries", req.entries.len()), &r);
+                return r;
+            }
+            // Validate everything first; only valid entries reach the datastore, in one
+            // transaction, and results are reassembled in request order.
+            let mut results: Vec<Option<pb::EntryResult>> = vec![None; req.entries.len()];
+            let mut valid = Vec::new();
+            let mut valid_idx = Vec::new();
+            for (i, e) in req.entries.iter().enumerate() {
+                match self.validate_entry(e) {
+                    Ok(entry) => {
+                        valid.push(entry);
+                        valid_idx.push(i);
+                    }
+                    Err(s) => {
+                        results[i] = Some(pb::EntryResult {
+                            code: s.code() as i32,
+                            message: s.message().to_string(),
+                            entry: Some(e.clone()),
+                        })
+                    }
+                }
+            }
+            let stored = if valid.is_empty() {
+                Vec::new()
+            } else {
+                match self.state.datastore.create_entries(valid).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let r = Err(ds_status(e));
+                        audit(uid, "entry.batch_create", &format!("{} entries", req.entries.len()), &r);
+                        return r;
+                    }
+                }
+            };
+            let mut created = 0usize;
+            for (i, r) in valid_idx.into_iter().zip(stored) {
+                results[i] = Some(match r {
+                    Ok(entry) => {
+                        created += 1;
+                        pb::EntryResult {
+                            code: Code::Ok as i32,
+                            message: String::new(),
+                            entry: Some(entry.to_proto()),
+                        }
+                    }
+                    Err(e) => {
+                        let s = ds_status(e);
+                        pb::EntryResult {
+                            code: s.code() as i32,
+                            message: s.message().to_string(),
+                            entry: Some(req.entries[i].clone()),
+                        }
+                    }
+                });
+            }
+            let results: Vec<pb::EntryResult> = results.into_iter().flatten().collect();
+            let r = Ok(pb::BatchCreateEntriesResponse { results });
+            audit(
+                uid,
+                "entry.batch_create",
+                &format!("{created} of {} entries created", req.entries.len()),
+                &r,
+            );
+            self.refresh_entry_gauge().await;
+            r
+        })
+        .await
+    }
+
+    async fn get_entry(&self, req: Request<pb::GetEntryRequest>) -> Result<Response<pb::GetEntryResponse>, Status> {
+        let req = req.into_inner();
+        self.measured("GetEntry", async {
+            let entry = self
+                .state
+                .datastore
+                .get_entry(&req.id)
+                .await
+                .map_err(ds_status)?
+                .ok_or_else(|| Status::not_found(format!("entry {:?} not found", req.id)))?;
+            Ok(pb::GetEntryResponse {
+                entry: Some(entry.to_proto()),
+            })
+        })
+        .await
+    }
+
+    async fn list_entries(
+        &self,
+        req: Request<pb::ListEntriesRequest>,
+    ) -> Result<Response<pb::ListEntriesResponse>, Status> {
+        let req = req.into_inner();
+        self.measured("ListEntries", async {
+            let filter = self.filter(req.filter)?;
+            let page = self
+                .state
+                .datastore
+                .list_entries(&filter, page_size(req.page_size), token(&req.page_token))
+                .await
+                .map_err(ds_status)?;
+            Ok(pb::ListEntriesResponse {
+                entries: page.items.iter().map(RegistrationEntry::to_proto).collect(),
+                next_page_token: page.next_token.unwrap_or_default(),
+            })
+        })
+        .await
+    }
+
+    async fn count_entries(
+        &self,
+        req: Request<pb::CountEntriesRequest>,
+    ) -> Result<Response<pb::CountEntriesResponse>, Status> {
+        let req = req.into_inner();
+        self.measured("CountEntries", async {
+            let filter = self.filter(req.filter)?;
+            let count = self.state.datastore.count_entries(&filter).await.map_err(ds_status)?;
+            Ok(pb::CountEntriesResponse { count })
+        })
+        .await
+    }
+
+    async fn update_entry(
+        &self,
+        req: Request<pb::UpdateEntryRequest>,
+    ) -> Result<Response<pb::UpdateEntryResponse>, Status> {
+        let uid = caller_uid(&req);
+        let req = req.into_inner();
+        self.measured("UpdateEntry", async {
+            let target = req.entry.as_ref().map(|e| e.id.clone()).unwrap_or_default();
+            let result = async {
+                let new = req.entry.as_ref().ok_or_else(|| Status::invalid_argument("entry is required"))?;
+                let mask = req.mask.clone().unwrap_or_default();
+                let current = self
+                    .state
+                    .datastore
+                    .get_entry(&new.id)
+                    .await
+                    .map_err(ds_status)?
+                    .ok_or_else(|| Status::not_found(format!("entry {:?} not found", new.id)))?;
+                let mut merged = current.to_proto();
+                if mask.spiffe_id {
+                    merged.spiffe_id = new.spiffe_id.clone();
+                }
+                if mask.parent_id {
+                    merged.parent_id = new.parent_id.clone();
+                }
+                if mask.selectors {
+                    merged.selectors = new.selectors.clone();
+                }
+                if mask.x509_svid_ttl {
+                    merged.x509_svid_ttl = new.x509_svid_ttl;
+                }
+                if mask.jwt_svid_ttl {
+                    merged.jwt_svid_ttl = new.jwt_svid_ttl;
+                }
+                if mask.dns_names {
+                    merged.dns_names = new.dns_names.clone();
+                }
+                if mask.admin {
+                    merged.admin = new.admin;
+                }
+                if mask.downstream {
+                    merged.downstream = new.downstream;
+                }
+                if mask.federates_with {
+                    merged.federates_with = new.federates_with.clone();
+                }
+                if mask.hint {
+                    merged.hint = new.hint.clone();
+                }
+                let entry = self.validate_entry(&merged)?;
+                let updated = self.state.datastore.update_entry(entry).await.map_err(ds_status)?;
+                Ok(pb::UpdateEntryResponse {
+                    entry: Some(updated.to_proto()),
+                })
+            }
+            .await;
+            audit(uid, "entry.update", &target, &result);
+            result
+        })
+        .await
+    }
+
+    async fn delete_entry(
+        &self,
+        req: Request<pb::DeleteEntryRequest>,
+    ) -> Result<Response<pb::DeleteEntryResponse>, Status> {
+        let uid = caller_uid(&req);
+        let req = req.into_inner();
+        self.measured("DeleteEntry", async {
+            let result = self
+                .state
+                .datastore
+                .delete_entry(&req.id)
+                .await
+                .map(|_| pb::DeleteEntryResponse {})
+                .map_err(ds_status);
+            audit(uid, "entry.delete", &req.id, &result);
+            self.refresh_entry_gauge().await;
+            result
+        })
+        .await
+    }
+
+    async fn list_agents(
+        &self,
+        req: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        let req = req.into_inner();
+        self.measured("ListAgents", async {
+            let page = self
+                .state
+                .datastore
+                .list_agents(page_size(req.page_size), token(&req.page_token))
+                .await
+                .map_err(ds_status)?;
+            Ok(pb::ListAgentsResponse {
+                agents: page.items.iter().map(agent_to_proto).collect(),
+                next_page_token: page.next_token.unwrap_or_default(),
+            })
+        })
+        .await
+    }
+
+    async fn get_agent(&self, req: Request<pb::GetAgentRequest>) -> Result<Response<pb::GetAgentResponse>, Status> {
+        let req = req.into_inner();
+        self.measured("GetAgent", async {
+            let id = self.parse_id("spiffe_id", &req.spiffe_id)?;
+            let agent = self
+                .state
+                .datastore
+                .get_agent(&id)
+                .await
+                .map_err(ds_status)?
+                .ok_or_else(|| Status::not_found(format!("agent {id} not found")))?;
+            Ok(pb::GetAgentResponse {
+                agent: Some(agent_to_proto(&agent)),
+            })
+        })
+        .await
+    }
+
+    async fn evict_agent(
+        &self,
+        req: Request<pb::EvictAgentRequest>,
+    ) -> Result<Response<pb::EvictAgentResponse>, Status> {
+        let uid = caller_uid(&req);
+        let req = req.into_inner();
+        self.measured("EvictAgent", async {
+            let result = async {
+                let id = self.parse_id("spiffe_id", &req.spiffe_id)?;
+                self.state.datastore.delete_agent(&id).await.map_err(ds_status)?;
+                Ok(pb::EvictAgentResponse {})
+            }
+            .await;
+            audit(uid, "agent.evict", &req.spiffe_id, &result);
+            result
+        })
+        .await
+    }
+
+    async fn ban_agent(&self, req: Request<pb::BanAgentRequest>) -> Result<Response<pb::BanAgentResponse>, Status> {
+        let uid = caller_uid(&req);
+        let req = req.into_inner();
+        self.measured("BanAgent", async {
+            let result = async {
+                let id = self.parse_id("spiffe_id", &req.spiffe_id)?;
+                self.state.datastore.set_agent_banned(&id, true).await.map_err(ds_status)?;
+                Ok(pb::BanAgentResponse {})
+            }
+            .await;
+            audit(uid, "agent.ban", &req.spiffe_id, &result);
+            result
+        })
+        .await
+    }
+
+    async fn get_bundle(&self, _req: Request<pb::GetBundleRequest>) -> Result<Response<pb::GetBundleResponse>, Status> {
+        self.measured("GetBundle", async {
+            let bundle = self.state.bundle.read().await;
+            Ok(pb::GetBundleResponse {
+                trust_domain: bundle.trust_domain.to_string(),
+                x509_pem: bundle.to_pem(),
+                spiffe_bundle_json: bundle.to_spiffe_json(),
+                sequence_number: bundle.sequence_number,
+            })
+        })
+        .await
+    }
+
+    async fn create_join_token(
+        &self,
+        req: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
+        let uid = caller_uid(&req);
+        let req = req.into_inner();
+        self.measured("CreateJoinToken", async {
+            let mut target = String::new();
+            let result = async {
+                let ttl = match req.ttl {
+                    0 => DEFAULT_JOIN_TOKEN_TTL,
+                    t if t < 0 || t as u64 > sigil::ttl::MAX.as_secs() => {
+                        return Err(Status::invalid_argument(format!(
+                            "invalid ttl: {t}s must be positive and at most 366 days"
+                        )))
+                    }
+                    t => t,
+                };
+                let spiffe_id = if req.spiffe_id.is_empty() {
+                    None
+                } else {
+                    let id = self.parse_id("spiffe_id", &req.spiffe_id)?;
+                    if !id.is_member_of(self.td()) || crate::api::is_reserved(&id) || id.path().is_empty() {
+                        return Err(Status::invalid_argument(format!(
+                            "invalid spiffe_id: {id} must be in trust domain {} with a path outside {}",
+                            self.td(),
+                            crate::api::RESERVED_PREFIX
+                        )));
+                    }
+                    Some(id)
+                };
+                let token = JoinToken {
+                    token: uuid::Uuid::new_v4().to_string(),
+                    expires_at: now_unix() + ttl,
+                    spiffe_id,
+                };
+                self.state.datastore.create_join_token(token.clone()).await.map_err(ds_status)?;
+                // Audit a short prefix only: the token is a credential.
+                target = format!("token {}…", &token.token[..8]);
+                Ok(pb::CreateJoinTokenResponse {
+                    expires_at: token.expires_at,
+                    spiffe_id: token.spiffe_id.map(|i| i.to_string()).unwrap_or_default(),
+                    token: token.token,
+                })
+            }
+            .await;
+            audit(uid, "token.generate", &target, &result);
+            result
+        })
+        .await
+    }
+
+    async fn health(&self, _req: Request<pb::HealthRequest>) -> Result<Response<pb::HealthResponse>, Status> {
+        self.measured("Health", async {
+            let ds = &self.state.datastore;
+            let entries = ds.count_entries(&EntryFilter::default()).await.map_err(ds_status)?;
+            let agents = ds.count_agents().await.map_err(ds_status)?;
+            self.state.metrics.entries.set(entries as i64);
+            Ok(pb::HealthResponse {
+                ready: true,
+                trust_domain: self.td().to_string(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                entries,
+                agents,
+            })
+        })
+        .await
+    }
+}

@@ -1,0 +1,557 @@
+//! `sigil-server entry create|show|update|delete|count`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use serde::{Deserialize, Serialize};
+use sigil::proto::admin as pb;
+use sigil::{Selector, SpiffeId, TrustDomain};
+
+use super::output::{self, EntryJson, Output};
+use super::{connect, status_error, Common};
+
+/// Entries per BatchCreateEntries call (well under gRPC's 4 MB message limit).
+const CHUNK: usize = 500;
+
+/// Entry subcommands.
+#[derive(Debug, Subcommand)]
+pub enum EntryCommand {
+    /// Create one entry from flags, or many from a JSON file (--data).
+    Create(CreateArgs),
+    /// Show entries, filtered.
+    Show(ShowArgs),
+    /// Change fields of an entry; only the fields given are changed.
+    Update(UpdateArgs),
+    /// Delete an entry.
+    Delete(DeleteArgs),
+    /// Count entries, filtered.
+    Count(FilterArgs),
+}
+
+/// Entry content flags shared by create and update.
+#[derive(Debug, Clone, Default, Args)]
+pub struct EntryFields {
+    /// The SPIFFE ID the entry grants, e.g. spiffe://example.org/web.
+    #[arg(long, value_name = "ID")]
+    pub spiffe_id: Option<String>,
+    /// The agent or node alias the entry is registered under.
+    #[arg(long, value_name = "ID", conflicts_with = "node")]
+    pub parent_id: Option<String>,
+    /// Make this a node-alias entry (its parent is the server); its selectors match agents.
+    #[arg(long)]
+    pub node: bool,
+    /// A selector type:value the workload must have, e.g. unix:uid:1000 (repeatable).
+    #[arg(long = "selector", value_name = "TYPE:VALUE")]
+    pub selectors: Vec<String>,
+    /// X509-SVID TTL, e.g. 1h or 3600 (seconds).
+    #[arg(long, value_name = "DURATION")]
+    pub x509_ttl: Option<String>,
+    /// JWT-SVID TTL, e.g. 5m.
+    #[arg(long, value_name = "DURATION")]
+    pub jwt_ttl: Option<String>,
+    /// DNS name to add to the X509-SVID (repeatable).
+    #[arg(long = "dns", value_name = "NAME")]
+    pub dns_names: Vec<String>,
+    /// Grant admin rights (--admin or --admin=false).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub admin: Option<bool>,
+    /// The workload is a downstream server (--downstream or --downstream=false).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub downstream: Option<bool>,
+    /// Trust domain to federate with (repeatable).
+    #[arg(long = "federates-with", value_name = "TRUST_DOMAIN")]
+    pub federates_with: Vec<String>,
+    /// Hint to tell this SVID apart from others the workload gets.
+    #[arg(long)]
+    pub hint: Option<String>,
+}
+
+/// `entry create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    #[command(flatten)]
+    fields: EntryFields,
+    /// JSON file of entries to create ("-" for stdin): {"entries": [{"spiffe_id": ..., ...}]}.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["spiffe_id", "parent_id", "node", "selectors"])]
+    data: Option<PathBuf>,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// Filters shared by show and count.
+#[derive(Debug, Args)]
+pub struct FilterArgs {
+    /// Only entries with this SPIFFE ID.
+    #[arg(long, value_name = "ID")]
+    spiffe_id: Option<String>,
+    /// Only entries with this parent ID.
+    #[arg(long, value_name = "ID")]
+    parent_id: Option<String>,
+    /// Filter by selector (repeatable); see --match.
+    #[arg(long = "selector", value_name = "TYPE:VALUE")]
+    selectors: Vec<String>,
+    /// How --selector filters: entries having all given (superset), exactly these (exact),
+    /// only ones among them (subset), or any of them (any).
+    #[arg(long = "match", value_enum, default_value_t = MatchArg::Superset)]
+    matching: MatchArg,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// `entry show`.
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// Show only this entry.
+    #[arg(long, value_name = "ID", conflicts_with_all = ["spiffe_id", "parent_id", "selectors"])]
+    entry_id: Option<String>,
+    #[command(flatten)]
+    filter: FilterArgs,
+}
+
+/// `entry update`.
+#[derive(Debug, Args)]
+pub struct UpdateArgs {
+    /// The entry to change.
+    #[arg(long, value_name = "ID")]
+    entry_id: String,
+    #[command(flatten)]
+    fields: EntryFields,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// `entry delete`.
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// The entry to delete.
+    #[arg(long, value_name = "ID")]
+    entry_id: String,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// `--match` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MatchArg {
+    /// Entry selectors equal the given ones.
+    Exact,
+    /// Entry selectors are among the given ones (what a workload with them gets).
+    Subset,
+    /// Entry has all the given selectors (and maybe more).
+    Superset,
+    /// Entry has at least one of the given selectors.
+    Any,
+}
+
+/// One entry in a `--data` file. Selectors may be `"type:value"` strings or
+/// `{"type": ..., "value": ...}` objects (SPIRE's form).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DataEntry {
+    spiffe_id: String,
+    #[serde(default)]
+    parent_id: Option<String>,
+    #[serde(default)]
+    node: bool,
+    selectors: Vec<DataSelector>,
+    #[serde(default, alias = "x509_ttl")]
+    x509_svid_ttl: Option<TtlValue>,
+    #[serde(default, alias = "jwt_ttl")]
+    jwt_svid_ttl: Option<TtlValue>,
+    #[serde(default)]
+    dns_names: Vec<String>,
+    #[serde(default)]
+    admin: bool,
+    #[serde(default)]
+    downstream: bool,
+    #[serde(default)]
+    federates_with: Vec<String>,
+    #[serde(default)]
+    hint: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum DataSelector {
+    Text(String),
+    Object {
+        #[serde(rename = "type")]
+        kind: String,
+        value: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum TtlValue {
+    Seconds(i64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum DataFile {
+    Wrapped { entries: Vec<DataEntry> },
+    List(Vec<DataEntry>),
+}
+
+/// Result line of a create, as printed in JSON.
+#[derive(Debug, Serialize)]
+struct CreateResultJson {
+    status: String,
+    message: String,
+    entry: EntryJson,
+}
+
+/// Runs an entry subcommand.
+pub async fn run(cmd: EntryCommand) -> anyhow::Result<()> {
+    match cmd {
+        EntryCommand::Create(a) => create(a).await,
+        EntryCommand::Show(a) => show(a).await,
+        EntryCommand::Update(a) => update(a).await,
+        EntryCommand::Delete(a) => delete(a).await,
+        EntryCommand::Count(a) => count(a).await,
+    }
+}
+
+fn parse_id(flag: &str, s: &str) -> anyhow::Result<String> {
+    SpiffeId::parse(s)
+        .map(|id| id.to_string())
+        .map_err(|e| anyhow::anyhow!("invalid {flag} {s:?}: {e}"))
+}
+
+fn parse_selectors(flag: &str, v: &[String]) -> anyhow::Result<Vec<pb::Selector>> {
+    v.iter()
+        .map(|s| {
+            Selector::parse(s)
+                .map(|s| sigil::entry::selector_to_proto(&s))
+                .map_err(|e| anyhow::anyhow!("invalid {flag}: {e}"))
+        })
+        .collect()
+}
+
+fn parse_ttl(flag: &str, s: &str) -> anyhow::Result<i64> {
+    sigil::ttl::parse(s)
+        .map(|d| d.as_secs() as i64)
+        .map_err(|e| anyhow::anyhow!("invalid {flag}: {e}"))
+}
+
+/// The node-alias parent: `spiffe://<td>/sigil/server` for the trust domain of `spiffe_id`.
+fn node_parent(spiffe_id: &str) -> anyhow::Result<String> {
+    let td: TrustDomain = SpiffeId::parse(spiffe_id)
+        .map_err(|e| anyhow::anyhow!("invalid --spiffe-id {spiffe_id:?}: {e}"))?
+        .trust_domain()
+        .clone();
+    Ok(crate::api::server_id(&td).to_string())
+}
+
+fn entry_from_fields(f: &EntryFields) -> anyhow::Result<pb::Entry> {
+    let spiffe_id = parse_id(
+        "--spiffe-id",
+        f.spiffe_id.as_deref().context("--spiffe-id is required")?,
+    )?;
+    let parent_id = match (&f.parent_id, f.node) {
+        (Some(p), _) => parse_id("--parent-id", p)?,
+        (None, true) => node_parent(&spiffe_id)?,
+        (None, false) => bail!("--parent-id is required (or --node for a node-alias entry)"),
+    };
+    if f.selectors.is_empty() {
+        bail!("at least one --selector is required (e.g. --selector unix:uid:1000)");
+    }
+    Ok(pb::Entry {
+        spiffe_id,
+        parent_id,
+        selectors: parse_selectors("--selector", &f.selectors)?,
+        x509_svid_ttl: f.x509_ttl.as_deref().map(|s| parse_ttl("--x509-ttl", s)).transpose()?.unwrap_or(0),
+        jwt_svid_ttl: f.jwt_ttl.as_deref().map(|s| parse_ttl("--jwt-ttl", s)).transpose()?.unwrap_or(0),
+        dns_names: f.dns_names.clone(),
+        admin: f.admin.unwrap_or(false),
+        downstream: f.downstream.unwrap_or(false),
+        federates_with: f.federates_with.clone(),
+        hint: f.hint.clone().unwrap_or_default(),
+        ..Default::default()
+    })
+}
+
+fn entry_from_data(i: usize, d: DataEntry) -> anyhow::Result<pb::Entry> {
+    let at = |what: &str| format!("entry {i} of --data: {what}");
+    let spiffe_id = parse_id("spiffe_id", &d.spiffe_id).with_context(|| at("spiffe_id"))?;
+    let parent_id = match (&d.parent_id, d.node) {
+        (Some(p), _) => parse_id("parent_id", p).with_context(|| at("parent_id"))?,
+        (None, true) => node_parent(&spiffe_id)?,
+        (None, false) => bail!(at("parent_id is required (or \"node\": true)")),
+    };
+    let selectors: Vec<String> = d
+        .selectors
+        .into_iter()
+        .map(|s| match s {
+            DataSelector::Text(t) => t,
+            DataSelector::Object { kind, value } => format!("{kind}:{value}"),
+        })
+        .collect();
+    let ttl = |name: &str, v: Option<TtlValue>| -> anyhow::Result<i64> {
+        match v {
+            None => Ok(0),
+            Some(TtlValue::Seconds(s)) if s >= 0 => Ok(s),
+            Some(TtlValue::Seconds(s)) => bail!(at(&format!("{name} {s} is negative"))),
+            Some(TtlValue::Text(t)) => parse_ttl(name, &t).with_context(|| at(name)),
+        }
+    };
+    Ok(pb::Entry {
+        spiffe_id,
+        parent_id,
+        selectors: parse_selectors("selectors", &selectors).with_context(|| at("selectors"))?,
+        x509_svid_ttl: ttl("x509_svid_ttl", d.x509_svid_ttl)?,
+        jwt_svid_ttl: ttl("jwt_svid_ttl", d.jwt_svid_ttl)?,
+        dns_names: d.dns_names,
+        admin: d.admin,
+        downstream: d.downstream,
+        federates_with: d.federates_with,
+        hint: d.hint,
+        ..Default::default()
+    })
+}
+
+fn read_data(path: &PathBuf) -> anyhow::Result<Vec<pb::Entry>> {
+    let text = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading entries from stdin")?
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("reading --data file {}", path.display()))?
+    };
+    let parsed: DataFile = serde_json::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "--data file {} is not valid: {e} (expected {{\"entries\": [{{\"spiffe_id\": ..., \"parent_id\": ..., \"selectors\": [\"unix:uid:1000\"]}}]}})",
+            path.display()
+        )
+    })?;
+    let list = match parsed {
+        DataFile::Wrapped { entries } | DataFile::List(entries) => entries,
+    };
+    if list.is_empty() {
+        bail!("--data file {} holds no entries", path.display());
+    }
+    list.into_iter().enumerate().map(|(i, d)| entry_from_data(i, d)).collect()
+}
+
+async fn create(a: CreateArgs) -> anyhow::Result<()> {
+    let entries = match &a.data {
+        Some(path) => read_data(path)?,
+        None => vec![entry_from_fields(&a.fields)?],
+    };
+    let mut client = connect(&a.common.admin_socket).await?;
+    let total = entries.len();
+    let mut results = Vec::with_capacity(total);
+    for chunk in entries.chunks(CHUNK) {
+        let resp = client
+            .batch_create_entries(pb::BatchCreateEntriesRequest {
+                entries: chunk.to_vec(),
+            })
+            .await
+            .map_err(|s| status_error("creating entries", s))?
+            .into_inner();
+        results.extend(resp.results);
+    }
+    let failed: Vec<&pb::EntryResult> = results.iter().filter(|r| r.code != 0).collect();
+    match a.common.output {
+        Output::Json => {
+            let out: Vec<CreateResultJson> = results
+                .iter()
+                .map(|r| CreateResultJson {
+                    status: format!("{:?}", tonic::Code::from(r.code)),
+                    message: r.message.clone(),
+                    entry: r.entry.as_ref().map(EntryJson::from).unwrap_or_else(|| EntryJson::from(&pb::Entry::default())),
+                })
+                .collect();
+            output::print_json(&serde_json::json!({ "results": out }));
+        }
+        Output::Text => {
+            let created: Vec<pb::Entry> = results
+                .iter()
+                .filter(|r| r.code == 0)
+                .filter_map(|r| r.entry.clone())
+                .collect();
+            if created.len() == 1 && total == 1 {
+                print!("{}", output::entry_detail(&created[0]));
+            } else if !created.is_empty() {
+                print!("{}", output::entry_table(&created));
+            }
+        }
+    }
+    for r in &failed {
+        let id = r.entry.as_ref().map(|e| e.spiffe_id.as_str()).unwrap_or("?");
+        eprintln!("failed to create {id}: {} ({:?})", r.message, tonic::Code::from(r.code));
+    }
+    match (failed.len(), total) {
+        (0, _) => Ok(()),
+        (1, 1) => bail!("creating entry: {}", failed[0].message),
+        (n, t) => bail!("{n} of {t} entries could not be created"),
+    }
+}
+
+fn filter_from(a: &FilterArgs) -> anyhow::Result<pb::EntryFilter> {
+    Ok(pb::EntryFilter {
+        spiffe_id: a.spiffe_id.as_deref().map(|s| parse_id("--spiffe-id", s)).transpose()?.unwrap_or_default(),
+        parent_id: a.parent_id.as_deref().map(|s| parse_id("--parent-id", s)).transpose()?.unwrap_or_default(),
+        selectors: parse_selectors("--selector", &a.selectors)?,
+        selector_match: match a.matching {
+            MatchArg::Exact => pb::SelectorMatch::Exact,
+            MatchArg::Subset => pb::SelectorMatch::Subset,
+            MatchArg::Superset => pb::SelectorMatch::Superset,
+            MatchArg::Any => pb::SelectorMatch::Any,
+        } as i32,
+    })
+}
+
+async fn show(a: ShowArgs) -> anyhow::Result<()> {
+    let common = &a.filter.common;
+    let mut client = connect(&common.admin_socket).await?;
+    if let Some(id) = &a.entry_id {
+        let e = client
+            .get_entry(pb::GetEntryRequest { id: id.clone() })
+            .await
+            .map_err(|s| status_error("showing entry", s))?
+            .into_inner()
+            .entry
+            .context("server returned no entry")?;
+        match common.output {
+            Output::Json => output::print_json(&serde_json::json!({ "entries": [EntryJson::from(&e)] })),
+            Output::Text => print!("{}", output::entry_detail(&e)),
+        }
+        return Ok(());
+    }
+    let filter = filter_from(&a.filter)?;
+    let mut entries = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let resp = client
+            .list_entries(pb::ListEntriesRequest {
+                filter: Some(filter.clone()),
+                page_size: 0,
+                page_token: page_token.clone(),
+            })
+            .await
+            .map_err(|s| status_error("listing entries", s))?
+            .into_inner();
+        entries.extend(resp.entries);
+        if resp.next_page_token.is_empty() {
+            break;
+        }
+        page_token = resp.next_page_token;
+    }
+    match common.output {
+        Output::Json => {
+            let list: Vec<EntryJson> = entries.iter().map(EntryJson::from).collect();
+            output::print_json(&serde_json::json!({ "entries": list }));
+        }
+        Output::Text => {
+            println!("Found {} {}", entries.len(), if entries.len() == 1 { "entry" } else { "entries" });
+            if !entries.is_empty() {
+                print!("{}", output::entry_table(&entries));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn count(a: FilterArgs) -> anyhow::Result<()> {
+    let filter = filter_from(&a)?;
+    let mut client = connect(&a.common.admin_socket).await?;
+    let n = client
+        .count_entries(pb::CountEntriesRequest { filter: Some(filter) })
+        .await
+        .map_err(|s| status_error("counting entries", s))?
+        .into_inner()
+        .count;
+    match a.common.output {
+        Output::Json => output::print_json(&serde_json::json!({ "count": n })),
+        Output::Text => println!("{n} registration {}", if n == 1 { "entry" } else { "entries" }),
+    }
+    Ok(())
+}
+
+async fn update(a: UpdateArgs) -> anyhow::Result<()> {
+    let f = &a.fields;
+    let mut entry = pb::Entry {
+        id: a.entry_id.clone(),
+        ..Default::default()
+    };
+    let mut mask = pb::EntryMask::default();
+    if let Some(s) = &f.spiffe_id {
+        entry.spiffe_id = parse_id("--spiffe-id", s)?;
+        mask.spiffe_id = true;
+    }
+    if let Some(p) = &f.parent_id {
+        entry.parent_id = parse_id("--parent-id", p)?;
+        mask.parent_id = true;
+    }
+    if f.node {
+        let id = f.spiffe_id.as_deref().context("--node with update needs --spiffe-id to know the trust domain")?;
+        entry.parent_id = node_parent(id)?;
+        mask.parent_id = true;
+    }
+    if !f.selectors.is_empty() {
+        entry.selectors = parse_selectors("--selector", &f.selectors)?;
+        mask.selectors = true;
+    }
+    if let Some(t) = &f.x509_ttl {
+        entry.x509_svid_ttl = parse_ttl("--x509-ttl", t)?;
+        mask.x509_svid_ttl = true;
+    }
+    if let Some(t) = &f.jwt_ttl {
+        entry.jwt_svid_ttl = parse_ttl("--jwt-ttl", t)?;
+        mask.jwt_svid_ttl = true;
+    }
+    if !f.dns_names.is_empty() {
+        entry.dns_names = f.dns_names.clone();
+        mask.dns_names = true;
+    }
+    if let Some(b) = f.admin {
+        entry.admin = b;
+        mask.admin = true;
+    }
+    if let Some(b) = f.downstream {
+        entry.downstream = b;
+        mask.downstream = true;
+    }
+    if !f.federates_with.is_empty() {
+        entry.federates_with = f.federates_with.clone();
+        mask.federates_with = true;
+    }
+    if let Some(h) = &f.hint {
+        entry.hint = h.clone();
+        mask.hint = true;
+    }
+    if mask == pb::EntryMask::default() {
+        bail!("nothing to update: give at least one field flag (e.g. --selector, --x509-ttl, --hint)");
+    }
+    let mut client = connect(&a.common.admin_socket).await?;
+    let updated = client
+        .update_entry(pb::UpdateEntryRequest {
+            entry: Some(entry),
+            mask: Some(mask),
+        })
+        .await
+        .map_err(|s| status_error("updating entry", s))?
+        .into_inner()
+        .entry
+        .context("server returned no entry")?;
+    match a.common.output {
+        Output::Json => output::print_json(&serde_json::json!({ "entry": EntryJson::from(&updated) })),
+        Output::Text => print!("{}", output::entry_detail(&updated)),
+    }
+    Ok(())
+}
+
+async fn delete(a: DeleteArgs) -> anyhow::Result<()> {
+    let mut client = connect(&a.common.admin_socket).await?;
+    client
+        .delete_entry(pb::DeleteEntryRequest { id: a.entry_id.clone() })
+        .await
+        .map_err(|s| status_error("deleting entry", s))?;
+    match a.common.output {
+        Output::Json => output::print_json(&serde_json::json!({ "deleted": a.entry_id })),
+        Output::Text => println!("Deleted entry {}", a.entry_id),
+    }
+    Ok(())
+}

@@ -1,0 +1,117 @@
+//! The `sigil-server` command line: `run` plus admin subcommands that talk to a running server
+//! over its admin socket.
+//!
+//! Conventions (SPIRE's, in Rust flag style): every admin command takes `--admin-socket` and
+//! `--output text|json`; success exits 0, failure exits non-zero with one line on stderr.
+
+pub mod agent;
+pub mod bundle;
+pub mod entry;
+pub mod output;
+pub mod token;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use sigil::proto::admin::admin_client::AdminClient;
+use tonic::transport::Channel;
+
+use crate::config::{RunFlags, DEFAULT_ADMIN_SOCKET};
+use output::Output;
+
+/// Sigil identity server.
+#[derive(Debug, Parser)]
+#[command(name = "sigil-server", version, about = "Sigil SPIFFE identity server", propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server.
+    Run(RunFlags),
+    /// Manage registration entries.
+    #[command(subcommand)]
+    Entry(entry::EntryCommand),
+    /// Manage join tokens for node attestation.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
+    /// Inspect and manage attested agents.
+    #[command(subcommand)]
+    Agent(agent::AgentCommand),
+    /// Show the trust bundle.
+    #[command(subcommand)]
+    Bundle(bundle::BundleCommand),
+    /// Check that the server is up and ready (exit 0) or not (exit 1).
+    Healthcheck(Common),
+}
+
+/// Flags every admin command takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Common {
+    /// Admin socket of the server to talk to.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_ADMIN_SOCKET, env = "SIGIL_SERVER_ADMIN_SOCKET", global = true)]
+    pub admin_socket: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Text, global = true)]
+    pub output: Output,
+}
+
+/// Connects to the admin socket, with an error that says what to check.
+pub async fn connect(socket: &Path) -> anyhow::Result<AdminClient<Channel>> {
+    if !socket.exists() {
+        anyhow::bail!(
+            "admin socket {} does not exist: is sigil-server running? (use --admin-socket to point elsewhere)",
+            socket.display()
+        );
+    }
+    let channel = sigil::uds::connect(socket)
+        .await
+        .with_context(|| format!("cannot connect to admin socket {}", socket.display()))?;
+    Ok(AdminClient::new(channel))
+}
+
+/// Turns a gRPC status into one readable line.
+pub fn status_error(what: &str, s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{what}: {} ({:?})", s.message(), s.code())
+}
+
+/// Runs an admin command (everything but `run`).
+pub async fn run_admin(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run(_) => unreachable!("run is handled by main"),
+        Command::Entry(c) => entry::run(c).await,
+        Command::Token(c) => token::run(c).await,
+        Command::Agent(c) => agent::run(c).await,
+        Command::Bundle(c) => bundle::run(c).await,
+        Command::Healthcheck(common) => {
+            let mut client = connect(&common.admin_socket).await?;
+            let h = client
+                .health(sigil::proto::admin::HealthRequest {})
+                .await
+                .map_err(|s| status_error("health check failed", s))?
+                .into_inner();
+            if !h.ready {
+                anyhow::bail!("server is not ready");
+            }
+            match common.output {
+                Output::Json => output::print_json(&serde_json::json!({
+                    "ready": h.ready,
+                    "trust_domain": h.trust_domain,
+                    "version": h.version,
+                    "entries": h.entries,
+                    "agents": h.agents,
+                })),
+                Output::Text => println!(
+                    "Server is healthy (trust domain {}, version {}, {} entries, {} agents)",
+                    h.trust_domain, h.version, h.entries, h.agents
+                ),
+            }
+            Ok(())
+        }
+    }
+}

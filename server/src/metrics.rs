@@ -1,0 +1,87 @@
+//! Prometheus metrics of the server, exposed on `/metrics`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(String, String)>;
+
+/// The server's metric handles; cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    admin_requests: Family<Labels, Counter>,
+    admin_latency: Family<Labels, Histogram>,
+    /// X509-SVIDs signed (all callers).
+    pub x509_svids_signed: Counter,
+    /// Registration entries, refreshed on health checks and admin changes.
+    pub entries: Gauge,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("sigil_server");
+        let admin_requests = Family::<Labels, Counter>::default();
+        registry.register(
+            "admin_requests",
+            "Admin API requests by method and gRPC status code",
+            admin_requests.clone(),
+        );
+        let admin_latency = Family::<Labels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 4.0, 10))
+        });
+        registry.register(
+            "admin_request_duration_seconds",
+            "Admin API request latency by method",
+            admin_latency.clone(),
+        );
+        let x509_svids_signed = Counter::default();
+        registry.register("x509_svids_signed", "X509-SVIDs signed", x509_svids_signed.clone());
+        let entries = Gauge::default();
+        registry.register("registration_entries", "Registration entries stored", entries.clone());
+        let build = Gauge::<i64>::default();
+        build.set(1);
+        registry.register(
+            "build_info",
+            concat!("Build information; version ", env!("CARGO_PKG_VERSION")),
+            build,
+        );
+        Self {
+            registry: Arc::new(registry),
+            admin_requests,
+            admin_latency,
+            x509_svids_signed,
+            entries,
+        }
+    }
+
+    /// The registry to serve on `/metrics`.
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.clone()
+    }
+
+    /// Records one admin request.
+    pub fn observe_admin(&self, method: &str, code: tonic::Code, elapsed: Duration) {
+        self.admin_requests
+            .get_or_create(&vec![
+                ("method".into(), method.into()),
+                ("code".into(), format!("{code:?}")),
+            ])
+            .inc();
+        self.admin_latency
+            .get_or_create(&vec![("method".into(), method.into())])
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

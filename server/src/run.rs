@@ -1,0 +1,185 @@
+//! `sigil-server run`: wires the datastore, CA and APIs together and serves until a signal.
+//!
+//! Start-up order: datastore (migrations) → CA (load or create keys) → publish the bundle to the
+//! datastore → admin socket → health endpoint → one "ready" log line. SIGTERM/SIGINT stop new
+//! connections, let in-flight requests finish, remove the socket, and exit 0.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use sigil::proto::admin::admin_server::AdminServer;
+use tokio::sync::{watch, RwLock};
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::api::admin::{AdminService, AdminState};
+use crate::ca::Ca;
+use crate::config::ServerConfig;
+use crate::datastore::sqlite::SqliteDatastore;
+use crate::datastore::{Datastore, EntryFilter, StoredBundle};
+use crate::metrics::Metrics;
+
+/// Readiness as the health endpoint sees it.
+struct Readiness {
+    ready: AtomicBool,
+    datastore: Arc<dyn Datastore>,
+}
+
+#[async_trait]
+impl sigil::health::Probe for Readiness {
+    async fn ready(&self) -> Result<(), String> {
+        if !self.ready.load(Ordering::SeqCst) {
+            return Err("starting up".into());
+        }
+        self.datastore
+            .count_agents()
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("datastore: {e}"))
+    }
+}
+
+/// Runs the server until SIGTERM or SIGINT.
+pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
+    tracing::info!(
+        trust_domain = %cfg.trust_domain,
+        data_dir = %cfg.data_dir.display(),
+        version = env!("CARGO_PKG_VERSION"),
+        "sigil-server starting"
+    );
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
+    restrict_dir(&cfg.data_dir)?;
+
+    let datastore: Arc<dyn Datastore> = Arc::new(
+        SqliteDatastore::open(&cfg.datastore_path)
+            .await
+            .with_context(|| format!("opening datastore {}", cfg.datastore_path.display()))?,
+    );
+    let ca = Arc::new(Ca::load_or_create(&cfg.ca).context("loading the CA")?);
+
+    // Publish the CA's bundle; the datastore assigns the sequence number.
+    let mut bundle = ca.bundle();
+    let stored = datastore
+        .set_bundle(StoredBundle {
+            trust_domain: cfg.trust_domain.clone(),
+            x509_roots: bundle.x509_authorities.clone(),
+            jwt_keys_json: bundle.jwks_json(),
+            sequence: 0,
+        })
+        .await
+        .context("storing the trust bundle")?;
+    bundle.sequence_number = stored.sequence;
+
+    let metrics = Metrics::new();
+    if let Ok(n) = datastore.count_entries(&EntryFilter::default()).await {
+        metrics.entries.set(n as i64);
+    }
+    let state = Arc::new(AdminState {
+        trust_domain: cfg.trust_domain.clone(),
+        datastore: datastore.clone(),
+        bundle: RwLock::new(bundle),
+        metrics: metrics.clone(),
+    });
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let wait_shutdown = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    // Admin API on the Unix socket: directory 0700, socket 0600 (owner only).
+    let listener = sigil::uds::bind(&cfg.admin_socket, 0o700, 0o600)
+        .with_context(|| format!("binding admin socket {}", cfg.admin_socket.display()))?;
+    let admin = tonic::transport::Server::builder()
+        .add_service(AdminServer::new(AdminService::new(state.clone())))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), wait_shutdown(shutdown_rx.clone()));
+    let admin_task = tokio::spawn(admin);
+
+    let readiness = Arc::new(Readiness {
+        ready: AtomicBool::new(false),
+        datastore: datastore.clone(),
+    });
+    let health_task = match cfg.health_address {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding health address {addr}"))?;
+            let actual = l.local_addr()?;
+            tracing::info!(address = %actual, "health endpoint listening (/live, /ready, /metrics)");
+            Some(tokio::spawn(sigil::health::serve(
+                l,
+                readiness.clone(),
+                metrics.registry(),
+                wait_shutdown(shutdown_rx.clone()),
+            )))
+        }
+        None => None,
+    };
+
+    // Prune expired join tokens periodically.
+    let pruner = {
+        let ds = datastore.clone();
+        let mut rx = shutdown_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+                        match ds.prune_join_tokens(now).await {
+                            Ok(0) => {}
+                            Ok(n) => tracing::debug!(pruned = n, "expired join tokens removed"),
+                            Err(e) => tracing::warn!(error = %e, "pruning join tokens failed"),
+                        }
+                    }
+                    _ = rx.wait_for(|s| *s) => return,
+                }
+            }
+        })
+    };
+
+    readiness.ready.store(true, Ordering::SeqCst);
+    tracing::info!(
+        trust_domain = %cfg.trust_domain,
+        admin_socket = %cfg.admin_socket.display(),
+        health_address = ?cfg.health_address,
+        bundle_sequence = stored.sequence,
+        "sigil-server ready"
+    );
+
+    let signal = wait_for_signal().await?;
+    tracing::info!(signal, "shutting down");
+    readiness.ready.store(false, Ordering::SeqCst);
+    let _ = shutdown_tx.send(true);
+    match admin_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "admin API stopped with an error"),
+        Err(e) => tracing::warn!(error = %e, "admin API task failed"),
+    }
+    if let Some(t) = health_task {
+        let _ = t.await;
+    }
+    let _ = pruner.await;
+    if let Err(e) = std::fs::remove_file(&cfg.admin_socket) {
+        tracing::debug!(error = %e, "removing admin socket");
+    }
+    tracing::info!("sigil-server stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
+fn restrict_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("setting permissions of {}", dir.display()))
+}

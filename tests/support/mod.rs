@@ -1,0 +1,225 @@
+//! Shared harness for end-to-end tests: real `sigil-server` processes on temp dirs.
+//!
+//! Binaries are the ones cargo built for this workspace (`target/<profile>/sigil-server`); if
+//! missing they are built once with the same cargo. Every process is killed on drop, so a failing
+//! test never leaves a server behind.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use sigil::proto::admin::admin_client::AdminClient;
+use tonic::transport::Channel;
+
+/// Path of a workspace binary, building it if needed.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    // tests run from target/<profile>/deps/<test-exe>
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile directory")
+        .to_path_buf();
+    let path = dir.join(name);
+    BUILT.get_or_init(|| {
+        let profile_release = dir.ends_with("release");
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "--bins", "-p", "sigil-server", "-p", "sigil-agent"]);
+        if profile_release {
+            cmd.arg("--release");
+        }
+        cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
+        let status = cmd.status().expect("running cargo build for the binaries");
+        assert!(status.success(), "cargo build of the binaries failed");
+    });
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// A temp dir for one test, removed on drop.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("sigil-e2e-")
+        .tempdir()
+        .expect("creating temp dir")
+}
+
+/// A running `sigil-server`.
+pub struct Server {
+    /// The child process.
+    pub child: Option<Child>,
+    /// Test directory (data dir and socket live below it).
+    pub dir: PathBuf,
+    /// Admin socket path.
+    pub admin_socket: PathBuf,
+    /// Data dir.
+    pub data_dir: PathBuf,
+    /// Extra `run` flags this server was started with.
+    pub extra: Vec<String>,
+    /// Where the server's stderr goes.
+    pub log: PathBuf,
+}
+
+impl Server {
+    /// Starts a server for trust domain `example.org` in `dir` and waits until it is ready.
+    pub fn start(dir: &Path, extra: &[&str]) -> Server {
+        let mut s = Server {
+            child: None,
+            dir: dir.to_path_buf(),
+            admin_socket: dir.join("admin").join("admin.sock"),
+            data_dir: dir.join("data"),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            log: dir.join("server.log"),
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("opening server log");
+        let mut cmd = Command::new(binary("sigil-server"));
+        cmd.arg("run")
+            .args(["--trust-domain", "example.org"])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--admin-socket")
+            .arg(&self.admin_socket)
+            .args(["--bind-address", "127.0.0.1:0"]);
+        if !self.extra.iter().any(|a| a == "--health-address") {
+            cmd.args(["--health-address", ""]);
+        }
+        cmd.args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = cmd.spawn().expect("spawning sigil-server");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    /// Polls `healthcheck` until it succeeds (or fails the test after 30 s).
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("sigil-server exited early with {status}; log:\n{}", self.log_text());
+                }
+            }
+            if self.admin_socket.exists() && self.cli(&["healthcheck"]).status.success() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "server not ready in 30 s; log:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs `sigil-server <args> --admin-socket <ours>`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(binary("sigil-server"))
+            .args(args)
+            .arg("--admin-socket")
+            .arg(&self.admin_socket)
+            .output()
+            .expect("running sigil-server CLI")
+    }
+
+    /// Runs the CLI, asserting success, and returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "sigil-server {args:?} failed: {}\nstdout: {}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs the CLI with `--output json`, asserting success, and parses stdout.
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut v = args.to_vec();
+        v.extend(["--output", "json"]);
+        let out = self.cli_ok(&v);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {out}"))
+    }
+
+    /// An admin API client over the socket.
+    pub async fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::new(sigil::uds::connect(&self.admin_socket).await.expect("connecting to admin socket"))
+    }
+
+    /// Sends a signal to the server.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        if let Some(child) = self.child.as_ref() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            nix::sys::signal::kill(pid, sig).expect("signalling server");
+        }
+    }
+
+    /// SIGTERM, then waits for the exit status (fails the test after 20 s).
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        self.wait_exit(Duration::from_secs(20))
+    }
+
+    /// SIGKILL (no chance to clean up) and reap.
+    pub fn kill9(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+        self.wait_exit(Duration::from_secs(20));
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("server is running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("waiting for server") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("server did not exit within {timeout:?}; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the same server again on the same directories.
+    pub fn restart(&mut self) {
+        if self.child.is_some() {
+            let status = self.stop();
+            assert!(status.success(), "server exit status {status}");
+        }
+        self.spawn();
+    }
+
+    /// The server's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A free loopback TCP port (bound then released; fine for tests on one machine).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("finding a free port")
+}
