@@ -487,7 +487,7 @@ fn read_x5c(m: &Map<String, Value>) -> Result<Option<Vec<u8>>, String> {
         .decode(b64)
         .map_err(|e| format!("\"x5c\" is not valid base64: {e}"))?;
     match x509_parser::parse_x509_certificate(&der) {
-        Ok((rest, _)) if rest.is_empty() => Ok(Some(der)),
+        Ok(([], _)) => Ok(Some(der)),
         Ok(_) => Err("\"x5c\" certificate has trailing bytes".into()),
         Err(e) => Err(format!("\"x5c\" is not a DER X.509 certificate: {e}")),
     }

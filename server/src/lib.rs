@@ -2,6 +2,16 @@
 //!
 //! - [`ca`]: the certificate authority (self-signed or upstream), X509-SVID and JWT-SVID issuing.
 //! - [`datastore`]: registration entries, agents, join tokens, bundles (SQLite by default).
+//! - [`api`]: the gRPC APIs (admin API on a local Unix socket).
+//! - [`cli`]: the `sigil-server` command line (run, entry, token, agent, bundle, healthcheck).
+//! - [`config`]: TOML configuration and `run` flags.
+//! - [`run`]: start-up, serving and graceful shutdown.
+//! - [`metrics`]: Prometheus metrics.
 
+pub mod api;
 pub mod ca;
+pub mod cli;
+pub mod config;
 pub mod datastore;
+pub mod metrics;
+pub mod run;

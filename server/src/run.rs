@@ -65,7 +65,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         .set_bundle(StoredBundle {
             trust_domain: cfg.trust_domain.clone(),
             x509_roots: bundle.x509_authorities.clone(),
-            jwt_keys_json: bundle.jwks_json(),
+            jwt_keys_json: bundle.jwt_keys_json(),
             sequence: 0,
         })
         .await
@@ -133,7 +133,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
                             Err(e) => tracing::warn!(error = %e, "pruning join tokens failed"),
                         }
                     }
-                    _ = rx.wait_for(|s| *s) => return,
+                    _ = async { let _ = rx.wait_for(|s| *s).await; } => return,
                 }
             }
         })

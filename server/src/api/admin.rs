@@ -279,11 +279,9 @@ impl Admin for AdminService {
                     }
                 }
             };
-            let mut created = 0usize;
             for (i, r) in valid_idx.into_iter().zip(stored) {
                 results[i] = Some(match r {
                     Ok(entry) => {
-                        created += 1;
                         pb::EntryResult {
                             code: Code::Ok as i32,
                             message: String::new(),
@@ -301,13 +299,22 @@ impl Admin for AdminService {
                 });
             }
             let results: Vec<pb::EntryResult> = results.into_iter().flatten().collect();
+            // One audit event per entry, as for single creates.
+            for r in &results {
+                let e = r.entry.as_ref();
+                let target = match e {
+                    Some(e) if r.code == 0 => format!("{} ({})", e.id, e.spiffe_id),
+                    Some(e) => e.spiffe_id.clone(),
+                    None => String::new(),
+                };
+                let outcome: Result<(), Status> = if r.code == 0 {
+                    Ok(())
+                } else {
+                    Err(Status::new(Code::from(r.code), r.message.clone()))
+                };
+                audit(uid, "entry.create", &target, &outcome);
+            }
             let r = Ok(pb::BatchCreateEntriesResponse { results });
-            audit(
-                uid,
-                "entry.batch_create",
-                &format!("{created} of {} entries created", req.entries.len()),
-                &r,
-            );
             self.refresh_entry_gauge().await;
             r
         })
@@ -524,10 +531,13 @@ impl Admin for AdminService {
     async fn get_bundle(&self, _req: Request<pb::GetBundleRequest>) -> Result<Response<pb::GetBundleResponse>, Status> {
         self.measured("GetBundle", async {
             let bundle = self.state.bundle.read().await;
+            let spiffe_bundle_json = bundle
+                .to_spiffe_json()
+                .map_err(|e| Status::internal(format!("encoding the SPIFFE bundle: {e}")))?;
             Ok(pb::GetBundleResponse {
                 trust_domain: bundle.trust_domain.to_string(),
                 x509_pem: bundle.to_pem(),
-                spiffe_bundle_json: bundle.to_spiffe_json(),
+                spiffe_bundle_json,
                 sequence_number: bundle.sequence_number,
             })
         })

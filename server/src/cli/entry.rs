@@ -378,7 +378,8 @@ async fn create(a: CreateArgs) -> anyhow::Result<()> {
             }
         }
     }
-    for r in &failed {
+    // For a single entry the final error line says it all; batches list each failure first.
+    for r in failed.iter().filter(|_| total > 1) {
         let id = r.entry.as_ref().map(|e| e.spiffe_id.as_str()).unwrap_or("?");
         eprintln!("failed to create {id}: {} ({:?})", r.message, tonic::Code::from(r.code));
     }

@@ -6,7 +6,7 @@
 //! a small pool of separate connections, which WAL lets run concurrently with the writer, each
 //! read seeing one consistent snapshot.
 //!
-//! Schema: see [`migrations`]. Entry listing keeps insertion order through the `seq` column
+//! Schema: see `sqlite/migrations.rs`. Entry listing keeps insertion order through the `seq` column
 //! (page tokens encode the last `seq`); selector filters run in SQL against the
 //! `entry_selectors` table, so they do not load unrelated entries.
 
@@ -158,19 +158,35 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 // ---------------------------------------------------------------------------------------------
 // Opening
 
-/// Creates the parent directory (0700) and an empty database file (0600) when missing.
+/// Creates the parent directory (0700) and an empty database file (0600) when missing, and makes
+/// their directory entries durable (SQLite syncs the WAL's directory entry, not the main file's).
 fn prepare_file(path: &Path) -> Result<()> {
     let io_err = |what: &str, e: std::io::Error| {
         DatastoreError::Backend(format!("{what} {}: {e}", path.display()))
     };
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if !parent.exists() {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(parent)
-                .map_err(|e| io_err("creating the directory of", e))?;
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    // Directories to create, innermost first, and the existing one they hang from.
+    let mut missing = Vec::new();
+    let mut existing = parent;
+    while !existing.exists() {
+        missing.push(existing);
+        match existing.parent() {
+            Some(p) if !p.as_os_str().is_empty() => existing = p,
+            _ => {
+                existing = Path::new(".");
+                break;
+            }
         }
+    }
+    if !missing.is_empty() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(|e| io_err("creating the directory of", e))?;
     }
     match fs::OpenOptions::new()
         .write(true)
@@ -178,7 +194,18 @@ fn prepare_file(path: &Path) -> Result<()> {
         .mode(0o600)
         .open(path)
     {
-        Ok(_) => {}
+        Ok(file) => {
+            file.sync_all().map_err(|e| io_err("syncing", e))?;
+            // Each new directory entry is durable once its parent directory is synced.
+            let mut dirs = vec![parent];
+            if !missing.is_empty() {
+                dirs.extend(missing.iter().skip(1));
+                dirs.push(existing);
+            }
+            for dir in dirs {
+                sync_dir(dir).map_err(|e| io_err("syncing the directory of", e))?;
+            }
+        }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             let meta = fs::metadata(path).map_err(|e| io_err("reading", e))?;
             if !meta.is_file() {
@@ -197,18 +224,22 @@ fn prepare_file(path: &Path) -> Result<()> {
     Ok(())
 }
 
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    fs::File::open(dir)?.sync_all()
+}
+
 /// Opens a connection with the per-connection settings (durability, foreign keys, locks).
 fn open_connection(path: &Path) -> Result<Connection> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn = Connection::open_with_flags(path, flags).map_err(|e| {
-        DatastoreError::Backend(format!("opening {}: {e}", path.display()))
-    })?;
+    let conn = Connection::open_with_flags(path, flags)
+        .map_err(|e| DatastoreError::Backend(format!("opening {}: {e}", path.display())))?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(map_err)?;
     conn.set_prepared_statement_cache_capacity(64);
     conn.execute_batch(
         "PRAGMA synchronous = FULL;
          PRAGMA foreign_keys = ON;
-         PRAGMA trusted_schema = OFF;",
+         PRAGMA trusted_schema = OFF;
+         PRAGMA cache_size = -8192;",
     )
     .map_err(|e| corrupt_at_open(path, e))?;
     Ok(conn)
@@ -216,7 +247,8 @@ fn open_connection(path: &Path) -> Result<Connection> {
 
 fn open_reader(path: &Path) -> Result<Connection> {
     let conn = open_connection(path)?;
-    conn.execute_batch("PRAGMA query_only = ON;").map_err(map_err)?;
+    conn.execute_batch("PRAGMA query_only = ON;")
+        .map_err(map_err)?;
     Ok(conn)
 }
 
@@ -315,9 +347,17 @@ fn to_json<T: serde::Serialize + ?Sized>(v: &T) -> Result<String> {
     serde_json::to_string(v).map_err(|e| DatastoreError::Backend(format!("encoding JSON: {e}")))
 }
 
-/// The registration identity: unique per (SPIFFE ID, parent, selector set). Selector types have
+/// The registration identity, unique per (SPIFFE ID, parent, selector set): the SHA-256 of
+/// [`reg_key_text`].
+fn reg_key(e: &RegistrationEntry) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, reg_key_text(e).as_bytes())
+        .as_ref()
+        .to_vec()
+}
+
+/// `spiffe_id\nparent_id` then `\ntype:value` per selector in sorted order. Selector types have
 /// no ':' and neither IDs nor selectors contain '\n', so the encoding is unambiguous.
-fn reg_key(e: &RegistrationEntry) -> String {
+fn reg_key_text(e: &RegistrationEntry) -> String {
     let mut key = format!("{}\n{}", e.spiffe_id, e.parent_id);
     for s in &e.selectors {
         key.push('\n');
@@ -329,7 +369,10 @@ fn reg_key(e: &RegistrationEntry) -> String {
 }
 
 fn token_hash(token: &str) -> String {
-    hex::encode(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()))
+    hex::encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        token.as_bytes(),
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -452,7 +495,7 @@ const ENTRY_CONTENT: &str = "spiffe_id, parent_id, x509_ttl, jwt_ttl, dns_names,
      downstream, federates_with, hint, reg_key, selector_count";
 
 /// Values for [`ENTRY_CONTENT`].
-fn content_params(e: &RegistrationEntry, key: String) -> Result<Vec<Value>> {
+fn content_params(e: &RegistrationEntry, key: Vec<u8>) -> Result<Vec<Value>> {
     let federates: Vec<&str> = e.federates_with.iter().map(TrustDomain::name).collect();
     Ok(vec![
         Value::Text(e.spiffe_id.to_string()),
@@ -464,27 +507,28 @@ fn content_params(e: &RegistrationEntry, key: String) -> Result<Vec<Value>> {
         Value::Integer(i64::from(e.downstream)),
         Value::Text(to_json(&federates)?),
         Value::Text(e.hint.clone()),
-        Value::Text(key),
+        Value::Blob(key),
         Value::Integer(e.selectors.len() as i64),
     ])
 }
 
 fn insert_selectors(conn: &Connection, seq: i64, selectors: &SelectorSet) -> Result<()> {
     let mut stmt = conn.prepare_cached(
-        "INSERT INTO entry_selectors (entry_seq, type, value) VALUES (?1, ?2, ?3)",
+        "INSERT INTO entry_selectors (entry_seq, type, value, entry_selector_count) \
+         VALUES (?1, ?2, ?3, ?4)",
     )?;
+    let count = selectors.len() as i64;
     for s in selectors {
-        stmt.execute(params![seq, s.kind(), s.value()])?;
+        stmt.execute(params![seq, s.kind(), s.value(), count])?;
     }
     Ok(())
 }
 
 fn current_revision(conn: &Connection) -> Result<i64> {
-    Ok(conn
-        .prepare_cached("SELECT value FROM revision WHERE id = 1")?
+    conn.prepare_cached("SELECT value FROM revision WHERE id = 1")?
         .query_row([], |r| r.get(0))
         .optional()?
-        .ok_or_else(|| DatastoreError::Corrupt("the revision counter row is missing".into()))?)
+        .ok_or_else(|| DatastoreError::Corrupt("the revision counter row is missing".into()))
 }
 
 fn set_revision(conn: &Connection, rev: i64) -> Result<()> {
@@ -494,7 +538,11 @@ fn set_revision(conn: &Connection, rev: i64) -> Result<()> {
 }
 
 /// The id of the entry registered under `key`, other than `except`.
-fn find_registration(conn: &Connection, key: &str, except: Option<&str>) -> Result<Option<String>> {
+fn find_registration(
+    conn: &Connection,
+    key: &[u8],
+    except: Option<&str>,
+) -> Result<Option<String>> {
     Ok(conn
         .prepare_cached("SELECT id FROM entries WHERE reg_key = ?1 AND id IS NOT ?2")?
         .query_row(params![key, except], |r| r.get(0))
@@ -548,25 +596,36 @@ impl FilterSql {
                 // CROSS JOIN keeps `want` as the outer loop: one index probe per wanted selector.
                 let hits = "FROM want CROSS JOIN entry_selectors es \
                             ON es.type = want.t AND es.value = want.v";
+                // With one wanted selector every group has one row: no GROUP BY needed.
+                let group = |having: &str| {
+                    if n == 1 {
+                        String::new()
+                    } else {
+                        format!(" GROUP BY es.entry_seq HAVING {having}")
+                    }
+                };
                 f.conds.push(match mode {
                     // At least one shared selector.
                     SelectorMatch::Any => format!("e.seq IN (SELECT es.entry_seq {hits})"),
                     // Has all n wanted selectors.
                     SelectorMatch::Superset => format!(
-                        "e.seq IN (SELECT es.entry_seq {hits} GROUP BY es.entry_seq \
-                         HAVING COUNT(*) = {n})"
+                        "e.seq IN (SELECT es.entry_seq {hits}{})",
+                        group(&format!("COUNT(*) = {n}"))
                     ),
                     // Has all n and nothing else.
                     SelectorMatch::Exact => format!(
-                        "e.selector_count = {n} AND e.seq IN (SELECT es.entry_seq {hits} \
-                         GROUP BY es.entry_seq HAVING COUNT(*) = {n})"
+                        "e.seq IN (SELECT es.entry_seq {hits} \
+                         AND es.entry_selector_count = {n}{})",
+                        group(&format!("COUNT(*) = {n}"))
                     ),
-                    // Every selector of the entry is wanted (entries with none match trivially).
+                    // Every selector of the entry is wanted: entries with at most n selectors
+                    // that have all of theirs among the hits (entries with none match
+                    // trivially).
                     SelectorMatch::Subset => format!(
                         "e.seq IN (SELECT es.entry_seq {hits} \
-                         CROSS JOIN entries x ON x.seq = es.entry_seq \
-                         GROUP BY es.entry_seq HAVING COUNT(*) = MAX(x.selector_count) \
-                         UNION ALL SELECT seq FROM entries WHERE selector_count = 0)"
+                         AND es.entry_selector_count <= {n}{} \
+                         UNION ALL SELECT seq FROM entries WHERE selector_count = 0)",
+                        group("COUNT(*) = MAX(es.entry_selector_count)")
                     ),
                 });
             }
@@ -711,7 +770,11 @@ fn update_entry_conn(
         ..entry
     };
     let mut values = content_params(&entry, key)?;
-    values.extend([Value::Integer(rev), Value::Integer(now), Value::Integer(seq)]);
+    values.extend([
+        Value::Integer(rev),
+        Value::Integer(now),
+        Value::Integer(seq),
+    ]);
     let assignments = ENTRY_CONTENT
         .split(", ")
         .map(|c| format!("{c} = ?"))
@@ -764,9 +827,7 @@ fn entry_changes_conn(conn: &mut Connection, since: i64) -> Result<EntryChanges>
             .collect::<Result<Vec<_>>>()?
     };
     let removed = tx
-        .prepare_cached(
-            "SELECT id FROM entry_tombstones WHERE revision > ?1 ORDER BY revision",
-        )?
+        .prepare_cached("SELECT id FROM entry_tombstones WHERE revision > ?1 ORDER BY revision")?
         .query_map([since], |r| r.get(0))?
         .collect::<rusqlite::Result<Vec<String>>>()?;
     tx.finish()?;
@@ -925,7 +986,8 @@ impl Datastore for SqliteDatastore {
 
     async fn count_entries(&self, filter: &EntryFilter) -> Result<u64> {
         let filter = filter.clone();
-        self.read(move |conn| count_entries_conn(conn, &filter)).await
+        self.read(move |conn| count_entries_conn(conn, &filter))
+            .await
     }
 
     async fn update_entry(&self, entry: RegistrationEntry) -> Result<RegistrationEntry> {
@@ -1162,11 +1224,1199 @@ impl Datastore for SqliteDatastore {
                 unix_now(),
             ])?;
             tx.commit()?;
-            Ok(StoredBundle {
-                sequence,
-                ..bundle
-            })
+            Ok(StoredBundle { sequence, ..bundle })
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type TestResult<T = ()> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+    const TD: &str = "spiffe://example.org";
+
+    fn id(path: &str) -> SpiffeId {
+        SpiffeId::parse(&format!("{TD}{path}")).expect("test SPIFFE ID")
+    }
+
+    fn sels(v: &[&str]) -> SelectorSet {
+        v.iter()
+            .map(|s| Selector::parse(s).expect("test selector"))
+            .collect()
+    }
+
+    fn entry(path: &str, parent: &str, selectors: &[&str]) -> RegistrationEntry {
+        RegistrationEntry {
+            id: String::new(),
+            spiffe_id: id(path),
+            parent_id: id(parent),
+            selectors: sels(selectors),
+            x509_svid_ttl: None,
+            jwt_svid_ttl: None,
+            dns_names: Vec::new(),
+            admin: false,
+            downstream: false,
+            federates_with: Vec::new(),
+            hint: String::new(),
+            revision: 0,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    async fn open_tmp() -> TestResult<(tempfile::TempDir, SqliteDatastore)> {
+        let dir = tempfile::tempdir()?;
+        let ds = SqliteDatastore::open(&dir.path().join("data/datastore.sqlite3")).await?;
+        Ok((dir, ds))
+    }
+
+    async fn create_all(
+        ds: &SqliteDatastore,
+        entries: Vec<RegistrationEntry>,
+    ) -> TestResult<Vec<RegistrationEntry>> {
+        Ok(ds
+            .create_entries(entries)
+            .await?
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?)
+    }
+
+    fn spiffe_ids(items: &[RegistrationEntry]) -> Vec<String> {
+        items
+            .iter()
+            .map(|e| e.spiffe_id.path().to_string())
+            .collect()
+    }
+
+    /// Lists every page; checks page sizes along the way.
+    async fn list_all(
+        ds: &SqliteDatastore,
+        filter: &EntryFilter,
+        page_size: usize,
+    ) -> TestResult<Vec<RegistrationEntry>> {
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = ds.list_entries(filter, page_size, token.as_deref()).await?;
+            assert!(page.items.len() <= page_size);
+            if page.next_token.is_some() {
+                assert_eq!(
+                    page.items.len(),
+                    page_size,
+                    "only the last page may be short"
+                );
+            }
+            out.extend(page.items);
+            match page.next_token {
+                Some(t) => token = Some(t),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn entry_round_trip() -> TestResult {
+        let (_dir, ds) = open_tmp().await?;
+        let mut e = entry("/web", "/agent/1", &["unix:uid:1000", "unix:gid:1000"]);
+        e.x509_svid_ttl = Some(Duration::from_secs(600));
+        e.jwt_svid_ttl = Some(Duration::from_secs(300));
+        e.dns_names = vec!["web.example.org".into(), "*.svc.local".into()];
+        e.admin = true;
+        e.downstream = true;
+        e.federates_with = vec![
+            TrustDomain::new("other.org")?,
+            TrustDomain::new("third.org")?,
+        ];
+        e.hint = "external \"web\" ✓".into();
+        e.id = "ignored-on-create".into();
+        let before = unix_now();
+        let created = create_all(&ds, vec![e.clone()]).await?.remove(0);
+        assert_ne!(created.id, "ignored-on-create");
+        assert!(uuid::Uuid::parse_str(&created.id).is_ok());
+        assert_eq!(created.revision, 1);
+        assert!(created.created_at >= before && created.created_at == created.updated_at);
+        assert!(created.same_registration(&e));
+
+        let got = ds.get_entry(&created.id).await?.ok_or("entry missing")?;
+        assert_eq!(got, created);
+        assert_eq!(ds.get_entry("no-such-id").await?, None);
+
+        let page = ds.list_entries(&EntryFilter::default(), 0, None).await?;
+        assert_eq!(page.items, vec![created.clone()]);
+        assert_eq!(page.next_token, None);
+        assert_eq!(ds.count_entries(&EntryFilter::default()).await?, 1);
+
+        let mut changed = created.clone();
+        changed.spiffe_id = id("/web2");
+        changed.selectors = sels(&["unix:uid:1001"]);
+        changed.dns_names.clear();
+        changed.x509_svid_ttl = None;
+        changed.created_at = 12345; // ignored
+        let updated = ds.update_entry(changed.clone()).await?;
+        assert_eq!(updated.revision, 2);
+        assert_eq!(updated.created_at, created.created_at);
+        assert_eq!(updated.id, created.id);
+        assert_eq!(ds.get_entry(&created.id).await?, Some(updated.clone()));
+        assert!(updated.same_registration(&changed));
+        assert_eq!(updated.x509_svid_ttl, None);
+        // The old selectors are gone from the index, the new ones are there.
+        let by = |s: &[&str]| EntryFilter {
+            selectors: Some((sels(s), SelectorMatch::Any)),
+            ..Default::default()
+        };
+        assert_eq!(ds.count_entries(&by(&["unix:gid:1000"])).await?, 0);
+        assert_eq!(ds.count_entries(&by(&["unix:uid:1001"])).await?, 1);
+
+        let deleted = ds.delete_entry(&created.id).await?;
+        assert_eq!(deleted, updated);
+        assert_eq!(ds.get_entry(&created.id).await?, None);
+        assert_eq!(ds.count_entries(&EntryFilter::default()).await?, 0);
+        assert_eq!(ds.count_entries(&by(&["unix:uid:1001"])).await?, 0);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn selector_match_modes() -> TestResult {
+        let (_dir, ds) = open_tmp().await?;
+        create_all(
+            &ds,
+            vec![
+                entry("/a", "/p", &["t:a"]),
+                entry("/ab", "/p", &["t:a", "t:b"]),
+                entry("/abc", "/p", &["t:a", "t:b", "t:c"]),
+                entry("/b", "/p", &["t:b"]),
+                entry("/cd", "/p", &["t:c", "t:d"]),
+                entry("/ab-q", "/q", &["t:a", "t:b"]),
+                // A value containing the type separator and another type with the same value.
+                entry("/colon", "/p", &["k8s:ns:a"]),
+                entry("/other-type", "/p", &["u:a"]),
+            ],
+        )
+        .await?;
+        use SelectorMatch::*;
+        type Case<'a> = (&'a [&'a str], SelectorMatch, Option<&'a str>, &'a [&'a str]);
+        let cases: Vec<Case<'_>> = vec![
+            (&["t:a"], Exact, None, &["/a"]),
+            (&["t:a", "t:b"], Exact, None, &["/ab", "/ab-q"]),
+            (&["t:b", "t:a"], Exact, Some("/q"), &["/ab-q"]),
+            (&["t:a", "t:b", "t:c", "t:d"], Exact, None, &[]),
+            (&["t:a", "t:b"], Subset, None, &["/a", "/ab", "/b", "/ab-q"]),
+            (
+                &["t:a", "t:b", "t:c"],
+                Subset,
+                None,
+                &["/a", "/ab", "/abc", "/b", "/ab-q"],
+            ),
+            (&["t:c", "t:d", "t:x"], Subset, None, &["/cd"]),
+            (&["t:c"], Subset, None, &[]),
+            (&["t:b"], Subset, None, &["/b"]),
+            (&["t:d"], Superset, None, &["/cd"]),
+            (&["t:d"], Exact, None, &[]),
+            (&["t:a", "t:b"], Subset, Some("/p"), &["/a", "/ab", "/b"]),
+            (&["t:a"], Superset, None, &["/a", "/ab", "/abc", "/ab-q"]),
+            (&["t:a", "t:b"], Superset, None, &["/ab", "/abc", "/ab-q"]),
+            (&["t:a", "t:d"], Superset, None, &[]),
+            (
+                &["t:a", "t:d"],
+                Any,
+                None,
+                &["/a", "/ab", "/abc", "/cd", "/ab-q"],
+            ),
+            (&["t:x"], Any, None, &[]),
+            (&["k8s:ns:a"], Exact, None, &["/colon"]),
+            (&["u:a"], Any, None, &["/other-type"]),
+            (
+                &["k8s:ns:a", "u:a", "t:a"],
+                Subset,
+                None,
+                &["/a", "/colon", "/other-type"],
+            ),
+            // Empty sets.
+            (&[], Any, None, &[]),
+            (&[], Exact, None, &[]),
+            (&[], Subset, None, &[]),
+            (&[], Superset, Some("/q"), &["/ab-q"]),
+        ];
+        for (given, mode, parent, want) in cases {
+            let filter = EntryFilter {
+                parent_id: parent.map(id),
+                selectors: Some((sels(given), mode)),
+                ..Default::default()
+            };
+            let got = list_all(&ds, &filter, 2).await?;
+            assert_eq!(
+                spiffe_ids(&got),
+                want,
+                "{mode:?} {given:?} parent {parent:?}"
+            );
+            // Cross-check with the in-memory definition.
+            for e in &got {
+                let g = sels(given);
+                let ok = match mode {
+                    Exact => e.selectors == g,
+                    Subset => e.selectors.is_subset_of(&g),
+                    Superset => e.selectors.is_superset_of(&g),
+                    Any => e.selectors.intersects(&g),
+                };
+                assert!(ok, "{mode:?} {given:?}: {}", e.spiffe_id);
+            }
+            assert_eq!(ds.count_entries(&filter).await?, want.len() as u64);
+        }
+        // spiffe_id filter, alone and combined.
+        let f = EntryFilter {
+            spiffe_id: Some(id("/ab")),
+            ..Default::default()
+        };
+        assert_eq!(spiffe_ids(&list_all(&ds, &f, 10).await?), vec!["/ab"]);
+        let f = EntryFilter {
+            spiffe_id: Some(id("/ab")),
+            parent_id: Some(id("/q")),
+            ..Default::default()
+        };
+        assert_eq!(ds.count_entries(&f).await?, 0);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn entries_without_selectors_match_every_subset() -> TestResult {
+        // The API never creates them, but the datastore must not get the set algebra wrong.
+        let (_dir, ds) = open_tmp().await?;
+        create_all(
+            &ds,
+            vec![entry("/none", "/p", &[]), entry("/a", "/p", &["t:a"])],
+        )
+        .await?;
+        let f = |s: &[&str], m| EntryFilter {
+            selectors: Some((sels(s), m)),
+            ..Default::default()
+        };
+        let got = list_all(&ds, &f(&["t:a"], SelectorMatch::Subset), 10).await?;
+        assert_eq!(spiffe_ids(&got), vec!["/none", "/a"]);
+        let got = list_all(&ds, &f(&[], SelectorMatch::Exact), 10).await?;
+        assert_eq!(spiffe_ids(&got), vec!["/none"]);
+        assert_eq!(ds.count_entries(&f(&[], SelectorMatch::Subset)).await?, 1);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn pagination_with_filter_has_no_gaps_or_duplicates() -> TestResult {
+        let (_dir, ds) = open_tmp().await?;
+        let mut batch = Vec::new();
+        for i in 0..250 {
+            let parent = if i % 3 == 0 { "/node/a" } else { "/node/b" };
+            batch.push(entry(
+                &format!("/w/{i}"),
+                parent,
+                &[&format!("u:{}", i % 7), "k:x"],
+            ));
+        }
+        let created = create_all(&ds, batch).await?;
+        let filter = EntryFilter {
+            parent_id: Some(id("/node/a")),
+            selectors: Some((sels(&["u:0", "u:1", "k:x"]), SelectorMatch::Subset)),
+            ..Default::default()
+        };
+        let want: Vec<String> = created
+            .iter()
+            .filter(|e| {
+                e.parent_id == id("/node/a")
+                    && e.selectors.is_subset_of(&sels(&["u:0", "u:1", "k:x"]))
+            })
+            .map(|e| e.id.clone())
+            .collect();
+        assert!(want.len() > 10);
+        for page_size in [1, 3, 7, want.len(), want.len() + 1] {
+            let got: Vec<String> = list_all(&ds, &filter, page_size)
+                .await?
+                .into_iter()
+                .map(|e| e.id)
+                .collect();
+            assert_eq!(got, want, "page size {page_size}");
+        }
+        // Unfiltered: insertion order, all of them, also while entries are deleted mid-way.
+        let first = ds.list_entries(&EntryFilter::default(), 100, None).await?;
+        ds.delete_entry(&created[100].id).await?; // the first row of the next page
+        ds.delete_entry(&created[99].id).await?; // the row the token points at
+        let rest = list_all_from(&ds, first.next_token.as_deref()).await?;
+        let mut all: Vec<String> = first.items.iter().map(|e| e.id.clone()).collect();
+        all.extend(rest);
+        let want: Vec<String> = created
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 100)
+            .map(|(_, e)| e.id.clone())
+            .collect();
+        assert_eq!(all, want);
+        // Sizes: 0 means the default, huge values are capped.
+        let page = ds.list_entries(&EntryFilter::default(), 0, None).await?;
+        assert_eq!(page.items.len(), 248);
+        assert_eq!(effective_page_size(0), DEFAULT_PAGE_SIZE);
+        assert_eq!(effective_page_size(usize::MAX), MAX_PAGE_SIZE);
+        Ok(())
+    }
+
+    async fn list_all_from(ds: &SqliteDatastore, token: Option<&str>) -> TestResult<Vec<String>> {
+        let mut out = Vec::new();
+        let mut token = token.map(str::to_string);
+        while let Some(t) = token {
+            let page = ds
+                .list_entries(&EntryFilter::default(), 100, Some(&t))
+                .await?;
+            out.extend(page.items.into_iter().map(|e| e.id));
+            token = page.next_token;
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn garbage_page_tokens_are_rejected() -> TestResult {
+        let (_dir, ds) = open_tmp().await?;
+        create_all(&ds, vec![entry("/a", "/p", &["t:a"])]).await?;
+        let f = EntryFilter::default();
+        for t in [
+            "x",
+            "e",
+            "e-1",
+            "e0",
+            "e1x",
+            "a1",
+            "e99999999999999999999",
+            "💥",
+            "e 1",
+        ] {
+            match ds.list_entries(&f, 10, Some(t)).await {
+                Err(DatastoreError::InvalidPageToken(_)) => {}
+                other => panic!("token {t:?}: {other:?}"),
+            }
+        }
+        match ds.list_agents(10, Some("e5")).await {
+            Err(DatastoreError::InvalidPageToken(_)) => {}
+            other => panic!("entry token for agents: {other:?}"),
+        }
+        // The proto default (empty string) is the first page; a token past the end is empty.
+        assert_eq!(ds.list_entries(&f, 10, Some("")).await?.items.len(), 1);
+        assert!(ds
+            .list_entries(&f, 10, Some("e999"))
+            .await?
+            .items
+            .is_empty());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn duplicates_are_refused_per_entry() -> TestResult {
+        let (_dir, ds) = open_tmp().await?;
+        let stored = create_all(&ds, vec![entry("/a", "/p", &["t:1", "t:2"])])
+            .await?
+            .remove(0);
+        let results = ds
+            .create_entries(vec![
+                entry("/b", "/p", &["t:1"]),
+                entry("/a", "/p", &["t:2", "t:1"]), // same as stored (selector order irrelevant)
+                entry("/c", "/p", &["t:1"]),
+                entry("/b", "/p", &["t:1"]), // same as the first of this batch
+                entry("/a", "/p", &["t:1"]), // different selectors: fine
+                entry("/a", "/q", &["t:1", "t:2"]), // different parent: fine
+            ])
+            .await?;
+        assert_eq!(results.len(), 6);
+        let first_b = match &results[0] {
+            Ok(e) => e.id.clone(),
+            Err(e) => return Err(format!("first /b: {e}").into()),
+        };
+        match &results[1] {
+            Err(DatastoreError::AlreadyExists(existing)) => assert_eq!(existing, &stored.id),
+            other => panic!("stored duplicate: {other:?}"),
+        }
+        match &results[3] {
+            Err(DatastoreError::AlreadyExists(existing)) => assert_eq!(existing, &first_b),
+            other => panic!("in-batch duplicate: {other:?}"),
+        }
+        for i in [0, 2, 4, 5] {
+            assert!(results[i].is_ok(), "entry {i}: {:?}", results[i]);
+        }
+        assert_eq!(ds.count_entries(&EntryFilter::default()).await?, 5);
+        // Revisions are distinct and increasing in batch order.
+        let revs: Vec<i64> = results.iter().flatten().map(|e| e.revision).collect();
+        assert_eq!(revs, vec![2, 3, 4, 5]);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn update_collisions_and_not_found() -> TestResult {
+        let (_dir, ds) = open_tmp().await?;
+        let created = create_all(
+            &ds,
+            vec![entry("/a", "/p", &["t:1"]), entry("/b", "/p", &["t:1"])],
+        )
+        .await?;
+        let (a, b) = (&created[0], &created[1]);
+        let mut clash = b.clone();
+        clash.spiffe_id = a.spiffe_id.clone();
+        match ds.update_entry(clash).await {
+            Err(DatastoreError::AlreadyExists(other)) => assert_eq!(other, a.id),
+            other => panic!("collision: {other:?}"),
+        }
+        // Updating an entry to its own registration (e.g. only the hint) is fine.
+        let mut same = b.clone();
+        same.hint = "new hint".into();
+        let updated = ds.update_entry(same).await?;
+        assert_eq!(updated.hint, "new hint");
+        assert_eq!(updated.revision, 3);
+
+        let mut ghost = a.clone();
+        ghost.id = "00000000-0000-4000-8000-000000000000".into();
+        assert!(matches!(
+            ds.update_entry(ghost).await,
+            Err(DatastoreError::NotFound(_))
+        ));
+        assert!(matches!(
+            ds.delete_entry("nope").await,
+            Err(DatastoreError::NotFound(_))
+        ));
+        ds.delete_entry(&a.id).await?;
+        assert!(matches!(
+            ds.delete_entry(&a.id).await,
+            Err(DatastoreError::NotFound(_))
+        ));
+        // The freed registration can be created again, under a new id.
+        let again = create_all(&ds, vec![entry("/a", "/p", &["t:1"])])
+            .await?
+            .remove(0);
+        assert_ne!(again.id, a.id);
+        // The failed update left nothing behind.
+        assert_eq!(ds.get_entry(&b.id).await?, Some(updated));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn revisions_and_changes_since() -> TestResult {
+        let (_dir, ds) = open_tmp().await?;
+        let empty = ds.entry_changes_since(0).await?;
+        assert_eq!(
+            (empty.upserted.len(), empty.removed.len(), empty.revision),
+            (0, 0, 0)
+        );
+
+        let c = create_all(
+            &ds,
+            vec![
+                entry("/1", "/p", &["t:1"]),
+                entry("/2", "/p", &["t:2"]),
+                entry("/3", "/p", &["t:3"]),
+            ],
+        )
+        .await?; // revisions 1, 2, 3
+        let all = ds.entry_changes_since(0).await?;
+        assert_eq!(all.revision, 3);
+        assert_eq!(all.upserted, c);
+
+        let mut u = c[0].clone();
+        u.hint = "changed".into();
+        let u = ds.update_entry(u).await?; // 4
+        ds.delete_entry(&c[1].id).await?; // 5
+        let since3 = ds.entry_changes_since(3).await?;
+        assert_eq!(since3.revision, 5);
+        assert_eq!(since3.upserted, vec![u.clone()]);
+        assert_eq!(since3.removed, vec![c[1].id.clone()]);
+
+        // Deleting the newest entry does not let the counter go back.
+        ds.delete_entry(&u.id).await?; // 6
+        let n = create_all(&ds, vec![entry("/4", "/p", &["t:4"])])
+            .await?
+            .remove(0);
+        assert_eq!(n.revision, 7);
+        let since5 = ds.entry_changes_since(5).await?;
+        assert_eq!(since5.upserted, vec![n.clone()]);
+        assert_eq!(since5.removed, vec![u.id.clone()]);
+        assert_eq!(since5.revision, 7);
+        let latest = ds.entry_changes_since(7).await?;
+        assert!(latest.upserted.is_empty() && latest.removed.is_empty());
+        assert_eq!(latest.revision, 7);
+        // A batch with only duplicates consumes no revision.
+        let dup = ds.create_entries(vec![entry("/4", "/p", &["t:4"])]).await?;
+        assert!(matches!(dup[0], Err(DatastoreError::AlreadyExists(_))));
+        assert_eq!(ds.entry_changes_since(7).await?.revision, 7);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn data_survives_reopen() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("ds.sqlite3");
+        let (created, token_exp) = {
+            let ds = SqliteDatastore::open(&path).await?;
+            let created = create_all(&ds, vec![entry("/a", "/p", &["t:1"])]).await?;
+            ds.delete_entry(&create_all(&ds, vec![entry("/gone", "/p", &["t:1"])]).await?[0].id)
+                .await?;
+            ds.upsert_agent(agent("/agent/1")).await?;
+            ds.create_join_token(JoinToken {
+                token: "tok".into(),
+                expires_at: 4_000_000_000,
+                spiffe_id: Some(id("/alias")),
+            })
+            .await?;
+            ds.set_bundle(bundle(&[b"root"], "[]")).await?;
+            (created, 4_000_000_000)
+        }; // dropped: connections closed
+        let ds = SqliteDatastore::open(&path).await?;
+        assert_eq!(
+            ds.get_entry(&created[0].id).await?,
+            Some(created[0].clone())
+        );
+        let changes = ds.entry_changes_since(0).await?;
+        assert_eq!(changes.revision, 3);
+        assert_eq!(changes.removed.len(), 1);
+        assert!(ds.get_agent(&id("/agent/1")).await?.is_some());
+        let t = ds.consume_join_token("tok", 0).await?;
+        assert_eq!((t.expires_at, t.spiffe_id), (token_exp, Some(id("/alias"))));
+        assert_eq!(
+            ds.get_bundle(&TrustDomain::new("example.org")?)
+                .await?
+                .map(|b| b.sequence),
+            Some(1)
+        );
+        // New revisions continue after the stored ones.
+        let next = create_all(&ds, vec![entry("/b", "/p", &["t:1"])])
+            .await?
+            .remove(0);
+        assert_eq!(next.revision, 4);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn file_modes_and_settings() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("new/sub/ds.sqlite3");
+        let ds = SqliteDatastore::open(&path).await?;
+        let mode =
+            |p: &Path| -> TestResult<u32> { Ok(fs::metadata(p)?.permissions().mode() & 0o777) };
+        assert_eq!(mode(&path)?, 0o600);
+        assert_eq!(mode(&dir.path().join("new/sub"))?, 0o700);
+        assert_eq!(mode(&dir.path().join("new"))?, 0o700);
+        assert_eq!(ds.path(), path);
+        create_all(&ds, vec![entry("/a", "/p", &["t:1"])]).await?;
+        assert_eq!(mode(&dir.path().join("new/sub/ds.sqlite3-wal"))?, 0o600);
+        // An empty path is an error value, not a panic.
+        assert!(prepare_file(Path::new("")).is_err());
+        let conn = lock(&ds.inner.writer);
+        let get = |p: &str| -> TestResult<String> {
+            Ok(conn
+                .query_row(&format!("PRAGMA {p}"), [], |r| r.get::<_, Value>(0))
+                .map(|v| format!("{v:?}"))?)
+        };
+        assert_eq!(get("journal_mode")?, "Text(\"wal\")");
+        assert_eq!(get("synchronous")?, "Integer(2)"); // FULL
+        assert_eq!(get("foreign_keys")?, "Integer(1)");
+        assert_eq!(
+            get("user_version")?,
+            format!("Integer({})", migrations::MIGRATIONS.len())
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn migrations_are_versioned_and_idempotent() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("ds.sqlite3");
+        let version = |p: &Path| -> TestResult<i64> {
+            Ok(Connection::open(p)?.query_row("PRAGMA user_version", [], |r| r.get(0))?)
+        };
+        drop(SqliteDatastore::open_blocking(&path)?);
+        assert_eq!(version(&path)?, migrations::MIGRATIONS.len() as i64);
+        drop(SqliteDatastore::open_blocking(&path)?);
+        assert_eq!(version(&path)?, migrations::MIGRATIONS.len() as i64);
+
+        // A later migration applies on top; a failing one rolls back completely.
+        let mut conn = open_connection(&path)?;
+        let extra = [
+            migrations::MIGRATIONS[0],
+            "CREATE TABLE extra (x INTEGER) STRICT;",
+        ];
+        migrations::migrate(&mut conn, &path, &extra)?;
+        assert_eq!(version(&path)?, 2);
+        let broken = [
+            extra[0],
+            extra[1],
+            "CREATE TABLE half (x INTEGER); THIS IS NOT SQL;",
+        ];
+        let err = migrations::migrate(&mut conn, &path, &broken).expect_err("broken migration");
+        assert!(err.to_string().contains("migration 3"), "{err}");
+        assert_eq!(version(&path)?, 2);
+        let half: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM sqlite_schema WHERE name = 'half'",
+            [],
+            |r| r.get(0),
+        )?;
+        assert_eq!(half, 0, "the failed migration's DDL was rolled back");
+        drop(conn);
+
+        // This code knows only version 1: the file is now "newer" and refused.
+        let err = SqliteDatastore::open_blocking(&path).expect_err("newer schema");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("schema version 2") && msg.contains("newer"),
+            "{msg}"
+        );
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        Ok(())
+    }
+
+    #[test]
+    fn foreign_sqlite_database_is_refused() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("other.db");
+        Connection::open(&path)?
+            .execute_batch("CREATE TABLE entries (x); INSERT INTO entries VALUES (1);")?;
+        let err = SqliteDatastore::open_blocking(&path).expect_err("foreign database");
+        assert!(
+            err.to_string().contains("not a valid Sigil database"),
+            "{err}"
+        );
+        // And it was not modified.
+        let n: i64 = Connection::open(&path)?.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        assert_eq!(n, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn non_sqlite_and_truncated_files_are_errors_not_panics() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let text = dir.path().join("text.sqlite3");
+        fs::write(
+            &text,
+            "this is not a database, it is a text file\n".repeat(200),
+        )?;
+        let err = SqliteDatastore::open_blocking(&text).expect_err("text file");
+        let msg = err.to_string();
+        assert!(matches!(err, DatastoreError::Corrupt(_)), "{err:?}");
+        assert!(
+            msg.contains(&text.display().to_string()) && msg.contains("not a valid Sigil database"),
+            "{msg}"
+        );
+        assert!(msg.contains("backup"), "{msg}");
+
+        // A real database, cut short at several points.
+        let good = dir.path().join("good.sqlite3");
+        {
+            let ds = SqliteDatastore::open_blocking(&good)?;
+            let rt = tokio::runtime::Builder::new_current_thread().build()?;
+            rt.block_on(async {
+                let batch = (0..300)
+                    .map(|i| entry(&format!("/w/{i}"), "/p", &[&format!("t:{i}")]))
+                    .collect();
+                create_all(&ds, batch).await
+            })?;
+        }
+        let bytes = fs::read(&good)?;
+        assert!(bytes.len() > 8192);
+        for cut in [10, 100, 4096 + 10, bytes.len() / 2] {
+            let p = dir.path().join(format!("cut{cut}.sqlite3"));
+            fs::write(&p, &bytes[..cut])?;
+            // Opening may fail or succeed (SQLite reads lazily); using it must not panic, and any
+            // error is an error value.
+            match SqliteDatastore::open_blocking(&p) {
+                Err(e) => assert!(matches!(e, DatastoreError::Corrupt(_)), "cut {cut}: {e:?}"),
+                Ok(ds) => {
+                    let rt = tokio::runtime::Builder::new_current_thread().build()?;
+                    let r = rt.block_on(async {
+                        ds.list_entries(&EntryFilter::default(), 10_000, None).await
+                    });
+                    if let Ok(page) = r {
+                        assert!(page.items.len() <= 300);
+                    }
+                }
+            }
+        }
+        // A directory where the file should be.
+        let d = dir.path().join("adir");
+        fs::create_dir(&d)?;
+        assert!(SqliteDatastore::open_blocking(&d).is_err());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn corrupt_rows_are_errors_not_panics() -> TestResult {
+        let (_dir, ds) = open_tmp().await?;
+        let created = create_all(
+            &ds,
+            vec![entry("/a", "/p", &["t:1"]), entry("/b", "/p", &["t:2"])],
+        )
+        .await?;
+        ds.upsert_agent(agent("/agent/1")).await?;
+        ds.set_bundle(bundle(&[b"root"], "[]")).await?;
+        let raw = Connection::open(ds.path())?;
+        let corruptions = [
+            "UPDATE entries SET spiffe_id = 'not an id' WHERE seq = 1",
+            "UPDATE entries SET dns_names = '{' WHERE seq = 1",
+            "UPDATE entries SET federates_with = '[\"BAD\"]' WHERE seq = 1",
+            "UPDATE entries SET x509_ttl = -5 WHERE seq = 1",
+            "UPDATE entries SET selector_count = 7 WHERE seq = 1",
+            "UPDATE entry_selectors SET value = ' padded' WHERE entry_seq = 1",
+        ];
+        for sql in corruptions {
+            let tx = raw.unchecked_transaction()?;
+            tx.execute(sql, [])?;
+            tx.commit()?;
+            assert!(
+                matches!(
+                    ds.get_entry(&created[0].id).await,
+                    Err(DatastoreError::Corrupt(_))
+                ),
+                "{sql}"
+            );
+            assert!(
+                matches!(
+                    ds.list_entries(&EntryFilter::default(), 10, None).await,
+                    Err(DatastoreError::Corrupt(_))
+                ),
+                "{sql}"
+            );
+            // The other entry is still readable.
+            assert!(ds.get_entry(&created[1].id).await?.is_some());
+            // Restore by rewriting the entry.
+            let tx = raw.unchecked_transaction()?;
+            tx.execute_batch(
+                "UPDATE entries SET spiffe_id = 'spiffe://example.org/a', dns_names = '[]', \
+                 federates_with = '[]', x509_ttl = NULL, selector_count = 1 WHERE seq = 1; \
+                 UPDATE entry_selectors SET value = '1' WHERE entry_seq = 1;",
+            )?;
+            tx.commit()?;
+            assert_eq!(
+                ds.get_entry(&created[0].id).await?,
+                Some(created[0].clone())
+            );
+        }
+        raw.execute("UPDATE agents SET selectors = 'nope'", [])?;
+        assert!(matches!(
+            ds.get_agent(&id("/agent/1")).await,
+            Err(DatastoreError::Corrupt(_))
+        ));
+        assert!(matches!(
+            ds.list_agents(10, None).await,
+            Err(DatastoreError::Corrupt(_))
+        ));
+        raw.execute("UPDATE bundles SET x509_roots = '[\"!!\"]'", [])?;
+        let td = TrustDomain::new("example.org")?;
+        assert!(matches!(
+            ds.get_bundle(&td).await,
+            Err(DatastoreError::Corrupt(_))
+        ));
+        assert!(matches!(
+            ds.set_bundle(bundle(&[b"root"], "[]")).await,
+            Err(DatastoreError::Corrupt(_))
+        ));
+        raw.execute("DELETE FROM revision", [])?;
+        assert!(matches!(
+            ds.create_entries(vec![entry("/c", "/p", &["t:3"])]).await,
+            Err(DatastoreError::Corrupt(_))
+        ));
+        Ok(())
+    }
+
+    fn agent(path: &str) -> AttestedAgent {
+        AttestedAgent {
+            spiffe_id: id(path),
+            attestation_type: "join_token".into(),
+            x509_svid_serial: "0a1b".into(),
+            x509_svid_expires_at: 1_900_000_000,
+            banned: false,
+            selectors: sels(&["join_token:abc"]),
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn agents_upsert_list_ban_evict() -> TestResult {
+        let (_dir, ds) = open_tmp().await?;
+        assert_eq!(ds.count_agents().await?, 0);
+        assert_eq!(ds.get_agent(&id("/agent/x")).await?, None);
+        for i in 0..5 {
+            ds.upsert_agent(agent(&format!("/agent/{i}"))).await?;
+        }
+        assert_eq!(ds.count_agents().await?, 5);
+        let a2 = ds.get_agent(&id("/agent/2")).await?.ok_or("agent 2")?;
+        assert!(a2.created_at > 0 && a2.updated_at >= a2.created_at);
+        assert_eq!(a2.selectors, sels(&["join_token:abc"]));
+        assert!(!a2.banned);
+
+        // Replace: new serial and selectors, same position, created_at kept.
+        let mut renewed = agent("/agent/2");
+        renewed.x509_svid_serial = "ff".into();
+        renewed.selectors = sels(&["x509pop:subject:cn:n2", "x509pop:ca:abc"]);
+        renewed.created_at = 1;
+        ds.upsert_agent(renewed.clone()).await?;
+        let got = ds.get_agent(&id("/agent/2")).await?.ok_or("agent 2")?;
+        assert_eq!(got.x509_svid_serial, "ff");
+        assert_eq!(got.selectors, renewed.selectors);
+        assert_eq!(got.created_at, a2.created_at);
+        assert_eq!(ds.count_agents().await?, 5);
+
+        // Paging in insertion order.
+        let mut seen = Vec::new();
+        let mut token = None;
+        loop {
+            let page = ds.list_agents(2, token.as_deref()).await?;
+            seen.extend(page.items.iter().map(|a| a.spiffe_id.path().to_string()));
+            token = page.next_token;
+            if token.is_none() {
+                break;
+            }
+        }
+        assert_eq!(
+            seen,
+            ["/agent/0", "/agent/1", "/agent/2", "/agent/3", "/agent/4"]
+        );
+
+        // Ban; an upsert (re-attestation racing with the ban) does not clear it.
+        ds.set_agent_banned(&id("/agent/1"), true).await?;
+        ds.upsert_agent(agent("/agent/1")).await?;
+        assert!(
+            ds.get_agent(&id("/agent/1"))
+                .await?
+                .ok_or("agent 1")?
+                .banned
+        );
+        ds.set_agent_banned(&id("/agent/1"), false).await?;
+        assert!(
+            !ds.get_agent(&id("/agent/1"))
+                .await?
+                .ok_or("agent 1")?
+                .banned
+        );
+
+        // Evict.
+        ds.delete_agent(&id("/agent/3")).await?;
+        assert_eq!(ds.get_agent(&id("/agent/3")).await?, None);
+        assert_eq!(ds.count_agents().await?, 4);
+        assert!(matches!(
+            ds.delete_agent(&id("/agent/3")).await,
+            Err(DatastoreError::NotFound(_))
+        ));
+        assert!(matches!(
+            ds.set_agent_banned(&id("/agent/3"), true).await,
+            Err(DatastoreError::NotFound(_))
+        ));
+        Ok(())
+    }
+
+    fn token(t: &str, expires_at: i64) -> JoinToken {
+        JoinToken {
+            token: t.into(),
+            expires_at,
+            spiffe_id: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn join_tokens_are_single_use_and_expire() -> TestResult {
+        let (_dir, ds) = open_tmp().await?;
+        ds.create_join_token(JoinToken {
+            spiffe_id: Some(id("/node/alias")),
+            ..token("t1", 1000)
+        })
+        .await?;
+        ds.create_join_token(token("t2", 1000)).await?;
+        assert!(
+            ds.create_join_token(token("t2", 5)).await.is_err(),
+            "duplicate token"
+        );
+
+        let t = ds.consume_join_token("t1", 999).await?;
+        assert_eq!(t.token, "t1");
+        assert_eq!(t.spiffe_id, Some(id("/node/alias")));
+        assert!(matches!(
+            ds.consume_join_token("t1", 999).await,
+            Err(DatastoreError::NotFound(_))
+        ));
+        assert!(matches!(
+            ds.consume_join_token("never", 0).await,
+            Err(DatastoreError::NotFound(_))
+        ));
+        // Expired at expires_at, and deleted by the attempt.
+        assert!(matches!(
+            ds.consume_join_token("t2", 1000).await,
+            Err(DatastoreError::Expired)
+        ));
+        assert!(matches!(
+            ds.consume_join_token("t2", 0).await,
+            Err(DatastoreError::NotFound(_))
+        ));
+
+        // The stored form is a hash, not the token.
+        let raw = Connection::open(ds.path())?;
+        ds.create_join_token(token("secret-token", 10)).await?;
+        let stored: String =
+            raw.query_row("SELECT token_sha256 FROM join_tokens", [], |r| r.get(0))?;
+        assert_ne!(stored, "secret-token");
+        assert_eq!(stored.len(), 64);
+
+        // Prune.
+        ds.create_join_token(token("later", 100)).await?;
+        ds.create_join_token(token("soon", 50)).await?;
+        assert_eq!(ds.prune_join_tokens(50).await?, 2); // secret-token (10) and soon (50)
+        assert_eq!(ds.prune_join_tokens(50).await?, 0);
+        assert_eq!(ds.consume_join_token("later", 99).await?.expires_at, 100);
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_consume_has_one_winner() -> TestResult {
+        let (_dir, ds) = open_tmp().await?;
+        let ds = Arc::new(ds);
+        for round in 0..20 {
+            let t = format!("tok-{round}");
+            ds.create_join_token(token(&t, i64::MAX)).await?;
+            let tasks: Vec<_> = (0..4)
+                .map(|_| {
+                    let ds = Arc::clone(&ds);
+                    let t = t.clone();
+                    tokio::spawn(async move { ds.consume_join_token(&t, 0).await })
+                })
+                .collect();
+            let mut wins = 0;
+            for task in tasks {
+                match task.await? {
+                    Ok(_) => wins += 1,
+                    Err(DatastoreError::NotFound(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            assert_eq!(wins, 1, "round {round}");
+        }
+        Ok(())
+    }
+
+    fn bundle(roots: &[&[u8]], jwks: &str) -> StoredBundle {
+        StoredBundle {
+            trust_domain: TrustDomain::new("example.org").expect("td"),
+            x509_roots: roots.iter().map(|r| r.to_vec()).collect(),
+            jwt_keys_json: jwks.into(),
+            sequence: 99,
+        }
+    }
+
+    #[tokio::test]
+    async fn bundle_sequence_bumps_only_on_change() -> TestResult {
+        let (_dir, ds) = open_tmp().await?;
+        let td = TrustDomain::new("example.org")?;
+        assert_eq!(ds.get_bundle(&td).await?, None);
+        let s = ds
+            .set_bundle(bundle(&[b"r1"], r#"[{"kid":"a","kty":"EC"}]"#))
+            .await?;
+        assert_eq!(s.sequence, 1, "input sequence ignored");
+        assert_eq!(ds.get_bundle(&td).await?, Some(s.clone()));
+        // Same content (JWKS re-serialised with another key order): unchanged.
+        let same = ds
+            .set_bundle(bundle(&[b"r1"], r#"[{"kty":"EC", "kid":"a"}]"#))
+            .await?;
+        assert_eq!(same, s);
+        let s2 = ds
+            .set_bundle(bundle(&[b"r1", b"r2"], r#"[{"kid":"a","kty":"EC"}]"#))
+            .await?;
+        assert_eq!(s2.sequence, 2);
+        let s3 = ds.set_bundle(bundle(&[b"r1", b"r2"], "[]")).await?;
+        assert_eq!(s3.sequence, 3);
+        let s4 = ds.set_bundle(bundle(&[b"r2", b"r1"], "[]")).await?; // order is content
+        assert_eq!(s4.sequence, 4);
+        assert_eq!(ds.get_bundle(&td).await?, Some(s4));
+        // Binary roots round-trip exactly; other trust domains are independent.
+        let other = StoredBundle {
+            trust_domain: TrustDomain::new("other.org")?,
+            x509_roots: vec![vec![0, 255, 10, 13], Vec::new()],
+            ..bundle(&[], "")
+        };
+        let o = ds.set_bundle(other.clone()).await?;
+        assert_eq!(o.sequence, 1);
+        assert_eq!(
+            ds.get_bundle(&other.trust_domain)
+                .await?
+                .map(|b| b.x509_roots),
+            Some(other.x509_roots)
+        );
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_do_not_wait_for_a_held_write_lock() -> TestResult {
+        let (_dir, ds) = open_tmp().await?;
+        create_all(&ds, vec![entry("/a", "/p", &["t:1"])]).await?;
+        // Another connection holds the write lock with uncommitted changes.
+        let mut other = Connection::open(ds.path())?;
+        let tx = other.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute("UPDATE entries SET hint = 'uncommitted'", [])?;
+        let start = std::time::Instant::now();
+        let page = ds.list_entries(&EntryFilter::default(), 10, None).await?;
+        assert!(start.elapsed() < Duration::from_secs(2));
+        assert_eq!(page.items[0].hint, "", "readers see committed data only");
+        drop(tx);
+        Ok(())
+    }
+
+    #[test]
+    fn selector_queries_use_the_indexes() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let ds = SqliteDatastore::open_blocking(&dir.path().join("ds.sqlite3"))?;
+        let conn = lock(&ds.inner.writer);
+        let modes = [
+            SelectorMatch::Exact,
+            SelectorMatch::Subset,
+            SelectorMatch::Superset,
+            SelectorMatch::Any,
+        ];
+        let sets: [&[&str]; 2] = [&["t:1"], &["t:1", "t:2"]];
+        for (mode, given) in modes
+            .iter()
+            .flat_map(|m| sets.iter().map(move |g| (*m, *g)))
+        {
+            let filter = EntryFilter {
+                selectors: Some((sels(given), mode)),
+                ..Default::default()
+            };
+            let f = FilterSql::build(&filter).ok_or("filter")?;
+            let sql = format!(
+                "EXPLAIN QUERY PLAN {}SELECT e.seq FROM entries e WHERE {} AND e.seq > 0 ORDER BY e.seq LIMIT 10",
+                f.with,
+                f.conds.join(" AND ")
+            );
+            let mut plan = Vec::new();
+            let mut stmt = conn.prepare(&sql)?;
+            let mut rows = stmt.query(params_from_iter(f.params))?;
+            while let Some(r) = rows.next()? {
+                plan.push(r.get::<_, String>(3)?);
+            }
+            let plan = plan.join("\n");
+            assert!(
+                plan.contains("entry_selectors_type_value"),
+                "{mode:?} does not use the selector index:\n{plan}"
+            );
+            assert!(
+                !plan
+                    .lines()
+                    .any(|l| l.starts_with("SCAN es") || l.starts_with("SCAN entry_selectors")),
+                "{mode:?} scans all selectors:\n{plan}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn reg_key_is_canonical() {
+        let a = entry("/a", "/p", &["b:2", "a:1"]);
+        let b = entry("/a", "/p", &["a:1", "b:2", "a:1"]);
+        assert_eq!(reg_key(&a), reg_key(&b));
+        assert_eq!(
+            reg_key_text(&a),
+            "spiffe://example.org/a\nspiffe://example.org/p\na:1\nb:2"
+        );
+        assert_eq!(reg_key(&a).len(), 32);
+        // "a:b:c" (type a) differs from a type "a:b"… which is not a valid type anyway.
+        assert_ne!(
+            reg_key(&entry("/a", "/p", &["a:b:c"])),
+            reg_key(&entry("/a", "/p", &["a:b"]))
+        );
+    }
+}
+
+/// Durability across `kill -9`: a child process (this test binary, re-executed) creates entries
+/// and prints each acknowledged id; the parent kills it mid-stream and checks that every
+/// acknowledged entry is in the database.
+#[cfg(test)]
+mod kill9 {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+
+    const ENV: &str = "SIGIL_DS_KILL9_PATH";
+    const CHILD: &str = "datastore::sqlite::kill9::child_writer";
+
+    /// The child: runs only when re-executed by `acknowledged_writes_survive_kill_9`.
+    #[test]
+    #[ignore = "helper process for acknowledged_writes_survive_kill_9"]
+    fn child_writer() -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let Some(path) = std::env::var_os(ENV) else {
+            return Ok(());
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let ds = SqliteDatastore::open(Path::new(&path)).await?;
+            let mut out = std::io::stdout().lock();
+            for i in 0..100_000 {
+                let e = RegistrationEntry {
+                    id: String::new(),
+                    spiffe_id: SpiffeId::parse(&format!("spiffe://example.org/w/{i}"))?,
+                    parent_id: SpiffeId::parse("spiffe://example.org/p")?,
+                    selectors: [Selector::parse("t:1")?].into_iter().collect(),
+                    x509_svid_ttl: None,
+                    jwt_svid_ttl: None,
+                    dns_names: Vec::new(),
+                    admin: false,
+                    downstream: false,
+                    federates_with: Vec::new(),
+                    hint: String::new(),
+                    revision: 0,
+                    created_at: 0,
+                    updated_at: 0,
+                };
+                for r in ds.create_entries(vec![e]).await? {
+                    writeln!(out, "ACK {}", r?.id)?;
+                }
+                out.flush()?;
+            }
+            Ok(())
+        })
+    }
+
+    #[tokio::test]
+    async fn acknowledged_writes_survive_kill_9(
+    ) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("ds.sqlite3");
+        let mut child = Command::new(std::env::current_exe()?)
+            .args([
+                CHILD,
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(ENV, &path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or("child stdout")?;
+        let acked = tokio::task::spawn_blocking(move || {
+            let mut acked = Vec::new();
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(id) = line.strip_prefix("ACK ") {
+                    acked.push(id.to_string());
+                    if acked.len() == 50 {
+                        break;
+                    }
+                }
+            }
+            acked
+        })
+        .await?;
+        child.kill()?; // SIGKILL, most likely in the middle of the next create
+        child.wait()?;
+        assert_eq!(acked.len(), 50, "the child stopped early");
+        let ds = SqliteDatastore::open(&path).await?;
+        for id in &acked {
+            assert!(
+                ds.get_entry(id).await?.is_some(),
+                "acknowledged entry {id} lost"
+            );
+        }
+        assert!(ds.count_entries(&EntryFilter::default()).await? >= 50);
+        Ok(())
     }
 }

@@ -29,8 +29,8 @@ CREATE TABLE revision (
 INSERT INTO revision (id, value) VALUES (1, 0);
 
 -- seq is the stable listing order and the page-token key; AUTOINCREMENT never reuses a value.
--- reg_key = "spiffe_id\nparent_id\n" + sorted "type:value" selectors joined by "\n": the
--- registration identity, unique. selector_count backs the Exact/Subset selector matches.
+-- reg_key = SHA-256 of "spiffe_id\nparent_id\n" + the sorted "type:value" selectors joined by
+-- "\n": the registration identity, unique (hashed to keep rows and the index small).
 CREATE TABLE entries (
     seq            INTEGER PRIMARY KEY AUTOINCREMENT,
     id             TEXT    NOT NULL UNIQUE,
@@ -46,7 +46,7 @@ CREATE TABLE entries (
     revision       INTEGER NOT NULL,
     created_at     INTEGER NOT NULL,
     updated_at     INTEGER NOT NULL,
-    reg_key        TEXT    NOT NULL UNIQUE,
+    reg_key        BLOB    NOT NULL UNIQUE,
     selector_count INTEGER NOT NULL
 ) STRICT;
 CREATE INDEX entries_spiffe_id ON entries (spiffe_id);
@@ -54,13 +54,16 @@ CREATE INDEX entries_parent_id ON entries (parent_id);
 CREATE INDEX entries_revision ON entries (revision);
 CREATE INDEX entries_without_selectors ON entries (seq) WHERE selector_count = 0;
 
+-- One row per selector of an entry. entry_selector_count repeats entries.selector_count so the
+-- Exact/Subset matches are answered from the (type, value, count) index alone.
 CREATE TABLE entry_selectors (
-    entry_seq INTEGER NOT NULL REFERENCES entries (seq) ON DELETE CASCADE,
-    type      TEXT    NOT NULL,
-    value     TEXT    NOT NULL,
+    entry_seq            INTEGER NOT NULL REFERENCES entries (seq) ON DELETE CASCADE,
+    type                 TEXT    NOT NULL,
+    value                TEXT    NOT NULL,
+    entry_selector_count INTEGER NOT NULL,
     PRIMARY KEY (entry_seq, type, value)
 ) STRICT, WITHOUT ROWID;
-CREATE INDEX entry_selectors_type_value ON entry_selectors (type, value);
+CREATE INDEX entry_selectors_type_value ON entry_selectors (type, value, entry_selector_count);
 
 CREATE TABLE entry_tombstones (
     id         TEXT    PRIMARY KEY,
@@ -122,9 +125,8 @@ pub(super) fn migrate(
         let app_id: i32 = tx
             .query_row("PRAGMA application_id", [], |r| r.get(0))
             .map_err(|e| open_err(path, e))?;
-        let version = usize::try_from(version).map_err(|_| {
-            invalid_db(path, format!("negative schema version {version}"))
-        })?;
+        let version = usize::try_from(version)
+            .map_err(|_| invalid_db(path, format!("negative schema version {version}")))?;
         if version == 0 {
             // Fresh: must be empty (an empty file, or one we created). Anything else is another
             // application's database; do not add our tables to it.
@@ -144,7 +146,9 @@ pub(super) fn migrate(
         } else if app_id != APPLICATION_ID {
             return Err(invalid_db(
                 path,
-                format!("it is an SQLite database of another application (application_id {app_id:#x})"),
+                format!(
+                    "it is an SQLite database of another application (application_id {app_id:#x})"
+                ),
             ));
         }
         if version > known {
