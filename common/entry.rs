@@ -236,7 +236,8 @@ mod tests {
 
     #[test]
     fn names_the_bad_field() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut pb::Entry)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut pb::Entry)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             ("spiffe_id", Box::new(|e| e.spiffe_id = "spiffe://example.org/a/".into())),
             ("spiffe_id", Box::new(|e| e.spiffe_id = "spiffe://example.org".into())),
             ("parent_id", Box::new(|e| e.parent_id = "not-an-id".into())),

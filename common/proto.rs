@@ -30,3 +30,42 @@ pub mod sigil {
 
 pub use self::sigil::admin::v1 as admin;
 pub use self::sigil::node::v1 as node;
+
+#[cfg(test)]
+mod tests {
+    use super::workload;
+
+    /// Every SPIFFE client calls `/SpiffeWorkloadAPI/<Rpc>`: a `package` line in the proto would
+    /// silently break them all.
+    #[test]
+    fn workload_api_service_name_has_no_package() {
+        assert_eq!(workload::spiffe_workload_api_server::SERVICE_NAME, "SpiffeWorkloadAPI");
+    }
+
+    /// Field numbers are the wire contract: encode with ours, decode by hand-known tags.
+    #[test]
+    fn workload_api_field_numbers_match_the_standard() {
+        use prost::Message;
+        let msg = workload::X509svid {
+            spiffe_id: "a".into(),
+            x509_svid: vec![1],
+            x509_svid_key: vec![2],
+            bundle: vec![3],
+            hint: "h".into(),
+        };
+        // tag = field_number << 3 | wire type 2 (length-delimited)
+        let bytes = msg.encode_to_vec();
+        assert_eq!(
+            bytes,
+            vec![0x0a, 1, b'a', 0x12, 1, 1, 0x1a, 1, 2, 0x22, 1, 3, 0x2a, 1, b'h']
+        );
+        let resp = workload::X509svidResponse {
+            svids: vec![],
+            crl: vec![vec![9]],
+            federated_bundles: [("spiffe://x".to_string(), vec![7])].into(),
+        };
+        let bytes = resp.encode_to_vec();
+        assert_eq!(bytes[0], 0x12, "crl is field 2");
+        assert_eq!(bytes[3], 0x1a, "federated_bundles is field 3");
+    }
+}

@@ -382,7 +382,7 @@ impl Admin for AdminService {
             let target = req.entry.as_ref().map(|e| e.id.clone()).unwrap_or_default();
             let result = async {
                 let new = req.entry.as_ref().ok_or_else(|| Status::invalid_argument("entry is required"))?;
-                let mask = req.mask.clone().unwrap_or_default();
+                let mask = req.mask.unwrap_or_default();
                 let current = self
                     .state
                     .datastore
