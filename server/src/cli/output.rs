@@ -145,7 +145,10 @@ pub fn key_values(pairs: &[(&str, String)]) -> String {
     let w = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     pairs
         .iter()
-        .map(|(k, v)| format!("{k:<w$} : {v}\n"))
+        .map(|(k, v)| {
+            let v = if v.is_empty() { "(none)" } else { v.as_str() };
+            format!("{k:<w$} : {v}\n")
+        })
         .collect()
 }
 
