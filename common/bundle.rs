@@ -139,7 +139,9 @@ impl JwkPublicKey {
         Self::from_spki(&spki)
     }
 
-    fn from_spki(spki: &SubjectPublicKeyInfo<'_>) -> Result<Self, BundleError> {
+    /// Reads an already parsed SubjectPublicKeyInfo (EC P-256/P-384 uncompressed points, RSA,
+    /// Ed25519), validating the key's shape.
+    pub fn from_spki(spki: &SubjectPublicKeyInfo<'_>) -> Result<Self, BundleError> {
         let alg = spki.algorithm.algorithm.to_id_string();
         let unsupported = |what: String| BundleError::UnsupportedKey(what);
         match alg.as_str() {

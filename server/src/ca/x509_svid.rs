@@ -17,11 +17,11 @@ use rcgen::{
     SanType, SerialNumber, SignatureAlgorithm,
 };
 use rustls_pki_types::DnsName;
+use sigil::bundle::{EcCurve, JwkPublicKey};
 use sigil::SpiffeId;
 use time::OffsetDateTime;
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::prelude::FromDer as _;
-use x509_parser::public_key::PublicKey;
 use x509_parser::x509::SubjectPublicKeyInfo;
 
 use super::{Ca, CaError, BACKDATE};
@@ -68,53 +68,29 @@ impl LeafKey {
         if !rest.is_empty() {
             return Err(bad("trailing bytes after the SubjectPublicKeyInfo".into()));
         }
-        let key = spki.subject_public_key.data.as_ref();
-        let alg_oid = spki.algorithm.algorithm.to_id_string();
-        let alg: &'static SignatureAlgorithm = match alg_oid.as_str() {
-            "1.2.840.10045.2.1" => {
-                let curve = spki
-                    .algorithm
-                    .parameters
-                    .as_ref()
-                    .and_then(|p| p.as_oid().ok())
-                    .map(|o| o.to_id_string())
-                    .unwrap_or_default();
-                let (alg, len) = match curve.as_str() {
-                    "1.2.840.10045.3.1.7" => (&rcgen::PKCS_ECDSA_P256_SHA256, 65),
-                    "1.3.132.0.34" => (&rcgen::PKCS_ECDSA_P384_SHA384, 97),
-                    other => {
-                        return Err(bad(format!(
-                            "EC curve {other:?} is not supported (use P-256 or P-384)"
-                        )))
-                    }
-                };
-                if key.len() != len || key[0] != 0x04 {
-                    return Err(bad("EC public key is not an uncompressed point".into()));
-                }
-                alg
-            }
-            "1.2.840.113549.1.1.1" => {
-                let bits = match spki.parsed() {
-                    Ok(k @ PublicKey::RSA(_)) => k.key_size(),
-                    _ => return Err(bad("malformed RSA public key".into())),
-                };
+        // One classification of key types for the whole project: the JWK model validates
+        // curves, point sizes and RSA structure.
+        let alg: &'static SignatureAlgorithm = match JwkPublicKey::from_spki(&spki)
+            .map_err(|e| bad(format!("{e} (use EC P-256/P-384, RSA or Ed25519)")))?
+        {
+            JwkPublicKey::Ec {
+                curve: EcCurve::P256,
+                ..
+            } => &rcgen::PKCS_ECDSA_P256_SHA256,
+            JwkPublicKey::Ec {
+                curve: EcCurve::P384,
+                ..
+            } => &rcgen::PKCS_ECDSA_P384_SHA384,
+            JwkPublicKey::Rsa { n, .. } => {
+                let bits = n.len() * 8;
                 if !(2048..=8192).contains(&bits) {
                     return Err(bad(format!("RSA key of {bits} bits (need 2048 to 8192)")));
                 }
                 &rcgen::PKCS_RSA_SHA256
             }
-            "1.3.101.112" => {
-                if key.len() != 32 {
-                    return Err(bad("Ed25519 public key is not 32 bytes".into()));
-                }
-                &rcgen::PKCS_ED25519
-            }
-            other => {
-                return Err(bad(format!(
-                    "key algorithm {other} is not supported (use EC P-256/P-384, RSA or Ed25519)"
-                )))
-            }
+            JwkPublicKey::Ed25519 { .. } => &rcgen::PKCS_ED25519,
         };
+        let key = spki.subject_public_key.data.as_ref();
         Ok(LeafKey {
             alg,
             key: key.to_vec(),
