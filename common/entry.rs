@@ -79,17 +79,23 @@ impl RegistrationEntry {
                 "a registration entry needs a path (spiffe://<td>/<path>), not a bare trust domain",
             ));
         }
-        let selectors = selectors_from_proto(&e.selectors).map_err(|r| EntryError::new("selectors", r))?;
+        let selectors =
+            selectors_from_proto(&e.selectors).map_err(|r| EntryError::new("selectors", r))?;
         if selectors.is_empty() {
             return Err(EntryError::new(
                 "selectors",
                 "at least one selector is required (e.g. unix:uid:1000)",
             ));
         }
-        let x509_svid_ttl = ttl_from_proto(e.x509_svid_ttl).map_err(|r| EntryError::new("x509_svid_ttl", r))?;
-        let jwt_svid_ttl = ttl_from_proto(e.jwt_svid_ttl).map_err(|r| EntryError::new("jwt_svid_ttl", r))?;
+        let x509_svid_ttl =
+            ttl_from_proto(e.x509_svid_ttl).map_err(|r| EntryError::new("x509_svid_ttl", r))?;
+        let jwt_svid_ttl =
+            ttl_from_proto(e.jwt_svid_ttl).map_err(|r| EntryError::new("jwt_svid_ttl", r))?;
         if e.dns_names.len() > MAX_DNS_NAMES {
-            return Err(EntryError::new("dns_names", format!("at most {MAX_DNS_NAMES} DNS names")));
+            return Err(EntryError::new(
+                "dns_names",
+                format!("at most {MAX_DNS_NAMES} DNS names"),
+            ));
         }
         for name in &e.dns_names {
             validate_dns_name(name).map_err(|r| EntryError::new("dns_names", r))?;
@@ -145,7 +151,11 @@ impl RegistrationEntry {
             dns_names: self.dns_names.clone(),
             admin: self.admin,
             downstream: self.downstream,
-            federates_with: self.federates_with.iter().map(TrustDomain::id_string).collect(),
+            federates_with: self
+                .federates_with
+                .iter()
+                .map(TrustDomain::id_string)
+                .collect(),
             hint: self.hint.clone(),
             revision_number: self.revision,
             created_at: self.created_at,
@@ -179,14 +189,17 @@ pub fn selectors_from_proto(v: &[pb::Selector]) -> Result<SelectorSet, String> {
 fn ttl_from_proto(secs: i64) -> Result<Option<Duration>, String> {
     match secs {
         0 => Ok(None),
-        s if s < 0 => Err(format!("{s} is negative; give a positive TTL or 0 for the default")),
+        s if s < 0 => Err(format!(
+            "{s} is negative; give a positive TTL or 0 for the default"
+        )),
         s if s as u64 > crate::ttl::MAX.as_secs() => Err(format!("{s}s is longer than 366 days")),
         s => Ok(Some(Duration::from_secs(s as u64))),
     }
 }
 
 fn validate_dns_name(name: &str) -> Result<(), String> {
-    let bad = || format!("{name:?} is not a DNS name (letters, digits, '-', '.', optional leading '*.')");
+    let bad =
+        || format!("{name:?} is not a DNS name (letters, digits, '-', '.', optional leading '*.')");
     let body = name.strip_prefix("*.").unwrap_or(name);
     if body.is_empty() || name.len() > 253 {
         return Err(bad());
@@ -229,7 +242,10 @@ mod tests {
         assert_eq!(e.x509_svid_ttl, Some(Duration::from_secs(600)));
         assert_eq!(e.jwt_svid_ttl, None);
         let back = e.to_proto();
-        assert_eq!(back.federates_with, vec!["spiffe://other.org", "spiffe://third.org"]);
+        assert_eq!(
+            back.federates_with,
+            vec!["spiffe://other.org", "spiffe://third.org"]
+        );
         assert_eq!(RegistrationEntry::from_proto(&back)?, e);
         Ok(())
     }
@@ -238,8 +254,14 @@ mod tests {
     fn names_the_bad_field() {
         type Mutation = Box<dyn Fn(&mut pb::Entry)>;
         let cases: Vec<(&str, Mutation)> = vec![
-            ("spiffe_id", Box::new(|e| e.spiffe_id = "spiffe://example.org/a/".into())),
-            ("spiffe_id", Box::new(|e| e.spiffe_id = "spiffe://example.org".into())),
+            (
+                "spiffe_id",
+                Box::new(|e| e.spiffe_id = "spiffe://example.org/a/".into()),
+            ),
+            (
+                "spiffe_id",
+                Box::new(|e| e.spiffe_id = "spiffe://example.org".into()),
+            ),
             ("parent_id", Box::new(|e| e.parent_id = "not-an-id".into())),
             ("selectors", Box::new(|e| e.selectors.clear())),
             (
@@ -250,10 +272,19 @@ mod tests {
             ),
             ("x509_svid_ttl", Box::new(|e| e.x509_svid_ttl = -1)),
             ("jwt_svid_ttl", Box::new(|e| e.jwt_svid_ttl = i64::MAX)),
-            ("dns_names", Box::new(|e| e.dns_names = vec!["bad name".into()])),
+            (
+                "dns_names",
+                Box::new(|e| e.dns_names = vec!["bad name".into()]),
+            ),
             ("dns_names", Box::new(|e| e.dns_names = vec!["-a.b".into()])),
-            ("federates_with", Box::new(|e| e.federates_with = vec!["Bad".into()])),
-            ("federates_with", Box::new(|e| e.federates_with = vec!["example.org".into()])),
+            (
+                "federates_with",
+                Box::new(|e| e.federates_with = vec!["Bad".into()]),
+            ),
+            (
+                "federates_with",
+                Box::new(|e| e.federates_with = vec!["example.org".into()]),
+            ),
             ("hint", Box::new(|e| e.hint = "a\u{7}".into())),
         ];
         for (field, mutate) in cases {

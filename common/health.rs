@@ -58,15 +58,25 @@ pub async fn serve(
     }
 }
 
-async fn route(req: Request<Incoming>, probe: &dyn Probe, registry: &Registry) -> Response<Full<Bytes>> {
+async fn route(
+    req: Request<Incoming>,
+    probe: &dyn Probe,
+    registry: &Registry,
+) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported\n".into());
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET is supported\n".into(),
+        );
     }
     match req.uri().path() {
         "/live" => text(StatusCode::OK, "live\n".into()),
         "/ready" => match probe.ready().await {
             Ok(()) => text(StatusCode::OK, "ready\n".into()),
-            Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
         },
         "/metrics" => {
             let mut body = String::new();
@@ -81,10 +91,16 @@ async fn route(req: Request<Incoming>, probe: &dyn Probe, registry: &Registry) -
                     );
                     r
                 }
-                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n")),
+                Err(e) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("encoding metrics: {e}\n"),
+                ),
             }
         }
-        _ => text(StatusCode::NOT_FOUND, "not found: try /live, /ready or /metrics\n".into()),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /live, /ready or /metrics\n".into(),
+        ),
     }
 }
 
@@ -115,8 +131,10 @@ mod tests {
 
     async fn get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<String> {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-            .await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
         let mut out = String::new();
         s.read_to_string(&mut out).await?;
         Ok(out)
@@ -137,7 +155,10 @@ mod tests {
         }));
         assert!(get(addr, "/live").await?.starts_with("HTTP/1.1 200"));
         let r = get(addr, "/ready").await?;
-        assert!(r.starts_with("HTTP/1.1 503") && r.contains("starting"), "{r}");
+        assert!(
+            r.starts_with("HTTP/1.1 503") && r.contains("starting"),
+            "{r}"
+        );
         flag.0.store(true, Ordering::SeqCst);
         assert!(get(addr, "/ready").await?.starts_with("HTTP/1.1 200"));
         let m = get(addr, "/metrics").await?;

@@ -39,7 +39,10 @@ mod tests {
     /// silently break them all.
     #[test]
     fn workload_api_service_name_has_no_package() {
-        assert_eq!(workload::spiffe_workload_api_server::SERVICE_NAME, "SpiffeWorkloadAPI");
+        assert_eq!(
+            workload::spiffe_workload_api_server::SERVICE_NAME,
+            "SpiffeWorkloadAPI"
+        );
     }
 
     /// Field numbers are the wire contract: encode with ours, decode by hand-known tags.

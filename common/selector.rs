@@ -28,10 +28,14 @@ pub enum SelectorError {
     #[error("selector type {0:?} may only contain letters, digits, '_' and '-'")]
     BadType(String),
     /// Control characters or whitespace at either end of the value.
-    #[error("selector value {0:?} must not contain control characters or leading/trailing whitespace")]
+    #[error(
+        "selector value {0:?} must not contain control characters or leading/trailing whitespace"
+    )]
     BadValue(String),
     /// Type or value too long.
-    #[error("selector is too long (type at most {MAX_TYPE_LEN} bytes, value at most {MAX_VALUE_LEN})")]
+    #[error(
+        "selector is too long (type at most {MAX_TYPE_LEN} bytes, value at most {MAX_VALUE_LEN})"
+    )]
     TooLong,
 }
 

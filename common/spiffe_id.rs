@@ -135,7 +135,9 @@ impl SpiffeId {
             Some(rest) => rest,
             None => {
                 let scheme = s.split("://").next().unwrap_or(s);
-                return Err(SpiffeIdError::WrongScheme(scheme.chars().take(32).collect()));
+                return Err(SpiffeIdError::WrongScheme(
+                    scheme.chars().take(32).collect(),
+                ));
             }
         };
         // Query and fragment are checked first: they may contain '/' that would confuse the split.
@@ -307,7 +309,10 @@ mod tests {
             ("", Empty),
             ("http://example.org/x", WrongScheme("http".into())),
             ("SPIFFE://example.org/x", WrongScheme("SPIFFE".into())),
-            ("spiffe:/example.org/x", WrongScheme("spiffe:/example.org/x".into())),
+            (
+                "spiffe:/example.org/x",
+                WrongScheme("spiffe:/example.org/x".into()),
+            ),
             ("example.org/x", WrongScheme("example.org/x".into())),
             ("spiffe://", MissingTrustDomain),
             ("spiffe:///path", MissingTrustDomain),
@@ -361,10 +366,19 @@ mod tests {
     #[test]
     fn trust_domain_forms() -> Result<(), SpiffeIdError> {
         assert_eq!(TrustDomain::new("example.org")?.name(), "example.org");
-        assert_eq!(TrustDomain::new("spiffe://example.org")?.name(), "example.org");
-        assert_eq!(TrustDomain::new("example.org")?.id_string(), "spiffe://example.org");
+        assert_eq!(
+            TrustDomain::new("spiffe://example.org")?.name(),
+            "example.org"
+        );
+        assert_eq!(
+            TrustDomain::new("example.org")?.id_string(),
+            "spiffe://example.org"
+        );
         assert_eq!(TrustDomain::new(""), Err(SpiffeIdError::MissingTrustDomain));
-        assert_eq!(TrustDomain::new("a/b"), Err(SpiffeIdError::BadTrustDomainChar('/')));
+        assert_eq!(
+            TrustDomain::new("a/b"),
+            Err(SpiffeIdError::BadTrustDomainChar('/'))
+        );
         assert_eq!(TrustDomain::new("a:1"), Err(SpiffeIdError::Port));
         let id = TrustDomain::new("example.org")?.id("/sigil/server")?;
         assert_eq!(id.to_string(), "spiffe://example.org/sigil/server");

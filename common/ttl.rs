@@ -12,7 +12,9 @@ pub enum TtlError {
     #[error("duration is empty; use e.g. 90s, 15m, 1h or 1h30m")]
     Empty,
     /// Not `<number><unit>` pieces.
-    #[error("duration {0:?} is not valid; use numbers with units s, m, h or d (e.g. 90s, 15m, 1h30m)")]
+    #[error(
+        "duration {0:?} is not valid; use numbers with units s, m, h or d (e.g. 90s, 15m, 1h30m)"
+    )]
     Invalid(String),
     /// Zero duration.
     #[error("duration {0:?} must be greater than zero")]
@@ -116,9 +118,18 @@ mod tests {
         assert_eq!(parse("0s"), Err(TtlError::Zero("0s".into())));
         assert_eq!(parse("0"), Err(TtlError::Zero("0".into())));
         assert!(matches!(parse("367d"), Err(TtlError::TooLong(_))));
-        assert!(matches!(parse("99999999999999999999999s"), Err(TtlError::TooLong(_))));
-        assert!(matches!(parse("99999999999999999999999"), Err(TtlError::TooLong(_))));
-        assert!(matches!(parse("999999999999999999d"), Err(TtlError::TooLong(_))));
+        assert!(matches!(
+            parse("99999999999999999999999s"),
+            Err(TtlError::TooLong(_))
+        ));
+        assert!(matches!(
+            parse("99999999999999999999999"),
+            Err(TtlError::TooLong(_))
+        ));
+        assert!(matches!(
+            parse("999999999999999999d"),
+            Err(TtlError::TooLong(_))
+        ));
     }
 
     #[test]

@@ -27,7 +27,10 @@ pub fn bind(path: &Path, dir_mode: u32, socket_mode: u32) -> io::Result<UnixList
             } else {
                 return Err(io::Error::new(
                     io::ErrorKind::AlreadyExists,
-                    format!("{} exists and is not a socket; remove it or choose another path", path.display()),
+                    format!(
+                        "{} exists and is not a socket; remove it or choose another path",
+                        path.display()
+                    ),
                 ));
             }
         }
@@ -57,14 +60,21 @@ mod tests {
 
     #[test]
     fn bind_sets_modes_and_refuses_to_clobber_files() -> io::Result<()> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         rt.block_on(async {
             let dir = std::env::temp_dir().join(format!("sigil-uds-test-{}", std::process::id()));
             let sock = dir.join("private").join("admin.sock");
             let l = bind(&sock, 0o700, 0o600)?;
-            let dmode = std::fs::metadata(sock.parent().unwrap_or(&dir))?.permissions().mode();
+            let dmode = std::fs::metadata(sock.parent().unwrap_or(&dir))?
+                .permissions()
+                .mode();
             assert_eq!(dmode & 0o777, 0o700);
-            assert_eq!(std::fs::metadata(&sock)?.permissions().mode() & 0o777, 0o600);
+            assert_eq!(
+                std::fs::metadata(&sock)?.permissions().mode() & 0o777,
+                0o600
+            );
             drop(l);
             // A stale socket is replaced.
             bind(&sock, 0o700, 0o600)?;

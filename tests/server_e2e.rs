@@ -31,38 +31,125 @@ fn cli_entry_lifecycle_survives_restart() {
 
     // create
     let created = server.cli_json(&[
-        "entry", "create", "--spiffe-id", "spiffe://example.org/web", "--parent-id", AGENT,
-        "--selector", "unix:uid:1000", "--selector", "unix:gid:1000", "--x509-ttl", "10m",
-        "--dns", "web.example.org", "--hint", "internal",
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/web",
+        "--parent-id",
+        AGENT,
+        "--selector",
+        "unix:uid:1000",
+        "--selector",
+        "unix:gid:1000",
+        "--x509-ttl",
+        "10m",
+        "--dns",
+        "web.example.org",
+        "--hint",
+        "internal",
     ]);
     let result = &created["results"][0];
     assert_eq!(result["status"], "Ok", "{created}");
-    let id = result["entry"]["id"].as_str().expect("entry id").to_string();
+    let id = result["entry"]["id"]
+        .as_str()
+        .expect("entry id")
+        .to_string();
     assert_eq!(result["entry"]["x509_svid_ttl"], 600);
-    assert_eq!(result["entry"]["selectors"], serde_json::json!(["unix:gid:1000", "unix:uid:1000"]));
+    assert_eq!(
+        result["entry"]["selectors"],
+        serde_json::json!(["unix:gid:1000", "unix:uid:1000"])
+    );
 
     // a second entry as a node alias
     let alias = server.cli_json(&[
-        "entry", "create", "--node", "--spiffe-id", "spiffe://example.org/cluster/a",
-        "--selector", "join_token:any",
+        "entry",
+        "create",
+        "--node",
+        "--spiffe-id",
+        "spiffe://example.org/cluster/a",
+        "--selector",
+        "join_token:any",
     ]);
-    assert_eq!(alias["results"][0]["entry"]["parent_id"], "spiffe://example.org/sigil/server");
+    assert_eq!(
+        alias["results"][0]["entry"]["parent_id"],
+        "spiffe://example.org/sigil/server"
+    );
 
     // duplicate → AlreadyExists, non-zero exit, one clear line
     let dup = server.cli(&[
-        "entry", "create", "--spiffe-id", "spiffe://example.org/web", "--parent-id", AGENT,
-        "--selector", "unix:gid:1000", "--selector", "unix:uid:1000",
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/web",
+        "--parent-id",
+        AGENT,
+        "--selector",
+        "unix:gid:1000",
+        "--selector",
+        "unix:uid:1000",
     ]);
     assert!(!dup.status.success());
     assert!(stderr(&dup).contains("already exists"), "{}", stderr(&dup));
 
     // invalid input names the field and the rule
     for (args, expect) in [
-        (vec!["--spiffe-id", "spiffe://example.org/web/", "--parent-id", AGENT, "--selector", "unix:uid:1"], "must not end with '/'"),
-        (vec!["--spiffe-id", "spiffe://example.org/web", "--parent-id", AGENT, "--selector", "unix"], "--selector"),
-        (vec!["--spiffe-id", "spiffe://example.org/web", "--parent-id", AGENT, "--selector", "a:b", "--x509-ttl", "1y"], "--x509-ttl"),
-        (vec!["--spiffe-id", "spiffe://other.org/web", "--parent-id", AGENT, "--selector", "a:b"], "trust domain"),
-        (vec!["--spiffe-id", "spiffe://example.org/sigil/x", "--parent-id", AGENT, "--selector", "a:b"], "reserved"),
+        (
+            vec![
+                "--spiffe-id",
+                "spiffe://example.org/web/",
+                "--parent-id",
+                AGENT,
+                "--selector",
+                "unix:uid:1",
+            ],
+            "must not end with '/'",
+        ),
+        (
+            vec![
+                "--spiffe-id",
+                "spiffe://example.org/web",
+                "--parent-id",
+                AGENT,
+                "--selector",
+                "unix",
+            ],
+            "--selector",
+        ),
+        (
+            vec![
+                "--spiffe-id",
+                "spiffe://example.org/web",
+                "--parent-id",
+                AGENT,
+                "--selector",
+                "a:b",
+                "--x509-ttl",
+                "1y",
+            ],
+            "--x509-ttl",
+        ),
+        (
+            vec![
+                "--spiffe-id",
+                "spiffe://other.org/web",
+                "--parent-id",
+                AGENT,
+                "--selector",
+                "a:b",
+            ],
+            "trust domain",
+        ),
+        (
+            vec![
+                "--spiffe-id",
+                "spiffe://example.org/sigil/x",
+                "--parent-id",
+                AGENT,
+                "--selector",
+                "a:b",
+            ],
+            "reserved",
+        ),
     ] {
         let mut full = vec!["entry", "create"];
         full.extend(args);
@@ -76,15 +163,33 @@ fn cli_entry_lifecycle_survives_restart() {
     // show (json) by id and by filters
     let shown = server.cli_json(&["entry", "show", "--entry-id", &id]);
     assert_eq!(shown["entries"][0]["spiffe_id"], "spiffe://example.org/web");
-    assert_eq!(shown["entries"][0]["dns_names"], serde_json::json!(["web.example.org"]));
+    assert_eq!(
+        shown["entries"][0]["dns_names"],
+        serde_json::json!(["web.example.org"])
+    );
     let by_sel = server.cli_json(&["entry", "show", "--selector", "unix:uid:1000"]);
     assert_eq!(by_sel["entries"].as_array().map(Vec::len), Some(1));
     let by_subset = server.cli_json(&[
-        "entry", "show", "--selector", "unix:uid:1000", "--selector", "unix:gid:1000",
-        "--selector", "unix:path:/bin/x", "--match", "subset",
+        "entry",
+        "show",
+        "--selector",
+        "unix:uid:1000",
+        "--selector",
+        "unix:gid:1000",
+        "--selector",
+        "unix:path:/bin/x",
+        "--match",
+        "subset",
     ]);
     assert_eq!(by_subset["entries"].as_array().map(Vec::len), Some(1));
-    let exact_miss = server.cli_json(&["entry", "show", "--selector", "unix:uid:1000", "--match", "exact"]);
+    let exact_miss = server.cli_json(&[
+        "entry",
+        "show",
+        "--selector",
+        "unix:uid:1000",
+        "--match",
+        "exact",
+    ]);
     assert_eq!(exact_miss["entries"].as_array().map(Vec::len), Some(0));
     let text = server.cli_ok(&["entry", "show", "--parent-id", AGENT]);
     assert!(text.starts_with("Found 1 entry"), "{text}");
@@ -92,13 +197,29 @@ fn cli_entry_lifecycle_survives_restart() {
     assert_eq!(server.cli_json(&["entry", "count"])["count"], 2);
 
     // update changes only the given fields
-    let updated = server.cli_json(&["entry", "update", "--entry-id", &id, "--x509-ttl", "1h", "--hint", "external"]);
+    let updated = server.cli_json(&[
+        "entry",
+        "update",
+        "--entry-id",
+        &id,
+        "--x509-ttl",
+        "1h",
+        "--hint",
+        "external",
+    ]);
     assert_eq!(updated["entry"]["x509_svid_ttl"], 3600);
     assert_eq!(updated["entry"]["hint"], "external");
-    assert_eq!(updated["entry"]["dns_names"], serde_json::json!(["web.example.org"]));
+    assert_eq!(
+        updated["entry"]["dns_names"],
+        serde_json::json!(["web.example.org"])
+    );
     assert!(updated["entry"]["revision"].as_i64() > result["entry"]["revision"].as_i64());
     let missing = server.cli(&["entry", "update", "--entry-id", "no-such-id", "--hint", "x"]);
-    assert!(!missing.status.success() && stderr(&missing).contains("NotFound"), "{}", stderr(&missing));
+    assert!(
+        !missing.status.success() && stderr(&missing).contains("NotFound"),
+        "{}",
+        stderr(&missing)
+    );
 
     // token and bundle
     let token = server.cli_json(&["token", "generate", "--ttl", "5m"]);
@@ -107,11 +228,17 @@ fn cli_entry_lifecycle_survives_restart() {
     let roots = sigil::x509::parse_pem_certs(&pem).expect("bundle show prints PEM certificates");
     assert_eq!(roots.len(), 1);
     let spiffe: serde_json::Value =
-        serde_json::from_str(&server.cli_ok(&["bundle", "show", "--format", "spiffe"])).expect("SPIFFE bundle JSON");
+        serde_json::from_str(&server.cli_ok(&["bundle", "show", "--format", "spiffe"]))
+            .expect("SPIFFE bundle JSON");
     let keys = spiffe["keys"].as_array().expect("keys");
     assert!(keys.iter().any(|k| k["use"] == "x509-svid"));
-    assert!(keys.iter().any(|k| k["use"] == "jwt-svid" && k["kid"].is_string()));
-    assert_eq!(server.cli_json(&["agent", "list"])["agents"], serde_json::json!([]));
+    assert!(keys
+        .iter()
+        .any(|k| k["use"] == "jwt-svid" && k["kid"].is_string()));
+    assert_eq!(
+        server.cli_json(&["agent", "list"])["agents"],
+        serde_json::json!([])
+    );
     let no_agent = server.cli(&["agent", "evict", "--spiffe-id", AGENT]);
     assert!(!no_agent.status.success() && stderr(&no_agent).contains("not found"));
 
@@ -120,7 +247,11 @@ fn cli_entry_lifecycle_survives_restart() {
     let after = server.cli_json(&["entry", "show", "--entry-id", &id]);
     assert_eq!(after["entries"][0]["hint"], "external");
     assert_eq!(server.cli_json(&["entry", "count"])["count"], 2);
-    assert_eq!(server.cli_ok(&["bundle", "show"]), pem, "CA root reused after restart");
+    assert_eq!(
+        server.cli_ok(&["bundle", "show"]),
+        pem,
+        "CA root reused after restart"
+    );
 
     // delete
     server.cli_ok(&["entry", "delete", "--entry-id", &id]);
@@ -131,13 +262,23 @@ fn cli_entry_lifecycle_survives_restart() {
     // audit log: every mutation with the caller's uid
     let log = server.log_text();
     let uid = nix::unistd::getuid().as_raw();
-    for action in ["entry.create", "entry.update", "entry.delete", "token.generate", "agent.evict"] {
+    for action in [
+        "entry.create",
+        "entry.update",
+        "entry.delete",
+        "token.generate",
+        "agent.evict",
+    ] {
         assert!(
-            log.lines().any(|l| l.contains(action) && l.contains(&format!("caller_uid={uid}"))),
+            log.lines()
+                .any(|l| l.contains(action) && l.contains(&format!("caller_uid={uid}"))),
             "audit line for {action} missing:\n{log}"
         );
     }
-    assert!(!log.contains(token["token"].as_str().unwrap_or("-")), "join token must not be logged");
+    assert!(
+        !log.contains(token["token"].as_str().unwrap_or("-")),
+        "join token must not be logged"
+    );
 
     let status = server.stop();
     assert!(status.success(), "clean exit on SIGTERM: {status}");
@@ -159,23 +300,50 @@ fn batch_create_from_json_file() {
             })
         })
         .collect();
-    std::fs::write(&data, serde_json::json!({ "entries": entries }).to_string()).expect("writing data file");
-    let out = server.cli_json(&["entry", "create", "--data", data.to_str().expect("utf-8 path")]);
+    std::fs::write(&data, serde_json::json!({ "entries": entries }).to_string())
+        .expect("writing data file");
+    let out = server.cli_json(&[
+        "entry",
+        "create",
+        "--data",
+        data.to_str().expect("utf-8 path"),
+    ]);
     let results = out["results"].as_array().expect("results");
     assert_eq!(results.len(), 1200);
     assert!(results.iter().all(|r| r["status"] == "Ok"));
     assert_eq!(server.cli_json(&["entry", "count"])["count"], 1200);
-    assert_eq!(server.cli_json(&["entry", "count", "--selector", "unix:gid:0"])["count"], 1200);
+    assert_eq!(
+        server.cli_json(&["entry", "count", "--selector", "unix:gid:0"])["count"],
+        1200
+    );
 
     // Same file again: every entry is a duplicate, the command fails and says how many.
-    let again = server.cli(&["entry", "create", "--data", data.to_str().expect("utf-8 path")]);
+    let again = server.cli(&[
+        "entry",
+        "create",
+        "--data",
+        data.to_str().expect("utf-8 path"),
+    ]);
     assert!(!again.status.success());
-    assert!(stderr(&again).contains("1200 of 1200 entries could not be created"), "{}", stderr(&again));
+    assert!(
+        stderr(&again).contains("1200 of 1200 entries could not be created"),
+        "{}",
+        stderr(&again)
+    );
 
     // A malformed file is refused before anything is sent.
     std::fs::write(&data, "{\"entries\": [{\"spiffe_id\": ").expect("writing data file");
-    let bad = server.cli(&["entry", "create", "--data", data.to_str().expect("utf-8 path")]);
-    assert!(!bad.status.success() && stderr(&bad).contains("is not valid"), "{}", stderr(&bad));
+    let bad = server.cli(&[
+        "entry",
+        "create",
+        "--data",
+        data.to_str().expect("utf-8 path"),
+    ]);
+    assert!(
+        !bad.status.success() && stderr(&bad).contains("is not valid"),
+        "{}",
+        stderr(&bad)
+    );
     assert_eq!(server.cli_json(&["entry", "count"])["count"], 1200);
 }
 
@@ -202,7 +370,10 @@ async fn kill_9_during_batch_create_loses_no_acknowledged_entry() {
                         ..Default::default()
                     })
                     .collect();
-                match client.batch_create_entries(pb::BatchCreateEntriesRequest { entries }).await {
+                match client
+                    .batch_create_entries(pb::BatchCreateEntriesRequest { entries })
+                    .await
+                {
                     Ok(resp) => {
                         let mut set = acked.lock().expect("lock");
                         for r in resp.into_inner().results {
@@ -219,12 +390,18 @@ async fn kill_9_during_batch_create_loses_no_acknowledged_entry() {
     // Let some batches land, then kill without warning.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while acked.lock().expect("lock").len() < 200 {
-        assert!(std::time::Instant::now() < deadline, "no progress creating entries");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no progress creating entries"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     server.kill9();
     let batches_done = writer.await.expect("writer task");
-    assert!(batches_done < 100, "server was killed before the batch create finished");
+    assert!(
+        batches_done < 100,
+        "server was killed before the batch create finished"
+    );
 
     let acked = acked.lock().expect("lock").clone();
     server.restart();
@@ -248,7 +425,11 @@ async fn kill_9_during_batch_create_loses_no_acknowledged_entry() {
         page_token = resp.next_page_token;
     }
     let lost: Vec<&String> = acked.difference(&stored).collect();
-    assert!(lost.is_empty(), "{} acknowledged entries lost after kill -9: {lost:?}", lost.len());
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged entries lost after kill -9: {lost:?}",
+        lost.len()
+    );
     // Batches are atomic: whatever is stored is whole batches of 10.
     assert_eq!(stored.len() % 10, 0, "a partial batch was stored");
 }
@@ -266,15 +447,28 @@ fn health_metrics_and_config_file() {
     )
     .expect("writing config");
     // Flags override the file: the trust domain comes from --trust-domain (example.org).
-    let mut server = Server::start(dir.path(), &["--config", config.to_str().expect("utf-8"), "--health-address", &format!("127.0.0.1:{port}")]);
+    let mut server = Server::start(
+        dir.path(),
+        &[
+            "--config",
+            config.to_str().expect("utf-8"),
+            "--health-address",
+            &format!("127.0.0.1:{port}"),
+        ],
+    );
     let health = server.cli_json(&["healthcheck"]);
     assert_eq!(health["trust_domain"], "example.org");
     assert_eq!(health["ready"], true);
 
     let get = |path: &str| -> String {
         use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connecting to health port");
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("writing request");
+        let mut s =
+            std::net::TcpStream::connect(("127.0.0.1", port)).expect("connecting to health port");
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .expect("writing request");
         let mut out = String::new();
         s.read_to_string(&mut out).expect("reading response");
         out
@@ -282,15 +476,30 @@ fn health_metrics_and_config_file() {
     assert!(get("/live").starts_with("HTTP/1.1 200"));
     assert!(get("/ready").starts_with("HTTP/1.1 200"));
     let metrics = get("/metrics");
-    assert!(metrics.contains("sigil_server_admin_requests_total{method=\"Health\",code=\"Ok\"}"), "{metrics}");
-    assert!(metrics.contains("sigil_server_registration_entries 0"), "{metrics}");
+    assert!(
+        metrics.contains("sigil_server_admin_requests_total{method=\"Health\",code=\"Ok\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("sigil_server_registration_entries 0"),
+        "{metrics}"
+    );
 
     // The P-384 key type from the file is in effect.
     let pem = server.cli_ok(&["bundle", "show"]);
     let der = sigil::x509::parse_pem_certs(&pem).expect("PEM bundle");
     let (_, cert) = x509_parser::parse_x509_certificate(&der[0]).expect("root parses");
-    let alg = cert.public_key().algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok());
-    assert_eq!(alg.map(|o| o.to_id_string()), Some("1.3.132.0.34".to_string()), "P-384 curve");
+    let alg = cert
+        .public_key()
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok());
+    assert_eq!(
+        alg.map(|o| o.to_id_string()),
+        Some("1.3.132.0.34".to_string()),
+        "P-384 curve"
+    );
     assert!(server.stop().success());
 }
 
@@ -311,29 +520,54 @@ fn bad_configuration_fails_with_one_clear_line() {
     };
     let out = run(&[]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("trust_domain is required"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("trust_domain is required"),
+        "{}",
+        stderr(&out)
+    );
 
     let out = run(&["--trust-domain", "Not_Valid.ORG"]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("invalid trust_domain"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("invalid trust_domain"),
+        "{}",
+        stderr(&out)
+    );
 
     let cfg = dir.path().join("bad.toml");
-    std::fs::write(&cfg, "trust_domain = \"example.org\"\nbind_adress = \"127.0.0.1:1\"\n").expect("write");
+    std::fs::write(
+        &cfg,
+        "trust_domain = \"example.org\"\nbind_adress = \"127.0.0.1:1\"\n",
+    )
+    .expect("write");
     let out = run(&["--config", cfg.to_str().expect("utf-8")]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("bind_adress"), "unknown key named: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains("bind_adress"),
+        "unknown key named: {}",
+        stderr(&out)
+    );
 
     // A truncated CA key is refused with a clear error, and the file is left as it was.
     let server_dir = tempdir();
     let mut server = Server::start(server_dir.path(), &[]);
     assert!(server.stop().success());
     let key = server.data_dir.join("ca").join("root.key");
-    let mode = std::fs::metadata(&key).expect("root key exists").permissions().mode();
+    let mode = std::fs::metadata(&key)
+        .expect("root key exists")
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600, "CA key file mode");
     let text = std::fs::read(&key).expect("reading key");
     std::fs::write(&key, &text[..text.len() / 2]).expect("truncating key");
     let out = std::process::Command::new(&bin)
-        .args(["run", "--trust-domain", "example.org", "--health-address", ""])
+        .args([
+            "run",
+            "--trust-domain",
+            "example.org",
+            "--health-address",
+            "",
+        ])
         .arg("--data-dir")
         .arg(&server.data_dir)
         .arg("--admin-socket")

@@ -178,11 +178,9 @@ impl ServerConfig {
 
     /// Merges file and flags, validating every value and naming the key that is wrong.
     pub fn resolve(file: FileConfig, flags: &RunFlags) -> anyhow::Result<Self> {
-        let td = flags
-            .trust_domain
-            .clone()
-            .or(file.trust_domain)
-            .context("trust_domain is required: set it in the config file or pass --trust-domain")?;
+        let td = flags.trust_domain.clone().or(file.trust_domain).context(
+            "trust_domain is required: set it in the config file or pass --trust-domain",
+        )?;
         let trust_domain =
             TrustDomain::new(&td).with_context(|| format!("invalid trust_domain {td:?}"))?;
         let data_dir = flags
@@ -235,13 +233,19 @@ impl ServerConfig {
         }
         if let Some(d) = duration(
             "ca.default_x509_svid_ttl",
-            flags.default_x509_svid_ttl.clone().or(file.ca.default_x509_svid_ttl),
+            flags
+                .default_x509_svid_ttl
+                .clone()
+                .or(file.ca.default_x509_svid_ttl),
         )? {
             ca.default_x509_svid_ttl = d;
         }
         if let Some(d) = duration(
             "ca.default_jwt_svid_ttl",
-            flags.default_jwt_svid_ttl.clone().or(file.ca.default_jwt_svid_ttl),
+            flags
+                .default_jwt_svid_ttl
+                .clone()
+                .or(file.ca.default_jwt_svid_ttl),
         )? {
             ca.default_jwt_svid_ttl = d;
         }
@@ -251,7 +255,10 @@ impl ServerConfig {
         ca.upstream = match (&flags.upstream_cert_chain, file.ca.upstream) {
             (Some(chain), _) => Some(UpstreamConfig {
                 cert_chain_path: chain.clone(),
-                key_path: flags.upstream_key.clone().context("--upstream-key is required")?,
+                key_path: flags
+                    .upstream_key
+                    .clone()
+                    .context("--upstream-key is required")?,
                 bundle_path: flags
                     .upstream_bundle
                     .clone()
@@ -295,8 +302,11 @@ fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
 
 fn addr(key: &str, value: Option<&str>, default: &str) -> anyhow::Result<SocketAddr> {
     let v = value.unwrap_or(default);
-    v.parse()
-        .map_err(|_| anyhow::anyhow!("invalid {key} {v:?}: expected HOST:PORT with an IP address, e.g. 127.0.0.1:8081"))
+    v.parse().map_err(|_| {
+        anyhow::anyhow!(
+            "invalid {key} {v:?}: expected HOST:PORT with an IP address, e.g. 127.0.0.1:8081"
+        )
+    })
 }
 
 fn duration(key: &str, value: Option<String>) -> anyhow::Result<Option<Duration>> {
@@ -317,7 +327,10 @@ mod tests {
     #[test]
     fn defaults_and_required_trust_domain() -> anyhow::Result<()> {
         let err = parse("", RunFlags::default()).expect_err("no trust domain");
-        assert!(err.to_string().contains("trust_domain is required"), "{err}");
+        assert!(
+            err.to_string().contains("trust_domain is required"),
+            "{err}"
+        );
         let c = parse("trust_domain = \"example.org\"", RunFlags::default())?;
         assert_eq!(c.trust_domain.name(), "example.org");
         assert_eq!(c.bind_address.to_string(), DEFAULT_BIND_ADDRESS);
@@ -352,12 +365,30 @@ mod tests {
     fn bad_values_name_their_key() {
         for (text, key) in [
             ("trust_domain = \"Bad.Org\"", "trust_domain"),
-            ("trust_domain = \"a.org\"\nbind_address = \"localhost\"", "bind_address"),
-            ("trust_domain = \"a.org\"\nhealth_address = \"x:y\"", "health_address"),
-            ("trust_domain = \"a.org\"\nlog_format = \"xml\"", "log_format"),
-            ("trust_domain = \"a.org\"\n[ca]\nkey_type = \"dsa\"", "ca.key_type"),
-            ("trust_domain = \"a.org\"\n[ca]\nca_ttl = \"forever\"", "ca.ca_ttl"),
-            ("trust_domain = \"a.org\"\n[datastore]\ntype = \"mysql\"", "datastore.type"),
+            (
+                "trust_domain = \"a.org\"\nbind_address = \"localhost\"",
+                "bind_address",
+            ),
+            (
+                "trust_domain = \"a.org\"\nhealth_address = \"x:y\"",
+                "health_address",
+            ),
+            (
+                "trust_domain = \"a.org\"\nlog_format = \"xml\"",
+                "log_format",
+            ),
+            (
+                "trust_domain = \"a.org\"\n[ca]\nkey_type = \"dsa\"",
+                "ca.key_type",
+            ),
+            (
+                "trust_domain = \"a.org\"\n[ca]\nca_ttl = \"forever\"",
+                "ca.ca_ttl",
+            ),
+            (
+                "trust_domain = \"a.org\"\n[datastore]\ntype = \"mysql\"",
+                "datastore.type",
+            ),
         ] {
             let err = parse(text, RunFlags::default()).expect_err(text);
             assert!(format!("{err:#}").contains(key), "{text}: {err:#}");

@@ -42,9 +42,17 @@ impl Metrics {
             admin_latency.clone(),
         );
         let x509_svids_signed = Counter::default();
-        registry.register("x509_svids_signed", "X509-SVIDs signed", x509_svids_signed.clone());
+        registry.register(
+            "x509_svids_signed",
+            "X509-SVIDs signed",
+            x509_svids_signed.clone(),
+        );
         let entries = Gauge::default();
-        registry.register("registration_entries", "Registration entries stored", entries.clone());
+        registry.register(
+            "registration_entries",
+            "Registration entries stored",
+            entries.clone(),
+        );
         let build = Gauge::<i64>::default();
         build.set(1);
         registry.register(

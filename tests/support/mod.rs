@@ -96,9 +96,7 @@ impl Server {
         if !self.extra.iter().any(|a| a == "--health-address") {
             cmd.args(["--health-address", ""]);
         }
-        cmd.args(&self.extra)
-            .stdout(Stdio::null())
-            .stderr(log);
+        cmd.args(&self.extra).stdout(Stdio::null()).stderr(log);
         let child = cmd.spawn().expect("spawning sigil-server");
         self.child = Some(child);
         self.wait_ready();
@@ -110,13 +108,20 @@ impl Server {
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    panic!("sigil-server exited early with {status}; log:\n{}", self.log_text());
+                    panic!(
+                        "sigil-server exited early with {status}; log:\n{}",
+                        self.log_text()
+                    );
                 }
             }
             if self.admin_socket.exists() && self.cli(&["healthcheck"]).status.success() {
                 return;
             }
-            assert!(Instant::now() < deadline, "server not ready in 30 s; log:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "server not ready in 30 s; log:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -153,7 +158,11 @@ impl Server {
 
     /// An admin API client over the socket.
     pub async fn admin(&self) -> AdminClient<Channel> {
-        AdminClient::new(sigil::uds::connect(&self.admin_socket).await.expect("connecting to admin socket"))
+        AdminClient::new(
+            sigil::uds::connect(&self.admin_socket)
+                .await
+                .expect("connecting to admin socket"),
+        )
     }
 
     /// Sends a signal to the server.
@@ -186,7 +195,10 @@ impl Server {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("server did not exit within {timeout:?}; log:\n{}", self.log_text());
+                panic!(
+                    "server did not exit within {timeout:?}; log:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -51,7 +51,16 @@ fn agent_table(agents: &[pb::Agent]) -> String {
             ]
         })
         .collect();
-    output::table(&["SPIFFE ID", "ATTESTATION", "SVID EXPIRES", "BANNED", "SELECTORS"], &rows)
+    output::table(
+        &[
+            "SPIFFE ID",
+            "ATTESTATION",
+            "SVID EXPIRES",
+            "BANNED",
+            "SELECTORS",
+        ],
+        &rows,
+    )
 }
 
 /// Runs an agent subcommand.
@@ -82,7 +91,11 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
                     output::print_json(&serde_json::json!({ "agents": list }));
                 }
                 Output::Text => {
-                    println!("Found {} attested {}", agents.len(), if agents.len() == 1 { "agent" } else { "agents" });
+                    println!(
+                        "Found {} attested {}",
+                        agents.len(),
+                        if agents.len() == 1 { "agent" } else { "agents" }
+                    );
                     if !agents.is_empty() {
                         print!("{}", agent_table(&agents));
                     }
@@ -99,14 +112,19 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
                 .agent
                 .ok_or_else(|| anyhow::anyhow!("server returned no agent"))?;
             match a.common.output {
-                Output::Json => output::print_json(&serde_json::json!({ "agent": AgentJson::from(&agent) })),
+                Output::Json => {
+                    output::print_json(&serde_json::json!({ "agent": AgentJson::from(&agent) }))
+                }
                 Output::Text => print!(
                     "{}",
                     output::key_values(&[
                         ("SPIFFE ID", agent.spiffe_id.clone()),
                         ("Attestation type", agent.attestation_type.clone()),
                         ("SVID serial", agent.x509_svid_serial.clone()),
-                        ("SVID expires", output::time_text(agent.x509_svid_expires_at)),
+                        (
+                            "SVID expires",
+                            output::time_text(agent.x509_svid_expires_at)
+                        ),
                         ("Banned", agent.banned.to_string()),
                         ("Selectors", output::selectors(&agent.selectors).join(", ")),
                     ])
@@ -117,7 +135,9 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
             let id = a.id()?;
             let mut client = connect(&a.common.admin_socket).await?;
             client
-                .evict_agent(pb::EvictAgentRequest { spiffe_id: id.clone() })
+                .evict_agent(pb::EvictAgentRequest {
+                    spiffe_id: id.clone(),
+                })
                 .await
                 .map_err(|s| status_error("evicting agent", s))?;
             match a.common.output {
@@ -129,7 +149,9 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
             let id = a.id()?;
             let mut client = connect(&a.common.admin_socket).await?;
             client
-                .ban_agent(pb::BanAgentRequest { spiffe_id: id.clone() })
+                .ban_agent(pb::BanAgentRequest {
+                    spiffe_id: id.clone(),
+                })
                 .await
                 .map_err(|s| status_error("banning agent", s))?;
             match a.common.output {

@@ -263,8 +263,18 @@ fn entry_from_fields(f: &EntryFields) -> anyhow::Result<pb::Entry> {
         spiffe_id,
         parent_id,
         selectors: parse_selectors("--selector", &f.selectors)?,
-        x509_svid_ttl: f.x509_ttl.as_deref().map(|s| parse_ttl("--x509-ttl", s)).transpose()?.unwrap_or(0),
-        jwt_svid_ttl: f.jwt_ttl.as_deref().map(|s| parse_ttl("--jwt-ttl", s)).transpose()?.unwrap_or(0),
+        x509_svid_ttl: f
+            .x509_ttl
+            .as_deref()
+            .map(|s| parse_ttl("--x509-ttl", s))
+            .transpose()?
+            .unwrap_or(0),
+        jwt_svid_ttl: f
+            .jwt_ttl
+            .as_deref()
+            .map(|s| parse_ttl("--jwt-ttl", s))
+            .transpose()?
+            .unwrap_or(0),
         dns_names: f.dns_names.clone(),
         admin: f.admin.unwrap_or(false),
         downstream: f.downstream.unwrap_or(false),
@@ -317,7 +327,8 @@ fn read_data(path: &PathBuf) -> anyhow::Result<Vec<pb::Entry>> {
     let text = if path.as_os_str() == "-" {
         std::io::read_to_string(std::io::stdin()).context("reading entries from stdin")?
     } else {
-        std::fs::read_to_string(path).with_context(|| format!("reading --data file {}", path.display()))?
+        std::fs::read_to_string(path)
+            .with_context(|| format!("reading --data file {}", path.display()))?
     };
     let parsed: DataFile = serde_json::from_str(&text).map_err(|e| {
         anyhow::anyhow!(
@@ -331,7 +342,10 @@ fn read_data(path: &PathBuf) -> anyhow::Result<Vec<pb::Entry>> {
     if list.is_empty() {
         bail!("--data file {} holds no entries", path.display());
     }
-    list.into_iter().enumerate().map(|(i, d)| entry_from_data(i, d)).collect()
+    list.into_iter()
+        .enumerate()
+        .map(|(i, d)| entry_from_data(i, d))
+        .collect()
 }
 
 async fn create(a: CreateArgs) -> anyhow::Result<()> {
@@ -360,7 +374,11 @@ async fn create(a: CreateArgs) -> anyhow::Result<()> {
                 .map(|r| CreateResultJson {
                     status: format!("{:?}", tonic::Code::from(r.code)),
                     message: r.message.clone(),
-                    entry: r.entry.as_ref().map(EntryJson::from).unwrap_or_else(|| EntryJson::from(&pb::Entry::default())),
+                    entry: r
+                        .entry
+                        .as_ref()
+                        .map(EntryJson::from)
+                        .unwrap_or_else(|| EntryJson::from(&pb::Entry::default())),
                 })
                 .collect();
             output::print_json(&serde_json::json!({ "results": out }));
@@ -380,8 +398,16 @@ async fn create(a: CreateArgs) -> anyhow::Result<()> {
     }
     // For a single entry the final error line says it all; batches list each failure first.
     for r in failed.iter().filter(|_| total > 1) {
-        let id = r.entry.as_ref().map(|e| e.spiffe_id.as_str()).unwrap_or("?");
-        eprintln!("failed to create {id}: {} ({:?})", r.message, tonic::Code::from(r.code));
+        let id = r
+            .entry
+            .as_ref()
+            .map(|e| e.spiffe_id.as_str())
+            .unwrap_or("?");
+        eprintln!(
+            "failed to create {id}: {} ({:?})",
+            r.message,
+            tonic::Code::from(r.code)
+        );
     }
     match (failed.len(), total) {
         (0, _) => Ok(()),
@@ -392,8 +418,18 @@ async fn create(a: CreateArgs) -> anyhow::Result<()> {
 
 fn filter_from(a: &FilterArgs) -> anyhow::Result<pb::EntryFilter> {
     Ok(pb::EntryFilter {
-        spiffe_id: a.spiffe_id.as_deref().map(|s| parse_id("--spiffe-id", s)).transpose()?.unwrap_or_default(),
-        parent_id: a.parent_id.as_deref().map(|s| parse_id("--parent-id", s)).transpose()?.unwrap_or_default(),
+        spiffe_id: a
+            .spiffe_id
+            .as_deref()
+            .map(|s| parse_id("--spiffe-id", s))
+            .transpose()?
+            .unwrap_or_default(),
+        parent_id: a
+            .parent_id
+            .as_deref()
+            .map(|s| parse_id("--parent-id", s))
+            .transpose()?
+            .unwrap_or_default(),
         selectors: parse_selectors("--selector", &a.selectors)?,
         selector_match: match a.matching {
             MatchArg::Exact => pb::SelectorMatch::Exact,
@@ -416,7 +452,9 @@ async fn show(a: ShowArgs) -> anyhow::Result<()> {
             .entry
             .context("server returned no entry")?;
         match common.output {
-            Output::Json => output::print_json(&serde_json::json!({ "entries": [EntryJson::from(&e)] })),
+            Output::Json => {
+                output::print_json(&serde_json::json!({ "entries": [EntryJson::from(&e)] }))
+            }
             Output::Text => print!("{}", output::entry_detail(&e)),
         }
         return Ok(());
@@ -446,7 +484,15 @@ async fn show(a: ShowArgs) -> anyhow::Result<()> {
             output::print_json(&serde_json::json!({ "entries": list }));
         }
         Output::Text => {
-            println!("Found {} {}", entries.len(), if entries.len() == 1 { "entry" } else { "entries" });
+            println!(
+                "Found {} {}",
+                entries.len(),
+                if entries.len() == 1 {
+                    "entry"
+                } else {
+                    "entries"
+                }
+            );
             if !entries.is_empty() {
                 print!("{}", output::entry_table(&entries));
             }
@@ -459,14 +505,19 @@ async fn count(a: FilterArgs) -> anyhow::Result<()> {
     let filter = filter_from(&a)?;
     let mut client = connect(&a.common.admin_socket).await?;
     let n = client
-        .count_entries(pb::CountEntriesRequest { filter: Some(filter) })
+        .count_entries(pb::CountEntriesRequest {
+            filter: Some(filter),
+        })
         .await
         .map_err(|s| status_error("counting entries", s))?
         .into_inner()
         .count;
     match a.common.output {
         Output::Json => output::print_json(&serde_json::json!({ "count": n })),
-        Output::Text => println!("{n} registration {}", if n == 1 { "entry" } else { "entries" }),
+        Output::Text => println!(
+            "{n} registration {}",
+            if n == 1 { "entry" } else { "entries" }
+        ),
     }
     Ok(())
 }
@@ -487,7 +538,10 @@ async fn update(a: UpdateArgs) -> anyhow::Result<()> {
         mask.parent_id = true;
     }
     if f.node {
-        let id = f.spiffe_id.as_deref().context("--node with update needs --spiffe-id to know the trust domain")?;
+        let id = f
+            .spiffe_id
+            .as_deref()
+            .context("--node with update needs --spiffe-id to know the trust domain")?;
         entry.parent_id = node_parent(id)?;
         mask.parent_id = true;
     }
@@ -524,7 +578,9 @@ async fn update(a: UpdateArgs) -> anyhow::Result<()> {
         mask.hint = true;
     }
     if mask == pb::EntryMask::default() {
-        bail!("nothing to update: give at least one field flag (e.g. --selector, --x509-ttl, --hint)");
+        bail!(
+            "nothing to update: give at least one field flag (e.g. --selector, --x509-ttl, --hint)"
+        );
     }
     let mut client = connect(&a.common.admin_socket).await?;
     let updated = client
@@ -538,7 +594,9 @@ async fn update(a: UpdateArgs) -> anyhow::Result<()> {
         .entry
         .context("server returned no entry")?;
     match a.common.output {
-        Output::Json => output::print_json(&serde_json::json!({ "entry": EntryJson::from(&updated) })),
+        Output::Json => {
+            output::print_json(&serde_json::json!({ "entry": EntryJson::from(&updated) }))
+        }
         Output::Text => print!("{}", output::entry_detail(&updated)),
     }
     Ok(())
@@ -547,7 +605,9 @@ async fn update(a: UpdateArgs) -> anyhow::Result<()> {
 async fn delete(a: DeleteArgs) -> anyhow::Result<()> {
     let mut client = connect(&a.common.admin_socket).await?;
     client
-        .delete_entry(pb::DeleteEntryRequest { id: a.entry_id.clone() })
+        .delete_entry(pb::DeleteEntryRequest {
+            id: a.entry_id.clone(),
+        })
         .await
         .map_err(|s| status_error("deleting entry", s))?;
     match a.common.output {

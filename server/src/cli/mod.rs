@@ -22,7 +22,12 @@ use output::Output;
 
 /// Sigil identity server.
 #[derive(Debug, Parser)]
-#[command(name = "sigil-server", version, about = "Sigil SPIFFE identity server", propagate_version = true)]
+#[command(
+    name = "sigil-server",
+    version,
+    about = "Sigil SPIFFE identity server",
+    propagate_version = true
+)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]

@@ -101,7 +101,9 @@ impl From<&pb::Agent> for AgentJson {
 
 /// `type:value` strings.
 pub fn selectors(v: &[pb::Selector]) -> Vec<String> {
-    v.iter().map(|s| format!("{}:{}", s.r#type, s.value)).collect()
+    v.iter()
+        .map(|s| format!("{}:{}", s.r#type, s.value))
+        .collect()
 }
 
 /// Prints pretty JSON to stdout.
@@ -165,7 +167,10 @@ pub fn ttl_text(secs: i64) -> String {
 pub fn time_text(unix: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| unix.to_string())
 }
 
@@ -186,7 +191,15 @@ pub fn entry_table(entries: &[pb::Entry]) -> String {
         })
         .collect();
     table(
-        &["ENTRY ID", "SPIFFE ID", "PARENT ID", "SELECTORS", "X509 TTL", "JWT TTL", "HINT"],
+        &[
+            "ENTRY ID",
+            "SPIFFE ID",
+            "PARENT ID",
+            "SELECTORS",
+            "X509 TTL",
+            "JWT TTL",
+            "HINT",
+        ],
         &rows,
     )
 }
@@ -217,7 +230,10 @@ mod tests {
 
     #[test]
     fn table_aligns_columns() {
-        let t = table(&["A", "LONG HEADER"], &[vec!["wide cell".into(), "x".into()]]);
+        let t = table(
+            &["A", "LONG HEADER"],
+            &[vec!["wide cell".into(), "x".into()]],
+        );
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines[0], "A          LONG HEADER");
         assert_eq!(lines[1], "wide cell  x");
