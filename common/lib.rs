@@ -13,6 +13,9 @@
 //! - [`proto`]: generated code for the Workload, node and admin APIs.
 //! - [`uds`]: gRPC over Unix sockets (client connector, peer credentials).
 
+// Tests may unwrap: a panic there is a test failure, which is the point.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod bundle;
 pub mod entry;
 pub mod jwt;

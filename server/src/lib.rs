@@ -8,6 +8,9 @@
 //! - [`run`]: start-up, serving and graceful shutdown.
 //! - [`metrics`]: Prometheus metrics.
 
+// Tests may unwrap: a panic there is a test failure, which is the point.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod api;
 pub mod ca;
 pub mod cli;
