@@ -8,6 +8,7 @@
 //! - [`bundle`]: trust bundles in PEM and SPIFFE bundle (JWKS) formats.
 //! - [`x509`]: PEM/DER helpers and X509-SVID inspection shared by tests and tools.
 //! - [`jwt`]: JWT-SVID validation against a bundle's JWT authorities.
+//! - [`fs`]: crash-safe file writes (keys are never left truncated or world-readable).
 //! - [`health`]: the `/live`, `/ready` and `/metrics` HTTP endpoint.
 //! - [`logging`]: `tracing` set-up (text or JSON).
 //! - [`proto`]: generated code for the Workload, node and admin APIs.
@@ -18,6 +19,7 @@
 
 pub mod bundle;
 pub mod entry;
+pub mod fs;
 pub mod jwt;
 pub mod health;
 pub mod logging;

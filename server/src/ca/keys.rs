@@ -8,13 +8,12 @@
 //! and the key may already have been read anyway); the fix is `chmod 600`.
 
 use std::fmt;
-use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{ErrorKind, Write as _};
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
-use std::path::{Path, PathBuf};
+use std::fs::{self, DirBuilder};
+use std::io::ErrorKind;
+use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+use std::path::Path;
 use std::str::FromStr;
 
-use rand::Rng as _;
 use rcgen::{KeyPair, SignatureAlgorithm};
 use rustls_pki_types::PrivatePkcs8KeyDer;
 
@@ -139,36 +138,7 @@ pub(crate) fn write_public_file(path: &Path, contents: &[u8]) -> Result<(), CaEr
 }
 
 fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp: PathBuf = dir.join(format!(
-        ".{name}.tmp.{}.{:08x}",
-        std::process::id(),
-        rand::rng().random::<u32>()
-    ));
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(|e| CaError::io("create", &tmp, e))?;
-        f.write_all(contents)
-            .map_err(|e| CaError::io("write", &tmp, e))?;
-        f.sync_all().map_err(|e| CaError::io("fsync", &tmp, e))?;
-        drop(f);
-        fs::rename(&tmp, path).map_err(|e| CaError::io("rename into place", path, e))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| CaError::io("fsync directory", dir, e))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    sigil::fs::write_atomic(path, contents, mode).map_err(|e| CaError::io("write", path, e))
 }
 
 /// Reads a (small) text file; `Ok(None)` if it does not exist.
