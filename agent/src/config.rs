@@ -1,0 +1,313 @@
+//! Agent configuration: a TOML file (`--config`), every key overridable by a `run` flag.
+//!
+//! Precedence: flag > file > default. Required: the trust domain, the server address, and a way
+//! to trust the server on first contact (`trust_bundle`, or `insecure_bootstrap` for demos).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Deserialize;
+use sigil::logging::LogFormat;
+use sigil::TrustDomain;
+
+/// Default Workload API socket (SPIRE's layout, under /tmp/sigil-agent).
+pub const DEFAULT_SOCKET_PATH: &str = "/tmp/sigil-agent/public/api.sock";
+/// Default agent admin socket.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/tmp/sigil-agent/private/admin.sock";
+/// Default health/metrics address.
+pub const DEFAULT_HEALTH_ADDRESS: &str = "127.0.0.1:8083";
+/// Default data directory (relative to the working directory, like the server's).
+pub const DEFAULT_DATA_DIR: &str = "./.data-agent";
+
+/// The file as written by the operator.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Trust domain name.
+    pub trust_domain: Option<String>,
+    /// Node API address of sigil-server, HOST:PORT.
+    pub server_address: Option<String>,
+    /// PEM bundle to trust the server with on first contact (`sigil-server bundle show`).
+    pub trust_bundle: Option<PathBuf>,
+    /// Skip server verification on first contact (demos only).
+    pub insecure_bootstrap: Option<bool>,
+    /// Join token for node attestation.
+    pub join_token: Option<String>,
+    /// Where the agent keeps its SVID, key and bundle.
+    pub data_dir: Option<PathBuf>,
+    /// Workload API socket.
+    pub socket_path: Option<PathBuf>,
+    /// Agent admin socket.
+    pub admin_socket: Option<PathBuf>,
+    /// Health/metrics address; `""` disables.
+    pub health_address: Option<String>,
+    /// Log level directive.
+    pub log_level: Option<String>,
+    /// `text` or `json`.
+    pub log_format: Option<String>,
+}
+
+/// `sigil-agent run` flags.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct RunFlags {
+    /// TOML configuration file.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Node API address of sigil-server (required here or in the file).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub server_address: Option<String>,
+    /// Trust domain name (required here or in the file).
+    #[arg(long)]
+    pub trust_domain: Option<String>,
+    /// PEM bundle that authenticates the server on first contact.
+    #[arg(long, value_name = "FILE")]
+    pub trust_bundle: Option<PathBuf>,
+    /// Do not verify the server on first contact (demos only; logs a warning).
+    #[arg(long)]
+    pub insecure_bootstrap: bool,
+    /// Join token for node attestation.
+    #[arg(long, value_name = "TOKEN", env = "SIGIL_JOIN_TOKEN")]
+    pub join_token: Option<String>,
+    /// Directory for the agent's SVID, key and bundle [default: ./.data-agent].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Workload API socket [default: /tmp/sigil-agent/public/api.sock].
+    #[arg(long, value_name = "PATH")]
+    pub socket_path: Option<PathBuf>,
+    /// Agent admin socket [default: /tmp/sigil-agent/private/admin.sock].
+    #[arg(long, value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
+    /// Health/metrics HTTP address; empty disables [default: 127.0.0.1:8083].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub health_address: Option<String>,
+    /// Log level [default: info].
+    #[arg(long)]
+    pub log_level: Option<String>,
+    /// Log format: text or json [default: text].
+    #[arg(long)]
+    pub log_format: Option<String>,
+}
+
+/// How the agent authenticates the server before it has an SVID of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// Verify the server against this PEM bundle.
+    TrustBundle(PathBuf),
+    /// Accept any server certificate on first contact.
+    Insecure,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Trust domain.
+    pub trust_domain: TrustDomain,
+    /// Server node API address, HOST:PORT (a host name is allowed).
+    pub server_address: String,
+    /// First-contact trust.
+    pub bootstrap: Bootstrap,
+    /// Join token, if attesting with one.
+    pub join_token: Option<String>,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Workload API socket.
+    pub socket_path: PathBuf,
+    /// Admin socket.
+    pub admin_socket: PathBuf,
+    /// Health address, if enabled.
+    pub health_address: Option<SocketAddr>,
+    /// Log level.
+    pub log_level: String,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl AgentConfig {
+    /// Reads `--config` (if given) and applies the flags.
+    pub fn load(flags: &RunFlags) -> anyhow::Result<Self> {
+        let file = match &flags.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        Self::resolve(file, flags)
+    }
+
+    /// Merges file and flags, naming the key that is wrong.
+    pub fn resolve(file: FileConfig, flags: &RunFlags) -> anyhow::Result<Self> {
+        let td = flags.trust_domain.clone().or(file.trust_domain).context(
+            "trust_domain is required: set it in the config file or pass --trust-domain",
+        )?;
+        let trust_domain =
+            TrustDomain::new(&td).with_context(|| format!("invalid trust_domain {td:?}"))?;
+        let server_address = flags.server_address.clone().or(file.server_address).context(
+            "server_address is required: set it in the config file or pass --server-address HOST:PORT",
+        )?;
+        validate_host_port(&server_address)
+            .with_context(|| format!("invalid server_address {server_address:?}"))?;
+        let insecure = flags.insecure_bootstrap || file.insecure_bootstrap.unwrap_or(false);
+        let bootstrap = match (flags.trust_bundle.clone().or(file.trust_bundle), insecure) {
+            (Some(_), true) => anyhow::bail!(
+                "trust_bundle and insecure_bootstrap are mutually exclusive: pick one"
+            ),
+            (Some(path), false) => Bootstrap::TrustBundle(path),
+            (None, true) => Bootstrap::Insecure,
+            (None, false) => anyhow::bail!(
+                "trust_bundle is required to authenticate the server (write it with `sigil-server bundle show > bundle.pem` and pass --trust-bundle bundle.pem), or pass --insecure-bootstrap for a demo"
+            ),
+        };
+        let health = flags
+            .health_address
+            .clone()
+            .or(file.health_address)
+            .unwrap_or_else(|| DEFAULT_HEALTH_ADDRESS.to_string());
+        let health_address = if health.is_empty() {
+            None
+        } else {
+            Some(health.parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "invalid health_address {health:?}: expected IP:PORT, e.g. 127.0.0.1:8083"
+                )
+            })?)
+        };
+        let log_format = flags
+            .log_format
+            .clone()
+            .or(file.log_format)
+            .map(|s| s.parse::<LogFormat>())
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("invalid log_format: {e}"))?
+            .unwrap_or_default();
+        let join_token = flags.join_token.clone().or(file.join_token);
+        if let Some(t) = &join_token {
+            if t.is_empty()
+                || t.len() > 256
+                || t.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                anyhow::bail!("invalid join_token: expected the token printed by `sigil-server token generate`");
+            }
+        }
+        Ok(Self {
+            trust_domain,
+            server_address,
+            bootstrap,
+            join_token,
+            data_dir: flags
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            socket_path: flags
+                .socket_path
+                .clone()
+                .or(file.socket_path)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET_PATH)),
+            admin_socket: flags
+                .admin_socket
+                .clone()
+                .or(file.admin_socket)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET)),
+            health_address,
+            log_level: flags
+                .log_level
+                .clone()
+                .or(file.log_level)
+                .unwrap_or_else(|| "info".into()),
+            log_format,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
+}
+
+/// `HOST:PORT` with a non-empty host and a numeric port (host names allowed, unlike listen
+/// addresses).
+fn validate_host_port(s: &str) -> anyhow::Result<()> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .context("expected HOST:PORT, e.g. sigil-server.example.org:8081")?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.chars().any(char::is_whitespace) {
+        anyhow::bail!("the host part is empty or contains spaces");
+    }
+    port.parse::<u16>()
+        .map_err(|_| anyhow::anyhow!("port {port:?} is not a number from 0 to 65535"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str, flags: RunFlags) -> anyhow::Result<AgentConfig> {
+        AgentConfig::resolve(toml::from_str(text)?, &flags)
+    }
+
+    #[test]
+    fn resolves_with_defaults_and_overrides() -> anyhow::Result<()> {
+        let c = parse(
+            "trust_domain = \"example.org\"\nserver_address = \"srv:8081\"\ntrust_bundle = \"/b.pem\"\n",
+            RunFlags {
+                join_token: Some("abc".into()),
+                socket_path: Some("/s.sock".into()),
+                ..Default::default()
+            },
+        )?;
+        assert_eq!(c.server_address, "srv:8081");
+        assert_eq!(c.bootstrap, Bootstrap::TrustBundle("/b.pem".into()));
+        assert_eq!(c.socket_path, PathBuf::from("/s.sock"));
+        assert_eq!(c.admin_socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
+        assert_eq!(c.join_token.as_deref(), Some("abc"));
+        assert_eq!(
+            c.health_address.map(|a| a.to_string()).as_deref(),
+            Some(DEFAULT_HEALTH_ADDRESS)
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let base = "trust_domain = \"example.org\"\nserver_address = \"srv:8081\"\n";
+        for (text, flags, key) in [
+            ("", RunFlags::default(), "trust_domain is required"),
+            ("trust_domain = \"example.org\"", RunFlags::default(), "server_address is required"),
+            (base, RunFlags::default(), "trust_bundle is required"),
+            (
+                "trust_domain = \"example.org\"\nserver_address = \"srv\"\ninsecure_bootstrap = true",
+                RunFlags::default(),
+                "server_address",
+            ),
+            (
+                "trust_domain = \"example.org\"\nserver_address = \"srv:http\"\ninsecure_bootstrap = true",
+                RunFlags::default(),
+                "port",
+            ),
+            (
+                base,
+                RunFlags {
+                    insecure_bootstrap: true,
+                    trust_bundle: Some("/b".into()),
+                    ..Default::default()
+                },
+                "mutually exclusive",
+            ),
+            (
+                base,
+                RunFlags {
+                    insecure_bootstrap: true,
+                    join_token: Some("has space".into()),
+                    ..Default::default()
+                },
+                "join_token",
+            ),
+        ] {
+            let err = parse(text, flags).expect_err(text);
+            assert!(format!("{err:#}").contains(key), "{text}: {err:#}");
+        }
+        assert!(toml::from_str::<FileConfig>("server_adress = \"x:1\"").is_err());
+    }
+}

@@ -1,0 +1,13 @@
+//! sigil-agent: the node agent.
+//!
+//! - [`config`]: TOML configuration and `run` flags.
+//! - [`storage`]: the agent's own SVID and key on disk (reused across restarts, key 0600).
+//!
+//! Node attestation over TLS, the entry sync and the SVID cache follow (issue 3); the Workload
+//! API after them (issue 4).
+
+// Tests may unwrap: a panic there is a test failure, which is the point.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod config;
+pub mod storage;
