@@ -1,6 +1,7 @@
 //! sigil-agent: the node agent.
 //!
 //! - [`config`]: TOML configuration and `run` flags.
+//! - [`cache`]: authorised entries, their SVIDs (keys made here), rotation times, the bundle.
 //! - [`storage`]: the agent's own SVID and key on disk (reused across restarts, key 0600).
 //!
 //! Node attestation over TLS, the entry sync and the SVID cache follow (issue 3); the Workload
@@ -9,5 +10,6 @@
 // Tests may unwrap: a panic there is a test failure, which is the point.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod cache;
 pub mod config;
 pub mod storage;

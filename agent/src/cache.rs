@@ -1,0 +1,482 @@
+//! The agent's cache: the entries it is authorised for, their X509-SVIDs, and the trust bundle.
+//!
+//! Fed by the server's sync stream ([`Cache::apply_sync`]): a snapshot (possibly in chunks)
+//! replaces everything, later messages upsert and remove entries. For every entry the agent holds
+//! a workload key it generated itself and an SVID signed by the server; [`Cache::due`] says which
+//! entries need a (new) SVID: never signed, entry changed since signing, or past its refresh time
+//! — half the SVID's lifetime minus up to 10 % jitter, so a fleet's rotations spread out instead of
+//! hitting the server at once. SVIDs of removed entries are dropped with the entry.
+//!
+//! The cache holds no locks and does no I/O; the agent's worker owns it and decides when to call.
+
+use std::collections::HashMap;
+
+use rand::Rng as _;
+use sigil::entry::RegistrationEntry;
+use sigil::proto::node as pb;
+
+/// Fraction of an SVID's lifetime after which it is renewed (before jitter).
+pub const REFRESH_FRACTION: f64 = 0.5;
+/// Largest jitter, as a fraction of the lifetime, taken off the refresh time.
+pub const MAX_JITTER_FRACTION: f64 = 0.1;
+
+/// Why a sync message could not be applied.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CacheError {
+    /// An entry in the message does not validate.
+    #[error("server sent an invalid entry {id:?}: {reason}")]
+    InvalidEntry {
+        /// Entry id.
+        id: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A delta arrived before any snapshot.
+    #[error("incremental sync message before the first snapshot")]
+    NoSnapshot,
+}
+
+/// A cached X509-SVID for one entry.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CachedSvid {
+    /// The entry it was minted for.
+    pub entry_id: String,
+    /// The entry revision it was minted for.
+    pub entry_revision: i64,
+    /// DER chain, leaf first.
+    pub chain_der: Vec<Vec<u8>>,
+    /// PKCS#8 DER key, generated on this node.
+    pub key_pkcs8_der: Vec<u8>,
+    /// Unix seconds.
+    pub issued_at: i64,
+    /// Unix seconds.
+    pub not_after: i64,
+    /// When to renew, Unix seconds.
+    pub refresh_at: i64,
+}
+
+impl std::fmt::Debug for CachedSvid {
+    // Keys stay out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedSvid")
+            .field("entry_id", &self.entry_id)
+            .field("not_after", &self.not_after)
+            .field("refresh_at", &self.refresh_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A key and CSR waiting to be signed.
+pub struct PendingCsr {
+    /// Entry id.
+    pub entry_id: String,
+    /// Entry revision at request time.
+    pub entry_revision: i64,
+    /// The new private key (PKCS#8 DER), kept until the SVID arrives.
+    pub key_pkcs8_der: Vec<u8>,
+    /// DER PKCS#10 CSR to send.
+    pub csr_der: Vec<u8>,
+}
+
+/// Entries, SVIDs and bundle.
+#[derive(Debug, Default)]
+pub struct Cache {
+    entries: HashMap<String, RegistrationEntry>,
+    svids: HashMap<String, CachedSvid>,
+    /// Chunks of a snapshot in progress.
+    incoming_snapshot: Option<HashMap<String, RegistrationEntry>>,
+    has_snapshot: bool,
+    revision: i64,
+    bundle: Option<pb::Bundle>,
+}
+
+/// What a sync message changed, for logging and for waking Workload API streams.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SyncOutcome {
+    /// Entries added or changed.
+    pub upserted: usize,
+    /// Entries removed (and their SVIDs dropped).
+    pub removed: usize,
+    /// The bundle changed.
+    pub bundle_changed: bool,
+    /// A snapshot finished (or none was pending).
+    pub complete: bool,
+}
+
+impl Cache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The highest entry revision applied; send it back as `known_revision` on reconnect.
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    /// The bundle sequence held (0 when none).
+    pub fn bundle_sequence(&self) -> u64 {
+        self.bundle.as_ref().map_or(0, |b| b.sequence_number)
+    }
+
+    /// The current bundle, if any.
+    pub fn bundle(&self) -> Option<&pb::Bundle> {
+        self.bundle.as_ref()
+    }
+
+    /// Entries held.
+    pub fn entries(&self) -> impl Iterator<Item = &RegistrationEntry> {
+        self.entries.values()
+    }
+
+    /// Number of entries held.
+    pub fn entry_count(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// The SVID of an entry, if minted.
+    pub fn svid(&self, entry_id: &str) -> Option<&CachedSvid> {
+        self.svids.get(entry_id)
+    }
+
+    /// Applies one sync message. A snapshot arrives in chunks (`full` on the first,
+    /// `snapshot_complete` on the last) and replaces everything only once complete, so a
+    /// connection lost mid-snapshot leaves the previous state intact.
+    pub fn apply_sync(&mut self, msg: pb::SyncResponse) -> Result<SyncOutcome, CacheError> {
+        let mut out = SyncOutcome::default();
+        let upserted = msg
+            .upserted
+            .iter()
+            .map(|e| {
+                RegistrationEntry::from_proto(e).map_err(|err| CacheError::InvalidEntry {
+                    id: e.id.clone(),
+                    reason: err.to_string(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if msg.full {
+            self.incoming_snapshot = Some(HashMap::new());
+        }
+        if let Some(snapshot) = self.incoming_snapshot.as_mut() {
+            for e in upserted {
+                snapshot.insert(e.id.clone(), e);
+            }
+            for id in &msg.removed {
+                snapshot.remove(id);
+            }
+            if msg.snapshot_complete {
+                let snapshot = self.incoming_snapshot.take().unwrap_or_default();
+                out.removed = self
+                    .entries
+                    .keys()
+                    .filter(|id| !snapshot.contains_key(*id))
+                    .count();
+                out.upserted = snapshot
+                    .iter()
+                    .filter(|(id, e)| self.entries.get(*id) != Some(e))
+                    .count();
+                self.entries = snapshot;
+                self.has_snapshot = true;
+                self.revision = msg.revision;
+                out.complete = true;
+            }
+        } else {
+            if !self.has_snapshot {
+                return Err(CacheError::NoSnapshot);
+            }
+            out.upserted = upserted.len();
+            for e in upserted {
+                self.entries.insert(e.id.clone(), e);
+            }
+            for id in &msg.removed {
+                if self.entries.remove(id).is_some() {
+                    out.removed += 1;
+                }
+            }
+            self.revision = self.revision.max(msg.revision);
+            out.complete = true;
+        }
+        // SVIDs of entries that are gone go with them.
+        let entries = &self.entries;
+        self.svids.retain(|id, _| entries.contains_key(id));
+        if let Some(b) = msg.bundle {
+            if self.bundle.as_ref() != Some(&b) {
+                self.bundle = Some(b);
+                out.bundle_changed = true;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Entry ids that need an SVID now: none yet, minted for an older revision of the entry, or
+    /// at/after their refresh time. Sorted for deterministic batches.
+    pub fn due(&self, now: i64) -> Vec<String> {
+        let mut due: Vec<String> = self
+            .entries
+            .values()
+            .filter(|e| match self.svids.get(&e.id) {
+                None => true,
+                Some(s) => s.entry_revision != e.revision || now >= s.refresh_at,
+            })
+            .map(|e| e.id.clone())
+            .collect();
+        due.sort();
+        due
+    }
+
+    /// The earliest refresh time of any cached SVID (when to wake next), if any.
+    pub fn next_refresh(&self) -> Option<i64> {
+        self.svids.values().map(|s| s.refresh_at).min()
+    }
+
+    /// Generates a key and CSR for each entry id (skipping ids no longer held).
+    pub fn make_csrs(&self, ids: &[String]) -> Result<Vec<PendingCsr>, rcgen::Error> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Some(entry) = self.entries.get(id) else {
+                continue;
+            };
+            let (key, csr) = make_csr(&entry.spiffe_id.to_string())?;
+            out.push(PendingCsr {
+                entry_id: id.clone(),
+                entry_revision: entry.revision,
+                key_pkcs8_der: key,
+                csr_der: csr,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Stores a signed SVID for a pending CSR. Ignored (returns false) when the entry is gone.
+    pub fn store_svid(
+        &mut self,
+        pending: PendingCsr,
+        chain_der: Vec<Vec<u8>>,
+        not_after: i64,
+        now: i64,
+    ) -> bool {
+        if !self.entries.contains_key(&pending.entry_id) {
+            return false;
+        }
+        let refresh_at = refresh_time(
+            now,
+            not_after,
+            rand::rng().random_range(0.0..=MAX_JITTER_FRACTION),
+        );
+        self.svids.insert(
+            pending.entry_id.clone(),
+            CachedSvid {
+                entry_id: pending.entry_id,
+                entry_revision: pending.entry_revision,
+                chain_der,
+                key_pkcs8_der: pending.key_pkcs8_der,
+                issued_at: now,
+                not_after,
+                refresh_at,
+            },
+        );
+        true
+    }
+}
+
+/// Refresh time for an SVID valid from `issued_at` to `not_after`: at
+/// `REFRESH_FRACTION - jitter` of its lifetime (`jitter` in `0..=MAX_JITTER_FRACTION`).
+pub fn refresh_time(issued_at: i64, not_after: i64, jitter: f64) -> i64 {
+    let life = (not_after - issued_at).max(0) as f64;
+    issued_at + (life * (REFRESH_FRACTION - jitter.clamp(0.0, MAX_JITTER_FRACTION))) as i64
+}
+
+/// A new ECDSA P-256 key and a CSR for `spiffe_id` (URI SAN). The key never leaves the node.
+pub fn make_csr(spiffe_id: &str) -> Result<(Vec<u8>, Vec<u8>), rcgen::Error> {
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params.subject_alt_names = vec![rcgen::SanType::URI(spiffe_id.try_into()?)];
+    let csr = params.serialize_request(&key)?;
+    Ok((key.serialize_der(), csr.der().to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sigil::proto::admin as apb;
+    use std::collections::HashSet;
+
+    fn held_ids(cache: &Cache) -> HashSet<String> {
+        cache.entries.keys().cloned().collect()
+    }
+
+    fn entry(id: &str, rev: i64) -> apb::Entry {
+        apb::Entry {
+            id: id.into(),
+            spiffe_id: format!("spiffe://example.org/w/{id}"),
+            parent_id: "spiffe://example.org/sigil/agent/join_token/t".into(),
+            selectors: vec![apb::Selector {
+                r#type: "unix".into(),
+                value: "uid:1".into(),
+            }],
+            revision_number: rev,
+            ..Default::default()
+        }
+    }
+
+    fn snapshot(entries: Vec<apb::Entry>, rev: i64) -> pb::SyncResponse {
+        pb::SyncResponse {
+            upserted: entries,
+            full: true,
+            snapshot_complete: true,
+            revision: rev,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn chunked_snapshot_replaces_only_when_complete() {
+        let mut c = Cache::new();
+        c.apply_sync(snapshot(vec![entry("old", 1)], 1)).unwrap();
+        let out = c
+            .apply_sync(pb::SyncResponse {
+                upserted: vec![entry("a", 2)],
+                full: true,
+                revision: 3,
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(!out.complete);
+        assert_eq!(
+            held_ids(&c),
+            ["old".to_string()].into(),
+            "old state kept mid-snapshot"
+        );
+        let out = c
+            .apply_sync(pb::SyncResponse {
+                upserted: vec![entry("b", 3)],
+                snapshot_complete: true,
+                revision: 3,
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(out.complete);
+        assert_eq!(out.removed, 1);
+        assert_eq!(held_ids(&c), ["a".to_string(), "b".to_string()].into());
+        assert_eq!(c.revision(), 3);
+    }
+
+    #[test]
+    fn deltas_need_a_snapshot_and_removal_drops_svids() {
+        let mut c = Cache::new();
+        let delta = pb::SyncResponse {
+            upserted: vec![entry("a", 1)],
+            revision: 1,
+            ..Default::default()
+        };
+        assert_eq!(c.apply_sync(delta.clone()), Err(CacheError::NoSnapshot));
+        c.apply_sync(snapshot(vec![], 0)).unwrap();
+        c.apply_sync(delta).unwrap();
+        assert_eq!(c.due(0), vec!["a".to_string()]);
+        let pending = c.make_csrs(&c.due(0)).unwrap().pop().unwrap();
+        assert!(c.store_svid(pending, vec![vec![1]], 3600, 0));
+        assert!(c.due(0).is_empty());
+        c.apply_sync(pb::SyncResponse {
+            removed: vec!["a".into()],
+            revision: 2,
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(c.svid("a").is_none(), "SVID of a deleted entry is dropped");
+        assert_eq!(c.revision(), 2);
+    }
+
+    #[test]
+    fn entry_change_or_refresh_time_makes_an_svid_due() {
+        let mut c = Cache::new();
+        c.apply_sync(snapshot(vec![entry("a", 1)], 1)).unwrap();
+        let pending = c.make_csrs(&["a".into()]).unwrap().pop().unwrap();
+        c.store_svid(pending, vec![vec![1]], 3600, 0);
+        let s = c.svid("a").unwrap().clone();
+        // Half-life minus up to 10 % jitter: between 1440 s and 1800 s for a 1 h SVID.
+        assert!((1440..=1800).contains(&s.refresh_at), "{}", s.refresh_at);
+        assert!(c.due(s.refresh_at - 1).is_empty());
+        assert_eq!(c.due(s.refresh_at), vec!["a".to_string()]);
+        assert_eq!(c.next_refresh(), Some(s.refresh_at));
+        // An updated entry (new revision) needs a new SVID right away.
+        c.apply_sync(pb::SyncResponse {
+            upserted: vec![entry("a", 5)],
+            revision: 5,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.due(0), vec!["a".to_string()]);
+    }
+
+    #[test]
+    fn jitter_spreads_refresh_times() {
+        assert_eq!(refresh_time(0, 3600, 0.0), 1800);
+        assert_eq!(refresh_time(0, 3600, 0.1), 1440);
+        assert_eq!(refresh_time(0, 3600, 5.0), 1440, "jitter is clamped");
+        assert_eq!(
+            refresh_time(100, 50, 0.0),
+            100,
+            "expired input never schedules in the past of issue"
+        );
+        let mut c = Cache::new();
+        c.apply_sync(snapshot(
+            (0..50).map(|i| entry(&i.to_string(), 1)).collect(),
+            1,
+        ))
+        .unwrap();
+        for p in c.make_csrs(&c.due(0)).unwrap() {
+            c.store_svid(p, vec![vec![1]], 3600, 0);
+        }
+        let distinct: HashSet<i64> = c.svids.values().map(|s| s.refresh_at).collect();
+        assert!(
+            distinct.len() > 10,
+            "50 SVIDs should not all refresh in the same second"
+        );
+    }
+
+    #[test]
+    fn csr_carries_the_spiffe_id_and_a_fresh_key() {
+        let (key1, csr1) = make_csr("spiffe://example.org/w/a").unwrap();
+        let (key2, _) = make_csr("spiffe://example.org/w/a").unwrap();
+        assert_ne!(key1, key2, "a new key per CSR");
+        let params = rcgen::CertificateSigningRequestParams::from_der(&csr1.into()).unwrap();
+        let sans = &params.params.subject_alt_names;
+        assert!(
+            matches!(&sans[0], rcgen::SanType::URI(u) if u.as_str() == "spiffe://example.org/w/a")
+        );
+    }
+
+    #[test]
+    fn invalid_entries_from_the_server_are_refused_whole() {
+        let mut c = Cache::new();
+        let mut bad = entry("x", 1);
+        bad.spiffe_id = "not an id".into();
+        let err = c
+            .apply_sync(snapshot(vec![entry("ok", 1), bad], 1))
+            .unwrap_err();
+        assert!(matches!(err, CacheError::InvalidEntry { ref id, .. } if id == "x"));
+        assert_eq!(c.entry_count(), 0, "nothing applied from a bad message");
+    }
+
+    #[test]
+    fn bundle_changes_are_reported_once() {
+        let mut c = Cache::new();
+        let b = pb::Bundle {
+            trust_domain: "example.org".into(),
+            sequence_number: 2,
+            ..Default::default()
+        };
+        let mut m = snapshot(vec![], 1);
+        m.bundle = Some(b.clone());
+        assert!(c.apply_sync(m).unwrap().bundle_changed);
+        assert_eq!(c.bundle_sequence(), 2);
+        let out = c
+            .apply_sync(pb::SyncResponse {
+                bundle: Some(b),
+                revision: 1,
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(!out.bundle_changed);
+    }
+}
