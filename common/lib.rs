@@ -30,5 +30,8 @@ pub mod ttl;
 pub mod uds;
 pub mod x509;
 
+#[cfg(test)]
+mod parse_props;
+
 pub use selector::{Selector, SelectorSet};
 pub use spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};
