@@ -13,6 +13,8 @@
 //! - [`logging`]: `tracing` set-up (text or JSON).
 //! - [`proto`]: generated code for the Workload, node and admin APIs.
 //! - [`uds`]: gRPC over Unix sockets (client connector, peer credentials).
+//! - [`tls`]: SPIFFE mutual TLS (rustls): swappable identity and trust bundle, SPIFFE-ID
+//!   verifiers, a TLS accept stream for tonic, a TLS client channel, the peer's SVID.
 
 // Tests may unwrap: a panic there is a test failure, which is the point.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -26,6 +28,7 @@ pub mod logging;
 pub mod proto;
 pub mod selector;
 pub mod spiffe_id;
+pub mod tls;
 pub mod ttl;
 pub mod uds;
 pub mod x509;

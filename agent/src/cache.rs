@@ -114,6 +114,11 @@ impl Cache {
         self.revision
     }
 
+    /// True once a complete snapshot has been applied.
+    pub fn has_snapshot(&self) -> bool {
+        self.has_snapshot
+    }
+
     /// The bundle sequence held (0 when none).
     pub fn bundle_sequence(&self) -> u64 {
         self.bundle.as_ref().map_or(0, |b| b.sequence_number)
@@ -236,7 +241,7 @@ impl Cache {
             let Some(entry) = self.entries.get(id) else {
                 continue;
             };
-            let (key, csr) = make_csr(&entry.spiffe_id.to_string())?;
+            let (key, csr) = make_csr(Some(&entry.spiffe_id.to_string()))?;
             out.push(PendingCsr {
                 entry_id: id.clone(),
                 entry_revision: entry.revision,
@@ -286,11 +291,14 @@ pub fn refresh_time(issued_at: i64, not_after: i64, jitter: f64) -> i64 {
     issued_at + (life * (REFRESH_FRACTION - jitter.clamp(0.0, MAX_JITTER_FRACTION))) as i64
 }
 
-/// A new ECDSA P-256 key and a CSR for `spiffe_id` (URI SAN). The key never leaves the node.
-pub fn make_csr(spiffe_id: &str) -> Result<(Vec<u8>, Vec<u8>), rcgen::Error> {
+/// A new ECDSA P-256 key (PKCS#8 DER) and a CSR (DER) carrying `spiffe_id` as URI SAN, or no
+/// SAN when the server assigns the ID (agent attestation). The key never leaves the node.
+pub fn make_csr(spiffe_id: Option<&str>) -> Result<(Vec<u8>, Vec<u8>), rcgen::Error> {
     let key = rcgen::KeyPair::generate()?;
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    params.subject_alt_names = vec![rcgen::SanType::URI(spiffe_id.try_into()?)];
+    if let Some(id) = spiffe_id {
+        params.subject_alt_names = vec![rcgen::SanType::URI(id.try_into()?)];
+    }
     let csr = params.serialize_request(&key)?;
     Ok((key.serialize_der(), csr.der().to_vec()))
 }
@@ -436,8 +444,8 @@ mod tests {
 
     #[test]
     fn csr_carries_the_spiffe_id_and_a_fresh_key() {
-        let (key1, csr1) = make_csr("spiffe://example.org/w/a").unwrap();
-        let (key2, _) = make_csr("spiffe://example.org/w/a").unwrap();
+        let (key1, csr1) = make_csr(Some("spiffe://example.org/w/a")).unwrap();
+        let (key2, _) = make_csr(Some("spiffe://example.org/w/a")).unwrap();
         assert_ne!(key1, key2, "a new key per CSR");
         let params = rcgen::CertificateSigningRequestParams::from_der(&csr1.into()).unwrap();
         let sans = &params.params.subject_alt_names;

@@ -2,6 +2,9 @@
 //!
 //! - [`config`]: TOML configuration and `run` flags.
 //! - [`cache`]: authorised entries, their SVIDs (keys made here), rotation times, the bundle.
+//! - [`client`]: node API calls: join-token attestation, agent SVID renewal, mTLS channels.
+//! - [`worker`]: the sync loop: sessions, batch signing, renewal, back-off.
+//! - [`run`]: start-up (re-use the stored SVID or attest), health endpoint, shutdown.
 //! - [`storage`]: the agent's own SVID and key on disk (reused across restarts, key 0600).
 //!
 //! Node attestation over TLS, the entry sync and the SVID cache follow (issue 3); the Workload
@@ -11,5 +14,8 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod cache;
+pub mod client;
 pub mod config;
+pub mod run;
 pub mod storage;
+pub mod worker;

@@ -112,6 +112,7 @@ fn main() {
             datastore: ds,
             bundle: RwLock::new(Bundle::new(td)),
             metrics: Metrics::new(),
+            events: sigil_server::sync::SyncEvents::new(),
         });
         let sock = dir.path().join("admin.sock");
         let listener = sigil::uds::bind(&sock, 0o700, 0o600).expect("bind");

@@ -1,8 +1,9 @@
 //! `sigil-server run`: wires the datastore, CA and APIs together and serves until a signal.
 //!
 //! Start-up order: datastore (migrations) → CA (load or create keys) → publish the bundle to the
-//! datastore → admin socket → health endpoint → one "ready" log line. SIGTERM/SIGINT stop new
-//! connections, let in-flight requests finish, remove the socket, and exit 0.
+//! datastore → admin socket → the server's own SVID and the node API (mTLS on `bind_address`) →
+//! health endpoint → one "ready" log line. SIGTERM/SIGINT stop new connections, let in-flight
+//! requests finish, remove the socket, and exit 0.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -10,15 +11,23 @@ use std::sync::Arc;
 use anyhow::Context;
 use async_trait::async_trait;
 use sigil::proto::admin::admin_server::AdminServer;
+use sigil::proto::node::node_server::NodeServer;
 use tokio::sync::{watch, RwLock};
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::api::admin::{AdminService, AdminState};
+use crate::api::node::{NodeService, NodeState};
+use crate::attestor::join_token::JoinTokenAttestor;
+use crate::attestor::Attestors;
 use crate::ca::Ca;
 use crate::config::ServerConfig;
 use crate::datastore::sqlite::SqliteDatastore;
 use crate::datastore::{Datastore, EntryFilter, StoredBundle};
+use crate::identity::ServerIdentity;
 use crate::metrics::Metrics;
+
+/// How long a shutdown waits for in-flight node API requests.
+const NODE_API_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Readiness as the health endpoint sees it.
 struct Readiness {
@@ -76,11 +85,15 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     if let Ok(n) = datastore.count_entries(&EntryFilter::default()).await {
         metrics.entries.set(n as i64);
     }
+    // One change hub for the admin API (publisher) and the agents' sync streams.
+    let events = crate::sync::SyncEvents::new();
+    events.bundle_changed(stored.sequence);
     let state = Arc::new(AdminState {
         trust_domain: cfg.trust_domain.clone(),
         datastore: datastore.clone(),
         bundle: RwLock::new(bundle),
         metrics: metrics.clone(),
+        events: events.clone(),
     });
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -93,8 +106,53 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         .with_context(|| format!("binding admin socket {}", cfg.admin_socket.display()))?;
     let admin = tonic::transport::Server::builder()
         .add_service(AdminServer::new(AdminService::new(state.clone())))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), wait_shutdown(shutdown_rx.clone()));
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(listener),
+            wait_shutdown(shutdown_rx.clone()),
+        );
     let admin_task = tokio::spawn(admin);
+
+    // Node API: mTLS with the server's own SVID; agents' SVIDs verify against the CA's roots.
+    let server_identity = Arc::new(
+        ServerIdentity::issue(ca.clone(), metrics.clone()).context("issuing the server SVID")?,
+    );
+    let trust = Arc::new(
+        sigil::tls::TrustStore::new(ca.x509_authorities())
+            .context("loading the trust bundle for the node API")?,
+    );
+    let tls = Arc::new(
+        sigil::tls::server_config(server_identity.store(), trust)
+            .context("building the node API TLS configuration")?,
+    );
+    let node_listener = tokio::net::TcpListener::bind(cfg.bind_address)
+        .await
+        .with_context(|| format!("binding node API address {}", cfg.bind_address))?;
+    let node_address = node_listener.local_addr()?;
+    let node_state = Arc::new(NodeState {
+        trust_domain: cfg.trust_domain.clone(),
+        datastore: datastore.clone(),
+        ca: ca.clone(),
+        attestors: Attestors::new().with(Arc::new(JoinTokenAttestor::new(
+            datastore.clone(),
+            cfg.trust_domain.clone(),
+        ))),
+        metrics: metrics.clone(),
+        events: events.clone(),
+        reconcile_every: crate::sync::DEFAULT_RECONCILE_EVERY,
+        shutdown: shutdown_rx.clone(),
+    });
+    let node = tonic::transport::Server::builder()
+        // Notice dead agents on long-lived sync streams.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .add_service(NodeServer::new(NodeService::new(node_state)))
+        .serve_with_incoming_shutdown(
+            sigil::tls::incoming(node_listener, tls),
+            wait_shutdown(shutdown_rx.clone()),
+        );
+    let node_task = tokio::spawn(node);
+    tracing::info!(address = %node_address, spiffe_id = %server_identity.spiffe_id(), "node API listening (mTLS)");
+    let rotation_task = tokio::spawn(server_identity.clone().run_rotation(shutdown_rx.clone()));
 
     let readiness = Arc::new(Readiness {
         ready: AtomicBool::new(false),
@@ -143,6 +201,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     tracing::info!(
         trust_domain = %cfg.trust_domain,
         admin_socket = %cfg.admin_socket.display(),
+        node_address = %node_address,
         health_address = ?cfg.health_address,
         bundle_sequence = stored.sequence,
         "sigil-server ready"
@@ -157,6 +216,17 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         Ok(Err(e)) => tracing::warn!(error = %e, "admin API stopped with an error"),
         Err(e) => tracing::warn!(error = %e, "admin API task failed"),
     }
+    // Sync streams end on the shutdown signal; anything else gets a bounded grace period.
+    match tokio::time::timeout(NODE_API_GRACE, node_task).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "node API stopped with an error"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "node API task failed"),
+        Err(_) => tracing::warn!(
+            grace_secs = NODE_API_GRACE.as_secs(),
+            "node API requests still running after the grace period; closing them"
+        ),
+    }
+    let _ = rotation_task.await;
     if let Some(t) = health_task {
         let _ = t.await;
     }

@@ -213,6 +213,28 @@ impl Server {
         self.spawn();
     }
 
+    /// The node API address (`host:port`) the running server logged in its ready line (the
+    /// harness binds port 0, so this is how tests find it). The last ready line wins, so it is
+    /// right after a restart too.
+    pub fn node_address(&self) -> String {
+        self.log_text()
+            .lines()
+            .rev()
+            .filter(|l| l.contains("sigil-server ready"))
+            .filter_map(|l| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix("node_address="))
+            })
+            .next()
+            .map(str::to_string)
+            .unwrap_or_else(|| {
+                panic!(
+                    "no node_address in the ready line; log:\n{}",
+                    self.log_text()
+                )
+            })
+    }
+
     /// The server's log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

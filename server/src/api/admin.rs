@@ -22,6 +22,7 @@ use crate::datastore::{
     AttestedAgent, Datastore, DatastoreError, EntryFilter, JoinToken, SelectorMatch,
 };
 use crate::metrics::Metrics;
+use crate::sync::SyncEvents;
 
 /// Default page size for list calls.
 pub const DEFAULT_PAGE_SIZE: usize = 500;
@@ -42,6 +43,9 @@ pub struct AdminState {
     pub bundle: RwLock<Bundle>,
     /// Metrics.
     pub metrics: Metrics,
+    /// Change notifications for the agents' sync streams: published after every successful
+    /// entry mutation.
+    pub events: SyncEvents,
 }
 
 /// The admin gRPC service.
@@ -219,6 +223,7 @@ impl Admin for AdminService {
                     .pop()
                     .ok_or_else(|| Status::internal("datastore returned no result"))?
                     .map_err(ds_status)?;
+                self.state.events.entries_changed();
                 target = format!("{} ({})", created.id, created.spiffe_id);
                 Ok(pb::CreateEntryResponse {
                     entry: Some(created.to_proto()),
@@ -279,6 +284,9 @@ impl Admin for AdminService {
                     }
                 }
             };
+            if stored.iter().any(Result::is_ok) {
+                self.state.events.entries_changed();
+            }
             for (i, r) in valid_idx.into_iter().zip(stored) {
                 results[i] = Some(match r {
                     Ok(entry) => {
@@ -423,6 +431,7 @@ impl Admin for AdminService {
                 }
                 let entry = self.validate_entry(&merged)?;
                 let updated = self.state.datastore.update_entry(entry).await.map_err(ds_status)?;
+                self.state.events.entries_changed();
                 Ok(pb::UpdateEntryResponse {
                     entry: Some(updated.to_proto()),
                 })
@@ -446,7 +455,10 @@ impl Admin for AdminService {
                 .datastore
                 .delete_entry(&req.id)
                 .await
-                .map(|_| pb::DeleteEntryResponse {})
+                .map(|_| {
+                    self.state.events.entries_changed();
+                    pb::DeleteEntryResponse {}
+                })
                 .map_err(ds_status);
             audit(uid, "entry.delete", &req.id, &result);
             self.refresh_entry_gauge().await;
@@ -503,6 +515,8 @@ impl Admin for AdminService {
             let result = async {
                 let id = self.parse_id("spiffe_id", &req.spiffe_id)?;
                 self.state.datastore.delete_agent(&id).await.map_err(ds_status)?;
+                // Open sync streams re-check their agent on every event: end this one now.
+                self.state.events.entries_changed();
                 Ok(pb::EvictAgentResponse {})
             }
             .await;
@@ -519,6 +533,7 @@ impl Admin for AdminService {
             let result = async {
                 let id = self.parse_id("spiffe_id", &req.spiffe_id)?;
                 self.state.datastore.set_agent_banned(&id, true).await.map_err(ds_status)?;
+                self.state.events.entries_changed();
                 Ok(pb::BanAgentResponse {})
             }
             .await;

@@ -2,10 +2,11 @@
 //!
 //! - [`admin`]: the admin API on the local Unix socket (entries, agents, bundle, join tokens,
 //!   health), used by the `sigil-server` CLI. Every mutation is audited.
-//!
-//! The node API (agent attestation, sync, batch signing) is added by the node-agent issue.
+//! - [`node`]: the node API for agents over SPIFFE mTLS on `bind_address` (attestation, agent
+//!   SVID renewal, entry sync, batch X509-SVID signing, JWT-SVID minting).
 
 pub mod admin;
+pub mod node;
 
 use sigil::{SpiffeId, TrustDomain};
 

@@ -1,0 +1,152 @@
+//! `sigil-agent run`: establish the agent's identity, then keep the cache in step with the server.
+//!
+//! Start-up: a stored, unexpired agent SVID is re-used (no second attestation: join tokens are
+//! single-use); otherwise the agent attests with its join token over server-authenticated TLS.
+//! Then the worker runs the sync loop, the health endpoint serves `/live`, `/ready` (ready once
+//! the first snapshot of entries arrived) and `/metrics`, and SIGTERM/SIGINT stop everything.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use tokio::sync::{watch, RwLock};
+
+use crate::cache::Cache;
+use crate::client;
+use crate::config::{AgentConfig, Bootstrap};
+use crate::storage::Storage;
+use crate::worker::{AgentState, Worker};
+use sigil::tls::{IdentityStore, ServerVerification, TrustStore};
+
+/// Seconds of validity a stored agent SVID must have left to be re-used.
+const MIN_REMAINING: i64 = 60;
+
+struct Readiness(Arc<AgentState>);
+
+#[async_trait]
+impl sigil::health::Probe for Readiness {
+    async fn ready(&self) -> Result<(), String> {
+        if let Some(why) = self.0.refused.read().await.as_ref() {
+            return Err(format!("refused by the server: {why}"));
+        }
+        if !self.0.cache.read().await.has_snapshot() {
+            return Err("waiting for the first entry sync".into());
+        }
+        Ok(())
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let td = cfg.trust_domain.clone();
+    tracing::info!(trust_domain = %td, server = %cfg.server_address, data_dir = %cfg.data_dir.display(), version = env!("CARGO_PKG_VERSION"), "sigil-agent starting");
+    let storage = Storage::open(&cfg.data_dir)?;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+
+    let bootstrap_roots = match &cfg.bootstrap {
+        Bootstrap::TrustBundle(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading trust bundle {}", path.display()))?;
+            Some(
+                sigil::x509::parse_pem_certs(&text)
+                    .with_context(|| format!("trust bundle {}", path.display()))?,
+            )
+        }
+        Bootstrap::Insecure => None,
+    };
+
+    let stored = storage.load_identity(&td)?;
+    let (identity, roots) = match stored {
+        Some(id) if id.not_after > now + MIN_REMAINING => {
+            tracing::info!(spiffe_id = %id.spiffe_id, not_after = id.not_after, "re-using the stored agent SVID (no attestation)");
+            let roots = match (storage.load_bundle()?, bootstrap_roots) {
+                (Some(r), _) | (None, Some(r)) => r,
+                (None, None) => anyhow::bail!(
+                    "no stored trust bundle in {}; pass --trust-bundle",
+                    cfg.data_dir.display()
+                ),
+            };
+            (id, roots)
+        }
+        other => {
+            if other.is_some() {
+                tracing::warn!("the stored agent SVID has expired; attesting again");
+            }
+            let token = cfg.join_token.as_deref().context(
+                "no usable agent SVID is stored and no join token was given: generate one with `sigil-server token generate` and pass --join-token",
+            )?;
+            let verification = match bootstrap_roots {
+                Some(r) => client::verify_server(Arc::new(TrustStore::new(&r)?), &td),
+                None => {
+                    tracing::warn!("INSECURE BOOTSTRAP: the server is not authenticated for attestation; anyone on the network path could impersonate it. Use --trust-bundle outside demos.");
+                    ServerVerification::InsecureBootstrap
+                }
+            };
+            let mut node = client::channel(&cfg.server_address, verification, None)?;
+            let attested = client::attest_join_token(&mut node, &td, token)
+                .await
+                .context("node attestation with the join token failed")?;
+            storage.save_identity(&attested.identity)?;
+            storage.save_bundle(&attested.bundle_roots)?;
+            tracing::info!(spiffe_id = %attested.identity.spiffe_id, "attested to sigil-server");
+            (attested.identity, attested.bundle_roots)
+        }
+    };
+
+    let tls_identity = Arc::new(IdentityStore::new(
+        identity.chain_der.clone(),
+        identity.key_pkcs8_der.clone(),
+    )?);
+    let trust = Arc::new(TrustStore::new(&roots)?);
+    let state = Arc::new(AgentState {
+        trust_domain: td.clone(),
+        cache: RwLock::new(Cache::new()),
+        identity: RwLock::new(identity.clone()),
+        refused: RwLock::new(None),
+    });
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let worker = Worker {
+        state: state.clone(),
+        server_address: cfg.server_address.clone(),
+        tls_identity,
+        trust,
+        storage,
+    };
+    let worker_task = tokio::spawn(worker.run(shutdown_rx.clone()));
+
+    let health_task = match cfg.health_address {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding health address {addr}"))?;
+            tracing::info!(address = %l.local_addr()?, "health endpoint listening (/live, /ready, /metrics)");
+            let mut rx = shutdown_rx.clone();
+            let registry = prometheus_client::registry::Registry::with_prefix("sigil_agent");
+            Some(tokio::spawn(sigil::health::serve(
+                l,
+                Arc::new(Readiness(state.clone())),
+                Arc::new(registry),
+                async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                },
+            )))
+        }
+        None => None,
+    };
+
+    tracing::info!(spiffe_id = %identity.spiffe_id, server = %cfg.server_address, "sigil-agent ready");
+    let signal = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" }
+    };
+    tracing::info!(signal, "shutting down");
+    let _ = shutdown_tx.send(true);
+    let _ = worker_task.await;
+    if let Some(t) = health_task {
+        let _ = t.await;
+    }
+    tracing::info!("sigil-agent stopped");
+    Ok(())
+}

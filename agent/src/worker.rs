@@ -1,0 +1,363 @@
+//! The agent's worker: one task that keeps the cache in step with the server.
+//!
+//! A *session* is one mTLS connection: open the sync stream (sending the revision and bundle
+//! sequence already held, so a reconnect is incremental), then `select!` over sync messages,
+//! the next SVID refresh time, the agent SVID's renewal time and shutdown. Due SVIDs are signed
+//! in one `BatchSign` call. When a session fails the cache keeps serving what it holds and the
+//! worker reconnects with exponential back-off and jitter, logging at a sane rate. Renewing the
+//! agent SVID supersedes the certificate of the current connection, so it ends the session and
+//! the next one connects with the new SVID at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng as _;
+use sigil::proto::node as pb;
+use sigil::tls::{IdentityStore, TrustStore};
+use sigil::TrustDomain;
+use tokio::sync::{watch, RwLock};
+
+use crate::cache::Cache;
+use crate::client::{self, ClientError};
+use crate::storage::{AgentIdentity, Storage};
+
+/// First retry delay.
+pub const BACKOFF_START: Duration = Duration::from_millis(250);
+/// Longest retry delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Most SVIDs per BatchSign call.
+pub const SIGN_BATCH: usize = 500;
+
+/// Shared agent state (read by the health endpoint and, later, the Workload API).
+pub struct AgentState {
+    /// Trust domain.
+    pub trust_domain: TrustDomain,
+    /// Entries, SVIDs, bundle.
+    pub cache: RwLock<Cache>,
+    /// The agent's current identity.
+    pub identity: RwLock<AgentIdentity>,
+    /// Set when the server refused the agent (evicted/banned): no new SVIDs are minted.
+    pub refused: RwLock<Option<String>>,
+}
+
+/// Where the worker connects and what it presents.
+pub struct Worker {
+    /// Shared state.
+    pub state: Arc<AgentState>,
+    /// Server address.
+    pub server_address: String,
+    /// TLS identity presented to the server (rotated on renewal).
+    pub tls_identity: Arc<IdentityStore>,
+    /// Roots the server is verified with (updated from sync).
+    pub trust: Arc<TrustStore>,
+    /// On-disk state.
+    pub storage: Storage,
+}
+
+/// Exponential back-off with full jitter.
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+    /// Failures since the last success.
+    pub failures: u32,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            next: BACKOFF_START,
+            failures: 0,
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before the next attempt (random in `[next/2, next]`), doubling `next`.
+    pub fn delay(&mut self) -> Duration {
+        self.failures += 1;
+        let d = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        let half = d / 2;
+        half + half.mul_f64(rand::rng().random_range(0.0..=1.0))
+    }
+
+    /// After a success.
+    pub fn reset(&mut self) {
+        *self = Self::default();
+    }
+
+    /// Log the 1st, 2nd, 4th, 8th... failure at warn level, the rest at debug: an outage of
+    /// hours costs a handful of lines, not thousands.
+    pub fn should_warn(&self) -> bool {
+        self.failures.is_power_of_two()
+    }
+}
+
+fn now_unix() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// How a session ended.
+enum SessionEnd {
+    /// The agent SVID was renewed: reconnect now.
+    Renewed,
+    /// Shutdown requested.
+    Shutdown,
+}
+
+impl Worker {
+    /// Runs until `shutdown` becomes true.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Backoff::default();
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            match self.session(&mut shutdown, &mut backoff).await {
+                Ok(SessionEnd::Shutdown) => return,
+                Ok(SessionEnd::Renewed) => continue,
+                Err(e) if e.is_permission_denied() => {
+                    tracing::error!(error = %e, "sigil-server refused this agent (evicted or banned); no new SVIDs will be minted — cached SVIDs are served until they expire; re-attest with a new join token");
+                    *self.state.refused.write().await = Some(e.to_string());
+                    if let Err(e) = self.storage.remove_identity() {
+                        tracing::warn!(error = %e, "removing the refused agent SVID");
+                    }
+                    let _ = shutdown.wait_for(|s| *s).await;
+                    return;
+                }
+                Err(e) => {
+                    let delay = backoff.delay();
+                    if backoff.should_warn() {
+                        tracing::warn!(error = %e, failures = backoff.failures, retry_in_ms = delay.as_millis() as u64, "sync with sigil-server failed; serving cached SVIDs and retrying");
+                    } else {
+                        tracing::debug!(error = %e, failures = backoff.failures, "sync retry");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn session(
+        &self,
+        shutdown: &mut watch::Receiver<bool>,
+        backoff: &mut Backoff,
+    ) -> Result<SessionEnd, ClientError> {
+        let td = &self.state.trust_domain;
+        let mut node = client::channel(
+            &self.server_address,
+            client::verify_server(self.trust.clone(), td),
+            Some(self.tls_identity.clone()),
+        )?;
+        let (revision, bundle_seq) = {
+            let c = self.state.cache.read().await;
+            (c.revision(), c.bundle_sequence())
+        };
+        let mut stream = node
+            .sync(pb::SyncRequest {
+                known_revision: revision,
+                known_bundle_sequence: bundle_seq,
+            })
+            .await
+            .map_err(|status| ClientError::Rpc {
+                what: "sync",
+                status,
+            })?
+            .into_inner();
+        if backoff.failures > 0 {
+            tracing::info!(failures = backoff.failures, "reconnected to sigil-server");
+        }
+        backoff.reset();
+        loop {
+            let (next_refresh, renew_at) = {
+                let c = self.state.cache.read().await;
+                let id = self.state.identity.read().await;
+                let issued = id.not_after - agent_lifetime_guess(&id);
+                (
+                    c.next_refresh(),
+                    crate::cache::refresh_time(issued, id.not_after, 0.0),
+                )
+            };
+            let wake_at = next_refresh.map_or(renew_at, |r| r.min(renew_at));
+            let sleep = Duration::from_secs((wake_at - now_unix()).max(0) as u64);
+            tokio::select! {
+                msg = stream.message() => {
+                    let msg = msg.map_err(|status| ClientError::Rpc { what: "sync", status })?;
+                    let Some(msg) = msg else {
+                        return Err(ClientError::Protocol("sync stream closed by the server".into()));
+                    };
+                    self.apply(msg).await?;
+                    self.sign_due(&mut node).await?;
+                }
+                _ = tokio::time::sleep(sleep) => {
+                    if now_unix() >= renew_at {
+                        let id = client::renew(&mut node, td).await?;
+                        self.install_identity(id).await?;
+                        return Ok(SessionEnd::Renewed);
+                    }
+                    self.sign_due(&mut node).await?;
+                }
+                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return Ok(SessionEnd::Shutdown),
+            }
+        }
+    }
+
+    async fn apply(&self, msg: pb::SyncResponse) -> Result<(), ClientError> {
+        let mut cache = self.state.cache.write().await;
+        let out = cache
+            .apply_sync(msg)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        if out.bundle_changed {
+            if let Some(b) = cache.bundle() {
+                match sigil::x509::split_der_concat(&b.x509_roots) {
+                    Ok(roots) if !roots.is_empty() => {
+                        if let Err(e) = self.trust.set(&roots) {
+                            tracing::warn!(error = %e, "new trust bundle not usable; keeping the old one");
+                        } else if let Err(e) = self.storage.save_bundle(&roots) {
+                            tracing::warn!(error = %e, "saving the trust bundle");
+                        }
+                        tracing::info!(
+                            sequence = b.sequence_number,
+                            roots = roots.len(),
+                            "trust bundle updated"
+                        );
+                    }
+                    _ => tracing::warn!(
+                        "server sent an empty or malformed bundle; keeping the old one"
+                    ),
+                }
+            }
+        }
+        if out.upserted + out.removed > 0 || out.bundle_changed {
+            tracing::info!(
+                upserted = out.upserted,
+                removed = out.removed,
+                entries = cache.entry_count(),
+                revision = cache.revision(),
+                "entries synced"
+            );
+        }
+        Ok(())
+    }
+
+    /// Signs every due SVID, in batches.
+    async fn sign_due(
+        &self,
+        node: &mut sigil::proto::node::node_client::NodeClient<tonic::transport::Channel>,
+    ) -> Result<(), ClientError> {
+        let due = self.state.cache.read().await.due(now_unix());
+        for ids in due.chunks(SIGN_BATCH) {
+            let pending = self.state.cache.read().await.make_csrs(ids)?;
+            if pending.is_empty() {
+                continue;
+            }
+            let requests = pending
+                .iter()
+                .map(|p| pb::SignRequest {
+                    entry_id: p.entry_id.clone(),
+                    csr: p.csr_der.clone(),
+                })
+                .collect();
+            let results = node
+                .batch_sign(pb::BatchSignRequest { requests })
+                .await
+                .map_err(|status| ClientError::Rpc {
+                    what: "batch signing",
+                    status,
+                })?
+                .into_inner()
+                .results;
+            let now = now_unix();
+            let mut cache = self.state.cache.write().await;
+            let mut signed = 0;
+            for (p, r) in pending.into_iter().zip(results) {
+                if r.entry_id != p.entry_id {
+                    return Err(ClientError::Protocol(
+                        "batch signing results out of order".into(),
+                    ));
+                }
+                if r.code != 0 {
+                    tracing::warn!(entry_id = %r.entry_id, code = r.code, message = %r.message, "server refused to sign an SVID");
+                    continue;
+                }
+                match sigil::x509::split_der_concat(&r.svid_chain) {
+                    Ok(chain) if !chain.is_empty() => {
+                        if cache.store_svid(p, chain, r.expires_at, now) {
+                            signed += 1;
+                        }
+                    }
+                    _ => {
+                        tracing::warn!(entry_id = %r.entry_id, "server sent a malformed SVID chain")
+                    }
+                }
+            }
+            tracing::info!(signed, "X509-SVIDs minted");
+        }
+        Ok(())
+    }
+
+    async fn install_identity(&self, id: AgentIdentity) -> Result<(), ClientError> {
+        self.storage
+            .save_identity(&id)
+            .map_err(|e| ClientError::Protocol(format!("saving the renewed agent SVID: {e}")))?;
+        self.tls_identity
+            .set(id.chain_der.clone(), id.key_pkcs8_der.clone())
+            .map_err(|e| {
+                ClientError::Protocol(format!("installing the renewed agent SVID: {e}"))
+            })?;
+        tracing::info!(spiffe_id = %id.spiffe_id, not_after = id.not_after, "agent SVID renewed");
+        *self.state.identity.write().await = id;
+        Ok(())
+    }
+}
+
+/// The agent SVID's lifetime, read from the leaf (NotAfter - NotBefore).
+fn agent_lifetime_guess(id: &AgentIdentity) -> i64 {
+    id.chain_der
+        .first()
+        .and_then(|leaf| x509_parser::parse_x509_certificate(leaf).ok())
+        .map(|(_, c)| c.validity().not_after.timestamp() - c.validity().not_before.timestamp())
+        .unwrap_or(3600)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_caps() {
+        let mut b = Backoff::default();
+        let mut prev_cap = Duration::ZERO;
+        for i in 0..20 {
+            let d = b.delay();
+            let cap = (BACKOFF_START * 2u32.saturating_pow(i)).min(BACKOFF_MAX);
+            assert!(
+                d <= cap && d >= cap / 2,
+                "attempt {i}: {d:?} not in [{:?}, {cap:?}]",
+                cap / 2
+            );
+            assert!(cap >= prev_cap);
+            prev_cap = cap;
+        }
+        assert_eq!(b.failures, 20);
+        assert!(b.should_warn() == 20u32.is_power_of_two());
+        b.reset();
+        assert_eq!(b.failures, 0);
+        assert!(b.delay() <= BACKOFF_START);
+    }
+
+    #[test]
+    fn warnings_are_rate_limited() {
+        let mut b = Backoff::default();
+        let warned: Vec<u32> = (0..100)
+            .filter_map(|_| {
+                b.delay();
+                b.should_warn().then_some(b.failures)
+            })
+            .collect();
+        assert_eq!(warned, vec![1, 2, 4, 8, 16, 32, 64]);
+    }
+}

@@ -1,0 +1,132 @@
+//! The change notification hub between writers (admin API, bundle updates) and sync streams.
+//!
+//! A [`tokio::sync::watch`] channel of one small [`SyncSignal`]: a counter bumped on every entry
+//! change and the latest bundle sequence number. Publishing overwrites the value and wakes the
+//! subscribers; it never blocks and never queues, whatever the number or speed of subscribers.
+//! A subscriber that was busy sees only the latest value, which is all it needs: it then reads
+//! what changed from the datastore (`entry_changes_since`), so nothing is lost by coalescing.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+/// The value carried by [`SyncEvents`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncSignal {
+    /// Incremented (wrapping) on every published entry change.
+    pub entry_changes: u64,
+    /// The latest published trust-bundle sequence number (0: none published yet).
+    pub bundle_sequence: u64,
+}
+
+/// Publisher side; clones share one channel. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct SyncEvents {
+    tx: Arc<watch::Sender<SyncSignal>>,
+}
+
+impl Default for SyncEvents {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SyncEvents {
+    /// A new hub with no subscribers.
+    pub fn new() -> Self {
+        Self {
+            tx: Arc::new(watch::Sender::new(SyncSignal::default())),
+        }
+    }
+
+    /// Announces that registration entries changed (after the change is durable).
+    pub fn entries_changed(&self) {
+        self.tx
+            .send_modify(|s| s.entry_changes = s.entry_changes.wrapping_add(1));
+    }
+
+    /// Announces that the stored trust bundle now has `sequence` (after `set_bundle`).
+    pub fn bundle_changed(&self, sequence: u64) {
+        self.tx.send_if_modified(|s| {
+            let changed = s.bundle_sequence != sequence;
+            s.bundle_sequence = sequence;
+            changed
+        });
+    }
+
+    /// The current value.
+    pub fn current(&self) -> SyncSignal {
+        *self.tx.borrow()
+    }
+
+    /// A new subscriber; it is woken by changes published from now on.
+    pub fn subscribe(&self) -> SyncSubscriber {
+        SyncSubscriber {
+            rx: self.tx.subscribe(),
+        }
+    }
+
+    /// Number of live subscribers (open sync streams).
+    pub fn subscribers(&self) -> usize {
+        self.tx.receiver_count()
+    }
+}
+
+/// Subscriber side, one per sync stream.
+#[derive(Debug)]
+pub struct SyncSubscriber {
+    rx: watch::Receiver<SyncSignal>,
+}
+
+impl SyncSubscriber {
+    /// Waits until something was published after the last [`SyncSubscriber::take`] (or since
+    /// subscribing). Returns `false` if the hub is gone and nothing more will ever be published.
+    pub async fn changed(&mut self) -> bool {
+        self.rx.changed().await.is_ok()
+    }
+
+    /// The latest value, marking it seen.
+    pub fn take(&mut self) -> SyncSignal {
+        *self.rx.borrow_and_update()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn latest_value_wins_and_publishing_never_blocks() {
+        let hub = SyncEvents::new();
+        let mut slow = hub.subscribe();
+        let mut fast = hub.subscribe();
+        assert_eq!(hub.subscribers(), 2);
+        // A million publications with nobody reading: constant memory, no blocking.
+        for _ in 0..1_000_000 {
+            hub.entries_changed();
+        }
+        hub.bundle_changed(7);
+        assert!(fast.changed().await);
+        assert_eq!(
+            fast.take(),
+            SyncSignal {
+                entry_changes: 1_000_000,
+                bundle_sequence: 7
+            }
+        );
+        // Nothing new since take: changed() waits.
+        let waited = tokio::time::timeout(Duration::from_millis(20), fast.changed()).await;
+        assert!(waited.is_err());
+        // The same bundle sequence again is not a change.
+        hub.bundle_changed(7);
+        let waited = tokio::time::timeout(Duration::from_millis(20), fast.changed()).await;
+        assert!(waited.is_err());
+        assert!(slow.changed().await);
+        assert_eq!(slow.take().entry_changes, 1_000_000);
+        drop(slow);
+        assert_eq!(hub.subscribers(), 1);
+        drop(hub);
+        assert!(!fast.changed().await);
+    }
+}

@@ -1,0 +1,613 @@
+//! The server side of `Node.Sync`: one stream per connected agent.
+//!
+//! 1. **Snapshot.** Every stream starts with the agent's complete authorised set, `full = true`
+//!    on the first message and `snapshot_complete = true` on the last, in messages of at most
+//!    [`MAX_ENTRIES_PER_MESSAGE`] entries and [`MAX_BYTES_PER_MESSAGE`] encoded bytes, so there
+//!    is no message-size cliff. The revision is read *before* the entries are listed: a change
+//!    racing the snapshot is sent again afterwards (a duplicate), never missed. The bundle is
+//!    included when its sequence differs from the agent's `known_bundle_sequence`.
+//!
+//!    A stream cannot resume from the agent's `known_revision`: the request does not say which
+//!    entries the agent holds, tombstones do not say what a deleted entry was the parent of, and
+//!    the agent's node selectors may have changed since, so entries that silently lost their
+//!    authorisation could not be named in `removed`. A snapshot is always correct.
+//! 2. **Incremental.** The stream sleeps until [`SyncEvents`] announces a change (or the
+//!    reconcile timer fires), then reads `entry_changes_since(last revision)` and sends upserts
+//!    of changed authorised entries and removals of deleted or no-longer-authorised entries the
+//!    agent holds (the stream tracks the id and revision of everything it sent). The first change
+//!    after a quiet period is sent at once; a burst is coalesced into at most one round per
+//!    [`MIN_ROUND_INTERVAL`]. Nothing is sent when nothing relevant changed. A change that can
+//!    move whole subtrees (a node alias for this agent, an entry whose SPIFFE ID has children
+//!    gaining or losing authorisation) recomputes the set and sends the difference.
+//! 3. **Reconcile.** Every `reconcile_every` the set is recomputed and diffed against what was
+//!    sent, repairing anything an event could not have told (e.g. changes made by another
+//!    process on the same database).
+//!
+//! The agent record is read on every wake: evicted or banned ends the stream with
+//! `PermissionDenied`; changed node selectors trigger a recompute. Backpressure: nothing new is
+//! computed until the previous round's messages were taken by the transport, and events
+//! meanwhile coalesce in the watch channel.
+
+use std::collections::hash_map::Entry as MapEntry;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt, TryStreamExt};
+use prost::Message;
+use sigil::entry::RegistrationEntry;
+use sigil::proto::admin as admin_pb;
+use sigil::proto::node as pb;
+use sigil::{SelectorSet, SpiffeId, TrustDomain};
+use tokio::time::Instant;
+use tonic::Status;
+
+use super::authz::{alias_matches, compute, has_children, AuthorizedSet};
+use super::events::{SyncEvents, SyncSubscriber};
+use super::{
+    MAX_BYTES_PER_MESSAGE, MAX_ENTRIES_PER_MESSAGE, MAX_REMOVED_PER_MESSAGE, MIN_RECONCILE_EVERY,
+    MIN_ROUND_INTERVAL,
+};
+use crate::api::admin::ds_status;
+use crate::datastore::{AttestedAgent, Datastore, EntryChanges, StoredBundle};
+
+/// Children probes in flight at once when classifying a change.
+const PROBE_CONCURRENCY: usize = 4;
+
+/// `d` from now; a year from now if that overflows (a configured `Duration::MAX`).
+fn after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
+}
+
+/// The `Sync` response stream for the agent `agent_id` (already authenticated by the caller).
+///
+/// `server_id` is the server's SPIFFE ID (parent of node aliases), `trust_domain` selects the
+/// bundle, `reconcile_every` is the full-recompute interval (e.g.
+/// [`super::DEFAULT_RECONCILE_EVERY`]; at least [`MIN_RECONCILE_EVERY`]). The stream subscribes
+/// to `events` immediately, so changes published after this call are never missed. It ends with
+/// `PermissionDenied` when the agent is evicted or banned, and with the mapped status on a
+/// datastore failure (the agent reconnects and gets a fresh snapshot); otherwise it runs until
+/// the client goes away.
+pub fn sync_stream(
+    ds: Arc<dyn Datastore>,
+    events: SyncEvents,
+    agent_id: SpiffeId,
+    server_id: SpiffeId,
+    trust_domain: TrustDomain,
+    req: pb::SyncRequest,
+    reconcile_every: Duration,
+) -> impl Stream<Item = Result<pb::SyncResponse, Status>> + Send + 'static {
+    let reconcile_every = reconcile_every.max(MIN_RECONCILE_EVERY);
+    let syncer = Syncer {
+        ds,
+        sub: events.subscribe(),
+        events_open: true,
+        agent_id,
+        server_id,
+        trust_domain,
+        reconcile_every,
+        selectors: SelectorSet::new(),
+        known_revision: req.known_revision,
+        last_revision: 0,
+        bundle_sequence: req.known_bundle_sequence,
+        tracked: Tracked::default(),
+        outbox: Outbox::default(),
+        phase: Phase::Snapshot,
+        next_reconcile: after(reconcile_every),
+        last_round: None,
+    };
+    futures::stream::unfold(syncer, |mut s| async move {
+        let item = s.next_item().await?;
+        Some((item, s))
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Snapshot,
+    Live,
+    Done,
+}
+
+/// What the agent was sent for one entry.
+#[derive(Debug)]
+struct Sent {
+    spiffe_id: SpiffeId,
+    revision: i64,
+}
+
+/// What this stream has told the agent, and the roots it was computed from.
+#[derive(Debug, Default)]
+struct Tracked {
+    /// Entry id → what was sent.
+    sent: HashMap<String, Sent>,
+    /// SPIFFE ID → number of sent entries with it (the IDs that authorise children).
+    provided: HashMap<SpiffeId, u32>,
+    /// The agent's ID and the SPIFFE IDs of its matching node aliases.
+    roots: HashSet<SpiffeId>,
+    /// Entry ids of the matching node aliases.
+    alias_ids: HashSet<String>,
+}
+
+impl Tracked {
+    /// True if entries whose parent is `parent` are authorised.
+    fn grants(&self, parent: &SpiffeId, server_id: &SpiffeId) -> bool {
+        parent != server_id && (self.roots.contains(parent) || self.provided.contains_key(parent))
+    }
+
+    fn insert(&mut self, e: &RegistrationEntry) {
+        let sent = Sent {
+            spiffe_id: e.spiffe_id.clone(),
+            revision: e.revision,
+        };
+        if let Some(old) = self.sent.insert(e.id.clone(), sent) {
+            self.release(&old.spiffe_id);
+        }
+        *self.provided.entry(e.spiffe_id.clone()).or_default() += 1;
+    }
+
+    /// Forgets `id`; true if it had been sent.
+    fn remove(&mut self, id: &str) -> bool {
+        match self.sent.remove(id) {
+            Some(old) => {
+                self.release(&old.spiffe_id);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn release(&mut self, spiffe_id: &SpiffeId) {
+        if let MapEntry::Occupied(mut o) = self.provided.entry(spiffe_id.clone()) {
+            *o.get_mut() -= 1;
+            if *o.get() == 0 {
+                o.remove();
+            }
+        }
+    }
+
+    /// Replaces the state with a freshly computed set; returns what to send: entries new or
+    /// changed since they were sent, and ids sent but no longer authorised.
+    fn replace(&mut self, set: AuthorizedSet) -> (Vec<RegistrationEntry>, Vec<String>) {
+        let mut sent = HashMap::with_capacity(set.entries.len());
+        let mut provided: HashMap<SpiffeId, u32> = HashMap::with_capacity(set.entries.len());
+        let mut upserts = Vec::new();
+        for e in set.entries {
+            let unchanged = self
+                .sent
+                .get(&e.id)
+                .is_some_and(|s| s.revision == e.revision);
+            let fresh = Sent {
+                spiffe_id: e.spiffe_id.clone(),
+                revision: e.revision,
+            };
+            // `compute` lists each id once; a duplicate would be ignored here.
+            if let MapEntry::Vacant(v) = sent.entry(e.id.clone()) {
+                v.insert(fresh);
+                *provided.entry(e.spiffe_id.clone()).or_default() += 1;
+                if !unchanged {
+                    upserts.push(e);
+                }
+            }
+        }
+        let removed = self
+            .sent
+            .keys()
+            .filter(|id| !sent.contains_key(*id))
+            .cloned()
+            .collect();
+        *self = Tracked {
+            sent,
+            provided,
+            roots: set.roots,
+            alias_ids: set.alias_ids,
+        };
+        (upserts, removed)
+    }
+}
+
+/// Messages of the current round, built lazily (a 100,000-entry snapshot is converted to protobuf
+/// one message at a time).
+#[derive(Debug, Default)]
+struct Outbox {
+    entries: VecDeque<RegistrationEntry>,
+    /// An entry already converted that did not fit into the previous message.
+    carry: Option<admin_pb::Entry>,
+    removed: VecDeque<String>,
+    bundle: Option<pb::Bundle>,
+    snapshot: bool,
+    /// The round's first message is still to be sent (a snapshot sends one even when empty).
+    first_pending: bool,
+    revision: i64,
+}
+
+impl Outbox {
+    fn load(
+        &mut self,
+        entries: Vec<RegistrationEntry>,
+        removed: Vec<String>,
+        bundle: Option<pb::Bundle>,
+        snapshot: bool,
+        revision: i64,
+    ) {
+        let first_pending =
+            snapshot || !entries.is_empty() || !removed.is_empty() || bundle.is_some();
+        *self = Outbox {
+            entries: entries.into(),
+            carry: None,
+            removed: removed.into(),
+            bundle,
+            snapshot,
+            first_pending,
+            revision,
+        };
+    }
+
+    fn drained(&self) -> bool {
+        self.carry.is_none() && self.entries.is_empty() && self.removed.is_empty()
+    }
+
+    fn next_message(&mut self) -> Option<pb::SyncResponse> {
+        if !self.first_pending && self.drained() && self.bundle.is_none() {
+            return None;
+        }
+        let first = std::mem::take(&mut self.first_pending);
+        let mut upserted = Vec::new();
+        let mut bytes = 0usize;
+        while upserted.len() < MAX_ENTRIES_PER_MESSAGE {
+            let next = match self.carry.take() {
+                Some(p) => p,
+                None => match self.entries.pop_front() {
+                    Some(e) => e.to_proto(),
+                    None => break,
+                },
+            };
+            let len = next.encoded_len();
+            if !upserted.is_empty() && bytes + len > MAX_BYTES_PER_MESSAGE {
+                self.carry = Some(next);
+                break;
+            }
+            bytes += len;
+            upserted.push(next);
+        }
+        let n = self.removed.len().min(MAX_REMOVED_PER_MESSAGE);
+        let removed = self.removed.drain(..n).collect();
+        Some(pb::SyncResponse {
+            upserted,
+            removed,
+            bundle: self.bundle.take(),
+            full: self.snapshot && first,
+            snapshot_complete: self.snapshot && self.drained(),
+            revision: self.revision,
+        })
+    }
+}
+
+struct Syncer {
+    ds: Arc<dyn Datastore>,
+    sub: SyncSubscriber,
+    /// False once the hub is gone: only the reconcile timer wakes the stream then.
+    events_open: bool,
+    agent_id: SpiffeId,
+    server_id: SpiffeId,
+    trust_domain: TrustDomain,
+    reconcile_every: Duration,
+    /// The agent's node selectors the current state was computed with.
+    selectors: SelectorSet,
+    /// From the request; logged only (see the module docs).
+    known_revision: i64,
+    /// Every change up to this revision has been accounted for.
+    last_revision: i64,
+    /// The bundle sequence the agent holds.
+    bundle_sequence: u64,
+    tracked: Tracked,
+    outbox: Outbox,
+    phase: Phase,
+    next_reconcile: Instant,
+    last_round: Option<Instant>,
+}
+
+/// One round's output: upserts, removed ids, revision.
+type Round = (Vec<RegistrationEntry>, Vec<String>, i64);
+
+impl Syncer {
+    async fn next_item(&mut self) -> Option<Result<pb::SyncResponse, Status>> {
+        loop {
+            if let Some(msg) = self.outbox.next_message() {
+                return Some(Ok(msg));
+            }
+            let step = match self.phase {
+                Phase::Done => return None,
+                Phase::Snapshot => self.snapshot().await,
+                Phase::Live => self.live_round().await,
+            };
+            if let Err(status) = step {
+                self.phase = Phase::Done;
+                self.tracked = Tracked::default();
+                tracing::info!(
+                    agent = %self.agent_id,
+                    code = ?status.code(),
+                    reason = status.message(),
+                    "sync stream ended"
+                );
+                return Some(Err(status));
+            }
+        }
+    }
+
+    async fn snapshot(&mut self) -> Result<(), Status> {
+        let started = std::time::Instant::now();
+        let agent = self.check_agent().await?;
+        self.selectors = agent.selectors;
+        // Everything published so far is covered by what is read below.
+        self.sub.take();
+        let revision = self.current_revision().await?;
+        let set = compute(&*self.ds, &self.agent_id, &self.selectors, &self.server_id)
+            .await
+            .map_err(ds_status)?;
+        let (entries, _) = self.tracked.replace(set);
+        let bundle = self.bundle_if_changed().await?;
+        tracing::info!(
+            agent = %self.agent_id,
+            entries = entries.len(),
+            revision,
+            known_revision = self.known_revision,
+            bundle_sequence = self.bundle_sequence,
+            bundle_sent = bundle.is_some(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "sync snapshot"
+        );
+        self.last_revision = revision;
+        self.outbox
+            .load(entries, Vec::new(), bundle, true, revision);
+        self.phase = Phase::Live;
+        self.next_reconcile = after(self.reconcile_every);
+        Ok(())
+    }
+
+    /// Waits for a reason to look, then computes the next round (possibly empty).
+    async fn live_round(&mut self) -> Result<(), Status> {
+        let by_event = self.wait().await;
+        let signal = self.sub.take();
+        self.last_round = Some(Instant::now());
+        let agent = self.check_agent().await?;
+        let mut reconcile = !by_event || Instant::now() >= self.next_reconcile;
+        if agent.selectors != self.selectors {
+            tracing::info!(agent = %self.agent_id, "agent node selectors changed; recomputing");
+            self.selectors = agent.selectors;
+            reconcile = true;
+        }
+        let bundle = if reconcile
+            || (signal.bundle_sequence != 0 && signal.bundle_sequence != self.bundle_sequence)
+        {
+            self.bundle_if_changed().await?
+        } else {
+            None
+        };
+        let (upserts, removed, revision) = if reconcile {
+            self.reconcile("periodic").await?
+        } else {
+            self.incremental().await?
+        };
+        if !upserts.is_empty() || !removed.is_empty() || bundle.is_some() {
+            tracing::debug!(
+                agent = %self.agent_id,
+                upserted = upserts.len(),
+                removed = removed.len(),
+                bundle = bundle.is_some(),
+                revision,
+                "sync update"
+            );
+        }
+        self.outbox.load(upserts, removed, bundle, false, revision);
+        Ok(())
+    }
+
+    /// Sleeps until an event (true) or the reconcile deadline (false). After an event, waits
+    /// out the rest of [`MIN_ROUND_INTERVAL`] since the previous round, so bursts coalesce.
+    async fn wait(&mut self) -> bool {
+        let deadline = self.next_reconcile;
+        loop {
+            if !self.events_open {
+                tokio::time::sleep_until(deadline).await;
+                return false;
+            }
+            tokio::select! {
+                open = self.sub.changed() => {
+                    if open {
+                        break;
+                    }
+                    tracing::debug!(agent = %self.agent_id, "event hub closed; reconcile timer only");
+                    self.events_open = false;
+                }
+                () = tokio::time::sleep_until(deadline) => return false,
+            }
+        }
+        if let Some(last) = self.last_round {
+            tokio::time::sleep_until(last + MIN_ROUND_INTERVAL).await;
+        }
+        true
+    }
+
+    /// Recomputes the authorised set and diffs it against what was sent.
+    async fn reconcile(&mut self, why: &'static str) -> Result<Round, Status> {
+        let started = std::time::Instant::now();
+        let revision = self.current_revision().await?;
+        let set = compute(&*self.ds, &self.agent_id, &self.selectors, &self.server_id)
+            .await
+            .map_err(ds_status)?;
+        let (upserts, removed) = self.tracked.replace(set);
+        self.last_revision = self.last_revision.max(revision);
+        self.next_reconcile = after(self.reconcile_every);
+        tracing::debug!(
+            agent = %self.agent_id,
+            why,
+            entries = self.tracked.sent.len(),
+            upserted = upserts.len(),
+            removed = removed.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "sync reconcile"
+        );
+        Ok((upserts, removed, self.last_revision))
+    }
+
+    /// Applies the changes since the last revision.
+    async fn incremental(&mut self) -> Result<Round, Status> {
+        let changes = self
+            .ds
+            .entry_changes_since(self.last_revision)
+            .await
+            .map_err(ds_status)?;
+        if changes.upserted.is_empty() && changes.removed.is_empty() {
+            self.last_revision = self.last_revision.max(changes.revision);
+            return Ok((Vec::new(), Vec::new(), self.last_revision));
+        }
+        if self.is_structural(&changes).await? {
+            return self.reconcile("structural change").await;
+        }
+        let mut upserts = Vec::new();
+        let mut removed = Vec::new();
+        for id in changes.removed {
+            if self.tracked.remove(&id) {
+                removed.push(id);
+            }
+        }
+        for e in changes.upserted {
+            if self.tracked.grants(&e.parent_id, &self.server_id) {
+                let unchanged = self
+                    .tracked
+                    .sent
+                    .get(&e.id)
+                    .is_some_and(|s| s.revision == e.revision);
+                if !unchanged {
+                    self.tracked.insert(&e);
+                    upserts.push(e);
+                }
+            } else if self.tracked.remove(&e.id) {
+                removed.push(e.id);
+            }
+        }
+        self.last_revision = self.last_revision.max(changes.revision);
+        Ok((upserts, removed, self.last_revision))
+    }
+
+    /// True if `changes` may change the authorisation of entries that did not change themselves:
+    /// a node alias of this agent changed, or a SPIFFE ID that has children gained or lost an
+    /// authorised entry granting it. Otherwise each change can be judged on its own.
+    async fn is_structural(&self, changes: &EntryChanges) -> Result<bool, Status> {
+        let t = &self.tracked;
+        let server = &self.server_id;
+        let mut probe: HashSet<&SpiffeId> = HashSet::new();
+        for id in &changes.removed {
+            if t.alias_ids.contains(id) {
+                return Ok(true);
+            }
+            if let Some(s) = t.sent.get(id) {
+                probe.insert(&s.spiffe_id);
+            }
+        }
+        for e in &changes.upserted {
+            if t.alias_ids.contains(&e.id) || alias_matches(e, server, &self.selectors) {
+                return Ok(true);
+            }
+            let granted = t.grants(&e.parent_id, server);
+            let gains = granted && !t.grants(&e.spiffe_id, server);
+            match t.sent.get(&e.id) {
+                Some(prev) if !granted || prev.spiffe_id != e.spiffe_id => {
+                    // Lost (or moved away from) an ID it granted. Probed even if other entries
+                    // still grant that ID: they may depend on this one through a cycle.
+                    probe.insert(&prev.spiffe_id);
+                    if gains {
+                        probe.insert(&e.spiffe_id);
+                    }
+                }
+                None if gains => {
+                    probe.insert(&e.spiffe_id);
+                }
+                _ => {}
+            }
+        }
+        // Roots stay granted whatever happens to entries; the server's ID is never a parent.
+        let probe: Vec<SpiffeId> = probe
+            .into_iter()
+            .filter(|id| *id != server && !t.roots.contains(*id))
+            .cloned()
+            .collect();
+        let ds = &*self.ds;
+        let any = futures::stream::iter(probe)
+            .map(|id| async move { has_children(ds, &id).await })
+            .buffer_unordered(PROBE_CONCURRENCY)
+            .try_any(|has| async move { has })
+            .await
+            .map_err(ds_status)?;
+        Ok(any)
+    }
+
+    /// The agent's current record; `PermissionDenied` if it was evicted or banned.
+    async fn check_agent(&self) -> Result<AttestedAgent, Status> {
+        match self.ds.get_agent(&self.agent_id).await.map_err(ds_status)? {
+            None => Err(Status::permission_denied(format!(
+                "agent {} is not attested (evicted?): attest again",
+                self.agent_id
+            ))),
+            Some(a) if a.banned => Err(Status::permission_denied(format!(
+                "agent {} is banned",
+                self.agent_id
+            ))),
+            Some(a) => Ok(a),
+        }
+    }
+
+    /// The datastore's current entry revision.
+    async fn current_revision(&self) -> Result<i64, Status> {
+        // Nothing is newer than i64::MAX: an indexed empty read that returns the revision.
+        self.ds
+            .entry_changes_since(i64::MAX)
+            .await
+            .map(|c| c.revision)
+            .map_err(ds_status)
+    }
+
+    /// The stored bundle, if its sequence differs from what the agent holds.
+    async fn bundle_if_changed(&mut self) -> Result<Option<pb::Bundle>, Status> {
+        let stored = self
+            .ds
+            .get_bundle(&self.trust_domain)
+            .await
+            .map_err(ds_status)?;
+        match stored {
+            Some(b) if b.sequence != self.bundle_sequence => {
+                self.bundle_sequence = b.sequence;
+                Ok(Some(bundle_to_proto(&b)))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+/// The node API's bundle message: concatenated DER roots and a JWKS document.
+pub fn bundle_to_proto(b: &StoredBundle) -> pb::Bundle {
+    pb::Bundle {
+        trust_domain: b.trust_domain.to_string(),
+        x509_roots: b.x509_roots.concat(),
+        jwks_json: jwks_document(&b.jwt_keys_json),
+        sequence_number: b.sequence,
+    }
+}
+
+/// `{"keys":[...]}` from the stored JWK array (a stored document is passed through).
+fn jwks_document(stored: &str) -> String {
+    match serde_json::from_str::<serde_json::Value>(stored) {
+        Ok(keys @ serde_json::Value::Array(_)) => serde_json::json!({ "keys": keys }).to_string(),
+        Ok(doc @ serde_json::Value::Object(_)) if doc.get("keys").is_some() => doc.to_string(),
+        _ => {
+            tracing::error!("stored JWT keys are not a JSON array; sending an empty JWKS");
+            r#"{"keys":[]}"#.to_string()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,608 @@
+//! Sync stream tests: a real SQLite datastore in a temp dir, real tokio time.
+
+use std::collections::BTreeSet;
+use std::pin::Pin;
+
+use sigil::Selector;
+
+use super::*;
+use crate::datastore::sqlite::SqliteDatastore;
+
+type TestResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
+type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::SyncResponse, Status>> + Send>>;
+
+/// How long a change may take to reach the stream (the issue's target).
+const WITHIN: Duration = Duration::from_secs(1);
+/// Reconcile interval for tests that do not exercise it.
+const NEVER: Duration = Duration::from_secs(3600);
+
+fn td() -> TrustDomain {
+    TrustDomain::new("example.org").unwrap()
+}
+
+fn id(path: &str) -> SpiffeId {
+    td().id(path).unwrap()
+}
+
+fn server() -> SpiffeId {
+    crate::api::server_id(&td())
+}
+
+fn sels(v: &[&str]) -> SelectorSet {
+    v.iter().map(|s| Selector::parse(s).unwrap()).collect()
+}
+
+fn entry(path: &str, parent: &SpiffeId, selectors: &[&str]) -> RegistrationEntry {
+    RegistrationEntry {
+        id: String::new(),
+        spiffe_id: id(path),
+        parent_id: parent.clone(),
+        selectors: sels(selectors),
+        x509_svid_ttl: None,
+        jwt_svid_ttl: None,
+        dns_names: Vec::new(),
+        admin: false,
+        downstream: false,
+        federates_with: Vec::new(),
+        hint: String::new(),
+        revision: 0,
+        created_at: 0,
+        updated_at: 0,
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    ds: Arc<dyn Datastore>,
+    events: SyncEvents,
+}
+
+impl Fixture {
+    async fn new() -> TestResult<Self> {
+        let dir = tempfile::tempdir()?;
+        let ds = SqliteDatastore::open(&dir.path().join("ds.sqlite3")).await?;
+        Ok(Self {
+            _dir: dir,
+            ds: Arc::new(ds),
+            events: SyncEvents::new(),
+        })
+    }
+
+    async fn agent(&self, path: &str, selectors: &[&str]) -> TestResult<SpiffeId> {
+        let a = AttestedAgent {
+            spiffe_id: id(path),
+            attestation_type: "join_token".into(),
+            x509_svid_serial: "01".into(),
+            x509_svid_expires_at: i64::MAX,
+            banned: false,
+            selectors: sels(selectors),
+            created_at: 0,
+            updated_at: 0,
+        };
+        self.ds.upsert_agent(a.clone()).await?;
+        Ok(a.spiffe_id)
+    }
+
+    fn stream(&self, agent: &SpiffeId, known_bundle: u64, reconcile: Duration) -> SyncStream {
+        Box::pin(sync_stream(
+            self.ds.clone(),
+            self.events.clone(),
+            agent.clone(),
+            server(),
+            td(),
+            pb::SyncRequest {
+                known_revision: 0,
+                known_bundle_sequence: known_bundle,
+            },
+            reconcile,
+        ))
+    }
+
+    /// Creates entries as the admin API does: one transaction, then one event.
+    async fn create(&self, entries: Vec<RegistrationEntry>) -> TestResult<Vec<RegistrationEntry>> {
+        let mut out = Vec::new();
+        for r in self.ds.create_entries(entries).await? {
+            out.push(r?);
+        }
+        self.events.entries_changed();
+        Ok(out)
+    }
+
+    async fn create_one(&self, e: RegistrationEntry) -> TestResult<RegistrationEntry> {
+        Ok(self.create(vec![e]).await?.remove(0))
+    }
+
+    async fn update(&self, e: RegistrationEntry) -> TestResult<RegistrationEntry> {
+        let e = self.ds.update_entry(e).await?;
+        self.events.entries_changed();
+        Ok(e)
+    }
+
+    async fn delete(&self, id: &str) -> TestResult {
+        self.ds.delete_entry(id).await?;
+        self.events.entries_changed();
+        Ok(())
+    }
+
+    async fn set_bundle(&self, root: &[u8]) -> TestResult<StoredBundle> {
+        let b = self
+            .ds
+            .set_bundle(StoredBundle {
+                trust_domain: td(),
+                x509_roots: vec![root.to_vec(), b"second".to_vec()],
+                jwt_keys_json: r#"[{"kty":"EC","kid":"k1"}]"#.into(),
+                sequence: 0,
+            })
+            .await?;
+        self.events.bundle_changed(b.sequence);
+        Ok(b)
+    }
+}
+
+/// The next message within `within`; an error if the stream ended, failed or stayed silent.
+async fn next(s: &mut SyncStream, within: Duration) -> TestResult<pb::SyncResponse> {
+    match tokio::time::timeout(within, s.next()).await {
+        Err(_) => Err(format!("no message within {within:?}").into()),
+        Ok(None) => Err("stream ended".into()),
+        Ok(Some(Err(status))) => Err(format!("stream failed: {status:?}").into()),
+        Ok(Some(Ok(m))) => Ok(m),
+    }
+}
+
+/// Asserts that nothing arrives for `d`.
+async fn quiet(s: &mut SyncStream, d: Duration) -> TestResult {
+    match tokio::time::timeout(d, s.next()).await {
+        Err(_) => Ok(()),
+        Ok(m) => Err(format!("expected silence, got {m:?}").into()),
+    }
+}
+
+/// Reads a whole snapshot; checks the flags on every chunk.
+async fn snapshot(s: &mut SyncStream) -> TestResult<Vec<pb::SyncResponse>> {
+    let mut chunks: Vec<pb::SyncResponse> = Vec::new();
+    loop {
+        let m = next(s, Duration::from_secs(30)).await?;
+        assert_eq!(m.full, chunks.is_empty(), "full only on the first chunk");
+        assert!(m.removed.is_empty());
+        let done = m.snapshot_complete;
+        chunks.push(m);
+        if done {
+            return Ok(chunks);
+        }
+    }
+}
+
+fn paths(entries: &[admin_pb::Entry]) -> BTreeSet<String> {
+    entries
+        .iter()
+        .map(|e| SpiffeId::parse(&e.spiffe_id).unwrap().path().to_string())
+        .collect()
+}
+
+fn set(v: &[&str]) -> BTreeSet<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+async fn revision(ds: &Arc<dyn Datastore>) -> TestResult<i64> {
+    Ok(ds.entry_changes_since(i64::MAX).await?.revision)
+}
+
+#[tokio::test]
+async fn snapshot_is_chunked_and_carries_the_bundle() -> TestResult {
+    let fx = Fixture::new().await?;
+    let agent = fx.agent("/sigil/agent/join_token/a", &[]).await?;
+    let other = fx.agent("/sigil/agent/join_token/b", &[]).await?;
+    let bundle = fx.set_bundle(b"root").await?;
+    let mine: Vec<RegistrationEntry> = (0..2_500)
+        .map(|i| entry(&format!("/w/{i}"), &agent, &["unix:uid:1"]))
+        .collect();
+    fx.create(mine).await?;
+    fx.create_one(entry("/theirs", &other, &["unix:uid:1"]))
+        .await?;
+    let rev = revision(&fx.ds).await?;
+
+    let mut s = fx.stream(&agent, 0, NEVER);
+    let chunks = snapshot(&mut s).await?;
+    let sizes: Vec<usize> = chunks.iter().map(|m| m.upserted.len()).collect();
+    assert_eq!(sizes, vec![1_000, 1_000, 500]);
+    assert_eq!(
+        chunks
+            .iter()
+            .map(|m| m.snapshot_complete)
+            .collect::<Vec<_>>(),
+        vec![false, false, true]
+    );
+    assert!(chunks.iter().all(|m| m.revision == rev));
+    let all: Vec<admin_pb::Entry> = chunks.iter().flat_map(|m| m.upserted.clone()).collect();
+    assert_eq!(paths(&all).len(), 2_500);
+    assert!(!paths(&all).contains("/theirs"));
+    // The bundle rides on the first chunk only.
+    let b = chunks[0].bundle.as_ref().ok_or("bundle missing")?;
+    assert_eq!(b.sequence_number, bundle.sequence);
+    assert_eq!(b.x509_roots, b"rootsecond".to_vec());
+    assert_eq!(b.trust_domain, "example.org");
+    let jwks: serde_json::Value = serde_json::from_str(&b.jwks_json)?;
+    assert_eq!(jwks["keys"][0]["kid"], "k1");
+    assert!(chunks[1..].iter().all(|m| m.bundle.is_none()));
+    // Then silence: nothing changed.
+    quiet(&mut s, Duration::from_millis(200)).await?;
+
+    // An agent that already holds this bundle does not get it again.
+    let mut s = fx.stream(&agent, bundle.sequence, NEVER);
+    let chunks = snapshot(&mut s).await?;
+    assert!(chunks.iter().all(|m| m.bundle.is_none()));
+    Ok(())
+}
+
+#[tokio::test]
+async fn empty_snapshot_is_one_complete_message() -> TestResult {
+    let fx = Fixture::new().await?;
+    let agent = fx.agent("/sigil/agent/join_token/a", &[]).await?;
+    let mut s = fx.stream(&agent, 0, NEVER);
+    let m = next(&mut s, WITHIN).await?;
+    assert!(m.full && m.snapshot_complete && m.upserted.is_empty() && m.bundle.is_none());
+    quiet(&mut s, Duration::from_millis(100)).await
+}
+
+#[tokio::test]
+async fn creates_updates_deletes_and_reparenting_arrive() -> TestResult {
+    let fx = Fixture::new().await?;
+    let agent = fx.agent("/sigil/agent/join_token/a", &[]).await?;
+    let other = fx.agent("/sigil/agent/join_token/b", &[]).await?;
+    let mut s = fx.stream(&agent, 0, NEVER);
+    snapshot(&mut s).await?;
+
+    // Create → upsert, within the target.
+    let web = fx
+        .create_one(entry("/web", &agent, &["unix:uid:1"]))
+        .await?;
+    let m = next(&mut s, WITHIN).await?;
+    assert!(!m.full && !m.snapshot_complete);
+    assert_eq!(m.upserted, vec![web.to_proto()]);
+    assert!(m.removed.is_empty());
+    assert_eq!(m.revision, web.revision);
+
+    // Update → upsert with the new content.
+    let web = fx
+        .update(RegistrationEntry {
+            hint: "v2".into(),
+            ..web
+        })
+        .await?;
+    let m = next(&mut s, WITHIN).await?;
+    assert_eq!(m.upserted, vec![web.to_proto()]);
+
+    // Another agent's entry: nothing at all.
+    let theirs = fx
+        .create_one(entry("/theirs", &other, &["unix:uid:1"]))
+        .await?;
+    quiet(&mut s, Duration::from_millis(200)).await?;
+    // ... nor when it is deleted (its id is not ours to hear about).
+    fx.delete(&theirs.id).await?;
+    quiet(&mut s, Duration::from_millis(200)).await?;
+
+    // Re-parenting away from the agent → removed.
+    fx.update(RegistrationEntry {
+        parent_id: other.clone(),
+        ..web.clone()
+    })
+    .await?;
+    let m = next(&mut s, WITHIN).await?;
+    assert!(m.upserted.is_empty());
+    assert_eq!(m.removed, vec![web.id.clone()]);
+    // ... and back → upsert.
+    let back = fx
+        .update(RegistrationEntry {
+            parent_id: agent.clone(),
+            ..web.clone()
+        })
+        .await?;
+    let m = next(&mut s, WITHIN).await?;
+    assert_eq!(m.upserted, vec![back.to_proto()]);
+
+    // Delete → removed.
+    fx.delete(&back.id).await?;
+    let m = next(&mut s, WITHIN).await?;
+    assert_eq!(m.removed, vec![back.id.clone()]);
+    assert!(m.upserted.is_empty());
+    quiet(&mut s, Duration::from_millis(100)).await
+}
+
+#[tokio::test]
+async fn two_agents_each_receive_only_their_own() -> TestResult {
+    let fx = Fixture::new().await?;
+    let a = fx
+        .agent("/sigil/agent/join_token/a", &["k8s:node:a"])
+        .await?;
+    let b = fx
+        .agent("/sigil/agent/join_token/b", &["k8s:node:b"])
+        .await?;
+    fx.create(vec![
+        entry("/a/1", &a, &["unix:uid:1"]),
+        entry("/b/1", &b, &["unix:uid:1"]),
+        entry("/node/a", &server(), &["k8s:node:a"]),
+        entry("/node/b", &server(), &["k8s:node:b"]),
+        entry("/a/2", &id("/node/a"), &["unix:uid:2"]),
+        entry("/b/2", &id("/node/b"), &["unix:uid:2"]),
+    ])
+    .await?;
+    let mut sa = fx.stream(&a, 0, NEVER);
+    let mut sb = fx.stream(&b, 0, NEVER);
+    let snap_a: Vec<_> = snapshot(&mut sa)
+        .await?
+        .into_iter()
+        .flat_map(|m| m.upserted)
+        .collect();
+    let snap_b: Vec<_> = snapshot(&mut sb)
+        .await?
+        .into_iter()
+        .flat_map(|m| m.upserted)
+        .collect();
+    assert_eq!(paths(&snap_a), set(&["/a/1", "/a/2"]));
+    assert_eq!(paths(&snap_b), set(&["/b/1", "/b/2"]));
+
+    fx.create(vec![
+        entry("/a/3", &id("/node/a"), &["unix:uid:3"]),
+        entry("/b/3", &b, &["unix:uid:3"]),
+    ])
+    .await?;
+    let ma = next(&mut sa, WITHIN).await?;
+    let mb = next(&mut sb, WITHIN).await?;
+    assert_eq!(paths(&ma.upserted), set(&["/a/3"]));
+    assert_eq!(paths(&mb.upserted), set(&["/b/3"]));
+    quiet(&mut sa, Duration::from_millis(100)).await?;
+    quiet(&mut sb, Duration::from_millis(100)).await
+}
+
+#[tokio::test]
+async fn node_alias_and_subtree_changes() -> TestResult {
+    let fx = Fixture::new().await?;
+    let agent = fx
+        .agent(
+            "/sigil/agent/x509pop/n1",
+            &["k8s:cluster:c1", "k8s:node:n1"],
+        )
+        .await?;
+    let mut s = fx.stream(&agent, 0, NEVER);
+    snapshot(&mut s).await?;
+
+    // An alias for this node with a child, created in one batch: the child arrives.
+    let created = fx
+        .create(vec![
+            entry("/app", &id("/cluster/c1"), &["k8s:ns:app"]),
+            entry("/cluster/c1", &server(), &["k8s:cluster:c1"]),
+        ])
+        .await?;
+    let m = next(&mut s, WITHIN).await?;
+    assert_eq!(paths(&m.upserted), set(&["/app"]));
+    let (app, alias) = (&created[0], &created[1]);
+    // An alias for another cluster changes nothing.
+    fx.create(vec![
+        entry("/cluster/c2", &server(), &["k8s:cluster:c2"]),
+        entry("/app2", &id("/cluster/c2"), &["k8s:ns:app"]),
+    ])
+    .await?;
+    quiet(&mut s, Duration::from_millis(200)).await?;
+
+    // A parent entry under the agent with a grandchild: both arrive; moving the parent away
+    // removes both (the grandchild did not change itself).
+    let mid = fx
+        .create_one(entry("/mid", &agent, &["unix:uid:1"]))
+        .await?;
+    let m = next(&mut s, WITHIN).await?;
+    assert_eq!(paths(&m.upserted), set(&["/mid"]));
+    let leaf = fx
+        .create_one(entry("/mid/leaf", &id("/mid"), &["unix:uid:2"]))
+        .await?;
+    let m = next(&mut s, WITHIN).await?;
+    assert_eq!(paths(&m.upserted), set(&["/mid/leaf"]));
+    fx.update(RegistrationEntry {
+        parent_id: id("/nowhere"),
+        ..mid.clone()
+    })
+    .await?;
+    let m = next(&mut s, WITHIN).await?;
+    assert_eq!(
+        m.removed.iter().cloned().collect::<BTreeSet<_>>(),
+        BTreeSet::from([mid.id.clone(), leaf.id.clone()])
+    );
+    assert!(m.upserted.is_empty());
+    // Moving it back brings the unchanged grandchild back too.
+    fx.update(RegistrationEntry {
+        parent_id: agent.clone(),
+        ..mid.clone()
+    })
+    .await?;
+    let m = next(&mut s, WITHIN).await?;
+    assert_eq!(paths(&m.upserted), set(&["/mid", "/mid/leaf"]));
+    assert!(m.removed.is_empty());
+
+    // Deleting the alias removes its subtree.
+    fx.delete(&alias.id).await?;
+    let m = next(&mut s, WITHIN).await?;
+    assert_eq!(m.removed, vec![app.id.clone()]);
+    quiet(&mut s, Duration::from_millis(100)).await
+}
+
+#[tokio::test]
+async fn changed_node_selectors_recompute_the_set() -> TestResult {
+    let fx = Fixture::new().await?;
+    let agent = fx
+        .agent("/sigil/agent/x509pop/n1", &["k8s:node:n1"])
+        .await?;
+    fx.create(vec![
+        entry("/cluster/c1", &server(), &["k8s:cluster:c1"]),
+        entry("/app", &id("/cluster/c1"), &["k8s:ns:app"]),
+    ])
+    .await?;
+    let mut s = fx.stream(&agent, 0, NEVER);
+    let snap = snapshot(&mut s).await?;
+    assert!(snap.iter().all(|m| m.upserted.is_empty()));
+    // Re-attestation with more selectors; the next wake notices.
+    fx.agent(
+        "/sigil/agent/x509pop/n1",
+        &["k8s:node:n1", "k8s:cluster:c1"],
+    )
+    .await?;
+    fx.events.entries_changed();
+    let m = next(&mut s, WITHIN).await?;
+    assert_eq!(paths(&m.upserted), set(&["/app"]));
+    Ok(())
+}
+
+#[tokio::test]
+async fn eviction_and_ban_end_the_stream() -> TestResult {
+    let fx = Fixture::new().await?;
+    let agent = fx.agent("/sigil/agent/join_token/a", &[]).await?;
+    let mut s = fx.stream(&agent, 0, NEVER);
+    snapshot(&mut s).await?;
+    fx.ds.delete_agent(&agent).await?;
+    fx.events.entries_changed();
+    let end = tokio::time::timeout(WITHIN, s.next()).await?;
+    match end {
+        Some(Err(status)) => assert_eq!(status.code(), tonic::Code::PermissionDenied),
+        other => return Err(format!("expected PermissionDenied, got {other:?}").into()),
+    }
+    assert!(tokio::time::timeout(WITHIN, s.next()).await?.is_none());
+
+    // Banned, noticed by the reconcile timer alone (no event).
+    let agent = fx.agent("/sigil/agent/join_token/b", &[]).await?;
+    let mut s = fx.stream(&agent, 0, Duration::from_millis(200));
+    snapshot(&mut s).await?;
+    fx.ds.set_agent_banned(&agent, true).await?;
+    match tokio::time::timeout(WITHIN, s.next()).await? {
+        Some(Err(status)) => assert_eq!(status.code(), tonic::Code::PermissionDenied),
+        other => return Err(format!("expected PermissionDenied, got {other:?}").into()),
+    }
+    // A stream for an unknown agent fails at once.
+    let mut s = fx.stream(&id("/sigil/agent/join_token/ghost"), 0, NEVER);
+    match tokio::time::timeout(WITHIN, s.next()).await? {
+        Some(Err(status)) => assert_eq!(status.code(), tonic::Code::PermissionDenied),
+        other => return Err(format!("expected PermissionDenied, got {other:?}").into()),
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn bundle_change_arrives() -> TestResult {
+    let fx = Fixture::new().await?;
+    let agent = fx.agent("/sigil/agent/join_token/a", &[]).await?;
+    let first = fx.set_bundle(b"root1").await?;
+    let mut s = fx.stream(&agent, 0, NEVER);
+    let snap = snapshot(&mut s).await?;
+    assert_eq!(
+        snap[0].bundle.as_ref().map(|b| b.sequence_number),
+        Some(first.sequence)
+    );
+    let second = fx.set_bundle(b"root2").await?;
+    assert_eq!(second.sequence, first.sequence + 1);
+    let m = next(&mut s, WITHIN).await?;
+    let b = m.bundle.ok_or("bundle missing")?;
+    assert_eq!(b.sequence_number, second.sequence);
+    assert_eq!(b.x509_roots, b"root2second".to_vec());
+    assert!(m.upserted.is_empty() && m.removed.is_empty() && !m.full);
+    quiet(&mut s, Duration::from_millis(100)).await
+}
+
+#[tokio::test]
+async fn reconcile_repairs_a_missed_event() -> TestResult {
+    let fx = Fixture::new().await?;
+    let agent = fx.agent("/sigil/agent/join_token/a", &[]).await?;
+    let mut s = fx.stream(&agent, 0, Duration::from_millis(300));
+    snapshot(&mut s).await?;
+    // Written behind the hub's back (e.g. another process on the same database).
+    let e = fx
+        .ds
+        .create_entries(vec![entry("/silent", &agent, &["unix:uid:1"])])
+        .await?
+        .remove(0)?;
+    let m = next(&mut s, WITHIN).await?;
+    assert_eq!(m.upserted, vec![e.to_proto()]);
+    // Later reconciles find nothing new and send nothing.
+    quiet(&mut s, Duration::from_millis(700)).await
+}
+
+#[tokio::test]
+async fn bursts_are_coalesced() -> TestResult {
+    let fx = Fixture::new().await?;
+    let agent = fx.agent("/sigil/agent/join_token/a", &[]).await?;
+    let mut s = fx.stream(&agent, 0, NEVER);
+    snapshot(&mut s).await?;
+    const N: usize = 300;
+    // Single creates, one event each, as CreateEntry calls in a loop would do.
+    let writer = {
+        let ds = fx.ds.clone();
+        let events = fx.events.clone();
+        tokio::spawn(async move {
+            for i in 0..N {
+                let e = entry(
+                    &format!("/burst/{i}"),
+                    &id("/sigil/agent/join_token/a"),
+                    &["unix:uid:1"],
+                );
+                if ds.create_entries(vec![e]).await.is_err() {
+                    return;
+                }
+                events.entries_changed();
+            }
+        })
+    };
+    let mut seen = BTreeSet::new();
+    let mut messages = 0;
+    while seen.len() < N {
+        let m = next(&mut s, Duration::from_secs(10)).await?;
+        messages += 1;
+        seen.extend(m.upserted.into_iter().map(|e| e.id));
+    }
+    writer.await?;
+    assert!(messages < N / 3, "{messages} messages for {N} creates");
+    Ok(())
+}
+
+#[tokio::test]
+async fn large_entries_are_split_by_size() -> TestResult {
+    let fx = Fixture::new().await?;
+    let agent = fx.agent("/sigil/agent/join_token/a", &[]).await?;
+    // ~16 KiB per entry: 64 DNS names of ~250 characters.
+    let long = "x".repeat(60);
+    let batch: Vec<RegistrationEntry> = (0..200)
+        .map(|i| RegistrationEntry {
+            dns_names: (0..64)
+                .map(|j| format!("{long}.{long}.{long}.{long}-{i}-{j}.example"))
+                .collect(),
+            ..entry(&format!("/big/{i}"), &agent, &["unix:uid:1"])
+        })
+        .collect();
+    fx.create(batch).await?;
+    let mut s = fx.stream(&agent, 0, NEVER);
+    let chunks = snapshot(&mut s).await?;
+    assert!(chunks.len() >= 3, "{} chunks", chunks.len());
+    for m in &chunks {
+        assert!(
+            m.encoded_len() <= MAX_BYTES_PER_MESSAGE + 1024,
+            "{} bytes",
+            m.encoded_len()
+        );
+    }
+    assert_eq!(chunks.iter().map(|m| m.upserted.len()).sum::<usize>(), 200);
+    Ok(())
+}
+
+#[test]
+fn outbox_splits_removals_and_sends_nothing_when_empty() {
+    let mut o = Outbox::default();
+    assert!(o.next_message().is_none());
+    o.load(Vec::new(), Vec::new(), None, false, 7);
+    assert!(o.next_message().is_none());
+    let ids: Vec<String> = (0..MAX_REMOVED_PER_MESSAGE + 1)
+        .map(|i| i.to_string())
+        .collect();
+    o.load(Vec::new(), ids, None, false, 8);
+    let first = o.next_message().map(|m| m.removed.len());
+    let second = o
+        .next_message()
+        .map(|m| (m.removed.len(), m.revision, m.full));
+    assert_eq!(first, Some(MAX_REMOVED_PER_MESSAGE));
+    assert_eq!(second, Some((1, 8, false)));
+    assert!(o.next_message().is_none());
+}
