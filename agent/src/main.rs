@@ -14,7 +14,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the agent.
-    Run(RunFlags),
+    Run(Box<RunFlags>),
     /// Check the agent's health endpoint: exit 0 when ready.
     Healthcheck {
         /// The agent's health address.
