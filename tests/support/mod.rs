@@ -67,6 +67,7 @@ pub struct Server {
 impl Server {
     /// Starts a server for trust domain `example.org` in `dir` and waits until it is ready.
     pub fn start(dir: &Path, extra: &[&str]) -> Server {
+        std::fs::create_dir_all(dir).expect("creating server dir");
         let mut s = Server {
             child: None,
             dir: dir.to_path_buf(),
@@ -256,4 +257,128 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("finding a free port")
+}
+
+/// A running `sigil-agent`, killed on drop.
+pub struct Agent {
+    /// The child process.
+    pub child: Option<Child>,
+    /// Its stderr log.
+    pub log: PathBuf,
+    /// Its data dir.
+    pub data_dir: PathBuf,
+    /// Its health address.
+    pub health_address: String,
+}
+
+impl Agent {
+    /// Starts `sigil-agent run` against `server` with data under `dir` and extra flags.
+    pub fn start(server: &Server, dir: &Path, extra: &[&str]) -> Agent {
+        let bundle = dir.join("bundle.pem");
+        if !bundle.exists() {
+            std::fs::write(&bundle, server.cli_ok(&["bundle", "show"])).expect("writing bundle");
+        }
+        let health_address = format!("127.0.0.1:{}", free_port());
+        let log = dir.join("agent.log");
+        let data_dir = dir.join("agent-data");
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("opening agent log");
+        let child = Command::new(binary("sigil-agent"))
+            .arg("run")
+            .args(["--trust-domain", "example.org"])
+            .args(["--server-address", &server.node_address()])
+            .arg("--trust-bundle")
+            .arg(&bundle)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--socket-path")
+            .arg(dir.join("api.sock"))
+            .arg("--admin-socket")
+            .arg(dir.join("agent-admin.sock"))
+            .args(["--health-address", &health_address])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .expect("spawning sigil-agent");
+        Agent {
+            child: Some(child),
+            log,
+            data_dir,
+            health_address,
+        }
+    }
+
+    /// The agent's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until `pred(log)` holds (fails the test after `secs`).
+    pub fn wait_log(&mut self, secs: u64, what: &str, pred: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let log = self.log_text();
+            if pred(&log) {
+                return;
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!("sigil-agent exited ({status}) while waiting for {what}; log:\n{log}");
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; log:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `sigil-agent healthcheck` against this agent.
+    pub fn healthy(&self) -> bool {
+        Command::new(binary("sigil-agent"))
+            .args(["healthcheck", "--health-address", &self.health_address])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    }
+
+    /// Waits for the process to exit on its own (fails after `secs`).
+    pub fn wait_exit(&mut self, secs: u64) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("agent is running");
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(s) = child.try_wait().expect("waiting for agent") {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("agent did not exit; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        if let Some(c) = self.child.as_ref() {
+            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        }
+        self.wait_exit(20)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }

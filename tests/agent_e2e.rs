@@ -1,0 +1,120 @@
+//! End-to-end tests of `sigil-agent` against a real `sigil-server`: node attestation with a join
+//! token, entry sync by push, SVID minting, restart without re-attestation, eviction.
+
+mod support;
+
+use support::{tempdir, Agent, Server};
+
+fn minted(log: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains("X509-SVIDs minted"))
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("signed=")))
+        .filter_map(|n| n.parse::<usize>().ok())
+        .sum()
+}
+
+#[test]
+fn agent_attests_syncs_restarts_and_is_evicted() {
+    let dir = tempdir();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    let token = server.cli_json(&[
+        "token",
+        "generate",
+        "--spiffe-id",
+        "spiffe://example.org/node-a",
+    ])["token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    // An entry registered under the node alias before the agent exists.
+    server.cli_ok(&[
+        "entry",
+        "create",
+        "--parent-id",
+        "spiffe://example.org/node-a",
+        "--spiffe-id",
+        "spiffe://example.org/web",
+        "--selector",
+        "unix:uid:1000",
+    ]);
+
+    let agent_dir = dir.path().join("agent");
+    std::fs::create_dir_all(&agent_dir).expect("agent dir");
+    let mut agent = Agent::start(&server, &agent_dir, &["--join-token", &token]);
+    agent.wait_log(30, "attestation", |l| {
+        l.contains("attested to sigil-server")
+    });
+    agent.wait_log(30, "first SVID", |l| minted(l) >= 1);
+    let agents = server.cli_json(&["agent", "list"]);
+    let list = agents["agents"].as_array().expect("agents");
+    assert_eq!(list.len(), 1, "{agents}");
+    assert_eq!(list[0]["attestation_type"], "join_token");
+    let agent_id = list[0]["spiffe_id"].as_str().expect("id").to_string();
+    assert!(agent_id.starts_with("spiffe://example.org/sigil/agent/join_token/"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !agent.healthy() {
+        assert!(std::time::Instant::now() < deadline, "agent never ready");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // The agent's key file is private.
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(agent.data_dir.join("agent_svid.pem"))
+            .expect("svid file")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+
+    // A new entry reaches the agent by push (no polling interval to wait out).
+    let before = minted(&agent.log_text());
+    let t = std::time::Instant::now();
+    server.cli_ok(&[
+        "entry",
+        "create",
+        "--parent-id",
+        "spiffe://example.org/node-a",
+        "--spiffe-id",
+        "spiffe://example.org/api",
+        "--selector",
+        "unix:uid:1001",
+    ]);
+    agent.wait_log(10, "second SVID", |l| minted(l) > before);
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(3),
+        "push took {:?}",
+        t.elapsed()
+    );
+
+    // The same token cannot attest a second agent.
+    let other_dir = dir.path().join("other");
+    std::fs::create_dir_all(&other_dir).expect("dir");
+    let mut other = Agent::start(&server, &other_dir, &["--join-token", &token]);
+    let status = other.wait_exit(30);
+    assert!(!status.success());
+    assert!(
+        other.log_text().contains("join token"),
+        "{}",
+        other.log_text()
+    );
+
+    // Restart: the stored SVID is re-used, no second attestation, no token needed.
+    assert!(agent.stop().success(), "clean exit on SIGTERM");
+    let mut agent = Agent::start(&server, &agent_dir, &[]);
+    agent.wait_log(30, "re-use", |l| {
+        l.contains("re-using the stored agent SVID")
+    });
+    agent.wait_log(30, "sync after restart", |l| {
+        l.matches("entries synced").count() >= 3
+    });
+    assert_eq!(
+        server.cli_json(&["agent", "list"])["agents"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+
+    // Eviction: the agent is refused, says so, and stops being ready.
+    server.cli_ok(&["agent", "evict", "--spiffe-id", &agent_id]);
+    agent.wait_log(30, "refusal", |l| l.contains("refused this agent"));
+    assert!(!agent.healthy(), "an evicted agent is not ready");
+    assert!(agent.stop().success());
+}
