@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/spiffe/workload.proto",
         "proto/sigil/node/v1/node.proto",
         "proto/sigil/admin/v1/admin.proto",
+        "proto/sigil/agent/v1/agent_admin.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

@@ -22,8 +22,8 @@
 pub mod bundle;
 pub mod entry;
 pub mod fs;
-pub mod jwt;
 pub mod health;
+pub mod jwt;
 pub mod logging;
 pub mod proto;
 pub mod selector;

@@ -19,6 +19,13 @@ pub mod sigil {
             include!(concat!(env!("OUT_DIR"), "/sigil.admin.v1.rs"));
         }
     }
+    /// `sigil.agent.*`.
+    pub mod agent {
+        /// `sigil.agent.v1`: the agent's admin API.
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/sigil.agent.v1.rs"));
+        }
+    }
     /// `sigil.node.*`.
     pub mod node {
         /// `sigil.node.v1`: agent <-> server.
@@ -29,6 +36,7 @@ pub mod sigil {
 }
 
 pub use self::sigil::admin::v1 as admin;
+pub use self::sigil::agent::v1 as agent_admin;
 pub use self::sigil::node::v1 as node;
 
 #[cfg(test)]

@@ -118,3 +118,188 @@ fn agent_attests_syncs_restarts_and_is_evicted() {
     assert!(!agent.healthy(), "an evicted agent is not ready");
     assert!(agent.stop().success());
 }
+
+fn token(server: &Server, alias: &str) -> String {
+    server.cli_json(&["token", "generate", "--spiffe-id", alias])["token"]
+        .as_str()
+        .expect("token")
+        .to_string()
+}
+
+fn svid_ids(status: &serde_json::Value) -> Vec<String> {
+    let mut v: Vec<String> = status["svids"]
+        .as_array()
+        .expect("svids")
+        .iter()
+        .filter_map(|s| s["spiffe_id"].as_str().map(str::to_string))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Waits until the agent's status lists exactly `want` SVIDs.
+fn wait_svids(agent: &Agent, want: &[&str], secs: u64) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if agent.admin_socket.exists() {
+            let s = agent.status();
+            if svid_ids(&s) == want {
+                return s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "wanted {want:?}, status {s}\nlog:\n{}",
+                agent.log_text()
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "agent admin socket never appeared:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn two_agents_receive_only_their_own_entries() {
+    let dir = tempdir();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    for (node, svc) in [("node-a", "a-svc"), ("node-b", "b-svc")] {
+        server.cli_ok(&[
+            "entry",
+            "create",
+            "--parent-id",
+            &format!("spiffe://example.org/{node}"),
+            "--spiffe-id",
+            &format!("spiffe://example.org/{svc}"),
+            "--selector",
+            "unix:uid:1",
+        ]);
+    }
+    let mut agents = Vec::new();
+    for node in ["node-a", "node-b"] {
+        let d = dir.path().join(node);
+        std::fs::create_dir_all(&d).expect("dir");
+        let t = token(&server, &format!("spiffe://example.org/{node}"));
+        agents.push(Agent::start(&server, &d, &["--join-token", &t]));
+    }
+    wait_svids(
+        &agents[0],
+        &["spiffe://example.org/a-svc", "spiffe://example.org/node-a"],
+        30,
+    );
+    wait_svids(
+        &agents[1],
+        &["spiffe://example.org/b-svc", "spiffe://example.org/node-b"],
+        30,
+    );
+    // A later entry for node-b never reaches node-a.
+    server.cli_ok(&[
+        "entry",
+        "create",
+        "--parent-id",
+        "spiffe://example.org/node-b",
+        "--spiffe-id",
+        "spiffe://example.org/b-two",
+        "--selector",
+        "unix:uid:2",
+    ]);
+    wait_svids(
+        &agents[1],
+        &[
+            "spiffe://example.org/b-svc",
+            "spiffe://example.org/b-two",
+            "spiffe://example.org/node-b",
+        ],
+        10,
+    );
+    let a = agents[0].status();
+    // node-a holds its own alias and its workload, never node-b's.
+    assert_eq!(
+        svid_ids(&a),
+        vec!["spiffe://example.org/a-svc", "spiffe://example.org/node-a"]
+    );
+    assert_eq!(a["entries"], 2);
+}
+
+#[test]
+fn agent_serves_cache_through_a_server_outage_and_resumes() {
+    let dir = tempdir();
+    let port = support::free_port();
+    let bind = format!("127.0.0.1:{port}");
+    let mut server = Server::start(&dir.path().join("server"), &["--bind-address", &bind]);
+    server.cli_ok(&[
+        "entry",
+        "create",
+        "--parent-id",
+        "spiffe://example.org/node",
+        "--spiffe-id",
+        "spiffe://example.org/web",
+        "--selector",
+        "unix:uid:1",
+    ]);
+    let d = dir.path().join("agent");
+    std::fs::create_dir_all(&d).expect("dir");
+    let t = token(&server, "spiffe://example.org/node");
+    let mut agent = Agent::start(&server, &d, &["--join-token", &t]);
+    // SVIDs sort by SPIFFE ID: [node (the alias), web].
+    let before = wait_svids(
+        &agent,
+        &["spiffe://example.org/node", "spiffe://example.org/web"],
+        30,
+    );
+    let serial = before["svids"][1]["serial"].clone();
+
+    // Server down for 30 s: the agent keeps running and keeps its SVID, and stays ready.
+    assert!(server.stop().success());
+    std::thread::sleep(std::time::Duration::from_secs(30));
+    let during = agent.status();
+    assert_eq!(
+        svid_ids(&during),
+        vec!["spiffe://example.org/node", "spiffe://example.org/web"]
+    );
+    assert_eq!(
+        during["svids"][1]["serial"], serial,
+        "the cached SVID is still held"
+    );
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    assert!(
+        during["svids"][1]["not_after"].as_i64() > Some(now),
+        "and still valid"
+    );
+    assert!(agent.healthy(), "ready while serving from cache");
+    let warnings = agent
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("sync with sigil-server failed"))
+        .count();
+    assert!(
+        warnings <= 8,
+        "retry warnings are rate-limited, got {warnings}"
+    );
+
+    // Server back on the same address: sync resumes without operator action.
+    server.restart();
+    server.cli_ok(&[
+        "entry",
+        "create",
+        "--parent-id",
+        "spiffe://example.org/node",
+        "--spiffe-id",
+        "spiffe://example.org/api",
+        "--selector",
+        "unix:uid:2",
+    ]);
+    wait_svids(
+        &agent,
+        &[
+            "spiffe://example.org/api",
+            "spiffe://example.org/node",
+            "spiffe://example.org/web",
+        ],
+        60,
+    );
+    assert!(agent.log_text().contains("reconnected to sigil-server"));
+    assert!(agent.stop().success());
+}

@@ -139,6 +139,13 @@ impl Cache {
         self.entries.len()
     }
 
+    /// Every cached SVID with its entry.
+    pub fn svids(&self) -> impl Iterator<Item = (&RegistrationEntry, &CachedSvid)> {
+        self.svids
+            .iter()
+            .filter_map(|(id, s)| self.entries.get(id).map(|e| (e, s)))
+    }
+
     /// The SVID of an entry, if minted.
     pub fn svid(&self, entry_id: &str) -> Option<&CachedSvid> {
         self.svids.get(entry_id)

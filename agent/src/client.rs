@@ -106,16 +106,75 @@ pub async fn attest_join_token(
     td: &TrustDomain,
     token: &str,
 ) -> Result<Attested, ClientError> {
+    attest(client, td, "join_token", token.as_bytes().to_vec(), |_| {
+        Err(ClientError::Protocol(
+            "server sent a challenge to a join-token attestation".into(),
+        ))
+    })
+    .await
+}
+
+/// The prefix of the message signed for an x509pop challenge (must match the server's).
+pub const X509POP_SIGNATURE_CONTEXT: &[u8] = b"sigil-x509pop-v1";
+
+/// Attests with x509pop: sends the node certificate chain (DER, leaf first) and answers the
+/// server's nonce with a signature by the node key (`key_pkcs8_der`), which never leaves the node.
+pub async fn attest_x509pop(
+    client: &mut NodeClient<Channel>,
+    td: &TrustDomain,
+    cert_chain_der: Vec<Vec<u8>>,
+    key_pkcs8_der: &[u8],
+) -> Result<Attested, ClientError> {
+    use rcgen::{PublicKeyData as _, SigningKey as _};
+    let leaf = cert_chain_der
+        .first()
+        .ok_or_else(|| ClientError::Protocol("the x509pop certificate chain is empty".into()))?;
+    let key = rcgen::KeyPair::try_from(key_pkcs8_der).map_err(|e| {
+        ClientError::Protocol(format!(
+            "the x509pop key is not a supported PKCS#8 key (ECDSA P-256/P-384, RSA, Ed25519): {e}"
+        ))
+    })?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|e| ClientError::Protocol(format!("the x509pop node certificate: {e}")))?;
+    if cert.public_key().raw != key.subject_public_key_info().as_slice() {
+        return Err(ClientError::Protocol(
+            "the x509pop key does not belong to the node certificate (the first certificate of the chain)"
+                .into(),
+        ));
+    }
+    let payload = cert_chain_der.concat();
+    attest(client, td, "x509pop", payload, |nonce| {
+        let mut message = X509POP_SIGNATURE_CONTEXT.to_vec();
+        message.extend_from_slice(&nonce);
+        key.sign(&message)
+            .map_err(|e| ClientError::Protocol(format!("signing the x509pop challenge: {e}")))
+    })
+    .await
+}
+
+/// One attestation stream: `AttestParams` with a fresh key's CSR, then `respond` answers each
+/// server challenge, until the result arrives.
+async fn attest(
+    client: &mut NodeClient<Channel>,
+    td: &TrustDomain,
+    kind: &str,
+    payload: Vec<u8>,
+    mut respond: impl FnMut(Vec<u8>) -> Result<Vec<u8>, ClientError>,
+) -> Result<Attested, ClientError> {
     let (key, csr) = make_csr(None)?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
     let first = pb::AttestRequest {
         step: Some(pb::attest_request::Step::Params(pb::AttestParams {
-            r#type: "join_token".into(),
-            payload: token.as_bytes().to_vec(),
+            r#type: kind.into(),
+            payload,
             csr,
         })),
     };
+    tx.send(first)
+        .await
+        .map_err(|_| ClientError::Protocol("attestation stream closed".into()))?;
     let mut responses = client
-        .attest(tokio_stream::iter(vec![first]))
+        .attest(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .map_err(ClientError::rpc("attestation"))?
         .into_inner();
@@ -129,11 +188,16 @@ pub async fn attest_join_token(
                 step: Some(pb::attest_response::Step::Result(r)),
             }) => break r,
             Some(pb::AttestResponse {
-                step: Some(pb::attest_response::Step::Challenge(_)),
+                step: Some(pb::attest_response::Step::Challenge(c)),
             }) => {
-                return Err(ClientError::Protocol(
-                    "server sent a challenge to a join-token attestation".into(),
-                ))
+                let answer = respond(c)?;
+                tx.send(pb::AttestRequest {
+                    step: Some(pb::attest_request::Step::ChallengeResponse(answer)),
+                })
+                .await
+                .map_err(|_| {
+                    ClientError::Protocol("the server closed the attestation stream".into())
+                })?;
             }
             Some(_) => continue,
             None => {
@@ -143,6 +207,7 @@ pub async fn attest_join_token(
             }
         }
     };
+    drop(tx);
     let chain = sigil::x509::split_der_concat(&result.svid_chain)
         .map_err(|e| ClientError::Protocol(format!("agent SVID chain: {e}")))?;
     let identity = AgentIdentity::new(td, chain, key)

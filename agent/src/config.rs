@@ -34,6 +34,10 @@ pub struct FileConfig {
     pub insecure_bootstrap: Option<bool>,
     /// Join token for node attestation.
     pub join_token: Option<String>,
+    /// x509pop node attestation: PEM node certificate chain, leaf first.
+    pub x509pop_cert: Option<PathBuf>,
+    /// x509pop node attestation: PEM PKCS#8 private key of the node certificate.
+    pub x509pop_key: Option<PathBuf>,
     /// Where the agent keeps its SVID, key and bundle.
     pub data_dir: Option<PathBuf>,
     /// Workload API socket.
@@ -69,6 +73,12 @@ pub struct RunFlags {
     /// Join token for node attestation.
     #[arg(long, value_name = "TOKEN", env = "SIGIL_JOIN_TOKEN")]
     pub join_token: Option<String>,
+    /// x509pop node attestation: node certificate chain (PEM, leaf first). Needs --x509pop-key.
+    #[arg(long, value_name = "FILE")]
+    pub x509pop_cert: Option<PathBuf>,
+    /// x509pop node attestation: the node certificate's private key (PEM PKCS#8).
+    #[arg(long, value_name = "FILE")]
+    pub x509pop_key: Option<PathBuf>,
     /// Directory for the agent's SVID, key and bundle [default: ./.data-agent].
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
@@ -98,6 +108,37 @@ pub enum Bootstrap {
     Insecure,
 }
 
+/// x509pop node attestation material (files on the node).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct X509PopConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM PKCS#8 private key of the leaf.
+    pub key: PathBuf,
+}
+
+impl X509PopConfig {
+    /// Reads the chain (DER, leaf first) and the key (PKCS#8 DER), naming the file that is wrong.
+    pub fn load(&self) -> anyhow::Result<(Vec<Vec<u8>>, Vec<u8>)> {
+        let text = std::fs::read_to_string(&self.cert)
+            .with_context(|| format!("reading x509pop_cert {}", self.cert.display()))?;
+        let chain = sigil::x509::parse_pem_certs(&text)
+            .with_context(|| format!("x509pop_cert {}", self.cert.display()))?;
+        if chain.is_empty() {
+            anyhow::bail!("x509pop_cert {} holds no certificate", self.cert.display());
+        }
+        let text = std::fs::read_to_string(&self.key)
+            .with_context(|| format!("reading x509pop_key {}", self.key.display()))?;
+        let key = rcgen::KeyPair::from_pem(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "x509pop_key {}: expected a PEM PKCS#8 private key (ECDSA P-256/P-384, RSA or Ed25519): {e}",
+                self.key.display()
+            )
+        })?;
+        Ok((chain, key.serialize_der()))
+    }
+}
+
 /// The resolved configuration.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -109,6 +150,8 @@ pub struct AgentConfig {
     pub bootstrap: Bootstrap,
     /// Join token, if attesting with one.
     pub join_token: Option<String>,
+    /// x509pop material, if attesting with a node certificate (never together with a token).
+    pub x509pop: Option<X509PopConfig>,
     /// Data directory.
     pub data_dir: PathBuf,
     /// Workload API socket.
@@ -187,11 +230,30 @@ impl AgentConfig {
                 anyhow::bail!("invalid join_token: expected the token printed by `sigil-server token generate`");
             }
         }
+        let x509pop = match (
+            flags.x509pop_cert.clone().or(file.x509pop_cert),
+            flags.x509pop_key.clone().or(file.x509pop_key),
+        ) {
+            (Some(cert), Some(key)) => Some(X509PopConfig { cert, key }),
+            (None, None) => None,
+            (Some(_), None) => anyhow::bail!(
+                "x509pop_cert needs x509pop_key: pass --x509pop-key with the node certificate's PEM PKCS#8 key"
+            ),
+            (None, Some(_)) => anyhow::bail!(
+                "x509pop_key needs x509pop_cert: pass --x509pop-cert with the node certificate chain (PEM, leaf first)"
+            ),
+        };
+        if join_token.is_some() && x509pop.is_some() {
+            anyhow::bail!(
+                "join_token and x509pop_cert/x509pop_key are mutually exclusive: attest with one method"
+            );
+        }
         Ok(Self {
             trust_domain,
             server_address,
             bootstrap,
             join_token,
+            x509pop,
             data_dir: flags
                 .data_dir
                 .clone()
@@ -309,5 +371,82 @@ mod tests {
             assert!(format!("{err:#}").contains(key), "{text}: {err:#}");
         }
         assert!(toml::from_str::<FileConfig>("server_adress = \"x:1\"").is_err());
+    }
+
+    #[test]
+    fn x509pop_needs_cert_and_key_and_excludes_join_token() -> anyhow::Result<()> {
+        let base = "trust_domain = \"example.org\"\nserver_address = \"srv:8081\"\ninsecure_bootstrap = true\n";
+        let c = parse(
+            &format!("{base}x509pop_cert = \"/n.pem\"\n"),
+            RunFlags {
+                x509pop_key: Some("/n.key".into()),
+                ..Default::default()
+            },
+        )?;
+        assert_eq!(
+            c.x509pop,
+            Some(X509PopConfig {
+                cert: "/n.pem".into(),
+                key: "/n.key".into()
+            })
+        );
+        assert!(c.join_token.is_none());
+        assert!(parse(base, RunFlags::default())?.x509pop.is_none());
+        for (flags, want) in [
+            (
+                RunFlags {
+                    x509pop_cert: Some("/n.pem".into()),
+                    ..Default::default()
+                },
+                "x509pop_cert needs x509pop_key",
+            ),
+            (
+                RunFlags {
+                    x509pop_key: Some("/n.key".into()),
+                    ..Default::default()
+                },
+                "x509pop_key needs x509pop_cert",
+            ),
+            (
+                RunFlags {
+                    x509pop_cert: Some("/n.pem".into()),
+                    x509pop_key: Some("/n.key".into()),
+                    join_token: Some("abc".into()),
+                    ..Default::default()
+                },
+                "mutually exclusive",
+            ),
+        ] {
+            let err = parse(base, flags).expect_err(want);
+            assert!(format!("{err:#}").contains(want), "{err:#}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn x509pop_files_load_or_name_the_file() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let key = rcgen::KeyPair::generate()?;
+        let cert = rcgen::CertificateParams::new(vec!["node-1".to_string()])?.self_signed(&key)?;
+        let (cert_path, key_path) = (dir.path().join("n.pem"), dir.path().join("n.key"));
+        std::fs::write(&cert_path, cert.pem())?;
+        std::fs::write(&key_path, key.serialize_pem())?;
+        let x = X509PopConfig {
+            cert: cert_path.clone(),
+            key: key_path.clone(),
+        };
+        let (chain, der) = x.load()?;
+        assert_eq!(chain, vec![cert.der().to_vec()]);
+        assert_eq!(der, key.serialize_der());
+        std::fs::write(&key_path, "junk")?;
+        let err = x.load().expect_err("bad key");
+        assert!(format!("{err:#}").contains("x509pop_key"), "{err:#}");
+        let missing = X509PopConfig {
+            cert: dir.path().join("missing.pem"),
+            key: key_path,
+        };
+        let err = missing.load().expect_err("missing cert");
+        assert!(format!("{err:#}").contains("x509pop_cert"), "{err:#}");
+        Ok(())
     }
 }

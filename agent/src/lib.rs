@@ -1,6 +1,7 @@
 //! sigil-agent: the node agent.
 //!
 //! - [`config`]: TOML configuration and `run` flags.
+//! - [`admin`]: the agent's admin API (`sigil-agent status`) on a private Unix socket.
 //! - [`cache`]: authorised entries, their SVIDs (keys made here), rotation times, the bundle.
 //! - [`client`]: node API calls: join-token attestation, agent SVID renewal, mTLS channels.
 //! - [`worker`]: the sync loop: sessions, batch signing, renewal, back-off.
@@ -13,6 +14,7 @@
 // Tests may unwrap: a panic there is a test failure, which is the point.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod admin;
 pub mod cache;
 pub mod client;
 pub mod config;

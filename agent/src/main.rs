@@ -15,6 +15,15 @@ struct Cli {
 enum Command {
     /// Run the agent.
     Run(Box<RunFlags>),
+    /// Show the agent's identity, sync state and cached SVIDs (over the admin socket).
+    Status {
+        /// The agent's admin socket.
+        #[arg(long, value_name = "PATH", default_value = sigil_agent::config::DEFAULT_ADMIN_SOCKET)]
+        admin_socket: std::path::PathBuf,
+        /// Output format: text or json.
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        output: String,
+    },
     /// Check the agent's health endpoint: exit 0 when ready.
     Healthcheck {
         /// The agent's health address.
@@ -43,6 +52,72 @@ async fn healthcheck(addr: &str) -> anyhow::Result<()> {
     }
 }
 
+fn time_text(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix.to_string())
+}
+
+async fn status(socket: &std::path::Path, output: &str) -> anyhow::Result<()> {
+    if !socket.exists() {
+        anyhow::bail!(
+            "admin socket {} does not exist: is sigil-agent running? (use --admin-socket)",
+            socket.display()
+        );
+    }
+    let channel = sigil::uds::connect(socket)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", socket.display()))?;
+    let s = sigil::proto::agent_admin::agent_admin_client::AgentAdminClient::new(channel)
+        .status(sigil::proto::agent_admin::StatusRequest {})
+        .await
+        .map_err(|e| anyhow::anyhow!("agent status: {} ({:?})", e.message(), e.code()))?
+        .into_inner();
+    if output == "json" {
+        let svids: Vec<serde_json::Value> = s
+            .svids
+            .iter()
+            .map(|v| {
+                serde_json::json!({
+                    "entry_id": v.entry_id, "spiffe_id": v.spiffe_id, "serial": v.serial,
+                    "not_after": v.not_after, "refresh_at": v.refresh_at,
+                })
+            })
+            .collect();
+        let doc = serde_json::json!({
+            "spiffe_id": s.spiffe_id, "agent_svid_expires_at": s.agent_svid_expires_at,
+            "synced": s.synced, "revision": s.revision, "bundle_sequence": s.bundle_sequence,
+            "entries": s.entries, "refused": s.refused, "svids": svids,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    println!("Agent ID        : {}", s.spiffe_id);
+    println!("Agent SVID until: {}", time_text(s.agent_svid_expires_at));
+    println!(
+        "Synced          : {} (revision {}, bundle sequence {})",
+        s.synced, s.revision, s.bundle_sequence
+    );
+    println!("Entries         : {}", s.entries);
+    if !s.refused.is_empty() {
+        println!("REFUSED         : {}", s.refused);
+    }
+    println!("SVIDs           : {}", s.svids.len());
+    for v in &s.svids {
+        println!(
+            "  {}  expires {}  renews {}",
+            v.spiffe_id,
+            time_text(v.not_after),
+            time_text(v.refresh_at)
+        );
+    }
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -60,6 +135,10 @@ fn main() -> std::process::ExitCode {
                 sigil_agent::run::run(cfg).await
             }
             Command::Healthcheck { health_address } => healthcheck(&health_address).await,
+            Command::Status {
+                admin_socket,
+                output,
+            } => status(&admin_socket, &output).await,
         }
     });
     match result {

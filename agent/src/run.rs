@@ -72,9 +72,15 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             if other.is_some() {
                 tracing::warn!("the stored agent SVID has expired; attesting again");
             }
-            let token = cfg.join_token.as_deref().context(
-                "no usable agent SVID is stored and no join token was given: generate one with `sigil-server token generate` and pass --join-token",
-            )?;
+            // Exactly one method is configured (the config refuses both); x509pop files are
+            // read before contacting the server so a bad path fails fast.
+            let x509pop = match (&cfg.join_token, &cfg.x509pop) {
+                (Some(_), _) => None,
+                (None, Some(x)) => Some(x.load()?),
+                (None, None) => anyhow::bail!(
+                    "no usable agent SVID is stored and no attestation method was given: pass --join-token (from `sigil-server token generate`) or --x509pop-cert/--x509pop-key"
+                ),
+            };
             let verification = match bootstrap_roots {
                 Some(r) => client::verify_server(Arc::new(TrustStore::new(&r)?), &td),
                 None => {
@@ -83,9 +89,15 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 }
             };
             let mut node = client::channel(&cfg.server_address, verification, None)?;
-            let attested = client::attest_join_token(&mut node, &td, token)
-                .await
-                .context("node attestation with the join token failed")?;
+            let attested = match (x509pop, cfg.join_token.as_deref()) {
+                (Some((chain, key)), _) => client::attest_x509pop(&mut node, &td, chain, &key)
+                    .await
+                    .context("x509pop node attestation failed")?,
+                (None, Some(token)) => client::attest_join_token(&mut node, &td, token)
+                    .await
+                    .context("node attestation with the join token failed")?,
+                (None, None) => anyhow::bail!("no attestation method configured"),
+            };
             storage.save_identity(&attested.identity)?;
             storage.save_bundle(&attested.bundle_roots)?;
             tracing::info!(spiffe_id = %attested.identity.spiffe_id, "attested to sigil-server");
@@ -114,6 +126,27 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     };
     let worker_task = tokio::spawn(worker.run(shutdown_rx.clone()));
 
+    // Admin API on a private socket: directory 0700, socket 0600.
+    let admin_listener = sigil::uds::bind(&cfg.admin_socket, 0o700, 0o600)
+        .with_context(|| format!("binding admin socket {}", cfg.admin_socket.display()))?;
+    let admin_task = {
+        let mut rx = shutdown_rx.clone();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(
+                    sigil::proto::agent_admin::agent_admin_server::AgentAdminServer::new(
+                        crate::admin::AgentAdminService::new(state.clone()),
+                    ),
+                )
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::UnixListenerStream::new(admin_listener),
+                    async move {
+                        let _ = rx.wait_for(|s| *s).await;
+                    },
+                ),
+        )
+    };
+
     let health_task = match cfg.health_address {
         Some(addr) => {
             let l = tokio::net::TcpListener::bind(addr)
@@ -134,7 +167,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         None => None,
     };
 
-    tracing::info!(spiffe_id = %identity.spiffe_id, server = %cfg.server_address, "sigil-agent ready");
+    tracing::info!(spiffe_id = %identity.spiffe_id, server = %cfg.server_address, admin_socket = %cfg.admin_socket.display(), "sigil-agent ready");
     let signal = {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
@@ -144,6 +177,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     tracing::info!(signal, "shutting down");
     let _ = shutdown_tx.send(true);
     let _ = worker_task.await;
+    let _ = admin_task.await;
+    let _ = std::fs::remove_file(&cfg.admin_socket);
     if let Some(t) = health_task {
         let _ = t.await;
     }

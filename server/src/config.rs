@@ -47,6 +47,25 @@ pub struct FileConfig {
     /// Datastore settings.
     #[serde(default)]
     pub datastore: FileDatastore,
+    /// Node attestor settings.
+    #[serde(default)]
+    pub node_attestor: FileNodeAttestor,
+}
+
+/// `[node_attestor]` section (join tokens need no settings).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileNodeAttestor {
+    /// `[node_attestor.x509pop]`: unset means x509pop is not offered.
+    pub x509pop: Option<FileX509Pop>,
+}
+
+/// `[node_attestor.x509pop]` section.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileX509Pop {
+    /// PEM file of the CA certificate(s) that issue node certificates.
+    pub ca_bundle: PathBuf,
 }
 
 /// `[ca]` section.
@@ -141,6 +160,9 @@ pub struct RunFlags {
     /// SQLite database path [default: <data-dir>/datastore.sqlite3].
     #[arg(long, value_name = "FILE")]
     pub datastore_path: Option<PathBuf>,
+    /// Enable x509pop node attestation: PEM CA certificate(s) trusted to issue node certificates.
+    #[arg(long, value_name = "FILE")]
+    pub x509pop_ca_bundle: Option<PathBuf>,
 }
 
 /// The resolved configuration the server runs with.
@@ -164,6 +186,8 @@ pub struct ServerConfig {
     pub ca: CaConfig,
     /// SQLite database path.
     pub datastore_path: PathBuf,
+    /// x509pop CA bundle (PEM); `None`: x509pop is not offered.
+    pub x509pop_ca_bundle: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -280,6 +304,16 @@ impl ServerConfig {
             .clone()
             .or(file.datastore.path)
             .unwrap_or_else(|| data_dir.join("datastore.sqlite3"));
+        let x509pop_ca_bundle = flags
+            .x509pop_ca_bundle
+            .clone()
+            .or(file.node_attestor.x509pop.map(|x| x.ca_bundle));
+        if x509pop_ca_bundle
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            bail!("invalid node_attestor.x509pop.ca_bundle: the path is empty");
+        }
         Ok(Self {
             trust_domain,
             data_dir,
@@ -290,6 +324,7 @@ impl ServerConfig {
             log_format,
             ca,
             datastore_path,
+            x509pop_ca_bundle,
         })
     }
 }
@@ -337,6 +372,7 @@ mod tests {
         assert_eq!(c.admin_socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
         assert_eq!(c.datastore_path, PathBuf::from("./.data/datastore.sqlite3"));
         assert_eq!(c.ca.default_x509_svid_ttl, Duration::from_secs(3600));
+        assert!(c.x509pop_ca_bundle.is_none(), "x509pop is off by default");
         Ok(())
     }
 
@@ -393,7 +429,37 @@ mod tests {
             let err = parse(text, RunFlags::default()).expect_err(text);
             assert!(format!("{err:#}").contains(key), "{text}: {err:#}");
         }
+        let err = parse(
+            "trust_domain = \"a.org\"\n[node_attestor.x509pop]\nca_bundle = \"\"",
+            RunFlags::default(),
+        )
+        .expect_err("empty ca_bundle");
+        assert!(
+            format!("{err:#}").contains("node_attestor.x509pop.ca_bundle"),
+            "{err:#}"
+        );
         // Unknown keys are refused by the TOML layer.
+        assert!(
+            toml::from_str::<FileConfig>("[node_attestor.x509pop]\nca_bundel = \"x\"").is_err()
+        );
+        assert!(toml::from_str::<FileConfig>("[node_attestor.k8s]\nx = 1").is_err());
         assert!(toml::from_str::<FileConfig>("trust_domian = \"a.org\"").is_err());
+    }
+
+    #[test]
+    fn x509pop_ca_bundle_from_file_or_flag() -> anyhow::Result<()> {
+        let text =
+            "trust_domain = \"a.org\"\n[node_attestor.x509pop]\nca_bundle = \"/etc/ca.pem\"\n";
+        let c = parse(text, RunFlags::default())?;
+        assert_eq!(c.x509pop_ca_bundle, Some(PathBuf::from("/etc/ca.pem")));
+        let c = parse(
+            text,
+            RunFlags {
+                x509pop_ca_bundle: Some("/flag.pem".into()),
+                ..Default::default()
+            },
+        )?;
+        assert_eq!(c.x509pop_ca_bundle, Some(PathBuf::from("/flag.pem")));
+        Ok(())
     }
 }

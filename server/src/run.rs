@@ -18,6 +18,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use crate::api::admin::{AdminService, AdminState};
 use crate::api::node::{NodeService, NodeState};
 use crate::attestor::join_token::JoinTokenAttestor;
+use crate::attestor::x509pop::X509PopAttestor;
 use crate::attestor::Attestors;
 use crate::ca::Ca;
 use crate::config::ServerConfig;
@@ -128,14 +129,22 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding node API address {}", cfg.bind_address))?;
     let node_address = node_listener.local_addr()?;
+    let mut attestors = Attestors::new().with(Arc::new(JoinTokenAttestor::new(
+        datastore.clone(),
+        cfg.trust_domain.clone(),
+    )));
+    if let Some(path) = &cfg.x509pop_ca_bundle {
+        attestors = attestors.with(Arc::new(X509PopAttestor::from_pem_file(
+            cfg.trust_domain.clone(),
+            path,
+        )?));
+        tracing::info!(ca_bundle = %path.display(), "x509pop node attestation enabled");
+    }
     let node_state = Arc::new(NodeState {
         trust_domain: cfg.trust_domain.clone(),
         datastore: datastore.clone(),
         ca: ca.clone(),
-        attestors: Attestors::new().with(Arc::new(JoinTokenAttestor::new(
-            datastore.clone(),
-            cfg.trust_domain.clone(),
-        ))),
+        attestors,
         metrics: metrics.clone(),
         events: events.clone(),
         reconcile_every: crate::sync::DEFAULT_RECONCILE_EVERY,

@@ -92,8 +92,10 @@ impl Server {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .arg("--admin-socket")
-            .arg(&self.admin_socket)
-            .args(["--bind-address", "127.0.0.1:0"]);
+            .arg(&self.admin_socket);
+        if !self.extra.iter().any(|a| a == "--bind-address") {
+            cmd.args(["--bind-address", "127.0.0.1:0"]);
+        }
         if !self.extra.iter().any(|a| a == "--health-address") {
             cmd.args(["--health-address", ""]);
         }
@@ -269,6 +271,8 @@ pub struct Agent {
     pub data_dir: PathBuf,
     /// Its health address.
     pub health_address: String,
+    /// Its admin socket.
+    pub admin_socket: PathBuf,
 }
 
 impl Agent {
@@ -297,7 +301,7 @@ impl Agent {
             .arg("--socket-path")
             .arg(dir.join("api.sock"))
             .arg("--admin-socket")
-            .arg(dir.join("agent-admin.sock"))
+            .arg(dir.join("admin").join("agent-admin.sock"))
             .args(["--health-address", &health_address])
             .args(extra)
             .stdout(Stdio::null())
@@ -309,6 +313,7 @@ impl Agent {
             log,
             data_dir,
             health_address,
+            admin_socket: dir.join("admin").join("agent-admin.sock"),
         }
     }
 
@@ -336,6 +341,23 @@ impl Agent {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// `sigil-agent status --output json`.
+    pub fn status(&self) -> serde_json::Value {
+        let out = Command::new(binary("sigil-agent"))
+            .arg("status")
+            .arg("--admin-socket")
+            .arg(&self.admin_socket)
+            .args(["--output", "json"])
+            .output()
+            .expect("running sigil-agent status");
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status JSON")
     }
 
     /// `sigil-agent healthcheck` against this agent.

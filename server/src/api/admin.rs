@@ -68,7 +68,9 @@ impl AdminService {
         let start = Instant::now();
         let result = f.await;
         let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
-        self.state.metrics.observe_admin(method, code, start.elapsed());
+        self.state
+            .metrics
+            .observe_admin(method, code, start.elapsed());
         result.map(Response::new)
     }
 
@@ -78,8 +80,12 @@ impl AdminService {
 
     /// Validates an entry from the API: well-formed, in our trust domain, not reserved.
     fn validate_entry(&self, e: &pb::Entry) -> Result<RegistrationEntry, Status> {
-        let entry = RegistrationEntry::from_proto(e).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        for (field, id) in [("spiffe_id", &entry.spiffe_id), ("parent_id", &entry.parent_id)] {
+        let entry = RegistrationEntry::from_proto(e)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        for (field, id) in [
+            ("spiffe_id", &entry.spiffe_id),
+            ("parent_id", &entry.parent_id),
+        ] {
             if !id.is_member_of(self.td()) {
                 return Err(Status::invalid_argument(format!(
                     "invalid {field}: {id} is not in this server's trust domain {}",
@@ -137,7 +143,12 @@ impl AdminService {
     }
 
     async fn refresh_entry_gauge(&self) {
-        if let Ok(n) = self.state.datastore.count_entries(&EntryFilter::default()).await {
+        if let Ok(n) = self
+            .state
+            .datastore
+            .count_entries(&EntryFilter::default())
+            .await
+        {
             self.state.metrics.entries.set(n as i64);
         }
     }
@@ -158,8 +169,12 @@ fn audit<T>(uid: Option<u32>, action: &str, target: &str, result: &Result<T, Sta
         Err(s) => format!("{:?}: {}", s.code(), s.message()),
     };
     match uid {
-        Some(uid) => tracing::info!(target: "sigil::audit", caller_uid = uid, action, target, result = %outcome, "admin action"),
-        None => tracing::info!(target: "sigil::audit", caller_uid = "unknown", action, target, result = %outcome, "admin action"),
+        Some(uid) => {
+            tracing::info!(target: "sigil::audit", caller_uid = uid, action, target, result = %outcome, "admin action")
+        }
+        None => {
+            tracing::info!(target: "sigil::audit", caller_uid = "unknown", action, target, result = %outcome, "admin action")
+        }
     }
 }
 
@@ -195,7 +210,11 @@ fn agent_to_proto(a: &AttestedAgent) -> pb::Agent {
         x509_svid_serial: a.x509_svid_serial.clone(),
         x509_svid_expires_at: a.x509_svid_expires_at,
         banned: a.banned,
-        selectors: a.selectors.iter().map(sigil::entry::selector_to_proto).collect(),
+        selectors: a
+            .selectors
+            .iter()
+            .map(sigil::entry::selector_to_proto)
+            .collect(),
         created_at: a.created_at,
         updated_at: a.updated_at,
     }
@@ -214,11 +233,23 @@ impl Admin for AdminService {
         let uid = caller_uid(&req);
         let req = req.into_inner();
         self.measured("CreateEntry", async {
-            let mut target = req.entry.as_ref().map(|e| e.spiffe_id.clone()).unwrap_or_default();
+            let mut target = req
+                .entry
+                .as_ref()
+                .map(|e| e.spiffe_id.clone())
+                .unwrap_or_default();
             let result = async {
-                let e = req.entry.as_ref().ok_or_else(|| Status::invalid_argument("entry is required"))?;
+                let e = req
+                    .entry
+                    .as_ref()
+                    .ok_or_else(|| Status::invalid_argument("entry is required"))?;
                 let entry = self.validate_entry(e)?;
-                let mut results = self.state.datastore.create_entries(vec![entry]).await.map_err(ds_status)?;
+                let mut results = self
+                    .state
+                    .datastore
+                    .create_entries(vec![entry])
+                    .await
+                    .map_err(ds_status)?;
                 let created = results
                     .pop()
                     .ok_or_else(|| Status::internal("datastore returned no result"))?
@@ -249,7 +280,12 @@ impl Admin for AdminService {
                     "batch of {} entries is larger than the maximum of {MAX_BATCH}; split it",
                     req.entries.len()
                 )));
-                audit(uid, "entry.batch_create", &format!("{} entries", req.entries.len()), &r);
+                audit(
+                    uid,
+                    "entry.batch_create",
+                    &format!("{} entries", req.entries.len()),
+                    &r,
+                );
                 return r;
             }
             // Validate everything first; only valid entries reach the datastore, in one
@@ -279,7 +315,12 @@ impl Admin for AdminService {
                     Ok(r) => r,
                     Err(e) => {
                         let r = Err(ds_status(e));
-                        audit(uid, "entry.batch_create", &format!("{} entries", req.entries.len()), &r);
+                        audit(
+                            uid,
+                            "entry.batch_create",
+                            &format!("{} entries", req.entries.len()),
+                            &r,
+                        );
                         return r;
                     }
                 }
@@ -289,13 +330,11 @@ impl Admin for AdminService {
             }
             for (i, r) in valid_idx.into_iter().zip(stored) {
                 results[i] = Some(match r {
-                    Ok(entry) => {
-                        pb::EntryResult {
-                            code: Code::Ok as i32,
-                            message: String::new(),
-                            entry: Some(entry.to_proto()),
-                        }
-                    }
+                    Ok(entry) => pb::EntryResult {
+                        code: Code::Ok as i32,
+                        message: String::new(),
+                        entry: Some(entry.to_proto()),
+                    },
                     Err(e) => {
                         let s = ds_status(e);
                         pb::EntryResult {
@@ -329,7 +368,10 @@ impl Admin for AdminService {
         .await
     }
 
-    async fn get_entry(&self, req: Request<pb::GetEntryRequest>) -> Result<Response<pb::GetEntryResponse>, Status> {
+    async fn get_entry(
+        &self,
+        req: Request<pb::GetEntryRequest>,
+    ) -> Result<Response<pb::GetEntryResponse>, Status> {
         let req = req.into_inner();
         self.measured("GetEntry", async {
             let entry = self
@@ -374,7 +416,12 @@ impl Admin for AdminService {
         let req = req.into_inner();
         self.measured("CountEntries", async {
             let filter = self.filter(req.filter)?;
-            let count = self.state.datastore.count_entries(&filter).await.map_err(ds_status)?;
+            let count = self
+                .state
+                .datastore
+                .count_entries(&filter)
+                .await
+                .map_err(ds_status)?;
             Ok(pb::CountEntriesResponse { count })
         })
         .await
@@ -389,7 +436,10 @@ impl Admin for AdminService {
         self.measured("UpdateEntry", async {
             let target = req.entry.as_ref().map(|e| e.id.clone()).unwrap_or_default();
             let result = async {
-                let new = req.entry.as_ref().ok_or_else(|| Status::invalid_argument("entry is required"))?;
+                let new = req
+                    .entry
+                    .as_ref()
+                    .ok_or_else(|| Status::invalid_argument("entry is required"))?;
                 let mask = req.mask.unwrap_or_default();
                 let current = self
                     .state
@@ -430,7 +480,12 @@ impl Admin for AdminService {
                     merged.hint = new.hint.clone();
                 }
                 let entry = self.validate_entry(&merged)?;
-                let updated = self.state.datastore.update_entry(entry).await.map_err(ds_status)?;
+                let updated = self
+                    .state
+                    .datastore
+                    .update_entry(entry)
+                    .await
+                    .map_err(ds_status)?;
                 self.state.events.entries_changed();
                 Ok(pb::UpdateEntryResponse {
                     entry: Some(updated.to_proto()),
@@ -487,7 +542,10 @@ impl Admin for AdminService {
         .await
     }
 
-    async fn get_agent(&self, req: Request<pb::GetAgentRequest>) -> Result<Response<pb::GetAgentResponse>, Status> {
+    async fn get_agent(
+        &self,
+        req: Request<pb::GetAgentRequest>,
+    ) -> Result<Response<pb::GetAgentResponse>, Status> {
         let req = req.into_inner();
         self.measured("GetAgent", async {
             let id = self.parse_id("spiffe_id", &req.spiffe_id)?;
@@ -514,7 +572,11 @@ impl Admin for AdminService {
         self.measured("EvictAgent", async {
             let result = async {
                 let id = self.parse_id("spiffe_id", &req.spiffe_id)?;
-                self.state.datastore.delete_agent(&id).await.map_err(ds_status)?;
+                self.state
+                    .datastore
+                    .delete_agent(&id)
+                    .await
+                    .map_err(ds_status)?;
                 // Open sync streams re-check their agent on every event: end this one now.
                 self.state.events.entries_changed();
                 Ok(pb::EvictAgentResponse {})
@@ -526,13 +588,20 @@ impl Admin for AdminService {
         .await
     }
 
-    async fn ban_agent(&self, req: Request<pb::BanAgentRequest>) -> Result<Response<pb::BanAgentResponse>, Status> {
+    async fn ban_agent(
+        &self,
+        req: Request<pb::BanAgentRequest>,
+    ) -> Result<Response<pb::BanAgentResponse>, Status> {
         let uid = caller_uid(&req);
         let req = req.into_inner();
         self.measured("BanAgent", async {
             let result = async {
                 let id = self.parse_id("spiffe_id", &req.spiffe_id)?;
-                self.state.datastore.set_agent_banned(&id, true).await.map_err(ds_status)?;
+                self.state
+                    .datastore
+                    .set_agent_banned(&id, true)
+                    .await
+                    .map_err(ds_status)?;
                 self.state.events.entries_changed();
                 Ok(pb::BanAgentResponse {})
             }
@@ -543,7 +612,10 @@ impl Admin for AdminService {
         .await
     }
 
-    async fn get_bundle(&self, _req: Request<pb::GetBundleRequest>) -> Result<Response<pb::GetBundleResponse>, Status> {
+    async fn get_bundle(
+        &self,
+        _req: Request<pb::GetBundleRequest>,
+    ) -> Result<Response<pb::GetBundleResponse>, Status> {
         self.measured("GetBundle", async {
             let bundle = self.state.bundle.read().await;
             let spiffe_bundle_json = bundle
@@ -611,10 +683,16 @@ impl Admin for AdminService {
         .await
     }
 
-    async fn health(&self, _req: Request<pb::HealthRequest>) -> Result<Response<pb::HealthResponse>, Status> {
+    async fn health(
+        &self,
+        _req: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
         self.measured("Health", async {
             let ds = &self.state.datastore;
-            let entries = ds.count_entries(&EntryFilter::default()).await.map_err(ds_status)?;
+            let entries = ds
+                .count_entries(&EntryFilter::default())
+                .await
+                .map_err(ds_status)?;
             let agents = ds.count_agents().await.map_err(ds_status)?;
             self.state.metrics.entries.set(entries as i64);
             Ok(pb::HealthResponse {

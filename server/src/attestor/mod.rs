@@ -15,8 +15,11 @@
 //! [`NodeAttestor`] and one `Attestors::with` line where the server builds its attestors.
 //!
 //! - [`join_token`]: single-use, expiring tokens from `sigil-server token generate`.
+//! - [`x509pop`]: proof of possession of a node certificate's key, the certificate issued by a
+//!   CA in the configured x509pop bundle.
 
 pub mod join_token;
+pub mod x509pop;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -156,7 +156,10 @@ pub trait Datastore: Send + Sync + 'static {
 
     /// Replaces the entry with `entry.id` (content fields only; created_at is kept), assigning a
     /// new revision and updated_at. NotFound / AlreadyExists as for create.
-    async fn update_entry(&self, entry: RegistrationEntry) -> Result<RegistrationEntry, DatastoreError>;
+    async fn update_entry(
+        &self,
+        entry: RegistrationEntry,
+    ) -> Result<RegistrationEntry, DatastoreError>;
 
     /// Deletes an entry, returning what was deleted; leaves a tombstone for sync.
     async fn delete_entry(&self, id: &str) -> Result<RegistrationEntry, DatastoreError>;
