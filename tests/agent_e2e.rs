@@ -56,6 +56,31 @@ fn agent_attests_syncs_restarts_and_is_evicted() {
         assert!(std::time::Instant::now() < deadline, "agent never ready");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    // Metrics reflect what the agent holds.
+    let metrics = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&agent.health_address).expect("health port");
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .expect("request");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("response");
+        out
+    };
+    assert!(
+        metrics.contains("sigil_agent_registration_entries 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("sigil_agent_x509_svids_cached 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("sigil_agent_x509_svids_minted_total 2"),
+        "{metrics}"
+    );
     // The agent's key file is private.
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(agent.data_dir.join("agent_svid.pem"))

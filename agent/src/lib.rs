@@ -5,6 +5,7 @@
 //! - [`cache`]: authorised entries, their SVIDs (keys made here), rotation times, the bundle.
 //! - [`client`]: node API calls: join-token attestation, agent SVID renewal, mTLS channels.
 //! - [`worker`]: the sync loop: sessions, batch signing, renewal, back-off.
+//! - [`metrics`]: Prometheus metrics on `/metrics`.
 //! - [`run`]: start-up (re-use the stored SVID or attest), health endpoint, shutdown.
 //! - [`storage`]: the agent's own SVID and key on disk (reused across restarts, key 0600).
 //!
@@ -18,6 +19,7 @@ pub mod admin;
 pub mod cache;
 pub mod client;
 pub mod config;
+pub mod metrics;
 pub mod run;
 pub mod storage;
 pub mod worker;

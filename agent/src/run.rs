@@ -115,7 +115,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         cache: RwLock::new(Cache::new()),
         identity: RwLock::new(identity.clone()),
         refused: RwLock::new(None),
+        metrics: crate::metrics::AgentMetrics::new(),
     });
+    state.metrics.agent_svid_expiry.set(identity.not_after);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let worker = Worker {
         state: state.clone(),
@@ -154,11 +156,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 .with_context(|| format!("binding health address {addr}"))?;
             tracing::info!(address = %l.local_addr()?, "health endpoint listening (/live, /ready, /metrics)");
             let mut rx = shutdown_rx.clone();
-            let registry = prometheus_client::registry::Registry::with_prefix("sigil_agent");
             Some(tokio::spawn(sigil::health::serve(
                 l,
                 Arc::new(Readiness(state.clone())),
-                Arc::new(registry),
+                state.metrics.registry(),
                 async move {
                     let _ = rx.wait_for(|s| *s).await;
                 },

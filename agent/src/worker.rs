@@ -38,6 +38,8 @@ pub struct AgentState {
     pub identity: RwLock<AgentIdentity>,
     /// Set when the server refused the agent (evicted/banned): no new SVIDs are minted.
     pub refused: RwLock<Option<String>>,
+    /// Metrics.
+    pub metrics: crate::metrics::AgentMetrics,
 }
 
 /// Where the worker connects and what it presents.
@@ -126,6 +128,7 @@ impl Worker {
                     return;
                 }
                 Err(e) => {
+                    self.state.metrics.sync_failures.inc();
                     let delay = backoff.delay();
                     if backoff.should_warn() {
                         tracing::warn!(error = %e, failures = backoff.failures, retry_in_ms = delay.as_millis() as u64, "sync with sigil-server failed; serving cached SVIDs and retrying");
@@ -231,6 +234,10 @@ impl Worker {
                 }
             }
         }
+        let m = &self.state.metrics;
+        m.sync_messages.inc();
+        m.entries.set(cache.entry_count() as i64);
+        m.svids.set(cache.svids().count() as i64);
         if out.upserted + out.removed > 0 || out.bundle_changed {
             tracing::info!(
                 upserted = out.upserted,
@@ -272,7 +279,7 @@ impl Worker {
                 .results;
             let now = now_unix();
             let mut cache = self.state.cache.write().await;
-            let mut signed = 0;
+            let mut signed: u64 = 0;
             for (p, r) in pending.into_iter().zip(results) {
                 if r.entry_id != p.entry_id {
                     return Err(ClientError::Protocol(
@@ -294,6 +301,8 @@ impl Worker {
                     }
                 }
             }
+            self.state.metrics.svids_minted.inc_by(signed);
+            self.state.metrics.svids.set(cache.svids().count() as i64);
             tracing::info!(signed, "X509-SVIDs minted");
         }
         Ok(())
@@ -309,6 +318,7 @@ impl Worker {
                 ClientError::Protocol(format!("installing the renewed agent SVID: {e}"))
             })?;
         tracing::info!(spiffe_id = %id.spiffe_id, not_after = id.not_after, "agent SVID renewed");
+        self.state.metrics.agent_svid_expiry.set(id.not_after);
         *self.state.identity.write().await = id;
         Ok(())
     }

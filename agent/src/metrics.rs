@@ -1,0 +1,84 @@
+//! Prometheus metrics of the agent, exposed on `/metrics`.
+
+use std::sync::Arc;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// The agent's metric handles; cheap to clone.
+#[derive(Clone)]
+pub struct AgentMetrics {
+    registry: Arc<Registry>,
+    /// Registration entries held.
+    pub entries: Gauge,
+    /// X509-SVIDs cached.
+    pub svids: Gauge,
+    /// X509-SVIDs minted (signed by the server for keys made here).
+    pub svids_minted: Counter,
+    /// Failed sync sessions (server unreachable, stream broken...).
+    pub sync_failures: Counter,
+    /// Sync messages applied.
+    pub sync_messages: Counter,
+    /// Expiry of the agent's own SVID, Unix seconds.
+    pub agent_svid_expiry: Gauge,
+}
+
+impl AgentMetrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("sigil_agent");
+        let entries = Gauge::default();
+        r.register(
+            "registration_entries",
+            "Registration entries held",
+            entries.clone(),
+        );
+        let svids = Gauge::default();
+        r.register("x509_svids_cached", "X509-SVIDs cached", svids.clone());
+        let svids_minted = Counter::default();
+        r.register(
+            "x509_svids_minted",
+            "X509-SVIDs minted",
+            svids_minted.clone(),
+        );
+        let sync_failures = Counter::default();
+        r.register(
+            "sync_failures",
+            "Failed sync sessions with sigil-server",
+            sync_failures.clone(),
+        );
+        let sync_messages = Counter::default();
+        r.register(
+            "sync_messages",
+            "Sync messages applied",
+            sync_messages.clone(),
+        );
+        let agent_svid_expiry = Gauge::default();
+        r.register(
+            "agent_svid_expiry_seconds",
+            "Expiry of the agent SVID (Unix seconds)",
+            agent_svid_expiry.clone(),
+        );
+        Self {
+            registry: Arc::new(r),
+            entries,
+            svids,
+            svids_minted,
+            sync_failures,
+            sync_messages,
+            agent_svid_expiry,
+        }
+    }
+
+    /// The registry to serve.
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.clone()
+    }
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
