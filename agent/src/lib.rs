@@ -9,8 +9,7 @@
 //! - [`run`]: start-up (re-use the stored SVID or attest), health endpoint, shutdown.
 //! - [`storage`]: the agent's own SVID and key on disk (reused across restarts, key 0600).
 //!
-//! Node attestation over TLS, the entry sync and the SVID cache follow (issue 3); the Workload
-//! API after them (issue 4).
+//! The SPIFFE Workload API, which serves the cached SVIDs to local processes, is issue 4.
 
 // Tests may unwrap: a panic there is a test failure, which is the point.
 #![cfg_attr(test, allow(clippy::unwrap_used))]

@@ -1,7 +1,7 @@
 //! `sigil-agent run`: establish the agent's identity, then keep the cache in step with the server.
 //!
 //! Start-up: a stored, unexpired agent SVID is re-used (no second attestation: join tokens are
-//! single-use); otherwise the agent attests with its join token over server-authenticated TLS.
+//! single-use); otherwise the agent attests (join token or x509pop) over server-authenticated TLS.
 //! Then the worker runs the sync loop, the health endpoint serves `/live`, `/ready` (ready once
 //! the first snapshot of entries arrived) and `/metrics`, and SIGTERM/SIGINT stop everything.
 
