@@ -148,6 +148,32 @@ fn x509pop_attests_gets_node_alias_entries_and_refuses_untrusted_certs() {
         Some(1),
         "{agents}"
     );
+    // Evicted while running: an x509pop agent can still prove itself, so it attests again on
+    // its own and keeps minting (a join-token agent cannot: its token is spent).
+    server.cli_ok(&["agent", "evict", "--spiffe-id", &agent_id]);
+    again.wait_log(60, "re-attestation after eviction", |l| {
+        l.contains("attested again with x509pop")
+    });
+    let agents = server.cli_json(&["agent", "list"]);
+    assert_eq!(
+        agents["agents"][0]["spiffe_id"],
+        agent_id.as_str(),
+        "{agents}"
+    );
+    let minted_before = minted(&again.log_text());
+    server.cli_ok(&[
+        "entry",
+        "create",
+        "--parent-id",
+        "spiffe://example.org/node/node-1",
+        "--spiffe-id",
+        "spiffe://example.org/after-evict",
+        "--selector",
+        "unix:uid:1001",
+    ]);
+    again.wait_log(30, "minting after re-attestation", |l| {
+        minted(l) > minted_before
+    });
     assert!(again.stop().success());
 
     // A banned agent may not attest again, even with a valid certificate.

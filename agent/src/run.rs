@@ -125,6 +125,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         tls_identity,
         trust,
         storage,
+        x509pop: cfg.x509pop.clone(),
     };
     let worker_task = tokio::spawn(worker.run(shutdown_rx.clone()));
 

@@ -54,6 +54,9 @@ pub struct Worker {
     pub trust: Arc<TrustStore>,
     /// On-disk state.
     pub storage: Storage,
+    /// x509pop material, if configured: lets the agent attest again after an eviction (a join
+    /// token is single-use, so a join-token agent cannot).
+    pub x509pop: Option<crate::config::X509PopConfig>,
 }
 
 /// Exponential back-off with full jitter.
@@ -118,13 +121,24 @@ impl Worker {
             match self.session(&mut shutdown, &mut backoff).await {
                 Ok(SessionEnd::Shutdown) => return,
                 Ok(SessionEnd::Renewed) => continue,
-                Err(e) if e.is_permission_denied() => {
-                    tracing::error!(error = %e, "sigil-server refused this agent (evicted or banned); no new SVIDs will be minted — cached SVIDs are served until they expire; re-attest with a new join token");
-                    *self.state.refused.write().await = Some(e.to_string());
-                    if let Err(e) = self.storage.remove_identity() {
-                        tracing::warn!(error = %e, "removing the refused agent SVID");
+                Err(e) if e.is_permission_denied() && self.x509pop.is_some() => {
+                    self.state.metrics.sync_failures.inc();
+                    let delay = backoff.delay();
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "sigil-server refused this agent; attesting again with x509pop");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
                     }
-                    let _ = shutdown.wait_for(|s| *s).await;
+                    match self.reattest_x509pop().await {
+                        Ok(()) => continue,
+                        Err(e2) => {
+                            self.give_up(&e2, &mut shutdown).await;
+                            return;
+                        }
+                    }
+                }
+                Err(e) if e.is_permission_denied() => {
+                    self.give_up(&e, &mut shutdown).await;
                     return;
                 }
                 Err(e) => {
@@ -142,6 +156,37 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// The server refused us for good: stop minting, keep serving the cache until it expires.
+    async fn give_up(&self, e: &ClientError, shutdown: &mut watch::Receiver<bool>) {
+        tracing::error!(error = %e, "sigil-server refused this agent (evicted or banned); no new SVIDs will be minted — cached SVIDs are served until they expire; re-attest with a new join token or x509pop");
+        *self.state.refused.write().await = Some(e.to_string());
+        if let Err(e) = self.storage.remove_identity() {
+            tracing::warn!(error = %e, "removing the refused agent SVID");
+        }
+        let _ = shutdown.wait_for(|s| *s).await;
+    }
+
+    /// Attests again with the x509pop certificate (re-read from disk: it may have been renewed).
+    async fn reattest_x509pop(&self) -> Result<(), ClientError> {
+        let Some(cfg) = &self.x509pop else {
+            return Err(ClientError::Protocol(
+                "no x509pop material configured".into(),
+            ));
+        };
+        let (chain, key) = cfg
+            .load()
+            .map_err(|e| ClientError::Protocol(format!("{e:#}")))?;
+        let td = &self.state.trust_domain;
+        let mut node = client::channel(
+            &self.server_address,
+            client::verify_server(self.trust.clone(), td),
+            None,
+        )?;
+        let attested = client::attest_x509pop(&mut node, td, chain, &key).await?;
+        tracing::info!(spiffe_id = %attested.identity.spiffe_id, "attested again with x509pop");
+        self.install_identity(attested.identity).await
     }
 
     async fn session(
@@ -198,6 +243,7 @@ impl Worker {
                 _ = tokio::time::sleep(sleep) => {
                     if now_unix() >= renew_at {
                         let id = client::renew(&mut node, td).await?;
+                        tracing::info!("agent SVID renewed at half its lifetime");
                         self.install_identity(id).await?;
                         return Ok(SessionEnd::Renewed);
                     }
@@ -317,7 +363,7 @@ impl Worker {
             .map_err(|e| {
                 ClientError::Protocol(format!("installing the renewed agent SVID: {e}"))
             })?;
-        tracing::info!(spiffe_id = %id.spiffe_id, not_after = id.not_after, "agent SVID renewed");
+        tracing::info!(spiffe_id = %id.spiffe_id, not_after = id.not_after, "agent SVID installed");
         self.state.metrics.agent_svid_expiry.set(id.not_after);
         *self.state.identity.write().await = id;
         Ok(())
