@@ -328,3 +328,72 @@ fn agent_serves_cache_through_a_server_outage_and_resumes() {
     assert!(agent.log_text().contains("reconnected to sigil-server"));
     assert!(agent.stop().success());
 }
+
+#[test]
+fn svids_and_the_agent_svid_rotate_at_half_their_ttl() {
+    let dir = tempdir();
+    // 20 s SVIDs (agent and workload): rotation is due after ~9-10 s.
+    let server = Server::start(
+        &dir.path().join("server"),
+        &["--default-x509-svid-ttl", "20s"],
+    );
+    server.cli_ok(&[
+        "entry",
+        "create",
+        "--parent-id",
+        "spiffe://example.org/node",
+        "--spiffe-id",
+        "spiffe://example.org/web",
+        "--selector",
+        "unix:uid:1",
+    ]);
+    let d = dir.path().join("agent");
+    std::fs::create_dir_all(&d).expect("dir");
+    let t = token(&server, "spiffe://example.org/node");
+    let mut agent = Agent::start(&server, &d, &["--join-token", &t]);
+    let first = wait_svids(
+        &agent,
+        &["spiffe://example.org/node", "spiffe://example.org/web"],
+        30,
+    );
+    let web = &first["svids"][1];
+    let (serial, not_after, refresh_at) = (
+        web["serial"].as_str().expect("serial").to_string(),
+        web["not_after"].as_i64().expect("not_after"),
+        web["refresh_at"].as_i64().expect("refresh_at"),
+    );
+    assert!(
+        refresh_at < not_after - 8,
+        "refresh at about half the 20 s lifetime: {first}"
+    );
+    agent.wait_log(30, "agent SVID renewal", |l| {
+        l.contains("agent SVID renewed at half its lifetime")
+    });
+    // The workload SVID is replaced before the old one expires: never a gap.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let s = agent.status();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let cur = s["svids"].as_array().and_then(|v| {
+            v.iter()
+                .find(|x| x["spiffe_id"] == "spiffe://example.org/web")
+                .cloned()
+        });
+        let cur = cur.expect("web SVID present throughout");
+        assert!(
+            cur["not_after"].as_i64() > Some(now),
+            "held an expired SVID: {s}"
+        );
+        if cur["serial"].as_str() != Some(serial.as_str()) {
+            assert!(now < not_after, "rotated only after the old one expired");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no rotation: {s}\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(agent.stop().success());
+}
