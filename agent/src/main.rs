@@ -72,7 +72,9 @@ async fn status(socket: &std::path::Path, output: &str) -> anyhow::Result<()> {
     let channel = sigil::uds::connect(socket)
         .await
         .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", socket.display()))?;
+    // An agent with 100,000 SVIDs answers with well over gRPC's default 4 MiB.
     let s = sigil::proto::agent_admin::agent_admin_client::AgentAdminClient::new(channel)
+        .max_decoding_message_size(256 * 1024 * 1024)
         .status(sigil::proto::agent_admin::StatusRequest {})
         .await
         .map_err(|e| anyhow::anyhow!("agent status: {} ({:?})", e.message(), e.code()))?
