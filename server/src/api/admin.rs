@@ -74,6 +74,24 @@ impl AdminService {
         result.map(Response::new)
     }
 
+    /// [`Self::measured`] for a mutation whose audit target is known up front: runs `f`,
+    /// writes the audit event with its outcome, and records the metrics.
+    async fn audited<T>(
+        &self,
+        method: &'static str,
+        action: &str,
+        uid: Option<u32>,
+        target: &str,
+        f: impl Future<Output = Result<T, Status>>,
+    ) -> Result<Response<T>, Status> {
+        self.measured(method, async {
+            let result = f.await;
+            audit(uid, action, target, &result);
+            result
+        })
+        .await
+    }
+
     fn td(&self) -> &TrustDomain {
         &self.state.trust_domain
     }
@@ -504,7 +522,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::DeleteEntryResponse>, Status> {
         let uid = caller_uid(&req);
         let req = req.into_inner();
-        self.measured("DeleteEntry", async {
+        self.audited("DeleteEntry", "entry.delete", uid, &req.id, async {
             let result = self
                 .state
                 .datastore
@@ -515,7 +533,6 @@ impl Admin for AdminService {
                     pb::DeleteEntryResponse {}
                 })
                 .map_err(ds_status);
-            audit(uid, "entry.delete", &req.id, &result);
             self.refresh_entry_gauge().await;
             result
         })
@@ -569,21 +586,16 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::EvictAgentResponse>, Status> {
         let uid = caller_uid(&req);
         let req = req.into_inner();
-        self.measured("EvictAgent", async {
-            let result = async {
-                let id = self.parse_id("spiffe_id", &req.spiffe_id)?;
-                self.state
-                    .datastore
-                    .delete_agent(&id)
-                    .await
-                    .map_err(ds_status)?;
-                // Open sync streams re-check their agent on every event: end this one now.
-                self.state.events.entries_changed();
-                Ok(pb::EvictAgentResponse {})
-            }
-            .await;
-            audit(uid, "agent.evict", &req.spiffe_id, &result);
-            result
+        self.audited("EvictAgent", "agent.evict", uid, &req.spiffe_id, async {
+            let id = self.parse_id("spiffe_id", &req.spiffe_id)?;
+            self.state
+                .datastore
+                .delete_agent(&id)
+                .await
+                .map_err(ds_status)?;
+            // Open sync streams re-check their agent on every event: end this one now.
+            self.state.events.entries_changed();
+            Ok(pb::EvictAgentResponse {})
         })
         .await
     }
@@ -594,20 +606,15 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::BanAgentResponse>, Status> {
         let uid = caller_uid(&req);
         let req = req.into_inner();
-        self.measured("BanAgent", async {
-            let result = async {
-                let id = self.parse_id("spiffe_id", &req.spiffe_id)?;
-                self.state
-                    .datastore
-                    .set_agent_banned(&id, true)
-                    .await
-                    .map_err(ds_status)?;
-                self.state.events.entries_changed();
-                Ok(pb::BanAgentResponse {})
-            }
-            .await;
-            audit(uid, "agent.ban", &req.spiffe_id, &result);
-            result
+        self.audited("BanAgent", "agent.ban", uid, &req.spiffe_id, async {
+            let id = self.parse_id("spiffe_id", &req.spiffe_id)?;
+            self.state
+                .datastore
+                .set_agent_banned(&id, true)
+                .await
+                .map_err(ds_status)?;
+            self.state.events.entries_changed();
+            Ok(pb::BanAgentResponse {})
         })
         .await
     }
