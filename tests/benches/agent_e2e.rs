@@ -17,7 +17,7 @@
 //! Run: `cargo bench --bench agent_e2e`. Every wait is bounded; a size that does not finish
 //! in time is reported as such instead of hanging.
 
-#[path = "../tests/support/mod.rs"]
+#[path = "../support/mod.rs"]
 mod support;
 
 use std::path::Path;
