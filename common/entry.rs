@@ -67,6 +67,27 @@ pub struct RegistrationEntry {
 }
 
 impl RegistrationEntry {
+    /// A new entry, not yet stored: server-default TTLs, no DNS names, flags, federation or
+    /// hint; id, revision and times are assigned by the datastore.
+    pub fn new(spiffe_id: SpiffeId, parent_id: SpiffeId, selectors: SelectorSet) -> Self {
+        Self {
+            id: String::new(),
+            spiffe_id,
+            parent_id,
+            selectors,
+            x509_svid_ttl: None,
+            jwt_svid_ttl: None,
+            dns_names: Vec::new(),
+            admin: false,
+            downstream: false,
+            federates_with: Vec::new(),
+            hint: String::new(),
+            revision: 0,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
     /// Validates a protobuf entry. Server-set fields (id, revision, times) are copied as given.
     pub fn from_proto(e: &pb::Entry) -> Result<Self, EntryError> {
         let spiffe_id =

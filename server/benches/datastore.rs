@@ -35,24 +35,17 @@ fn sels(v: &[String]) -> SelectorSet {
 /// entries each), 3 selectors per entry (namespace, service account, uid).
 fn entry(i: usize) -> RegistrationEntry {
     RegistrationEntry {
-        id: String::new(),
-        spiffe_id: id(&format!("/ns/ns-{}/sa/sa-{i}", i % 100)),
-        parent_id: id(&format!("/sigil/agent/join_token/node-{}", i % 1000)),
-        selectors: sels(&[
-            format!("k8s:ns:ns-{}", i % 100),
-            format!("k8s:sa:sa-{}", i % 5000),
-            format!("unix:uid:{}", i % 2000),
-        ]),
         x509_svid_ttl: Some(Duration::from_secs(3600)),
-        jwt_svid_ttl: None,
         dns_names: vec![format!("sa-{i}.example.org")],
-        admin: false,
-        downstream: false,
-        federates_with: Vec::new(),
-        hint: String::new(),
-        revision: 0,
-        created_at: 0,
-        updated_at: 0,
+        ..RegistrationEntry::new(
+            id(&format!("/ns/ns-{}/sa/sa-{i}", i % 100)),
+            id(&format!("/sigil/agent/join_token/node-{}", i % 1000)),
+            sels(&[
+                format!("k8s:ns:ns-{}", i % 100),
+                format!("k8s:sa:sa-{}", i % 5000),
+                format!("unix:uid:{}", i % 2000),
+            ]),
+        )
     }
 }
 

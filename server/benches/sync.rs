@@ -61,24 +61,17 @@ fn entry(i: usize, tag: &str) -> RegistrationEntry {
         id("/cluster/c1")
     };
     RegistrationEntry {
-        id: String::new(),
-        spiffe_id: id(&format!("/ns/ns-{}/sa/{tag}sa-{i}", i % 100)),
-        parent_id: parent,
-        selectors: sels(&[
-            format!("k8s:ns:ns-{}", i % 100),
-            format!("k8s:sa:{tag}sa-{}", i % 5000),
-            format!("unix:uid:{}", i % 2000),
-        ]),
         x509_svid_ttl: Some(Duration::from_secs(3600)),
-        jwt_svid_ttl: None,
         dns_names: vec![format!("sa-{i}.example.org")],
-        admin: false,
-        downstream: false,
-        federates_with: Vec::new(),
-        hint: String::new(),
-        revision: 0,
-        created_at: 0,
-        updated_at: 0,
+        ..RegistrationEntry::new(
+            id(&format!("/ns/ns-{}/sa/{tag}sa-{i}", i % 100)),
+            parent,
+            sels(&[
+                format!("k8s:ns:ns-{}", i % 100),
+                format!("k8s:sa:{tag}sa-{}", i % 5000),
+                format!("unix:uid:{}", i % 2000),
+            ]),
+        )
     }
 }
 

@@ -299,22 +299,11 @@ async fn create_node_alias(
 ) -> Result<(), Status> {
     let selector = Selector::new(NODE_ALIAS_SELECTOR_TYPE, &agent_id.to_string())
         .map_err(|e| Status::internal(format!("node-alias selector: {e}")))?;
-    let entry = RegistrationEntry {
-        id: String::new(),
-        spiffe_id: alias.clone(),
-        parent_id: agent_id.clone(),
-        selectors: SelectorSet::from_iter([selector]),
-        x509_svid_ttl: None,
-        jwt_svid_ttl: None,
-        dns_names: vec![],
-        admin: false,
-        downstream: false,
-        federates_with: vec![],
-        hint: String::new(),
-        revision: 0,
-        created_at: 0,
-        updated_at: 0,
-    };
+    let entry = RegistrationEntry::new(
+        alias.clone(),
+        agent_id.clone(),
+        SelectorSet::from_iter([selector]),
+    );
     let result = state
         .datastore
         .create_entries(vec![entry])
@@ -829,20 +818,14 @@ mod tests {
 
         async fn entry(&self, spiffe_id: &str, parent: &str, dns: &[&str]) -> String {
             let e = RegistrationEntry {
-                id: String::new(),
-                spiffe_id: id(spiffe_id),
-                parent_id: id(parent),
-                selectors: SelectorSet::from_iter([Selector::parse("unix:uid:1000").unwrap()]),
                 x509_svid_ttl: Some(Duration::from_secs(600)),
                 jwt_svid_ttl: Some(Duration::from_secs(120)),
                 dns_names: dns.iter().map(|d| d.to_string()).collect(),
-                admin: false,
-                downstream: false,
-                federates_with: vec![],
-                hint: String::new(),
-                revision: 0,
-                created_at: 0,
-                updated_at: 0,
+                ..RegistrationEntry::new(
+                    id(spiffe_id),
+                    id(parent),
+                    SelectorSet::from_iter([Selector::parse("unix:uid:1000").unwrap()]),
+                )
             };
             let mut r = self.state.datastore.create_entries(vec![e]).await.unwrap();
             r.pop().unwrap().unwrap().id

@@ -1249,22 +1249,7 @@ mod tests {
     }
 
     fn entry(path: &str, parent: &str, selectors: &[&str]) -> RegistrationEntry {
-        RegistrationEntry {
-            id: String::new(),
-            spiffe_id: id(path),
-            parent_id: id(parent),
-            selectors: sels(selectors),
-            x509_svid_ttl: None,
-            jwt_svid_ttl: None,
-            dns_names: Vec::new(),
-            admin: false,
-            downstream: false,
-            federates_with: Vec::new(),
-            hint: String::new(),
-            revision: 0,
-            created_at: 0,
-            updated_at: 0,
-        }
+        RegistrationEntry::new(id(path), id(parent), sels(selectors))
     }
 
     async fn open_tmp() -> TestResult<(tempfile::TempDir, SqliteDatastore)> {
@@ -2349,22 +2334,11 @@ mod kill9 {
             let ds = SqliteDatastore::open(Path::new(&path)).await?;
             let mut out = std::io::stdout().lock();
             for i in 0..100_000 {
-                let e = RegistrationEntry {
-                    id: String::new(),
-                    spiffe_id: SpiffeId::parse(&format!("spiffe://example.org/w/{i}"))?,
-                    parent_id: SpiffeId::parse("spiffe://example.org/p")?,
-                    selectors: [Selector::parse("t:1")?].into_iter().collect(),
-                    x509_svid_ttl: None,
-                    jwt_svid_ttl: None,
-                    dns_names: Vec::new(),
-                    admin: false,
-                    downstream: false,
-                    federates_with: Vec::new(),
-                    hint: String::new(),
-                    revision: 0,
-                    created_at: 0,
-                    updated_at: 0,
-                };
+                let e = RegistrationEntry::new(
+                    SpiffeId::parse(&format!("spiffe://example.org/w/{i}"))?,
+                    SpiffeId::parse("spiffe://example.org/p")?,
+                    [Selector::parse("t:1")?].into_iter().collect(),
+                );
                 for r in ds.create_entries(vec![e]).await? {
                     writeln!(out, "ACK {}", r?.id)?;
                 }

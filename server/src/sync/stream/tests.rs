@@ -33,22 +33,7 @@ fn sels(v: &[&str]) -> SelectorSet {
 }
 
 fn entry(path: &str, parent: &SpiffeId, selectors: &[&str]) -> RegistrationEntry {
-    RegistrationEntry {
-        id: String::new(),
-        spiffe_id: id(path),
-        parent_id: parent.clone(),
-        selectors: sels(selectors),
-        x509_svid_ttl: None,
-        jwt_svid_ttl: None,
-        dns_names: Vec::new(),
-        admin: false,
-        downstream: false,
-        federates_with: Vec::new(),
-        hint: String::new(),
-        revision: 0,
-        created_at: 0,
-        updated_at: 0,
-    }
+    RegistrationEntry::new(id(path), parent.clone(), sels(selectors))
 }
 
 struct Fixture {
