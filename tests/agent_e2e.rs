@@ -248,12 +248,10 @@ fn two_agents_receive_only_their_own_entries() {
     assert_eq!(a["entries"], 2);
 }
 
-#[test]
-fn agent_serves_cache_through_a_server_outage_and_resumes() {
-    let dir = tempdir();
-    let port = support::free_port();
-    let bind = format!("127.0.0.1:{port}");
-    let mut server = Server::start(&dir.path().join("server"), &["--bind-address", &bind]);
+/// Registers `web` under node alias `node`, starts an agent attesting with a token for that
+/// alias, and waits until it holds both SVIDs. Returns the agent and its status, whose `svids`
+/// sort by SPIFFE ID: `[node (the alias), web]`.
+fn agent_with_web(server: &Server, dir: &std::path::Path) -> (Agent, serde_json::Value) {
     server.cli_ok(&[
         "entry",
         "create",
@@ -264,16 +262,25 @@ fn agent_serves_cache_through_a_server_outage_and_resumes() {
         "--selector",
         "unix:uid:1",
     ]);
-    let d = dir.path().join("agent");
+    let d = dir.join("agent");
     std::fs::create_dir_all(&d).expect("dir");
-    let t = token(&server, "spiffe://example.org/node");
-    let mut agent = Agent::start(&server, &d, &["--join-token", &t]);
-    // SVIDs sort by SPIFFE ID: [node (the alias), web].
-    let before = wait_svids(
+    let t = token(server, "spiffe://example.org/node");
+    let agent = Agent::start(server, &d, &["--join-token", &t]);
+    let status = wait_svids(
         &agent,
         &["spiffe://example.org/node", "spiffe://example.org/web"],
         30,
     );
+    (agent, status)
+}
+
+#[test]
+fn agent_serves_cache_through_a_server_outage_and_resumes() {
+    let dir = tempdir();
+    let port = support::free_port();
+    let bind = format!("127.0.0.1:{port}");
+    let mut server = Server::start(&dir.path().join("server"), &["--bind-address", &bind]);
+    let (mut agent, before) = agent_with_web(&server, dir.path());
     let serial = before["svids"][1]["serial"].clone();
 
     // Server down for 30 s: the agent keeps running and keeps its SVID, and stays ready.
@@ -337,25 +344,7 @@ fn svids_and_the_agent_svid_rotate_at_half_their_ttl() {
         &dir.path().join("server"),
         &["--default-x509-svid-ttl", "20s"],
     );
-    server.cli_ok(&[
-        "entry",
-        "create",
-        "--parent-id",
-        "spiffe://example.org/node",
-        "--spiffe-id",
-        "spiffe://example.org/web",
-        "--selector",
-        "unix:uid:1",
-    ]);
-    let d = dir.path().join("agent");
-    std::fs::create_dir_all(&d).expect("dir");
-    let t = token(&server, "spiffe://example.org/node");
-    let mut agent = Agent::start(&server, &d, &["--join-token", &t]);
-    let first = wait_svids(
-        &agent,
-        &["spiffe://example.org/node", "spiffe://example.org/web"],
-        30,
-    );
+    let (mut agent, first) = agent_with_web(&server, dir.path());
     let web = &first["svids"][1];
     let (serial, not_after, refresh_at) = (
         web["serial"].as_str().expect("serial").to_string(),
