@@ -52,6 +52,8 @@ pub struct AgentIdentity {
     pub key_pkcs8_der: Vec<u8>,
     /// Leaf serial, lowercase hex.
     pub serial_hex: String,
+    /// Leaf NotBefore, Unix seconds.
+    pub not_before: i64,
     /// Leaf NotAfter, Unix seconds.
     pub not_after: i64,
 }
@@ -92,6 +94,7 @@ impl AgentIdentity {
         Ok(Self {
             spiffe_id,
             serial_hex: hex_lower(cert.raw_serial()),
+            not_before: cert.validity().not_before.timestamp(),
             not_after: cert.validity().not_after.timestamp(),
             chain_der,
             key_pkcs8_der,

@@ -223,10 +223,9 @@ impl Worker {
             let (next_refresh, renew_at) = {
                 let c = self.state.cache.read().await;
                 let id = self.state.identity.read().await;
-                let issued = id.not_after - agent_lifetime_guess(&id);
                 (
                     c.next_refresh(),
-                    crate::cache::refresh_time(issued, id.not_after, 0.0),
+                    crate::cache::refresh_time(id.not_before, id.not_after, 0.0),
                 )
             };
             let wake_at = next_refresh.map_or(renew_at, |r| r.min(renew_at));
@@ -368,15 +367,6 @@ impl Worker {
         *self.state.identity.write().await = id;
         Ok(())
     }
-}
-
-/// The agent SVID's lifetime, read from the leaf (NotAfter - NotBefore).
-fn agent_lifetime_guess(id: &AgentIdentity) -> i64 {
-    id.chain_der
-        .first()
-        .and_then(|leaf| x509_parser::parse_x509_certificate(leaf).ok())
-        .map(|(_, c)| c.validity().not_after.timestamp() - c.validity().not_before.timestamp())
-        .unwrap_or(3600)
 }
 
 #[cfg(test)]
