@@ -18,6 +18,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // Deterministic encoding: a Workload API stream compares messages to send only changes.
+        .btree_map(".")
         .compile_protos(&protos, &["proto", includes.as_str()])?;
     Ok(())
 }

@@ -108,17 +108,19 @@ pub fn parse_pem_certs(pem: &str) -> Result<Vec<Vec<u8>>, X509Error> {
 
 /// Encodes DER certificates as concatenated PEM `CERTIFICATE` blocks (64-column base64).
 pub fn to_pem_certs(ders: &[Vec<u8>]) -> String {
-    let mut out = String::new();
-    for der in ders {
-        out.push_str("-----BEGIN CERTIFICATE-----\n");
-        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-        for line in b64.as_bytes().chunks(64) {
-            // base64 output is ASCII, so every chunk is valid UTF-8.
-            out.push_str(&String::from_utf8_lossy(line));
-            out.push('\n');
-        }
-        out.push_str("-----END CERTIFICATE-----\n");
+    ders.iter().map(|d| to_pem("CERTIFICATE", d)).collect()
+}
+
+/// One PEM block with `label` (e.g. `PRIVATE KEY` for PKCS#8), 64-column base64.
+pub fn to_pem(label: &str, der: &[u8]) -> String {
+    let mut out = format!("-----BEGIN {label}-----\n");
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    for line in b64.as_bytes().chunks(64) {
+        // base64 output is ASCII, so every chunk is valid UTF-8.
+        out.push_str(&String::from_utf8_lossy(line));
+        out.push('\n');
     }
+    out.push_str(&format!("-----END {label}-----\n"));
     out
 }
 

@@ -1,22 +1,56 @@
 //! The agent's admin API on its local Unix socket (directory 0700): what the agent holds, for
-//! `sigil-agent status`. Never returns key material.
+//! `sigil-agent status`, and why a process gets an SVID or not, for `sigil-agent explain`.
+//! Never returns key material.
 
 use std::sync::Arc;
 
 use sigil::proto::agent_admin as pb;
 use tonic::{Request, Response, Status};
 
+use crate::attestor::{AttestError, ProcessPin, WorkloadAttestor};
 use crate::worker::AgentState;
 
 /// The `sigil.agent.v1.AgentAdmin` service.
 pub struct AgentAdminService {
     state: Arc<AgentState>,
+    attestor: Arc<WorkloadAttestor>,
 }
 
 impl AgentAdminService {
-    /// Wraps the shared agent state.
-    pub fn new(state: Arc<AgentState>) -> Self {
-        Self { state }
+    /// Wraps the shared agent state; `attestor` is the one the Workload API uses.
+    pub fn new(state: Arc<AgentState>, attestor: Arc<WorkloadAttestor>) -> Self {
+        Self { state, attestor }
+    }
+}
+
+/// The effective uid and gid of `pid` from /proc (what SO_PEERCRED would report for a caller).
+fn effective_ids(pid: i32) -> Result<(u32, u32), AttestError> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            AttestError::Gone { pid }
+        } else {
+            AttestError::Proc {
+                pid,
+                what: "status",
+                source: e,
+            }
+        }
+    })?;
+    let field = |name: &str| -> Option<u32> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        // "Uid:\treal\teffective\tsaved\tfs": the effective id is the second number.
+        line.split_whitespace().nth(2)?.parse().ok()
+    };
+    match (field("Uid:"), field("Gid:")) {
+        (Some(u), Some(g)) => Ok((u, g)),
+        _ => Err(AttestError::Proc {
+            pid,
+            what: "status",
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "no Uid:/Gid: lines in /proc/<pid>/status",
+            ),
+        }),
     }
 }
 
@@ -61,6 +95,69 @@ impl pb::agent_admin_server::AgentAdmin for AgentAdminService {
             entries: cache.entry_count() as u64,
             refused,
             svids,
+            // BTreeMap keys: already sorted.
+            federated_trust_domains: cache.federated_bundles().keys().cloned().collect(),
+        }))
+    }
+
+    async fn explain(
+        &self,
+        req: Request<pb::ExplainRequest>,
+    ) -> Result<Response<pb::ExplainResponse>, Status> {
+        let pid = req.into_inner().pid;
+        if pid <= 0 {
+            return Err(Status::invalid_argument(format!(
+                "--pid must be a positive process id, got {pid}"
+            )));
+        }
+        let attestor = self.attestor.clone();
+        let attested = tokio::task::spawn_blocking(move || {
+            let pin = ProcessPin::pin(pid)?;
+            let (uid, gid) = effective_ids(pid)?;
+            attestor.attest(&pin, uid, gid)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("attestation task failed: {e}")))?
+        .map_err(|e| match e {
+            AttestError::Gone { .. } => {
+                Status::not_found(format!("no process with pid {pid} (or it exited meanwhile)"))
+            }
+            other => Status::failed_precondition(format!(
+                "cannot attest pid {pid}: {other} (is the agent allowed to read /proc/{pid}?)"
+            )),
+        })?;
+        let cache = self.state.cache.read().await;
+        let x = crate::explain::explain(&cache, &attested.selectors);
+        Ok(Response::new(pb::ExplainResponse {
+            pid,
+            selectors: attested.selectors.iter().map(ToString::to_string).collect(),
+            matches: x
+                .matches
+                .into_iter()
+                .map(|m| pb::ExplainMatch {
+                    entry_id: m.entry_id,
+                    spiffe_id: m.spiffe_id,
+                    svid_ready: m.svid_ready,
+                })
+                .collect(),
+            near_misses: x
+                .near_misses
+                .into_iter()
+                .map(|n| pb::ExplainNearMiss {
+                    entry_id: n.entry_id,
+                    spiffe_id: n.spiffe_id,
+                    missing: n
+                        .missing
+                        .into_iter()
+                        .map(|m| pb::ExplainMissing {
+                            selector: m.selector,
+                            process_has: m.process_has,
+                        })
+                        .collect(),
+                })
+                .collect(),
+            entries_held: x.entries_held as u64,
+            synced: cache.has_snapshot(),
         }))
     }
 }

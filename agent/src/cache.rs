@@ -1,15 +1,17 @@
-//! The agent's cache: the entries it is authorised for, their X509-SVIDs, and the trust bundle.
+//! The agent's cache: the entries it is authorised for, their X509-SVIDs, the trust bundle, and
+//! the federated bundles of the foreign trust domains its entries federate with.
 //!
 //! Fed by the server's sync stream ([`Cache::apply_sync`]): a snapshot (possibly in chunks)
 //! replaces everything, later messages upsert and remove entries. For every entry the agent holds
 //! a workload key it generated itself and an SVID signed by the server; [`Cache::due`] says which
 //! entries need a (new) SVID: never signed, entry changed since signing, or past its refresh time
 //! — half the SVID's lifetime minus up to 10 % jitter, so a fleet's rotations spread out instead of
-//! hitting the server at once. SVIDs of removed entries are dropped with the entry.
+//! hitting the server at once. SVIDs of removed entries are dropped with the entry. Federated
+//! bundles always arrive as a complete set (`federated_bundles_set`) that replaces the held one.
 //!
 //! The cache holds no locks and does no I/O; the agent's worker owns it and decides when to call.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use rand::Rng as _;
 use sigil::entry::RegistrationEntry;
@@ -34,6 +36,16 @@ pub enum CacheError {
     /// A delta arrived before any snapshot.
     #[error("incremental sync message before the first snapshot")]
     NoSnapshot,
+    /// A federated bundle in the message names no valid trust domain.
+    #[error(
+        "server sent a federated bundle for an invalid trust domain {trust_domain:?}: {reason}"
+    )]
+    InvalidFederatedBundle {
+        /// The trust domain as sent.
+        trust_domain: String,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// A cached X509-SVID for one entry.
@@ -88,6 +100,8 @@ pub struct Cache {
     has_snapshot: bool,
     revision: i64,
     bundle: Option<pb::Bundle>,
+    /// Trust domain name → its federated bundle.
+    federated: BTreeMap<String, pb::Bundle>,
 }
 
 /// What a sync message changed, for logging and for waking Workload API streams.
@@ -99,6 +113,8 @@ pub struct SyncOutcome {
     pub removed: usize,
     /// The bundle changed.
     pub bundle_changed: bool,
+    /// The set of federated bundles changed (one added, removed or replaced).
+    pub federated_changed: bool,
     /// A snapshot finished (or none was pending).
     pub complete: bool,
 }
@@ -127,6 +143,11 @@ impl Cache {
     /// The current bundle, if any.
     pub fn bundle(&self) -> Option<&pb::Bundle> {
         self.bundle.as_ref()
+    }
+
+    /// The federated bundles held, by trust domain name (e.g. `other.org`).
+    pub fn federated_bundles(&self) -> &BTreeMap<String, pb::Bundle> {
+        &self.federated
     }
 
     /// Entries held.
@@ -166,6 +187,22 @@ impl Cache {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // Validated before anything changes, like the entries: a bad message applies nothing.
+        let federated = if msg.federated_bundles_set {
+            let mut set = BTreeMap::new();
+            for b in msg.federated_bundles {
+                let td = sigil::TrustDomain::new(&b.trust_domain).map_err(|e| {
+                    CacheError::InvalidFederatedBundle {
+                        trust_domain: b.trust_domain.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
+                set.insert(td.name().to_string(), b);
+            }
+            Some(set)
+        } else {
+            None
+        };
         if msg.full {
             self.incoming_snapshot = Some(HashMap::new());
         }
@@ -215,6 +252,12 @@ impl Cache {
             if self.bundle.as_ref() != Some(&b) {
                 self.bundle = Some(b);
                 out.bundle_changed = true;
+            }
+        }
+        if let Some(set) = federated {
+            if self.federated != set {
+                self.federated = set;
+                out.federated_changed = true;
             }
         }
         Ok(out)
@@ -471,6 +514,87 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, CacheError::InvalidEntry { ref id, .. } if id == "x"));
         assert_eq!(c.entry_count(), 0, "nothing applied from a bad message");
+    }
+
+    fn federated_msg(bundles: &[(&str, u8)]) -> pb::SyncResponse {
+        pb::SyncResponse {
+            federated_bundles: bundles
+                .iter()
+                .map(|(td, root)| pb::Bundle {
+                    trust_domain: (*td).into(),
+                    x509_roots: vec![*root],
+                    sequence_number: 1,
+                    ..Default::default()
+                })
+                .collect(),
+            federated_bundles_set: true,
+            ..Default::default()
+        }
+    }
+
+    fn federated_tds(c: &Cache) -> Vec<&str> {
+        c.federated_bundles().keys().map(String::as_str).collect()
+    }
+
+    #[test]
+    fn federated_set_is_replaced_whole_and_changes_reported() {
+        let mut c = Cache::new();
+        // On a snapshot.
+        let mut m = snapshot(vec![entry("a", 1)], 1);
+        m.federated_bundles = federated_msg(&[("other.org", 1)]).federated_bundles;
+        m.federated_bundles_set = true;
+        let out = c.apply_sync(m).unwrap();
+        assert!(out.federated_changed && !out.bundle_changed);
+        assert_eq!(federated_tds(&c), ["other.org"]);
+        assert_eq!(c.federated_bundles()["other.org"].x509_roots, vec![1]);
+
+        // A message without the flag leaves the set alone, even with an empty list.
+        let out = c
+            .apply_sync(pb::SyncResponse {
+                revision: 2,
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(!out.federated_changed);
+        assert_eq!(federated_tds(&c), ["other.org"]);
+
+        // The same set again: no change reported.
+        let out = c.apply_sync(federated_msg(&[("other.org", 1)])).unwrap();
+        assert!(!out.federated_changed);
+
+        // Replaced whole: one added, one content change.
+        let out = c
+            .apply_sync(federated_msg(&[("third.org", 3), ("other.org", 2)]))
+            .unwrap();
+        assert!(out.federated_changed);
+        assert_eq!(federated_tds(&c), ["other.org", "third.org"]);
+        assert_eq!(c.federated_bundles()["other.org"].x509_roots, vec![2]);
+
+        // Removed by omission; an empty set clears everything.
+        c.apply_sync(federated_msg(&[("third.org", 3)])).unwrap();
+        assert_eq!(federated_tds(&c), ["third.org"]);
+        assert!(c.apply_sync(federated_msg(&[])).unwrap().federated_changed);
+        assert!(c.federated_bundles().is_empty());
+        assert_eq!(c.entry_count(), 1, "entries untouched");
+    }
+
+    #[test]
+    fn invalid_federated_bundles_are_refused_whole() {
+        let mut c = Cache::new();
+        c.apply_sync(snapshot(vec![], 1)).unwrap();
+        c.apply_sync(federated_msg(&[("other.org", 1)])).unwrap();
+        let mut bad = federated_msg(&[("third.org", 3), ("NOT A DOMAIN", 4)]);
+        bad.upserted = vec![entry("a", 2)];
+        let err = c.apply_sync(bad).unwrap_err();
+        assert!(
+            matches!(err, CacheError::InvalidFederatedBundle { ref trust_domain, .. } if trust_domain == "NOT A DOMAIN")
+        );
+        assert_eq!(federated_tds(&c), ["other.org"], "nothing applied");
+        assert_eq!(c.entry_count(), 0, "nothing applied");
+        // A trust domain sent as its ID is held under its bare name.
+        c.apply_sync(federated_msg(&[("spiffe://other.org", 9)]))
+            .unwrap();
+        assert_eq!(federated_tds(&c), ["other.org"]);
     }
 
     #[test]

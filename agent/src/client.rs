@@ -49,7 +49,7 @@ impl ClientError {
             if matches!(status.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated))
     }
 
-    fn rpc(what: &'static str) -> impl FnOnce(tonic::Status) -> ClientError {
+    pub(crate) fn rpc(what: &'static str) -> impl FnOnce(tonic::Status) -> ClientError {
         move |status| ClientError::Rpc { what, status }
     }
 }

@@ -24,6 +24,11 @@ enum Command {
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
         output: String,
     },
+    /// Talk to the Workload API as a workload would: fetch, validate, watch.
+    #[command(subcommand)]
+    Api(sigil_agent::cli::api::ApiCommand),
+    /// Why does a process get (or not get) an SVID: its selectors, matches and near misses.
+    Explain(sigil_agent::cli::explain::ExplainArgs),
     /// Check the agent's health endpoint: exit 0 when ready.
     Healthcheck {
         /// The agent's health address.
@@ -94,6 +99,7 @@ async fn status(socket: &std::path::Path, output: &str) -> anyhow::Result<()> {
             "spiffe_id": s.spiffe_id, "agent_svid_expires_at": s.agent_svid_expires_at,
             "synced": s.synced, "revision": s.revision, "bundle_sequence": s.bundle_sequence,
             "entries": s.entries, "refused": s.refused, "svids": svids,
+            "federated_trust_domains": s.federated_trust_domains,
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
@@ -105,6 +111,9 @@ async fn status(socket: &std::path::Path, output: &str) -> anyhow::Result<()> {
         s.synced, s.revision, s.bundle_sequence
     );
     println!("Entries         : {}", s.entries);
+    if !s.federated_trust_domains.is_empty() {
+        println!("Federated with  : {}", s.federated_trust_domains.join(", "));
+    }
     if !s.refused.is_empty() {
         println!("REFUSED         : {}", s.refused);
     }
@@ -136,6 +145,8 @@ fn main() -> std::process::ExitCode {
                 sigil::logging::init(&cfg.log_level, cfg.log_format).map_err(anyhow::Error::msg)?;
                 sigil_agent::run::run(cfg).await
             }
+            Command::Api(cmd) => sigil_agent::cli::api::run(cmd).await,
+            Command::Explain(args) => sigil_agent::cli::explain::run(args).await,
             Command::Healthcheck { health_address } => healthcheck(&health_address).await,
             Command::Status {
                 admin_socket,

@@ -22,6 +22,10 @@ pub struct AgentMetrics {
     pub sync_messages: Counter,
     /// Expiry of the agent's own SVID, Unix seconds.
     pub agent_svid_expiry: Gauge,
+    /// Open Workload API streams.
+    pub workload_streams: Gauge,
+    /// Workload API callers that could not be attested (gone, unreadable).
+    pub workload_attest_failures: Counter,
 }
 
 impl AgentMetrics {
@@ -60,8 +64,22 @@ impl AgentMetrics {
             "Expiry of the agent SVID (Unix seconds)",
             agent_svid_expiry.clone(),
         );
+        let workload_streams = Gauge::default();
+        r.register(
+            "workload_api_streams",
+            "Open Workload API streams",
+            workload_streams.clone(),
+        );
+        let workload_attest_failures = Counter::default();
+        r.register(
+            "workload_api_attestation_failures",
+            "Workload API callers that could not be attested",
+            workload_attest_failures.clone(),
+        );
         Self {
             registry: Arc::new(r),
+            workload_streams,
+            workload_attest_failures,
             entries,
             svids,
             svids_minted,

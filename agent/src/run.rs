@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use async_trait::async_trait;
-use tokio::sync::{watch, RwLock};
+use tokio::sync::watch;
 
 use crate::cache::Cache;
 use crate::client;
@@ -110,15 +110,21 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         identity.key_pkcs8_der.clone(),
     )?);
     let trust = Arc::new(TrustStore::new(&roots)?);
-    let state = Arc::new(AgentState {
-        trust_domain: td.clone(),
-        cache: RwLock::new(Cache::new()),
-        identity: RwLock::new(identity.clone()),
-        refused: RwLock::new(None),
-        metrics: crate::metrics::AgentMetrics::new(),
-    });
+    let state = Arc::new(AgentState::new(td.clone(), identity.clone(), Cache::new()));
     state.metrics.agent_svid_expiry.set(identity.not_after);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let attestor = Arc::new(crate::attestor::WorkloadAttestor::new());
+    let workload_api = crate::workload_api::WorkloadApi::new(
+        state.clone(),
+        attestor.clone(),
+        crate::workload_api::jwt::NodeLink::new(
+            cfg.server_address.clone(),
+            td.clone(),
+            tls_identity.clone(),
+            trust.clone(),
+        ),
+        shutdown_rx.clone(),
+    );
     let worker = Worker {
         state: state.clone(),
         server_address: cfg.server_address.clone(),
@@ -138,7 +144,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             tonic::transport::Server::builder()
                 .add_service(
                     sigil::proto::agent_admin::agent_admin_server::AgentAdminServer::new(
-                        crate::admin::AgentAdminService::new(state.clone()),
+                        crate::admin::AgentAdminService::new(state.clone(), attestor.clone()),
                     ),
                 )
                 .serve_with_incoming_shutdown(
@@ -148,6 +154,24 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     },
                 ),
         )
+    };
+
+    // The Workload API: public socket, any local process may connect; attestation decides.
+    let workload_listener = crate::workload_api::bind(&cfg.socket_path).with_context(|| {
+        format!(
+            "binding the Workload API socket {}",
+            cfg.socket_path.display()
+        )
+    })?;
+    let workload_task = {
+        let mut rx = shutdown_rx.clone();
+        tokio::spawn(crate::workload_api::serve(
+            workload_listener,
+            workload_api,
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            },
+        ))
     };
 
     let health_task = match cfg.health_address {
@@ -169,7 +193,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         None => None,
     };
 
-    tracing::info!(spiffe_id = %identity.spiffe_id, server = %cfg.server_address, admin_socket = %cfg.admin_socket.display(), "sigil-agent ready");
+    tracing::info!(spiffe_id = %identity.spiffe_id, server = %cfg.server_address, admin_socket = %cfg.admin_socket.display(), workload_api = %format!("unix://{}", cfg.socket_path.display()), "sigil-agent ready");
     let signal = {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
@@ -181,6 +205,14 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let _ = worker_task.await;
     let _ = admin_task.await;
     let _ = std::fs::remove_file(&cfg.admin_socket);
+    // Streams end on the shutdown signal; don't let a stuck client hold the agent up.
+    if tokio::time::timeout(std::time::Duration::from_secs(5), workload_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("Workload API clients did not disconnect within 5 s; stopping anyway");
+    }
+    let _ = std::fs::remove_file(&cfg.socket_path);
     if let Some(t) = health_task {
         let _ = t.await;
     }

@@ -28,7 +28,7 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Most SVIDs per BatchSign call.
 pub const SIGN_BATCH: usize = 500;
 
-/// Shared agent state (read by the health endpoint and, later, the Workload API).
+/// Shared agent state (read by the health endpoint, the admin API and the Workload API).
 pub struct AgentState {
     /// Trust domain.
     pub trust_domain: TrustDomain,
@@ -40,6 +40,27 @@ pub struct AgentState {
     pub refused: RwLock<Option<String>>,
     /// Metrics.
     pub metrics: crate::metrics::AgentMetrics,
+    /// Bumped after every cache change, so Workload API streams wake and resend.
+    pub changes: watch::Sender<u64>,
+}
+
+impl AgentState {
+    /// Fresh state around a cache.
+    pub fn new(trust_domain: TrustDomain, identity: AgentIdentity, cache: Cache) -> Self {
+        Self {
+            trust_domain,
+            cache: RwLock::new(cache),
+            identity: RwLock::new(identity),
+            refused: RwLock::new(None),
+            metrics: crate::metrics::AgentMetrics::new(),
+            changes: watch::channel(0).0,
+        }
+    }
+
+    /// Tells every watcher that the cache changed.
+    pub fn notify_changed(&self) {
+        self.changes.send_modify(|v| *v = v.wrapping_add(1));
+    }
 }
 
 /// Where the worker connects and what it presents.
@@ -279,6 +300,9 @@ impl Worker {
                 }
             }
         }
+        if out.upserted + out.removed > 0 || out.bundle_changed {
+            self.state.notify_changed();
+        }
         let m = &self.state.metrics;
         m.sync_messages.inc();
         m.entries.set(cache.entry_count() as i64);
@@ -346,8 +370,15 @@ impl Worker {
                     }
                 }
             }
+            drop(cache);
+            if signed > 0 {
+                self.state.notify_changed();
+            }
             self.state.metrics.svids_minted.inc_by(signed);
-            self.state.metrics.svids.set(cache.svids().count() as i64);
+            self.state
+                .metrics
+                .svids
+                .set(self.state.cache.read().await.svids().count() as i64);
             tracing::info!(signed, "X509-SVIDs minted");
         }
         Ok(())

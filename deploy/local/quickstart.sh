@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
 # Local quickstart: builds Sigil, starts sigil-server (embedded SQLite, self-signed CA, trust
-# domain example.org) on a temp dir, registers the current user's uid as
-# spiffe://example.org/quickstart, and shows the trust bundle and the entry.
+# domain example.org) and sigil-agent (join token) on a temp dir, registers the current user's
+# uid as spiffe://example.org/quickstart, then fetches that SVID through the SPIFFE Workload API
+# exactly as a workload would (SPIFFE_ENDPOINT_SOCKET) and writes it to files. Then it keeps
+# running and prints every rotation until Ctrl-C, which stops both processes.
 #
-# Then it starts sigil-agent with a join token; the agent attests, syncs the entry and mints the
-# workload's SVID, shown with `sigil-agent status`. Status: fetching that SVID through the SPIFFE
-# Workload API is issue 4; until then the script shows the agent's cache instead.
-#
-# Usage: deploy/local/quickstart.sh [--once]   (--once: exit after set-up instead of waiting)
+# Usage: deploy/local/quickstart.sh [--once] [--ttl DURATION]
+#   --once          exit after the first fetch
+#   --ttl 2m        X509-SVID lifetime of the quickstart entry (default 1h: rotates every ~30 min)
 set -euo pipefail
 
 ONCE=0
-for arg in "$@"; do
-  case "$arg" in
+TTL=""
+while [ $# -gt 0 ]; do
+  case "$1" in
     --once) ONCE=1 ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
-    *) echo "unknown argument: $arg (try --help)" >&2; exit 2 ;;
+    --ttl) TTL="${2:?--ttl needs a duration, e.g. 2m}"; shift ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $1 (try --help)" >&2; exit 2 ;;
   esac
+  shift
 done
 
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -59,7 +62,7 @@ TOKEN_JSON="$("$BIN/sigil-server" token generate --admin-socket "$SOCK" --spiffe
 "$BIN/sigil-server" entry create --admin-socket "$SOCK" \
   --parent-id spiffe://example.org/quickstart-node \
   --spiffe-id spiffe://example.org/quickstart \
-  --selector "unix:uid:$(id -u)"
+  --selector "unix:uid:$(id -u)" ${TTL:+--x509-svid-ttl "$TTL"}
 
 "$BIN/sigil-server" bundle show --admin-socket "$SOCK" >"$WORK/bundle.pem"
 echo "==> trust bundle written to $WORK/bundle.pem"
@@ -73,17 +76,20 @@ AGENT_ADMIN="$WORK/agent/admin/admin.sock"
   --socket-path "$WORK/agent/public/api.sock" --admin-socket "$AGENT_ADMIN" \
   --health-address 127.0.0.1:0 >"$WORK/agent.log" 2>&1 &
 AGENT_PID=$!
+export SPIFFE_ENDPOINT_SOCKET="unix://$WORK/agent/public/api.sock"
 for _ in $(seq 1 100); do
-  if "$BIN/sigil-agent" status --admin-socket "$AGENT_ADMIN" --output json 2>/dev/null \
-      | grep -q '"spiffe_id": "spiffe://example.org/quickstart"'; then break; fi
+  if [ -S "$WORK/agent/public/api.sock" ]; then break; fi
   if ! kill -0 "$AGENT_PID" 2>/dev/null; then cat "$WORK/agent.log" >&2; exit 1; fi
   sleep 0.1
 done
-"$BIN/sigil-agent" status --admin-socket "$AGENT_ADMIN"
-echo "==> admin sockets: server $SOCK, agent $AGENT_ADMIN; data in $WORK"
-echo "NOTE: the SPIFFE Workload API (issue 4) is not implemented yet: the SVID above is held by the"
-echo "      agent; serving it to the workload over $WORK/agent/public/api.sock comes next."
+
+echo "==> fetching the SVID through the Workload API (SPIFFE_ENDPOINT_SOCKET=$SPIFFE_ENDPOINT_SOCKET)"
+"$BIN/sigil-agent" api fetch x509 --write "$WORK/svid"
+echo
+echo "    files: $WORK/svid/svid.pem (chain), $WORK/svid/svid.key (key, 0600), $WORK/svid/bundle.pem"
+echo "    admin sockets: server $SOCK, agent $AGENT_ADMIN; logs and data in $WORK"
+echo "    try: SPIFFE_ENDPOINT_SOCKET=$SPIFFE_ENDPOINT_SOCKET $BIN/sigil-agent api fetch jwt --audience demo"
 
 if [ "$ONCE" = 1 ]; then exit 0; fi
-echo "==> server and agent running; Ctrl-C to stop"
-wait "$SERVER_PID"
+echo "==> watching for rotations (every half TTL); Ctrl-C stops the agent and the server"
+"$BIN/sigil-agent" api watch --write "$WORK/svid" || true

@@ -404,3 +404,181 @@ impl Drop for Agent {
         }
     }
 }
+
+impl Agent {
+    /// The Workload API socket: [`Agent::start`] passes `--socket-path <dir>/api.sock`, and the
+    /// log lives in the same `<dir>`.
+    pub fn socket_path(&self) -> PathBuf {
+        self.log.with_file_name("api.sock")
+    }
+
+    /// Waits until the agent's status lists an SVID for each of `ids` (it may hold others too)
+    /// and returns that status (fails the test after `secs`).
+    pub fn wait_svids_for(&self, ids: &[&str], secs: u64) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if self.admin_socket.exists() {
+                let out = Command::new(binary("sigil-agent"))
+                    .arg("status")
+                    .arg("--admin-socket")
+                    .arg(&self.admin_socket)
+                    .args(["--output", "json"])
+                    .output()
+                    .expect("running sigil-agent status");
+                if out.status.success() {
+                    let s: serde_json::Value =
+                        serde_json::from_slice(&out.stdout).expect("status JSON");
+                    let held: Vec<&str> = s["svids"]
+                        .as_array()
+                        .map(|v| v.iter().filter_map(|x| x["spiffe_id"].as_str()).collect())
+                        .unwrap_or_default();
+                    if ids.iter().all(|id| held.contains(id)) {
+                        return s;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not hold SVIDs for {ids:?} within {secs} s; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// A fresh join token (no node alias) and the SPIFFE ID the agent attesting with it gets
+/// (`spiffe://example.org/sigil/agent/join_token/<token>`).
+pub fn join_token(server: &Server) -> (String, String) {
+    let token = server.cli_json(&["token", "generate"])["token"]
+        .as_str()
+        .expect("token in `token generate` output")
+        .to_string();
+    let id = format!("spiffe://example.org/sigil/agent/join_token/{token}");
+    (token, id)
+}
+
+/// `entry create` under `parent` for `spiffe_id` with `selectors` (`type:value`) and extra
+/// flags; returns the new entry's id.
+pub fn create_entry(
+    server: &Server,
+    parent: &str,
+    spiffe_id: &str,
+    selectors: &[&str],
+    extra: &[&str],
+) -> String {
+    let mut args = vec![
+        "entry",
+        "create",
+        "--parent-id",
+        parent,
+        "--spiffe-id",
+        spiffe_id,
+    ];
+    for s in selectors {
+        args.extend(["--selector", s]);
+    }
+    args.extend(extra);
+    let out = server.cli_json(&args);
+    out["results"][0]["entry"]["id"]
+        .as_str()
+        .filter(|id| !id.is_empty())
+        .unwrap_or_else(|| panic!("no entry id in {out}"))
+        .to_string()
+}
+
+/// An agent started by [`agent_with_workload_entries`].
+pub struct WorkloadAgent {
+    /// The running agent.
+    pub agent: Agent,
+    /// Its SPIFFE ID (the parent of the entries).
+    pub agent_id: String,
+    /// The ids of the entries created, in the order given.
+    pub entry_ids: Vec<String>,
+}
+
+/// Registers workload entries under a fresh join-token agent, starts that agent in
+/// `<dir>/agent` and waits (up to 60 s) until it holds an SVID for each entry.
+///
+/// `entries` are `(spiffe_id, selectors)`; `extra` flags (e.g. `--x509-svid-ttl 20s`) go to
+/// every `entry create`.
+pub fn agent_with_workload_entries(
+    server: &Server,
+    dir: &Path,
+    entries: &[(&str, &[&str])],
+    extra: &[&str],
+) -> WorkloadAgent {
+    let (token, agent_id) = join_token(server);
+    let entry_ids = entries
+        .iter()
+        .map(|(id, selectors)| create_entry(server, &agent_id, id, selectors, extra))
+        .collect();
+    let agent_dir = dir.join("agent");
+    std::fs::create_dir_all(&agent_dir).expect("agent dir");
+    let agent = Agent::start(server, &agent_dir, &["--join-token", &token]);
+    let ids: Vec<&str> = entries.iter().map(|(id, _)| *id).collect();
+    agent.wait_svids_for(&ids, 60);
+    WorkloadAgent {
+        agent,
+        agent_id,
+        entry_ids,
+    }
+}
+
+/// [`agent_with_workload_entries`] with one entry.
+pub fn agent_with_workload_entry(
+    server: &Server,
+    dir: &Path,
+    spiffe_id: &str,
+    selectors: &[&str],
+    extra: &[&str],
+) -> WorkloadAgent {
+    agent_with_workload_entries(server, dir, &[(spiffe_id, selectors)], extra)
+}
+
+/// Polls `sigil-agent status --output json` until `pred(status)` holds and returns that status
+/// (fails the test after `secs`). Unlike [`Agent::status`], an agent not answering yet (admin
+/// socket missing, still starting) is waited for, not a failure.
+pub fn wait_status(
+    agent: &Agent,
+    secs: u64,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut last = serde_json::Value::Null;
+    loop {
+        if agent.admin_socket.exists() {
+            let out = Command::new(binary("sigil-agent"))
+                .arg("status")
+                .arg("--admin-socket")
+                .arg(&agent.admin_socket)
+                .args(["--output", "json"])
+                .output()
+                .expect("running sigil-agent status");
+            if out.status.success() {
+                last = serde_json::from_slice(&out.stdout).expect("status JSON");
+                if pred(&last) {
+                    return last;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; last status {last}\nlog:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A self-signed CA certificate (PEM) standing in for another trust domain's root.
+pub fn foreign_ca_pem(common_name: &str) -> String {
+    let key = rcgen::KeyPair::generate().expect("generating a CA key");
+    let mut params = rcgen::CertificateParams::default();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, common_name);
+    params.self_signed(&key).expect("self-signing a CA").pem()
+}

@@ -9,7 +9,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
-use sigil::bundle::Bundle;
+use sigil::bundle::{Bundle, BundleError};
 use sigil::entry::{selectors_from_proto, RegistrationEntry};
 use sigil::proto::admin as pb;
 use sigil::proto::admin::admin_server::Admin;
@@ -19,7 +19,7 @@ use tonic::transport::server::UdsConnectInfo;
 use tonic::{Code, Request, Response, Status};
 
 use crate::datastore::{
-    AttestedAgent, Datastore, DatastoreError, EntryFilter, JoinToken, SelectorMatch,
+    AttestedAgent, Datastore, DatastoreError, EntryFilter, JoinToken, SelectorMatch, StoredBundle,
 };
 use crate::metrics::Metrics;
 use crate::sync::SyncEvents;
@@ -44,7 +44,7 @@ pub struct AdminState {
     /// Metrics.
     pub metrics: Metrics,
     /// Change notifications for the agents' sync streams: published after every successful
-    /// entry mutation.
+    /// entry or federated-bundle mutation.
     pub events: SyncEvents,
 }
 
@@ -160,6 +160,34 @@ impl AdminService {
         })
     }
 
+    /// The foreign trust domain a federated-bundle request names: a bare name or its ID
+    /// `spiffe://name` (without a path), and never this server's own.
+    fn federated_td(&self, s: &str) -> Result<TrustDomain, Status> {
+        if s.is_empty() {
+            return Err(Status::invalid_argument(
+                "trust_domain is required (e.g. other.org or spiffe://other.org)",
+            ));
+        }
+        // TrustDomain::new would quietly drop a path; a workload ID here is a mistake.
+        if let Ok(id) = SpiffeId::parse(s) {
+            if !id.path().is_empty() {
+                return Err(Status::invalid_argument(format!(
+                    "invalid trust_domain {s:?}: a trust domain has no path; use {}",
+                    id.trust_domain().id_string()
+                )));
+            }
+        }
+        let td = TrustDomain::new(s)
+            .map_err(|e| Status::invalid_argument(format!("invalid trust_domain {s:?}: {e}")))?;
+        if td == *self.td() {
+            return Err(Status::invalid_argument(format!(
+                "trust_domain {td} is this server's own trust domain: its bundle comes from the \
+                 server's CA (see `bundle show`); federated bundles are for other trust domains"
+            )));
+        }
+        Ok(td)
+    }
+
     async fn refresh_entry_gauge(&self) {
         if let Ok(n) = self
             .state
@@ -236,6 +264,75 @@ fn agent_to_proto(a: &AttestedAgent) -> pb::Agent {
         created_at: a.created_at,
         updated_at: a.updated_at,
     }
+}
+
+/// Reads the bundle of a SetFederatedBundle request for `td`, refusing what agents could not use.
+fn federated_bundle_from_request(
+    td: &TrustDomain,
+    bundle: Option<pb::set_federated_bundle_request::Bundle>,
+) -> Result<StoredBundle, Status> {
+    use pb::set_federated_bundle_request::Bundle as Input;
+    let parsed = match bundle {
+        None => {
+            return Err(Status::invalid_argument(
+                "bundle is required: give x509_pem (PEM roots) or spiffe_bundle_json",
+            ))
+        }
+        Some(Input::X509Pem(pem)) => {
+            let roots = sigil::x509::parse_pem_certs(&pem)
+                .map_err(|e| Status::invalid_argument(format!("invalid x509_pem: {e}")))?;
+            Bundle {
+                x509_authorities: roots,
+                ..Bundle::new(td.clone())
+            }
+        }
+        Some(Input::SpiffeBundleJson(json)) => Bundle::from_spiffe_json(td.clone(), &json)
+            .map_err(|e| Status::invalid_argument(format!("invalid spiffe_bundle_json: {e}")))?,
+    };
+    if parsed.x509_authorities.is_empty() && parsed.jwt_authorities.is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "the bundle for {td} has no X.509 roots and no JWT keys; a federated bundle must \
+             hold at least one"
+        )));
+    }
+    // What cannot be shown as a SPIFFE bundle cannot be served to workloads either.
+    parsed
+        .to_spiffe_json()
+        .map_err(|e| Status::invalid_argument(format!("unusable bundle for {td}: {e}")))?;
+    Ok(StoredBundle {
+        trust_domain: td.clone(),
+        x509_roots: parsed.x509_authorities.clone(),
+        jwt_keys_json: parsed.jwt_keys_json(),
+        sequence: 0,
+    })
+}
+
+/// A stored bundle in the formats the admin API shows.
+fn stored_to_bundle(b: &StoredBundle) -> Result<Bundle, BundleError> {
+    Ok(Bundle {
+        x509_authorities: b.x509_roots.clone(),
+        jwt_authorities: Bundle::jwt_authorities_from_json(&b.jwt_keys_json)?,
+        sequence_number: b.sequence,
+        ..Bundle::new(b.trust_domain.clone())
+    })
+}
+
+fn federated_to_proto(b: &StoredBundle) -> Result<pb::FederatedBundle, Status> {
+    let bundle = stored_to_bundle(b)
+        .and_then(|bundle| Ok((bundle.to_pem(), bundle.to_spiffe_json()?)))
+        .map_err(|e| {
+            tracing::error!(trust_domain = %b.trust_domain, error = %e, "stored federated bundle is unusable");
+            Status::internal(format!(
+                "stored federated bundle of {} is unusable: {e}; set it again",
+                b.trust_domain
+            ))
+        })?;
+    Ok(pb::FederatedBundle {
+        trust_domain: b.trust_domain.to_string(),
+        x509_pem: bundle.0,
+        spiffe_bundle_json: bundle.1,
+        sequence_number: b.sequence,
+    })
 }
 
 fn now_unix() -> i64 {
@@ -638,6 +735,76 @@ impl Admin for AdminService {
         .await
     }
 
+    async fn set_federated_bundle(
+        &self,
+        req: Request<pb::SetFederatedBundleRequest>,
+    ) -> Result<Response<pb::SetFederatedBundleResponse>, Status> {
+        let uid = caller_uid(&req);
+        let req = req.into_inner();
+        let target = req.trust_domain.clone();
+        self.audited("SetFederatedBundle", "bundle.set", uid, &target, async {
+            let td = self.federated_td(&req.trust_domain)?;
+            let bundle = federated_bundle_from_request(&td, req.bundle)?;
+            let stored = self
+                .state
+                .datastore
+                .set_federated_bundle(bundle)
+                .await
+                .map_err(ds_status)?;
+            self.state.events.federated_bundles_changed();
+            Ok(pb::SetFederatedBundleResponse {
+                bundle: Some(federated_to_proto(&stored)?),
+            })
+        })
+        .await
+    }
+
+    async fn list_federated_bundles(
+        &self,
+        _req: Request<pb::ListFederatedBundlesRequest>,
+    ) -> Result<Response<pb::ListFederatedBundlesResponse>, Status> {
+        self.measured("ListFederatedBundles", async {
+            let stored = self
+                .state
+                .datastore
+                .list_federated_bundles()
+                .await
+                .map_err(ds_status)?;
+            let bundles = stored
+                .iter()
+                .map(federated_to_proto)
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(pb::ListFederatedBundlesResponse { bundles })
+        })
+        .await
+    }
+
+    async fn delete_federated_bundle(
+        &self,
+        req: Request<pb::DeleteFederatedBundleRequest>,
+    ) -> Result<Response<pb::DeleteFederatedBundleResponse>, Status> {
+        let uid = caller_uid(&req);
+        let req = req.into_inner();
+        let target = req.trust_domain.clone();
+        self.audited(
+            "DeleteFederatedBundle",
+            "bundle.delete",
+            uid,
+            &target,
+            async {
+                let td = self.federated_td(&req.trust_domain)?;
+                self.state
+                    .datastore
+                    .delete_federated_bundle(&td)
+                    .await
+                    .map_err(ds_status)?;
+                self.state.events.federated_bundles_changed();
+                Ok(pb::DeleteFederatedBundleResponse {})
+            },
+        )
+        .await
+    }
+
     async fn create_join_token(
         &self,
         req: Request<pb::CreateJoinTokenRequest>,
@@ -711,5 +878,186 @@ impl Admin for AdminService {
             })
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datastore::sqlite::SqliteDatastore;
+    use rcgen::PublicKeyData as _;
+    use sigil::bundle::JwtAuthority;
+
+    type TestResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
+
+    async fn service() -> TestResult<(tempfile::TempDir, AdminService, Arc<AdminState>)> {
+        let dir = tempfile::tempdir()?;
+        let ds = SqliteDatastore::open(&dir.path().join("ds.sqlite3")).await?;
+        let td = TrustDomain::new("example.org")?;
+        let state = Arc::new(AdminState {
+            trust_domain: td.clone(),
+            datastore: Arc::new(ds),
+            bundle: RwLock::new(Bundle::new(td)),
+            metrics: Metrics::new(),
+            events: SyncEvents::new(),
+        });
+        Ok((dir, AdminService::new(state.clone()), state))
+    }
+
+    fn ca_pem() -> TestResult<(String, Vec<u8>)> {
+        let key = rcgen::KeyPair::generate()?;
+        let mut p = rcgen::CertificateParams::default();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = p.self_signed(&key)?;
+        Ok((cert.pem(), cert.der().to_vec()))
+    }
+
+    fn set_req(
+        td: &str,
+        bundle: Option<pb::set_federated_bundle_request::Bundle>,
+    ) -> Request<pb::SetFederatedBundleRequest> {
+        Request::new(pb::SetFederatedBundleRequest {
+            trust_domain: td.into(),
+            bundle,
+        })
+    }
+
+    fn pem(s: &str) -> Option<pb::set_federated_bundle_request::Bundle> {
+        Some(pb::set_federated_bundle_request::Bundle::X509Pem(s.into()))
+    }
+
+    fn spiffe(s: &str) -> Option<pb::set_federated_bundle_request::Bundle> {
+        Some(pb::set_federated_bundle_request::Bundle::SpiffeBundleJson(
+            s.into(),
+        ))
+    }
+
+    async fn list(svc: &AdminService) -> TestResult<Vec<pb::FederatedBundle>> {
+        Ok(svc
+            .list_federated_bundles(Request::new(pb::ListFederatedBundlesRequest {}))
+            .await?
+            .into_inner()
+            .bundles)
+    }
+
+    #[tokio::test]
+    async fn federated_bundles_set_list_delete() -> TestResult {
+        let (_dir, svc, state) = service().await?;
+        let (root_pem, root_der) = ca_pem()?;
+        let before = state.events.current().federated_changes;
+
+        // PEM, named by its trust domain ID.
+        let set = svc
+            .set_federated_bundle(set_req("spiffe://other.org", pem(&root_pem)))
+            .await?
+            .into_inner()
+            .bundle
+            .ok_or("no bundle")?;
+        assert_eq!(set.trust_domain, "other.org");
+        assert_eq!(set.sequence_number, 1);
+        assert_eq!(sigil::x509::parse_pem_certs(&set.x509_pem)?, vec![root_der]);
+        assert_eq!(state.events.current().federated_changes, before + 1);
+
+        // SPIFFE bundle JSON with an X.509 root and a JWT key, named by bare name.
+        let jwt = rcgen::KeyPair::generate()?;
+        let doc = Bundle {
+            x509_authorities: sigil::x509::parse_pem_certs(&ca_pem()?.0)?,
+            jwt_authorities: vec![JwtAuthority::from_spki_der(
+                "k1",
+                &jwt.subject_public_key_info(),
+            )?],
+            ..Bundle::new(TrustDomain::new("aaa.org")?)
+        };
+        svc.set_federated_bundle(set_req("aaa.org", spiffe(&doc.to_spiffe_json()?)))
+            .await?;
+        let all = list(&svc).await?;
+        let names: Vec<&str> = all.iter().map(|b| b.trust_domain.as_str()).collect();
+        assert_eq!(names, ["aaa.org", "other.org"]);
+        let back =
+            Bundle::from_spiffe_json(TrustDomain::new("aaa.org")?, &all[0].spiffe_bundle_json)?;
+        assert_eq!(back.x509_authorities, doc.x509_authorities);
+        assert_eq!(back.jwt_authorities, doc.jwt_authorities);
+
+        // Same content again: same sequence; the server's own bundle is not listed.
+        let again = svc
+            .set_federated_bundle(set_req("other.org", pem(&root_pem)))
+            .await?
+            .into_inner()
+            .bundle
+            .ok_or("no bundle")?;
+        assert_eq!(again.sequence_number, 1);
+
+        svc.delete_federated_bundle(Request::new(pb::DeleteFederatedBundleRequest {
+            trust_domain: "spiffe://other.org".into(),
+        }))
+        .await?;
+        assert_eq!(list(&svc).await?.len(), 1);
+        let gone = svc
+            .delete_federated_bundle(Request::new(pb::DeleteFederatedBundleRequest {
+                trust_domain: "other.org".into(),
+            }))
+            .await
+            .expect_err("second delete");
+        assert_eq!(gone.code(), Code::NotFound);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn own_trust_domain_is_refused() -> TestResult {
+        let (_dir, svc, state) = service().await?;
+        let (root_pem, _) = ca_pem()?;
+        for td in ["example.org", "spiffe://example.org"] {
+            let err = svc
+                .set_federated_bundle(set_req(td, pem(&root_pem)))
+                .await
+                .expect_err("own trust domain");
+            assert_eq!(err.code(), Code::InvalidArgument);
+            assert!(
+                err.message().contains("own trust domain"),
+                "{}",
+                err.message()
+            );
+            let err = svc
+                .delete_federated_bundle(Request::new(pb::DeleteFederatedBundleRequest {
+                    trust_domain: td.into(),
+                }))
+                .await
+                .expect_err("own trust domain");
+            assert_eq!(err.code(), Code::InvalidArgument);
+        }
+        assert!(list(&svc).await?.is_empty());
+        assert_eq!(state.events.current().federated_changes, 0);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn invalid_federated_input_is_invalid_argument() -> TestResult {
+        let (_dir, svc, _state) = service().await?;
+        let (root_pem, _) = ca_pem()?;
+        let cases: Vec<(&str, Option<pb::set_federated_bundle_request::Bundle>, &str)> = vec![
+            ("", pem(&root_pem), "trust_domain is required"),
+            ("Other.Org", pem(&root_pem), "invalid trust_domain"),
+            ("spiffe://other.org/workload", pem(&root_pem), "has no path"),
+            ("other.org", None, "bundle is required"),
+            ("other.org", pem("not pem"), "invalid x509_pem"),
+            (
+                "other.org",
+                pem("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"),
+                "invalid x509_pem",
+            ),
+            ("other.org", spiffe("{"), "invalid spiffe_bundle_json"),
+            ("other.org", spiffe(r#"{"keys":[]}"#), "no X.509 roots"),
+            ("other.org", spiffe(&root_pem), "invalid spiffe_bundle_json"),
+        ];
+        for (td, bundle, want) in cases {
+            let err = svc
+                .set_federated_bundle(set_req(td, bundle))
+                .await
+                .expect_err(want);
+            assert_eq!(err.code(), Code::InvalidArgument, "{td:?}: {err:?}");
+            assert!(err.message().contains(want), "{td:?}: {}", err.message());
+        }
+        assert!(list(&svc).await?.is_empty(), "nothing stored");
+        Ok(())
     }
 }

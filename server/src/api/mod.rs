@@ -1,7 +1,7 @@
 //! The server's gRPC APIs.
 //!
-//! - [`admin`]: the admin API on the local Unix socket (entries, agents, bundle, join tokens,
-//!   health), used by the `sigil-server` CLI. Every mutation is audited.
+//! - [`admin`]: the admin API on the local Unix socket (entries, agents, bundle, federated
+//!   bundles, join tokens, health), used by the `sigil-server` CLI. Every mutation is audited.
 //! - [`node`]: the node API for agents over SPIFFE mTLS on `bind_address` (attestation, agent
 //!   SVID renewal, entry sync, batch X509-SVID signing, JWT-SVID minting).
 

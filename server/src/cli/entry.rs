@@ -45,10 +45,10 @@ pub struct EntryFields {
     #[arg(long = "selector", value_name = "TYPE:VALUE")]
     pub selectors: Vec<String>,
     /// X509-SVID TTL, e.g. 1h or 3600 (seconds).
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", visible_alias = "x509-svid-ttl")]
     pub x509_ttl: Option<String>,
     /// JWT-SVID TTL, e.g. 5m.
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", visible_alias = "jwt-svid-ttl")]
     pub jwt_ttl: Option<String>,
     /// DNS name to add to the X509-SVID (repeatable).
     #[arg(long = "dns", value_name = "NAME")]

@@ -48,7 +48,7 @@ pub enum Command {
     /// Inspect and manage attested agents.
     #[command(subcommand)]
     Agent(agent::AgentCommand),
-    /// Show the trust bundle.
+    /// Show the trust bundle; manage federated bundles of other trust domains.
     #[command(subcommand)]
     Bundle(bundle::BundleCommand),
     /// Check that the server is up and ready (exit 0) or not (exit 1).

@@ -1,4 +1,5 @@
-//! Registration datastore: entries, attested agents, join tokens and bundles.
+//! Registration datastore: entries, attested agents, join tokens, the server's own trust bundle
+//! and the federated bundles of other trust domains.
 //!
 //! The [`Datastore`] trait is what the rest of the server uses; [`sqlite::SqliteDatastore`] is the
 //! embedded default (PostgreSQL comes later behind the same trait). Every write is durable when
@@ -113,7 +114,8 @@ pub struct StoredBundle {
     pub x509_roots: Vec<Vec<u8>>,
     /// JWT signing public keys as a JWKS `keys` JSON array.
     pub jwt_keys_json: String,
-    /// Incremented by [`Datastore::set_bundle`] whenever the content changes.
+    /// Incremented by [`Datastore::set_bundle`] (or [`Datastore::set_federated_bundle`])
+    /// whenever the content changes.
     pub sequence: u64,
 }
 
@@ -206,4 +208,29 @@ pub trait Datastore: Send + Sync + 'static {
     /// stored sequence + 1 (1 for a new bundle); the input's sequence is ignored. Returns what
     /// is now stored.
     async fn set_bundle(&self, bundle: StoredBundle) -> Result<StoredBundle, DatastoreError>;
+
+    /// Stores the federated bundle of a foreign trust domain (`bundle.trust_domain`), creating
+    /// or replacing it, with the same sequence rule as [`Datastore::set_bundle`]. Federated
+    /// bundles live apart from the server's own bundle; refusing the server's own trust domain
+    /// is the caller's job (the datastore does not know it). Returns what is now stored.
+    async fn set_federated_bundle(
+        &self,
+        bundle: StoredBundle,
+    ) -> Result<StoredBundle, DatastoreError>;
+
+    /// The federated bundle of `td`, if stored.
+    async fn get_federated_bundle(
+        &self,
+        td: &TrustDomain,
+    ) -> Result<Option<StoredBundle>, DatastoreError>;
+
+    /// Every federated bundle, ordered by trust domain name (there are few: one per foreign
+    /// trust domain, so no paging).
+    async fn list_federated_bundles(&self) -> Result<Vec<StoredBundle>, DatastoreError>;
+
+    /// Deletes the federated bundle of `td`, returning what was deleted; NotFound if absent.
+    async fn delete_federated_bundle(
+        &self,
+        td: &TrustDomain,
+    ) -> Result<StoredBundle, DatastoreError>;
 }

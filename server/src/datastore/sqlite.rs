@@ -903,13 +903,39 @@ impl AgentRow {
 // ---------------------------------------------------------------------------------------------
 // Bundles
 
+/// The two bundle tables, which have the same columns: the server's own bundle and the
+/// federated bundles of other trust domains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BundleTable {
+    Own,
+    Federated,
+}
+
+impl BundleTable {
+    fn name(self) -> &'static str {
+        match self {
+            BundleTable::Own => "bundles",
+            BundleTable::Federated => "federated_bundles",
+        }
+    }
+
+    /// How corruption messages name a row of this table.
+    fn what(self) -> &'static str {
+        match self {
+            BundleTable::Own => "bundle",
+            BundleTable::Federated => "federated bundle",
+        }
+    }
+}
+
 fn decode_bundle(
+    table: BundleTable,
     td: &TrustDomain,
     roots: &str,
     jwt_keys_json: String,
     sequence: i64,
 ) -> Result<StoredBundle> {
-    let bad = |why: String| DatastoreError::Corrupt(format!("bundle of {td}: {why}"));
+    let bad = |why: String| DatastoreError::Corrupt(format!("{} of {td}: {why}", table.what()));
     let encoded: Vec<String> =
         serde_json::from_str(roots).map_err(|e| bad(format!("x509_roots: {e}")))?;
     let x509_roots = encoded
@@ -927,15 +953,70 @@ fn decode_bundle(
     })
 }
 
-fn get_bundle_conn(conn: &Connection, td: &TrustDomain) -> Result<Option<StoredBundle>> {
+fn get_bundle_conn(
+    conn: &Connection,
+    table: BundleTable,
+    td: &TrustDomain,
+) -> Result<Option<StoredBundle>> {
     let row: Option<(String, String, i64)> = conn
-        .prepare_cached(
-            "SELECT x509_roots, jwt_keys_json, sequence FROM bundles WHERE trust_domain = ?1",
-        )?
+        .prepare_cached(&format!(
+            "SELECT x509_roots, jwt_keys_json, sequence FROM {} WHERE trust_domain = ?1",
+            table.name()
+        ))?
         .query_row([td.name()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
-    row.map(|(roots, jwt, seq)| decode_bundle(td, &roots, jwt, seq))
+    row.map(|(roots, jwt, seq)| decode_bundle(table, td, &roots, jwt, seq))
         .transpose()
+}
+
+/// Upserts a bundle into `table`; the sequence is bumped only when the content changes.
+fn set_bundle_conn(
+    conn: &mut Connection,
+    table: BundleTable,
+    bundle: StoredBundle,
+) -> Result<StoredBundle> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let stored = get_bundle_conn(&tx, table, &bundle.trust_domain)?;
+    let sequence = match &stored {
+        Some(s)
+            if s.x509_roots == bundle.x509_roots
+                && same_jwks(&s.jwt_keys_json, &bundle.jwt_keys_json) =>
+        {
+            return Ok(s.clone());
+        }
+        Some(s) => s.sequence.saturating_add(1),
+        None => 1,
+    };
+    let roots: Vec<String> = bundle
+        .x509_roots
+        .iter()
+        .map(|der| base64::engine::general_purpose::STANDARD.encode(der))
+        .collect();
+    tx.prepare_cached(&format!(
+        "INSERT INTO {} (trust_domain, x509_roots, jwt_keys_json, sequence, updated_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5) \
+         ON CONFLICT (trust_domain) DO UPDATE SET x509_roots = excluded.x509_roots, \
+         jwt_keys_json = excluded.jwt_keys_json, sequence = excluded.sequence, \
+         updated_at = excluded.updated_at",
+        table.name()
+    ))?
+    .execute(params![
+        bundle.trust_domain.name(),
+        to_json(&roots)?,
+        bundle.jwt_keys_json,
+        i64::try_from(sequence).unwrap_or(i64::MAX),
+        unix_now(),
+    ])?;
+    tx.commit()?;
+    Ok(StoredBundle { sequence, ..bundle })
+}
+
+/// A federated bundle row whose trust domain column is read too.
+fn decode_federated_row(name: &str, roots: &str, jwt: String, seq: i64) -> Result<StoredBundle> {
+    let td = TrustDomain::new(name).map_err(|e| {
+        DatastoreError::Corrupt(format!("federated bundle trust domain {name:?}: {e}"))
+    })?;
+    decode_bundle(BundleTable::Federated, &td, roots, jwt, seq)
 }
 
 /// Same JWKS: byte-identical, or the same JSON value (key order and whitespace aside).
@@ -1187,44 +1268,66 @@ impl Datastore for SqliteDatastore {
 
     async fn get_bundle(&self, td: &TrustDomain) -> Result<Option<StoredBundle>> {
         let td = td.clone();
-        self.read(move |conn| get_bundle_conn(conn, &td)).await
+        self.read(move |conn| get_bundle_conn(conn, BundleTable::Own, &td))
+            .await
     }
 
     async fn set_bundle(&self, bundle: StoredBundle) -> Result<StoredBundle> {
+        self.write(move |conn| set_bundle_conn(conn, BundleTable::Own, bundle))
+            .await
+    }
+
+    async fn set_federated_bundle(&self, bundle: StoredBundle) -> Result<StoredBundle> {
+        self.write(move |conn| set_bundle_conn(conn, BundleTable::Federated, bundle))
+            .await
+    }
+
+    async fn get_federated_bundle(&self, td: &TrustDomain) -> Result<Option<StoredBundle>> {
+        let td = td.clone();
+        self.read(move |conn| get_bundle_conn(conn, BundleTable::Federated, &td))
+            .await
+    }
+
+    async fn list_federated_bundles(&self) -> Result<Vec<StoredBundle>> {
+        self.read(|conn| {
+            let rows = conn
+                .prepare_cached(
+                    "SELECT trust_domain, x509_roots, jwt_keys_json, sequence \
+                     FROM federated_bundles ORDER BY trust_domain",
+                )?
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, i64>(3)?,
+                    ))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            rows.into_iter()
+                .map(|(name, roots, jwt, seq)| decode_federated_row(&name, &roots, jwt, seq))
+                .collect()
+        })
+        .await
+    }
+
+    async fn delete_federated_bundle(&self, td: &TrustDomain) -> Result<StoredBundle> {
+        let td = td.clone();
         self.write(move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let stored = get_bundle_conn(&tx, &bundle.trust_domain)?;
-            let sequence = match &stored {
-                Some(s)
-                    if s.x509_roots == bundle.x509_roots
-                        && same_jwks(&s.jwt_keys_json, &bundle.jwt_keys_json) =>
-                {
-                    return Ok(s.clone());
-                }
-                Some(s) => s.sequence.saturating_add(1),
-                None => 1,
+            // One statement: what is returned is exactly what was deleted.
+            let row: Option<(String, String, i64)> = conn
+                .prepare_cached(
+                    "DELETE FROM federated_bundles WHERE trust_domain = ?1 \
+                     RETURNING x509_roots, jwt_keys_json, sequence",
+                )?
+                .query_row([td.name()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .optional()?;
+            let Some((roots, jwt, seq)) = row else {
+                return Err(DatastoreError::NotFound(format!(
+                    "federated bundle of trust domain {td}"
+                )));
             };
-            let roots: Vec<String> = bundle
-                .x509_roots
-                .iter()
-                .map(|der| base64::engine::general_purpose::STANDARD.encode(der))
-                .collect();
-            tx.prepare_cached(
-                "INSERT INTO bundles (trust_domain, x509_roots, jwt_keys_json, sequence, \
-                 updated_at) VALUES (?1, ?2, ?3, ?4, ?5) \
-                 ON CONFLICT (trust_domain) DO UPDATE SET x509_roots = excluded.x509_roots, \
-                 jwt_keys_json = excluded.jwt_keys_json, sequence = excluded.sequence, \
-                 updated_at = excluded.updated_at",
-            )?
-            .execute(params![
-                bundle.trust_domain.name(),
-                to_json(&roots)?,
-                bundle.jwt_keys_json,
-                i64::try_from(sequence).unwrap_or(i64::MAX),
-                unix_now(),
-            ])?;
-            tx.commit()?;
-            Ok(StoredBundle { sequence, ..bundle })
+            decode_bundle(BundleTable::Federated, &td, &roots, jwt, seq)
         })
         .await
     }
@@ -1816,21 +1919,21 @@ mod tests {
         assert_eq!(version(&path)?, migrations::MIGRATIONS.len() as i64);
 
         // A later migration applies on top; a failing one rolls back completely.
+        let known = migrations::MIGRATIONS.len();
         let mut conn = open_connection(&path)?;
-        let extra = [
-            migrations::MIGRATIONS[0],
-            "CREATE TABLE extra (x INTEGER) STRICT;",
-        ];
+        let mut extra = migrations::MIGRATIONS.to_vec();
+        extra.push("CREATE TABLE extra (x INTEGER) STRICT;");
         migrations::migrate(&mut conn, &path, &extra)?;
-        assert_eq!(version(&path)?, 2);
-        let broken = [
-            extra[0],
-            extra[1],
-            "CREATE TABLE half (x INTEGER); THIS IS NOT SQL;",
-        ];
+        assert_eq!(version(&path)?, known as i64 + 1);
+        let mut broken = extra.clone();
+        broken.push("CREATE TABLE half (x INTEGER); THIS IS NOT SQL;");
         let err = migrations::migrate(&mut conn, &path, &broken).expect_err("broken migration");
-        assert!(err.to_string().contains("migration 3"), "{err}");
-        assert_eq!(version(&path)?, 2);
+        assert!(
+            err.to_string()
+                .contains(&format!("migration {}", known + 2)),
+            "{err}"
+        );
+        assert_eq!(version(&path)?, known as i64 + 1);
         let half: i64 = conn.query_row(
             "SELECT COUNT(*) FROM sqlite_schema WHERE name = 'half'",
             [],
@@ -1839,11 +1942,11 @@ mod tests {
         assert_eq!(half, 0, "the failed migration's DDL was rolled back");
         drop(conn);
 
-        // This code knows only version 1: the file is now "newer" and refused.
+        // This code knows only `known` versions: the file is now "newer" and refused.
         let err = SqliteDatastore::open_blocking(&path).expect_err("newer schema");
         let msg = err.to_string();
         assert!(
-            msg.contains("schema version 2") && msg.contains("newer"),
+            msg.contains(&format!("schema version {}", known + 1)) && msg.contains("newer"),
             "{msg}"
         );
         assert!(msg.contains(&path.display().to_string()), "{msg}");
@@ -2223,6 +2326,141 @@ mod tests {
                 .map(|b| b.x509_roots),
             Some(other.x509_roots)
         );
+        Ok(())
+    }
+
+    fn federated(td: &str, roots: &[&[u8]], jwks: &str) -> StoredBundle {
+        StoredBundle {
+            trust_domain: TrustDomain::new(td).expect("td"),
+            ..bundle(roots, jwks)
+        }
+    }
+
+    #[tokio::test]
+    async fn federated_bundles_set_get_list_delete() -> TestResult {
+        let (_dir, ds) = open_tmp().await?;
+        let other = TrustDomain::new("other.org")?;
+        assert!(ds.list_federated_bundles().await?.is_empty());
+        assert_eq!(ds.get_federated_bundle(&other).await?, None);
+
+        let o1 = ds
+            .set_federated_bundle(federated("other.org", &[b"o1"], "[]"))
+            .await?;
+        assert_eq!(o1.sequence, 1, "input sequence ignored");
+        let a1 = ds
+            .set_federated_bundle(federated("aaa.org", &[], r#"[{"kid":"k"}]"#))
+            .await?;
+        assert_eq!(a1.sequence, 1);
+        // Same content again: unchanged; new content: next sequence.
+        assert_eq!(
+            ds.set_federated_bundle(federated("other.org", &[b"o1"], "[]"))
+                .await?,
+            o1
+        );
+        let o2 = ds
+            .set_federated_bundle(federated("other.org", &[b"o1", b"o2"], "[]"))
+            .await?;
+        assert_eq!(o2.sequence, 2);
+        assert_eq!(ds.get_federated_bundle(&other).await?, Some(o2.clone()));
+        // Ordered by trust domain name.
+        assert_eq!(
+            ds.list_federated_bundles().await?,
+            vec![a1.clone(), o2.clone()]
+        );
+
+        // Federated bundles and the server's own bundle are separate.
+        ds.set_bundle(bundle(&[b"own"], "[]")).await?;
+        let own_td = TrustDomain::new("example.org")?;
+        assert_eq!(ds.get_federated_bundle(&own_td).await?, None);
+        assert_eq!(ds.list_federated_bundles().await?.len(), 2);
+        assert_eq!(ds.get_bundle(&other).await?, None);
+
+        assert_eq!(ds.delete_federated_bundle(&other).await?, o2);
+        assert_eq!(ds.get_federated_bundle(&other).await?, None);
+        assert!(matches!(
+            ds.delete_federated_bundle(&other).await,
+            Err(DatastoreError::NotFound(_))
+        ));
+        assert_eq!(ds.list_federated_bundles().await?, vec![a1]);
+        assert!(
+            ds.get_bundle(&own_td).await?.is_some(),
+            "own bundle untouched"
+        );
+        // Set again after delete: a new bundle.
+        let again = ds
+            .set_federated_bundle(federated("other.org", &[b"o3"], "[]"))
+            .await?;
+        assert_eq!(again.sequence, 1);
+
+        // A corrupt row is an error value, not a panic.
+        let raw = Connection::open(ds.path())?;
+        raw.execute(
+            "UPDATE federated_bundles SET trust_domain = 'BAD NAME' WHERE trust_domain = 'aaa.org'",
+            [],
+        )?;
+        assert!(matches!(
+            ds.list_federated_bundles().await,
+            Err(DatastoreError::Corrupt(_))
+        ));
+        raw.execute("UPDATE federated_bundles SET x509_roots = '[\"!!\"]'", [])?;
+        assert!(matches!(
+            ds.get_federated_bundle(&other).await,
+            Err(DatastoreError::Corrupt(_))
+        ));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn federated_bundles_survive_reopen() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("ds.sqlite3");
+        let stored = {
+            let ds = SqliteDatastore::open(&path).await?;
+            ds.set_federated_bundle(federated("other.org", &[b"r1"], "[]"))
+                .await?;
+            ds.set_federated_bundle(federated("other.org", &[b"r2"], r#"[{"kid":"a"}]"#))
+                .await?
+        };
+        let ds = SqliteDatastore::open(&path).await?;
+        assert_eq!(stored.sequence, 2);
+        assert_eq!(ds.list_federated_bundles().await?, vec![stored.clone()]);
+        // The sequence continues from the stored one.
+        let next = ds
+            .set_federated_bundle(federated("other.org", &[b"r3"], "[]"))
+            .await?;
+        assert_eq!(next.sequence, 3);
+        Ok(())
+    }
+
+    #[test]
+    fn version_1_database_is_migrated_and_keeps_its_data() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("ds.sqlite3");
+        // A database as the previous release left it: schema version 1, with data.
+        {
+            prepare_file(&path)?;
+            let mut conn = open_connection(&path)?;
+            migrations::migrate(&mut conn, &path, &migrations::MIGRATIONS[..1])?;
+            conn.execute(
+                "INSERT INTO bundles (trust_domain, x509_roots, jwt_keys_json, sequence, \
+                 updated_at) VALUES ('example.org', '[]', '[]', 4, 0)",
+                [],
+            )?;
+        }
+        let ds = SqliteDatastore::open_blocking(&path)?;
+        let version: i64 =
+            Connection::open(&path)?.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        assert_eq!(version, migrations::MIGRATIONS.len() as i64);
+        let rt = tokio::runtime::Builder::new_current_thread().build()?;
+        rt.block_on(async {
+            let own = ds.get_bundle(&TrustDomain::new("example.org")?).await?;
+            assert_eq!(own.map(|b| b.sequence), Some(4));
+            assert!(ds.list_federated_bundles().await?.is_empty());
+            ds.set_federated_bundle(federated("other.org", &[b"r"], "[]"))
+                .await?;
+            assert_eq!(ds.list_federated_bundles().await?.len(), 1);
+            TestResult::Ok(())
+        })?;
         Ok(())
     }
 

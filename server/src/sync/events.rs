@@ -1,7 +1,8 @@
 //! The change notification hub between writers (admin API, bundle updates) and sync streams.
 //!
 //! A [`tokio::sync::watch`] channel of one small [`SyncSignal`]: a counter bumped on every entry
-//! change and the latest bundle sequence number. Publishing overwrites the value and wakes the
+//! change, the latest bundle sequence number and a counter bumped on every federated-bundle
+//! change. Publishing overwrites the value and wakes the
 //! subscribers; it never blocks and never queues, whatever the number or speed of subscribers.
 //! A subscriber that was busy sees only the latest value, which is all it needs: it then reads
 //! what changed from the datastore (`entry_changes_since`), so nothing is lost by coalescing.
@@ -17,6 +18,8 @@ pub struct SyncSignal {
     pub entry_changes: u64,
     /// The latest published trust-bundle sequence number (0: none published yet).
     pub bundle_sequence: u64,
+    /// Incremented (wrapping) on every published federated-bundle change (set or delete).
+    pub federated_changes: u64,
 }
 
 /// Publisher side; clones share one channel. Cheap to clone.
@@ -52,6 +55,12 @@ impl SyncEvents {
             s.bundle_sequence = sequence;
             changed
         });
+    }
+
+    /// Announces that a federated bundle was set or deleted (after the change is durable).
+    pub fn federated_bundles_changed(&self) {
+        self.tx
+            .send_modify(|s| s.federated_changes = s.federated_changes.wrapping_add(1));
     }
 
     /// The current value.
@@ -107,12 +116,14 @@ mod tests {
             hub.entries_changed();
         }
         hub.bundle_changed(7);
+        hub.federated_bundles_changed();
         assert!(fast.changed().await);
         assert_eq!(
             fast.take(),
             SyncSignal {
                 entry_changes: 1_000_000,
-                bundle_sequence: 7
+                bundle_sequence: 7,
+                federated_changes: 1,
             }
         );
         // Nothing new since take: changed() waits.

@@ -23,13 +23,20 @@
 //!    sent, repairing anything an event could not have told (e.g. changes made by another
 //!    process on the same database).
 //!
+//! **Federated bundles.** The agent is sent the bundles of the foreign trust domains named in the
+//! `federates_with` of the entries it is authorised for (and only those: an agent learns nothing
+//! about federations its workloads do not use), always as the complete set
+//! (`federated_bundles_set`): on the first message of every snapshot, and whenever that set
+//! changes — a federated bundle set or deleted (a [`SyncEvents`] signal), or entries gaining or
+//! losing a `federates_with` trust domain. Reconciles re-check it too.
+//!
 //! The agent record is read on every wake: evicted or banned ends the stream with
 //! `PermissionDenied`; changed node selectors trigger a recompute. Backpressure: nothing new is
 //! computed until the previous round's messages were taken by the transport, and events
 //! meanwhile coalesce in the watch channel.
 
 use std::collections::hash_map::Entry as MapEntry;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -92,6 +99,9 @@ pub fn sync_stream(
         known_revision: req.known_revision,
         last_revision: 0,
         bundle_sequence: req.known_bundle_sequence,
+        federated_seen: 0,
+        federated_relevant: BTreeSet::new(),
+        federated_sent: None,
         tracked: Tracked::default(),
         outbox: Outbox::default(),
         phase: Phase::Snapshot,
@@ -116,6 +126,18 @@ enum Phase {
 struct Sent {
     spiffe_id: SpiffeId,
     revision: i64,
+    /// The entry's `federates_with`, counted in [`Tracked::federates`].
+    federates_with: Vec<TrustDomain>,
+}
+
+impl Sent {
+    fn of(e: &RegistrationEntry) -> Self {
+        Self {
+            spiffe_id: e.spiffe_id.clone(),
+            revision: e.revision,
+            federates_with: e.federates_with.clone(),
+        }
+    }
 }
 
 /// What this stream has told the agent, and the roots it was computed from.
@@ -125,6 +147,9 @@ struct Tracked {
     sent: HashMap<String, Sent>,
     /// SPIFFE ID → number of sent entries with it (the IDs that authorise children).
     provided: HashMap<SpiffeId, u32>,
+    /// Foreign trust domain → number of sent entries federating with it (whose bundles the
+    /// agent needs).
+    federates: HashMap<TrustDomain, u32>,
     /// The agent's ID and the SPIFFE IDs of its matching node aliases.
     roots: HashSet<SpiffeId>,
     /// Entry ids of the matching node aliases.
@@ -138,34 +163,37 @@ impl Tracked {
     }
 
     fn insert(&mut self, e: &RegistrationEntry) {
-        let sent = Sent {
-            spiffe_id: e.spiffe_id.clone(),
-            revision: e.revision,
-        };
-        if let Some(old) = self.sent.insert(e.id.clone(), sent) {
-            self.release(&old.spiffe_id);
+        if let Some(old) = self.sent.insert(e.id.clone(), Sent::of(e)) {
+            self.release(&old);
         }
         *self.provided.entry(e.spiffe_id.clone()).or_default() += 1;
+        for td in &e.federates_with {
+            *self.federates.entry(td.clone()).or_default() += 1;
+        }
     }
 
     /// Forgets `id`; true if it had been sent.
     fn remove(&mut self, id: &str) -> bool {
         match self.sent.remove(id) {
             Some(old) => {
-                self.release(&old.spiffe_id);
+                self.release(&old);
                 true
             }
             None => false,
         }
     }
 
-    fn release(&mut self, spiffe_id: &SpiffeId) {
-        if let MapEntry::Occupied(mut o) = self.provided.entry(spiffe_id.clone()) {
-            *o.get_mut() -= 1;
-            if *o.get() == 0 {
-                o.remove();
-            }
+    /// Drops the counts an entry that is no longer sent (as `old`) contributed.
+    fn release(&mut self, old: &Sent) {
+        decrement(&mut self.provided, &old.spiffe_id);
+        for td in &old.federates_with {
+            decrement(&mut self.federates, td);
         }
+    }
+
+    /// The foreign trust domains whose bundles the agent needs.
+    fn federated_trust_domains(&self) -> BTreeSet<TrustDomain> {
+        self.federates.keys().cloned().collect()
     }
 
     /// Replaces the state with a freshly computed set; returns what to send: entries new or
@@ -173,20 +201,20 @@ impl Tracked {
     fn replace(&mut self, set: AuthorizedSet) -> (Vec<RegistrationEntry>, Vec<String>) {
         let mut sent = HashMap::with_capacity(set.entries.len());
         let mut provided: HashMap<SpiffeId, u32> = HashMap::with_capacity(set.entries.len());
+        let mut federates: HashMap<TrustDomain, u32> = HashMap::new();
         let mut upserts = Vec::new();
         for e in set.entries {
             let unchanged = self
                 .sent
                 .get(&e.id)
                 .is_some_and(|s| s.revision == e.revision);
-            let fresh = Sent {
-                spiffe_id: e.spiffe_id.clone(),
-                revision: e.revision,
-            };
             // `compute` lists each id once; a duplicate would be ignored here.
             if let MapEntry::Vacant(v) = sent.entry(e.id.clone()) {
-                v.insert(fresh);
+                v.insert(Sent::of(&e));
                 *provided.entry(e.spiffe_id.clone()).or_default() += 1;
+                for td in &e.federates_with {
+                    *federates.entry(td.clone()).or_default() += 1;
+                }
                 if !unchanged {
                     upserts.push(e);
                 }
@@ -201,10 +229,21 @@ impl Tracked {
         *self = Tracked {
             sent,
             provided,
+            federates,
             roots: set.roots,
             alias_ids: set.alias_ids,
         };
         (upserts, removed)
+    }
+}
+
+/// Decrements a reference count, forgetting the key at zero.
+fn decrement<K: std::hash::Hash + Eq + Clone>(counts: &mut HashMap<K, u32>, key: &K) {
+    if let MapEntry::Occupied(mut o) = counts.entry(key.clone()) {
+        *o.get_mut() -= 1;
+        if *o.get() == 0 {
+            o.remove();
+        }
     }
 }
 
@@ -217,6 +256,8 @@ struct Outbox {
     carry: Option<admin_pb::Entry>,
     removed: VecDeque<String>,
     bundle: Option<pb::Bundle>,
+    /// The complete federated set, when it is to be sent (on the round's first message).
+    federated: Option<Vec<pb::Bundle>>,
     snapshot: bool,
     /// The round's first message is still to be sent (a snapshot sends one even when empty).
     first_pending: bool,
@@ -224,21 +265,20 @@ struct Outbox {
 }
 
 impl Outbox {
-    fn load(
-        &mut self,
-        entries: Vec<RegistrationEntry>,
-        removed: Vec<String>,
-        bundle: Option<pb::Bundle>,
-        snapshot: bool,
-        revision: i64,
-    ) {
-        let first_pending =
-            snapshot || !entries.is_empty() || !removed.is_empty() || bundle.is_some();
+    fn load(&mut self, round: Round, bundles: Bundles, snapshot: bool) {
+        let (entries, removed, revision) = round;
+        let Bundles { bundle, federated } = bundles;
+        let first_pending = snapshot
+            || !entries.is_empty()
+            || !removed.is_empty()
+            || bundle.is_some()
+            || federated.is_some();
         *self = Outbox {
             entries: entries.into(),
             carry: None,
             removed: removed.into(),
             bundle,
+            federated,
             snapshot,
             first_pending,
             revision,
@@ -250,7 +290,11 @@ impl Outbox {
     }
 
     fn next_message(&mut self) -> Option<pb::SyncResponse> {
-        if !self.first_pending && self.drained() && self.bundle.is_none() {
+        if !self.first_pending
+            && self.drained()
+            && self.bundle.is_none()
+            && self.federated.is_none()
+        {
             return None;
         }
         let first = std::mem::take(&mut self.first_pending);
@@ -274,6 +318,7 @@ impl Outbox {
         }
         let n = self.removed.len().min(MAX_REMOVED_PER_MESSAGE);
         let removed = self.removed.drain(..n).collect();
+        let federated = self.federated.take();
         Some(pb::SyncResponse {
             upserted,
             removed,
@@ -281,6 +326,8 @@ impl Outbox {
             full: self.snapshot && first,
             snapshot_complete: self.snapshot && self.drained(),
             revision: self.revision,
+            federated_bundles_set: federated.is_some(),
+            federated_bundles: federated.unwrap_or_default(),
         })
     }
 }
@@ -302,6 +349,12 @@ struct Syncer {
     last_revision: i64,
     /// The bundle sequence the agent holds.
     bundle_sequence: u64,
+    /// The `federated_changes` counter of the last signal taken.
+    federated_seen: u64,
+    /// The trust domains the federated set was last computed for.
+    federated_relevant: BTreeSet<TrustDomain>,
+    /// The federated set last sent (`None` before the first snapshot).
+    federated_sent: Option<Vec<pb::Bundle>>,
     tracked: Tracked,
     outbox: Outbox,
     phase: Phase,
@@ -311,6 +364,13 @@ struct Syncer {
 
 /// One round's output: upserts, removed ids, revision.
 type Round = (Vec<RegistrationEntry>, Vec<String>, i64);
+
+/// One round's bundle updates; `None` fields are unchanged.
+#[derive(Debug, Default)]
+struct Bundles {
+    bundle: Option<pb::Bundle>,
+    federated: Option<Vec<pb::Bundle>>,
+}
 
 impl Syncer {
     async fn next_item(&mut self) -> Option<Result<pb::SyncResponse, Status>> {
@@ -342,13 +402,15 @@ impl Syncer {
         let agent = self.check_agent().await?;
         self.selectors = agent.selectors;
         // Everything published so far is covered by what is read below.
-        self.sub.take();
+        self.federated_seen = self.sub.take().federated_changes;
         let revision = self.current_revision().await?;
         let set = compute(&*self.ds, &self.agent_id, &self.selectors, &self.server_id)
             .await
             .map_err(ds_status)?;
         let (entries, _) = self.tracked.replace(set);
         let bundle = self.bundle_if_changed().await?;
+        // Always sent: the agent may hold a stale set from an earlier connection.
+        let federated = self.federated_if_changed(true, true).await?;
         tracing::info!(
             agent = %self.agent_id,
             entries = entries.len(),
@@ -356,12 +418,16 @@ impl Syncer {
             known_revision = self.known_revision,
             bundle_sequence = self.bundle_sequence,
             bundle_sent = bundle.is_some(),
+            federated_bundles = federated.as_ref().map_or(0, Vec::len),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "sync snapshot"
         );
         self.last_revision = revision;
-        self.outbox
-            .load(entries, Vec::new(), bundle, true, revision);
+        self.outbox.load(
+            (entries, Vec::new(), revision),
+            Bundles { bundle, federated },
+            true,
+        );
         self.phase = Phase::Live;
         self.next_reconcile = after(self.reconcile_every);
         Ok(())
@@ -391,17 +457,28 @@ impl Syncer {
         } else {
             self.incremental().await?
         };
-        if !upserts.is_empty() || !removed.is_empty() || bundle.is_some() {
+        // After the entries: they decide which trust domains are relevant.
+        let federated_event = signal.federated_changes != self.federated_seen;
+        self.federated_seen = signal.federated_changes;
+        let federated = self
+            .federated_if_changed(federated_event || reconcile, false)
+            .await?;
+        if !upserts.is_empty() || !removed.is_empty() || bundle.is_some() || federated.is_some() {
             tracing::debug!(
                 agent = %self.agent_id,
                 upserted = upserts.len(),
                 removed = removed.len(),
                 bundle = bundle.is_some(),
+                federated_bundles = federated.as_ref().map(Vec::len),
                 revision,
                 "sync update"
             );
         }
-        self.outbox.load(upserts, removed, bundle, false, revision);
+        self.outbox.load(
+            (upserts, removed, revision),
+            Bundles { bundle, federated },
+            false,
+        );
         Ok(())
     }
 
@@ -568,6 +645,40 @@ impl Syncer {
             .await
             .map(|c| c.revision)
             .map_err(ds_status)
+    }
+
+    /// The complete federated set for this agent if it must be sent: `always` (a snapshot), or
+    /// when it differs from what was last sent. The datastore is read only when `look` (a
+    /// federated bundle changed, or a reconcile) or when the relevant trust domains changed.
+    async fn federated_if_changed(
+        &mut self,
+        look: bool,
+        always: bool,
+    ) -> Result<Option<Vec<pb::Bundle>>, Status> {
+        let relevant = self.tracked.federated_trust_domains();
+        if !look && !always && relevant == self.federated_relevant {
+            return Ok(None);
+        }
+        // Most agents federate with nothing: no query for them.
+        let bundles: Vec<pb::Bundle> = if relevant.is_empty() {
+            Vec::new()
+        } else {
+            self.ds
+                .list_federated_bundles()
+                .await
+                .map_err(ds_status)?
+                .iter()
+                .filter(|b| relevant.contains(&b.trust_domain))
+                .map(bundle_to_proto)
+                .collect()
+        };
+        self.federated_relevant = relevant;
+        // Compared by content, not sequence: a bundle deleted and set again restarts at 1.
+        if !always && self.federated_sent.as_ref() == Some(&bundles) {
+            return Ok(None);
+        }
+        self.federated_sent = Some(bundles.clone());
+        Ok(Some(bundles))
     }
 
     /// The stored bundle, if its sequence differs from what the agent holds.

@@ -16,7 +16,7 @@ use crate::datastore::DatastoreError;
 pub(super) const APPLICATION_ID: i32 = 0x5349_474c;
 
 /// The migrations, in order; the schema version is the number applied.
-pub(super) const MIGRATIONS: &[&str] = &[V1];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// Version 1: entries (+ selectors, tombstones, revision counter), agents, join tokens, bundles.
 const V1: &str = r#"
@@ -97,6 +97,21 @@ CREATE INDEX join_tokens_expires_at ON join_tokens (expires_at);
 
 -- x509_roots: JSON array of base64 (standard, padded) DER certificates.
 CREATE TABLE bundles (
+    trust_domain  TEXT    PRIMARY KEY,
+    x509_roots    TEXT    NOT NULL,
+    jwt_keys_json TEXT    NOT NULL,
+    sequence      INTEGER NOT NULL,
+    updated_at    INTEGER NOT NULL
+) STRICT;
+"#;
+
+/// Version 2: federated trust bundles (the bundles of other trust domains, `bundle set`).
+const V2: &str = r#"
+-- Kept apart from `bundles` (the server's own, written by the CA at start-up) so listing and
+-- deleting federated bundles can never touch the server's own bundle.
+-- x509_roots: JSON array of base64 (standard, padded) DER certificates; jwt_keys_json: JSON
+-- array of JWKs; sequence: bumped whenever the content changes.
+CREATE TABLE federated_bundles (
     trust_domain  TEXT    PRIMARY KEY,
     x509_roots    TEXT    NOT NULL,
     jwt_keys_json TEXT    NOT NULL,

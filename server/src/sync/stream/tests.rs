@@ -109,6 +109,29 @@ impl Fixture {
         Ok(())
     }
 
+    /// Sets a federated bundle as the admin API does: store, then one event.
+    async fn set_federated(&self, td: &str, root: &[u8]) -> TestResult<StoredBundle> {
+        let b = self
+            .ds
+            .set_federated_bundle(StoredBundle {
+                trust_domain: TrustDomain::new(td)?,
+                x509_roots: vec![root.to_vec()],
+                jwt_keys_json: "[]".into(),
+                sequence: 0,
+            })
+            .await?;
+        self.events.federated_bundles_changed();
+        Ok(b)
+    }
+
+    async fn delete_federated(&self, td: &str) -> TestResult {
+        self.ds
+            .delete_federated_bundle(&TrustDomain::new(td)?)
+            .await?;
+        self.events.federated_bundles_changed();
+        Ok(())
+    }
+
     async fn set_bundle(&self, root: &[u8]) -> TestResult<StoredBundle> {
         let b = self
             .ds
@@ -489,6 +512,133 @@ async fn bundle_change_arrives() -> TestResult {
     quiet(&mut s, Duration::from_millis(100)).await
 }
 
+/// Trust domain → DER roots of a message's federated set; `None` when it carries no set.
+fn federated(m: &pb::SyncResponse) -> Option<Vec<(String, Vec<u8>)>> {
+    m.federated_bundles_set.then(|| {
+        m.federated_bundles
+            .iter()
+            .map(|b| (b.trust_domain.clone(), b.x509_roots.clone()))
+            .collect()
+    })
+}
+
+fn fed(v: &[(&str, &[u8])]) -> Option<Vec<(String, Vec<u8>)>> {
+    Some(
+        v.iter()
+            .map(|(td, r)| (td.to_string(), r.to_vec()))
+            .collect(),
+    )
+}
+
+#[tokio::test]
+async fn federated_bundles_follow_entries_and_bundle_changes() -> TestResult {
+    let fx = Fixture::new().await?;
+    let agent = fx.agent("/sigil/agent/join_token/a", &[]).await?;
+    let other = fx.agent("/sigil/agent/join_token/b", &[]).await?;
+    fx.set_federated("other.org", b"o1").await?;
+    fx.set_federated("third.org", b"t1").await?;
+    let web = fx
+        .create_one(RegistrationEntry {
+            federates_with: vec![TrustDomain::new("other.org")?],
+            ..entry("/web", &agent, &["unix:uid:1"])
+        })
+        .await?;
+    // Another agent's entry federating with third.org does not make it relevant here.
+    fx.create_one(RegistrationEntry {
+        federates_with: vec![TrustDomain::new("third.org")?],
+        ..entry("/theirs", &other, &["unix:uid:1"])
+    })
+    .await?;
+
+    // The snapshot carries exactly the relevant set, on its first message.
+    let mut s = fx.stream(&agent, 0, NEVER);
+    let snap = snapshot(&mut s).await?;
+    assert_eq!(federated(&snap[0]), fed(&[("other.org", b"o1")]));
+    // An agent federating with nothing is told so (it may hold a stale set).
+    let mut so = fx.stream(&fx.agent("/sigil/agent/join_token/c", &[]).await?, 0, NEVER);
+    assert_eq!(federated(&snapshot(&mut so).await?[0]), fed(&[]));
+
+    // A relevant bundle changes: the new complete set, nothing else.
+    fx.set_federated("other.org", b"o2").await?;
+    let m = next(&mut s, WITHIN).await?;
+    assert_eq!(federated(&m), fed(&[("other.org", b"o2")]));
+    assert!(m.upserted.is_empty() && m.removed.is_empty() && m.bundle.is_none());
+    // An irrelevant one changes: nothing.
+    fx.set_federated("third.org", b"t2").await?;
+    quiet(&mut s, Duration::from_millis(200)).await?;
+
+    // The entry starts federating with third.org too: the upsert and the grown set together.
+    let web = fx
+        .update(RegistrationEntry {
+            federates_with: vec![
+                TrustDomain::new("other.org")?,
+                TrustDomain::new("third.org")?,
+            ],
+            ..web
+        })
+        .await?;
+    let m = next(&mut s, WITHIN).await?;
+    assert_eq!(m.upserted, vec![web.to_proto()]);
+    assert_eq!(
+        federated(&m),
+        fed(&[("other.org", b"o2"), ("third.org", b"t2")])
+    );
+    // A hint change leaves the set alone.
+    let web = fx
+        .update(RegistrationEntry {
+            hint: "v2".into(),
+            ..web
+        })
+        .await?;
+    let m = next(&mut s, WITHIN).await?;
+    assert_eq!(federated(&m), None);
+
+    // Deleted, then set again with other content before the stream looks (sequence 1 both
+    // times): the content still differs, so it is sent.
+    fx.delete_federated("other.org").await?;
+    let m = next(&mut s, WITHIN).await?;
+    assert_eq!(federated(&m), fed(&[("third.org", b"t2")]));
+    fx.set_federated("other.org", b"o9").await?;
+    let m = next(&mut s, WITHIN).await?;
+    assert_eq!(
+        federated(&m),
+        fed(&[("other.org", b"o9"), ("third.org", b"t2")])
+    );
+
+    // The entry goes away: the set empties with it.
+    fx.delete(&web.id).await?;
+    let m = next(&mut s, WITHIN).await?;
+    assert_eq!(m.removed, vec![web.id.clone()]);
+    assert_eq!(federated(&m), fed(&[]));
+    quiet(&mut s, Duration::from_millis(100)).await?;
+    quiet(&mut so, Duration::from_millis(10)).await
+}
+
+#[tokio::test]
+async fn reconcile_repairs_a_missed_federated_change() -> TestResult {
+    let fx = Fixture::new().await?;
+    let agent = fx.agent("/sigil/agent/join_token/a", &[]).await?;
+    fx.create_one(RegistrationEntry {
+        federates_with: vec![TrustDomain::new("other.org")?],
+        ..entry("/web", &agent, &["unix:uid:1"])
+    })
+    .await?;
+    let mut s = fx.stream(&agent, 0, Duration::from_millis(300));
+    assert_eq!(federated(&snapshot(&mut s).await?[0]), fed(&[]));
+    // Written behind the hub's back.
+    fx.ds
+        .set_federated_bundle(StoredBundle {
+            trust_domain: TrustDomain::new("other.org")?,
+            x509_roots: vec![b"o1".to_vec()],
+            jwt_keys_json: "[]".into(),
+            sequence: 0,
+        })
+        .await?;
+    let m = next(&mut s, WITHIN).await?;
+    assert_eq!(federated(&m), fed(&[("other.org", b"o1")]));
+    quiet(&mut s, Duration::from_millis(700)).await
+}
+
 #[tokio::test]
 async fn reconcile_repairs_a_missed_event() -> TestResult {
     let fx = Fixture::new().await?;
@@ -577,12 +727,12 @@ async fn large_entries_are_split_by_size() -> TestResult {
 fn outbox_splits_removals_and_sends_nothing_when_empty() {
     let mut o = Outbox::default();
     assert!(o.next_message().is_none());
-    o.load(Vec::new(), Vec::new(), None, false, 7);
+    o.load((Vec::new(), Vec::new(), 7), Bundles::default(), false);
     assert!(o.next_message().is_none());
     let ids: Vec<String> = (0..MAX_REMOVED_PER_MESSAGE + 1)
         .map(|i| i.to_string())
         .collect();
-    o.load(Vec::new(), ids, None, false, 8);
+    o.load((Vec::new(), ids, 8), Bundles::default(), false);
     let first = o.next_message().map(|m| m.removed.len());
     let second = o
         .next_message()

@@ -1,0 +1,476 @@
+//! Workload attestation: which selectors describe the process at the other end of a Workload
+//! API connection.
+//!
+//! The flow, and why:
+//!
+//! 1. **Pin at accept.** The socket's peer credentials (SO_PEERCRED) give the uid, gid and PID of
+//!    the process that connected. A PID is only a number the kernel recycles: if that process
+//!    exits, a new, unrelated process may get the same PID, and everything read about "the PID"
+//!    would describe the newcomer. So the caller pins the process right away with
+//!    [`ProcessPin::pin`]: PID plus start time (which a later process with that PID cannot share).
+//! 2. **Read.** [`WorkloadAttestor::attest`] reads `/proc/<pid>/{status,cgroup,exe}` and hashes
+//!    the executable. uid and gid come from the peer credentials, captured by the kernel at
+//!    `connect()`, not from `/proc`, which could already be another process's.
+//! 3. **Re-check.** Those reads are only trusted if the same process is still there afterwards:
+//!    `attest` ends with [`ProcessPin::check`], and the caller checks again just before it
+//!    answers, so nothing read about a PID that changed hands is ever used.
+//!
+//! Selectors (SPIRE's conventions):
+//! - `unix:uid`, `unix:gid`, `unix:user`, `unix:group`, `unix:supplementary_gid`,
+//!   `unix:supplementary_group`, `unix:path`, `unix:sha256` (the `unix` helpers);
+//! - `systemd:id`, `k8s:pod-uid`, `k8s:container-id`, `docker:id`, `container:id` from the
+//!   cgroup path ([`cgroup`]).
+//!
+//! Anything the agent is not allowed to see (another user's executable when not root) is left
+//! out rather than failing: fewer selectors can only match fewer entries.
+
+pub mod cgroup;
+pub mod process;
+mod unix;
+
+use std::path::PathBuf;
+
+pub use process::ProcessPin;
+use sigil::selector::SelectorSet;
+
+/// What the attestor found about a process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attestation {
+    /// The process, as pinned.
+    pub pid: i32,
+    /// Its selectors.
+    pub selectors: SelectorSet,
+}
+
+/// Why a process could not be attested.
+#[derive(Debug, thiserror::Error)]
+pub enum AttestError {
+    /// The process exited (or its PID now names another process) during attestation.
+    #[error("process {pid} exited (or its PID now names another process) during attestation")]
+    Gone {
+        /// The PID that was pinned.
+        pid: i32,
+    },
+    /// Reading /proc failed for another reason.
+    #[error("cannot read {what} of process {pid} from /proc: {source}")]
+    Proc {
+        /// The process.
+        pid: i32,
+        /// Which file: `stat`, `status`, `cgroup`.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Reads a pinned process's properties into selectors.
+#[derive(Debug)]
+pub struct WorkloadAttestor {
+    proc_root: PathBuf,
+    exe_hashes: unix::ExeHashCache,
+}
+
+impl Default for WorkloadAttestor {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl WorkloadAttestor {
+    /// An attestor reading `/proc`.
+    pub fn new() -> Self {
+        Self::with_proc_root(PathBuf::from(process::DEFAULT_PROC_ROOT))
+    }
+
+    /// An attestor reading procfs at `root` (tests use a fake tree); pins passed to
+    /// [`attest`](Self::attest) must come from the same root.
+    pub fn with_proc_root(root: PathBuf) -> Self {
+        Self {
+            proc_root: root,
+            exe_hashes: unix::ExeHashCache::default(),
+        }
+    }
+
+    /// Blocking (reads /proc, hashes the exe): callers run it in spawn_blocking.
+    /// uid/gid come from the socket's peer credentials (SO_PEERCRED), not /proc.
+    ///
+    /// Ends by checking the pin: `Err(Gone)` if the process is no longer the one pinned, so the
+    /// selectors returned were all read from it.
+    pub fn attest(&self, pin: &ProcessPin, uid: u32, gid: u32) -> Result<Attestation, AttestError> {
+        let pid = pin.pid;
+        let mut selectors = SelectorSet::new();
+        let mut add = |list: Vec<sigil::Selector>| {
+            for s in list {
+                selectors.insert(s);
+            }
+        };
+        add(unix::identity_selectors(uid, gid));
+        let status = process::read_proc_file(&self.proc_root, pid, "status")?;
+        add(unix::supplementary_selectors(&status));
+        let cgroups = process::read_proc_file(&self.proc_root, pid, "cgroup")?;
+        // Lossy: a path that is not UTF-8 is no runtime's or systemd's, and matches nothing.
+        add(cgroup::parse(&String::from_utf8_lossy(&cgroups)).selectors());
+        add(unix::exe_selectors(&self.proc_root, pid, &self.exe_hashes)?);
+        pin.check()?;
+        Ok(Attestation { pid, selectors })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::{Digest, Sha256};
+    use sigil::Selector;
+    use std::path::Path;
+    use std::time::{Duration, SystemTime};
+
+    const PID: i32 = 4242;
+    const START: u64 = 1_234_567;
+    const CID: &str = "f45298cd514d1930c4fe3afc4412e59547f7e3148fddd22ca33cefce046eb830";
+    const POD: &str = "dd1bf9d1-241d-47f5-8e25-12de83135812";
+    const EXE_BYTES: &[u8] = b"\x7fELF pretend binary";
+
+    fn stat_line(pid: i32, start: u64) -> String {
+        // The command name has ") (", spaces and a trailing ')' to trip naive parsers.
+        format!(
+            "{pid} (my ) (app x)) S 1 {pid} {pid} 0 -1 4194560 1234 0 0 0 5 3 0 0 20 0 1 0 \
+             {start} 12345678 456 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 3 0 0 0 0 0\n"
+        )
+    }
+
+    /// A fake procfs with one process, and its executable at `<tmp>/bin/app`.
+    struct FakeProc {
+        dir: tempfile::TempDir,
+    }
+
+    impl FakeProc {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let fake = Self { dir };
+            let p = fake.pid_dir();
+            std::fs::create_dir_all(&p).unwrap();
+            std::fs::create_dir_all(fake.dir.path().join("bin")).unwrap();
+            std::fs::write(p.join("stat"), stat_line(PID, START)).unwrap();
+            std::fs::write(
+                p.join("status"),
+                "Name:\tmy ) (app x)\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t4242\n\
+                 Uid:\t1000\t1000\t1000\t1000\nGid:\t1000\t1000\t1000\t1000\n\
+                 Groups:\t4000000001 4000000002 \nNStgid:\t4242\n",
+            )
+            .unwrap();
+            std::fs::write(
+                p.join("cgroup"),
+                format!(
+                    "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{CID}.scope\n",
+                    POD.replace('-', "_")
+                ),
+            )
+            .unwrap();
+            std::fs::write(fake.exe(), EXE_BYTES).unwrap();
+            std::os::unix::fs::symlink(fake.exe(), p.join("exe")).unwrap();
+            fake
+        }
+
+        fn root(&self) -> &Path {
+            self.dir.path()
+        }
+
+        fn pid_dir(&self) -> PathBuf {
+            self.dir.path().join(PID.to_string())
+        }
+
+        fn exe(&self) -> PathBuf {
+            self.dir.path().join("bin").join("app")
+        }
+
+        fn attestor(&self) -> WorkloadAttestor {
+            WorkloadAttestor::with_proc_root(self.root().to_path_buf())
+        }
+
+        fn pin(&self) -> ProcessPin {
+            ProcessPin::pin_in(self.root(), PID).unwrap()
+        }
+
+        fn relink_exe(&self, target: &Path) {
+            let link = self.pid_dir().join("exe");
+            std::fs::remove_file(&link).unwrap();
+            std::os::unix::fs::symlink(target, link).unwrap();
+        }
+    }
+
+    fn sha256_hex(bytes: &[u8]) -> String {
+        hex::encode(Sha256::digest(bytes))
+    }
+
+    fn sel(s: &str) -> Selector {
+        Selector::parse(s).unwrap()
+    }
+
+    fn with_kind<'a>(a: &'a Attestation, value_prefix: &'a str) -> Vec<String> {
+        a.selectors
+            .iter()
+            .filter(|s| s.kind() == "unix" && s.value().starts_with(value_prefix))
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn attests_a_fake_process() {
+        let fake = FakeProc::new();
+        let a = fake
+            .attestor()
+            .attest(&fake.pin(), 4_000_000_010, 4_000_000_020)
+            .unwrap();
+        assert_eq!(a.pid, PID);
+        // uid/gid are the caller's (peer credentials), not the status file's 1000.
+        let want: SelectorSet = [
+            "unix:uid:4000000010".to_string(),
+            "unix:gid:4000000020".to_string(),
+            "unix:supplementary_gid:4000000001".to_string(),
+            "unix:supplementary_gid:4000000002".to_string(),
+            format!("unix:path:{}", fake.exe().display()),
+            format!("unix:sha256:{}", sha256_hex(EXE_BYTES)),
+            format!("k8s:pod-uid:{POD}"),
+            format!("k8s:container-id:{CID}"),
+        ]
+        .iter()
+        .map(|s| sel(s))
+        .collect();
+        assert_eq!(a.selectors, want);
+    }
+
+    #[test]
+    fn hash_is_cached_by_file_version() {
+        let fake = FakeProc::new();
+        let attestor = fake.attestor();
+        let pin = fake.pin();
+        let hash = |a: &Attestation| with_kind(a, "sha256:");
+        let first = attestor.attest(&pin, 0, 0).unwrap();
+        assert_eq!(
+            hash(&first),
+            [format!("unix:sha256:{}", sha256_hex(EXE_BYTES))]
+        );
+        assert_eq!(attestor.exe_hashes.map.lock().unwrap().len(), 1);
+
+        // Plant a different value under the same key: a cache hit returns it, proving the file
+        // is not read again.
+        let planted = "ab".repeat(32);
+        for v in attestor.exe_hashes.map.lock().unwrap().values_mut() {
+            v.clone_from(&planted);
+        }
+        let second = attestor.attest(&pin, 0, 0).unwrap();
+        assert_eq!(hash(&second), [format!("unix:sha256:{planted}")]);
+
+        // Touching mtime makes a new key: the file is hashed again.
+        let file = std::fs::File::options()
+            .write(true)
+            .open(fake.exe())
+            .unwrap();
+        file.set_modified(SystemTime::now() + Duration::from_secs(3600))
+            .unwrap();
+        let third = attestor.attest(&pin, 0, 0).unwrap();
+        assert_eq!(
+            hash(&third),
+            [format!("unix:sha256:{}", sha256_hex(EXE_BYTES))]
+        );
+
+        // New content of the same size, with mtime set back: ctime still moved, so it is
+        // rehashed (mtime alone could be forged by the file's owner).
+        let meta = std::fs::metadata(fake.exe()).unwrap();
+        let new_bytes = b"\x7fELF evil!!! binary";
+        assert_eq!(new_bytes.len(), EXE_BYTES.len());
+        std::fs::write(fake.exe(), new_bytes).unwrap();
+        let file = std::fs::File::options()
+            .write(true)
+            .open(fake.exe())
+            .unwrap();
+        file.set_modified(meta.modified().unwrap()).unwrap();
+        let fourth = attestor.attest(&pin, 0, 0).unwrap();
+        assert_eq!(
+            hash(&fourth),
+            [format!("unix:sha256:{}", sha256_hex(new_bytes))]
+        );
+    }
+
+    #[test]
+    fn gone_before_or_during_attestation() {
+        let fake = FakeProc::new();
+        let attestor = fake.attestor();
+        let pin = fake.pin();
+
+        // Same PID, a different start time: another process now.
+        std::fs::write(fake.pid_dir().join("stat"), stat_line(PID, START + 1)).unwrap();
+        let e = attestor.attest(&pin, 0, 0).unwrap_err();
+        assert!(matches!(e, AttestError::Gone { pid: PID }), "{e:?}");
+        assert!(e.to_string().contains("4242"), "{e}");
+
+        // The process directory is gone.
+        std::fs::remove_dir_all(fake.pid_dir()).unwrap();
+        let e = attestor.attest(&pin, 0, 0).unwrap_err();
+        assert!(matches!(e, AttestError::Gone { pid: PID }), "{e:?}");
+        assert!(matches!(
+            ProcessPin::pin_in(fake.root(), PID),
+            Err(AttestError::Gone { pid: PID })
+        ));
+    }
+
+    #[test]
+    fn each_missing_file_means_gone() {
+        for file in ["status", "cgroup", "exe", "stat"] {
+            let fake = FakeProc::new();
+            let pin = fake.pin();
+            std::fs::remove_file(fake.pid_dir().join(file)).unwrap();
+            let e = fake.attestor().attest(&pin, 0, 0).unwrap_err();
+            assert!(matches!(e, AttestError::Gone { pid: PID }), "{file}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn unreadable_proc_file_is_a_proc_error() {
+        let fake = FakeProc::new();
+        let pin = fake.pin();
+        std::fs::remove_file(fake.pid_dir().join("cgroup")).unwrap();
+        std::fs::create_dir(fake.pid_dir().join("cgroup")).unwrap();
+        let e = fake.attestor().attest(&pin, 0, 0).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AttestError::Proc {
+                    pid: PID,
+                    what: "cgroup",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("cgroup of process 4242"), "{e}");
+    }
+
+    #[test]
+    fn deleted_or_unusable_exe_gives_no_path_or_hash() {
+        let fake = FakeProc::new();
+        // Deleted: readlink shows " (deleted)"; here the link dangles like the real one would.
+        let deleted = fake.dir.path().join("bin").join("old (deleted)");
+        let not_a_file = fake.dir.path().join("bin");
+        let dangling = fake.dir.path().join("bin").join("nonexistent");
+        for target in [&deleted, &not_a_file, &dangling] {
+            fake.relink_exe(target);
+            let a = fake.attestor().attest(&fake.pin(), 0, 0).unwrap();
+            assert!(with_kind(&a, "path:").is_empty(), "{target:?}: {a:?}");
+            assert!(with_kind(&a, "sha256:").is_empty(), "{target:?}: {a:?}");
+            // The rest is still there.
+            assert!(a.selectors.contains(&sel("unix:uid:0")));
+            assert!(a
+                .selectors
+                .contains(&sel(&format!("k8s:container-id:{CID}"))));
+        }
+
+        // A file that exists but is named "... (deleted)": skipped too (the suffix can't be
+        // told apart from the kernel's), which is the safe side.
+        std::fs::write(&deleted, EXE_BYTES).unwrap();
+        fake.relink_exe(&deleted);
+        let a = fake.attestor().attest(&fake.pin(), 0, 0).unwrap();
+        assert!(with_kind(&a, "path:").is_empty(), "{a:?}");
+    }
+
+    #[test]
+    fn exe_not_a_link_is_skipped_not_fatal() {
+        let fake = FakeProc::new();
+        let link = fake.pid_dir().join("exe");
+        std::fs::remove_file(&link).unwrap();
+        std::fs::write(&link, EXE_BYTES).unwrap(); // readlink: EINVAL
+        let a = fake.attestor().attest(&fake.pin(), 0, 0).unwrap();
+        assert!(with_kind(&a, "path:").is_empty(), "{a:?}");
+        assert!(with_kind(&a, "sha256:").is_empty(), "{a:?}");
+    }
+
+    #[test]
+    fn relative_exe_path_gives_hash_but_no_path() {
+        // The kernel always gives an absolute path; anything else is not trusted as a path.
+        let fake = FakeProc::new();
+        fake.relink_exe(Path::new("../bin/app"));
+        let a = fake.attestor().attest(&fake.pin(), 0, 0).unwrap();
+        assert!(with_kind(&a, "path:").is_empty(), "{a:?}");
+        assert_eq!(
+            with_kind(&a, "sha256:"),
+            [format!("unix:sha256:{}", sha256_hex(EXE_BYTES))]
+        );
+    }
+
+    #[test]
+    fn cgroup_and_status_variants() {
+        let fake = FakeProc::new();
+        std::fs::write(
+            fake.pid_dir().join("cgroup"),
+            "0::/system.slice/nginx.service\n",
+        )
+        .unwrap();
+        // No Groups: line at all (never the case in real /proc, but not fatal).
+        std::fs::write(fake.pid_dir().join("status"), "Name:\tnginx\n").unwrap();
+        let a = fake.attestor().attest(&fake.pin(), 0, 0).unwrap();
+        assert!(a.selectors.contains(&sel("systemd:id:nginx.service")));
+        assert!(with_kind(&a, "supplementary_gid:").is_empty());
+        assert!(!a.selectors.iter().any(|s| s.kind() == "k8s"));
+        // Non-UTF-8 bytes in the cgroup file do not break the rest.
+        std::fs::write(
+            fake.pid_dir().join("cgroup"),
+            b"1:name=systemd:/\xff\n0::/system.slice/sshd.service\n",
+        )
+        .unwrap();
+        let a = fake.attestor().attest(&fake.pin(), 0, 0).unwrap();
+        assert!(a.selectors.contains(&sel("systemd:id:sshd.service")));
+    }
+
+    #[test]
+    fn attests_this_process_via_real_proc() {
+        let pid = i32::try_from(std::process::id()).unwrap();
+        let uid = nix::unistd::getuid().as_raw();
+        let gid = nix::unistd::getgid().as_raw();
+        let pin = ProcessPin::pin(pid).unwrap();
+        let attestor = WorkloadAttestor::new();
+        let a = attestor.attest(&pin, uid, gid).unwrap();
+        assert_eq!(a.pid, pid);
+        assert!(a.selectors.contains(&sel(&format!("unix:uid:{uid}"))));
+        assert!(a.selectors.contains(&sel(&format!("unix:gid:{gid}"))));
+        let exe = std::env::current_exe().unwrap();
+        assert!(
+            a.selectors
+                .contains(&sel(&format!("unix:path:{}", exe.display()))),
+            "{a:?}"
+        );
+        let hash = sha256_hex(&std::fs::read(&exe).unwrap());
+        assert!(
+            a.selectors.contains(&sel(&format!("unix:sha256:{hash}"))),
+            "{a:?}"
+        );
+        // Our own supplementary groups, as the kernel lists them.
+        for g in nix::unistd::getgroups().unwrap() {
+            assert!(
+                a.selectors
+                    .contains(&sel(&format!("unix:supplementary_gid:{}", g.as_raw()))),
+                "{g}: {a:?}"
+            );
+        }
+        // A second attestation hits the cache and agrees.
+        assert_eq!(attestor.attest(&pin, uid, gid).unwrap(), a);
+    }
+
+    #[test]
+    fn error_messages_say_what_went_wrong() {
+        let gone = AttestError::Gone { pid: 7 };
+        assert_eq!(
+            gone.to_string(),
+            "process 7 exited (or its PID now names another process) during attestation"
+        );
+        let proc = AttestError::Proc {
+            pid: 7,
+            what: "status",
+            source: std::io::Error::from_raw_os_error(nix::errno::Errno::EIO as i32),
+        };
+        assert!(
+            proc.to_string()
+                .starts_with("cannot read status of process 7 from /proc: "),
+            "{proc}"
+        );
+    }
+}

@@ -1,0 +1,147 @@
+//! JWT-SVIDs: minted by the server on demand, cached per (entry, audience set).
+//!
+//! A token is re-used until half its lifetime has passed (so a client never receives one about to
+//! expire), which turns a workload asking on every request into one server call per
+//! half-lifetime. The cache is bounded: expired tokens are swept when it fills, and past the
+//! bound the oldest tokens are dropped.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use sigil::proto::node as pb;
+use sigil::proto::node::node_client::NodeClient;
+use sigil::tls::{IdentityStore, TrustStore};
+use sigil::TrustDomain;
+use tokio::sync::Mutex;
+use tonic::transport::Channel;
+
+use crate::client::{self, ClientError};
+
+/// Most tokens cached.
+pub const MAX_CACHED_TOKENS: usize = 10_000;
+
+#[derive(Debug, Clone)]
+struct CachedToken {
+    token: String,
+    issued_at: i64,
+    expires_at: i64,
+}
+
+/// Server connection for minting, re-made when the agent SVID rotates (the server refuses a
+/// connection authenticated with a superseded agent certificate).
+pub struct NodeLink {
+    server_address: String,
+    trust_domain: TrustDomain,
+    tls_identity: Arc<IdentityStore>,
+    trust: Arc<TrustStore>,
+    client: Mutex<Option<(String, NodeClient<Channel>)>>,
+}
+
+impl NodeLink {
+    /// A link to `server_address`, authenticating with the agent's rotating identity.
+    pub fn new(
+        server_address: String,
+        trust_domain: TrustDomain,
+        tls_identity: Arc<IdentityStore>,
+        trust: Arc<TrustStore>,
+    ) -> Self {
+        Self {
+            server_address,
+            trust_domain,
+            tls_identity,
+            trust,
+            client: Mutex::new(None),
+        }
+    }
+
+    /// A client whose connection presents the agent SVID with serial `serial`.
+    async fn client(&self, serial: &str) -> Result<NodeClient<Channel>, ClientError> {
+        let mut guard = self.client.lock().await;
+        if let Some((s, c)) = guard.as_ref() {
+            if s == serial {
+                return Ok(c.clone());
+            }
+        }
+        let c = client::channel(
+            &self.server_address,
+            client::verify_server(self.trust.clone(), &self.trust_domain),
+            Some(self.tls_identity.clone()),
+        )?;
+        *guard = Some((serial.to_string(), c.clone()));
+        Ok(c)
+    }
+}
+
+/// Cached JWT-SVIDs.
+#[derive(Default)]
+pub struct JwtSvidCache {
+    tokens: Mutex<HashMap<(String, i64, Vec<String>), CachedToken>>,
+}
+
+impl JwtSvidCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A JWT-SVID for revision `entry_revision` of entry `entry_id` and `audience`: cached if
+    /// still in its first half-life, else minted by the server through `link`. `serial` is the
+    /// agent SVID's current serial.
+    pub async fn get(
+        &self,
+        link: &NodeLink,
+        serial: &str,
+        (entry_id, entry_revision): (&str, i64),
+        audience: &[String],
+        now: i64,
+    ) -> Result<String, ClientError> {
+        let mut aud = audience.to_vec();
+        aud.sort();
+        aud.dedup();
+        // The revision is part of the key: a changed entry may carry another SPIFFE ID.
+        let key = (entry_id.to_string(), entry_revision, aud);
+        if let Some(t) = self.tokens.lock().await.get(&key) {
+            if now < t.issued_at + (t.expires_at - t.issued_at) / 2 {
+                return Ok(t.token.clone());
+            }
+        }
+        let mut c = link.client(serial).await?;
+        let resp = c
+            .mint_jwt_svid(pb::JwtSvidRequest {
+                entry_id: entry_id.to_string(),
+                audience: audience.to_vec(),
+            })
+            .await
+            .map_err(ClientError::rpc("JWT-SVID minting"))?
+            .into_inner();
+        let token = resp.token.clone();
+        let mut tokens = self.tokens.lock().await;
+        if tokens.len() >= MAX_CACHED_TOKENS {
+            tokens.retain(|_, t| t.expires_at > now);
+            if tokens.len() >= MAX_CACHED_TOKENS {
+                // Still full of live tokens: drop the half closest to expiry.
+                let mut exp: Vec<i64> = tokens.values().map(|t| t.expires_at).collect();
+                exp.sort_unstable();
+                let cut = exp[exp.len() / 2];
+                tokens.retain(|_, t| t.expires_at > cut);
+            }
+        }
+        tokens.insert(
+            key,
+            CachedToken {
+                token: resp.token,
+                issued_at: now,
+                expires_at: resp.expires_at,
+            },
+        );
+        Ok(token)
+    }
+
+    /// Drops every token of entries not in `live` (removed entries).
+    pub async fn retain_entries(&self, live: &std::collections::HashSet<String>) {
+        self.tokens
+            .lock()
+            .await
+            .retain(|(entry, _, _), _| live.contains(entry));
+    }
+}

@@ -1,0 +1,47 @@
+//! The SPIFFE Workload API, served on a Unix socket any local process may connect to.
+//!
+//! - [`peer`]: accepted connections carry the caller's kernel credentials and a pin on its
+//!   process, taken at accept time (PID reuse cannot lend an identity).
+//! - [`identities`]: which cached entries match a caller's selectors, and the messages built
+//!   from them (full state, default SVID first, federated bundles where entries federate).
+//! - [`service`]: the five `SpiffeWorkloadAPI` RPCs; streams are woken by the agent's change
+//!   counter and resend only when their message changed.
+//! - [`jwt`]: JWT-SVIDs minted by the server on demand and cached for half their lifetime.
+//!
+//! The wire contract is the SPIFFE standard's: service `SpiffeWorkloadAPI` (no package), the
+//! `workload.spiffe.io: true` header, "no identity issued" as PermissionDenied.
+
+pub mod identities;
+pub mod jwt;
+pub mod peer;
+pub mod service;
+
+use std::future::Future;
+use std::path::Path;
+
+use sigil::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+use tokio::net::UnixListener;
+
+pub use service::WorkloadApi;
+
+/// Directory mode of the public socket: others may enter and connect, not create files.
+pub const SOCKET_DIR_MODE: u32 = 0o755;
+/// Socket mode: any local process may connect (attestation decides what it gets).
+pub const SOCKET_MODE: u32 = 0o777;
+
+/// Binds the public Workload API socket.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    sigil::uds::bind(path, SOCKET_DIR_MODE, SOCKET_MODE)
+}
+
+/// Serves `api` on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: UnixListener,
+    api: WorkloadApi,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(SpiffeWorkloadApiServer::new(api))
+        .serve_with_incoming_shutdown(peer::incoming(listener), shutdown)
+        .await
+}

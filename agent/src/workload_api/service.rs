@@ -1,0 +1,424 @@
+//! The five `SpiffeWorkloadAPI` RPCs.
+//!
+//! Every call: the `workload.spiffe.io: true` header (else InvalidArgument), then the caller is
+//! attested from its pinned process (gone meanwhile → Unauthenticated; unreadable →
+//! PermissionDenied), its selectors matched to the cached entries, and the pin checked once more
+//! before the first answer leaves. Streams are one task each, woken by the agent's change
+//! counter; each message is the full state, sent only when it differs from the last one.
+
+use std::hash::{Hash as _, Hasher as _};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sigil::proto::workload as wl;
+use sigil::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
+use sigil::selector::SelectorSet;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::identities::{self, X509State};
+use super::jwt::{JwtSvidCache, NodeLink};
+use super::peer::PeerInfo;
+use crate::attestor::{AttestError, ProcessPin, WorkloadAttestor};
+use crate::cache::Cache;
+use crate::worker::AgentState;
+
+/// The header every Workload API call must carry (SPIFFE Workload Endpoint spec).
+pub const SECURITY_HEADER: &str = "workload.spiffe.io";
+/// The message SPIFFE clients match on when a caller has no identity.
+pub const NO_IDENTITY: &str = "no identity issued";
+/// How long a first FetchX509SVID waits for an SVID that is being minted.
+pub const FIRST_SVID_WAIT: Duration = Duration::from_secs(15);
+
+/// An attested caller.
+struct Caller {
+    pid: i32,
+    selectors: SelectorSet,
+    pin: Arc<ProcessPin>,
+}
+
+impl Caller {
+    /// The process is still the one that connected (a reused PID is refused).
+    fn recheck(&self) -> Result<(), Status> {
+        self.pin.check().map_err(|_| gone(self.pid))
+    }
+}
+
+fn gone(pid: i32) -> Status {
+    Status::unauthenticated(format!(
+        "the calling process (pid {pid}) exited during attestation; its identity is not issued to another process"
+    ))
+}
+
+/// What a watched stream should do after looking at the cache.
+enum Watch<M> {
+    /// The caller has no identity: end the stream with PermissionDenied.
+    NoIdentity,
+    /// Nothing to send yet (an SVID is being minted).
+    Pending,
+    /// Send this (if it differs from the last message).
+    Send(M),
+}
+
+struct Inner {
+    state: Arc<AgentState>,
+    attestor: Arc<WorkloadAttestor>,
+    link: NodeLink,
+    jwt: JwtSvidCache,
+    /// Becomes true at agent shutdown: streams end so the server can drain.
+    shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+/// The Workload API service.
+#[derive(Clone)]
+pub struct WorkloadApi {
+    inner: Arc<Inner>,
+}
+
+impl WorkloadApi {
+    /// A service over the agent's state; JWT-SVIDs are minted through `link`; streams end when
+    /// `shutdown` becomes true.
+    pub fn new(
+        state: Arc<AgentState>,
+        attestor: Arc<WorkloadAttestor>,
+        link: NodeLink,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                state,
+                attestor,
+                link,
+                jwt: JwtSvidCache::new(),
+                shutdown,
+            }),
+        }
+    }
+
+    async fn attest<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        check_header(req)?;
+        let peer = req.extensions().get::<PeerInfo>().cloned().ok_or_else(|| {
+            Status::unauthenticated("the caller's credentials are unavailable on this connection")
+        })?;
+        let pin = peer.pin.map_err(|why| {
+            self.inner.state.metrics.workload_attest_failures.inc();
+            Status::unauthenticated(format!("cannot identify the calling process: {why}"))
+        })?;
+        let attestor = self.inner.attestor.clone();
+        let p = pin.clone();
+        let (uid, gid) = (peer.uid, peer.gid);
+        let result = tokio::task::spawn_blocking(move || attestor.attest(&p, uid, gid))
+            .await
+            .map_err(|e| Status::internal(format!("workload attestation task failed: {e}")))?;
+        match result {
+            Ok(a) => {
+                tracing::debug!(pid = a.pid, uid, selectors = %a.selectors, "workload attested");
+                Ok(Caller {
+                    pid: a.pid,
+                    selectors: a.selectors,
+                    pin,
+                })
+            }
+            Err(AttestError::Gone { pid }) => {
+                self.inner.state.metrics.workload_attest_failures.inc();
+                Err(gone(pid))
+            }
+            Err(e) => {
+                self.inner.state.metrics.workload_attest_failures.inc();
+                tracing::warn!(error = %e, "workload attestation failed");
+                Err(Status::permission_denied(format!(
+                    "could not attest the calling process: {e}"
+                )))
+            }
+        }
+    }
+
+    /// One task per stream: look at the cache, send when the message changed, sleep until the
+    /// cache changes or the client goes away.
+    fn watch<M, F>(&self, caller: Caller, what: &'static str, build: F) -> ReceiverStream<Result<M, Status>>
+    where
+        M: prost::Message + Send + 'static,
+        F: Fn(&Cache, &SelectorSet) -> Watch<M> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel(1);
+        let state = self.inner.state.clone();
+        let mut shutdown = self.inner.shutdown.clone();
+        tokio::spawn(async move {
+            let metrics = &state.metrics;
+            metrics.workload_streams.inc();
+            let mut changes = state.changes.subscribe();
+            let mut last: Option<u64> = None;
+            let pending_deadline = tokio::time::Instant::now() + FIRST_SVID_WAIT;
+            loop {
+                changes.borrow_and_update();
+                let step = {
+                    let cache = state.cache.read().await;
+                    if cache.has_snapshot() {
+                        build(&cache, &caller.selectors)
+                    } else {
+                        // Just started: "no identity" would be a lie until entries arrive.
+                        Watch::Pending
+                    }
+                };
+                let mut pending = false;
+                match step {
+                    Watch::NoIdentity => {
+                        tracing::info!(pid = caller.pid, selectors = %caller.selectors, stream = what, "no identity for the caller; ending the stream with PermissionDenied");
+                        let _ = tx.send(Err(Status::permission_denied(NO_IDENTITY))).await;
+                        break;
+                    }
+                    Watch::Pending => pending = true,
+                    Watch::Send(msg) => {
+                        let bytes = msg.encode_to_vec();
+                        let mut h = std::collections::hash_map::DefaultHasher::new();
+                        bytes.hash(&mut h);
+                        let fp = h.finish();
+                        if last != Some(fp) {
+                            if last.is_none() {
+                                if let Err(s) = caller.recheck() {
+                                    let _ = tx.send(Err(s)).await;
+                                    break;
+                                }
+                            }
+                            if tx.send(Ok(msg)).await.is_err() {
+                                break;
+                            }
+                            tracing::debug!(pid = caller.pid, stream = what, first = last.is_none(), "Workload API update sent");
+                            last = Some(fp);
+                        }
+                    }
+                }
+                let waiting_first = pending && last.is_none();
+                tokio::select! {
+                    r = changes.changed() => if r.is_err() { break },
+                    _ = tx.closed() => break,
+                    _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
+                    _ = tokio::time::sleep_until(pending_deadline), if waiting_first => {
+                        let _ = tx.send(Err(Status::unavailable(
+                            "the caller's SVID is still being minted (is sigil-server reachable?); retry shortly",
+                        ))).await;
+                        break;
+                    }
+                }
+            }
+            metrics.workload_streams.dec();
+        });
+        ReceiverStream::new(rx)
+    }
+}
+
+fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
+    match req.metadata().get(SECURITY_HEADER) {
+        Some(v) if v.as_bytes() == b"true" => Ok(()),
+        _ => Err(Status::invalid_argument("security header missing from request")),
+    }
+}
+
+fn now_unix() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = ReceiverStream<Result<wl::X509svidResponse, Status>>;
+    type FetchX509BundlesStream = ReceiverStream<Result<wl::X509BundlesResponse, Status>>;
+    type FetchJWTBundlesStream = ReceiverStream<Result<wl::JwtBundlesResponse, Status>>;
+
+    async fn fetch_x509svid(
+        &self,
+        req: Request<wl::X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let caller = self.attest(&req).await?;
+        Ok(Response::new(self.watch(caller, "x509_svid", |cache, sel| {
+            match identities::x509_svid_state(cache, sel) {
+                X509State::NoIdentity => Watch::NoIdentity,
+                X509State::Pending => Watch::Pending,
+                X509State::Ready { response, .. } => Watch::Send(response),
+            }
+        })))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        req: Request<wl::X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        let caller = self.attest(&req).await?;
+        Ok(Response::new(self.watch(caller, "x509_bundles", |cache, sel| {
+            match identities::x509_bundles(cache, sel) {
+                None => Watch::NoIdentity,
+                Some(m) if m.bundles.is_empty() => Watch::Pending,
+                Some(m) => Watch::Send(m),
+            }
+        })))
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        req: Request<wl::JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        let caller = self.attest(&req).await?;
+        Ok(Response::new(self.watch(caller, "jwt_bundles", |cache, sel| {
+            match identities::jwt_bundles(cache, sel) {
+                None => Watch::NoIdentity,
+                Some(m) if m.bundles.is_empty() => Watch::Pending,
+                Some(m) => Watch::Send(m),
+            }
+        })))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        req: Request<wl::JwtsvidRequest>,
+    ) -> Result<Response<wl::JwtsvidResponse>, Status> {
+        check_header(&req)?;
+        if req.get_ref().audience.iter().all(|a| a.is_empty()) {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        let caller = self.attest(&req).await?;
+        let want = req.into_inner();
+        let audience: Vec<String> = want.audience.into_iter().filter(|a| !a.is_empty()).collect();
+        let targets: Vec<(String, i64, String, String)> = {
+            let cache = self.inner.state.cache.read().await;
+            if !cache.has_snapshot() {
+                return Err(Status::unavailable(
+                    "the agent has not received its entries from sigil-server yet; retry shortly",
+                ));
+            }
+            identities::matching_entries(&cache, &caller.selectors)
+                .into_iter()
+                .filter(|e| want.spiffe_id.is_empty() || e.spiffe_id.to_string() == want.spiffe_id)
+                .map(|e| {
+                    (
+                        e.id.clone(),
+                        e.revision,
+                        e.spiffe_id.to_string(),
+                        e.hint.clone(),
+                    )
+                })
+                .collect()
+        };
+        if targets.is_empty() {
+            return Err(Status::permission_denied(NO_IDENTITY));
+        }
+        let serial = self.inner.state.identity.read().await.serial_hex.clone();
+        let now = now_unix();
+        let mut svids = Vec::with_capacity(targets.len());
+        let mut hints = std::collections::HashSet::new();
+        for (entry_id, revision, spiffe_id, hint) in targets {
+            if !hint.is_empty() && !hints.insert(hint.clone()) {
+                continue;
+            }
+            let token = self
+                .inner
+                .jwt
+                .get(&self.inner.link, &serial, (&entry_id, revision), &audience, now)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(error = %e, entry_id = %entry_id, "JWT-SVID minting failed");
+                    Status::unavailable(format!("could not mint the JWT-SVID: {e}"))
+                })?;
+            svids.push(wl::Jwtsvid {
+                spiffe_id,
+                svid: token,
+                hint,
+            });
+        }
+        caller.recheck()?;
+        Ok(Response::new(wl::JwtsvidResponse { svids }))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        req: Request<wl::ValidateJwtsvidRequest>,
+    ) -> Result<Response<wl::ValidateJwtsvidResponse>, Status> {
+        check_header(&req)?;
+        let r = req.get_ref();
+        if r.audience.is_empty() {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        if r.svid.is_empty() {
+            return Err(Status::invalid_argument("svid must be specified"));
+        }
+        // Any local process may validate tokens, but it must be identifiable (as in SPIRE).
+        let caller = self.attest(&req).await?;
+        let r = req.into_inner();
+        let invalid = |e: &dyn std::fmt::Display| Status::invalid_argument(format!("invalid JWT-SVID: {e}"));
+        let subject = sigil::jwt::jwt_svid_subject_unverified(&r.svid).map_err(|e| invalid(&e))?;
+        let td = subject.trust_domain();
+        let bundle = {
+            let cache = self.inner.state.cache.read().await;
+            let b = identities::bundle_for(&cache, td.name()).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "invalid JWT-SVID: no bundle for trust domain \"{}\"",
+                    td.name()
+                ))
+            })?;
+            let mut bundle = sigil::bundle::Bundle::new(td.clone());
+            bundle.jwt_authorities = sigil::bundle::Bundle::jwt_authorities_from_json(&b.jwks_json)
+                .map_err(|e| Status::internal(format!("held JWT bundle is unusable: {e}")))?;
+            bundle
+        };
+        let claims = sigil::jwt::validate_jwt_svid(&r.svid, &r.audience, &bundle).map_err(|e| invalid(&e))?;
+        caller.recheck()?;
+        Ok(Response::new(wl::ValidateJwtsvidResponse {
+            spiffe_id: claims.subject.to_string(),
+            claims: Some(json_object_to_struct(claims.all)),
+        }))
+    }
+}
+
+/// JSON claims as a protobuf `Struct`.
+fn json_object_to_struct(map: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: map.into_iter().map(|(k, v)| (k, json_to_value(v))).collect(),
+    }
+}
+
+fn json_to_value(v: serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    use serde_json::Value as J;
+    let kind = match v {
+        J::Null => Kind::NullValue(0),
+        J::Bool(b) => Kind::BoolValue(b),
+        J::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        J::String(s) => Kind::StringValue(s),
+        J::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.into_iter().map(json_to_value).collect(),
+        }),
+        J::Object(o) => Kind::StructValue(json_object_to_struct(o)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claims_become_a_protobuf_struct() {
+        let claims: serde_json::Value = serde_json::json!({
+            "sub": "spiffe://example.org/a", "aud": ["x", "y"], "exp": 1700000000, "nested": {"ok": true}, "none": null
+        });
+        let serde_json::Value::Object(map) = claims else { panic!("object") };
+        let s = json_object_to_struct(map);
+        use prost_types::value::Kind;
+        assert_eq!(s.fields["sub"].kind, Some(Kind::StringValue("spiffe://example.org/a".into())));
+        assert_eq!(s.fields["exp"].kind, Some(Kind::NumberValue(1_700_000_000.0)));
+        let Some(Kind::ListValue(l)) = &s.fields["aud"].kind else { panic!("aud list") };
+        assert_eq!(l.values.len(), 2);
+        let Some(Kind::StructValue(n)) = &s.fields["nested"].kind else { panic!("nested") };
+        assert_eq!(n.fields["ok"].kind, Some(Kind::BoolValue(true)));
+        assert_eq!(s.fields["none"].kind, Some(Kind::NullValue(0)));
+    }
+
+    #[test]
+    fn header_must_be_exactly_true() {
+        let mut r = Request::new(());
+        assert_eq!(check_header(&r).map_err(|s| s.code()), Err(tonic::Code::InvalidArgument));
+        r.metadata_mut().insert(SECURITY_HEADER, "false".parse().expect("ascii"));
+        assert_eq!(check_header(&r).map_err(|s| s.code()), Err(tonic::Code::InvalidArgument));
+        r.metadata_mut().insert(SECURITY_HEADER, "true".parse().expect("ascii"));
+        assert!(check_header(&r).is_ok());
+    }
+}
