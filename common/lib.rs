@@ -10,6 +10,7 @@
 //! - [`jwt`]: JWT-SVID validation against a bundle's JWT authorities.
 //! - [`fs`]: crash-safe file writes (keys are never left truncated or world-readable).
 //! - [`health`]: the `/live`, `/ready` and `/metrics` HTTP endpoint.
+//! - [`https`]: a small HTTPS/1.1 JSON client (Kubernetes API server, kubelet, OIDC), CA-pinned.
 //! - [`logging`]: `tracing` set-up (text or JSON).
 //! - [`proto`]: generated code for the Workload, node and admin APIs.
 //! - [`uds`]: gRPC over Unix sockets (client connector, peer credentials).
@@ -23,6 +24,7 @@ pub mod bundle;
 pub mod entry;
 pub mod fs;
 pub mod health;
+pub mod https;
 pub mod jwt;
 pub mod logging;
 pub mod proto;

@@ -1,1 +1,1370 @@
-//! stub
+//! End-to-end tests of the agent's SPIFFE Workload API with an independent client: the `spiffe`
+//! crate from crates.io talks to a real `sigil-agent` (attested to a real `sigil-server`) over
+//! its Unix socket. Covered: X509-SVIDs that pass the crate's X509-SVID rules and verify to the
+//! bundle, rotation on an open stream, "no identity issued", the security header, JWT-SVIDs
+//! validated by the agent and locally, mutual TLS between two attested processes (and a foreign
+//! trust domain refused), a caller whose PID died before its call, and entry changes reaching an
+//! open stream.
+//!
+//! Every test starts its own server and agent and bounds each wait; nothing sleeps and hopes.
+
+mod support;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use sigil::proto::workload as wl;
+use sigil::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use spiffe::transport::GrpcStatusCode;
+use spiffe::transport::TransportError;
+use spiffe::{JwtSvid, TrustDomain, WorkloadApiClient, WorkloadApiError};
+use support::{agent_with_workload_entries, agent_with_workload_entry, create_entry, tempdir};
+use support::{Server, WorkloadAgent};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio_stream::StreamExt as _;
+
+/// The ignored helper test that runs as workload B (see [`workload_b_helper_writes_its_svid`]).
+const WORKLOAD_B_HELPER: &str = "workload_b_helper_writes_its_svid";
+/// Set for the workload-B child: the agent's Workload API socket.
+const WORKLOAD_B_SOCKET_ENV: &str = "SIGIL_TEST_WORKLOAD_B_SOCKET";
+/// Set for the workload-B child: where it writes `svid.pem`, `key.pem`, `bundle.pem`.
+const WORKLOAD_B_OUT_ENV: &str = "SIGIL_TEST_WORKLOAD_B_OUT";
+
+const WORKLOAD: &str = "spiffe://example.org/workload";
+
+fn uid() -> u32 {
+    nix::unistd::getuid().as_raw()
+}
+
+fn uid_selector() -> String {
+    format!("unix:uid:{}", uid())
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// Awaits `fut`, failing the test with `what` if it takes longer than `secs`.
+async fn within<T>(secs: u64, what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(Duration::from_secs(secs), fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {secs} s: {what}"),
+    }
+}
+
+fn endpoint(socket: &Path) -> String {
+    format!("unix://{}", socket.display())
+}
+
+/// A `spiffe` crate client on `socket`.
+async fn spiffe_client(socket: &Path) -> WorkloadApiClient {
+    within(
+        30,
+        "connecting to the Workload API",
+        WorkloadApiClient::connect_to(endpoint(socket)),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("connecting to {}: {e}", socket.display()))
+}
+
+/// Sigil's own generated client on `socket` (no header added unless the test adds it).
+async fn raw_client(socket: &Path) -> SpiffeWorkloadApiClient<tonic::transport::Channel> {
+    SpiffeWorkloadApiClient::new(
+        within(30, "connecting (raw)", sigil::uds::connect(socket))
+            .await
+            .expect("connecting to the Workload API socket"),
+    )
+}
+
+/// `req` with the `workload.spiffe.io: true` header.
+fn with_header<T>(msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut().insert(
+        "workload.spiffe.io",
+        "true".parse().expect("ascii header value"),
+    );
+    req
+}
+
+/// The gRPC status code inside a `spiffe` crate error, if it carries one.
+/// `NoIdentityIssued` is by the crate's definition PermissionDenied + "no identity issued".
+fn grpc_code(e: &WorkloadApiError) -> Option<GrpcStatusCode> {
+    match e {
+        WorkloadApiError::NoIdentityIssued | WorkloadApiError::PermissionDenied(_) => {
+            Some(GrpcStatusCode::PermissionDenied)
+        }
+        WorkloadApiError::Transport(TransportError::Status(s)) => Some(s.code()),
+        _ => None,
+    }
+}
+
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs() as i64
+}
+
+fn now_unix_f64() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64()
+}
+
+/// Leaf serial (lowercase hex) and validity (Unix seconds) of a DER certificate.
+fn serial_and_validity(der: &[u8]) -> (String, i64, i64) {
+    let (_, c) = x509_parser::parse_x509_certificate(der).expect("parsing certificate");
+    (
+        hex_of(c.raw_serial()),
+        c.validity().not_before.timestamp(),
+        c.validity().not_after.timestamp(),
+    )
+}
+
+fn hex_of(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The roots the server itself publishes (`bundle show`), DER.
+fn server_roots(server: &Server) -> Vec<Vec<u8>> {
+    sigil::x509::parse_pem_certs(&server.cli_ok(&["bundle", "show"])).expect("bundle PEM")
+}
+
+fn example_org() -> TrustDomain {
+    TrustDomain::new("example.org").expect("trust domain")
+}
+
+/// Verifies every signature along `chain` (leaf first) up to one of `roots` with x509-parser,
+/// independently of webpki.
+fn verify_signatures_to_roots(chain: &[Vec<u8>], roots: &[Vec<u8>]) {
+    fn parse(d: &[u8]) -> x509_parser::certificate::X509Certificate<'_> {
+        x509_parser::parse_x509_certificate(d)
+            .expect("certificate")
+            .1
+    }
+    let chain_certs: Vec<_> = chain.iter().map(|d| parse(d)).collect();
+    let root_certs: Vec<_> = roots.iter().map(|d| parse(d)).collect();
+    for (i, cert) in chain_certs.iter().enumerate() {
+        // Its issuer: the next certificate in the chain, else a root.
+        let candidates = chain_certs[i + 1..].iter().chain(root_certs.iter());
+        let issuer = candidates
+            .filter(|c| c.subject() == cert.issuer())
+            .find(|c| cert.verify_signature(Some(c.public_key())).is_ok());
+        let Some(issuer) = issuer else {
+            panic!(
+                "certificate {i} of the chain ({}) is not signed by the next one or a bundle root",
+                cert.subject()
+            );
+        };
+        if root_certs.iter().any(|r| r.subject() == issuer.subject()) {
+            return;
+        }
+    }
+    panic!("the chain does not end at a bundle root");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. X509-SVID by uid
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn x509_svid_by_uid_passes_spec_checks_and_verifies() {
+    let dir = tempdir();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    let sel = uid_selector();
+    let w = agent_with_workload_entry(&server, dir.path(), WORKLOAD, &[&sel], &[]);
+    let socket = w.agent.socket_path();
+    let roots_from_server = server_roots(&server);
+
+    runtime().block_on(async {
+        let client = spiffe_client(&socket).await;
+        // The crate's parser enforces the X509-SVID leaf rules (CA=false, digitalSignature,
+        // neither keyCertSign nor cRLSign) and a single SPIFFE URI SAN with a path.
+        let svid = within(60, "FetchX509SVID", client.fetch_x509_svid())
+            .await
+            .unwrap_or_else(|e| panic!("fetch_x509_svid: {e}\n{}", w.agent.log_text()));
+        assert_eq!(svid.spiffe_id().to_string(), WORKLOAD);
+
+        let ctx = within(60, "FetchX509SVID (context)", client.fetch_x509_context())
+            .await
+            .expect("fetch_x509_context");
+        assert_eq!(ctx.svids().len(), 1, "one entry matches, one SVID");
+        let bundle = ctx
+            .bundle_set()
+            .get(&example_org())
+            .expect("the context carries the example.org bundle");
+        let roots: Vec<Vec<u8>> = bundle
+            .authorities()
+            .iter()
+            .map(|c| c.as_bytes().to_vec())
+            .collect();
+        let mut a = roots.clone();
+        let mut b = roots_from_server.clone();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "Workload API bundle == the server's `bundle show`");
+
+        // FetchX509Bundles agrees.
+        let bundles = within(60, "FetchX509Bundles", client.fetch_x509_bundles())
+            .await
+            .expect("fetch_x509_bundles");
+        let mut c: Vec<Vec<u8>> = bundles
+            .get(&example_org())
+            .expect("example.org in FetchX509Bundles")
+            .authorities()
+            .iter()
+            .map(|c| c.as_bytes().to_vec())
+            .collect();
+        c.sort();
+        assert_eq!(c, b);
+
+        // The chain verifies to the bundle: with webpki (sigil's verifier, both usages) and
+        // signature by signature with x509-parser.
+        let chain: Vec<Vec<u8>> = svid
+            .cert_chain()
+            .iter()
+            .map(|c| c.as_bytes().to_vec())
+            .collect();
+        let id = sigil::x509::verify_x509_svid(&chain, &roots, SystemTime::now())
+            .expect("the SVID chains to the bundle");
+        assert_eq!(id.to_string(), WORKLOAD);
+        verify_signatures_to_roots(&chain, &roots);
+        // Another CA does not verify it.
+        let foreign = ForeignCa::new("other.org");
+        assert!(sigil::x509::verify_x509_svid(
+            &chain,
+            std::slice::from_ref(&foreign.cert_der),
+            SystemTime::now()
+        )
+        .is_err());
+
+        // Leaf extensions, explicitly.
+        let (_, leaf) =
+            x509_parser::parse_x509_certificate(svid.leaf().as_bytes()).expect("leaf parses");
+        let bc = leaf
+            .basic_constraints()
+            .expect("basicConstraints parses")
+            .expect("basicConstraints is present");
+        assert!(!bc.value.ca, "leaf is not a CA");
+        let ku = leaf
+            .key_usage()
+            .expect("keyUsage parses")
+            .expect("keyUsage is present");
+        assert!(ku.critical, "keyUsage is critical");
+        assert!(ku.value.digital_signature());
+        assert!(!ku.value.key_cert_sign() && !ku.value.crl_sign());
+        let now = now_unix();
+        assert!(leaf.validity().not_before.timestamp() <= now);
+        assert!(leaf.validity().not_after.timestamp() > now);
+
+        // The private key is the leaf's.
+        let provider = rustls::crypto::ring::default_provider();
+        let key = provider
+            .key_provider
+            .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+                svid.private_key().as_bytes().to_vec(),
+            )))
+            .expect("the PKCS#8 key loads");
+        let certs = chain.iter().cloned().map(CertificateDer::from).collect();
+        rustls::sign::CertifiedKey::new(certs, key)
+            .keys_match()
+            .expect("the private key matches the leaf");
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Rotation on an open stream
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn rotation_reaches_the_stream_before_expiry() {
+    const TTL: i64 = 20;
+    let dir = tempdir();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    let sel = uid_selector();
+    let w = agent_with_workload_entry(
+        &server,
+        dir.path(),
+        WORKLOAD,
+        &[&sel],
+        &["--x509-svid-ttl", "20s"],
+    );
+    let socket = w.agent.socket_path();
+
+    runtime().block_on(async {
+        let client = spiffe_client(&socket).await;
+        let mut stream = within(30, "opening the stream", client.stream_x509_contexts())
+            .await
+            .expect("stream_x509_contexts");
+        let first = within(60, "first X509 context", stream.next())
+            .await
+            .expect("the stream ends before its first message")
+            .expect("first message");
+        let svid = first.default_svid().expect("a default SVID");
+        assert_eq!(svid.spiffe_id().to_string(), WORKLOAD);
+        let (serial1, _, not_after1) = serial_and_validity(svid.leaf().as_bytes());
+        // The entry's TTL was applied (not_before is backdated, so compare to now).
+        assert!(
+            not_after1 <= now_unix() + TTL + 1,
+            "not_after {not_after1} is later than now + {TTL} s"
+        );
+        let issued1 = not_after1 - TTL;
+
+        let deadline = Instant::now() + Duration::from_secs((TTL + 20) as u64);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let msg = tokio::time::timeout(left, stream.next())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "no rotated SVID on the stream within {} s; agent log:\n{}",
+                        TTL + 20,
+                        w.agent.log_text()
+                    )
+                })
+                .expect("the stream ended before rotation")
+                .expect("stream message");
+            let arrived = now_unix_f64();
+            let svid = msg.default_svid().expect("a default SVID");
+            assert_eq!(svid.spiffe_id().to_string(), WORKLOAD);
+            let (serial2, _, not_after2) = serial_and_validity(svid.leaf().as_bytes());
+            if serial2 == serial1 {
+                continue;
+            }
+            let since_issue = arrived - issued1 as f64;
+            println!(
+                "rotated SVID arrived {since_issue:.1} s after the first was issued, \
+                 {:.1} s before it expired",
+                not_after1 as f64 - arrived
+            );
+            assert!(
+                arrived < not_after1 as f64,
+                "the new SVID arrived after the old one expired"
+            );
+            // Refresh is at 40-50 % of the lifetime (8-10 s of 20), timestamps are whole
+            // seconds: 7 s leaves room for truncation.
+            assert!(
+                since_issue >= 7.0,
+                "rotated too early: {since_issue:.1} s into a {TTL} s lifetime"
+            );
+            assert!(not_after2 > not_after1, "the new SVID lives longer");
+            break;
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. No identity
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn unregistered_caller_gets_permission_denied() {
+    let dir = tempdir();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    let other = format!("unix:uid:{}", uid() + 12345);
+    let w = agent_with_workload_entry(&server, dir.path(), WORKLOAD, &[&other], &[]);
+    let socket = w.agent.socket_path();
+
+    runtime().block_on(async {
+        let client = spiffe_client(&socket).await;
+        let err = within(60, "FetchX509SVID", client.fetch_x509_svid())
+            .await
+            .expect_err("a caller matching no entry gets no SVID");
+        // The crate returns NoIdentityIssued only for PermissionDenied whose message contains
+        // "no identity issued".
+        assert!(
+            matches!(err, WorkloadApiError::NoIdentityIssued),
+            "expected NoIdentityIssued, got {err:?}"
+        );
+        let err = within(60, "FetchX509Bundles", client.fetch_x509_bundles())
+            .await
+            .expect_err("no bundles for a caller without identity");
+        assert!(matches!(err, WorkloadApiError::NoIdentityIssued), "{err:?}");
+        let err = within(60, "FetchJWTBundles", client.fetch_jwt_bundles())
+            .await
+            .expect_err("no JWT bundles for a caller without identity");
+        assert!(matches!(err, WorkloadApiError::NoIdentityIssued), "{err:?}");
+        let err = within(
+            60,
+            "FetchJWTSVID",
+            client.fetch_jwt_svid(["my-service"], None),
+        )
+        .await
+        .expect_err("no JWT-SVID for a caller without identity");
+        assert!(matches!(err, WorkloadApiError::NoIdentityIssued), "{err:?}");
+
+        // The raw status, as any SPIFFE client sees it.
+        let mut raw = raw_client(&socket).await;
+        let status = match within(
+            60,
+            "raw FetchX509SVID",
+            raw.fetch_x509svid(with_header(wl::X509svidRequest {})),
+        )
+        .await
+        {
+            Err(s) => s,
+            Ok(resp) => within(60, "first message", resp.into_inner().message())
+                .await
+                .expect_err("no SVID message for a caller without identity"),
+        };
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+        assert!(
+            status.message().contains("no identity issued"),
+            "{status:?}"
+        );
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Security header and argument checks
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn missing_security_header_is_invalid_argument() {
+    let dir = tempdir();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    let sel = uid_selector();
+    let w = agent_with_workload_entry(&server, dir.path(), WORKLOAD, &[&sel], &[]);
+    let socket = w.agent.socket_path();
+
+    runtime().block_on(async {
+        let mut raw = raw_client(&socket).await;
+        let code = |r: Result<tonic::Status, tonic::Status>| match r {
+            Ok(s) | Err(s) => s,
+        };
+        // FetchX509SVID without the header.
+        let status = match within(
+            30,
+            "FetchX509SVID without header",
+            raw.fetch_x509svid(tonic::Request::new(wl::X509svidRequest {})),
+        )
+        .await
+        {
+            Err(s) => s,
+            Ok(resp) => within(30, "first message", resp.into_inner().message())
+                .await
+                .expect_err("no header, no SVID"),
+        };
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("security header"), "{status:?}");
+
+        // A header with another value is no header.
+        let mut req = tonic::Request::new(wl::X509svidRequest {});
+        req.metadata_mut()
+            .insert("workload.spiffe.io", "yes".parse().expect("ascii"));
+        let status = match within(30, "FetchX509SVID header=yes", raw.fetch_x509svid(req)).await {
+            Err(s) => s,
+            Ok(resp) => within(30, "first message", resp.into_inner().message())
+                .await
+                .expect_err("a wrong header value, no SVID"),
+        };
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+
+        // FetchJWTSVID without the header.
+        let status = code(
+            within(
+                30,
+                "FetchJWTSVID without header",
+                raw.fetch_jwtsvid(tonic::Request::new(wl::JwtsvidRequest {
+                    audience: vec!["my-service".into()],
+                    spiffe_id: String::new(),
+                })),
+            )
+            .await
+            .map(|_| tonic::Status::ok("unexpected success")),
+        );
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+
+        // With the header but no audience.
+        let status = code(
+            within(
+                30,
+                "FetchJWTSVID without audience",
+                raw.fetch_jwtsvid(with_header(wl::JwtsvidRequest {
+                    audience: vec![],
+                    spiffe_id: String::new(),
+                })),
+            )
+            .await
+            .map(|_| tonic::Status::ok("unexpected success")),
+        );
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        // ...or only an empty one.
+        let status = code(
+            within(
+                30,
+                "FetchJWTSVID with an empty audience",
+                raw.fetch_jwtsvid(with_header(wl::JwtsvidRequest {
+                    audience: vec![String::new()],
+                    spiffe_id: String::new(),
+                })),
+            )
+            .await
+            .map(|_| tonic::Status::ok("unexpected success")),
+        );
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+
+        // ValidateJWTSVID with an empty token.
+        let status = code(
+            within(
+                30,
+                "ValidateJWTSVID with an empty token",
+                raw.validate_jwtsvid(with_header(wl::ValidateJwtsvidRequest {
+                    audience: "my-service".into(),
+                    svid: String::new(),
+                })),
+            )
+            .await
+            .map(|_| tonic::Status::ok("unexpected success")),
+        );
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        // ...and without the header.
+        let status = code(
+            within(
+                30,
+                "ValidateJWTSVID without header",
+                raw.validate_jwtsvid(tonic::Request::new(wl::ValidateJwtsvidRequest {
+                    audience: "my-service".into(),
+                    svid: "a.b.c".into(),
+                })),
+            )
+            .await
+            .map(|_| tonic::Status::ok("unexpected success")),
+        );
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+
+        // Control: with the header the same caller gets its SVID on the same connection.
+        let resp = within(
+            60,
+            "FetchX509SVID with header",
+            raw.fetch_x509svid(with_header(wl::X509svidRequest {})),
+        )
+        .await
+        .expect("FetchX509SVID with the header");
+        let first = within(60, "first message", resp.into_inner().message())
+            .await
+            .expect("first message")
+            .expect("a message before the end of the stream");
+        assert_eq!(first.svids.len(), 1);
+        assert_eq!(first.svids[0].spiffe_id, WORKLOAD);
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. JWT-SVIDs
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn jwt_svid_fetch_then_validate() {
+    use base64::Engine as _;
+    let dir = tempdir();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    let sel = uid_selector();
+    let w = agent_with_workload_entry(&server, dir.path(), WORKLOAD, &[&sel], &[]);
+    let socket = w.agent.socket_path();
+
+    runtime().block_on(async {
+        let client = spiffe_client(&socket).await;
+        let svid = within(
+            60,
+            "FetchJWTSVID",
+            client.fetch_jwt_svid(["my-service"], None),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("fetch_jwt_svid: {e}\n{}", w.agent.log_text()));
+        assert_eq!(svid.spiffe_id().to_string(), WORKLOAD);
+        assert_eq!(svid.audience(), ["my-service".to_string()]);
+        assert!(svid.expiry().unix_timestamp() > now_unix());
+        let token = svid.token().to_string();
+
+        // The JOSE header: ES256 with a key id.
+        let header_b64 = token.split('.').next().expect("a JWT has a header");
+        let header: serde_json::Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(header_b64)
+                .expect("base64url header"),
+        )
+        .expect("JSON header");
+        assert_eq!(header["alg"], "ES256", "{header}");
+        let kid = header["kid"].as_str().expect("kid in the header");
+        assert!(!kid.is_empty());
+        assert_eq!(kid, svid.key_id());
+
+        // The agent validates it for its audience...
+        let validated = within(
+            60,
+            "ValidateJWTSVID",
+            client.validate_jwt_token("my-service", &token),
+        )
+        .await
+        .expect("the agent validates the token");
+        assert_eq!(validated.spiffe_id().to_string(), WORKLOAD);
+        // ...and not for another one.
+        let err = within(
+            60,
+            "ValidateJWTSVID other audience",
+            client.validate_jwt_token("other-service", &token),
+        )
+        .await
+        .expect_err("another audience is refused by the agent");
+        assert_eq!(
+            grpc_code(&err),
+            Some(GrpcStatusCode::InvalidArgument),
+            "{err:?}"
+        );
+        // A tampered token is refused too.
+        let mut parts: Vec<String> = token.split('.').map(str::to_string).collect();
+        let mut sig = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(&parts[2])
+            .expect("signature");
+        sig[0] ^= 1;
+        parts[2] = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sig);
+        let tampered = parts.join(".");
+        let err = within(
+            60,
+            "ValidateJWTSVID tampered",
+            client.validate_jwt_token("my-service", &tampered),
+        )
+        .await
+        .expect_err("a bad signature is refused by the agent");
+        assert_eq!(
+            grpc_code(&err),
+            Some(GrpcStatusCode::InvalidArgument),
+            "{err:?}"
+        );
+
+        // Locally, with the JWT bundles from the Workload API.
+        let bundles = within(60, "FetchJWTBundles", client.fetch_jwt_bundles())
+            .await
+            .expect("fetch_jwt_bundles");
+        let bundle = bundles
+            .get(&example_org())
+            .expect("an example.org JWT bundle");
+        assert!(
+            bundle.find_jwt_authority(kid).is_some(),
+            "the bundle holds the token's key"
+        );
+        let local = JwtSvid::parse_and_validate(&token, &bundles, &["my-service"])
+            .expect("the token verifies with the published JWT bundle");
+        assert_eq!(local.spiffe_id().to_string(), WORKLOAD);
+        assert!(
+            JwtSvid::parse_and_validate(&token, &bundles, &["other-service"]).is_err(),
+            "another audience fails locally"
+        );
+        assert!(
+            JwtSvid::parse_and_validate(&tampered, &bundles, &["my-service"]).is_err(),
+            "a tampered token fails locally"
+        );
+
+        // A second fetch for the same audience is a valid token too (cached or fresh).
+        let again = within(
+            60,
+            "FetchJWTSVID again",
+            client.fetch_jwt_svid(["my-service"], None),
+        )
+        .await
+        .expect("second fetch");
+        JwtSvid::parse_and_validate(again.token(), &bundles, &["my-service"])
+            .expect("second token verifies");
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Two workloads, mutual TLS
+// ---------------------------------------------------------------------------------------------
+
+/// Runs only as workload B, a copy of this test binary started by
+/// `two_workloads_complete_mtls_and_foreign_peer_is_refused`: fetches B's SVID with the `spiffe`
+/// crate and writes it as PEM files. Does nothing in a normal `--ignored` run.
+#[test]
+#[ignore = "helper: runs only as workload B, started by the mTLS test"]
+fn workload_b_helper_writes_its_svid() {
+    let (Some(socket), Some(out)) = (
+        std::env::var_os(WORKLOAD_B_SOCKET_ENV),
+        std::env::var_os(WORKLOAD_B_OUT_ENV),
+    ) else {
+        return;
+    };
+    let (socket, out) = (PathBuf::from(socket), PathBuf::from(out));
+    runtime().block_on(async {
+        let client = spiffe_client(&socket).await;
+        let ctx = within(60, "workload B: FetchX509SVID", client.fetch_x509_context())
+            .await
+            .expect("workload B gets its X509 context");
+        let svid = ctx.default_svid().expect("workload B has an SVID");
+        let chain: Vec<Vec<u8>> = svid
+            .cert_chain()
+            .iter()
+            .map(|c| c.as_bytes().to_vec())
+            .collect();
+        let roots: Vec<Vec<u8>> = ctx
+            .bundle_set()
+            .get(&example_org())
+            .expect("example.org bundle")
+            .authorities()
+            .iter()
+            .map(|c| c.as_bytes().to_vec())
+            .collect();
+        std::fs::write(out.join("svid.pem"), sigil::x509::to_pem_certs(&chain)).expect("svid");
+        std::fs::write(
+            out.join("key.pem"),
+            sigil::x509::to_pem("PRIVATE KEY", svid.private_key().as_bytes()),
+        )
+        .expect("key");
+        std::fs::write(out.join("bundle.pem"), sigil::x509::to_pem_certs(&roots)).expect("bundle");
+        println!("workload B is {}", svid.spiffe_id());
+    });
+}
+
+/// A certificate chain and its key.
+struct Identity {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl Identity {
+    fn from_svid(svid: &spiffe::X509Svid) -> Identity {
+        Identity {
+            chain: svid
+                .cert_chain()
+                .iter()
+                .map(|c| CertificateDer::from(c.as_bytes().to_vec()))
+                .collect(),
+            key: PrivateKeyDer::Pkcs8(svid.private_key().as_bytes().to_vec().into()),
+        }
+    }
+
+    fn from_pem_files(dir: &Path) -> Identity {
+        let chain = CertificateDer::pem_file_iter(dir.join("svid.pem"))
+            .expect("svid.pem")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("svid.pem certificates");
+        let key = PrivateKeyDer::from_pem_file(dir.join("key.pem")).expect("key.pem");
+        Identity { chain, key }
+    }
+}
+
+/// A CA of another trust domain, made here, and SVIDs it signs.
+struct ForeignCa {
+    cert_der: Vec<u8>,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl ForeignCa {
+    fn new(td: &str) -> ForeignCa {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose, SanType};
+        let key = KeyPair::generate().expect("CA key");
+        let mut p = CertificateParams::default();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        p.subject_alt_names = vec![SanType::URI(
+            format!("spiffe://{td}").try_into().expect("URI"),
+        )];
+        let cert = p.self_signed(&key).expect("self-signed CA");
+        ForeignCa {
+            cert_der: cert.der().to_vec(),
+            issuer: rcgen::Issuer::new(p, key),
+        }
+    }
+
+    /// A well-formed X509-SVID for `id`, signed by this CA.
+    fn svid(&self, id: &str) -> Identity {
+        use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
+        let key = KeyPair::generate().expect("leaf key");
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![rcgen::SanType::URI(id.try_into().expect("URI"))];
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let leaf = p.signed_by(&key, &self.issuer).expect("signing the leaf");
+        Identity {
+            chain: vec![
+                CertificateDer::from(leaf.der().to_vec()),
+                CertificateDer::from(self.cert_der.clone()),
+            ],
+            key: PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        }
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Workload A's TLS server: presents A's SVID and requires a client certificate chaining to the
+/// bundle (rustls's own WebPKI client verifier, independent of sigil's); the SPIFFE ID is checked
+/// after the handshake.
+fn mtls_server_config(me: Identity, roots: &[Vec<u8>]) -> Arc<rustls::ServerConfig> {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store
+            .add(CertificateDer::from(r.clone()))
+            .expect("bundle root");
+    }
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider())
+            .build()
+            .expect("client verifier");
+    Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(me.chain, me.key)
+            .expect("server certificate"),
+    )
+}
+
+/// A TLS client presenting `me` that accepts only a server whose SVID chains to `roots` and
+/// carries `server_id` (sigil's SPIFFE server verifier: SVIDs have no DNS names).
+fn mtls_client_config(
+    me: Identity,
+    roots: &[Vec<u8>],
+    server_id: &str,
+) -> Arc<rustls::ClientConfig> {
+    let verifier = sigil::tls::SpiffeServerVerifier::new(sigil::tls::ServerVerification::Spiffe {
+        trust: Arc::new(sigil::tls::TrustStore::new(roots).expect("trust store")),
+        expected_id: sigil::SpiffeId::parse(server_id).expect("server SPIFFE ID"),
+    });
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_auth_cert(me.chain, me.key)
+            .expect("client certificate"),
+    )
+}
+
+/// The SPIFFE ID in a peer's leaf certificate, which must belong to example.org.
+fn peer_id(certs: Option<&[CertificateDer<'_>]>) -> String {
+    let leaf = certs
+        .and_then(|c| c.first())
+        .expect("the peer presented a certificate");
+    let id = sigil::x509::check_x509_svid(leaf).expect("the peer's leaf is an X509-SVID");
+    assert_eq!(id.trust_domain().name(), "example.org", "peer {id}");
+    id.to_string()
+}
+
+/// Copies this test executable to `dest` and runs its workload-B helper there; returns when the
+/// child exited successfully.
+fn run_workload_b(dest: &Path, socket: &Path, out: &Path) {
+    let mut tries = 0;
+    let mut child = loop {
+        let r = Command::new(dest)
+            .args(["--exact", WORKLOAD_B_HELPER, "--ignored", "--nocapture"])
+            .args(["--test-threads", "1"])
+            .env(WORKLOAD_B_SOCKET_ENV, socket)
+            .env(WORKLOAD_B_OUT_ENV, out)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn();
+        match r {
+            Ok(c) => break c,
+            // ETXTBSY: another thread of this process forked while the copy was open for
+            // writing; the child's exec closes it, retry.
+            Err(e) if e.raw_os_error() == Some(26) && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("starting workload B: {e}"),
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if child.try_wait().expect("waiting for workload B").is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("workload B did not finish in 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().expect("workload B output");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "workload B failed ({}):\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("1 passed"),
+        "workload B did not run its helper:\n{stdout}"
+    );
+}
+
+#[test]
+fn two_workloads_complete_mtls_and_foreign_peer_is_refused() {
+    const A: &str = "spiffe://example.org/workload-a";
+    const B: &str = "spiffe://example.org/workload-b";
+    let dir = tempdir();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    let exe_a = std::env::current_exe()
+        .and_then(std::fs::canonicalize)
+        .expect("this test's executable");
+    let exe_b = std::fs::canonicalize(dir.path())
+        .expect("temp dir")
+        .join("workload-b");
+    std::fs::copy(&exe_a, &exe_b).expect("copying the test executable");
+    let path_a = format!("unix:path:{}", exe_a.display());
+    let path_b = format!("unix:path:{}", exe_b.display());
+    let sel = uid_selector();
+    let w: WorkloadAgent = agent_with_workload_entries(
+        &server,
+        dir.path(),
+        &[
+            (A, &[path_a.as_str(), sel.as_str()]),
+            (B, &[path_b.as_str()]),
+        ],
+        &[],
+    );
+    let socket = w.agent.socket_path();
+
+    let out_b = dir.path().join("workload-b-out");
+    std::fs::create_dir_all(&out_b).expect("out dir");
+    run_workload_b(&exe_b, &socket, &out_b);
+    let id_b = Identity::from_pem_files(&out_b);
+    let bundle_b = sigil::x509::parse_pem_certs(
+        &std::fs::read_to_string(out_b.join("bundle.pem")).expect("bundle.pem"),
+    )
+    .expect("bundle PEM");
+    assert_eq!(
+        sigil::x509::spiffe_id_of(&id_b.chain[0])
+            .expect("B's leaf")
+            .to_string(),
+        B,
+        "workload B (another executable) got B's identity"
+    );
+
+    runtime().block_on(async {
+        let client = spiffe_client(&socket).await;
+        let ctx = within(60, "workload A: FetchX509SVID", client.fetch_x509_context())
+            .await
+            .expect("workload A's context");
+        let ids: Vec<String> = ctx
+            .svids()
+            .iter()
+            .map(|s| s.spiffe_id().to_string())
+            .collect();
+        assert_eq!(ids, vec![A.to_string()], "this process is A and only A");
+        let svid_a = ctx.default_svid().expect("A's SVID").clone();
+        let roots_a: Vec<Vec<u8>> = ctx
+            .bundle_set()
+            .get(&example_org())
+            .expect("example.org bundle")
+            .authorities()
+            .iter()
+            .map(|c| c.as_bytes().to_vec())
+            .collect();
+        assert_eq!(roots_a, bundle_b, "both workloads got the same bundle");
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("loopback listener");
+        let addr = listener.local_addr().expect("address");
+        let acceptor = tokio_rustls::TlsAcceptor::from(mtls_server_config(
+            Identity::from_svid(&svid_a),
+            &roots_a,
+        ));
+        // A serves two connections: B's (answers with what it saw), then the foreign one.
+        let server_task = tokio::spawn(async move {
+            let mut results = Vec::new();
+            for _ in 0..2 {
+                let (tcp, _) = listener.accept().await.expect("accept");
+                match acceptor.accept(tcp).await {
+                    Ok(mut tls) => {
+                        let seen = peer_id(tls.get_ref().1.peer_certificates());
+                        let mut buf = [0u8; 64];
+                        let n = tls.read(&mut buf).await.expect("read from client");
+                        assert_eq!(&buf[..n], b"hello from B");
+                        tls.write_all(format!("A sees {seen}").as_bytes())
+                            .await
+                            .expect("reply");
+                        tls.shutdown().await.expect("close");
+                        results.push(Ok(seen));
+                    }
+                    Err(e) => results.push(Err(e.to_string())),
+                }
+            }
+            results
+        });
+
+        // B connects to A.
+        let connector = tokio_rustls::TlsConnector::from(mtls_client_config(id_b, &bundle_b, A));
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut tls = within(
+            30,
+            "B's handshake",
+            connector.connect(ServerName::try_from("workload-a").expect("name"), tcp),
+        )
+        .await
+        .expect("B completes the handshake with A");
+        assert_eq!(peer_id(tls.get_ref().1.peer_certificates()), A, "B sees A");
+        tls.write_all(b"hello from B").await.expect("write");
+        let mut reply = String::new();
+        within(30, "A's reply", tls.read_to_string(&mut reply))
+            .await
+            .expect("read reply");
+        assert_eq!(reply, format!("A sees {B}"));
+
+        // A client from another trust domain is refused by A.
+        let foreign = ForeignCa::new("other.org").svid("spiffe://other.org/x");
+        let connector = tokio_rustls::TlsConnector::from(mtls_client_config(foreign, &bundle_b, A));
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        // With TLS 1.3 the client finishes first; A's refusal arrives as an alert on read.
+        let client_side = within(30, "foreign handshake", async {
+            let mut tls = connector
+                .connect(ServerName::try_from("workload-a").expect("name"), tcp)
+                .await?;
+            tls.write_all(b"hello from B").await?;
+            let mut buf = Vec::new();
+            tls.read_to_end(&mut buf).await.map(|_| buf)
+        })
+        .await;
+        let results = within(30, "A's server task", server_task)
+            .await
+            .expect("server task");
+        assert_eq!(results[0].as_deref(), Ok(B), "A sees B");
+        let refusal = results[1]
+            .as_ref()
+            .expect_err("A refuses a client certificate from another trust domain");
+        println!("A refused the foreign client: {refusal}");
+        assert!(
+            refusal.contains("UnknownIssuer") || refusal.to_lowercase().contains("issuer"),
+            "{refusal}"
+        );
+        match client_side {
+            Ok(buf) => assert!(
+                buf.is_empty(),
+                "the foreign client got data: {:?}",
+                String::from_utf8_lossy(&buf)
+            ),
+            Err(e) => println!("the foreign client saw: {e}"),
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. A caller whose process exited before its call
+// ---------------------------------------------------------------------------------------------
+
+/// Connects to the agent socket, forks, and the parent (the PID the kernel recorded) exits at
+/// once; the child waits for that, then relays `proxy.sock` <-> the agent connection. Bounded:
+/// it gives up after two minutes on its own.
+const PROXY_PY: &str = r#"
+import os, select, socket, sys, time
+agent_path, proxy_path, pid_path = sys.argv[1], sys.argv[2], sys.argv[3]
+up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+up.connect(agent_path)
+parent = os.getpid()
+if os.fork() != 0:
+    os._exit(0)
+deadline = time.time() + 120
+while os.getppid() == parent and time.time() < deadline:
+    time.sleep(0.01)
+while os.path.exists("/proc/%d" % parent) and time.time() < deadline:
+    time.sleep(0.01)
+with open(pid_path + ".tmp", "w") as f:
+    f.write(str(os.getpid()))
+os.rename(pid_path + ".tmp", pid_path)
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+srv.bind(proxy_path + ".tmp")
+srv.listen(1)
+os.rename(proxy_path + ".tmp", proxy_path)
+srv.settimeout(max(1.0, deadline - time.time()))
+try:
+    conn, _ = srv.accept()
+except socket.timeout:
+    sys.exit(1)
+peer = {conn: up, up: conn}
+live = {conn, up}
+while live and time.time() < deadline:
+    r, _, _ = select.select(list(live), [], [], 1.0)
+    for s in r:
+        try:
+            data = s.recv(65536)
+        except OSError:
+            data = b""
+        if not data:
+            live.discard(s)
+            try:
+                peer[s].shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        else:
+            peer[s].sendall(data)
+"#;
+
+/// Kills a process (by pid) on drop.
+struct KillOnDrop(Option<i32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+#[test]
+fn exited_process_pid_cannot_be_attested() {
+    let dir = tempdir();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    let sel = uid_selector();
+    let w = agent_with_workload_entry(&server, dir.path(), WORKLOAD, &[&sel], &[]);
+    let socket = w.agent.socket_path();
+    let proxy = dir.path().join("proxy.sock");
+    let pid_file = dir.path().join("relay.pid");
+    let script = dir.path().join("relay.py");
+    std::fs::write(&script, PROXY_PY).expect("writing the relay script");
+
+    let rt = runtime();
+    // Control: this process (same uid) is entitled to the SVID.
+    rt.block_on(async {
+        let client = spiffe_client(&socket).await;
+        let svid = within(60, "control fetch", client.fetch_x509_svid())
+            .await
+            .expect("the entry matches this uid");
+        assert_eq!(svid.spiffe_id().to_string(), WORKLOAD);
+    });
+
+    let mut parent = Command::new("python3")
+        .arg(&script)
+        .arg(&socket)
+        .arg(&proxy)
+        .arg(&pid_file)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("python3 is needed for this test");
+    let parent_pid = parent.id();
+    let mut relay = KillOnDrop(None);
+    // Reap the parent: once reaped its PID names no process at all.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = parent.try_wait().expect("waiting for python") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "python parent did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "python parent: {status}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !proxy.exists() {
+        if relay.0.is_none() {
+            relay.0 = std::fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|s| s.trim().parse().ok());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the relay never listened on {}",
+            proxy.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    relay.0 = std::fs::read_to_string(&pid_file)
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    assert!(relay.0.is_some(), "relay pid file");
+
+    rt.block_on(async {
+        let client = spiffe_client(&proxy).await;
+        let res = within(
+            60,
+            "FetchX509SVID through the relay",
+            client.fetch_x509_svid(),
+        )
+        .await;
+        let err = match res {
+            Ok(svid) => panic!(
+                "the agent issued {} to a dead PID ({parent_pid}) through the relay",
+                svid.spiffe_id()
+            ),
+            Err(e) => e,
+        };
+        let code = grpc_code(&err);
+        println!("FetchX509SVID for dead pid {parent_pid}: {code:?}: {err}");
+        assert!(
+            matches!(
+                code,
+                Some(GrpcStatusCode::Unauthenticated | GrpcStatusCode::PermissionDenied)
+            ),
+            "expected Unauthenticated (or PermissionDenied), got {err:?}"
+        );
+        assert_eq!(
+            code,
+            Some(GrpcStatusCode::Unauthenticated),
+            "the agent says the caller is gone: {err:?}"
+        );
+        // A JWT-SVID is refused the same way, on the same connection.
+        let res = within(
+            60,
+            "FetchJWTSVID through the relay",
+            client.fetch_jwt_svid(["my-service"], None),
+        )
+        .await;
+        let err = match res {
+            Ok(s) => panic!("JWT-SVID {} issued to a dead PID", s.spiffe_id()),
+            Err(e) => e,
+        };
+        println!("FetchJWTSVID for dead pid {parent_pid}: {err}");
+        assert!(
+            matches!(
+                grpc_code(&err),
+                Some(GrpcStatusCode::Unauthenticated | GrpcStatusCode::PermissionDenied)
+            ),
+            "{err:?}"
+        );
+    });
+    drop(relay);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Entry changes on an open stream
+// ---------------------------------------------------------------------------------------------
+
+/// The SPIFFE IDs in an X509 context, default first.
+fn ids_of(ctx: &spiffe::X509Context) -> Vec<String> {
+    ctx.svids()
+        .iter()
+        .map(|s| s.spiffe_id().to_string())
+        .collect()
+}
+
+#[test]
+fn new_entry_reaches_an_open_stream() {
+    const SECOND: &str = "spiffe://example.org/second";
+    let dir = tempdir();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    let sel = uid_selector();
+    let w = agent_with_workload_entry(&server, dir.path(), WORKLOAD, &[&sel], &[]);
+    let socket = w.agent.socket_path();
+
+    runtime().block_on(async {
+        let client = spiffe_client(&socket).await;
+        let mut stream = within(30, "opening the stream", client.stream_x509_contexts())
+            .await
+            .expect("stream_x509_contexts");
+        let first = within(60, "first context", stream.next())
+            .await
+            .expect("a first message")
+            .expect("first context");
+        assert_eq!(ids_of(&first), vec![WORKLOAD]);
+        let serial = serial_and_validity(first.svids()[0].leaf().as_bytes()).0;
+
+        let t = Instant::now();
+        create_entry(&server, &w.agent_id, SECOND, &[&sel], &[]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let ctx = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ctx = tokio::time::timeout(left, stream.next())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "the new entry never reached the stream; agent log:\n{}",
+                        w.agent.log_text()
+                    )
+                })
+                .expect("the stream ended")
+                .expect("stream message");
+            if ctx.svids().len() == 2 {
+                break ctx;
+            }
+            assert_eq!(ids_of(&ctx), vec![WORKLOAD], "unexpected message");
+        };
+        println!("second SVID reached the open stream in {:?}", t.elapsed());
+        // Default first (older entry), and the first SVID was not reissued for it.
+        assert_eq!(ids_of(&ctx), vec![WORKLOAD, SECOND]);
+        assert_eq!(
+            serial_and_validity(ctx.svids()[0].leaf().as_bytes()).0,
+            serial
+        );
+        // Same key in both? No: each SVID has its own.
+        assert_ne!(
+            ctx.svids()[0].private_key().as_bytes(),
+            ctx.svids()[1].private_key().as_bytes()
+        );
+    });
+}
+
+#[test]
+fn entry_removal_ends_the_stream_with_permission_denied() {
+    const SECOND: &str = "spiffe://example.org/second";
+    let dir = tempdir();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    let sel = uid_selector();
+    let w = agent_with_workload_entries(
+        &server,
+        dir.path(),
+        &[(WORKLOAD, &[sel.as_str()]), (SECOND, &[sel.as_str()])],
+        &[],
+    );
+    let socket = w.agent.socket_path();
+
+    runtime().block_on(async {
+        let client = spiffe_client(&socket).await;
+        let mut stream = within(30, "opening the stream", client.stream_x509_contexts())
+            .await
+            .expect("stream_x509_contexts");
+        let first = within(60, "first context", stream.next())
+            .await
+            .expect("a first message")
+            .expect("first context");
+        // Both entries were created within a second or so: the agent orders them by creation
+        // second, then entry id, so either may be the default.
+        let order = ids_of(&first);
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(sorted, vec![SECOND, WORKLOAD]);
+        let entry_of = |id: &str| {
+            if id == WORKLOAD {
+                w.entry_ids[0].clone()
+            } else {
+                w.entry_ids[1].clone()
+            }
+        };
+
+        // Removing the default entry: the other SVID becomes the default.
+        server.cli_ok(&["entry", "delete", "--entry-id", &entry_of(&order[0])]);
+        let next = within(60, "context after the first removal", stream.next())
+            .await
+            .expect("the stream ended after the first removal")
+            .expect("a message after the first removal");
+        assert_eq!(ids_of(&next), vec![order[1].clone()]);
+
+        // Removing the last one ends the stream with "no identity issued" (PermissionDenied).
+        server.cli_ok(&["entry", "delete", "--entry-id", &entry_of(&order[1])]);
+        let end = within(60, "end of the stream", stream.next())
+            .await
+            .expect("an error before the end of the stream");
+        let err = end.expect_err("no identity is left");
+        assert!(
+            matches!(err, WorkloadApiError::NoIdentityIssued),
+            "expected PermissionDenied \"no identity issued\", got {err:?}"
+        );
+        assert!(
+            within(30, "stream close", stream.next()).await.is_none(),
+            "the stream ends after PermissionDenied"
+        );
+    });
+}

@@ -110,18 +110,23 @@ impl pb::agent_admin_server::AgentAdmin for AgentAdminService {
                 "--pid must be a positive process id, got {pid}"
             )));
         }
-        let attestor = self.attestor.clone();
-        let attested = tokio::task::spawn_blocking(move || {
+        let pinned = tokio::task::spawn_blocking(move || {
             let pin = ProcessPin::pin(pid)?;
             let (uid, gid) = effective_ids(pid)?;
-            attestor.attest(&pin, uid, gid)
+            Ok((std::sync::Arc::new(pin), uid, gid))
         })
         .await
-        .map_err(|e| Status::internal(format!("attestation task failed: {e}")))?
+        .map_err(|e| Status::internal(format!("attestation task failed: {e}")))?;
+        // Same path as the Workload API: /proc, then the kubelet (k8s attestor), pin re-checked.
+        let attested = match pinned {
+            Ok((pin, uid, gid)) => self.attestor.attest_async(pin, uid, gid).await,
+            Err(e) => Err(e),
+        }
         .map_err(|e| match e {
-            AttestError::Gone { .. } => {
-                Status::not_found(format!("no process with pid {pid} (or it exited meanwhile)"))
-            }
+            AttestError::Gone { .. } => Status::not_found(format!(
+                "no process with pid {pid} (or it exited meanwhile)"
+            )),
+            AttestError::Task(_) => Status::internal(e.to_string()),
             other => Status::failed_precondition(format!(
                 "cannot attest pid {pid}: {other} (is the agent allowed to read /proc/{pid}?)"
             )),

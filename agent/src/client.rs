@@ -152,6 +152,24 @@ pub async fn attest_x509pop(
     .await
 }
 
+/// Attests with k8s_psat: sends `{"cluster", "token"}` (the projected service-account token the
+/// kubelet mounted); the server verifies it and asks the API server about the pod and node.
+pub async fn attest_k8s_psat(
+    client: &mut NodeClient<Channel>,
+    td: &TrustDomain,
+    cluster: &str,
+    token: &str,
+) -> Result<Attested, ClientError> {
+    let payload = serde_json::to_vec(&serde_json::json!({"cluster": cluster, "token": token}))
+        .map_err(|e| ClientError::Protocol(format!("encoding the k8s_psat payload: {e}")))?;
+    attest(client, td, "k8s_psat", payload, |_| {
+        Err(ClientError::Protocol(
+            "server sent a challenge to a k8s_psat attestation".into(),
+        ))
+    })
+    .await
+}
+
 /// One attestation stream: `AttestParams` with a fresh key's CSR, then `respond` answers each
 /// server challenge, until the result arrives.
 async fn attest(

@@ -38,6 +38,10 @@ pub struct FileConfig {
     pub x509pop_cert: Option<PathBuf>,
     /// x509pop node attestation: PEM PKCS#8 private key of the node certificate.
     pub x509pop_key: Option<PathBuf>,
+    /// k8s_psat node attestation: this cluster's name in the server's k8s_psat configuration.
+    pub k8s_psat_cluster: Option<String>,
+    /// k8s_psat node attestation: the projected service-account token file.
+    pub k8s_psat_token_path: Option<PathBuf>,
     /// Where the agent keeps its SVID, key and bundle.
     pub data_dir: Option<PathBuf>,
     /// Workload API socket.
@@ -50,6 +54,20 @@ pub struct FileConfig {
     pub log_level: Option<String>,
     /// `text` or `json`.
     pub log_format: Option<String>,
+    /// Workload attestors besides the always-on unix/cgroup one: `["k8s"]`.
+    pub workload_attestors: Option<Vec<String>>,
+    /// `k8s` attestor: the kubelet's secure port, `https://HOST:10250`.
+    pub kubelet_url: Option<String>,
+    /// `k8s` attestor: PEM CA that signed the kubelet's serving certificate.
+    pub kubelet_ca_path: Option<PathBuf>,
+    /// `k8s` attestor: bearer token file for the kubelet (re-read as it rotates).
+    pub kubelet_token_path: Option<PathBuf>,
+    /// `k8s` attestor: use the kubelet's read-only port over plain HTTP instead.
+    pub kubelet_read_only_port: Option<u16>,
+    /// `k8s` attestor: how long to wait for a just-started container to appear (`10s`).
+    pub kubelet_container_wait: Option<String>,
+    /// `k8s` attestor: this node's Kubernetes name.
+    pub node_name: Option<String>,
 }
 
 /// `sigil-agent run` flags.
@@ -79,6 +97,13 @@ pub struct RunFlags {
     /// x509pop node attestation: the node certificate's private key (PEM PKCS#8).
     #[arg(long, value_name = "FILE")]
     pub x509pop_key: Option<PathBuf>,
+    /// k8s_psat node attestation: this cluster's name in the server's k8s_psat configuration.
+    #[arg(long, value_name = "NAME")]
+    pub k8s_psat_cluster: Option<String>,
+    /// k8s_psat node attestation: the projected service-account token (audience sigil-server)
+    /// [default: /var/run/secrets/tokens/sigil-agent].
+    #[arg(long, value_name = "PATH")]
+    pub k8s_psat_token_path: Option<PathBuf>,
     /// Directory for the agent's SVID, key and bundle [default: ./.data-agent].
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
@@ -97,6 +122,28 @@ pub struct RunFlags {
     /// Log format: text or json [default: text].
     #[arg(long)]
     pub log_format: Option<String>,
+    /// Enable a workload attestor besides unix (always on): `k8s` (pod selectors from the
+    /// kubelet). Repeatable.
+    #[arg(long = "workload-attestor", value_name = "NAME")]
+    pub workload_attestors: Vec<String>,
+    /// k8s attestor: kubelet secure port [default: https://127.0.0.1:10250].
+    #[arg(long, value_name = "URL")]
+    pub kubelet_url: Option<String>,
+    /// k8s attestor: CA of the kubelet's serving certificate [default: the in-cluster CA].
+    #[arg(long, value_name = "FILE")]
+    pub kubelet_ca_path: Option<PathBuf>,
+    /// k8s attestor: bearer token for the kubelet [default: the in-cluster SA token].
+    #[arg(long, value_name = "FILE")]
+    pub kubelet_token_path: Option<PathBuf>,
+    /// k8s attestor: use the kubelet's read-only port (plain HTTP, no auth) instead.
+    #[arg(long, value_name = "PORT")]
+    pub kubelet_read_only_port: Option<u16>,
+    /// k8s attestor: wait this long for a just-started container to appear [default: 10s].
+    #[arg(long, value_name = "DURATION")]
+    pub kubelet_container_wait: Option<String>,
+    /// k8s attestor: this node's name (pods the kubelet lists for another node are ignored).
+    #[arg(long, value_name = "NAME", env = "NODE_NAME")]
+    pub node_name: Option<String>,
 }
 
 /// How the agent authenticates the server before it has an SVID of its own.
@@ -139,6 +186,35 @@ impl X509PopConfig {
     }
 }
 
+/// Where the kubelet mounts the agent's projected service-account token by default.
+pub const DEFAULT_K8S_PSAT_TOKEN_PATH: &str = "/var/run/secrets/tokens/sigil-agent";
+
+/// k8s_psat node attestation settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct K8sPsatConfig {
+    /// The cluster's name in the server's `node_attestor.k8s_psat.clusters`.
+    pub cluster: String,
+    /// The projected service-account token file (the kubelet rotates it: read it each time).
+    pub token_path: PathBuf,
+}
+
+impl K8sPsatConfig {
+    /// Reads the token, naming the file if it is missing or empty.
+    pub fn load_token(&self) -> anyhow::Result<String> {
+        let text = std::fs::read_to_string(&self.token_path).with_context(|| {
+            format!(
+                "reading k8s_psat_token_path {} (mount a projected service-account token with audience sigil-server there)",
+                self.token_path.display()
+            )
+        })?;
+        let token = text.trim();
+        if token.is_empty() {
+            anyhow::bail!("k8s_psat_token_path {} is empty", self.token_path.display());
+        }
+        Ok(token.to_string())
+    }
+}
+
 /// The resolved configuration.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -152,6 +228,9 @@ pub struct AgentConfig {
     pub join_token: Option<String>,
     /// x509pop material, if attesting with a node certificate (never together with a token).
     pub x509pop: Option<X509PopConfig>,
+    /// k8s_psat settings, if attesting with a projected service-account token (never together
+    /// with the other methods).
+    pub k8s_psat: Option<K8sPsatConfig>,
     /// Data directory.
     pub data_dir: PathBuf,
     /// Workload API socket.
@@ -164,6 +243,8 @@ pub struct AgentConfig {
     pub log_level: String,
     /// Log format.
     pub log_format: LogFormat,
+    /// The `k8s` workload attestor's kubelet, if that attestor is on.
+    pub kubelet: Option<crate::attestor::k8s::KubeletConfig>,
 }
 
 impl AgentConfig {
@@ -178,6 +259,7 @@ impl AgentConfig {
 
     /// Merges file and flags, naming the key that is wrong.
     pub fn resolve(file: FileConfig, flags: &RunFlags) -> anyhow::Result<Self> {
+        let kubelet = resolve_kubelet(&file, flags)?;
         let td = flags.trust_domain.clone().or(file.trust_domain).context(
             "trust_domain is required: set it in the config file or pass --trust-domain",
         )?;
@@ -248,12 +330,38 @@ impl AgentConfig {
                 "join_token and x509pop_cert/x509pop_key are mutually exclusive: attest with one method"
             );
         }
+        let k8s_psat = match (
+            flags.k8s_psat_cluster.clone().or(file.k8s_psat_cluster),
+            flags.k8s_psat_token_path.clone().or(file.k8s_psat_token_path),
+        ) {
+            (Some(cluster), path) => {
+                if cluster.is_empty() || cluster.contains('/') || cluster.trim() != cluster {
+                    anyhow::bail!(
+                        "invalid k8s_psat_cluster {cluster:?}: expected the cluster's name in the server's node_attestor.k8s_psat configuration"
+                    );
+                }
+                Some(K8sPsatConfig {
+                    cluster,
+                    token_path: path.unwrap_or_else(|| DEFAULT_K8S_PSAT_TOKEN_PATH.into()),
+                })
+            }
+            (None, Some(_)) => anyhow::bail!(
+                "k8s_psat_token_path needs k8s_psat_cluster: pass --k8s-psat-cluster with the cluster's name in the server's k8s_psat configuration"
+            ),
+            (None, None) => None,
+        };
+        if k8s_psat.is_some() && (join_token.is_some() || x509pop.is_some()) {
+            anyhow::bail!(
+                "k8s_psat_cluster is mutually exclusive with join_token and x509pop_cert/x509pop_key: attest with one method"
+            );
+        }
         Ok(Self {
             trust_domain,
             server_address,
             bootstrap,
             join_token,
             x509pop,
+            k8s_psat,
             data_dir: flags
                 .data_dir
                 .clone()
@@ -276,8 +384,56 @@ impl AgentConfig {
                 .or(file.log_level)
                 .unwrap_or_else(|| "info".into()),
             log_format,
+            kubelet,
         })
     }
+}
+
+/// The `k8s` workload attestor's settings: `None` unless `workload_attestors` has `k8s`.
+fn resolve_kubelet(
+    file: &FileConfig,
+    flags: &RunFlags,
+) -> anyhow::Result<Option<crate::attestor::k8s::KubeletConfig>> {
+    let names = if flags.workload_attestors.is_empty() {
+        file.workload_attestors.clone().unwrap_or_default()
+    } else {
+        flags.workload_attestors.clone()
+    };
+    let mut k8s = false;
+    for name in &names {
+        match name.as_str() {
+            "k8s" => k8s = true,
+            "unix" => {}
+            other => anyhow::bail!(
+                "unknown workload attestor {other:?} in workload_attestors: expected \"k8s\" (unix and cgroup selectors are always on)"
+            ),
+        }
+    }
+    let url = flags.kubelet_url.clone().or(file.kubelet_url.clone());
+    let ca = flags
+        .kubelet_ca_path
+        .clone()
+        .or(file.kubelet_ca_path.clone());
+    let token = flags
+        .kubelet_token_path
+        .clone()
+        .or(file.kubelet_token_path.clone());
+    let port = flags.kubelet_read_only_port.or(file.kubelet_read_only_port);
+    let wait = flags
+        .kubelet_container_wait
+        .clone()
+        .or(file.kubelet_container_wait.clone());
+    if !k8s {
+        if url.is_some() || ca.is_some() || token.is_some() || port.is_some() || wait.is_some() {
+            anyhow::bail!(
+                "kubelet_* settings are given but the k8s workload attestor is off: add --workload-attestor k8s (workload_attestors = [\"k8s\"])"
+            );
+        }
+        return Ok(None);
+    }
+    let node = flags.node_name.clone().or(file.node_name.clone());
+    crate::attestor::k8s::KubeletConfig::resolve(url, port, ca, token, wait.as_deref(), node)
+        .map(Some)
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
@@ -424,6 +580,97 @@ mod tests {
     }
 
     #[test]
+    fn k8s_psat_cluster_token_path_default_and_exclusivity() -> anyhow::Result<()> {
+        let base = "trust_domain = \"example.org\"\nserver_address = \"srv:8081\"\ninsecure_bootstrap = true\n";
+        let c = parse(
+            base,
+            RunFlags {
+                k8s_psat_cluster: Some("prod".into()),
+                ..Default::default()
+            },
+        )?;
+        assert_eq!(
+            c.k8s_psat,
+            Some(K8sPsatConfig {
+                cluster: "prod".into(),
+                token_path: DEFAULT_K8S_PSAT_TOKEN_PATH.into()
+            })
+        );
+        let c = parse(
+            &format!("{base}k8s_psat_cluster = \"file\"\nk8s_psat_token_path = \"/t\"\n"),
+            RunFlags {
+                k8s_psat_cluster: Some("flag".into()),
+                ..Default::default()
+            },
+        )?;
+        assert_eq!(
+            c.k8s_psat,
+            Some(K8sPsatConfig {
+                cluster: "flag".into(),
+                token_path: "/t".into()
+            })
+        );
+        assert!(parse(base, RunFlags::default())?.k8s_psat.is_none());
+        for (flags, want) in [
+            (
+                RunFlags {
+                    k8s_psat_token_path: Some("/t".into()),
+                    ..Default::default()
+                },
+                "k8s_psat_token_path needs k8s_psat_cluster",
+            ),
+            (
+                RunFlags {
+                    k8s_psat_cluster: Some("prod".into()),
+                    join_token: Some("abc".into()),
+                    ..Default::default()
+                },
+                "mutually exclusive",
+            ),
+            (
+                RunFlags {
+                    k8s_psat_cluster: Some("prod".into()),
+                    x509pop_cert: Some("/n.pem".into()),
+                    x509pop_key: Some("/n.key".into()),
+                    ..Default::default()
+                },
+                "mutually exclusive",
+            ),
+            (
+                RunFlags {
+                    k8s_psat_cluster: Some("a/b".into()),
+                    ..Default::default()
+                },
+                "invalid k8s_psat_cluster",
+            ),
+        ] {
+            let err = parse(base, flags).expect_err(want);
+            assert!(format!("{err:#}").contains(want), "{err:#}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn k8s_psat_token_is_read_trimmed_or_names_the_file() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let k = K8sPsatConfig {
+            cluster: "prod".into(),
+            token_path: dir.path().join("token"),
+        };
+        let err = k.load_token().expect_err("missing");
+        assert!(
+            format!("{err:#}").contains("k8s_psat_token_path"),
+            "{err:#}"
+        );
+        std::fs::write(&k.token_path, "  \n")?;
+        let err = k.load_token().expect_err("empty");
+        assert!(format!("{err:#}").contains("is empty"), "{err:#}");
+        std::fs::write(&k.token_path, "eyJ.a.b\n")?;
+        assert_eq!(k.load_token()?, "eyJ.a.b");
+        Ok(())
+    }
+
+    #[test]
     fn x509pop_files_load_or_name_the_file() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let key = rcgen::KeyPair::generate()?;
@@ -447,6 +694,92 @@ mod tests {
         };
         let err = missing.load().expect_err("missing cert");
         assert!(format!("{err:#}").contains("x509pop_cert"), "{err:#}");
+        Ok(())
+    }
+
+    #[test]
+    fn k8s_workload_attestor_is_off_by_default_and_configured_by_file_or_flags(
+    ) -> anyhow::Result<()> {
+        use crate::attestor::k8s;
+        let base = "trust_domain = \"example.org\"\nserver_address = \"srv:8081\"\ninsecure_bootstrap = true\n";
+        assert!(parse(base, RunFlags::default())?.kubelet.is_none());
+        // NODE_NAME alone (set on every node by a DaemonSet) does not turn it on.
+        let flags = RunFlags {
+            node_name: Some("node-1".into()),
+            ..Default::default()
+        };
+        assert!(parse(base, flags)?.kubelet.is_none());
+
+        let c = parse(
+            &format!("{base}workload_attestors = [\"k8s\"]\n"),
+            RunFlags::default(),
+        )?;
+        let k = c.kubelet.expect("k8s attestor on");
+        assert_eq!(k.url, k8s::DEFAULT_KUBELET_URL);
+        assert_eq!(k.ca_path, PathBuf::from(k8s::DEFAULT_CA_PATH));
+        assert_eq!(k.token_path, PathBuf::from(k8s::DEFAULT_TOKEN_PATH));
+
+        let file = format!(
+            "{base}workload_attestors = [\"k8s\"]\nkubelet_url = \"https://10.0.0.1:10250\"\nkubelet_ca_path = \"/ca\"\nkubelet_container_wait = \"20s\"\nnode_name = \"file-node\"\n"
+        );
+        let c = parse(
+            &file,
+            RunFlags {
+                kubelet_url: Some("https://10.0.0.2:10250".into()),
+                kubelet_token_path: Some("/tok".into()),
+                node_name: Some("flag-node".into()),
+                ..Default::default()
+            },
+        )?;
+        let k = c.kubelet.expect("k8s attestor on");
+        assert_eq!(k.url, "https://10.0.0.2:10250");
+        assert_eq!(k.ca_path, PathBuf::from("/ca"));
+        assert_eq!(k.token_path, PathBuf::from("/tok"));
+        assert_eq!(k.container_wait, std::time::Duration::from_secs(20));
+        assert_eq!(k.node_name.as_deref(), Some("flag-node"));
+
+        let c = parse(
+            base,
+            RunFlags {
+                workload_attestors: vec!["k8s".into()],
+                kubelet_read_only_port: Some(10255),
+                ..Default::default()
+            },
+        )?;
+        assert_eq!(c.kubelet.expect("on").url, "http://127.0.0.1:10255");
+
+        for (text, flags, want) in [
+            (
+                format!("{base}workload_attestors = [\"docker\"]\n"),
+                RunFlags::default(),
+                "unknown workload attestor \"docker\"",
+            ),
+            (
+                base.to_string(),
+                RunFlags {
+                    kubelet_url: Some("https://10.0.0.2:10250".into()),
+                    ..Default::default()
+                },
+                "--workload-attestor k8s",
+            ),
+            (
+                format!("{base}kubelet_read_only_port = 10255\n"),
+                RunFlags::default(),
+                "--workload-attestor k8s",
+            ),
+            (
+                base.to_string(),
+                RunFlags {
+                    workload_attestors: vec!["k8s".into()],
+                    kubelet_url: Some("http://10.0.0.2:10255".into()),
+                    ..Default::default()
+                },
+                "kubelet_url",
+            ),
+        ] {
+            let err = parse(&text, flags).expect_err(want);
+            assert!(format!("{err:#}").contains(want), "{want}: {err:#}");
+        }
         Ok(())
     }
 }

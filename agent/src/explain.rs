@@ -92,7 +92,7 @@ pub fn explain(cache: &Cache, selectors: &SelectorSet) -> Explanation {
                 .collect();
             let related = e.selectors.intersects(selectors)
                 || missing.iter().any(|m| !m.process_has.is_empty());
-            related.then(|| (missing.len(), e, missing))
+            related.then_some((missing.len(), e, missing))
         })
         .collect();
     near.sort_by(|a, b| (a.0, &a.1.id).cmp(&(b.0, &b.1.id)));

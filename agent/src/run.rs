@@ -1,7 +1,8 @@
 //! `sigil-agent run`: establish the agent's identity, then keep the cache in step with the server.
 //!
 //! Start-up: a stored, unexpired agent SVID is re-used (no second attestation: join tokens are
-//! single-use); otherwise the agent attests (join token or x509pop) over server-authenticated TLS.
+//! single-use); otherwise the agent attests (join token, x509pop or k8s_psat) over
+//! server-authenticated TLS.
 //! Then the worker runs the sync loop, the health endpoint serves `/live`, `/ready` (ready once
 //! the first snapshot of entries arrived) and `/metrics`, and SIGTERM/SIGINT stop everything.
 
@@ -72,13 +73,14 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             if other.is_some() {
                 tracing::warn!("the stored agent SVID has expired; attesting again");
             }
-            // Exactly one method is configured (the config refuses both); x509pop files are
-            // read before contacting the server so a bad path fails fast.
-            let x509pop = match (&cfg.join_token, &cfg.x509pop) {
-                (Some(_), _) => None,
-                (None, Some(x)) => Some(x.load()?),
-                (None, None) => anyhow::bail!(
-                    "no usable agent SVID is stored and no attestation method was given: pass --join-token (from `sigil-server token generate`) or --x509pop-cert/--x509pop-key"
+            // Exactly one method is configured (the config refuses two); x509pop files and the
+            // k8s_psat token are read before contacting the server so a bad path fails fast.
+            let k8s_token = cfg.k8s_psat.as_ref().map(|k| k.load_token()).transpose()?;
+            let x509pop = match (&cfg.join_token, &cfg.x509pop, &k8s_token) {
+                (Some(_), _, _) | (None, None, Some(_)) => None,
+                (None, Some(x), _) => Some(x.load()?),
+                (None, None, None) => anyhow::bail!(
+                    "no usable agent SVID is stored and no attestation method was given: pass --join-token (from `sigil-server token generate`), --x509pop-cert/--x509pop-key or --k8s-psat-cluster"
                 ),
             };
             let verification = match bootstrap_roots {
@@ -89,14 +91,20 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 }
             };
             let mut node = client::channel(&cfg.server_address, verification, None)?;
-            let attested = match (x509pop, cfg.join_token.as_deref()) {
-                (Some((chain, key)), _) => client::attest_x509pop(&mut node, &td, chain, &key)
+            let k8s = cfg.k8s_psat.as_ref().zip(k8s_token.as_deref());
+            let attested = match (x509pop, cfg.join_token.as_deref(), k8s) {
+                (Some((chain, key)), _, _) => client::attest_x509pop(&mut node, &td, chain, &key)
                     .await
                     .context("x509pop node attestation failed")?,
-                (None, Some(token)) => client::attest_join_token(&mut node, &td, token)
+                (None, Some(token), _) => client::attest_join_token(&mut node, &td, token)
                     .await
                     .context("node attestation with the join token failed")?,
-                (None, None) => anyhow::bail!("no attestation method configured"),
+                (None, None, Some((k, token))) => {
+                    client::attest_k8s_psat(&mut node, &td, &k.cluster, token)
+                        .await
+                        .context("k8s_psat node attestation failed")?
+                }
+                (None, None, None) => anyhow::bail!("no attestation method configured"),
             };
             storage.save_identity(&attested.identity)?;
             storage.save_bundle(&attested.bundle_roots)?;
@@ -113,7 +121,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let state = Arc::new(AgentState::new(td.clone(), identity.clone(), Cache::new()));
     state.metrics.agent_svid_expiry.set(identity.not_after);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let attestor = Arc::new(crate::attestor::WorkloadAttestor::new());
+    let mut attestor = crate::attestor::WorkloadAttestor::new();
+    if let Some(k) = &cfg.kubelet {
+        tracing::info!(kubelet = %k.pods_url(), ca = %k.ca_path.display(), node = ?k.node_name, "k8s workload attestor on: pod selectors from the kubelet");
+        attestor = attestor.with_kubelet(crate::attestor::k8s::KubeletClient::new(k.clone()));
+    }
+    let attestor = Arc::new(attestor);
     let workload_api = crate::workload_api::WorkloadApi::new(
         state.clone(),
         attestor.clone(),
@@ -132,6 +145,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         trust,
         storage,
         x509pop: cfg.x509pop.clone(),
+        k8s_psat: cfg.k8s_psat.clone(),
     };
     let worker_task = tokio::spawn(worker.run(shutdown_rx.clone()));
 

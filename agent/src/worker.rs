@@ -78,6 +78,9 @@ pub struct Worker {
     /// x509pop material, if configured: lets the agent attest again after an eviction (a join
     /// token is single-use, so a join-token agent cannot).
     pub x509pop: Option<crate::config::X509PopConfig>,
+    /// k8s_psat settings, if configured: like x509pop, the agent attests again after an
+    /// eviction, with the token file read afresh (the kubelet rotates projected tokens).
+    pub k8s_psat: Option<crate::config::K8sPsatConfig>,
 }
 
 /// Exponential back-off with full jitter.
@@ -142,19 +145,38 @@ impl Worker {
             match self.session(&mut shutdown, &mut backoff).await {
                 Ok(SessionEnd::Shutdown) => return,
                 Ok(SessionEnd::Renewed) => continue,
-                Err(e) if e.is_permission_denied() && self.x509pop.is_some() => {
+                Err(e)
+                    if e.is_permission_denied()
+                        && (self.x509pop.is_some() || self.k8s_psat.is_some()) =>
+                {
                     self.state.metrics.sync_failures.inc();
                     let delay = backoff.delay();
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "sigil-server refused this agent; attesting again with x509pop");
+                    let method = if self.k8s_psat.is_some() {
+                        "k8s_psat"
+                    } else {
+                        "x509pop"
+                    };
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "sigil-server refused this agent; attesting again with {method}");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
                     }
-                    match self.reattest_x509pop().await {
+                    let again = if self.k8s_psat.is_some() {
+                        self.reattest_k8s_psat().await
+                    } else {
+                        self.reattest_x509pop().await
+                    };
+                    match again {
                         Ok(()) => continue,
-                        Err(e2) => {
+                        Err(e2) if e2.is_permission_denied() => {
                             self.give_up(&e2, &mut shutdown).await;
                             return;
+                        }
+                        // Unreachable server, API server trouble, an unreadable file: the
+                        // next round (with a longer back-off) tries again.
+                        Err(e2) => {
+                            tracing::warn!(error = %e2, "attesting again with {method} failed; retrying");
+                            continue;
                         }
                     }
                 }
@@ -207,6 +229,27 @@ impl Worker {
         )?;
         let attested = client::attest_x509pop(&mut node, td, chain, &key).await?;
         tracing::info!(spiffe_id = %attested.identity.spiffe_id, "attested again with x509pop");
+        self.install_identity(attested.identity).await
+    }
+
+    /// Attests again with k8s_psat, reading the token file afresh (it rotates).
+    async fn reattest_k8s_psat(&self) -> Result<(), ClientError> {
+        let Some(cfg) = &self.k8s_psat else {
+            return Err(ClientError::Protocol(
+                "no k8s_psat settings configured".into(),
+            ));
+        };
+        let token = cfg
+            .load_token()
+            .map_err(|e| ClientError::Protocol(format!("{e:#}")))?;
+        let td = &self.state.trust_domain;
+        let mut node = client::channel(
+            &self.server_address,
+            client::verify_server(self.trust.clone(), td),
+            None,
+        )?;
+        let attested = client::attest_k8s_psat(&mut node, td, &cfg.cluster, &token).await?;
+        tracing::info!(spiffe_id = %attested.identity.spiffe_id, "attested again with k8s_psat");
         self.install_identity(attested.identity).await
     }
 
@@ -300,17 +343,18 @@ impl Worker {
                 }
             }
         }
-        if out.upserted + out.removed > 0 || out.bundle_changed {
+        if out.upserted + out.removed > 0 || out.bundle_changed || out.federated_changed {
             self.state.notify_changed();
         }
         let m = &self.state.metrics;
         m.sync_messages.inc();
         m.entries.set(cache.entry_count() as i64);
         m.svids.set(cache.svids().count() as i64);
-        if out.upserted + out.removed > 0 || out.bundle_changed {
+        if out.upserted + out.removed > 0 || out.bundle_changed || out.federated_changed {
             tracing::info!(
                 upserted = out.upserted,
                 removed = out.removed,
+                federated_trust_domains = cache.federated_bundles().len(),
                 entries = cache.entry_count(),
                 revision = cache.revision(),
                 "entries synced"

@@ -3,6 +3,7 @@
 //! Precedence: flag > file > default. Only the trust domain is required. Unknown keys in the file
 //! are an error (a typo must not silently fall back to a default).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -12,6 +13,7 @@ use serde::Deserialize;
 use sigil::logging::LogFormat;
 use sigil::TrustDomain;
 
+use crate::attestor::k8s_psat::{self, ClusterConfig, FileCluster, FileK8sPsat};
 use crate::ca::{CaConfig, KeyType, UpstreamConfig};
 
 /// Default node API address (SPIRE's server port).
@@ -58,6 +60,8 @@ pub struct FileConfig {
 pub struct FileNodeAttestor {
     /// `[node_attestor.x509pop]`: unset means x509pop is not offered.
     pub x509pop: Option<FileX509Pop>,
+    /// `[node_attestor.k8s_psat.clusters.<name>]`: no cluster means k8s_psat is not offered.
+    pub k8s_psat: Option<FileK8sPsat>,
 }
 
 /// `[node_attestor.x509pop]` section.
@@ -163,6 +167,42 @@ pub struct RunFlags {
     /// Enable x509pop node attestation: PEM CA certificate(s) trusted to issue node certificates.
     #[arg(long, value_name = "FILE")]
     pub x509pop_ca_bundle: Option<PathBuf>,
+    /// Enable k8s_psat node attestation for this cluster; the other --k8s-psat-* flags set its
+    /// keys (overriding the file's cluster of the same name).
+    #[arg(long, value_name = "NAME")]
+    pub k8s_psat_cluster: Option<String>,
+    /// k8s_psat: service accounts allowed to attest, NAMESPACE:NAME (repeat or comma-separate).
+    #[arg(
+        long,
+        value_name = "NS:SA",
+        value_delimiter = ',',
+        requires = "k8s_psat_cluster"
+    )]
+    pub k8s_psat_service_account_allow_list: Vec<String>,
+    /// k8s_psat: audience the token must carry [default: sigil-server].
+    #[arg(long, value_name = "AUDIENCE", requires = "k8s_psat_cluster")]
+    pub k8s_psat_audience: Option<String>,
+    /// k8s_psat: verify tokens with this JWKS file of the cluster's service-account issuer.
+    #[arg(long, value_name = "FILE", requires = "k8s_psat_cluster")]
+    pub k8s_psat_jwks_file: Option<PathBuf>,
+    /// k8s_psat: verify tokens with keys from OIDC discovery of this issuer URL.
+    #[arg(long, value_name = "URL", requires = "k8s_psat_cluster")]
+    pub k8s_psat_oidc_discovery_url: Option<String>,
+    /// k8s_psat: PEM roots for the OIDC discovery and JWKS URLs [default: the API server's CA].
+    #[arg(long, value_name = "FILE", requires = "k8s_psat_cluster")]
+    pub k8s_psat_ca_file: Option<PathBuf>,
+    /// k8s_psat: verify tokens with the API server's TokenReview.
+    #[arg(long, requires = "k8s_psat_cluster")]
+    pub k8s_psat_use_token_review: bool,
+    /// k8s_psat: API server URL [default in a pod: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT].
+    #[arg(long, value_name = "URL", requires = "k8s_psat_cluster")]
+    pub k8s_psat_api_server_url: Option<String>,
+    /// k8s_psat: API server bearer token file [default: the pod's service-account token].
+    #[arg(long, value_name = "FILE", requires = "k8s_psat_cluster")]
+    pub k8s_psat_api_token_file: Option<PathBuf>,
+    /// k8s_psat: API server CA (PEM) [default: the pod's service-account ca.crt].
+    #[arg(long, value_name = "FILE", requires = "k8s_psat_cluster")]
+    pub k8s_psat_api_ca_file: Option<PathBuf>,
 }
 
 /// The resolved configuration the server runs with.
@@ -188,6 +228,8 @@ pub struct ServerConfig {
     pub datastore_path: PathBuf,
     /// x509pop CA bundle (PEM); `None`: x509pop is not offered.
     pub x509pop_ca_bundle: Option<PathBuf>,
+    /// k8s_psat clusters by name; empty: k8s_psat is not offered.
+    pub k8s_psat: BTreeMap<String, ClusterConfig>,
 }
 
 impl ServerConfig {
@@ -314,6 +356,19 @@ impl ServerConfig {
         {
             bail!("invalid node_attestor.x509pop.ca_bundle: the path is empty");
         }
+        let mut k8s_clusters = file
+            .node_attestor
+            .k8s_psat
+            .map(|k| k.clusters)
+            .unwrap_or_default();
+        if let Some(name) = &flags.k8s_psat_cluster {
+            let from_file = k8s_clusters.remove(name).unwrap_or_default();
+            k8s_clusters.insert(name.clone(), from_file.overridden_by(k8s_psat_flags(flags)));
+        }
+        let k8s_psat = k8s_psat::resolve_clusters(
+            k8s_clusters,
+            k8s_psat::in_cluster_api_server_url().as_deref(),
+        )?;
         Ok(Self {
             trust_domain,
             data_dir,
@@ -325,7 +380,24 @@ impl ServerConfig {
             ca,
             datastore_path,
             x509pop_ca_bundle,
+            k8s_psat,
         })
+    }
+}
+
+/// The cluster keys given by `--k8s-psat-*` flags.
+fn k8s_psat_flags(flags: &RunFlags) -> FileCluster {
+    FileCluster {
+        service_account_allow_list: Some(flags.k8s_psat_service_account_allow_list.clone())
+            .filter(|l| !l.is_empty()),
+        audience: flags.k8s_psat_audience.clone(),
+        jwks_file: flags.k8s_psat_jwks_file.clone(),
+        oidc_discovery_url: flags.k8s_psat_oidc_discovery_url.clone(),
+        ca_file: flags.k8s_psat_ca_file.clone(),
+        use_token_review: flags.k8s_psat_use_token_review.then_some(true),
+        api_server_url: flags.k8s_psat_api_server_url.clone(),
+        api_token_file: flags.k8s_psat_api_token_file.clone(),
+        api_ca_file: flags.k8s_psat_api_ca_file.clone(),
     }
 }
 
@@ -373,6 +445,7 @@ mod tests {
         assert_eq!(c.datastore_path, PathBuf::from("./.data/datastore.sqlite3"));
         assert_eq!(c.ca.default_x509_svid_ttl, Duration::from_secs(3600));
         assert!(c.x509pop_ca_bundle.is_none(), "x509pop is off by default");
+        assert!(c.k8s_psat.is_empty(), "k8s_psat is off by default");
         Ok(())
     }
 
@@ -460,6 +533,78 @@ mod tests {
             },
         )?;
         assert_eq!(c.x509pop_ca_bundle, Some(PathBuf::from("/flag.pem")));
+        Ok(())
+    }
+
+    #[test]
+    fn k8s_psat_clusters_from_file_and_flags() -> anyhow::Result<()> {
+        use crate::attestor::k8s_psat::Verification;
+        let text = "trust_domain = \"a.org\"\n\
+            [node_attestor.k8s_psat.clusters.prod]\n\
+            service_account_allow_list = [\"sigil:sigil-agent\"]\n\
+            jwks_file = \"/etc/sigil/prod-jwks.json\"\n\
+            api_server_url = \"https://prod-api:6443\"\n\
+            [node_attestor.k8s_psat.clusters.dev]\n\
+            service_account_allow_list = [\"sigil:sigil-agent\", \"dev:agent\"]\n\
+            use_token_review = true\n\
+            api_server_url = \"https://dev-api:6443\"\n";
+        let c = parse(text, RunFlags::default())?;
+        assert_eq!(c.k8s_psat.len(), 2);
+        assert_eq!(
+            c.k8s_psat["prod"].verification,
+            Verification::JwksFile("/etc/sigil/prod-jwks.json".into())
+        );
+        assert_eq!(c.k8s_psat["dev"].service_account_allow_list.len(), 2);
+        assert_eq!(c.k8s_psat["dev"].audience, "sigil-server");
+
+        // Flags override the file's cluster of the same name, key by key.
+        let c = parse(
+            text,
+            RunFlags {
+                k8s_psat_cluster: Some("prod".into()),
+                k8s_psat_use_token_review: true,
+                k8s_psat_audience: Some("spire-server".into()),
+                ..Default::default()
+            },
+        )?;
+        assert_eq!(c.k8s_psat["prod"].verification, Verification::TokenReview);
+        assert_eq!(c.k8s_psat["prod"].audience, "spire-server");
+        assert_eq!(c.k8s_psat["prod"].api_server_url, "https://prod-api:6443");
+
+        // Or define a cluster with flags alone.
+        let c = parse(
+            "trust_domain = \"a.org\"",
+            RunFlags {
+                k8s_psat_cluster: Some("edge".into()),
+                k8s_psat_service_account_allow_list: vec!["sigil:sigil-agent".into()],
+                k8s_psat_oidc_discovery_url: Some("https://issuer.example".into()),
+                k8s_psat_api_server_url: Some("https://edge-api".into()),
+                k8s_psat_api_ca_file: Some("/ca.pem".into()),
+                ..Default::default()
+            },
+        )?;
+        assert_eq!(
+            c.k8s_psat["edge"].verification,
+            Verification::OidcDiscovery {
+                url: "https://issuer.example".into(),
+                ca_file: "/ca.pem".into()
+            }
+        );
+
+        let err = parse(
+            "trust_domain = \"a.org\"\n[node_attestor.k8s_psat.clusters.prod]\njwks_file = \"/j\"\napi_server_url = \"https://api\"\n",
+            RunFlags::default(),
+        )
+        .expect_err("no allow list");
+        assert!(
+            format!("{err:#}")
+                .contains("node_attestor.k8s_psat.clusters.prod.service_account_allow_list"),
+            "{err:#}"
+        );
+        assert!(toml::from_str::<FileConfig>(
+            "[node_attestor.k8s_psat.clusters.prod]\njwks_flie = \"/j\""
+        )
+        .is_err());
         Ok(())
     }
 }

@@ -3,7 +3,7 @@
 //! - [`ca`]: the certificate authority (self-signed or upstream), X509-SVID and JWT-SVID issuing.
 //! - [`datastore`]: registration entries, agents, join tokens, bundles (SQLite by default).
 //! - [`api`]: the gRPC APIs (admin API on a local Unix socket, node API over mTLS).
-//! - [`attestor`]: node attestors (how agents prove their node: join tokens).
+//! - [`attestor`]: node attestors (how agents prove their node: join tokens, x509pop, k8s_psat).
 //! - [`identity`]: the server's own X509-SVID for the node API, rotated at half its lifetime.
 //! - [`cli`]: the `sigil-server` command line (run, entry, token, agent, bundle, healthcheck).
 //! - [`config`]: TOML configuration and `run` flags.

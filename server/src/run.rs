@@ -18,6 +18,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use crate::api::admin::{AdminService, AdminState};
 use crate::api::node::{NodeService, NodeState};
 use crate::attestor::join_token::JoinTokenAttestor;
+use crate::attestor::k8s_psat::K8sPsatAttestor;
 use crate::attestor::x509pop::X509PopAttestor;
 use crate::attestor::Attestors;
 use crate::ca::Ca;
@@ -139,6 +140,12 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
             path,
         )?));
         tracing::info!(ca_bundle = %path.display(), "x509pop node attestation enabled");
+    }
+    if !cfg.k8s_psat.is_empty() {
+        let k8s = K8sPsatAttestor::new(cfg.trust_domain.clone(), &cfg.k8s_psat)
+            .context("configuring k8s_psat node attestation")?;
+        tracing::info!(clusters = ?k8s.cluster_names(), "k8s_psat node attestation enabled");
+        attestors = attestors.with(Arc::new(k8s));
     }
     let node_state = Arc::new(NodeState {
         trust_domain: cfg.trust_domain.clone(),

@@ -8,10 +8,10 @@
 //! |---|---|
 //! | docker, cgroupfs | `/docker/<id>` |
 //! | docker, systemd | `/system.slice/docker-<id>.scope` |
-//! | kubelet, cgroupfs | `/kubepods[/burstable\|/besteffort]/pod<uid>/<id>` (guaranteed pods have no QoS level) |
-//! | kubelet, systemd | `/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid with _>.slice/<runtime>-<id>.scope` |
-//! | containerd, systemd, v1 | `.../kubepods-burstable-pod<uid with _>.slice:cri-containerd:<id>` (runc's `slice:prefix:name`) |
-//! | CRI-O | `crio-<id>.scope` (`crio-conmon-<id>.scope` is its monitor, not the container) |
+//! | kubelet, cgroupfs | `/kubepods/burstable/pod<uid>/<id>` (`besteffort`; none if guaranteed) |
+//! | kubelet, systemd | `kubepods-burstable-pod<uid with _>.slice/<runtime>-<id>.scope` |
+//! | containerd, systemd, v1 | `kubepods-pod<uid with _>.slice:cri-containerd:<id>` (runc form) |
+//! | CRI-O | `crio-<id>.scope` (`crio-conmon-<id>.scope` is its monitor, not a container) |
 //!
 //! Container IDs are 64 lowercase hex digits. Pod UIDs are UUIDs (static pods: 32 hex digits);
 //! the systemd driver writes their dashes as `_`, turned back here. Anything unrecognised is

@@ -19,16 +19,22 @@
 //! - `unix:uid`, `unix:gid`, `unix:user`, `unix:group`, `unix:supplementary_gid`,
 //!   `unix:supplementary_group`, `unix:path`, `unix:sha256` (the `unix` helpers);
 //! - `systemd:id`, `k8s:pod-uid`, `k8s:container-id`, `docker:id`, `container:id` from the
-//!   cgroup path ([`cgroup`]).
+//!   cgroup path ([`cgroup`]);
+//! - with the `k8s` attestor on ([`WorkloadAttestor::with_kubelet`]), for a process in a pod's
+//!   container: `k8s:ns`, `k8s:sa`, `k8s:pod-name`, `k8s:pod-label`, `k8s:container-name`,
+//!   `k8s:container-image`, ... from the kubelet's pod list ([`k8s`]), added by
+//!   [`WorkloadAttestor::attest_async`] after the /proc reads and followed by one more pin check.
 //!
 //! Anything the agent is not allowed to see (another user's executable when not root) is left
 //! out rather than failing: fewer selectors can only match fewer entries.
 
 pub mod cgroup;
+pub mod k8s;
 pub mod process;
 mod unix;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 pub use process::ProcessPin;
 use sigil::selector::SelectorSet;
@@ -61,6 +67,9 @@ pub enum AttestError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The blocking attestation task panicked or was cancelled.
+    #[error("workload attestation task failed: {0}")]
+    Task(String),
 }
 
 /// Reads a pinned process's properties into selectors.
@@ -68,6 +77,8 @@ pub enum AttestError {
 pub struct WorkloadAttestor {
     proc_root: PathBuf,
     exe_hashes: unix::ExeHashCache,
+    /// The `k8s` attestor: `None` (the default) never contacts a kubelet.
+    kubelet: Option<k8s::KubeletClient>,
 }
 
 impl Default for WorkloadAttestor {
@@ -88,7 +99,72 @@ impl WorkloadAttestor {
         Self {
             proc_root: root,
             exe_hashes: unix::ExeHashCache::default(),
+            kubelet: None,
         }
+    }
+
+    /// Turns on the `k8s` attestor: [`attest_async`](Self::attest_async) adds the kubelet's
+    /// selectors for processes in a pod's container.
+    pub fn with_kubelet(mut self, kubelet: k8s::KubeletClient) -> Self {
+        self.kubelet = Some(kubelet);
+        self
+    }
+
+    /// The `k8s` attestor's kubelet client, if on.
+    pub fn kubelet(&self) -> Option<&k8s::KubeletClient> {
+        self.kubelet.as_ref()
+    }
+
+    /// [`attest`](Self::attest) on the blocking pool, then, for a process whose cgroup names a
+    /// pod and a container and with the `k8s` attestor on, the kubelet's selectors (none if the
+    /// kubelet cannot say: see [`k8s`]). Like `attest`, ends by checking the pin.
+    pub async fn attest_async(
+        self: &Arc<Self>,
+        pin: Arc<ProcessPin>,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attestation, AttestError> {
+        let me = Arc::clone(self);
+        let p = Arc::clone(&pin);
+        let (mut attestation, user_delegated) = tokio::task::spawn_blocking(move || {
+            // Read before `attest`, so its closing pin check covers this read too.
+            let delegated = match me.kubelet {
+                Some(_) => {
+                    let text = process::read_proc_file(&me.proc_root, p.pid, "cgroup")?;
+                    k8s::under_user_delegation(&String::from_utf8_lossy(&text))
+                }
+                None => false,
+            };
+            me.attest(&p, uid, gid).map(|a| (a, delegated))
+        })
+        .await
+        .map_err(|e| AttestError::Task(e.to_string()))??;
+        let Some(kubelet) = &self.kubelet else {
+            return Ok(attestation);
+        };
+        let ids = |name: &str| {
+            let prefix = format!("{name}:");
+            attestation
+                .selectors
+                .iter()
+                .filter(|s| s.kind() == "k8s")
+                .find_map(|s| s.value().strip_prefix(&prefix).map(str::to_string))
+        };
+        if let (Some(pod), Some(container)) = (ids("pod-uid"), ids("container-id")) {
+            if user_delegated {
+                kubelet.warn(format!(
+                    "process {} claims container {container} of pod {pod}, but its cgroup is in a subtree delegated to a user (user.slice / user@<uid>.service), where cgroups can be named at will; k8s selectors from the kubelet withheld",
+                    attestation.pid
+                ));
+                return Ok(attestation);
+            }
+            for s in kubelet.selectors(&pod, &container).await {
+                attestation.selectors.insert(s);
+            }
+            // The kubelet step took time: the process must still be the one pinned.
+            pin.check()?;
+        }
+        Ok(attestation)
     }
 
     /// Blocking (reads /proc, hashes the exe): callers run it in spawn_blocking.

@@ -19,7 +19,8 @@ const START_TIME_FIELD: usize = 22;
 /// Field number of the first field after the parenthesised command name (the state).
 const STATE_FIELD: usize = 3;
 
-/// A process pinned by pid + its start time (field 22 of `/proc/<pid>/stat`, clock ticks since boot).
+/// A process pinned by pid + its start time (field 22 of `/proc/<pid>/stat`, clock ticks since
+/// boot).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcessPin {
     /// The process ID, in the agent's PID namespace.
@@ -282,9 +283,10 @@ mod tests {
     fn pin_missing_or_impossible_pid_is_gone() {
         let dir = fake_proc(100, &stat_line(100, "app", 'S', 500));
         for pid in [101, 0, -1, i32::MIN] {
+            let got = ProcessPin::pin_in(dir.path(), pid);
             assert!(
-                matches!(ProcessPin::pin_in(dir.path(), pid), Err(AttestError::Gone { pid: p }) if p == pid),
-                "{pid}"
+                matches!(got, Err(AttestError::Gone { pid: p }) if p == pid),
+                "{pid}: {got:?}"
             );
         }
     }

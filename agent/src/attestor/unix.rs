@@ -167,8 +167,9 @@ pub(crate) fn exe_selectors(
             return Ok(Vec::new());
         }
     };
+    let shown = target.display();
     if target.as_os_str().as_bytes().ends_with(DELETED_SUFFIX) {
-        tracing::debug!(pid, path = %target.display(), "executable deleted; no unix:path or unix:sha256");
+        tracing::debug!(pid, path = %shown, "executable deleted; no unix:path or unix:sha256");
         return Ok(Vec::new());
     }
     let (file, meta) = match File::open(&link).and_then(|f| {
@@ -183,7 +184,7 @@ pub(crate) fn exe_selectors(
     };
     // The readlink suffix is only a hint (a file may be named "x (deleted)"); no links is proof.
     if meta.nlink() == 0 || !meta.is_file() {
-        tracing::debug!(pid, path = %target.display(), "executable deleted or not a file; no unix:path or unix:sha256");
+        tracing::debug!(pid, path = %shown, "exe deleted or not a file; no unix:path/sha256");
         return Ok(Vec::new());
     }
 
@@ -191,12 +192,11 @@ pub(crate) fn exe_selectors(
     if same_file(&target, &meta) {
         match target.to_str() {
             Some(path) if target.is_absolute() => push(&mut out, format!("path:{path}")),
-            _ => {
-                tracing::debug!(pid, path = %target.display(), "executable path not absolute UTF-8; no unix:path")
-            }
+            _ => tracing::debug!(pid, path = %shown, "exe path not absolute UTF-8; no unix:path"),
         }
     } else {
-        tracing::debug!(pid, path = %target.display(), "executable path names another file here (another mount namespace?); no unix:path");
+        // e.g. a process in another mount namespace (a container).
+        tracing::debug!(pid, path = %shown, "exe path names another file here; no unix:path");
     }
     match sha256_cached(file, &meta, cache) {
         Ok(Some(hash)) => push(&mut out, format!("sha256:{hash}")),

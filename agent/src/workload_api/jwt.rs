@@ -20,6 +20,9 @@ use crate::client::{self, ClientError};
 /// Most tokens cached.
 pub const MAX_CACHED_TOKENS: usize = 10_000;
 
+/// (entry id, entry revision, sorted audiences).
+type TokenKey = (String, i64, Vec<String>);
+
 #[derive(Debug, Clone)]
 struct CachedToken {
     token: String,
@@ -75,7 +78,7 @@ impl NodeLink {
 /// Cached JWT-SVIDs.
 #[derive(Default)]
 pub struct JwtSvidCache {
-    tokens: Mutex<HashMap<(String, i64, Vec<String>), CachedToken>>,
+    tokens: Mutex<HashMap<TokenKey, CachedToken>>,
 }
 
 impl JwtSvidCache {

@@ -105,12 +105,13 @@ impl WorkloadApi {
             self.inner.state.metrics.workload_attest_failures.inc();
             Status::unauthenticated(format!("cannot identify the calling process: {why}"))
         })?;
-        let attestor = self.inner.attestor.clone();
-        let p = pin.clone();
         let (uid, gid) = (peer.uid, peer.gid);
-        let result = tokio::task::spawn_blocking(move || attestor.attest(&p, uid, gid))
-            .await
-            .map_err(|e| Status::internal(format!("workload attestation task failed: {e}")))?;
+        // /proc on the blocking pool, then the kubelet (k8s attestor), then the pin again.
+        let result = self
+            .inner
+            .attestor
+            .attest_async(pin.clone(), uid, gid)
+            .await;
         match result {
             Ok(a) => {
                 tracing::debug!(pid = a.pid, uid, selectors = %a.selectors, "workload attested");
@@ -124,6 +125,7 @@ impl WorkloadApi {
                 self.inner.state.metrics.workload_attest_failures.inc();
                 Err(gone(pid))
             }
+            Err(e @ AttestError::Task(_)) => Err(Status::internal(e.to_string())),
             Err(e) => {
                 self.inner.state.metrics.workload_attest_failures.inc();
                 tracing::warn!(error = %e, "workload attestation failed");

@@ -139,6 +139,7 @@ fn attest_status(e: AttestError) -> Status {
         AttestError::Denied(m) => Status::permission_denied(m),
         AttestError::InvalidPayload(_) => Status::invalid_argument(e.to_string()),
         AttestError::Challenge(_) => Status::aborted(e.to_string()),
+        AttestError::Unavailable(_) => Status::unavailable(e.to_string()),
         AttestError::Datastore(d) => ds_status(d),
     }
 }

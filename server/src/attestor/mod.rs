@@ -17,8 +17,11 @@
 //! - [`join_token`]: single-use, expiring tokens from `sigil-server token generate`.
 //! - [`x509pop`]: proof of possession of a node certificate's key, the certificate issued by a
 //!   CA in the configured x509pop bundle.
+//! - [`k8s_psat`]: a Kubernetes projected service-account token, checked against the cluster's
+//!   issuer keys or TokenReview, and the agent's pod and node confirmed by the API server.
 
 pub mod join_token;
+pub mod k8s_psat;
 pub mod x509pop;
 
 use std::collections::BTreeMap;
@@ -56,6 +59,10 @@ pub enum AttestError {
     /// The agent went away or broke the challenge protocol (Aborted).
     #[error("attestation challenge failed: {0}")]
     Challenge(String),
+    /// Something the attestor depends on (a Kubernetes API server, an OIDC issuer) could not
+    /// be reached or answered wrongly; trying again later may succeed (Unavailable).
+    #[error("attestation could not be completed: {0}")]
+    Unavailable(String),
     /// The datastore failed (Internal / Unavailable).
     #[error(transparent)]
     Datastore(#[from] DatastoreError),

@@ -38,7 +38,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server.
-    Run(RunFlags),
+    Run(Box<RunFlags>),
     /// Manage registration entries.
     #[command(subcommand)]
     Entry(entry::EntryCommand),

@@ -7,7 +7,8 @@
 //!   selectors; the agent is authorised for every entry whose parent is a root and, recursively,
 //!   every entry whose parent is the SPIFFE ID of an authorised entry.
 //! - [`events`]: the in-process change notification hub ([`SyncEvents`]). The admin API
-//!   publishes after every entry mutation, whoever stores a new bundle publishes its sequence;
+//!   publishes after every entry and federated-bundle mutation, whoever stores a new bundle
+//!   publishes its sequence;
 //!   every open sync stream subscribes. Latest value wins: publishing never blocks and never
 //!   queues.
 //! - [`stream`]: [`sync_stream`], the server side of `Node.Sync`: a chunked snapshot first, then

@@ -1,0 +1,801 @@
+//! Kubernetes service-account tokens for `k8s_psat`: JWS parsing, signature verification with
+//! `ring` against the keys of a JWKS, the time and audience checks, the `kubernetes.io` claims,
+//! and where the keys come from ([`KeySource`]: a JWKS file, or OIDC discovery).
+//!
+//! Service-account issuers sign with RS256 (the default) or ES256; RS384/RS512 and ES384 are
+//! accepted too. `none`, HMAC and anything else are refused. The JWT-SVID validator
+//! (`sigil::jwt`) is not reused: it requires a SPIFFE ID subject and a trust bundle, neither of
+//! which a service-account token has.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+use base64::engine::DecodePaddingMode;
+use base64::Engine as _;
+use ring::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
+use serde_json::{Map, Value};
+use sigil::https::HttpsClient;
+
+/// Longest token accepted, in bytes (real ones are about 1 KiB).
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+/// Keys are fetched again when older than this, even if every `kid` is known (so a removed key
+/// stops being trusted).
+pub const KEYS_MAX_AGE: Duration = Duration::from_secs(300);
+/// An unknown `kid` triggers a new fetch at most this often (a stream of bogus tokens must not
+/// become a stream of fetches).
+pub const MIN_REFETCH: Duration = Duration::from_secs(30);
+
+const B64URL: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::URL_SAFE,
+    GeneralPurposeConfig::new()
+        .with_encode_padding(false)
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// An elliptic curve of an `EC` JWK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Curve {
+    /// P-256 (ES256).
+    P256,
+    /// P-384 (ES384).
+    P384,
+}
+
+/// A verification key from a JWKS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublicKey {
+    /// `kty: RSA`: big-endian modulus and exponent, no leading zeros.
+    Rsa {
+        /// Modulus.
+        n: Vec<u8>,
+        /// Public exponent.
+        e: Vec<u8>,
+    },
+    /// `kty: EC`: the uncompressed point `04 || x || y`.
+    Ec {
+        /// The curve.
+        curve: Curve,
+        /// The point.
+        point: Vec<u8>,
+    },
+}
+
+/// One usable key of a JWKS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Jwk {
+    /// `kid`, if the key has one.
+    pub kid: Option<String>,
+    /// The key.
+    pub key: PublicKey,
+}
+
+fn b64_field(m: &Map<String, Value>, name: &str) -> Result<Vec<u8>, String> {
+    let s = m
+        .get(name)
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("\"{name}\" is missing or not a string"))?;
+    B64URL
+        .decode(s)
+        .map_err(|e| format!("\"{name}\" is not base64url: {e}"))
+}
+
+fn strip_zeros(b: &[u8]) -> Vec<u8> {
+    let start = b.iter().position(|&x| x != 0).unwrap_or(b.len());
+    b[start..].to_vec()
+}
+
+/// Parses a JWK Set (`{"keys": [...]}`), keeping the RSA and EC P-256/P-384 signature keys.
+/// Keys with `"use"` other than `sig`, or of other types or curves, are skipped; a key of a
+/// supported type with bad parameters is an error, and so is a set with no usable key.
+pub fn parse_jwks(bytes: &[u8]) -> Result<Vec<Jwk>, String> {
+    let doc: Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
+    let keys = doc
+        .get("keys")
+        .and_then(Value::as_array)
+        .ok_or("not a JWK Set: no \"keys\" array")?;
+    let mut out = Vec::new();
+    for (i, k) in keys.iter().enumerate() {
+        let m = k
+            .as_object()
+            .ok_or_else(|| format!("key #{i} is not a JSON object"))?;
+        if m.get("use").is_some_and(|u| u.as_str() != Some("sig")) {
+            continue;
+        }
+        let kid = match m.get("kid") {
+            None => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(_) => return Err(format!("key #{i}: \"kid\" is not a string")),
+        };
+        let bad = |e: String| format!("key #{i}: {e}");
+        let key = match m.get("kty").and_then(Value::as_str) {
+            Some("RSA") => {
+                let n = strip_zeros(&b64_field(m, "n").map_err(bad)?);
+                let e = strip_zeros(&b64_field(m, "e").map_err(bad)?);
+                if n.is_empty() || e.is_empty() {
+                    return Err(bad("RSA modulus and exponent must be non-zero".into()));
+                }
+                PublicKey::Rsa { n, e }
+            }
+            Some("EC") => {
+                let (curve, len) = match m.get("crv").and_then(Value::as_str) {
+                    Some("P-256") => (Curve::P256, 32),
+                    Some("P-384") => (Curve::P384, 48),
+                    _ => continue,
+                };
+                let x = b64_field(m, "x").map_err(bad)?;
+                let y = b64_field(m, "y").map_err(bad)?;
+                if x.len() != len || y.len() != len {
+                    return Err(bad(format!("EC coordinates must be {len} bytes")));
+                }
+                PublicKey::Ec {
+                    curve,
+                    point: [&[0x04][..], &x, &y].concat(),
+                }
+            }
+            _ => continue,
+        };
+        out.push(Jwk { kid, key });
+    }
+    if out.is_empty() {
+        return Err("the JWK Set holds no RSA or EC P-256/P-384 signature key".into());
+    }
+    Ok(out)
+}
+
+/// A token split into its parts; nothing is verified yet.
+#[derive(Debug)]
+pub struct Jws<'a> {
+    /// The protected header.
+    pub header: Map<String, Value>,
+    /// The claims.
+    pub claims: Map<String, Value>,
+    signing_input: &'a str,
+    signature: Vec<u8>,
+}
+
+/// Splits a JWS compact serialization (`header.claims.signature`).
+pub fn parse(token: &str) -> Result<Jws<'_>, String> {
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(format!("the token is longer than {MAX_TOKEN_LEN} bytes"));
+    }
+    let mut parts = token.split('.');
+    let (Some(h), Some(c), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err("the token is not a JWT (expected three '.'-separated parts)".into());
+    };
+    let object = |name: &str, part: &str| -> Result<Map<String, Value>, String> {
+        let bytes = B64URL
+            .decode(part)
+            .map_err(|e| format!("the token {name} is not base64url: {e}"))?;
+        match serde_json::from_slice(&bytes) {
+            Ok(Value::Object(m)) => Ok(m),
+            Ok(_) => Err(format!("the token {name} is not a JSON object")),
+            Err(e) => Err(format!("the token {name} is not JSON: {e}")),
+        }
+    };
+    let header = object("header", h)?;
+    let claims = object("claims", c)?;
+    let signature = B64URL
+        .decode(s)
+        .map_err(|e| format!("the token signature is not base64url: {e}"))?;
+    Ok(Jws {
+        header,
+        claims,
+        signing_input: &token[..h.len() + 1 + c.len()],
+        signature,
+    })
+}
+
+/// Why a signature was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    /// `alg` is not RS256/384/512 or ES256/384.
+    #[error("token algorithm {0:?} is not accepted (service-account tokens are RS256 or ES256)")]
+    UnsupportedAlg(String),
+    /// The header has `crit`.
+    #[error("token header has critical extensions (\"crit\"), which are not supported")]
+    Critical,
+    /// No key with the token's `kid`.
+    #[error("token key ID {0:?} is not among the cluster's service-account issuer keys")]
+    UnknownKid(String),
+    /// No key verifies the signature.
+    #[error("token signature does not verify with the cluster's service-account issuer keys")]
+    BadSignature,
+}
+
+enum Alg {
+    Rsa(&'static signature::RsaParameters),
+    Ec(&'static signature::EcdsaVerificationAlgorithm, Curve),
+}
+
+/// Verifies the signature of `jws` with `keys`: the key named by `kid` (every key of the right
+/// type when the header has no `kid`).
+pub fn verify(jws: &Jws<'_>, keys: &[Jwk]) -> Result<(), VerifyError> {
+    if jws.header.contains_key("crit") {
+        return Err(VerifyError::Critical);
+    }
+    let alg_name = jws
+        .header
+        .get("alg")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let alg = match alg_name {
+        "RS256" => Alg::Rsa(&signature::RSA_PKCS1_2048_8192_SHA256),
+        "RS384" => Alg::Rsa(&signature::RSA_PKCS1_2048_8192_SHA384),
+        "RS512" => Alg::Rsa(&signature::RSA_PKCS1_2048_8192_SHA512),
+        "ES256" => Alg::Ec(&signature::ECDSA_P256_SHA256_FIXED, Curve::P256),
+        "ES384" => Alg::Ec(&signature::ECDSA_P384_SHA384_FIXED, Curve::P384),
+        other => return Err(VerifyError::UnsupportedAlg(other.to_string())),
+    };
+    let kid = jws.header.get("kid").and_then(Value::as_str);
+    let candidates: Vec<&Jwk> = match kid {
+        Some(kid) => keys
+            .iter()
+            .filter(|k| k.kid.as_deref() == Some(kid))
+            .collect(),
+        None => keys.iter().collect(),
+    };
+    if let (Some(kid), true) = (kid, candidates.is_empty()) {
+        return Err(VerifyError::UnknownKid(kid.to_string()));
+    }
+    let msg = jws.signing_input.as_bytes();
+    let ok = candidates.iter().any(|k| match (&alg, &k.key) {
+        (Alg::Rsa(params), PublicKey::Rsa { n, e }) => RsaPublicKeyComponents { n, e }
+            .verify(params, msg, &jws.signature)
+            .is_ok(),
+        (Alg::Ec(a, want), PublicKey::Ec { curve, point }) if want == curve => {
+            UnparsedPublicKey::new(*a, point)
+                .verify(msg, &jws.signature)
+                .is_ok()
+        }
+        _ => false,
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(VerifyError::BadSignature)
+    }
+}
+
+/// Checks `exp` (required: only expiring, projected tokens are accepted) and `nbf`, each with
+/// `leeway` seconds of clock skew, at `now` (unix seconds).
+pub fn check_validity(claims: &Map<String, Value>, now: i64, leeway: i64) -> Result<(), String> {
+    let exp = match claims.get("exp") {
+        Some(v) => v.as_i64().ok_or("the token's \"exp\" claim is not a number")?,
+        None => {
+            return Err("the token has no \"exp\" claim: only projected (expiring, audience-bound) service-account tokens are accepted".into())
+        }
+    };
+    if exp.saturating_add(leeway) <= now {
+        return Err(format!(
+            "the token expired at {exp} (now {now}, unix seconds); the kubelet rotates projected tokens — read the token file again"
+        ));
+    }
+    if let Some(nbf) = claims.get("nbf") {
+        let nbf = nbf
+            .as_i64()
+            .ok_or("the token's \"nbf\" claim is not a number")?;
+        if nbf.saturating_sub(leeway) > now {
+            return Err(format!(
+                "the token is not valid before {nbf} (now {now}, unix seconds); check the clocks"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The token's audiences (`aud` as a string or a list).
+pub fn audiences(claims: &Map<String, Value>) -> Vec<String> {
+    match claims.get("aud") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Checks that `aud` contains `audience`.
+pub fn check_audience(claims: &Map<String, Value>, audience: &str) -> Result<(), String> {
+    let got = audiences(claims);
+    if got.iter().any(|a| a == audience) {
+        Ok(())
+    } else {
+        Err(format!(
+            "the token's audience {got:?} does not include {audience:?}; project the token with `audience: {audience}`"
+        ))
+    }
+}
+
+/// Who a pod-bound token was issued to (the `kubernetes.io` claims, or a TokenReview's user).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodIdentity {
+    /// Namespace of the pod and its service account.
+    pub namespace: String,
+    /// Service account name.
+    pub service_account: String,
+    /// Pod name.
+    pub pod_name: String,
+    /// Pod UID.
+    pub pod_uid: String,
+    /// Node name, if the token names one (Kubernetes 1.30+).
+    pub node_name: Option<String>,
+    /// Node UID, if the token names one.
+    pub node_uid: Option<String>,
+}
+
+/// Reads the `kubernetes.io` claims of a projected token.
+pub fn pod_identity(claims: &Map<String, Value>) -> Result<PodIdentity, String> {
+    let k8s = claims
+        .get("kubernetes.io")
+        .and_then(Value::as_object)
+        .ok_or(
+        "the token has no \"kubernetes.io\" claims: it is not a Kubernetes service-account token",
+    )?;
+    let text = |v: Option<&Value>, what: &str| -> Result<String, String> {
+        match v.and_then(Value::as_str) {
+            Some(s) if !s.is_empty() => Ok(s.to_string()),
+            _ => Err(format!(
+                "the token's \"kubernetes.io\" claims have no {what}"
+            )),
+        }
+    };
+    let namespace = text(k8s.get("namespace"), "namespace")?;
+    let service_account = text(
+        k8s.get("serviceaccount").and_then(|s| s.get("name")),
+        "serviceaccount name",
+    )?;
+    let pod = k8s.get("pod").ok_or(
+        "the token is not bound to a pod (no \"kubernetes.io\".pod claim): use a projected service-account token",
+    )?;
+    let pod_name = text(pod.get("name"), "pod name")?;
+    let pod_uid = text(pod.get("uid"), "pod uid")?;
+    let (node_name, node_uid) = match k8s.get("node") {
+        None | Some(Value::Null) => (None, None),
+        Some(n) => (
+            Some(text(n.get("name"), "node name")?),
+            Some(text(n.get("uid"), "node uid")?),
+        ),
+    };
+    if let Some(sub) = claims.get("sub") {
+        let want = format!("system:serviceaccount:{namespace}:{service_account}");
+        if sub.as_str() != Some(want.as_str()) {
+            return Err(format!(
+                "the token's subject {sub} does not match its kubernetes.io claims ({want})"
+            ));
+        }
+    }
+    Ok(PodIdentity {
+        namespace,
+        service_account,
+        pod_name,
+        pod_uid,
+        node_name,
+        node_uid,
+    })
+}
+
+/// Keys as last fetched, with the issuer they belong to (OIDC discovery's `issuer`).
+#[derive(Debug, Clone)]
+pub struct KeySet {
+    /// The keys.
+    pub keys: Arc<Vec<Jwk>>,
+    /// The issuer the tokens must name in `iss`, when known.
+    pub issuer: Option<String>,
+}
+
+/// Where a cluster's service-account issuer keys come from.
+#[derive(Debug)]
+pub enum Fetcher {
+    /// A JWKS file (re-read after [`KEYS_MAX_AGE`] or an unknown `kid`).
+    File(PathBuf),
+    /// OIDC discovery: `<issuer>/.well-known/openid-configuration`, then its `jwks_uri`.
+    Oidc {
+        /// The issuer URL.
+        issuer_url: String,
+        /// TLS client for the discovery and JWKS URLs.
+        client: HttpsClient,
+        /// `scheme://host:port` of the API server: a URL of that origin gets the API bearer
+        /// token (in-cluster discovery needs it); any other origin gets none.
+        api_origin: Option<String>,
+        /// The API server bearer token file.
+        api_token_file: PathBuf,
+    },
+}
+
+/// `scheme://host:port` of `url` (the port made explicit), or `None` if it does not parse.
+pub fn origin(url: &str) -> Option<String> {
+    let uri: hyper::Uri = url.parse().ok()?;
+    let scheme = uri.scheme_str()?;
+    let port = uri
+        .port_u16()
+        .unwrap_or(if scheme == "https" { 443 } else { 80 });
+    Some(format!(
+        "{scheme}://{}:{port}",
+        uri.host()?.to_ascii_lowercase()
+    ))
+}
+
+impl Fetcher {
+    async fn fetch(&self) -> Result<KeySet, String> {
+        match self {
+            Fetcher::File(path) => {
+                let bytes = tokio::fs::read(path)
+                    .await
+                    .map_err(|e| format!("reading jwks_file {}: {e}", path.display()))?;
+                let keys =
+                    parse_jwks(&bytes).map_err(|e| format!("jwks_file {}: {e}", path.display()))?;
+                Ok(KeySet {
+                    keys: Arc::new(keys),
+                    issuer: None,
+                })
+            }
+            Fetcher::Oidc {
+                issuer_url,
+                client,
+                api_origin,
+                api_token_file,
+            } => {
+                let bearer_for = |url: &str| -> Option<String> {
+                    if api_origin.is_some() && origin(url) == *api_origin {
+                        std::fs::read_to_string(api_token_file)
+                            .ok()
+                            .map(|t| t.trim().to_string())
+                            .filter(|t| !t.is_empty())
+                    } else {
+                        None
+                    }
+                };
+                let discovery_url = format!(
+                    "{}/.well-known/openid-configuration",
+                    issuer_url.trim_end_matches('/')
+                );
+                let doc: Value = client
+                    .get_json(&discovery_url, bearer_for(&discovery_url).as_deref())
+                    .await
+                    .map_err(|e| format!("OIDC discovery: {e}"))?;
+                let issuer = doc
+                    .get("issuer")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| format!("OIDC discovery {discovery_url}: no \"issuer\""))?;
+                if issuer.trim_end_matches('/') != issuer_url.trim_end_matches('/') {
+                    return Err(format!(
+                        "OIDC discovery {discovery_url}: the document's issuer {issuer:?} is not the configured oidc_discovery_url {issuer_url:?}"
+                    ));
+                }
+                let jwks_uri = doc
+                    .get("jwks_uri")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| format!("OIDC discovery {discovery_url}: no \"jwks_uri\""))?;
+                let body = client
+                    .request(
+                        hyper::Method::GET,
+                        jwks_uri,
+                        bearer_for(jwks_uri).as_deref(),
+                        None,
+                    )
+                    .await
+                    .map_err(|e| format!("fetching the JWKS: {e}"))?;
+                let keys = parse_jwks(&body).map_err(|e| format!("JWKS {jwks_uri}: {e}"))?;
+                Ok(KeySet {
+                    keys: Arc::new(keys),
+                    issuer: Some(issuer.to_string()),
+                })
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Cached {
+    current: Option<KeySet>,
+    fetched_at: Option<Instant>,
+    attempted_at: Option<Instant>,
+}
+
+/// A [`Fetcher`] with a cache: keys are fetched on first use, again after [`KEYS_MAX_AGE`], and
+/// again on an unknown `kid` at most every `min_refetch`.
+#[derive(Debug)]
+pub struct KeySource {
+    fetcher: Fetcher,
+    cached: tokio::sync::Mutex<Cached>,
+    /// Least time between two fetches triggered by unknown key IDs ([`MIN_REFETCH`]).
+    pub min_refetch: Duration,
+}
+
+impl KeySource {
+    /// A source with nothing fetched yet.
+    pub fn new(fetcher: Fetcher) -> Self {
+        Self {
+            fetcher,
+            cached: tokio::sync::Mutex::new(Cached::default()),
+            min_refetch: MIN_REFETCH,
+        }
+    }
+
+    /// The keys to verify with: cached, or fetched if there are none yet or they are older than
+    /// [`KEYS_MAX_AGE`] (a failed refresh keeps the old keys and logs a warning).
+    pub async fn current(&self) -> Result<KeySet, String> {
+        let mut c = self.cached.lock().await;
+        let stale = c.fetched_at.is_none_or(|t| t.elapsed() >= KEYS_MAX_AGE);
+        let may_try = c
+            .attempted_at
+            .is_none_or(|t| t.elapsed() >= self.min_refetch);
+        if c.current.is_none() || (stale && may_try) {
+            match self.fetch_into(&mut c).await {
+                Ok(set) => return Ok(set),
+                Err(e) => match &c.current {
+                    Some(old) => {
+                        tracing::warn!(error = %e, "k8s_psat: refreshing the service-account issuer keys failed; using the previous keys");
+                        return Ok(old.clone());
+                    }
+                    None => return Err(e),
+                },
+            }
+        }
+        c.current
+            .clone()
+            .ok_or_else(|| "no service-account issuer keys".to_string())
+    }
+
+    /// After an unknown `kid` with the keys `seen`: newer keys if another caller fetched them
+    /// meanwhile, or a new fetch if the last one is at least `min_refetch` old; `Ok(None)` if
+    /// neither (the token's key stays unknown for now).
+    pub async fn refresh_for_unknown_kid(&self, seen: &KeySet) -> Result<Option<KeySet>, String> {
+        let mut c = self.cached.lock().await;
+        if let Some(cur) = &c.current {
+            if !Arc::ptr_eq(&cur.keys, &seen.keys) {
+                return Ok(Some(cur.clone()));
+            }
+        }
+        if c.attempted_at
+            .is_some_and(|t| t.elapsed() < self.min_refetch)
+        {
+            return Ok(None);
+        }
+        self.fetch_into(&mut c).await.map(Some)
+    }
+
+    async fn fetch_into(&self, c: &mut Cached) -> Result<KeySet, String> {
+        c.attempted_at = Some(Instant::now());
+        let set = self.fetcher.fetch().await?;
+        tracing::debug!(
+            keys = set.keys.len(),
+            "k8s_psat: fetched the service-account issuer keys"
+        );
+        c.current = Some(set.clone());
+        c.fetched_at = Some(Instant::now());
+        Ok(set)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn b64(b: &[u8]) -> String {
+        B64URL.encode(b)
+    }
+
+    #[test]
+    fn jwks_keeps_rsa_and_ec_signature_keys() {
+        let doc = json!({"keys": [
+            {"kty": "RSA", "kid": "r", "use": "sig", "alg": "RS256", "n": b64(&[0, 1, 2, 3]), "e": b64(&[1, 0, 1])},
+            {"kty": "EC", "kid": "e", "crv": "P-256", "x": b64(&[1; 32]), "y": b64(&[2; 32])},
+            {"kty": "EC", "kid": "p521", "crv": "P-521", "x": b64(&[1; 66]), "y": b64(&[2; 66])},
+            {"kty": "RSA", "kid": "enc", "use": "enc", "n": b64(&[1]), "e": b64(&[3])},
+            {"kty": "oct", "kid": "hmac", "k": b64(b"secret")}
+        ]});
+        let keys = parse_jwks(doc.to_string().as_bytes()).unwrap();
+        assert_eq!(keys.len(), 2);
+        assert_eq!(
+            keys[0],
+            Jwk {
+                kid: Some("r".into()),
+                key: PublicKey::Rsa {
+                    n: vec![1, 2, 3],
+                    e: vec![1, 0, 1]
+                }
+            }
+        );
+        assert!(
+            matches!(&keys[1].key, PublicKey::Ec { curve: Curve::P256, point } if point.len() == 65 && point[0] == 4)
+        );
+    }
+
+    #[test]
+    fn bad_jwks_are_refused_with_a_reason() {
+        for (doc, want) in [
+            ("nope", "not JSON"),
+            ("{}", "no \"keys\""),
+            (r#"{"keys": []}"#, "no RSA or EC"),
+            (
+                r#"{"keys": [{"kty": "RSA", "n": "AQAB"}]}"#,
+                "key #0: \"e\"",
+            ),
+            (
+                r#"{"keys": [{"kty": "EC", "crv": "P-256", "x": "AQ", "y": "AQ"}]}"#,
+                "32 bytes",
+            ),
+            (
+                r#"{"keys": [{"kty": "RSA", "kid": 7, "n": "AQ", "e": "AQ"}]}"#,
+                "kid",
+            ),
+        ] {
+            let err = parse_jwks(doc.as_bytes()).expect_err(doc);
+            assert!(err.contains(want), "{doc}: {err}");
+        }
+    }
+
+    #[test]
+    fn malformed_tokens_are_refused() {
+        for t in [
+            "",
+            "a.b",
+            "a.b.c.d",
+            "!!.e30.",
+            "e30.!!.",
+            "e30.e30.!!",
+            "W10.e30.",
+        ] {
+            assert!(parse(t).is_err(), "{t:?}");
+        }
+        let long = "a".repeat(MAX_TOKEN_LEN + 1);
+        assert!(parse(&long).unwrap_err().contains("longer"));
+        let p = parse("e30.e30.").unwrap();
+        assert!(p.header.is_empty() && p.claims.is_empty());
+    }
+
+    #[test]
+    fn unsupported_algorithms_and_crit_are_refused() {
+        let keys = vec![Jwk {
+            kid: None,
+            key: PublicKey::Rsa {
+                n: vec![1],
+                e: vec![3],
+            },
+        }];
+        for (header, want) in [
+            (
+                json!({"alg": "none"}),
+                VerifyError::UnsupportedAlg("none".into()),
+            ),
+            (
+                json!({"alg": "HS256"}),
+                VerifyError::UnsupportedAlg("HS256".into()),
+            ),
+            (json!({}), VerifyError::UnsupportedAlg(String::new())),
+            (
+                json!({"alg": "RS256", "crit": ["x"]}),
+                VerifyError::Critical,
+            ),
+            (
+                json!({"alg": "RS256", "kid": "other"}),
+                VerifyError::UnknownKid("other".into()),
+            ),
+            (json!({"alg": "RS256"}), VerifyError::BadSignature),
+        ] {
+            let t = format!("{}.e30.AAAA", b64(header.to_string().as_bytes()));
+            assert_eq!(verify(&parse(&t).unwrap(), &keys), Err(want), "{header}");
+        }
+    }
+
+    #[test]
+    fn validity_window_and_audience() {
+        let c = |v: Value| v.as_object().cloned().unwrap();
+        let now = 1_700_000_000;
+        assert!(check_validity(&c(json!({"exp": now + 10})), now, 0).is_ok());
+        assert!(check_validity(&c(json!({"exp": now - 10})), now, 30).is_ok());
+        let e = check_validity(&c(json!({"exp": now - 31})), now, 30).unwrap_err();
+        assert!(e.contains("expired"), "{e}");
+        let e = check_validity(&c(json!({})), now, 30).unwrap_err();
+        assert!(e.contains("no \"exp\""), "{e}");
+        let e = check_validity(&c(json!({"exp": now + 99, "nbf": now + 31})), now, 30).unwrap_err();
+        assert!(e.contains("not valid before"), "{e}");
+        assert!(check_validity(&c(json!({"exp": now + 99, "nbf": now + 29})), now, 30).is_ok());
+        assert!(check_validity(&c(json!({"exp": "soon"})), now, 30).is_err());
+
+        assert!(check_audience(&c(json!({"aud": "sigil-server"})), "sigil-server").is_ok());
+        assert!(check_audience(&c(json!({"aud": ["a", "sigil-server"]})), "sigil-server").is_ok());
+        let e = check_audience(&c(json!({"aud": ["api"]})), "sigil-server").unwrap_err();
+        assert!(e.contains("audience") && e.contains("\"api\""), "{e}");
+        assert!(check_audience(&c(json!({})), "sigil-server").is_err());
+    }
+
+    #[test]
+    fn pod_identity_needs_a_pod_bound_token() {
+        let c = |v: Value| v.as_object().cloned().unwrap();
+        let good = json!({
+            "sub": "system:serviceaccount:sigil:sigil-agent",
+            "kubernetes.io": {
+                "namespace": "sigil",
+                "serviceaccount": {"name": "sigil-agent", "uid": "sa-uid"},
+                "pod": {"name": "agent-x", "uid": "pod-uid"},
+                "node": {"name": "node-1", "uid": "node-uid"}
+            }
+        });
+        let id = pod_identity(&c(good.clone())).unwrap();
+        assert_eq!(id.namespace, "sigil");
+        assert_eq!(id.service_account, "sigil-agent");
+        assert_eq!(id.pod_name, "agent-x");
+        assert_eq!(id.pod_uid, "pod-uid");
+        assert_eq!(id.node_name.as_deref(), Some("node-1"));
+        assert_eq!(id.node_uid.as_deref(), Some("node-uid"));
+
+        let mut no_node = good.clone();
+        no_node["kubernetes.io"]
+            .as_object_mut()
+            .unwrap()
+            .remove("node");
+        assert_eq!(pod_identity(&c(no_node)).unwrap().node_name, None);
+
+        let mut no_pod = good.clone();
+        no_pod["kubernetes.io"]
+            .as_object_mut()
+            .unwrap()
+            .remove("pod");
+        assert!(pod_identity(&c(no_pod))
+            .unwrap_err()
+            .contains("not bound to a pod"));
+
+        let mut other_sub = good.clone();
+        other_sub["sub"] = json!("system:serviceaccount:default:default");
+        assert!(pod_identity(&c(other_sub)).unwrap_err().contains("subject"));
+
+        // A legacy (secret-based) token has flat claims and no kubernetes.io object.
+        let legacy = json!({"iss": "kubernetes/serviceaccount", "kubernetes.io/serviceaccount/namespace": "sigil"});
+        assert!(pod_identity(&c(legacy))
+            .unwrap_err()
+            .contains("kubernetes.io"));
+    }
+
+    #[test]
+    fn origins_compare_with_explicit_ports() {
+        assert_eq!(
+            origin("https://Kubernetes.default.svc/.well-known/x").as_deref(),
+            Some("https://kubernetes.default.svc:443")
+        );
+        assert_eq!(
+            origin("https://10.0.0.1:6443/openid/v1/jwks").as_deref(),
+            Some("https://10.0.0.1:6443")
+        );
+        assert_eq!(origin("not a url"), None);
+    }
+
+    #[tokio::test]
+    async fn file_source_rereads_on_unknown_kid_at_most_every_min_refetch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwks.json");
+        let jwks = |kid: &str| {
+            json!({"keys": [{"kty": "EC", "kid": kid, "crv": "P-256", "x": b64(&[1; 32]), "y": b64(&[2; 32])}]})
+                .to_string()
+        };
+        std::fs::write(&path, jwks("a")).unwrap();
+        let mut src = KeySource::new(Fetcher::File(path.clone()));
+        src.min_refetch = Duration::from_millis(300);
+        let first = src.current().await.unwrap();
+        assert_eq!(first.keys[0].kid.as_deref(), Some("a"));
+        std::fs::write(&path, jwks("b")).unwrap();
+        // Within min_refetch of the first read: no new read.
+        assert!(src.refresh_for_unknown_kid(&first).await.unwrap().is_none());
+        assert_eq!(
+            src.current().await.unwrap().keys[0].kid.as_deref(),
+            Some("a")
+        );
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        let second = src.refresh_for_unknown_kid(&first).await.unwrap().unwrap();
+        assert_eq!(second.keys[0].kid.as_deref(), Some("b"));
+        // A caller still holding the old set gets the new one without another read.
+        std::fs::write(&path, "broken").unwrap();
+        let again = src.refresh_for_unknown_kid(&first).await.unwrap().unwrap();
+        assert!(Arc::ptr_eq(&again.keys, &second.keys));
+        // A missing file is an error only while nothing was ever read.
+        let missing = KeySource::new(Fetcher::File(dir.path().join("missing.json")));
+        assert!(missing.current().await.unwrap_err().contains("jwks_file"));
+    }
+}

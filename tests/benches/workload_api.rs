@@ -1,0 +1,761 @@
+//! Workload API benchmark: real release `sigil-server` and `sigil-agent` processes (the harness
+//! of `tests/support`), the bench process as the workload (`unix:uid:<getuid>`).
+//!
+//! 1. **FetchX509SVID first-message latency** for a cached SVID: open the stream (header
+//!    `workload.spiffe.io: true`), time until the first message, drop the stream. Measured on
+//!    one persistent channel and with a new connection per call (connect included), against
+//!    the agent and against a **baseline**: a plain tonic `SpiffeWorkloadApi` server in this
+//!    process (own runtime, Unix socket in a temp dir) whose FetchX509SVID immediately returns
+//!    the precomputed message the agent returned (same bytes, no attestation). Agent and
+//!    baseline alternate in rounds so load drifts on the shared machine hit both alike.
+//! 2. **Many open streams**: K concurrent FetchX509SVID streams (one connection each when the
+//!    fd limit allows), every first message received, then ONE federated bundle change
+//!    (`sigil-server bundle set --id spiffe://other.org`; the entry federates with other.org)
+//!    and the time until every stream has received the message carrying the new bundle. Agent
+//!    VmRSS / VmHWM from /proc idle, with all streams open, and after they close.
+//!
+//! Run: `cargo bench --bench workload_api`. Env: `SIGIL_BENCH_WL_N` (calls per latency
+//! series, default 2000), `SIGIL_BENCH_WL_WARMUP` (default 200), `SIGIL_BENCH_WL_STREAMS`
+//! (default `1000,10000`; empty = skip part 2), `SIGIL_BENCH_WL_ROUNDS` (default 4),
+//! `SIGIL_BENCH_WL_HOLD_SECS` (keep the agent up after part 1, for `perf`; default 0).
+//! Every wait is bounded.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+use sigil::proto::workload as wl;
+use sigil::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use sigil::proto::workload::spiffe_workload_api_server::{
+    SpiffeWorkloadApi, SpiffeWorkloadApiServer,
+};
+use support::{agent_with_workload_entry, foreign_ca_pem, tempdir, Agent, Server};
+use tokio_stream::{Stream, StreamExt as _};
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+const WORKLOAD: &str = "spiffe://example.org/bench/workload";
+const FOREIGN_TD: &str = "spiffe://other.org";
+
+fn env_usize(key: &str, default: usize) -> usize {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
+}
+
+fn with_header<T>(msg: T) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().expect("ascii"));
+    req
+}
+
+fn proc_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+/// Nearest-rank percentile of `v` (ms).
+fn pct(v: &[f64], p: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let idx = ((p / 100.0) * s.len() as f64).ceil() as usize;
+    s[idx.saturating_sub(1).min(s.len() - 1)]
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit (children inherit it); returns it.
+fn raise_nofile() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    if soft < hard {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            eprintln!("setrlimit(NOFILE, {hard}) failed: {e}; staying at {soft}");
+            return soft;
+        }
+    }
+    hard
+}
+
+// ---------------------------------------------------------------------------------------------
+// Baseline: the same service, answering a precomputed message, no attestation.
+// ---------------------------------------------------------------------------------------------
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// FetchX509SVID answers `x509` at once and keeps the stream open (as the agent does).
+#[derive(Clone)]
+struct Echo {
+    x509: Arc<wl::X509svidResponse>,
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for Echo {
+    type FetchX509SVIDStream = BoxStream<wl::X509svidResponse>;
+    type FetchX509BundlesStream = BoxStream<wl::X509BundlesResponse>;
+    type FetchJWTBundlesStream = BoxStream<wl::JwtBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        req: Request<wl::X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        if req
+            .metadata()
+            .get("workload.spiffe.io")
+            .map(|v| v.as_bytes())
+            != Some(b"true")
+        {
+            return Err(Status::invalid_argument("security header missing"));
+        }
+        let msg = (*self.x509).clone();
+        Ok(Response::new(Box::pin(
+            tokio_stream::once(Ok(msg)).chain(tokio_stream::pending()),
+        )))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        _: Request<wl::X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        _: Request<wl::JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        _: Request<wl::JwtsvidRequest>,
+    ) -> Result<Response<wl::JwtsvidResponse>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        _: Request<wl::ValidateJwtsvidRequest>,
+    ) -> Result<Response<wl::ValidateJwtsvidResponse>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
+}
+
+/// Starts the baseline server on its own 2-thread runtime (like a separate process would have
+/// its own threads); returns the runtime (dropping it stops the server).
+fn start_baseline(socket: &Path, msg: wl::X509svidResponse) -> tokio::runtime::Runtime {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("baseline")
+        .enable_all()
+        .build()
+        .expect("baseline runtime");
+    let listener = rt
+        .block_on(async { sigil::uds::bind(socket, 0o700, 0o600) })
+        .expect("binding the baseline socket");
+    let echo = Echo {
+        x509: Arc::new(msg),
+    };
+    rt.spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(SpiffeWorkloadApiServer::new(echo))
+            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+            .await
+            .expect("baseline server");
+    });
+    rt
+}
+
+// ---------------------------------------------------------------------------------------------
+// Part 1: first-message latency
+// ---------------------------------------------------------------------------------------------
+
+async fn client(socket: &Path) -> SpiffeWorkloadApiClient<Channel> {
+    SpiffeWorkloadApiClient::new(
+        sigil::uds::connect(socket)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {}: {e}", socket.display())),
+    )
+}
+
+/// Opens FetchX509SVID on `c` and returns its first message.
+async fn first_message(c: &mut SpiffeWorkloadApiClient<Channel>) -> wl::X509svidResponse {
+    let mut s = c
+        .fetch_x509svid(with_header(wl::X509svidRequest {}))
+        .await
+        .expect("FetchX509SVID")
+        .into_inner();
+    s.message()
+        .await
+        .expect("first message")
+        .expect("stream ended before its first message")
+}
+
+/// `n` timed calls (ms) after `warmup` untimed ones; `fresh`: a new connection per call
+/// (connect included in the time), else one channel for all.
+async fn latencies(socket: &Path, n: usize, warmup: usize, fresh: bool, size: usize) -> Vec<f64> {
+    let mut out = Vec::with_capacity(n);
+    let mut shared = client(socket).await;
+    for i in 0..warmup + n {
+        let t = Instant::now();
+        let msg = if fresh {
+            let mut c = client(socket).await;
+            first_message(&mut c).await
+        } else {
+            first_message(&mut shared).await
+        };
+        let d = t.elapsed();
+        assert_eq!(msg.encoded_len(), size, "a different message than expected");
+        if i >= warmup {
+            out.push(d.as_secs_f64() * 1e3);
+        }
+    }
+    out
+}
+
+struct Series {
+    persistent: Vec<f64>,
+    fresh: Vec<f64>,
+}
+
+impl Series {
+    fn new() -> Self {
+        Self {
+            persistent: Vec::new(),
+            fresh: Vec::new(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Part 2: many streams
+// ---------------------------------------------------------------------------------------------
+
+/// One trigger's outcome: arrivals (ms) of the next message on every stream it reached.
+struct Trigger {
+    what: &'static str,
+    cli_ms: f64,
+    /// Arrival after the CLI started / returned (ms), one per stream updated by this trigger.
+    from_start: Vec<f64>,
+    from_return: Vec<f64>,
+}
+
+struct StreamsResult {
+    k: usize,
+    connections: usize,
+    opened: usize,
+    failed: usize,
+    open_secs: f64,
+    rss_idle: u64,
+    rss_open: u64,
+    fds_open: usize,
+    rss_updated: u64,
+    hwm_updated: u64,
+    rss_closed: u64,
+    fds_closed: usize,
+    triggers: Vec<Trigger>,
+    /// Updated streams whose message carried the new other.org bundle.
+    with_new_bundle: usize,
+    /// A stream opened after the bundle change got the new bundle (the agent's cache has it).
+    fresh_sees_new_bundle: Option<bool>,
+    other_msgs: usize,
+    note: String,
+}
+
+/// The other.org roots (concatenated DER) of a PEM file.
+fn pem_der(pem: &Path) -> Vec<u8> {
+    let text = std::fs::read_to_string(pem).expect("reading pem");
+    sigil::x509::parse_pem_certs(&text).expect("pem").concat()
+}
+
+/// Opens `k` streams over `connections` connections and waits for every first message; sets
+/// the other.org bundle to `pem` and waits (`bundle_wait`) for every stream's next message.
+/// Streams it did not reach are then woken by a second trigger, an entry update (new hint:
+/// new revision, the agent re-mints, the streams get the new SVID and whatever the cache
+/// holds), and timed the same way.
+#[allow(clippy::too_many_arguments)]
+fn many_streams(
+    rt: &tokio::runtime::Runtime,
+    server: &Server,
+    agent: &Agent,
+    entry_id: &str,
+    k: usize,
+    connections: usize,
+    pem: &Path,
+    bundle_wait: Duration,
+) -> StreamsResult {
+    let agent_pid = agent.child.as_ref().expect("agent child").id();
+    let socket = &agent.socket_path();
+    let rss_idle = proc_kib(agent_pid, "VmRSS:");
+    let new_bundle = Arc::new(pem_der(pem));
+    let opened = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let other_msgs = Arc::new(AtomicUsize::new(0));
+    let with_new = Arc::new(AtomicUsize::new(0));
+    let arrivals: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::with_capacity(k)));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let opening = Arc::new(tokio::sync::Semaphore::new(64));
+    let t_open = Instant::now();
+
+    let mut tasks = tokio::task::JoinSet::new();
+    let guard = rt.enter();
+    // Channels: one per connection; stream i uses channel i % connections.
+    let channels: Arc<Mutex<Vec<Option<Channel>>>> = Arc::new(Mutex::new(vec![None; connections]));
+    for i in 0..k {
+        let (opened, failed, other_msgs, with_new, arrivals, new_bundle) = (
+            opened.clone(),
+            failed.clone(),
+            other_msgs.clone(),
+            with_new.clone(),
+            arrivals.clone(),
+            new_bundle.clone(),
+        );
+        let mut stop = stop_rx.clone();
+        let opening = opening.clone();
+        let channels = channels.clone();
+        let socket = socket.to_path_buf();
+        tasks.spawn(async move {
+            let permit = opening.acquire_owned().await.expect("semaphore");
+            let slot = i % connections;
+            let existing = channels.lock().expect("lock")[slot].clone();
+            let ch = match existing {
+                Some(c) => c,
+                None => match sigil::uds::connect(&socket).await {
+                    Ok(c) => {
+                        channels.lock().expect("lock")[slot] = Some(c.clone());
+                        c
+                    }
+                    Err(e) => {
+                        if failed.fetch_add(1, Ordering::Relaxed) == 0 {
+                            eprintln!("stream {i}: connect: {e:?}");
+                        }
+                        return;
+                    }
+                },
+            };
+            let mut c = SpiffeWorkloadApiClient::new(ch);
+            let mut s = match c.fetch_x509svid(with_header(wl::X509svidRequest {})).await {
+                Ok(r) => r.into_inner(),
+                Err(e) => {
+                    if failed.fetch_add(1, Ordering::Relaxed) == 0 {
+                        eprintln!("stream {i}: FetchX509SVID: {e}");
+                    }
+                    return;
+                }
+            };
+            let first = match s.message().await {
+                Ok(Some(m)) => m,
+                other => {
+                    if failed.fetch_add(1, Ordering::Relaxed) == 0 {
+                        eprintln!("stream {i}: first message: {other:?}");
+                    }
+                    return;
+                }
+            };
+            drop(permit);
+            opened.fetch_add(1, Ordering::Relaxed);
+            // The next message that differs from the first (nothing else changes meanwhile).
+            loop {
+                tokio::select! {
+                    m = s.message() => match m {
+                        Ok(Some(m)) => {
+                            let at = Instant::now();
+                            if m != first {
+                                arrivals.lock().expect("lock").push(at);
+                                if m.federated_bundles.get(FOREIGN_TD) == Some(&*new_bundle) {
+                                    with_new.fetch_add(1, Ordering::Relaxed);
+                                }
+                                break;
+                            }
+                            other_msgs.fetch_add(1, Ordering::Relaxed);
+                        }
+                        _ => return,
+                    },
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+            // Keep the stream open until told to stop.
+            let _ = stop.wait_for(|s| *s).await;
+            drop(s);
+        });
+    }
+    drop(guard);
+
+    let mut note = String::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while opened.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed) < k {
+        if Instant::now() > deadline {
+            note = "not every stream opened within 120 s; ".into();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let open_secs = t_open.elapsed().as_secs_f64();
+    let n_open = opened.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(500)); // let allocations settle
+    let rss_open = proc_kib(agent_pid, "VmRSS:");
+    let fds_open = fd_count(agent_pid);
+    eprintln!(
+        "  {n_open}/{k} streams open in {open_secs:.2} s ({} failed); agent RSS {} (idle {}), fds {fds_open}",
+        failed.load(Ordering::Relaxed),
+        mib(rss_open),
+        mib(rss_idle)
+    );
+
+    // Runs the CLI, waits until every open stream got its update or `wait` passed; returns
+    // the arrivals recorded after the CLI started.
+    let fire = |what: &'static str, args: &[&str], wait: Duration| -> Trigger {
+        let t_start = Instant::now();
+        server.cli_ok(args);
+        let t_return = Instant::now();
+        let deadline = t_return + wait;
+        while arrivals.lock().expect("lock").len() < n_open && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let ms = |a: &Instant, b: Instant| a.saturating_duration_since(b).as_secs_f64() * 1e3;
+        let got: Vec<Instant> = arrivals
+            .lock()
+            .expect("lock")
+            .iter()
+            .copied()
+            .filter(|a| *a >= t_start)
+            .collect();
+        eprintln!(
+            "  {what}: {}/{n_open} streams updated",
+            arrivals.lock().expect("lock").len()
+        );
+        Trigger {
+            what,
+            cli_ms: (t_return - t_start).as_secs_f64() * 1e3,
+            from_start: got.iter().map(|a| ms(a, t_start)).collect(),
+            from_return: got.iter().map(|a| ms(a, t_return)).collect(),
+        }
+    };
+
+    let pem_s = pem.to_str().expect("utf-8 path");
+    let mut triggers = vec![fire(
+        "bundle set",
+        &["bundle", "set", "--id", FOREIGN_TD, "--path", pem_s],
+        bundle_wait,
+    )];
+    let mut fresh_sees_new_bundle = None;
+    if arrivals.lock().expect("lock").len() < n_open {
+        note.push_str("bundle set did not reach every open stream; ");
+        // Does the agent hold the new bundle? A stream opened now reads the cache.
+        let m = rt.block_on(async { first_message(&mut client(socket).await).await });
+        fresh_sees_new_bundle = Some(m.federated_bundles.get(FOREIGN_TD) == Some(&*new_bundle));
+        if std::env::var_os("SIGIL_BENCH_WL_DEBUG").is_some() {
+            let tail = |t: String| {
+                let l: Vec<&str> = t.lines().collect();
+                l[l.len().saturating_sub(20)..].join("\n")
+            };
+            eprintln!("server log tail:\n{}", tail(server.log_text()));
+            eprintln!("agent log tail:\n{}", tail(agent.log_text()));
+        }
+        let hint = format!("bench-{k}");
+        triggers.push(fire(
+            "entry update (fallback)",
+            &["entry", "update", "--entry-id", entry_id, "--hint", &hint],
+            Duration::from_secs(30),
+        ));
+        if arrivals.lock().expect("lock").len() < n_open {
+            note.push_str("not every stream updated within 30 s of the fallback; ");
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let rss_updated = proc_kib(agent_pid, "VmRSS:");
+    let hwm_updated = proc_kib(agent_pid, "VmHWM:");
+
+    let _ = stop_tx.send(true);
+    rt.block_on(async {
+        let _ = tokio::time::timeout(Duration::from_secs(60), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+    });
+    channels.lock().expect("lock").clear();
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_closed = proc_kib(agent_pid, "VmRSS:");
+    let fds_closed = fd_count(agent_pid);
+
+    StreamsResult {
+        k,
+        connections,
+        opened: n_open,
+        failed: failed.load(Ordering::Relaxed),
+        open_secs,
+        rss_idle,
+        rss_open,
+        fds_open,
+        rss_updated,
+        hwm_updated,
+        rss_closed,
+        fds_closed,
+        triggers,
+        with_new_bundle: with_new.load(Ordering::Relaxed),
+        fresh_sees_new_bundle,
+        other_msgs: other_msgs.load(Ordering::Relaxed),
+        note,
+    }
+}
+
+fn main() {
+    let n = env_usize("SIGIL_BENCH_WL_N", 2000);
+    let warmup = env_usize("SIGIL_BENCH_WL_WARMUP", 200);
+    let rounds = env_usize("SIGIL_BENCH_WL_ROUNDS", 4).max(1);
+    let hold = env_usize("SIGIL_BENCH_WL_HOLD_SECS", 0);
+    let bundle_wait = Duration::from_secs(env_usize("SIGIL_BENCH_WL_BUNDLE_WAIT_SECS", 5) as u64);
+    let sizes: Vec<usize> = std::env::var("SIGIL_BENCH_WL_STREAMS")
+        .unwrap_or_else(|_| "1000,10000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+
+    let nofile = raise_nofile();
+    eprintln!("RLIMIT_NOFILE: {nofile}");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    support::binary("sigil-server"); // build the release binaries before any timing
+    let load = || std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    eprintln!("load before: {}", load().trim());
+
+    let dir = tempdir();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    let pem_dir = dir.path().join("pems");
+    std::fs::create_dir_all(&pem_dir).expect("pem dir");
+    let pem = |i: usize| -> PathBuf {
+        let p = pem_dir.join(format!("other-{i}.pem"));
+        std::fs::write(&p, foreign_ca_pem(&format!("other.org CA {i}"))).expect("pem");
+        p
+    };
+    let p0 = pem(0);
+    server.cli_ok(&[
+        "bundle",
+        "set",
+        "--id",
+        FOREIGN_TD,
+        "--path",
+        p0.to_str().expect("utf-8"),
+    ]);
+    let uid_sel = format!("unix:uid:{}", nix::unistd::getuid().as_raw());
+    let w = agent_with_workload_entry(
+        &server,
+        dir.path(),
+        WORKLOAD,
+        &[&uid_sel],
+        &["--federates-with", "other.org"],
+    );
+    let agent_pid = w.agent.child.as_ref().expect("agent child").id();
+    let socket = w.agent.socket_path();
+
+    // The agent's message, once it carries the other.org bundle.
+    let msg = rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut c = client(&socket).await;
+            let m = first_message(&mut c).await;
+            if m.federated_bundles.contains_key(FOREIGN_TD) {
+                break m;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no other.org bundle in the agent's message within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let size = msg.encoded_len();
+    eprintln!(
+        "agent message: {size} bytes ({} SVID(s), federated: {:?})",
+        msg.svids.len(),
+        msg.federated_bundles.keys().collect::<Vec<_>>()
+    );
+
+    // Part 1.
+    let base_dir = tempdir();
+    let base_socket = base_dir.path().join("baseline").join("api.sock");
+    let base_rt = start_baseline(&base_socket, msg.clone());
+    let (mut agent_s, mut base_s) = (Series::new(), Series::new());
+    let per = n.div_ceil(rounds);
+    let hwm_before = proc_kib(agent_pid, "VmHWM:");
+    rt.block_on(async {
+        for r in 0..rounds {
+            let wu = if r == 0 { warmup } else { warmup / 10 };
+            for (sock, s) in [(&socket, &mut agent_s), (&base_socket, &mut base_s)] {
+                s.persistent
+                    .extend(latencies(sock, per, wu, false, size).await);
+                s.fresh.extend(latencies(sock, per, wu, true, size).await);
+            }
+            eprintln!("  latency round {}/{rounds} done", r + 1);
+        }
+    });
+    eprintln!(
+        "agent VmRSS after part 1: {} (VmHWM {} before, {} after)",
+        mib(proc_kib(agent_pid, "VmRSS:")),
+        mib(hwm_before),
+        mib(proc_kib(agent_pid, "VmHWM:"))
+    );
+    drop(base_rt);
+    if hold > 0 {
+        // For `perf record -p <pid>`: persistent-channel calls against the agent, untimed.
+        eprintln!("agent pid {agent_pid}: {hold} s of FetchX509SVID calls on one channel");
+        let calls = rt.block_on(async {
+            let mut c = client(&socket).await;
+            let until = Instant::now() + Duration::from_secs(hold as u64);
+            let mut calls = 0u64;
+            while Instant::now() < until {
+                first_message(&mut c).await;
+                calls += 1;
+            }
+            calls
+        });
+        eprintln!("  {calls} calls");
+    }
+
+    // Part 2.
+    let mut streams = Vec::new();
+    for (i, &k) in sizes.iter().enumerate() {
+        // The bench holds one fd per connection, the agent too; keep room for everything else.
+        let connections = k.min(nofile.saturating_sub(512) as usize).max(1);
+        eprintln!("{k} streams over {connections} connections ...");
+        let p = pem(i + 1);
+        streams.push(many_streams(
+            &rt,
+            &server,
+            &w.agent,
+            &w.entry_ids[0],
+            k,
+            connections,
+            &p,
+            bundle_wait,
+        ));
+    }
+    eprintln!("load after: {}", load().trim());
+
+    // Report.
+    let hdr = |what: &str| {
+        println!("\n| {what} | calls | p50 | p99 | mean | min | max |");
+        println!("|---|---|---|---|---|---|---|");
+    };
+    let row = |name: &str, v: &[f64]| {
+        println!(
+            "| {name} | {} | {:.3} ms | {:.3} ms | {:.3} ms | {:.3} ms | {:.3} ms |",
+            v.len(),
+            pct(v, 50.0),
+            pct(v, 99.0),
+            mean(v),
+            pct(v, 0.0),
+            pct(v, 100.0)
+        );
+    };
+    hdr(&format!(
+        "FetchX509SVID → first message ({size}-byte message)"
+    ));
+    row("agent, persistent channel", &agent_s.persistent);
+    row("baseline, persistent channel", &base_s.persistent);
+    row("agent, new connection per call", &agent_s.fresh);
+    row("baseline, new connection per call", &base_s.fresh);
+    let ratio = |a: &[f64], b: &[f64]| {
+        format!(
+            "p50 {:.2}×, p99 {:.2}×, mean {:.2}×",
+            pct(a, 50.0) / pct(b, 50.0),
+            pct(a, 99.0) / pct(b, 99.0),
+            mean(a) / mean(b)
+        )
+    };
+    println!(
+        "\nagent / baseline, persistent: {}",
+        ratio(&agent_s.persistent, &base_s.persistent)
+    );
+    println!(
+        "agent / baseline, new connection: {}",
+        ratio(&agent_s.fresh, &base_s.fresh)
+    );
+
+    if !streams.is_empty() {
+        let three = |v: &[f64]| {
+            if v.is_empty() {
+                "—".to_string()
+            } else {
+                format!(
+                    "{:.0} / {:.0} / {:.0} ms",
+                    pct(v, 50.0),
+                    pct(v, 99.0),
+                    pct(v, 100.0)
+                )
+            }
+        };
+        println!("\n| streams | connections | opened (failed) | open time | agent VmRSS idle → all open → after update → closed | VmHWM | agent fds open / closed | note |");
+        println!("|---|---|---|---|---|---|---|---|");
+        for r in &streams {
+            println!(
+                "| {} | {} | {} ({}) | {:.2} s | {} → {} → {} → {} | {} | {} / {} | {} |",
+                r.k,
+                r.connections,
+                r.opened,
+                r.failed,
+                r.open_secs,
+                mib(r.rss_idle),
+                mib(r.rss_open),
+                mib(r.rss_updated),
+                mib(r.rss_closed),
+                mib(r.hwm_updated),
+                r.fds_open,
+                r.fds_closed,
+                r.note
+            );
+        }
+        println!("\n| streams | trigger | CLI time | streams updated | next message after CLI start p50 / p99 / max | after CLI return p50 / p99 / max |");
+        println!("|---|---|---|---|---|---|");
+        for r in &streams {
+            for t in &r.triggers {
+                println!(
+                    "| {} | {} | {:.0} ms | {} of {} | {} | {} |",
+                    r.k,
+                    t.what,
+                    t.cli_ms,
+                    t.from_start.len(),
+                    r.opened,
+                    three(&t.from_start),
+                    three(&t.from_return)
+                );
+            }
+        }
+        for r in &streams {
+            println!(
+                "\n{} streams: updates carrying the new other.org bundle: {}; a stream opened after `bundle set` saw the new bundle: {}; unchanged re-sends: {}",
+                r.k,
+                r.with_new_bundle,
+                r.fresh_sees_new_bundle
+                    .map_or("(not checked: every stream updated)".to_string(), |b| b.to_string()),
+                r.other_msgs
+            );
+        }
+    }
+    drop(w);
+}

@@ -1,0 +1,251 @@
+//! End-to-end test of k8s_psat node attestation with real `sigil-server` / `sigil-agent`
+//! processes. No cluster runs here, so the Kubernetes side is faked in this test process: a fake
+//! API server over real HTTPS on loopback (`support/fake_k8s.rs`: pods, nodes) and an RS256
+//! service-account issuer whose JWKS the server reads from a file (its TOML config names both).
+//! The agent reads its "projected" token from a file, as in a pod.
+
+#[path = "support/fake_k8s.rs"]
+mod fake_k8s;
+mod support;
+
+use std::path::{Path, PathBuf};
+
+use fake_k8s::{FakeK8s, PodClaims, TestIssuer};
+use support::{tempdir, Agent, Server};
+
+const CLUSTER: &str = "test-cluster";
+const NODE: &str = "node-1";
+const NODE_UID: &str = "3f6c1a2e-7b8d-4c9e-a0f1-2b3c4d5e6f70";
+const POD: &str = "sigil-agent-abcde";
+const POD_UID: &str = "8a7b6c5d-4e3f-4a1b-9c8d-7e6f5a4b3c2d";
+const POD_UID_2: &str = "0b1c2d3e-4f5a-4b6c-8d7e-9f0a1b2c3d4e";
+
+fn minted(log: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains("X509-SVIDs minted"))
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("signed=")))
+        .filter_map(|n| n.parse::<usize>().ok())
+        .sum()
+}
+
+fn rsa_pkcs8() -> Vec<u8> {
+    use rsa::pkcs8::EncodePrivateKey as _;
+    let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).expect("RSA key");
+    key.to_pkcs8_der().expect("PKCS#8").as_bytes().to_vec()
+}
+
+fn subdir(root: &Path, name: &str) -> PathBuf {
+    let d = root.join(name);
+    std::fs::create_dir_all(&d).expect("creating dir");
+    d
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// Writes the server's TOML config: one k8s_psat cluster verified with `jwks` and checked
+/// against the fake API server.
+fn server_config(dir: &Path, fake: &FakeK8s, jwks: &Path) -> PathBuf {
+    let (ca, token) = fake.write_credentials(dir);
+    let text = format!(
+        "[node_attestor.k8s_psat.clusters.{CLUSTER}]\n\
+         service_account_allow_list = [\"sigil:sigil-agent\"]\n\
+         jwks_file = {jwks:?}\n\
+         api_server_url = {url:?}\n\
+         api_ca_file = {ca:?}\n\
+         api_token_file = {token:?}\n",
+        jwks = path_str(jwks),
+        url = fake.url,
+        ca = path_str(&ca),
+        token = path_str(&token),
+    );
+    let path = dir.join("server.toml");
+    std::fs::write(&path, text).expect("writing server config");
+    path
+}
+
+fn k8s_flags(token: &Path) -> [&str; 4] {
+    [
+        "--k8s-psat-cluster",
+        CLUSTER,
+        "--k8s-psat-token-path",
+        path_str(token),
+    ]
+}
+
+#[test]
+fn k8s_psat_agent_attests_gets_node_alias_entries_and_wrong_audience_is_refused() {
+    let dir = tempdir();
+    let k8s_dir = subdir(dir.path(), "k8s");
+    let fake = FakeK8s::start();
+    fake.set_node(
+        NODE,
+        NODE_UID,
+        &[
+            ("kubernetes.io/hostname", NODE),
+            ("sigil.example/pool", "blue"),
+        ],
+    );
+    fake.set_pod("sigil", POD, POD_UID, NODE, &[("app", "sigil-agent")]);
+    let issuer = TestIssuer::rs256("sa-key-1", &rsa_pkcs8());
+    let jwks = k8s_dir.join("jwks.json");
+    std::fs::write(&jwks, TestIssuer::jwks(&[&issuer]).to_string()).expect("writing JWKS");
+    let config = server_config(&k8s_dir, &fake, &jwks);
+
+    let server = Server::start(&dir.path().join("server"), &["--config", path_str(&config)]);
+    assert!(
+        server
+            .log_text()
+            .contains("k8s_psat node attestation enabled"),
+        "{}",
+        server.log_text()
+    );
+    // A node-alias entry for every agent of this cluster in the blue pool, and a workload.
+    let alias = "spiffe://example.org/k8s/test-cluster/blue-nodes";
+    server.cli_ok(&[
+        "entry",
+        "create",
+        "--node",
+        "--spiffe-id",
+        alias,
+        "--selector",
+        "k8s_psat:cluster:test-cluster",
+        "--selector",
+        "k8s_psat:agent_node_label:sigil.example/pool:blue",
+    ]);
+    server.cli_ok(&[
+        "entry",
+        "create",
+        "--parent-id",
+        alias,
+        "--spiffe-id",
+        "spiffe://example.org/web",
+        "--selector",
+        "unix:uid:1000",
+    ]);
+
+    // The kubelet's projected token, as mounted in the agent pod.
+    let a_dir = subdir(dir.path(), "agent");
+    let token_path = a_dir.join("sigil-agent-token");
+    let claims = PodClaims::new("sigil", "sigil-agent", POD, POD_UID, Some((NODE, NODE_UID)));
+    std::fs::write(&token_path, issuer.sign(&claims.to_json())).expect("writing token");
+    let mut agent = Agent::start(&server, &a_dir, &k8s_flags(&token_path));
+    agent.wait_log(30, "attestation", |l| {
+        l.contains("attested to sigil-server")
+    });
+    agent.wait_log(30, "SVID under the node alias", |l| minted(l) >= 1);
+
+    let agent_id = format!("spiffe://example.org/sigil/agent/k8s_psat/{CLUSTER}/{NODE_UID}");
+    let agents = server.cli_json(&["agent", "list"]);
+    let list = agents["agents"].as_array().expect("agents");
+    assert_eq!(list.len(), 1, "{agents}");
+    assert_eq!(list[0]["attestation_type"], "k8s_psat", "{agents}");
+    assert_eq!(list[0]["spiffe_id"], agent_id.as_str(), "{agents}");
+    let text = agents.to_string();
+    for sel in [
+        "cluster:test-cluster".to_string(),
+        "agent_ns:sigil".into(),
+        "agent_sa:sigil-agent".into(),
+        format!("agent_pod_name:{POD}"),
+        format!("agent_pod_uid:{POD_UID}"),
+        format!("agent_node_name:{NODE}"),
+        format!("agent_node_uid:{NODE_UID}"),
+        "agent_node_label:sigil.example/pool:blue".into(),
+    ] {
+        assert!(text.contains(&sel), "selector {sel} missing: {agents}");
+    }
+
+    // The agent pod is re-created (new UID) and the kubelet writes its new token; the old
+    // token is now stale. Evicted, the agent attests again — with the token read afresh —
+    // as the same agent (same node) and keeps minting.
+    fake.set_pod("sigil", POD, POD_UID_2, NODE, &[("app", "sigil-agent")]);
+    let claims = PodClaims::new(
+        "sigil",
+        "sigil-agent",
+        POD,
+        POD_UID_2,
+        Some((NODE, NODE_UID)),
+    );
+    std::fs::write(&token_path, issuer.sign(&claims.to_json())).expect("rotating token");
+    server.cli_ok(&["agent", "evict", "--spiffe-id", &agent_id]);
+    agent.wait_log(60, "re-attestation after eviction", |l| {
+        l.contains("attested again with k8s_psat")
+    });
+    let agents = server.cli_json(&["agent", "list"]);
+    assert_eq!(
+        agents["agents"][0]["spiffe_id"],
+        agent_id.as_str(),
+        "{agents}"
+    );
+    assert!(
+        agents
+            .to_string()
+            .contains(&format!("agent_pod_uid:{POD_UID_2}")),
+        "{agents}"
+    );
+    let minted_before = minted(&agent.log_text());
+    server.cli_ok(&[
+        "entry",
+        "create",
+        "--parent-id",
+        alias,
+        "--spiffe-id",
+        "spiffe://example.org/after-evict",
+        "--selector",
+        "unix:uid:1001",
+    ]);
+    agent.wait_log(30, "minting after re-attestation", |l| {
+        minted(l) > minted_before
+    });
+    assert!(agent.stop().success(), "clean exit on SIGTERM");
+
+    // A token projected for another audience is refused; the agent says why and exits.
+    let b_dir = subdir(dir.path(), "agent-wrong-audience");
+    let bad_token = b_dir.join("token");
+    let mut claims = PodClaims::new(
+        "sigil",
+        "sigil-agent",
+        POD,
+        POD_UID_2,
+        Some((NODE, NODE_UID)),
+    );
+    claims.audience = vec!["https://kubernetes.default.svc".into()];
+    std::fs::write(&bad_token, issuer.sign(&claims.to_json())).expect("writing token");
+    let mut refused = Agent::start(&server, &b_dir, &k8s_flags(&bad_token));
+    let status = refused.wait_exit(30);
+    assert!(!status.success());
+    let log = refused.log_text();
+    assert!(log.contains("k8s_psat node attestation failed"), "{log}");
+    assert!(
+        log.contains(
+            "audience [\"https://kubernetes.default.svc\"] does not include \"sigil-server\""
+        ),
+        "{log}"
+    );
+    assert!(log.contains("PermissionDenied"), "{log}");
+
+    // A token of a pod that is not on the node it claims is refused too.
+    let c_dir = subdir(dir.path(), "agent-wrong-node");
+    let moved = c_dir.join("token");
+    fake.set_node("node-2", "node-2-uid", &[]);
+    let claims = PodClaims::new(
+        "sigil",
+        "sigil-agent",
+        POD,
+        POD_UID_2,
+        Some(("node-2", "node-2-uid")),
+    );
+    std::fs::write(&moved, issuer.sign(&claims.to_json())).expect("writing token");
+    let mut wrong_node = Agent::start(&server, &c_dir, &k8s_flags(&moved));
+    assert!(!wrong_node.wait_exit(30).success());
+    let log = wrong_node.log_text();
+    assert!(log.contains("runs on node"), "{log}");
+
+    let agents = server.cli_json(&["agent", "list"]);
+    assert_eq!(
+        agents["agents"].as_array().map(Vec::len),
+        Some(1),
+        "{agents}"
+    );
+}
