@@ -492,6 +492,12 @@ fn k8s_selectors_reach_the_workload_api() {
         seen.contains(&format!(":pids:{}", cgroup.relative())),
         "the workload is in the pod cgroup: {seen}"
     );
+    assert!(
+        !seen.contains("user.slice") && !seen.contains("/user@"),
+        "this test must not run inside a systemd user session: the agent does not believe pod \
+         cgroups next to a user-delegated one (user.slice), and the workload's other \
+         hierarchies still show it:\n{seen}"
+    );
 
     // The agent's view of the workload, as an operator would check it.
     let explain = Command::new(support::binary("sigil-agent"))

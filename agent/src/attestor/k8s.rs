@@ -29,6 +29,10 @@
 //! and concurrent attestations wait for it. Errors are cached for as long, so a kubelet that is
 //! down is asked once per TTL, not once per caller.
 //!
+//! The cgroup names are only believed where the kubelet makes them: a process whose cgroup lies
+//! in a subtree systemd delegated to a user ([`under_user_delegation`]) could have named its
+//! cgroup after any pod, so it gets no kubelet selectors.
+//!
 //! A kubelet that is down, refuses the agent or answers garbage never fails an attestation: the
 //! process keeps its unix and cgroup selectors (entries on `unix:*` still match) and a warning
 //! (at most one every [`WARN_EVERY`]) names what to check: the URL, the CA, the token, RBAC.

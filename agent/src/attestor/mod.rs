@@ -23,7 +23,8 @@
 //! - with the `k8s` attestor on ([`WorkloadAttestor::with_kubelet`]), for a process in a pod's
 //!   container: `k8s:ns`, `k8s:sa`, `k8s:pod-name`, `k8s:pod-label`, `k8s:container-name`,
 //!   `k8s:container-image`, ... from the kubelet's pod list ([`k8s`]), added by
-//!   [`WorkloadAttestor::attest_async`] after the /proc reads and followed by one more pin check.
+//!   [`WorkloadAttestor::attest_async`] after the /proc reads and followed by one more pin check
+//!   (not for a cgroup in a user-delegated subtree: [`k8s::under_user_delegation`]).
 //!
 //! Anything the agent is not allowed to see (another user's executable when not root) is left
 //! out rather than failing: fewer selectors can only match fewer entries.

@@ -777,6 +777,63 @@ async fn no_container_or_no_pod_in_the_cgroup_means_no_kubelet_request() {
     assert!(kubelet.seen().is_empty());
 }
 
+#[test]
+fn user_delegated_subtrees_are_recognised() {
+    let pod = format!("pod{WEB_POD}/{WEB_APP}");
+    for (text, want) in [
+        (format!("0::/kubepods/besteffort/{pod}\n"), false),
+        (
+            format!(
+                "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{WEB_APP}.scope\n",
+                WEB_POD.replace('-', "_")
+            ),
+            false,
+        ),
+        (
+            format!("0::/system.slice/docker-{ETCD}.scope/kubelet.slice/kubelet-kubepods.slice/{pod}\n"),
+            false,
+        ),
+        ("0::/system.slice/nginx.service\n".to_string(), false),
+        (
+            format!("0::/user.slice/user-1000.slice/user@1000.service/app.slice/kubepods/besteffort/{pod}\n"),
+            true,
+        ),
+        (format!("0::/user.slice/x/kubepods/besteffort/{pod}\n"), true),
+        // cgroup v1: only the name=systemd hierarchy is delegated; one line is enough.
+        (
+            format!("12:pids:/\n1:name=systemd:/user.slice/user-1000.slice/user@1000.service/kubepods/besteffort/{pod}\n"),
+            true,
+        ),
+        // Seen from inside a container's cgroup namespace.
+        (
+            format!("0::/../../user.slice/user-1000.slice/session-4.scope/kubepods/{pod}\n"),
+            true,
+        ),
+    ] {
+        assert_eq!(under_user_delegation(&text), want, "{text}");
+    }
+}
+
+#[tokio::test]
+async fn pod_cgroup_in_a_user_delegated_subtree_gets_no_kubelet_selectors() {
+    let kubelet = Kubelet::start(&[CONTAINERD]).await;
+    let (_dir, cfg) = setup(&kubelet);
+    // An unprivileged user made a cgroup named after the web pod's app container in its own
+    // delegated subtree and moved a process there.
+    let cgroup = format!(
+        "0::/user.slice/user-1000.slice/user@1000.service/app.slice/kubepods/besteffort/pod{WEB_POD}/{WEB_APP}\n"
+    );
+    let (proc_dir, pin) = fake_proc(&cgroup);
+    let a = attestor(proc_dir.path(), KubeletClient::new(cfg));
+    let got = set_strings(&a.attest_async(pin, 1000, 1000).await.unwrap().selectors);
+    assert!(!got.iter().any(|s| s.starts_with("k8s:ns:")), "{got:?}");
+    assert!(!got.iter().any(|s| s.starts_with("k8s:sa:")), "{got:?}");
+    assert!(got.contains(&"unix:uid:1000".to_string()), "{got:?}");
+    assert!(kubelet.seen().is_empty(), "the kubelet was not asked");
+    let why = a.kubelet().unwrap().last_problem().unwrap();
+    assert!(why.contains("delegated to a user"), "{why}");
+}
+
 #[tokio::test]
 async fn kubelet_down_leaves_unix_and_cgroup_selectors() {
     let port = {
