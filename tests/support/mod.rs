@@ -33,6 +33,9 @@ pub fn binary(name: &str) -> PathBuf {
             cmd.arg("--release");
         }
         cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
+        // ring's build script reruns when CARGO_MANIFEST_DIR changes: inherited from the test
+        // process it would make this build and the outer one invalidate each other.
+        cmd.env_remove("CARGO_MANIFEST_DIR");
         let status = cmd.status().expect("running cargo build for the binaries");
         assert!(status.success(), "cargo build of the binaries failed");
     });

@@ -18,9 +18,12 @@
 //! ignored: parsing never fails.
 //!
 //! These facts are only as trustworthy as the cgroup's name. Cgroups are created by root (the
-//! runtimes, systemd), except in a delegated subtree (`user@<uid>.service`, rootless
-//! containers) whose owner may name cgroups as they like; entries for such workloads should
-//! also select on `unix:uid`.
+//! runtimes, systemd), except in a delegated subtree: the user manager `user@<uid>.service`,
+//! whose owner may create and name cgroups as they like (`…/user@1000.service/x/kubepods/pod<a
+//! victim's uid>/<its container id>`). So nothing below a `user@<uid>.service` component is
+//! read: such a process's unit is `user@<uid>.service` — what the system manager itself reports
+//! for it, as SPIRE's systemd attestor sees it — and it gets no container or pod selectors
+//! (rootless containers included).
 
 use sigil::selector::Selector;
 
@@ -181,6 +184,13 @@ fn analyze(path: &str) -> PathInfo {
     let mut unit = None;
     let mut parent = "";
     for comp in path.split('/') {
+        if is_user_manager(comp) {
+            // Delegated to the user: every name below it is the user's choice.
+            return PathInfo {
+                unit: Some(comp.to_string()),
+                ..PathInfo::default()
+            };
+        }
         if let Some((slice, prefix, id)) = split_runc_systemd(comp) {
             if let Some(uid) = pod_uid_of_slice(slice) {
                 info.pod_uid = Some(uid);
@@ -202,6 +212,13 @@ fn analyze(path: &str) -> PathInfo {
         info.unit = unit.map(str::to_string);
     }
     info
+}
+
+/// `user@<uid>.service`: a user's systemd manager, whose subtree the user controls.
+fn is_user_manager(comp: &str) -> bool {
+    comp.strip_prefix("user@")
+        .and_then(|r| r.strip_suffix(".service"))
+        .is_some_and(|uid| !uid.is_empty() && uid.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// runc's systemd cgroup path `slice:prefix:id`, when written literally as one component
@@ -604,11 +621,23 @@ mod tests {
                 ),
             ),
             (
-                "rootless podman, cgroup v2",
+                "rootless podman, cgroup v2: below the user manager, names are the user's",
                 format!(
                     "0::/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{CID}.scope/container\n"
                 ),
-                info(None, Some(CID), None, None),
+                info(Some("user@1000.service"), None, None, None),
+            ),
+            (
+                "a user's cgroup named like another pod's container is not that pod",
+                format!(
+                    "0::/user.slice/user-1000.slice/user@1000.service/x/kubepods/besteffort/pod{POD}/{CID}\n"
+                ),
+                info(Some("user@1000.service"), None, None, None),
+            ),
+            (
+                "a user's cgroup named like a system service is the user manager",
+                "0::/user.slice/user-1000.slice/user@1000.service/system.slice/nginx.service\n".into(),
+                info(Some("user@1000.service"), None, None, None),
             ),
             (
                 "systemd service, cgroup v2",
@@ -641,9 +670,9 @@ mod tests {
                 none(),
             ),
             (
-                "user service under the user manager: the deepest unit",
+                "user service under the user manager: the manager is the system's unit",
                 "0::/user.slice/user-1000.slice/user@1000.service/app.slice/foo.service\n".into(),
-                info(Some("foo.service"), None, None, None),
+                info(Some("user@1000.service"), None, None, None),
             ),
             (
                 "user session scope",
