@@ -1361,3 +1361,185 @@ fn entry_removal_ends_the_stream_with_permission_denied() {
         );
     });
 }
+
+/// Runs `sigil-agent <args>`; returns (success, stdout, stderr).
+fn agent_cli(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(support::binary("sigil-agent"))
+        .args(args)
+        .env_remove("SPIFFE_ENDPOINT_SOCKET")
+        .output()
+        .expect("running sigil-agent");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The operator tools: `api fetch x509 --write`, `api fetch jwt` + `api validate jwt`,
+/// `api watch`, and `explain --pid` naming a near miss's missing selector.
+#[test]
+fn operator_commands_fetch_validate_watch_and_explain() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempdir();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    let near_miss = format!("unix:uid:{}", uid() + 1);
+    let uid_sel = uid_selector();
+    let w =
+        agent_with_workload_entries(&server, dir.path(), &[(WORKLOAD, &[uid_sel.as_str()])], &[]);
+    // Created after the agent synced: a near miss the agent holds (no SVID needed for explain).
+    create_entry(
+        &server,
+        &w.agent_id,
+        "spiffe://example.org/near",
+        &[&near_miss],
+        &[],
+    );
+    let socket = w.agent.socket_path();
+    let socket = socket.to_str().expect("utf-8 path");
+    let out_dir = dir.path().join("svid");
+
+    let (ok, stdout, stderr) = agent_cli(&[
+        "api",
+        "fetch",
+        "x509",
+        "--socket-path",
+        socket,
+        "--write",
+        out_dir.to_str().expect("utf-8"),
+        "--output",
+        "json",
+    ]);
+    assert!(ok, "api fetch x509 failed: {stderr}");
+    let doc: serde_json::Value = serde_json::from_str(&stdout).expect("json output");
+    assert_eq!(doc["svids"][0]["spiffe_id"], WORKLOAD, "{doc}");
+    let key_mode = std::fs::metadata(out_dir.join("svid.key"))
+        .expect("svid.key written")
+        .permissions()
+        .mode();
+    assert_eq!(key_mode & 0o777, 0o600, "the key file is private");
+    let chain = sigil::x509::parse_pem_certs(
+        &std::fs::read_to_string(out_dir.join("svid.pem")).expect("svid.pem"),
+    )
+    .expect("svid.pem is PEM certificates");
+    let leaf = chain.first().expect("a leaf");
+    assert_eq!(
+        sigil::x509::spiffe_id_of(leaf)
+            .expect("leaf SPIFFE ID")
+            .to_string(),
+        WORKLOAD
+    );
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("bundle.pem")).expect("bundle.pem"),
+        server.cli_ok(&["bundle", "show"]),
+        "bundle.pem is the server's bundle"
+    );
+
+    let (ok, stdout, stderr) = agent_cli(&[
+        "api",
+        "fetch",
+        "jwt",
+        "--socket-path",
+        socket,
+        "--audience",
+        "svc-a",
+        "--output",
+        "json",
+    ]);
+    assert!(ok, "api fetch jwt failed: {stderr}");
+    let doc: serde_json::Value = serde_json::from_str(&stdout).expect("json output");
+    let token = doc["svids"][0]["token"]
+        .as_str()
+        .expect("a token")
+        .to_string();
+    let (ok, stdout, stderr) = agent_cli(&[
+        "api",
+        "validate",
+        "jwt",
+        "--socket-path",
+        socket,
+        "--audience",
+        "svc-a",
+        "--svid",
+        &token,
+        "--output",
+        "json",
+    ]);
+    assert!(ok, "api validate jwt failed: {stderr}");
+    let doc: serde_json::Value = serde_json::from_str(&stdout).expect("json output");
+    assert_eq!(doc["spiffe_id"], WORKLOAD);
+    // One audience may be a bare string (as SPIRE writes it) or a one-element list.
+    let aud = &doc["claims"]["aud"];
+    assert!(aud == "svc-a" || aud[0] == "svc-a", "{doc}");
+    let (ok, _, stderr) = agent_cli(&[
+        "api",
+        "validate",
+        "jwt",
+        "--socket-path",
+        socket,
+        "--audience",
+        "svc-b",
+        "--svid",
+        &token,
+    ]);
+    assert!(!ok, "a token for svc-a is not valid for svc-b");
+    assert!(stderr.contains("InvalidArgument"), "{stderr}");
+
+    let (ok, stdout, stderr) =
+        agent_cli(&["api", "watch", "--socket-path", socket, "--count", "1"]);
+    assert!(ok, "api watch failed: {stderr}");
+    assert!(
+        stdout.contains(&format!("received: {WORKLOAD}")),
+        "{stdout}"
+    );
+
+    // explain: this test process matches WORKLOAD and nearly matches the other entry.
+    let admin = w.agent.admin_socket.to_str().expect("utf-8").to_string();
+    let pid = std::process::id().to_string();
+    let x = support::wait_for(30, "explain to see the near-miss entry", || {
+        let (ok, stdout, stderr) = agent_cli(&[
+            "explain",
+            "--pid",
+            &pid,
+            "--admin-socket",
+            &admin,
+            "--output",
+            "json",
+        ]);
+        assert!(ok, "explain failed: {stderr}");
+        let x: serde_json::Value = serde_json::from_str(&stdout).expect("json output");
+        (x["near_misses"].as_array().is_some_and(|a| !a.is_empty())).then_some(x)
+    });
+    assert!(
+        x["selectors"]
+            .as_array()
+            .expect("selectors")
+            .iter()
+            .any(|s| s == uid_sel.as_str()),
+        "{x}"
+    );
+    assert_eq!(x["matches"][0]["spiffe_id"], WORKLOAD, "{x}");
+    assert_eq!(
+        x["near_misses"][0]["spiffe_id"], "spiffe://example.org/near",
+        "{x}"
+    );
+    assert_eq!(
+        x["near_misses"][0]["missing"][0]["selector"],
+        near_miss.as_str(),
+        "{x}"
+    );
+    assert_eq!(
+        x["near_misses"][0]["missing"][0]["process_has"][0],
+        uid_sel.as_str(),
+        "{x}"
+    );
+    let (ok, stdout, _) = agent_cli(&["explain", "--pid", &pid, "--admin-socket", &admin]);
+    assert!(ok);
+    assert!(
+        stdout.contains(&format!("missing {near_miss}  (process has {uid_sel})")),
+        "{stdout}"
+    );
+    let (ok, _, stderr) = agent_cli(&["explain", "--pid", "999999999", "--admin-socket", &admin]);
+    assert!(!ok, "an unknown pid is an error");
+    assert!(stderr.contains("no process with pid"), "{stderr}");
+}

@@ -585,3 +585,18 @@ pub fn foreign_ca_pem(common_name: &str) -> String {
         .push(rcgen::DnType::CommonName, common_name);
     params.self_signed(&key).expect("self-signing a CA").pem()
 }
+
+/// Polls `f` every 100 ms until it returns `Some` (fails the test with `what` after `secs`).
+pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs} s waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
