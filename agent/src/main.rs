@@ -1,6 +1,7 @@
 //! `sigil-agent`: the node agent.
 
 use clap::{Parser, Subcommand};
+use sigil_agent::cli::time_text;
 use sigil_agent::config::{AgentConfig, RunFlags};
 
 /// Sigil node agent.
@@ -55,16 +56,6 @@ async fn healthcheck(addr: &str) -> anyhow::Result<()> {
         let body = out.split("\r\n\r\n").nth(1).unwrap_or("").trim();
         anyhow::bail!("agent is not ready: {body}")
     }
-}
-
-fn time_text(unix: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| unix.to_string())
 }
 
 async fn status(socket: &std::path::Path, output: &str) -> anyhow::Result<()> {

@@ -418,35 +418,13 @@ impl Agent {
     /// Waits until the agent's status lists an SVID for each of `ids` (it may hold others too)
     /// and returns that status (fails the test after `secs`).
     pub fn wait_svids_for(&self, ids: &[&str], secs: u64) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            if self.admin_socket.exists() {
-                let out = Command::new(binary("sigil-agent"))
-                    .arg("status")
-                    .arg("--admin-socket")
-                    .arg(&self.admin_socket)
-                    .args(["--output", "json"])
-                    .output()
-                    .expect("running sigil-agent status");
-                if out.status.success() {
-                    let s: serde_json::Value =
-                        serde_json::from_slice(&out.stdout).expect("status JSON");
-                    let held: Vec<&str> = s["svids"]
-                        .as_array()
-                        .map(|v| v.iter().filter_map(|x| x["spiffe_id"].as_str()).collect())
-                        .unwrap_or_default();
-                    if ids.iter().all(|id| held.contains(id)) {
-                        return s;
-                    }
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent did not hold SVIDs for {ids:?} within {secs} s; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_status(self, secs, &format!("SVIDs for {ids:?}"), |s| {
+            let held: Vec<&str> = s["svids"]
+                .as_array()
+                .map(|v| v.iter().filter_map(|x| x["spiffe_id"].as_str()).collect())
+                .unwrap_or_default();
+            ids.iter().all(|id| held.contains(id))
+        })
     }
 }
 
