@@ -1,5 +1,5 @@
-//! A small HTTPS/1.1 client for JSON APIs: the Kubernetes API server (TokenReview), the kubelet
-//! (pod list) and OIDC discovery / JWKS documents.
+//! A small HTTPS/1.1 client for JSON APIs: the Kubernetes API server (TokenReview, the bundle
+//! publisher's ConfigMap), the kubelet (pod list) and OIDC discovery / JWKS documents.
 //!
 //! hyper does the HTTP, rustls the TLS (verified against the roots the caller gives — a cluster
 //! CA, a kubelet CA — never the system store implicitly); every request has a deadline and a
@@ -17,6 +17,10 @@ use tokio::net::TcpStream;
 
 /// Largest response body read (a kubelet pod list on a busy node is a few MiB).
 pub const MAX_BODY: usize = 32 * 1024 * 1024;
+/// `Content-Type` of a JSON body.
+pub const CONTENT_TYPE_JSON: &str = "application/json";
+/// `Content-Type` of a JSON merge patch (RFC 7386), as the Kubernetes API server takes it.
+pub const CONTENT_TYPE_MERGE_PATCH: &str = "application/merge-patch+json";
 
 /// Why an HTTPS request failed.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +70,16 @@ pub enum HttpsError {
         /// The parse error.
         reason: String,
     },
+}
+
+impl HttpsError {
+    /// The HTTP status of a [`HttpsError::Status`]; `None` for the other errors.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            Self::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
 }
 
 /// An HTTPS client trusting a fixed set of roots (or, only when asked for with
@@ -126,8 +140,8 @@ impl HttpsClient {
         Self::new(&roots, timeout)
     }
 
-    /// Sends one request; returns the status and body of a 2xx answer (others are
-    /// [`HttpsError::Status`]).
+    /// Sends one request with an optional JSON body; returns the body of a 2xx answer (others
+    /// are [`HttpsError::Status`]).
     pub async fn request(
         &self,
         method: Method,
@@ -135,9 +149,21 @@ impl HttpsClient {
         bearer: Option<&str>,
         json_body: Option<Vec<u8>>,
     ) -> Result<Bytes, HttpsError> {
-        match tokio::time::timeout(self.timeout, self.exchange(method, url, bearer, json_body))
-            .await
-        {
+        let body = json_body.map(|b| (CONTENT_TYPE_JSON, b));
+        self.request_with(method, url, bearer, body).await
+    }
+
+    /// Sends one request with an optional body of the given `Content-Type` (e.g.
+    /// [`CONTENT_TYPE_MERGE_PATCH`]); returns the body of a 2xx answer (others are
+    /// [`HttpsError::Status`]).
+    pub async fn request_with(
+        &self,
+        method: Method,
+        url: &str,
+        bearer: Option<&str>,
+        body: Option<(&str, Vec<u8>)>,
+    ) -> Result<Bytes, HttpsError> {
+        match tokio::time::timeout(self.timeout, self.exchange(method, url, bearer, body)).await {
             Ok(r) => r,
             Err(_) => Err(HttpsError::Timeout {
                 url: url.to_string(),
@@ -163,11 +189,28 @@ impl HttpsClient {
         bearer: Option<&str>,
         body: &B,
     ) -> Result<T, HttpsError> {
+        self.send_json(Method::POST, url, bearer, CONTENT_TYPE_JSON, body)
+            .await
+    }
+
+    /// Sends `body` serialised as JSON with `method` (`POST`, `PUT`, `PATCH`) and the given
+    /// `Content-Type` ([`CONTENT_TYPE_JSON`], [`CONTENT_TYPE_MERGE_PATCH`]), and parses the JSON
+    /// answer.
+    pub async fn send_json<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        url: &str,
+        bearer: Option<&str>,
+        content_type: &str,
+        body: &B,
+    ) -> Result<T, HttpsError> {
         let bytes = serde_json::to_vec(body).map_err(|e| HttpsError::Json {
             url: url.to_string(),
             reason: e.to_string(),
         })?;
-        let answer = self.request(Method::POST, url, bearer, Some(bytes)).await?;
+        let answer = self
+            .request_with(method, url, bearer, Some((content_type, bytes)))
+            .await?;
         parse_json(url, &answer)
     }
 
@@ -176,7 +219,7 @@ impl HttpsClient {
         method: Method,
         url: &str,
         bearer: Option<&str>,
-        json_body: Option<Vec<u8>>,
+        body: Option<(&str, Vec<u8>)>,
     ) -> Result<Bytes, HttpsError> {
         let bad = |reason: &str| HttpsError::BadUrl {
             url: url.to_string(),
@@ -186,7 +229,9 @@ impl HttpsClient {
             url: url.to_string(),
             reason,
         };
-        let uri: Uri = url.parse().map_err(|e: hyper::http::uri::InvalidUri| bad(&e.to_string()))?;
+        let uri: Uri = url
+            .parse()
+            .map_err(|e: hyper::http::uri::InvalidUri| bad(&e.to_string()))?;
         let default_port = match (&self.tls, uri.scheme_str()) {
             (Some(_), Some("https")) => 443,
             (None, Some("http")) => 80,
@@ -234,9 +279,9 @@ impl HttpsClient {
         if let Some(token) = bearer {
             req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
         }
-        let body = match json_body {
-            Some(b) => {
-                req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+        let body = match body {
+            Some((content_type, b)) => {
+                req = req.header(hyper::header::CONTENT_TYPE, content_type);
                 Full::new(Bytes::from(b))
             }
             None => Full::new(Bytes::new()),

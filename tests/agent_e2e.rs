@@ -3,53 +3,27 @@
 
 mod support;
 
-use support::{tempdir, Agent, Server};
-
-fn minted(log: &str) -> usize {
-    log.lines()
-        .filter(|l| l.contains("X509-SVIDs minted"))
-        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("signed=")))
-        .filter_map(|n| n.parse::<usize>().ok())
-        .sum()
-}
+use support::{alias_token, create_entry, only_agent, refused_agent_log};
+use support::{subdir, tempdir, wait_minted_for_new_entry, Agent, Server};
 
 #[test]
 fn agent_attests_syncs_restarts_and_is_evicted() {
     let dir = tempdir();
     let server = Server::start(&dir.path().join("server"), &[]);
-    let token = server.cli_json(&[
-        "token",
-        "generate",
-        "--spiffe-id",
-        "spiffe://example.org/node-a",
-    ])["token"]
-        .as_str()
-        .expect("token")
-        .to_string();
+    let token = alias_token(&server, "spiffe://example.org/node-a");
     // An entry registered under the node alias before the agent exists.
-    server.cli_ok(&[
-        "entry",
-        "create",
-        "--parent-id",
+    create_entry(
+        &server,
         "spiffe://example.org/node-a",
-        "--spiffe-id",
         "spiffe://example.org/web",
-        "--selector",
-        "unix:uid:1000",
-    ]);
+        &["unix:uid:1000"],
+        &[],
+    );
 
-    let agent_dir = dir.path().join("agent");
-    std::fs::create_dir_all(&agent_dir).expect("agent dir");
+    let agent_dir = subdir(dir.path(), "agent");
     let mut agent = Agent::start(&server, &agent_dir, &["--join-token", &token]);
-    agent.wait_log(30, "attestation", |l| {
-        l.contains("attested to sigil-server")
-    });
-    agent.wait_log(30, "first SVID", |l| minted(l) >= 1);
-    let agents = server.cli_json(&["agent", "list"]);
-    let list = agents["agents"].as_array().expect("agents");
-    assert_eq!(list.len(), 1, "{agents}");
-    assert_eq!(list[0]["attestation_type"], "join_token");
-    let agent_id = list[0]["spiffe_id"].as_str().expect("id").to_string();
+    agent.wait_attested("first SVID");
+    let (_, agent_id) = only_agent(&server, "join_token");
     assert!(agent_id.starts_with("spiffe://example.org/sigil/agent/join_token/"));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !agent.healthy() {
@@ -90,19 +64,16 @@ fn agent_attests_syncs_restarts_and_is_evicted() {
     assert_eq!(mode & 0o777, 0o600);
 
     // A new entry reaches the agent by push (no polling interval to wait out).
-    let before = minted(&agent.log_text());
     let t = std::time::Instant::now();
-    server.cli_ok(&[
-        "entry",
-        "create",
-        "--parent-id",
+    wait_minted_for_new_entry(
+        &server,
+        &mut agent,
         "spiffe://example.org/node-a",
-        "--spiffe-id",
         "spiffe://example.org/api",
-        "--selector",
         "unix:uid:1001",
-    ]);
-    agent.wait_log(10, "second SVID", |l| minted(l) > before);
+        10,
+        "second SVID",
+    );
     assert!(
         t.elapsed() < std::time::Duration::from_secs(3),
         "push took {:?}",
@@ -110,16 +81,9 @@ fn agent_attests_syncs_restarts_and_is_evicted() {
     );
 
     // The same token cannot attest a second agent.
-    let other_dir = dir.path().join("other");
-    std::fs::create_dir_all(&other_dir).expect("dir");
-    let mut other = Agent::start(&server, &other_dir, &["--join-token", &token]);
-    let status = other.wait_exit(30);
-    assert!(!status.success());
-    assert!(
-        other.log_text().contains("join token"),
-        "{}",
-        other.log_text()
-    );
+    let other_dir = subdir(dir.path(), "other");
+    let log = refused_agent_log(&server, &other_dir, &["--join-token", &token]);
+    assert!(log.contains("join token"), "{log}");
 
     // Restart: the stored SVID is re-used, no second attestation, no token needed.
     assert!(agent.stop().success(), "clean exit on SIGTERM");
@@ -130,25 +94,13 @@ fn agent_attests_syncs_restarts_and_is_evicted() {
     agent.wait_log(30, "sync after restart", |l| {
         l.matches("entries synced").count() >= 3
     });
-    assert_eq!(
-        server.cli_json(&["agent", "list"])["agents"]
-            .as_array()
-            .map(Vec::len),
-        Some(1)
-    );
+    assert_eq!(only_agent(&server, "join_token").1, agent_id);
 
     // Eviction: the agent is refused, says so, and stops being ready.
     server.cli_ok(&["agent", "evict", "--spiffe-id", &agent_id]);
     agent.wait_log(30, "refusal", |l| l.contains("refused this agent"));
     assert!(!agent.healthy(), "an evicted agent is not ready");
     assert!(agent.stop().success());
-}
-
-fn token(server: &Server, alias: &str) -> String {
-    server.cli_json(&["token", "generate", "--spiffe-id", alias])["token"]
-        .as_str()
-        .expect("token")
-        .to_string()
 }
 
 fn svid_ids(status: &serde_json::Value) -> Vec<String> {
@@ -204,9 +156,8 @@ fn two_agents_receive_only_their_own_entries() {
     }
     let mut agents = Vec::new();
     for node in ["node-a", "node-b"] {
-        let d = dir.path().join(node);
-        std::fs::create_dir_all(&d).expect("dir");
-        let t = token(&server, &format!("spiffe://example.org/{node}"));
+        let d = subdir(dir.path(), node);
+        let t = alias_token(&server, &format!("spiffe://example.org/{node}"));
         agents.push(Agent::start(&server, &d, &["--join-token", &t]));
     }
     wait_svids(
@@ -262,9 +213,8 @@ fn agent_with_web(server: &Server, dir: &std::path::Path) -> (Agent, serde_json:
         "--selector",
         "unix:uid:1",
     ]);
-    let d = dir.join("agent");
-    std::fs::create_dir_all(&d).expect("dir");
-    let t = token(server, "spiffe://example.org/node");
+    let d = subdir(dir, "agent");
+    let t = alias_token(server, "spiffe://example.org/node");
     let agent = Agent::start(server, &d, &["--join-token", &t]);
     let status = wait_svids(
         &agent,

@@ -13,10 +13,17 @@
 //! `sigil-agent` must accept its file and flags (it logs "sigil-agent starting" only after the
 //! whole configuration resolved; attesting is not tried here: there is no cluster).
 //!
+//! The server runs as in a pod: `KUBERNETES_SERVICE_HOST`/`_PORT` name a fake API server
+//! (`support/fake_k8s.rs`) whose CA and token stand in for the service-account files, so the
+//! bundle publisher of the rendered server.toml must put `bundle show`'s PEM into the very
+//! ConfigMap and key the agent DaemonSet mounts and agent.toml reads.
+//!
 //! Needs `kubectl` and `kubernetes-validate` (PyPI). `.ci/run` installs the latter into
 //! `target/ci-venv` and puts it on PATH; this test also looks there. Without it the test fails:
 //! it is not skipped.
 
+#[path = "support/fake_k8s.rs"]
+mod fake_k8s;
 mod support;
 
 use std::path::{Path, PathBuf};
@@ -222,6 +229,33 @@ fn config_file(docs: &[Value], key: &str) -> toml::Table {
         .unwrap_or_else(|e| panic!("{key} is not valid TOML: {e}"))
 }
 
+/// Where the rendered server.toml publishes the trust bundle: `(namespace, name, key)`, with the
+/// defaults a pod of the sigil-server StatefulSet gets (its namespace); `None`: not published.
+fn bundle_configmap(docs: &[Value]) -> Option<(String, String, String)> {
+    let server_toml = config_file(docs, "server.toml");
+    let publisher = server_toml
+        .get("bundle_publisher")?
+        .get("k8s_configmap")?
+        .as_table()
+        .expect("[bundle_publisher.k8s_configmap] is a table")
+        .clone();
+    let server = object(docs, "StatefulSet", "sigil-server");
+    let key = |k: &str, default: &str| {
+        publisher
+            .get(k)
+            .map(|v| v.as_str().expect("a string").to_string())
+            .unwrap_or_else(|| default.to_string())
+    };
+    let pod_ns = server["metadata"]["namespace"]
+        .as_str()
+        .expect("StatefulSet namespace");
+    Some((
+        key("namespace", pod_ns),
+        key("name", "sigil-bundle"),
+        key("key", "bundle.pem"),
+    ))
+}
+
 /// The port number of `HOST:PORT`.
 fn port_of(addr: &str) -> u64 {
     addr.rsplit_once(':')
@@ -404,6 +438,45 @@ fn check_sigil(docs: &[Value]) {
             .expect("agent health_address"),
         "sigil-agent",
     );
+    // The agents' trust bundle: the server publishes it into the ConfigMap and key the agent
+    // mounts and reads, in the agent's namespace, and may write that ConfigMap.
+    let (cm_ns, cm_name, cm_key) = bundle_configmap(docs)
+        .expect("server.toml: [bundle_publisher.k8s_configmap] (the agents' trust bundle)");
+    assert_eq!(
+        agent["metadata"]["namespace"].as_str(),
+        Some(cm_ns.as_str()),
+        "the bundle ConfigMap is in the agent's namespace"
+    );
+    let bundle_volume = array(&pod["volumes"])
+        .iter()
+        .find(|v| v["configMap"]["name"] == cm_name.as_str())
+        .unwrap_or_else(|| panic!("sigil-agent: no volume from ConfigMap {cm_name}"));
+    assert_ne!(
+        bundle_volume["configMap"]["optional"], true,
+        "sigil-agent: the bundle volume is required (the pod waits for the server to publish it)"
+    );
+    assert!(
+        bundle_volume["configMap"]["items"].is_null(),
+        "sigil-agent: the bundle volume maps no items (the key is the file name)"
+    );
+    let bundle_mount = array(&c["volumeMounts"])
+        .iter()
+        .find(|m| m["name"] == bundle_volume["name"])
+        .expect("sigil-agent mounts the bundle ConfigMap");
+    assert_eq!(bundle_mount["readOnly"], true, "bundle mounted read-only");
+    assert_eq!(
+        agent_toml["trust_bundle"].as_str(),
+        Some(
+            format!(
+                "{}/{cm_key}",
+                bundle_mount["mountPath"].as_str().expect("mountPath")
+            )
+            .as_str()
+        ),
+        "agent.toml trust_bundle: the published key in the mounted ConfigMap"
+    );
+    check_bundle_rbac(docs, &cm_ns, &cm_name);
+
     // The agent's cluster is one the server has a k8s_psat section for.
     let cluster = agent_toml["k8s_psat_cluster"]
         .as_str()
@@ -519,6 +592,79 @@ fn check_every_pod(docs: &[Value]) {
         }
     }
     assert!(seen > 0, "no containers rendered");
+}
+
+/// RBAC for the bundle publisher: a Role in the ConfigMap's namespace, bound to the server's
+/// service account, with exactly `get` and `patch` on that one ConfigMap (resourceNames) and
+/// `create` (which resourceNames cannot limit: a rule with them never matches a create); no
+/// other verb, and no ClusterRole granting ConfigMaps.
+fn check_bundle_rbac(docs: &[Value], ns: &str, cm_name: &str) {
+    let grants_configmaps = |doc: &Value| {
+        array(&doc["rules"])
+            .iter()
+            .any(|r| array(&r["resources"]).contains(&Value::from("configmaps")))
+    };
+    for doc in docs.iter().filter(|d| kind(d) == "ClusterRole") {
+        assert!(
+            !grants_configmaps(doc),
+            "ClusterRole/{}: ConfigMaps cluster-wide",
+            name(doc)
+        );
+    }
+    let bindings: Vec<&Value> = docs
+        .iter()
+        .filter(|d| kind(d) == "RoleBinding" && d["metadata"]["namespace"] == ns)
+        .filter(|d| {
+            array(&d["subjects"]).iter().any(|s| {
+                s["kind"] == "ServiceAccount" && s["name"] == "sigil-server" && s["namespace"] == ns
+            })
+        })
+        .collect();
+    let mut verbs = Vec::new();
+    for b in bindings {
+        assert_eq!(b["roleRef"]["kind"], "Role", "RoleBinding/{}", name(b));
+        let role = object(
+            docs,
+            "Role",
+            b["roleRef"]["name"].as_str().expect("roleRef"),
+        );
+        assert_eq!(role["metadata"]["namespace"], ns, "Role/{}", name(role));
+        for rule in array(&role["rules"]) {
+            if !array(&rule["resources"]).contains(&Value::from("configmaps")) {
+                continue;
+            }
+            assert_eq!(rule["apiGroups"], serde_json::json!([""]));
+            assert_eq!(rule["resources"], serde_json::json!(["configmaps"]));
+            for verb in array(&rule["verbs"]) {
+                let verb = verb.as_str().expect("verb");
+                match verb {
+                    "get" | "patch" => assert_eq!(
+                        rule["resourceNames"],
+                        serde_json::json!([cm_name]),
+                        "Role/{}: {verb} configmaps only on {cm_name}",
+                        name(role)
+                    ),
+                    "create" => assert!(
+                        rule["resourceNames"].is_null(),
+                        "Role/{}: create with resourceNames never matches",
+                        name(role)
+                    ),
+                    other => panic!(
+                        "Role/{}: {other} configmaps is not needed by the bundle publisher",
+                        name(role)
+                    ),
+                }
+                verbs.push(verb.to_string());
+            }
+        }
+    }
+    verbs.sort();
+    verbs.dedup();
+    assert_eq!(
+        verbs,
+        ["create", "get", "patch"],
+        "the server's service account may get, create and patch ConfigMap {ns}/{cm_name}"
+    );
 }
 
 /// RBAC: what the server and the agent need, nothing with wildcards.
@@ -822,37 +968,65 @@ fn container_args_env(c: &Value) -> (Vec<String>, Vec<(String, String)>) {
     (args, env)
 }
 
-/// A self-signed CA certificate (PEM), standing in for the cluster CA a pod gets mounted.
-fn test_ca_pem() -> String {
-    let key = rcgen::KeyPair::generate().expect("key");
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params.self_signed(&key).expect("CA").pem()
+/// A `sigil-server` started by [`server_accepts`], ready, with its fake API server.
+struct ServerInPod {
+    fake: fake_k8s::FakeK8s,
+    server: Running,
+    admin_socket: PathBuf,
+    _dir: tempfile::TempDir,
 }
 
-/// Starts `sigil-server` with `toml` and the given arguments until it is ready. The
+impl ServerInPod {
+    /// `sigil-server bundle show` of this server.
+    fn bundle_show(&self) -> String {
+        let out = Command::new(support::binary("sigil-server"))
+            .args(["bundle", "show", "--admin-socket"])
+            .arg(&self.admin_socket)
+            .output()
+            .expect("sigil-server bundle show");
+        assert!(
+            out.status.success(),
+            "{}: bundle show failed",
+            self.server.what
+        );
+        String::from_utf8(out.stdout).expect("PEM is UTF-8")
+    }
+}
+
+/// Starts `sigil-server` with `toml` and the given arguments until it is ready, as in a pod of
+/// namespace `pod_ns`: the API server (`KUBERNETES_SERVICE_HOST`/`_PORT`) is a fake one, and the
 /// service-account files a pod would have mounted (`api_ca_file`, `api_token_file` of each
-/// k8s_psat cluster, when not set) are made in the temp dir.
-fn server_accepts(what: &str, toml_text: &str, args: &[String]) {
+/// k8s_psat cluster and of the bundle publisher, when not set; the publisher's namespace) are
+/// its CA and token in the temp dir.
+fn server_accepts(what: &str, toml_text: &str, args: &[String], pod_ns: &str) -> ServerInPod {
     let dir = support::tempdir();
+    let fake = fake_k8s::FakeK8s::start();
+    let (ca, token) = fake.write_credentials(dir.path());
     let mut table: toml::Table = toml_text.parse().expect("server.toml");
+    let in_pod_files = |t: &mut toml::Table| {
+        for (k, path) in [("api_ca_file", &ca), ("api_token_file", &token)] {
+            t.entry(k)
+                .or_insert_with(|| path.display().to_string().into());
+        }
+    };
     let clusters = table
         .get_mut("node_attestor")
         .and_then(|n| n.get_mut("k8s_psat"))
         .and_then(|k| k.get_mut("clusters"))
         .and_then(toml::Value::as_table_mut);
     if let Some(clusters) = clusters {
-        let ca = dir.path().join("ca.crt");
-        let token = dir.path().join("token");
-        std::fs::write(&ca, test_ca_pem()).expect("ca");
-        std::fs::write(&token, "test-token\n").expect("token");
         for (_, c) in clusters.iter_mut() {
-            let c = c.as_table_mut().expect("cluster table");
-            for (k, path) in [("api_ca_file", &ca), ("api_token_file", &token)] {
-                c.entry(k)
-                    .or_insert_with(|| path.display().to_string().into());
-            }
+            in_pod_files(c.as_table_mut().expect("cluster table"));
         }
+    }
+    let publisher = table
+        .get_mut("bundle_publisher")
+        .and_then(|b| b.get_mut("k8s_configmap"))
+        .and_then(toml::Value::as_table_mut);
+    if let Some(p) = publisher {
+        in_pod_files(p);
+        // The service-account namespace file of a pod.
+        p.entry("namespace").or_insert_with(|| pod_ns.into());
     }
     let config = dir.path().join("server.toml");
     std::fs::write(&config, toml::to_string(&table).expect("toml")).expect("write");
@@ -871,14 +1045,22 @@ fn server_accepts(what: &str, toml_text: &str, args: &[String]) {
         ]
         .map(String::from),
     );
-    // As in a pod: the API server's address for k8s_psat (nothing is asked of it at start).
+    // As in a pod: the API server's address (k8s_psat asks nothing of it at start; the bundle
+    // publisher writes its ConfigMap).
+    let port = fake.url.rsplit_once(':').expect("fake API URL").1;
     let env = [
         ("KUBERNETES_SERVICE_HOST", "127.0.0.1"),
-        ("KUBERNETES_SERVICE_PORT", "6443"),
+        ("KUBERNETES_SERVICE_PORT", port),
     ]
     .map(|(k, v)| (k.to_string(), v.to_string()));
     let mut server = Running::start(what, "sigil-server", &args, &env, dir.path());
     server.wait_for("sigil-server ready");
+    ServerInPod {
+        fake,
+        server,
+        admin_socket: dir.path().join("admin/admin.sock"),
+        _dir: dir,
+    }
 }
 
 /// Starts `sigil-agent` with `toml` and the given arguments until its configuration resolved.
@@ -915,7 +1097,30 @@ fn binaries_accept(dir: &str) {
         .iter()
         .find_map(|d| d["data"]["server.toml"].as_str())
         .expect("server.toml");
-    server_accepts(dir, text, &args);
+    let pod_ns = server["metadata"]["namespace"]
+        .as_str()
+        .expect("StatefulSet namespace");
+    let running = server_accepts(dir, text, &args, pod_ns);
+    // The agents' trust bundle, published where the DaemonSet mounts it (check_sigil).
+    let (ns, name, key) = bundle_configmap(&docs).expect("the bundle publisher is on");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let published = loop {
+        if let Some(pem) = running.fake.configmap_data(&ns, &name, &key) {
+            break pem;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{dir}: no ConfigMap {ns}/{name} with {key} in 30 s:\n{}",
+            std::fs::read_to_string(&running.server.log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        published,
+        running.bundle_show(),
+        "{dir}: ConfigMap {ns}/{name} {key} is `sigil-server bundle show`"
+    );
+    drop(running);
 
     let agent = object(&docs, "DaemonSet", "sigil-agent");
     let c = container(&agent["spec"]["template"]["spec"], "sigil-agent");
@@ -954,6 +1159,7 @@ fn systemd_configs_are_accepted_by_the_binaries() {
         "deploy/systemd/sigil-server.service",
         &read("deploy/systemd/server.toml"),
         &exec_start_args("deploy/systemd/sigil-server.service"),
+        "default",
     );
     agent_accepts(
         "deploy/systemd/sigil-agent.service",

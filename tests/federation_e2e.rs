@@ -3,7 +3,8 @@
 
 mod support;
 
-use support::{foreign_ca_pem, tempdir, wait_status, Agent, Server};
+use support::{alias_token, create_entry, foreign_ca_pem, subdir, tempdir, wait_status};
+use support::{Agent, Server};
 
 /// The federated trust domains an agent's status reports.
 fn federated(status: &serde_json::Value) -> Vec<String> {
@@ -32,31 +33,14 @@ fn cli_err(server: &Server, args: &[&str]) -> String {
 fn federated_bundles_are_set_listed_deleted_and_reach_the_agent() {
     let dir = tempdir();
     let server = Server::start(&dir.path().join("server"), &[]);
-    let token = server.cli_json(&[
-        "token",
-        "generate",
-        "--spiffe-id",
+    let token = alias_token(&server, "spiffe://example.org/node-a");
+    let entry_id = create_entry(
+        &server,
         "spiffe://example.org/node-a",
-    ])["token"]
-        .as_str()
-        .expect("token")
-        .to_string();
-    let created = server.cli_json(&[
-        "entry",
-        "create",
-        "--parent-id",
-        "spiffe://example.org/node-a",
-        "--spiffe-id",
         "spiffe://example.org/web",
-        "--selector",
-        "unix:uid:1000",
-        "--federates-with",
-        "spiffe://other.org",
-    ]);
-    let entry_id = created["results"][0]["entry"]["id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no entry id in {created}"))
-        .to_string();
+        &["unix:uid:1000"],
+        &["--federates-with", "spiffe://other.org"],
+    );
 
     // other.org as PEM roots, named by its trust domain ID.
     let other_pem = foreign_ca_pem("other.org root");
@@ -142,8 +126,7 @@ fn federated_bundles_are_set_listed_deleted_and_reach_the_agent() {
     assert!(err.contains("has no path"), "{err}");
 
     // The agent gets other.org only: its entry does not federate with third.org.
-    let agent_dir = dir.path().join("agent");
-    std::fs::create_dir_all(&agent_dir).expect("agent dir");
+    let agent_dir = subdir(dir.path(), "agent");
     let mut agent = Agent::start(&server, &agent_dir, &["--join-token", &token]);
     wait_status(&agent, 30, "other.org at the agent", |s| {
         s["synced"] == true && federated(s) == ["other.org"]
@@ -181,12 +164,6 @@ fn federated_bundles_are_set_listed_deleted_and_reach_the_agent() {
     wait_status(&agent, 30, "third.org after restart", |s| {
         s["synced"] == true && federated(s) == ["third.org"]
     });
-    let text = std::process::Command::new(support::binary("sigil-agent"))
-        .arg("status")
-        .arg("--admin-socket")
-        .arg(&agent.admin_socket)
-        .output()
-        .expect("sigil-agent status");
-    let text = String::from_utf8_lossy(&text.stdout);
+    let text = String::from_utf8_lossy(&agent.status_output(&[]).stdout).into_owned();
     assert!(text.contains("Federated with  : third.org"), "{text}");
 }

@@ -11,6 +11,7 @@ mod support;
 use std::path::{Path, PathBuf};
 
 use fake_k8s::{FakeK8s, PodClaims, TestIssuer};
+use support::{create_entry, evicted_agent_attests_again, only_agent, refused_agent_log, subdir};
 use support::{tempdir, Agent, Server};
 
 const CLUSTER: &str = "test-cluster";
@@ -20,24 +21,10 @@ const POD: &str = "sigil-agent-abcde";
 const POD_UID: &str = "8a7b6c5d-4e3f-4a1b-9c8d-7e6f5a4b3c2d";
 const POD_UID_2: &str = "0b1c2d3e-4f5a-4b6c-8d7e-9f0a1b2c3d4e";
 
-fn minted(log: &str) -> usize {
-    log.lines()
-        .filter(|l| l.contains("X509-SVIDs minted"))
-        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("signed=")))
-        .filter_map(|n| n.parse::<usize>().ok())
-        .sum()
-}
-
 fn rsa_pkcs8() -> Vec<u8> {
     use rsa::pkcs8::EncodePrivateKey as _;
     let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).expect("RSA key");
     key.to_pkcs8_der().expect("PKCS#8").as_bytes().to_vec()
-}
-
-fn subdir(root: &Path, name: &str) -> PathBuf {
-    let d = root.join(name);
-    std::fs::create_dir_all(&d).expect("creating dir");
-    d
 }
 
 fn path_str(p: &Path) -> &str {
@@ -63,6 +50,16 @@ fn server_config(dir: &Path, fake: &FakeK8s, jwks: &Path) -> PathBuf {
     let path = dir.join("server.toml");
     std::fs::write(&path, text).expect("writing server config");
     path
+}
+
+/// The claims of a token projected into the agent pod `POD` with `pod_uid`, on `node`.
+fn pod_claims(pod_uid: &str, node: (&str, &str)) -> PodClaims {
+    PodClaims::new("sigil", "sigil-agent", POD, pod_uid, Some(node))
+}
+
+/// Writes `claims` signed by `issuer` to `path`, as the kubelet projects a token.
+fn project_token(path: &Path, issuer: &TestIssuer, claims: &PodClaims) {
+    std::fs::write(path, issuer.sign(&claims.to_json())).expect("writing token");
 }
 
 fn k8s_flags(token: &Path) -> [&str; 4] {
@@ -114,34 +111,26 @@ fn k8s_psat_agent_attests_gets_node_alias_entries_and_wrong_audience_is_refused(
         "--selector",
         "k8s_psat:agent_node_label:sigil.example/pool:blue",
     ]);
-    server.cli_ok(&[
-        "entry",
-        "create",
-        "--parent-id",
+    create_entry(
+        &server,
         alias,
-        "--spiffe-id",
         "spiffe://example.org/web",
-        "--selector",
-        "unix:uid:1000",
-    ]);
+        &["unix:uid:1000"],
+        &[],
+    );
 
     // The kubelet's projected token, as mounted in the agent pod.
     let a_dir = subdir(dir.path(), "agent");
     let token_path = a_dir.join("sigil-agent-token");
-    let claims = PodClaims::new("sigil", "sigil-agent", POD, POD_UID, Some((NODE, NODE_UID)));
-    std::fs::write(&token_path, issuer.sign(&claims.to_json())).expect("writing token");
+    project_token(&token_path, &issuer, &pod_claims(POD_UID, (NODE, NODE_UID)));
     let mut agent = Agent::start(&server, &a_dir, &k8s_flags(&token_path));
-    agent.wait_log(30, "attestation", |l| {
-        l.contains("attested to sigil-server")
-    });
-    agent.wait_log(30, "SVID under the node alias", |l| minted(l) >= 1);
+    agent.wait_attested("SVID under the node alias");
 
-    let agent_id = format!("spiffe://example.org/sigil/agent/k8s_psat/{CLUSTER}/{NODE_UID}");
-    let agents = server.cli_json(&["agent", "list"]);
-    let list = agents["agents"].as_array().expect("agents");
-    assert_eq!(list.len(), 1, "{agents}");
-    assert_eq!(list[0]["attestation_type"], "k8s_psat", "{agents}");
-    assert_eq!(list[0]["spiffe_id"], agent_id.as_str(), "{agents}");
+    let (agents, agent_id) = only_agent(&server, "k8s_psat");
+    assert_eq!(
+        agent_id,
+        format!("spiffe://example.org/sigil/agent/k8s_psat/{CLUSTER}/{NODE_UID}")
+    );
     let text = agents.to_string();
     for sel in [
         "cluster:test-cluster".to_string(),
@@ -160,62 +149,27 @@ fn k8s_psat_agent_attests_gets_node_alias_entries_and_wrong_audience_is_refused(
     // token is now stale. Evicted, the agent attests again — with the token read afresh —
     // as the same agent (same node) and keeps minting.
     fake.set_pod("sigil", POD, POD_UID_2, NODE, &[("app", "sigil-agent")]);
-    let claims = PodClaims::new(
-        "sigil",
-        "sigil-agent",
-        POD,
-        POD_UID_2,
-        Some((NODE, NODE_UID)),
+    project_token(
+        &token_path,
+        &issuer,
+        &pod_claims(POD_UID_2, (NODE, NODE_UID)),
     );
-    std::fs::write(&token_path, issuer.sign(&claims.to_json())).expect("rotating token");
-    server.cli_ok(&["agent", "evict", "--spiffe-id", &agent_id]);
-    agent.wait_log(60, "re-attestation after eviction", |l| {
-        l.contains("attested again with k8s_psat")
-    });
-    let agents = server.cli_json(&["agent", "list"]);
-    assert_eq!(
-        agents["agents"][0]["spiffe_id"],
-        agent_id.as_str(),
-        "{agents}"
-    );
+    let agents = evicted_agent_attests_again(&server, &mut agent, &agent_id, "k8s_psat", alias);
     assert!(
         agents
             .to_string()
             .contains(&format!("agent_pod_uid:{POD_UID_2}")),
         "{agents}"
     );
-    let minted_before = minted(&agent.log_text());
-    server.cli_ok(&[
-        "entry",
-        "create",
-        "--parent-id",
-        alias,
-        "--spiffe-id",
-        "spiffe://example.org/after-evict",
-        "--selector",
-        "unix:uid:1001",
-    ]);
-    agent.wait_log(30, "minting after re-attestation", |l| {
-        minted(l) > minted_before
-    });
     assert!(agent.stop().success(), "clean exit on SIGTERM");
 
     // A token projected for another audience is refused; the agent says why and exits.
     let b_dir = subdir(dir.path(), "agent-wrong-audience");
     let bad_token = b_dir.join("token");
-    let mut claims = PodClaims::new(
-        "sigil",
-        "sigil-agent",
-        POD,
-        POD_UID_2,
-        Some((NODE, NODE_UID)),
-    );
+    let mut claims = pod_claims(POD_UID_2, (NODE, NODE_UID));
     claims.audience = vec!["https://kubernetes.default.svc".into()];
-    std::fs::write(&bad_token, issuer.sign(&claims.to_json())).expect("writing token");
-    let mut refused = Agent::start(&server, &b_dir, &k8s_flags(&bad_token));
-    let status = refused.wait_exit(30);
-    assert!(!status.success());
-    let log = refused.log_text();
+    project_token(&bad_token, &issuer, &claims);
+    let log = refused_agent_log(&server, &b_dir, &k8s_flags(&bad_token));
     assert!(log.contains("k8s_psat node attestation failed"), "{log}");
     assert!(
         log.contains(
@@ -229,23 +183,14 @@ fn k8s_psat_agent_attests_gets_node_alias_entries_and_wrong_audience_is_refused(
     let c_dir = subdir(dir.path(), "agent-wrong-node");
     let moved = c_dir.join("token");
     fake.set_node("node-2", "node-2-uid", &[]);
-    let claims = PodClaims::new(
-        "sigil",
-        "sigil-agent",
-        POD,
-        POD_UID_2,
-        Some(("node-2", "node-2-uid")),
+    project_token(
+        &moved,
+        &issuer,
+        &pod_claims(POD_UID_2, ("node-2", "node-2-uid")),
     );
-    std::fs::write(&moved, issuer.sign(&claims.to_json())).expect("writing token");
-    let mut wrong_node = Agent::start(&server, &c_dir, &k8s_flags(&moved));
-    assert!(!wrong_node.wait_exit(30).success());
-    let log = wrong_node.log_text();
+    let log = refused_agent_log(&server, &c_dir, &k8s_flags(&moved));
     assert!(log.contains("runs on node"), "{log}");
 
-    let agents = server.cli_json(&["agent", "list"]);
-    assert_eq!(
-        agents["agents"].as_array().map(Vec::len),
-        Some(1),
-        "{agents}"
-    );
+    let (_, still) = only_agent(&server, "k8s_psat");
+    assert_eq!(still, agent_id, "the refused agents were not registered");
 }

@@ -23,10 +23,10 @@ use sigil::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use spiffe::transport::GrpcStatusCode;
 use spiffe::transport::TransportError;
 use spiffe::{JwtSvid, TrustDomain, WorkloadApiClient, WorkloadApiError};
-use support::{agent_with_workload_entries, agent_with_workload_entry, create_entry, tempdir};
-use support::{Server, WorkloadAgent};
+use support::{agent_with_workload_entries, create_entry, tempdir};
+use support::{Agent, Server, WorkloadAgent};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio_stream::StreamExt as _;
+use tokio_stream::{Stream, StreamExt as _};
 
 /// The ignored helper test that runs as workload B (see [`workload_b_helper_writes_its_svid`]).
 const WORKLOAD_B_HELPER: &str = "workload_b_helper_writes_its_svid";
@@ -113,11 +113,150 @@ fn unary_status<T>(r: Result<tonic::Response<T>, tonic::Status>) -> tonic::Statu
         .unwrap_or_else(|| tonic::Status::ok("unexpected success"))
 }
 
+/// Asserts that the unary call `what` fails with InvalidArgument.
+async fn assert_invalid_argument<T>(
+    what: &str,
+    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) {
+    let status = unary_status(within(30, what, call).await);
+    assert_eq!(
+        status.code(),
+        tonic::Code::InvalidArgument,
+        "{what}: {status:?}"
+    );
+}
+
+/// The error status of the FetchX509SVID call `what`: the call's own, else its first message's.
+async fn x509_stream_status(
+    secs: u64,
+    what: &str,
+    call: impl Future<
+        Output = Result<tonic::Response<tonic::Streaming<wl::X509svidResponse>>, tonic::Status>,
+    >,
+) -> tonic::Status {
+    match within(secs, what, call).await {
+        Err(s) => s,
+        Ok(resp) => match within(secs, "first message", resp.into_inner().message()).await {
+            Err(s) => s,
+            Ok(m) => panic!("{what}: expected an error, got {m:?}"),
+        },
+    }
+}
+
+/// Asserts that the agent refuses (InvalidArgument) to validate `token` for `audience`.
+async fn assert_validation_refused(
+    client: &WorkloadApiClient,
+    what: &str,
+    audience: &str,
+    token: &str,
+) {
+    let err = within(60, what, client.validate_jwt_token(audience, token))
+        .await
+        .expect_err(what);
+    assert_eq!(
+        grpc_code(&err),
+        Some(GrpcStatusCode::InvalidArgument),
+        "{what}: {err:?}"
+    );
+}
+
+/// Asserts that the `spiffe` crate call `what` was refused with "no identity issued" (the
+/// crate's NoIdentityIssued: PermissionDenied whose message says so).
+fn assert_no_identity<T>(what: &str, r: Result<T, WorkloadApiError>) {
+    match r {
+        Ok(_) => panic!("{what}: a caller matching no entry was answered"),
+        Err(e) => assert!(
+            matches!(e, WorkloadApiError::NoIdentityIssued),
+            "{what}: expected NoIdentityIssued, got {e:?}"
+        ),
+    }
+}
+
+/// A server and an agent in a fresh temp dir, the agent holding SVIDs for `entries` (`extra`
+/// flags go to every `entry create`). Bound as `(dir, server, w)`, they drop in the right order:
+/// the agent, the server, then the dir.
+fn server_and_agent(
+    entries: &[(&str, &[&str])],
+    extra: &[&str],
+) -> (tempfile::TempDir, Server, WorkloadAgent) {
+    let dir = tempdir();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    let w = agent_with_workload_entries(&server, dir.path(), entries, extra);
+    (dir, server, w)
+}
+
+/// [`server_and_agent`] with one entry: [`WORKLOAD`] for this process's uid.
+fn workload_for_this_uid(extra: &[&str]) -> (tempfile::TempDir, Server, WorkloadAgent) {
+    server_and_agent(&[(WORKLOAD, &[uid_selector().as_str()])], extra)
+}
+
+/// Opens a `spiffe` crate X509 context stream; returns it and its first context.
+async fn open_x509_stream(
+    client: &WorkloadApiClient,
+) -> (
+    impl Stream<Item = Result<spiffe::X509Context, WorkloadApiError>> + Unpin,
+    spiffe::X509Context,
+) {
+    let mut stream = within(30, "opening the stream", client.stream_x509_contexts())
+        .await
+        .expect("stream_x509_contexts");
+    let first = within(60, "first X509 context", stream.next())
+        .await
+        .expect("the stream ends before its first message")
+        .expect("first context");
+    (stream, first)
+}
+
+/// The next context on `stream` before `deadline`; fails the test with `what` (and the agent's
+/// log) if none comes by then or the stream ends.
+async fn next_context_before(
+    stream: &mut (impl Stream<Item = Result<spiffe::X509Context, WorkloadApiError>> + Unpin),
+    deadline: Instant,
+    what: &str,
+    agent: &Agent,
+) -> spiffe::X509Context {
+    let left = deadline.saturating_duration_since(Instant::now());
+    tokio::time::timeout(left, stream.next())
+        .await
+        .unwrap_or_else(|_| panic!("{what}; agent log:\n{}", agent.log_text()))
+        .unwrap_or_else(|| panic!("the stream ended ({what})"))
+        .expect("stream message")
+}
+
+/// The SPIFFE IDs in an X509 context, default first.
+fn ids_of(ctx: &spiffe::X509Context) -> Vec<String> {
+    ctx.svids()
+        .iter()
+        .map(|s| s.spiffe_id().to_string())
+        .collect()
+}
+
+/// The example.org roots (DER) in a bundle set.
+fn example_org_roots(bundles: &spiffe::X509BundleSet) -> Vec<Vec<u8>> {
+    bundles
+        .get(&example_org())
+        .expect("an example.org bundle")
+        .authorities()
+        .iter()
+        .map(|c| c.as_bytes().to_vec())
+        .collect()
+}
+
+/// An SVID's certificate chain (DER), leaf first.
+fn chain_der(svid: &spiffe::X509Svid) -> Vec<Vec<u8>> {
+    svid.cert_chain()
+        .iter()
+        .map(|c| c.as_bytes().to_vec())
+        .collect()
+}
+
+fn sorted(mut v: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    v.sort();
+    v
+}
+
 fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs() as i64
+    now_unix_f64() as i64
 }
 
 fn now_unix_f64() -> f64 {
@@ -185,10 +324,7 @@ fn verify_signatures_to_roots(chain: &[Vec<u8>], roots: &[Vec<u8>]) {
 
 #[test]
 fn x509_svid_by_uid_passes_spec_checks_and_verifies() {
-    let dir = tempdir();
-    let server = Server::start(&dir.path().join("server"), &[]);
-    let sel = uid_selector();
-    let w = agent_with_workload_entry(&server, dir.path(), WORKLOAD, &[&sel], &[]);
+    let (_dir, server, w) = workload_for_this_uid(&[]);
     let socket = w.agent.socket_path();
     let roots_from_server = server_roots(&server);
 
@@ -205,42 +341,23 @@ fn x509_svid_by_uid_passes_spec_checks_and_verifies() {
             .await
             .expect("fetch_x509_context");
         assert_eq!(ctx.svids().len(), 1, "one entry matches, one SVID");
-        let bundle = ctx
-            .bundle_set()
-            .get(&example_org())
-            .expect("the context carries the example.org bundle");
-        let roots: Vec<Vec<u8>> = bundle
-            .authorities()
-            .iter()
-            .map(|c| c.as_bytes().to_vec())
-            .collect();
-        let mut a = roots.clone();
-        let mut b = roots_from_server.clone();
-        a.sort();
-        b.sort();
-        assert_eq!(a, b, "Workload API bundle == the server's `bundle show`");
+        let roots = example_org_roots(ctx.bundle_set());
+        let roots_from_server = sorted(roots_from_server);
+        assert_eq!(
+            sorted(roots.clone()),
+            roots_from_server,
+            "Workload API bundle == the server's `bundle show`"
+        );
 
         // FetchX509Bundles agrees.
         let bundles = within(60, "FetchX509Bundles", client.fetch_x509_bundles())
             .await
             .expect("fetch_x509_bundles");
-        let mut c: Vec<Vec<u8>> = bundles
-            .get(&example_org())
-            .expect("example.org in FetchX509Bundles")
-            .authorities()
-            .iter()
-            .map(|c| c.as_bytes().to_vec())
-            .collect();
-        c.sort();
-        assert_eq!(c, b);
+        assert_eq!(sorted(example_org_roots(&bundles)), roots_from_server);
 
         // The chain verifies to the bundle: with webpki (sigil's verifier, both usages) and
         // signature by signature with x509-parser.
-        let chain: Vec<Vec<u8>> = svid
-            .cert_chain()
-            .iter()
-            .map(|c| c.as_bytes().to_vec())
-            .collect();
+        let chain = chain_der(&svid);
         let id = sigil::x509::verify_x509_svid(&chain, &roots, SystemTime::now())
             .expect("the SVID chains to the bundle");
         assert_eq!(id.to_string(), WORKLOAD);
@@ -295,27 +412,12 @@ fn x509_svid_by_uid_passes_spec_checks_and_verifies() {
 #[test]
 fn rotation_reaches_the_stream_before_expiry() {
     const TTL: i64 = 20;
-    let dir = tempdir();
-    let server = Server::start(&dir.path().join("server"), &[]);
-    let sel = uid_selector();
-    let w = agent_with_workload_entry(
-        &server,
-        dir.path(),
-        WORKLOAD,
-        &[&sel],
-        &["--x509-svid-ttl", "20s"],
-    );
+    let (_dir, _server, w) = workload_for_this_uid(&["--x509-svid-ttl", "20s"]);
     let socket = w.agent.socket_path();
 
     runtime().block_on(async {
         let client = spiffe_client(&socket).await;
-        let mut stream = within(30, "opening the stream", client.stream_x509_contexts())
-            .await
-            .expect("stream_x509_contexts");
-        let first = within(60, "first X509 context", stream.next())
-            .await
-            .expect("the stream ends before its first message")
-            .expect("first message");
+        let (mut stream, first) = open_x509_stream(&client).await;
         let svid = first.default_svid().expect("a default SVID");
         assert_eq!(svid.spiffe_id().to_string(), WORKLOAD);
         let (serial1, _, not_after1) = serial_and_validity(svid.leaf().as_bytes());
@@ -327,19 +429,9 @@ fn rotation_reaches_the_stream_before_expiry() {
         let issued1 = not_after1 - TTL;
 
         let deadline = Instant::now() + Duration::from_secs((TTL + 20) as u64);
+        let what = format!("no rotated SVID on the stream within {} s", TTL + 20);
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let msg = tokio::time::timeout(left, stream.next())
-                .await
-                .unwrap_or_else(|_| {
-                    panic!(
-                        "no rotated SVID on the stream within {} s; agent log:\n{}",
-                        TTL + 20,
-                        w.agent.log_text()
-                    )
-                })
-                .expect("the stream ended before rotation")
-                .expect("stream message");
+            let msg = next_context_before(&mut stream, deadline, &what, &w.agent).await;
             let arrived = now_unix_f64();
             let svid = msg.default_svid().expect("a default SVID");
             assert_eq!(svid.spiffe_id().to_string(), WORKLOAD);
@@ -375,54 +467,31 @@ fn rotation_reaches_the_stream_before_expiry() {
 
 #[test]
 fn unregistered_caller_gets_permission_denied() {
-    let dir = tempdir();
-    let server = Server::start(&dir.path().join("server"), &[]);
     let other = format!("unix:uid:{}", uid() + 12345);
-    let w = agent_with_workload_entry(&server, dir.path(), WORKLOAD, &[&other], &[]);
+    let (_dir, _server, w) = server_and_agent(&[(WORKLOAD, &[other.as_str()])], &[]);
     let socket = w.agent.socket_path();
 
     runtime().block_on(async {
         let client = spiffe_client(&socket).await;
-        let err = within(60, "FetchX509SVID", client.fetch_x509_svid())
-            .await
-            .expect_err("a caller matching no entry gets no SVID");
-        // The crate returns NoIdentityIssued only for PermissionDenied whose message contains
-        // "no identity issued".
-        assert!(
-            matches!(err, WorkloadApiError::NoIdentityIssued),
-            "expected NoIdentityIssued, got {err:?}"
-        );
-        let err = within(60, "FetchX509Bundles", client.fetch_x509_bundles())
-            .await
-            .expect_err("no bundles for a caller without identity");
-        assert!(matches!(err, WorkloadApiError::NoIdentityIssued), "{err:?}");
-        let err = within(60, "FetchJWTBundles", client.fetch_jwt_bundles())
-            .await
-            .expect_err("no JWT bundles for a caller without identity");
-        assert!(matches!(err, WorkloadApiError::NoIdentityIssued), "{err:?}");
-        let err = within(
-            60,
-            "FetchJWTSVID",
-            client.fetch_jwt_svid(["my-service"], None),
-        )
-        .await
-        .expect_err("no JWT-SVID for a caller without identity");
-        assert!(matches!(err, WorkloadApiError::NoIdentityIssued), "{err:?}");
+        // No SVID, no bundles, no JWT-SVID for a caller without identity.
+        let what = "FetchX509SVID";
+        assert_no_identity(what, within(60, what, client.fetch_x509_svid()).await);
+        let what = "FetchX509Bundles";
+        assert_no_identity(what, within(60, what, client.fetch_x509_bundles()).await);
+        let what = "FetchJWTBundles";
+        assert_no_identity(what, within(60, what, client.fetch_jwt_bundles()).await);
+        let what = "FetchJWTSVID";
+        let jwt = client.fetch_jwt_svid(["my-service"], None);
+        assert_no_identity(what, within(60, what, jwt).await);
 
         // The raw status, as any SPIFFE client sees it.
         let mut raw = raw_client(&socket).await;
-        let status = match within(
+        let status = x509_stream_status(
             60,
             "raw FetchX509SVID",
             raw.fetch_x509svid(with_header(wl::X509svidRequest {})),
         )
-        .await
-        {
-            Err(s) => s,
-            Ok(resp) => within(60, "first message", resp.into_inner().message())
-                .await
-                .expect_err("no SVID message for a caller without identity"),
-        };
+        .await;
         assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
         assert!(
             status.message().contains("no identity issued"),
@@ -437,109 +506,72 @@ fn unregistered_caller_gets_permission_denied() {
 
 #[test]
 fn missing_security_header_is_invalid_argument() {
-    let dir = tempdir();
-    let server = Server::start(&dir.path().join("server"), &[]);
-    let sel = uid_selector();
-    let w = agent_with_workload_entry(&server, dir.path(), WORKLOAD, &[&sel], &[]);
+    let (_dir, _server, w) = workload_for_this_uid(&[]);
     let socket = w.agent.socket_path();
 
     runtime().block_on(async {
         let mut raw = raw_client(&socket).await;
-        // FetchX509SVID without the header.
-        let status = match within(
-            30,
-            "FetchX509SVID without header",
-            raw.fetch_x509svid(tonic::Request::new(wl::X509svidRequest {})),
-        )
-        .await
-        {
-            Err(s) => s,
-            Ok(resp) => within(30, "first message", resp.into_inner().message())
-                .await
-                .expect_err("no header, no SVID"),
-        };
-        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
-        assert!(status.message().contains("security header"), "{status:?}");
-
-        // A header with another value is no header.
-        let mut req = tonic::Request::new(wl::X509svidRequest {});
-        req.metadata_mut()
+        // FetchX509SVID without the header, or with another value (which is no header).
+        let mut wrong_value = tonic::Request::new(wl::X509svidRequest {});
+        wrong_value
+            .metadata_mut()
             .insert("workload.spiffe.io", "yes".parse().expect("ascii"));
-        let status = match within(30, "FetchX509SVID header=yes", raw.fetch_x509svid(req)).await {
-            Err(s) => s,
-            Ok(resp) => within(30, "first message", resp.into_inner().message())
-                .await
-                .expect_err("a wrong header value, no SVID"),
+        for (what, req) in [
+            (
+                "FetchX509SVID without header",
+                tonic::Request::new(wl::X509svidRequest {}),
+            ),
+            ("FetchX509SVID header=yes", wrong_value),
+        ] {
+            let status = x509_stream_status(30, what, raw.fetch_x509svid(req)).await;
+            assert_eq!(
+                status.code(),
+                tonic::Code::InvalidArgument,
+                "{what}: {status:?}"
+            );
+            assert!(
+                status.message().contains("security header"),
+                "{what}: {status:?}"
+            );
+        }
+
+        // FetchJWTSVID without the header; with the header but no audience, or only an empty
+        // one.
+        let jwt = |audience: &[&str]| wl::JwtsvidRequest {
+            audience: audience.iter().map(|a| a.to_string()).collect(),
+            spiffe_id: String::new(),
         };
-        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
-
-        // FetchJWTSVID without the header.
-        let status = unary_status(
-            within(
-                30,
+        for (what, req) in [
+            (
                 "FetchJWTSVID without header",
-                raw.fetch_jwtsvid(tonic::Request::new(wl::JwtsvidRequest {
-                    audience: vec!["my-service".into()],
-                    spiffe_id: String::new(),
-                })),
-            )
-            .await,
-        );
-        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
-
-        // With the header but no audience.
-        let status = unary_status(
-            within(
-                30,
-                "FetchJWTSVID without audience",
-                raw.fetch_jwtsvid(with_header(wl::JwtsvidRequest {
-                    audience: vec![],
-                    spiffe_id: String::new(),
-                })),
-            )
-            .await,
-        );
-        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
-        // ...or only an empty one.
-        let status = unary_status(
-            within(
-                30,
+                tonic::Request::new(jwt(&["my-service"])),
+            ),
+            ("FetchJWTSVID without audience", with_header(jwt(&[]))),
+            (
                 "FetchJWTSVID with an empty audience",
-                raw.fetch_jwtsvid(with_header(wl::JwtsvidRequest {
-                    audience: vec![String::new()],
-                    spiffe_id: String::new(),
-                })),
-            )
-            .await,
-        );
-        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+                with_header(jwt(&[""])),
+            ),
+        ] {
+            assert_invalid_argument(what, raw.fetch_jwtsvid(req)).await;
+        }
 
-        // ValidateJWTSVID with an empty token.
-        let status = unary_status(
-            within(
-                30,
+        // ValidateJWTSVID with an empty token, and without the header.
+        let validate = |svid: &str| wl::ValidateJwtsvidRequest {
+            audience: "my-service".into(),
+            svid: svid.into(),
+        };
+        for (what, req) in [
+            (
                 "ValidateJWTSVID with an empty token",
-                raw.validate_jwtsvid(with_header(wl::ValidateJwtsvidRequest {
-                    audience: "my-service".into(),
-                    svid: String::new(),
-                })),
-            )
-            .await,
-        );
-        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
-        // ...and without the header.
-        let status = unary_status(
-            within(
-                30,
+                with_header(validate("")),
+            ),
+            (
                 "ValidateJWTSVID without header",
-                raw.validate_jwtsvid(tonic::Request::new(wl::ValidateJwtsvidRequest {
-                    audience: "my-service".into(),
-                    svid: "a.b.c".into(),
-                })),
-            )
-            .await,
-        );
-        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+                tonic::Request::new(validate("a.b.c")),
+            ),
+        ] {
+            assert_invalid_argument(what, raw.validate_jwtsvid(req)).await;
+        }
 
         // Control: with the header the same caller gets its SVID on the same connection.
         let resp = within(
@@ -565,10 +597,7 @@ fn missing_security_header_is_invalid_argument() {
 #[test]
 fn jwt_svid_fetch_then_validate() {
     use base64::Engine as _;
-    let dir = tempdir();
-    let server = Server::start(&dir.path().join("server"), &[]);
-    let sel = uid_selector();
-    let w = agent_with_workload_entry(&server, dir.path(), WORKLOAD, &[&sel], &[]);
+    let (_dir, _server, w) = workload_for_this_uid(&[]);
     let socket = w.agent.socket_path();
 
     runtime().block_on(async {
@@ -608,18 +637,8 @@ fn jwt_svid_fetch_then_validate() {
         .expect("the agent validates the token");
         assert_eq!(validated.spiffe_id().to_string(), WORKLOAD);
         // ...and not for another one.
-        let err = within(
-            60,
-            "ValidateJWTSVID other audience",
-            client.validate_jwt_token("other-service", &token),
-        )
-        .await
-        .expect_err("another audience is refused by the agent");
-        assert_eq!(
-            grpc_code(&err),
-            Some(GrpcStatusCode::InvalidArgument),
-            "{err:?}"
-        );
+        let what = "another audience is refused by the agent";
+        assert_validation_refused(&client, what, "other-service", &token).await;
         // A tampered token is refused too.
         let mut parts: Vec<String> = token.split('.').map(str::to_string).collect();
         let mut sig = base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -628,18 +647,8 @@ fn jwt_svid_fetch_then_validate() {
         sig[0] ^= 1;
         parts[2] = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sig);
         let tampered = parts.join(".");
-        let err = within(
-            60,
-            "ValidateJWTSVID tampered",
-            client.validate_jwt_token("my-service", &tampered),
-        )
-        .await
-        .expect_err("a bad signature is refused by the agent");
-        assert_eq!(
-            grpc_code(&err),
-            Some(GrpcStatusCode::InvalidArgument),
-            "{err:?}"
-        );
+        let what = "a bad signature is refused by the agent";
+        assert_validation_refused(&client, what, "my-service", &tampered).await;
 
         // Locally, with the JWT bundles from the Workload API.
         let bundles = within(60, "FetchJWTBundles", client.fetch_jwt_bundles())
@@ -700,19 +709,8 @@ fn workload_b_helper_writes_its_svid() {
             .await
             .expect("workload B gets its X509 context");
         let svid = ctx.default_svid().expect("workload B has an SVID");
-        let chain: Vec<Vec<u8>> = svid
-            .cert_chain()
-            .iter()
-            .map(|c| c.as_bytes().to_vec())
-            .collect();
-        let roots: Vec<Vec<u8>> = ctx
-            .bundle_set()
-            .get(&example_org())
-            .expect("example.org bundle")
-            .authorities()
-            .iter()
-            .map(|c| c.as_bytes().to_vec())
-            .collect();
+        let chain = chain_der(svid);
+        let roots = example_org_roots(ctx.bundle_set());
         std::fs::write(out.join("svid.pem"), sigil::x509::to_pem_certs(&chain)).expect("svid");
         std::fs::write(
             out.join("key.pem"),
@@ -733,10 +731,9 @@ struct Identity {
 impl Identity {
     fn from_svid(svid: &spiffe::X509Svid) -> Identity {
         Identity {
-            chain: svid
-                .cert_chain()
-                .iter()
-                .map(|c| CertificateDer::from(c.as_bytes().to_vec()))
+            chain: chain_der(svid)
+                .into_iter()
+                .map(CertificateDer::from)
                 .collect(),
             key: PrivateKeyDer::Pkcs8(svid.private_key().as_bytes().to_vec().into()),
         }
@@ -956,21 +953,9 @@ fn two_workloads_complete_mtls_and_foreign_peer_is_refused() {
         let ctx = within(60, "workload A: FetchX509SVID", client.fetch_x509_context())
             .await
             .expect("workload A's context");
-        let ids: Vec<String> = ctx
-            .svids()
-            .iter()
-            .map(|s| s.spiffe_id().to_string())
-            .collect();
-        assert_eq!(ids, vec![A.to_string()], "this process is A and only A");
+        assert_eq!(ids_of(&ctx), vec![A], "this process is A and only A");
         let svid_a = ctx.default_svid().expect("A's SVID").clone();
-        let roots_a: Vec<Vec<u8>> = ctx
-            .bundle_set()
-            .get(&example_org())
-            .expect("example.org bundle")
-            .authorities()
-            .iter()
-            .map(|c| c.as_bytes().to_vec())
-            .collect();
+        let roots_a = example_org_roots(ctx.bundle_set());
         assert_eq!(roots_a, bundle_b, "both workloads got the same bundle");
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -1126,10 +1111,7 @@ impl Drop for KillOnDrop {
 
 #[test]
 fn exited_process_pid_cannot_be_attested() {
-    let dir = tempdir();
-    let server = Server::start(&dir.path().join("server"), &[]);
-    let sel = uid_selector();
-    let w = agent_with_workload_entry(&server, dir.path(), WORKLOAD, &[&sel], &[]);
+    let (dir, _server, w) = workload_for_this_uid(&[]);
     let socket = w.agent.socket_path();
     let proxy = dir.path().join("proxy.sock");
     let pid_file = dir.path().join("relay.pid");
@@ -1236,32 +1218,16 @@ fn exited_process_pid_cannot_be_attested() {
 // 8. Entry changes on an open stream
 // ---------------------------------------------------------------------------------------------
 
-/// The SPIFFE IDs in an X509 context, default first.
-fn ids_of(ctx: &spiffe::X509Context) -> Vec<String> {
-    ctx.svids()
-        .iter()
-        .map(|s| s.spiffe_id().to_string())
-        .collect()
-}
-
 #[test]
 fn new_entry_reaches_an_open_stream() {
     const SECOND: &str = "spiffe://example.org/second";
-    let dir = tempdir();
-    let server = Server::start(&dir.path().join("server"), &[]);
     let sel = uid_selector();
-    let w = agent_with_workload_entry(&server, dir.path(), WORKLOAD, &[&sel], &[]);
+    let (_dir, server, w) = workload_for_this_uid(&[]);
     let socket = w.agent.socket_path();
 
     runtime().block_on(async {
         let client = spiffe_client(&socket).await;
-        let mut stream = within(30, "opening the stream", client.stream_x509_contexts())
-            .await
-            .expect("stream_x509_contexts");
-        let first = within(60, "first context", stream.next())
-            .await
-            .expect("a first message")
-            .expect("first context");
+        let (mut stream, first) = open_x509_stream(&client).await;
         assert_eq!(ids_of(&first), vec![WORKLOAD]);
         let serial = serial_and_validity(first.svids()[0].leaf().as_bytes()).0;
 
@@ -1269,17 +1235,8 @@ fn new_entry_reaches_an_open_stream() {
         create_entry(&server, &w.agent_id, SECOND, &[&sel], &[]);
         let deadline = Instant::now() + Duration::from_secs(60);
         let ctx = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let ctx = tokio::time::timeout(left, stream.next())
-                .await
-                .unwrap_or_else(|_| {
-                    panic!(
-                        "the new entry never reached the stream; agent log:\n{}",
-                        w.agent.log_text()
-                    )
-                })
-                .expect("the stream ended")
-                .expect("stream message");
+            let what = "the new entry never reached the stream";
+            let ctx = next_context_before(&mut stream, deadline, what, &w.agent).await;
             if ctx.svids().len() == 2 {
                 break ctx;
             }
@@ -1303,12 +1260,8 @@ fn new_entry_reaches_an_open_stream() {
 #[test]
 fn entry_removal_ends_the_stream_with_permission_denied() {
     const SECOND: &str = "spiffe://example.org/second";
-    let dir = tempdir();
-    let server = Server::start(&dir.path().join("server"), &[]);
     let sel = uid_selector();
-    let w = agent_with_workload_entries(
-        &server,
-        dir.path(),
+    let (_dir, server, w) = server_and_agent(
         &[(WORKLOAD, &[sel.as_str()]), (SECOND, &[sel.as_str()])],
         &[],
     );
@@ -1316,13 +1269,7 @@ fn entry_removal_ends_the_stream_with_permission_denied() {
 
     runtime().block_on(async {
         let client = spiffe_client(&socket).await;
-        let mut stream = within(30, "opening the stream", client.stream_x509_contexts())
-            .await
-            .expect("stream_x509_contexts");
-        let first = within(60, "first context", stream.next())
-            .await
-            .expect("a first message")
-            .expect("first context");
+        let (mut stream, first) = open_x509_stream(&client).await;
         // Both entries were created within a second or so: the agent orders them by creation
         // second, then entry id, so either may be the default.
         let order = ids_of(&first);
@@ -1376,17 +1323,23 @@ fn agent_cli(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// Runs `sigil-agent <args> --output json`, asserting success, and parses stdout.
+fn agent_cli_json(args: &[&str]) -> serde_json::Value {
+    let mut v = args.to_vec();
+    v.extend(["--output", "json"]);
+    let (ok, stdout, stderr) = agent_cli(&v);
+    assert!(ok, "sigil-agent {args:?} failed: {stderr}");
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {stdout}"))
+}
+
 /// The operator tools: `api fetch x509 --write`, `api fetch jwt` + `api validate jwt`,
 /// `api watch`, and `explain --pid` naming a near miss's missing selector.
 #[test]
 fn operator_commands_fetch_validate_watch_and_explain() {
     use std::os::unix::fs::PermissionsExt as _;
-    let dir = tempdir();
-    let server = Server::start(&dir.path().join("server"), &[]);
     let near_miss = format!("unix:uid:{}", uid() + 1);
     let uid_sel = uid_selector();
-    let w =
-        agent_with_workload_entries(&server, dir.path(), &[(WORKLOAD, &[uid_sel.as_str()])], &[]);
+    let (dir, server, w) = workload_for_this_uid(&[]);
     // Created after the agent synced: a near miss the agent holds (no SVID needed for explain).
     create_entry(
         &server,
@@ -1399,7 +1352,7 @@ fn operator_commands_fetch_validate_watch_and_explain() {
     let socket = socket.to_str().expect("utf-8 path");
     let out_dir = dir.path().join("svid");
 
-    let (ok, stdout, stderr) = agent_cli(&[
+    let doc = agent_cli_json(&[
         "api",
         "fetch",
         "x509",
@@ -1407,11 +1360,7 @@ fn operator_commands_fetch_validate_watch_and_explain() {
         socket,
         "--write",
         out_dir.to_str().expect("utf-8"),
-        "--output",
-        "json",
     ]);
-    assert!(ok, "api fetch x509 failed: {stderr}");
-    let doc: serde_json::Value = serde_json::from_str(&stdout).expect("json output");
     assert_eq!(doc["svids"][0]["spiffe_id"], WORKLOAD, "{doc}");
     let key_mode = std::fs::metadata(out_dir.join("svid.key"))
         .expect("svid.key written")
@@ -1435,7 +1384,7 @@ fn operator_commands_fetch_validate_watch_and_explain() {
         "bundle.pem is the server's bundle"
     );
 
-    let (ok, stdout, stderr) = agent_cli(&[
+    let doc = agent_cli_json(&[
         "api",
         "fetch",
         "jwt",
@@ -1443,45 +1392,30 @@ fn operator_commands_fetch_validate_watch_and_explain() {
         socket,
         "--audience",
         "svc-a",
-        "--output",
-        "json",
     ]);
-    assert!(ok, "api fetch jwt failed: {stderr}");
-    let doc: serde_json::Value = serde_json::from_str(&stdout).expect("json output");
     let token = doc["svids"][0]["token"]
         .as_str()
         .expect("a token")
         .to_string();
-    let (ok, stdout, stderr) = agent_cli(&[
-        "api",
-        "validate",
-        "jwt",
-        "--socket-path",
-        socket,
-        "--audience",
-        "svc-a",
-        "--svid",
-        &token,
-        "--output",
-        "json",
-    ]);
-    assert!(ok, "api validate jwt failed: {stderr}");
-    let doc: serde_json::Value = serde_json::from_str(&stdout).expect("json output");
+    let validate = |audience: &'static str| {
+        [
+            "api",
+            "validate",
+            "jwt",
+            "--socket-path",
+            socket,
+            "--audience",
+            audience,
+            "--svid",
+            token.as_str(),
+        ]
+    };
+    let doc = agent_cli_json(&validate("svc-a"));
     assert_eq!(doc["spiffe_id"], WORKLOAD);
     // One audience may be a bare string (as SPIRE writes it) or a one-element list.
     let aud = &doc["claims"]["aud"];
     assert!(aud == "svc-a" || aud[0] == "svc-a", "{doc}");
-    let (ok, _, stderr) = agent_cli(&[
-        "api",
-        "validate",
-        "jwt",
-        "--socket-path",
-        socket,
-        "--audience",
-        "svc-b",
-        "--svid",
-        &token,
-    ]);
+    let (ok, _, stderr) = agent_cli(&validate("svc-b"));
     assert!(!ok, "a token for svc-a is not valid for svc-b");
     assert!(stderr.contains("InvalidArgument"), "{stderr}");
 
@@ -1497,17 +1431,7 @@ fn operator_commands_fetch_validate_watch_and_explain() {
     let admin = w.agent.admin_socket.to_str().expect("utf-8").to_string();
     let pid = std::process::id().to_string();
     let x = support::wait_for(30, "explain to see the near-miss entry", || {
-        let (ok, stdout, stderr) = agent_cli(&[
-            "explain",
-            "--pid",
-            &pid,
-            "--admin-socket",
-            &admin,
-            "--output",
-            "json",
-        ]);
-        assert!(ok, "explain failed: {stderr}");
-        let x: serde_json::Value = serde_json::from_str(&stdout).expect("json output");
+        let x = agent_cli_json(&["explain", "--pid", &pid, "--admin-socket", &admin]);
         (x["near_misses"].as_array().is_some_and(|a| !a.is_empty())).then_some(x)
     });
     assert!(

@@ -14,6 +14,7 @@ use sigil::logging::LogFormat;
 use sigil::TrustDomain;
 
 use crate::attestor::k8s_psat::{self, ClusterConfig, FileCluster, FileK8sPsat};
+use crate::bundle_publisher::{self, BundlePublisherConfig, FileBundlePublisher, FileK8sConfigMap};
 use crate::ca::{CaConfig, KeyType, UpstreamConfig};
 
 /// Default node API address (SPIRE's server port).
@@ -52,6 +53,9 @@ pub struct FileConfig {
     /// Node attestor settings.
     #[serde(default)]
     pub node_attestor: FileNodeAttestor,
+    /// Where the trust bundle is published for the agents.
+    #[serde(default)]
+    pub bundle_publisher: FileBundlePublisher,
 }
 
 /// `[node_attestor]` section (join tokens need no settings).
@@ -203,6 +207,28 @@ pub struct RunFlags {
     /// k8s_psat: API server CA (PEM) [default: the pod's service-account ca.crt].
     #[arg(long, value_name = "FILE", requires = "k8s_psat_cluster")]
     pub k8s_psat_api_ca_file: Option<PathBuf>,
+    /// Publish the trust bundle into a Kubernetes ConfigMap (as [bundle_publisher.k8s_configmap]
+    /// in the file); the other --bundle-publisher-k8s-configmap-* flags set its keys.
+    #[arg(long)]
+    pub bundle_publisher_k8s_configmap: bool,
+    /// Bundle ConfigMap namespace [default: the pod's namespace, else sigil].
+    #[arg(long, value_name = "NAMESPACE")]
+    pub bundle_publisher_k8s_configmap_namespace: Option<String>,
+    /// Bundle ConfigMap name [default: sigil-bundle].
+    #[arg(long, value_name = "NAME")]
+    pub bundle_publisher_k8s_configmap_name: Option<String>,
+    /// Key of the bundle in the ConfigMap [default: bundle.pem].
+    #[arg(long, value_name = "KEY")]
+    pub bundle_publisher_k8s_configmap_key: Option<String>,
+    /// Bundle ConfigMap: API server URL [default in a pod: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT].
+    #[arg(long, value_name = "URL")]
+    pub bundle_publisher_k8s_configmap_api_server_url: Option<String>,
+    /// Bundle ConfigMap: API server bearer token file [default: the pod's service-account token].
+    #[arg(long, value_name = "FILE")]
+    pub bundle_publisher_k8s_configmap_api_token_file: Option<PathBuf>,
+    /// Bundle ConfigMap: API server CA (PEM) [default: the pod's service-account ca.crt].
+    #[arg(long, value_name = "FILE")]
+    pub bundle_publisher_k8s_configmap_api_ca_file: Option<PathBuf>,
 }
 
 /// The resolved configuration the server runs with.
@@ -230,6 +256,8 @@ pub struct ServerConfig {
     pub x509pop_ca_bundle: Option<PathBuf>,
     /// k8s_psat clusters by name; empty: k8s_psat is not offered.
     pub k8s_psat: BTreeMap<String, ClusterConfig>,
+    /// Where the trust bundle is published (nowhere by default).
+    pub bundle_publisher: BundlePublisherConfig,
 }
 
 impl ServerConfig {
@@ -365,10 +393,23 @@ impl ServerConfig {
             let from_file = k8s_clusters.remove(name).unwrap_or_default();
             k8s_clusters.insert(name.clone(), from_file.overridden_by(k8s_psat_flags(flags)));
         }
-        let k8s_psat = k8s_psat::resolve_clusters(
-            k8s_clusters,
-            k8s_psat::in_cluster_api_server_url().as_deref(),
-        )?;
+        let in_cluster = crate::kube::InCluster::detect();
+        let k8s_psat =
+            k8s_psat::resolve_clusters(k8s_clusters, in_cluster.api_server_url.as_deref())?;
+        let configmap_flags = bundle_publisher_flags(flags);
+        let configmap = match file.bundle_publisher.k8s_configmap {
+            Some(f) => Some(f.overridden_by(configmap_flags)),
+            None if flags.bundle_publisher_k8s_configmap => Some(configmap_flags),
+            None if configmap_flags != FileK8sConfigMap::default() => bail!(
+                "--bundle-publisher-k8s-configmap-* flags need the ConfigMap publisher on: pass \
+                 --bundle-publisher-k8s-configmap or add [bundle_publisher.k8s_configmap] to the \
+                 config file"
+            ),
+            None => None,
+        };
+        let bundle_publisher = BundlePublisherConfig {
+            k8s_configmap: bundle_publisher::resolve_k8s_configmap(configmap, &in_cluster)?,
+        };
         Ok(Self {
             trust_domain,
             data_dir,
@@ -381,6 +422,7 @@ impl ServerConfig {
             datastore_path,
             x509pop_ca_bundle,
             k8s_psat,
+            bundle_publisher,
         })
     }
 }
@@ -398,6 +440,18 @@ fn k8s_psat_flags(flags: &RunFlags) -> FileCluster {
         api_server_url: flags.k8s_psat_api_server_url.clone(),
         api_token_file: flags.k8s_psat_api_token_file.clone(),
         api_ca_file: flags.k8s_psat_api_ca_file.clone(),
+    }
+}
+
+/// The ConfigMap publisher keys given by `--bundle-publisher-k8s-configmap-*` flags.
+fn bundle_publisher_flags(flags: &RunFlags) -> FileK8sConfigMap {
+    FileK8sConfigMap {
+        namespace: flags.bundle_publisher_k8s_configmap_namespace.clone(),
+        name: flags.bundle_publisher_k8s_configmap_name.clone(),
+        key: flags.bundle_publisher_k8s_configmap_key.clone(),
+        api_server_url: flags.bundle_publisher_k8s_configmap_api_server_url.clone(),
+        api_token_file: flags.bundle_publisher_k8s_configmap_api_token_file.clone(),
+        api_ca_file: flags.bundle_publisher_k8s_configmap_api_ca_file.clone(),
     }
 }
 
@@ -446,6 +500,10 @@ mod tests {
         assert_eq!(c.ca.default_x509_svid_ttl, Duration::from_secs(3600));
         assert!(c.x509pop_ca_bundle.is_none(), "x509pop is off by default");
         assert!(c.k8s_psat.is_empty(), "k8s_psat is off by default");
+        assert!(
+            c.bundle_publisher.k8s_configmap.is_none(),
+            "the bundle publisher is off by default"
+        );
         Ok(())
     }
 
@@ -605,6 +663,80 @@ mod tests {
             "[node_attestor.k8s_psat.clusters.prod]\njwks_flie = \"/j\""
         )
         .is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn bundle_publisher_from_file_and_flags() -> anyhow::Result<()> {
+        let text = "trust_domain = \"a.org\"\n\
+            [bundle_publisher.k8s_configmap]\n\
+            namespace = \"spire\"\n\
+            api_server_url = \"https://api:6443\"\n\
+            api_ca_file = \"/etc/k8s/ca.crt\"\n";
+        let c = parse(text, RunFlags::default())?;
+        let cm = c.bundle_publisher.k8s_configmap.expect("publisher on");
+        assert_eq!(cm.namespace, "spire");
+        assert_eq!(cm.name, "sigil-bundle");
+        assert_eq!(cm.key, "bundle.pem");
+        assert_eq!(cm.api.url, "https://api:6443");
+        assert_eq!(cm.api.ca_file, PathBuf::from("/etc/k8s/ca.crt"));
+        assert_eq!(
+            cm.api.token_file,
+            PathBuf::from(crate::kube::IN_CLUSTER_TOKEN_FILE)
+        );
+
+        // Flags override the file's keys, or turn the publisher on alone.
+        let c = parse(
+            text,
+            RunFlags {
+                bundle_publisher_k8s_configmap_name: Some("trust".into()),
+                ..Default::default()
+            },
+        )?;
+        let cm = c.bundle_publisher.k8s_configmap.expect("publisher on");
+        assert_eq!(
+            (cm.namespace.as_str(), cm.name.as_str()),
+            ("spire", "trust")
+        );
+        let c = parse(
+            "trust_domain = \"a.org\"",
+            RunFlags {
+                bundle_publisher_k8s_configmap: true,
+                bundle_publisher_k8s_configmap_namespace: Some("ns1".into()),
+                bundle_publisher_k8s_configmap_api_server_url: Some("https://api".into()),
+                ..Default::default()
+            },
+        )?;
+        let cm = c.bundle_publisher.k8s_configmap.expect("publisher on");
+        assert_eq!(cm.namespace, "ns1");
+        assert_eq!(cm.api.url, "https://api");
+
+        let err = parse(
+            "trust_domain = \"a.org\"",
+            RunFlags {
+                bundle_publisher_k8s_configmap_name: Some("x".into()),
+                ..Default::default()
+            },
+        )
+        .expect_err("a key flag without the publisher");
+        assert!(
+            format!("{err:#}").contains("--bundle-publisher-k8s-configmap"),
+            "{err:#}"
+        );
+        let err = parse(
+            "trust_domain = \"a.org\"\n[bundle_publisher.k8s_configmap]\nkey = \"a/b\"\napi_server_url = \"https://api\"\n",
+            RunFlags::default(),
+        )
+        .expect_err("bad key");
+        assert!(
+            format!("{err:#}").contains("bundle_publisher.k8s_configmap.key"),
+            "{err:#}"
+        );
+        assert!(toml::from_str::<FileConfig>(
+            "[bundle_publisher.k8s_configmap]\nnamepsace = \"x\""
+        )
+        .is_err());
+        assert!(toml::from_str::<FileConfig>("[bundle_publisher.s3]\nx = 1").is_err());
         Ok(())
     }
 }

@@ -4,6 +4,9 @@
 //! - [`datastore`]: registration entries, agents, join tokens, bundles (SQLite by default).
 //! - [`api`]: the gRPC APIs (admin API on a local Unix socket, node API over mTLS).
 //! - [`attestor`]: node attestors (how agents prove their node: join tokens, x509pop, k8s_psat).
+//! - [`bundle_publisher`]: writes the trust bundle into a Kubernetes ConfigMap for the agents.
+//! - [`kube`]: reaching the Kubernetes API server (in-cluster defaults), for k8s_psat and the
+//!   bundle publisher.
 //! - [`identity`]: the server's own X509-SVID for the node API, rotated at half its lifetime.
 //! - [`cli`]: the `sigil-server` command line (run, entry, token, agent, bundle, healthcheck).
 //! - [`config`]: TOML configuration and `run` flags.
@@ -16,11 +19,18 @@
 
 pub mod api;
 pub mod attestor;
+pub mod bundle_publisher;
 pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod datastore;
 pub mod identity;
+pub mod kube;
 pub mod metrics;
 pub mod run;
 pub mod sync;
+
+/// The fake Kubernetes API server of the k8s_psat and bundle publisher tests.
+#[cfg(test)]
+#[path = "../../tests/support/fake_k8s.rs"]
+mod fake_k8s;

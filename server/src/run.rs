@@ -1,7 +1,8 @@
 //! `sigil-server run`: wires the datastore, CA and APIs together and serves until a signal.
 //!
 //! Start-up order: datastore (migrations) → CA (load or create keys) → publish the bundle to the
-//! datastore → admin socket → the server's own SVID and the node API (mTLS on `bind_address`) →
+//! datastore → admin socket → the bundle publisher (a Kubernetes ConfigMap, when configured; in
+//! the background, retrying) → the server's own SVID and the node API (mTLS on `bind_address`) →
 //! health endpoint → one "ready" log line. SIGTERM/SIGINT stop new connections, let in-flight
 //! requests finish, remove the socket, and exit 0.
 
@@ -113,6 +114,13 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
             wait_shutdown(shutdown_rx.clone()),
         );
     let admin_task = tokio::spawn(admin);
+
+    // The trust bundle into a ConfigMap for the agents: now, and again on every bundle change
+    // (announced on `events` after `state.bundle` is updated). Never fatal: it retries.
+    let publisher_task = cfg.bundle_publisher.k8s_configmap.clone().map(|c| {
+        let publisher = crate::bundle_publisher::ConfigMapPublisher::new(c);
+        tokio::spawn(publisher.run(state.clone(), events.subscribe(), shutdown_rx.clone()))
+    });
 
     // Node API: mTLS with the server's own SVID; agents' SVIDs verify against the CA's roots.
     let server_identity = Arc::new(
@@ -247,6 +255,9 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         let _ = t.await;
     }
     let _ = pruner.await;
+    if let Some(t) = publisher_task {
+        let _ = t.await;
+    }
     if let Err(e) = std::fs::remove_file(&cfg.admin_socket) {
         tracing::debug!(error = %e, "removing admin socket");
     }

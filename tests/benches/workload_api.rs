@@ -339,29 +339,11 @@ fn many_streams(
         let socket = socket.to_path_buf();
         tasks.spawn(async move {
             let permit = opening.acquire_owned().await.expect("semaphore");
-            let slot = i % connections;
-            let existing = channels.lock().expect("lock")[slot].clone();
-            let ch = match existing {
-                Some(c) => c,
-                None => match sigil::uds::connect(&socket).await {
-                    Ok(c) => {
-                        channels.lock().expect("lock")[slot] = Some(c.clone());
-                        c
-                    }
-                    Err(e) => {
-                        if failed.fetch_add(1, Ordering::Relaxed) == 0 {
-                            eprintln!("stream {i}: connect: {e:?}");
-                        }
-                        return;
-                    }
-                },
-            };
-            let mut c = SpiffeWorkloadApiClient::new(ch);
-            let mut s = match c.fetch_x509svid(with_header(wl::X509svidRequest {})).await {
-                Ok(r) => r.into_inner(),
+            let mut s = match open_stream(&socket, &channels, i % connections).await {
+                Ok(s) => s,
                 Err(e) => {
                     if failed.fetch_add(1, Ordering::Relaxed) == 0 {
-                        eprintln!("stream {i}: FetchX509SVID: {e}");
+                        eprintln!("stream {i}: {e}");
                     }
                     return;
                 }
@@ -522,16 +504,147 @@ fn many_streams(
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Baseline memory: the echo server as a child process (this executable, re-run), so its RSS
+// can be read like the agent's.
+// ---------------------------------------------------------------------------------------------
+
+/// Env: run as the baseline server on this socket (child mode).
+const SERVE_ENV: &str = "SIGIL_BENCH_WL_SERVE";
+/// Env: file with the encoded X509svidResponse the child answers.
+const SERVE_MSG_ENV: &str = "SIGIL_BENCH_WL_SERVE_MSG";
+
+/// Child mode: serve the echo until killed, on a default runtime (as the agent's).
+fn serve_baseline_child(socket: &Path, msg_file: &Path) {
+    let bytes = std::fs::read(msg_file).expect("reading the message file");
+    let msg = wl::X509svidResponse::decode(bytes.as_slice()).expect("decoding the message");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let listener = sigil::uds::bind(socket, 0o700, 0o600).expect("binding");
+        tonic::transport::Server::builder()
+            .add_service(SpiffeWorkloadApiServer::new(Echo {
+                x509: Arc::new(msg),
+            }))
+            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+            .await
+            .expect("baseline server");
+    });
+}
+
+/// Baseline server process: VmRSS idle and with `k` FetchX509SVID streams open over
+/// `connections` connections (KiB), and how many opened.
+fn baseline_memory(
+    rt: &tokio::runtime::Runtime,
+    msg: &wl::X509svidResponse,
+    k: usize,
+    connections: usize,
+) -> (u64, u64, usize) {
+    let dir = tempdir();
+    let socket = dir.path().join("b").join("api.sock");
+    let msg_file = dir.path().join("msg.bin");
+    std::fs::write(&msg_file, msg.encode_to_vec()).expect("writing the message file");
+    let mut child = std::process::Command::new(std::env::current_exe().expect("current exe"))
+        .env(SERVE_ENV, &socket)
+        .env(SERVE_MSG_ENV, &msg_file)
+        .spawn()
+        .expect("spawning the baseline server");
+    let pid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "baseline server did not bind");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let idle = proc_kib(pid, "VmRSS:");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let opened = Arc::new(AtomicUsize::new(0));
+    let opening = Arc::new(tokio::sync::Semaphore::new(64));
+    let channels: Arc<Mutex<Vec<Option<Channel>>>> = Arc::new(Mutex::new(vec![None; connections]));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..k {
+        let (opened, opening, channels, socket) = (
+            opened.clone(),
+            opening.clone(),
+            channels.clone(),
+            socket.clone(),
+        );
+        let mut stop = stop_rx.clone();
+        tasks.spawn_on(
+            async move {
+                let permit = opening.acquire_owned().await.expect("semaphore");
+                let Ok(mut s) = open_stream(&socket, &channels, i % connections).await else {
+                    return;
+                };
+                if let Ok(Some(_)) = s.message().await {
+                    opened.fetch_add(1, Ordering::Relaxed);
+                }
+                drop(permit);
+                let _ = stop.wait_for(|s| *s).await;
+            },
+            rt.handle(),
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while opened.load(Ordering::Relaxed) < k && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let open = proc_kib(pid, "VmRSS:");
+    let n = opened.load(Ordering::Relaxed);
+    let _ = stop_tx.send(true);
+    rt.block_on(async { while tasks.join_next().await.is_some() {} });
+    channels.lock().expect("lock").clear();
+    let _ = child.kill();
+    let _ = child.wait();
+    (idle, open, n)
+}
+
+/// A FetchX509SVID stream on connection `slot` of `channels` (connecting it if new).
+async fn open_stream(
+    socket: &Path,
+    channels: &Mutex<Vec<Option<Channel>>>,
+    slot: usize,
+) -> Result<tonic::Streaming<wl::X509svidResponse>, String> {
+    let existing = channels.lock().expect("lock")[slot].clone();
+    let ch = match existing {
+        Some(c) => c,
+        None => {
+            let c = sigil::uds::connect(socket)
+                .await
+                .map_err(|e| format!("connect: {e:?}"))?;
+            channels.lock().expect("lock")[slot] = Some(c.clone());
+            c
+        }
+    };
+    SpiffeWorkloadApiClient::new(ch)
+        .fetch_x509svid(with_header(wl::X509svidRequest {}))
+        .await
+        .map(Response::into_inner)
+        .map_err(|e| format!("FetchX509SVID: {e}"))
+}
+
 fn main() {
+    if let (Some(sock), Some(msg)) = (std::env::var_os(SERVE_ENV), std::env::var_os(SERVE_MSG_ENV))
+    {
+        serve_baseline_child(Path::new(&sock), Path::new(&msg));
+        return;
+    }
     let n = env_usize("SIGIL_BENCH_WL_N", 2000);
     let warmup = env_usize("SIGIL_BENCH_WL_WARMUP", 200);
     let rounds = env_usize("SIGIL_BENCH_WL_ROUNDS", 4).max(1);
     let hold = env_usize("SIGIL_BENCH_WL_HOLD_SECS", 0);
     let bundle_wait = Duration::from_secs(env_usize("SIGIL_BENCH_WL_BUNDLE_WAIT_SECS", 5) as u64);
-    let sizes: Vec<usize> = std::env::var("SIGIL_BENCH_WL_STREAMS")
+    // `K` (one connection per stream, as far as fds allow) or `K/C` (K streams over C).
+    let sizes: Vec<(usize, Option<usize>)> = std::env::var("SIGIL_BENCH_WL_STREAMS")
         .unwrap_or_else(|_| "1000,10000".into())
         .split(',')
-        .filter_map(|s| s.trim().parse().ok())
+        .filter_map(|s| {
+            let (k, c) = s
+                .trim()
+                .split_once('/')
+                .map_or((s.trim(), None), |(k, c)| (k, Some(c)));
+            Some((k.parse().ok()?, c.and_then(|c| c.parse().ok())))
+        })
         .collect();
 
     let nofile = raise_nofile();
@@ -639,9 +752,14 @@ fn main() {
 
     // Part 2.
     let mut streams = Vec::new();
-    for (i, &k) in sizes.iter().enumerate() {
+    let mut baseline_mem = Vec::new();
+    for (i, &(k, conns)) in sizes.iter().enumerate() {
         // The bench holds one fd per connection, the agent too; keep room for everything else.
-        let connections = k.min(nofile.saturating_sub(512) as usize).max(1);
+        let connections = conns
+            .unwrap_or(k)
+            .min(k)
+            .min(nofile.saturating_sub(512) as usize)
+            .max(1);
         eprintln!("{k} streams over {connections} connections ...");
         let p = pem(i + 1);
         streams.push(many_streams(
@@ -654,6 +772,15 @@ fn main() {
             &p,
             bundle_wait,
         ));
+        if std::env::var_os("SIGIL_BENCH_WL_NO_BASELINE_MEM").is_none() {
+            let (idle, open, n) = baseline_memory(&rt, &msg, k, connections);
+            eprintln!(
+                "  baseline server: {n} streams, RSS {} → {}",
+                mib(idle),
+                mib(open)
+            );
+            baseline_mem.push((k, connections, idle, open, n));
+        }
     }
     eprintln!("load after: {}", load().trim());
 
@@ -729,6 +856,25 @@ fn main() {
                 r.fds_closed,
                 r.note
             );
+        }
+        if !baseline_mem.is_empty() {
+            println!("\n| streams | connections | agent VmRSS with streams open − idle | baseline server (child process) VmRSS open − idle | per stream: agent / baseline |");
+            println!("|---|---|---|---|---|");
+            for ((k, c, b_idle, b_open, n), r) in baseline_mem.iter().zip(&streams) {
+                let a = r.rss_open.saturating_sub(r.rss_idle);
+                let b = b_open.saturating_sub(*b_idle);
+                println!(
+                    "| {k} | {c} | {} − {} = {} | {} − {} = {} ({n} open) | {:.1} / {:.1} KiB |",
+                    mib(r.rss_open),
+                    mib(r.rss_idle),
+                    mib(a),
+                    mib(*b_open),
+                    mib(*b_idle),
+                    mib(b),
+                    a as f64 / r.opened.max(1) as f64,
+                    b as f64 / (*n).max(1) as f64
+                );
+            }
         }
         println!("\n| streams | trigger | CLI time | streams updated | next message after CLI start p50 / p99 / max | after CLI return p50 / p99 / max |");
         println!("|---|---|---|---|---|---|");

@@ -3,10 +3,13 @@
 //! [`FakeK8s`] serves real HTTPS on loopback (a fresh rcgen CA signs a `localhost`/`127.0.0.1`
 //! certificate; rustls), from its own thread and runtime so sync and async tests can both use
 //! it: `GET /api/v1/namespaces/{ns}/pods/{name}`, `GET /api/v1/nodes/{name}`,
-//! `POST /apis/authentication.k8s.io/v1/tokenreviews` (these three need
-//! `Authorization: Bearer` [`API_TOKEN`], as the real one needs the server's service-account
-//! token), and, unauthenticated, `GET /.well-known/openid-configuration` and
-//! `GET /openid/v1/jwks`. Answers are shaped like the real API server's (trimmed).
+//! `POST /apis/authentication.k8s.io/v1/tokenreviews`, ConfigMaps (`GET`, `PUT`, `PATCH` with a
+//! JSON merge patch `/api/v1/namespaces/{ns}/configmaps/{name}`, `POST
+//! /api/v1/namespaces/{ns}/configmaps`, kept in memory with a `resourceVersion` that must match
+//! when a write carries one) (all these need `Authorization: Bearer` [`API_TOKEN`], as the real
+//! one needs the server's service-account token), and, unauthenticated,
+//! `GET /.well-known/openid-configuration` and `GET /openid/v1/jwks`. Answers are shaped like
+//! the real API server's (trimmed).
 //!
 //! [`TestIssuer`] mints projected service-account tokens (RS256 or ES256 with ring) and gives
 //! its JWK; [`PodClaims`] builds the claims.
@@ -92,6 +95,13 @@ pub struct State {
     pub requests: Vec<String>,
     /// Answer every authenticated API call with this status (an outage, RBAC trouble).
     pub fail_api_with: Option<u16>,
+    /// ConfigMaps by `ns/name`.
+    pub configmaps: HashMap<String, Value>,
+    /// The last `metadata.resourceVersion` given out.
+    pub resource_version: u64,
+    /// Answer this many ConfigMap writes (POST, PUT, PATCH) with 409 Conflict, as if someone
+    /// else had just changed the object.
+    pub configmap_conflicts: usize,
 }
 
 /// A running fake API server; stopped on drop.
@@ -279,6 +289,37 @@ impl FakeK8s {
         self.with(|s| s.fail_api_with = status);
     }
 
+    /// ConfigMap `ns/name`, as the API server would return it.
+    pub fn configmap(&self, ns: &str, name: &str) -> Option<Value> {
+        self.with(|s| s.configmaps.get(&format!("{ns}/{name}")).cloned())
+    }
+
+    /// `data[key]` of ConfigMap `ns/name`.
+    pub fn configmap_data(&self, ns: &str, name: &str, key: &str) -> Option<String> {
+        self.configmap(ns, name)
+            .and_then(|cm| cm["data"][key].as_str().map(str::to_string))
+    }
+
+    /// Creates or replaces ConfigMap `ns/name` with `data`.
+    pub fn set_configmap(&self, ns: &str, name: &str, data: &[(&str, &str)]) {
+        let data: serde_json::Map<String, Value> = data
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::from(*v)))
+            .collect();
+        let cm = json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": name, "namespace": ns},
+            "data": data
+        });
+        self.with(|s| store_configmap(s, ns, name, cm));
+    }
+
+    /// Makes the next `n` ConfigMap writes answer 409 Conflict.
+    pub fn conflict_configmap_writes(&self, n: usize) {
+        self.with(|s| s.configmap_conflicts = n);
+    }
+
     /// How many requests so far started with `prefix` (e.g. `GET /openid/v1/jwks`).
     pub fn count(&self, prefix: &str) -> usize {
         self.with(|s| s.requests.iter().filter(|r| r.starts_with(prefix)).count())
@@ -322,6 +363,12 @@ async fn handle(
 ) -> Response<Full<Bytes>> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let content_type = req
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
     let bearer = req
         .headers()
         .get(hyper::header::AUTHORIZATION)
@@ -384,6 +431,20 @@ async fn handle(
                 &format!("nodes \"{name}\" not found"),
             ),
         },
+        (&Method::GET, ["api", "v1", "namespaces", ns, "configmaps", name]) => {
+            match s.configmaps.get(&format!("{ns}/{name}")) {
+                Some(cm) => reply(StatusCode::OK, cm.clone()),
+                None => status_object(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    &format!("configmaps \"{name}\" not found"),
+                ),
+            }
+        }
+        (
+            &Method::POST | &Method::PUT | &Method::PATCH,
+            ["api", "v1", "namespaces", ns, "configmaps", rest @ ..],
+        ) => write_configmap(&mut s, &method, ns, rest, &content_type, &body),
         (&Method::POST, ["apis", "authentication.k8s.io", "v1", "tokenreviews"]) => {
             let Ok(review) = serde_json::from_slice::<Value>(&body) else {
                 return status_object(StatusCode::BAD_REQUEST, "BadRequest", "not JSON");
@@ -439,6 +500,131 @@ async fn handle(
             "NotFound",
             "the server could not find the requested resource",
         ),
+    }
+}
+
+/// Stores ConfigMap `ns/name` with a new `resourceVersion` (and a `uid` the first time).
+fn store_configmap(s: &mut State, ns: &str, name: &str, mut cm: Value) -> Value {
+    s.resource_version += 1;
+    let key = format!("{ns}/{name}");
+    let uid = s
+        .configmaps
+        .get(&key)
+        .and_then(|old| old["metadata"]["uid"].as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("configmap-uid-{}", s.resource_version));
+    cm["metadata"]["name"] = Value::from(name);
+    cm["metadata"]["namespace"] = Value::from(ns);
+    cm["metadata"]["uid"] = Value::from(uid);
+    cm["metadata"]["resourceVersion"] = Value::from(s.resource_version.to_string());
+    s.configmaps.insert(key, cm.clone());
+    cm
+}
+
+/// RFC 7386 JSON merge patch: objects merge key by key, `null` deletes, anything else replaces.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Some(p) = patch.as_object() else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    if let Some(t) = target.as_object_mut() {
+        for (k, v) in p {
+            if v.is_null() {
+                t.remove(k);
+            } else {
+                merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+    }
+}
+
+/// POST `…/configmaps` (create), PUT and PATCH `…/configmaps/{name}`.
+fn write_configmap(
+    s: &mut State,
+    method: &Method,
+    ns: &str,
+    rest: &[&str],
+    content_type: &str,
+    body: &[u8],
+) -> Response<Full<Bytes>> {
+    let Ok(doc) = serde_json::from_slice::<Value>(body) else {
+        return status_object(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the body is not JSON",
+        );
+    };
+    let conflict = |name: &str| {
+        status_object(
+            StatusCode::CONFLICT,
+            "Conflict",
+            &format!("Operation cannot be fulfilled on configmaps \"{name}\": the object has been modified; please apply your changes to the latest version and try again"),
+        )
+    };
+    let name = match (method, rest) {
+        (&Method::POST, []) => doc["metadata"]["name"].as_str().unwrap_or_default(),
+        (&Method::PUT | &Method::PATCH, [name]) => *name,
+        _ => {
+            return status_object(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                "the server does not allow this method on the requested resource",
+            )
+        }
+    }
+    .to_string();
+    if s.configmap_conflicts > 0 {
+        s.configmap_conflicts -= 1;
+        return conflict(&name);
+    }
+    let existing = s.configmaps.get(&format!("{ns}/{name}")).cloned();
+    let stale = |cm: &Value, sent: &Value| {
+        sent.as_str()
+            .is_some_and(|rv| Some(rv) != cm["metadata"]["resourceVersion"].as_str())
+    };
+    match (method, existing) {
+        (&Method::POST, Some(_)) => status_object(
+            StatusCode::CONFLICT,
+            "AlreadyExists",
+            &format!("configmaps \"{name}\" already exists"),
+        ),
+        (&Method::POST, None) => {
+            if name.is_empty() || doc["kind"] != "ConfigMap" {
+                return status_object(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    "not a named ConfigMap",
+                );
+            }
+            reply(StatusCode::CREATED, store_configmap(s, ns, &name, doc))
+        }
+        (_, None) => status_object(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("configmaps \"{name}\" not found"),
+        ),
+        (&Method::PUT, Some(cm)) => {
+            if stale(&cm, &doc["metadata"]["resourceVersion"]) {
+                return conflict(&name);
+            }
+            reply(StatusCode::OK, store_configmap(s, ns, &name, doc))
+        }
+        (_, Some(mut cm)) => {
+            if content_type != "application/merge-patch+json" {
+                return status_object(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "UnsupportedMediaType",
+                    &format!("the body of the request was in an unknown format - accepted media types include: application/merge-patch+json (got {content_type:?})"),
+                );
+            }
+            if stale(&cm, &doc["metadata"]["resourceVersion"]) {
+                return conflict(&name);
+            }
+            merge_patch(&mut cm, &doc);
+            reply(StatusCode::OK, store_configmap(s, ns, &name, cm))
+        }
     }
 }
 

@@ -346,15 +346,20 @@ impl Agent {
         }
     }
 
-    /// `sigil-agent status --output json`.
-    pub fn status(&self) -> serde_json::Value {
-        let out = Command::new(binary("sigil-agent"))
+    /// Runs `sigil-agent status <args>` against this agent.
+    pub fn status_output(&self, args: &[&str]) -> Output {
+        Command::new(binary("sigil-agent"))
             .arg("status")
             .arg("--admin-socket")
             .arg(&self.admin_socket)
-            .args(["--output", "json"])
+            .args(args)
             .output()
-            .expect("running sigil-agent status");
+            .expect("running sigil-agent status")
+    }
+
+    /// `sigil-agent status --output json`.
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.status_output(&["--output", "json"]);
         assert!(
             out.status.success(),
             "status failed: {}",
@@ -494,9 +499,7 @@ pub fn agent_with_workload_entries(
         .iter()
         .map(|(id, selectors)| create_entry(server, &agent_id, id, selectors, extra))
         .collect();
-    let agent_dir = dir.join("agent");
-    std::fs::create_dir_all(&agent_dir).expect("agent dir");
-    let agent = Agent::start(server, &agent_dir, &["--join-token", &token]);
+    let agent = Agent::start(server, &subdir(dir, "agent"), &["--join-token", &token]);
     let ids: Vec<&str> = entries.iter().map(|(id, _)| *id).collect();
     agent.wait_svids_for(&ids, 60);
     WorkloadAgent {
@@ -530,13 +533,7 @@ pub fn wait_status(
     let mut last = serde_json::Value::Null;
     loop {
         if agent.admin_socket.exists() {
-            let out = Command::new(binary("sigil-agent"))
-                .arg("status")
-                .arg("--admin-socket")
-                .arg(&agent.admin_socket)
-                .args(["--output", "json"])
-                .output()
-                .expect("running sigil-agent status");
+            let out = agent.status_output(&["--output", "json"]);
             if out.status.success() {
                 last = serde_json::from_slice(&out.stdout).expect("status JSON");
                 if pred(&last) {
@@ -577,4 +574,104 @@ pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// `<root>/<name>`, created.
+pub fn subdir(root: &Path, name: &str) -> PathBuf {
+    let d = root.join(name);
+    std::fs::create_dir_all(&d).expect("creating dir");
+    d
+}
+
+/// How many X509-SVIDs an agent's log says it has minted (the sum of its `signed=` counts).
+pub fn minted(log: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains("X509-SVIDs minted"))
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("signed=")))
+        .filter_map(|n| n.parse::<usize>().ok())
+        .sum()
+}
+
+/// A fresh join token for node alias `alias`: the agent attesting with it gets the entries
+/// registered under that alias.
+pub fn alias_token(server: &Server, alias: &str) -> String {
+    server.cli_json(&["token", "generate", "--spiffe-id", alias])["token"]
+        .as_str()
+        .expect("token")
+        .to_string()
+}
+
+impl Agent {
+    /// Waits (30 s each) until the agent has attested to the server and then minted an SVID
+    /// (`what`).
+    pub fn wait_attested(&mut self, what: &str) {
+        self.wait_log(30, "attestation", |l| {
+            l.contains("attested to sigil-server")
+        });
+        self.wait_log(30, what, |l| minted(l) >= 1);
+    }
+}
+
+/// Starts an agent in `dir` that the server must refuse: waits (30 s) for it to exit with a
+/// failure and returns its log.
+pub fn refused_agent_log(server: &Server, dir: &Path, extra: &[&str]) -> String {
+    let mut agent = Agent::start(server, dir, extra);
+    let status = agent.wait_exit(30);
+    let log = agent.log_text();
+    assert!(!status.success(), "the agent was not refused; log:\n{log}");
+    log
+}
+
+/// `agent list`, which must hold exactly one agent, attested with `attestation_type`: the list
+/// and that agent's SPIFFE ID.
+pub fn only_agent(server: &Server, attestation_type: &str) -> (serde_json::Value, String) {
+    let agents = server.cli_json(&["agent", "list"]);
+    let list = agents["agents"].as_array().expect("agents");
+    assert_eq!(list.len(), 1, "{agents}");
+    assert_eq!(list[0]["attestation_type"], attestation_type, "{agents}");
+    let id = list[0]["spiffe_id"].as_str().expect("id").to_string();
+    (agents, id)
+}
+
+/// Creates an entry for `spiffe_id` (`selector`) under `parent` and waits (`secs`) until `agent`
+/// has minted one more SVID (`what`).
+pub fn wait_minted_for_new_entry(
+    server: &Server,
+    agent: &mut Agent,
+    parent: &str,
+    spiffe_id: &str,
+    selector: &str,
+    secs: u64,
+    what: &str,
+) {
+    let before = minted(&agent.log_text());
+    create_entry(server, parent, spiffe_id, &[selector], &[]);
+    agent.wait_log(secs, what, |l| minted(l) > before);
+}
+
+/// Evicts the running `agent` (`agent_id`), whose node attestor (`method`) can prove itself
+/// again: it attests again on its own as the same agent and keeps minting (a new entry under
+/// `parent` reaches it). Returns `agent list` as it is after the re-attestation.
+pub fn evicted_agent_attests_again(
+    server: &Server,
+    agent: &mut Agent,
+    agent_id: &str,
+    method: &str,
+    parent: &str,
+) -> serde_json::Value {
+    server.cli_ok(&["agent", "evict", "--spiffe-id", agent_id]);
+    let again = format!("attested again with {method}");
+    agent.wait_log(60, "re-attestation after eviction", |l| l.contains(&again));
+    let agents = server.cli_json(&["agent", "list"]);
+    assert_eq!(agents["agents"][0]["spiffe_id"], agent_id, "{agents}");
+    wait_minted_for_new_entry(
+        server,
+        agent,
+        parent,
+        "spiffe://example.org/after-evict",
+        "unix:uid:1001",
+        30,
+        "minting after re-attestation",
+    );
+    agents
 }

@@ -293,36 +293,29 @@ mod tests {
 
     #[test]
     fn malformed_or_unreadable_stat_is_a_proc_error() {
+        let stat_error = |proc_dir: &Path| {
+            let e = ProcessPin::pin_in(proc_dir, 100).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    AttestError::Proc {
+                        pid: 100,
+                        what: "stat",
+                        ..
+                    }
+                ),
+                "{e:?}"
+            );
+            e
+        };
         let dir = fake_proc(100, "garbage");
-        let e = ProcessPin::pin_in(dir.path(), 100).unwrap_err();
-        assert!(
-            matches!(
-                e,
-                AttestError::Proc {
-                    pid: 100,
-                    what: "stat",
-                    ..
-                }
-            ),
-            "{e:?}"
-        );
+        let e = stat_error(dir.path());
         assert!(e.to_string().contains("stat"), "{e}");
 
         // A directory where the file should be: EISDIR, not "gone".
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("100/stat")).unwrap();
-        let e = ProcessPin::pin_in(dir.path(), 100).unwrap_err();
-        assert!(
-            matches!(
-                e,
-                AttestError::Proc {
-                    pid: 100,
-                    what: "stat",
-                    ..
-                }
-            ),
-            "{e:?}"
-        );
+        stat_error(dir.path());
     }
 
     #[test]

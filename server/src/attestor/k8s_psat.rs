@@ -50,10 +50,7 @@ use super::{AttestError, AttestedNode, Challenger, NodeAttestor, AGENT_PATH_PREF
 pub const TYPE: &str = "k8s_psat";
 /// Default audience the token must carry.
 pub const DEFAULT_AUDIENCE: &str = "sigil-server";
-/// In-cluster defaults: where a pod finds its API server credentials.
-pub const IN_CLUSTER_TOKEN_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
-/// In-cluster default CA of the API server.
-pub const IN_CLUSTER_CA_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
+pub use crate::kube::{in_cluster_api_server_url, IN_CLUSTER_CA_FILE, IN_CLUSTER_TOKEN_FILE};
 /// Leeway for `exp` and `nbf`, seconds.
 pub const CLOCK_SKEW: i64 = 30;
 /// Deadline of each API server / OIDC request.
@@ -157,22 +154,6 @@ pub struct ClusterConfig {
     pub api_ca_file: PathBuf,
 }
 
-/// `https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT` when running in a pod.
-pub fn in_cluster_api_server_url() -> Option<String> {
-    let host = std::env::var("KUBERNETES_SERVICE_HOST")
-        .ok()
-        .filter(|h| !h.is_empty())?;
-    let port = std::env::var("KUBERNETES_SERVICE_PORT")
-        .ok()
-        .filter(|p| !p.is_empty())
-        .unwrap_or_else(|| "443".into());
-    Some(if host.contains(':') {
-        format!("https://[{host}]:{port}")
-    } else {
-        format!("https://{host}:{port}")
-    })
-}
-
 /// A cluster name usable as a SPIFFE ID path segment and in selectors.
 fn valid_cluster_name(name: &str) -> bool {
     !name.is_empty()
@@ -182,16 +163,6 @@ fn valid_cluster_name(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-}
-
-fn https_url(key: &str, url: &str) -> anyhow::Result<String> {
-    let parsed: hyper::Uri = url
-        .parse()
-        .map_err(|e| anyhow::anyhow!("invalid {key} {url:?}: {e}"))?;
-    if parsed.scheme_str() != Some("https") || parsed.host().is_none() {
-        bail!("invalid {key} {url:?}: expected an https:// URL");
-    }
-    Ok(url.trim_end_matches('/').to_string())
 }
 
 /// Resolves the `[node_attestor.k8s_psat.clusters.*]` tables: required keys, exactly one
@@ -232,17 +203,15 @@ pub fn resolve_clusters(
         if audience.is_empty() {
             bail!("invalid {}: the audience is empty", key("audience"));
         }
-        let api_server_url = match c.api_server_url.as_deref().or(in_cluster_url) {
-            Some(u) => https_url(&key("api_server_url"), u)?,
-            None => bail!(
-                "{} is required outside a Kubernetes pod (the server checks that the agent's pod runs on the node it claims)",
-                key("api_server_url")
-            ),
-        };
-        let api_token_file = c
-            .api_token_file
-            .unwrap_or_else(|| IN_CLUSTER_TOKEN_FILE.into());
-        let api_ca_file = c.api_ca_file.unwrap_or_else(|| IN_CLUSTER_CA_FILE.into());
+        let api = crate::kube::resolve_api_server(
+            &format!("node_attestor.k8s_psat.clusters.{name}"),
+            c.api_server_url.as_deref(),
+            c.api_token_file,
+            c.api_ca_file,
+            in_cluster_url,
+            "the server checks that the agent's pod runs on the node it claims",
+        )?;
+        let (api_server_url, api_token_file, api_ca_file) = (api.url, api.token_file, api.ca_file);
         let methods = [
             c.jwks_file.is_some(),
             c.oidc_discovery_url.is_some(),
@@ -269,7 +238,7 @@ pub fn resolve_clusters(
             Verification::JwksFile(f)
         } else if let Some(u) = c.oidc_discovery_url {
             Verification::OidcDiscovery {
-                url: https_url(&key("oidc_discovery_url"), &u)?,
+                url: crate::kube::https_url(&key("oidc_discovery_url"), &u)?,
                 ca_file: c.ca_file.unwrap_or_else(|| api_ca_file.clone()),
             }
         } else {
@@ -754,8 +723,7 @@ impl K8sPsatAttestor {
 }
 
 #[cfg(test)]
-#[path = "../../../tests/support/fake_k8s.rs"]
-mod fake_k8s;
+use crate::fake_k8s;
 
 #[cfg(test)]
 mod tests;

@@ -48,7 +48,9 @@ impl SyncEvents {
             .send_modify(|s| s.entry_changes = s.entry_changes.wrapping_add(1));
     }
 
-    /// Announces that the stored trust bundle now has `sequence` (after `set_bundle`).
+    /// Announces that the stored trust bundle now has `sequence` (after `set_bundle`, and after
+    /// the server's current bundle, `AdminState::bundle`, holds it: the bundle publisher reads
+    /// it from there when woken).
     pub fn bundle_changed(&self, sequence: u64) {
         self.tx.send_if_modified(|s| {
             let changed = s.bundle_sequence != sequence;

@@ -98,10 +98,28 @@ impl Env {
     fn jwks_attestor(&self) -> K8sPsatAttestor {
         self.attestor_for(self.cluster(Verification::JwksFile(self.jwks_file(&[&self.rsa]))))
     }
+
+    /// An attestor fetching keys by OIDC discovery from the fake API server.
+    fn oidc_attestor(&self) -> K8sPsatAttestor {
+        self.attestor_for(self.cluster(Verification::OidcDiscovery {
+            url: self.fake.url.clone(),
+            ca_file: self.ca_file.clone(),
+        }))
+    }
+}
+
+/// The claims of a token of the agent's service account in pod `pod` (`pod_uid`) on `node`.
+fn pod_claims(pod: &str, pod_uid: &str, node: Option<(&str, &str)>) -> PodClaims {
+    PodClaims::new("sigil", "sigil-agent", pod, pod_uid, node)
 }
 
 fn claims() -> PodClaims {
-    PodClaims::new("sigil", "sigil-agent", POD, POD_UID, Some((NODE, NODE_UID)))
+    pod_claims(POD, POD_UID, Some((NODE, NODE_UID)))
+}
+
+/// A TokenReview answer authenticating the agent pod `POD` on `node` for `audiences`.
+fn review(node: Option<(&str, &str)>, audiences: &[&str]) -> Review {
+    Review::pod("sigil", "sigil-agent", POD, POD_UID, node, audiences)
 }
 
 fn payload(cluster: &str, token: &str) -> Vec<u8> {
@@ -118,6 +136,13 @@ fn denied(r: Result<AttestedNode, AttestError>) -> String {
     match r {
         Err(AttestError::Denied(m)) => m,
         other => panic!("expected Denied, got {other:?}"),
+    }
+}
+
+fn unavailable(r: Result<AttestedNode, AttestError>) -> String {
+    match r {
+        Err(AttestError::Unavailable(m)) => m,
+        other => panic!("expected Unavailable, got {other:?}"),
     }
 }
 
@@ -169,13 +194,7 @@ async fn rs256_token_from_jwks_file_attests_with_agent_id_and_selectors() -> Tes
         NODE,
         &[("app", "sigil-agent")],
     );
-    let mut c = PodClaims::new(
-        "sigil",
-        "sigil-agent",
-        "sigil-agent-q9w8e",
-        "pod-uid-2",
-        Some((NODE, NODE_UID)),
-    );
+    let mut c = pod_claims("sigil-agent-q9w8e", "pod-uid-2", Some((NODE, NODE_UID)));
     c.audience = vec!["other".into(), DEFAULT_AUDIENCE.into()];
     let again = attest(&a, &env.rsa.sign(&c.to_json())).await?;
     assert_eq!(again.agent_id, n.agent_id);
@@ -186,7 +205,7 @@ async fn rs256_token_from_jwks_file_attests_with_agent_id_and_selectors() -> Tes
 async fn token_without_node_claims_uses_the_pods_node() -> TestResult {
     let env = Env::new();
     let a = env.jwks_attestor();
-    let c = PodClaims::new("sigil", "sigil-agent", POD, POD_UID, None);
+    let c = pod_claims(POD, POD_UID, None);
     let n = attest(&a, &env.rsa.sign(&c.to_json())).await?;
     assert!(n.agent_id.path().ends_with(NODE_UID));
     assert!(selector_strings(&n).contains(&format!("k8s_psat:agent_node_name:{NODE}")));
@@ -198,10 +217,7 @@ async fn es256_token_via_oidc_discovery_attests_and_checks_the_issuer() -> TestR
     let env = Env::new();
     let ec = TestIssuer::es256("ec-1");
     env.fake.set_jwks(TestIssuer::jwks(&[&ec]));
-    let a = env.attestor_for(env.cluster(Verification::OidcDiscovery {
-        url: env.fake.url.clone(),
-        ca_file: env.ca_file.clone(),
-    }));
+    let a = env.oidc_attestor();
     let mut c = claims();
     c.issuer = env.fake.url.clone();
     let n = attest(&a, &ec.sign(&c.to_json())).await?;
@@ -222,14 +238,9 @@ async fn es256_token_via_oidc_discovery_attests_and_checks_the_issuer() -> TestR
     let env2 = Env::new();
     env2.fake.set_jwks(TestIssuer::jwks(&[&ec]));
     env2.fake.set_issuer("https://somewhere.else");
-    let a2 = env2.attestor_for(env2.cluster(Verification::OidcDiscovery {
-        url: env2.fake.url.clone(),
-        ca_file: env2.ca_file.clone(),
-    }));
-    match attest(&a2, &ec.sign(&c.to_json())).await {
-        Err(AttestError::Unavailable(m)) => assert!(m.contains("somewhere.else"), "{m}"),
-        other => panic!("expected Unavailable, got {other:?}"),
-    }
+    let a2 = env2.oidc_attestor();
+    let m = unavailable(attest(&a2, &ec.sign(&c.to_json())).await);
+    assert!(m.contains("somewhere.else"), "{m}");
     Ok(())
 }
 
@@ -239,10 +250,7 @@ async fn unknown_kid_refetches_oidc_keys_at_most_every_min_refetch() -> TestResu
     let old = TestIssuer::es256("old");
     let new = TestIssuer::es256("new");
     env.fake.set_jwks(TestIssuer::jwks(&[&old]));
-    let mut a = env.attestor_for(env.cluster(Verification::OidcDiscovery {
-        url: env.fake.url.clone(),
-        ca_file: env.ca_file.clone(),
-    }));
+    let mut a = env.oidc_attestor();
     for c in a.clusters.values_mut() {
         if let Some(k) = c.keys.as_mut() {
             k.min_refetch = Duration::from_millis(400);
@@ -277,17 +285,8 @@ async fn token_review_attests_and_refuses_what_the_api_server_refuses() -> TestR
     let a = env.attestor_for(env.cluster(Verification::TokenReview));
     // The API server alone vouches for the token: the signing key is unknown here.
     let token = TestIssuer::es256("cluster-key").sign(&claims().to_json());
-    env.fake.set_review(
-        &token,
-        Review::pod(
-            "sigil",
-            "sigil-agent",
-            POD,
-            POD_UID,
-            Some((NODE, NODE_UID)),
-            &["sigil-server"],
-        ),
-    );
+    env.fake
+        .set_review(&token, review(Some((NODE, NODE_UID)), &["sigil-server"]));
     let n = attest(&a, &token).await?;
     assert_eq!(
         n.agent_id.to_string(),
@@ -306,23 +305,13 @@ async fn token_review_attests_and_refuses_what_the_api_server_refuses() -> TestR
 
     // Issued for another audience: the API server refuses it for ours.
     let api_token = TestIssuer::es256("k").sign(&claims().to_json());
-    env.fake.set_review(
-        &api_token,
-        Review::pod("sigil", "sigil-agent", POD, POD_UID, None, &["api"]),
-    );
+    env.fake.set_review(&api_token, review(None, &["api"]));
     let m = denied(attest(&a, &api_token).await);
     assert!(m.contains("audiences"), "{m}");
 
     // Not a pod-bound token.
     let legacy = TestIssuer::es256("k").sign(&json!({"sub": "x"}));
-    let mut r = Review::pod(
-        "sigil",
-        "sigil-agent",
-        POD,
-        POD_UID,
-        None,
-        &["sigil-server"],
-    );
+    let mut r = review(None, &["sigil-server"]);
     r.extra.clear();
     env.fake.set_review(&legacy, r);
     let m = denied(attest(&a, &legacy).await);
@@ -330,14 +319,7 @@ async fn token_review_attests_and_refuses_what_the_api_server_refuses() -> TestR
 
     // A user, not a service account.
     let user = TestIssuer::es256("k").sign(&json!({"sub": "y"}));
-    let mut r = Review::pod(
-        "sigil",
-        "sigil-agent",
-        POD,
-        POD_UID,
-        None,
-        &["sigil-server"],
-    );
+    let mut r = review(None, &["sigil-server"]);
     r.username = "alice".into();
     env.fake.set_review(&user, r);
     let m = denied(attest(&a, &user).await);
@@ -345,17 +327,8 @@ async fn token_review_attests_and_refuses_what_the_api_server_refuses() -> TestR
 
     // The review says the pod is on node-1 but it claims another node.
     let moved = TestIssuer::es256("k").sign(&json!({"sub": "z"}));
-    env.fake.set_review(
-        &moved,
-        Review::pod(
-            "sigil",
-            "sigil-agent",
-            POD,
-            POD_UID,
-            Some(("node-2", "n2")),
-            &["sigil-server"],
-        ),
-    );
+    env.fake
+        .set_review(&moved, review(Some(("node-2", "n2")), &["sigil-server"]));
     let m = denied(attest(&a, &moved).await);
     assert!(m.contains("runs on node \"node-1\""), "{m}");
     Ok(())
@@ -452,13 +425,7 @@ async fn pod_and_node_must_match_the_api_server() -> TestResult {
     env.fake.set_node("node-2", "node-uid-2", &[]);
 
     // The token claims node-2, but the pod runs on node-1.
-    let wrong_node = PodClaims::new(
-        "sigil",
-        "sigil-agent",
-        POD,
-        POD_UID,
-        Some(("node-2", "node-uid-2")),
-    );
+    let wrong_node = pod_claims(POD, POD_UID, Some(("node-2", "node-uid-2")));
     let m = denied(attest(&a, &env.rsa.sign(&wrong_node.to_json())).await);
     assert!(
         m.contains("claims node \"node-2\"") && m.contains("runs on node \"node-1\""),
@@ -466,13 +433,7 @@ async fn pod_and_node_must_match_the_api_server() -> TestResult {
     );
 
     // Same pod name, another UID: a stale token of a re-created pod.
-    let stale = PodClaims::new(
-        "sigil",
-        "sigil-agent",
-        POD,
-        "old-pod-uid",
-        Some((NODE, NODE_UID)),
-    );
+    let stale = pod_claims(POD, "old-pod-uid", Some((NODE, NODE_UID)));
     let m = denied(attest(&a, &env.rsa.sign(&stale.to_json())).await);
     assert!(
         m.contains(&format!("has UID \"{POD_UID}\"")) && m.contains("old-pod-uid"),
@@ -480,13 +441,7 @@ async fn pod_and_node_must_match_the_api_server() -> TestResult {
     );
 
     // The node was re-created under the same name.
-    let old_node = PodClaims::new(
-        "sigil",
-        "sigil-agent",
-        POD,
-        POD_UID,
-        Some((NODE, "old-node-uid")),
-    );
+    let old_node = pod_claims(POD, POD_UID, Some((NODE, "old-node-uid")));
     let m = denied(attest(&a, &env.rsa.sign(&old_node.to_json())).await);
     assert!(m.contains("claims node UID \"old-node-uid\""), "{m}");
 
@@ -498,7 +453,7 @@ async fn pod_and_node_must_match_the_api_server() -> TestResult {
 
     // The pod's node is gone.
     env.fake.set_pod("sigil", POD, POD_UID, "node-9", &[]);
-    let c = PodClaims::new("sigil", "sigil-agent", POD, POD_UID, None);
+    let c = pod_claims(POD, POD_UID, None);
     let m = denied(attest(&a, &env.rsa.sign(&c.to_json())).await);
     assert!(
         m.contains("node \"node-9\"") && m.contains("does not exist"),
@@ -513,22 +468,16 @@ async fn api_server_trouble_is_unavailable_not_denied() -> TestResult {
     let a = env.jwks_attestor();
     let token = env.rsa.sign(&claims().to_json());
     env.fake.fail_api_with(Some(500));
-    match attest(&a, &token).await {
-        Err(AttestError::Unavailable(m)) => assert!(m.contains("HTTP 500"), "{m}"),
-        other => panic!("expected Unavailable, got {other:?}"),
-    }
+    let m = unavailable(attest(&a, &token).await);
+    assert!(m.contains("HTTP 500"), "{m}");
     env.fake.fail_api_with(Some(403));
-    match attest(&a, &token).await {
-        Err(AttestError::Unavailable(m)) => assert!(m.contains("RBAC"), "{m}"),
-        other => panic!("expected Unavailable, got {other:?}"),
-    }
+    let m = unavailable(attest(&a, &token).await);
+    assert!(m.contains("RBAC"), "{m}");
     env.fake.fail_api_with(None);
     // A wrong API bearer token: the fake answers 401.
     std::fs::write(&env.api_token_file, "not-the-token")?;
-    match attest(&a, &token).await {
-        Err(AttestError::Unavailable(m)) => assert!(m.contains("api_token_file"), "{m}"),
-        other => panic!("expected Unavailable, got {other:?}"),
-    }
+    let m = unavailable(attest(&a, &token).await);
+    assert!(m.contains("api_token_file"), "{m}");
     // The token file is read for every call (it rotates).
     std::fs::write(&env.api_token_file, format!("{API_TOKEN}\n"))?;
     attest(&a, &token).await?;
@@ -538,10 +487,8 @@ async fn api_server_trouble_is_unavailable_not_denied() -> TestResult {
     let mut cfg = env.cluster(Verification::JwksFile(env.jwks_file(&[&env.rsa])));
     cfg.api_server_url = other.url.clone();
     let a = env.attestor_for(cfg);
-    match attest(&a, &token).await {
-        Err(AttestError::Unavailable(m)) => assert!(m.contains("TLS"), "{m}"),
-        other => panic!("expected Unavailable, got {other:?}"),
-    }
+    let m = unavailable(attest(&a, &token).await);
+    assert!(m.contains("TLS"), "{m}");
     Ok(())
 }
 

@@ -36,6 +36,17 @@ fn entry(path: &str, parent: &SpiffeId, selectors: &[&str]) -> RegistrationEntry
     RegistrationEntry::new(id(path), parent.clone(), sels(selectors))
 }
 
+/// `e` federating with `trust_domains`.
+fn federating(e: RegistrationEntry, trust_domains: &[&str]) -> RegistrationEntry {
+    RegistrationEntry {
+        federates_with: trust_domains
+            .iter()
+            .map(|t| TrustDomain::new(t).unwrap())
+            .collect(),
+        ..e
+    }
+}
+
 struct Fixture {
     _dir: tempfile::TempDir,
     ds: Arc<dyn Datastore>,
@@ -103,15 +114,24 @@ impl Fixture {
         Ok(e)
     }
 
+    /// [`Fixture::update`] of the hint alone.
+    async fn update_hint(&self, e: RegistrationEntry, hint: &str) -> TestResult<RegistrationEntry> {
+        self.update(RegistrationEntry {
+            hint: hint.into(),
+            ..e
+        })
+        .await
+    }
+
     async fn delete(&self, id: &str) -> TestResult {
         self.ds.delete_entry(id).await?;
         self.events.entries_changed();
         Ok(())
     }
 
-    /// Sets a federated bundle as the admin API does: store, then one event.
-    async fn set_federated(&self, td: &str, root: &[u8]) -> TestResult<StoredBundle> {
-        let b = self
+    /// Stores a federated bundle without telling the hub.
+    async fn store_federated(&self, td: &str, root: &[u8]) -> TestResult<StoredBundle> {
+        Ok(self
             .ds
             .set_federated_bundle(StoredBundle {
                 trust_domain: TrustDomain::new(td)?,
@@ -119,7 +139,12 @@ impl Fixture {
                 jwt_keys_json: "[]".into(),
                 sequence: 0,
             })
-            .await?;
+            .await?)
+    }
+
+    /// Sets a federated bundle as the admin API does: store, then one event.
+    async fn set_federated(&self, td: &str, root: &[u8]) -> TestResult<StoredBundle> {
+        let b = self.store_federated(td, root).await?;
         self.events.federated_bundles_changed();
         Ok(b)
     }
@@ -271,12 +296,7 @@ async fn creates_updates_deletes_and_reparenting_arrive() -> TestResult {
     assert_eq!(m.revision, web.revision);
 
     // Update → upsert with the new content.
-    let web = fx
-        .update(RegistrationEntry {
-            hint: "v2".into(),
-            ..web
-        })
-        .await?;
+    let web = fx.update_hint(web, "v2").await?;
     let m = next(&mut s, WITHIN).await?;
     assert_eq!(m.upserted, vec![web.to_proto()]);
 
@@ -538,16 +558,16 @@ async fn federated_bundles_follow_entries_and_bundle_changes() -> TestResult {
     fx.set_federated("other.org", b"o1").await?;
     fx.set_federated("third.org", b"t1").await?;
     let web = fx
-        .create_one(RegistrationEntry {
-            federates_with: vec![TrustDomain::new("other.org")?],
-            ..entry("/web", &agent, &["unix:uid:1"])
-        })
+        .create_one(federating(
+            entry("/web", &agent, &["unix:uid:1"]),
+            &["other.org"],
+        ))
         .await?;
     // Another agent's entry federating with third.org does not make it relevant here.
-    fx.create_one(RegistrationEntry {
-        federates_with: vec![TrustDomain::new("third.org")?],
-        ..entry("/theirs", &other, &["unix:uid:1"])
-    })
+    fx.create_one(federating(
+        entry("/theirs", &other, &["unix:uid:1"]),
+        &["third.org"],
+    ))
     .await?;
 
     // The snapshot carries exactly the relevant set, on its first message.
@@ -569,13 +589,7 @@ async fn federated_bundles_follow_entries_and_bundle_changes() -> TestResult {
 
     // The entry starts federating with third.org too: the upsert and the grown set together.
     let web = fx
-        .update(RegistrationEntry {
-            federates_with: vec![
-                TrustDomain::new("other.org")?,
-                TrustDomain::new("third.org")?,
-            ],
-            ..web
-        })
+        .update(federating(web, &["other.org", "third.org"]))
         .await?;
     let m = next(&mut s, WITHIN).await?;
     assert_eq!(m.upserted, vec![web.to_proto()]);
@@ -584,12 +598,7 @@ async fn federated_bundles_follow_entries_and_bundle_changes() -> TestResult {
         fed(&[("other.org", b"o2"), ("third.org", b"t2")])
     );
     // A hint change leaves the set alone.
-    let web = fx
-        .update(RegistrationEntry {
-            hint: "v2".into(),
-            ..web
-        })
-        .await?;
+    let web = fx.update_hint(web, "v2").await?;
     let m = next(&mut s, WITHIN).await?;
     assert_eq!(federated(&m), None);
 
@@ -618,22 +627,15 @@ async fn federated_bundles_follow_entries_and_bundle_changes() -> TestResult {
 async fn reconcile_repairs_a_missed_federated_change() -> TestResult {
     let fx = Fixture::new().await?;
     let agent = fx.agent("/sigil/agent/join_token/a", &[]).await?;
-    fx.create_one(RegistrationEntry {
-        federates_with: vec![TrustDomain::new("other.org")?],
-        ..entry("/web", &agent, &["unix:uid:1"])
-    })
+    fx.create_one(federating(
+        entry("/web", &agent, &["unix:uid:1"]),
+        &["other.org"],
+    ))
     .await?;
     let mut s = fx.stream(&agent, 0, Duration::from_millis(300));
     assert_eq!(federated(&snapshot(&mut s).await?[0]), fed(&[]));
     // Written behind the hub's back.
-    fx.ds
-        .set_federated_bundle(StoredBundle {
-            trust_domain: TrustDomain::new("other.org")?,
-            x509_roots: vec![b"o1".to_vec()],
-            jwt_keys_json: "[]".into(),
-            sequence: 0,
-        })
-        .await?;
+    fx.store_federated("other.org", b"o1").await?;
     let m = next(&mut s, WITHIN).await?;
     assert_eq!(federated(&m), fed(&[("other.org", b"o1")]));
     quiet(&mut s, Duration::from_millis(700)).await
