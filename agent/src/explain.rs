@@ -70,7 +70,9 @@ pub fn explain(cache: &Cache, selectors: &SelectorSet) -> Explanation {
         .map(|e| Match {
             entry_id: e.id.clone(),
             spiffe_id: e.spiffe_id.to_string(),
-            svid_ready: cache.svid(&e.id).is_some_and(|s| s.entry_revision == e.revision),
+            svid_ready: cache
+                .svid(&e.id)
+                .is_some_and(|s| s.entry_revision == e.revision),
         })
         .collect();
     let mut near: Vec<(usize, &RegistrationEntry, Vec<Missing>)> = cache
@@ -122,18 +124,30 @@ mod tests {
             vec![
                 entry("hit", 1, &["unix:uid:1000"], ""),
                 entry("wrong-uid", 2, &["unix:uid:1001"], ""),
-                entry("needs-path", 3, &["unix:uid:1000", "unix:path:/bin/app"], ""),
+                entry(
+                    "needs-path",
+                    3,
+                    &["unix:uid:1000", "unix:path:/bin/app"],
+                    "",
+                ),
                 entry("unrelated", 4, &["k8s:ns:prod"], ""),
             ],
             &["hit"],
         );
-        let x = explain(&c, &selectors(&["unix:uid:1000", "unix:path:/usr/bin/other"]));
+        let x = explain(
+            &c,
+            &selectors(&["unix:uid:1000", "unix:path:/usr/bin/other"]),
+        );
         assert_eq!(x.entries_held, 4);
         assert_eq!(x.matches.len(), 1);
         assert_eq!(x.matches[0].entry_id, "hit");
         assert!(x.matches[0].svid_ready);
         let near: Vec<&str> = x.near_misses.iter().map(|n| n.entry_id.as_str()).collect();
-        assert_eq!(near, ["needs-path", "wrong-uid"], "closest first, unrelated left out");
+        assert_eq!(
+            near,
+            ["needs-path", "wrong-uid"],
+            "closest first, unrelated left out"
+        );
         let wrong = &x.near_misses[1].missing[0];
         assert_eq!(wrong.selector, "unix:uid:1001");
         assert_eq!(wrong.process_has, ["unix:uid:1000"]);

@@ -12,13 +12,19 @@
 //!    fd limit allows), every first message received, then ONE federated bundle change
 //!    (`sigil-server bundle set --id spiffe://other.org`; the entry federates with other.org)
 //!    and the time until every stream has received the message carrying the new bundle. Agent
-//!    VmRSS / VmHWM from /proc idle, with all streams open, and after they close.
+//!    VmRSS / VmHWM from /proc idle, with all streams open, and after they close; the same
+//!    streams against the baseline server run as a child process (this executable again),
+//!    for its VmRSS. If the bundle change does not reach every stream, a stream opened
+//!    afterwards shows whether the agent's cache has it, and an `entry update` (new hint)
+//!    wakes the streams as a second, separately timed trigger.
 //!
 //! Run: `cargo bench --bench workload_api`. Env: `SIGIL_BENCH_WL_N` (calls per latency
-//! series, default 2000), `SIGIL_BENCH_WL_WARMUP` (default 200), `SIGIL_BENCH_WL_STREAMS`
-//! (default `1000,10000`; empty = skip part 2), `SIGIL_BENCH_WL_ROUNDS` (default 4),
-//! `SIGIL_BENCH_WL_HOLD_SECS` (keep the agent up after part 1, for `perf`; default 0).
-//! Every wait is bounded.
+//! series, default 2000), `SIGIL_BENCH_WL_WARMUP` (default 200), `SIGIL_BENCH_WL_ROUNDS`
+//! (default 4), `SIGIL_BENCH_WL_STREAMS` (default `1000,10000`; `K/C` = K streams over C
+//! connections; empty = skip part 2), `SIGIL_BENCH_WL_BUNDLE_WAIT_SECS` (default 5),
+//! `SIGIL_BENCH_WL_NO_BASELINE_MEM` (skip the baseline memory run), `SIGIL_BENCH_WL_HOLD_SECS`
+//! (after part 1, that many seconds of untimed calls for `perf record -p <agent>`; default 0),
+//! `SIGIL_BENCH_WL_DEBUG` (log tails when a trigger misses streams). Every wait is bounded.
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -258,7 +264,10 @@ impl Series {
 struct Trigger {
     what: &'static str,
     cli_ms: f64,
-    /// Arrival after the CLI started / returned (ms), one per stream updated by this trigger.
+    t_start: Instant,
+    t_return: Instant,
+    /// Arrival after the CLI started / returned (ms), one per stream updated by this trigger
+    /// (arrivals between its start and the next trigger's).
     from_start: Vec<f64>,
     from_return: Vec<f64>,
 }
@@ -417,14 +426,6 @@ fn many_streams(
         while arrivals.lock().expect("lock").len() < n_open && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
-        let ms = |a: &Instant, b: Instant| a.saturating_duration_since(b).as_secs_f64() * 1e3;
-        let got: Vec<Instant> = arrivals
-            .lock()
-            .expect("lock")
-            .iter()
-            .copied()
-            .filter(|a| *a >= t_start)
-            .collect();
         eprintln!(
             "  {what}: {}/{n_open} streams updated",
             arrivals.lock().expect("lock").len()
@@ -432,8 +433,10 @@ fn many_streams(
         Trigger {
             what,
             cli_ms: (t_return - t_start).as_secs_f64() * 1e3,
-            from_start: got.iter().map(|a| ms(a, t_start)).collect(),
-            from_return: got.iter().map(|a| ms(a, t_return)).collect(),
+            t_start,
+            t_return,
+            from_start: Vec::new(),
+            from_return: Vec::new(),
         }
     };
 
@@ -466,6 +469,17 @@ fn many_streams(
         if arrivals.lock().expect("lock").len() < n_open {
             note.push_str("not every stream updated within 30 s of the fallback; ");
         }
+    }
+    let got: Vec<Instant> = arrivals.lock().expect("lock").clone();
+    let ms = |a: &Instant, b: Instant| a.saturating_duration_since(b).as_secs_f64() * 1e3;
+    let starts: Vec<Instant> = triggers.iter().map(|t| t.t_start).collect();
+    for (i, t) in triggers.iter_mut().enumerate() {
+        let ends = starts.get(i + 1).copied();
+        let mine = got
+            .iter()
+            .filter(|a| **a >= t.t_start && ends.is_none_or(|e| **a < e));
+        t.from_start = mine.clone().map(|a| ms(a, t.t_start)).collect();
+        t.from_return = mine.map(|a| ms(a, t.t_return)).collect();
     }
     std::thread::sleep(Duration::from_millis(300));
     let rss_updated = proc_kib(agent_pid, "VmRSS:");
@@ -531,14 +545,14 @@ fn serve_baseline_child(socket: &Path, msg_file: &Path) {
     });
 }
 
-/// Baseline server process: VmRSS idle and with `k` FetchX509SVID streams open over
-/// `connections` connections (KiB), and how many opened.
+/// Baseline server process: VmRSS idle, with `k` FetchX509SVID streams open over
+/// `connections` connections, and after they closed (KiB); and how many opened.
 fn baseline_memory(
     rt: &tokio::runtime::Runtime,
     msg: &wl::X509svidResponse,
     k: usize,
     connections: usize,
-) -> (u64, u64, usize) {
+) -> (u64, u64, u64, usize) {
     let dir = tempdir();
     let socket = dir.path().join("b").join("api.sock");
     let msg_file = dir.path().join("msg.bin");
@@ -594,9 +608,11 @@ fn baseline_memory(
     let _ = stop_tx.send(true);
     rt.block_on(async { while tasks.join_next().await.is_some() {} });
     channels.lock().expect("lock").clear();
+    std::thread::sleep(Duration::from_secs(1));
+    let closed = proc_kib(pid, "VmRSS:");
     let _ = child.kill();
     let _ = child.wait();
-    (idle, open, n)
+    (idle, open, closed, n)
 }
 
 /// A FetchX509SVID stream on connection `slot` of `channels` (connecting it if new).
@@ -773,13 +789,14 @@ fn main() {
             bundle_wait,
         ));
         if std::env::var_os("SIGIL_BENCH_WL_NO_BASELINE_MEM").is_none() {
-            let (idle, open, n) = baseline_memory(&rt, &msg, k, connections);
+            let (idle, open, closed, n) = baseline_memory(&rt, &msg, k, connections);
             eprintln!(
-                "  baseline server: {n} streams, RSS {} → {}",
+                "  baseline server: {n} streams, RSS {} → {} → {} (closed)",
                 mib(idle),
-                mib(open)
+                mib(open),
+                mib(closed)
             );
-            baseline_mem.push((k, connections, idle, open, n));
+            baseline_mem.push((k, connections, idle, open, closed, n));
         }
     }
     eprintln!("load after: {}", load().trim());
@@ -858,13 +875,13 @@ fn main() {
             );
         }
         if !baseline_mem.is_empty() {
-            println!("\n| streams | connections | agent VmRSS with streams open − idle | baseline server (child process) VmRSS open − idle | per stream: agent / baseline |");
-            println!("|---|---|---|---|---|");
-            for ((k, c, b_idle, b_open, n), r) in baseline_mem.iter().zip(&streams) {
+            println!("\n| streams | connections | agent VmRSS with streams open − idle | baseline server (child process) VmRSS open − idle | per stream: agent / baseline | VmRSS after close: agent / baseline |");
+            println!("|---|---|---|---|---|---|");
+            for ((k, c, b_idle, b_open, b_closed, n), r) in baseline_mem.iter().zip(&streams) {
                 let a = r.rss_open.saturating_sub(r.rss_idle);
                 let b = b_open.saturating_sub(*b_idle);
                 println!(
-                    "| {k} | {c} | {} − {} = {} | {} − {} = {} ({n} open) | {:.1} / {:.1} KiB |",
+                    "| {k} | {c} | {} − {} = {} | {} − {} = {} ({n} open) | {:.1} / {:.1} KiB | {} / {} |",
                     mib(r.rss_open),
                     mib(r.rss_idle),
                     mib(a),
@@ -872,7 +889,9 @@ fn main() {
                     mib(*b_idle),
                     mib(b),
                     a as f64 / r.opened.max(1) as f64,
-                    b as f64 / (*n).max(1) as f64
+                    b as f64 / (*n).max(1) as f64,
+                    mib(r.rss_closed),
+                    mib(*b_closed)
                 );
             }
         }

@@ -125,21 +125,31 @@ impl WorkloadAttestor {
         uid: u32,
         gid: u32,
     ) -> Result<Attestation, AttestError> {
-        let me = Arc::clone(self);
-        let p = Arc::clone(&pin);
-        let (mut attestation, user_delegated) = tokio::task::spawn_blocking(move || {
-            // Read before `attest`, so its closing pin check covers this read too.
-            let delegated = match me.kubelet {
+        // Read before `attest`, so its closing pin check covers this read too.
+        let delegated = |me: &Self, p: &ProcessPin| -> Result<bool, AttestError> {
+            Ok(match me.kubelet {
                 Some(_) => {
                     let text = process::read_proc_file(&me.proc_root, p.pid, "cgroup")?;
                     k8s::under_user_delegation(&String::from_utf8_lossy(&text))
                 }
                 None => false,
-            };
-            me.attest(&p, uid, gid).map(|a| (a, delegated))
-        })
-        .await
-        .map_err(|e| AttestError::Task(e.to_string()))??;
+            })
+        };
+        // /proc reads take microseconds: done inline when the executable's hash is cached,
+        // which saves two thread hand-offs per call; hashing a new binary goes to the
+        // blocking pool.
+        let user_delegated = delegated(self, &pin)?;
+        let inline = self.attest_with(&pin, uid, gid, false)?;
+        let mut attestation = match inline {
+            Some(a) => a,
+            None => {
+                let me = Arc::clone(self);
+                let p = Arc::clone(&pin);
+                tokio::task::spawn_blocking(move || me.attest(&p, uid, gid))
+                    .await
+                    .map_err(|e| AttestError::Task(e.to_string()))??
+            }
+        };
         let Some(kubelet) = &self.kubelet else {
             return Ok(attestation);
         };
@@ -174,6 +184,20 @@ impl WorkloadAttestor {
     /// Ends by checking the pin: `Err(Gone)` if the process is no longer the one pinned, so the
     /// selectors returned were all read from it.
     pub fn attest(&self, pin: &ProcessPin, uid: u32, gid: u32) -> Result<Attestation, AttestError> {
+        self.attest_with(pin, uid, gid, true)?
+            .ok_or_else(|| AttestError::Task("executable hash was not computed".into()))
+    }
+
+    /// [`attest`](Self::attest); with `may_hash` false, `Ok(None)` when the executable's hash is
+    /// not cached yet (the only step that can take long: the caller retries where blocking is
+    /// fine).
+    fn attest_with(
+        &self,
+        pin: &ProcessPin,
+        uid: u32,
+        gid: u32,
+        may_hash: bool,
+    ) -> Result<Option<Attestation>, AttestError> {
         let pid = pin.pid;
         let mut selectors = SelectorSet::new();
         let mut add = |list: Vec<sigil::Selector>| {
@@ -187,9 +211,13 @@ impl WorkloadAttestor {
         let cgroups = process::read_proc_file(&self.proc_root, pid, "cgroup")?;
         // Lossy: a path that is not UTF-8 is no runtime's or systemd's, and matches nothing.
         add(cgroup::parse(&String::from_utf8_lossy(&cgroups)).selectors());
-        add(unix::exe_selectors(&self.proc_root, pid, &self.exe_hashes)?);
+        let Some(exe) = unix::exe_selectors(&self.proc_root, pid, &self.exe_hashes, may_hash)?
+        else {
+            return Ok(None);
+        };
+        add(exe);
         pin.check()?;
-        Ok(Attestation { pid, selectors })
+        Ok(Some(Attestation { pid, selectors }))
     }
 }
 

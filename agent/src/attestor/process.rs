@@ -144,7 +144,13 @@ pub(crate) fn read_proc_file(
     if pid <= 0 {
         return Err(AttestError::Gone { pid });
     }
-    std::fs::read(proc_path(proc_root, pid, what)).map_err(|e| proc_error(pid, what, e))
+    // procfs reports size 0, so `fs::read` would start tiny and grow through many reads; these
+    // files fit in one page, read in one call.
+    let mut buf = Vec::with_capacity(4096);
+    std::fs::File::open(proc_path(proc_root, pid, what))
+        .and_then(|mut f| std::io::Read::read_to_end(&mut f, &mut buf))
+        .map_err(|e| proc_error(pid, what, e))?;
+    Ok(buf)
 }
 
 /// Maps an error reading `/proc/<pid>/<what>`: the process having exited shows as ENOENT (its

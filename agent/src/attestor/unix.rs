@@ -73,7 +73,44 @@ pub(crate) fn supplementary_gids(status: &[u8]) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// How long a uid/gid → name lookup is re-used: NSS re-reads /etc/passwd and /etc/group on
+/// every call, which would otherwise cost each Workload API call ~10 µs.
+const NAME_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+
+type NameCache =
+    std::sync::Mutex<std::collections::HashMap<(bool, u32), (Option<String>, std::time::Instant)>>;
+
+/// Cached name of a user (`is_group` false) or group id.
+fn cached_name(is_group: bool, id: u32, lookup: fn(u32) -> Option<String>) -> Option<String> {
+    static CACHE: std::sync::OnceLock<NameCache> = std::sync::OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let now = std::time::Instant::now();
+    {
+        let map = cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((name, at)) = map.get(&(is_group, id)) {
+            if now.duration_since(*at) < NAME_TTL {
+                return name.clone();
+            }
+        }
+    }
+    let name = lookup(id);
+    let mut map = cache.lock().unwrap_or_else(|e| e.into_inner());
+    if map.len() >= MAX_CACHED_HASHES {
+        map.clear();
+    }
+    map.insert((is_group, id), (name.clone(), now));
+    name
+}
+
 fn user_name(uid: u32) -> Option<String> {
+    cached_name(false, uid, lookup_user_name)
+}
+
+fn group_name(gid: u32) -> Option<String> {
+    cached_name(true, gid, lookup_group_name)
+}
+
+fn lookup_user_name(uid: u32) -> Option<String> {
     match User::from_uid(Uid::from_raw(uid)) {
         Ok(user) => user.map(|u| u.name),
         Err(e) => {
@@ -83,7 +120,7 @@ fn user_name(uid: u32) -> Option<String> {
     }
 }
 
-fn group_name(gid: u32) -> Option<String> {
+fn lookup_group_name(gid: u32) -> Option<String> {
     match Group::from_gid(Gid::from_raw(gid)) {
         Ok(group) => group.map(|g| g.name),
         Err(e) => {
@@ -152,11 +189,15 @@ impl ExeHashCache {
 /// system, is not the very file the process runs: a process in another mount namespace (a
 /// container) reports paths inside its own root, which may name a different host file.
 /// The hash is read through `/proc/<pid>/exe`, so it is right in any mount namespace.
+///
+/// With `may_hash` false, a hash not in the cache is not computed: `Ok(None)` says hashing is
+/// needed (the caller then runs the attestation where blocking is fine).
 pub(crate) fn exe_selectors(
     proc_root: &Path,
     pid: i32,
     cache: &ExeHashCache,
-) -> Result<Vec<Selector>, AttestError> {
+    may_hash: bool,
+) -> Result<Option<Vec<Selector>>, AttestError> {
     let link = proc_path(proc_root, pid, "exe");
     let target = match std::fs::read_link(&link) {
         Ok(t) => t,
@@ -164,13 +205,13 @@ pub(crate) fn exe_selectors(
         Err(e) if is_gone(&e) => return Err(AttestError::Gone { pid }),
         Err(e) => {
             tracing::debug!(pid, %e, "executable not readable; no unix:path or unix:sha256");
-            return Ok(Vec::new());
+            return Ok(Some(Vec::new()));
         }
     };
     let shown = target.display();
     if target.as_os_str().as_bytes().ends_with(DELETED_SUFFIX) {
         tracing::debug!(pid, path = %shown, "executable deleted; no unix:path or unix:sha256");
-        return Ok(Vec::new());
+        return Ok(Some(Vec::new()));
     }
     let (file, meta) = match File::open(&link).and_then(|f| {
         let m = f.metadata()?;
@@ -179,13 +220,13 @@ pub(crate) fn exe_selectors(
         Ok(fm) => fm,
         Err(e) => {
             tracing::debug!(pid, %e, "executable not readable; no unix:path or unix:sha256");
-            return Ok(Vec::new());
+            return Ok(Some(Vec::new()));
         }
     };
     // The readlink suffix is only a hint (a file may be named "x (deleted)"); no links is proof.
     if meta.nlink() == 0 || !meta.is_file() {
         tracing::debug!(pid, path = %shown, "exe deleted or not a file; no unix:path/sha256");
-        return Ok(Vec::new());
+        return Ok(Some(Vec::new()));
     }
 
     let mut out = Vec::new();
@@ -198,6 +239,9 @@ pub(crate) fn exe_selectors(
         // e.g. a process in another mount namespace (a container).
         tracing::debug!(pid, path = %shown, "exe path names another file here; no unix:path");
     }
+    if !may_hash && cache.get(&FileKey::of(&meta)).is_none() {
+        return Ok(None);
+    }
     match sha256_cached(file, &meta, cache) {
         Ok(Some(hash)) => push(&mut out, format!("sha256:{hash}")),
         Ok(None) => {
@@ -205,7 +249,7 @@ pub(crate) fn exe_selectors(
         }
         Err(e) => tracing::debug!(pid, %e, "executable not hashable; no unix:sha256"),
     }
-    Ok(out)
+    Ok(Some(out))
 }
 
 /// True if `path` (as the agent sees it) is the file described by `meta`.

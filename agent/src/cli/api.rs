@@ -164,8 +164,10 @@ async fn client(socket: &SocketArgs) -> anyhow::Result<SpiffeWorkloadApiClient<C
 
 fn request<T>(msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
-    r.metadata_mut()
-        .insert(SECURITY_HEADER, tonic::metadata::MetadataValue::from_static("true"));
+    r.metadata_mut().insert(
+        SECURITY_HEADER,
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
     r
 }
 
@@ -200,7 +202,11 @@ fn view(svid: &wl::X509svid) -> anyhow::Result<SvidView> {
     Ok(SvidView {
         spiffe_id: svid.spiffe_id.clone(),
         hint: svid.hint.clone(),
-        serial: cert.raw_serial().iter().map(|b| format!("{b:02x}")).collect(),
+        serial: cert
+            .raw_serial()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
         not_after: cert.validity().not_after.timestamp(),
         chain_len: chain.len(),
     })
@@ -210,11 +216,19 @@ fn view(svid: &wl::X509svid) -> anyhow::Result<SvidView> {
 fn write_files(dir: &Path, resp: &wl::X509svidResponse) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     for (i, svid) in resp.svids.iter().enumerate() {
-        let suffix = if i == 0 { String::new() } else { format!(".{i}") };
+        let suffix = if i == 0 {
+            String::new()
+        } else {
+            format!(".{i}")
+        };
         let chain = sigil::x509::split_der_concat(&svid.x509_svid)?;
         let cert_path = dir.join(format!("svid{suffix}.pem"));
-        sigil::fs::write_atomic(&cert_path, sigil::x509::to_pem_certs(&chain).as_bytes(), 0o644)
-            .with_context(|| format!("writing {}", cert_path.display()))?;
+        sigil::fs::write_atomic(
+            &cert_path,
+            sigil::x509::to_pem_certs(&chain).as_bytes(),
+            0o644,
+        )
+        .with_context(|| format!("writing {}", cert_path.display()))?;
         let key_path = dir.join(format!("svid{suffix}.key"));
         sigil::fs::write_secret(
             &key_path,
@@ -256,7 +270,11 @@ async fn fetch_x509(a: FetchX509Args) -> anyhow::Result<()> {
         .map_err(|s| rpc_error("FetchX509SVID", s))?
         .ok_or_else(|| anyhow::anyhow!("the agent closed the stream without an SVID"))?;
     let elapsed = started.elapsed();
-    let views = resp.svids.iter().map(view).collect::<anyhow::Result<Vec<_>>>()?;
+    let views = resp
+        .svids
+        .iter()
+        .map(view)
+        .collect::<anyhow::Result<Vec<_>>>()?;
     if let Some(dir) = &a.write {
         write_files(dir, &resp)?;
     }
@@ -276,7 +294,11 @@ async fn fetch_x509(a: FetchX509Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
     }
-    println!("Received {} SVID(s) after {:.1} ms", views.len(), elapsed.as_secs_f64() * 1e3);
+    println!(
+        "Received {} SVID(s) after {:.1} ms",
+        views.len(),
+        elapsed.as_secs_f64() * 1e3
+    );
     for v in &views {
         println!();
         println!("SPIFFE ID : {}", v.spiffe_id);
@@ -292,7 +314,10 @@ async fn fetch_x509(a: FetchX509Args) -> anyhow::Result<()> {
     }
     if let Some(dir) = &a.write {
         println!();
-        println!("Written to {} (svid.pem, svid.key, bundle.pem)", dir.display());
+        println!(
+            "Written to {} (svid.pem, svid.key, bundle.pem)",
+            dir.display()
+        );
     }
     Ok(())
 }
@@ -313,7 +338,10 @@ async fn fetch_jwt(a: FetchJwtArgs) -> anyhow::Result<()> {
             .iter()
             .map(|s| serde_json::json!({"spiffe_id": s.spiffe_id, "hint": s.hint, "token": s.svid}))
             .collect();
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "svids": svids }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "svids": svids }))?
+        );
         return Ok(());
     }
     for s in &resp.svids {
@@ -333,7 +361,10 @@ async fn validate_jwt(a: ValidateJwtArgs) -> anyhow::Result<()> {
         .await
         .map_err(|s| rpc_error("ValidateJWTSVID", s))?
         .into_inner();
-    let claims = resp.claims.map(struct_to_json).unwrap_or(serde_json::Value::Null);
+    let claims = resp
+        .claims
+        .map(struct_to_json)
+        .unwrap_or(serde_json::Value::Null);
     if a.output == "json" {
         let doc = serde_json::json!({"spiffe_id": resp.spiffe_id, "claims": claims});
         println!("{}", serde_json::to_string_pretty(&doc)?);
@@ -363,7 +394,11 @@ async fn watch(a: WatchArgs) -> anyhow::Result<()> {
             anyhow::bail!("the agent closed the stream");
         };
         seen += 1;
-        let views = resp.svids.iter().map(view).collect::<anyhow::Result<Vec<_>>>()?;
+        let views = resp
+            .svids
+            .iter()
+            .map(view)
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let serials: Vec<String> = views.iter().map(|v| v.serial.clone()).collect();
         let what = if seen == 1 {
             "received"
@@ -394,7 +429,12 @@ async fn watch(a: WatchArgs) -> anyhow::Result<()> {
 
 /// A protobuf `Struct` as JSON.
 fn struct_to_json(s: prost_types::Struct) -> serde_json::Value {
-    serde_json::Value::Object(s.fields.into_iter().map(|(k, v)| (k, value_to_json(v))).collect())
+    serde_json::Value::Object(
+        s.fields
+            .into_iter()
+            .map(|(k, v)| (k, value_to_json(v)))
+            .collect(),
+    )
 }
 
 fn value_to_json(v: prost_types::Value) -> serde_json::Value {

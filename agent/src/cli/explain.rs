@@ -84,7 +84,11 @@ pub fn to_text(x: &pb::ExplainResponse) -> String {
             "No entry matches: this process gets PermissionDenied (\"no identity issued\")."
         );
     } else {
-        let _ = writeln!(out, "Matching entries ({}), default first:", x.matches.len());
+        let _ = writeln!(
+            out,
+            "Matching entries ({}), default first:",
+            x.matches.len()
+        );
         for m in &x.matches {
             let state = if m.svid_ready {
                 "SVID ready"
@@ -96,7 +100,10 @@ pub fn to_text(x: &pb::ExplainResponse) -> String {
     }
     if !x.near_misses.is_empty() {
         let _ = writeln!(out);
-        let _ = writeln!(out, "Near misses (entries that need selectors this process lacks):");
+        let _ = writeln!(
+            out,
+            "Near misses (entries that need selectors this process lacks):"
+        );
         for n in &x.near_misses {
             let _ = writeln!(out, "  {}  (entry {})", n.spiffe_id, n.entry_id);
             for m in &n.missing {
@@ -149,6 +156,9 @@ mod tests {
             t.contains("missing unix:uid:1001  (process has unix:uid:1000)"),
             "{t}"
         );
-        assert_eq!(to_json(&x)["near_misses"][0]["missing"][0]["selector"], "unix:uid:1001");
+        assert_eq!(
+            to_json(&x)["near_misses"][0]["missing"][0]["selector"],
+            "unix:uid:1001"
+        );
     }
 }

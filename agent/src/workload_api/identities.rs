@@ -15,7 +15,10 @@ use sigil::selector::SelectorSet;
 use crate::cache::{Cache, CachedSvid};
 
 /// The entries whose selectors are all among `selectors`, default first.
-pub fn matching_entries<'a>(cache: &'a Cache, selectors: &SelectorSet) -> Vec<&'a RegistrationEntry> {
+pub fn matching_entries<'a>(
+    cache: &'a Cache,
+    selectors: &SelectorSet,
+) -> Vec<&'a RegistrationEntry> {
     let mut out: Vec<&RegistrationEntry> = cache
         .entries()
         .filter(|e| !e.selectors.is_empty() && e.selectors.is_subset_of(selectors))
@@ -43,14 +46,15 @@ pub enum X509State {
 /// An SVID is current for an entry when it was minted for the entry's present revision: an
 /// older one may carry a SPIFFE ID the entry no longer has.
 fn current_svid<'a>(cache: &'a Cache, e: &RegistrationEntry) -> Option<&'a CachedSvid> {
-    cache
-        .svid(&e.id)
-        .filter(|s| s.entry_revision == e.revision)
+    cache.svid(&e.id).filter(|s| s.entry_revision == e.revision)
 }
 
 /// `spiffe://<td>` → concatenated DER roots: our own bundle, for every SVID.
 fn own_x509_bundle(cache: &Cache) -> Vec<u8> {
-    cache.bundle().map(|b| b.x509_roots.clone()).unwrap_or_default()
+    cache
+        .bundle()
+        .map(|b| b.x509_roots.clone())
+        .unwrap_or_default()
 }
 
 /// The federated trust domains the given entries name, with the bundles held for them.
@@ -224,16 +228,27 @@ pub(crate) mod tests {
         let c = cache_with(
             vec![
                 entry("uid", 1, &["unix:uid:1000"], ""),
-                entry("uid-and-path", 2, &["unix:uid:1000", "unix:path:/bin/app"], ""),
+                entry(
+                    "uid-and-path",
+                    2,
+                    &["unix:uid:1000", "unix:path:/bin/app"],
+                    "",
+                ),
                 entry("other", 3, &["unix:uid:1001"], ""),
             ],
             &["uid", "uid-and-path", "other"],
         );
         let ids = |sel: &[&str]| -> Vec<String> {
-            matching_entries(&c, &selectors(sel)).iter().map(|e| e.id.clone()).collect()
+            matching_entries(&c, &selectors(sel))
+                .iter()
+                .map(|e| e.id.clone())
+                .collect()
         };
         assert_eq!(ids(&["unix:uid:1000", "unix:gid:5"]), ["uid"]);
-        assert_eq!(ids(&["unix:uid:1000", "unix:path:/bin/app"]), ["uid", "uid-and-path"]);
+        assert_eq!(
+            ids(&["unix:uid:1000", "unix:path:/bin/app"]),
+            ["uid", "uid-and-path"]
+        );
         assert!(ids(&["unix:uid:7"]).is_empty());
     }
 
@@ -247,21 +262,40 @@ pub(crate) mod tests {
             ],
             &["newer", "older", "dup-hint"],
         );
-        let X509State::Ready { response, pending } = x509_svid_state(&c, &selectors(&["unix:uid:1"])) else {
+        let X509State::Ready { response, pending } =
+            x509_svid_state(&c, &selectors(&["unix:uid:1"]))
+        else {
             panic!("expected SVIDs");
         };
         assert_eq!(pending, 0);
-        let ids: Vec<&str> = response.svids.iter().map(|s| s.spiffe_id.as_str()).collect();
-        assert_eq!(ids, ["spiffe://example.org/w/older", "spiffe://example.org/w/newer"]);
+        let ids: Vec<&str> = response
+            .svids
+            .iter()
+            .map(|s| s.spiffe_id.as_str())
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                "spiffe://example.org/w/older",
+                "spiffe://example.org/w/newer"
+            ]
+        );
         assert_eq!(response.svids[0].hint, "web");
-        assert_eq!(response.svids[0].bundle, vec![0xAA], "own bundle, concatenated DER");
+        assert_eq!(
+            response.svids[0].bundle,
+            vec![0xAA],
+            "own bundle, concatenated DER"
+        );
         assert_eq!(response.svids[0].x509_svid, b"older".to_vec());
     }
 
     #[test]
     fn unminted_entries_are_pending_and_unknown_callers_have_no_identity() {
         let c = cache_with(
-            vec![entry("a", 1, &["unix:uid:1"], ""), entry("b", 2, &["unix:uid:1"], "")],
+            vec![
+                entry("a", 1, &["unix:uid:1"], ""),
+                entry("b", 2, &["unix:uid:1"], ""),
+            ],
             &["b"],
         );
         match x509_svid_state(&c, &selectors(&["unix:uid:1"])) {
@@ -272,12 +306,24 @@ pub(crate) mod tests {
             other => panic!("unexpected {other:?}"),
         }
         let c = cache_with(vec![entry("a", 1, &["unix:uid:1"], "")], &[]);
-        assert_eq!(x509_svid_state(&c, &selectors(&["unix:uid:1"])), X509State::Pending);
-        assert_eq!(x509_svid_state(&c, &selectors(&["unix:uid:2"])), X509State::NoIdentity);
+        assert_eq!(
+            x509_svid_state(&c, &selectors(&["unix:uid:1"])),
+            X509State::Pending
+        );
+        assert_eq!(
+            x509_svid_state(&c, &selectors(&["unix:uid:2"])),
+            X509State::NoIdentity
+        );
         assert!(x509_bundles(&c, &selectors(&["unix:uid:2"])).is_none());
         let b = x509_bundles(&c, &selectors(&["unix:uid:1"])).unwrap();
-        assert_eq!(b.bundles.keys().collect::<Vec<_>>(), ["spiffe://example.org"]);
+        assert_eq!(
+            b.bundles.keys().collect::<Vec<_>>(),
+            ["spiffe://example.org"]
+        );
         let j = jwt_bundles(&c, &selectors(&["unix:uid:1"])).unwrap();
-        assert_eq!(j.bundles["spiffe://example.org"], br#"{"keys":[]}"#.to_vec());
+        assert_eq!(
+            j.bundles["spiffe://example.org"],
+            br#"{"keys":[]}"#.to_vec()
+        );
     }
 }

@@ -137,45 +137,68 @@ impl WorkloadApi {
     }
 
     /// One task per stream: look at the cache, send when the message changed, sleep until the
-    /// cache changes or the client goes away.
-    fn watch<M, F>(&self, caller: Caller, what: &'static str, build: F) -> ReceiverStream<Result<M, Status>>
+    /// cache changes or the client goes away. The first look happens here, before the task, so
+    /// a cached SVID goes out without a task hand-off, and a caller without identity gets
+    /// PermissionDenied as the call's status.
+    async fn watch<M, F>(
+        &self,
+        caller: Caller,
+        what: &'static str,
+        build: F,
+    ) -> Result<ReceiverStream<Result<M, Status>>, Status>
     where
         M: prost::Message + Send + 'static,
-        F: Fn(&Cache, &SelectorSet) -> Watch<M> + Send + 'static,
+        F: Fn(&Cache, &SelectorSet) -> Watch<M> + Send + Sync + 'static,
     {
         let (tx, rx) = mpsc::channel(1);
         let state = self.inner.state.clone();
+        // Subscribed before the first look, so no change between the two is missed.
+        let mut changes = state.changes.subscribe();
+        changes.borrow_and_update();
+        let mut last: Option<u64> = None;
+        match look(&state, &caller, &build).await {
+            Watch::NoIdentity => {
+                tracing::info!(pid = caller.pid, selectors = %caller.selectors, stream = what, "no identity for the caller; PermissionDenied");
+                return Err(Status::permission_denied(NO_IDENTITY));
+            }
+            Watch::Pending => {}
+            Watch::Send(msg) => {
+                caller.recheck()?;
+                last = Some(fingerprint(&msg));
+                // The channel is new and holds one message: this cannot fail.
+                let _ = tx.try_send(Ok(msg));
+                tracing::debug!(
+                    pid = caller.pid,
+                    stream = what,
+                    "Workload API first message sent"
+                );
+            }
+        }
         let mut shutdown = self.inner.shutdown.clone();
         tokio::spawn(async move {
             let metrics = &state.metrics;
             metrics.workload_streams.inc();
-            let mut changes = state.changes.subscribe();
-            let mut last: Option<u64> = None;
             let pending_deadline = tokio::time::Instant::now() + FIRST_SVID_WAIT;
+            let mut first_round = true;
             loop {
-                changes.borrow_and_update();
-                let step = {
-                    let cache = state.cache.read().await;
-                    if cache.has_snapshot() {
-                        build(&cache, &caller.selectors)
-                    } else {
-                        // Just started: "no identity" would be a lie until entries arrive.
-                        Watch::Pending
-                    }
-                };
                 let mut pending = false;
+                // The first look was done before the task started.
+                let step = if std::mem::take(&mut first_round) && last.is_some() {
+                    None
+                } else {
+                    changes.borrow_and_update();
+                    Some(look(&state, &caller, &build).await)
+                };
                 match step {
-                    Watch::NoIdentity => {
-                        tracing::info!(pid = caller.pid, selectors = %caller.selectors, stream = what, "no identity for the caller; ending the stream with PermissionDenied");
+                    None => {}
+                    Some(Watch::NoIdentity) => {
+                        tracing::info!(pid = caller.pid, selectors = %caller.selectors, stream = what, "no identity for the caller any more; ending the stream with PermissionDenied");
                         let _ = tx.send(Err(Status::permission_denied(NO_IDENTITY))).await;
                         break;
                     }
-                    Watch::Pending => pending = true,
-                    Watch::Send(msg) => {
-                        let bytes = msg.encode_to_vec();
-                        let mut h = std::collections::hash_map::DefaultHasher::new();
-                        bytes.hash(&mut h);
-                        let fp = h.finish();
+                    Some(Watch::Pending) => pending = true,
+                    Some(Watch::Send(msg)) => {
+                        let fp = fingerprint(&msg);
                         if last != Some(fp) {
                             if last.is_none() {
                                 if let Err(s) = caller.recheck() {
@@ -186,7 +209,12 @@ impl WorkloadApi {
                             if tx.send(Ok(msg)).await.is_err() {
                                 break;
                             }
-                            tracing::debug!(pid = caller.pid, stream = what, first = last.is_none(), "Workload API update sent");
+                            tracing::debug!(
+                                pid = caller.pid,
+                                stream = what,
+                                first = last.is_none(),
+                                "Workload API update sent"
+                            );
                             last = Some(fp);
                         }
                     }
@@ -206,14 +234,38 @@ impl WorkloadApi {
             }
             metrics.workload_streams.dec();
         });
-        ReceiverStream::new(rx)
+        Ok(ReceiverStream::new(rx))
     }
+}
+
+/// What the cache holds for `caller` now.
+async fn look<M>(
+    state: &AgentState,
+    caller: &Caller,
+    build: &impl Fn(&Cache, &SelectorSet) -> Watch<M>,
+) -> Watch<M> {
+    let cache = state.cache.read().await;
+    if cache.has_snapshot() {
+        build(&cache, &caller.selectors)
+    } else {
+        // Just started: "no identity" would be a lie until entries arrive.
+        Watch::Pending
+    }
+}
+
+/// A message's identity, to send only changes (maps encode in key order: deterministic).
+fn fingerprint<M: prost::Message>(msg: &M) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    msg.encode_to_vec().hash(&mut h);
+    h.finish()
 }
 
 fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
     match req.metadata().get(SECURITY_HEADER) {
         Some(v) if v.as_bytes() == b"true" => Ok(()),
-        _ => Err(Status::invalid_argument("security header missing from request")),
+        _ => Err(Status::invalid_argument(
+            "security header missing from request",
+        )),
     }
 }
 
@@ -232,13 +284,18 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<wl::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let caller = self.attest(&req).await?;
-        Ok(Response::new(self.watch(caller, "x509_svid", |cache, sel| {
-            match identities::x509_svid_state(cache, sel) {
-                X509State::NoIdentity => Watch::NoIdentity,
-                X509State::Pending => Watch::Pending,
-                X509State::Ready { response, .. } => Watch::Send(response),
-            }
-        })))
+        let stream = self
+            .watch(
+                caller,
+                "x509_svid",
+                |cache, sel| match identities::x509_svid_state(cache, sel) {
+                    X509State::NoIdentity => Watch::NoIdentity,
+                    X509State::Pending => Watch::Pending,
+                    X509State::Ready { response, .. } => Watch::Send(response),
+                },
+            )
+            .await?;
+        Ok(Response::new(stream))
     }
 
     async fn fetch_x509_bundles(
@@ -246,13 +303,18 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<wl::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         let caller = self.attest(&req).await?;
-        Ok(Response::new(self.watch(caller, "x509_bundles", |cache, sel| {
-            match identities::x509_bundles(cache, sel) {
-                None => Watch::NoIdentity,
-                Some(m) if m.bundles.is_empty() => Watch::Pending,
-                Some(m) => Watch::Send(m),
-            }
-        })))
+        let stream = self
+            .watch(
+                caller,
+                "x509_bundles",
+                |cache, sel| match identities::x509_bundles(cache, sel) {
+                    None => Watch::NoIdentity,
+                    Some(m) if m.bundles.is_empty() => Watch::Pending,
+                    Some(m) => Watch::Send(m),
+                },
+            )
+            .await?;
+        Ok(Response::new(stream))
     }
 
     async fn fetch_jwt_bundles(
@@ -260,13 +322,18 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<wl::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         let caller = self.attest(&req).await?;
-        Ok(Response::new(self.watch(caller, "jwt_bundles", |cache, sel| {
-            match identities::jwt_bundles(cache, sel) {
-                None => Watch::NoIdentity,
-                Some(m) if m.bundles.is_empty() => Watch::Pending,
-                Some(m) => Watch::Send(m),
-            }
-        })))
+        let stream = self
+            .watch(
+                caller,
+                "jwt_bundles",
+                |cache, sel| match identities::jwt_bundles(cache, sel) {
+                    None => Watch::NoIdentity,
+                    Some(m) if m.bundles.is_empty() => Watch::Pending,
+                    Some(m) => Watch::Send(m),
+                },
+            )
+            .await?;
+        Ok(Response::new(stream))
     }
 
     async fn fetch_jwtsvid(
@@ -279,7 +346,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
         }
         let caller = self.attest(&req).await?;
         let want = req.into_inner();
-        let audience: Vec<String> = want.audience.into_iter().filter(|a| !a.is_empty()).collect();
+        let audience: Vec<String> = want
+            .audience
+            .into_iter()
+            .filter(|a| !a.is_empty())
+            .collect();
         let targets: Vec<(String, i64, String, String)> = {
             let cache = self.inner.state.cache.read().await;
             if !cache.has_snapshot() {
@@ -314,7 +385,13 @@ impl SpiffeWorkloadApi for WorkloadApi {
             let token = self
                 .inner
                 .jwt
-                .get(&self.inner.link, &serial, (&entry_id, revision), &audience, now)
+                .get(
+                    &self.inner.link,
+                    &serial,
+                    (&entry_id, revision),
+                    &audience,
+                    now,
+                )
                 .await
                 .map_err(|e| {
                     tracing::warn!(error = %e, entry_id = %entry_id, "JWT-SVID minting failed");
@@ -345,7 +422,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
         // Any local process may validate tokens, but it must be identifiable (as in SPIRE).
         let caller = self.attest(&req).await?;
         let r = req.into_inner();
-        let invalid = |e: &dyn std::fmt::Display| Status::invalid_argument(format!("invalid JWT-SVID: {e}"));
+        let invalid =
+            |e: &dyn std::fmt::Display| Status::invalid_argument(format!("invalid JWT-SVID: {e}"));
         let subject = sigil::jwt::jwt_svid_subject_unverified(&r.svid).map_err(|e| invalid(&e))?;
         let td = subject.trust_domain();
         let bundle = {
@@ -361,7 +439,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 .map_err(|e| Status::internal(format!("held JWT bundle is unusable: {e}")))?;
             bundle
         };
-        let claims = sigil::jwt::validate_jwt_svid(&r.svid, &r.audience, &bundle).map_err(|e| invalid(&e))?;
+        let claims = sigil::jwt::validate_jwt_svid(&r.svid, &r.audience, &bundle)
+            .map_err(|e| invalid(&e))?;
         caller.recheck()?;
         Ok(Response::new(wl::ValidateJwtsvidResponse {
             spiffe_id: claims.subject.to_string(),
@@ -373,7 +452,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
 /// JSON claims as a protobuf `Struct`.
 fn json_object_to_struct(map: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
     prost_types::Struct {
-        fields: map.into_iter().map(|(k, v)| (k, json_to_value(v))).collect(),
+        fields: map
+            .into_iter()
+            .map(|(k, v)| (k, json_to_value(v)))
+            .collect(),
     }
 }
 
@@ -402,14 +484,26 @@ mod tests {
         let claims: serde_json::Value = serde_json::json!({
             "sub": "spiffe://example.org/a", "aud": ["x", "y"], "exp": 1700000000, "nested": {"ok": true}, "none": null
         });
-        let serde_json::Value::Object(map) = claims else { panic!("object") };
+        let serde_json::Value::Object(map) = claims else {
+            panic!("object")
+        };
         let s = json_object_to_struct(map);
         use prost_types::value::Kind;
-        assert_eq!(s.fields["sub"].kind, Some(Kind::StringValue("spiffe://example.org/a".into())));
-        assert_eq!(s.fields["exp"].kind, Some(Kind::NumberValue(1_700_000_000.0)));
-        let Some(Kind::ListValue(l)) = &s.fields["aud"].kind else { panic!("aud list") };
+        assert_eq!(
+            s.fields["sub"].kind,
+            Some(Kind::StringValue("spiffe://example.org/a".into()))
+        );
+        assert_eq!(
+            s.fields["exp"].kind,
+            Some(Kind::NumberValue(1_700_000_000.0))
+        );
+        let Some(Kind::ListValue(l)) = &s.fields["aud"].kind else {
+            panic!("aud list")
+        };
         assert_eq!(l.values.len(), 2);
-        let Some(Kind::StructValue(n)) = &s.fields["nested"].kind else { panic!("nested") };
+        let Some(Kind::StructValue(n)) = &s.fields["nested"].kind else {
+            panic!("nested")
+        };
         assert_eq!(n.fields["ok"].kind, Some(Kind::BoolValue(true)));
         assert_eq!(s.fields["none"].kind, Some(Kind::NullValue(0)));
     }
@@ -417,10 +511,18 @@ mod tests {
     #[test]
     fn header_must_be_exactly_true() {
         let mut r = Request::new(());
-        assert_eq!(check_header(&r).map_err(|s| s.code()), Err(tonic::Code::InvalidArgument));
-        r.metadata_mut().insert(SECURITY_HEADER, "false".parse().expect("ascii"));
-        assert_eq!(check_header(&r).map_err(|s| s.code()), Err(tonic::Code::InvalidArgument));
-        r.metadata_mut().insert(SECURITY_HEADER, "true".parse().expect("ascii"));
+        assert_eq!(
+            check_header(&r).map_err(|s| s.code()),
+            Err(tonic::Code::InvalidArgument)
+        );
+        r.metadata_mut()
+            .insert(SECURITY_HEADER, "false".parse().expect("ascii"));
+        assert_eq!(
+            check_header(&r).map_err(|s| s.code()),
+            Err(tonic::Code::InvalidArgument)
+        );
+        r.metadata_mut()
+            .insert(SECURITY_HEADER, "true".parse().expect("ascii"));
         assert!(check_header(&r).is_ok());
     }
 }

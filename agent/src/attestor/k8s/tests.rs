@@ -832,8 +832,14 @@ async fn pod_cgroup_in_a_user_delegated_subtree_gets_no_kubelet_selectors() {
     assert!(kubelet.seen().is_empty(), "the kubelet was not asked");
     // The cgroup parser already refuses names below a user manager (the guard in
     // attest_async is the second line of defence).
-    assert!(!got.iter().any(|s| s.starts_with("k8s:pod-uid:")), "{got:?}");
-    assert!(got.contains(&"systemd:id:user@1000.service".to_string()), "{got:?}");
+    assert!(
+        !got.iter().any(|s| s.starts_with("k8s:pod-uid:")),
+        "{got:?}"
+    );
+    assert!(
+        got.contains(&"systemd:id:user@1000.service".to_string()),
+        "{got:?}"
+    );
 }
 
 #[tokio::test]
