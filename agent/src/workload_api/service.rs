@@ -2,9 +2,11 @@
 //!
 //! Every call: the `workload.spiffe.io: true` header (else InvalidArgument), then the caller is
 //! attested from its pinned process (gone meanwhile → Unauthenticated; unreadable →
-//! PermissionDenied), its selectors matched to the cached entries, and the pin checked once more
-//! before the first answer leaves. Streams are one task each, woken by the agent's change
-//! counter; each message is the full state, sent only when it differs from the last one.
+//! PermissionDenied), its selectors matched to the cached entries. The attestation ends by
+//! confirming the pin after its reads, so the answer that follows at once is for the process
+//! that connected; a first answer that waits (an SVID still being minted) confirms it again.
+//! Streams are one task each, woken by the agent's change counter; each message is the full
+//! state, sent only when it differs from the last one.
 
 use std::hash::{Hash as _, Hasher as _};
 use std::sync::Arc;
@@ -163,7 +165,9 @@ impl WorkloadApi {
             }
             Watch::Pending => {}
             Watch::Send(msg) => {
-                caller.recheck()?;
+                // No re-check here: the attestation ended by confirming the pin, and nothing
+                // but an in-memory cache read lies between that and this answer. A first
+                // message sent later (the SVID was still being minted) is re-checked below.
                 last = Some(fingerprint(&msg));
                 // The channel is new and holds one message: this cannot fail.
                 let _ = tx.try_send(Ok(msg));
