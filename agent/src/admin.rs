@@ -25,17 +25,12 @@ impl AgentAdminService {
 
 /// The effective uid and gid of `pid` from /proc (what SO_PEERCRED would report for a caller).
 fn effective_ids(pid: i32) -> Result<(u32, u32), AttestError> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            AttestError::Gone { pid }
-        } else {
-            AttestError::Proc {
-                pid,
-                what: "status",
-                source: e,
-            }
-        }
-    })?;
+    let status = crate::attestor::process::read_proc_file(
+        std::path::Path::new(crate::attestor::process::DEFAULT_PROC_ROOT),
+        pid,
+        "status",
+    )?;
+    let status = String::from_utf8_lossy(&status);
     let field = |name: &str| -> Option<u32> {
         let line = status.lines().find(|l| l.starts_with(name))?;
         // "Uid:\treal\teffective\tsaved\tfs": the effective id is the second number.

@@ -59,17 +59,9 @@ async fn healthcheck(addr: &str) -> anyhow::Result<()> {
 }
 
 async fn status(socket: &std::path::Path, output: &str) -> anyhow::Result<()> {
-    if !socket.exists() {
-        anyhow::bail!(
-            "admin socket {} does not exist: is sigil-agent running? (use --admin-socket)",
-            socket.display()
-        );
-    }
-    let channel = sigil::uds::connect(socket)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", socket.display()))?;
     // An agent with 100,000 SVIDs answers with well over gRPC's default 4 MiB.
-    let s = sigil::proto::agent_admin::agent_admin_client::AgentAdminClient::new(channel)
+    let s = sigil_agent::cli::admin_client(socket)
+        .await?
         .max_decoding_message_size(256 * 1024 * 1024)
         .status(sigil::proto::agent_admin::StatusRequest {})
         .await

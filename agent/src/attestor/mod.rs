@@ -47,6 +47,9 @@ pub struct Attestation {
     pub pid: i32,
     /// Its selectors.
     pub selectors: SelectorSet,
+    /// Its cgroup lies in a subtree a user may name at will (`user.slice`, `user@<uid>.service`):
+    /// pod and container names there are not to be taken to the kubelet.
+    pub user_delegated_cgroup: bool,
 }
 
 /// Why a process could not be attested.
@@ -125,20 +128,9 @@ impl WorkloadAttestor {
         uid: u32,
         gid: u32,
     ) -> Result<Attestation, AttestError> {
-        // Read before `attest`, so its closing pin check covers this read too.
-        let delegated = |me: &Self, p: &ProcessPin| -> Result<bool, AttestError> {
-            Ok(match me.kubelet {
-                Some(_) => {
-                    let text = process::read_proc_file(&me.proc_root, p.pid, "cgroup")?;
-                    k8s::under_user_delegation(&String::from_utf8_lossy(&text))
-                }
-                None => false,
-            })
-        };
         // /proc reads take microseconds: done inline when the executable's hash is cached,
         // which saves two thread hand-offs per call; hashing a new binary goes to the
         // blocking pool.
-        let user_delegated = delegated(self, &pin)?;
         let inline = self.attest_with(&pin, uid, gid, false)?;
         let mut attestation = match inline {
             Some(a) => a,
@@ -162,7 +154,7 @@ impl WorkloadAttestor {
                 .find_map(|s| s.value().strip_prefix(&prefix).map(str::to_string))
         };
         if let (Some(pod), Some(container)) = (ids("pod-uid"), ids("container-id")) {
-            if user_delegated {
+            if attestation.user_delegated_cgroup {
                 kubelet.warn(format!(
                     "process {} claims container {container} of pod {pod}, but its cgroup is in a subtree delegated to a user (user.slice / user@<uid>.service), where cgroups can be named at will; k8s selectors from the kubelet withheld",
                     attestation.pid
@@ -210,14 +202,20 @@ impl WorkloadAttestor {
         add(unix::supplementary_selectors(&status));
         let cgroups = process::read_proc_file(&self.proc_root, pid, "cgroup")?;
         // Lossy: a path that is not UTF-8 is no runtime's or systemd's, and matches nothing.
-        add(cgroup::parse(&String::from_utf8_lossy(&cgroups)).selectors());
+        let cgroups = String::from_utf8_lossy(&cgroups);
+        add(cgroup::parse(&cgroups).selectors());
+        let user_delegated_cgroup = k8s::under_user_delegation(&cgroups);
         let Some(exe) = unix::exe_selectors(&self.proc_root, pid, &self.exe_hashes, may_hash)?
         else {
             return Ok(None);
         };
         add(exe);
         pin.check()?;
-        Ok(Some(Attestation { pid, selectors }))
+        Ok(Some(Attestation {
+            pid,
+            selectors,
+            user_delegated_cgroup,
+        }))
     }
 }
 

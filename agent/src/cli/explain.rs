@@ -23,16 +23,8 @@ pub struct ExplainArgs {
 
 /// Asks the agent and prints its answer.
 pub async fn run(a: ExplainArgs) -> anyhow::Result<()> {
-    if !a.admin_socket.exists() {
-        anyhow::bail!(
-            "admin socket {} does not exist: is sigil-agent running? (use --admin-socket)",
-            a.admin_socket.display()
-        );
-    }
-    let channel = sigil::uds::connect(&a.admin_socket)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", a.admin_socket.display()))?;
-    let x = pb::agent_admin_client::AgentAdminClient::new(channel)
+    let x = super::admin_client(&a.admin_socket)
+        .await?
         .explain(pb::ExplainRequest { pid: a.pid })
         .await
         .map_err(|e| anyhow::anyhow!("explain: {} ({:?})", e.message(), e.code()))?

@@ -16,3 +16,22 @@ pub fn time_text(unix: i64) -> String {
         })
         .unwrap_or_else(|| unix.to_string())
 }
+
+/// An admin API client on the agent's admin socket, with a clear error when the agent is not
+/// running there.
+pub async fn admin_client(
+    socket: &std::path::Path,
+) -> anyhow::Result<
+    sigil::proto::agent_admin::agent_admin_client::AgentAdminClient<tonic::transport::Channel>,
+> {
+    if !socket.exists() {
+        anyhow::bail!(
+            "admin socket {} does not exist: is sigil-agent running? (use --admin-socket)",
+            socket.display()
+        );
+    }
+    let channel = sigil::uds::connect(socket)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", socket.display()))?;
+    Ok(sigil::proto::agent_admin::agent_admin_client::AgentAdminClient::new(channel))
+}

@@ -118,21 +118,30 @@ pub fn x509_svid_state(cache: &Cache, selectors: &SelectorSet) -> X509State {
     }
 }
 
-/// The X.509 bundles for a caller: our trust domain plus the domains its entries federate
-/// with. `None` when no entry matches (the caller has no identity).
-pub fn x509_bundles(cache: &Cache, selectors: &SelectorSet) -> Option<wl::X509BundlesResponse> {
+/// `spiffe://<td>` → `part(bundle)` for our trust domain and the domains the caller's entries
+/// federate with; `None` when no entry matches (the caller has no identity).
+fn bundles_for(
+    cache: &Cache,
+    selectors: &SelectorSet,
+    part: fn(&sigil::proto::node::Bundle) -> Vec<u8>,
+) -> Option<BTreeMap<String, Vec<u8>>> {
     let entries = matching_entries(cache, selectors);
     if entries.is_empty() {
         return None;
     }
     let mut bundles: BTreeMap<String, Vec<u8>> = federated_for(cache, &entries)
         .into_iter()
-        .map(|(k, b)| (k, b.x509_roots.clone()))
+        .map(|(k, b)| (k, part(b)))
         .collect();
     if let Some(b) = cache.bundle() {
-        bundles.insert(format!("spiffe://{}", b.trust_domain), b.x509_roots.clone());
+        bundles.insert(format!("spiffe://{}", b.trust_domain), part(b));
     }
-    Some(wl::X509BundlesResponse {
+    Some(bundles)
+}
+
+/// The X.509 bundles (concatenated DER roots) for a caller; `None` when it has no identity.
+pub fn x509_bundles(cache: &Cache, selectors: &SelectorSet) -> Option<wl::X509BundlesResponse> {
+    bundles_for(cache, selectors, |b| b.x509_roots.clone()).map(|bundles| wl::X509BundlesResponse {
         crl: Vec::new(),
         bundles,
     })
@@ -140,21 +149,8 @@ pub fn x509_bundles(cache: &Cache, selectors: &SelectorSet) -> Option<wl::X509Bu
 
 /// The JWT bundles (JWKS documents) for a caller; `None` when it has no identity.
 pub fn jwt_bundles(cache: &Cache, selectors: &SelectorSet) -> Option<wl::JwtBundlesResponse> {
-    let entries = matching_entries(cache, selectors);
-    if entries.is_empty() {
-        return None;
-    }
-    let mut bundles: BTreeMap<String, Vec<u8>> = federated_for(cache, &entries)
-        .into_iter()
-        .map(|(k, b)| (k, b.jwks_json.clone().into_bytes()))
-        .collect();
-    if let Some(b) = cache.bundle() {
-        bundles.insert(
-            format!("spiffe://{}", b.trust_domain),
-            b.jwks_json.clone().into_bytes(),
-        );
-    }
-    Some(wl::JwtBundlesResponse { bundles })
+    bundles_for(cache, selectors, |b| b.jwks_json.clone().into_bytes())
+        .map(|bundles| wl::JwtBundlesResponse { bundles })
 }
 
 /// The bundle (own or federated) for trust domain `td`, if held.
