@@ -3,6 +3,11 @@
 //! The module tree mirrors the proto packages (generated code refers across packages with
 //! `super::`), and short aliases [`admin`] and [`node`] are re-exported.
 
+use std::marker::PhantomData;
+
+use tonic::codec::{BufferSettings, Codec};
+use tonic_prost::{ProstDecoder, ProstEncoder};
+
 /// The SPIFFE Workload API (standard schema, no package).
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod workload {
@@ -32,6 +37,39 @@ pub mod sigil {
         pub mod v1 {
             include!(concat!(env!("OUT_DIR"), "/sigil.node.v1.rs"));
         }
+    }
+}
+
+/// The prost codec of the Workload API, with small buffers.
+///
+/// tonic's default codec reserves 8 KiB per call for encoding and keeps that allocation for as
+/// long as a stream stays open. An agent holds one `FetchX509SVID` stream per workload, for
+/// hours, and its messages are 1–3 KiB: the buffer starts small and grows only when a message
+/// needs it.
+#[derive(Debug, Clone, Default)]
+pub struct CompactCodec<T, U>(PhantomData<(T, U)>);
+
+/// [`CompactCodec`]'s buffers: 512 bytes to start (tonic: 8 KiB), tonic's yield threshold.
+fn compact_buffers() -> BufferSettings {
+    BufferSettings::new(512, 32 * 1024)
+}
+
+impl<T, U> Codec for CompactCodec<T, U>
+where
+    T: prost::Message + Send + 'static,
+    U: prost::Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = ProstEncoder<T>;
+    type Decoder = ProstDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstEncoder::new(compact_buffers())
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        ProstDecoder::new(compact_buffers())
     }
 }
 

@@ -24,7 +24,9 @@
 //! connections; empty = skip part 2), `SIGIL_BENCH_WL_BUNDLE_WAIT_SECS` (default 5),
 //! `SIGIL_BENCH_WL_NO_BASELINE_MEM` (skip the baseline memory run), `SIGIL_BENCH_WL_HOLD_SECS`
 //! (after part 1, that many seconds of untimed calls for `perf record -p <agent>`; default 0),
-//! `SIGIL_BENCH_WL_DEBUG` (log tails when a trigger misses streams). Every wait is bounded.
+//! `SIGIL_BENCH_WL_DEBUG` (log tails when a trigger misses streams),
+//! `SIGIL_BENCH_WL_BASELINE_WRAPPER` / `SIGIL_TEST_AGENT_WRAPPER` (a profiler command the
+//! baseline server / the agent run under, e.g. `heaptrack -o /tmp/agent`). Every wait is bounded.
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -557,7 +559,19 @@ fn baseline_memory(
     let socket = dir.path().join("b").join("api.sock");
     let msg_file = dir.path().join("msg.bin");
     std::fs::write(&msg_file, msg.encode_to_vec()).expect("writing the message file");
-    let mut child = std::process::Command::new(std::env::current_exe().expect("current exe"))
+    // A profiler to run the baseline under (VmRSS is then the wrapper's, not meaningful).
+    let mut wrap: Vec<String> = std::env::var("SIGIL_BENCH_WL_BASELINE_WRAPPER")
+        .map(|w| w.split_whitespace().map(String::from).collect())
+        .unwrap_or_default();
+    let mut child = if wrap.is_empty() {
+        std::process::Command::new(std::env::current_exe().expect("current exe"))
+    } else {
+        let mut c = std::process::Command::new(wrap.remove(0));
+        c.args(&wrap)
+            .arg(std::env::current_exe().expect("current exe"));
+        c
+    };
+    let mut child = child
         .env(SERVE_ENV, &socket)
         .env(SERVE_MSG_ENV, &msg_file)
         .spawn()

@@ -293,7 +293,19 @@ impl Agent {
             .append(true)
             .open(&log)
             .expect("opening agent log");
-        let child = Command::new(binary("sigil-agent"))
+        // A profiler to run the agent under (e.g. `heaptrack -o /tmp/agent`); its pid is then
+        // the wrapper's.
+        let mut wrap: Vec<String> = std::env::var("SIGIL_TEST_AGENT_WRAPPER")
+            .map(|w| w.split_whitespace().map(String::from).collect())
+            .unwrap_or_default();
+        let mut child = if wrap.is_empty() {
+            Command::new(binary("sigil-agent"))
+        } else {
+            let mut c = Command::new(wrap.remove(0));
+            c.args(&wrap).arg(binary("sigil-agent"));
+            c
+        };
+        let child = child
             .arg("run")
             .args(["--trust-domain", "example.org"])
             .args(["--server-address", &server.node_address()])

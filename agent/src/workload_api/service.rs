@@ -5,18 +5,19 @@
 //! PermissionDenied), its selectors matched to the cached entries. The attestation ends by
 //! confirming the pin after its reads, so the answer that follows at once is for the process
 //! that connected; a first answer that waits (an SVID still being minted) confirms it again.
-//! Streams are one task each, woken by the agent's change counter; each message is the full
-//! state, sent only when it differs from the last one.
+//! Streams need no task of their own: each is polled by the connection that carries it, woken
+//! by the agent's change counter; each message is the full state, sent only when it differs
+//! from the last one.
 
 use std::hash::{Hash as _, Hasher as _};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sigil::proto::workload as wl;
 use sigil::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 use sigil::selector::SelectorSet;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::identities::{self, X509State};
@@ -138,107 +139,185 @@ impl WorkloadApi {
         }
     }
 
-    /// One task per stream: look at the cache, send when the message changed, sleep until the
-    /// cache changes or the client goes away. The first look happens here, before the task, so
-    /// a cached SVID goes out without a task hand-off, and a caller without identity gets
-    /// PermissionDenied as the call's status.
+    /// A watched stream: its first message is looked up here, before the response starts, so
+    /// a cached SVID leaves with the response headers and a caller without identity gets
+    /// PermissionDenied as the call's status. Later messages are computed inside the stream's
+    /// own poll (no task or channel per stream: an agent holds one stream per workload, and
+    /// each would cost a few KiB): woken by the agent's change counter, it re-reads the cache
+    /// and yields the new full state when it differs from the last one sent.
     async fn watch<M, F>(
         &self,
         caller: Caller,
         what: &'static str,
         build: F,
-    ) -> Result<ReceiverStream<Result<M, Status>>, Status>
+    ) -> Result<WatchStream<M>, Status>
     where
         M: prost::Message + Send + 'static,
         F: Fn(&Cache, &SelectorSet) -> Watch<M> + Send + Sync + 'static,
     {
-        let (tx, rx) = mpsc::channel(1);
         let state = self.inner.state.clone();
         // Subscribed before the first look, so no change between the two is missed.
         let mut changes = state.changes.subscribe();
         changes.borrow_and_update();
-        let mut last: Option<u64> = None;
-        match look(&state, &caller, &build).await {
+        let mut watcher = Watcher {
+            gauge: StreamGauge::new(&state),
+            state,
+            caller,
+            what,
+            build,
+            changes,
+            shutdown: self.inner.shutdown.clone(),
+            last: None,
+            first: None,
+            look_now: false,
+            pending: false,
+            pending_deadline: tokio::time::Instant::now() + FIRST_SVID_WAIT,
+            done: false,
+        };
+        match look(&watcher.state, &watcher.caller, &watcher.build).await {
             Watch::NoIdentity => {
-                tracing::info!(pid = caller.pid, selectors = %caller.selectors, stream = what, "no identity for the caller; PermissionDenied");
+                tracing::info!(pid = watcher.caller.pid, selectors = %watcher.caller.selectors, stream = what, "no identity for the caller; PermissionDenied");
                 return Err(Status::permission_denied(NO_IDENTITY));
             }
-            Watch::Pending => {}
+            Watch::Pending => watcher.pending = true,
             Watch::Send(msg) => {
                 // No re-check here: the attestation ended by confirming the pin, and nothing
                 // but an in-memory cache read lies between that and this answer. A first
-                // message sent later (the SVID was still being minted) is re-checked below.
-                last = Some(fingerprint(&msg));
-                // The channel is new and holds one message: this cannot fail.
-                let _ = tx.try_send(Ok(msg));
+                // message sent later (the SVID was still being minted) is re-checked.
+                watcher.last = Some(fingerprint(&msg));
+                watcher.first = Some(msg);
                 tracing::debug!(
-                    pid = caller.pid,
+                    pid = watcher.caller.pid,
                     stream = what,
                     "Workload API first message sent"
                 );
             }
         }
-        let mut shutdown = self.inner.shutdown.clone();
-        tokio::spawn(async move {
-            let metrics = &state.metrics;
-            metrics.workload_streams.inc();
-            let pending_deadline = tokio::time::Instant::now() + FIRST_SVID_WAIT;
-            let mut first_round = true;
-            loop {
-                let mut pending = false;
-                // The first look was done before the task started.
-                let step = if std::mem::take(&mut first_round) && last.is_some() {
-                    None
-                } else {
-                    changes.borrow_and_update();
-                    Some(look(&state, &caller, &build).await)
-                };
-                match step {
-                    None => {}
-                    Some(Watch::NoIdentity) => {
-                        tracing::info!(pid = caller.pid, selectors = %caller.selectors, stream = what, "no identity for the caller any more; ending the stream with PermissionDenied");
-                        let _ = tx.send(Err(Status::permission_denied(NO_IDENTITY))).await;
-                        break;
+        Ok(Box::pin(futures::stream::unfold(watcher, Watcher::next)))
+    }
+}
+
+/// A server stream of the Workload API: full-state messages, or an error status that ends it.
+pub type WatchStream<M> = Pin<Box<dyn Stream<Item = Result<M, Status>> + Send>>;
+
+/// Counts an open stream in the agent's metrics for as long as it lives.
+struct StreamGauge(Arc<AgentState>);
+
+impl StreamGauge {
+    fn new(state: &Arc<AgentState>) -> Self {
+        state.metrics.workload_streams.inc();
+        Self(state.clone())
+    }
+}
+
+impl Drop for StreamGauge {
+    fn drop(&mut self) {
+        self.0.metrics.workload_streams.dec();
+    }
+}
+
+/// Why a waiting stream woke up.
+enum Woke {
+    /// The agent's cache changed.
+    Changed,
+    /// The agent is shutting down: end the stream quietly.
+    End,
+    /// The caller's first SVID is still not minted after [`FIRST_SVID_WAIT`].
+    FirstSvidLate,
+}
+
+/// The state of one watched stream between two messages.
+struct Watcher<M, F> {
+    state: Arc<AgentState>,
+    caller: Caller,
+    what: &'static str,
+    build: F,
+    changes: tokio::sync::watch::Receiver<u64>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Fingerprint of the last message sent (None: nothing sent yet).
+    last: Option<u64>,
+    /// The first message, looked up before the stream started.
+    first: Option<M>,
+    /// The cache changed since the last look.
+    look_now: bool,
+    /// The last look found the caller's SVID still being minted.
+    pending: bool,
+    /// When a caller still waiting for its first SVID gets Unavailable.
+    pending_deadline: tokio::time::Instant,
+    /// An error status ended the stream.
+    done: bool,
+    #[allow(dead_code)] // held for its Drop
+    gauge: StreamGauge,
+}
+
+impl<M, F> Watcher<M, F>
+where
+    M: prost::Message,
+    F: Fn(&Cache, &SelectorSet) -> Watch<M>,
+{
+    /// The stream's next item (None ends it): waits for a change, then sends the new state if
+    /// it differs from the last one.
+    async fn next(mut self) -> Option<(Result<M, Status>, Self)> {
+        if self.done {
+            return None;
+        }
+        if let Some(msg) = self.first.take() {
+            return Some((Ok(msg), self));
+        }
+        loop {
+            if std::mem::take(&mut self.look_now) {
+                self.changes.borrow_and_update();
+                self.pending = false;
+                match look(&self.state, &self.caller, &self.build).await {
+                    Watch::NoIdentity => {
+                        tracing::info!(pid = self.caller.pid, selectors = %self.caller.selectors, stream = self.what, "no identity for the caller any more; ending the stream with PermissionDenied");
+                        return self.end(Status::permission_denied(NO_IDENTITY));
                     }
-                    Some(Watch::Pending) => pending = true,
-                    Some(Watch::Send(msg)) => {
+                    Watch::Pending => self.pending = true,
+                    Watch::Send(msg) => {
                         let fp = fingerprint(&msg);
-                        if last != Some(fp) {
-                            if last.is_none() {
-                                if let Err(s) = caller.recheck() {
-                                    let _ = tx.send(Err(s)).await;
-                                    break;
+                        if self.last != Some(fp) {
+                            let first = self.last.is_none();
+                            if first {
+                                if let Err(s) = self.caller.recheck() {
+                                    return self.end(s);
                                 }
                             }
-                            if tx.send(Ok(msg)).await.is_err() {
-                                break;
-                            }
                             tracing::debug!(
-                                pid = caller.pid,
-                                stream = what,
-                                first = last.is_none(),
+                                pid = self.caller.pid,
+                                stream = self.what,
+                                first,
                                 "Workload API update sent"
                             );
-                            last = Some(fp);
+                            self.last = Some(fp);
+                            return Some((Ok(msg), self));
                         }
                     }
                 }
-                let waiting_first = pending && last.is_none();
-                tokio::select! {
-                    r = changes.changed() => if r.is_err() { break },
-                    _ = tx.closed() => break,
-                    _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
-                    _ = tokio::time::sleep_until(pending_deadline), if waiting_first => {
-                        let _ = tx.send(Err(Status::unavailable(
-                            "the caller's SVID is still being minted (is sigil-server reachable?); retry shortly",
-                        ))).await;
-                        break;
-                    }
+            }
+            let waiting_first = self.pending && self.last.is_none();
+            let deadline = self.pending_deadline;
+            let woke = tokio::select! {
+                r = self.changes.changed() => if r.is_ok() { Woke::Changed } else { Woke::End },
+                _ = self.shutdown.wait_for(|s| *s) => Woke::End,
+                _ = tokio::time::sleep_until(deadline), if waiting_first => Woke::FirstSvidLate,
+            };
+            match woke {
+                Woke::Changed => self.look_now = true,
+                Woke::End => return None,
+                Woke::FirstSvidLate => {
+                    return self.end(Status::unavailable(
+                        "the caller's SVID is still being minted (is sigil-server reachable?); retry shortly",
+                    ))
                 }
             }
-            metrics.workload_streams.dec();
-        });
-        Ok(ReceiverStream::new(rx))
+        }
+    }
+
+    /// Sends `status` and ends the stream.
+    fn end(mut self, status: Status) -> Option<(Result<M, Status>, Self)> {
+        self.done = true;
+        Some((Err(status), self))
     }
 }
 
@@ -279,9 +358,9 @@ fn now_unix() -> i64 {
 
 #[tonic::async_trait]
 impl SpiffeWorkloadApi for WorkloadApi {
-    type FetchX509SVIDStream = ReceiverStream<Result<wl::X509svidResponse, Status>>;
-    type FetchX509BundlesStream = ReceiverStream<Result<wl::X509BundlesResponse, Status>>;
-    type FetchJWTBundlesStream = ReceiverStream<Result<wl::JwtBundlesResponse, Status>>;
+    type FetchX509SVIDStream = WatchStream<wl::X509svidResponse>;
+    type FetchX509BundlesStream = WatchStream<wl::X509BundlesResponse>;
+    type FetchJWTBundlesStream = WatchStream<wl::JwtBundlesResponse>;
 
     async fn fetch_x509svid(
         &self,
