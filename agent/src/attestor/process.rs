@@ -144,13 +144,33 @@ pub(crate) fn read_proc_file(
     if pid <= 0 {
         return Err(AttestError::Gone { pid });
     }
-    // procfs reports size 0, so `fs::read` would start tiny and grow through many reads; these
-    // files fit in one page, read in one call.
-    let mut buf = Vec::with_capacity(4096);
-    std::fs::File::open(proc_path(proc_root, pid, what))
-        .and_then(|mut f| std::io::Read::read_to_end(&mut f, &mut buf))
+    let mut file = std::fs::File::open(proc_path(proc_root, pid, what))
         .map_err(|e| proc_error(pid, what, e))?;
-    Ok(buf)
+    read_whole(&mut file).map_err(|e| proc_error(pid, what, e))
+}
+
+/// Reads a procfs file whole, in one `read` when it fits in a page.
+///
+/// procfs reports size 0, so `fs::read` would start tiny and grow through many reads. These
+/// files (`stat`, `status`, `cgroup`) are generated whole on the first read and handed out as
+/// far as the buffer reaches, so a read that leaves room in the buffer has returned the rest of
+/// the file: the extra `read` that would only see end-of-file is skipped.
+fn read_whole(file: &mut impl io::Read) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; 4096];
+    let mut len = 0;
+    loop {
+        let n = match file.read(&mut buf[len..]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        len += n;
+        if n == 0 || len < buf.len() {
+            buf.truncate(len);
+            return Ok(buf);
+        }
+        buf.resize(buf.len() * 2, 0);
+    }
 }
 
 /// Maps an error reading `/proc/<pid>/<what>`: the process having exited shows as ENOENT (its
@@ -182,6 +202,57 @@ mod tests {
             "{pid} ({comm}) {state} 1 {pid} {pid} 0 -1 4194560 1234 0 0 0 5 3 0 0 20 0 1 0 \
              {start} 12345678 456 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 3 0 0 0 0 0\n"
         )
+    }
+
+    /// A reader that hands out at most `chunk` bytes per read, like a file larger than a page.
+    struct Chunked<'a> {
+        data: &'a [u8],
+        chunk: usize,
+        reads: usize,
+    }
+
+    impl io::Read for Chunked<'_> {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            self.reads += 1;
+            let n = self.data.len().min(out.len()).min(self.chunk);
+            out[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn read_whole_takes_one_read_for_a_small_file_and_all_of_a_big_one() {
+        let small = vec![b's'; 1500];
+        let mut r = Chunked {
+            data: &small,
+            chunk: usize::MAX,
+            reads: 0,
+        };
+        assert_eq!(read_whole(&mut r).unwrap(), small);
+        assert_eq!(r.reads, 1, "a short read is the whole file");
+
+        // Exactly a page, then more than a page (a deep cgroup file): read until EOF.
+        for size in [4096, 10_000] {
+            let big: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+            let mut r = Chunked {
+                data: &big,
+                chunk: 4096,
+                reads: 0,
+            };
+            assert_eq!(read_whole(&mut r).unwrap(), big, "size {size}");
+        }
+    }
+
+    #[test]
+    fn reads_real_proc_files_whole() {
+        let me = std::process::id() as i32;
+        let root = Path::new(DEFAULT_PROC_ROOT);
+        let status = read_proc_file(root, me, "status").unwrap();
+        let text = String::from_utf8_lossy(&status);
+        assert!(text.starts_with("Name:"), "{text}");
+        assert!(text.contains("\nGroups:"), "{text}");
+        assert!(text.ends_with('\n'), "ends with its last line: {text}");
     }
 
     #[test]
