@@ -213,11 +213,9 @@ pub(crate) fn exe_selectors(
         tracing::debug!(pid, path = %shown, "executable deleted; no unix:path or unix:sha256");
         return Ok(Some(Vec::new()));
     }
-    let (file, meta) = match File::open(&link).and_then(|f| {
-        let m = f.metadata()?;
-        Ok((f, m))
-    }) {
-        Ok(fm) => fm,
+    // stat through the link (no open: the file is only opened to hash a version not seen yet).
+    let meta = match std::fs::metadata(&link) {
+        Ok(m) => m,
         Err(e) => {
             tracing::debug!(pid, %e, "executable not readable; no unix:path or unix:sha256");
             return Ok(Some(Vec::new()));
@@ -242,7 +240,7 @@ pub(crate) fn exe_selectors(
     if !may_hash && cache.get(&FileKey::of(&meta)).is_none() {
         return Ok(None);
     }
-    match sha256_cached(file, &meta, cache) {
+    match sha256_cached(&link, &meta, cache) {
         Ok(Some(hash)) => push(&mut out, format!("sha256:{hash}")),
         Ok(None) => {
             tracing::debug!(pid, "executable changed while being hashed; no unix:sha256");
@@ -257,10 +255,11 @@ fn same_file(path: &Path, meta: &std::fs::Metadata) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.dev() == meta.dev() && m.ino() == meta.ino())
 }
 
-/// The file's SHA-256 (lowercase hex), from the cache when this version was hashed before.
-/// None if the file changed while it was read: the hash would describe neither version.
+/// The SHA-256 (lowercase hex) of the file at `path` described by `meta`, from the cache when
+/// this version was hashed before. None if the file is not that version any more or changed
+/// while it was read: the hash would describe another version, or none.
 fn sha256_cached(
-    mut file: File,
+    path: &Path,
     meta: &std::fs::Metadata,
     cache: &ExeHashCache,
 ) -> io::Result<Option<String>> {
@@ -268,6 +267,7 @@ fn sha256_cached(
     if let Some(hash) = cache.get(&key) {
         return Ok(Some(hash));
     }
+    let mut file = File::open(path)?;
     let mut hasher = Sha256::new();
     io::copy(&mut file, &mut hasher)?;
     if FileKey::of(&file.metadata()?) != key {
