@@ -246,12 +246,12 @@ fn hex_lower(bytes: &[u8]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
     /// A CA and an agent SVID made with rcgen (the server's CA lives in another crate).
-    fn identity(td: &TrustDomain, path: &str) -> (AgentIdentity, rcgen::KeyPair) {
+    pub(crate) fn identity(td: &TrustDomain, path: &str) -> (AgentIdentity, rcgen::KeyPair) {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);

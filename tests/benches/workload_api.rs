@@ -4,10 +4,11 @@
 //! 1. **FetchX509SVID first-message latency** for a cached SVID: open the stream (header
 //!    `workload.spiffe.io: true`), time until the first message, drop the stream. Measured on
 //!    one persistent channel and with a new connection per call (connect included), against
-//!    the agent and against a **baseline**: a plain tonic `SpiffeWorkloadApi` server in this
-//!    process (own runtime, Unix socket in a temp dir) whose FetchX509SVID immediately returns
-//!    the precomputed message the agent returned (same bytes, no attestation). Agent and
-//!    baseline alternate in rounds so load drifts on the shared machine hit both alike.
+//!    the agent and against a **baseline**: a plain tonic `SpiffeWorkloadApi` server whose
+//!    FetchX509SVID immediately returns the precomputed message the agent returned (same
+//!    bytes, no attestation), run as a process of its own like the agent (this executable
+//!    again), and the same server in this process (own runtime) for comparison with earlier
+//!    runs. The three alternate in rounds so load drifts on the shared machine hit all alike.
 //! 2. **Many open streams**: K concurrent FetchX509SVID streams (one connection each when the
 //!    fd limit allows), every first message received, then ONE federated bundle change
 //!    (`sigil-server bundle set --id spiffe://other.org`; the entry federates with other.org)
@@ -547,6 +548,34 @@ fn serve_baseline_child(socket: &Path, msg_file: &Path) {
     });
 }
 
+/// Starts the baseline echo server as a child process on `socket`, answering the message in
+/// `msg_file`; returns once it listens.
+fn spawn_baseline_child(socket: &Path, msg_file: &Path) -> std::process::Child {
+    // A profiler to run the baseline under (VmRSS is then the wrapper's, not meaningful).
+    let mut wrap: Vec<String> = std::env::var("SIGIL_BENCH_WL_BASELINE_WRAPPER")
+        .map(|w| w.split_whitespace().map(String::from).collect())
+        .unwrap_or_default();
+    let mut cmd = if wrap.is_empty() {
+        std::process::Command::new(std::env::current_exe().expect("current exe"))
+    } else {
+        let mut c = std::process::Command::new(wrap.remove(0));
+        c.args(&wrap)
+            .arg(std::env::current_exe().expect("current exe"));
+        c
+    };
+    let child = cmd
+        .env(SERVE_ENV, socket)
+        .env(SERVE_MSG_ENV, msg_file)
+        .spawn()
+        .expect("spawning the baseline server");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "baseline server did not bind");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child
+}
+
 /// Baseline server process: VmRSS idle, with `k` FetchX509SVID streams open over
 /// `connections` connections, and after they closed (KiB); and how many opened.
 fn baseline_memory(
@@ -559,29 +588,8 @@ fn baseline_memory(
     let socket = dir.path().join("b").join("api.sock");
     let msg_file = dir.path().join("msg.bin");
     std::fs::write(&msg_file, msg.encode_to_vec()).expect("writing the message file");
-    // A profiler to run the baseline under (VmRSS is then the wrapper's, not meaningful).
-    let mut wrap: Vec<String> = std::env::var("SIGIL_BENCH_WL_BASELINE_WRAPPER")
-        .map(|w| w.split_whitespace().map(String::from).collect())
-        .unwrap_or_default();
-    let mut child = if wrap.is_empty() {
-        std::process::Command::new(std::env::current_exe().expect("current exe"))
-    } else {
-        let mut c = std::process::Command::new(wrap.remove(0));
-        c.args(&wrap)
-            .arg(std::env::current_exe().expect("current exe"));
-        c
-    };
-    let mut child = child
-        .env(SERVE_ENV, &socket)
-        .env(SERVE_MSG_ENV, &msg_file)
-        .spawn()
-        .expect("spawning the baseline server");
+    let mut child = spawn_baseline_child(&socket, &msg_file);
     let pid = child.id();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(Instant::now() < deadline, "baseline server did not bind");
-        std::thread::sleep(Duration::from_millis(10));
-    }
     std::thread::sleep(Duration::from_millis(200));
     let idle = proc_kib(pid, "VmRSS:");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -743,13 +751,23 @@ fn main() {
     let base_dir = tempdir();
     let base_socket = base_dir.path().join("baseline").join("api.sock");
     let base_rt = start_baseline(&base_socket, msg.clone());
-    let (mut agent_s, mut base_s) = (Series::new(), Series::new());
+    // The same echo as a process of its own, like the agent: a call then crosses processes on
+    // both sides (a context switch between processes costs more than one between threads).
+    let proc_socket = base_dir.path().join("baseline-process").join("api.sock");
+    let msg_file = base_dir.path().join("msg.bin");
+    std::fs::write(&msg_file, msg.encode_to_vec()).expect("writing the message file");
+    let mut base_child = spawn_baseline_child(&proc_socket, &msg_file);
+    let (mut agent_s, mut base_s, mut proc_s) = (Series::new(), Series::new(), Series::new());
     let per = n.div_ceil(rounds);
     let hwm_before = proc_kib(agent_pid, "VmHWM:");
     rt.block_on(async {
         for r in 0..rounds {
             let wu = if r == 0 { warmup } else { warmup / 10 };
-            for (sock, s) in [(&socket, &mut agent_s), (&base_socket, &mut base_s)] {
+            for (sock, s) in [
+                (&socket, &mut agent_s),
+                (&proc_socket, &mut proc_s),
+                (&base_socket, &mut base_s),
+            ] {
                 s.persistent
                     .extend(latencies(sock, per, wu, false, size).await);
                 s.fresh.extend(latencies(sock, per, wu, true, size).await);
@@ -764,6 +782,8 @@ fn main() {
         mib(proc_kib(agent_pid, "VmHWM:"))
     );
     drop(base_rt);
+    let _ = base_child.kill();
+    let _ = base_child.wait();
     if hold > 0 {
         // For `perf record -p <pid>`: persistent-channel calls against the agent, untimed.
         eprintln!("agent pid {agent_pid}: {hold} s of FetchX509SVID calls on one channel");
@@ -835,9 +855,17 @@ fn main() {
         "FetchX509SVID → first message ({size}-byte message)"
     ));
     row("agent, persistent channel", &agent_s.persistent);
-    row("baseline, persistent channel", &base_s.persistent);
+    row("baseline process, persistent channel", &proc_s.persistent);
+    row(
+        "baseline in the bench process, persistent channel",
+        &base_s.persistent,
+    );
     row("agent, new connection per call", &agent_s.fresh);
-    row("baseline, new connection per call", &base_s.fresh);
+    row("baseline process, new connection per call", &proc_s.fresh);
+    row(
+        "baseline in the bench process, new connection per call",
+        &base_s.fresh,
+    );
     let ratio = |a: &[f64], b: &[f64]| {
         format!(
             "p50 {:.2}×, p99 {:.2}×, mean {:.2}×",
@@ -847,11 +875,19 @@ fn main() {
         )
     };
     println!(
-        "\nagent / baseline, persistent: {}",
+        "\nagent / baseline process, persistent: {}",
+        ratio(&agent_s.persistent, &proc_s.persistent)
+    );
+    println!(
+        "agent / baseline process, new connection: {}",
+        ratio(&agent_s.fresh, &proc_s.fresh)
+    );
+    println!(
+        "agent / in-process baseline, persistent: {}",
         ratio(&agent_s.persistent, &base_s.persistent)
     );
     println!(
-        "agent / baseline, new connection: {}",
+        "agent / in-process baseline, new connection: {}",
         ratio(&agent_s.fresh, &base_s.fresh)
     );
 

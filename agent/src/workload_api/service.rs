@@ -591,6 +591,138 @@ mod tests {
         assert_eq!(s.fields["none"].kind, Some(Kind::NullValue(0)));
     }
 
+    /// Agent state over `cache` (the agent's own SVID is a throwaway).
+    fn state_with(cache: Cache) -> Arc<AgentState> {
+        let td: sigil::TrustDomain = "example.org".parse().unwrap();
+        let (identity, _) = crate::storage::tests::identity(&td, "/sigil/agent/test");
+        Arc::new(AgentState::new(td, identity, cache))
+    }
+
+    /// A caller with `selectors`, pinned to this test process (alive throughout).
+    fn caller(selectors: &[&str]) -> Caller {
+        let pid = std::process::id() as i32;
+        Caller {
+            pid,
+            selectors: identities::tests::selectors(selectors),
+            pin: Arc::new(ProcessPin::pin(pid).unwrap()),
+        }
+    }
+
+    /// The X.509 SVID stream of [`WorkloadApi::fetch_x509svid`] for `caller`.
+    async fn x509_stream(
+        state: &Arc<AgentState>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+        caller: Caller,
+    ) -> Result<WatchStream<wl::X509svidResponse>, Status> {
+        let roots = state.identity.read().await.chain_der.clone();
+        let api = WorkloadApi::new(
+            state.clone(),
+            Arc::new(WorkloadAttestor::new()),
+            // Never dialled: these tests make no JWT calls.
+            NodeLink::new(
+                "127.0.0.1:1".into(),
+                state.trust_domain.clone(),
+                Arc::new(sigil::tls::IdentityStore::empty()),
+                Arc::new(sigil::tls::TrustStore::new(&roots).unwrap()),
+            ),
+            shutdown,
+        );
+        api.watch(
+            caller,
+            "x509_svid",
+            |cache, sel| match identities::x509_svid_state(cache, sel) {
+                X509State::NoIdentity => Watch::NoIdentity,
+                X509State::Pending => Watch::Pending,
+                X509State::Ready { response, .. } => Watch::Send(response),
+            },
+        )
+        .await
+    }
+
+    fn ids(m: &wl::X509svidResponse) -> Vec<String> {
+        m.svids.iter().map(|s| s.spiffe_id.clone()).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stream_sends_changes_only_and_ends_when_the_identity_goes() {
+        use identities::tests::{cache_with, entry};
+        use tokio_stream::StreamExt as _;
+        let state = state_with(cache_with(vec![entry("a", 1, &["unix:uid:7"], "")], &["a"]));
+        let (_stop, shutdown) = tokio::sync::watch::channel(false);
+        let mut s = x509_stream(&state, shutdown, caller(&["unix:uid:7"]))
+            .await
+            .unwrap();
+        assert_eq!(state.metrics.workload_streams.get(), 1);
+        let first = s.next().await.unwrap().unwrap();
+        assert_eq!(ids(&first), ["spiffe://example.org/w/a"]);
+
+        // A change that leaves this caller's message as it was: nothing is sent.
+        state.notify_changed();
+        let quiet = tokio::time::timeout(Duration::from_secs(60), s.next()).await;
+        assert!(quiet.is_err(), "an unchanged state was re-sent: {quiet:?}");
+
+        // A second matching entry: the next message carries both.
+        *state.cache.write().await = cache_with(
+            vec![
+                entry("a", 1, &["unix:uid:7"], ""),
+                entry("b", 2, &["unix:uid:7"], ""),
+            ],
+            &["a", "b"],
+        );
+        state.notify_changed();
+        let both = s.next().await.unwrap().unwrap();
+        assert_eq!(
+            ids(&both),
+            ["spiffe://example.org/w/a", "spiffe://example.org/w/b"]
+        );
+
+        // Every entry gone: PermissionDenied "no identity issued", then the stream ends.
+        *state.cache.write().await = cache_with(vec![entry("c", 3, &["unix:uid:8"], "")], &["c"]);
+        state.notify_changed();
+        let err = s.next().await.unwrap().unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert_eq!(err.message(), NO_IDENTITY);
+        assert!(s.next().await.is_none());
+        drop(s);
+        assert_eq!(state.metrics.workload_streams.get(), 0, "gauge back to 0");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_whose_svid_never_arrives_gets_unavailable_after_the_wait() {
+        use identities::tests::{cache_with, entry};
+        use tokio_stream::StreamExt as _;
+        // The entry matches, but no SVID is minted for it.
+        let state = state_with(cache_with(vec![entry("a", 1, &["unix:uid:7"], "")], &[]));
+        let (_stop, shutdown) = tokio::sync::watch::channel(false);
+        let mut s = x509_stream(&state, shutdown, caller(&["unix:uid:7"]))
+            .await
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let err = s.next().await.unwrap().unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        assert_eq!(started.elapsed(), FIRST_SVID_WAIT);
+        assert!(s.next().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn streams_end_quietly_at_shutdown_and_unknown_callers_are_refused() {
+        use identities::tests::{cache_with, entry};
+        use tokio_stream::StreamExt as _;
+        let state = state_with(cache_with(vec![entry("a", 1, &["unix:uid:7"], "")], &["a"]));
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let refused = x509_stream(&state, shutdown.clone(), caller(&["unix:uid:9"])).await;
+        let err = refused.err().expect("no identity for uid 9");
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert_eq!(state.metrics.workload_streams.get(), 0);
+
+        let mut s = x509_stream(&state, shutdown, caller(&["unix:uid:7"]))
+            .await
+            .unwrap();
+        assert!(s.next().await.unwrap().is_ok());
+        stop.send(true).unwrap();
+        assert!(s.next().await.is_none(), "ended without an error status");
+    }
+
     #[test]
     fn header_must_be_exactly_true() {
         let mut r = Request::new(());
