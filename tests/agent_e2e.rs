@@ -31,18 +31,7 @@ fn agent_attests_syncs_restarts_and_is_evicted() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     // Metrics reflect what the agent holds.
-    let metrics = {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(&agent.health_address).expect("health port");
-        write!(
-            s,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .expect("request");
-        let mut out = String::new();
-        s.read_to_string(&mut out).expect("response");
-        out
-    };
+    let metrics = agent.metrics();
     assert!(
         metrics.contains("sigil_agent_registration_entries 2"),
         "{metrics}"

@@ -1257,6 +1257,58 @@ fn new_entry_reaches_an_open_stream() {
     });
 }
 
+/// Streams hold no task of their own in the agent: their state must go when the client
+/// cancels a stream (RST_STREAM on a live connection) or closes its connection.
+#[test]
+fn stream_state_goes_when_the_client_goes() {
+    const STREAMS: &str = "sigil_agent_workload_api_streams";
+    let (_dir, _server, w) = workload_for_this_uid(&[]);
+    let socket = w.agent.socket_path();
+    let wait_streams = |n: f64| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let now = w.agent.metric(STREAMS);
+            if now == Some(n) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{STREAMS} is {now:?}, expected {n}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    runtime().block_on(async {
+        // Two streams on one connection, one on another.
+        let shared = raw_client(&socket).await;
+        let other = raw_client(&socket).await;
+        let mut open = Vec::new();
+        for mut c in [shared.clone(), shared.clone(), other.clone()] {
+            let mut s = c
+                .fetch_x509svid(with_header(wl::X509svidRequest {}))
+                .await
+                .expect("FetchX509SVID")
+                .into_inner();
+            within(30, "first message", s.message())
+                .await
+                .expect("first message")
+                .expect("a message");
+            open.push(s);
+        }
+        tokio::task::block_in_place(|| wait_streams(3.0));
+        // Cancel one stream; its connection stays open for the other.
+        drop(open.remove(0));
+        tokio::task::block_in_place(|| wait_streams(2.0));
+        // Close the other connection.
+        drop(open.pop());
+        drop(other);
+        tokio::task::block_in_place(|| wait_streams(1.0));
+        drop(open);
+        drop(shared);
+        tokio::task::block_in_place(|| wait_streams(0.0));
+    });
+}
+
 #[test]
 fn entry_removal_ends_the_stream_with_permission_denied() {
     const SECOND: &str = "spiffe://example.org/second";

@@ -380,6 +380,28 @@ impl Agent {
         serde_json::from_slice(&out.stdout).expect("status JSON")
     }
 
+    /// The agent's Prometheus text from `GET /metrics` on its health address.
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.health_address).expect("health port");
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .expect("metrics request");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("metrics response");
+        out
+    }
+
+    /// The value of the metric line `name <value>` (no labels), if the agent reports it.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let prefix = format!("{name} ");
+        self.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+    }
+
     /// `sigil-agent healthcheck` against this agent.
     pub fn healthy(&self) -> bool {
         Command::new(binary("sigil-agent"))
