@@ -11,6 +11,7 @@
 //! - [`fs`]: crash-safe file writes (keys are never left truncated or world-readable).
 //! - [`health`]: the `/live`, `/ready` and `/metrics` HTTP endpoint.
 //! - [`https`]: a small HTTPS/1.1 JSON client (Kubernetes API server, kubelet, OIDC), CA-pinned.
+//! - [`limits`]: process resource limits (open files raised to the hard limit at start).
 //! - [`logging`]: `tracing` set-up (text or JSON).
 //! - [`proto`]: generated code for the Workload, node and admin APIs.
 //! - [`uds`]: gRPC over Unix sockets (client connector, peer credentials).
@@ -26,6 +27,7 @@ pub mod fs;
 pub mod health;
 pub mod https;
 pub mod jwt;
+pub mod limits;
 pub mod logging;
 pub mod proto;
 pub mod selector;

@@ -41,6 +41,7 @@ impl sigil::health::Probe for Readiness {
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let td = cfg.trust_domain.clone();
     tracing::info!(trust_domain = %td, server = %cfg.server_address, data_dir = %cfg.data_dir.display(), version = env!("CARGO_PKG_VERSION"), "sigil-agent starting");
+    sigil::limits::raise_open_files_limit_logged();
     let storage = Storage::open(&cfg.data_dir)?;
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
 

@@ -60,6 +60,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         version = env!("CARGO_PKG_VERSION"),
         "sigil-server starting"
     );
+    sigil::limits::raise_open_files_limit_logged();
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
     restrict_dir(&cfg.data_dir)?;
