@@ -160,7 +160,7 @@ impl WorkloadApi {
         let mut changes = state.changes.subscribe();
         changes.borrow_and_update();
         let mut watcher = Watcher {
-            gauge: StreamGauge::new(&state),
+            _gauge: StreamGauge::new(&state),
             state,
             caller,
             what,
@@ -246,8 +246,8 @@ struct Watcher<M, F> {
     pending_deadline: tokio::time::Instant,
     /// An error status ended the stream.
     done: bool,
-    #[allow(dead_code)] // held for its Drop
-    gauge: StreamGauge,
+    /// Counts the stream while it lives (held for its Drop).
+    _gauge: StreamGauge,
 }
 
 impl<M, F> Watcher<M, F>
