@@ -33,9 +33,26 @@ pub fn binary(name: &str) -> PathBuf {
             cmd.arg("--release");
         }
         cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
-        // ring's build script reruns when CARGO_MANIFEST_DIR changes: inherited from the test
-        // process it would make this build and the outer one invalidate each other.
-        cmd.env_remove("CARGO_MANIFEST_DIR");
+        // Cargo sets package variables for the test process (CARGO_MANIFEST_DIR,
+        // CARGO_PKG_NAME, ...). Build scripts such as ring's rerun when those change, and cargo
+        // compares them as found in its own environment: inherited here, they would make this
+        // build and the outer one rebuild ring and everything above it, in turn.
+        for (key, _) in std::env::vars_os() {
+            let Some(k) = key.to_str() else { continue };
+            if k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_MANIFEST_")
+                || k.starts_with("CARGO_BIN_")
+                || matches!(
+                    k,
+                    "CARGO_CRATE_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                        | "CARGO_TARGET_TMPDIR"
+                        | "OUT_DIR"
+                )
+            {
+                cmd.env_remove(k);
+            }
+        }
         let status = cmd.status().expect("running cargo build for the binaries");
         assert!(status.success(), "cargo build of the binaries failed");
     });
