@@ -460,19 +460,7 @@ fn health_metrics_and_config_file() {
     assert_eq!(health["trust_domain"], "example.org");
     assert_eq!(health["ready"], true);
 
-    let get = |path: &str| -> String {
-        use std::io::{Read, Write};
-        let mut s =
-            std::net::TcpStream::connect(("127.0.0.1", port)).expect("connecting to health port");
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .expect("writing request");
-        let mut out = String::new();
-        s.read_to_string(&mut out).expect("reading response");
-        out
-    };
+    let get = |path: &str| support::http_get(&format!("127.0.0.1:{port}"), path);
     assert!(get("/live").starts_with("HTTP/1.1 200"));
     assert!(get("/ready").starts_with("HTTP/1.1 200"));
     let metrics = get("/metrics");

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sigil::proto::admin as pb;
 use sigil::proto::agent_admin::{agent_admin_client::AgentAdminClient, StatusRequest};
-use support::{tempdir, Agent, Server};
+use support::{pct, proc_kib, tempdir, Agent, Server};
 
 const ALIAS: &str = "spiffe://example.org/node-a";
 const LATENCY_CREATES: usize = 100;
@@ -76,15 +76,6 @@ fn progress(log: &str, n: u64, t0: f64) -> (Option<f64>, Option<f64>, usize) {
         }
     }
     (synced, minted, batches)
-}
-
-fn proc_kib(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Sum of `bytes_received` / `bytes_acked` over established TCP connections to `port`
@@ -201,13 +192,6 @@ fn latency(rt: &tokio::runtime::Runtime, server: &Server, agent: &Agent) -> Late
         }
         (total, rpc)
     })
-}
-
-fn pct(v: &[f64], p: f64) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let idx = ((p / 100.0) * s.len() as f64).ceil() as usize;
-    s[idx.saturating_sub(1).min(s.len() - 1)]
 }
 
 fn run_size(

@@ -44,7 +44,7 @@ use sigil::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use sigil::proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
-use support::{agent_with_workload_entry, foreign_ca_pem, tempdir, Agent, Server};
+use support::{agent_with_workload_entry, foreign_ca_pem, pct, proc_kib, tempdir, Agent, Server};
 use tokio_stream::{Stream, StreamExt as _};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -66,15 +66,6 @@ fn with_header<T>(msg: T) -> Request<T> {
     req
 }
 
-fn proc_kib(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
@@ -83,29 +74,8 @@ fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 
-/// Nearest-rank percentile of `v` (ms).
-fn pct(v: &[f64], p: f64) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let idx = ((p / 100.0) * s.len() as f64).ceil() as usize;
-    s[idx.saturating_sub(1).min(s.len() - 1)]
-}
-
 fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len() as f64
-}
-
-/// Raises the soft RLIMIT_NOFILE to the hard limit (children inherit it); returns it.
-fn raise_nofile() -> u64 {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
-    if soft < hard {
-        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-            eprintln!("setrlimit(NOFILE, {hard}) failed: {e}; staying at {soft}");
-            return soft;
-        }
-    }
-    hard
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -685,7 +655,13 @@ fn main() {
         })
         .collect();
 
-    let nofile = raise_nofile();
+    // The bench holds one descriptor per stream too; the agent, its child, inherits the limit.
+    if let Err(e) = sigil::limits::raise_open_files_limit() {
+        eprintln!("raising RLIMIT_NOFILE failed: {e}");
+    }
+    let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .expect("getrlimit")
+        .0;
     eprintln!("RLIMIT_NOFILE: {nofile}");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -60,6 +60,41 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// The whole HTTP/1.1 answer (status line, headers, body) to `GET path` on `address`
+/// (`host:port`): enough for the health and metrics endpoints.
+pub fn http_get(address: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(address)
+        .unwrap_or_else(|e| panic!("connecting to {address}: {e}"));
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("writing the request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("reading the answer");
+    out
+}
+
+/// A `/proc/<pid>/status` figure in KiB (`key` as in the file, e.g. `"VmRSS:"`); 0 if the
+/// process or the line is gone.
+pub fn proc_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Nearest-rank percentile `p` (0–100) of `v`, which must not be empty.
+pub fn pct(v: &[f64], p: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let idx = ((p / 100.0) * s.len() as f64).ceil() as usize;
+    s[idx.saturating_sub(1).min(s.len() - 1)]
+}
+
 /// A temp dir for one test, removed on drop.
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()
@@ -399,16 +434,7 @@ impl Agent {
 
     /// The agent's Prometheus text from `GET /metrics` on its health address.
     pub fn metrics(&self) -> String {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(&self.health_address).expect("health port");
-        write!(
-            s,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .expect("metrics request");
-        let mut out = String::new();
-        s.read_to_string(&mut out).expect("metrics response");
-        out
+        http_get(&self.health_address, "/metrics")
     }
 
     /// The value of the metric line `name <value>` (no labels), if the agent reports it.
