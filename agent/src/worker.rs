@@ -13,9 +13,11 @@ use std::time::Duration;
 
 use rand::Rng as _;
 use sigil::proto::node as pb;
+use sigil::proto::node::node_client::NodeClient;
 use sigil::tls::{IdentityStore, TrustStore};
 use sigil::TrustDomain;
 use tokio::sync::{watch, RwLock};
+use tonic::transport::Channel;
 
 use crate::cache::Cache;
 use crate::client::{self, ClientError};
@@ -211,6 +213,19 @@ impl Worker {
         let _ = shutdown.wait_for(|s| *s).await;
     }
 
+    /// A channel to the server's node API, the server verified against the current bundle;
+    /// presenting `identity` (the agent SVID) or none (attestation).
+    fn node_channel(
+        &self,
+        identity: Option<Arc<IdentityStore>>,
+    ) -> Result<NodeClient<Channel>, ClientError> {
+        client::channel(
+            &self.server_address,
+            client::verify_server(self.trust.clone(), &self.state.trust_domain),
+            identity,
+        )
+    }
+
     /// Attests again with the x509pop certificate (re-read from disk: it may have been renewed).
     async fn reattest_x509pop(&self) -> Result<(), ClientError> {
         let Some(cfg) = &self.x509pop else {
@@ -221,12 +236,8 @@ impl Worker {
         let (chain, key) = cfg
             .load()
             .map_err(|e| ClientError::Protocol(format!("{e:#}")))?;
+        let mut node = self.node_channel(None)?;
         let td = &self.state.trust_domain;
-        let mut node = client::channel(
-            &self.server_address,
-            client::verify_server(self.trust.clone(), td),
-            None,
-        )?;
         let attested = client::attest_x509pop(&mut node, td, chain, &key).await?;
         tracing::info!(spiffe_id = %attested.identity.spiffe_id, "attested again with x509pop");
         self.install_identity(attested.identity).await
@@ -242,12 +253,8 @@ impl Worker {
         let token = cfg
             .load_token()
             .map_err(|e| ClientError::Protocol(format!("{e:#}")))?;
+        let mut node = self.node_channel(None)?;
         let td = &self.state.trust_domain;
-        let mut node = client::channel(
-            &self.server_address,
-            client::verify_server(self.trust.clone(), td),
-            None,
-        )?;
         let attested = client::attest_k8s_psat(&mut node, td, &cfg.cluster, &token).await?;
         tracing::info!(spiffe_id = %attested.identity.spiffe_id, "attested again with k8s_psat");
         self.install_identity(attested.identity).await
@@ -259,11 +266,7 @@ impl Worker {
         backoff: &mut Backoff,
     ) -> Result<SessionEnd, ClientError> {
         let td = &self.state.trust_domain;
-        let mut node = client::channel(
-            &self.server_address,
-            client::verify_server(self.trust.clone(), td),
-            Some(self.tls_identity.clone()),
-        )?;
+        let mut node = self.node_channel(Some(self.tls_identity.clone()))?;
         let (revision, bundle_seq) = {
             let c = self.state.cache.read().await;
             (c.revision(), c.bundle_sequence())
