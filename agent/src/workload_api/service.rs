@@ -321,6 +321,25 @@ where
     }
 }
 
+/// FetchX509SVID's view of the cache for a caller with `selectors`.
+fn x509_svid_watch(cache: &Cache, selectors: &SelectorSet) -> Watch<wl::X509svidResponse> {
+    match identities::x509_svid_state(cache, selectors) {
+        X509State::NoIdentity => Watch::NoIdentity,
+        X509State::Pending => Watch::Pending,
+        X509State::Ready { response, .. } => Watch::Send(response),
+    }
+}
+
+/// A bundles stream's view: `None` is "no identity"; a message without bundles waits (the
+/// agent holds none yet).
+fn bundles_watch<M>(msg: Option<M>, is_empty: impl FnOnce(&M) -> bool) -> Watch<M> {
+    match msg {
+        None => Watch::NoIdentity,
+        Some(m) if is_empty(&m) => Watch::Pending,
+        Some(m) => Watch::Send(m),
+    }
+}
+
 /// What the cache holds for `caller` now.
 async fn look<M>(
     state: &AgentState,
@@ -367,17 +386,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<wl::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let caller = self.attest(&req).await?;
-        let stream = self
-            .watch(
-                caller,
-                "x509_svid",
-                |cache, sel| match identities::x509_svid_state(cache, sel) {
-                    X509State::NoIdentity => Watch::NoIdentity,
-                    X509State::Pending => Watch::Pending,
-                    X509State::Ready { response, .. } => Watch::Send(response),
-                },
-            )
-            .await?;
+        let stream = self.watch(caller, "x509_svid", x509_svid_watch).await?;
         Ok(Response::new(stream))
     }
 
@@ -387,15 +396,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         let caller = self.attest(&req).await?;
         let stream = self
-            .watch(
-                caller,
-                "x509_bundles",
-                |cache, sel| match identities::x509_bundles(cache, sel) {
-                    None => Watch::NoIdentity,
-                    Some(m) if m.bundles.is_empty() => Watch::Pending,
-                    Some(m) => Watch::Send(m),
-                },
-            )
+            .watch(caller, "x509_bundles", |cache, sel| {
+                bundles_watch(identities::x509_bundles(cache, sel), |m| {
+                    m.bundles.is_empty()
+                })
+            })
             .await?;
         Ok(Response::new(stream))
     }
@@ -406,15 +411,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         let caller = self.attest(&req).await?;
         let stream = self
-            .watch(
-                caller,
-                "jwt_bundles",
-                |cache, sel| match identities::jwt_bundles(cache, sel) {
-                    None => Watch::NoIdentity,
-                    Some(m) if m.bundles.is_empty() => Watch::Pending,
-                    Some(m) => Watch::Send(m),
-                },
-            )
+            .watch(caller, "jwt_bundles", |cache, sel| {
+                bundles_watch(identities::jwt_bundles(cache, sel), |m| {
+                    m.bundles.is_empty()
+                })
+            })
             .await?;
         Ok(Response::new(stream))
     }
@@ -608,7 +609,7 @@ mod tests {
         }
     }
 
-    /// The X.509 SVID stream of [`WorkloadApi::fetch_x509svid`] for `caller`.
+    /// The X.509 SVID stream [`WorkloadApi::fetch_x509svid`] opens for `caller`.
     async fn x509_stream(
         state: &Arc<AgentState>,
         shutdown: tokio::sync::watch::Receiver<bool>,
@@ -627,16 +628,7 @@ mod tests {
             ),
             shutdown,
         );
-        api.watch(
-            caller,
-            "x509_svid",
-            |cache, sel| match identities::x509_svid_state(cache, sel) {
-                X509State::NoIdentity => Watch::NoIdentity,
-                X509State::Pending => Watch::Pending,
-                X509State::Ready { response, .. } => Watch::Send(response),
-            },
-        )
-        .await
+        api.watch(caller, "x509_svid", x509_svid_watch).await
     }
 
     fn ids(m: &wl::X509svidResponse) -> Vec<String> {
