@@ -24,16 +24,9 @@ fn path_str(p: &Path) -> &str {
 /// `sigil/sigil-bundle`, key `bundle.pem` (namespace given: the test is not in a pod).
 fn server_config(dir: &Path, fake: &FakeK8s) -> PathBuf {
     std::fs::create_dir_all(dir).expect("config dir");
-    let (ca, token) = fake.write_credentials(dir);
     let text = format!(
-        "[bundle_publisher.k8s_configmap]\n\
-         namespace = {NS:?}\n\
-         api_server_url = {url:?}\n\
-         api_ca_file = {ca:?}\n\
-         api_token_file = {token:?}\n",
-        url = fake.url,
-        ca = path_str(&ca),
-        token = path_str(&token),
+        "[bundle_publisher.k8s_configmap]\nnamespace = {NS:?}\n{}",
+        fake.api_settings_toml(dir)
     );
     let path = dir.join("server.toml");
     std::fs::write(&path, text).expect("writing server config");

@@ -34,18 +34,13 @@ fn path_str(p: &Path) -> &str {
 /// Writes the server's TOML config: one k8s_psat cluster verified with `jwks` and checked
 /// against the fake API server.
 fn server_config(dir: &Path, fake: &FakeK8s, jwks: &Path) -> PathBuf {
-    let (ca, token) = fake.write_credentials(dir);
     let text = format!(
         "[node_attestor.k8s_psat.clusters.{CLUSTER}]\n\
          service_account_allow_list = [\"sigil:sigil-agent\"]\n\
          jwks_file = {jwks:?}\n\
-         api_server_url = {url:?}\n\
-         api_ca_file = {ca:?}\n\
-         api_token_file = {token:?}\n",
+         {api}",
         jwks = path_str(jwks),
-        url = fake.url,
-        ca = path_str(&ca),
-        token = path_str(&token),
+        api = fake.api_settings_toml(dir),
     );
     let path = dir.join("server.toml");
     std::fs::write(&path, text).expect("writing server config");

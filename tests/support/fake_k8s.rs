@@ -336,6 +336,18 @@ impl FakeK8s {
         std::fs::write(&token, format!("{API_TOKEN}\n")).expect("writing the fake API token");
         (ca, token)
     }
+
+    /// The TOML lines that point a config table at this API server (`api_server_url`,
+    /// `api_ca_file`, `api_token_file`), with the credentials written to `dir`.
+    pub fn api_settings_toml(&self, dir: &std::path::Path) -> String {
+        let (ca, token) = self.write_credentials(dir);
+        format!(
+            "api_server_url = {url:?}\napi_ca_file = {ca:?}\napi_token_file = {token:?}\n",
+            url = self.url,
+            ca = ca.to_str().expect("utf-8 path"),
+            token = token.to_str().expect("utf-8 path"),
+        )
+    }
 }
 
 fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
