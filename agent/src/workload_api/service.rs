@@ -99,8 +99,8 @@ impl WorkloadApi {
         }
     }
 
+    /// Attests the caller of `req` (each RPC has checked the security header before).
     async fn attest<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
-        check_header(req)?;
         let peer = req.extensions().get::<PeerInfo>().cloned().ok_or_else(|| {
             Status::unauthenticated("the caller's credentials are unavailable on this connection")
         })?;
@@ -385,6 +385,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<wl::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        check_header(&req)?;
         let caller = self.attest(&req).await?;
         let stream = self.watch(caller, "x509_svid", x509_svid_watch).await?;
         Ok(Response::new(stream))
@@ -394,6 +395,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<wl::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        check_header(&req)?;
         let caller = self.attest(&req).await?;
         let stream = self
             .watch(caller, "x509_bundles", |cache, sel| {
@@ -409,6 +411,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<wl::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        check_header(&req)?;
         let caller = self.attest(&req).await?;
         let stream = self
             .watch(caller, "jwt_bundles", |cache, sel| {
