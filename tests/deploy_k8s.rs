@@ -1155,9 +1155,17 @@ fn exec_start_args(unit: &str) -> Vec<String> {
 #[test]
 fn systemd_configs_are_accepted_by_the_binaries() {
     let read = |p: &str| std::fs::read_to_string(repo().join(p)).expect("config file");
+    // The node CA the example server.toml trusts for x509pop, as an operator would install it.
+    let etc = support::tempdir();
+    let node_ca = etc.path().join("node-ca.pem");
+    std::fs::write(&node_ca, support::foreign_ca_pem("example node CA")).expect("node CA");
+    let server_toml = read("deploy/systemd/server.toml").replace(
+        "/etc/sigil/node-ca.pem",
+        node_ca.to_str().expect("utf-8 path"),
+    );
     server_accepts(
         "deploy/systemd/sigil-server.service",
-        &read("deploy/systemd/server.toml"),
+        &server_toml,
         &exec_start_args("deploy/systemd/sigil-server.service"),
         "default",
     );

@@ -8,6 +8,7 @@
 # Usage: deploy/local/quickstart.sh [--once] [--ttl DURATION]
 #   --once          exit after the first fetch
 #   --ttl 2m        X509-SVID lifetime of the quickstart entry (default 1h: rotates every ~30 min)
+# Environment: SIGIL_BIN_DIR=DIR uses the binaries in DIR instead of building them.
 set -euo pipefail
 
 ONCE=0
@@ -16,7 +17,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --once) ONCE=1 ;;
     --ttl) TTL="${2:?--ttl needs a duration, e.g. 2m}"; shift ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -24,9 +25,23 @@ done
 
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$ROOT"
-echo "==> building (cargo build --bins)"
-cargo build --quiet --bins
-BIN="$ROOT/target/debug"
+if [ -n "${SIGIL_BIN_DIR:-}" ]; then
+  # Binaries built elsewhere (a release build, a package, the test harness's).
+  BIN="$SIGIL_BIN_DIR"
+else
+  # The root package is the shared library: the binaries are in the two member packages, and
+  # cargo puts them in its target directory, wherever CARGO_TARGET_DIR or .cargo/config say.
+  echo "==> building sigil-server and sigil-agent (cargo build -p sigil-server -p sigil-agent)"
+  cargo build -p sigil-server -p sigil-agent --bins
+  TARGET_DIR="$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
+  BIN="${TARGET_DIR:-$ROOT/target}/debug"
+fi
+for b in sigil-server sigil-agent; do
+  if [ ! -x "$BIN/$b" ]; then
+    echo "quickstart: $BIN/$b is missing; build with: cargo build -p sigil-server -p sigil-agent" >&2
+    exit 1
+  fi
+done
 
 WORK="$(mktemp -d -t sigil-quickstart-XXXXXX)"
 SOCK="$WORK/server/admin.sock"

@@ -28,7 +28,17 @@ pub fn binary(name: &str) -> PathBuf {
     BUILT.get_or_init(|| {
         let profile_release = dir.ends_with("release");
         let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "--bins", "-p", "sigil-server", "-p", "sigil-agent"]);
+        // The workspace and a test (or bench) target, as in the `cargo test --workspace` (or
+        // `cargo bench`) that built this one: cargo then resolves the same features (with the
+        // dev-dependencies'), so every dependency it compiled is reused and only the two
+        // binaries are built. `-p sigil-server -p sigil-agent --bins` alone would resolve
+        // without the dev-dependencies and compile ~80 crates a second time. The target named
+        // is this very test, which is up to date.
+        cmd.args(["build", "--workspace", "--bins"]);
+        cmd.args([
+            if profile_release { "--bench" } else { "--test" },
+            env!("CARGO_CRATE_NAME"),
+        ]);
         if profile_release {
             cmd.arg("--release");
         }
