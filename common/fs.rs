@@ -74,7 +74,7 @@ pub enum LockError {
         source: io::Error,
     },
     /// Another process holds the lock.
-    #[error("{dir} is in use by another {program}{} (it holds {path}); stop that one first, or give this one its own data directory", .pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    #[error("{dir} is in use by another {program}{}: it holds the lock {path}; stop that one first, or give this one its own data directory", .pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
     Held {
         /// The data directory.
         dir: std::path::PathBuf,
@@ -161,7 +161,10 @@ mod tests {
             "{text}"
         );
         let lock_file = dir.path().join("test.lock");
-        assert_eq!(fs::metadata(&lock_file)?.permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&lock_file)?.permissions().mode() & 0o777,
+            0o600
+        );
         drop(first);
         let _again = lock_dir(dir.path(), "test.lock", "sigil-test").expect("lock after release");
         Ok(())

@@ -109,7 +109,12 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Soc
     }
 }
 
-fn unsafe_dir(path: &Path, meta: &std::fs::Metadata, problem: String, remedy: String) -> SocketError {
+fn unsafe_dir(
+    path: &Path,
+    meta: &std::fs::Metadata,
+    problem: String,
+    remedy: String,
+) -> SocketError {
     SocketError::Unsafe {
         path: path.to_path_buf(),
         uid: meta.uid(),
@@ -326,7 +331,8 @@ fn set_dir_mode(dir: &Path, mode: u32) -> Result<(), SocketError> {
 /// `uid`; with `None` (a client) ownership is not checked. With `create`, missing directories are
 /// created `0755`.
 fn resolve(dir: &Path, owner: Option<u32>, create: bool) -> Result<PathBuf, SocketError> {
-    let mut pending: VecDeque<OsString> = components(dir);
+    let dir = std::path::absolute(dir).map_err(io_err("resolving", dir))?;
+    let mut pending: VecDeque<OsString> = components(&dir);
     let mut cur = PathBuf::from("/");
     check_above(&cur, &lstat(&cur)?, owner)?;
     let mut links = 0;
@@ -389,11 +395,10 @@ fn resolve(dir: &Path, owner: Option<u32>, create: bool) -> Result<PathBuf, Sock
     Ok(cur)
 }
 
-/// The normal and `..` components of `p` (`/` and `.` dropped); a relative `p` is taken from the
-/// current directory.
+/// The normal and `..` components of `p` (`/` and `.` dropped): from `/` for an absolute path,
+/// from the link's directory for a relative link target.
 fn components(p: &Path) -> VecDeque<OsString> {
-    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-    abs.components()
+    p.components()
         .filter_map(|c| match c {
             Component::Normal(n) => Some(n.to_os_string()),
             Component::ParentDir => Some(OsString::from("..")),
@@ -525,7 +530,11 @@ mod tests {
         fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
         chmod(&dir, 0o700);
         let (_l, _f) = bind(&dir.join("api.sock"), 0o755, 0o777).await.unwrap();
-        assert_eq!(mode(&dir), 0o700, "an existing directory must not be chmod-ed");
+        assert_eq!(
+            mode(&dir),
+            0o700,
+            "an existing directory must not be chmod-ed"
+        );
     }
 
     #[tokio::test]
@@ -542,9 +551,15 @@ mod tests {
             .await
             .expect_err("another user's directory");
         let text = err.to_string();
-        assert!(matches!(err, SocketError::Unsafe { uid: NOBODY, .. }), "{text}");
+        assert!(
+            matches!(err, SocketError::Unsafe { uid: NOBODY, .. }),
+            "{text}"
+        );
         assert!(text.contains(&dir.display().to_string()), "{text}");
-        assert!(text.contains("uid 65534") && text.contains("0755"), "{text}");
+        assert!(
+            text.contains("uid 65534") && text.contains("0755"),
+            "{text}"
+        );
         assert!(text.contains("remove the directory"), "{text}");
         assert!(!dir.join("api.sock").exists());
     }
@@ -562,7 +577,11 @@ mod tests {
             let text = err.to_string();
             assert!(text.contains("writable by group or others"), "{text}");
             assert!(text.contains(&format!("{m:04o}")), "{text}");
-            assert_eq!(mode(&dir), m, "the mode of a refused directory is left alone");
+            assert_eq!(
+                mode(&dir),
+                m,
+                "the mode of a refused directory is left alone"
+            );
             assert!(!dir.join("admin.sock").exists());
         }
     }
@@ -580,8 +599,15 @@ mod tests {
             .await
             .expect_err("link as the socket's directory");
         assert!(matches!(err, SocketError::SymlinkDir { .. }), "{err}");
-        assert!(err.to_string().contains(&link.display().to_string()), "{err}");
-        assert_eq!(mode(&secret), 0o700, "the link's target must not be made 0755");
+        assert!(
+            err.to_string().contains(&link.display().to_string()),
+            "{err}"
+        );
+        assert_eq!(
+            mode(&secret),
+            0o700,
+            "the link's target must not be made 0755"
+        );
         assert!(!secret.join("api.sock").exists());
     }
 
@@ -595,7 +621,10 @@ mod tests {
             .await
             .expect_err("world-writable ancestor");
         assert!(err.to_string().contains("on the socket's path"), "{err}");
-        assert!(err.to_string().contains(&open.display().to_string()), "{err}");
+        assert!(
+            err.to_string().contains(&open.display().to_string()),
+            "{err}"
+        );
         assert!(!open.join("sigil").exists(), "nothing is created below it");
         // Like /tmp: others may add entries but not move ours.
         chmod(&open, 0o1777);
@@ -629,6 +658,14 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(f.path(), real.join("private").join("a.sock"));
+        // Relative link targets are taken from the link's directory.
+        let rel = base.path().join("rel");
+        std::os::unix::fs::symlink("./sub/../real", &rel).unwrap();
+        fs::create_dir(base.path().join("sub")).unwrap();
+        let (_l, f) = bind(&rel.join("private").join("r.sock"), 0o700, 0o600)
+            .await
+            .unwrap();
+        assert_eq!(f.path(), real.join("private").join("r.sock"));
         // ...but not if someone else could re-point it.
         std::os::unix::fs::lchown(&link, Some(NOBODY), None).unwrap();
         let err = bind(&link.join("other").join("b.sock"), 0o700, 0o600)
@@ -644,8 +681,14 @@ mod tests {
         let (live, file) = bind(&sock, 0o700, 0o600).await.unwrap();
         let err = bind(&sock, 0o700, 0o600).await.expect_err("in use");
         assert!(matches!(err, SocketError::InUse { .. }), "{err}");
-        assert!(err.to_string().contains("another process is serving on"), "{err}");
-        assert!(file.is_ours(), "the live socket is still the one bound first");
+        assert!(
+            err.to_string().contains("another process is serving on"),
+            "{err}"
+        );
+        assert!(
+            file.is_ours(),
+            "the live socket is still the one bound first"
+        );
         // Still answering (the probe's connection comes first).
         let accept = tokio::spawn(async move {
             let probe = live.accept().await?;
@@ -705,14 +748,20 @@ mod tests {
         for m in [0o777, 0o1777, 0o775] {
             chmod(&ok, m);
             let err = check_client_path(&ok.join("api.sock")).expect_err("writable dir");
-            assert!(err.to_string().contains("writable by group or others"), "{err}");
+            assert!(
+                err.to_string().contains("writable by group or others"),
+                "{err}"
+            );
             assert!(err.to_string().contains(&ok.display().to_string()), "{err}");
         }
         // A writable, non-sticky directory higher up.
         chmod(&ok, 0o755);
         chmod(base.path(), 0o777);
         let err = check_client_path(&ok.join("api.sock")).expect_err("writable ancestor");
-        assert!(err.to_string().contains(&base.path().display().to_string()), "{err}");
+        assert!(
+            err.to_string().contains(&base.path().display().to_string()),
+            "{err}"
+        );
         chmod(base.path(), 0o700);
     }
 }

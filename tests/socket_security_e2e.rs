@@ -77,7 +77,9 @@ fn agent_cmd(server: &Server, dir: &Path, data_dir: &Path, socket: &Path, admin:
 fn server_answers(server: &Server) {
     let out = server.cli_ok(&["healthcheck"]);
     assert!(!out.is_empty());
-    assert!(server.cli_ok(&["bundle", "show"]).contains("BEGIN CERTIFICATE"));
+    assert!(server
+        .cli_ok(&["bundle", "show"])
+        .contains("BEGIN CERTIFICATE"));
 }
 
 /// An agent started with a join token, synced (its admin socket answers).
@@ -112,7 +114,10 @@ fn a_second_server_neither_starts_on_the_same_data_dir_nor_takes_the_admin_socke
         &dir.path().join("third.log"),
         60,
     );
-    assert!(!status.success(), "a second server took the socket; log:\n{log}");
+    assert!(
+        !status.success(),
+        "a second server took the socket; log:\n{log}"
+    );
     assert!(log.contains("another process is serving on"), "{log}");
     assert!(
         log.contains(&server.admin_socket.display().to_string()),
@@ -147,7 +152,11 @@ fn a_second_agent_neither_starts_on_the_same_data_dir_nor_takes_its_sockets() {
     assert!(!status.success(), "a second agent started; log:\n{log}");
     assert!(log.contains("is in use by another sigil-agent"), "{log}");
     assert!(log.contains("sigil-agent.lock"), "{log}");
-    assert_eq!(agent.status()["synced"], true, "the first agent still answers");
+    assert_eq!(
+        agent.status()["synced"],
+        true,
+        "the first agent still answers"
+    );
     assert!(socket.exists(), "the Workload API socket is still there");
 
     // Its own data directory (a fresh join token to attest with), the first one's sockets.
@@ -161,9 +170,16 @@ fn a_second_agent_neither_starts_on_the_same_data_dir_nor_takes_its_sockets() {
     );
     cmd.args(["--join-token", &token]);
     let (status, log) = run_to_exit(cmd, &dir.path().join("third.log"), 60);
-    assert!(!status.success(), "a second agent took a socket; log:\n{log}");
+    assert!(
+        !status.success(),
+        "a second agent took a socket; log:\n{log}"
+    );
     assert!(log.contains("another process is serving on"), "{log}");
-    assert_eq!(agent.status()["synced"], true, "the first agent still answers");
+    assert_eq!(
+        agent.status()["synced"],
+        true,
+        "the first agent still answers"
+    );
     // Still the first agent's Workload API (answers, and says who is asking gets nothing).
     let out = Command::new(binary("sigil-agent"))
         .args(["api", "fetch", "x509", "--socket-path"])
@@ -194,7 +210,10 @@ fn an_agent_refuses_a_socket_directory_another_user_created() {
     );
     cmd.args(["--join-token", &token]);
     let (status, log) = run_to_exit(cmd, &agent_dir.join("agent.log"), 60);
-    assert!(!status.success(), "the agent served from nobody's directory; log:\n{log}");
+    assert!(
+        !status.success(),
+        "the agent served from nobody's directory; log:\n{log}"
+    );
     assert!(log.contains(&public.display().to_string()), "{log}");
     assert!(log.contains("owner uid 65534, mode 0755"), "{log}");
     assert!(!public.join("api.sock").exists());
