@@ -180,7 +180,8 @@ fn a_second_agent_neither_starts_on_the_same_data_dir_nor_takes_its_sockets() {
         true,
         "the first agent still answers"
     );
-    // Still the first agent's Workload API (answers, and says who is asking gets nothing).
+    // The first agent's Workload API still answers (this test process has no entry, hence
+    // "no identity issued").
     let out = Command::new(binary("sigil-agent"))
         .args(["api", "fetch", "x509", "--socket-path"])
         .arg(&socket)
