@@ -4,6 +4,8 @@
 //! file in the same directory, created with its final mode (a secret is never world-readable,
 //! not even for an instant), fsync-ed, renamed over the target, and the directory fsync-ed. A
 //! crash at any point leaves either the old file or the new one, never a truncated key.
+//!
+//! [`lock_dir`] keeps a second process off a data directory that one is already using.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -53,6 +55,80 @@ pub fn write_secret(path: &Path, contents: &[u8]) -> io::Result<()> {
     write_atomic(path, contents, 0o600)
 }
 
+/// An exclusive lock on a data directory, held until dropped (the kernel also releases it when
+/// the process dies, so a crash never leaves the directory locked).
+#[derive(Debug)]
+pub struct DirLock {
+    _file: nix::fcntl::Flock<File>,
+}
+
+/// Why [`lock_dir`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// The lock file could not be opened.
+    #[error("opening lock file {path}: {source}")]
+    Io {
+        /// The lock file.
+        path: std::path::PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Another process holds the lock.
+    #[error("{dir} is in use by another {program}{}: it holds the lock {path}; stop that one first, or give this one its own data directory", .pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    Held {
+        /// The data directory.
+        dir: std::path::PathBuf,
+        /// The lock file.
+        path: std::path::PathBuf,
+        /// Which program locks it (for the message).
+        program: String,
+        /// The holder's pid, as it wrote it into the lock file.
+        pid: Option<u32>,
+    },
+}
+
+/// Takes an exclusive, non-blocking lock on `<dir>/<name>` (created 0600) for `program` (named in
+/// the error), and writes our pid into it for the next one's error message.
+pub fn lock_dir(dir: &Path, name: &str, program: &str) -> Result<DirLock, LockError> {
+    use nix::fcntl::{Flock, FlockArg};
+    let path = dir.join(name);
+    let io_err = |source| LockError::Io {
+        path: path.clone(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(io_err)?;
+    let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(f) => f,
+        Err((file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let pid = io::read_to_string(&file)
+                .ok()
+                .and_then(|s| s.trim().parse().ok());
+            return Err(LockError::Held {
+                dir: dir.to_path_buf(),
+                path,
+                program: program.to_string(),
+                pid,
+            });
+        }
+        Err((_, errno)) => return Err(io_err(io::Error::from(errno))),
+    };
+    // Only informative: the lock, not the content, decides.
+    let pid = format!("{}\n", std::process::id());
+    file.set_len(0)
+        .and_then(|()| io::Seek::rewind(&mut *file))
+        .and_then(|()| file.write_all(pid.as_bytes()))
+        .map_err(io_err)?;
+    Ok(DirLock { _file: file })
+}
+
 /// A random suffix for temporary names (collisions are also caught by `create_new`).
 fn rand_u32() -> u32 {
     let mut b = [0u8; 4];
@@ -70,6 +146,29 @@ fn rand_u32() -> u32 {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_locked_directory_is_refused_until_its_holder_lets_go() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let first = lock_dir(dir.path(), "test.lock", "sigil-test").expect("first lock");
+        let err = lock_dir(dir.path(), "test.lock", "sigil-test").expect_err("second lock");
+        let text = err.to_string();
+        assert!(matches!(err, LockError::Held { .. }), "{text}");
+        assert!(text.contains(&dir.path().display().to_string()), "{text}");
+        assert!(text.contains("in use by another sigil-test"), "{text}");
+        assert!(
+            text.contains(&format!("pid {}", std::process::id())),
+            "{text}"
+        );
+        let lock_file = dir.path().join("test.lock");
+        assert_eq!(
+            fs::metadata(&lock_file)?.permissions().mode() & 0o777,
+            0o600
+        );
+        drop(first);
+        let _again = lock_dir(dir.path(), "test.lock", "sigil-test").expect("lock after release");
+        Ok(())
+    }
 
     #[test]
     fn secrets_are_0600_and_replaced_whole() -> io::Result<()> {

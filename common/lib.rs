@@ -14,7 +14,9 @@
 //! - [`limits`]: process resource limits (open files raised to the hard limit at start).
 //! - [`logging`]: `tracing` set-up (text or JSON).
 //! - [`proto`]: generated code for the Workload, node and admin APIs.
-//! - [`uds`]: gRPC over Unix sockets (client connector, peer credentials).
+//! - [`signals`]: SIGHUP is logged, never fatal.
+//! - [`uds`]: gRPC over Unix sockets: binding only in directories nobody else controls, the
+//!   clients' check of a socket's directory, the client connector.
 //! - [`tls`]: SPIFFE mutual TLS (rustls): swappable identity and trust bundle, SPIFFE-ID
 //!   verifiers, a TLS accept stream for tonic, a TLS client channel, the peer's SVID.
 
@@ -31,6 +33,7 @@ pub mod limits;
 pub mod logging;
 pub mod proto;
 pub mod selector;
+pub mod signals;
 pub mod spiffe_id;
 pub mod tls;
 pub mod ttl;

@@ -312,6 +312,14 @@ fn check_sigil(docs: &[Value]) {
         "server.toml data_dir {data_dir} must be inside the PVC ({data_mount}) and not be it (the \
          server makes it 0700, which it may only do to a directory it owns)"
     );
+    check_admin_socket_dir(
+        pod,
+        c,
+        server_toml["admin_socket"]
+            .as_str()
+            .expect("server.toml admin_socket"),
+        "sigil-server",
+    );
     let health = server_toml["health_address"]
         .as_str()
         .expect("server.toml health_address");
@@ -423,6 +431,14 @@ fn check_sigil(docs: &[Value]) {
         SOCKET_URL.strip_prefix("unix://"),
         "agent.toml socket_path: in the socket hostPath, as workloads are told"
     );
+    check_admin_socket_dir(
+        pod,
+        c,
+        agent_toml["admin_socket"]
+            .as_str()
+            .expect("agent.toml admin_socket"),
+        "sigil-agent",
+    );
     let server_address = agent_toml["server_address"]
         .as_str()
         .expect("server_address");
@@ -497,6 +513,28 @@ fn check_sigil(docs: &[Value]) {
 
 /// The health endpoint the config listens on is reachable from the kubelet and is the port the
 /// liveness and readiness probes use.
+/// An admin socket lives on a writable volume (the root filesystem is read-only), and in an
+/// emptyDir only in a directory below the volume's own: that one is world-writable (sticky on
+/// tmpfs), which the binaries refuse as a socket's directory (README "Security").
+fn check_admin_socket_dir(pod: &Value, c: &Value, socket: &str, what: &str) {
+    let dir = Path::new(socket).parent().expect("the socket's directory");
+    let mount = array(&c["volumeMounts"])
+        .iter()
+        .filter(|m| m["readOnly"] != true)
+        .find(|m| dir.starts_with(m["mountPath"].as_str().expect("mountPath")))
+        .unwrap_or_else(|| panic!("{what}: {socket} is on no writable volume"));
+    let mount_path = mount["mountPath"].as_str().expect("mountPath");
+    let vol = volume(pod, mount["name"].as_str().expect("volume name"));
+    if !vol["emptyDir"].is_null() {
+        assert_ne!(
+            dir,
+            Path::new(mount_path),
+            "{what}: {socket} directly in the emptyDir {mount_path} (world-writable): put it in a \
+             directory below it, which the binary creates 0700"
+        );
+    }
+}
+
 fn check_probe_port(c: &Value, health_address: &str, what: &str) {
     assert!(
         health_address.starts_with("0.0.0.0:") || health_address.starts_with("[::]:"),

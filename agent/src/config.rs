@@ -11,10 +11,11 @@ use serde::Deserialize;
 use sigil::logging::LogFormat;
 use sigil::TrustDomain;
 
-/// Default Workload API socket (SPIRE's layout, under /tmp/sigil-agent).
-pub const DEFAULT_SOCKET_PATH: &str = "/tmp/sigil-agent/public/api.sock";
+/// Default Workload API socket (SPIRE's layout, under /run where only root creates directories,
+/// not the world-writable /tmp; the same path as deploy/systemd's).
+pub const DEFAULT_SOCKET_PATH: &str = "/run/sigil-agent/public/api.sock";
 /// Default agent admin socket.
-pub const DEFAULT_ADMIN_SOCKET: &str = "/tmp/sigil-agent/private/admin.sock";
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/sigil-agent/private/admin.sock";
 /// Default health/metrics address.
 pub const DEFAULT_HEALTH_ADDRESS: &str = "127.0.0.1:8083";
 /// Default data directory (relative to the working directory, like the server's).
@@ -107,10 +108,10 @@ pub struct RunFlags {
     /// Directory for the agent's SVID, key and bundle [default: ./.data-agent].
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Workload API socket [default: /tmp/sigil-agent/public/api.sock].
+    /// Workload API socket [default: /run/sigil-agent/public/api.sock].
     #[arg(long, value_name = "PATH")]
     pub socket_path: Option<PathBuf>,
-    /// Agent admin socket [default: /tmp/sigil-agent/private/admin.sock].
+    /// Agent admin socket [default: /run/sigil-agent/private/admin.sock].
     #[arg(long, value_name = "PATH")]
     pub admin_socket: Option<PathBuf>,
     /// Health/metrics HTTP address; empty disables [default: 127.0.0.1:8083].

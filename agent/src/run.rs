@@ -4,7 +4,11 @@
 //! single-use); otherwise the agent attests (join token, x509pop or k8s_psat) over
 //! server-authenticated TLS.
 //! Then the worker runs the sync loop, the health endpoint serves `/live`, `/ready` (ready once
-//! the first snapshot of entries arrived) and `/metrics`, and SIGTERM/SIGINT stop everything.
+//! the first snapshot of entries arrived) and `/metrics`, and SIGTERM/SIGINT stop everything
+//! (the sockets are removed if they are still ours). SIGHUP is logged and changes nothing.
+//!
+//! One agent per data directory: it holds an exclusive lock on `<data_dir>/sigil-agent.lock` for
+//! its whole life, taken before attesting or touching a socket; a second one refuses to start.
 
 use std::sync::Arc;
 
@@ -18,6 +22,9 @@ use crate::config::{AgentConfig, Bootstrap};
 use crate::storage::Storage;
 use crate::worker::{AgentState, Worker};
 use sigil::tls::{IdentityStore, ServerVerification, TrustStore};
+
+/// The lock file in the data directory that keeps a second agent off it.
+pub const LOCK_FILE: &str = "sigil-agent.lock";
 
 /// Seconds of validity a stored agent SVID must have left to be re-used.
 const MIN_REMAINING: i64 = 60;
@@ -41,8 +48,10 @@ impl sigil::health::Probe for Readiness {
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let td = cfg.trust_domain.clone();
     tracing::info!(trust_domain = %td, server = %cfg.server_address, data_dir = %cfg.data_dir.display(), version = env!("CARGO_PKG_VERSION"), "sigil-agent starting");
+    sigil::signals::keep_running_on_sighup("sigil-agent").context("installing SIGHUP handler")?;
     sigil::limits::raise_open_files_limit_logged();
     let storage = Storage::open(&cfg.data_dir)?;
+    let _lock = sigil::fs::lock_dir(&cfg.data_dir, LOCK_FILE, "sigil-agent")?;
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
 
     let bootstrap_roots = match &cfg.bootstrap {
@@ -151,7 +160,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let worker_task = tokio::spawn(worker.run(shutdown_rx.clone()));
 
     // Admin API on a private socket: directory 0700, socket 0600.
-    let admin_listener = sigil::uds::bind(&cfg.admin_socket, 0o700, 0o600)
+    let (admin_listener, admin_socket_file) = sigil::uds::bind(&cfg.admin_socket, 0o700, 0o600)
+        .await
         .with_context(|| format!("binding admin socket {}", cfg.admin_socket.display()))?;
     let admin_task = {
         let mut rx = shutdown_rx.clone();
@@ -172,12 +182,14 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     };
 
     // The Workload API: public socket, any local process may connect; attestation decides.
-    let workload_listener = crate::workload_api::bind(&cfg.socket_path).with_context(|| {
-        format!(
-            "binding the Workload API socket {}",
-            cfg.socket_path.display()
-        )
-    })?;
+    let (workload_listener, workload_socket_file) = crate::workload_api::bind(&cfg.socket_path)
+        .await
+        .with_context(|| {
+            format!(
+                "binding the Workload API socket {}",
+                cfg.socket_path.display()
+            )
+        })?;
     let workload_task = {
         let mut rx = shutdown_rx.clone();
         tokio::spawn(crate::workload_api::serve(
@@ -219,7 +231,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let _ = shutdown_tx.send(true);
     let _ = worker_task.await;
     let _ = admin_task.await;
-    let _ = std::fs::remove_file(&cfg.admin_socket);
+    // Each socket is removed only if it is still the one we bound.
+    drop(admin_socket_file);
     // Streams end on the shutdown signal; don't let a stuck client hold the agent up.
     if tokio::time::timeout(std::time::Duration::from_secs(5), workload_task)
         .await
@@ -227,7 +240,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     {
         tracing::warn!("Workload API clients did not disconnect within 5 s; stopping anyway");
     }
-    let _ = std::fs::remove_file(&cfg.socket_path);
+    drop(workload_socket_file);
     if let Some(t) = health_task {
         let _ = t.await;
     }

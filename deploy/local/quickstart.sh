@@ -43,6 +43,9 @@ for b in sigil-server sigil-agent; do
   fi
 done
 
+# The daemons refuse socket directories (and directories above them) that group or others can
+# write to: with a umask of 002 the directories made below would be group-writable.
+umask 077
 WORK="$(mktemp -d -t sigil-quickstart-XXXXXX)"
 SOCK="$WORK/server/admin.sock"
 SERVER_PID=""

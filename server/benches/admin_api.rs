@@ -115,7 +115,7 @@ fn main() {
             events: sigil_server::sync::SyncEvents::new(),
         });
         let sock = dir.path().join("admin.sock");
-        let listener = sigil::uds::bind(&sock, 0o700, 0o600).expect("bind");
+        let (listener, _socket_file) = sigil::uds::bind(&sock, 0o700, 0o600).await.expect("bind");
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(AdminServer::new(AdminService::new(state)))

@@ -19,8 +19,9 @@ use crate::ca::{CaConfig, KeyType, UpstreamConfig};
 
 /// Default node API address (SPIRE's server port).
 pub const DEFAULT_BIND_ADDRESS: &str = "0.0.0.0:8081";
-/// Default admin socket, as SPIRE places its own.
-pub const DEFAULT_ADMIN_SOCKET: &str = "/tmp/sigil-server/private/admin.sock";
+/// Default admin socket: SPIRE's layout, but under /run, where only root creates directories,
+/// not the world-writable /tmp.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/sigil-server/private/admin.sock";
 /// Default health/metrics address.
 pub const DEFAULT_HEALTH_ADDRESS: &str = "127.0.0.1:8082";
 /// Default data directory (relative to the working directory, as SPIRE's `./.data`).
@@ -132,7 +133,7 @@ pub struct RunFlags {
     /// Node API listen address [default: 0.0.0.0:8081].
     #[arg(long, value_name = "HOST:PORT")]
     pub bind_address: Option<String>,
-    /// Admin API Unix socket [default: /tmp/sigil-server/private/admin.sock].
+    /// Admin API Unix socket [default: /run/sigil-server/private/admin.sock].
     #[arg(long, value_name = "PATH")]
     pub admin_socket: Option<PathBuf>,
     /// Health/metrics HTTP address; empty disables [default: 127.0.0.1:8082].

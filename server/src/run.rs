@@ -4,7 +4,11 @@
 //! datastore → admin socket → the bundle publisher (a Kubernetes ConfigMap, when configured; in
 //! the background, retrying) → the server's own SVID and the node API (mTLS on `bind_address`) →
 //! health endpoint → one "ready" log line. SIGTERM/SIGINT stop new connections, let in-flight
-//! requests finish, remove the socket, and exit 0.
+//! requests finish, remove the socket (if it is still ours), and exit 0. SIGHUP is logged and
+//! changes nothing.
+//!
+//! One server per data directory: it holds an exclusive lock on `<data_dir>/sigil-server.lock`
+//! for its whole life, and a second one refuses to start (before touching the admin socket).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -28,6 +32,9 @@ use crate::datastore::sqlite::SqliteDatastore;
 use crate::datastore::{Datastore, EntryFilter, StoredBundle};
 use crate::identity::ServerIdentity;
 use crate::metrics::Metrics;
+
+/// The lock file in the data directory that keeps a second server off it.
+pub const LOCK_FILE: &str = "sigil-server.lock";
 
 /// How long a shutdown waits for in-flight node API requests.
 const NODE_API_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -60,10 +67,12 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         version = env!("CARGO_PKG_VERSION"),
         "sigil-server starting"
     );
+    sigil::signals::keep_running_on_sighup("sigil-server").context("installing SIGHUP handler")?;
     sigil::limits::raise_open_files_limit_logged();
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
     restrict_dir(&cfg.data_dir)?;
+    let _lock = sigil::fs::lock_dir(&cfg.data_dir, LOCK_FILE, "sigil-server")?;
 
     let datastore: Arc<dyn Datastore> = Arc::new(
         SqliteDatastore::open(&cfg.datastore_path)
@@ -106,7 +115,8 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     };
 
     // Admin API on the Unix socket: directory 0700, socket 0600 (owner only).
-    let listener = sigil::uds::bind(&cfg.admin_socket, 0o700, 0o600)
+    let (listener, admin_socket_file) = sigil::uds::bind(&cfg.admin_socket, 0o700, 0o600)
+        .await
         .with_context(|| format!("binding admin socket {}", cfg.admin_socket.display()))?;
     let admin = tonic::transport::Server::builder()
         .add_service(AdminServer::new(AdminService::new(state.clone())))
@@ -259,9 +269,8 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     if let Some(t) = publisher_task {
         let _ = t.await;
     }
-    if let Err(e) = std::fs::remove_file(&cfg.admin_socket) {
-        tracing::debug!(error = %e, "removing admin socket");
-    }
+    // Removed only if it is still the one we bound.
+    drop(admin_socket_file);
     tracing::info!("sigil-server stopped");
     Ok(())
 }

@@ -152,13 +152,15 @@ fn start_baseline(socket: &Path, msg: wl::X509svidResponse) -> tokio::runtime::R
         .enable_all()
         .build()
         .expect("baseline runtime");
-    let listener = rt
-        .block_on(async { sigil::uds::bind(socket, 0o700, 0o600) })
+    let (listener, socket_file) = rt
+        .block_on(sigil::uds::bind(socket, 0o700, 0o600))
         .expect("binding the baseline socket");
     let echo = Echo {
         x509: Arc::new(msg),
     };
     rt.spawn(async move {
+        // The socket file lives as long as the server.
+        let _socket_file = socket_file;
         tonic::transport::Server::builder()
             .add_service(SpiffeWorkloadApiServer::new(echo))
             .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
@@ -507,7 +509,9 @@ fn serve_baseline_child(socket: &Path, msg_file: &Path) {
     let msg = wl::X509svidResponse::decode(bytes.as_slice()).expect("decoding the message");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
-        let listener = sigil::uds::bind(socket, 0o700, 0o600).expect("binding");
+        let (listener, _socket_file) = sigil::uds::bind(socket, 0o700, 0o600)
+            .await
+            .expect("binding");
         tonic::transport::Server::builder()
             .add_service(SpiffeWorkloadApiServer::new(Echo {
                 x509: Arc::new(msg),

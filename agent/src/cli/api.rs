@@ -156,6 +156,9 @@ async fn client(socket: &SocketArgs) -> anyhow::Result<SpiffeWorkloadApiClient<C
             path.display()
         );
     }
+    // What answers is believed (SVIDs, bundles, JWT validation): not in a directory anyone can
+    // write to.
+    sigil::uds::check_client_path(&path)?;
     let ch = sigil::uds::connect(&path)
         .await
         .with_context(|| format!("connecting to {}", path.display()))?;

@@ -30,6 +30,7 @@ pub async fn admin_client(
             socket.display()
         );
     }
+    sigil::uds::check_client_path(socket)?;
     let channel = sigil::uds::connect(socket)
         .await
         .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", socket.display()))?;

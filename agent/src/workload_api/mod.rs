@@ -29,9 +29,25 @@ pub const SOCKET_DIR_MODE: u32 = 0o755;
 /// Socket mode: any local process may connect (attestation decides what it gets).
 pub const SOCKET_MODE: u32 = 0o777;
 
-/// Binds the public Workload API socket.
-pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    sigil::uds::bind(path, SOCKET_DIR_MODE, SOCKET_MODE)
+/// Binds the public Workload API socket (directory rules: [`sigil::uds`]).
+pub async fn bind(
+    path: &Path,
+) -> Result<(UnixListener, sigil::uds::SocketFile), sigil::uds::SocketError> {
+    let bound = sigil::uds::bind(path, SOCKET_DIR_MODE, SOCKET_MODE).await?;
+    // An existing directory keeps its mode: say so if workloads of other users cannot enter it.
+    if let Some(dir) = bound.1.path().parent() {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(dir) {
+            if meta.permissions().mode() & 0o001 == 0 {
+                tracing::warn!(
+                    directory = %dir.display(),
+                    mode = format!("{:04o}", meta.permissions().mode() & 0o7777),
+                    "the Workload API socket's directory is not searchable by others: only its owner and group can reach the socket (sigil leaves the mode of a directory it did not create alone)"
+                );
+            }
+        }
+    }
+    Ok(bound)
 }
 
 /// Serves `api` on `listener` until `shutdown` completes.

@@ -74,6 +74,8 @@ pub async fn connect(socket: &Path) -> anyhow::Result<AdminClient<Channel>> {
             socket.display()
         );
     }
+    // Whatever answers on it is believed (bundles, entries): not in a directory anyone can write.
+    sigil::uds::check_client_path(socket)?;
     let channel = sigil::uds::connect(socket)
         .await
         .with_context(|| format!("cannot connect to admin socket {}", socket.display()))?;
