@@ -9,6 +9,8 @@
 //! - [`x509`]: PEM/DER helpers and X509-SVID inspection shared by tests and tools.
 //! - [`jwt`]: JWT-SVID validation against a bundle's JWT authorities.
 //! - [`fs`]: crash-safe file writes (keys are never left truncated or world-readable).
+//! - [`h2_authority`]: accepts any HTTP/2 `:authority` on our Unix sockets (gRPC C-core and
+//!   grpc-java send the socket path), re-encoding client header blocks in front of hyper.
 //! - [`health`]: the `/live`, `/ready` and `/metrics` HTTP endpoint.
 //! - [`https`]: a small HTTPS/1.1 JSON client (Kubernetes API server, kubelet, OIDC), CA-pinned.
 //! - [`limits`]: process resource limits (open files raised to the hard limit at start).
@@ -26,6 +28,7 @@
 pub mod bundle;
 pub mod entry;
 pub mod fs;
+pub mod h2_authority;
 pub mod health;
 pub mod https;
 pub mod jwt;

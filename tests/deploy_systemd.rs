@@ -82,8 +82,8 @@ fn node_pki(etc: &Path) {
 
 /// `deploy/systemd/<name>` with `/etc/sigil/` pointed at `etc`, written into `dir`.
 fn example_config(name: &str, etc: &Path, dir: &Path) -> PathBuf {
-    let text = std::fs::read_to_string(repo().join("deploy/systemd").join(name))
-        .expect("example config");
+    let text =
+        std::fs::read_to_string(repo().join("deploy/systemd").join(name)).expect("example config");
     let text = text.replace("/etc/sigil/", &format!("{}/", etc.display()));
     let path = dir.join(name);
     std::fs::write(&path, text).expect("writing config");

@@ -173,7 +173,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     ),
                 )
                 .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::UnixListenerStream::new(admin_listener),
+                    sigil::h2_authority::incoming(admin_listener),
                     async move {
                         let _ = rx.wait_for(|s| *s).await;
                     },

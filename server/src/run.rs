@@ -18,7 +18,6 @@ use async_trait::async_trait;
 use sigil::proto::admin::admin_server::AdminServer;
 use sigil::proto::node::node_server::NodeServer;
 use tokio::sync::{watch, RwLock};
-use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::api::admin::{AdminService, AdminState};
 use crate::api::node::{NodeService, NodeState};
@@ -121,7 +120,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     let admin = tonic::transport::Server::builder()
         .add_service(AdminServer::new(AdminService::new(state.clone())))
         .serve_with_incoming_shutdown(
-            UnixListenerStream::new(listener),
+            sigil::h2_authority::incoming(listener),
             wait_shutdown(shutdown_rx.clone()),
         );
     let admin_task = tokio::spawn(admin);

@@ -21,6 +21,7 @@ use std::path::Path;
 
 use sigil::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use tokio::net::UnixListener;
+use tokio_stream::StreamExt as _;
 
 pub use service::WorkloadApi;
 
@@ -58,6 +59,10 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
         .add_service(SpiffeWorkloadApiServer::new(api))
-        .serve_with_incoming_shutdown(peer::incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            // Any client's `:authority` (gRPC C-core and grpc-java send the socket path).
+            peer::incoming(listener).map(|c| c.map(sigil::h2_authority::AuthorityFix::new)),
+            shutdown,
+        )
         .await
 }
