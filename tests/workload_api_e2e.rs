@@ -1555,7 +1555,8 @@ fn api_watch_reconnects_across_an_agent_restart() {
             .nth(1)
             .map(str::to_string)
     };
-    let first = support::wait_for(30, "the first SVID from api watch", || {
+    // Generous: the agent hashes the caller's (debug, ~130 MB) executable on its first call.
+    let first = support::wait_for(120, "the first SVID from api watch", || {
         read(&out_path)
             .lines()
             .find(|l| l.contains(&format!("received: {WORKLOAD}")))
@@ -1566,7 +1567,7 @@ fn api_watch_reconnects_across_an_agent_restart() {
     let agent_dir = w.agent.log.parent().expect("agent dir").to_path_buf();
     assert!(w.agent.stop().success());
     w.agent = Agent::start(&server, &agent_dir, &[]);
-    let out = support::wait_for(90, "api watch to print the SVID after the restart", || {
+    let out = support::wait_for(180, "api watch to print the SVID after the restart", || {
         let out = read(&out_path);
         let (_, after) = out.split_once("reconnected to the Workload API")?;
         after

@@ -7,7 +7,8 @@
 #
 # Usage: deploy/local/quickstart.sh [--once] [--ttl DURATION]
 #   --once          exit after the first fetch
-#   --ttl 2m        X509-SVID lifetime of the quickstart entry (default 1h: rotates every ~30 min)
+#   --ttl 2m        X509-SVID lifetime of the quickstart entry (default 1h: rotates every ~30 min;
+#                   at least 1m, the shortest TTL the server accepts)
 set -euo pipefail
 
 ONCE=0
@@ -16,7 +17,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --once) ONCE=1 ;;
     --ttl) TTL="${2:?--ttl needs a duration, e.g. 2m}"; shift ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
