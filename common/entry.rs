@@ -184,6 +184,29 @@ impl RegistrationEntry {
         }
     }
 
+    /// Refuses an X509-SVID TTL below [`crate::ttl::MIN_X509_SVID_TTL`]. Not part of
+    /// [`Self::from_proto`]: an entry stored before the floor existed must still sync to agents
+    /// (the CA raises its TTL to the floor when signing); only new values are refused.
+    pub fn check_x509_svid_ttl_floor(&self) -> Result<(), EntryError> {
+        match self.x509_svid_ttl {
+            Some(d) => {
+                crate::ttl::check_x509_svid_ttl(d).map_err(|e| EntryError::new("x509_svid_ttl", e))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Refuses a JWT-SVID TTL below [`crate::ttl::MIN_JWT_SVID_TTL`] (see
+    /// [`Self::check_x509_svid_ttl_floor`]).
+    pub fn check_jwt_svid_ttl_floor(&self) -> Result<(), EntryError> {
+        match self.jwt_svid_ttl {
+            Some(d) => {
+                crate::ttl::check_jwt_svid_ttl(d).map_err(|e| EntryError::new("jwt_svid_ttl", e))
+            }
+            None => Ok(()),
+        }
+    }
+
     /// True when the entry and `other` register the same thing (SPIFFE ID, parent, selectors).
     pub fn same_registration(&self, other: &RegistrationEntry) -> bool {
         self.spiffe_id == other.spiffe_id
@@ -268,6 +291,28 @@ mod tests {
             vec!["spiffe://other.org", "spiffe://third.org"]
         );
         assert_eq!(RegistrationEntry::from_proto(&back)?, e);
+        Ok(())
+    }
+
+    #[test]
+    fn ttl_floors_are_checked_separately_from_parsing() -> Result<(), EntryError> {
+        let mut p = valid();
+        p.x509_svid_ttl = 20;
+        p.jwt_svid_ttl = 5;
+        // A stored entry with short TTLs still parses (agents must keep syncing it)...
+        let e = RegistrationEntry::from_proto(&p)?;
+        // ...but new values below the floors are refused, naming the field.
+        let err = e.check_x509_svid_ttl_floor().expect_err("20 s");
+        assert_eq!(err.field, "x509_svid_ttl");
+        assert!(err.to_string().contains("minimum of 1m"), "{err}");
+        let err = e.check_jwt_svid_ttl_floor().expect_err("5 s");
+        assert_eq!(err.field, "jwt_svid_ttl");
+        assert!(err.to_string().contains("minimum of 30s"), "{err}");
+        p.x509_svid_ttl = 60;
+        p.jwt_svid_ttl = 0;
+        let e = RegistrationEntry::from_proto(&p)?;
+        e.check_x509_svid_ttl_floor()?;
+        e.check_jwt_svid_ttl_floor()?;
         Ok(())
     }
 

@@ -60,6 +60,10 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_CONCURRENT_HANDSHAKES: usize = 1024;
 /// TCP + TLS connect timeout of [`connect`] / [`connect_lazy`].
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Client HTTP/2 ping interval on node API channels.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a client waits for a ping's answer before it closes the connection.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Why TLS material or a connection is unusable; each message says what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -671,7 +675,14 @@ fn endpoint(addr: &str) -> Result<Endpoint, TlsError> {
     server_name(addr)?;
     // The scheme is `http` because TLS is done by our connector, not by tonic.
     Endpoint::from_shared(format!("http://{addr}"))
-        .map(|e| e.connect_timeout(CONNECT_TIMEOUT))
+        .map(|e| {
+            // Pings keep a quiet connection (an agent's sync stream) honest: a server that died
+            // without closing it, or a silent network, is noticed within about a minute.
+            e.connect_timeout(CONNECT_TIMEOUT)
+                .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+                .keep_alive_while_idle(true)
+        })
         .map_err(|e| TlsError::InvalidAddress {
             addr: addr.chars().take(256).collect(),
             reason: e.to_string(),

@@ -5,6 +5,14 @@ use std::time::Duration;
 /// Largest accepted duration (one year): anything longer is a typo, not a TTL.
 pub const MAX: Duration = Duration::from_secs(366 * 24 * 3600);
 
+/// Shortest X509-SVID TTL accepted (entries and server defaults). Agents renew at half the
+/// lifetime, so a shorter TTL only multiplies signing load and leaves no time to ride out a
+/// short server outage.
+pub const MIN_X509_SVID_TTL: Duration = Duration::from_secs(60);
+/// Shortest JWT-SVID TTL accepted (entries and server defaults); agents cache a JWT-SVID for
+/// half its lifetime.
+pub const MIN_JWT_SVID_TTL: Duration = Duration::from_secs(30);
+
 /// Why a string is not a valid duration.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TtlError {
@@ -22,6 +30,37 @@ pub enum TtlError {
     /// Larger than [`MAX`].
     #[error("duration {0:?} is longer than the maximum of 366 days")]
     TooLong(String),
+    /// An SVID TTL below its floor ([`MIN_X509_SVID_TTL`], [`MIN_JWT_SVID_TTL`]).
+    #[error("{kind} TTL {given} is shorter than the minimum of {min}: SVIDs are renewed at half their lifetime, so shorter TTLs only multiply signing load; use {min} or more")]
+    BelowMinimum {
+        /// `X509-SVID` or `JWT-SVID`.
+        kind: &'static str,
+        /// The TTL given, formatted.
+        given: String,
+        /// The floor, formatted.
+        min: String,
+    },
+}
+
+fn check_floor(kind: &'static str, ttl: Duration, min: Duration) -> Result<(), TtlError> {
+    if ttl < min {
+        return Err(TtlError::BelowMinimum {
+            kind,
+            given: format(ttl),
+            min: format(min),
+        });
+    }
+    Ok(())
+}
+
+/// Refuses an X509-SVID TTL below [`MIN_X509_SVID_TTL`].
+pub fn check_x509_svid_ttl(ttl: Duration) -> Result<(), TtlError> {
+    check_floor("X509-SVID", ttl, MIN_X509_SVID_TTL)
+}
+
+/// Refuses a JWT-SVID TTL below [`MIN_JWT_SVID_TTL`].
+pub fn check_jwt_svid_ttl(ttl: Duration) -> Result<(), TtlError> {
+    check_floor("JWT-SVID", ttl, MIN_JWT_SVID_TTL)
 }
 
 /// Parses a duration. A bare number means seconds (as SPIRE's TTL flags do).
@@ -130,6 +169,27 @@ mod tests {
             parse("999999999999999999d"),
             Err(TtlError::TooLong(_))
         ));
+    }
+
+    #[test]
+    fn svid_ttl_floors() {
+        assert!(check_x509_svid_ttl(Duration::from_secs(60)).is_ok());
+        assert!(check_jwt_svid_ttl(Duration::from_secs(30)).is_ok());
+        let err = check_x509_svid_ttl(Duration::from_secs(20)).unwrap_err();
+        assert_eq!(
+            err,
+            TtlError::BelowMinimum {
+                kind: "X509-SVID",
+                given: "20s".into(),
+                min: "1m".into()
+            }
+        );
+        assert!(
+            err.to_string().contains("shorter than the minimum of 1m"),
+            "{err}"
+        );
+        assert!(check_jwt_svid_ttl(Duration::from_secs(29)).is_err());
+        assert!(check_x509_svid_ttl(Duration::from_secs(59)).is_err());
     }
 
     #[test]

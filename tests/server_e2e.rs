@@ -567,3 +567,69 @@ fn bad_configuration_fails_with_one_clear_line() {
     assert!(err.contains("root.key"), "error names the key file: {err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// SVID TTLs below the floors (1 min X.509, 30 s JWT) are refused everywhere they can be set:
+/// entry create and update (flags and `--data`), and the server's defaults.
+#[test]
+fn svid_ttls_below_the_floors_are_refused() {
+    let dir = tempdir();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    let base = [
+        "entry",
+        "create",
+        "--parent-id",
+        AGENT,
+        "--spiffe-id",
+        "spiffe://example.org/short",
+        "--selector",
+        "unix:uid:1",
+    ];
+    for (flag, ttl, want) in [
+        (
+            "--x509-ttl",
+            "20s",
+            "X509-SVID TTL 20s is shorter than the minimum of 1m",
+        ),
+        (
+            "--jwt-ttl",
+            "5s",
+            "JWT-SVID TTL 5s is shorter than the minimum of 30s",
+        ),
+    ] {
+        let mut args = base.to_vec();
+        args.extend([flag, ttl]);
+        let out = server.cli(&args);
+        assert!(!out.status.success(), "{flag} {ttl} was accepted");
+        assert!(stderr(&out).contains(want), "{}", stderr(&out));
+    }
+    let data = dir.path().join("entries.json");
+    std::fs::write(
+        &data,
+        r#"{"entries": [{"spiffe_id": "spiffe://example.org/short", "parent_id": "spiffe://example.org/node", "selectors": ["unix:uid:1"], "x509_svid_ttl": 2}]}"#,
+    )
+    .expect("writing entries");
+    let out = server.cli(&["entry", "create", "--data", data.to_str().expect("utf-8")]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("x509_svid_ttl"), "{}", stderr(&out));
+    let mut args = base.to_vec();
+    args.extend(["--x509-ttl", "1m", "--jwt-ttl", "30s"]);
+    let created = server.cli_json(&args);
+    let id = created["results"][0]["entry"]["id"].as_str().expect("id");
+    let out = server.cli(&["entry", "update", "--entry-id", id, "--x509-ttl", "59s"]);
+    assert!(!out.status.success());
+    assert_eq!(server.cli_json(&["entry", "count"])["count"], 1);
+
+    // The server's defaults: it refuses to start, naming the key.
+    let out = std::process::Command::new(support::binary("sigil-server"))
+        .args(["run", "--trust-domain", "example.org", "--data-dir"])
+        .arg(dir.path().join("other"))
+        .args(["--default-x509-svid-ttl", "20s", "--health-address", ""])
+        .output()
+        .expect("running sigil-server");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("invalid ca.default_x509_svid_ttl"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -411,8 +411,9 @@ fn x509_svid_by_uid_passes_spec_checks_and_verifies() {
 
 #[test]
 fn rotation_reaches_the_stream_before_expiry() {
-    const TTL: i64 = 20;
-    let (_dir, _server, w) = workload_for_this_uid(&["--x509-svid-ttl", "20s"]);
+    // The shortest TTL the server accepts: the rotation comes after 24-30 s.
+    const TTL: i64 = 60;
+    let (_dir, _server, w) = workload_for_this_uid(&["--x509-svid-ttl", "1m"]);
     let socket = w.agent.socket_path();
 
     runtime().block_on(async {
@@ -449,10 +450,10 @@ fn rotation_reaches_the_stream_before_expiry() {
                 arrived < not_after1 as f64,
                 "the new SVID arrived after the old one expired"
             );
-            // Refresh is at 40-50 % of the lifetime (8-10 s of 20), timestamps are whole
-            // seconds: 7 s leaves room for truncation.
+            // Refresh is at 40-50 % of the lifetime (24-30 s of 60), timestamps are whole
+            // seconds: 22 s leaves room for truncation.
             assert!(
-                since_issue >= 7.0,
+                since_issue >= 22.0,
                 "rotated too early: {since_issue:.1} s into a {TTL} s lifetime"
             );
             assert!(not_after2 > not_after1, "the new SVID lives longer");
@@ -1518,4 +1519,70 @@ fn operator_commands_fetch_validate_watch_and_explain() {
     let (ok, _, stderr) = agent_cli(&["explain", "--pid", "999999999", "--admin-socket", &admin]);
     assert!(!ok, "an unknown pid is an error");
     assert!(stderr.contains("no process with pid"), "{stderr}");
+}
+
+/// Kills the child process on drop, so a failing test leaves nothing running.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `api watch` outlives an agent restart: it says it lost the stream, reconnects (a line on
+/// stdout) and prints the SVID the restarted agent minted.
+#[test]
+fn api_watch_reconnects_across_an_agent_restart() {
+    let (dir, server, mut w) = workload_for_this_uid(&[]);
+    let socket = w.agent.socket_path();
+    let (out_path, err_path) = (dir.path().join("watch.out"), dir.path().join("watch.err"));
+    let mut watch = ChildGuard(
+        Command::new(support::binary("sigil-agent"))
+            .args(["api", "watch", "--socket-path"])
+            .arg(&socket)
+            .env_remove("SPIFFE_ENDPOINT_SOCKET")
+            .stdout(std::fs::File::create(&out_path).expect("watch stdout"))
+            .stderr(std::fs::File::create(&err_path).expect("watch stderr"))
+            .spawn()
+            .expect("spawning api watch"),
+    );
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    let serial_of = |line: &str| {
+        line.split_whitespace()
+            .skip_while(|w| *w != "serial")
+            .nth(1)
+            .map(str::to_string)
+    };
+    // Generous: the agent hashes the caller's (debug, ~130 MB) executable on its first call.
+    let first = support::wait_for(120, "the first SVID from api watch", || {
+        read(&out_path)
+            .lines()
+            .find(|l| l.contains(&format!("received: {WORKLOAD}")))
+            .and_then(serial_of)
+    });
+
+    // The agent restarts (same data dir: it re-uses its own SVID; workload SVIDs are new).
+    let agent_dir = w.agent.log.parent().expect("agent dir").to_path_buf();
+    assert!(w.agent.stop().success());
+    w.agent = Agent::start(&server, &agent_dir, &[]);
+    let out = support::wait_for(180, "api watch to print the SVID after the restart", || {
+        let out = read(&out_path);
+        let (_, after) = out.split_once("reconnected to the Workload API")?;
+        after
+            .lines()
+            .filter(|l| l.contains(WORKLOAD))
+            .filter_map(serial_of)
+            .any(|s| s != first)
+            .then_some(out)
+    });
+    assert!(
+        matches!(watch.0.try_wait(), Ok(None)),
+        "api watch exited: {out}\n{}",
+        read(&err_path)
+    );
+    assert!(out.contains(&format!("rotated: {WORKLOAD}")), "{out}");
+    let err = read(&err_path);
+    assert!(err.contains("Workload API stream lost"), "{err}");
 }

@@ -65,6 +65,8 @@ impl pb::agent_admin_server::AgentAdmin for AgentAdminService {
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let identity = self.state.identity.read().await.clone();
         let refused = self.state.refused.read().await.clone().unwrap_or_default();
+        let sync = self.state.sync_status();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let cache = self.state.cache.read().await;
         let mut svids: Vec<pb::CachedSvid> = cache
             .svids()
@@ -92,6 +94,10 @@ impl pb::agent_admin_server::AgentAdmin for AgentAdminService {
             svids,
             // BTreeMap keys: already sorted.
             federated_trust_domains: cache.federated_bundles().keys().cloned().collect(),
+            last_sync_at: sync.last_sync_at(now).unwrap_or(0),
+            sync_state: sync.state_name().to_string(),
+            sync_state_since: sync.since().unwrap_or(0),
+            sync_error: sync.last_error().unwrap_or_default().to_string(),
         }))
     }
 

@@ -6,8 +6,14 @@
 //! a workload key it generated itself and an SVID signed by the server; [`Cache::due`] says which
 //! entries need a (new) SVID: never signed, entry changed since signing, or past its refresh time
 //! — half the SVID's lifetime minus up to 10 % jitter, so a fleet's rotations spread out instead of
-//! hitting the server at once. SVIDs of removed entries are dropped with the entry. Federated
-//! bundles always arrive as a complete set (`federated_bundles_set`) that replaces the held one.
+//! hitting the server at once. The lifetime counts from when the agent received the SVID (not
+//! from its NotBefore, which the server back-dates), and whatever the certificate says (a lifetime
+//! capped by an expiring CA, a skewed clock) an entry is not renewed again within
+//! [`MIN_REFRESH_INTERVAL`] of its last signing, nor asked for again within
+//! [`SIGN_RETRY_INTERVAL`] after the server refused to sign it — unless the entry itself changes.
+//! SVIDs of removed entries are dropped with the entry. Expired SVIDs stay in the cache (status
+//! shows them) but are never served. Federated bundles always arrive as a complete set
+//! (`federated_bundles_set`) that replaces the held one.
 //!
 //! The cache holds no locks and does no I/O; the agent's worker owns it and decides when to call.
 
@@ -21,6 +27,14 @@ use sigil::proto::node as pb;
 pub const REFRESH_FRACTION: f64 = 0.5;
 /// Largest jitter, as a fraction of the lifetime, taken off the refresh time.
 pub const MAX_JITTER_FRACTION: f64 = 0.1;
+/// Shortest time (seconds) between two signings of one entry's SVID, and between two renewals
+/// of the agent SVID, whatever the certificates say: a renewal that cannot outlive the current
+/// SVID (CA about to expire) is not retried in a loop. Below the refresh time of the shortest
+/// accepted TTL (1 min → 24-30 s), so it never delays a normal rotation.
+pub const MIN_REFRESH_INTERVAL: i64 = 20;
+/// How long (seconds) to wait before asking again for an SVID the server refused to sign,
+/// unless the entry changes meanwhile.
+pub const SIGN_RETRY_INTERVAL: i64 = 30;
 
 /// Why a sync message could not be applied.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -102,6 +116,8 @@ pub struct Cache {
     bundle: Option<pb::Bundle>,
     /// Trust domain name → its federated bundle.
     federated: BTreeMap<String, pb::Bundle>,
+    /// Entry id → (entry revision, not before) for entries the server refused to sign.
+    sign_failures: HashMap<String, (i64, i64)>,
 }
 
 /// What a sync message changed, for logging and for waking Workload API streams.
@@ -248,6 +264,7 @@ impl Cache {
         // SVIDs of entries that are gone go with them.
         let entries = &self.entries;
         self.svids.retain(|id, _| entries.contains_key(id));
+        self.sign_failures.retain(|id, _| entries.contains_key(id));
         if let Some(b) = msg.bundle {
             if self.bundle.as_ref() != Some(&b) {
                 self.bundle = Some(b);
@@ -263,25 +280,63 @@ impl Cache {
         Ok(out)
     }
 
+    /// When `e` needs a (new) SVID, Unix seconds (0: now): none yet or minted for an older
+    /// revision of the entry → now, else its refresh time; in both cases not before the retry
+    /// time of a refused signing of this revision.
+    fn due_at(&self, e: &RegistrationEntry) -> i64 {
+        let wanted = match self.svids.get(&e.id) {
+            Some(s) if s.entry_revision == e.revision => s.refresh_at,
+            _ => 0,
+        };
+        match self.sign_failures.get(&e.id) {
+            Some(&(revision, retry_at)) if revision == e.revision => wanted.max(retry_at),
+            _ => wanted,
+        }
+    }
+
     /// Entry ids that need an SVID now: none yet, minted for an older revision of the entry, or
-    /// at/after their refresh time. Sorted for deterministic batches.
+    /// at/after their refresh time (see [`Self::due_at`]). Sorted for deterministic batches.
     pub fn due(&self, now: i64) -> Vec<String> {
         let mut due: Vec<String> = self
             .entries
             .values()
-            .filter(|e| match self.svids.get(&e.id) {
-                None => true,
-                Some(s) => s.entry_revision != e.revision || now >= s.refresh_at,
-            })
+            .filter(|e| self.due_at(e) <= now)
             .map(|e| e.id.clone())
             .collect();
         due.sort();
         due
     }
 
-    /// The earliest refresh time of any cached SVID (when to wake next), if any.
+    /// When the next entry becomes due (when to wake next; a time in the past means now), if
+    /// any entry is held.
     pub fn next_refresh(&self) -> Option<i64> {
-        self.svids.values().map(|s| s.refresh_at).min()
+        self.entries.values().map(|e| self.due_at(e)).min()
+    }
+
+    /// Records that the server did not sign an SVID for `entry_id` at `revision`: it is not
+    /// asked for again before `now + SIGN_RETRY_INTERVAL` unless the entry changes.
+    pub fn note_sign_failure(&mut self, entry_id: &str, revision: i64, now: i64) {
+        if self.entries.contains_key(entry_id) {
+            self.sign_failures
+                .insert(entry_id.to_string(), (revision, now + SIGN_RETRY_INTERVAL));
+        }
+    }
+
+    /// The cached SVIDs that have expired at `now` (they are never served), with their entries.
+    pub fn expired_svids(
+        &self,
+        now: i64,
+    ) -> impl Iterator<Item = (&RegistrationEntry, &CachedSvid)> {
+        self.svids().filter(move |(_, s)| s.not_after <= now)
+    }
+
+    /// The earliest NotAfter after `now` of any cached SVID: when the next one expires.
+    pub fn next_expiry_after(&self, now: i64) -> Option<i64> {
+        self.svids
+            .values()
+            .map(|s| s.not_after)
+            .filter(|&t| t > now)
+            .min()
     }
 
     /// Generates a key and CSR for each entry id (skipping ids no longer held).
@@ -317,7 +372,9 @@ impl Cache {
             now,
             not_after,
             rand::rng().random_range(0.0..=MAX_JITTER_FRACTION),
-        );
+        )
+        .max(now + MIN_REFRESH_INTERVAL);
+        self.sign_failures.remove(&pending.entry_id);
         self.svids.insert(
             pending.entry_id.clone(),
             CachedSvid {
@@ -334,11 +391,20 @@ impl Cache {
     }
 }
 
-/// Refresh time for an SVID valid from `issued_at` to `not_after`: at
+/// Refresh time for an SVID received at `issued_at` and valid until `not_after`: at
 /// `REFRESH_FRACTION - jitter` of its lifetime (`jitter` in `0..=MAX_JITTER_FRACTION`).
+/// `issued_at` is when the agent received it, not its NotBefore, which the server back-dates
+/// for clock skew (from NotBefore, a TTL shorter than twice the back-dating would be due at
+/// once, again and again).
 pub fn refresh_time(issued_at: i64, not_after: i64, jitter: f64) -> i64 {
     let life = (not_after - issued_at).max(0) as f64;
     issued_at + (life * (REFRESH_FRACTION - jitter.clamp(0.0, MAX_JITTER_FRACTION))) as i64
+}
+
+/// When to renew the agent SVID received at `received_at` and valid until `not_after`: at half
+/// its lifetime, but never within [`MIN_REFRESH_INTERVAL`] of receiving it.
+pub fn agent_svid_renew_at(received_at: i64, not_after: i64) -> i64 {
+    refresh_time(received_at, not_after, 0.0).max(received_at + MIN_REFRESH_INTERVAL)
 }
 
 /// A new ECDSA P-256 key (PKCS#8 DER) and a CSR (DER) carrying `spiffe_id` as URI SAN, or no
@@ -490,6 +556,151 @@ mod tests {
             distinct.len() > 10,
             "50 SVIDs should not all refresh in the same second"
         );
+    }
+
+    /// Runs an agent's signing decisions for `secs` seconds from `start`, one look per second
+    /// (far more often than the worker wakes): each due entry is signed at once with an SVID
+    /// valid until `not_after(now)`. Returns how many signings happened.
+    fn signings_over(
+        c: &mut Cache,
+        start: i64,
+        secs: i64,
+        not_after: impl Fn(i64) -> i64,
+    ) -> usize {
+        let mut n = 0;
+        for now in start..start + secs {
+            for p in c.make_csrs(&c.due(now)).unwrap() {
+                assert!(c.store_svid(p, vec![vec![1]], not_after(now), now));
+                n += 1;
+            }
+        }
+        n
+    }
+
+    #[test]
+    fn short_lifetimes_do_not_cause_signing_storms() {
+        // A 2 s TTL (an entry stored before the TTL floor, or any server answer): renewed every
+        // MIN_REFRESH_INTERVAL, not every second.
+        let mut c = Cache::new();
+        c.apply_sync(snapshot(vec![entry("a", 1)], 1)).unwrap();
+        let n = signings_over(&mut c, 1000, 100, |now| now + 2);
+        assert_eq!(
+            n as i64,
+            100 / MIN_REFRESH_INTERVAL,
+            "{n} signings in 100 s"
+        );
+        let s = c.svid("a").unwrap();
+        assert_eq!(s.refresh_at, s.issued_at + MIN_REFRESH_INTERVAL);
+
+        // A lifetime capped by a CA that expires at 1100: every renewal returns the same
+        // NotAfter, so the refresh time would be "now" forever without the floor.
+        let mut c = Cache::new();
+        c.apply_sync(snapshot(vec![entry("a", 1)], 1)).unwrap();
+        let n = signings_over(&mut c, 1000, 200, |_| 1100);
+        assert!(
+            n <= (200 / MIN_REFRESH_INTERVAL + 1) as usize,
+            "{n} signings in 200 s"
+        );
+
+        // An SVID that arrives already expired (skewed clocks) is not asked for again at once.
+        let mut c = Cache::new();
+        c.apply_sync(snapshot(vec![entry("a", 1)], 1)).unwrap();
+        let n = signings_over(&mut c, 1000, 60, |now| now - 5);
+        assert_eq!(n, 3, "{n} signings in 60 s");
+    }
+
+    #[test]
+    fn normal_refresh_is_not_delayed_by_the_floor() {
+        // The shortest accepted TTL (60 s) refreshes at 24-30 s: above the floor.
+        let mut c = Cache::new();
+        c.apply_sync(snapshot(
+            (0..50).map(|i| entry(&i.to_string(), 1)).collect(),
+            1,
+        ))
+        .unwrap();
+        for p in c.make_csrs(&c.due(1000)).unwrap() {
+            c.store_svid(p, vec![vec![1]], 1060, 1000);
+        }
+        for s in c.svids.values() {
+            assert!((1024..=1030).contains(&s.refresh_at), "{}", s.refresh_at);
+        }
+        assert!(c.svids.values().any(|s| s.refresh_at < 1030), "jitter kept");
+    }
+
+    #[test]
+    fn refused_signings_wait_before_asking_again_unless_the_entry_changes() {
+        let mut c = Cache::new();
+        c.apply_sync(snapshot(vec![entry("a", 1), entry("b", 1)], 1))
+            .unwrap();
+        assert_eq!(c.next_refresh(), Some(0), "unsigned entries are due now");
+        let b = c.make_csrs(&["b".into()]).unwrap().pop().unwrap();
+        c.store_svid(b, vec![vec![1]], 4600, 1000);
+        c.note_sign_failure("a", 1, 1000);
+        assert!(c.due(1000).is_empty());
+        assert!(c.due(1000 + SIGN_RETRY_INTERVAL - 1).is_empty());
+        assert_eq!(c.next_refresh(), Some(1000 + SIGN_RETRY_INTERVAL));
+        assert_eq!(c.due(1000 + SIGN_RETRY_INTERVAL), vec!["a".to_string()]);
+        // A renewal refused: the held SVID is not asked for again before the retry time.
+        c.note_sign_failure("b", 1, 2800);
+        assert!(!c.due(2800).contains(&"b".to_string()));
+        assert!(c.due(2800 + SIGN_RETRY_INTERVAL).contains(&"b".to_string()));
+        // The entry changed (the operator fixed it): due at once.
+        c.apply_sync(pb::SyncResponse {
+            upserted: vec![entry("a", 2)],
+            revision: 2,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.due(1001), vec!["a".to_string()]);
+        // A successful signing clears the failure; a removed entry takes it along.
+        let a = c.make_csrs(&["a".into()]).unwrap().pop().unwrap();
+        c.note_sign_failure("a", 2, 1001);
+        c.store_svid(a, vec![vec![1]], 4601, 1001);
+        assert!(!c.sign_failures.contains_key("a"));
+        c.apply_sync(pb::SyncResponse {
+            removed: vec!["b".into()],
+            revision: 3,
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(c.sign_failures.is_empty());
+        c.note_sign_failure("gone", 1, 1001);
+        assert!(
+            c.sign_failures.is_empty(),
+            "unknown entries are not recorded"
+        );
+    }
+
+    #[test]
+    fn agent_svid_renewal_counts_from_receipt_with_a_floor() {
+        // A 1 h SVID received at 1000: renewed at half of it.
+        assert_eq!(agent_svid_renew_at(1000, 4600), 2800);
+        // A 20 s SVID whose NotBefore is back-dated 30 s: counted from NotBefore its renewal
+        // time (995) would be in the past at once; from receipt, with the floor, it is 1020.
+        assert!(refresh_time(970, 1020, 0.0) < 1000);
+        assert_eq!(agent_svid_renew_at(1000, 1020), 1020);
+        // Capped or already expired: still not before the floor.
+        assert_eq!(agent_svid_renew_at(1000, 1005), 1000 + MIN_REFRESH_INTERVAL);
+        assert_eq!(agent_svid_renew_at(1000, 900), 1000 + MIN_REFRESH_INTERVAL);
+    }
+
+    #[test]
+    fn expired_svids_and_the_next_expiry() {
+        let mut c = Cache::new();
+        c.apply_sync(snapshot(vec![entry("a", 1), entry("b", 1)], 1))
+            .unwrap();
+        let mut ps = c.make_csrs(&["a".into(), "b".into()]).unwrap();
+        let b = ps.pop().unwrap();
+        let a = ps.pop().unwrap();
+        c.store_svid(a, vec![vec![1]], 1100, 1000);
+        c.store_svid(b, vec![vec![2]], 1200, 1000);
+        assert_eq!(c.next_expiry_after(1000), Some(1100));
+        assert_eq!(c.next_expiry_after(1100), Some(1200));
+        assert_eq!(c.next_expiry_after(1200), None);
+        assert_eq!(c.expired_svids(1099).count(), 0);
+        let expired: Vec<&str> = c.expired_svids(1100).map(|(e, _)| e.id.as_str()).collect();
+        assert_eq!(expired, ["a"]);
+        assert_eq!(c.expired_svids(1200).count(), 2);
     }
 
     #[test]

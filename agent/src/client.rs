@@ -49,6 +49,27 @@ impl ClientError {
             if matches!(status.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated))
     }
 
+    /// True when trying again later may succeed: the server is unreachable, restarting,
+    /// overloaded or failed internally. A refusal (PermissionDenied, Unauthenticated,
+    /// InvalidArgument, FailedPrecondition...), a local configuration error or an unusable
+    /// answer is not: retrying would only repeat it.
+    pub fn is_transient(&self) -> bool {
+        use tonic::Code;
+        match self {
+            ClientError::Rpc { status, .. } => matches!(
+                status.code(),
+                Code::Unavailable
+                    | Code::DeadlineExceeded
+                    | Code::ResourceExhausted
+                    | Code::Aborted
+                    | Code::Internal
+                    | Code::Unknown
+                    | Code::Cancelled
+            ),
+            ClientError::Connect { .. } | ClientError::Protocol(_) | ClientError::Key(_) => false,
+        }
+    }
+
     pub(crate) fn rpc(what: &'static str) -> impl FnOnce(tonic::Status) -> ClientError {
         move |status| ClientError::Rpc { what, status }
     }
@@ -258,4 +279,36 @@ pub async fn renew(
         .map_err(|e| ClientError::Protocol(format!("renewed agent SVID chain: {e}")))?;
     AgentIdentity::new(td, chain, key)
         .map_err(|e| ClientError::Protocol(format!("renewed agent SVID: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_permanent_and_outages_transient() {
+        let rpc = |code| ClientError::Rpc {
+            what: "attestation",
+            status: tonic::Status::new(code, "x"),
+        };
+        for code in [
+            tonic::Code::Unavailable,
+            tonic::Code::DeadlineExceeded,
+            tonic::Code::Internal,
+            tonic::Code::Unknown,
+        ] {
+            assert!(rpc(code).is_transient(), "{code:?}");
+        }
+        for code in [
+            tonic::Code::PermissionDenied,
+            tonic::Code::Unauthenticated,
+            tonic::Code::InvalidArgument,
+            tonic::Code::FailedPrecondition,
+            tonic::Code::NotFound,
+            tonic::Code::Unimplemented,
+        ] {
+            assert!(!rpc(code).is_transient(), "{code:?}");
+        }
+        assert!(!ClientError::Protocol("bad answer".into()).is_transient());
+    }
 }

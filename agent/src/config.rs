@@ -51,6 +51,8 @@ pub struct FileConfig {
     pub admin_socket: Option<PathBuf>,
     /// Health/metrics address; `""` disables.
     pub health_address: Option<String>,
+    /// Longest time since the last successful sync with the server for `/ready` (e.g. `5m`).
+    pub ready_max_sync_age: Option<String>,
     /// Log level directive.
     pub log_level: Option<String>,
     /// `text` or `json`.
@@ -117,6 +119,10 @@ pub struct RunFlags {
     /// Health/metrics HTTP address; empty disables [default: 127.0.0.1:8083].
     #[arg(long, value_name = "HOST:PORT")]
     pub health_address: Option<String>,
+    /// /ready turns 503 when the last successful sync with the server is older than this
+    /// (the sync stream being up counts as now) [default: 5m].
+    #[arg(long, value_name = "DURATION")]
+    pub ready_max_sync_age: Option<String>,
     /// Log level [default: info].
     #[arg(long)]
     pub log_level: Option<String>,
@@ -240,6 +246,8 @@ pub struct AgentConfig {
     pub admin_socket: PathBuf,
     /// Health address, if enabled.
     pub health_address: Option<SocketAddr>,
+    /// `/ready` fails when the last successful sync is older than this.
+    pub ready_max_sync_age: std::time::Duration,
     /// Log level.
     pub log_level: String,
     /// Log format.
@@ -295,6 +303,12 @@ impl AgentConfig {
                     "invalid health_address {health:?}: expected IP:PORT, e.g. 127.0.0.1:8083"
                 )
             })?)
+        };
+        let ready_max_sync_age = match flags.ready_max_sync_age.clone().or(file.ready_max_sync_age)
+        {
+            Some(v) => sigil::ttl::parse(&v)
+                .map_err(|e| anyhow::anyhow!("invalid ready_max_sync_age: {e}"))?,
+            None => crate::health::DEFAULT_READY_MAX_SYNC_AGE,
         };
         let log_format = flags
             .log_format
@@ -379,6 +393,7 @@ impl AgentConfig {
                 .or(file.admin_socket)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET)),
             health_address,
+            ready_max_sync_age,
             log_level: flags
                 .log_level
                 .clone()
@@ -485,6 +500,26 @@ mod tests {
             c.health_address.map(|a| a.to_string()).as_deref(),
             Some(DEFAULT_HEALTH_ADDRESS)
         );
+        assert_eq!(c.ready_max_sync_age, std::time::Duration::from_secs(300));
+        let c = parse(
+            "trust_domain = \"example.org\"\nserver_address = \"srv:8081\"\ntrust_bundle = \"/b.pem\"\nready_max_sync_age = \"2m\"\n",
+            RunFlags::default(),
+        )?;
+        assert_eq!(c.ready_max_sync_age, std::time::Duration::from_secs(120));
+        let c = parse(
+            "trust_domain = \"example.org\"\nserver_address = \"srv:8081\"\ntrust_bundle = \"/b.pem\"\nready_max_sync_age = \"2m\"\n",
+            RunFlags {
+                ready_max_sync_age: Some("5s".into()),
+                ..Default::default()
+            },
+        )?;
+        assert_eq!(c.ready_max_sync_age, std::time::Duration::from_secs(5));
+        let err = parse(
+            "trust_domain = \"example.org\"\nserver_address = \"srv:8081\"\ntrust_bundle = \"/b.pem\"\nready_max_sync_age = \"0s\"\n",
+            RunFlags::default(),
+        )
+        .expect_err("zero");
+        assert!(err.to_string().contains("ready_max_sync_age"), "{err}");
         Ok(())
     }
 

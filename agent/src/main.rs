@@ -58,6 +58,30 @@ async fn healthcheck(addr: &str) -> anyhow::Result<()> {
     }
 }
 
+/// The sync state line of `status`: the state, the last sync and, when down, why.
+fn sync_text(s: &sigil::proto::agent_admin::StatusResponse) -> String {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let last = if s.last_sync_at > 0 {
+        format!(
+            "last sync {} ({} s ago)",
+            time_text(s.last_sync_at),
+            (now - s.last_sync_at).max(0)
+        )
+    } else {
+        "never synced".to_string()
+    };
+    let since = if s.sync_state_since > 0 {
+        format!(" since {}", time_text(s.sync_state_since))
+    } else {
+        String::new()
+    };
+    let mut text = format!("{}{since}; {last}", s.sync_state);
+    if !s.sync_error.is_empty() {
+        text.push_str(&format!("; error: {}", s.sync_error));
+    }
+    text
+}
+
 async fn status(socket: &std::path::Path, output: &str) -> anyhow::Result<()> {
     // An agent with 100,000 SVIDs answers with well over gRPC's default 4 MiB.
     let s = sigil_agent::cli::admin_client(socket)
@@ -81,6 +105,8 @@ async fn status(socket: &std::path::Path, output: &str) -> anyhow::Result<()> {
         let doc = serde_json::json!({
             "spiffe_id": s.spiffe_id, "agent_svid_expires_at": s.agent_svid_expires_at,
             "synced": s.synced, "revision": s.revision, "bundle_sequence": s.bundle_sequence,
+            "sync_state": s.sync_state, "sync_state_since": s.sync_state_since,
+            "last_sync_at": s.last_sync_at, "sync_error": s.sync_error,
             "entries": s.entries, "refused": s.refused, "svids": svids,
             "federated_trust_domains": s.federated_trust_domains,
         });
@@ -89,9 +115,12 @@ async fn status(socket: &std::path::Path, output: &str) -> anyhow::Result<()> {
     }
     println!("Agent ID        : {}", s.spiffe_id);
     println!("Agent SVID until: {}", time_text(s.agent_svid_expires_at));
+    println!("Sync            : {}", sync_text(&s));
     println!(
-        "Synced          : {} (revision {}, bundle sequence {})",
-        s.synced, s.revision, s.bundle_sequence
+        "Entries synced  : {} (revision {}, bundle sequence {})",
+        if s.synced { "yes" } else { "not yet" },
+        s.revision,
+        s.bundle_sequence
     );
     println!("Entries         : {}", s.entries);
     if !s.federated_trust_domains.is_empty() {

@@ -22,6 +22,9 @@ pub struct AgentMetrics {
     pub sync_messages: Counter,
     /// Expiry of the agent's own SVID, Unix seconds.
     pub agent_svid_expiry: Gauge,
+    /// Earliest expiry of the trust bundle's roots, Unix seconds: when the CA (or an upstream
+    /// root) stops being valid, every SVID stops verifying.
+    pub bundle_expiry: Gauge,
     /// Open Workload API streams.
     pub workload_streams: Gauge,
     /// Workload API callers that could not be attested (gone, unreadable).
@@ -64,6 +67,12 @@ impl AgentMetrics {
             "Expiry of the agent SVID (Unix seconds)",
             agent_svid_expiry.clone(),
         );
+        let bundle_expiry = Gauge::default();
+        r.register(
+            "bundle_expiry_seconds",
+            "Earliest expiry of the trust bundle's X.509 roots (Unix seconds)",
+            bundle_expiry.clone(),
+        );
         let workload_streams = Gauge::default();
         r.register(
             "workload_api_streams",
@@ -86,6 +95,7 @@ impl AgentMetrics {
             sync_failures,
             sync_messages,
             agent_svid_expiry,
+            bundle_expiry,
         }
     }
 

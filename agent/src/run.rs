@@ -2,10 +2,11 @@
 //!
 //! Start-up: a stored, unexpired agent SVID is re-used (no second attestation: join tokens are
 //! single-use); otherwise the agent attests (join token, x509pop or k8s_psat) over
-//! server-authenticated TLS.
-//! Then the worker runs the sync loop, the health endpoint serves `/live`, `/ready` (ready once
-//! the first snapshot of entries arrived) and `/metrics`, and SIGTERM/SIGINT stop everything
-//! (the sockets are removed if they are still ours). SIGHUP is logged and changes nothing.
+//! server-authenticated TLS, retrying with back-off and jitter while the server is unreachable
+//! (a refusal — bad token, untrusted node — ends the agent with the server's reason).
+//! Then the worker runs the sync loop, the health endpoint serves `/live`, `/ready` (see
+//! [`crate::health`]) and `/metrics`, and SIGTERM/SIGINT stop everything (the sockets are
+//! removed if they are still ours). SIGHUP is logged and changes nothing.
 //!
 //! One agent per data directory: it holds an exclusive lock on `<data_dir>/sigil-agent.lock` for
 //! its whole life, taken before attesting or touching a socket; a second one refuses to start.
@@ -13,15 +14,16 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use async_trait::async_trait;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
 
 use crate::cache::Cache;
-use crate::client;
+use crate::client::{self, Attested, ClientError};
 use crate::config::{AgentConfig, Bootstrap};
 use crate::storage::Storage;
-use crate::worker::{AgentState, Worker};
+use crate::worker::{AgentState, Backoff, Worker};
 use sigil::tls::{IdentityStore, ServerVerification, TrustStore};
+use sigil::TrustDomain;
 
 /// The lock file in the data directory that keeps a second agent off it.
 pub const LOCK_FILE: &str = "sigil-agent.lock";
@@ -29,18 +31,106 @@ pub const LOCK_FILE: &str = "sigil-agent.lock";
 /// Seconds of validity a stored agent SVID must have left to be re-used.
 const MIN_REMAINING: i64 = 60;
 
-struct Readiness(Arc<AgentState>);
+/// SIGTERM and SIGINT, installed once at start-up so they also stop a first attestation that
+/// is still waiting for the server.
+struct Signals {
+    term: Signal,
+    int: Signal,
+}
 
-#[async_trait]
-impl sigil::health::Probe for Readiness {
-    async fn ready(&self) -> Result<(), String> {
-        if let Some(why) = self.0.refused.read().await.as_ref() {
-            return Err(format!("refused by the server: {why}"));
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    /// The next signal's name.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! { _ = self.term.recv() => "SIGTERM", _ = self.int.recv() => "SIGINT" }
+    }
+}
+
+/// The configured attestation method with its material (read before contacting the server, so
+/// a bad path fails fast).
+enum Method<'a> {
+    JoinToken(&'a str),
+    X509Pop(Vec<Vec<u8>>, Vec<u8>),
+    K8sPsat(&'a crate::config::K8sPsatConfig),
+}
+
+impl Method<'_> {
+    /// What the error of a failed attestation is prefixed with.
+    fn failed(&self) -> &'static str {
+        match self {
+            Method::JoinToken(_) => "node attestation with the join token failed",
+            Method::X509Pop(..) => "x509pop node attestation failed",
+            Method::K8sPsat(_) => "k8s_psat node attestation failed",
         }
-        if !self.0.cache.read().await.has_snapshot() {
-            return Err("waiting for the first entry sync".into());
+    }
+
+    async fn attest(
+        &self,
+        addr: &str,
+        td: &TrustDomain,
+        verification: &ServerVerification,
+    ) -> anyhow::Result<Result<Attested, ClientError>> {
+        let mut node = match client::channel(addr, verification.clone(), None) {
+            Ok(n) => n,
+            Err(e) => return Ok(Err(e)),
+        };
+        Ok(match self {
+            Method::JoinToken(token) => client::attest_join_token(&mut node, td, token).await,
+            Method::X509Pop(chain, key) => {
+                client::attest_x509pop(&mut node, td, chain.clone(), key).await
+            }
+            // Read for every attempt: the kubelet rotates projected tokens.
+            Method::K8sPsat(k) => {
+                let token = k.load_token()?;
+                client::attest_k8s_psat(&mut node, td, &k.cluster, &token).await
+            }
+        })
+    }
+}
+
+/// The first attestation: retried with exponential back-off and jitter (every failure logged
+/// with its error; the delay grows to 30 s) while the failure is transient (server unreachable,
+/// restarting, overloaded), until it succeeds or a signal arrives (`Ok(None)`). A refusal
+/// (PermissionDenied, InvalidArgument...) ends it with the server's reason.
+async fn attest_first(
+    method: &Method<'_>,
+    addr: &str,
+    td: &TrustDomain,
+    verification: &ServerVerification,
+    signals: &mut Signals,
+) -> anyhow::Result<Option<Attested>> {
+    let mut backoff = Backoff::default();
+    loop {
+        let result = tokio::select! {
+            r = method.attest(addr, td, verification) => r?,
+            signal = signals.recv() => {
+                tracing::info!(signal, "stopped before attesting to sigil-server");
+                return Ok(None);
+            }
+        };
+        match result {
+            Ok(attested) => return Ok(Some(attested)),
+            Err(e) if !e.is_transient() => {
+                return Err(anyhow::Error::new(e).context(method.failed()))
+            }
+            Err(e) => {
+                let delay = backoff.delay();
+                tracing::warn!(error = %e, server = %addr, attempt = backoff.failures, retry_in_ms = delay.as_millis() as u64, "{}: sigil-server is unreachable or not ready; retrying", method.failed());
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    signal = signals.recv() => {
+                        tracing::info!(signal, "stopped before attesting to sigil-server");
+                        return Ok(None);
+                    }
+                }
+            }
         }
-        Ok(())
     }
 }
 
@@ -50,6 +140,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     tracing::info!(trust_domain = %td, server = %cfg.server_address, data_dir = %cfg.data_dir.display(), version = env!("CARGO_PKG_VERSION"), "sigil-agent starting");
     sigil::signals::keep_running_on_sighup("sigil-agent").context("installing SIGHUP handler")?;
     sigil::limits::raise_open_files_limit_logged();
+    let mut signals = Signals::install()?;
     let storage = Storage::open(&cfg.data_dir)?;
     let _lock = sigil::fs::lock_dir(&cfg.data_dir, LOCK_FILE, "sigil-agent")?;
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
@@ -85,10 +176,16 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             }
             // Exactly one method is configured (the config refuses two); x509pop files and the
             // k8s_psat token are read before contacting the server so a bad path fails fast.
-            let k8s_token = cfg.k8s_psat.as_ref().map(|k| k.load_token()).transpose()?;
-            let x509pop = match (&cfg.join_token, &cfg.x509pop, &k8s_token) {
-                (Some(_), _, _) | (None, None, Some(_)) => None,
-                (None, Some(x), _) => Some(x.load()?),
+            let method = match (&cfg.join_token, &cfg.x509pop, &cfg.k8s_psat) {
+                (Some(token), _, _) => Method::JoinToken(token),
+                (None, Some(x), _) => {
+                    let (chain, key) = x.load()?;
+                    Method::X509Pop(chain, key)
+                }
+                (None, None, Some(k)) => {
+                    k.load_token()?;
+                    Method::K8sPsat(k)
+                }
                 (None, None, None) => anyhow::bail!(
                     "no usable agent SVID is stored and no attestation method was given: pass --join-token (from `sigil-server token generate`), --x509pop-cert/--x509pop-key or --k8s-psat-cluster"
                 ),
@@ -100,21 +197,16 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     ServerVerification::InsecureBootstrap
                 }
             };
-            let mut node = client::channel(&cfg.server_address, verification, None)?;
-            let k8s = cfg.k8s_psat.as_ref().zip(k8s_token.as_deref());
-            let attested = match (x509pop, cfg.join_token.as_deref(), k8s) {
-                (Some((chain, key)), _, _) => client::attest_x509pop(&mut node, &td, chain, &key)
-                    .await
-                    .context("x509pop node attestation failed")?,
-                (None, Some(token), _) => client::attest_join_token(&mut node, &td, token)
-                    .await
-                    .context("node attestation with the join token failed")?,
-                (None, None, Some((k, token))) => {
-                    client::attest_k8s_psat(&mut node, &td, &k.cluster, token)
-                        .await
-                        .context("k8s_psat node attestation failed")?
-                }
-                (None, None, None) => anyhow::bail!("no attestation method configured"),
+            let Some(attested) = attest_first(
+                &method,
+                &cfg.server_address,
+                &td,
+                &verification,
+                &mut signals,
+            )
+            .await?
+            else {
+                return Ok(());
             };
             storage.save_identity(&attested.identity)?;
             storage.save_bundle(&attested.bundle_roots)?;
@@ -130,6 +222,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let trust = Arc::new(TrustStore::new(&roots)?);
     let state = Arc::new(AgentState::new(td.clone(), identity.clone(), Cache::new()));
     state.metrics.agent_svid_expiry.set(identity.not_after);
+    if let Some(t) = crate::health::earliest_not_after(&roots) {
+        state.metrics.bundle_expiry.set(t);
+    }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut attestor = crate::attestor::WorkloadAttestor::new();
     if let Some(k) = &cfg.kubelet {
@@ -190,6 +285,21 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 cfg.socket_path.display()
             )
         })?;
+    match crate::health::SocketId::of(&cfg.socket_path) {
+        Ok(id) => {
+            *state
+                .workload_socket
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(id)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, socket = %cfg.socket_path.display(), "cannot stat the Workload API socket just bound; /ready will fail")
+        }
+    }
+    let expiry_task = tokio::spawn(crate::workload_api::expiry::wake_streams_at_expiry(
+        state.clone(),
+        shutdown_rx.clone(),
+    ));
     let workload_task = {
         let mut rx = shutdown_rx.clone();
         tokio::spawn(crate::workload_api::serve(
@@ -210,7 +320,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             let mut rx = shutdown_rx.clone();
             Some(tokio::spawn(sigil::health::serve(
                 l,
-                Arc::new(Readiness(state.clone())),
+                Arc::new(crate::health::Readiness::new(
+                    state.clone(),
+                    cfg.socket_path.clone(),
+                    cfg.ready_max_sync_age,
+                )),
                 state.metrics.registry(),
                 async move {
                     let _ = rx.wait_for(|s| *s).await;
@@ -221,15 +335,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     };
 
     tracing::info!(spiffe_id = %identity.spiffe_id, server = %cfg.server_address, admin_socket = %cfg.admin_socket.display(), workload_api = %format!("unix://{}", cfg.socket_path.display()), "sigil-agent ready");
-    let signal = {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" }
-    };
+    let signal = signals.recv().await;
     tracing::info!(signal, "shutting down");
     let _ = shutdown_tx.send(true);
     let _ = worker_task.await;
+    let _ = expiry_task.await;
     let _ = admin_task.await;
     // Each socket is removed only if it is still the one we bound.
     drop(admin_socket_file);

@@ -44,6 +44,10 @@ pub struct AgentState {
     pub metrics: crate::metrics::AgentMetrics,
     /// Bumped after every cache change, so Workload API streams wake and resend.
     pub changes: watch::Sender<u64>,
+    /// The state of the sync with the server (readiness and `status`).
+    pub sync: std::sync::Mutex<crate::health::SyncStatus>,
+    /// The Workload API socket file as bound (readiness checks it is still there and ours).
+    pub workload_socket: std::sync::Mutex<Option<crate::health::SocketId>>,
 }
 
 impl AgentState {
@@ -56,7 +60,18 @@ impl AgentState {
             refused: RwLock::new(None),
             metrics: crate::metrics::AgentMetrics::new(),
             changes: watch::channel(0).0,
+            sync: std::sync::Mutex::new(crate::health::SyncStatus::default()),
+            workload_socket: std::sync::Mutex::new(None),
         }
+    }
+
+    /// A copy of the sync state.
+    pub fn sync_status(&self) -> crate::health::SyncStatus {
+        self.sync.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn update_sync(&self, f: impl FnOnce(&mut crate::health::SyncStatus)) {
+        f(&mut self.sync.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
     /// Tells every watcher that the cache changed.
@@ -128,6 +143,25 @@ fn now_unix() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
+/// The agent SVID the worker last saw and when it first saw it: its renewal counts from then
+/// (receipt), not from its back-dated NotBefore.
+#[derive(Debug, Default)]
+struct AgentSvidSeen {
+    serial_hex: String,
+    received_at: i64,
+}
+
+impl AgentSvidSeen {
+    /// When to renew `id` (noting it as received `now` if it is new to the worker).
+    fn renew_at(&mut self, id: &AgentIdentity, now: i64) -> i64 {
+        if id.serial_hex != self.serial_hex {
+            self.serial_hex = id.serial_hex.clone();
+            self.received_at = now;
+        }
+        crate::cache::agent_svid_renew_at(self.received_at, id.not_after)
+    }
+}
+
 /// How a session ended.
 enum SessionEnd {
     /// The agent SVID was renewed: reconnect now.
@@ -140,15 +174,30 @@ impl Worker {
     /// Runs until `shutdown` becomes true.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = Backoff::default();
+        let mut agent_svid = AgentSvidSeen::default();
         loop {
             if *shutdown.borrow() {
                 return;
             }
-            match self.session(&mut shutdown, &mut backoff).await {
+            let result = self
+                .session(&mut shutdown, &mut backoff, &mut agent_svid)
+                .await;
+            if let Err(e) = &result {
+                self.state
+                    .update_sync(|s| s.disconnected(now_unix(), &e.to_string()));
+            }
+            // An expired agent SVID cannot open a session (the server refuses it): attest
+            // again if the method allows, else stop minting — not a retry loop, and not
+            // reported as an eviction.
+            let expired_at = {
+                let id = self.state.identity.read().await;
+                (id.not_after <= now_unix()).then_some(id.not_after)
+            };
+            match result {
                 Ok(SessionEnd::Shutdown) => return,
                 Ok(SessionEnd::Renewed) => continue,
                 Err(e)
-                    if e.is_permission_denied()
+                    if (e.is_permission_denied() || expired_at.is_some())
                         && (self.x509pop.is_some() || self.k8s_psat.is_some()) =>
                 {
                     self.state.metrics.sync_failures.inc();
@@ -158,7 +207,11 @@ impl Worker {
                     } else {
                         "x509pop"
                     };
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "sigil-server refused this agent; attesting again with {method}");
+                    if expired_at.is_some() {
+                        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "the agent SVID has expired; attesting again with {method}");
+                    } else {
+                        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "sigil-server refused this agent; attesting again with {method}");
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
@@ -171,7 +224,7 @@ impl Worker {
                     match again {
                         Ok(()) => continue,
                         Err(e2) if e2.is_permission_denied() => {
-                            self.give_up(&e2, &mut shutdown).await;
+                            self.give_up(&e2, None, &mut shutdown).await;
                             return;
                         }
                         // Unreachable server, API server trouble, an unreadable file: the
@@ -182,8 +235,8 @@ impl Worker {
                         }
                     }
                 }
-                Err(e) if e.is_permission_denied() => {
-                    self.give_up(&e, &mut shutdown).await;
+                Err(e) if e.is_permission_denied() || expired_at.is_some() => {
+                    self.give_up(&e, expired_at, &mut shutdown).await;
                     return;
                 }
                 Err(e) => {
@@ -203,10 +256,28 @@ impl Worker {
         }
     }
 
-    /// The server refused us for good: stop minting, keep serving the cache until it expires.
-    async fn give_up(&self, e: &ClientError, shutdown: &mut watch::Receiver<bool>) {
-        tracing::error!(error = %e, "sigil-server refused this agent (evicted or banned); no new SVIDs will be minted — cached SVIDs are served until they expire; re-attest with a new join token or x509pop");
-        *self.state.refused.write().await = Some(e.to_string());
+    /// The server refused us for good (`expired_at`: because our SVID expired at that time):
+    /// stop minting, keep serving the cache until it expires.
+    async fn give_up(
+        &self,
+        e: &ClientError,
+        expired_at: Option<i64>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) {
+        let why = match expired_at {
+            Some(t) => {
+                tracing::error!(error = %e, expired_at = t, "the agent SVID has expired and could not be renewed (sigil-server unreachable, or its CA expired); no new SVIDs will be minted — cached SVIDs are served until they expire; a join token is single-use: restart the agent with a new join token");
+                format!(
+                    "the agent SVID expired at {}; attest again with a new join token",
+                    crate::cli::time_text(t)
+                )
+            }
+            None => {
+                tracing::error!(error = %e, "sigil-server refused this agent (evicted or banned); no new SVIDs will be minted — cached SVIDs are served until they expire; re-attest with a new join token or x509pop");
+                e.to_string()
+            }
+        };
+        *self.state.refused.write().await = Some(why);
         if let Err(e) = self.storage.remove_identity() {
             tracing::warn!(error = %e, "removing the refused agent SVID");
         }
@@ -264,6 +335,7 @@ impl Worker {
         &self,
         shutdown: &mut watch::Receiver<bool>,
         backoff: &mut Backoff,
+        agent_svid: &mut AgentSvidSeen,
     ) -> Result<SessionEnd, ClientError> {
         let td = &self.state.trust_domain;
         let mut node = self.node_channel(Some(self.tls_identity.clone()))?;
@@ -290,10 +362,7 @@ impl Worker {
             let (next_refresh, renew_at) = {
                 let c = self.state.cache.read().await;
                 let id = self.state.identity.read().await;
-                (
-                    c.next_refresh(),
-                    crate::cache::refresh_time(id.not_before, id.not_after, 0.0),
-                )
+                (c.next_refresh(), agent_svid.renew_at(&id, now_unix()))
             };
             let wake_at = next_refresh.map_or(renew_at, |r| r.min(renew_at));
             let sleep = Duration::from_secs((wake_at - now_unix()).max(0) as u64);
@@ -304,6 +373,7 @@ impl Worker {
                         return Err(ClientError::Protocol("sync stream closed by the server".into()));
                     };
                     self.apply(msg).await?;
+                    self.state.update_sync(|s| s.synced(now_unix()));
                     self.sign_due(&mut node).await?;
                 }
                 _ = tokio::time::sleep(sleep) => {
@@ -329,6 +399,9 @@ impl Worker {
             if let Some(b) = cache.bundle() {
                 match sigil::x509::split_der_concat(&b.x509_roots) {
                     Ok(roots) if !roots.is_empty() => {
+                        if let Some(t) = crate::health::earliest_not_after(&roots) {
+                            self.state.metrics.bundle_expiry.set(t);
+                        }
                         if let Err(e) = self.trust.set(&roots) {
                             tracing::warn!(error = %e, "new trust bundle not usable; keeping the old one");
                         } else if let Err(e) = self.storage.save_bundle(&roots) {
@@ -396,28 +469,51 @@ impl Worker {
             let now = now_unix();
             let mut cache = self.state.cache.write().await;
             let mut signed: u64 = 0;
-            for (p, r) in pending.into_iter().zip(results) {
-                if r.entry_id != p.entry_id {
+            // Renewals that do not outlive the SVID they replace (a CA about to expire caps
+            // every lifetime): the refresh floor keeps them from looping; say why once.
+            let mut not_longer: Option<i64> = None;
+            let mut results = results.into_iter();
+            for p in pending {
+                let (id, revision) = (p.entry_id.clone(), p.entry_revision);
+                let Some(r) = results.next() else {
+                    cache.note_sign_failure(&id, revision, now);
+                    tracing::warn!(entry_id = %id, "server sent no signing result for an SVID");
+                    continue;
+                };
+                if r.entry_id != id {
                     return Err(ClientError::Protocol(
                         "batch signing results out of order".into(),
                     ));
                 }
                 if r.code != 0 {
-                    tracing::warn!(entry_id = %r.entry_id, code = r.code, message = %r.message, "server refused to sign an SVID");
+                    cache.note_sign_failure(&id, revision, now);
+                    tracing::warn!(entry_id = %r.entry_id, code = r.code, message = %r.message, retry_in_secs = crate::cache::SIGN_RETRY_INTERVAL, "server refused to sign an SVID");
                     continue;
                 }
                 match sigil::x509::split_der_concat(&r.svid_chain) {
                     Ok(chain) if !chain.is_empty() => {
+                        let previous = cache.svid(&id).map(|s| s.not_after);
+                        if previous.is_some_and(|t| r.expires_at <= t) {
+                            not_longer = Some(r.expires_at);
+                        }
                         if cache.store_svid(p, chain, r.expires_at, now) {
                             signed += 1;
                         }
                     }
                     _ => {
+                        cache.note_sign_failure(&id, revision, now);
                         tracing::warn!(entry_id = %r.entry_id, "server sent a malformed SVID chain")
                     }
                 }
             }
             drop(cache);
+            if let Some(t) = not_longer {
+                tracing::warn!(
+                    not_after = t,
+                    min_refresh_interval_secs = crate::cache::MIN_REFRESH_INTERVAL,
+                    "renewed X509-SVIDs do not outlive the ones they replace (is sigil-server's CA about to expire?); not renewing them again sooner than the minimum interval"
+                );
+            }
             if signed > 0 {
                 self.state.notify_changed();
             }

@@ -7,7 +7,8 @@
 #
 # Usage: deploy/local/quickstart.sh [--once] [--ttl DURATION]
 #   --once          exit after the first fetch
-#   --ttl 2m        X509-SVID lifetime of the quickstart entry (default 1h: rotates every ~30 min)
+#   --ttl 2m        X509-SVID lifetime of the quickstart entry (default 1h: rotates every ~30 min;
+#                   at least 1m, the shortest TTL the server accepts)
 # Environment: SIGIL_BIN_DIR=DIR uses the binaries in DIR instead of building them.
 set -euo pipefail
 

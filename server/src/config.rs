@@ -333,6 +333,8 @@ impl ServerConfig {
                 .clone()
                 .or(file.ca.default_x509_svid_ttl),
         )? {
+            sigil::ttl::check_x509_svid_ttl(d)
+                .map_err(|e| anyhow::anyhow!("invalid ca.default_x509_svid_ttl: {e}"))?;
             ca.default_x509_svid_ttl = d;
         }
         if let Some(d) = duration(
@@ -342,6 +344,8 @@ impl ServerConfig {
                 .clone()
                 .or(file.ca.default_jwt_svid_ttl),
         )? {
+            sigil::ttl::check_jwt_svid_ttl(d)
+                .map_err(|e| anyhow::anyhow!("invalid ca.default_jwt_svid_ttl: {e}"))?;
             ca.default_jwt_svid_ttl = d;
         }
         if let Some(org) = file.ca.organization {
@@ -513,7 +517,7 @@ mod tests {
         let flags = RunFlags {
             trust_domain: Some("flag.org".into()),
             data_dir: Some("/d".into()),
-            default_x509_svid_ttl: Some("20s".into()),
+            default_x509_svid_ttl: Some("2m".into()),
             health_address: Some(String::new()),
             ..Default::default()
         };
@@ -523,7 +527,7 @@ mod tests {
         )?;
         assert_eq!(c.trust_domain.name(), "flag.org");
         assert_eq!(c.bind_address.to_string(), "127.0.0.1:9");
-        assert_eq!(c.ca.default_x509_svid_ttl, Duration::from_secs(20));
+        assert_eq!(c.ca.default_x509_svid_ttl, Duration::from_secs(120));
         assert_eq!(c.datastore_path, PathBuf::from("/d/datastore.sqlite3"));
         assert!(c.health_address.is_none());
         Ok(())
@@ -552,6 +556,14 @@ mod tests {
             (
                 "trust_domain = \"a.org\"\n[ca]\nca_ttl = \"forever\"",
                 "ca.ca_ttl",
+            ),
+            (
+                "trust_domain = \"a.org\"\n[ca]\ndefault_x509_svid_ttl = \"20s\"",
+                "invalid ca.default_x509_svid_ttl: X509-SVID TTL 20s is shorter than the minimum of 1m",
+            ),
+            (
+                "trust_domain = \"a.org\"\n[ca]\ndefault_jwt_svid_ttl = \"10s\"",
+                "invalid ca.default_jwt_svid_ttl: JWT-SVID TTL 10s is shorter than the minimum of 30s",
             ),
             (
                 "trust_domain = \"a.org\"\n[datastore]\ntype = \"mysql\"",

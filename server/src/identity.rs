@@ -3,8 +3,11 @@
 //! At start-up the server generates an ECDSA P-256 key in memory (it is never written to disk
 //! or logged) and has its own CA sign an X509-SVID for it with the default X509-SVID TTL. At
 //! half of the remaining lifetime a fresh key and SVID replace it in the [`IdentityStore`]:
-//! new connections get the new one, established connections keep theirs. A failed rotation is
-//! retried (every 30 s at most, more often as expiry approaches) and logged.
+//! new connections get the new one, established connections keep theirs — but never sooner than
+//! [`MIN_ROTATION_INTERVAL`] after the last one: near the CA's expiry every SVID is capped at
+//! it, and rotating would not gain anything. A failed rotation is retried (every
+//! [`MIN_ROTATION_INTERVAL`] to [`RETRY_MAX`]) and logged at error level on the 1st, 2nd, 4th,
+//! 8th... consecutive failure (an expired CA fails every time).
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -20,6 +23,8 @@ use crate::metrics::Metrics;
 
 /// Longest wait before retrying a failed rotation.
 pub const RETRY_MAX: Duration = Duration::from_secs(30);
+/// Shortest time between two rotations (or attempts).
+pub const MIN_ROTATION_INTERVAL: Duration = Duration::from_secs(20);
 
 /// Why the server SVID could not be issued.
 #[derive(Debug, thiserror::Error)]
@@ -75,9 +80,9 @@ fn issue(ca: &Ca, id: &SpiffeId) -> Result<Issued, IdentityError> {
     })
 }
 
-/// Half of the time left until `not_after` (at least one second).
+/// Half of the time left until `not_after`, at least [`MIN_ROTATION_INTERVAL`].
 pub fn rotation_delay(now: i64, not_after: i64) -> Duration {
-    Duration::from_secs(((not_after - now) / 2).max(1) as u64)
+    Duration::from_secs(((not_after - now) / 2).max(0) as u64).max(MIN_ROTATION_INTERVAL)
 }
 
 fn now_unix() -> i64 {
@@ -139,21 +144,31 @@ impl ServerIdentity {
     /// Rotates at half of each SVID's remaining lifetime until `shutdown` turns true.
     pub async fn run_rotation(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut delay = rotation_delay(now_unix(), self.not_after());
+        let mut failures: u32 = 0;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = shutdown.wait_for(|stop| *stop) => return,
             }
             delay = match self.rotate() {
-                Ok(()) => rotation_delay(now_unix(), self.not_after()),
+                Ok(()) => {
+                    failures = 0;
+                    rotation_delay(now_unix(), self.not_after())
+                }
                 Err(e) => {
+                    failures = failures.saturating_add(1);
                     let retry = rotation_delay(now_unix(), self.not_after()).min(RETRY_MAX);
-                    tracing::error!(
-                        error = %e,
-                        not_after = self.not_after(),
-                        retry_in_secs = retry.as_secs(),
-                        "server SVID rotation failed; agents cannot connect once it expires"
-                    );
+                    if failures.is_power_of_two() {
+                        tracing::error!(
+                            error = %e,
+                            not_after = self.not_after(),
+                            failures,
+                            retry_in_secs = retry.as_secs(),
+                            "server SVID rotation failed; agents cannot connect once it expires"
+                        );
+                    } else {
+                        tracing::debug!(error = %e, failures, "server SVID rotation retry failed");
+                    }
                     retry
                 }
             };
@@ -170,8 +185,12 @@ mod tests {
     #[test]
     fn delay_is_half_the_remaining_lifetime() {
         assert_eq!(rotation_delay(1000, 4600), Duration::from_secs(1800));
-        assert_eq!(rotation_delay(1000, 1001), Duration::from_secs(1));
-        assert_eq!(rotation_delay(1000, 900), Duration::from_secs(1));
+        // Capped by an expiring CA, or already expired: not again within the floor.
+        assert_eq!(rotation_delay(1000, 1001), MIN_ROTATION_INTERVAL);
+        assert_eq!(rotation_delay(1000, 1030), MIN_ROTATION_INTERVAL);
+        assert_eq!(rotation_delay(1000, 900), MIN_ROTATION_INTERVAL);
+        // The shortest default TTL (1 min) still rotates at half of it.
+        assert_eq!(rotation_delay(1000, 1060), Duration::from_secs(30));
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub struct Metrics {
     pub x509_svids_signed: Counter,
     /// Registration entries, refreshed on health checks and admin changes.
     pub entries: Gauge,
+    /// NotAfter of the CA, Unix seconds.
+    pub ca_expiry: Gauge,
 }
 
 impl Metrics {
@@ -53,6 +55,12 @@ impl Metrics {
             "Registration entries stored",
             entries.clone(),
         );
+        let ca_expiry = Gauge::default();
+        registry.register(
+            "ca_expiry_seconds",
+            "NotAfter of the CA certificate that signs SVIDs (Unix seconds); SVIDs are capped at it",
+            ca_expiry.clone(),
+        );
         let build = Gauge::<i64>::default();
         build.set(1);
         registry.register(
@@ -66,6 +74,7 @@ impl Metrics {
             admin_latency,
             x509_svids_signed,
             entries,
+            ca_expiry,
         }
     }
 

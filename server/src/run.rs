@@ -42,6 +42,8 @@ const NODE_API_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 struct Readiness {
     ready: AtomicBool,
     datastore: Arc<dyn Datastore>,
+    /// NotAfter of the CA, Unix seconds: an expired CA issues nothing.
+    ca_not_after: i64,
 }
 
 #[async_trait]
@@ -49,6 +51,10 @@ impl sigil::health::Probe for Readiness {
     async fn ready(&self) -> Result<(), String> {
         if !self.ready.load(Ordering::SeqCst) {
             return Err("starting up".into());
+        }
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        if let Some(why) = crate::ca::expiry::not_ready_reason(self.ca_not_after, now) {
+            return Err(why);
         }
         self.datastore
             .count_agents()
@@ -94,6 +100,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     bundle.sequence_number = stored.sequence;
 
     let metrics = Metrics::new();
+    metrics.ca_expiry.set(ca.ca_not_after());
     if let Ok(n) = datastore.count_entries(&EntryFilter::default()).await {
         metrics.entries.set(n as i64);
     }
@@ -106,6 +113,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         bundle: RwLock::new(bundle),
         metrics: metrics.clone(),
         events: events.clone(),
+        ca_not_after: ca.ca_not_after(),
     });
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -191,7 +199,14 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     let readiness = Arc::new(Readiness {
         ready: AtomicBool::new(false),
         datastore: datastore.clone(),
+        ca_not_after: ca.ca_not_after(),
     });
+    // Until CA rotation exists, its expiry must be loud: warnings from 1/6 of its life left.
+    let ca_monitor = tokio::spawn(crate::ca::expiry::monitor(
+        ca.ca_not_before(),
+        ca.ca_not_after(),
+        shutdown_rx.clone(),
+    ));
     let health_task = match cfg.health_address {
         Some(addr) => {
             let l = tokio::net::TcpListener::bind(addr)
@@ -261,6 +276,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         ),
     }
     let _ = rotation_task.await;
+    let _ = ca_monitor.await;
     if let Some(t) = health_task {
         let _ = t.await;
     }

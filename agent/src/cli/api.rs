@@ -379,54 +379,150 @@ async fn validate_jwt(a: ValidateJwtArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn watch(a: WatchArgs) -> anyhow::Result<()> {
-    let mut c = client(&a.socket).await?;
-    let mut stream = c
-        .fetch_x509svid(request(wl::X509svidRequest {}))
+/// First reconnect delay of `api watch`.
+const WATCH_RETRY_START: std::time::Duration = std::time::Duration::from_millis(250);
+/// Longest reconnect delay of `api watch` (an agent restart takes a few seconds).
+const WATCH_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The reconnect delay after `failures` failed attempts: doubling from [`WATCH_RETRY_START`]
+/// up to [`WATCH_RETRY_MAX`], randomised in its upper half so restarted workloads spread out.
+fn watch_retry_delay(failures: u32) -> std::time::Duration {
+    use rand::Rng as _;
+    let d = WATCH_RETRY_START
+        .saturating_mul(2u32.saturating_pow(failures.min(16)))
+        .min(WATCH_RETRY_MAX);
+    d / 2 + (d / 2).mul_f64(rand::rng().random_range(0.0..=1.0))
+}
+
+/// Opens the FetchX509SVID stream.
+async fn open_x509_stream(
+    socket: &SocketArgs,
+) -> Result<tonic::Streaming<wl::X509svidResponse>, WatchError> {
+    let mut c = client(socket).await.map_err(WatchError::Connect)?;
+    c.fetch_x509svid(request(wl::X509svidRequest {}))
         .await
-        .map_err(|s| rpc_error("FetchX509SVID", s))?
-        .into_inner();
+        .map(tonic::Response::into_inner)
+        .map_err(WatchError::Rpc)
+}
+
+/// Why a watch stream could not be (re)opened or ended.
+enum WatchError {
+    /// The socket is missing or refuses connections (the agent is restarting).
+    Connect(anyhow::Error),
+    /// The agent answered with an error status.
+    Rpc(tonic::Status),
+}
+
+impl WatchError {
+    /// A malformed request will not get better (SPIFFE clients retry everything else, as
+    /// go-spiffe does: an agent just restarted answers Unavailable or PermissionDenied until
+    /// it has synced).
+    fn is_final(&self) -> bool {
+        matches!(self, WatchError::Rpc(s) if s.code() == tonic::Code::InvalidArgument)
+    }
+
+    fn into_error(self) -> anyhow::Error {
+        match self {
+            WatchError::Connect(e) => e,
+            WatchError::Rpc(s) => rpc_error("FetchX509SVID", s),
+        }
+    }
+}
+
+impl std::fmt::Display for WatchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WatchError::Connect(e) => write!(f, "{e:#}"),
+            WatchError::Rpc(s) => write!(f, "{} ({:?})", s.message(), s.code()),
+        }
+    }
+}
+
+/// Streams X509-SVID updates. The first connection must succeed (a wrong socket path is an
+/// error); afterwards a lost stream (agent restart, socket briefly gone) is reopened with
+/// back-off and jitter until it works again or Ctrl-C, with a line on each side.
+async fn watch(a: WatchArgs) -> anyhow::Result<()> {
+    let mut stream = open_x509_stream(&a.socket)
+        .await
+        .map_err(WatchError::into_error)?;
     let mut seen = 0u64;
     let mut last_serials: Vec<String> = Vec::new();
+    let mut reconnected = false;
     loop {
         let msg = tokio::select! {
-            m = stream.message() => m.map_err(|s| rpc_error("FetchX509SVID stream", s))?,
+            m = stream.message() => m,
             _ = tokio::signal::ctrl_c() => return Ok(()),
         };
-        let Some(resp) = msg else {
-            anyhow::bail!("the agent closed the stream");
+        let why = match msg {
+            Ok(Some(resp)) => {
+                seen += 1;
+                let views = resp
+                    .svids
+                    .iter()
+                    .map(view)
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let serials: Vec<String> = views.iter().map(|v| v.serial.clone()).collect();
+                let again = std::mem::take(&mut reconnected);
+                let what = if seen == 1 {
+                    "received"
+                } else if serials != last_serials {
+                    "rotated"
+                } else if again {
+                    "received again"
+                } else {
+                    "updated (bundle)"
+                };
+                let now = time::OffsetDateTime::now_utc().unix_timestamp();
+                for v in &views {
+                    println!(
+                        "{} {what}: {} serial {} expires {}",
+                        time_text(now),
+                        v.spiffe_id,
+                        v.serial,
+                        time_text(v.not_after)
+                    );
+                }
+                last_serials = serials;
+                if let Some(dir) = &a.write {
+                    write_files(dir, &resp)?;
+                }
+                if a.count.is_some_and(|n| seen >= n) {
+                    return Ok(());
+                }
+                continue;
+            }
+            Ok(None) => "the agent closed the stream".to_string(),
+            Err(s) => {
+                let e = WatchError::Rpc(s);
+                if e.is_final() {
+                    return Err(e.into_error());
+                }
+                e.to_string()
+            }
         };
-        seen += 1;
-        let views = resp
-            .svids
-            .iter()
-            .map(view)
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let serials: Vec<String> = views.iter().map(|v| v.serial.clone()).collect();
-        let what = if seen == 1 {
-            "received"
-        } else if serials != last_serials {
-            "rotated"
-        } else {
-            "updated (bundle)"
+        let now = || time_text(time::OffsetDateTime::now_utc().unix_timestamp());
+        eprintln!("{} Workload API stream lost: {why}; reconnecting", now());
+        let mut failures = 0u32;
+        stream = loop {
+            let delay = watch_retry_delay(failures);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+            }
+            match open_x509_stream(&a.socket).await {
+                Ok(s) => break s,
+                Err(e) if e.is_final() => return Err(e.into_error()),
+                Err(e) => {
+                    failures += 1;
+                    // 1st, 2nd, 4th, 8th... failure: an agent down for long costs a few lines.
+                    if failures.is_power_of_two() {
+                        eprintln!("{} still reconnecting ({failures} attempts): {e}", now());
+                    }
+                }
+            }
         };
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        for v in &views {
-            println!(
-                "{} {what}: {} serial {} expires {}",
-                time_text(now),
-                v.spiffe_id,
-                v.serial,
-                time_text(v.not_after)
-            );
-        }
-        last_serials = serials;
-        if let Some(dir) = &a.write {
-            write_files(dir, &resp)?;
-        }
-        if a.count.is_some_and(|n| seen >= n) {
-            return Ok(());
-        }
+        println!("{} reconnected to the Workload API", now());
+        reconnected = true;
     }
 }
 
@@ -462,6 +558,17 @@ fn value_to_json(v: prost_types::Value) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn watch_reconnects_back_off_with_jitter_up_to_a_cap() {
+        for failures in 0..40 {
+            let cap = WATCH_RETRY_START
+                .saturating_mul(2u32.saturating_pow(failures.min(16)))
+                .min(WATCH_RETRY_MAX);
+            let d = watch_retry_delay(failures);
+            assert!(d >= cap / 2 && d <= cap, "{failures}: {d:?} vs {cap:?}");
+        }
+    }
 
     #[test]
     fn endpoint_addresses() {

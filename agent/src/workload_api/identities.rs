@@ -34,6 +34,9 @@ pub enum X509State {
     NoIdentity,
     /// Entries match but none has a current SVID yet (just created or changed): wait.
     Pending,
+    /// Entries match, but every SVID the agent holds for them has expired (it could not renew
+    /// them): nothing valid to give.
+    Expired,
     /// The message to send. `pending` counts matching entries still waiting for an SVID.
     Ready {
         /// The response.
@@ -73,8 +76,9 @@ fn federated_for<'a>(
         .collect()
 }
 
-/// The FetchX509SVID state for a caller with `selectors`.
-pub fn x509_svid_state(cache: &Cache, selectors: &SelectorSet) -> X509State {
+/// The FetchX509SVID state at `now` (Unix seconds) for a caller with `selectors`. Expired SVIDs
+/// are never sent.
+pub fn x509_svid_state(cache: &Cache, selectors: &SelectorSet, now: i64) -> X509State {
     let entries = matching_entries(cache, selectors);
     if entries.is_empty() {
         return X509State::NoIdentity;
@@ -84,11 +88,16 @@ pub fn x509_svid_state(cache: &Cache, selectors: &SelectorSet) -> X509State {
     let mut svids = Vec::with_capacity(entries.len());
     let mut served = Vec::with_capacity(entries.len());
     let mut pending = 0;
+    let mut expired = 0;
     for e in &entries {
         let Some(svid) = current_svid(cache, e) else {
             pending += 1;
             continue;
         };
+        if svid.not_after <= now {
+            expired += 1;
+            continue;
+        }
         if !e.hint.is_empty() && !hints_seen.insert(e.hint.as_str()) {
             continue;
         }
@@ -102,7 +111,11 @@ pub fn x509_svid_state(cache: &Cache, selectors: &SelectorSet) -> X509State {
         served.push(*e);
     }
     if svids.is_empty() {
-        return X509State::Pending;
+        return if expired > 0 && pending == 0 {
+            X509State::Expired
+        } else {
+            X509State::Pending
+        };
     }
     let federated_bundles = federated_for(cache, &served)
         .into_iter()
@@ -208,11 +221,16 @@ pub(crate) mod tests {
         })
         .unwrap();
         let ids: Vec<String> = minted.iter().map(|s| s.to_string()).collect();
+        let now = now_unix();
         for p in c.make_csrs(&ids).unwrap() {
             let leaf = p.entry_id.as_bytes().to_vec();
-            assert!(c.store_svid(p, vec![leaf], 3600, 0));
+            assert!(c.store_svid(p, vec![leaf], now + 3600, now));
         }
         c
+    }
+
+    pub(crate) fn now_unix() -> i64 {
+        time::OffsetDateTime::now_utc().unix_timestamp()
     }
 
     pub(crate) fn selectors(s: &[&str]) -> SelectorSet {
@@ -259,7 +277,7 @@ pub(crate) mod tests {
             &["newer", "older", "dup-hint"],
         );
         let X509State::Ready { response, pending } =
-            x509_svid_state(&c, &selectors(&["unix:uid:1"]))
+            x509_svid_state(&c, &selectors(&["unix:uid:1"]), now_unix())
         else {
             panic!("expected SVIDs");
         };
@@ -294,7 +312,7 @@ pub(crate) mod tests {
             ],
             &["b"],
         );
-        match x509_svid_state(&c, &selectors(&["unix:uid:1"])) {
+        match x509_svid_state(&c, &selectors(&["unix:uid:1"]), now_unix()) {
             X509State::Ready { response, pending } => {
                 assert_eq!(pending, 1);
                 assert_eq!(response.svids.len(), 1);
@@ -303,11 +321,11 @@ pub(crate) mod tests {
         }
         let c = cache_with(vec![entry("a", 1, &["unix:uid:1"], "")], &[]);
         assert_eq!(
-            x509_svid_state(&c, &selectors(&["unix:uid:1"])),
+            x509_svid_state(&c, &selectors(&["unix:uid:1"]), now_unix()),
             X509State::Pending
         );
         assert_eq!(
-            x509_svid_state(&c, &selectors(&["unix:uid:2"])),
+            x509_svid_state(&c, &selectors(&["unix:uid:2"]), now_unix()),
             X509State::NoIdentity
         );
         assert!(x509_bundles(&c, &selectors(&["unix:uid:2"])).is_none());
@@ -321,5 +339,44 @@ pub(crate) mod tests {
             j.bundles["spiffe://example.org"],
             br#"{"keys":[]}"#.to_vec()
         );
+    }
+
+    #[test]
+    fn expired_svids_are_never_served() {
+        let now = now_unix();
+        let c = cache_with(
+            vec![
+                entry("a", 1, &["unix:uid:1"], ""),
+                entry("b", 2, &["unix:uid:1"], ""),
+            ],
+            &["a", "b"],
+        );
+        let sel = selectors(&["unix:uid:1"]);
+        // Both valid now; an hour later both have expired: nothing is sent.
+        assert!(matches!(
+            x509_svid_state(&c, &sel, now),
+            X509State::Ready { ref response, .. } if response.svids.len() == 2
+        ));
+        assert_eq!(x509_svid_state(&c, &sel, now + 3600), X509State::Expired);
+        // One expired, one still valid: only the valid one.
+        let mut c = c;
+        let p = c.make_csrs(&["b".into()]).unwrap().pop().unwrap();
+        c.store_svid(p, vec![b"b2".to_vec()], now + 7200, now);
+        match x509_svid_state(&c, &sel, now + 3600) {
+            X509State::Ready { response, .. } => {
+                assert_eq!(response.svids.len(), 1);
+                assert_eq!(response.svids[0].x509_svid, b"b2".to_vec());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // Expired, with another entry still waiting for its first SVID: wait, not Expired.
+        let c = cache_with(
+            vec![
+                entry("a", 1, &["unix:uid:1"], ""),
+                entry("b", 2, &["unix:uid:1"], ""),
+            ],
+            &["a"],
+        );
+        assert_eq!(x509_svid_state(&c, &sel, now + 3600), X509State::Pending);
     }
 }

@@ -7,10 +7,12 @@
 //! - [`service`]: the five `SpiffeWorkloadAPI` RPCs; streams are woken by the agent's change
 //!   counter and resend only when their message changed.
 //! - [`jwt`]: JWT-SVIDs minted by the server on demand and cached for half their lifetime.
+//! - [`expiry`]: wakes the streams when a cached SVID expires unrenewed (never served expired).
 //!
 //! The wire contract is the SPIFFE standard's: service `SpiffeWorkloadAPI` (no package), the
 //! `workload.spiffe.io: true` header, "no identity issued" as PermissionDenied.
 
+pub mod expiry;
 pub mod identities;
 pub mod jwt;
 pub mod peer;

@@ -31,6 +31,8 @@ use crate::worker::AgentState;
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 /// The message SPIFFE clients match on when a caller has no identity.
 pub const NO_IDENTITY: &str = "no identity issued";
+/// The Unavailable message when every SVID of the caller has expired unrenewed.
+pub const EXPIRED: &str = "the caller's X509-SVIDs have expired and the agent could not renew them (is sigil-server reachable and its CA valid?); retry later";
 /// How long a first FetchX509SVID waits for an SVID that is being minted.
 pub const FIRST_SVID_WAIT: Duration = Duration::from_secs(15);
 
@@ -60,6 +62,10 @@ enum Watch<M> {
     NoIdentity,
     /// Nothing to send yet (an SVID is being minted).
     Pending,
+    /// Nothing valid to send (the caller's SVIDs expired unrenewed): end the stream with
+    /// Unavailable, which clients retry — the caller is entitled to an identity, so
+    /// PermissionDenied ("no identity issued") would be false.
+    Unavailable(&'static str),
     /// Send this (if it differs from the last message).
     Send(M),
 }
@@ -180,6 +186,7 @@ impl WorkloadApi {
                 return Err(Status::permission_denied(NO_IDENTITY));
             }
             Watch::Pending => watcher.pending = true,
+            Watch::Unavailable(why) => return Err(Status::unavailable(why)),
             Watch::Send(msg) => {
                 // No re-check here: the attestation ended by confirming the pin, and nothing
                 // but an in-memory cache read lies between that and this answer. A first
@@ -274,6 +281,7 @@ where
                         return self.end(Status::permission_denied(NO_IDENTITY));
                     }
                     Watch::Pending => self.pending = true,
+                    Watch::Unavailable(why) => return self.end(Status::unavailable(why)),
                     Watch::Send(msg) => {
                         let fp = fingerprint(&msg);
                         if self.last != Some(fp) {
@@ -323,9 +331,10 @@ where
 
 /// FetchX509SVID's view of the cache for a caller with `selectors`.
 fn x509_svid_watch(cache: &Cache, selectors: &SelectorSet) -> Watch<wl::X509svidResponse> {
-    match identities::x509_svid_state(cache, selectors) {
+    match identities::x509_svid_state(cache, selectors, now_unix()) {
         X509State::NoIdentity => Watch::NoIdentity,
         X509State::Pending => Watch::Pending,
+        X509State::Expired => Watch::Unavailable(EXPIRED),
         X509State::Ready { response, .. } => Watch::Send(response),
     }
 }
@@ -716,6 +725,51 @@ mod tests {
         assert!(s.next().await.unwrap().is_ok());
         stop.send(true).unwrap();
         assert!(s.next().await.is_none(), "ended without an error status");
+    }
+
+    #[tokio::test]
+    async fn svids_that_expire_unrenewed_end_the_stream_with_unavailable() {
+        use identities::tests::{entry, now_unix};
+        use tokio_stream::StreamExt as _;
+        // An SVID that expires in 2 s and is never renewed (real time: expiry is wall-clock).
+        let mut cache = Cache::new();
+        cache
+            .apply_sync(sigil::proto::node::SyncResponse {
+                upserted: vec![entry("a", 1, &["unix:uid:7"], "")],
+                full: true,
+                snapshot_complete: true,
+                revision: 1,
+                ..Default::default()
+            })
+            .unwrap();
+        let now = now_unix();
+        let p = cache.make_csrs(&["a".into()]).unwrap().pop().unwrap();
+        cache.store_svid(p, vec![b"a".to_vec()], now + 2, now);
+        let state = state_with(cache);
+        let (_stop, shutdown) = tokio::sync::watch::channel(false);
+        let waker = tokio::spawn(super::super::expiry::wake_streams_at_expiry(
+            state.clone(),
+            shutdown.clone(),
+        ));
+        let mut s = x509_stream(&state, shutdown.clone(), caller(&["unix:uid:7"]))
+            .await
+            .unwrap();
+        assert!(s.next().await.unwrap().is_ok(), "valid at first");
+        let end = tokio::time::timeout(Duration::from_secs(30), s.next())
+            .await
+            .expect("the stream noticed the expiry")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(end.code(), tonic::Code::Unavailable, "{end:?}");
+        assert_eq!(end.message(), EXPIRED);
+        assert!(s.next().await.is_none());
+        // A new call gets Unavailable at once, not an expired SVID.
+        let err = x509_stream(&state, shutdown, caller(&["unix:uid:7"]))
+            .await
+            .err()
+            .expect("no expired SVID served");
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        waker.abort();
     }
 
     #[test]

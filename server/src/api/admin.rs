@@ -46,6 +46,8 @@ pub struct AdminState {
     /// Change notifications for the agents' sync streams: published after every successful
     /// entry or federated-bundle mutation.
     pub events: SyncEvents,
+    /// NotAfter of the CA, Unix seconds: after it the server is not ready.
+    pub ca_not_after: i64,
 }
 
 /// The admin gRPC service.
@@ -117,6 +119,16 @@ impl AdminService {
                 crate::api::RESERVED_PREFIX
             )));
         }
+        Ok(entry)
+    }
+
+    /// [`Self::validate_entry`] for a new entry: its TTLs must also meet the floors.
+    fn validate_new_entry(&self, e: &pb::Entry) -> Result<RegistrationEntry, Status> {
+        let entry = self.validate_entry(e)?;
+        entry
+            .check_x509_svid_ttl_floor()
+            .and_then(|()| entry.check_jwt_svid_ttl_floor())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         Ok(entry)
     }
 
@@ -358,7 +370,7 @@ impl Admin for AdminService {
                     .entry
                     .as_ref()
                     .ok_or_else(|| Status::invalid_argument("entry is required"))?;
-                let entry = self.validate_entry(e)?;
+                let entry = self.validate_new_entry(e)?;
                 let mut results = self
                     .state
                     .datastore
@@ -409,7 +421,7 @@ impl Admin for AdminService {
             let mut valid = Vec::new();
             let mut valid_idx = Vec::new();
             for (i, e) in req.entries.iter().enumerate() {
-                match self.validate_entry(e) {
+                match self.validate_new_entry(e) {
                     Ok(entry) => {
                         valid.push(entry);
                         valid_idx.push(i);
@@ -595,6 +607,17 @@ impl Admin for AdminService {
                     merged.hint = new.hint.clone();
                 }
                 let entry = self.validate_entry(&merged)?;
+                // Only TTLs this update sets must meet the floors: an entry stored before
+                // they existed can still have its other fields changed.
+                let floors = [
+                    (mask.x509_svid_ttl, entry.check_x509_svid_ttl_floor()),
+                    (mask.jwt_svid_ttl, entry.check_jwt_svid_ttl_floor()),
+                ];
+                for (set, check) in floors {
+                    if set {
+                        check.map_err(|e| Status::invalid_argument(e.to_string()))?;
+                    }
+                }
                 let updated = self
                     .state
                     .datastore
@@ -869,8 +892,12 @@ impl Admin for AdminService {
                 .map_err(ds_status)?;
             let agents = ds.count_agents().await.map_err(ds_status)?;
             self.state.metrics.entries.set(entries as i64);
+            let not_ready =
+                crate::ca::expiry::not_ready_reason(self.state.ca_not_after, now_unix());
             Ok(pb::HealthResponse {
-                ready: true,
+                ready: not_ready.is_none(),
+                not_ready_reason: not_ready.unwrap_or_default(),
+                ca_not_after: self.state.ca_not_after,
                 trust_domain: self.td().to_string(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 entries,
@@ -900,6 +927,7 @@ mod tests {
             bundle: RwLock::new(Bundle::new(td)),
             metrics: Metrics::new(),
             events: SyncEvents::new(),
+            ca_not_after: i64::MAX,
         });
         Ok((dir, AdminService::new(state.clone()), state))
     }
@@ -1058,6 +1086,137 @@ mod tests {
             assert!(err.message().contains(want), "{td:?}: {}", err.message());
         }
         assert!(list(&svc).await?.is_empty(), "nothing stored");
+        Ok(())
+    }
+
+    fn web_entry(x509_ttl: i64, jwt_ttl: i64) -> pb::Entry {
+        pb::Entry {
+            spiffe_id: "spiffe://example.org/web".into(),
+            parent_id: "spiffe://example.org/node".into(),
+            selectors: vec![pb::Selector {
+                r#type: "unix".into(),
+                value: "uid:1000".into(),
+            }],
+            x509_svid_ttl: x509_ttl,
+            jwt_svid_ttl: jwt_ttl,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn ttls_below_the_floors_are_refused() -> TestResult {
+        let (_dir, svc, state) = service().await?;
+        for (x509, jwt, field) in [(20, 0, "x509_svid_ttl"), (0, 5, "jwt_svid_ttl")] {
+            let err = svc
+                .create_entry(Request::new(pb::CreateEntryRequest {
+                    entry: Some(web_entry(x509, jwt)),
+                }))
+                .await
+                .expect_err(field);
+            assert_eq!(err.code(), Code::InvalidArgument);
+            assert!(
+                err.message().starts_with(&format!("invalid {field}:"))
+                    && err.message().contains("shorter than the minimum"),
+                "{}",
+                err.message()
+            );
+            let batch = svc
+                .batch_create_entries(Request::new(pb::BatchCreateEntriesRequest {
+                    entries: vec![web_entry(x509, jwt)],
+                }))
+                .await?
+                .into_inner();
+            assert_eq!(batch.results[0].code, Code::InvalidArgument as i32);
+        }
+        // At the floors: accepted.
+        let created = svc
+            .create_entry(Request::new(pb::CreateEntryRequest {
+                entry: Some(web_entry(60, 30)),
+            }))
+            .await?
+            .into_inner()
+            .entry
+            .ok_or("entry")?;
+        let update = |x509: i64, mask: pb::EntryMask| {
+            let mut e = web_entry(x509, 0);
+            e.id = created.id.clone();
+            e.hint = "h".into();
+            Request::new(pb::UpdateEntryRequest {
+                entry: Some(e),
+                mask: Some(mask),
+            })
+        };
+        let err = svc
+            .update_entry(update(
+                2,
+                pb::EntryMask {
+                    x509_svid_ttl: true,
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect_err("update below the floor");
+        assert_eq!(err.code(), Code::InvalidArgument);
+        // An entry stored before the floor existed: other fields can still change.
+        let mut legacy = RegistrationEntry::from_proto(&web_entry(2, 0))?;
+        legacy.spiffe_id = SpiffeId::parse("spiffe://example.org/legacy")?;
+        let legacy = state
+            .datastore
+            .create_entries(vec![legacy])
+            .await?
+            .pop()
+            .ok_or("result")??;
+        let mut e = legacy.to_proto();
+        e.hint = "still editable".into();
+        let updated = svc
+            .update_entry(Request::new(pb::UpdateEntryRequest {
+                entry: Some(e),
+                mask: Some(pb::EntryMask {
+                    hint: true,
+                    ..Default::default()
+                }),
+            }))
+            .await?
+            .into_inner()
+            .entry
+            .ok_or("entry")?;
+        assert_eq!(updated.hint, "still editable");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn health_is_not_ready_once_the_ca_expired() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let ds: Arc<dyn Datastore> =
+            Arc::new(SqliteDatastore::open(&dir.path().join("ds.sqlite3")).await?);
+        let td = TrustDomain::new("example.org")?;
+        let svc = |ca_not_after| {
+            AdminService::new(Arc::new(AdminState {
+                trust_domain: td.clone(),
+                datastore: ds.clone(),
+                bundle: RwLock::new(Bundle::new(td.clone())),
+                metrics: Metrics::new(),
+                events: SyncEvents::new(),
+                ca_not_after,
+            }))
+        };
+        let now = now_unix();
+        let h = svc(now + 3600)
+            .health(Request::new(pb::HealthRequest {}))
+            .await?
+            .into_inner();
+        assert!(h.ready && h.not_ready_reason.is_empty());
+        assert_eq!(h.ca_not_after, now + 3600);
+        let h = svc(now - 1)
+            .health(Request::new(pb::HealthRequest {}))
+            .await?
+            .into_inner();
+        assert!(!h.ready);
+        assert!(
+            h.not_ready_reason.contains("CA certificate expired"),
+            "{}",
+            h.not_ready_reason
+        );
         Ok(())
     }
 }

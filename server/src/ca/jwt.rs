@@ -114,6 +114,8 @@ impl Ca {
                 ttl.as_secs()
             )));
         }
+        // Entries stored before the TTL floor existed keep their value; they get the floor.
+        let ttl = ttl.max(sigil::ttl::MIN_JWT_SVID_TTL);
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_err(|_| CaError::Signing("system clock is before 1970".into()))?

@@ -5,6 +5,7 @@
 //! - `upstream`: an intermediate CA signed by an upstream PKI, loaded from files.
 //! - `x509_svid`: X509-SVID issuance from a SubjectPublicKeyInfo or a PKCS#10 CSR.
 //! - `jwt`: the ES256 JWT-SVID signing key (`jwt.key`) and minting.
+//! - [`expiry`]: the CA's remaining life: warnings from ⅙ of it left, readiness after it.
 //!
 //! [`Ca::load_or_create`] ends with a self-test: it issues a probe X509-SVID and verifies it
 //! against the trust bundle with `rustls-webpki`, and mints and validates a probe JWT-SVID, so a
@@ -19,6 +20,7 @@ use sigil::bundle::Bundle;
 use sigil::{SpiffeId, TrustDomain};
 use time::OffsetDateTime;
 
+pub mod expiry;
 mod jwt;
 mod keys;
 mod self_signed;
@@ -96,6 +98,13 @@ impl CaConfig {
             || self.default_jwt_svid_ttl.is_zero()
         {
             return bad("ca_ttl, default_x509_svid_ttl and default_jwt_svid_ttl must be positive");
+        }
+        sigil::ttl::check_x509_svid_ttl(self.default_x509_svid_ttl)
+            .map_err(|e| CaError::InvalidConfig(format!("default_x509_svid_ttl: {e}")))?;
+        sigil::ttl::check_jwt_svid_ttl(self.default_jwt_svid_ttl)
+            .map_err(|e| CaError::InvalidConfig(format!("default_jwt_svid_ttl: {e}")))?;
+        if self.ca_ttl < sigil::ttl::MIN_X509_SVID_TTL {
+            return bad("ca_ttl must be at least 1m (the shortest X509-SVID TTL)");
         }
         if self.ca_ttl > Duration::from_secs(100 * 365 * 24 * 3600) {
             return bad("ca_ttl must be at most 100 years");
@@ -279,6 +288,8 @@ pub struct Ca {
     authorities: Vec<Vec<u8>>,
     /// No SVID outlives this (the earliest NotAfter in the CA's own chain).
     ca_not_after: OffsetDateTime,
+    /// NotBefore of the signing certificate: with `ca_not_after`, the CA's lifetime.
+    ca_not_before: OffsetDateTime,
     /// Subject base for SVIDs.
     svid_dn: DistinguishedName,
     default_x509_svid_ttl: Duration,
@@ -337,6 +348,14 @@ impl Ca {
                 reason: format!("its subject name cannot be used as an issuer name: {e}"),
             }
         })?;
+        let ca_not_before = x509_parser::parse_x509_certificate(&cert_der)
+            .map(|(_, c)| c.validity().not_before.to_datetime())
+            .map_err(|e| CaError::NotACa {
+                path: upstream_paths
+                    .as_ref()
+                    .map_or_else(|| config.dir.join(ROOT_CERT_FILE), |p| p.0.clone()),
+                reason: format!("unparsable certificate: {e}"),
+            })?;
         let ca = Ca {
             trust_domain: config.trust_domain.clone(),
             issuer,
@@ -344,6 +363,7 @@ impl Ca {
             chain_tail,
             authorities,
             ca_not_after: not_after,
+            ca_not_before,
             svid_dn: config.base_dn()?,
             default_x509_svid_ttl: config.default_x509_svid_ttl,
             default_jwt_svid_ttl: config.default_jwt_svid_ttl,
@@ -415,6 +435,11 @@ impl Ca {
     /// NotAfter of the CA (unix seconds); no SVID outlives it.
     pub fn ca_not_after(&self) -> i64 {
         self.ca_not_after.unix_timestamp()
+    }
+
+    /// NotBefore of the signing certificate (unix seconds).
+    pub fn ca_not_before(&self) -> i64 {
+        self.ca_not_before.unix_timestamp()
     }
 
     /// X509-SVID lifetime used when none is requested.

@@ -239,6 +239,13 @@ fn serials_differ_and_ttl_is_capped_at_the_ca() -> R {
     assert!(leaf.validity().not_after.timestamp() <= ca.ca_not_after());
     let short = ca.sign_x509_svid(&spki, &id("/a")?, &[], Some(Duration::from_secs(60)))?;
     assert!((short.not_after - (now_unix() + 60)).abs() <= 5);
+    // A TTL below the floor (an entry stored before the floor existed) gets the floor.
+    let legacy = ca.sign_x509_svid(&spki, &id("/a")?, &[], Some(Duration::from_secs(2)))?;
+    assert!((legacy.not_after - (now_unix() + 60)).abs() <= 5);
+    let token = ca.mint_jwt_svid(&id("/a")?, &["a".into()], Some(Duration::from_secs(1)))?;
+    let claims = sigil::jwt::validate_jwt_svid(&token, "a", &ca.bundle())?;
+    let exp = claims.all["exp"].as_i64().ok_or("exp")?;
+    assert!((exp - (now_unix() + 30)).abs() <= 5, "JWT floor: {exp}");
     Ok(())
 }
 
@@ -840,6 +847,19 @@ fn config_is_validated() -> R {
         Ca::load_or_create(&cfg),
         Err(CaError::InvalidConfig(_))
     ));
+    // Below the floors: refused, naming the setting.
+    for (x509, jwt, what) in [
+        (20, 300, "default_x509_svid_ttl"),
+        (60, 10, "default_jwt_svid_ttl"),
+    ] {
+        cfg.default_x509_svid_ttl = Duration::from_secs(x509);
+        cfg.default_jwt_svid_ttl = Duration::from_secs(jwt);
+        let e = Ca::load_or_create(&cfg).err().ok_or("below the floor")?;
+        assert!(matches!(e, CaError::InvalidConfig(_)), "{e}");
+        assert!(e.to_string().contains(what), "{e}");
+        assert!(e.to_string().contains("shorter than the minimum"), "{e}");
+    }
+    cfg.default_jwt_svid_ttl = Duration::from_secs(300);
     cfg.default_x509_svid_ttl = Duration::from_secs(60);
     let ca = Ca::load_or_create(&cfg)?;
     assert_eq!(ca.default_x509_svid_ttl(), Duration::from_secs(60));

@@ -3,7 +3,8 @@
 //! A leaf has exactly one URI SAN (the SPIFFE ID) plus any DNS SANs; basicConstraints CA=false
 //! (critical); keyUsage digitalSignature only (critical); extendedKeyUsage serverAuth +
 //! clientAuth; a random positive 126-bit serial; NotBefore back-dated by [`BACKDATE`]; NotAfter
-//! = now + TTL, capped at the CA's own NotAfter; SKI and AKI. Subject: the configured C/O, plus
+//! = now + TTL (at least [`sigil::ttl::MIN_X509_SVID_TTL`]), capped at the CA's own NotAfter;
+//! SKI and AKI. Subject: the configured C/O, plus
 //! CN = the first DNS name when there is one (SPIRE's convention).
 //!
 //! Only the public key of a CSR is used: its subject, SANs and extensions are ignored, since the
@@ -159,6 +160,8 @@ impl Ca {
                 ttl.as_secs()
             )));
         }
+        // Entries stored before the TTL floor existed keep their value; they get the floor.
+        let ttl = ttl.max(sigil::ttl::MIN_X509_SVID_TTL);
         let now = OffsetDateTime::now_utc();
         let not_after = (now + ttl).min(self.ca_not_after);
         if not_after <= now {

@@ -231,8 +231,27 @@ fn parse_selectors(flag: &str, v: &[String]) -> anyhow::Result<Vec<pb::Selector>
         .collect()
 }
 
-fn parse_ttl(flag: &str, s: &str) -> anyhow::Result<i64> {
+/// Which SVID a TTL is for: each has its floor.
+#[derive(Clone, Copy)]
+enum SvidKind {
+    X509,
+    Jwt,
+}
+
+impl SvidKind {
+    fn check(self, ttl: std::time::Duration) -> Result<(), sigil::ttl::TtlError> {
+        match self {
+            SvidKind::X509 => sigil::ttl::check_x509_svid_ttl(ttl),
+            SvidKind::Jwt => sigil::ttl::check_jwt_svid_ttl(ttl),
+        }
+    }
+}
+
+/// Parses a TTL and checks it against its floor (the server refuses shorter ones too; this
+/// names the flag).
+fn parse_ttl(flag: &str, kind: SvidKind, s: &str) -> anyhow::Result<i64> {
     sigil::ttl::parse(s)
+        .and_then(|d| kind.check(d).map(|()| d))
         .map(|d| d.as_secs() as i64)
         .map_err(|e| anyhow::anyhow!("invalid {flag}: {e}"))
 }
@@ -266,13 +285,13 @@ fn entry_from_fields(f: &EntryFields) -> anyhow::Result<pb::Entry> {
         x509_svid_ttl: f
             .x509_ttl
             .as_deref()
-            .map(|s| parse_ttl("--x509-ttl", s))
+            .map(|s| parse_ttl("--x509-ttl", SvidKind::X509, s))
             .transpose()?
             .unwrap_or(0),
         jwt_svid_ttl: f
             .jwt_ttl
             .as_deref()
-            .map(|s| parse_ttl("--jwt-ttl", s))
+            .map(|s| parse_ttl("--jwt-ttl", SvidKind::Jwt, s))
             .transpose()?
             .unwrap_or(0),
         dns_names: f.dns_names.clone(),
@@ -300,20 +319,25 @@ fn entry_from_data(i: usize, d: DataEntry) -> anyhow::Result<pb::Entry> {
             DataSelector::Object { kind, value } => format!("{kind}:{value}"),
         })
         .collect();
-    let ttl = |name: &str, v: Option<TtlValue>| -> anyhow::Result<i64> {
+    let ttl = |name: &str, kind: SvidKind, v: Option<TtlValue>| -> anyhow::Result<i64> {
         match v {
-            None => Ok(0),
-            Some(TtlValue::Seconds(s)) if s >= 0 => Ok(s),
+            None | Some(TtlValue::Seconds(0)) => Ok(0),
+            Some(TtlValue::Seconds(s)) if s > 0 => {
+                kind.check(std::time::Duration::from_secs(s as u64))
+                    .map_err(|e| anyhow::anyhow!("invalid {name}: {e}"))
+                    .with_context(|| at(name))?;
+                Ok(s)
+            }
             Some(TtlValue::Seconds(s)) => bail!(at(&format!("{name} {s} is negative"))),
-            Some(TtlValue::Text(t)) => parse_ttl(name, &t).with_context(|| at(name)),
+            Some(TtlValue::Text(t)) => parse_ttl(name, kind, &t).with_context(|| at(name)),
         }
     };
     Ok(pb::Entry {
         spiffe_id,
         parent_id,
         selectors: parse_selectors("selectors", &selectors).with_context(|| at("selectors"))?,
-        x509_svid_ttl: ttl("x509_svid_ttl", d.x509_svid_ttl)?,
-        jwt_svid_ttl: ttl("jwt_svid_ttl", d.jwt_svid_ttl)?,
+        x509_svid_ttl: ttl("x509_svid_ttl", SvidKind::X509, d.x509_svid_ttl)?,
+        jwt_svid_ttl: ttl("jwt_svid_ttl", SvidKind::Jwt, d.jwt_svid_ttl)?,
         dns_names: d.dns_names,
         admin: d.admin,
         downstream: d.downstream,
@@ -550,11 +574,11 @@ async fn update(a: UpdateArgs) -> anyhow::Result<()> {
         mask.selectors = true;
     }
     if let Some(t) = &f.x509_ttl {
-        entry.x509_svid_ttl = parse_ttl("--x509-ttl", t)?;
+        entry.x509_svid_ttl = parse_ttl("--x509-ttl", SvidKind::X509, t)?;
         mask.x509_svid_ttl = true;
     }
     if let Some(t) = &f.jwt_ttl {
-        entry.jwt_svid_ttl = parse_ttl("--jwt-ttl", t)?;
+        entry.jwt_svid_ttl = parse_ttl("--jwt-ttl", SvidKind::Jwt, t)?;
         mask.jwt_svid_ttl = true;
     }
     if !f.dns_names.is_empty() {
@@ -615,4 +639,52 @@ async fn delete(a: DeleteArgs) -> anyhow::Result<()> {
         Output::Text => println!("Deleted entry {}", a.entry_id),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(json: serde_json::Value) -> anyhow::Result<pb::Entry> {
+        entry_from_data(0, serde_json::from_value(json)?)
+    }
+
+    #[test]
+    fn ttls_below_the_floors_are_refused_naming_the_flag() {
+        assert_eq!(parse_ttl("--x509-ttl", SvidKind::X509, "1m").ok(), Some(60));
+        assert_eq!(parse_ttl("--jwt-ttl", SvidKind::Jwt, "30s").ok(), Some(30));
+        let err = parse_ttl("--x509-ttl", SvidKind::X509, "20s").unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "invalid --x509-ttl: X509-SVID TTL 20s is shorter than the minimum of 1m"
+            ),
+            "{err}"
+        );
+        let err = parse_ttl("--jwt-ttl", SvidKind::Jwt, "5s").unwrap_err();
+        assert!(err.to_string().contains("minimum of 30s"), "{err}");
+
+        let base = serde_json::json!({"spiffe_id": "spiffe://example.org/a", "parent_id": "spiffe://example.org/p", "selectors": ["unix:uid:1"]});
+        let with = |k: &str, v: serde_json::Value| {
+            let mut d = base.clone();
+            d[k] = v;
+            d
+        };
+        for (k, v) in [
+            ("x509_svid_ttl", serde_json::json!(20)),
+            ("x509_svid_ttl", serde_json::json!("2s")),
+            ("jwt_svid_ttl", serde_json::json!(10)),
+            ("jwt_svid_ttl", serde_json::json!("29s")),
+        ] {
+            let err = data(with(k, v.clone())).expect_err(k);
+            let text = format!("{err:#}");
+            assert!(
+                text.contains(k) && text.contains("shorter than the minimum"),
+                "{k}={v}: {text}"
+            );
+        }
+        let ok = data(with("x509_svid_ttl", serde_json::json!(60))).map(|e| e.x509_svid_ttl);
+        assert_eq!(ok.ok(), Some(60));
+        let default = data(with("jwt_svid_ttl", serde_json::json!(0))).map(|e| e.jwt_svid_ttl);
+        assert_eq!(default.ok(), Some(0), "0 still means the server default");
+    }
 }

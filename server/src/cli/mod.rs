@@ -103,7 +103,10 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
                 .map_err(|s| status_error("health check failed", s))?
                 .into_inner();
             if !h.ready {
-                anyhow::bail!("server is not ready");
+                if h.not_ready_reason.is_empty() {
+                    anyhow::bail!("server is not ready");
+                }
+                anyhow::bail!("server is not ready: {}", h.not_ready_reason);
             }
             match common.output {
                 Output::Json => output::print_json(&serde_json::json!({
@@ -112,6 +115,7 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
                     "version": h.version,
                     "entries": h.entries,
                     "agents": h.agents,
+                    "ca_not_after": h.ca_not_after,
                 })),
                 Output::Text => println!(
                     "Server is healthy (trust domain {}, version {}, {} entries, {} agents)",
