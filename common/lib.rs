@@ -14,6 +14,7 @@
 //! - [`limits`]: process resource limits (open files raised to the hard limit at start).
 //! - [`logging`]: `tracing` set-up (text or JSON).
 //! - [`proto`]: generated code for the Workload, node and admin APIs.
+//! - [`text`]: bounding untrusted values echoed into logs and error messages.
 //! - [`uds`]: gRPC over Unix sockets (client connector, peer credentials).
 //! - [`tls`]: SPIFFE mutual TLS (rustls): swappable identity and trust bundle, SPIFFE-ID
 //!   verifiers, a TLS accept stream for tonic, a TLS client channel, the peer's SVID.
@@ -32,6 +33,7 @@ pub mod logging;
 pub mod proto;
 pub mod selector;
 pub mod spiffe_id;
+pub mod text;
 pub mod tls;
 pub mod ttl;
 pub mod uds;
