@@ -286,7 +286,7 @@ async fn attestation_mtls_signing_and_eviction() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn renewal_supersedes_the_old_svid_and_shutdown_ends_sync_streams() {
+async fn renewal_supersedes_the_old_svid_on_first_use_and_shutdown_ends_sync_streams() {
     let dir = tempdir();
     let mut server = Server::start(dir.path(), &[]);
     let t = token(&server, None);
@@ -308,28 +308,44 @@ async fn renewal_supersedes_the_old_svid_and_shutdown_ends_sync_streams() {
         .into_inner();
     let new = identity(&renewed.svid_chain, &new_key);
     assert_eq!(new.spiffe_id(), old.spiffe_id());
+    let chain = sigil::x509::split_der_concat(&renewed.svid_chain).expect("chain");
+    let new_serial = sigil::tls::PeerSvid::from_leaf_der(&chain[0])
+        .expect("leaf")
+        .serial_hex;
+    let stored_serial = |server: &Server| {
+        server.cli_json(&["agent", "list"])["agents"][0]["x509_svid_serial"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let old_serial = stored_serial(&server);
+    assert_ne!(old_serial, new_serial);
 
-    // The old SVID is refused, on the old connection and on a new one.
-    assert_denied(
-        batch_sign(&mut old_client, &[]).await,
-        "agent SVID has been superseded",
-    );
-    let mut reconnect_old = client(&server, Some(old)).await.expect("TLS still works");
-    assert_denied(
-        batch_sign(&mut reconnect_old, &[]).await,
-        "agent SVID has been superseded",
-    );
+    // Until the agent uses the new SVID, the old one still works (it may not have been able to
+    // store the new one).
+    batch_sign(&mut old_client, &[])
+        .await
+        .expect("the old SVID works until the new one is used");
+    assert_eq!(stored_serial(&server), old_serial);
+    // The first call with the new SVID makes it current; the old one is refused from then on,
+    // on the old connection and on a new one, marked as superseded.
     let mut new_client = client(&server, Some(new)).await.expect("mTLS");
     batch_sign(&mut new_client, &[])
         .await
         .expect("renewed SVID works");
-    let agents = server.cli_json(&["agent", "list"]);
-    let stored_serial = agents["agents"][0]["x509_svid_serial"]
-        .as_str()
-        .unwrap_or_default();
-    let chain = sigil::x509::split_der_concat(&renewed.svid_chain).expect("chain");
-    let leaf = sigil::tls::PeerSvid::from_leaf_der(&chain[0]).expect("leaf");
-    assert_eq!(stored_serial, leaf.serial_hex);
+    assert_eq!(stored_serial(&server), new_serial);
+    let refused = batch_sign(&mut old_client, &[]).await;
+    assert_eq!(
+        refused
+            .as_ref()
+            .err()
+            .and_then(sigil::proto::AgentRefusal::of),
+        Some(sigil::proto::AgentRefusal::Superseded),
+        "{refused:?}"
+    );
+    assert_denied(refused, "superseded");
+    let mut reconnect_old = client(&server, Some(old)).await.expect("TLS still works");
+    assert_denied(batch_sign(&mut reconnect_old, &[]).await, "superseded");
 
     // An open Sync stream does not hold up a graceful shutdown.
     let mut sync = new_client

@@ -28,8 +28,8 @@ use sigil::entry::RegistrationEntry;
 use sigil::{Selector, SelectorSet, SpiffeId, TrustDomain};
 
 use super::{
-    AttestedAgent, Datastore, DatastoreError, EntryChanges, EntryFilter, JoinToken, Page,
-    SelectorMatch, StoredBundle,
+    AttestedAgent, Datastore, DatastoreError, EntryChanges, EntryFilter, JoinToken, NewAgentSvid,
+    Page, SelectorMatch, StoredBundle,
 };
 
 /// Page size used when the caller asks for 0.
@@ -944,7 +944,7 @@ fn entry_changes_conn(conn: &mut Connection, since: i64) -> Result<EntryChanges>
 // Agents
 
 const AGENT_COLUMNS: &str = "seq, spiffe_id, attestation_type, serial, expires_at, banned, \
-     selectors, created_at, updated_at";
+     selectors, created_at, updated_at, new_serial, new_expires_at";
 
 struct AgentRow {
     seq: i64,
@@ -956,6 +956,8 @@ struct AgentRow {
     selectors: String,
     created_at: i64,
     updated_at: i64,
+    new_serial: Option<String>,
+    new_expires_at: Option<i64>,
 }
 
 impl AgentRow {
@@ -970,6 +972,8 @@ impl AgentRow {
             selectors: r.get(6)?,
             created_at: r.get(7)?,
             updated_at: r.get(8)?,
+            new_serial: r.get(9)?,
+            new_expires_at: r.get(10)?,
         })
     }
 
@@ -986,6 +990,16 @@ impl AgentRow {
             .map(|s| Selector::parse(s))
             .collect::<Result<SelectorSet, _>>()
             .map_err(|e| bad("selectors", e.to_string()))?;
+        let new_x509_svid = match (self.new_serial, self.new_expires_at) {
+            (None, None) => None,
+            (Some(serial), Some(expires_at)) => Some(NewAgentSvid { serial, expires_at }),
+            _ => {
+                return Err(bad(
+                    "new_serial",
+                    "set without new_expires_at or the other way round".into(),
+                ))
+            }
+        };
         Ok((
             self.seq,
             AttestedAgent {
@@ -993,6 +1007,7 @@ impl AgentRow {
                 attestation_type: self.attestation_type,
                 x509_svid_serial: self.serial,
                 x509_svid_expires_at: self.expires_at,
+                new_x509_svid,
                 banned: self.banned != 0,
                 selectors,
                 created_at: self.created_at,
@@ -1202,13 +1217,19 @@ impl Datastore for SqliteDatastore {
             } else {
                 now
             };
+            let (new_serial, new_expires_at) = agent
+                .new_x509_svid
+                .map(|n| (n.serial, n.expires_at))
+                .unzip();
             conn.prepare_cached(
                 "INSERT INTO agents (spiffe_id, attestation_type, serial, expires_at, banned, \
-                 selectors, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+                 selectors, created_at, updated_at, new_serial, new_expires_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
                  ON CONFLICT (spiffe_id) DO UPDATE SET \
                  attestation_type = excluded.attestation_type, serial = excluded.serial, \
                  expires_at = excluded.expires_at, banned = (banned OR excluded.banned), \
-                 selectors = excluded.selectors, updated_at = excluded.updated_at",
+                 selectors = excluded.selectors, updated_at = excluded.updated_at, \
+                 new_serial = excluded.new_serial, new_expires_at = excluded.new_expires_at",
             )?
             .execute(params![
                 agent.spiffe_id.to_string(),
@@ -1219,8 +1240,45 @@ impl Datastore for SqliteDatastore {
                 to_json(&selectors)?,
                 created_at,
                 now,
+                new_serial,
+                new_expires_at,
             ])?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn set_agent_new_svid(
+        &self,
+        id: &SpiffeId,
+        current_serial: &str,
+        new: NewAgentSvid,
+    ) -> Result<bool> {
+        let (id, current) = (id.to_string(), current_serial.to_string());
+        self.write(move |conn| {
+            let n = conn
+                .prepare_cached(
+                    "UPDATE agents SET new_serial = ?3, new_expires_at = ?4, updated_at = ?5 \
+                     WHERE spiffe_id = ?1 AND serial = ?2 AND banned = 0",
+                )?
+                .execute(params![id, current, new.serial, new.expires_at, unix_now()])?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn promote_agent_svid(&self, id: &SpiffeId, serial: &str) -> Result<bool> {
+        let (id, serial) = (id.to_string(), serial.to_string());
+        self.write(move |conn| {
+            let n = conn
+                .prepare_cached(
+                    "UPDATE agents SET serial = new_serial, expires_at = new_expires_at, \
+                     new_serial = NULL, new_expires_at = NULL, updated_at = ?3 \
+                     WHERE spiffe_id = ?1 AND new_serial = ?2 AND new_expires_at IS NOT NULL \
+                     AND banned = 0",
+                )?
+                .execute(params![id, serial, unix_now()])?;
+            Ok(n == 1)
         })
         .await
     }
@@ -2308,11 +2366,100 @@ mod tests {
             attestation_type: "join_token".into(),
             x509_svid_serial: "0a1b".into(),
             x509_svid_expires_at: 1_900_000_000,
+            new_x509_svid: None,
             banned: false,
             selectors: sels(&["join_token:abc"]),
             created_at: 0,
             updated_at: 0,
         }
+    }
+
+    #[tokio::test]
+    async fn renewed_agent_svid_waits_beside_the_current_one_until_promoted() -> TestResult {
+        let (_dir, ds) = open_tmp().await?;
+        let a = id("/agent/1");
+        let new = |serial: &str| NewAgentSvid {
+            serial: serial.into(),
+            expires_at: 1_950_000_000,
+        };
+        assert!(
+            !ds.set_agent_new_svid(&a, "0a1b", new("0c")).await?,
+            "no agent"
+        );
+        ds.upsert_agent(agent("/agent/1")).await?;
+        assert_eq!(ds.get_agent(&a).await?.ok_or("agent")?.new_x509_svid, None);
+        // Only on top of the serial the caller authenticated with.
+        assert!(!ds.set_agent_new_svid(&a, "ffff", new("0c")).await?);
+        assert!(ds.set_agent_new_svid(&a, "0a1b", new("0c")).await?);
+        let got = ds.get_agent(&a).await?.ok_or("agent")?;
+        assert_eq!(got.x509_svid_serial, "0a1b", "the current one stays");
+        assert_eq!(got.new_x509_svid, Some(new("0c")));
+        // A second renewal from the current SVID replaces the unused one; it survives a reopen.
+        assert!(ds.set_agent_new_svid(&a, "0a1b", new("0d")).await?);
+        let path = ds.path().to_path_buf();
+        drop(ds);
+        let ds = SqliteDatastore::open(&path).await?;
+        assert_eq!(
+            ds.get_agent(&a).await?.ok_or("agent")?.new_x509_svid,
+            Some(new("0d"))
+        );
+        // Promotion: only the pending serial, once.
+        assert!(!ds.promote_agent_svid(&a, "0c").await?);
+        assert!(!ds.promote_agent_svid(&a, "0a1b").await?);
+        assert!(ds.promote_agent_svid(&a, "0d").await?);
+        let got = ds.get_agent(&a).await?.ok_or("agent")?;
+        assert_eq!(got.x509_svid_serial, "0d");
+        assert_eq!(got.x509_svid_expires_at, 1_950_000_000);
+        assert_eq!(got.new_x509_svid, None);
+        assert!(!ds.promote_agent_svid(&a, "0d").await?);
+        // An attestation (upsert) replaces a pending renewal.
+        assert!(ds.set_agent_new_svid(&a, "0d", new("0e")).await?);
+        ds.upsert_agent(agent("/agent/1")).await?;
+        assert_eq!(ds.get_agent(&a).await?.ok_or("agent")?.new_x509_svid, None);
+        // Banned: neither recorded nor promoted.
+        assert!(ds.set_agent_new_svid(&a, "0a1b", new("0f")).await?);
+        ds.set_agent_banned(&a, true).await?;
+        assert!(!ds.promote_agent_svid(&a, "0f").await?);
+        assert!(!ds.set_agent_new_svid(&a, "0a1b", new("10")).await?);
+        assert_eq!(
+            ds.get_agent(&a).await?.ok_or("agent")?.x509_svid_serial,
+            "0a1b"
+        );
+        // Evicted: both gone.
+        ds.delete_agent(&a).await?;
+        assert!(!ds.promote_agent_svid(&a, "0f").await?);
+        assert_eq!(ds.get_agent(&a).await?, None);
+        // Half a pending SVID is corruption, not a panic.
+        ds.upsert_agent(agent("/agent/1")).await?;
+        Connection::open(ds.path())?.execute("UPDATE agents SET new_serial = '01'", [])?;
+        assert!(matches!(
+            ds.get_agent(&a).await,
+            Err(DatastoreError::Corrupt(_))
+        ));
+        Ok(())
+    }
+
+    #[test]
+    fn version_2_agents_are_migrated_without_a_pending_svid() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("ds.sqlite3");
+        {
+            prepare_file(&path)?;
+            let mut conn = open_connection(&path)?;
+            migrations::migrate(&mut conn, &path, &migrations::MIGRATIONS[..2])?;
+            conn.execute(
+                "INSERT INTO agents (spiffe_id, attestation_type, serial, expires_at, \
+                 created_at, updated_at) VALUES ('spiffe://example.org/agent/1', 'join_token', \
+                 '0a1b', 1900000000, 1, 1)",
+                [],
+            )?;
+        }
+        let ds = SqliteDatastore::open_blocking(&path)?;
+        let rt = tokio::runtime::Builder::new_current_thread().build()?;
+        let got = rt.block_on(ds.get_agent(&id("/agent/1")))?.ok_or("agent")?;
+        assert_eq!(got.x509_svid_serial, "0a1b");
+        assert_eq!(got.new_x509_svid, None);
+        Ok(())
     }
 
     #[tokio::test]
