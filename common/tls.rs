@@ -720,8 +720,7 @@ fn report_flood(handshakes: &Mutex<Handshakes>, local: Option<SocketAddr>) {
     let Some(r) = lock(handshakes).flood_report(Instant::now()) else {
         return;
     };
-    let (heaviest_source, heaviest_handshakes) =
-        r.heaviest.unwrap_or((IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0));
+    let (heaviest_source, heaviest_handshakes) = r.heaviest.unzip();
     tracing::warn!(
         listener = ?local,
         dropped_per_source = r.dropped_per_source,
@@ -729,8 +728,8 @@ fn report_flood(handshakes: &Mutex<Handshakes>, local: Option<SocketAddr>) {
         timed_out = r.timed_out,
         in_flight = r.in_flight,
         sources = r.sources,
-        heaviest_source = %heaviest_source,
-        heaviest_handshakes,
+        heaviest_source = ?heaviest_source,
+        heaviest_handshakes = ?heaviest_handshakes,
         since_secs = r.since.as_secs(),
         "TLS handshake flood: unfinished handshakes were dropped to keep accepting connections \
          (agents retry); if these sources are not agents, block them in a firewall"

@@ -142,6 +142,12 @@ struct PendingRenewal {
     retry_at: Instant,
 }
 
+/// True when an agent SVID valid from `not_before` to `not_after` has less than a tenth of its
+/// lifetime left at `now`: time to use a renewed SVID even if it could not be saved.
+fn nearly_expired(now: i64, not_before: i64, not_after: i64) -> bool {
+    now >= not_after - (not_after - not_before).max(0) / 10
+}
+
 /// What the log and the status say when the server refused this agent for good; `serial` is
 /// the agent SVID we presented.
 fn refusal_message(e: &ClientError, serial: &str) -> String {
@@ -551,7 +557,7 @@ impl Worker {
                     let current = self.state.identity.read().await;
                     (current.not_before, current.not_after)
                 };
-                if now_unix() < not_after - (not_after - not_before) / 10 {
+                if !nearly_expired(now_unix(), not_before, not_after) {
                     return Ok(false);
                 }
                 tracing::warn!(serial = %p.identity.serial_hex, current_not_after = not_after, "the current agent SVID is about to expire and the renewed one is still not saved: using the renewed one from memory; until it is saved, a restart must attest again");
@@ -607,6 +613,17 @@ mod tests {
         b.reset();
         assert_eq!(b.failures, 0);
         assert!(b.delay() <= BACKOFF_START);
+    }
+
+    #[test]
+    fn an_unsaved_renewal_is_used_only_in_the_last_tenth_of_the_current_lifetime() {
+        // 1 h SVID issued at 1000.
+        assert!(!nearly_expired(1000 + 1800, 1000, 4600));
+        assert!(!nearly_expired(4600 - 361, 1000, 4600));
+        assert!(nearly_expired(4600 - 360, 1000, 4600));
+        assert!(nearly_expired(4600 + 5, 1000, 4600));
+        // A malformed lifetime never delays the switch.
+        assert!(nearly_expired(10, 20, 10));
     }
 
     #[test]
