@@ -17,6 +17,7 @@
 //! - [`logging`]: `tracing` set-up (text or JSON).
 //! - [`proto`]: generated code for the Workload, node and admin APIs.
 //! - [`signals`]: SIGHUP is logged, never fatal.
+//! - [`text`]: bounding untrusted values echoed into logs and error messages.
 //! - [`uds`]: gRPC over Unix sockets: binding only in directories nobody else controls, the
 //!   clients' check of a socket's directory, the client connector.
 //! - [`tls`]: SPIFFE mutual TLS (rustls): swappable identity and trust bundle, SPIFFE-ID
@@ -38,6 +39,7 @@ pub mod proto;
 pub mod selector;
 pub mod signals;
 pub mod spiffe_id;
+pub mod text;
 pub mod tls;
 pub mod ttl;
 pub mod uds;

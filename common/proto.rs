@@ -73,6 +73,57 @@ where
     }
 }
 
+/// Why the node API refused an agent for good, carried in the [`AgentRefusal::METADATA_KEY`]
+/// metadata of its `PermissionDenied` status, so the agent can act on and log what really
+/// happened without parsing messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentRefusal {
+    /// The server does not know the agent (it was evicted, or never attested).
+    Evicted,
+    /// The agent is banned.
+    Banned,
+    /// The presented agent SVID is neither the agent's current one nor its pending renewed one:
+    /// a later renewal or attestation replaced it.
+    Superseded,
+}
+
+impl AgentRefusal {
+    /// The gRPC metadata key (ASCII) holding [`AgentRefusal::as_str`].
+    pub const METADATA_KEY: &'static str = "sigil-agent-refusal";
+
+    /// The metadata value: `evicted`, `banned` or `superseded`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentRefusal::Evicted => "evicted",
+            AgentRefusal::Banned => "banned",
+            AgentRefusal::Superseded => "superseded",
+        }
+    }
+
+    /// A `PermissionDenied` status with `message`, marked with this reason.
+    pub fn status(self, message: impl Into<String>) -> tonic::Status {
+        let mut status = tonic::Status::permission_denied(message);
+        status.metadata_mut().insert(
+            Self::METADATA_KEY,
+            tonic::metadata::MetadataValue::from_static(self.as_str()),
+        );
+        status
+    }
+
+    /// The reason marked on `status`, if it is a `PermissionDenied` carrying one.
+    pub fn of(status: &tonic::Status) -> Option<AgentRefusal> {
+        if status.code() != tonic::Code::PermissionDenied {
+            return None;
+        }
+        match status.metadata().get(Self::METADATA_KEY)?.to_str().ok()? {
+            "evicted" => Some(AgentRefusal::Evicted),
+            "banned" => Some(AgentRefusal::Banned),
+            "superseded" => Some(AgentRefusal::Superseded),
+            _ => None,
+        }
+    }
+}
+
 pub use self::sigil::admin::v1 as admin;
 pub use self::sigil::agent::v1 as agent_admin;
 pub use self::sigil::node::v1 as node;
@@ -80,6 +131,37 @@ pub use self::sigil::node::v1 as node;
 #[cfg(test)]
 mod tests {
     use super::workload;
+    use super::AgentRefusal;
+
+    #[test]
+    fn agent_refusals_survive_the_status_round_trip() {
+        for r in [
+            AgentRefusal::Evicted,
+            AgentRefusal::Banned,
+            AgentRefusal::Superseded,
+        ] {
+            let status = r.status("why");
+            assert_eq!(status.code(), tonic::Code::PermissionDenied);
+            assert_eq!(status.message(), "why");
+            // As the agent receives it: the metadata travels as trailers/headers.
+            let wire = tonic::Status::with_metadata(
+                status.code(),
+                status.message(),
+                status.metadata().clone(),
+            );
+            assert_eq!(AgentRefusal::of(&wire), Some(r));
+        }
+        assert_eq!(
+            AgentRefusal::of(&tonic::Status::permission_denied("x")),
+            None
+        );
+        let mut other_code = tonic::Status::unavailable("x");
+        other_code.metadata_mut().insert(
+            AgentRefusal::METADATA_KEY,
+            tonic::metadata::MetadataValue::from_static("banned"),
+        );
+        assert_eq!(AgentRefusal::of(&other_code), None);
+    }
 
     /// Every SPIFFE client calls `/SpiffeWorkloadAPI/<Rpc>`: a `package` line in the proto would
     /// silently break them all.

@@ -16,17 +16,20 @@
 //!   accepts any server certificate, for demos only.
 //! - [`incoming`]: a TCP listener turned into a stream of finished TLS connections for
 //!   `tonic::transport::Server::serve_with_incoming_shutdown`. Handshakes run in their own tasks
-//!   with a timeout, so a slow or broken client never blocks others or the accept loop.
+//!   with a timeout, so a slow or broken client never blocks others or the accept loop, which
+//!   never pauses: unfinished handshakes are bounded per source address and in total, and a
+//!   flood drops the oldest handshakes of the source holding the most (see [`HandshakeLimits`]).
 //! - [`connect`] / [`connect_lazy`]: a tonic [`Channel`] over TLS with a [`rustls::ClientConfig`].
 //!
 //! Only TLS 1.3 is offered: it encrypts the client certificate, so an agent's SPIFFE ID is not
 //! visible on the wire. Session resumption is disabled on both sides, so every connection
 //! presents and verifies a certificate against the *current* trust bundle.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::io;
-use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
@@ -43,7 +46,8 @@ use rustls_pki_types::{
     CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, TrustAnchor, UnixTime,
 };
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
@@ -53,11 +57,16 @@ use crate::x509::X509Error;
 
 /// The ALPN protocol both sides negotiate (gRPC runs over HTTP/2).
 pub const ALPN_H2: &[u8] = b"h2";
-/// How long [`incoming`] waits for a client to finish its TLS handshake.
-pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// At most this many handshakes run at once in [`incoming`]; further connections wait in the
-/// kernel's accept backlog.
+/// How long [`incoming`] waits for a client to finish its TLS handshake (an agent's takes
+/// milliseconds; a connection that sends nothing holds a slot only this long).
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// At most this many handshakes run at once in [`incoming`], from all sources together.
 pub const MAX_CONCURRENT_HANDSHAKES: usize = 1024;
+/// At most this many handshakes from one source (an IPv4 address, an IPv6 /64) run at once in
+/// [`incoming`]. Agents behind one NAT address share it.
+pub const MAX_HANDSHAKES_PER_SOURCE: usize = 64;
+/// [`incoming`] logs a handshake flood at most once per this interval, with counts.
+pub const FLOOD_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// TCP + TLS connect timeout of [`connect`] / [`connect_lazy`].
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Client HTTP/2 ping interval on node API channels.
@@ -584,32 +593,87 @@ pub type TlsConnection = TlsStream<TcpStream>;
 /// Accepts TCP connections on `listener` and yields those whose TLS handshake (with `config`)
 /// completed, for `tonic::transport::Server::serve_with_incoming_shutdown`.
 ///
-/// Uses [`DEFAULT_HANDSHAKE_TIMEOUT`]; see [`incoming_with_timeout`].
+/// Uses the default [`HandshakeLimits`]; see [`incoming_with_limits`].
 pub fn incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
 ) -> ReceiverStream<Result<TlsConnection, io::Error>> {
-    incoming_with_timeout(listener, config, DEFAULT_HANDSHAKE_TIMEOUT)
+    incoming_with_limits(listener, config, HandshakeLimits::default())
 }
 
-/// As [`incoming`], with a handshake timeout.
-///
-/// Each handshake runs in its own task, at most [`MAX_CONCURRENT_HANDSHAKES`] at once; failed
-/// or timed-out handshakes are logged at debug level and dropped; accept errors (e.g. out of
-/// file descriptors) are logged and retried after a short pause. The stream never ends on its
-/// own; dropping it (tonic does on shutdown) stops the accept loop and closes the listener.
+/// As [`incoming`], with a handshake timeout (and the default bounds).
 pub fn incoming_with_timeout(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
     handshake_timeout: Duration,
 ) -> ReceiverStream<Result<TlsConnection, io::Error>> {
+    let limits = HandshakeLimits {
+        timeout: handshake_timeout,
+        ..HandshakeLimits::default()
+    };
+    incoming_with_limits(listener, config, limits)
+}
+
+/// Bounds on the unfinished TLS handshakes of [`incoming_with_limits`].
+///
+/// The TLS port is open to anyone (agents attest before they hold a certificate), so a client
+/// can open connections and never finish a handshake. The accept loop never stops for that:
+/// each connection starts its handshake at once, and when a bound is reached an *older*
+/// unfinished handshake is dropped to make room:
+/// - a source already at `per_source` loses its own oldest handshake;
+/// - when `total` are running, the source with the most loses its oldest one.
+///
+/// So a flood costs its sources their own handshakes: a source with fewer handshakes than the
+/// heaviest one never loses any, and a new connection, from anywhere, always starts its
+/// handshake (one from a flooding source survives as long as that source opens fewer than
+/// `per_source` connections meanwhile; a real handshake needs milliseconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandshakeLimits {
+    /// Longest time a handshake may take.
+    pub timeout: Duration,
+    /// Most handshakes of one source (an IPv4 address, an IPv6 /64) at once.
+    pub per_source: usize,
+    /// Most handshakes at once.
+    pub total: usize,
+}
+
+impl Default for HandshakeLimits {
+    /// [`DEFAULT_HANDSHAKE_TIMEOUT`], [`MAX_HANDSHAKES_PER_SOURCE`], [`MAX_CONCURRENT_HANDSHAKES`].
+    fn default() -> Self {
+        Self {
+            timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            per_source: MAX_HANDSHAKES_PER_SOURCE,
+            total: MAX_CONCURRENT_HANDSHAKES,
+        }
+    }
+}
+
+/// As [`incoming`], with explicit [`HandshakeLimits`].
+///
+/// Each handshake runs in its own task; failed or timed-out handshakes are logged at debug level
+/// and dropped; handshakes dropped to respect `limits` are counted and reported at warn level, at
+/// most once per [`FLOOD_LOG_INTERVAL`]; accept errors (e.g. out of file descriptors) are logged
+/// and retried after a short pause. The stream never ends on its own; dropping it (tonic does on
+/// shutdown) stops the accept loop and closes the listener.
+pub fn incoming_with_limits(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    limits: HandshakeLimits,
+) -> ReceiverStream<Result<TlsConnection, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_HANDSHAKES));
+    let handshakes = Arc::new(Mutex::new(Handshakes::new(limits)));
+    let local = listener.local_addr().ok();
     tokio::spawn(async move {
+        let mut tick = tokio::time::interval(FLOOD_LOG_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let accepted = tokio::select! {
                 _ = tx.closed() => return,
+                _ = tick.tick() => {
+                    report_flood(&handshakes, local);
+                    continue;
+                }
                 a = listener.accept() => a,
             };
             let (tcp, peer) = match accepted {
@@ -620,26 +684,30 @@ pub fn incoming_with_timeout(
                     continue;
                 }
             };
-            let permit = tokio::select! {
-                _ = tx.closed() => return,
-                p = permits.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => return,
-                },
-            };
+            let (slot, cancelled, dropped) = Handshakes::admit(&handshakes, peer.ip());
+            if dropped {
+                report_flood(&handshakes, local);
+            }
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                let result = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await;
-                drop(permit);
+                let result = tokio::select! {
+                    r = tokio::time::timeout(limits.timeout, acceptor.accept(tcp)) => r,
+                    // Dropped to make room (the sender went away): the connection closes here.
+                    _ = cancelled => return,
+                };
                 match result {
                     Ok(Ok(tls)) => {
+                        drop(slot);
                         // The receiver is gone only when the server is shutting down.
                         let _ = tx.send(Ok(tls)).await;
                     }
                     Ok(Err(e)) => log_handshake_failure(peer, &e.to_string()),
-                    Err(_) => log_handshake_failure(peer, "timed out"),
+                    Err(_) => {
+                        slot.timed_out();
+                        log_handshake_failure(peer, "timed out");
+                    }
                 }
             });
         }
@@ -649,6 +717,220 @@ pub fn incoming_with_timeout(
 
 fn log_handshake_failure(peer: SocketAddr, error: &str) {
     tracing::debug!(peer = %peer, error, "TLS handshake failed; connection dropped");
+}
+
+/// Logs the flood counts if a report is due.
+fn report_flood(handshakes: &Mutex<Handshakes>, local: Option<SocketAddr>) {
+    let Some(r) = lock(handshakes).flood_report(Instant::now()) else {
+        return;
+    };
+    let (heaviest_source, heaviest_handshakes) = r.heaviest.unzip();
+    tracing::warn!(
+        listener = ?local,
+        dropped_per_source = r.dropped_per_source,
+        dropped_over_total = r.dropped_over_total,
+        timed_out = r.timed_out,
+        in_flight = r.in_flight,
+        sources = r.sources,
+        heaviest_source = ?heaviest_source,
+        heaviest_handshakes = ?heaviest_handshakes,
+        since_secs = r.since.as_secs(),
+        "TLS handshake flood: unfinished handshakes were dropped to keep accepting connections \
+         (agents retry); if these sources are not agents, block them in a firewall"
+    );
+}
+
+/// A poisoned lock only means a handshake task panicked; the counts stay consistent.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Where a connection comes from, for [`HandshakeLimits::per_source`]: the IPv4 address, or the
+/// /64 of an IPv6 address (a host is usually given a whole /64). IPv4-mapped IPv6 addresses
+/// count as IPv4.
+fn source_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+    }
+}
+
+/// The unfinished handshakes of [`incoming_with_limits`] and the flood counters.
+struct Handshakes {
+    limits: HandshakeLimits,
+    next_id: u64,
+    /// Every unfinished handshake by id, i.e. oldest first; dropping the sender cancels it.
+    live: BTreeMap<u64, (IpAddr, oneshot::Sender<()>)>,
+    /// The ids of each source's unfinished handshakes.
+    by_source: HashMap<IpAddr, BTreeSet<u64>>,
+    dropped_per_source: u64,
+    dropped_over_total: u64,
+    timed_out: u64,
+    /// Since when the counts run, and when the last report was made.
+    counting_since: Option<Instant>,
+    last_report: Option<Instant>,
+}
+
+/// Counts for one flood log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FloodReport {
+    dropped_per_source: u64,
+    dropped_over_total: u64,
+    timed_out: u64,
+    in_flight: usize,
+    sources: usize,
+    /// The source with the most unfinished handshakes now, and how many.
+    heaviest: Option<(IpAddr, usize)>,
+    /// How long the counts ran.
+    since: Duration,
+}
+
+/// A running handshake's place in [`Handshakes`]; freed on drop.
+struct HandshakeSlot {
+    id: u64,
+    handshakes: Arc<Mutex<Handshakes>>,
+}
+
+impl HandshakeSlot {
+    /// Counts a timeout (reported with a flood).
+    fn timed_out(&self) {
+        lock(&self.handshakes).timed_out += 1;
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        lock(&self.handshakes).remove(self.id);
+    }
+}
+
+impl Handshakes {
+    fn new(limits: HandshakeLimits) -> Self {
+        Self {
+            limits: HandshakeLimits {
+                per_source: limits.per_source.max(1),
+                total: limits.total.max(1),
+                ..limits
+            },
+            next_id: 0,
+            live: BTreeMap::new(),
+            by_source: HashMap::new(),
+            dropped_per_source: 0,
+            dropped_over_total: 0,
+            timed_out: 0,
+            counting_since: None,
+            last_report: None,
+        }
+    }
+
+    /// Registers a new handshake from `peer`, first dropping an older one if a bound is reached:
+    /// its slot, a receiver that resolves when it is dropped in turn, and whether one was dropped.
+    fn admit(
+        this: &Arc<Mutex<Self>>,
+        peer: IpAddr,
+    ) -> (HandshakeSlot, oneshot::Receiver<()>, bool) {
+        let mut h = lock(this);
+        let (id, rx, dropped) = h.insert(source_of(peer), Instant::now());
+        drop(h);
+        let slot = HandshakeSlot {
+            id,
+            handshakes: this.clone(),
+        };
+        (slot, rx, dropped)
+    }
+
+    /// [`Handshakes::admit`] without the slot: the new id, its cancel receiver, whether an older
+    /// handshake was dropped.
+    fn insert(&mut self, source: IpAddr, now: Instant) -> (u64, oneshot::Receiver<()>, bool) {
+        let mut dropped = false;
+        let own = self.by_source.get(&source).map_or(0, BTreeSet::len);
+        if own >= self.limits.per_source {
+            self.drop_oldest_of(source);
+            self.dropped_per_source += 1;
+            dropped = true;
+        } else if self.live.len() >= self.limits.total {
+            if let Some(heaviest) = self.heaviest().map(|(s, _)| s) {
+                self.drop_oldest_of(heaviest);
+                self.dropped_over_total += 1;
+                dropped = true;
+            }
+        }
+        if dropped && self.counting_since.is_none() {
+            self.counting_since = Some(now);
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let (tx, rx) = oneshot::channel();
+        self.live.insert(id, (source, tx));
+        self.by_source.entry(source).or_default().insert(id);
+        (id, rx, dropped)
+    }
+
+    /// The source with the most unfinished handshakes (of equals, the one whose oldest is
+    /// oldest), and how many.
+    fn heaviest(&self) -> Option<(IpAddr, usize)> {
+        self.by_source
+            .iter()
+            .max_by(|a, b| {
+                a.1.len()
+                    .cmp(&b.1.len())
+                    .then_with(|| b.1.first().cmp(&a.1.first()))
+            })
+            .map(|(s, ids)| (*s, ids.len()))
+    }
+
+    fn drop_oldest_of(&mut self, source: IpAddr) {
+        if let Some(id) = self
+            .by_source
+            .get(&source)
+            .and_then(|ids| ids.first().copied())
+        {
+            // Dropping the sender wakes the handshake task, which closes its connection.
+            self.remove(id);
+        }
+    }
+
+    fn remove(&mut self, id: u64) {
+        let Some((source, _cancel)) = self.live.remove(&id) else {
+            return;
+        };
+        if let Some(ids) = self.by_source.get_mut(&source) {
+            ids.remove(&id);
+            if ids.is_empty() {
+                self.by_source.remove(&source);
+            }
+        }
+    }
+
+    /// The counts since the last report, if handshakes were dropped since and the last report
+    /// is at least [`FLOOD_LOG_INTERVAL`] old (or there was none); the counts then restart.
+    fn flood_report(&mut self, now: Instant) -> Option<FloodReport> {
+        let since = self.counting_since?;
+        if self
+            .last_report
+            .is_some_and(|last| now.saturating_duration_since(last) < FLOOD_LOG_INTERVAL)
+        {
+            return None;
+        }
+        let report = FloodReport {
+            dropped_per_source: self.dropped_per_source,
+            dropped_over_total: self.dropped_over_total,
+            timed_out: self.timed_out,
+            in_flight: self.live.len(),
+            sources: self.by_source.len(),
+            heaviest: self.heaviest(),
+            since: now.saturating_duration_since(since),
+        };
+        self.dropped_per_source = 0;
+        self.dropped_over_total = 0;
+        self.timed_out = 0;
+        self.counting_since = None;
+        self.last_report = Some(now);
+        Some(report)
+    }
 }
 
 /// Splits `host:port` (IPv6 as `[addr]:port`) and returns the TLS server name for the host.
@@ -1153,6 +1435,319 @@ mod tests {
             "none"
         );
         Ok(())
+    }
+
+    /// A TCP connection to `addr` from the loopback address `source` (any of 127.0.0.0/8).
+    async fn tcp_from(source: &str, addr: &str) -> io::Result<TcpStream> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(format!("{source}:0").parse().unwrap())?;
+        socket.connect(addr.parse().unwrap()).await
+    }
+
+    /// `n` connections from `source` that never send a byte; stops early if the server stops
+    /// taking connections (its accept backlog is full).
+    async fn flood(source: &str, addr: &str, n: usize) -> Vec<TcpStream> {
+        let mut held = Vec::with_capacity(n);
+        for _ in 0..n {
+            match tokio::time::timeout(Duration::from_secs(2), tcp_from(source, addr)).await {
+                Ok(Ok(s)) => held.push(s),
+                _ => break,
+            }
+        }
+        held
+    }
+
+    /// A complete TLS handshake (the client's side, server verified) from `source`, which must
+    /// finish within `within`.
+    async fn handshake_from(
+        ca: &TestCa,
+        source: &str,
+        addr: &str,
+        within: Duration,
+    ) -> Result<(), String> {
+        let config = Arc::new(client_config(spiffe(ca, SERVER_ID), None).unwrap());
+        let attempt = async {
+            let tcp = tcp_from(source, addr).await?;
+            tokio_rustls::TlsConnector::from(config)
+                .connect(server_name(addr).unwrap(), tcp)
+                .await
+        };
+        match tokio::time::timeout(within, attempt).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("handshake from {source} failed: {e}")),
+            Err(_) => Err(format!("handshake from {source} took over {within:?}")),
+        }
+    }
+
+    /// How many of `streams` the server has not closed (a read waits `wait` for EOF).
+    async fn still_open(streams: Vec<TcpStream>, wait: Duration) -> (usize, Vec<TcpStream>) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for mut s in streams {
+            tasks.spawn(async move {
+                let mut buf = [0u8; 1];
+                match tokio::time::timeout(wait, s.read(&mut buf)).await {
+                    Err(_) => Some(s),
+                    Ok(_) => None,
+                }
+            });
+        }
+        let mut open = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            open.extend(r.unwrap());
+        }
+        (open.len(), open)
+    }
+
+    /// Room for `fds` more descriptors in this process (the flood needs thousands).
+    fn room_for(fds: u64) -> bool {
+        let _ = crate::limits::raise_open_files_limit();
+        let (soft, _) =
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+        soft >= fds
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn handshake_flood_starves_no_other_source() -> TestResult {
+        // Thousands of connections that never send a ClientHello, from 127.0.0.1 and
+        // 127.0.0.2: more than MAX_CONCURRENT_HANDSHAKES, with the default limits.
+        let per_source = [("127.0.0.1", 1500), ("127.0.0.2", 300)];
+        assert!(
+            room_for(6000),
+            "raise the open files limit to run this test"
+        );
+        let ca = TestCa::new();
+        let server = serve(
+            ca.identity(SERVER_ID),
+            ca.trust(),
+            DEFAULT_HANDSHAKE_TIMEOUT,
+        )
+        .await;
+        let mut held = Vec::new();
+        for (source, n) in per_source {
+            let conns = flood(source, &server.addr, n).await;
+            assert_eq!(conns.len(), n, "the server stopped accepting from {source}");
+            held.push((source, conns));
+        }
+        // Another address, and the flooding one itself, still get their handshakes done.
+        handshake_from(&ca, "127.0.0.5", &server.addr, Duration::from_secs(2)).await?;
+        handshake_from(&ca, "127.0.0.1", &server.addr, Duration::from_secs(2)).await?;
+        // Each flooding source kept at most its share; the rest was closed by the server.
+        for (source, conns) in held {
+            let (open, _keep) = still_open(conns, Duration::from_millis(500)).await;
+            assert!(
+                open <= MAX_HANDSHAKES_PER_SOURCE,
+                "{open} unfinished handshakes from {source}"
+            );
+        }
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn total_bound_takes_from_the_heaviest_sources() -> TestResult {
+        assert!(
+            room_for(2000),
+            "raise the open files limit to run this test"
+        );
+        let ca = TestCa::new();
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?.to_string();
+        let config = Arc::new(server_config(ca.identity(SERVER_ID), ca.trust())?);
+        let limits = HandshakeLimits {
+            // Long: nothing times out during the test, all closing is the bounds' doing.
+            timeout: Duration::from_secs(120),
+            per_source: 16,
+            total: 40,
+        };
+        let (tx, rx) = oneshot::channel::<()>();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(NodeServer::new(Echo))
+                .serve_with_incoming_shutdown(
+                    incoming_with_limits(listener, config, limits),
+                    async {
+                        let _ = rx.await;
+                    },
+                ),
+        );
+        let sources = ["127.0.0.2", "127.0.0.3", "127.0.0.4"];
+        let mut held = Vec::new();
+        for source in sources {
+            held.push(flood(source, &addr, 100).await);
+        }
+        let (mut open_by_source, mut keep) = (Vec::new(), Vec::new());
+        for conns in held {
+            let (open, streams) = still_open(conns, Duration::from_millis(500)).await;
+            open_by_source.push(open);
+            keep.push(streams);
+        }
+        let total: usize = open_by_source.iter().sum();
+        assert!(total <= limits.total, "{open_by_source:?}");
+        // Taken from the heaviest: every source keeps a fair share.
+        for open in &open_by_source {
+            assert!(
+                (12..=limits.per_source).contains(open),
+                "{open_by_source:?}"
+            );
+        }
+        // A new source and a flooding one get through.
+        handshake_from(&ca, "127.0.0.5", &addr, Duration::from_secs(2)).await?;
+        handshake_from(&ca, "127.0.0.3", &addr, Duration::from_secs(2)).await?;
+        drop(tx);
+        Ok(())
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// `n` handshakes from `source` at `now`: their ids and cancel receivers.
+    fn admit_n(
+        h: &mut Handshakes,
+        source: &str,
+        n: usize,
+        now: Instant,
+    ) -> Vec<(u64, oneshot::Receiver<()>)> {
+        (0..n)
+            .map(|_| {
+                let (id, rx, _) = h.insert(source_of(ip(source)), now);
+                (id, rx)
+            })
+            .collect()
+    }
+
+    fn cancelled(rx: &mut oneshot::Receiver<()>) -> bool {
+        matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Closed))
+    }
+
+    #[test]
+    fn a_source_at_its_bound_loses_its_own_oldest_handshake() {
+        let now = Instant::now();
+        let mut h = Handshakes::new(HandshakeLimits {
+            per_source: 3,
+            total: 100,
+            ..HandshakeLimits::default()
+        });
+        let mut other = admit_n(&mut h, "10.0.0.9", 2, now);
+        let mut a = admit_n(&mut h, "10.0.0.1", 3, now);
+        assert!(a.iter_mut().all(|(_, rx)| !cancelled(rx)));
+        let (_, _rx, dropped) = h.insert(ip("10.0.0.1"), now);
+        assert!(dropped);
+        assert!(cancelled(&mut a[0].1), "the oldest of that source");
+        assert!(!cancelled(&mut a[1].1) && !cancelled(&mut a[2].1));
+        assert!(
+            other.iter_mut().all(|(_, rx)| !cancelled(rx)),
+            "others untouched"
+        );
+        assert_eq!(h.by_source[&ip("10.0.0.1")].len(), 3);
+        assert_eq!(h.live.len(), 5);
+        // A finished handshake frees its place.
+        h.remove(a[1].0);
+        let (_, _rx2, dropped) = h.insert(ip("10.0.0.1"), now);
+        assert!(!dropped);
+        assert_eq!(h.dropped_per_source, 1);
+    }
+
+    #[test]
+    fn over_the_total_the_heaviest_source_loses_its_oldest() {
+        let now = Instant::now();
+        let mut h = Handshakes::new(HandshakeLimits {
+            per_source: 100,
+            total: 10,
+            ..HandshakeLimits::default()
+        });
+        let mut light = admit_n(&mut h, "10.0.0.2", 2, now);
+        let mut heavy = admit_n(&mut h, "10.0.0.1", 8, now);
+        // A new source: the heaviest pays, not the light one.
+        let (_, mut fresh, dropped) = h.insert(ip("10.0.0.3"), now);
+        assert!(dropped);
+        assert!(cancelled(&mut heavy[0].1));
+        assert!(light.iter_mut().all(|(_, rx)| !cancelled(rx)));
+        // The heavy source keeps flooding: it only ever displaces itself.
+        let mut more = admit_n(&mut h, "10.0.0.1", 50, now);
+        assert!(light.iter_mut().all(|(_, rx)| !cancelled(rx)));
+        assert!(!cancelled(&mut fresh));
+        assert_eq!(h.live.len(), 10);
+        assert_eq!(h.by_source[&ip("10.0.0.1")].len(), 7);
+        // Its newest handshakes are the ones alive.
+        assert!(more.iter_mut().rev().take(7).all(|(_, rx)| !cancelled(rx)));
+        assert_eq!(h.dropped_over_total, 51);
+        // Of equal sources, the one whose oldest handshake is oldest pays.
+        let mut h = Handshakes::new(HandshakeLimits {
+            per_source: 100,
+            total: 4,
+            ..HandshakeLimits::default()
+        });
+        let mut first = admit_n(&mut h, "10.0.0.1", 2, now);
+        let mut second = admit_n(&mut h, "10.0.0.2", 2, now);
+        admit_n(&mut h, "10.0.0.3", 1, now);
+        assert!(cancelled(&mut first[0].1));
+        assert!(second.iter_mut().all(|(_, rx)| !cancelled(rx)));
+    }
+
+    #[test]
+    fn ipv6_sources_are_grouped_by_their_64() {
+        assert_eq!(source_of(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(
+            source_of(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")),
+            ip("2001:db8:1:2::")
+        );
+        assert_ne!(source_of(ip("2001:db8:1:3::1")), ip("2001:db8:1:2::"));
+        assert_eq!(source_of(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(source_of(ip("192.0.2.7")), ip("192.0.2.7"));
+        let mut h = Handshakes::new(HandshakeLimits {
+            per_source: 2,
+            ..HandshakeLimits::default()
+        });
+        let now = Instant::now();
+        let mut first = admit_n(&mut h, "2001:db8::1", 1, now);
+        admit_n(&mut h, "2001:db8::2", 1, now);
+        admit_n(&mut h, "2001:db8::3", 1, now);
+        assert!(cancelled(&mut first[0].1), "one /64, one source");
+    }
+
+    #[test]
+    fn flood_reports_come_at_most_once_per_interval_with_counts() {
+        let t0 = Instant::now();
+        let mut h = Handshakes::new(HandshakeLimits {
+            per_source: 2,
+            total: 100,
+            ..HandshakeLimits::default()
+        });
+        admit_n(&mut h, "10.0.0.1", 2, t0);
+        assert_eq!(
+            h.flood_report(t0),
+            None,
+            "nothing dropped, nothing to report"
+        );
+        // The first drop is reported at once.
+        admit_n(&mut h, "10.0.0.1", 3, t0);
+        h.timed_out += 1;
+        let first = h.flood_report(t0).expect("first report");
+        assert_eq!(
+            first,
+            FloodReport {
+                dropped_per_source: 3,
+                dropped_over_total: 0,
+                timed_out: 1,
+                in_flight: 2,
+                sources: 1,
+                heaviest: Some((ip("10.0.0.1"), 2)),
+                since: Duration::ZERO,
+            }
+        );
+        // Further drops within the interval are counted, not reported.
+        let t1 = t0 + Duration::from_secs(1);
+        admit_n(&mut h, "10.0.0.1", 1000, t1);
+        assert_eq!(h.flood_report(t1), None);
+        assert_eq!(h.flood_report(t0 + FLOOD_LOG_INTERVAL / 2), None);
+        // Once the interval has passed: one line with everything since.
+        let t2 = t0 + FLOOD_LOG_INTERVAL;
+        let second = h.flood_report(t2).expect("second report");
+        assert_eq!(second.dropped_per_source, 1000);
+        assert_eq!(second.timed_out, 0);
+        assert_eq!(second.since, t2 - t1);
+        // A quiet interval reports nothing.
+        assert_eq!(h.flood_report(t2 + FLOOD_LOG_INTERVAL * 3), None);
     }
 
     #[test]

@@ -3,8 +3,10 @@
 
 mod support;
 
-use support::{alias_token, create_entry, only_agent, refused_agent_log};
-use support::{subdir, tempdir, wait_minted_for_new_entry, Agent, Server};
+use std::os::unix::fs::PermissionsExt as _;
+
+use support::{alias_token, create_entry, join_token, only_agent, refused_agent_log};
+use support::{subdir, tempdir, wait_for, wait_minted_for_new_entry, Agent, Server};
 
 #[test]
 fn agent_attests_syncs_restarts_and_is_evicted() {
@@ -582,4 +584,137 @@ fn an_expiring_ca_is_reported_and_causes_no_signing_storm() {
     let rotation_errors = server_log.matches("server SVID rotation failed").count();
     assert!(rotation_errors <= 2, "{server_log}");
     assert!(agent.stop().success());
+
+/// The agent SVID's serial as the server has it (`agent show`).
+fn server_serial(server: &Server, agent_id: &str) -> String {
+    server.cli_json(&["agent", "show", "--spiffe-id", agent_id])["agent"]["x509_svid_serial"]
+        .as_str()
+        .expect("serial")
+        .to_string()
+}
+
+/// The serial of the agent SVID stored in `data_dir`.
+fn stored_serial(data_dir: &std::path::Path) -> String {
+    let pem = std::fs::read_to_string(data_dir.join("agent_svid.pem")).expect("agent SVID file");
+    let chain = sigil::x509::parse_pem_certs(&pem).expect("certificates");
+    sigil::tls::PeerSvid::from_leaf_der(&chain[0])
+        .expect("agent SVID")
+        .serial_hex
+}
+
+fn set_mode(path: &std::path::Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+fn failed_saves(log: &str) -> usize {
+    log.matches("saving the renewed agent SVID failed").count()
+}
+
+/// Waits until the server has made a renewed SVID of `agent_id` current (its serial is no
+/// longer `old`) and checks that it is the one the agent stored.
+fn wait_renewed_and_stored(server: &Server, agent: &Agent, agent_id: &str, old: &str) {
+    let renewed = wait_for(60, "the server to make the renewed SVID current", || {
+        let s = server_serial(server, agent_id);
+        (s != old).then_some(s)
+    });
+    assert_eq!(stored_serial(&agent.data_dir), renewed);
+}
+
+#[test]
+fn renewed_agent_svid_that_cannot_be_saved_does_not_lock_the_agent_out() {
+    // The agents run as nobody: root would write into a read-only directory anyway.
+    const NOBODY: u32 = 65534;
+    let dir = tempdir();
+    set_mode(dir.path(), 0o755);
+    // 180 s agent SVIDs: renewed after ~90 s; a restart re-uses a stored SVID with over 60 s
+    // left, which leaves time for the steps in between.
+    let server = Server::start(
+        &dir.path().join("server"),
+        &["--default-x509-svid-ttl", "180s"],
+    );
+    // Two agents, side by side: one recovers while running, one is killed and restarted.
+    let mut agents = Vec::new();
+    for name in ["recovers", "restarts"] {
+        let (token, agent_id) = join_token(&server);
+        create_entry(
+            &server,
+            &agent_id,
+            &format!("spiffe://example.org/{name}/web"),
+            &["unix:uid:1000"],
+            &[],
+        );
+        let agent_dir = subdir(dir.path(), name);
+        std::os::unix::fs::chown(&agent_dir, Some(NOBODY), Some(NOBODY)).expect("chown");
+        let mut agent =
+            Agent::start_as(&server, &agent_dir, &["--join-token", &token], Some(NOBODY));
+        agent.wait_attested("first SVID");
+        let first = server_serial(&server, &agent_id);
+        assert_eq!(stored_serial(&agent.data_dir), first);
+        // From now on the agent cannot write its data directory (as with a full disk).
+        set_mode(&agent.data_dir, 0o500);
+        agents.push((name, agent_dir, agent, agent_id, first));
+    }
+    for (name, _, agent, agent_id, first) in &mut agents {
+        agent.wait_log(150, "a renewal whose save fails", |l| failed_saves(l) >= 1);
+        // It goes on with the old SVID, which the server still accepts.
+        wait_minted_for_new_entry(
+            &server,
+            agent,
+            agent_id,
+            &format!("spiffe://example.org/{name}/api"),
+            "unix:uid:1001",
+            30,
+            "minting with the old SVID after the failed save",
+        );
+        assert_eq!(
+            &server_serial(&server, agent_id),
+            first,
+            "the old SVID is still current"
+        );
+        assert_eq!(&stored_serial(&agent.data_dir), first);
+    }
+    let (mut restarts, mut recovers) = (agents.pop().expect("agent"), agents.pop().expect("agent"));
+
+    // Disk space again, the agent still running: its retried save succeeds, it switches to the
+    // renewed SVID, and the server makes that one current.
+    set_mode(&recovers.2.data_dir, 0o700);
+    recovers.2.wait_log(60, "the retried save", |l| {
+        l.contains("renewed agent SVID saved")
+    });
+    wait_renewed_and_stored(&server, &recovers.2, &recovers.3, &recovers.4);
+    wait_minted_for_new_entry(
+        &server,
+        &mut recovers.2,
+        &recovers.3,
+        "spiffe://example.org/recovers/after-save",
+        "unix:uid:1002",
+        30,
+        "minting with the renewed SVID",
+    );
+
+    // Killed (SIGKILL) before its save ever succeeded: on restart the stored, old SVID is still
+    // accepted (the agent makes its directory writable again itself), and it renews.
+    let (name, agent_dir, agent, agent_id, first) = restarts;
+    drop(agent);
+    let mut agent = Agent::start_as(&server, &agent_dir, &[], Some(NOBODY));
+    agent.wait_log(30, "re-use after the restart", |l| {
+        l.contains("re-using the stored agent SVID")
+    });
+    wait_minted_for_new_entry(
+        &server,
+        &mut agent,
+        &agent_id,
+        &format!("spiffe://example.org/{name}/after-restart"),
+        "unix:uid:1002",
+        30,
+        "minting after the restart",
+    );
+    wait_renewed_and_stored(&server, &agent, &agent_id, &first);
+    restarts = (name, agent_dir, agent, agent_id, first);
+
+    for (_, _, agent, _, _) in [&mut recovers, &mut restarts] {
+        let log = agent.log_text();
+        assert!(!log.contains("refused this agent"), "{log}");
+        assert!(agent.stop().success());
+    }
 }

@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -15,6 +16,8 @@ use sigil::proto::node::node_client::NodeClient;
 use sigil::tls::{IdentityStore, ServerVerification, TrustStore};
 use sigil::SpiffeId;
 use support::{tempdir, Server};
+use tokio::io::AsyncReadExt as _;
+use tokio::net::TcpStream;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
@@ -283,7 +286,7 @@ async fn attestation_mtls_signing_and_eviction() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn renewal_supersedes_the_old_svid_and_shutdown_ends_sync_streams() {
+async fn renewal_supersedes_the_old_svid_on_first_use_and_shutdown_ends_sync_streams() {
     let dir = tempdir();
     let mut server = Server::start(dir.path(), &[]);
     let t = token(&server, None);
@@ -305,28 +308,44 @@ async fn renewal_supersedes_the_old_svid_and_shutdown_ends_sync_streams() {
         .into_inner();
     let new = identity(&renewed.svid_chain, &new_key);
     assert_eq!(new.spiffe_id(), old.spiffe_id());
+    let chain = sigil::x509::split_der_concat(&renewed.svid_chain).expect("chain");
+    let new_serial = sigil::tls::PeerSvid::from_leaf_der(&chain[0])
+        .expect("leaf")
+        .serial_hex;
+    let stored_serial = |server: &Server| {
+        server.cli_json(&["agent", "list"])["agents"][0]["x509_svid_serial"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let old_serial = stored_serial(&server);
+    assert_ne!(old_serial, new_serial);
 
-    // The old SVID is refused, on the old connection and on a new one.
-    assert_denied(
-        batch_sign(&mut old_client, &[]).await,
-        "agent SVID has been superseded",
-    );
-    let mut reconnect_old = client(&server, Some(old)).await.expect("TLS still works");
-    assert_denied(
-        batch_sign(&mut reconnect_old, &[]).await,
-        "agent SVID has been superseded",
-    );
+    // Until the agent uses the new SVID, the old one still works (it may not have been able to
+    // store the new one).
+    batch_sign(&mut old_client, &[])
+        .await
+        .expect("the old SVID works until the new one is used");
+    assert_eq!(stored_serial(&server), old_serial);
+    // The first call with the new SVID makes it current; the old one is refused from then on,
+    // on the old connection and on a new one, marked as superseded.
     let mut new_client = client(&server, Some(new)).await.expect("mTLS");
     batch_sign(&mut new_client, &[])
         .await
         .expect("renewed SVID works");
-    let agents = server.cli_json(&["agent", "list"]);
-    let stored_serial = agents["agents"][0]["x509_svid_serial"]
-        .as_str()
-        .unwrap_or_default();
-    let chain = sigil::x509::split_der_concat(&renewed.svid_chain).expect("chain");
-    let leaf = sigil::tls::PeerSvid::from_leaf_der(&chain[0]).expect("leaf");
-    assert_eq!(stored_serial, leaf.serial_hex);
+    assert_eq!(stored_serial(&server), new_serial);
+    let refused = batch_sign(&mut old_client, &[]).await;
+    assert_eq!(
+        refused
+            .as_ref()
+            .err()
+            .and_then(sigil::proto::AgentRefusal::of),
+        Some(sigil::proto::AgentRefusal::Superseded),
+        "{refused:?}"
+    );
+    assert_denied(refused, "superseded");
+    let mut reconnect_old = client(&server, Some(old)).await.expect("TLS still works");
+    assert_denied(batch_sign(&mut reconnect_old, &[]).await, "superseded");
 
     // An open Sync stream does not hold up a graceful shutdown.
     let mut sync = new_client
@@ -349,5 +368,164 @@ async fn renewal_supersedes_the_old_svid_and_shutdown_ends_sync_streams() {
         started.elapsed() < Duration::from_secs(8),
         "shutdown took {:?}",
         started.elapsed()
+    );
+}
+
+/// A TCP connection to `addr` from the loopback address `source` (any of 127.0.0.0/8).
+async fn tcp_from(source: &str, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(format!("{source}:0").parse().expect("source address"))?;
+    socket.connect(addr).await
+}
+
+/// tonic connector: TCP from a chosen source address, then TLS.
+#[derive(Clone)]
+struct FromSource {
+    source: &'static str,
+    addr: SocketAddr,
+    tls: tokio_rustls::TlsConnector,
+}
+
+type TlsIo = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+
+impl tower::Service<tonic::codegen::http::Uri> for FromSource {
+    type Response = TlsIo;
+    type Error = std::io::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<TlsIo>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: tonic::codegen::http::Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let tcp = tcp_from(this.source, this.addr).await?;
+            let name = rustls_pki_types::ServerName::IpAddress(this.addr.ip().into());
+            Ok(hyper_util::rt::TokioIo::new(
+                this.tls.connect(name, tcp).await?,
+            ))
+        })
+    }
+}
+
+/// A node API client (server verified, no client certificate) connecting from `source`.
+async fn client_from(server: &Server, source: &'static str) -> NodeClient<Channel> {
+    let config = sigil::tls::client_config(verification(server), None).expect("TLS config");
+    let connector = FromSource {
+        source,
+        addr: server.node_address().parse().expect("node address"),
+        tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
+    };
+    let channel = tonic::transport::Endpoint::from_static("http://node-api")
+        .connect_with_connector(connector)
+        .await
+        .unwrap_or_else(|e| panic!("connecting from {source}: {e}"));
+    NodeClient::new(channel)
+}
+
+/// `n` connections from `source` that never send a ClientHello; stops early if the server
+/// stops taking connections (its accept backlog is full).
+async fn flood(source: &str, addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        match tokio::time::timeout(Duration::from_secs(2), tcp_from(source, addr)).await {
+            Ok(Ok(s)) => held.push(s),
+            _ => break,
+        }
+    }
+    held
+}
+
+/// How many of `streams` the server has not closed (each read waits `wait` for EOF).
+async fn still_open(streams: Vec<TcpStream>, wait: Duration) -> usize {
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut s in streams {
+        tasks.spawn(async move {
+            let mut buf = [0u8; 1];
+            tokio::time::timeout(wait, s.read(&mut buf)).await.is_err()
+        });
+    }
+    let mut open = 0;
+    while let Some(r) = tasks.join_next().await {
+        open += usize::from(r.expect("read task"));
+    }
+    open
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_flood_does_not_stop_attestation() {
+    // 2,400 connections that never send a ClientHello (more than the server's 1,024 handshakes
+    // at once), from four loopback addresses.
+    let sources = ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"];
+    let per_source = 600;
+    let _ = sigil::limits::raise_open_files_limit();
+    let (soft, _) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .expect("open files limit");
+    assert!(
+        soft >= 4 * per_source as u64 + 1000,
+        "raise the open files limit (now {soft})"
+    );
+    let dir = tempdir();
+    let server = Server::start(dir.path(), &[]);
+    let addr: SocketAddr = server.node_address().parse().expect("node address");
+    let tokens = [token(&server, None), token(&server, None)];
+
+    let mut held = Vec::new();
+    for source in sources {
+        let conns = flood(source, addr, per_source).await;
+        assert_eq!(
+            conns.len(),
+            per_source,
+            "the server stopped accepting connections from {source}"
+        );
+        held.push((source, conns));
+    }
+    // A new agent on another address attests at once; so does one on a flooding address.
+    for (source, t) in ["127.0.0.5", "127.0.0.1"].into_iter().zip(&tokens) {
+        let started = Instant::now();
+        let attested = tokio::time::timeout(Duration::from_secs(2), async {
+            let mut c = client_from(&server, source).await;
+            attest(&mut c, t, key_and_csr().1).await
+        })
+        .await
+        .unwrap_or_else(|_| panic!("attestation from {source} took over 2 s"))
+        .unwrap_or_else(|s| panic!("attestation from {source}: {s:?}"));
+        assert_eq!(
+            attested.spiffe_id,
+            format!("spiffe://example.org/sigil/agent/join_token/{t}")
+        );
+        eprintln!(
+            "attested from {source} in {:?} during the flood",
+            started.elapsed()
+        );
+    }
+    // Each source kept at most its share of unfinished handshakes; the server closed the rest.
+    for (source, conns) in held {
+        let open = still_open(conns, Duration::from_millis(500)).await;
+        assert!(
+            open <= sigil::tls::MAX_HANDSHAKES_PER_SOURCE,
+            "{open} unfinished handshakes from {source}"
+        );
+    }
+    // Logged at warn level, rate-limited: a line or two, not one per dropped connection.
+    let log = server.log_text();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("TLS handshake flood"))
+        .collect();
+    assert!(
+        (1..=3).contains(&lines.len()),
+        "{} flood lines:\n{log}",
+        lines.len()
+    );
+    assert!(
+        lines[0].contains("WARN") && lines[0].contains("dropped_per_source="),
+        "{}",
+        lines[0]
     );
 }

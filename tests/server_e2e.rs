@@ -633,3 +633,169 @@ fn svid_ttls_below_the_floors_are_refused() {
         stderr(&out)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_audit_lines_name_the_object_and_truncate_long_values() {
+    let dir = tempdir();
+    let mut server = Server::start(dir.path(), &["--log-format", "json"]);
+    let created = server.cli_json(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/audited",
+        "--parent-id",
+        AGENT,
+        "--selector",
+        "unix:uid:1000",
+    ]);
+    let id = created["results"][0]["entry"]["id"]
+        .as_str()
+        .expect("entry id")
+        .to_string();
+    // A 1 MB SPIFFE ID is refused; the audit line and the error keep only its start.
+    let huge = format!("spiffe://example.org/{}", "x".repeat(1 << 20));
+    let err = server
+        .admin()
+        .await
+        .create_entry(pb::CreateEntryRequest {
+            entry: Some(pb::Entry {
+                spiffe_id: huge.clone(),
+                parent_id: AGENT.into(),
+                selectors: vec![pb::Selector {
+                    r#type: "unix".into(),
+                    value: "uid:1".into(),
+                }],
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect_err("1 MB SPIFFE ID refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().len() < 1024, "{}", err.message().len());
+    // An error echoing a 3,000-character value.
+    let long_td = "t".repeat(3000);
+    let err = server
+        .admin()
+        .await
+        .delete_federated_bundle(pb::DeleteFederatedBundleRequest {
+            trust_domain: long_td.clone(),
+        })
+        .await
+        .expect_err("invalid trust domain");
+    assert!(
+        err.message().contains("…[truncated: 3000 chars in all]")
+            && !err.message().contains(&"t".repeat(257)),
+        "{}",
+        err.message()
+    );
+    assert!(server.stop().success());
+
+    let log = server.log_text();
+    let audit: Vec<(String, serde_json::Value)> = log
+        .lines()
+        .filter(|l| l.contains("sigil::audit"))
+        .map(|l| {
+            let v = serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+            (l.to_string(), v)
+        })
+        .collect();
+    assert_eq!(audit.len(), 3, "{log}");
+    for (line, v) in &audit {
+        assert_eq!(line.matches("\"target\":").count(), 1, "{line}");
+        assert_eq!(v["target"], "sigil::audit", "{line}");
+        assert!(line.len() < 2048, "audit line of {} bytes", line.len());
+    }
+    let (_, create) = &audit[0];
+    assert_eq!(create["action"], "entry.create");
+    assert_eq!(
+        create["object"],
+        format!("{id} (spiffe://example.org/audited)")
+    );
+    assert_eq!(create["result"], "ok");
+    let (_, refused) = &audit[1];
+    let object = refused["object"].as_str().expect("object");
+    assert_eq!(
+        object,
+        format!(
+            "{}…[truncated: {} chars in all]",
+            &huge[..256],
+            huge.chars().count()
+        )
+    );
+    assert!(refused["result"]
+        .as_str()
+        .is_some_and(|r| r.starts_with("InvalidArgument")));
+    let (_, deleted) = &audit[2];
+    assert_eq!(deleted["action"], "bundle.delete");
+    assert!(deleted["object"]
+        .as_str()
+        .is_some_and(|o| o.ends_with("…[truncated: 3000 chars in all]")));
+    assert!(
+        log.len() < 64 * 1024,
+        "the refused megabyte reached the log"
+    );
+}
+
+#[test]
+fn empty_or_damaged_database_is_refused_at_start() {
+    let dir = tempdir();
+    let mut server = Server::start(dir.path(), &[]);
+    assert!(server.stop().success());
+    let db = server.data_dir.join("datastore.sqlite3");
+    let good = std::fs::read(&db).expect("reading the database");
+    let start = || {
+        std::process::Command::new(support::binary("sigil-server"))
+            .args([
+                "run",
+                "--trust-domain",
+                "example.org",
+                "--health-address",
+                "",
+            ])
+            .args(["--bind-address", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(&server.data_dir)
+            .arg("--admin-socket")
+            .arg(&server.admin_socket)
+            .output()
+            .expect("running sigil-server")
+    };
+    let without_wal = || {
+        for ext in ["sqlite3-wal", "sqlite3-shm"] {
+            let _ = std::fs::remove_file(db.with_extension(ext));
+        }
+    };
+
+    // 0 bytes while the CA keys exist: the data was lost; refused, naming the file.
+    std::fs::write(&db, b"").expect("emptying the database");
+    without_wal();
+    let out = start();
+    let err = stderr(&out);
+    assert!(!out.status.success(), "an empty database was used: {err}");
+    assert!(
+        err.contains(&db.display().to_string()) && err.contains("empty (0 bytes)"),
+        "{err}"
+    );
+    assert!(err.contains("backup"), "says what to do: {err}");
+    assert_eq!(std::fs::metadata(&db).map(|m| m.len()).ok(), Some(0));
+
+    // Every page after the header page overwritten: damaged, refused, naming the file.
+    let mut damaged = good.clone();
+    for (i, b) in damaged.iter_mut().enumerate().skip(4096) {
+        *b = (i * 31 + 7) as u8;
+    }
+    std::fs::write(&db, &damaged).expect("damaging the database");
+    let out = start();
+    let err = stderr(&out);
+    assert!(!out.status.success(), "a damaged database was used: {err}");
+    assert!(
+        err.contains(&db.display().to_string()) && err.contains("damaged"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+
+    // The good file is used again.
+    std::fs::write(&db, &good).expect("restoring the database");
+    server.restart();
+    assert!(server.stop().success());
+}

@@ -70,6 +70,14 @@ impl ClientError {
         }
     }
 
+    /// Why the server refused us for good, when it said ([`sigil::proto::AgentRefusal`]).
+    pub fn refusal(&self) -> Option<sigil::proto::AgentRefusal> {
+        match self {
+            ClientError::Rpc { status, .. } => sigil::proto::AgentRefusal::of(status),
+            _ => None,
+        }
+    }
+
     pub(crate) fn rpc(what: &'static str) -> impl FnOnce(tonic::Status) -> ClientError {
         move |status| ClientError::Rpc { what, status }
     }
@@ -264,7 +272,8 @@ async fn attest(
     })
 }
 
-/// Renews the agent SVID with a new key (the old SVID is superseded on the server).
+/// Renews the agent SVID with a new key. The server accepts the old SVID too until the new one
+/// is first used, so the caller may keep the old one until the new one is stored.
 pub async fn renew(
     client: &mut NodeClient<Channel>,
     td: &TrustDomain,

@@ -4,9 +4,12 @@
 //! sequence already held, so a reconnect is incremental), then `select!` over sync messages,
 //! the next SVID refresh time, the agent SVID's renewal time and shutdown. Due SVIDs are signed
 //! in one `BatchSign` call. When a session fails the cache keeps serving what it holds and the
-//! worker reconnects with exponential back-off and jitter, logging at a sane rate. Renewing the
-//! agent SVID supersedes the certificate of the current connection, so it ends the session and
-//! the next one connects with the new SVID at once.
+//! worker reconnects with exponential back-off and jitter, logging at a sane rate. A renewed
+//! agent SVID is saved to disk before it is used: the session then ends and the next one
+//! connects with the new SVID at once (the server makes it current on that first use). If the
+//! save fails (full disk, read-only directory), the agent goes on with the current SVID, which
+//! the server keeps accepting until the new one is used, and retries the save with back-off;
+//! only when the current SVID is about to expire does it switch to the unsaved one.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,9 +17,11 @@ use std::time::Duration;
 use rand::Rng as _;
 use sigil::proto::node as pb;
 use sigil::proto::node::node_client::NodeClient;
+use sigil::proto::AgentRefusal;
 use sigil::tls::{IdentityStore, TrustStore};
 use sigil::TrustDomain;
 use tokio::sync::{watch, RwLock};
+use tokio::time::Instant;
 use tonic::transport::Channel;
 
 use crate::cache::Cache;
@@ -162,6 +167,38 @@ impl AgentSvidSeen {
     }
 }
 
+/// A renewed agent SVID that could not be saved yet, retried with back-off.
+struct PendingRenewal {
+    identity: AgentIdentity,
+    /// In use already: the current SVID was about to expire before the save succeeded.
+    in_use: bool,
+    backoff: Backoff,
+    retry_at: Instant,
+}
+
+/// True when an agent SVID valid from `not_before` to `not_after` has less than a tenth of its
+/// lifetime left at `now`: time to use a renewed SVID even if it could not be saved.
+fn nearly_expired(now: i64, not_before: i64, not_after: i64) -> bool {
+    now >= not_after - (not_after - not_before).max(0) / 10
+}
+
+/// What the log and the status say when the server refused this agent for good; `serial` is
+/// the agent SVID we presented.
+fn refusal_message(e: &ClientError, serial: &str) -> String {
+    let what = match e.refusal() {
+        Some(AgentRefusal::Evicted) => {
+            "sigil-server does not know this agent (it was evicted)".to_string()
+        }
+        Some(AgentRefusal::Banned) => "sigil-server has banned this agent".to_string(),
+        Some(AgentRefusal::Superseded) => format!(
+            "sigil-server refused our agent SVID serial {serial}: it is not the current one (a \
+             later renewal or attestation of this agent replaced it)"
+        ),
+        None => "sigil-server refused this agent".to_string(),
+    };
+    format!("{what}: {e}")
+}
+
 /// How a session ended.
 enum SessionEnd {
     /// The agent SVID was renewed: reconnect now.
@@ -175,12 +212,13 @@ impl Worker {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = Backoff::default();
         let mut agent_svid = AgentSvidSeen::default();
+        let mut pending = None;
         loop {
             if *shutdown.borrow() {
                 return;
             }
             let result = self
-                .session(&mut shutdown, &mut backoff, &mut agent_svid)
+                .session(&mut shutdown, &mut backoff, &mut agent_svid, &mut pending)
                 .await;
             if let Err(e) = &result {
                 self.state
@@ -210,8 +248,11 @@ impl Worker {
                     if expired_at.is_some() {
                         tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "the agent SVID has expired; attesting again with {method}");
                     } else {
-                        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "sigil-server refused this agent; attesting again with {method}");
+                        let serial = self.state.identity.read().await.serial_hex.clone();
+                        tracing::warn!(reason = %refusal_message(&e, &serial), retry_in_ms = delay.as_millis() as u64, "attesting again with {method}");
                     }
+                    // A new attestation replaces any renewal still waiting to be saved.
+                    pending = None;
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
@@ -273,8 +314,10 @@ impl Worker {
                 )
             }
             None => {
-                tracing::error!(error = %e, "sigil-server refused this agent (evicted or banned); no new SVIDs will be minted — cached SVIDs are served until they expire; re-attest with a new join token or x509pop");
-                e.to_string()
+                let serial = self.state.identity.read().await.serial_hex.clone();
+                let why = refusal_message(e, &serial);
+                tracing::error!(reason = %why, refusal = ?e.refusal().map(AgentRefusal::as_str), "sigil-server refused this agent for good; no new SVIDs will be minted — cached SVIDs are served until they expire; attest again (a new join token, or x509pop / k8s_psat)");
+                why
             }
         };
         *self.state.refused.write().await = Some(why);
@@ -336,6 +379,7 @@ impl Worker {
         shutdown: &mut watch::Receiver<bool>,
         backoff: &mut Backoff,
         agent_svid: &mut AgentSvidSeen,
+        pending: &mut Option<PendingRenewal>,
     ) -> Result<SessionEnd, ClientError> {
         let td = &self.state.trust_domain;
         let mut node = self.node_channel(Some(self.tls_identity.clone()))?;
@@ -364,8 +408,18 @@ impl Worker {
                 let id = self.state.identity.read().await;
                 (c.next_refresh(), agent_svid.renew_at(&id, now_unix()))
             };
-            let wake_at = next_refresh.map_or(renew_at, |r| r.min(renew_at));
-            let sleep = Duration::from_secs((wake_at - now_unix()).max(0) as u64);
+            // While a renewed SVID waits to be saved, the next renewal waits for it.
+            let may_renew = pending.as_ref().is_none_or(|p| p.in_use);
+            let wake_at = match (next_refresh, may_renew) {
+                (Some(r), true) => r.min(renew_at),
+                (None, true) => renew_at,
+                (Some(r), false) => r,
+                (None, false) => now_unix() + 3600,
+            };
+            let mut sleep = Duration::from_secs((wake_at - now_unix()).max(0) as u64);
+            if let Some(p) = pending.as_ref() {
+                sleep = sleep.min(p.retry_at.saturating_duration_since(Instant::now()));
+            }
             tokio::select! {
                 msg = stream.message() => {
                     let msg = msg.map_err(|status| ClientError::Rpc { what: "sync", status })?;
@@ -377,11 +431,17 @@ impl Worker {
                     self.sign_due(&mut node).await?;
                 }
                 _ = tokio::time::sleep(sleep) => {
-                    if now_unix() >= renew_at {
-                        let id = client::renew(&mut node, td).await?;
-                        tracing::info!("agent SVID renewed at half its lifetime");
-                        self.install_identity(id).await?;
+                    if pending.as_ref().is_some_and(|p| Instant::now() >= p.retry_at)
+                        && self.retry_save(pending).await?
+                    {
                         return Ok(SessionEnd::Renewed);
+                    }
+                    if may_renew && now_unix() >= renew_at {
+                        let id = client::renew(&mut node, td).await?;
+                        tracing::info!(serial = %id.serial_hex, "agent SVID renewed at half its lifetime");
+                        if self.save_renewed(id, pending).await? {
+                            return Ok(SessionEnd::Renewed);
+                        }
                     }
                     self.sign_due(&mut node).await?;
                 }
@@ -527,16 +587,95 @@ impl Worker {
         Ok(())
     }
 
+    /// Saves a renewed SVID and switches to it (true: reconnect), or, if the save fails, keeps
+    /// it pending and goes on with the current SVID (false).
+    async fn save_renewed(
+        &self,
+        id: AgentIdentity,
+        pending: &mut Option<PendingRenewal>,
+    ) -> Result<bool, ClientError> {
+        match self.storage.save_identity(&id) {
+            Ok(()) => {
+                *pending = None;
+                self.use_identity(id).await?;
+                Ok(true)
+            }
+            Err(e) => {
+                let mut backoff = Backoff::default();
+                let delay = backoff.delay();
+                let current = self.state.identity.read().await.serial_hex.clone();
+                tracing::warn!(error = %e, serial = %id.serial_hex, current_serial = %current, retry_in_ms = delay.as_millis() as u64, "saving the renewed agent SVID failed; going on with the current one (the server accepts it until the renewed one is used) and retrying the save");
+                *pending = Some(PendingRenewal {
+                    identity: id,
+                    in_use: false,
+                    backoff,
+                    retry_at: Instant::now() + delay,
+                });
+                Ok(false)
+            }
+        }
+    }
+
+    /// Tries again to save the pending renewed SVID. True when the session must reconnect
+    /// with another SVID: the saved one, or the unsaved one because the current SVID is about
+    /// to expire.
+    async fn retry_save(&self, pending: &mut Option<PendingRenewal>) -> Result<bool, ClientError> {
+        let Some(p) = pending.as_mut() else {
+            return Ok(false);
+        };
+        match self.storage.save_identity(&p.identity) {
+            Ok(()) => {
+                tracing::info!(serial = %p.identity.serial_hex, failed_attempts = p.backoff.failures, "renewed agent SVID saved");
+                let in_use = p.in_use;
+                let id = p.identity.clone();
+                *pending = None;
+                if in_use {
+                    return Ok(false);
+                }
+                self.use_identity(id).await?;
+                Ok(true)
+            }
+            Err(e) => {
+                let delay = p.backoff.delay();
+                p.retry_at = Instant::now() + delay;
+                if p.backoff.should_warn() {
+                    tracing::warn!(error = %e, failed_attempts = p.backoff.failures, retry_in_ms = delay.as_millis() as u64, "saving the renewed agent SVID failed again; retrying");
+                } else {
+                    tracing::debug!(error = %e, failed_attempts = p.backoff.failures, "saving the renewed agent SVID failed again");
+                }
+                if p.in_use {
+                    return Ok(false);
+                }
+                let (not_before, not_after) = {
+                    let current = self.state.identity.read().await;
+                    (current.not_before, current.not_after)
+                };
+                if !nearly_expired(now_unix(), not_before, not_after) {
+                    return Ok(false);
+                }
+                tracing::warn!(serial = %p.identity.serial_hex, current_not_after = not_after, "the current agent SVID is about to expire and the renewed one is still not saved: using the renewed one from memory; until it is saved, a restart must attest again");
+                p.in_use = true;
+                let id = p.identity.clone();
+                self.use_identity(id).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Saves `id` and switches to it (after an attestation).
     async fn install_identity(&self, id: AgentIdentity) -> Result<(), ClientError> {
         self.storage
             .save_identity(&id)
-            .map_err(|e| ClientError::Protocol(format!("saving the renewed agent SVID: {e}")))?;
+            .map_err(|e| ClientError::Protocol(format!("saving the agent SVID: {e}")))?;
+        self.use_identity(id).await
+    }
+
+    /// Presents `id` on connections from now on.
+    async fn use_identity(&self, id: AgentIdentity) -> Result<(), ClientError> {
         self.tls_identity
             .set(id.chain_der.clone(), id.key_pkcs8_der.clone())
-            .map_err(|e| {
-                ClientError::Protocol(format!("installing the renewed agent SVID: {e}"))
-            })?;
-        tracing::info!(spiffe_id = %id.spiffe_id, not_after = id.not_after, "agent SVID installed");
+            .map_err(|e| ClientError::Protocol(format!("installing the agent SVID: {e}")))?;
+        tracing::info!(spiffe_id = %id.spiffe_id, serial = %id.serial_hex, not_after = id.not_after, "agent SVID installed");
         self.state.metrics.agent_svid_expiry.set(id.not_after);
         *self.state.identity.write().await = id;
         Ok(())
@@ -567,6 +706,44 @@ mod tests {
         b.reset();
         assert_eq!(b.failures, 0);
         assert!(b.delay() <= BACKOFF_START);
+    }
+
+    #[test]
+    fn an_unsaved_renewal_is_used_only_in_the_last_tenth_of_the_current_lifetime() {
+        // 1 h SVID issued at 1000.
+        assert!(!nearly_expired(1000 + 1800, 1000, 4600));
+        assert!(!nearly_expired(4600 - 361, 1000, 4600));
+        assert!(nearly_expired(4600 - 360, 1000, 4600));
+        assert!(nearly_expired(4600 + 5, 1000, 4600));
+        // A malformed lifetime never delays the switch.
+        assert!(nearly_expired(10, 20, 10));
+    }
+
+    #[test]
+    fn refusals_say_what_happened() {
+        let rpc = |status| ClientError::Rpc {
+            what: "sync",
+            status,
+        };
+        let superseded = refusal_message(
+            &rpc(AgentRefusal::Superseded.status("agent SVID serial 0a0b is not …")),
+            "0a0b",
+        );
+        assert!(
+            superseded.contains("refused our agent SVID serial 0a0b: it is not the current one"),
+            "{superseded}"
+        );
+        assert!(!superseded.contains("evicted") && !superseded.contains("banned"));
+        let evicted = refusal_message(&rpc(AgentRefusal::Evicted.status("gone")), "0a");
+        assert!(evicted.contains("it was evicted") && !evicted.contains("banned"));
+        let banned = refusal_message(&rpc(AgentRefusal::Banned.status("ban")), "0a");
+        assert!(banned.contains("has banned this agent") && !banned.contains("evicted"));
+        let other = refusal_message(&rpc(tonic::Status::unauthenticated("expired")), "0a");
+        assert!(
+            other.contains("refused this agent: sync: expired"),
+            "{other}"
+        );
+        assert!(!other.contains("evicted") && !other.contains("banned"));
     }
 
     #[test]

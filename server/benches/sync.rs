@@ -96,6 +96,7 @@ async fn setup(n: usize) -> (tempfile::TempDir, Arc<dyn Datastore>) {
         spiffe_id: agent_id(),
         attestation_type: "x509pop".into(),
         x509_svid_serial: "01".into(),
+        new_x509_svid: None,
         x509_svid_expires_at: i64::MAX,
         banned: false,
         selectors: sels(&["k8s:cluster:c1".into(), "k8s:node:node-0".into()]),

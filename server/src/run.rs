@@ -27,7 +27,7 @@ use crate::attestor::x509pop::X509PopAttestor;
 use crate::attestor::Attestors;
 use crate::ca::Ca;
 use crate::config::ServerConfig;
-use crate::datastore::sqlite::SqliteDatastore;
+use crate::datastore::sqlite::{Expect, SqliteDatastore};
 use crate::datastore::{Datastore, EntryFilter, StoredBundle};
 use crate::identity::ServerIdentity;
 use crate::metrics::Metrics;
@@ -79,8 +79,15 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     restrict_dir(&cfg.data_dir)?;
     let _lock = sigil::fs::lock_dir(&cfg.data_dir, LOCK_FILE, "sigil-server")?;
 
+    // The datastore is opened before the CA: CA keys already on disk mean this server has run
+    // here before, so its database must hold data (an empty file means it was lost).
+    let expect = if ca_keys_exist(&cfg.ca.dir) {
+        Expect::Data
+    } else {
+        Expect::Any
+    };
     let datastore: Arc<dyn Datastore> = Arc::new(
-        SqliteDatastore::open(&cfg.datastore_path)
+        SqliteDatastore::open_with(&cfg.datastore_path, expect)
             .await
             .with_context(|| format!("opening datastore {}", cfg.datastore_path.display()))?,
     );
@@ -298,6 +305,14 @@ async fn wait_for_signal() -> anyhow::Result<&'static str> {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     })
+}
+
+/// True when the CA directory holds a key the server wrote on an earlier start (the JWT key
+/// exists in both CA modes, the root key with a self-signed CA).
+fn ca_keys_exist(ca_dir: &std::path::Path) -> bool {
+    [crate::ca::ROOT_KEY_FILE, crate::ca::JWT_KEY_FILE]
+        .iter()
+        .any(|f| ca_dir.join(f).exists())
 }
 
 fn restrict_dir(dir: &std::path::Path) -> anyhow::Result<()> {

@@ -343,6 +343,12 @@ pub struct Agent {
 impl Agent {
     /// Starts `sigil-agent run` against `server` with data under `dir` and extra flags.
     pub fn start(server: &Server, dir: &Path, extra: &[&str]) -> Agent {
+        Agent::start_as(server, dir, extra, None)
+    }
+
+    /// [`Agent::start`] as user and group `uid` (e.g. 65534, `nobody`) when given: `dir` must be
+    /// reachable and writable by it.
+    pub fn start_as(server: &Server, dir: &Path, extra: &[&str], uid: Option<u32>) -> Agent {
         let bundle = dir.join("bundle.pem");
         if !bundle.exists() {
             std::fs::write(&bundle, server.cli_ok(&["bundle", "show"])).expect("writing bundle");
@@ -367,6 +373,10 @@ impl Agent {
             c.args(&wrap).arg(binary("sigil-agent"));
             c
         };
+        if let Some(uid) = uid {
+            std::os::unix::process::CommandExt::uid(&mut child, uid);
+            std::os::unix::process::CommandExt::gid(&mut child, uid);
+        }
         let child = child
             .arg("run")
             .args(["--trust-domain", "example.org"])

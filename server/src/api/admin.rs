@@ -3,7 +3,9 @@
 //! Access control is the socket's file permissions (directory 0700). Each request is measured
 //! ([`Metrics::observe_admin`]); each mutation is written to the audit log as a structured
 //! `tracing` event with target `sigil::audit`: the caller's uid from the socket's peer
-//! credentials, the action, its target and the result.
+//! credentials, the action, the object it acted on (field `object`: `target` is tracing's own
+//! key, which JSON lines already carry) and the result. Values from the caller are echoed
+//! truncated ([`sigil::text::echo`]), in audit events as in error messages.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -32,6 +34,9 @@ pub const MAX_PAGE_SIZE: usize = 10_000;
 pub const MAX_BATCH: usize = 10_000;
 /// Default join-token lifetime (seconds).
 pub const DEFAULT_JOIN_TOKEN_TTL: i64 = 600;
+/// Longest error message returned or audited: messages that echo a caller's value bound it with
+/// [`sigil::text::echo`]; this catches any that does not.
+pub const MAX_MESSAGE_CHARS: usize = 1024;
 
 /// State the admin API shares with the rest of the server.
 pub struct AdminState {
@@ -68,7 +73,7 @@ impl AdminService {
         f: impl Future<Output = Result<T, Status>>,
     ) -> Result<Response<T>, Status> {
         let start = Instant::now();
-        let result = f.await;
+        let result = f.await.map_err(bound_message);
         let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
         self.state
             .metrics
@@ -76,19 +81,19 @@ impl AdminService {
         result.map(Response::new)
     }
 
-    /// [`Self::measured`] for a mutation whose audit target is known up front: runs `f`,
+    /// [`Self::measured`] for a mutation whose audited object is known up front: runs `f`,
     /// writes the audit event with its outcome, and records the metrics.
     async fn audited<T>(
         &self,
         method: &'static str,
         action: &str,
         uid: Option<u32>,
-        target: &str,
+        object: &str,
         f: impl Future<Output = Result<T, Status>>,
     ) -> Result<Response<T>, Status> {
         self.measured(method, async {
             let result = f.await;
-            audit(uid, action, target, &result);
+            audit(uid, action, object, &result);
             result
         })
         .await
@@ -184,13 +189,18 @@ impl AdminService {
         if let Ok(id) = SpiffeId::parse(s) {
             if !id.path().is_empty() {
                 return Err(Status::invalid_argument(format!(
-                    "invalid trust_domain {s:?}: a trust domain has no path; use {}",
+                    "invalid trust_domain {:?}: a trust domain has no path; use {}",
+                    sigil::text::echo(s),
                     id.trust_domain().id_string()
                 )));
             }
         }
-        let td = TrustDomain::new(s)
-            .map_err(|e| Status::invalid_argument(format!("invalid trust_domain {s:?}: {e}")))?;
+        let td = TrustDomain::new(s).map_err(|e| {
+            Status::invalid_argument(format!(
+                "invalid trust_domain {:?}: {e}",
+                sigil::text::echo(s)
+            ))
+        })?;
         if td == *self.td() {
             return Err(Status::invalid_argument(format!(
                 "trust_domain {td} is this server's own trust domain: its bundle comes from the \
@@ -220,19 +230,34 @@ fn caller_uid<T>(req: &Request<T>) -> Option<u32> {
         .map(|c| c.uid())
 }
 
-/// Writes one audit event.
-fn audit<T>(uid: Option<u32>, action: &str, target: &str, result: &Result<T, Status>) {
+/// Writes one audit event; `object` (what the action was applied to, as the caller named it)
+/// is truncated, so is the error message.
+fn audit<T>(uid: Option<u32>, action: &str, object: &str, result: &Result<T, Status>) {
     let outcome = match result {
         Ok(_) => "ok".to_string(),
-        Err(s) => format!("{:?}: {}", s.code(), s.message()),
+        Err(s) => format!(
+            "{:?}: {}",
+            s.code(),
+            sigil::text::truncate(s.message(), MAX_MESSAGE_CHARS)
+        ),
     };
+    let object = sigil::text::echo(object);
     match uid {
         Some(uid) => {
-            tracing::info!(target: "sigil::audit", caller_uid = uid, action, target, result = %outcome, "admin action")
+            tracing::info!(target: "sigil::audit", caller_uid = uid, action, object = %object, result = %outcome, "admin action")
         }
         None => {
-            tracing::info!(target: "sigil::audit", caller_uid = "unknown", action, target, result = %outcome, "admin action")
+            tracing::info!(target: "sigil::audit", caller_uid = "unknown", action, object = %object, result = %outcome, "admin action")
         }
+    }
+}
+
+/// Truncates an error message longer than [`MAX_MESSAGE_CHARS`] (one that echoes a long value
+/// without bounding it), keeping its code.
+fn bound_message(s: Status) -> Status {
+    match sigil::text::truncate(s.message(), MAX_MESSAGE_CHARS) {
+        std::borrow::Cow::Borrowed(_) => s,
+        std::borrow::Cow::Owned(short) => Status::new(s.code(), short),
     }
 }
 
@@ -429,7 +454,7 @@ impl Admin for AdminService {
                     Err(s) => {
                         results[i] = Some(pb::EntryResult {
                             code: s.code() as i32,
-                            message: s.message().to_string(),
+                            message: bound_message(s).message().to_string(),
                             entry: Some(e.clone()),
                         })
                     }
@@ -507,7 +532,9 @@ impl Admin for AdminService {
                 .get_entry(&req.id)
                 .await
                 .map_err(ds_status)?
-                .ok_or_else(|| Status::not_found(format!("entry {:?} not found", req.id)))?;
+                .ok_or_else(|| {
+                    Status::not_found(format!("entry {:?} not found", sigil::text::echo(&req.id)))
+                })?;
             Ok(pb::GetEntryResponse {
                 entry: Some(entry.to_proto()),
             })
@@ -574,7 +601,12 @@ impl Admin for AdminService {
                     .get_entry(&new.id)
                     .await
                     .map_err(ds_status)?
-                    .ok_or_else(|| Status::not_found(format!("entry {:?} not found", new.id)))?;
+                    .ok_or_else(|| {
+                        Status::not_found(format!(
+                            "entry {:?} not found",
+                            sigil::text::echo(&new.id)
+                        ))
+                    })?;
                 let mut merged = current.to_proto();
                 if mask.spiffe_id {
                     merged.spiffe_id = new.spiffe_id.clone();
@@ -1055,6 +1087,286 @@ mod tests {
         }
         assert!(list(&svc).await?.is_empty());
         assert_eq!(state.events.current().federated_changes, 0);
+        Ok(())
+    }
+
+    /// A shared buffer the test's log subscriber writes JSON lines into.
+    #[derive(Clone, Default)]
+    struct LogBuffer(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for LogBuffer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl LogBuffer {
+        /// Installs a JSON subscriber (as `--log-format json` does) for this thread; keep the
+        /// result alive while logging.
+        fn install(&self) -> (tracing::subscriber::DefaultGuard, tracing::Dispatch) {
+            let writer = self.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .json()
+                .flatten_event(true)
+                .with_writer(move || writer.clone())
+                .finish();
+            let guard = tracing::subscriber::set_default(subscriber);
+            // With a single registered dispatcher, tracing computes a callsite's interest from
+            // the default of whichever thread hits it first: a parallel test without a
+            // subscriber would switch the audit callsite off for good. A second one makes it
+            // ask every registered dispatcher; the rebuild repairs callsites already cached.
+            let second = tracing::Dispatch::new(tracing_subscriber::registry());
+            tracing::callsite::rebuild_interest_cache();
+            (guard, second)
+        }
+
+        /// The audit lines written so far, raw.
+        fn audit_lines(&self) -> Vec<String> {
+            String::from_utf8_lossy(&self.0.lock().unwrap())
+                .lines()
+                .filter(|l| l.contains("sigil::audit"))
+                .map(str::to_string)
+                .collect()
+        }
+    }
+
+    fn entry(spiffe_id: &str, parent_id: &str, selector: (&str, &str)) -> pb::Entry {
+        pb::Entry {
+            spiffe_id: spiffe_id.into(),
+            parent_id: parent_id.into(),
+            selectors: vec![pb::Selector {
+                r#type: selector.0.into(),
+                value: selector.1.into(),
+            }],
+            ..Default::default()
+        }
+    }
+
+    const PARENT: &str = "spiffe://example.org/sigil/agent/join_token/t";
+
+    #[tokio::test]
+    async fn audit_events_name_the_object_in_their_own_field_truncated() -> TestResult {
+        let (_dir, svc, _state) = service().await?;
+        let log = LogBuffer::default();
+        let _guard = log.install();
+
+        let created = svc
+            .create_entry(Request::new(pb::CreateEntryRequest {
+                entry: Some(entry("spiffe://example.org/web", PARENT, ("unix", "uid:1"))),
+            }))
+            .await?
+            .into_inner()
+            .entry
+            .ok_or("no entry")?;
+        // A megabyte where the SPIFFE ID belongs: refused, and audited with its start only.
+        let huge = format!("spiffe://example.org/{}", "x".repeat(1 << 20));
+        let err = svc
+            .create_entry(Request::new(pb::CreateEntryRequest {
+                entry: Some(entry(&huge, PARENT, ("unix", "uid:1"))),
+            }))
+            .await
+            .expect_err("1 MB SPIFFE ID");
+        assert_eq!(err.code(), Code::InvalidArgument);
+        let long_id = "y".repeat(3000);
+        svc.delete_entry(Request::new(pb::DeleteEntryRequest {
+            id: long_id.clone(),
+        }))
+        .await
+        .expect_err("no such entry");
+
+        let lines = log.audit_lines();
+        assert_eq!(lines.len(), 3, "{lines:#?}");
+        let parsed: Vec<serde_json::Value> = lines
+            .iter()
+            .map(|l| serde_json::from_str(l))
+            .collect::<Result<_, _>>()?;
+        for (line, v) in lines.iter().zip(&parsed) {
+            // One `target` key (tracing's); the audited object has a key of its own.
+            assert_eq!(line.matches("\"target\":").count(), 1, "{line}");
+            assert_eq!(v["target"], "sigil::audit", "{line}");
+            assert!(line.len() < 2048, "audit line of {} bytes", line.len());
+        }
+        assert_eq!(parsed[0]["action"], "entry.create");
+        assert_eq!(
+            parsed[0]["object"],
+            format!("{} (spiffe://example.org/web)", created.id)
+        );
+        assert_eq!(parsed[0]["result"], "ok");
+        assert_eq!(
+            parsed[1]["object"],
+            sigil::text::echo(&huge).as_ref(),
+            "{}",
+            lines[1]
+        );
+        let marker = format!("[truncated: {} chars in all]", huge.len());
+        assert!(lines[1].contains(&marker), "{}", lines[1]);
+        assert_eq!(parsed[2]["action"], "entry.delete");
+        assert_eq!(parsed[2]["object"], sigil::text::echo(&long_id).as_ref());
+        assert!(
+            parsed[2]["result"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("NotFound") && r.contains("[truncated: 3000")),
+            "{}",
+            lines[2]
+        );
+        Ok(())
+    }
+
+    /// No error message repeats more than [`sigil::text::MAX_ECHO_CHARS`] characters of a
+    /// 3,000-character input, and a truncated echo says so.
+    fn assert_bounded(what: &str, status: &Status) {
+        let m = status.message();
+        let run = "z".repeat(sigil::text::MAX_ECHO_CHARS + 1);
+        assert!(!m.contains(&run), "{what}: {} chars: {m}", m.len());
+        assert!(m.len() < 1024, "{what}: {} chars: {m}", m.len());
+    }
+
+    #[tokio::test]
+    async fn errors_echo_long_inputs_truncated() -> TestResult {
+        let (_dir, svc, _state) = service().await?;
+        let long = "z".repeat(3000);
+        let ok = || entry("spiffe://example.org/web", PARENT, ("unix", "uid:1"));
+        let mut cases: Vec<(&str, pb::Entry)> = vec![
+            ("spiffe_id", entry(&long, PARENT, ("unix", "uid:1"))),
+            (
+                "spiffe_id path",
+                entry(
+                    &format!("spiffe://example.org/{long}"),
+                    PARENT,
+                    ("unix", "uid:1"),
+                ),
+            ),
+            (
+                "parent_id",
+                entry("spiffe://example.org/web", &long, ("unix", "uid:1")),
+            ),
+            (
+                "selector type",
+                entry("spiffe://example.org/web", PARENT, (&long, "v")),
+            ),
+            (
+                "selector value",
+                entry("spiffe://example.org/web", PARENT, ("unix", &long)),
+            ),
+            (
+                "selector value with a control character",
+                entry(
+                    "spiffe://example.org/web",
+                    PARENT,
+                    ("unix", &format!("\n{long}")),
+                ),
+            ),
+            (
+                "selector type with a bad character",
+                entry(
+                    "spiffe://example.org/web",
+                    PARENT,
+                    (&format!("!{}", &long[..60]), "v"),
+                ),
+            ),
+        ];
+        let mut e = ok();
+        e.dns_names = vec![long.clone()];
+        cases.push(("dns name", e));
+        let mut e = ok();
+        e.federates_with = vec![long.clone()];
+        cases.push(("federates_with", e));
+        let mut e = ok();
+        e.hint = long.clone();
+        cases.push(("hint", e));
+        for (what, e) in cases {
+            let err = svc
+                .create_entry(Request::new(pb::CreateEntryRequest {
+                    entry: Some(e.clone()),
+                }))
+                .await
+                .expect_err(what);
+            assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
+            assert_bounded(what, &err);
+            let batch = svc
+                .batch_create_entries(Request::new(pb::BatchCreateEntriesRequest {
+                    entries: vec![e],
+                }))
+                .await?
+                .into_inner();
+            assert_ne!(batch.results[0].code, 0, "{what}");
+            assert_bounded(
+                what,
+                &Status::new(
+                    Code::from(batch.results[0].code),
+                    batch.results[0].message.clone(),
+                ),
+            );
+        }
+
+        let err = svc
+            .get_entry(Request::new(pb::GetEntryRequest { id: long.clone() }))
+            .await
+            .expect_err("get");
+        assert_eq!(err.code(), Code::NotFound);
+        assert!(
+            err.message().contains("[truncated: 3000 chars in all]"),
+            "{err:?}"
+        );
+        assert_bounded("get_entry", &err);
+        let mut upd = ok();
+        upd.id = long.clone();
+        let err = svc
+            .update_entry(Request::new(pb::UpdateEntryRequest {
+                entry: Some(upd),
+                mask: None,
+            }))
+            .await
+            .expect_err("update");
+        assert_bounded("update_entry", &err);
+        let err = svc
+            .delete_entry(Request::new(pb::DeleteEntryRequest { id: long.clone() }))
+            .await
+            .expect_err("delete");
+        assert_bounded("delete_entry", &err);
+        let filter = pb::EntryFilter {
+            selectors: vec![pb::Selector {
+                r#type: long.clone(),
+                value: "v".into(),
+            }],
+            ..Default::default()
+        };
+        let err = svc
+            .list_entries(Request::new(pb::ListEntriesRequest {
+                filter: Some(filter),
+                ..Default::default()
+            }))
+            .await
+            .expect_err("filter");
+        assert_bounded("filter", &err);
+        for td in [long.clone(), format!("spiffe://other.org/{long}")] {
+            let err = svc
+                .set_federated_bundle(set_req(&td, pem("x")))
+                .await
+                .expect_err("trust domain");
+            assert_bounded("set_federated_bundle", &err);
+        }
+        for id in [long.clone(), format!("spiffe://example.org/{long}")] {
+            let err = svc
+                .evict_agent(Request::new(pb::EvictAgentRequest {
+                    spiffe_id: id.clone(),
+                }))
+                .await
+                .expect_err("evict");
+            assert_bounded("evict_agent", &err);
+            let err = svc
+                .create_join_token(Request::new(pb::CreateJoinTokenRequest {
+                    spiffe_id: id,
+                    ttl: 0,
+                }))
+                .await
+                .expect_err("token");
+            assert_bounded("create_join_token", &err);
+        }
         Ok(())
     }
 

@@ -4,17 +4,20 @@
 //!   payload, CSR), the [`Attestors`] registered for the method verify it (with challenges on
 //!   the same stream if the method needs them), and the agent receives its SVID
 //!   `spiffe://<td>/sigil/agent/<method>/<id>` and the trust bundle.
-//! - Every other RPC requires the agent's current X509-SVID as TLS client certificate, checked
-//!   by [`authenticate_agent`]: a known (not evicted), not banned agent presenting the serial the
-//!   server last issued to it. A renewed agent must reconnect with its new SVID: the old one is
-//!   refused as superseded.
+//! - Every other RPC requires the agent's X509-SVID as TLS client certificate, checked by
+//!   [`authenticate_agent`]: a known (not evicted), not banned agent presenting its current
+//!   serial or the one of its pending renewed SVID. A renewal records the new serial beside the
+//!   current one; the agent's first call with the new SVID makes it current, and from then on the
+//!   old one is refused as superseded. So an agent that could not store its renewed SVID (full
+//!   disk, a crash in between) goes on with the old one and renews again.
 //! - `RenewAgent` re-issues the agent SVID; `BatchSign` signs workload CSRs for entries the agent
 //!   is authorised for ([`crate::sync::is_authorized`]), one result per request; `MintJwtSvid`
 //!   mints a JWT-SVID for such an entry; `Sync` streams the authorised entries
 //!   ([`crate::sync::sync_stream`]).
 //!
 //! Status codes: no client SVID → Unauthenticated; unknown/evicted, banned or superseded agent,
-//! bad or used join token, entry not authorised → PermissionDenied; malformed input (CSR,
+//! bad or used join token, entry not authorised → PermissionDenied (the first three marked with
+//! an [`AgentRefusal`] in the metadata, so agents can tell them apart); malformed input (CSR,
 //! unsupported attestation type, empty audience) → InvalidArgument.
 
 use std::collections::HashMap;
@@ -27,6 +30,7 @@ use base64::Engine as _;
 use sigil::entry::RegistrationEntry;
 use sigil::proto::node as pb;
 use sigil::proto::node::node_server::Node;
+use sigil::proto::AgentRefusal;
 use sigil::tls::PeerSvid;
 use sigil::{Selector, SelectorSet, SpiffeId, TrustDomain};
 use tokio::sync::{mpsc, watch, Mutex};
@@ -38,7 +42,7 @@ use x509_parser::prelude::FromDer as _;
 use crate::api::admin::ds_status;
 use crate::attestor::{AttestError, Attestors, Challenger, AGENT_PATH_PREFIX};
 use crate::ca::{Ca, CaError};
-use crate::datastore::{AttestedAgent, Datastore, DatastoreError};
+use crate::datastore::{AttestedAgent, Datastore, DatastoreError, NewAgentSvid};
 use crate::metrics::Metrics;
 use crate::sync::SyncEvents;
 
@@ -58,9 +62,26 @@ pub const NOT_ATTESTED: &str =
 /// Message for a banned agent.
 pub const BANNED: &str =
     "agent is banned; an operator must remove the ban (evict the agent) before it may attest again";
-/// Message for an agent SVID that is not the latest one issued.
-pub const SUPERSEDED: &str =
-    "agent SVID has been superseded; reconnect with the most recently issued agent SVID";
+
+/// The refusal of an agent the datastore does not know.
+pub fn not_attested() -> Status {
+    AgentRefusal::Evicted.status(NOT_ATTESTED)
+}
+
+/// The refusal of a banned agent.
+pub fn banned() -> Status {
+    AgentRefusal::Banned.status(BANNED)
+}
+
+/// The refusal of an agent SVID (`serial`) that is neither the agent's current one nor its
+/// pending renewed one.
+pub fn superseded(serial: &str) -> Status {
+    AgentRefusal::Superseded.status(format!(
+        "agent SVID serial {} is not this agent's current one: it has been superseded by a later \
+         renewal or attestation; connect with the most recently issued agent SVID, or attest again",
+        sigil::text::echo(serial)
+    ))
+}
 
 /// What the node API needs from the rest of the server.
 pub struct NodeState {
@@ -165,8 +186,8 @@ fn check_csr(csr: &[u8]) -> Result<(), Status> {
 }
 
 /// Authenticates the caller of an mTLS RPC: `peer` must be an agent SVID of this trust domain,
-/// unexpired, of an agent the datastore knows, not banned, with the serial last issued to it.
-/// Returns the stored agent.
+/// unexpired, of an agent the datastore knows, not banned, with its current serial or the one
+/// of its pending renewed SVID, which this first use makes current. Returns the stored agent.
 pub async fn authenticate_agent(
     state: &NodeState,
     peer: Option<&PeerSvid>,
@@ -188,6 +209,46 @@ pub async fn authenticate_agent(
             "agent SVID has expired; reconnect with a current SVID or attest again",
         ));
     }
+    let agent = known_agent(state, id).await?;
+    if agent.x509_svid_serial == peer.serial_hex {
+        return Ok(agent);
+    }
+    let renewed = agent
+        .new_x509_svid
+        .as_ref()
+        .is_some_and(|n| n.serial == peer.serial_hex);
+    if renewed {
+        if state
+            .datastore
+            .promote_agent_svid(id, &peer.serial_hex)
+            .await
+            .map_err(ds_status)?
+        {
+            tracing::info!(
+                agent = %id,
+                serial = %peer.serial_hex,
+                previous_serial = %agent.x509_svid_serial,
+                "agent uses its renewed SVID; the previous one is refused from now on"
+            );
+        }
+        // Promoted by this call or a concurrent one, or banned or evicted meanwhile.
+        let agent = known_agent(state, id).await?;
+        if agent.x509_svid_serial == peer.serial_hex {
+            return Ok(agent);
+        }
+    }
+    tracing::info!(
+        agent = %id,
+        presented = %peer.serial_hex,
+        current = %agent.x509_svid_serial,
+        pending = ?agent.new_x509_svid.as_ref().map(|n| &n.serial),
+        "call with a superseded agent SVID refused"
+    );
+    Err(superseded(&peer.serial_hex))
+}
+
+/// The stored agent `id`: refused if unknown (evicted) or banned.
+async fn known_agent(state: &NodeState, id: &SpiffeId) -> Result<AttestedAgent, Status> {
     let agent = state
         .datastore
         .get_agent(id)
@@ -195,20 +256,11 @@ pub async fn authenticate_agent(
         .map_err(ds_status)?
         .ok_or_else(|| {
             tracing::info!(agent = %id, "call from an unknown or evicted agent refused");
-            Status::permission_denied(NOT_ATTESTED)
+            not_attested()
         })?;
     if agent.banned {
         tracing::info!(agent = %id, "call from a banned agent refused");
-        return Err(Status::permission_denied(BANNED));
-    }
-    if agent.x509_svid_serial != peer.serial_hex {
-        tracing::info!(
-            agent = %id,
-            presented = %peer.serial_hex,
-            current = %agent.x509_svid_serial,
-            "call with a superseded agent SVID refused"
-        );
-        return Err(Status::permission_denied(SUPERSEDED));
+        return Err(banned());
     }
     Ok(agent)
 }
@@ -251,7 +303,7 @@ pub async fn attest_with(
         .map_err(ds_status)?;
     if existing.as_ref().is_some_and(|a| a.banned) {
         tracing::warn!(agent = %agent_id, kind, "attestation of a banned agent refused");
-        return Err(Status::permission_denied(BANNED));
+        return Err(banned());
     }
     let svid = state
         .ca
@@ -269,6 +321,7 @@ pub async fn attest_with(
             attestation_type: kind.to_string(),
             x509_svid_serial: svid.serial_hex.clone(),
             x509_svid_expires_at: svid.not_after,
+            new_x509_svid: None,
             banned: false,
             selectors: node.selectors,
             created_at: existing.map_or(0, |a| a.created_at),
@@ -323,8 +376,9 @@ async fn create_node_alias(
     }
 }
 
-/// Re-issues the agent SVID of `peer` for the public key of `csr`; the old SVID is superseded
-/// from now on.
+/// Re-issues the agent SVID of `peer` for the public key of `csr`. The new SVID is recorded as
+/// pending beside the current one (replacing an earlier pending one the agent never used); the
+/// agent's first call with it supersedes the old one.
 pub async fn renew(
     state: &NodeState,
     agent_writes: &Mutex<()>,
@@ -338,35 +392,30 @@ pub async fn renew(
         .sign_x509_svid_csr(csr, &agent.spiffe_id, &[], None)
         .map_err(ca_status)?;
     state.metrics.x509_svids_signed.inc();
-    // Read again right before writing: an eviction or ban since the check must not be undone.
-    let current = state
+    // Recorded only if nothing changed since the check: an eviction, a ban or another
+    // attestation must not be undone.
+    let recorded = state
         .datastore
-        .get_agent(&agent.spiffe_id)
-        .await
-        .map_err(ds_status)?
-        .ok_or_else(|| Status::permission_denied(NOT_ATTESTED))?;
-    if current.banned {
-        return Err(Status::permission_denied(BANNED));
-    }
-    if current.x509_svid_serial != agent.x509_svid_serial {
-        return Err(Status::permission_denied(SUPERSEDED));
-    }
-    let previous = current.x509_svid_serial.clone();
-    state
-        .datastore
-        .upsert_agent(AttestedAgent {
-            x509_svid_serial: svid.serial_hex.clone(),
-            x509_svid_expires_at: svid.not_after,
-            ..current
-        })
+        .set_agent_new_svid(
+            &agent.spiffe_id,
+            &agent.x509_svid_serial,
+            NewAgentSvid {
+                serial: svid.serial_hex.clone(),
+                expires_at: svid.not_after,
+            },
+        )
         .await
         .map_err(ds_status)?;
+    if !recorded {
+        known_agent(state, &agent.spiffe_id).await?;
+        return Err(superseded(&agent.x509_svid_serial));
+    }
     tracing::info!(
         agent = %agent.spiffe_id,
         serial = %svid.serial_hex,
-        previous_serial = %previous,
+        current_serial = %agent.x509_svid_serial,
         expires_at = svid.not_after,
-        "agent SVID renewed"
+        "agent SVID renewed; the current one stays valid until the agent uses the new one"
     );
     Ok(pb::RenewAgentResponse {
         svid_chain: concat_der(&svid.chain_der),
@@ -967,10 +1016,15 @@ mod tests {
 
         let mut other = p.clone();
         other.serial_hex = "40".repeat(16);
+        let refused = f.agent(&other).await;
+        assert_refusal(&refused, AgentRefusal::Superseded);
         assert_status(
-            f.agent(&other).await,
+            refused,
             Code::PermissionDenied,
-            "agent SVID has been superseded",
+            &format!(
+                "agent SVID serial {} is not this agent's current one",
+                other.serial_hex
+            ),
         );
 
         let mut expired = p.clone();
@@ -997,17 +1051,37 @@ mod tests {
             .set_agent_banned(&id(AGENT), true)
             .await
             .unwrap();
-        assert_status(f.agent(&p).await, Code::PermissionDenied, "agent is banned");
+        let refused = f.agent(&p).await;
+        assert_refusal(&refused, AgentRefusal::Banned);
+        assert_status(refused, Code::PermissionDenied, "agent is banned");
         f.state.datastore.delete_agent(&id(AGENT)).await.unwrap();
+        let refused = f.agent(&p).await;
+        assert_refusal(&refused, AgentRefusal::Evicted);
         assert_status(
-            f.agent(&p).await,
+            refused,
             Code::PermissionDenied,
             "agent is not attested (evicted?)",
         );
     }
 
+    fn assert_refusal<T: std::fmt::Debug>(r: &Result<T, Status>, want: AgentRefusal) {
+        match r {
+            Err(s) => assert_eq!(AgentRefusal::of(s), Some(want), "{s:?}"),
+            Ok(v) => panic!("expected {want:?}, got {v:?}"),
+        }
+    }
+
+    async fn stored(f: &Fixture) -> AttestedAgent {
+        f.state
+            .datastore
+            .get_agent(&id(AGENT))
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
     #[tokio::test]
-    async fn renewal_supersedes_the_old_svid() {
+    async fn renewal_keeps_the_old_svid_until_the_new_one_is_used() {
         let f = fixture().await;
         let old = f.attested(None).await;
         assert_status(
@@ -1017,28 +1091,89 @@ mod tests {
         );
         // A failed renewal changes nothing.
         f.agent(&old).await.unwrap();
+        assert_eq!(stored(&f).await.new_x509_svid, None);
+
+        let r = renew(&f.state, &f.writes, Some(&old), &csr())
+            .await
+            .unwrap();
+        let lost = peer(&r.svid_chain);
+        assert_eq!(lost.spiffe_id, old.spiffe_id);
+        assert_ne!(lost.serial_hex, old.serial_hex);
+        let agent = stored(&f).await;
+        assert_eq!(agent.x509_svid_serial, old.serial_hex);
+        assert_eq!(
+            agent.new_x509_svid.map(|n| n.serial),
+            Some(lost.serial_hex.clone())
+        );
+        // The agent never stored that SVID (full disk, a crash): the old one still works, and
+        // renews again; the unused SVID is replaced.
+        f.agent(&old).await.unwrap();
         let r = renew(&f.state, &f.writes, Some(&old), &csr())
             .await
             .unwrap();
         let new = peer(&r.svid_chain);
-        assert_eq!(new.spiffe_id, old.spiffe_id);
-        assert_ne!(new.serial_hex, old.serial_hex);
+        assert_refusal(&f.agent(&lost).await, AgentRefusal::Superseded);
+        f.agent(&old).await.unwrap();
+        // The first call with the new SVID makes it current; the old one is refused from then.
+        let agent = f.agent(&new).await.unwrap();
+        assert_eq!(agent.x509_svid_serial, new.serial_hex);
+        let agent = stored(&f).await;
+        assert_eq!(agent.x509_svid_serial, new.serial_hex);
+        assert_eq!(agent.x509_svid_expires_at, new.not_after);
+        assert_eq!(agent.new_x509_svid, None);
         f.agent(&new).await.unwrap();
-        assert_status(f.agent(&old).await, Code::PermissionDenied, "superseded");
-        assert_status(
-            renew(&f.state, &f.writes, Some(&old), &csr()).await,
-            Code::PermissionDenied,
-            "superseded",
-        );
-        let stored = f
-            .state
-            .datastore
-            .get_agent(&id(AGENT))
+        assert_refusal(&f.agent(&old).await, AgentRefusal::Superseded);
+        let refused = renew(&f.state, &f.writes, Some(&old), &csr()).await;
+        assert_refusal(&refused, AgentRefusal::Superseded);
+        assert_status(refused, Code::PermissionDenied, "superseded");
+        // Renewing with the new one works as before.
+        let r = renew(&f.state, &f.writes, Some(&new), &csr())
             .await
-            .unwrap()
             .unwrap();
-        assert_eq!(stored.x509_svid_serial, new.serial_hex);
-        assert_eq!(stored.x509_svid_expires_at, new.not_after);
+        f.agent(&peer(&r.svid_chain)).await.unwrap();
+        assert_refusal(&f.agent(&new).await, AgentRefusal::Superseded);
+    }
+
+    #[tokio::test]
+    async fn eviction_and_ban_refuse_the_current_and_the_renewed_svid() {
+        let f = fixture().await;
+        let old = f.attested(None).await;
+        let r = renew(&f.state, &f.writes, Some(&old), &csr())
+            .await
+            .unwrap();
+        let new = peer(&r.svid_chain);
+        f.state
+            .datastore
+            .set_agent_banned(&id(AGENT), true)
+            .await
+            .unwrap();
+        for p in [&old, &new] {
+            assert_refusal(&f.agent(p).await, AgentRefusal::Banned);
+            assert_refusal(
+                &renew(&f.state, &f.writes, Some(p), &csr()).await,
+                AgentRefusal::Banned,
+            );
+        }
+        // Refusing the renewed SVID did not make it current.
+        assert_eq!(stored(&f).await.x509_svid_serial, old.serial_hex);
+        f.state.datastore.delete_agent(&id(AGENT)).await.unwrap();
+        for p in [&old, &new] {
+            assert_refusal(&f.agent(p).await, AgentRefusal::Evicted);
+        }
+        // Attesting again supersedes both, and any pending renewal.
+        let again = f.attested(None).await;
+        f.agent(&again).await.unwrap();
+        for p in [&old, &new] {
+            assert_refusal(&f.agent(p).await, AgentRefusal::Superseded);
+        }
+        let r = renew(&f.state, &f.writes, Some(&again), &csr())
+            .await
+            .unwrap();
+        let pending = peer(&r.svid_chain);
+        let reattested = f.attested(None).await;
+        assert_eq!(stored(&f).await.new_x509_svid, None);
+        assert_refusal(&f.agent(&pending).await, AgentRefusal::Superseded);
+        f.agent(&reattested).await.unwrap();
     }
 
     #[tokio::test]

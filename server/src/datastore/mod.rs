@@ -84,6 +84,11 @@ pub struct AttestedAgent {
     pub x509_svid_serial: String,
     /// Expiry of that SVID, Unix seconds.
     pub x509_svid_expires_at: i64,
+    /// A renewed SVID the agent has not used yet. Until it does, the current SVID stays valid
+    /// too, so an agent that fails to store its renewed SVID (full disk, a crash) goes on with
+    /// the old one; the first call with the new one makes it current
+    /// ([`Datastore::promote_agent_svid`]).
+    pub new_x509_svid: Option<NewAgentSvid>,
     /// Banned agents are refused and may not re-attest.
     pub banned: bool,
     /// Node selectors from attestation.
@@ -92,6 +97,15 @@ pub struct AttestedAgent {
     pub created_at: i64,
     /// Unix seconds.
     pub updated_at: i64,
+}
+
+/// A renewed agent SVID waiting for its first use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewAgentSvid {
+    /// Hex serial.
+    pub serial: String,
+    /// Expiry, Unix seconds.
+    pub expires_at: i64,
 }
 
 /// A single-use join token.
@@ -169,8 +183,24 @@ pub trait Datastore: Send + Sync + 'static {
     /// Entries created/updated and ids deleted after `revision`, and the current revision.
     async fn entry_changes_since(&self, revision: i64) -> Result<EntryChanges, DatastoreError>;
 
-    /// Creates or replaces an agent record (keyed by SPIFFE ID).
+    /// Creates or replaces an agent record (keyed by SPIFFE ID), including its pending renewed
+    /// SVID (an attestation passes `None`: a new attestation supersedes any renewal).
     async fn upsert_agent(&self, agent: AttestedAgent) -> Result<(), DatastoreError>;
+
+    /// Records a renewed SVID of agent `id` beside its current one (replacing an earlier pending
+    /// one), if the agent exists, is not banned and its current serial is still
+    /// `current_serial`; returns whether it was recorded.
+    async fn set_agent_new_svid(
+        &self,
+        id: &SpiffeId,
+        current_serial: &str,
+        new: NewAgentSvid,
+    ) -> Result<bool, DatastoreError>;
+
+    /// Makes the pending renewed SVID with `serial` agent `id`'s current one (the previous one
+    /// is refused from then on), if the agent is not banned; returns whether it did.
+    async fn promote_agent_svid(&self, id: &SpiffeId, serial: &str)
+        -> Result<bool, DatastoreError>;
 
     /// The agent with this ID, if any.
     async fn get_agent(&self, id: &SpiffeId) -> Result<Option<AttestedAgent>, DatastoreError>;

@@ -28,8 +28,8 @@ use sigil::entry::RegistrationEntry;
 use sigil::{Selector, SelectorSet, SpiffeId, TrustDomain};
 
 use super::{
-    AttestedAgent, Datastore, DatastoreError, EntryChanges, EntryFilter, JoinToken, Page,
-    SelectorMatch, StoredBundle,
+    AttestedAgent, Datastore, DatastoreError, EntryChanges, EntryFilter, JoinToken, NewAgentSvid,
+    Page, SelectorMatch, StoredBundle,
 };
 
 /// Page size used when the caller asks for 0.
@@ -42,6 +42,19 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_IDLE_READERS: usize = 4;
 
 type Result<T, E = DatastoreError> = std::result::Result<T, E>;
+
+/// What the caller knows about the database file before opening it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Expect {
+    /// Nothing: a missing file, or an empty one (left by a first start that stopped right after
+    /// creating it), becomes a new, empty database.
+    #[default]
+    Any,
+    /// The server has run here before (its CA keys exist), so the database holds its data: an
+    /// existing empty file means that data was lost and is refused. A missing file is still
+    /// created (moving a damaged file aside is how an operator starts over).
+    Data,
+}
 
 /// The SQLite implementation of [`Datastore`]. Cheap to share behind an `Arc`.
 pub struct SqliteDatastore {
@@ -66,8 +79,13 @@ impl SqliteDatastore {
     /// Opens (creating if needed) the database at `path` and migrates it to the current schema,
     /// on the blocking pool. See [`SqliteDatastore::open_blocking`].
     pub async fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, Expect::Any).await
+    }
+
+    /// [`SqliteDatastore::open`] with what the caller knows about the file (see [`Expect`]).
+    pub async fn open_with(path: &Path, expect: Expect) -> Result<Self> {
         let path = path.to_path_buf();
-        tokio::task::spawn_blocking(move || Self::open_blocking(&path))
+        tokio::task::spawn_blocking(move || Self::open_blocking_with(&path, expect))
             .await
             .map_err(|e| DatastoreError::Backend(format!("opening the datastore: {e}")))?
     }
@@ -76,11 +94,35 @@ impl SqliteDatastore {
     ///
     /// A missing parent directory is created with mode 0700 and a new database file with mode
     /// 0600. A file that is not a Sigil database (another format, truncated, another
-    /// application's SQLite file) or whose schema is newer than this code is refused with an
-    /// error naming the path. Blocks: from async code use [`SqliteDatastore::open`].
+    /// application's SQLite file), that SQLite's `quick_check` finds damaged, or whose schema is
+    /// newer than this code is refused with an error naming the path. Blocks: from async code
+    /// use [`SqliteDatastore::open`].
     pub fn open_blocking(path: &Path) -> Result<Self> {
-        prepare_file(path)?;
+        Self::open_blocking_with(path, Expect::Any)
+    }
+
+    /// [`SqliteDatastore::open_blocking`] with what the caller knows about the file (see
+    /// [`Expect`]).
+    pub fn open_blocking_with(path: &Path, expect: Expect) -> Result<Self> {
+        match prepare_file(path)? {
+            FileState::Created => {}
+            FileState::Existed { len: 0 } if expect == Expect::Data => {
+                return Err(DatastoreError::Corrupt(format!(
+                    "{} is empty (0 bytes), but this server has run before (its CA keys exist): \
+                     its entries, agents and join tokens were lost (a disk or filesystem failure, \
+                     or a copy or restore that did not finish); restore the file from a backup, \
+                     or, to start over without them (every agent must then attest again), \
+                     delete it together with its -wal and -shm files",
+                    path.display()
+                )));
+            }
+            FileState::Existed { len: 0 } => {
+                tracing::info!(path = %path.display(), "datastore file is empty; creating the schema");
+            }
+            FileState::Existed { .. } => {}
+        }
         let mut writer = open_connection(path)?;
+        quick_check(&writer, path)?;
         // Persistent, but must be set from a write connection; the returned mode confirms it.
         let mode: String = writer
             .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
@@ -158,9 +200,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 // ---------------------------------------------------------------------------------------------
 // Opening
 
+/// Whether [`prepare_file`] created the database file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FileState {
+    /// Created just now (empty).
+    Created,
+    /// It was there, with this many bytes.
+    Existed { len: u64 },
+}
+
 /// Creates the parent directory (0700) and an empty database file (0600) when missing, and makes
 /// their directory entries durable (SQLite syncs the WAL's directory entry, not the main file's).
-fn prepare_file(path: &Path) -> Result<()> {
+fn prepare_file(path: &Path) -> Result<FileState> {
     let io_err = |what: &str, e: std::io::Error| {
         DatastoreError::Backend(format!("{what} {}: {e}", path.display()))
     };
@@ -205,6 +256,7 @@ fn prepare_file(path: &Path) -> Result<()> {
             for dir in dirs {
                 sync_dir(dir).map_err(|e| io_err("syncing the directory of", e))?;
             }
+            Ok(FileState::Created)
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             let meta = fs::metadata(path).map_err(|e| io_err("reading", e))?;
@@ -218,10 +270,49 @@ fn prepare_file(path: &Path) -> Result<()> {
                     "datastore file is accessible to group/others; consider chmod 600"
                 );
             }
+            Ok(FileState::Existed { len: meta.len() })
         }
-        Err(e) => return Err(io_err("creating", e)),
+        Err(e) => Err(io_err("creating", e)),
     }
-    Ok(())
+}
+
+/// Most problems `quick_check` reports that are quoted in the error.
+const MAX_CHECK_PROBLEMS: usize = 3;
+
+/// Runs SQLite's `PRAGMA quick_check` (the structure of every table and index, without
+/// comparing index contents to their tables), so a damaged file is refused at start rather than
+/// failing on whichever request reaches the damaged page first.
+fn quick_check(conn: &Connection, path: &Path) -> Result<()> {
+    let started = std::time::Instant::now();
+    let problems = conn
+        .prepare("PRAGMA quick_check")
+        .and_then(|mut st| {
+            st.query_map([], |r| r.get::<_, String>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .map_err(|e| corrupt_at_open(path, e))?;
+    if problems.len() == 1 && problems[0] == "ok" {
+        tracing::debug!(path = %path.display(), elapsed_ms = started.elapsed().as_millis() as u64, "datastore quick_check passed");
+        return Ok(());
+    }
+    let shown: Vec<String> = problems
+        .iter()
+        .take(MAX_CHECK_PROBLEMS)
+        .map(|p| sigil::text::echo(p).into_owned())
+        .collect();
+    let more = problems.len().saturating_sub(MAX_CHECK_PROBLEMS);
+    Err(invalid_db(
+        path,
+        format!(
+            "it is damaged: SQLite's quick_check found {}{}",
+            shown.join("; "),
+            if more > 0 {
+                format!(" (and {more} more problems)")
+            } else {
+                String::new()
+            }
+        ),
+    ))
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
@@ -262,6 +353,11 @@ fn invalid_db(path: &Path, why: impl fmt::Display) -> DatastoreError {
 }
 
 fn corrupt_at_open(path: &Path, e: rusqlite::Error) -> DatastoreError {
+    if let rusqlite::Error::SqliteFailure(f, _) = &e {
+        if f.code == ErrorCode::DatabaseCorrupt {
+            return invalid_db(path, format!("it is damaged: {e}"));
+        }
+    }
     match map_err(e) {
         DatastoreError::Corrupt(msg) => invalid_db(path, msg),
         other => other,
@@ -756,7 +852,10 @@ fn update_entry_conn(
         .query_row([&entry.id], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
     let Some((seq, created_at)) = stored else {
-        return Err(DatastoreError::NotFound(format!("entry {:?}", entry.id)));
+        return Err(DatastoreError::NotFound(format!(
+            "entry {:?}",
+            sigil::text::echo(&entry.id)
+        )));
     };
     let key = reg_key(&entry);
     if let Some(other) = find_registration(&tx, &key, Some(&entry.id))? {
@@ -795,7 +894,10 @@ fn update_entry_conn(
 fn delete_entry_conn(conn: &mut Connection, id: &str, now: i64) -> Result<RegistrationEntry> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let Some((seq, entry)) = get_entry_conn(&tx, id)? else {
-        return Err(DatastoreError::NotFound(format!("entry {id:?}")));
+        return Err(DatastoreError::NotFound(format!(
+            "entry {:?}",
+            sigil::text::echo(id)
+        )));
     };
     let rev = current_revision(&tx)? + 1;
     // entry_selectors rows go with it (ON DELETE CASCADE).
@@ -842,7 +944,7 @@ fn entry_changes_conn(conn: &mut Connection, since: i64) -> Result<EntryChanges>
 // Agents
 
 const AGENT_COLUMNS: &str = "seq, spiffe_id, attestation_type, serial, expires_at, banned, \
-     selectors, created_at, updated_at";
+     selectors, created_at, updated_at, new_serial, new_expires_at";
 
 struct AgentRow {
     seq: i64,
@@ -854,6 +956,8 @@ struct AgentRow {
     selectors: String,
     created_at: i64,
     updated_at: i64,
+    new_serial: Option<String>,
+    new_expires_at: Option<i64>,
 }
 
 impl AgentRow {
@@ -868,6 +972,8 @@ impl AgentRow {
             selectors: r.get(6)?,
             created_at: r.get(7)?,
             updated_at: r.get(8)?,
+            new_serial: r.get(9)?,
+            new_expires_at: r.get(10)?,
         })
     }
 
@@ -884,6 +990,16 @@ impl AgentRow {
             .map(|s| Selector::parse(s))
             .collect::<Result<SelectorSet, _>>()
             .map_err(|e| bad("selectors", e.to_string()))?;
+        let new_x509_svid = match (self.new_serial, self.new_expires_at) {
+            (None, None) => None,
+            (Some(serial), Some(expires_at)) => Some(NewAgentSvid { serial, expires_at }),
+            _ => {
+                return Err(bad(
+                    "new_serial",
+                    "set without new_expires_at or the other way round".into(),
+                ))
+            }
+        };
         Ok((
             self.seq,
             AttestedAgent {
@@ -891,6 +1007,7 @@ impl AgentRow {
                 attestation_type: self.attestation_type,
                 x509_svid_serial: self.serial,
                 x509_svid_expires_at: self.expires_at,
+                new_x509_svid,
                 banned: self.banned != 0,
                 selectors,
                 created_at: self.created_at,
@@ -1100,13 +1217,19 @@ impl Datastore for SqliteDatastore {
             } else {
                 now
             };
+            let (new_serial, new_expires_at) = agent
+                .new_x509_svid
+                .map(|n| (n.serial, n.expires_at))
+                .unzip();
             conn.prepare_cached(
                 "INSERT INTO agents (spiffe_id, attestation_type, serial, expires_at, banned, \
-                 selectors, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+                 selectors, created_at, updated_at, new_serial, new_expires_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
                  ON CONFLICT (spiffe_id) DO UPDATE SET \
                  attestation_type = excluded.attestation_type, serial = excluded.serial, \
                  expires_at = excluded.expires_at, banned = (banned OR excluded.banned), \
-                 selectors = excluded.selectors, updated_at = excluded.updated_at",
+                 selectors = excluded.selectors, updated_at = excluded.updated_at, \
+                 new_serial = excluded.new_serial, new_expires_at = excluded.new_expires_at",
             )?
             .execute(params![
                 agent.spiffe_id.to_string(),
@@ -1117,8 +1240,45 @@ impl Datastore for SqliteDatastore {
                 to_json(&selectors)?,
                 created_at,
                 now,
+                new_serial,
+                new_expires_at,
             ])?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn set_agent_new_svid(
+        &self,
+        id: &SpiffeId,
+        current_serial: &str,
+        new: NewAgentSvid,
+    ) -> Result<bool> {
+        let (id, current) = (id.to_string(), current_serial.to_string());
+        self.write(move |conn| {
+            let n = conn
+                .prepare_cached(
+                    "UPDATE agents SET new_serial = ?3, new_expires_at = ?4, updated_at = ?5 \
+                     WHERE spiffe_id = ?1 AND serial = ?2 AND banned = 0",
+                )?
+                .execute(params![id, current, new.serial, new.expires_at, unix_now()])?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn promote_agent_svid(&self, id: &SpiffeId, serial: &str) -> Result<bool> {
+        let (id, serial) = (id.to_string(), serial.to_string());
+        self.write(move |conn| {
+            let n = conn
+                .prepare_cached(
+                    "UPDATE agents SET serial = new_serial, expires_at = new_expires_at, \
+                     new_serial = NULL, new_expires_at = NULL, updated_at = ?3 \
+                     WHERE spiffe_id = ?1 AND new_serial = ?2 AND new_expires_at IS NOT NULL \
+                     AND banned = 0",
+                )?
+                .execute(params![id, serial, unix_now()])?;
+            Ok(n == 1)
         })
         .await
     }
@@ -2026,6 +2186,101 @@ mod tests {
         Ok(())
     }
 
+    /// A database with 300 entries (several pages), closed (checkpointed: no WAL left).
+    fn filled_database(path: &Path) -> TestResult {
+        let ds = SqliteDatastore::open_blocking(path)?;
+        let rt = tokio::runtime::Builder::new_current_thread().build()?;
+        rt.block_on(async {
+            let batch = (0..300)
+                .map(|i| entry(&format!("/w/{i}"), "/p", &[&format!("t:{i}")]))
+                .collect();
+            create_all(&ds, batch).await
+        })?;
+        drop(ds);
+        assert!(
+            !path.with_extension("sqlite3-wal").exists(),
+            "WAL checkpointed"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn damaged_files_are_refused_at_open() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let good = dir.path().join("good.sqlite3");
+        filled_database(&good)?;
+        let bytes = fs::read(&good)?;
+        let page = 4096;
+        assert!(bytes.len() >= 8 * page, "{} bytes", bytes.len());
+        // The good file passes (and keeps passing after a reopen).
+        drop(SqliteDatastore::open_blocking(&good)?);
+
+        let mut damaged = Vec::new();
+        // Cut short: the header promises pages that are gone.
+        let cut = dir.path().join("cut.sqlite3");
+        fs::write(&cut, &bytes[..bytes.len() / 2])?;
+        damaged.push(cut);
+        // A b-tree page in the middle overwritten with garbage.
+        let mut garbled = bytes.clone();
+        let middle = (bytes.len() / page / 2) * page;
+        for (i, b) in garbled[middle..middle + page].iter_mut().enumerate() {
+            *b = (i * 7 + 13) as u8;
+        }
+        let garbage = dir.path().join("garbage.sqlite3");
+        fs::write(&garbage, &garbled)?;
+        damaged.push(garbage);
+        for path in damaged {
+            let before = fs::read(&path)?;
+            let err = SqliteDatastore::open_blocking(&path).expect_err("damaged file opened");
+            let msg = err.to_string();
+            assert!(matches!(err, DatastoreError::Corrupt(_)), "{err:?}");
+            assert!(
+                msg.contains(&path.display().to_string())
+                    && msg.contains("damaged")
+                    && msg.contains("backup"),
+                "{msg}"
+            );
+            assert!(msg.len() < 2048, "{msg}");
+            assert_eq!(fs::read(&path)?, before, "a refused file is left as it was");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn empty_file_is_refused_when_the_server_has_run_before() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        // Missing: created, whatever is expected.
+        let fresh = dir.path().join("fresh.sqlite3");
+        drop(SqliteDatastore::open_blocking_with(&fresh, Expect::Data)?);
+        assert!(fs::metadata(&fresh)?.len() > 0);
+
+        // A store that held data, now 0 bytes (the WAL and SHM gone with it).
+        let lost = dir.path().join("lost.sqlite3");
+        filled_database(&lost)?;
+        fs::write(&lost, b"")?;
+        let _ = fs::remove_file(lost.with_extension("sqlite3-shm"));
+        let err = SqliteDatastore::open_blocking_with(&lost, Expect::Data).expect_err("empty");
+        let msg = err.to_string();
+        assert!(matches!(err, DatastoreError::Corrupt(_)), "{err:?}");
+        assert!(
+            msg.contains(&lost.display().to_string())
+                && msg.contains("empty (0 bytes)")
+                && msg.contains("backup")
+                && msg.contains("-wal"),
+            "{msg}"
+        );
+        assert_eq!(fs::metadata(&lost)?.len(), 0, "left as it was");
+        // Nothing says data should be there (a first start that stopped after creating the
+        // file): it becomes a new database.
+        let ds = SqliteDatastore::open_blocking_with(&lost, Expect::Any)?;
+        let rt = tokio::runtime::Builder::new_current_thread().build()?;
+        assert_eq!(rt.block_on(ds.count_entries(&EntryFilter::default()))?, 0);
+        drop(ds);
+        // Now a valid (empty) database: opened when data is expected too.
+        drop(SqliteDatastore::open_blocking_with(&lost, Expect::Data)?);
+        Ok(())
+    }
+
     #[tokio::test]
     async fn corrupt_rows_are_errors_not_panics() -> TestResult {
         let (_dir, ds) = open_tmp().await?;
@@ -2111,11 +2366,100 @@ mod tests {
             attestation_type: "join_token".into(),
             x509_svid_serial: "0a1b".into(),
             x509_svid_expires_at: 1_900_000_000,
+            new_x509_svid: None,
             banned: false,
             selectors: sels(&["join_token:abc"]),
             created_at: 0,
             updated_at: 0,
         }
+    }
+
+    #[tokio::test]
+    async fn renewed_agent_svid_waits_beside_the_current_one_until_promoted() -> TestResult {
+        let (_dir, ds) = open_tmp().await?;
+        let a = id("/agent/1");
+        let new = |serial: &str| NewAgentSvid {
+            serial: serial.into(),
+            expires_at: 1_950_000_000,
+        };
+        assert!(
+            !ds.set_agent_new_svid(&a, "0a1b", new("0c")).await?,
+            "no agent"
+        );
+        ds.upsert_agent(agent("/agent/1")).await?;
+        assert_eq!(ds.get_agent(&a).await?.ok_or("agent")?.new_x509_svid, None);
+        // Only on top of the serial the caller authenticated with.
+        assert!(!ds.set_agent_new_svid(&a, "ffff", new("0c")).await?);
+        assert!(ds.set_agent_new_svid(&a, "0a1b", new("0c")).await?);
+        let got = ds.get_agent(&a).await?.ok_or("agent")?;
+        assert_eq!(got.x509_svid_serial, "0a1b", "the current one stays");
+        assert_eq!(got.new_x509_svid, Some(new("0c")));
+        // A second renewal from the current SVID replaces the unused one; it survives a reopen.
+        assert!(ds.set_agent_new_svid(&a, "0a1b", new("0d")).await?);
+        let path = ds.path().to_path_buf();
+        drop(ds);
+        let ds = SqliteDatastore::open(&path).await?;
+        assert_eq!(
+            ds.get_agent(&a).await?.ok_or("agent")?.new_x509_svid,
+            Some(new("0d"))
+        );
+        // Promotion: only the pending serial, once.
+        assert!(!ds.promote_agent_svid(&a, "0c").await?);
+        assert!(!ds.promote_agent_svid(&a, "0a1b").await?);
+        assert!(ds.promote_agent_svid(&a, "0d").await?);
+        let got = ds.get_agent(&a).await?.ok_or("agent")?;
+        assert_eq!(got.x509_svid_serial, "0d");
+        assert_eq!(got.x509_svid_expires_at, 1_950_000_000);
+        assert_eq!(got.new_x509_svid, None);
+        assert!(!ds.promote_agent_svid(&a, "0d").await?);
+        // An attestation (upsert) replaces a pending renewal.
+        assert!(ds.set_agent_new_svid(&a, "0d", new("0e")).await?);
+        ds.upsert_agent(agent("/agent/1")).await?;
+        assert_eq!(ds.get_agent(&a).await?.ok_or("agent")?.new_x509_svid, None);
+        // Banned: neither recorded nor promoted.
+        assert!(ds.set_agent_new_svid(&a, "0a1b", new("0f")).await?);
+        ds.set_agent_banned(&a, true).await?;
+        assert!(!ds.promote_agent_svid(&a, "0f").await?);
+        assert!(!ds.set_agent_new_svid(&a, "0a1b", new("10")).await?);
+        assert_eq!(
+            ds.get_agent(&a).await?.ok_or("agent")?.x509_svid_serial,
+            "0a1b"
+        );
+        // Evicted: both gone.
+        ds.delete_agent(&a).await?;
+        assert!(!ds.promote_agent_svid(&a, "0f").await?);
+        assert_eq!(ds.get_agent(&a).await?, None);
+        // Half a pending SVID is corruption, not a panic.
+        ds.upsert_agent(agent("/agent/1")).await?;
+        Connection::open(ds.path())?.execute("UPDATE agents SET new_serial = '01'", [])?;
+        assert!(matches!(
+            ds.get_agent(&a).await,
+            Err(DatastoreError::Corrupt(_))
+        ));
+        Ok(())
+    }
+
+    #[test]
+    fn version_2_agents_are_migrated_without_a_pending_svid() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("ds.sqlite3");
+        {
+            prepare_file(&path)?;
+            let mut conn = open_connection(&path)?;
+            migrations::migrate(&mut conn, &path, &migrations::MIGRATIONS[..2])?;
+            conn.execute(
+                "INSERT INTO agents (spiffe_id, attestation_type, serial, expires_at, \
+                 created_at, updated_at) VALUES ('spiffe://example.org/agent/1', 'join_token', \
+                 '0a1b', 1900000000, 1, 1)",
+                [],
+            )?;
+        }
+        let ds = SqliteDatastore::open_blocking(&path)?;
+        let rt = tokio::runtime::Builder::new_current_thread().build()?;
+        let got = rt.block_on(ds.get_agent(&id("/agent/1")))?.ok_or("agent")?;
+        assert_eq!(got.x509_svid_serial, "0a1b");
+        assert_eq!(got.new_x509_svid, None);
+        Ok(())
     }
 
     #[tokio::test]

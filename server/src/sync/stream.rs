@@ -625,14 +625,12 @@ impl Syncer {
     /// The agent's current record; `PermissionDenied` if it was evicted or banned.
     async fn check_agent(&self) -> Result<AttestedAgent, Status> {
         match self.ds.get_agent(&self.agent_id).await.map_err(ds_status)? {
-            None => Err(Status::permission_denied(format!(
+            None => Err(sigil::proto::AgentRefusal::Evicted.status(format!(
                 "agent {} is not attested (evicted?): attest again",
                 self.agent_id
             ))),
-            Some(a) if a.banned => Err(Status::permission_denied(format!(
-                "agent {} is banned",
-                self.agent_id
-            ))),
+            Some(a) if a.banned => Err(sigil::proto::AgentRefusal::Banned
+                .status(format!("agent {} is banned", self.agent_id))),
             Some(a) => Ok(a),
         }
     }

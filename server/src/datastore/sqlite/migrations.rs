@@ -16,7 +16,7 @@ use crate::datastore::DatastoreError;
 pub(super) const APPLICATION_ID: i32 = 0x5349_474c;
 
 /// The migrations, in order; the schema version is the number applied.
-pub(super) const MIGRATIONS: &[&str] = &[V1, V2];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3];
 
 /// Version 1: entries (+ selectors, tombstones, revision counter), agents, join tokens, bundles.
 const V1: &str = r#"
@@ -118,6 +118,15 @@ CREATE TABLE federated_bundles (
     sequence      INTEGER NOT NULL,
     updated_at    INTEGER NOT NULL
 ) STRICT;
+"#;
+
+/// Version 3: an agent's renewed SVID that it has not used yet.
+const V3: &str = r#"
+-- Set by a renewal, beside the current serial: both are accepted until the agent first calls
+-- with the new one, which then moves into serial/expires_at (SPIRE's NewCertSerialNumber).
+-- An agent that could not store its renewed SVID thus goes on with the old one.
+ALTER TABLE agents ADD COLUMN new_serial TEXT;
+ALTER TABLE agents ADD COLUMN new_expires_at INTEGER;
 "#;
 
 /// Brings the database at `path` to the newest schema in `migrations`, one transaction per

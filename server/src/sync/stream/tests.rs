@@ -69,6 +69,7 @@ impl Fixture {
             spiffe_id: id(path),
             attestation_type: "join_token".into(),
             x509_svid_serial: "01".into(),
+            new_x509_svid: None,
             x509_svid_expires_at: i64::MAX,
             banned: false,
             selectors: sels(selectors),
