@@ -584,6 +584,7 @@ fn an_expiring_ca_is_reported_and_causes_no_signing_storm() {
     let rotation_errors = server_log.matches("server SVID rotation failed").count();
     assert!(rotation_errors <= 2, "{server_log}");
     assert!(agent.stop().success());
+}
 
 /// The agent SVID's serial as the server has it (`agent show`).
 fn server_serial(server: &Server, agent_id: &str) -> String {
