@@ -15,6 +15,7 @@
 //! - [`logging`]: `tracing` set-up (text or JSON).
 //! - [`proto`]: generated code for the Workload, node and admin APIs.
 //! - [`uds`]: gRPC over Unix sockets (client connector, peer credentials).
+//! - [`text`]: untrusted input shown in messages (cut when long).
 //! - [`tls`]: SPIFFE mutual TLS (rustls): swappable identity and trust bundle, SPIFFE-ID
 //!   verifiers, a TLS accept stream for tonic, a TLS client channel, the peer's SVID.
 
@@ -32,6 +33,7 @@ pub mod logging;
 pub mod proto;
 pub mod selector;
 pub mod spiffe_id;
+pub mod text;
 pub mod tls;
 pub mod ttl;
 pub mod uds;

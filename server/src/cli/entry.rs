@@ -231,6 +231,35 @@ fn parse_selectors(flag: &str, v: &[String]) -> anyhow::Result<Vec<pb::Selector>
         .collect()
 }
 
+/// Selectors of an entry being created or updated: parsed, then checked against what Sigil's
+/// attestors produce (the server checks the same; checking here names the flag).
+fn parse_registration_selectors(flag: &str, v: &[String]) -> anyhow::Result<Vec<pb::Selector>> {
+    v.iter()
+        .map(|s| {
+            let sel = Selector::parse(s).map_err(|e| anyhow::anyhow!("invalid {flag}: {e}"))?;
+            sel.check_registrable()
+                .map_err(|e| anyhow::anyhow!("invalid {flag}: {e}"))?;
+            Ok(sigil::entry::selector_to_proto(&sel))
+        })
+        .collect()
+}
+
+/// Prints, once per selector type, a warning for the types no Sigil attestor produces: the
+/// server accepts them (SPIRE plug-ins add types) but no Sigil agent will ever report them.
+fn warn_unknown_selector_types(entries: &[pb::Entry]) {
+    let mut seen = std::collections::BTreeSet::new();
+    for s in entries.iter().flat_map(|e| &e.selectors) {
+        let Ok(sel) = Selector::new(&s.r#type, &s.value) else {
+            continue;
+        };
+        if sel.check_registrable() == Ok(sigil::selector::Registrable::UnknownType)
+            && seen.insert(sel.kind().to_string())
+        {
+            eprintln!("warning: {}", sigil::selector::unknown_type_warning(&sel));
+        }
+    }
+}
+
 fn parse_ttl(flag: &str, s: &str) -> anyhow::Result<i64> {
     sigil::ttl::parse(s)
         .map(|d| d.as_secs() as i64)
@@ -262,7 +291,7 @@ fn entry_from_fields(f: &EntryFields) -> anyhow::Result<pb::Entry> {
     Ok(pb::Entry {
         spiffe_id,
         parent_id,
-        selectors: parse_selectors("--selector", &f.selectors)?,
+        selectors: parse_registration_selectors("--selector", &f.selectors)?,
         x509_svid_ttl: f
             .x509_ttl
             .as_deref()
@@ -311,7 +340,8 @@ fn entry_from_data(i: usize, d: DataEntry) -> anyhow::Result<pb::Entry> {
     Ok(pb::Entry {
         spiffe_id,
         parent_id,
-        selectors: parse_selectors("selectors", &selectors).with_context(|| at("selectors"))?,
+        selectors: parse_registration_selectors("selectors", &selectors)
+            .with_context(|| at("selectors"))?,
         x509_svid_ttl: ttl("x509_svid_ttl", d.x509_svid_ttl)?,
         jwt_svid_ttl: ttl("jwt_svid_ttl", d.jwt_svid_ttl)?,
         dns_names: d.dns_names,
@@ -353,6 +383,7 @@ async fn create(a: CreateArgs) -> anyhow::Result<()> {
         Some(path) => read_data(path)?,
         None => vec![entry_from_fields(&a.fields)?],
     };
+    warn_unknown_selector_types(&entries);
     let mut client = connect(&a.common.admin_socket).await?;
     let total = entries.len();
     let mut results = Vec::with_capacity(total);
@@ -546,7 +577,7 @@ async fn update(a: UpdateArgs) -> anyhow::Result<()> {
         mask.parent_id = true;
     }
     if !f.selectors.is_empty() {
-        entry.selectors = parse_selectors("--selector", &f.selectors)?;
+        entry.selectors = parse_registration_selectors("--selector", &f.selectors)?;
         mask.selectors = true;
     }
     if let Some(t) = &f.x509_ttl {
@@ -582,6 +613,7 @@ async fn update(a: UpdateArgs) -> anyhow::Result<()> {
             "nothing to update: give at least one field flag (e.g. --selector, --x509-ttl, --hint)"
         );
     }
+    warn_unknown_selector_types(std::slice::from_ref(&entry));
     let mut client = connect(&a.common.admin_socket).await?;
     let updated = client
         .update_entry(pb::UpdateEntryRequest {
