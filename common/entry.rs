@@ -219,8 +219,12 @@ fn ttl_from_proto(secs: i64) -> Result<Option<Duration>, String> {
 }
 
 fn validate_dns_name(name: &str) -> Result<(), String> {
-    let bad =
-        || format!("{name:?} is not a DNS name (letters, digits, '-', '.', optional leading '*.')");
+    let bad = || {
+        format!(
+            "{} is not a DNS name (letters, digits, '-', '.', optional leading '*.')",
+            crate::text::quote_for_display(name)
+        )
+    };
     let body = name.strip_prefix("*.").unwrap_or(name);
     if body.is_empty() || name.len() > 253 {
         return Err(bad());

@@ -16,6 +16,8 @@
 //! - [`proto`]: generated code for the Workload, node and admin APIs.
 //! - [`uds`]: gRPC over Unix sockets (client connector, peer credentials).
 //! - [`text`]: untrusted input shown in messages (cut when long).
+//! - [`socket_api`]: the command lines' side of the local sockets: clear connect errors, and
+//!   which API a socket serves when it is not the one expected.
 //! - [`tls`]: SPIFFE mutual TLS (rustls): swappable identity and trust bundle, SPIFFE-ID
 //!   verifiers, a TLS accept stream for tonic, a TLS client channel, the peer's SVID.
 
@@ -32,6 +34,7 @@ pub mod limits;
 pub mod logging;
 pub mod proto;
 pub mod selector;
+pub mod socket_api;
 pub mod spiffe_id;
 pub mod text;
 pub mod tls;

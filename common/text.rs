@@ -24,9 +24,64 @@ pub fn quote_for_display(s: &str) -> String {
     }
 }
 
+/// An error and its causes on one line, `outer: cause: root cause`, as `{:#}` prints an
+/// `anyhow::Error`, except that a cause already shown is not repeated: many errors print their
+/// source in their own message and also return it as `source()`, which would otherwise give
+/// `Is a directory (os error 21): Is a directory (os error 21)`.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An error whose message includes its source, and that returns it as `source()` too.
+    #[derive(Debug, thiserror::Error)]
+    #[error("reading {path}: {source}")]
+    struct Reading {
+        path: &'static str,
+        source: std::io::Error,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("loading the agent state")]
+    struct Loading(#[source] Reading);
+
+    #[test]
+    fn causes_are_shown_once() {
+        let io = std::io::Error::from_raw_os_error(21);
+        let shown = io.to_string();
+        let e = Loading(Reading {
+            path: "/x/agent_svid.pem",
+            source: io,
+        });
+        let line = error_chain(&e);
+        assert_eq!(
+            line,
+            format!("loading the agent state: reading /x/agent_svid.pem: {shown}")
+        );
+        assert_eq!(line.matches("os error").count(), 1, "{line}");
+        // A cause not in the message is kept.
+        let plain = Loading(Reading {
+            path: "/y",
+            source: std::io::Error::other("disk on fire"),
+        });
+        assert_eq!(
+            error_chain(&plain),
+            "loading the agent state: reading /y: disk on fire"
+        );
+    }
 
     #[test]
     fn short_inputs_are_unchanged() {

@@ -126,7 +126,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut attestor = crate::attestor::WorkloadAttestor::new().with_exe_hash_flag(exe_hash_flag);
     if let Some(k) = &cfg.kubelet {
-        tracing::info!(kubelet = %k.pods_url(), ca = %k.ca_path.display(), node = ?k.node_name, "k8s workload attestor on: pod selectors from the kubelet");
+        tracing::info!(kubelet = %k.pods_url(), ca = %k.ca_path.display(), node = k.node_name.as_deref(), "k8s workload attestor on: pod selectors from the kubelet");
         attestor = attestor.with_kubelet(crate::attestor::k8s::KubeletClient::new(k.clone()));
     }
     let attestor = Arc::new(attestor);

@@ -29,6 +29,19 @@ pub enum EntryCommand {
     Count(FilterArgs),
 }
 
+impl EntryCommand {
+    /// The flags every admin command takes.
+    pub fn common(&self) -> &Common {
+        match self {
+            Self::Create(a) => &a.common,
+            Self::Show(a) => &a.filter.common,
+            Self::Update(a) => &a.common,
+            Self::Delete(a) => &a.common,
+            Self::Count(a) => &a.common,
+        }
+    }
+}
+
 /// Entry content flags shared by create and update.
 #[derive(Debug, Clone, Default, Args)]
 pub struct EntryFields {
@@ -218,7 +231,7 @@ pub async fn run(cmd: EntryCommand) -> anyhow::Result<()> {
 fn parse_id(flag: &str, s: &str) -> anyhow::Result<String> {
     SpiffeId::parse(s)
         .map(|id| id.to_string())
-        .map_err(|e| anyhow::anyhow!("invalid {flag} {s:?}: {e}"))
+        .map_err(|e| anyhow::anyhow!("invalid {flag} {}: {e}", sigil::text::quote_for_display(s)))
 }
 
 fn parse_selectors(flag: &str, v: &[String]) -> anyhow::Result<Vec<pb::Selector>> {
@@ -269,7 +282,12 @@ fn parse_ttl(flag: &str, s: &str) -> anyhow::Result<i64> {
 /// The node-alias parent: `spiffe://<td>/sigil/server` for the trust domain of `spiffe_id`.
 fn node_parent(spiffe_id: &str) -> anyhow::Result<String> {
     let td: TrustDomain = SpiffeId::parse(spiffe_id)
-        .map_err(|e| anyhow::anyhow!("invalid --spiffe-id {spiffe_id:?}: {e}"))?
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "invalid --spiffe-id {}: {e}",
+                sigil::text::quote_for_display(spiffe_id)
+            )
+        })?
         .trust_domain()
         .clone();
     Ok(crate::api::server_id(&td).to_string())
