@@ -7,7 +7,8 @@
 mod support;
 
 use std::os::unix::process::CommandExt as _;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use support::{alias_token, binary, tempdir, Agent, Server};
 
@@ -25,71 +26,86 @@ fn error_line(out: &Output) -> String {
     lines[0].to_string()
 }
 
+/// Runs `cmd` to completion; a process still running after 60 s (e.g. a server that accepted
+/// a bad flag and started) is killed and fails the test.
+fn output_within(cmd: &mut Command) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().expect("waiting").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "still running after 60 s (the flag was accepted?): {}",
+                stderr(&out)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().expect("output")
+}
+
+/// `sigil-server run` in `dir` with `extra` flags.
+fn server_run(dir: &std::path::Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(binary("sigil-server"));
+    c.args([
+        "run",
+        "--trust-domain",
+        "example.org",
+        "--health-address",
+        "",
+    ])
+    .args(["--bind-address", "127.0.0.1:0"])
+    .arg("--data-dir")
+    .arg(dir.join("data"))
+    .arg("--admin-socket")
+    .arg(dir.join("admin.sock"))
+    .args(extra)
+    .env_remove("RUST_LOG");
+    c
+}
+
+/// `sigil-agent run` in `dir` with `extra` flags (its server is not needed to get this far).
+fn agent_run(dir: &std::path::Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(binary("sigil-agent"));
+    c.args(["run", "--trust-domain", "example.org"])
+        .args(["--server-address", "127.0.0.1:1", "--insecure-bootstrap"])
+        .args(["--join-token", "t", "--health-address", ""])
+        .arg("--data-dir")
+        .arg(dir.join("agent-data"))
+        .arg("--socket-path")
+        .arg(dir.join("api.sock"))
+        .arg("--admin-socket")
+        .arg(dir.join("agent-admin.sock"))
+        .args(extra)
+        .env_remove("RUST_LOG");
+    c
+}
+
 #[test]
 fn log_levels_that_are_not_levels_are_refused_by_both_binaries() {
     let dir = tempdir();
     for level in ["verbose", "warning", "sigil_server=warning,info"] {
-        let out = Command::new(binary("sigil-server"))
-            .args([
-                "run",
-                "--trust-domain",
-                "example.org",
-                "--health-address",
-                "",
-            ])
-            .args(["--bind-address", "127.0.0.1:0", "--log-level", level])
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .arg("--admin-socket")
-            .arg(dir.path().join("admin.sock"))
-            .env_remove("RUST_LOG")
-            .output()
-            .expect("running sigil-server");
-        let line = error_line(&out);
-        assert!(line.contains("is not a log level"), "{level}: {line}");
-        assert!(
-            line.contains("off, error, warn, info, debug, trace"),
-            "{level}: {line}"
-        );
-
-        let out = Command::new(binary("sigil-agent"))
-            .args(["run", "--trust-domain", "example.org"])
-            .args(["--server-address", "127.0.0.1:1", "--insecure-bootstrap"])
-            .args(["--join-token", "t", "--health-address", ""])
-            .args(["--log-level", level])
-            .arg("--data-dir")
-            .arg(dir.path().join("agent-data"))
-            .arg("--socket-path")
-            .arg(dir.path().join("api.sock"))
-            .arg("--admin-socket")
-            .arg(dir.path().join("agent-admin.sock"))
-            .env_remove("RUST_LOG")
-            .output()
-            .expect("running sigil-agent");
-        let line = error_line(&out);
-        assert!(line.contains("is not a log level"), "{level}: {line}");
-        assert!(
-            line.contains("off, error, warn, info, debug, trace"),
-            "{level}: {line}"
-        );
+        for mut cmd in [
+            server_run(dir.path(), &["--log-level", level]),
+            agent_run(dir.path(), &["--log-level", level]),
+        ] {
+            let line = error_line(&output_within(&mut cmd));
+            assert!(line.contains("is not a log level"), "{level}: {line}");
+            assert!(
+                line.contains("off, error, warn, info, debug, trace"),
+                "{level}: {line}"
+            );
+        }
     }
     // RUST_LOG, which wins over --log-level, is held to the same rule.
-    let out = Command::new(binary("sigil-server"))
-        .args([
-            "run",
-            "--trust-domain",
-            "example.org",
-            "--health-address",
-            "",
-        ])
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .arg("--admin-socket")
-        .arg(dir.path().join("admin.sock"))
-        .env("RUST_LOG", "verbose")
-        .output()
-        .expect("running sigil-server");
-    let line = error_line(&out);
+    let line = error_line(&output_within(
+        server_run(dir.path(), &[]).env("RUST_LOG", "verbose"),
+    ));
     assert!(line.contains("invalid RUST_LOG"), "{line}");
 }
 
