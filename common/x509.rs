@@ -511,13 +511,11 @@ mod tests {
             msg.contains("malformed PEM line \"-----BEGIN CERTIFICATE--"),
             "{msg}"
         );
+        // Never the byte arrays rustls-pki-types prints ([45, 45, 45, ...]).
+        assert!(!msg.contains("45, 45"), "{msg}");
         let long = format!("-----BEGIN {}\n", "A".repeat(3000));
         let msg = parse_pem_certs(&long).unwrap_err().to_string();
         assert!(msg.len() < 300, "{msg}");
-        for m in [&msg] {
-            // Never the byte arrays rustls-pki-types prints ([67, 69, 82, ...]).
-            assert!(!m.contains(", 69, "), "{m}");
-        }
         Ok(())
     }
 
