@@ -233,6 +233,29 @@ fn errors_are_one_line_without_repeats_or_whole_long_inputs() {
     let line = error_line(&out);
     assert!(line.len() < 400, "{line}");
     assert!(line.contains("(3021 bytes)"), "{line}");
+    // Answers of the server echo what they were given, cut too.
+    let long = "c".repeat(3000);
+    for args in [
+        vec!["entry", "show", "--entry-id", &long],
+        vec!["entry", "delete", "--entry-id", &long],
+        vec!["entry", "update", "--entry-id", &long, "--hint", "h"],
+        vec![
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://example.org/w",
+            "--parent-id",
+            "spiffe://example.org/node",
+            "--selector",
+            "unix:uid:1",
+            "--dns",
+            &long,
+        ],
+    ] {
+        let line = error_line(&server.cli(&args));
+        assert!(line.len() < 400, "{args:?}: {line}");
+        assert!(line.contains("(3000 bytes)"), "{args:?}: {line}");
+    }
     let long_selector = format!("unix:path:/{}", "b".repeat(3000));
     let out = server.cli(&[
         "entry",

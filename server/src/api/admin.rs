@@ -517,7 +517,12 @@ impl Admin for AdminService {
                 .get_entry(&req.id)
                 .await
                 .map_err(ds_status)?
-                .ok_or_else(|| Status::not_found(format!("entry {:?} not found", req.id)))?;
+                .ok_or_else(|| {
+                    Status::not_found(format!(
+                        "entry {} not found",
+                        sigil::text::quote_for_display(&req.id)
+                    ))
+                })?;
             Ok(pb::GetEntryResponse {
                 entry: Some(entry.to_proto()),
             })
@@ -584,7 +589,12 @@ impl Admin for AdminService {
                     .get_entry(&new.id)
                     .await
                     .map_err(ds_status)?
-                    .ok_or_else(|| Status::not_found(format!("entry {:?} not found", new.id)))?;
+                    .ok_or_else(|| {
+                        Status::not_found(format!(
+                            "entry {} not found",
+                            sigil::text::quote_for_display(&new.id)
+                        ))
+                    })?;
                 let mut merged = current.to_proto();
                 if mask.spiffe_id {
                     merged.spiffe_id = new.spiffe_id.clone();

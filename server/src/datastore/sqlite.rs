@@ -756,7 +756,10 @@ fn update_entry_conn(
         .query_row([&entry.id], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
     let Some((seq, created_at)) = stored else {
-        return Err(DatastoreError::NotFound(format!("entry {:?}", entry.id)));
+        return Err(DatastoreError::NotFound(format!(
+            "entry {}",
+            sigil::text::quote_for_display(&entry.id)
+        )));
     };
     let key = reg_key(&entry);
     if let Some(other) = find_registration(&tx, &key, Some(&entry.id))? {
@@ -795,7 +798,10 @@ fn update_entry_conn(
 fn delete_entry_conn(conn: &mut Connection, id: &str, now: i64) -> Result<RegistrationEntry> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let Some((seq, entry)) = get_entry_conn(&tx, id)? else {
-        return Err(DatastoreError::NotFound(format!("entry {id:?}")));
+        return Err(DatastoreError::NotFound(format!(
+            "entry {}",
+            sigil::text::quote_for_display(id)
+        )));
     };
     let rev = current_revision(&tx)? + 1;
     // entry_selectors rows go with it (ON DELETE CASCADE).
