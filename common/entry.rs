@@ -244,8 +244,8 @@ fn ttl_from_proto(secs: i64) -> Result<Option<Duration>, String> {
 fn validate_dns_name(name: &str) -> Result<(), String> {
     let bad = || {
         format!(
-            "{:?} is not a DNS name (letters, digits, '-', '.', optional leading '*.')",
-            crate::text::echo(name)
+            "{} is not a DNS name (letters, digits, '-', '.', optional leading '*.')",
+            crate::text::quote_for_display(name)
         )
     };
     let body = name.strip_prefix("*.").unwrap_or(name);

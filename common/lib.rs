@@ -17,6 +17,8 @@
 //! - [`logging`]: `tracing` set-up (text or JSON).
 //! - [`proto`]: generated code for the Workload, node and admin APIs.
 //! - [`signals`]: SIGHUP is logged, never fatal.
+//! - [`socket_api`]: the command lines' side of the local sockets: clear connect errors, and
+//!   which API a socket serves when it is not the one expected.
 //! - [`text`]: bounding untrusted values echoed into logs and error messages.
 //! - [`uds`]: gRPC over Unix sockets: binding only in directories nobody else controls, the
 //!   clients' check of a socket's directory, the client connector.
@@ -38,6 +40,7 @@ pub mod logging;
 pub mod proto;
 pub mod selector;
 pub mod signals;
+pub mod socket_api;
 pub mod spiffe_id;
 pub mod text;
 pub mod tls;

@@ -24,14 +24,72 @@ impl std::str::FromStr for LogFormat {
     }
 }
 
-/// Installs the global subscriber. `level` is an `EnvFilter` directive such as `info` or
-/// `sigil_server=debug`; `RUST_LOG`, when set, wins. Returns an error on a bad directive.
-pub fn init(level: &str, format: LogFormat) -> Result<(), String> {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(env) if !env.is_empty() => EnvFilter::try_new(env),
-        _ => EnvFilter::try_new(level),
+/// The level names a filter may use (case does not matter; `tracing` also takes `0`–`5`).
+pub const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// Checks a log filter before it is used: a level (`info`) or `tracing` `EnvFilter` directives
+/// (`sigil_server=debug,info`, `h2=off`, `sigil_agent[attest]=trace`), every level named being
+/// one of [`LEVELS`].
+///
+/// `EnvFilter` itself takes a lone unknown word (`verbose`, `warning`) as the name of a target
+/// to log at `trace`, which leaves every other target at `off`: a typo would silence the
+/// process. So a directive that is one bare word must be a level; a target is named with its
+/// level, `target=level`.
+pub fn check_filter(filter: &str) -> Result<(), String> {
+    let levels = LEVELS.join(", ");
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        // A span filter `[span{field=value}]` may hold '=': the level follows the last ']'.
+        let tail_start = directive.rfind(']').map_or(0, |i| i + 1);
+        let level = match directive[tail_start..].rsplit_once('=') {
+            Some((_, level)) => level.trim(),
+            // `target[span]` with no level: trace within that span, as EnvFilter reads it.
+            None if directive.contains('[') => continue,
+            None => directive,
+        };
+        if !is_level(level) {
+            let shown = crate::text::quote_for_display(level);
+            return Err(if level == directive {
+                format!(
+                    "{shown} is not a log level; use one of: {levels} (or TARGET=LEVEL, e.g. sigil_server=debug)"
+                )
+            } else {
+                format!(
+                    "{shown} in {} is not a log level; use one of: {levels}",
+                    crate::text::quote_for_display(directive)
+                )
+            });
+        }
     }
-    .map_err(|e| format!("invalid log level {level:?}: {e}"))?;
+    Ok(())
+}
+
+fn is_level(s: &str) -> bool {
+    LEVELS.iter().any(|l| l.eq_ignore_ascii_case(s))
+        || matches!(s, "0" | "1" | "2" | "3" | "4" | "5")
+}
+
+/// Installs the global subscriber. `level` is an `EnvFilter` directive such as `info` or
+/// `sigil_server=debug`; `RUST_LOG`, when set, wins. Both are checked with [`check_filter`]:
+/// an unknown level is an error, not a silent process.
+pub fn init(level: &str, format: LogFormat) -> Result<(), String> {
+    check_filter(level).map_err(|e| format!("invalid log level: {e}"))?;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(env) if !env.is_empty() => {
+            check_filter(&env).map_err(|e| format!("invalid RUST_LOG: {e}"))?;
+            EnvFilter::try_new(&env).map_err(|e| {
+                format!(
+                    "invalid RUST_LOG {}: {e}",
+                    crate::text::quote_for_display(&env)
+                )
+            })
+        }
+        _ => EnvFilter::try_new(level).map_err(|e| {
+            format!(
+                "invalid log level {}: {e}",
+                crate::text::quote_for_display(level)
+            )
+        }),
+    }?;
     // Colours only on a terminal: log files and journald get plain `key=value` fields.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
@@ -43,4 +101,65 @@ pub fn init(level: &str, format: LogFormat) -> Result<(), String> {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
     result.map_err(|e| format!("installing the log subscriber: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_and_directives_are_accepted() {
+        for ok in [
+            "info",
+            "INFO",
+            "Warn",
+            "off",
+            "trace",
+            "3",
+            "",
+            "sigil_server=debug",
+            "sigil_server=debug,info",
+            "sigil_server::api=trace,h2=off,warn",
+            "sigil_agent[attest]",
+            "sigil_agent[attest{pid=7}]=debug",
+            "[attest{path=/a=b}]=info",
+        ] {
+            assert_eq!(check_filter(ok), Ok(()), "{ok:?}");
+            // Whatever passes must also be a filter tracing accepts.
+            assert!(EnvFilter::try_new(ok).is_ok(), "{ok:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_levels_are_refused_with_the_valid_ones() {
+        for (bad, named) in [
+            ("verbose", "\"verbose\""),
+            ("warning", "\"warning\""),
+            ("info,verbose", "\"verbose\""),
+            ("sigil_server=warning", "\"warning\""),
+            ("sigil_server=debug,h2=loud", "\"loud\""),
+            ("sigil_agent[attest]=chatty", "\"chatty\""),
+            ("sigil_server", "\"sigil_server\""),
+            ("6", "\"6\""),
+        ] {
+            let e = check_filter(bad).expect_err(bad);
+            assert!(e.contains(named), "{bad:?}: {e}");
+            assert!(
+                e.contains("off, error, warn, info, debug, trace"),
+                "{bad:?}: {e}"
+            );
+        }
+        // A bare word is the mistake that silences everything: the message says how to name
+        // a target instead.
+        let e = check_filter("verbose").unwrap_err();
+        assert!(e.contains("TARGET=LEVEL"), "{e}");
+    }
+
+    #[test]
+    fn a_long_filter_is_not_echoed_whole() {
+        let long = "x".repeat(3000);
+        let e = check_filter(&long).unwrap_err();
+        assert!(e.len() < 400, "{e}");
+        assert!(e.contains("(3000 bytes)"), "{e}");
+    }
 }

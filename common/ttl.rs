@@ -21,14 +21,18 @@ pub enum TtlError {
     Empty,
     /// Not `<number><unit>` pieces.
     #[error(
-        "duration {0:?} is not valid; use numbers with units s, m, h or d (e.g. 90s, 15m, 1h30m)"
+        "duration {} is not valid; use numbers with units s, m, h or d (e.g. 90s, 15m, 1h30m)",
+        crate::text::quote_for_display(.0)
     )]
     Invalid(String),
     /// Zero duration.
-    #[error("duration {0:?} must be greater than zero")]
+    #[error("duration {} must be greater than zero", crate::text::quote_for_display(.0))]
     Zero(String),
     /// Larger than [`MAX`].
-    #[error("duration {0:?} is longer than the maximum of 366 days")]
+    #[error(
+        "duration {} is longer than the maximum of 366 days",
+        crate::text::quote_for_display(.0)
+    )]
     TooLong(String),
     /// An SVID TTL below its floor ([`MIN_X509_SVID_TTL`], [`MIN_JWT_SVID_TTL`]).
     #[error("{kind} TTL {given} is shorter than the minimum of {min}: SVIDs are renewed at half their lifetime, so shorter TTLs only multiply signing load; use {min} or more")]

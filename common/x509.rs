@@ -89,6 +89,24 @@ pub enum X509Error {
     },
 }
 
+/// A PEM parse error as a readable sentence: `rustls-pki-types` prints the marker or line it
+/// stumbled on as an array of byte values (`[67, 69, 82, …]`).
+pub fn pem_error_text(e: &rustls_pki_types::pem::Error) -> String {
+    use rustls_pki_types::pem::Error as E;
+    match e {
+        E::MissingSectionEnd { end_marker } => format!(
+            "a PEM block has no \"-----END {}-----\" line (is the file cut short?)",
+            crate::text::truncate_for_display(&String::from_utf8_lossy(end_marker), 64)
+        ),
+        E::IllegalSectionStart { line } => format!(
+            "malformed PEM line {} (expected -----BEGIN <LABEL>-----)",
+            crate::text::quote_for_display(&String::from_utf8_lossy(line))
+        ),
+        E::Base64Decode(why) => format!("a PEM block is not valid base64: {why}"),
+        other => other.to_string(),
+    }
+}
+
 /// Parses every `CERTIFICATE` block of a PEM text into DER; other block types are skipped.
 ///
 /// Errors when there is no certificate, a block is not valid base64, or a block is not a
@@ -96,7 +114,7 @@ pub enum X509Error {
 pub fn parse_pem_certs(pem: &str) -> Result<Vec<Vec<u8>>, X509Error> {
     let mut out = Vec::new();
     for (index, item) in CertificateDer::pem_slice_iter(pem.as_bytes()).enumerate() {
-        let der = item.map_err(|e| X509Error::Pem(e.to_string()))?;
+        let der = item.map_err(|e| X509Error::Pem(pem_error_text(&e)))?;
         parse_one(&der, index)?;
         out.push(der.to_vec());
     }
@@ -474,6 +492,30 @@ mod tests {
             parse_pem_certs(&not_x509),
             Err(X509Error::Der { index: 0, .. })
         ));
+        Ok(())
+    }
+
+    #[test]
+    fn pem_errors_are_readable_sentences() -> TestResult {
+        let pem = to_pem_certs(&[test_ca()?.cert_der]);
+        let truncated = &pem[..pem.len() / 2];
+        let msg = parse_pem_certs(truncated).unwrap_err().to_string();
+        assert_eq!(
+            msg,
+            "malformed PEM: a PEM block has no \"-----END CERTIFICATE-----\" line (is the file cut short?)"
+        );
+        let msg = parse_pem_certs("-----BEGIN CERTIFICATE--\nabc\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("malformed PEM line \"-----BEGIN CERTIFICATE--"),
+            "{msg}"
+        );
+        // Never the byte arrays rustls-pki-types prints ([45, 45, 45, ...]).
+        assert!(!msg.contains("45, 45"), "{msg}");
+        let long = format!("-----BEGIN {}\n", "A".repeat(3000));
+        let msg = parse_pem_certs(&long).unwrap_err().to_string();
+        assert!(msg.len() < 300, "{msg}");
         Ok(())
     }
 

@@ -122,7 +122,7 @@ fn cli_entry_lifecycle_survives_restart() {
                 "--parent-id",
                 AGENT,
                 "--selector",
-                "a:b",
+                "unix:uid:1",
                 "--x509-ttl",
                 "1y",
             ],
@@ -135,7 +135,7 @@ fn cli_entry_lifecycle_survives_restart() {
                 "--parent-id",
                 AGENT,
                 "--selector",
-                "a:b",
+                "unix:uid:1",
             ],
             "trust domain",
         ),
@@ -146,7 +146,7 @@ fn cli_entry_lifecycle_survives_restart() {
                 "--parent-id",
                 AGENT,
                 "--selector",
-                "a:b",
+                "unix:uid:1",
             ],
             "reserved",
         ),
@@ -683,7 +683,7 @@ async fn json_audit_lines_name_the_object_and_truncate_long_values() {
         .await
         .expect_err("invalid trust domain");
     assert!(
-        err.message().contains("…[truncated: 3000 chars in all]")
+        err.message().contains("… (3000 bytes)")
             && !err.message().contains(&"t".repeat(257)),
         "{}",
         err.message()
@@ -717,9 +717,9 @@ async fn json_audit_lines_name_the_object_and_truncate_long_values() {
     assert_eq!(
         object,
         format!(
-            "{}…[truncated: {} chars in all]",
+            "{}… ({} bytes)",
             &huge[..256],
-            huge.chars().count()
+            huge.len()
         )
     );
     assert!(refused["result"]
@@ -729,7 +729,7 @@ async fn json_audit_lines_name_the_object_and_truncate_long_values() {
     assert_eq!(deleted["action"], "bundle.delete");
     assert!(deleted["object"]
         .as_str()
-        .is_some_and(|o| o.ends_with("…[truncated: 3000 chars in all]")));
+        .is_some_and(|o| o.ends_with("… (3000 bytes)")));
     assert!(
         log.len() < 64 * 1024,
         "the refused megabyte reached the log"

@@ -1258,6 +1258,42 @@ fn new_entry_reaches_an_open_stream() {
     });
 }
 
+/// The agent hashes callers' executables only while an entry has a `unix:sha256` selector: a
+/// stream opened before such an entry exists is attested again when one arrives, so an entry
+/// on this test binary's hash reaches it.
+#[test]
+fn entry_on_the_executable_hash_reaches_a_stream_attested_without_it() {
+    const BY_HASH: &str = "spiffe://example.org/by-hash";
+    let exe = std::env::current_exe().expect("test executable");
+    let bytes = std::fs::read(&exe).expect("reading the test executable");
+    let hash = hex_of(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref());
+    let (_dir, server, w) = workload_for_this_uid(&[]);
+    let socket = w.agent.socket_path();
+
+    runtime().block_on(async {
+        let client = spiffe_client(&socket).await;
+        let (mut stream, first) = open_x509_stream(&client).await;
+        assert_eq!(ids_of(&first), vec![WORKLOAD]);
+
+        let sha = format!("unix:sha256:{hash}");
+        create_entry(&server, &w.agent_id, BY_HASH, &[&uid_selector(), &sha], &[]);
+        // Hashing a debug test binary takes a while on a loaded machine.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let what = "the entry on the executable's hash never reached the stream";
+            let ctx = next_context_before(&mut stream, deadline, what, &w.agent).await;
+            if ctx.svids().len() == 2 {
+                // Both created within the same second: either may be the default.
+                let mut ids = ids_of(&ctx);
+                ids.sort();
+                assert_eq!(ids, vec![BY_HASH, WORKLOAD]);
+                break;
+            }
+            assert_eq!(ids_of(&ctx), vec![WORKLOAD], "unexpected message");
+        }
+    });
+}
+
 /// Streams hold no task of their own in the agent: their state must go when the client
 /// cancels a stream (RST_STREAM on a live connection) or closes its connection.
 #[test]

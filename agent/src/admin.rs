@@ -7,7 +7,7 @@ use std::sync::Arc;
 use sigil::proto::agent_admin as pb;
 use tonic::{Request, Response, Status};
 
-use crate::attestor::{AttestError, ProcessPin, WorkloadAttestor};
+use crate::attestor::{AttestError, ExeHash, ProcessPin, WorkloadAttestor};
 use crate::worker::AgentState;
 
 /// The `sigil.agent.v1.AgentAdmin` service.
@@ -120,7 +120,12 @@ impl pb::agent_admin_server::AgentAdmin for AgentAdminService {
         .map_err(|e| Status::internal(format!("attestation task failed: {e}")))?;
         // Same path as the Workload API: /proc, then the kubelet (k8s attestor), pin re-checked.
         let attested = match pinned {
-            Ok((pin, uid, gid)) => self.attestor.attest_async(pin, uid, gid).await,
+            // Every selector, `unix:sha256` included even when no entry needs it.
+            Ok((pin, uid, gid)) => {
+                self.attestor
+                    .attest_async_with(pin, uid, gid, ExeHash::Always)
+                    .await
+            }
             Err(e) => Err(e),
         }
         .map_err(|e| match e {

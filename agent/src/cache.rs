@@ -118,6 +118,9 @@ pub struct Cache {
     federated: BTreeMap<String, pb::Bundle>,
     /// Entry id → (entry revision, not before) for entries the server refused to sign.
     sign_failures: HashMap<String, (i64, i64)>,
+    /// True while some entry has a `unix:sha256` selector: the workload attestor reads it to
+    /// hash executables only when an entry needs it.
+    exe_hash_flag: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What a sync message changed, for logging and for waking Workload API streams.
@@ -164,6 +167,12 @@ impl Cache {
     /// The federated bundles held, by trust domain name (e.g. `other.org`).
     pub fn federated_bundles(&self) -> &BTreeMap<String, pb::Bundle> {
         &self.federated
+    }
+
+    /// The flag that is true while some cached entry has a `unix:sha256` selector (shared: the
+    /// workload attestor holds it, see `WorkloadAttestor::with_exe_hash_flag`).
+    pub fn exe_hash_flag(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+        self.exe_hash_flag.clone()
     }
 
     /// Entries held.
@@ -265,6 +274,13 @@ impl Cache {
         let entries = &self.entries;
         self.svids.retain(|id, _| entries.contains_key(id));
         self.sign_failures.retain(|id, _| entries.contains_key(id));
+        let wanted = entries.values().any(|e| {
+            e.selectors
+                .iter()
+                .any(|s| s.kind() == "unix" && s.value().starts_with("sha256:"))
+        });
+        self.exe_hash_flag
+            .store(wanted, std::sync::atomic::Ordering::SeqCst);
         if let Some(b) = msg.bundle {
             if self.bundle.as_ref() != Some(&b) {
                 self.bundle = Some(b);
@@ -713,6 +729,62 @@ mod tests {
         assert!(
             matches!(&sans[0], rcgen::SanType::URI(u) if u.as_str() == "spiffe://example.org/w/a")
         );
+    }
+
+    #[test]
+    fn exe_hash_flag_follows_the_entries_needing_a_hash() {
+        let sha = format!("sha256:{}", "a".repeat(64));
+        let sel = |t: &str, v: &str| sigil::proto::admin::Selector {
+            r#type: t.into(),
+            value: v.into(),
+        };
+        let with = |id: &str, selectors: Vec<sigil::proto::admin::Selector>| apb::Entry {
+            id: id.into(),
+            spiffe_id: format!("spiffe://example.org/{id}"),
+            parent_id: "spiffe://example.org/agent".into(),
+            selectors,
+            revision_number: 1,
+            ..Default::default()
+        };
+        let mut c = Cache::new();
+        let flag = c.exe_hash_flag();
+        let load = || flag.load(std::sync::atomic::Ordering::SeqCst);
+        c.apply_sync(snapshot(vec![with("a", vec![sel("unix", "uid:1")])], 1))
+            .unwrap();
+        assert!(!load());
+        // An incremental upsert with unix:sha256 sets it...
+        c.apply_sync(pb::SyncResponse {
+            upserted: vec![with("b", vec![sel("unix", "uid:1"), sel("unix", &sha)])],
+            revision: 2,
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(load());
+        // ...a half-received snapshot does not change it...
+        c.apply_sync(pb::SyncResponse {
+            upserted: vec![with("a", vec![sel("unix", "uid:1")])],
+            full: true,
+            revision: 3,
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(load());
+        // ...and the completed snapshot without such an entry clears it.
+        c.apply_sync(pb::SyncResponse {
+            snapshot_complete: true,
+            revision: 3,
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(!load());
+        // A sha256-like value of another type does not count.
+        c.apply_sync(pb::SyncResponse {
+            upserted: vec![with("c", vec![sel("other", &sha)])],
+            revision: 4,
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(!load());
     }
 
     #[test]

@@ -84,13 +84,15 @@ fn sync_text(s: &sigil::proto::agent_admin::StatusResponse) -> String {
 
 async fn status(socket: &std::path::Path, output: &str) -> anyhow::Result<()> {
     // An agent with 100,000 SVIDs answers with well over gRPC's default 4 MiB.
-    let s = sigil_agent::cli::admin_client(socket)
+    let s = match sigil_agent::cli::admin_client(socket)
         .await?
         .max_decoding_message_size(256 * 1024 * 1024)
         .status(sigil::proto::agent_admin::StatusRequest {})
         .await
-        .map_err(|e| anyhow::anyhow!("agent status: {} ({:?})", e.message(), e.code()))?
-        .into_inner();
+    {
+        Ok(r) => r.into_inner(),
+        Err(e) => return Err(sigil_agent::cli::admin_error(socket, "agent status", e).await),
+    };
     if output == "json" {
         let svids: Vec<serde_json::Value> = s
             .svids
@@ -169,7 +171,8 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // One line: the causes joined, each once.
+            eprintln!("error: {}", sigil::text::error_chain(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }

@@ -220,15 +220,17 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         identity.key_pkcs8_der.clone(),
     )?);
     let trust = Arc::new(TrustStore::new(&roots)?);
-    let state = Arc::new(AgentState::new(td.clone(), identity.clone(), Cache::new()));
+    let cache = Cache::new();
+    let exe_hash_flag = cache.exe_hash_flag();
+    let state = Arc::new(AgentState::new(td.clone(), identity.clone(), cache));
     state.metrics.agent_svid_expiry.set(identity.not_after);
     if let Some(t) = crate::health::earliest_not_after(&roots) {
         state.metrics.bundle_expiry.set(t);
     }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let mut attestor = crate::attestor::WorkloadAttestor::new();
+    let mut attestor = crate::attestor::WorkloadAttestor::new().with_exe_hash_flag(exe_hash_flag);
     if let Some(k) = &cfg.kubelet {
-        tracing::info!(kubelet = %k.pods_url(), ca = %k.ca_path.display(), node = ?k.node_name, "k8s workload attestor on: pod selectors from the kubelet");
+        tracing::info!(kubelet = %k.pods_url(), ca = %k.ca_path.display(), node = k.node_name.as_deref(), "k8s workload attestor on: pod selectors from the kubelet");
         attestor = attestor.with_kubelet(crate::attestor::k8s::KubeletClient::new(k.clone()));
     }
     let attestor = Arc::new(attestor);

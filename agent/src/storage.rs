@@ -39,6 +39,14 @@ pub enum StorageError {
         /// What is wrong.
         reason: String,
     },
+    /// The stored trust bundle is not usable.
+    #[error("{path} is not a usable trust bundle (the last one the server sent): {reason}; delete it, and the agent authenticates the server with --trust-bundle and receives the current bundle again")]
+    InvalidBundle {
+        /// Which file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// The agent's identity: its SVID chain and private key.
@@ -167,11 +175,21 @@ impl Storage {
         let chain: Vec<Vec<u8>> = CertificateDer::pem_slice_iter(&bytes)
             .map(|c| c.map(|c| c.to_vec()))
             .collect::<Result<_, _>>()
-            .map_err(|e| invalid(format!("bad certificate PEM: {e:?}")))?;
+            .map_err(|e| {
+                invalid(format!(
+                    "bad certificate PEM: {}",
+                    sigil::x509::pem_error_text(&e)
+                ))
+            })?;
         let key = match PrivateKeyDer::from_pem_slice(&bytes) {
             Ok(PrivateKeyDer::Pkcs8(k)) => k.secret_pkcs8_der().to_vec(),
             Ok(_) => return Err(invalid("the key is not PKCS#8".into())),
-            Err(e) => return Err(invalid(format!("no private key: {e:?}"))),
+            Err(e) => {
+                return Err(invalid(format!(
+                    "no private key: {}",
+                    sigil::x509::pem_error_text(&e)
+                )))
+            }
         };
         AgentIdentity::new(td, chain, key)
             .map(Some)
@@ -211,14 +229,12 @@ impl Storage {
     pub fn load_bundle(&self) -> Result<Option<Vec<Vec<u8>>>, StorageError> {
         let path = self.dir.join(BUNDLE_FILE);
         match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                sigil::x509::parse_pem_certs(&text)
-                    .map(Some)
-                    .map_err(|e| StorageError::Invalid {
-                        path,
-                        reason: e.to_string(),
-                    })
-            }
+            Ok(text) => sigil::x509::parse_pem_certs(&text).map(Some).map_err(|e| {
+                StorageError::InvalidBundle {
+                    path,
+                    reason: e.to_string(),
+                }
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(StorageError::Io {
                 op: "reading",
@@ -349,6 +365,32 @@ pub(crate) mod tests {
         }
         std::fs::write(store.svid_path(), b"\x00\xff garbage").unwrap();
         assert!(store.load_identity(&td).is_err());
+        // Cut inside the certificate: a readable PEM message, not rustls' byte arrays.
+        std::fs::write(store.svid_path(), &full[..full.len() / 3]).unwrap();
+        let err = store.load_identity(&td).unwrap_err().to_string();
+        assert!(
+            err.contains("no \"-----END CERTIFICATE-----\" line"),
+            "{err}"
+        );
+        assert!(!err.contains("[67, 69"), "{err}");
+    }
+
+    #[test]
+    fn a_truncated_bundle_is_called_a_trust_bundle() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Storage::open(dir.path()).unwrap();
+        let (id, _) = identity(&td, "/sigil/agent/x");
+        store.save_bundle(&id.chain_der).unwrap();
+        let path = dir.path().join(BUNDLE_FILE);
+        let full = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &full[..full.len() / 2]).unwrap();
+        let err = store.load_bundle().unwrap_err().to_string();
+        assert!(err.contains(BUNDLE_FILE), "{err}");
+        assert!(err.contains("is not a usable trust bundle"), "{err}");
+        assert!(!err.contains("SVID file"), "{err}");
+        assert!(err.contains("--trust-bundle"), "{err}");
+        assert!(!err.contains("[67, 69"), "{err}");
     }
 
     #[test]

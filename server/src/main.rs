@@ -27,7 +27,7 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // One line: the chain of causes joined, as operators read it in a terminal.
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", sigil::text::error_chain(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }

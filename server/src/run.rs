@@ -177,7 +177,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     if !cfg.k8s_psat.is_empty() {
         let k8s = K8sPsatAttestor::new(cfg.trust_domain.clone(), &cfg.k8s_psat)
             .context("configuring k8s_psat node attestation")?;
-        tracing::info!(clusters = ?k8s.cluster_names(), "k8s_psat node attestation enabled");
+        tracing::info!(clusters = %k8s.cluster_names().join(", "), "k8s_psat node attestation enabled");
         attestors = attestors.with(Arc::new(k8s));
     }
     let node_state = Arc::new(NodeState {
@@ -258,7 +258,9 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         trust_domain = %cfg.trust_domain,
         admin_socket = %cfg.admin_socket.display(),
         node_address = %node_address,
-        health_address = ?cfg.health_address,
+        health_address = %cfg
+            .health_address
+            .map_or_else(|| "disabled".to_string(), |a| a.to_string()),
         bundle_sequence = stored.sequence,
         "sigil-server ready"
     );

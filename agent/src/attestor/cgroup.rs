@@ -18,12 +18,32 @@
 //! ignored: parsing never fails.
 //!
 //! These facts are only as trustworthy as the cgroup's name. Cgroups are created by root (the
-//! runtimes, systemd), except in a delegated subtree: the user manager `user@<uid>.service`,
-//! whose owner may create and name cgroups as they like (`…/user@1000.service/x/kubepods/pod<a
-//! victim's uid>/<its container id>`). So nothing below a `user@<uid>.service` component is
-//! read: such a process's unit is `user@<uid>.service` — what the system manager itself reports
-//! for it, as SPIRE's systemd attestor sees it — and it gets no container or pod selectors
-//! (rootless containers included).
+//! runtimes, systemd), except in a delegated subtree: systemd hands a unit's cgroup to the
+//! unit's user with `Delegate=yes` (the user manager `user@<uid>.service` always; any service or
+//! scope that asks for it), and that user may then create and name cgroups below it as they
+//! like: `…/system.slice/build.service/docker-<a victim's container id>.scope`,
+//! `…/user@1000.service/x/kubepods/pod<a victim's uid>/<its container id>`. Two rules keep such
+//! names from counting:
+//!
+//! 1. **Path (always).** Only services and scopes can be delegated (slices cannot), and the
+//!    tree above them is root's. So a path is read from the root down to its first service or
+//!    scope and no further: that unit is the process's unit (what the system manager reports
+//!    for it, as SPIRE's systemd attestor sees it; `user@<uid>.service` for everything a user
+//!    runs) and nothing below it names a container or a pod. The exceptions are the units that
+//!    belong to the runtimes themselves: a container's own scope (`docker-<id>.scope`,
+//!    `cri-containerd-<id>.scope`, …: kind's pods live inside a node container's scope) and
+//!    `containerd.service` (containerd's v1 `slice:cri-containerd:<id>` cgroups); a unit found
+//!    below a container is that container's business and leaves its identity as it was. Rootless
+//!    containers (below `user@<uid>.service`) get no container or pod selectors.
+//! 2. **Ownership (where the agent can look).** [`CgroupMounts::verify`] checks, in the
+//!    agent's own view of the hierarchies (`/proc/self/mountinfo`), that every directory above
+//!    the container's (or pod's) own cgroup belongs to root and is writable by nobody else: a
+//!    directory systemd delegated (chowned) to a user, or one an administrator handed over by
+//!    hand, fails it whatever its name, and the process keeps no container or pod selectors. A
+//!    path the agent cannot see (another cgroup namespace's, `/../…`; one removed meanwhile)
+//!    leaves rule 1 alone to decide.
+
+use std::path::{Path, PathBuf};
 
 use sigil::selector::Selector;
 
@@ -31,6 +51,10 @@ use sigil::selector::Selector;
 const CONTAINER_ID_LEN: usize = 64;
 /// systemd's limit on a unit name.
 const UNIT_NAME_MAX: usize = 255;
+/// Units of container runtimes below which the runtime itself creates container cgroups
+/// (containerd's cgroup v1 `kubepods-….slice:cri-containerd:<id>`): read through, unlike other
+/// units, whose subtree may be delegated to their user.
+const RUNTIME_UNITS: [&str; 1] = ["containerd.service"];
 
 /// A container runtime named by a cgroup path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,6 +158,177 @@ pub fn parse(cgroup_file_text: &str) -> CgroupInfo {
     info
 }
 
+/// The cgroups above the container (or pod) each line of a cgroup file names: for every line
+/// whose path gives a container or a pod, its hierarchy (`controllers`: `""` for cgroup v2,
+/// `cpu,cpuacct`, `name=systemd`) and the path of the parent of the component that named it.
+pub fn identity_parents(cgroup_file_text: &str) -> Vec<(String, String)> {
+    cgroup_file_text
+        .lines()
+        .filter_map(Line::split)
+        .filter_map(|l| {
+            let depth = analyze(l.path).identity_depth?;
+            let parent: Vec<&str> = l.path.split('/').take(depth).collect();
+            Some((l.controllers.to_string(), parent.join("/")))
+        })
+        .collect()
+}
+
+/// Where the agent sees each cgroup hierarchy mounted, from `/proc/self/mountinfo`: the
+/// hierarchies' roots, to check who owns the directories a cgroup path names.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CgroupMounts {
+    /// The cgroup v2 (unified) hierarchy.
+    v2: Option<PathBuf>,
+    /// cgroup v1 hierarchies: their controllers (and `name=…`) and mount point.
+    v1: Vec<(Vec<String>, PathBuf)>,
+}
+
+/// What [`CgroupMounts::verify`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ownership {
+    /// Every directory checked belongs to root and only root may write it.
+    Root,
+    /// This directory belongs to someone else, or others may write it.
+    Delegated(PathBuf),
+    /// Could not be checked (hierarchy not mounted here, path in another cgroup namespace or
+    /// gone): the path rule alone decides.
+    Unknown,
+}
+
+impl CgroupMounts {
+    /// The mounts listed in a `mountinfo` text: `cgroup` and `cgroup2` file systems whose root
+    /// is the hierarchy's root (a bind mount of a sub-cgroup would give wrong paths).
+    pub fn from_mountinfo(text: &str) -> Self {
+        let mut out = Self::default();
+        for line in text.lines() {
+            // id parent major:minor root mount-point options [optional...] - fstype source super
+            let Some((left, right)) = line.split_once(" - ") else {
+                continue;
+            };
+            let fields: Vec<&str> = left.split(' ').collect();
+            let mut rest = right.split(' ');
+            let (Some(fstype), Some(_source), Some(super_opts)) =
+                (rest.next(), rest.next(), rest.next())
+            else {
+                continue;
+            };
+            let (Some(&root), Some(&mount_point)) = (fields.get(3), fields.get(4)) else {
+                continue;
+            };
+            if root != "/" {
+                continue;
+            }
+            let mount_point = PathBuf::from(unescape_mountinfo(mount_point));
+            match fstype {
+                "cgroup2" if out.v2.is_none() => out.v2 = Some(mount_point),
+                "cgroup" => {
+                    let controllers = super_opts
+                        .split(',')
+                        .filter(|o| !matches!(*o, "rw" | "ro") && !o.starts_with("release_agent"))
+                        .map(str::to_string)
+                        .collect();
+                    out.v1.push((controllers, mount_point));
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// Reads `<proc_root>/self/mountinfo`; no mounts if it cannot be read.
+    pub fn read(proc_root: &Path) -> Self {
+        match std::fs::read_to_string(proc_root.join("self").join("mountinfo")) {
+            Ok(text) => Self::from_mountinfo(&text),
+            Err(e) => {
+                tracing::debug!(error = %e, "no mountinfo: cgroup ownership is not checked");
+                Self::default()
+            }
+        }
+    }
+
+    /// The mount point of a hierarchy as `/proc/<pid>/cgroup` names it (`""`: cgroup v2,
+    /// `pids`, `cpu,cpuacct`, `name=systemd`), if mounted.
+    pub fn mount_point(&self, controllers: &str) -> Option<&Path> {
+        if controllers.is_empty() {
+            return self.v2.as_deref();
+        }
+        let wanted: Vec<&str> = controllers.split(',').collect();
+        self.v1
+            .iter()
+            .find(|(have, _)| wanted.iter().all(|w| have.iter().any(|h| h == w)))
+            .map(|(_, p)| p.as_path())
+    }
+
+    /// Checks who owns the cgroups above a process's container or pod (see the module doc):
+    /// `Delegated` if any directory above it, in any hierarchy that names it, belongs to
+    /// another user than root or may be written by others.
+    pub fn verify(&self, cgroup_file_text: &str) -> Ownership {
+        let mut result = Ownership::Unknown;
+        for (controllers, parent) in identity_parents(cgroup_file_text) {
+            let Some(mount) = self.mount_point(&controllers) else {
+                continue;
+            };
+            match check_dirs(mount, &parent) {
+                Ownership::Delegated(dir) => return Ownership::Delegated(dir),
+                Ownership::Root => result = Ownership::Root,
+                Ownership::Unknown => {}
+            }
+        }
+        result
+    }
+}
+
+/// Checks `mount` and each directory of `path` below it, from the top down.
+fn check_dirs(mount: &Path, path: &str) -> Ownership {
+    use std::os::unix::fs::MetadataExt;
+    let comps: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
+    // `..`: the path climbs out of the agent's cgroup namespace, which it cannot see.
+    if comps.iter().any(|c| *c == ".." || *c == ".") {
+        return Ownership::Unknown;
+    }
+    let mut dir = mount.to_path_buf();
+    for next in std::iter::once(None).chain(comps.into_iter().map(Some)) {
+        if let Some(c) = next {
+            dir.push(c);
+        }
+        let meta = match std::fs::symlink_metadata(&dir) {
+            Ok(m) if m.is_dir() => m,
+            // Gone (the process moved or exited) or not visible here.
+            _ => return Ownership::Unknown,
+        };
+        if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+            return Ownership::Delegated(dir);
+        }
+    }
+    Ownership::Root
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, `\011`, `\012`, `\134`).
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], octal) {
+            (b'\\', Some(d)) => {
+                let v = u32::from(d[0] - b'0') * 64
+                    + u32::from(d[1] - b'0') * 8
+                    + u32::from(d[2] - b'0');
+                out.push(u8::try_from(v).unwrap_or(b'?'));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn container_id(p: &PathInfo) -> Option<&str> {
     p.container.as_ref().map(|c| c.0.as_str())
 }
@@ -175,34 +370,43 @@ struct PathInfo {
     unit: Option<String>,
     pod_uid: Option<String>,
     container: Option<(String, Option<Runtime>)>,
+    /// Index (among the path's `/`-separated components) of the component that named the
+    /// container, or the pod when there is no container.
+    identity_depth: Option<usize>,
 }
 
 /// Walks the path's components from the root; the deepest match wins (a container nested in
-/// another, e.g. kind's pods inside a node container, is the inner one).
+/// another, e.g. kind's pods inside a node container, is the inner one). A service or scope
+/// other than a runtime's ends the walk: below it, names are whoever the unit was delegated
+/// to's choice (see the module doc).
 fn analyze(path: &str) -> PathInfo {
     let mut info = PathInfo::default();
     let mut unit = None;
     let mut parent = "";
-    for comp in path.split('/') {
-        if is_user_manager(comp) {
-            // Delegated to the user: every name below it is the user's choice.
-            return PathInfo {
-                unit: Some(comp.to_string()),
-                ..PathInfo::default()
-            };
-        }
+    for (depth, comp) in path.split('/').enumerate() {
         if let Some((slice, prefix, id)) = split_runc_systemd(comp) {
             if let Some(uid) = pod_uid_of_slice(slice) {
                 info.pod_uid = Some(uid);
             }
             info.container = Some((id.to_string(), runtime_of_prefix(prefix)));
+            info.identity_depth = Some(depth);
         } else if let Some(uid) = pod_uid_of(comp) {
             info.pod_uid = Some(uid);
             // A container above the pod (kind's node) is not this process's container.
             info.container = None;
+            info.identity_depth = Some(depth);
         } else if let Some(c) = container_of(comp, parent) {
             info.container = Some(c);
+            info.identity_depth = Some(depth);
         } else if is_unit_name(comp) {
+            if !RUNTIME_UNITS.contains(&comp) {
+                // Possibly delegated: nothing below it is read. In a container or pod already,
+                // it is that container's own unit and the identity stays as found.
+                if info.pod_uid.is_none() && info.container.is_none() {
+                    info.unit = Some(comp.to_string());
+                }
+                return info;
+            }
             unit = Some(comp);
         }
         parent = comp;
@@ -212,13 +416,6 @@ fn analyze(path: &str) -> PathInfo {
         info.unit = unit.map(str::to_string);
     }
     info
-}
-
-/// `user@<uid>.service`: a user's systemd manager, whose subtree the user controls.
-fn is_user_manager(comp: &str) -> bool {
-    comp.strip_prefix("user@")
-        .and_then(|r| r.strip_suffix(".service"))
-        .is_some_and(|uid| !uid.is_empty() && uid.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// runc's systemd cgroup path `slice:prefix:id`, when written literally as one component
@@ -685,6 +882,50 @@ mod tests {
                 info(Some("init.scope"), None, None, None),
             ),
             (
+                "a delegated service's cgroup named like a docker container is that service",
+                format!("0::/system.slice/build.service/docker-{DOCKER_ID}.scope\n"),
+                info(Some("build.service"), None, None, None),
+            ),
+            (
+                "the same with the cgroupfs layout",
+                format!("0::/system.slice/build.service/docker/{DOCKER_ID}\n"),
+                info(Some("build.service"), None, None, None),
+            ),
+            (
+                "a delegated service's cgroups named like a pod's",
+                format!(
+                    "0::/system.slice/ci.service/kubepods.slice/kubepods-pod{}.slice/cri-containerd-{CID}.scope\n",
+                    POD.replace('-', "_")
+                ),
+                info(Some("ci.service"), None, None, None),
+            ),
+            (
+                "a delegated transient scope (systemd-run --scope -p Delegate=yes)",
+                format!("0::/system.slice/run-r1f2e.scope/kubepods/besteffort/pod{POD}/{CID}\n"),
+                info(Some("run-r1f2e.scope"), None, None, None),
+            ),
+            (
+                "cgroup v1: a delegated service's subtree in every hierarchy",
+                format!(
+                    "4:memory:/system.slice/foo.service/docker-{DOCKER_ID}.scope
+1:name=systemd:/system.slice/foo.service/docker-{DOCKER_ID}.scope
+"
+                ),
+                info(Some("foo.service"), None, None, None),
+            ),
+            (
+                "systemd inside a docker container: the container, not its unit",
+                format!("0::/system.slice/docker-{DOCKER_ID}.scope/system.slice/nginx.service\n"),
+                info(None, Some(DOCKER_ID), Some(Docker), None),
+            ),
+            (
+                "a unit inside a container ends the walk: names below it are not read",
+                format!(
+                    "0::/system.slice/docker-{DOCKER_ID}.scope/system.slice/evil.service/docker-{CID}.scope\n"
+                ),
+                info(None, Some(DOCKER_ID), Some(Docker), None),
+            ),
+            (
                 "containerd itself is a unit; its children in a container are not",
                 "0::/system.slice/containerd.service\n".into(),
                 info(Some("containerd.service"), None, None, None),
@@ -756,6 +997,146 @@ mod tests {
             "2:memory:/kubepods/pod{POD}\n1:cpu:/kubepods/pod2c48913c-b29f-11e7-9350-020968147796\n"
         );
         assert_eq!(parse(&text), none());
+    }
+
+    #[test]
+    fn identity_parents_are_the_cgroups_above_the_container() {
+        let pod = POD.replace('-', "_");
+        let text = format!(
+            "12:pids:/kubepods/besteffort/pod{POD}/{CID}
+1:name=systemd:/kubepods.slice/kubepods-pod{pod}.slice/cri-containerd-{CID}.scope/container
+0::/system.slice/docker-{DOCKER_ID}.scope
+3:rdma:/
+2:memory:/kubepods/pod{POD}
+"
+        );
+        assert_eq!(
+            identity_parents(&text),
+            [
+                ("pids".to_string(), format!("/kubepods/besteffort/pod{POD}")),
+                (
+                    "name=systemd".to_string(),
+                    format!("/kubepods.slice/kubepods-pod{pod}.slice")
+                ),
+                (String::new(), "/system.slice".to_string()),
+                ("memory".to_string(), "/kubepods".to_string()),
+            ]
+        );
+        // A delegated unit's subtree names nothing, so there is nothing to check.
+        let text = format!("0::/system.slice/build.service/docker-{DOCKER_ID}.scope\n");
+        assert!(identity_parents(&text).is_empty());
+    }
+
+    #[test]
+    fn mountinfo_gives_the_hierarchies() {
+        let text = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct
+39 31 0:36 / /sys/fs/cgroup/pids rw,relatime shared:5 - cgroup cgroup rw,pids
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,xattr,release_agent=/x,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw,nsdelegate
+42 31 0:38 /kubepods /mnt/kube rw - cgroup2 cgroup2 rw
+43 31 0:39 / /mnt/with\\040space rw - cgroup cgroup rw,memory
+";
+        let m = CgroupMounts::from_mountinfo(text);
+        assert_eq!(m.mount_point(""), Some(Path::new("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            m.mount_point("cpu,cpuacct"),
+            Some(Path::new("/sys/fs/cgroup/cpu,cpuacct"))
+        );
+        assert_eq!(
+            m.mount_point("cpuacct"),
+            Some(Path::new("/sys/fs/cgroup/cpu,cpuacct"))
+        );
+        assert_eq!(
+            m.mount_point("pids"),
+            Some(Path::new("/sys/fs/cgroup/pids"))
+        );
+        assert_eq!(
+            m.mount_point("name=systemd"),
+            Some(Path::new("/sys/fs/cgroup/systemd"))
+        );
+        assert_eq!(m.mount_point("memory"), Some(Path::new("/mnt/with space")));
+        assert_eq!(m.mount_point("blkio"), None);
+        // A pure v2 host; garbage lines are skipped.
+        let m = CgroupMounts::from_mountinfo(
+            "garbage\n1 2 3\n - x\n35 24 0:30 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n",
+        );
+        assert_eq!(m.mount_point(""), Some(Path::new("/sys/fs/cgroup")));
+        assert_eq!(m.mount_point("pids"), None);
+        assert_eq!(CgroupMounts::from_mountinfo(""), CgroupMounts::default());
+    }
+
+    /// A fake cgroup v2 hierarchy in a temp dir (owned by root: tests run as root), and the
+    /// mounts that point at it.
+    fn fake_hierarchy() -> (tempfile::TempDir, CgroupMounts) {
+        let dir = tempfile::tempdir().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mounts = CgroupMounts::from_mountinfo(&format!(
+            "1 2 0:1 / {} rw - cgroup2 cgroup2 rw\n",
+            dir.path().display()
+        ));
+        (dir, mounts)
+    }
+
+    #[test]
+    fn ownership_of_the_cgroups_above_a_container() {
+        use std::os::unix::fs::PermissionsExt;
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root (to give directories to another user)"
+        );
+        let (root, mounts) = fake_hierarchy();
+        let mk = |p: &str| {
+            let d = root.path().join(p.trim_start_matches('/'));
+            std::fs::create_dir_all(&d).unwrap();
+            d
+        };
+        let line = |path: &str| format!("0::{path}\n");
+        // Root's all the way: the container counts.
+        mk(&format!("/system.slice/docker-{DOCKER_ID}.scope"));
+        let docker = line(&format!("/system.slice/docker-{DOCKER_ID}.scope"));
+        assert_eq!(mounts.verify(&docker), Ownership::Root);
+
+        // A directory handed to a user (chowned, as systemd does for Delegate=yes), even with a
+        // name the path rule lets through.
+        let handed = mk("/handed");
+        nix::unistd::chown(&handed, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+        mk(&format!("/handed/docker/{DOCKER_ID}"));
+        let fake = line(&format!("/handed/docker/{DOCKER_ID}"));
+        assert_eq!(parse(&fake).container_id.as_deref(), Some(DOCKER_ID));
+        assert_eq!(mounts.verify(&fake), Ownership::Delegated(handed.clone()));
+
+        // Writable by a group or by anyone: as good as handed over.
+        let open = mk("/open.slice");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o775)).unwrap();
+        mk(&format!("/open.slice/docker-{DOCKER_ID}.scope"));
+        let open_line = line(&format!("/open.slice/docker-{DOCKER_ID}.scope"));
+        assert_eq!(mounts.verify(&open_line), Ownership::Delegated(open));
+
+        // The container's own cgroup may be someone else's (runc gives it to a user-namespaced
+        // container's root): only the directories above it count.
+        let own = mk(&format!("/kubepods/besteffort/pod{POD}/{CID}"));
+        nix::unistd::chown(&own, Some(nix::unistd::Uid::from_raw(100_000)), None).unwrap();
+        let pod_line = line(&format!("/kubepods/besteffort/pod{POD}/{CID}"));
+        assert_eq!(mounts.verify(&pod_line), Ownership::Root);
+
+        // Any hierarchy that names a container may refuse it; one that names none does not count.
+        let both = format!("{docker}5:pids:/\n");
+        assert_eq!(mounts.verify(&both), Ownership::Root);
+        let mixed = format!("{fake}{docker}");
+        assert!(matches!(mounts.verify(&mixed), Ownership::Delegated(_)));
+
+        // What cannot be seen is unknown: gone, another cgroup namespace, an unmounted hierarchy.
+        let gone = line(&format!("/nothere/docker/{DOCKER_ID}"));
+        assert_eq!(mounts.verify(&gone), Ownership::Unknown);
+        let other_ns = line(&format!("/../../handed/docker/{DOCKER_ID}"));
+        assert_eq!(mounts.verify(&other_ns), Ownership::Unknown);
+        let v1 = format!("4:memory:/handed/docker/{DOCKER_ID}\n");
+        assert_eq!(mounts.verify(&v1), Ownership::Unknown);
+        assert_eq!(CgroupMounts::default().verify(&fake), Ownership::Unknown);
+        // No container or pod: nothing to check.
+        assert_eq!(mounts.verify(&line("/handed")), Ownership::Unknown);
     }
 
     #[test]

@@ -11,6 +11,14 @@
 //! 2. **Read.** [`WorkloadAttestor::attest`] reads `/proc/<pid>/{status,cgroup,exe}` and hashes
 //!    the executable. uid and gid come from the peer credentials, captured by the kernel at
 //!    `connect()`, not from `/proc`, which could already be another process's.
+//!
+//!    Hashing is the one slow step (a large binary takes seconds in a debug build), and only
+//!    entries with a `unix:sha256` selector need it. The agent's cache keeps a flag saying
+//!    whether any cached entry has one ([`WorkloadAttestor::with_exe_hash_flag`]); while none
+//!    does, [`WorkloadAttestor::attest_async`] leaves `unix:sha256` out and says so
+//!    ([`Attestation::exe_hash_skipped`]), and a stream whose caller was attested that way is
+//!    attested again when such an entry arrives. Hashes are cached per file version (device,
+//!    inode, size, mtime, ctime), so each binary is read once. `explain` always hashes.
 //! 3. **Re-check.** Those reads are only trusted if the same process is still there afterwards:
 //!    `attest` ends with [`ProcessPin::check`], and the caller checks again just before it
 //!    answers, so nothing read about a PID that changed hands is ever used.
@@ -35,6 +43,7 @@ pub mod process;
 mod unix;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 pub use process::ProcessPin;
@@ -50,6 +59,28 @@ pub struct Attestation {
     /// Its cgroup lies in a subtree a user may name at will (`user.slice`, `user@<uid>.service`):
     /// pod and container names there are not to be taken to the kubelet.
     pub user_delegated_cgroup: bool,
+    /// `unix:sha256` was left out because no entry needed it (attest again to get it).
+    pub exe_hash_skipped: bool,
+}
+
+/// Whether an attestation hashes the executable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExeHash {
+    /// Only while some cached entry has a `unix:sha256` selector (the exe-hash flag is set).
+    IfWanted,
+    /// Always (`explain`, which shows every selector).
+    Always,
+}
+
+/// How [`WorkloadAttestor::attest_with`] treats the executable's hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HashStep {
+    /// Leave `unix:sha256` out.
+    Skip,
+    /// Use the cached hash; `Ok(None)` from the attestation when it is not cached.
+    CachedOnly,
+    /// Hash the file if its hash is not cached.
+    Compute,
 }
 
 /// Why a process could not be attested.
@@ -83,6 +114,10 @@ pub struct WorkloadAttestor {
     exe_hashes: unix::ExeHashCache,
     /// The `k8s` attestor: `None` (the default) never contacts a kubelet.
     kubelet: Option<k8s::KubeletClient>,
+    /// True while some cached entry has a `unix:sha256` selector; `None`: always hash.
+    exe_hash_flag: Option<Arc<AtomicBool>>,
+    /// The cgroup hierarchies as the agent sees them, to check who owns a container's cgroups.
+    cgroup_mounts: cgroup::CgroupMounts,
 }
 
 impl Default for WorkloadAttestor {
@@ -99,12 +134,29 @@ impl WorkloadAttestor {
 
     /// An attestor reading procfs at `root` (tests use a fake tree); pins passed to
     /// [`attest`](Self::attest) must come from the same root.
+    /// The cgroup hierarchies are found in `<root>/self/mountinfo`.
     pub fn with_proc_root(root: PathBuf) -> Self {
         Self {
+            cgroup_mounts: cgroup::CgroupMounts::read(&root),
             proc_root: root,
             exe_hashes: unix::ExeHashCache::default(),
             kubelet: None,
+            exe_hash_flag: None,
         }
+    }
+
+    /// Hashes executables only while `flag` is true: the agent's cache sets it while some
+    /// entry has a `unix:sha256` selector ([`crate::cache::Cache::exe_hash_flag`]).
+    pub fn with_exe_hash_flag(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.exe_hash_flag = Some(flag);
+        self
+    }
+
+    /// True when [`ExeHash::IfWanted`] attestations hash the executable.
+    pub fn exe_hash_wanted(&self) -> bool {
+        self.exe_hash_flag
+            .as_ref()
+            .is_none_or(|f| f.load(Ordering::SeqCst))
     }
 
     /// Turns on the `k8s` attestor: [`attest_async`](Self::attest_async) adds the kubelet's
@@ -122,16 +174,35 @@ impl WorkloadAttestor {
     /// [`attest`](Self::attest) on the blocking pool, then, for a process whose cgroup names a
     /// pod and a container and with the `k8s` attestor on, the kubelet's selectors (none if the
     /// kubelet cannot say: see [`k8s`]). Like `attest`, ends by checking the pin.
+    ///
+    /// The executable is hashed only while an entry needs `unix:sha256` ([`ExeHash::IfWanted`]).
     pub async fn attest_async(
         self: &Arc<Self>,
         pin: Arc<ProcessPin>,
         uid: u32,
         gid: u32,
     ) -> Result<Attestation, AttestError> {
-        // /proc reads take microseconds: done inline when the executable's hash is cached,
-        // which saves two thread hand-offs per call; hashing a new binary goes to the
-        // blocking pool.
-        let inline = self.attest_with(&pin, uid, gid, false)?;
+        self.attest_async_with(pin, uid, gid, ExeHash::IfWanted)
+            .await
+    }
+
+    /// [`attest_async`](Self::attest_async), choosing whether the executable is hashed.
+    pub async fn attest_async_with(
+        self: &Arc<Self>,
+        pin: Arc<ProcessPin>,
+        uid: u32,
+        gid: u32,
+        hash: ExeHash,
+    ) -> Result<Attestation, AttestError> {
+        // /proc reads take microseconds: done inline when the executable's hash is cached (or
+        // not wanted), which saves two thread hand-offs per call; hashing a new binary goes to
+        // the blocking pool.
+        let step = if hash == ExeHash::Always || self.exe_hash_wanted() {
+            HashStep::CachedOnly
+        } else {
+            HashStep::Skip
+        };
+        let inline = self.attest_with(&pin, uid, gid, step)?;
         let mut attestation = match inline {
             Some(a) => a,
             None => {
@@ -176,19 +247,19 @@ impl WorkloadAttestor {
     /// Ends by checking the pin: `Err(Gone)` if the process is no longer the one pinned, so the
     /// selectors returned were all read from it.
     pub fn attest(&self, pin: &ProcessPin, uid: u32, gid: u32) -> Result<Attestation, AttestError> {
-        self.attest_with(pin, uid, gid, true)?
+        self.attest_with(pin, uid, gid, HashStep::Compute)?
             .ok_or_else(|| AttestError::Task("executable hash was not computed".into()))
     }
 
-    /// [`attest`](Self::attest); with `may_hash` false, `Ok(None)` when the executable's hash is
-    /// not cached yet (the only step that can take long: the caller retries where blocking is
-    /// fine).
+    /// [`attest`](Self::attest) with the hash step chosen; with [`HashStep::CachedOnly`],
+    /// `Ok(None)` when the executable's hash is not cached yet (the only step that can take
+    /// long: the caller retries where blocking is fine).
     fn attest_with(
         &self,
         pin: &ProcessPin,
         uid: u32,
         gid: u32,
-        may_hash: bool,
+        step: HashStep,
     ) -> Result<Option<Attestation>, AttestError> {
         let pid = pin.pid;
         let mut selectors = SelectorSet::new();
@@ -203,10 +274,17 @@ impl WorkloadAttestor {
         let cgroups = process::read_proc_file(&self.proc_root, pid, "cgroup")?;
         // Lossy: a path that is not UTF-8 is no runtime's or systemd's, and matches nothing.
         let cgroups = String::from_utf8_lossy(&cgroups);
-        add(cgroup::parse(&cgroups).selectors());
+        let mut cgroup_info = cgroup::parse(&cgroups);
+        if cgroup_info.container_id.is_some() || cgroup_info.pod_uid.is_some() {
+            if let cgroup::Ownership::Delegated(dir) = self.cgroup_mounts.verify(&cgroups) {
+                // Someone else than root could have created and named this cgroup.
+                tracing::warn!(pid, cgroup = %dir.display(), container = cgroup_info.container_id.as_deref(), pod = cgroup_info.pod_uid.as_deref(), "a cgroup above the process's container is not root's (delegated to a user?); no container or pod selectors");
+                cgroup_info = cgroup::CgroupInfo::default();
+            }
+        }
+        add(cgroup_info.selectors());
         let user_delegated_cgroup = k8s::under_user_delegation(&cgroups);
-        let Some(exe) = unix::exe_selectors(&self.proc_root, pid, &self.exe_hashes, may_hash)?
-        else {
+        let Some(exe) = unix::exe_selectors(&self.proc_root, pid, &self.exe_hashes, step)? else {
             return Ok(None);
         };
         add(exe);
@@ -215,23 +293,24 @@ impl WorkloadAttestor {
             pid,
             selectors,
             user_delegated_cgroup,
+            exe_hash_skipped: step == HashStep::Skip,
         }))
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use sha2::{Digest, Sha256};
     use sigil::Selector;
     use std::path::Path;
     use std::time::{Duration, SystemTime};
 
-    const PID: i32 = 4242;
+    pub(crate) const PID: i32 = 4242;
     const START: u64 = 1_234_567;
     const CID: &str = "f45298cd514d1930c4fe3afc4412e59547f7e3148fddd22ca33cefce046eb830";
     const POD: &str = "dd1bf9d1-241d-47f5-8e25-12de83135812";
-    const EXE_BYTES: &[u8] = b"\x7fELF pretend binary";
+    pub(crate) const EXE_BYTES: &[u8] = b"\x7fELF pretend binary";
 
     fn stat_line(pid: i32, start: u64) -> String {
         // The command name has ") (", spaces and a trailing ')' to trip naive parsers.
@@ -242,12 +321,12 @@ mod tests {
     }
 
     /// A fake procfs with one process, and its executable at `<tmp>/bin/app`.
-    struct FakeProc {
+    pub(crate) struct FakeProc {
         dir: tempfile::TempDir,
     }
 
     impl FakeProc {
-        fn new() -> Self {
+        pub(crate) fn new() -> Self {
             let dir = tempfile::tempdir().unwrap();
             let fake = Self { dir };
             let p = fake.pid_dir();
@@ -286,11 +365,11 @@ mod tests {
             self.dir.path().join("bin").join("app")
         }
 
-        fn attestor(&self) -> WorkloadAttestor {
+        pub(crate) fn attestor(&self) -> WorkloadAttestor {
             WorkloadAttestor::with_proc_root(self.root().to_path_buf())
         }
 
-        fn pin(&self) -> ProcessPin {
+        pub(crate) fn pin(&self) -> ProcessPin {
             ProcessPin::pin_in(self.root(), PID).unwrap()
         }
 
@@ -301,7 +380,7 @@ mod tests {
         }
     }
 
-    fn sha256_hex(bytes: &[u8]) -> String {
+    pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
         hex::encode(Sha256::digest(bytes))
     }
 
@@ -393,6 +472,58 @@ mod tests {
             hash(&fourth),
             [format!("unix:sha256:{}", sha256_hex(new_bytes))]
         );
+    }
+
+    #[tokio::test]
+    async fn executables_are_hashed_only_while_an_entry_needs_it() {
+        let fake = FakeProc::new();
+        let flag = Arc::new(AtomicBool::new(false));
+        let attestor = Arc::new(fake.attestor().with_exe_hash_flag(flag.clone()));
+        let pin = Arc::new(fake.pin());
+        let hashed = || {
+            attestor
+                .exe_hashes
+                .hashed
+                .load(std::sync::atomic::Ordering::SeqCst)
+        };
+        let sha = format!("unix:sha256:{}", sha256_hex(EXE_BYTES));
+
+        // No entry needs the hash: the file is never read, and the attestation says so.
+        let a = attestor.attest_async(pin.clone(), 1, 1).await.unwrap();
+        assert_eq!(hashed(), 0);
+        assert!(with_kind(&a, "sha256:").is_empty(), "{a:?}");
+        assert!(a.exe_hash_skipped);
+        assert_eq!(
+            with_kind(&a, "path:"),
+            [format!("unix:path:{}", fake.exe().display())]
+        );
+
+        // An entry needs it: hashed once, then served from the cache.
+        flag.store(true, Ordering::SeqCst);
+        for _ in 0..2 {
+            let a = attestor.attest_async(pin.clone(), 1, 1).await.unwrap();
+            assert_eq!(with_kind(&a, "sha256:"), std::slice::from_ref(&sha));
+            assert!(!a.exe_hash_skipped);
+        }
+        assert_eq!(hashed(), 1);
+
+        // explain hashes whatever the flag says (a new attestor: nothing cached).
+        flag.store(false, Ordering::SeqCst);
+        let attestor = Arc::new(fake.attestor().with_exe_hash_flag(flag.clone()));
+        let a = attestor
+            .attest_async_with(pin.clone(), 1, 1, ExeHash::Always)
+            .await
+            .unwrap();
+        assert_eq!(with_kind(&a, "sha256:"), [sha]);
+        assert_eq!(
+            attestor
+                .exe_hashes
+                .hashed
+                .load(std::sync::atomic::Ordering::SeqCst),
+            1
+        );
+        // An attestor without a flag (tests, tools) always hashes.
+        assert!(fake.attestor().exe_hash_wanted());
     }
 
     #[test]
@@ -522,6 +653,140 @@ mod tests {
         .unwrap();
         let a = fake.attestor().attest(&fake.pin(), 0, 0).unwrap();
         assert!(a.selectors.contains(&sel("systemd:id:sshd.service")));
+    }
+
+    #[test]
+    fn container_in_a_cgroup_handed_to_a_user_gets_no_container_selectors() {
+        assert!(nix::unistd::geteuid().is_root(), "this test needs root");
+        let fake = FakeProc::new();
+        // A cgroup v2 hierarchy in a temp dir, as this fake procfs's mountinfo lists it.
+        let hierarchy = tempfile::tempdir().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(hierarchy.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::create_dir_all(fake.root().join("self")).unwrap();
+        std::fs::write(
+            fake.root().join("self/mountinfo"),
+            format!(
+                "30 23 0:26 / {} rw,nosuid - cgroup2 cgroup2 rw\n",
+                hierarchy.path().display()
+            ),
+        )
+        .unwrap();
+        let path = format!("/ci/docker/{CID}");
+        std::fs::create_dir_all(hierarchy.path().join(path.trim_start_matches('/'))).unwrap();
+        std::fs::write(fake.pid_dir().join("cgroup"), format!("0::{path}\n")).unwrap();
+        let docker_id = sel(&format!("docker:id:{CID}"));
+
+        // Root's cgroups: the container is the container.
+        let a = fake.attestor().attest(&fake.pin(), 0, 0).unwrap();
+        assert!(a.selectors.contains(&docker_id), "{a:?}");
+
+        // The same names in a directory given to uid 65534: no container selectors.
+        nix::unistd::chown(
+            &hierarchy.path().join("ci"),
+            Some(nix::unistd::Uid::from_raw(65534)),
+            None,
+        )
+        .unwrap();
+        let a = fake.attestor().attest(&fake.pin(), 0, 0).unwrap();
+        assert!(!a.selectors.contains(&docker_id), "{a:?}");
+        assert!(!a
+            .selectors
+            .iter()
+            .any(|s| s.kind() == "docker" || s.kind() == "k8s"));
+        assert!(
+            a.selectors.contains(&sel("unix:uid:0")),
+            "the rest stays: {a:?}"
+        );
+    }
+
+    /// Cgroup directories (top down) and a process in the last one, removed on drop so a
+    /// failing test leaves nothing behind.
+    struct TestCgroup {
+        dirs: Vec<PathBuf>,
+        child: std::process::Child,
+    }
+
+    impl Drop for TestCgroup {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            for dir in self.dirs.iter().rev() {
+                // An exited process may take a moment to leave its cgroup.
+                for _ in 0..50 {
+                    if std::fs::remove_dir(dir).is_ok() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            }
+        }
+    }
+
+    /// A real cgroup, as a user with a delegated subtree (systemd `Delegate=yes`) can make one:
+    /// a directory of the hierarchy chowned to `nobody`, and inside it cgroups named like a
+    /// Docker container (cgroupfs layout, which the path rule alone lets through). A process
+    /// moved there is not that container; the same names in root's cgroups are.
+    #[test]
+    fn real_cgroup_below_a_directory_delegated_to_a_user_is_no_container() {
+        use std::os::unix::fs::PermissionsExt;
+        let mounts = cgroup::CgroupMounts::read(Path::new(process::DEFAULT_PROC_ROOT));
+        let (controllers, hierarchy) = ["pids", ""]
+            .iter()
+            .find_map(|c| mounts.mount_point(c).map(|p| (*c, p.to_path_buf())))
+            .expect("a cgroup hierarchy is mounted (pids v1 or v2)");
+        let writable = nix::unistd::geteuid().is_root()
+            && nix::unistd::access(&hierarchy, nix::unistd::AccessFlags::W_OK).is_ok();
+        assert!(
+            writable,
+            "this test needs root and a writable cgroup hierarchy at {} (to create cgroups)",
+            hierarchy.display()
+        );
+        let id = "d".repeat(64);
+        for delegated in [true, false] {
+            let top = hierarchy.join(format!(
+                "sigil-test-{}-{}",
+                if delegated { "delegated" } else { "root" },
+                std::process::id()
+            ));
+            let leaf = top.join("docker").join(&id);
+            std::fs::create_dir_all(&leaf).unwrap();
+            let child = std::process::Command::new("sleep")
+                .arg("60")
+                .spawn()
+                .unwrap();
+            let cg = TestCgroup {
+                dirs: vec![top.clone(), top.join("docker"), leaf.clone()],
+                child,
+            };
+            if delegated {
+                nix::unistd::chown(&top, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+            }
+            assert_eq!(
+                std::fs::metadata(&top).unwrap().permissions().mode() & 0o022,
+                0
+            );
+            std::fs::write(leaf.join("cgroup.procs"), cg.child.id().to_string()).unwrap();
+            let pid = i32::try_from(cg.child.id()).unwrap();
+            let seen = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+            let relative = leaf.strip_prefix(&hierarchy).unwrap().display().to_string();
+            assert!(
+                seen.lines()
+                    .any(|l| l.ends_with(&format!(":{controllers}:/{relative}"))),
+                "moved into the cgroup: {seen}"
+            );
+            let a = WorkloadAttestor::new()
+                .attest(&ProcessPin::pin(pid).unwrap(), 0, 0)
+                .unwrap();
+            drop(cg);
+            let docker_id = sel(&format!("docker:id:{id}"));
+            assert_eq!(
+                a.selectors.contains(&docker_id),
+                !delegated,
+                "delegated: {delegated}; cgroup file:\n{seen}\nselectors: {a:?}"
+            );
+            assert!(!top.exists(), "{} removed", top.display());
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use sigil::selector::Selector;
 
 use super::process::{is_gone, proc_path};
-use super::AttestError;
+use super::{AttestError, HashStep};
 
 /// How many executables' hashes are kept; past that the cache starts over (a node runs far fewer
 /// distinct binaries, so this only bounds memory against pathological churn).
@@ -163,6 +163,8 @@ impl FileKey {
 #[derive(Debug, Default)]
 pub(crate) struct ExeHashCache {
     pub(crate) map: Mutex<HashMap<FileKey, String>>,
+    /// How many files were read and hashed (cache misses).
+    pub(crate) hashed: std::sync::atomic::AtomicU64,
 }
 
 impl ExeHashCache {
@@ -190,13 +192,14 @@ impl ExeHashCache {
 /// container) reports paths inside its own root, which may name a different host file.
 /// The hash is read through `/proc/<pid>/exe`, so it is right in any mount namespace.
 ///
-/// With `may_hash` false, a hash not in the cache is not computed: `Ok(None)` says hashing is
-/// needed (the caller then runs the attestation where blocking is fine).
+/// With [`HashStep::Skip`] there is no `unix:sha256`; with [`HashStep::CachedOnly`] a hash not
+/// in the cache is not computed: `Ok(None)` says hashing is needed (the caller then runs the
+/// attestation where blocking is fine).
 pub(crate) fn exe_selectors(
     proc_root: &Path,
     pid: i32,
     cache: &ExeHashCache,
-    may_hash: bool,
+    step: HashStep,
 ) -> Result<Option<Vec<Selector>>, AttestError> {
     let link = proc_path(proc_root, pid, "exe");
     let target = match std::fs::read_link(&link) {
@@ -237,8 +240,10 @@ pub(crate) fn exe_selectors(
         // e.g. a process in another mount namespace (a container).
         tracing::debug!(pid, path = %shown, "exe path names another file here; no unix:path");
     }
-    if !may_hash && cache.get(&FileKey::of(&meta)).is_none() {
-        return Ok(None);
+    match step {
+        HashStep::Skip => return Ok(Some(out)),
+        HashStep::CachedOnly if cache.get(&FileKey::of(&meta)).is_none() => return Ok(None),
+        HashStep::CachedOnly | HashStep::Compute => {}
     }
     match sha256_cached(&link, &meta, cache) {
         Ok(Some(hash)) => push(&mut out, format!("sha256:{hash}")),
@@ -268,6 +273,9 @@ fn sha256_cached(
         return Ok(Some(hash));
     }
     let mut file = File::open(path)?;
+    cache
+        .hashed
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut hasher = Sha256::new();
     io::copy(&mut file, &mut hasher)?;
     if FileKey::of(&file.metadata()?) != key {

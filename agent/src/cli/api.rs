@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use sigil::proto::workload as wl;
 use sigil::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use sigil::socket_api::{Api, Unimplemented};
 use tonic::transport::Channel;
 
 use super::time_text;
@@ -42,11 +43,15 @@ pub fn endpoint_to_path(endpoint: &str) -> anyhow::Result<PathBuf> {
         .or_else(|| endpoint.strip_prefix("unix:"))
         .ok_or_else(|| {
             anyhow::anyhow!(
-                "SPIFFE_ENDPOINT_SOCKET={endpoint:?} is not a unix: address (expected unix:///path/to/api.sock)"
+                "SPIFFE_ENDPOINT_SOCKET={} is not a unix: address (expected unix:///path/to/api.sock)",
+                sigil::text::quote_for_display(endpoint)
             )
         })?;
     if !path.starts_with('/') {
-        anyhow::bail!("SPIFFE_ENDPOINT_SOCKET={endpoint:?} must name an absolute path");
+        anyhow::bail!(
+            "SPIFFE_ENDPOINT_SOCKET={} must name an absolute path",
+            sigil::text::quote_for_display(endpoint)
+        );
     }
     Ok(PathBuf::from(path))
 }
@@ -140,28 +145,39 @@ pub struct WatchArgs {
 
 /// Runs an `api` subcommand.
 pub async fn run(cmd: ApiCommand) -> anyhow::Result<()> {
-    match cmd {
+    let socket = match &cmd {
+        ApiCommand::Fetch(FetchCommand::X509(a)) => &a.socket,
+        ApiCommand::Fetch(FetchCommand::Jwt(a)) => &a.socket,
+        ApiCommand::Validate(ValidateCommand::Jwt(a)) => &a.socket,
+        ApiCommand::Watch(a) => &a.socket,
+    }
+    .resolve();
+    let result = match cmd {
         ApiCommand::Fetch(FetchCommand::X509(a)) => fetch_x509(a).await,
         ApiCommand::Fetch(FetchCommand::Jwt(a)) => fetch_jwt(a).await,
         ApiCommand::Validate(ValidateCommand::Jwt(a)) => validate_jwt(a).await,
         ApiCommand::Watch(a) => watch(a).await,
+    };
+    // Unimplemented: the socket serves another API; say which.
+    match (result, socket) {
+        (Err(e), Ok(path)) => match e.downcast::<Unimplemented>() {
+            Ok(u) => Err(sigil::socket_api::wrong_api(&path, Api::Workload, &u.what)
+                .await
+                .into()),
+            Err(e) => Err(e),
+        },
+        (result, _) => result,
     }
 }
 
 async fn client(socket: &SocketArgs) -> anyhow::Result<SpiffeWorkloadApiClient<Channel>> {
     let path = socket.resolve()?;
-    if !path.exists() {
-        anyhow::bail!(
-            "Workload API socket {} does not exist: is sigil-agent running? (use --socket-path or SPIFFE_ENDPOINT_SOCKET)",
-            path.display()
-        );
-    }
     // What answers is believed (SVIDs, bundles, JWT validation): not in a directory anyone can
     // write to.
-    sigil::uds::check_client_path(&path)?;
-    let ch = sigil::uds::connect(&path)
-        .await
-        .with_context(|| format!("connecting to {}", path.display()))?;
+    if path.exists() {
+        sigil::uds::check_client_path(&path)?;
+    }
+    let ch = sigil::socket_api::connect(&path, Api::Workload).await?;
     Ok(SpiffeWorkloadApiClient::new(ch))
 }
 
@@ -175,6 +191,14 @@ fn request<T>(msg: T) -> tonic::Request<T> {
 }
 
 fn rpc_error(what: &str, s: tonic::Status) -> anyhow::Error {
+    if s.code() == tonic::Code::Unimplemented {
+        return anyhow::Error::new(Unimplemented {
+            what: what.to_string(),
+        });
+    }
+    if s.message().is_empty() {
+        return anyhow::anyhow!("{what}: {:?} ({})", s.code(), s.code().description());
+    }
     let hint = match s.code() {
         tonic::Code::PermissionDenied => {
             " — no registration entry matches this process; `sigil-agent explain --pid <pid>` shows why"

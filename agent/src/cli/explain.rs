@@ -23,12 +23,14 @@ pub struct ExplainArgs {
 
 /// Asks the agent and prints its answer.
 pub async fn run(a: ExplainArgs) -> anyhow::Result<()> {
-    let x = super::admin_client(&a.admin_socket)
+    let x = match super::admin_client(&a.admin_socket)
         .await?
         .explain(pb::ExplainRequest { pid: a.pid })
         .await
-        .map_err(|e| anyhow::anyhow!("explain: {} ({:?})", e.message(), e.code()))?
-        .into_inner();
+    {
+        Ok(r) => r.into_inner(),
+        Err(s) => return Err(super::admin_error(&a.admin_socket, "explain", s).await),
+    };
     if a.output == "json" {
         println!("{}", serde_json::to_string_pretty(&to_json(&x))?);
     } else {

@@ -24,15 +24,26 @@ pub async fn admin_client(
 ) -> anyhow::Result<
     sigil::proto::agent_admin::agent_admin_client::AgentAdminClient<tonic::transport::Channel>,
 > {
-    if !socket.exists() {
-        anyhow::bail!(
-            "admin socket {} does not exist: is sigil-agent running? (use --admin-socket)",
-            socket.display()
-        );
+    // Whatever answers on it is believed: not in a directory anyone can write.
+    if socket.exists() {
+        sigil::uds::check_client_path(socket)?;
     }
-    sigil::uds::check_client_path(socket)?;
-    let channel = sigil::uds::connect(socket)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", socket.display()))?;
+    let channel = sigil::socket_api::connect(socket, sigil::socket_api::Api::AgentAdmin).await?;
     Ok(sigil::proto::agent_admin::agent_admin_client::AgentAdminClient::new(channel))
+}
+
+/// One line for a failed admin API call on `socket`: `Unimplemented` means the socket serves
+/// another API, and the line says which.
+pub async fn admin_error(socket: &std::path::Path, what: &str, s: tonic::Status) -> anyhow::Error {
+    match s.code() {
+        tonic::Code::Unimplemented => {
+            sigil::socket_api::wrong_api(socket, sigil::socket_api::Api::AgentAdmin, what)
+                .await
+                .into()
+        }
+        code if s.message().is_empty() => {
+            anyhow::anyhow!("{what}: {code:?} ({})", code.description())
+        }
+        code => anyhow::anyhow!("{what}: {} ({code:?})", s.message()),
+    }
 }

@@ -41,6 +41,11 @@ struct Caller {
     pid: i32,
     selectors: SelectorSet,
     pin: Arc<ProcessPin>,
+    /// Peer credentials, to attest again.
+    uid: u32,
+    gid: u32,
+    /// `unix:sha256` was left out (no entry needed it when the caller was attested).
+    exe_hash_skipped: bool,
 }
 
 impl Caller {
@@ -128,6 +133,9 @@ impl WorkloadApi {
                     pid: a.pid,
                     selectors: a.selectors,
                     pin,
+                    uid,
+                    gid,
+                    exe_hash_skipped: a.exe_hash_skipped,
                 })
             }
             Err(AttestError::Gone { pid }) => {
@@ -168,6 +176,7 @@ impl WorkloadApi {
         let mut watcher = Watcher {
             _gauge: StreamGauge::new(&state),
             state,
+            attestor: self.inner.attestor.clone(),
             caller,
             what,
             build,
@@ -180,6 +189,8 @@ impl WorkloadApi {
             pending_deadline: tokio::time::Instant::now() + FIRST_SVID_WAIT,
             done: false,
         };
+        // An entry needing `unix:sha256` may have arrived since the caller was attested.
+        watcher.attest_again_if_hash_wanted().await?;
         match look(&watcher.state, &watcher.caller, &watcher.build).await {
             Watch::NoIdentity => {
                 tracing::info!(pid = watcher.caller.pid, selectors = %watcher.caller.selectors, stream = what, "no identity for the caller; PermissionDenied");
@@ -236,6 +247,7 @@ enum Woke {
 /// The state of one watched stream between two messages.
 struct Watcher<M, F> {
     state: Arc<AgentState>,
+    attestor: Arc<WorkloadAttestor>,
     caller: Caller,
     what: &'static str,
     build: F,
@@ -275,6 +287,9 @@ where
             if std::mem::take(&mut self.look_now) {
                 self.changes.borrow_and_update();
                 self.pending = false;
+                if let Err(s) = self.attest_again_if_hash_wanted().await {
+                    return self.end(s);
+                }
                 match look(&self.state, &self.caller, &self.build).await {
                     Watch::NoIdentity => {
                         tracing::info!(pid = self.caller.pid, selectors = %self.caller.selectors, stream = self.what, "no identity for the caller any more; ending the stream with PermissionDenied");
@@ -318,6 +333,33 @@ where
                         "the caller's SVID is still being minted (is sigil-server reachable?); retry shortly",
                     ))
                 }
+            }
+        }
+    }
+
+    /// The caller was attested without `unix:sha256` (no entry needed it) and now an entry
+    /// does: attest it again, so that entry can match on this open stream. Err only when the
+    /// process is gone; another failure keeps the selectors it has (they were right).
+    async fn attest_again_if_hash_wanted(&mut self) -> Result<(), Status> {
+        if !self.caller.exe_hash_skipped || !self.attestor.exe_hash_wanted() {
+            return Ok(());
+        }
+        let c = &self.caller;
+        match self
+            .attestor
+            .attest_async(c.pin.clone(), c.uid, c.gid)
+            .await
+        {
+            Ok(a) => {
+                tracing::debug!(pid = a.pid, selectors = %a.selectors, stream = self.what, "workload attested again: an entry now needs its executable's hash");
+                self.caller.selectors = a.selectors;
+                self.caller.exe_hash_skipped = a.exe_hash_skipped;
+                Ok(())
+            }
+            Err(AttestError::Gone { pid }) => Err(gone(pid)),
+            Err(e) => {
+                tracing::debug!(pid = c.pid, error = %e, "attesting the workload again failed; keeping its selectors");
+                Ok(())
             }
         }
     }
@@ -618,6 +660,9 @@ mod tests {
             pid,
             selectors: identities::tests::selectors(selectors),
             pin: Arc::new(ProcessPin::pin(pid).unwrap()),
+            uid: 0,
+            gid: 0,
+            exe_hash_skipped: false,
         }
     }
 
@@ -627,10 +672,20 @@ mod tests {
         shutdown: tokio::sync::watch::Receiver<bool>,
         caller: Caller,
     ) -> Result<WatchStream<wl::X509svidResponse>, Status> {
+        x509_stream_with(state, shutdown, caller, Arc::new(WorkloadAttestor::new())).await
+    }
+
+    /// [`x509_stream`] with the given attestor.
+    async fn x509_stream_with(
+        state: &Arc<AgentState>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+        caller: Caller,
+        attestor: Arc<WorkloadAttestor>,
+    ) -> Result<WatchStream<wl::X509svidResponse>, Status> {
         let roots = state.identity.read().await.chain_der.clone();
         let api = WorkloadApi::new(
             state.clone(),
-            Arc::new(WorkloadAttestor::new()),
+            attestor,
             // Never dialled: these tests make no JWT calls.
             NodeLink::new(
                 "127.0.0.1:1".into(),
@@ -689,6 +744,63 @@ mod tests {
         assert!(s.next().await.is_none());
         drop(s);
         assert_eq!(state.metrics.workload_streams.get(), 0, "gauge back to 0");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_attested_without_the_exe_hash_gets_entries_that_need_it() {
+        use crate::attestor::tests::{sha256_hex, FakeProc, EXE_BYTES};
+        use identities::tests::{cache_with, entry};
+        use tokio_stream::StreamExt as _;
+        let state = state_with(cache_with(vec![entry("a", 1, &["unix:uid:7"], "")], &["a"]));
+        let fake = FakeProc::new();
+        // Wired as the agent does: the attestor reads the cache's flag.
+        let flag = state.cache.read().await.exe_hash_flag();
+        let attestor = Arc::new(fake.attestor().with_exe_hash_flag(flag));
+        let pin = Arc::new(fake.pin());
+        let a = attestor.attest_async(pin.clone(), 7, 7).await.unwrap();
+        assert!(a.exe_hash_skipped, "no entry needs the hash yet");
+        let caller = Caller {
+            pid: a.pid,
+            selectors: a.selectors,
+            pin,
+            uid: 7,
+            gid: 7,
+            exe_hash_skipped: true,
+        };
+        let (_stop, shutdown) = tokio::sync::watch::channel(false);
+        let mut s = x509_stream_with(&state, shutdown, caller, attestor)
+            .await
+            .unwrap();
+        assert_eq!(
+            ids(&s.next().await.unwrap().unwrap()),
+            ["spiffe://example.org/w/a"]
+        );
+
+        // An entry on the executable's hash arrives (and its SVID): the open stream gets it.
+        let sha = format!("unix:sha256:{}", sha256_hex(EXE_BYTES));
+        {
+            let mut cache = state.cache.write().await;
+            cache
+                .apply_sync(sigil::proto::node::SyncResponse {
+                    upserted: vec![entry("b", 2, &["unix:uid:7", &sha], "")],
+                    revision: 2,
+                    ..Default::default()
+                })
+                .unwrap();
+            for p in cache.make_csrs(&["b".to_string()]).unwrap() {
+                assert!(cache.store_svid(p, vec![b"b".to_vec()], 3600, 0));
+            }
+        }
+        state.notify_changed();
+        let both = tokio::time::timeout(Duration::from_secs(60), s.next())
+            .await
+            .expect("the stream sent the new entry")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            ids(&both),
+            ["spiffe://example.org/w/a", "spiffe://example.org/w/b"]
+        );
     }
 
     #[tokio::test(start_paused = true)]

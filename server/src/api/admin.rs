@@ -15,6 +15,7 @@ use sigil::bundle::{Bundle, BundleError};
 use sigil::entry::{selectors_from_proto, RegistrationEntry};
 use sigil::proto::admin as pb;
 use sigil::proto::admin::admin_server::Admin;
+use sigil::selector::{unknown_type_warning, Registrable};
 use sigil::{SpiffeId, TrustDomain};
 use tokio::sync::RwLock;
 use tonic::transport::server::UdsConnectInfo;
@@ -137,6 +138,23 @@ impl AdminService {
         Ok(entry)
     }
 
+    /// Checks an entry's selectors against what Sigil's attestors produce (see
+    /// [`sigil::Selector::check_registrable`]): a known type's unknown key or impossible value is
+    /// refused; a type no Sigil attestor produces is logged as a warning (the CLI prints the
+    /// same warning to the operator).
+    fn check_selectors(entry: &RegistrationEntry) -> Result<(), Status> {
+        for s in &entry.selectors {
+            match s.check_registrable() {
+                Ok(Registrable::Known) => {}
+                Ok(Registrable::UnknownType) => {
+                    tracing::warn!(spiffe_id = %entry.spiffe_id, selector = %s, "{}", unknown_type_warning(s));
+                }
+                Err(e) => return Err(Status::invalid_argument(format!("invalid selectors: {e}"))),
+            }
+        }
+        Ok(())
+    }
+
     fn parse_id(&self, field: &str, s: &str) -> Result<SpiffeId, Status> {
         SpiffeId::parse(s).map_err(|e| Status::invalid_argument(format!("invalid {field}: {e}")))
     }
@@ -238,7 +256,7 @@ fn audit<T>(uid: Option<u32>, action: &str, object: &str, result: &Result<T, Sta
         Err(s) => format!(
             "{:?}: {}",
             s.code(),
-            sigil::text::truncate(s.message(), MAX_MESSAGE_CHARS)
+            sigil::text::truncate_for_display(s.message(), MAX_MESSAGE_CHARS)
         ),
     };
     let object = sigil::text::echo(object);
@@ -255,7 +273,7 @@ fn audit<T>(uid: Option<u32>, action: &str, object: &str, result: &Result<T, Sta
 /// Truncates an error message longer than [`MAX_MESSAGE_CHARS`] (one that echoes a long value
 /// without bounding it), keeping its code.
 fn bound_message(s: Status) -> Status {
-    match sigil::text::truncate(s.message(), MAX_MESSAGE_CHARS) {
+    match sigil::text::truncate_for_display(s.message(), MAX_MESSAGE_CHARS) {
         std::borrow::Cow::Borrowed(_) => s,
         std::borrow::Cow::Owned(short) => Status::new(s.code(), short),
     }
@@ -396,6 +414,7 @@ impl Admin for AdminService {
                     .as_ref()
                     .ok_or_else(|| Status::invalid_argument("entry is required"))?;
                 let entry = self.validate_new_entry(e)?;
+                Self::check_selectors(&entry)?;
                 let mut results = self
                     .state
                     .datastore
@@ -446,7 +465,10 @@ impl Admin for AdminService {
             let mut valid = Vec::new();
             let mut valid_idx = Vec::new();
             for (i, e) in req.entries.iter().enumerate() {
-                match self.validate_new_entry(e) {
+                match self
+                    .validate_new_entry(e)
+                    .and_then(|entry| Self::check_selectors(&entry).map(|()| entry))
+                {
                     Ok(entry) => {
                         valid.push(entry);
                         valid_idx.push(i);
@@ -533,7 +555,10 @@ impl Admin for AdminService {
                 .await
                 .map_err(ds_status)?
                 .ok_or_else(|| {
-                    Status::not_found(format!("entry {:?} not found", sigil::text::echo(&req.id)))
+                    Status::not_found(format!(
+                        "entry {} not found",
+                        sigil::text::quote_for_display(&req.id)
+                    ))
                 })?;
             Ok(pb::GetEntryResponse {
                 entry: Some(entry.to_proto()),
@@ -603,8 +628,8 @@ impl Admin for AdminService {
                     .map_err(ds_status)?
                     .ok_or_else(|| {
                         Status::not_found(format!(
-                            "entry {:?} not found",
-                            sigil::text::echo(&new.id)
+                            "entry {} not found",
+                            sigil::text::quote_for_display(&new.id)
                         ))
                     })?;
                 let mut merged = current.to_proto();
@@ -649,6 +674,11 @@ impl Admin for AdminService {
                     if set {
                         check.map_err(|e| Status::invalid_argument(e.to_string()))?;
                     }
+                }
+                // Only selectors being set now: an entry stored before these checks keeps
+                // working through updates of its other fields.
+                if mask.selectors {
+                    Self::check_selectors(&entry)?;
                 }
                 let updated = self
                     .state
@@ -1000,6 +1030,107 @@ mod tests {
             .bundles)
     }
 
+    fn entry_with(selectors: &[&str]) -> pb::Entry {
+        pb::Entry {
+            spiffe_id: "spiffe://example.org/web".into(),
+            parent_id: "spiffe://example.org/node".into(),
+            selectors: selectors
+                .iter()
+                .map(|s| {
+                    let (t, v) = s.split_once(':').unwrap_or((s, ""));
+                    pb::Selector {
+                        r#type: t.into(),
+                        value: v.into(),
+                    }
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn selectors_no_attestor_produces_are_refused_on_create_batch_and_update() -> TestResult {
+        let (_dir, svc, _state) = service().await?;
+        let bad = [
+            "unix:uid:abc",
+            "unix:uid:-1",
+            "unix:uid:",
+            "unix:path:relative",
+            "unix:nosuchkey:1",
+            "unix:sha256:abc",
+            "docker:id:abc",
+            "systemd:id:nginx",
+            "x509pop:ca:fingerprint:zz",
+        ];
+        for sel in bad {
+            let err = svc
+                .create_entry(Request::new(pb::CreateEntryRequest {
+                    entry: Some(entry_with(&[sel])),
+                }))
+                .await
+                .expect_err(sel);
+            assert_eq!(err.code(), Code::InvalidArgument, "{sel}: {err:?}");
+            assert!(
+                err.message().starts_with("invalid selectors: selector"),
+                "{sel}: {err:?}"
+            );
+        }
+        // A batch refuses the bad ones, creates the rest (unknown types included).
+        let mut entries: Vec<pb::Entry> = bad.iter().map(|s| entry_with(&[s])).collect();
+        entries.push(entry_with(&["unix:uid:1000"]));
+        entries.push(entry_with(&["nosuchtype:x"]));
+        let results = svc
+            .batch_create_entries(Request::new(pb::BatchCreateEntriesRequest { entries }))
+            .await?
+            .into_inner()
+            .results;
+        let codes: Vec<i32> = results.iter().map(|r| r.code).collect();
+        let invalid = Code::InvalidArgument as i32;
+        let mut want = vec![invalid; bad.len()];
+        want.extend([0, 0]);
+        assert_eq!(codes, want, "{results:?}");
+
+        // Update: new selectors are checked; other fields of an entry can still be changed.
+        let id = results[bad.len()]
+            .entry
+            .as_ref()
+            .ok_or("created")?
+            .id
+            .clone();
+        let update = |selectors: &[&str], mask: pb::EntryMask| {
+            let mut e = entry_with(selectors);
+            e.id = id.clone();
+            e.hint = "h".into();
+            svc.update_entry(Request::new(pb::UpdateEntryRequest {
+                entry: Some(e),
+                mask: Some(mask),
+            }))
+        };
+        let err = update(
+            &["unix:uid:abc"],
+            pb::EntryMask {
+                selectors: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect_err("bad selector in update");
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(
+            err.message().contains("uid must be a decimal number"),
+            "{err:?}"
+        );
+        update(
+            &[],
+            pb::EntryMask {
+                hint: true,
+                ..Default::default()
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
     #[tokio::test]
     async fn federated_bundles_set_list_delete() -> TestResult {
         let (_dir, svc, state) = service().await?;
@@ -1202,14 +1333,14 @@ mod tests {
             "{}",
             lines[1]
         );
-        let marker = format!("[truncated: {} chars in all]", huge.len());
+        let marker = format!("… ({} bytes)", huge.len());
         assert!(lines[1].contains(&marker), "{}", lines[1]);
         assert_eq!(parsed[2]["action"], "entry.delete");
         assert_eq!(parsed[2]["object"], sigil::text::echo(&long_id).as_ref());
         assert!(
             parsed[2]["result"]
                 .as_str()
-                .is_some_and(|r| r.starts_with("NotFound") && r.contains("[truncated: 3000")),
+                .is_some_and(|r| r.starts_with("NotFound") && r.contains("(3000 bytes)")),
             "{}",
             lines[2]
         );
@@ -1309,7 +1440,7 @@ mod tests {
             .expect_err("get");
         assert_eq!(err.code(), Code::NotFound);
         assert!(
-            err.message().contains("[truncated: 3000 chars in all]"),
+            err.message().contains("(3000 bytes)"),
             "{err:?}"
         );
         assert_bounded("get_entry", &err);

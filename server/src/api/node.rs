@@ -334,7 +334,7 @@ pub async fn attest_with(
         attestation_type = kind,
         serial = %svid.serial_hex,
         expires_at = svid.not_after,
-        node_alias = ?node.node_alias.as_ref().map(ToString::to_string),
+        node_alias = node.node_alias.as_ref().map(tracing::field::display),
         "agent attested"
     );
     Ok(pb::AttestResult {
@@ -696,7 +696,7 @@ impl Node for NodeService {
                         )))
                     });
             if let Err(s) = &result {
-                tracing::info!(remote = ?remote, code = ?s.code(), error = s.message(), "attestation refused");
+                tracing::info!(remote = remote.map(tracing::field::display), code = ?s.code(), error = s.message(), "attestation refused");
             }
             let msg = result.map(|r| pb::AttestResponse {
                 step: Some(pb::attest_response::Step::Result(r)),

@@ -20,6 +20,16 @@ pub enum AgentCommand {
     Ban(AgentId),
 }
 
+impl AgentCommand {
+    /// The flags every admin command takes.
+    pub fn common(&self) -> &Common {
+        match self {
+            Self::List(c) => c,
+            Self::Show(a) | Self::Evict(a) | Self::Ban(a) => &a.common,
+        }
+    }
+}
+
 /// An agent selected by SPIFFE ID.
 #[derive(Debug, Args)]
 pub struct AgentId {
@@ -34,7 +44,12 @@ impl AgentId {
     fn id(&self) -> anyhow::Result<String> {
         SpiffeId::parse(&self.spiffe_id)
             .map(|i| i.to_string())
-            .map_err(|e| anyhow::anyhow!("invalid --spiffe-id {:?}: {e}", self.spiffe_id))
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "invalid --spiffe-id {}: {e}",
+                    sigil::text::quote_for_display(&self.spiffe_id)
+                )
+            })
     }
 }
 

@@ -26,6 +26,18 @@ pub enum BundleCommand {
     Delete(DeleteArgs),
 }
 
+impl BundleCommand {
+    /// The flags every admin command takes.
+    pub fn common(&self) -> &Common {
+        match self {
+            Self::Show(a) => &a.common,
+            Self::Set(a) => &a.common,
+            Self::List(c) => c,
+            Self::Delete(a) => &a.common,
+        }
+    }
+}
+
 /// Bundle formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
@@ -76,13 +88,17 @@ fn trust_domain_arg(id: &str) -> anyhow::Result<TrustDomain> {
     if let Ok(parsed) = SpiffeId::parse(id) {
         if !parsed.path().is_empty() {
             anyhow::bail!(
-                "invalid --id {id:?}: a trust domain has no path; use {}",
+                "invalid --id {}: a trust domain has no path; use {}",
+                sigil::text::quote_for_display(id),
                 parsed.trust_domain().id_string()
             );
         }
     }
     TrustDomain::new(id).map_err(|e| {
-        anyhow::anyhow!("invalid --id {id:?}: {e} (expected e.g. other.org or spiffe://other.org)")
+        anyhow::anyhow!(
+            "invalid --id {}: {e} (expected e.g. other.org or spiffe://other.org)",
+            sigil::text::quote_for_display(id)
+        )
     })
 }
 

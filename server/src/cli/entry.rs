@@ -29,6 +29,19 @@ pub enum EntryCommand {
     Count(FilterArgs),
 }
 
+impl EntryCommand {
+    /// The flags every admin command takes.
+    pub fn common(&self) -> &Common {
+        match self {
+            Self::Create(a) => &a.common,
+            Self::Show(a) => &a.filter.common,
+            Self::Update(a) => &a.common,
+            Self::Delete(a) => &a.common,
+            Self::Count(a) => &a.common,
+        }
+    }
+}
+
 /// Entry content flags shared by create and update.
 #[derive(Debug, Clone, Default, Args)]
 pub struct EntryFields {
@@ -218,7 +231,7 @@ pub async fn run(cmd: EntryCommand) -> anyhow::Result<()> {
 fn parse_id(flag: &str, s: &str) -> anyhow::Result<String> {
     SpiffeId::parse(s)
         .map(|id| id.to_string())
-        .map_err(|e| anyhow::anyhow!("invalid {flag} {s:?}: {e}"))
+        .map_err(|e| anyhow::anyhow!("invalid {flag} {}: {e}", sigil::text::quote_for_display(s)))
 }
 
 fn parse_selectors(flag: &str, v: &[String]) -> anyhow::Result<Vec<pb::Selector>> {
@@ -247,6 +260,35 @@ impl SvidKind {
     }
 }
 
+/// Selectors of an entry being created or updated: parsed, then checked against what Sigil's
+/// attestors produce (the server checks the same; checking here names the flag).
+fn parse_registration_selectors(flag: &str, v: &[String]) -> anyhow::Result<Vec<pb::Selector>> {
+    v.iter()
+        .map(|s| {
+            let sel = Selector::parse(s).map_err(|e| anyhow::anyhow!("invalid {flag}: {e}"))?;
+            sel.check_registrable()
+                .map_err(|e| anyhow::anyhow!("invalid {flag}: {e}"))?;
+            Ok(sigil::entry::selector_to_proto(&sel))
+        })
+        .collect()
+}
+
+/// Prints, once per selector type, a warning for the types no Sigil attestor produces: the
+/// server accepts them (SPIRE plug-ins add types) but no Sigil agent will ever report them.
+fn warn_unknown_selector_types(entries: &[pb::Entry]) {
+    let mut seen = std::collections::BTreeSet::new();
+    for s in entries.iter().flat_map(|e| &e.selectors) {
+        let Ok(sel) = Selector::new(&s.r#type, &s.value) else {
+            continue;
+        };
+        if sel.check_registrable() == Ok(sigil::selector::Registrable::UnknownType)
+            && seen.insert(sel.kind().to_string())
+        {
+            eprintln!("warning: {}", sigil::selector::unknown_type_warning(&sel));
+        }
+    }
+}
+
 /// Parses a TTL and checks it against its floor (the server refuses shorter ones too; this
 /// names the flag).
 fn parse_ttl(flag: &str, kind: SvidKind, s: &str) -> anyhow::Result<i64> {
@@ -259,7 +301,12 @@ fn parse_ttl(flag: &str, kind: SvidKind, s: &str) -> anyhow::Result<i64> {
 /// The node-alias parent: `spiffe://<td>/sigil/server` for the trust domain of `spiffe_id`.
 fn node_parent(spiffe_id: &str) -> anyhow::Result<String> {
     let td: TrustDomain = SpiffeId::parse(spiffe_id)
-        .map_err(|e| anyhow::anyhow!("invalid --spiffe-id {spiffe_id:?}: {e}"))?
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "invalid --spiffe-id {}: {e}",
+                sigil::text::quote_for_display(spiffe_id)
+            )
+        })?
         .trust_domain()
         .clone();
     Ok(crate::api::server_id(&td).to_string())
@@ -281,7 +328,7 @@ fn entry_from_fields(f: &EntryFields) -> anyhow::Result<pb::Entry> {
     Ok(pb::Entry {
         spiffe_id,
         parent_id,
-        selectors: parse_selectors("--selector", &f.selectors)?,
+        selectors: parse_registration_selectors("--selector", &f.selectors)?,
         x509_svid_ttl: f
             .x509_ttl
             .as_deref()
@@ -335,7 +382,8 @@ fn entry_from_data(i: usize, d: DataEntry) -> anyhow::Result<pb::Entry> {
     Ok(pb::Entry {
         spiffe_id,
         parent_id,
-        selectors: parse_selectors("selectors", &selectors).with_context(|| at("selectors"))?,
+        selectors: parse_registration_selectors("selectors", &selectors)
+            .with_context(|| at("selectors"))?,
         x509_svid_ttl: ttl("x509_svid_ttl", SvidKind::X509, d.x509_svid_ttl)?,
         jwt_svid_ttl: ttl("jwt_svid_ttl", SvidKind::Jwt, d.jwt_svid_ttl)?,
         dns_names: d.dns_names,
@@ -377,6 +425,7 @@ async fn create(a: CreateArgs) -> anyhow::Result<()> {
         Some(path) => read_data(path)?,
         None => vec![entry_from_fields(&a.fields)?],
     };
+    warn_unknown_selector_types(&entries);
     let mut client = connect(&a.common.admin_socket).await?;
     let total = entries.len();
     let mut results = Vec::with_capacity(total);
@@ -570,7 +619,7 @@ async fn update(a: UpdateArgs) -> anyhow::Result<()> {
         mask.parent_id = true;
     }
     if !f.selectors.is_empty() {
-        entry.selectors = parse_selectors("--selector", &f.selectors)?;
+        entry.selectors = parse_registration_selectors("--selector", &f.selectors)?;
         mask.selectors = true;
     }
     if let Some(t) = &f.x509_ttl {
@@ -606,6 +655,7 @@ async fn update(a: UpdateArgs) -> anyhow::Result<()> {
             "nothing to update: give at least one field flag (e.g. --selector, --x509-ttl, --hint)"
         );
     }
+    warn_unknown_selector_types(std::slice::from_ref(&entry));
     let mut client = connect(&a.common.admin_socket).await?;
     let updated = client
         .update_entry(pb::UpdateEntryRequest {

@@ -12,9 +12,9 @@ pub mod token;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sigil::proto::admin::admin_client::AdminClient;
+use sigil::socket_api::Api;
 use tonic::transport::Channel;
 
 use crate::config::{RunFlags, DEFAULT_ADMIN_SOCKET};
@@ -66,29 +66,70 @@ pub struct Common {
     pub output: Output,
 }
 
-/// Connects to the admin socket, with an error that says what to check.
+/// Connects to the admin socket, with an error that says what to check (missing, not this
+/// user's to open, nobody listening).
 pub async fn connect(socket: &Path) -> anyhow::Result<AdminClient<Channel>> {
-    if !socket.exists() {
-        anyhow::bail!(
-            "admin socket {} does not exist: is sigil-server running? (use --admin-socket to point elsewhere)",
-            socket.display()
-        );
-    }
     // Whatever answers on it is believed (bundles, entries): not in a directory anyone can write.
-    sigil::uds::check_client_path(socket)?;
-    let channel = sigil::uds::connect(socket)
-        .await
-        .with_context(|| format!("cannot connect to admin socket {}", socket.display()))?;
+    if socket.exists() {
+        sigil::uds::check_client_path(socket)?;
+    }
+    let channel = sigil::socket_api::connect(socket, Api::ServerAdmin).await?;
     Ok(AdminClient::new(channel))
 }
 
-/// Turns a gRPC status into one readable line.
+/// Turns a gRPC status into one readable line. `Unimplemented` means the socket serves another
+/// API: [`run_admin`] then finds out which.
 pub fn status_error(what: &str, s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{what}: {} ({:?})", s.message(), s.code())
+    if s.code() == tonic::Code::Unimplemented {
+        return anyhow::Error::new(sigil::socket_api::Unimplemented {
+            what: what.to_string(),
+        });
+    }
+    status_line(what, &s)
+}
+
+/// `what: message (Code)`; a status without a message is described by its code.
+pub fn status_line(what: &str, s: &tonic::Status) -> anyhow::Error {
+    if s.message().is_empty() {
+        anyhow::anyhow!("{what}: {:?} ({})", s.code(), s.code().description())
+    } else {
+        anyhow::anyhow!("{what}: {} ({:?})", s.message(), s.code())
+    }
+}
+
+impl Command {
+    /// The admin socket an admin command talks to (`None` for `run`).
+    fn admin_socket(&self) -> Option<&Path> {
+        let common = match self {
+            Command::Run(_) => return None,
+            Command::Entry(c) => c.common(),
+            Command::Token(c) => c.common(),
+            Command::Agent(c) => c.common(),
+            Command::Bundle(c) => c.common(),
+            Command::Healthcheck(c) => c,
+        };
+        Some(&common.admin_socket)
+    }
 }
 
 /// Runs an admin command (everything but `run`).
 pub async fn run_admin(command: Command) -> anyhow::Result<()> {
+    let socket = command.admin_socket().map(Path::to_path_buf);
+    let result = run_admin_command(command).await;
+    match (result, socket) {
+        (Err(e), Some(socket)) => match e.downcast::<sigil::socket_api::Unimplemented>() {
+            Ok(u) => Err(
+                sigil::socket_api::wrong_api(&socket, Api::ServerAdmin, &u.what)
+                    .await
+                    .into(),
+            ),
+            Err(e) => Err(e),
+        },
+        (result, _) => result,
+    }
+}
+
+async fn run_admin_command(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run(_) => unreachable!("run is handled by main"),
         Command::Entry(c) => entry::run(c).await,

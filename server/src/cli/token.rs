@@ -14,6 +14,15 @@ pub enum TokenCommand {
     Generate(GenerateArgs),
 }
 
+impl TokenCommand {
+    /// The flags every admin command takes.
+    pub fn common(&self) -> &Common {
+        match self {
+            Self::Generate(a) => &a.common,
+        }
+    }
+}
+
 /// `token generate`.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -38,7 +47,12 @@ pub async fn run(cmd: TokenCommand) -> anyhow::Result<()> {
     };
     let spiffe_id = match &a.spiffe_id {
         Some(s) => SpiffeId::parse(s)
-            .map_err(|e| anyhow::anyhow!("invalid --spiffe-id {s:?}: {e}"))?
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "invalid --spiffe-id {}: {e}",
+                    sigil::text::quote_for_display(s)
+                )
+            })?
             .to_string(),
         None => String::new(),
     };

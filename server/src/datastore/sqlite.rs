@@ -853,8 +853,8 @@ fn update_entry_conn(
         .optional()?;
     let Some((seq, created_at)) = stored else {
         return Err(DatastoreError::NotFound(format!(
-            "entry {:?}",
-            sigil::text::echo(&entry.id)
+            "entry {}",
+            sigil::text::quote_for_display(&entry.id)
         )));
     };
     let key = reg_key(&entry);
@@ -895,8 +895,8 @@ fn delete_entry_conn(conn: &mut Connection, id: &str, now: i64) -> Result<Regist
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let Some((seq, entry)) = get_entry_conn(&tx, id)? else {
         return Err(DatastoreError::NotFound(format!(
-            "entry {:?}",
-            sigil::text::echo(id)
+            "entry {}",
+            sigil::text::quote_for_display(id)
         )));
     };
     let rev = current_revision(&tx)? + 1;
