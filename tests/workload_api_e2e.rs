@@ -681,17 +681,27 @@ fn jwt_svid_fetch_then_validate() {
             audience: (0..n).map(|i| format!("service-{i}")).collect(),
             spiffe_id: String::new(),
         };
-        let resp = within(60, "FetchJWTSVID, 32 audiences", raw.fetch_jwtsvid(with_header(audiences(32))))
-            .await
-            .expect("32 audiences are served")
-            .into_inner();
+        let resp = within(
+            60,
+            "FetchJWTSVID, 32 audiences",
+            raw.fetch_jwtsvid(with_header(audiences(32))),
+        )
+        .await
+        .expect("32 audiences are served")
+        .into_inner();
         assert_eq!(resp.svids.len(), 1);
         let status = unary_status(
-            within(60, "FetchJWTSVID, 10,000 audiences", raw.fetch_jwtsvid(with_header(audiences(10_000)))).await,
+            within(
+                60,
+                "FetchJWTSVID, 10,000 audiences",
+                raw.fetch_jwtsvid(with_header(audiences(10_000))),
+            )
+            .await,
         );
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
         assert!(
-            status.message().contains("too many audiences") && status.message().contains("at most 32"),
+            status.message().contains("too many audiences")
+                && status.message().contains("at most 32"),
             "{status:?}"
         );
 
@@ -1669,11 +1679,18 @@ fn another_user_holding_connections_does_not_starve_a_registered_workload() {
     rt.block_on(async {
         let started = Instant::now();
         let client = spiffe_client(&socket).await;
-        let svid = within(5, "fetch while uid 65534 holds connections", client.fetch_x509_svid())
-            .await
-            .unwrap_or_else(|e| panic!("fetch failed: {e}; agent log:\n{}", agent.log_text()));
+        let svid = within(
+            5,
+            "fetch while uid 65534 holds connections",
+            client.fetch_x509_svid(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("fetch failed: {e}; agent log:\n{}", agent.log_text()));
         assert_eq!(svid.spiffe_id().to_string(), WORKLOAD);
-        println!("served in {:?} while uid {NOBODY} held its connections", started.elapsed());
+        println!(
+            "served in {:?} while uid {NOBODY} held its connections",
+            started.elapsed()
+        );
     });
 
     // nobody kept at most CAP; the rest were closed at accept, counted and logged sparingly.
@@ -1694,7 +1711,10 @@ fn another_user_holding_connections_does_not_starve_a_registered_workload() {
     let open = agent
         .metric("sigil_agent_workload_api_connections")
         .expect("open connections metric");
-    assert!(open >= CAP as f64 && open <= (CAP + 2) as f64, "open: {open}");
+    assert!(
+        open >= CAP as f64 && open <= (CAP + 2) as f64,
+        "open: {open}"
+    );
     let log = agent.log_text();
     let lines = log.matches("too many open connections").count();
     assert!(
@@ -1801,12 +1821,22 @@ fn a_stream_ends_when_the_process_that_connected_exits() {
         assert!(status.success(), "parent: {status}");
 
         // A change that would push a new message to the stream.
-        server.cli_ok(&["entry", "update", "--entry-id", &w.entry_ids[0], "--hint", "moved"]);
+        server.cli_ok(&[
+            "entry",
+            "update",
+            "--entry-id",
+            &w.entry_ids[0],
+            "--hint",
+            "moved",
+        ]);
         let next = within(60, "the stream's next message or end", stream.message()).await;
         match next {
             Ok(Some(m)) => panic!(
                 "the agent kept serving a stream whose connecting process exited: {:?}",
-                m.svids.iter().map(|s| (&s.spiffe_id, &s.hint)).collect::<Vec<_>>()
+                m.svids
+                    .iter()
+                    .map(|s| (&s.spiffe_id, &s.hint))
+                    .collect::<Vec<_>>()
             ),
             Ok(None) => panic!("the stream ended without a status"),
             Err(s) => {

@@ -521,8 +521,11 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(limit(parse(&file, flags)?), 20);
-        let err = parse(&format!("{base}workload_api_max_connections_per_uid = 0\n"), RunFlags::default())
-            .expect_err("0 refused");
+        let err = parse(
+            &format!("{base}workload_api_max_connections_per_uid = 0\n"),
+            RunFlags::default(),
+        )
+        .expect_err("0 refused");
         assert!(
             format!("{err:#}").contains("workload_api_max_connections_per_uid"),
             "{err:#}"

@@ -179,7 +179,11 @@ fn exited(pidfd: &OwnedFd) -> bool {
 /// stat, so checked first. A non-dumpable process (one that changed credentials, e.g. dropped
 /// privileges, or set PR_SET_DUMPABLE 0) shows root as owner instead, so a mismatch is confirmed
 /// from the `Uid:`/`Gid:` lines of its status before it is refused.
-pub(crate) fn check_creds(proc_root: &Path, pid: i32, creds: (u32, u32)) -> Result<(), AttestError> {
+pub(crate) fn check_creds(
+    proc_root: &Path,
+    pid: i32,
+    creds: (u32, u32),
+) -> Result<(), AttestError> {
     if pid <= 0 {
         return Err(AttestError::Gone { pid });
     }
@@ -613,11 +617,15 @@ mod tests {
     }
 
     /// Prints "ready", then lives until its stdin closes (or a minute passes).
-    const WAIT_PY: &str = "import sys, select\nprint('ready', flush=True)\nselect.select([sys.stdin], [], [], 60)\n";
+    const WAIT_PY: &str =
+        "import sys, select\nprint('ready', flush=True)\nselect.select([sys.stdin], [], [], 60)\n";
 
     #[test]
     fn creds_are_compared_with_the_real_process() {
-        let me = (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw());
+        let me = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
         let other = python(WAIT_PY, &[], true);
         let root = Path::new(DEFAULT_PROC_ROOT);
         check_creds(root, other.pid(), (NOBODY, NOBODY)).unwrap();
@@ -627,7 +635,14 @@ mod tests {
             }
             let e = check_creds(root, other.pid(), wrong).unwrap_err();
             assert!(
-                matches!(e, AttestError::CredentialsChanged { uid: NOBODY, gid: NOBODY, .. }),
+                matches!(
+                    e,
+                    AttestError::CredentialsChanged {
+                        uid: NOBODY,
+                        gid: NOBODY,
+                        ..
+                    }
+                ),
                 "{wrong:?}: {e:?}"
             );
             assert!(e.to_string().contains("runs as uid 65534"), "{e}");
@@ -659,11 +674,15 @@ mod tests {
     fn a_non_dumpable_process_keeps_its_identity() {
         // PR_SET_DUMPABLE 0 (as after dropping privileges): some kernels then show
         // /proc/<pid> as root's, its status still says who it runs as.
-        let code = format!("import ctypes\nassert ctypes.CDLL(None).prctl(4, 0, 0, 0, 0) == 0\n{WAIT_PY}");
+        let code =
+            format!("import ctypes\nassert ctypes.CDLL(None).prctl(4, 0, 0, 0, 0) == 0\n{WAIT_PY}");
         let other = python(&code, &[], true);
         let root = Path::new(DEFAULT_PROC_ROOT);
         check_creds(root, other.pid(), (NOBODY, NOBODY)).unwrap();
-        assert_eq!(effective_ids_in(root, other.pid()).unwrap(), (NOBODY, NOBODY));
+        assert_eq!(
+            effective_ids_in(root, other.pid()).unwrap(),
+            (NOBODY, NOBODY)
+        );
 
         // A /proc/<pid> owned by root while the status says 65534: the status decides.
         let dir = fake_proc(100, &stat_line(100, "app", 'S', 500));
@@ -676,7 +695,10 @@ mod tests {
         check_creds(dir.path(), 100, (me.uid(), me.gid())).unwrap();
         check_creds(dir.path(), 100, (NOBODY, NOBODY)).unwrap();
         let e = check_creds(dir.path(), 100, (NOBODY, me.gid().wrapping_add(1))).unwrap_err();
-        assert!(matches!(e, AttestError::CredentialsChanged { gid: NOBODY, .. }), "{e:?}");
+        assert!(
+            matches!(e, AttestError::CredentialsChanged { gid: NOBODY, .. }),
+            "{e:?}"
+        );
     }
 
     #[test]
@@ -704,11 +726,24 @@ mod tests {
         let root = Path::new(DEFAULT_PROC_ROOT);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while effective_ids_in(root, child.pid()).ok().map(|(u, _)| u) != Some(0) {
-            assert!(std::time::Instant::now() < deadline, "{prog} never ran as root");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{prog} never ran as root"
+            );
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         let e = check_creds(root, child.pid(), (NOBODY, NOBODY)).unwrap_err();
-        assert!(matches!(e, AttestError::CredentialsChanged { uid: 0, peer_uid: NOBODY, .. }), "{e:?}");
+        assert!(
+            matches!(
+                e,
+                AttestError::CredentialsChanged {
+                    uid: 0,
+                    peer_uid: NOBODY,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
     }
 
     /// Both ends of a Unix socket connected by a python child (alive until dropped).
@@ -744,7 +779,10 @@ mod tests {
     fn the_pidfd_tells_when_the_connecting_process_is_gone() {
         let (conn, child, _dir) = connected_by_child();
         let pid = child.pid();
-        let me = (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw());
+        let me = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
         let Some(pidfd) = peer_pidfd(&conn, pid).unwrap() else {
             println!("SO_PEERPIDFD is not available on this kernel; nothing to test");
             return;
@@ -767,7 +805,8 @@ mod tests {
 
     #[test]
     fn parses_effective_ids() {
-        let status = b"Name:\t\xff odd\nUid:\t1000\t1001\t1002\t1003\nGid:\t2000\t2001\t2002\t2003\n";
+        let status =
+            b"Name:\t\xff odd\nUid:\t1000\t1001\t1002\t1003\nGid:\t2000\t2001\t2002\t2003\n";
         assert_eq!(parse_effective_ids(status), Some((1001, 2001)));
         assert_eq!(parse_effective_ids(b"Uid:\t1\t2\t3\t4\n"), None);
         assert_eq!(parse_effective_ids(b"Uid:\t1\nGid:\t1\n"), None);

@@ -246,7 +246,11 @@ mod tests {
         );
 
         // Few, but long.
-        let long = vec!["x".repeat(sigil::jwt::MAX_AUDIENCE_BYTES / 2 + 1), "y".into(), "z".repeat(sigil::jwt::MAX_AUDIENCE_BYTES / 2)];
+        let long = vec![
+            "x".repeat(sigil::jwt::MAX_AUDIENCE_BYTES / 2 + 1),
+            "y".into(),
+            "z".repeat(sigil::jwt::MAX_AUDIENCE_BYTES / 2),
+        ];
         assert!(matches!(
             requested_audiences(&long),
             Err(AudienceError::TooLong { .. })

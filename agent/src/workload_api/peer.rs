@@ -263,8 +263,8 @@ pub(crate) trait Listen: Send + 'static {
 }
 
 impl Listen for UnixListener {
-    fn accept(&mut self) -> impl Future<Output = io::Result<UnixStream>> + Send {
-        async move { UnixListener::accept(self).await.map(|(s, _)| s) }
+    async fn accept(&mut self) -> io::Result<UnixStream> {
+        UnixListener::accept(self).await.map(|(s, _)| s)
     }
 }
 
@@ -441,13 +441,11 @@ mod tests {
     }
 
     impl Listen for Script {
-        fn accept(&mut self) -> impl Future<Output = io::Result<UnixStream>> + Send {
+        async fn accept(&mut self) -> io::Result<UnixStream> {
             self.accepts.fetch_add(1, Ordering::SeqCst);
-            async move {
-                match self.results.recv().await {
-                    Some(r) => r,
-                    None => std::future::pending().await,
-                }
+            match self.results.recv().await {
+                Some(r) => r,
+                None => std::future::pending().await,
             }
         }
     }
@@ -497,7 +495,8 @@ mod tests {
     async fn accept_errors_are_retried_after_a_growing_pause() {
         const FAILURES: u32 = 12;
         let (server, _client) = pair();
-        let mut results: Vec<io::Result<UnixStream>> = (0..FAILURES).map(|_| Err(emfile())).collect();
+        let mut results: Vec<io::Result<UnixStream>> =
+            (0..FAILURES).map(|_| Err(emfile())).collect();
         results.push(Ok(server));
         let (mut a, accepts, metrics, _tx) = acceptor(results, WIDE);
         let started = Instant::now();
@@ -591,7 +590,10 @@ mod tests {
         drop(_a2);
         drop(_a3);
         assert_eq!(t.open(1), 0);
-        assert!(t.counts().per_uid.get(&1).is_none(), "a uid without connections is forgotten");
+        assert!(
+            !t.counts().per_uid.contains_key(&1),
+            "a uid without connections is forgotten"
+        );
     }
 
     #[test]
@@ -618,7 +620,11 @@ mod tests {
         tokio::time::advance(Duration::from_secs(9)).await;
         assert_eq!(l.allow(), None);
         tokio::time::advance(Duration::from_secs(1)).await;
-        assert_eq!(l.allow(), Some(1_001), "the next line says how many were held back");
+        assert_eq!(
+            l.allow(),
+            Some(1_001),
+            "the next line says how many were held back"
+        );
         assert_eq!(l.allow(), None);
     }
 }

@@ -754,7 +754,10 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = child.id() as i32;
-        let me = (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw());
+        let me = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
         let mut pin = ProcessPin::pin(pid).unwrap();
         pin.creds = Some(me);
         let caller = Caller {
