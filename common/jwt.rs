@@ -15,6 +15,12 @@ use crate::spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};
 
 /// Longest token accepted, in bytes.
 pub const MAX_TOKEN_LEN: usize = 64 * 1024;
+/// Most audiences one JWT-SVID may be minted for (the server's `MintJwtSvid` refuses more, and
+/// the agent's FetchJWTSVID before it asks the server).
+pub const MAX_AUDIENCES: usize = 32;
+/// Most bytes the audiences of one JWT-SVID may take together: the token travels in HTTP
+/// headers, which servers commonly cap at 8 KiB.
+pub const MAX_AUDIENCE_BYTES: usize = 4_096;
 
 /// Why a JWT-SVID was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

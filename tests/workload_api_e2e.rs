@@ -3,8 +3,9 @@
 //! its Unix socket. Covered: X509-SVIDs that pass the crate's X509-SVID rules and verify to the
 //! bundle, rotation on an open stream, "no identity issued", the security header, JWT-SVIDs
 //! validated by the agent and locally, mutual TLS between two attested processes (and a foreign
-//! trust domain refused), a caller whose PID died before its call, and entry changes reaching an
-//! open stream.
+//! trust domain refused), a caller whose PID died before its call, entry changes reaching an
+//! open stream, another user holding connections (capped per uid) while a registered workload is
+//! served, and a stream that ends when the process that connected exits.
 //!
 //! Every test starts its own server and agent and bounds each wait; nothing sleeps and hopes.
 
@@ -672,6 +673,37 @@ fn jwt_svid_fetch_then_validate() {
         assert!(
             JwtSvid::parse_and_validate(&tampered, &bundles, &["my-service"]).is_err(),
             "a tampered token fails locally"
+        );
+
+        // As many audiences as a token may carry; 10,000 is a clear InvalidArgument, asked of
+        // the agent without the server.
+        let mut raw = raw_client(&socket).await;
+        let audiences = |n: usize| wl::JwtsvidRequest {
+            audience: (0..n).map(|i| format!("service-{i}")).collect(),
+            spiffe_id: String::new(),
+        };
+        let resp = within(
+            60,
+            "FetchJWTSVID, 32 audiences",
+            raw.fetch_jwtsvid(with_header(audiences(32))),
+        )
+        .await
+        .expect("32 audiences are served")
+        .into_inner();
+        assert_eq!(resp.svids.len(), 1);
+        let status = unary_status(
+            within(
+                60,
+                "FetchJWTSVID, 10,000 audiences",
+                raw.fetch_jwtsvid(with_header(audiences(10_000))),
+            )
+            .await,
+        );
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().contains("too many audiences")
+                && status.message().contains("at most 32"),
+            "{status:?}"
         );
 
         // A second fetch for the same audience is a valid token too (cached or fresh).
@@ -1557,7 +1589,60 @@ fn operator_commands_fetch_validate_watch_and_explain() {
     assert!(stderr.contains("no process with pid"), "{stderr}");
 }
 
-/// Kills the child process on drop, so a failing test leaves nothing running.
+// ---------------------------------------------------------------------------------------------
+// 9. Connection limits: one local user cannot starve the others
+// ---------------------------------------------------------------------------------------------
+
+/// The uid (and gid) of `nobody`, for a process of another local user.
+const NOBODY: u32 = 65534;
+
+/// Opens `argv[2]` connections to the socket `argv[1]` and holds them; once all but `argv[3]`
+/// of them were closed by the agent (or after 60 s) it prints how many it opened and how many
+/// were closed, then holds the rest until its stdin closes (at most two minutes).
+const HOG_PY: &str = r#"
+import select, socket, sys, time
+path, n, cap = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+conns = []
+for _ in range(n):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    try:
+        s.connect(path)
+        conns.append(s)
+    except OSError:
+        s.close()
+closed = set()
+deadline = time.time() + 60
+while time.time() < deadline and len(closed) < len(conns) - cap:
+    live = [c for c in conns if c not in closed]
+    r, _, _ = select.select(live, [], [], 0.5)
+    for c in r:
+        try:
+            if c.recv(65536, socket.MSG_DONTWAIT) == b"":
+                closed.add(c)
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed.add(c)
+print("connected=%d closed=%d" % (len(conns), len(closed)), flush=True)
+select.select([sys.stdin], [], [], 120)
+"#;
+
+/// Sets the open-files limit of process `pid` (python3's `resource.prlimit`).
+fn set_open_files_limit(pid: u32, limit: u64) {
+    let status = Command::new("python3")
+        .args([
+            "-c",
+            "import resource, sys; n = int(sys.argv[2]); resource.prlimit(int(sys.argv[1]), resource.RLIMIT_NOFILE, (n, n))",
+            &pid.to_string(),
+            &limit.to_string(),
+        ])
+        .status()
+        .expect("python3 is needed for this test");
+    assert!(status.success(), "prlimit {pid}: {status}");
+}
+
+/// A spawned child, killed and reaped on drop.
 struct ChildGuard(std::process::Child);
 
 impl Drop for ChildGuard {
@@ -1621,4 +1706,242 @@ fn api_watch_reconnects_across_an_agent_restart() {
     assert!(out.contains(&format!("rotated: {WORKLOAD}")), "{out}");
     let err = read(&err_path);
     assert!(err.contains("Workload API stream lost"), "{err}");
+}
+
+#[test]
+fn another_user_holding_connections_does_not_starve_a_registered_workload() {
+    use std::io::BufRead as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    use std::os::unix::process::CommandExt as _;
+    const CAP: usize = 20;
+    const HOG: usize = 300;
+    let dir = tempdir();
+    // nobody must reach the socket in <dir>/agent (which the agent makes 0755).
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod the test dir");
+    let server = Server::start(&dir.path().join("server"), &[]);
+    let (token, agent_id) = support::join_token(&server);
+    create_entry(&server, &agent_id, WORKLOAD, &[&uid_selector()], &[]);
+    let agent = Agent::start(
+        &server,
+        &support::subdir(dir.path(), "agent"),
+        &[
+            "--join-token",
+            &token,
+            "--workload-api-max-connections-per-uid",
+            &CAP.to_string(),
+        ],
+    );
+    agent.wait_svids_for(&[WORKLOAD], 60);
+    let socket = agent.socket_path();
+    let rt = runtime();
+    // Control, which also caches the hash of this test binary (the exe of the caller).
+    rt.block_on(async {
+        let client = spiffe_client(&socket).await;
+        let svid = within(60, "control fetch", client.fetch_x509_svid())
+            .await
+            .expect("the entry matches this uid");
+        assert_eq!(svid.spiffe_id().to_string(), WORKLOAD);
+    });
+
+    // The agent started with this machine's open-files limit (its total connection limit is
+    // derived from it); lowered now, `HOG` connections would exhaust it but for the per-uid
+    // limit.
+    let agent_pid = agent.child.as_ref().expect("agent running").id();
+    set_open_files_limit(agent_pid, 256);
+
+    let mut hog = ChildGuard(
+        Command::new("python3")
+            .args(["-c", HOG_PY])
+            .arg(&socket)
+            .args([HOG.to_string(), CAP.to_string()])
+            .uid(NOBODY)
+            .gid(NOBODY)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 is needed for this test"),
+    );
+    let mut report = String::new();
+    std::io::BufReader::new(hog.0.stdout.take().expect("hog stdout"))
+        .read_line(&mut report)
+        .expect("reading the hog's report");
+    println!("uid {NOBODY}: {}", report.trim());
+
+    // Another uid, with a registered entry, is served at once (a new connection).
+    rt.block_on(async {
+        let started = Instant::now();
+        let client = spiffe_client(&socket).await;
+        let svid = within(
+            5,
+            "fetch while uid 65534 holds connections",
+            client.fetch_x509_svid(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("fetch failed: {e}; agent log:\n{}", agent.log_text()));
+        assert_eq!(svid.spiffe_id().to_string(), WORKLOAD);
+        println!(
+            "served in {:?} while uid {NOBODY} held its connections",
+            started.elapsed()
+        );
+    });
+
+    // nobody kept at most CAP; the rest were closed at accept, counted and logged sparingly.
+    let connected: usize = report
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("connected=")?.parse().ok())
+        .unwrap_or_else(|| panic!("hog report: {report:?}"));
+    let closed: usize = report
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("closed=")?.parse().ok())
+        .unwrap_or_else(|| panic!("hog report: {report:?}"));
+    assert_eq!(connected, HOG, "{report}");
+    assert_eq!(closed, HOG - CAP, "{report}");
+    let refused = agent
+        .metric("sigil_agent_workload_api_connections_refused_total")
+        .expect("refused connections metric");
+    assert_eq!(refused, (HOG - CAP) as f64);
+    let open = agent
+        .metric("sigil_agent_workload_api_connections")
+        .expect("open connections metric");
+    assert!(
+        open >= CAP as f64 && open <= (CAP + 2) as f64,
+        "open: {open}"
+    );
+    let log = agent.log_text();
+    let lines = log.matches("too many open connections").count();
+    assert!(
+        (1..=3).contains(&lines),
+        "{lines} log lines for {} refusals:\n{log}",
+        HOG - CAP
+    );
+    assert!(log.contains("uid=65534"), "{log}");
+    drop(hog.0.stdin.take());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10. A stream whose connecting process exits
+// ---------------------------------------------------------------------------------------------
+
+/// Connects to the agent socket (`argv[1]`) and forks. The parent, the process the kernel
+/// recorded as the peer, prints the child's pid and lives until its stdin closes. The child
+/// inherits the connection and relays `argv[2]` (a new socket) <-> it, as a process the fd was
+/// passed to would use it. Bounded: both give up after a few minutes.
+const INHERIT_PY: &str = r#"
+import os, select, socket, sys, time
+agent_path, proxy_path = sys.argv[1], sys.argv[2]
+up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+up.connect(agent_path)
+child = os.fork()
+if child != 0:
+    up.close()
+    print(child, flush=True)
+    select.select([sys.stdin], [], [], 300)
+    os._exit(0)
+sys.stdin.close()
+deadline = time.time() + 300
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+srv.bind(proxy_path + ".tmp")
+srv.listen(1)
+os.rename(proxy_path + ".tmp", proxy_path)
+srv.settimeout(120)
+try:
+    conn, _ = srv.accept()
+except socket.timeout:
+    os._exit(1)
+peer = {conn: up, up: conn}
+live = {conn, up}
+while live and time.time() < deadline:
+    r, _, _ = select.select(list(live), [], [], 1.0)
+    for s in r:
+        try:
+            data = s.recv(65536)
+        except OSError:
+            data = b""
+        if not data:
+            live.discard(s)
+            try:
+                peer[s].shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        else:
+            peer[s].sendall(data)
+os._exit(0)
+"#;
+
+#[test]
+fn a_stream_ends_when_the_process_that_connected_exits() {
+    use std::io::BufRead as _;
+    let (dir, server, w) = workload_for_this_uid(&[]);
+    let socket = w.agent.socket_path();
+    let proxy = dir.path().join("inherited.sock");
+    let mut parent = ChildGuard(
+        Command::new("python3")
+            .args(["-c", INHERIT_PY])
+            .arg(&socket)
+            .arg(&proxy)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 is needed for this test"),
+    );
+    let mut line = String::new();
+    std::io::BufReader::new(parent.0.stdout.take().expect("parent stdout"))
+        .read_line(&mut line)
+        .expect("reading the child's pid");
+    let _relay = KillOnDrop(Some(line.trim().parse().expect("the child's pid")));
+    support::wait_for(30, "the relay's socket", || proxy.exists().then_some(()));
+
+    runtime().block_on(async {
+        let mut client = raw_client(&proxy).await;
+        let mut stream = within(
+            60,
+            "FetchX509SVID over the inherited connection",
+            client.fetch_x509svid(with_header(wl::X509svidRequest {})),
+        )
+        .await
+        .expect("the connecting process is alive: served")
+        .into_inner();
+        let first = within(60, "first message", stream.message())
+            .await
+            .expect("first message")
+            .expect("a message");
+        assert_eq!(first.svids[0].spiffe_id, WORKLOAD);
+
+        // The process that connected exits; its child keeps the connection and the stream.
+        drop(parent.0.stdin.take());
+        let status = tokio::task::block_in_place(|| parent.0.wait()).expect("waiting");
+        assert!(status.success(), "parent: {status}");
+
+        // A change that would push a new message to the stream.
+        server.cli_ok(&[
+            "entry",
+            "update",
+            "--entry-id",
+            &w.entry_ids[0],
+            "--hint",
+            "moved",
+        ]);
+        let next = within(60, "the stream's next message or end", stream.message()).await;
+        match next {
+            Ok(Some(m)) => panic!(
+                "the agent kept serving a stream whose connecting process exited: {:?}",
+                m.svids
+                    .iter()
+                    .map(|s| (&s.spiffe_id, &s.hint))
+                    .collect::<Vec<_>>()
+            ),
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(s) => {
+                assert_eq!(s.code(), tonic::Code::Unauthenticated, "{s:?}");
+                assert!(s.message().contains("has exited"), "{s:?}");
+            }
+        }
+        assert!(
+            within(30, "end of the stream", stream.message())
+                .await
+                .map_or(true, |m| m.is_none()),
+            "the stream ends after Unauthenticated"
+        );
+    });
 }

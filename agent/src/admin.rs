@@ -23,32 +23,6 @@ impl AgentAdminService {
     }
 }
 
-/// The effective uid and gid of `pid` from /proc (what SO_PEERCRED would report for a caller).
-fn effective_ids(pid: i32) -> Result<(u32, u32), AttestError> {
-    let status = crate::attestor::process::read_proc_file(
-        std::path::Path::new(crate::attestor::process::DEFAULT_PROC_ROOT),
-        pid,
-        "status",
-    )?;
-    let status = String::from_utf8_lossy(&status);
-    let field = |name: &str| -> Option<u32> {
-        let line = status.lines().find(|l| l.starts_with(name))?;
-        // "Uid:\treal\teffective\tsaved\tfs": the effective id is the second number.
-        line.split_whitespace().nth(2)?.parse().ok()
-    };
-    match (field("Uid:"), field("Gid:")) {
-        (Some(u), Some(g)) => Ok((u, g)),
-        _ => Err(AttestError::Proc {
-            pid,
-            what: "status",
-            source: std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "no Uid:/Gid: lines in /proc/<pid>/status",
-            ),
-        }),
-    }
-}
-
 fn leaf_serial(chain: &[Vec<u8>]) -> String {
     chain
         .first()
@@ -113,7 +87,10 @@ impl pb::agent_admin_server::AgentAdmin for AgentAdminService {
         }
         let pinned = tokio::task::spawn_blocking(move || {
             let pin = ProcessPin::pin(pid)?;
-            let (uid, gid) = effective_ids(pid)?;
+            let (uid, gid) = crate::attestor::process::effective_ids_in(
+                std::path::Path::new(crate::attestor::process::DEFAULT_PROC_ROOT),
+                pid,
+            )?;
             Ok((std::sync::Arc::new(pin), uid, gid))
         })
         .await

@@ -71,6 +71,8 @@ pub struct FileConfig {
     pub kubelet_container_wait: Option<String>,
     /// `k8s` attestor: this node's Kubernetes name.
     pub node_name: Option<String>,
+    /// Most Workload API connections one uid may hold open.
+    pub workload_api_max_connections_per_uid: Option<usize>,
 }
 
 /// `sigil-agent run` flags.
@@ -151,6 +153,10 @@ pub struct RunFlags {
     /// k8s attestor: this node's name (pods the kubelet lists for another node are ignored).
     #[arg(long, value_name = "NAME", env = "NODE_NAME")]
     pub node_name: Option<String>,
+    /// Most Workload API connections one uid may hold open; more are closed at once
+    /// [default: 1000].
+    #[arg(long, value_name = "N")]
+    pub workload_api_max_connections_per_uid: Option<usize>,
 }
 
 /// How the agent authenticates the server before it has an SVID of its own.
@@ -254,6 +260,8 @@ pub struct AgentConfig {
     pub log_format: LogFormat,
     /// The `k8s` workload attestor's kubelet, if that attestor is on.
     pub kubelet: Option<crate::attestor::k8s::KubeletConfig>,
+    /// Most Workload API connections one uid may hold open.
+    pub workload_api_max_connections_per_uid: usize,
 }
 
 impl AgentConfig {
@@ -370,6 +378,16 @@ impl AgentConfig {
                 "k8s_psat_cluster is mutually exclusive with join_token and x509pop_cert/x509pop_key: attest with one method"
             );
         }
+        let workload_api_max_connections_per_uid = flags
+            .workload_api_max_connections_per_uid
+            .or(file.workload_api_max_connections_per_uid)
+            .unwrap_or(crate::workload_api::peer::DEFAULT_MAX_CONNECTIONS_PER_UID);
+        if workload_api_max_connections_per_uid == 0 {
+            anyhow::bail!(
+                "invalid workload_api_max_connections_per_uid 0: every workload needs at least one connection; use a positive number (default {})",
+                crate::workload_api::peer::DEFAULT_MAX_CONNECTIONS_PER_UID
+            );
+        }
         Ok(Self {
             trust_domain,
             server_address,
@@ -401,6 +419,7 @@ impl AgentConfig {
                 .unwrap_or_else(|| "info".into()),
             log_format,
             kubelet,
+            workload_api_max_connections_per_uid,
         })
     }
 }
@@ -520,6 +539,33 @@ mod tests {
         )
         .expect_err("zero");
         assert!(err.to_string().contains("ready_max_sync_age"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn workload_api_connection_limit_per_uid() -> anyhow::Result<()> {
+        let base = "trust_domain = \"example.org\"\nserver_address = \"srv:8081\"\ninsecure_bootstrap = true\n";
+        let limit = |c: AgentConfig| c.workload_api_max_connections_per_uid;
+        assert_eq!(
+            limit(parse(base, RunFlags::default())?),
+            crate::workload_api::peer::DEFAULT_MAX_CONNECTIONS_PER_UID
+        );
+        let file = format!("{base}workload_api_max_connections_per_uid = 50\n");
+        assert_eq!(limit(parse(&file, RunFlags::default())?), 50);
+        let flags = RunFlags {
+            workload_api_max_connections_per_uid: Some(20),
+            ..Default::default()
+        };
+        assert_eq!(limit(parse(&file, flags)?), 20);
+        let err = parse(
+            &format!("{base}workload_api_max_connections_per_uid = 0\n"),
+            RunFlags::default(),
+        )
+        .expect_err("0 refused");
+        assert!(
+            format!("{err:#}").contains("workload_api_max_connections_per_uid"),
+            "{err:#}"
+        );
         Ok(())
     }
 

@@ -29,6 +29,12 @@ pub struct AgentMetrics {
     pub workload_streams: Gauge,
     /// Workload API callers that could not be attested (gone, unreadable).
     pub workload_attest_failures: Counter,
+    /// Open Workload API connections.
+    pub workload_connections: Gauge,
+    /// Workload API connections closed at accept: over the per-uid or the total limit.
+    pub workload_connections_refused: Counter,
+    /// Failed accepts on the Workload API socket (out of descriptors, memory).
+    pub workload_accept_errors: Counter,
 }
 
 impl AgentMetrics {
@@ -85,10 +91,31 @@ impl AgentMetrics {
             "Workload API callers that could not be attested",
             workload_attest_failures.clone(),
         );
+        let workload_connections = Gauge::default();
+        r.register(
+            "workload_api_connections",
+            "Open Workload API connections",
+            workload_connections.clone(),
+        );
+        let workload_connections_refused = Counter::default();
+        r.register(
+            "workload_api_connections_refused",
+            "Workload API connections closed at accept: over the per-uid or the total limit",
+            workload_connections_refused.clone(),
+        );
+        let workload_accept_errors = Counter::default();
+        r.register(
+            "workload_api_accept_errors",
+            "Failed accepts on the Workload API socket (out of file descriptors or memory)",
+            workload_accept_errors.clone(),
+        );
         Self {
             registry: Arc::new(r),
             workload_streams,
             workload_attest_failures,
+            workload_connections,
+            workload_connections_refused,
+            workload_accept_errors,
             entries,
             svids,
             svids_minted,

@@ -302,11 +302,20 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         state.clone(),
         shutdown_rx.clone(),
     ));
+    let limits = crate::workload_api::ConnectionLimits::from_open_files_limit(
+        cfg.workload_api_max_connections_per_uid,
+    );
+    tracing::info!(
+        per_uid = limits.per_uid,
+        total = limits.total,
+        "Workload API connection limits"
+    );
     let workload_task = {
         let mut rx = shutdown_rx.clone();
         tokio::spawn(crate::workload_api::serve(
             workload_listener,
             workload_api,
+            limits,
             async move {
                 let _ = rx.wait_for(|s| *s).await;
             },

@@ -44,7 +44,9 @@ use sigil::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use sigil::proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
-use support::{agent_with_workload_entry, foreign_ca_pem, pct, proc_kib, tempdir, Agent, Server};
+use support::{
+    agent_with_workload_entries_and_flags, foreign_ca_pem, pct, proc_kib, tempdir, Agent, Server,
+};
 use tokio_stream::{Stream, StreamExt as _};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -694,12 +696,14 @@ fn main() {
         p0.to_str().expect("utf-8"),
     ]);
     let uid_sel = format!("unix:uid:{}", nix::unistd::getuid().as_raw());
-    let w = agent_with_workload_entry(
+    // Every stream comes from this process's uid: no per-uid limit below the fd limit.
+    let per_uid = nofile.to_string();
+    let w = agent_with_workload_entries_and_flags(
         &server,
         dir.path(),
-        WORKLOAD,
-        &[&uid_sel],
+        &[(WORKLOAD, &[&uid_sel])],
         &["--federates-with", "other.org"],
+        &["--workload-api-max-connections-per-uid", &per_uid],
     );
     let agent_pid = w.agent.child.as_ref().expect("agent child").id();
     let socket = w.agent.socket_path();
@@ -784,11 +788,12 @@ fn main() {
     let mut streams = Vec::new();
     let mut baseline_mem = Vec::new();
     for (i, &(k, conns)) in sizes.iter().enumerate() {
-        // The bench holds one fd per connection, the agent too; keep room for everything else.
+        // The bench holds one fd per connection, the agent too; keep room for everything else
+        // (the agent accepts at most its fd limit less 1,024 connections).
         let connections = conns
             .unwrap_or(k)
             .min(k)
-            .min(nofile.saturating_sub(512) as usize)
+            .min(nofile.saturating_sub(1_100) as usize)
             .max(1);
         eprintln!("{k} streams over {connections} connections ...");
         let p = pem(i + 1);

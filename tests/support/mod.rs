@@ -591,12 +591,25 @@ pub fn agent_with_workload_entries(
     entries: &[(&str, &[&str])],
     extra: &[&str],
 ) -> WorkloadAgent {
+    agent_with_workload_entries_and_flags(server, dir, entries, extra, &[])
+}
+
+/// [`agent_with_workload_entries`], the agent started with `agent_flags` too.
+pub fn agent_with_workload_entries_and_flags(
+    server: &Server,
+    dir: &Path,
+    entries: &[(&str, &[&str])],
+    extra: &[&str],
+    agent_flags: &[&str],
+) -> WorkloadAgent {
     let (token, agent_id) = join_token(server);
     let entry_ids = entries
         .iter()
         .map(|(id, selectors)| create_entry(server, &agent_id, id, selectors, extra))
         .collect();
-    let agent = Agent::start(server, &subdir(dir, "agent"), &["--join-token", &token]);
+    let mut flags = vec!["--join-token", token.as_str()];
+    flags.extend_from_slice(agent_flags);
+    let agent = Agent::start(server, &subdir(dir, "agent"), &flags);
     let ids: Vec<&str> = entries.iter().map(|(id, _)| *id).collect();
     agent.wait_svids_for(&ids, 60);
     WorkloadAgent {

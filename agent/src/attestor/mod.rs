@@ -7,7 +7,10 @@
 //!    the process that connected. A PID is only a number the kernel recycles: if that process
 //!    exits, a new, unrelated process may get the same PID, and everything read about "the PID"
 //!    would describe the newcomer. So the caller pins the process right away with
-//!    [`ProcessPin::pin`]: PID plus start time (which a later process with that PID cannot share).
+//!    [`ProcessPin::pin_peer`]: PID plus start time (which a later process with that PID cannot
+//!    share), read through the connection's pidfd where the kernel offers one (the process that
+//!    connected, even if its PID changed hands before the accept), and the uid/gid it connected
+//!    with.
 //! 2. **Read.** [`WorkloadAttestor::attest`] reads `/proc/<pid>/{status,cgroup,exe}` and hashes
 //!    the executable. uid and gid come from the peer credentials, captured by the kernel at
 //!    `connect()`, not from `/proc`, which could already be another process's.
@@ -20,8 +23,9 @@
 //!    attested again when such an entry arrives. Hashes are cached per file version (device,
 //!    inode, size, mtime, ctime), so each binary is read once. `explain` always hashes.
 //! 3. **Re-check.** Those reads are only trusted if the same process is still there afterwards:
-//!    `attest` ends with [`ProcessPin::check`], and the caller checks again just before it
-//!    answers, so nothing read about a PID that changed hands is ever used.
+//!    `attest` ends with [`ProcessPin::check`], and the caller checks again before every answer
+//!    and every stream message, so nothing read about a PID that changed hands (or a process
+//!    that has since taken another uid or gid) is ever used.
 //!
 //! Selectors (SPIRE's conventions):
 //! - `unix:uid`, `unix:gid`, `unix:user`, `unix:group`, `unix:supplementary_gid`,
@@ -91,6 +95,20 @@ pub enum AttestError {
     Gone {
         /// The PID that was pinned.
         pid: i32,
+    },
+    /// The process runs as another user or group than the kernel recorded when it connected.
+    #[error("process {pid} runs as uid {uid} gid {gid} but connected as uid {peer_uid} gid {peer_gid}: its PID now names another process, or it changed credentials (ran a setuid program) since it connected; its identity is not issued")]
+    CredentialsChanged {
+        /// The PID that was pinned.
+        pid: i32,
+        /// Effective uid now.
+        uid: u32,
+        /// Effective gid now.
+        gid: u32,
+        /// uid at `connect()` (SO_PEERCRED).
+        peer_uid: u32,
+        /// gid at `connect()` (SO_PEERCRED).
+        peer_gid: u32,
     },
     /// Reading /proc failed for another reason.
     #[error("cannot read {what} of process {pid} from /proc: {source}")]

@@ -5,9 +5,27 @@
 //! boot) never changes for a process and differs for any later process with the same PID, so the
 //! pair does name one process. `/proc/<pid>/stat` is world-readable, so pinning works for any
 //! process the agent can see.
+//!
+//! A Workload API caller is pinned from its connection ([`ProcessPin::pin_peer`]):
+//! - where the kernel has SO_PEERPIDFD (Linux 6.5+), through a pidfd of the process that called
+//!   `connect()`: the start time is read, then the pidfd is asked whether that process is still
+//!   alive. If it is, the PID still names it, so what was read is its own: even a caller that
+//!   exited before the accept, its PID already reused, cannot lend that PID's start time.
+//! - else from the PID alone, read twice around the checks, as before pidfds.
+//!
+//! Either way the pin keeps the uid and gid the kernel recorded at `connect()` (SO_PEERCRED), and
+//! every [`ProcessPin::check`] confirms the process still runs with them, as SPIRE's peertracker
+//! does: a PID reused by another user's process, or a caller that ran a setuid program after it
+//! connected (the program's `/proc/<pid>/exe` would lend its `unix:path`), is refused.
 
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{getsockopt, sockopt};
 
 use super::AttestError;
 
@@ -19,8 +37,18 @@ const START_TIME_FIELD: usize = 22;
 /// Field number of the first field after the parenthesised command name (the state).
 const STATE_FIELD: usize = 3;
 
+/// How a [`ProcessPin`] was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinMethod {
+    /// Through a pidfd of the connecting process (SO_PEERPIDFD): exactly the process that
+    /// called `connect()`.
+    Pidfd,
+    /// From the PID alone (kernels without SO_PEERPIDFD, or a PID an operator gave).
+    Pid,
+}
+
 /// A process pinned by pid + its start time (field 22 of `/proc/<pid>/stat`, clock ticks since
-/// boot).
+/// boot), and for a Workload API caller the credentials it connected with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcessPin {
     /// The process ID, in the agent's PID namespace.
@@ -28,6 +56,12 @@ pub struct ProcessPin {
     /// When the process started, in clock ticks since boot: tells it apart from a later process
     /// that is given the same PID.
     pub start_time: u64,
+    /// The effective (uid, gid) the kernel recorded when the process connected (SO_PEERCRED);
+    /// [`check`](Self::check) refuses the process once it runs with others. `None` for a pin
+    /// taken from a PID alone.
+    pub creds: Option<(u32, u32)>,
+    /// How the pin was taken.
+    pub method: PinMethod,
     proc_root: PathBuf,
 }
 
@@ -46,20 +80,155 @@ impl ProcessPin {
         Ok(Self {
             pid,
             start_time: stat.start_time,
+            creds: None,
+            method: PinMethod::Pid,
             proc_root: proc_root.to_path_buf(),
         })
     }
 
-    /// Ok if `/proc/<pid>` still exists with the same start time; Err(Gone) otherwise.
+    /// Pins the process at the other end of the Unix socket `sock`, which the kernel reported
+    /// (SO_PEERCRED) as `pid` with effective ids `uid` and `gid`: through its pidfd where the
+    /// kernel has SO_PEERPIDFD, else from the PID. Err(Gone) if that process has exited, its
+    /// PID reused or not; Err(CredentialsChanged) if the process found there runs as another
+    /// user or group.
+    pub fn pin_peer(sock: &impl AsFd, pid: i32, uid: u32, gid: u32) -> Result<Self, AttestError> {
+        if pid <= 0 {
+            return Err(AttestError::Gone { pid });
+        }
+        let pidfd = peer_pidfd(sock, pid)?;
+        Self::pin_connected(Path::new(DEFAULT_PROC_ROOT), pidfd, pid, (uid, gid))
+    }
+
+    /// [`pin_peer`](Self::pin_peer) once the pidfd (if any) is known; `proc_root` is procfs
+    /// (tests use a fake tree).
+    fn pin_connected(
+        proc_root: &Path,
+        pidfd: Option<OwnedFd>,
+        pid: i32,
+        creds: (u32, u32),
+    ) -> Result<Self, AttestError> {
+        let mut pin = Self::pin_in(proc_root, pid)?;
+        pin.creds = Some(creds);
+        match pidfd {
+            Some(fd) => {
+                check_creds(proc_root, pid, creds)?;
+                // Still alive after the reads: the PID named the connecting process throughout,
+                // so the start time and the ids read are its own.
+                if exited(&fd) {
+                    return Err(AttestError::Gone { pid });
+                }
+                pin.method = PinMethod::Pidfd;
+            }
+            // The ids, then the start time again: both read from the process first pinned.
+            None => pin.check()?,
+        }
+        Ok(pin)
+    }
+
+    /// Ok if `/proc/<pid>` still exists with the same start time (and, for a pin taken from a
+    /// connection, the same effective uid and gid as at `connect()`); Err otherwise: Gone, or
+    /// CredentialsChanged.
     ///
     /// A zombie counts as gone: it has exited, only its exit status is left.
     pub fn check(&self) -> Result<(), AttestError> {
+        // The ids first, the start time last: a start time still the same afterwards shows the
+        // ids were read from the pinned process.
+        if let Some(creds) = self.creds {
+            check_creds(&self.proc_root, self.pid, creds)?;
+        }
         let stat = Stat::read(&self.proc_root, self.pid)?;
         if stat.start_time != self.start_time || stat.is_dead() {
             return Err(AttestError::Gone { pid: self.pid });
         }
         Ok(())
     }
+}
+
+/// The pidfd of the process at the other end of `sock` (SO_PEERPIDFD), or `None` where the
+/// kernel (before 6.5) or a sandbox does not offer one. Err(Gone) if that process is gone.
+fn peer_pidfd(sock: &impl AsFd, pid: i32) -> Result<Option<OwnedFd>, AttestError> {
+    match getsockopt(sock, sockopt::PeerPidfd) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(Errno::ESRCH) => Err(AttestError::Gone { pid }),
+        Err(Errno::ENOPROTOOPT) => Ok(None),
+        Err(e) => {
+            tracing::debug!(error = %e, pid, "SO_PEERPIDFD unavailable; pinning the caller by PID");
+            Ok(None)
+        }
+    }
+}
+
+/// True once the process behind `pidfd` has exited (a pidfd polls readable then), or if poll
+/// cannot tell.
+fn exited(pidfd: &OwnedFd) -> bool {
+    loop {
+        let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+        match nix::poll::poll(&mut fds, PollTimeout::ZERO) {
+            Ok(0) => return false,
+            Ok(_) => return true,
+            Err(Errno::EINTR) => continue,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Ok if process `pid` runs with the effective (uid, gid) `creds`; Err(CredentialsChanged) if
+/// it runs with others (Gone if it has exited).
+///
+/// The owner of `/proc/<pid>` is the process's effective uid and gid, as SPIRE compares; one
+/// stat, so checked first. A non-dumpable process (one that changed credentials, e.g. dropped
+/// privileges, or set PR_SET_DUMPABLE 0) shows root as owner instead, so a mismatch is confirmed
+/// from the `Uid:`/`Gid:` lines of its status before it is refused.
+pub(crate) fn check_creds(
+    proc_root: &Path,
+    pid: i32,
+    creds: (u32, u32),
+) -> Result<(), AttestError> {
+    if pid <= 0 {
+        return Err(AttestError::Gone { pid });
+    }
+    let meta = std::fs::metadata(proc_root.join(pid.to_string()))
+        .map_err(|e| proc_error(pid, "directory", e))?;
+    if (meta.uid(), meta.gid()) == creds {
+        return Ok(());
+    }
+    let now = effective_ids_in(proc_root, pid)?;
+    if now == creds {
+        return Ok(());
+    }
+    Err(AttestError::CredentialsChanged {
+        pid,
+        uid: now.0,
+        gid: now.1,
+        peer_uid: creds.0,
+        peer_gid: creds.1,
+    })
+}
+
+/// The effective uid and gid of `pid` from `<proc_root>/<pid>/status` (what SO_PEERCRED
+/// reports for a process that connects now).
+pub fn effective_ids_in(proc_root: &Path, pid: i32) -> Result<(u32, u32), AttestError> {
+    let status = read_proc_file(proc_root, pid, "status")?;
+    parse_effective_ids(&status).ok_or_else(|| AttestError::Proc {
+        pid,
+        what: "status",
+        source: io::Error::new(
+            io::ErrorKind::InvalidData,
+            "no Uid:/Gid: lines in /proc/<pid>/status",
+        ),
+    })
+}
+
+/// The effective ids on the `Uid:` and `Gid:` lines of a status file.
+fn parse_effective_ids(status: &[u8]) -> Option<(u32, u32)> {
+    // Lossy: the Name: line holds the command name, which may be any bytes.
+    let text = String::from_utf8_lossy(status);
+    let field = |name: &str| -> Option<u32> {
+        let line = text.lines().find_map(|l| l.strip_prefix(name))?;
+        // "Uid:\treal\teffective\tsaved\tfs": the effective id is the second number.
+        line.split_ascii_whitespace().nth(1)?.parse().ok()
+    };
+    Some((field("Uid:")?, field("Gid:")?))
 }
 
 /// The fields of `/proc/<pid>/stat` the attestor needs.
@@ -407,6 +576,240 @@ mod tests {
             ..pin.clone()
         };
         assert!(matches!(other.check(), Err(AttestError::Gone { .. })));
+    }
+
+    /// A child process, killed and reaped on drop.
+    struct Child(std::process::Child);
+
+    impl Child {
+        fn pid(&self) -> i32 {
+            i32::try_from(self.0.id()).unwrap()
+        }
+    }
+
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    const NOBODY: u32 = 65534;
+
+    /// `python3 -c <code> <args>` as uid/gid 65534 (when `nobody`), stdout piped; returns once it
+    /// printed its first line.
+    fn python(code: &str, args: &[&str], nobody: bool) -> Child {
+        use std::io::BufRead as _;
+        use std::os::unix::process::CommandExt as _;
+        let mut cmd = std::process::Command::new("python3");
+        cmd.arg("-c").arg(code).args(args);
+        cmd.stdin(std::process::Stdio::piped());
+        cmd.stdout(std::process::Stdio::piped());
+        if nobody {
+            cmd.uid(NOBODY).gid(NOBODY);
+        }
+        let mut child = Child(cmd.spawn().expect("python3 is needed for this test"));
+        let out = child.0.stdout.take().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(out).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready");
+        child
+    }
+
+    /// Prints "ready", then lives until its stdin closes (or a minute passes).
+    const WAIT_PY: &str =
+        "import sys, select\nprint('ready', flush=True)\nselect.select([sys.stdin], [], [], 60)\n";
+
+    #[test]
+    fn creds_are_compared_with_the_real_process() {
+        let me = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
+        let other = python(WAIT_PY, &[], true);
+        let root = Path::new(DEFAULT_PROC_ROOT);
+        check_creds(root, other.pid(), (NOBODY, NOBODY)).unwrap();
+        for wrong in [me, (NOBODY, me.1), (me.0, NOBODY)] {
+            if wrong == (NOBODY, NOBODY) {
+                continue;
+            }
+            let e = check_creds(root, other.pid(), wrong).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    AttestError::CredentialsChanged {
+                        uid: NOBODY,
+                        gid: NOBODY,
+                        ..
+                    }
+                ),
+                "{wrong:?}: {e:?}"
+            );
+            assert!(e.to_string().contains("runs as uid 65534"), "{e}");
+        }
+
+        // A PID that names a process of another user by the time it is pinned (as when the
+        // caller exited and its PID was reused): refused on the PID path too.
+        let e = ProcessPin::pin_connected(root, None, other.pid(), me).unwrap_err();
+        assert!(matches!(e, AttestError::CredentialsChanged { .. }), "{e:?}");
+        let pin = ProcessPin::pin_connected(root, None, other.pid(), (NOBODY, NOBODY)).unwrap();
+        assert_eq!(pin.method, PinMethod::Pid);
+        pin.check().unwrap();
+        // A pin with other credentials (the process ran a setuid program since it connected).
+        let changed = ProcessPin {
+            creds: Some(me),
+            ..pin.clone()
+        };
+        assert!(matches!(
+            changed.check(),
+            Err(AttestError::CredentialsChanged { .. })
+        ));
+
+        // Gone once it exits.
+        drop(other);
+        assert!(matches!(pin.check(), Err(AttestError::Gone { .. })));
+    }
+
+    #[test]
+    fn a_non_dumpable_process_keeps_its_identity() {
+        // PR_SET_DUMPABLE 0 (as after dropping privileges): some kernels then show
+        // /proc/<pid> as root's, its status still says who it runs as.
+        let code =
+            format!("import ctypes\nassert ctypes.CDLL(None).prctl(4, 0, 0, 0, 0) == 0\n{WAIT_PY}");
+        let other = python(&code, &[], true);
+        let root = Path::new(DEFAULT_PROC_ROOT);
+        check_creds(root, other.pid(), (NOBODY, NOBODY)).unwrap();
+        assert_eq!(
+            effective_ids_in(root, other.pid()).unwrap(),
+            (NOBODY, NOBODY)
+        );
+
+        // A /proc/<pid> owned by root while the status says 65534: the status decides.
+        let dir = fake_proc(100, &stat_line(100, "app", 'S', 500));
+        let me = std::fs::metadata(dir.path().join("100")).unwrap();
+        std::fs::write(
+            dir.path().join("100/status"),
+            "Name:\tapp\nUid:\t65534\t65534\t65534\t65534\nGid:\t65534\t65534\t65534\t65534\n",
+        )
+        .unwrap();
+        check_creds(dir.path(), 100, (me.uid(), me.gid())).unwrap();
+        check_creds(dir.path(), 100, (NOBODY, NOBODY)).unwrap();
+        let e = check_creds(dir.path(), 100, (NOBODY, me.gid().wrapping_add(1))).unwrap_err();
+        assert!(
+            matches!(e, AttestError::CredentialsChanged { gid: NOBODY, .. }),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_caller_that_ran_a_setuid_program_is_refused() {
+        use std::os::unix::process::CommandExt as _;
+        // A setuid-root program started by uid 65534 (waiting for a password on its stdin):
+        // its executable would lend its `unix:path`, but it no longer runs as the caller did.
+        let Some(prog) = ["/usr/bin/passwd", "/bin/passwd"]
+            .into_iter()
+            .find(|p| std::fs::metadata(p).is_ok_and(|m| m.mode() & 0o4000 != 0 && m.uid() == 0))
+        else {
+            println!("no setuid-root passwd on this machine; nothing to test");
+            return;
+        };
+        let child = Child(
+            std::process::Command::new(prog)
+                .uid(NOBODY)
+                .gid(NOBODY)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let root = Path::new(DEFAULT_PROC_ROOT);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while effective_ids_in(root, child.pid()).ok().map(|(u, _)| u) != Some(0) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{prog} never ran as root"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let e = check_creds(root, child.pid(), (NOBODY, NOBODY)).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AttestError::CredentialsChanged {
+                    uid: 0,
+                    peer_uid: NOBODY,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+    }
+
+    /// Both ends of a Unix socket connected by a python child (alive until dropped).
+    fn connected_by_child() -> (std::os::unix::net::UnixStream, Child, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let code = format!("import socket, sys\ns = socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\n{WAIT_PY}");
+        let child = python(&code, &[path.to_str().unwrap()], false);
+        let (conn, _) = listener.accept().unwrap();
+        (conn, child, dir)
+    }
+
+    #[test]
+    fn the_pidfd_is_used_where_the_kernel_has_one() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let cred = nix::sys::socket::getsockopt(&a, sockopt::PeerCredentials).unwrap();
+        let pidfd_available = getsockopt(&a, sockopt::PeerPidfd).is_ok();
+        let pin = ProcessPin::pin_peer(&a, cred.pid(), cred.uid(), cred.gid()).unwrap();
+        assert_eq!(pin.pid, std::process::id() as i32);
+        assert_eq!(pin.creds, Some((cred.uid(), cred.gid())));
+        let want = if pidfd_available {
+            PinMethod::Pidfd
+        } else {
+            println!("SO_PEERPIDFD is not available on this kernel: the PID path is used");
+            PinMethod::Pid
+        };
+        assert_eq!(pin.method, want);
+        pin.check().unwrap();
+    }
+
+    #[test]
+    fn the_pidfd_tells_when_the_connecting_process_is_gone() {
+        let (conn, child, _dir) = connected_by_child();
+        let pid = child.pid();
+        let me = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
+        let Some(pidfd) = peer_pidfd(&conn, pid).unwrap() else {
+            println!("SO_PEERPIDFD is not available on this kernel; nothing to test");
+            return;
+        };
+        // A procfs that still shows the process alive (as it would if its PID were reused by a
+        // process with the same start time): the PID path believes it, the pidfd does not.
+        let fake = fake_proc(pid, &stat_line(pid, "app", 'S', 500));
+        ProcessPin::pin_connected(fake.path(), None, pid, me).unwrap();
+        drop(child);
+        let got = ProcessPin::pin_connected(fake.path(), Some(pidfd), pid, me);
+        assert!(
+            matches!(got, Err(AttestError::Gone { pid: p }) if p == pid),
+            "{got:?}"
+        );
+        // Asked after the process was reaped, the kernel gives no pidfd or one of an exited
+        // process: gone either way.
+        let got = ProcessPin::pin_peer(&conn, pid, me.0, me.1);
+        assert!(matches!(got, Err(AttestError::Gone { .. })), "{got:?}");
+    }
+
+    #[test]
+    fn parses_effective_ids() {
+        let status =
+            b"Name:\t\xff odd\nUid:\t1000\t1001\t1002\t1003\nGid:\t2000\t2001\t2002\t2003\n";
+        assert_eq!(parse_effective_ids(status), Some((1001, 2001)));
+        assert_eq!(parse_effective_ids(b"Uid:\t1\t2\t3\t4\n"), None);
+        assert_eq!(parse_effective_ids(b"Uid:\t1\nGid:\t1\n"), None);
     }
 
     #[test]

@@ -20,6 +20,60 @@ use crate::client::{self, ClientError};
 /// Most tokens cached.
 pub const MAX_CACHED_TOKENS: usize = 10_000;
 
+/// Why the audiences of a FetchJWTSVID request are refused (InvalidArgument).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AudienceError {
+    /// No audience, or only empty ones.
+    #[error("audience must be specified")]
+    Missing,
+    /// More distinct audiences than one token may carry.
+    #[error("too many audiences: {count} distinct, at most {max} per JWT-SVID; fetch one token per smaller set of audiences")]
+    TooMany {
+        /// Distinct non-empty audiences requested.
+        count: usize,
+        /// [`sigil::jwt::MAX_AUDIENCES`].
+        max: usize,
+    },
+    /// The audiences together are too long for a token.
+    #[error("the audiences take {bytes} bytes together, at most {max} per JWT-SVID; use shorter audience names or fewer of them")]
+    TooLong {
+        /// Bytes of the distinct non-empty audiences.
+        bytes: usize,
+        /// [`sigil::jwt::MAX_AUDIENCE_BYTES`].
+        max: usize,
+    },
+}
+
+/// The audiences of a FetchJWTSVID request as the server is asked for them: empty ones and
+/// repeats left out (the first of each kept, in order), at most [`sigil::jwt::MAX_AUDIENCES`]
+/// taking at most [`sigil::jwt::MAX_AUDIENCE_BYTES`] together. Checked before the server is
+/// asked, so a request over the bounds gets InvalidArgument saying which, not the server's
+/// refusal as a failed mint.
+pub fn requested_audiences(requested: &[String]) -> Result<Vec<String>, AudienceError> {
+    let mut seen = std::collections::HashSet::new();
+    let distinct: Vec<&String> = requested
+        .iter()
+        .filter(|a| !a.is_empty() && seen.insert(a.as_str()))
+        .collect();
+    if distinct.is_empty() {
+        return Err(AudienceError::Missing);
+    }
+    if distinct.len() > sigil::jwt::MAX_AUDIENCES {
+        return Err(AudienceError::TooMany {
+            count: distinct.len(),
+            max: sigil::jwt::MAX_AUDIENCES,
+        });
+    }
+    let bytes: usize = distinct.iter().map(|a| a.len()).sum();
+    if bytes > sigil::jwt::MAX_AUDIENCE_BYTES {
+        return Err(AudienceError::TooLong {
+            bytes,
+            max: sigil::jwt::MAX_AUDIENCE_BYTES,
+        });
+    }
+    Ok(distinct.into_iter().cloned().collect())
+}
+
 /// (entry id, entry revision, sorted audiences).
 type TokenKey = (String, i64, Vec<String>);
 
@@ -146,5 +200,62 @@ impl JwtSvidCache {
             .lock()
             .await
             .retain(|(entry, _, _), _| live.contains(entry));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn audiences_are_deduplicated_and_bounded() {
+        // Empty ones and repeats left out, order kept.
+        assert_eq!(
+            requested_audiences(&strings(&["b", "", "a", "b", "a"])),
+            Ok(strings(&["b", "a"]))
+        );
+        assert_eq!(requested_audiences(&[]), Err(AudienceError::Missing));
+        assert_eq!(
+            requested_audiences(&strings(&["", ""])),
+            Err(AudienceError::Missing)
+        );
+
+        // As many as a token may carry; one more is refused, however it is counted.
+        let max: Vec<String> = (0..sigil::jwt::MAX_AUDIENCES)
+            .map(|i| format!("aud-{i}"))
+            .collect();
+        assert_eq!(requested_audiences(&max).as_ref(), Ok(&max));
+        let many: Vec<String> = (0..10_000).map(|i| format!("aud-{i}")).collect();
+        let err = requested_audiences(&many).unwrap_err();
+        assert_eq!(
+            err,
+            AudienceError::TooMany {
+                count: 10_000,
+                max: sigil::jwt::MAX_AUDIENCES
+            }
+        );
+        assert!(err.to_string().contains("at most 32"), "{err}");
+        // 10,000 copies of one audience are one audience.
+        assert_eq!(
+            requested_audiences(&vec!["db".to_string(); 10_000]),
+            Ok(strings(&["db"]))
+        );
+
+        // Few, but long.
+        let long = vec![
+            "x".repeat(sigil::jwt::MAX_AUDIENCE_BYTES / 2 + 1),
+            "y".into(),
+            "z".repeat(sigil::jwt::MAX_AUDIENCE_BYTES / 2),
+        ];
+        assert!(matches!(
+            requested_audiences(&long),
+            Err(AudienceError::TooLong { .. })
+        ));
+        let fits = vec!["x".repeat(sigil::jwt::MAX_AUDIENCE_BYTES)];
+        assert_eq!(requested_audiences(&fits).as_ref(), Ok(&fits));
     }
 }

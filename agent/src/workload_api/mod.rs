@@ -1,7 +1,8 @@
 //! The SPIFFE Workload API, served on a Unix socket any local process may connect to.
 //!
 //! - [`peer`]: accepted connections carry the caller's kernel credentials and a pin on its
-//!   process, taken at accept time (PID reuse cannot lend an identity).
+//!   process, taken at accept time (PID reuse cannot lend an identity); open connections are
+//!   capped per uid and in all, so no local user can starve the others.
 //! - [`identities`]: which cached entries match a caller's selectors, and the messages built
 //!   from them (full state, default SVID first, federated bundles where entries federate).
 //! - [`service`]: the five `SpiffeWorkloadAPI` RPCs; streams are woken by the agent's change
@@ -25,6 +26,7 @@ use sigil::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use tokio::net::UnixListener;
 use tokio_stream::StreamExt as _;
 
+pub use peer::ConnectionLimits;
 pub use service::WorkloadApi;
 
 /// Directory mode of the public socket: others may enter and connect, not create files.
@@ -53,17 +55,20 @@ pub async fn bind(
     Ok(bound)
 }
 
-/// Serves `api` on `listener` until `shutdown` completes.
+/// Serves `api` on `listener`, with at most `limits` connections open, until `shutdown`
+/// completes.
 pub async fn serve(
     listener: UnixListener,
     api: WorkloadApi,
+    limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
+    let incoming = peer::incoming(listener, limits, api.metrics().clone());
     tonic::transport::Server::builder()
         .add_service(SpiffeWorkloadApiServer::new(api))
         .serve_with_incoming_shutdown(
             // Any client's `:authority` (gRPC C-core and grpc-java send the socket path).
-            peer::incoming(listener).map(|c| c.map(sigil::h2_authority::AuthorityFix::new)),
+            incoming.map(|c| c.map(sigil::h2_authority::AuthorityFix::new)),
             shutdown,
         )
         .await

@@ -1,10 +1,12 @@
 //! The five `SpiffeWorkloadAPI` RPCs.
 //!
 //! Every call: the `workload.spiffe.io: true` header (else InvalidArgument), then the caller is
-//! attested from its pinned process (gone meanwhile → Unauthenticated; unreadable →
-//! PermissionDenied), its selectors matched to the cached entries. The attestation ends by
-//! confirming the pin after its reads, so the answer that follows at once is for the process
-//! that connected; a first answer that waits (an SVID still being minted) confirms it again.
+//! attested from its pinned process (gone meanwhile, or running as another uid/gid than it
+//! connected as → Unauthenticated; unreadable → PermissionDenied), its selectors matched to the
+//! cached entries. The attestation ends by confirming the pin after its reads, so the answer that
+//! follows at once is for the process that connected; every later stream message confirms it
+//! again, and a stream whose process is gone ends with Unauthenticated (its connection may have
+//! been passed on to another process).
 //! Streams need no task of their own: each is polled by the connection that carries it, woken
 //! by the agent's change counter; each message is the full state, sent only when it differs
 //! from the last one.
@@ -25,6 +27,7 @@ use super::jwt::{JwtSvidCache, NodeLink};
 use super::peer::PeerInfo;
 use crate::attestor::{AttestError, ProcessPin, WorkloadAttestor};
 use crate::cache::Cache;
+use crate::client::ClientError;
 use crate::worker::AgentState;
 
 /// The header every Workload API call must carry (SPIFFE Workload Endpoint spec).
@@ -49,15 +52,25 @@ struct Caller {
 }
 
 impl Caller {
-    /// The process is still the one that connected (a reused PID is refused).
+    /// The process is still the one that connected, with the uid and gid it connected with (a
+    /// reused PID, or a caller that has since run a setuid program, is refused).
     fn recheck(&self) -> Result<(), Status> {
-        self.pin.check().map_err(|_| gone(self.pid))
+        self.pin.check().map_err(|e| not_the_caller(self.pid, &e))
+    }
+}
+
+/// Unauthenticated: the process that connected is gone (its PID may name another process by
+/// now) or runs as another user or group.
+fn not_the_caller(pid: i32, e: &AttestError) -> Status {
+    match e {
+        AttestError::CredentialsChanged { .. } => Status::unauthenticated(e.to_string()),
+        _ => gone(pid),
     }
 }
 
 fn gone(pid: i32) -> Status {
     Status::unauthenticated(format!(
-        "the calling process (pid {pid}) exited during attestation; its identity is not issued to another process"
+        "the calling process (pid {pid}) has exited; its identity is not issued to another process"
     ))
 }
 
@@ -110,6 +123,11 @@ impl WorkloadApi {
         }
     }
 
+    /// The agent's metrics.
+    pub fn metrics(&self) -> &crate::metrics::AgentMetrics {
+        &self.inner.state.metrics
+    }
+
     /// Attests the caller of `req` (each RPC has checked the security header before).
     async fn attest<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
         let peer = req.extensions().get::<PeerInfo>().cloned().ok_or_else(|| {
@@ -138,9 +156,10 @@ impl WorkloadApi {
                     exe_hash_skipped: a.exe_hash_skipped,
                 })
             }
-            Err(AttestError::Gone { pid }) => {
+            Err(e @ (AttestError::Gone { .. } | AttestError::CredentialsChanged { .. })) => {
                 self.inner.state.metrics.workload_attest_failures.inc();
-                Err(gone(pid))
+                tracing::debug!(error = %e, "workload attestation: not the process that connected");
+                Err(not_the_caller(pin.pid, &e))
             }
             Err(e @ AttestError::Task(_)) => Err(Status::internal(e.to_string())),
             Err(e) => {
@@ -200,8 +219,8 @@ impl WorkloadApi {
             Watch::Unavailable(why) => return Err(Status::unavailable(why)),
             Watch::Send(msg) => {
                 // No re-check here: the attestation ended by confirming the pin, and nothing
-                // but an in-memory cache read lies between that and this answer. A first
-                // message sent later (the SVID was still being minted) is re-checked.
+                // but an in-memory cache read lies between that and this answer. Every later
+                // message is re-checked.
                 watcher.last = Some(fingerprint(&msg));
                 watcher.first = Some(msg);
                 tracing::debug!(
@@ -301,10 +320,12 @@ where
                         let fp = fingerprint(&msg);
                         if self.last != Some(fp) {
                             let first = self.last.is_none();
-                            if first {
-                                if let Err(s) = self.caller.recheck() {
-                                    return self.end(s);
-                                }
+                            // Every message goes only to the process that connected: the
+                            // stream's fd may have been passed on, or inherited by a child,
+                            // after that process exited.
+                            if let Err(s) = self.caller.recheck() {
+                                tracing::info!(pid = self.caller.pid, stream = self.what, status = %s.message(), "the calling process is gone or changed; ending the stream");
+                                return self.end(s);
                             }
                             tracing::debug!(
                                 pid = self.caller.pid,
@@ -479,16 +500,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<wl::JwtsvidRequest>,
     ) -> Result<Response<wl::JwtsvidResponse>, Status> {
         check_header(&req)?;
-        if req.get_ref().audience.iter().all(|a| a.is_empty()) {
-            return Err(Status::invalid_argument("audience must be specified"));
-        }
+        let audience = super::jwt::requested_audiences(&req.get_ref().audience)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let caller = self.attest(&req).await?;
         let want = req.into_inner();
-        let audience: Vec<String> = want
-            .audience
-            .into_iter()
-            .filter(|a| !a.is_empty())
-            .collect();
         let targets: Vec<(String, i64, String, String)> = {
             let cache = self.inner.state.cache.read().await;
             if !cache.has_snapshot() {
@@ -533,7 +548,18 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 .await
                 .map_err(|e| {
                     tracing::warn!(error = %e, entry_id = %entry_id, "JWT-SVID minting failed");
-                    Status::unavailable(format!("could not mint the JWT-SVID: {e}"))
+                    match &e {
+                        // The server refused the request itself: retrying will not help.
+                        ClientError::Rpc { status, .. }
+                            if status.code() == tonic::Code::InvalidArgument =>
+                        {
+                            Status::invalid_argument(format!(
+                                "sigil-server refused the JWT-SVID request: {}",
+                                status.message()
+                            ))
+                        }
+                        _ => Status::unavailable(format!("could not mint the JWT-SVID: {e}")),
+                    }
                 })?;
             svids.push(wl::Jwtsvid {
                 spiffe_id,
@@ -882,6 +908,52 @@ mod tests {
             .expect("no expired SVID served");
         assert_eq!(err.code(), tonic::Code::Unavailable);
         waker.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_message_waits_for_the_connecting_process_to_be_there() {
+        use identities::tests::{cache_with, entry};
+        use tokio_stream::StreamExt as _;
+        // The caller: a child process, pinned with the ids it runs as.
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let me = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
+        let mut pin = ProcessPin::pin(pid).unwrap();
+        pin.creds = Some(me);
+        let caller = Caller {
+            pid,
+            selectors: identities::tests::selectors(&["unix:uid:7"]),
+            pin: Arc::new(pin),
+            uid: me.0,
+            gid: me.1,
+            exe_hash_skipped: false,
+        };
+        let state = state_with(cache_with(vec![entry("a", 1, &["unix:uid:7"], "")], &["a"]));
+        let (_stop, shutdown) = tokio::sync::watch::channel(false);
+        let mut s = x509_stream(&state, shutdown, caller).await.unwrap();
+        assert!(s.next().await.unwrap().is_ok());
+
+        // It exits; its stream (held by another process now, say) gets the next change.
+        child.kill().unwrap();
+        child.wait().unwrap();
+        *state.cache.write().await = cache_with(
+            vec![
+                entry("a", 1, &["unix:uid:7"], ""),
+                entry("b", 2, &["unix:uid:7"], ""),
+            ],
+            &["a", "b"],
+        );
+        state.notify_changed();
+        let err = s.next().await.unwrap().unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+        assert!(err.message().contains(&format!("pid {pid}")), "{err:?}");
+        assert!(s.next().await.is_none());
     }
 
     #[test]

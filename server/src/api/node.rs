@@ -51,7 +51,7 @@ pub const ATTEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most CSRs in one `BatchSign` call; agents split larger sets.
 pub const MAX_BATCH_SIGN: usize = 1_000;
 /// Most audiences in one `MintJwtSvid` call.
-pub const MAX_AUDIENCES: usize = 32;
+pub const MAX_AUDIENCES: usize = sigil::jwt::MAX_AUDIENCES;
 /// Selector type of the entry created for a join token's node alias (SPIRE's convention); its
 /// value is the agent's SPIFFE ID. No workload attestor produces it, so no workload matches it.
 pub const NODE_ALIAS_SELECTOR_TYPE: &str = "spiffe_id";
