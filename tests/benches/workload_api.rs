@@ -7,8 +7,10 @@
 //!    the agent and against a **baseline**: a plain tonic `SpiffeWorkloadApi` server whose
 //!    FetchX509SVID immediately returns the precomputed message the agent returned (same
 //!    bytes, no attestation), run as a process of its own like the agent (this executable
-//!    again), and the same server in this process (own runtime) for comparison with earlier
-//!    runs. The three alternate in rounds so load drifts on the shared machine hit all alike.
+//!    again), and the same server in this process (own runtime), once plain and once behind
+//!    the agent's `:authority` adapter (`sigil::h2_authority`): those two differ by the adapter
+//!    alone, so their ratio is its cost. The four alternate in rounds so load drifts on the
+//!    shared machine hit all alike.
 //! 2. **Many open streams**: K concurrent FetchX509SVID streams (one connection each when the
 //!    fd limit allows), every first message received, then ONE federated bundle change
 //!    (`sigil-server bundle set --id spiffe://other.org`; the entry federates with other.org)
@@ -146,8 +148,14 @@ impl SpiffeWorkloadApi for Echo {
 }
 
 /// Starts the baseline server on its own 2-thread runtime (like a separate process would have
-/// its own threads); returns the runtime (dropping it stops the server).
-fn start_baseline(socket: &Path, msg: wl::X509svidResponse) -> tokio::runtime::Runtime {
+/// its own threads); returns the runtime (dropping it stops the server). `authority_fix`: each
+/// connection goes through the agent's `:authority` adapter ([`sigil::h2_authority`]), so the
+/// two baselines differ by the adapter alone.
+fn start_baseline(
+    socket: &Path,
+    msg: wl::X509svidResponse,
+    authority_fix: bool,
+) -> tokio::runtime::Runtime {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("baseline")
@@ -163,11 +171,18 @@ fn start_baseline(socket: &Path, msg: wl::X509svidResponse) -> tokio::runtime::R
     rt.spawn(async move {
         // The socket file lives as long as the server.
         let _socket_file = socket_file;
-        tonic::transport::Server::builder()
-            .add_service(SpiffeWorkloadApiServer::new(echo))
-            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
-            .await
-            .expect("baseline server");
+        let server =
+            tonic::transport::Server::builder().add_service(SpiffeWorkloadApiServer::new(echo));
+        if authority_fix {
+            server
+                .serve_with_incoming(sigil::h2_authority::incoming(listener))
+                .await
+        } else {
+            server
+                .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+                .await
+        }
+        .expect("baseline server");
     });
     rt
 }
@@ -734,14 +749,17 @@ fn main() {
     // Part 1.
     let base_dir = tempdir();
     let base_socket = base_dir.path().join("baseline").join("api.sock");
-    let base_rt = start_baseline(&base_socket, msg.clone());
+    let base_rt = start_baseline(&base_socket, msg.clone(), false);
+    let fix_socket = base_dir.path().join("baseline-adapter").join("api.sock");
+    let fix_rt = start_baseline(&fix_socket, msg.clone(), true);
     // The same echo as a process of its own, like the agent: a call then crosses processes on
     // both sides (a context switch between processes costs more than one between threads).
     let proc_socket = base_dir.path().join("baseline-process").join("api.sock");
     let msg_file = base_dir.path().join("msg.bin");
     std::fs::write(&msg_file, msg.encode_to_vec()).expect("writing the message file");
     let mut base_child = spawn_baseline_child(&proc_socket, &msg_file);
-    let (mut agent_s, mut base_s, mut proc_s) = (Series::new(), Series::new(), Series::new());
+    let (mut agent_s, mut base_s, mut proc_s, mut fix_s) =
+        (Series::new(), Series::new(), Series::new(), Series::new());
     let per = n.div_ceil(rounds);
     let hwm_before = proc_kib(agent_pid, "VmHWM:");
     rt.block_on(async {
@@ -751,6 +769,7 @@ fn main() {
                 (&socket, &mut agent_s),
                 (&proc_socket, &mut proc_s),
                 (&base_socket, &mut base_s),
+                (&fix_socket, &mut fix_s),
             ] {
                 s.persistent
                     .extend(latencies(sock, per, wu, false, size).await);
@@ -766,6 +785,7 @@ fn main() {
         mib(proc_kib(agent_pid, "VmHWM:"))
     );
     drop(base_rt);
+    drop(fix_rt);
     let _ = base_child.kill();
     let _ = base_child.wait();
     if hold > 0 {
@@ -845,11 +865,19 @@ fn main() {
         "baseline in the bench process, persistent channel",
         &base_s.persistent,
     );
+    row(
+        "baseline in the bench process behind the :authority adapter, persistent channel",
+        &fix_s.persistent,
+    );
     row("agent, new connection per call", &agent_s.fresh);
     row("baseline process, new connection per call", &proc_s.fresh);
     row(
         "baseline in the bench process, new connection per call",
         &base_s.fresh,
+    );
+    row(
+        "baseline in the bench process behind the :authority adapter, new connection per call",
+        &fix_s.fresh,
     );
     let ratio = |a: &[f64], b: &[f64]| {
         format!(
@@ -874,6 +902,14 @@ fn main() {
     println!(
         "agent / in-process baseline, new connection: {}",
         ratio(&agent_s.fresh, &base_s.fresh)
+    );
+    println!(
+        ":authority adapter (in-process baseline with / without), persistent: {}",
+        ratio(&fix_s.persistent, &base_s.persistent)
+    );
+    println!(
+        ":authority adapter (in-process baseline with / without), new connection: {}",
+        ratio(&fix_s.fresh, &base_s.fresh)
     );
 
     if !streams.is_empty() {
