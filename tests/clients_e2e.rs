@@ -140,7 +140,10 @@ impl ClientProc {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left.min(Duration::from_millis(200))) {
+            match self
+                .lines
+                .recv_timeout(left.min(Duration::from_millis(200)))
+            {
                 Ok(l) => {
                     self.seen.push(l.clone());
                     if l.starts_with(prefix) {
@@ -185,10 +188,7 @@ impl ClientProc {
             }
             if Instant::now() > deadline {
                 let stdout = self.transcript();
-                panic!(
-                    "the {} did not finish within {secs} s; {stdout}",
-                    self.what
-                );
+                panic!("the {} did not finish within {secs} s; {stdout}", self.what);
             }
             std::thread::sleep(Duration::from_millis(50));
         };
@@ -294,7 +294,10 @@ fn assert_fetched(lines: &[String], w: &WorkloadAgent, id: &str, serial_check: b
         .expect("jwt_bundle key count");
     assert!(keys >= 1, "{lines:?}");
     assert_eq!(
-        lines.iter().filter(|l| l.starts_with("x509_bundle ")).count(),
+        lines
+            .iter()
+            .filter(|l| l.starts_with("x509_bundle "))
+            .count(),
         1,
         "one trust domain, no federation: {lines:?}"
     );
