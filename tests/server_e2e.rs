@@ -683,8 +683,7 @@ async fn json_audit_lines_name_the_object_and_truncate_long_values() {
         .await
         .expect_err("invalid trust domain");
     assert!(
-        err.message().contains("… (3000 bytes)")
-            && !err.message().contains(&"t".repeat(257)),
+        err.message().contains("… (3000 bytes)") && !err.message().contains(&"t".repeat(257)),
         "{}",
         err.message()
     );
@@ -714,14 +713,7 @@ async fn json_audit_lines_name_the_object_and_truncate_long_values() {
     assert_eq!(create["result"], "ok");
     let (_, refused) = &audit[1];
     let object = refused["object"].as_str().expect("object");
-    assert_eq!(
-        object,
-        format!(
-            "{}… ({} bytes)",
-            &huge[..256],
-            huge.len()
-        )
-    );
+    assert_eq!(object, format!("{}… ({} bytes)", &huge[..256], huge.len()));
     assert!(refused["result"]
         .as_str()
         .is_some_and(|r| r.starts_with("InvalidArgument")));

@@ -813,8 +813,10 @@ mod tests {
                     ..Default::default()
                 })
                 .unwrap();
+            // Valid for an hour from now: an expired SVID is never served.
+            let now = now_unix();
             for p in cache.make_csrs(&["b".to_string()]).unwrap() {
-                assert!(cache.store_svid(p, vec![b"b".to_vec()], 3600, 0));
+                assert!(cache.store_svid(p, vec![b"b".to_vec()], now + 3600, now));
             }
         }
         state.notify_changed();

@@ -1439,10 +1439,7 @@ mod tests {
             .await
             .expect_err("get");
         assert_eq!(err.code(), Code::NotFound);
-        assert!(
-            err.message().contains("(3000 bytes)"),
-            "{err:?}"
-        );
+        assert!(err.message().contains("(3000 bytes)"), "{err:?}");
         assert_bounded("get_entry", &err);
         let mut upd = ok();
         upd.id = long.clone();
