@@ -7,6 +7,8 @@
 //! - [`client`]: node API calls: join-token attestation, agent SVID renewal, mTLS channels.
 //! - [`worker`]: the sync loop: sessions, batch signing, renewal, back-off.
 //! - [`explain`]: why a process gets (or does not get) an SVID: matches and near misses.
+//! - [`helper`]: `sigil-agent helper`: a Workload API client that keeps SVIDs in files for
+//!   programs that only read PEM files (nginx, PostgreSQL, …) and signals them on rotation.
 //! - [`metrics`]: Prometheus metrics on `/metrics`.
 //! - [`run`]: start-up (re-use the stored SVID or attest), health endpoint, shutdown.
 //! - [`storage`]: the agent's own SVID and key on disk (reused across restarts, key 0600).
@@ -25,6 +27,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod explain;
+pub mod helper;
 pub mod metrics;
 pub mod run;
 pub mod storage;
