@@ -77,7 +77,11 @@ impl Proc {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("{} did not exit in {secs} s; log:\n{}", self.what, self.log_text());
+                panic!(
+                    "{} did not exit in {secs} s; log:\n{}",
+                    self.what,
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -87,8 +91,16 @@ impl Proc {
     fn wait_log(&mut self, secs: u64, needle: &str) {
         let deadline = Instant::now() + Duration::from_secs(secs);
         while !self.log_text().contains(needle) {
-            if let Some(s) = self.child.as_mut().and_then(|c| c.try_wait().expect("try_wait")) {
-                panic!("{} exited ({s}) before logging {needle:?}; log:\n{}", self.what, self.log_text());
+            if let Some(s) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().expect("try_wait"))
+            {
+                panic!(
+                    "{} exited ({s}) before logging {needle:?}; log:\n{}",
+                    self.what,
+                    self.log_text()
+                );
             }
             assert!(
                 Instant::now() < deadline,
@@ -240,7 +252,10 @@ fn openssl_handshake(port: u16, client: &ClientFiles) -> Result<String, String> 
         b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n",
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() || !stdout.contains("verify=SUCCESS") || !stdout.contains("Verify return code: 0 (ok)") {
+    if !out.status.success()
+        || !stdout.contains("verify=SUCCESS")
+        || !stdout.contains("Verify return code: 0 (ok)")
+    {
         return Err(format!(
             "openssl s_client: {}\nstdout: {stdout}\nstderr: {}",
             out.status,
@@ -250,7 +265,11 @@ fn openssl_handshake(port: u16, client: &ClientFiles) -> Result<String, String> 
     let leaf = sigil::x509::parse_pem_certs(&stdout)
         .map_err(|e| format!("no server certificate in the s_client output ({e}): {stdout}"))?;
     let (_, cert) = x509_parser::parse_x509_certificate(&leaf[0]).map_err(|e| e.to_string())?;
-    Ok(cert.raw_serial().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(cert
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 /// One request with curl (server certificate and host name verified, client certificate).
@@ -368,9 +387,16 @@ fn nginx_serves_mtls_across_three_rotations() {
     );
 
     // nginx A: started by helper A once the files are there, sent SIGHUP on each rotation.
-    let (a_prefix, a_certs, a_port) = (subdir(root, "nginx-a"), root.join("certs-a"), support::free_port());
+    let (a_prefix, a_certs, a_port) = (
+        subdir(root, "nginx-a"),
+        root.join("certs-a"),
+        support::free_port(),
+    );
     nginx_config(&a_prefix, &a_certs, a_port);
-    let args: Vec<String> = nginx_args(&a_prefix).iter().map(|a| format!("{a:?}")).collect();
+    let args: Vec<String> = nginx_args(&a_prefix)
+        .iter()
+        .map(|a| format!("{a:?}"))
+        .collect();
     helper_config(
         &root.join("helper-a.toml"),
         &socket,
@@ -380,10 +406,18 @@ fn nginx_serves_mtls_across_three_rotations() {
             args.join(", ")
         ),
     );
-    let mut helper_a = start_helper(&root.join("helper-a.toml"), &root.join("helper-a.log"), "helper A");
+    let mut helper_a = start_helper(
+        &root.join("helper-a.toml"),
+        &root.join("helper-a.log"),
+        "helper A",
+    );
 
     // nginx B: started here after helper B wrote the files; helper B signals it by pid file.
-    let (b_prefix, b_certs, b_port) = (subdir(root, "nginx-b"), root.join("certs-b"), support::free_port());
+    let (b_prefix, b_certs, b_port) = (
+        subdir(root, "nginx-b"),
+        root.join("certs-b"),
+        support::free_port(),
+    );
     nginx_config(&b_prefix, &b_certs, b_port);
     helper_config(
         &root.join("helper-b.toml"),
@@ -394,8 +428,13 @@ fn nginx_serves_mtls_across_three_rotations() {
             b_prefix.join("nginx.pid").display()
         ),
     );
-    let mut helper_b = start_helper(&root.join("helper-b.toml"), &root.join("helper-b.log"), "helper B");
-    helper_b.wait_log(60, "X509-SVID written");
+    let mut helper_b = start_helper(
+        &root.join("helper-b.toml"),
+        &root.join("helper-b.log"),
+        "helper B",
+    );
+    // Generous: the agent hashes the (debug, 100+ MB) helper binary for its first attestation.
+    helper_b.wait_log(180, "X509-SVID written");
     let nginx_b_log = b_prefix.join("stderr.log");
     let nginx_b = Proc {
         child: Some(
@@ -409,14 +448,21 @@ fn nginx_serves_mtls_across_three_rotations() {
         what: "nginx B",
         log: b_prefix.join("error.log"),
     };
-    helper_a.wait_log(60, "child started");
+    helper_a.wait_log(180, "child started");
     wait_nginx(a_port, &client, &a_prefix);
     wait_nginx(b_port, &client, &b_prefix);
 
     // Handshakes back to back until both have served three rotations.
+    let rotations_started = Instant::now();
     let mut servers = [
-        Served { port: a_port, serials: Vec::new() },
-        Served { port: b_port, serials: Vec::new() },
+        Served {
+            port: a_port,
+            serials: Vec::new(),
+        },
+        Served {
+            port: b_port,
+            serials: Vec::new(),
+        },
     ];
     let mut handshakes = 0usize;
     let mut failures: Vec<String> = Vec::new();
@@ -451,7 +497,10 @@ fn nginx_serves_mtls_across_three_rotations() {
     let a_log = helper_a.log_text();
     let b_log = helper_b.log_text();
     assert!(a_log.matches("child signalled").count() >= 3, "{a_log}");
-    assert!(b_log.matches("pid_file_name process signalled").count() >= 3, "{b_log}");
+    assert!(
+        b_log.matches("pid_file_name process signalled").count() >= 3,
+        "{b_log}"
+    );
 
     // SIGTERM to helper A reaches nginx A, which stops; the helper exits with its status (0).
     let nginx_a_pid: i32 = std::fs::read_to_string(a_prefix.join("nginx.pid"))
@@ -461,7 +510,11 @@ fn nginx_serves_mtls_across_three_rotations() {
         .expect("pid");
     helper_a.signal(nix::sys::signal::Signal::SIGTERM);
     let status = helper_a.wait(30);
-    assert!(status.success(), "helper A: {status}\n{}", helper_a.log_text());
+    assert!(
+        status.success(),
+        "helper A: {status}\n{}",
+        helper_a.log_text()
+    );
     assert!(
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(nginx_a_pid), None).is_err(),
         "nginx A still runs after the helper stopped"
@@ -469,9 +522,10 @@ fn nginx_serves_mtls_across_three_rotations() {
     drop(helper_b);
     drop(nginx_b);
     eprintln!(
-        "{handshakes} handshakes, serials A {:?}, B {:?}, in {:.0} s",
+        "{handshakes} handshakes, serials A {:?}, B {:?}; rotations {:.0} s, test {:.0} s",
         servers[0].serials,
         servers[1].serials,
+        rotations_started.elapsed().as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
 }
@@ -487,7 +541,13 @@ fn one_shot_helper_waits_for_the_agent_and_writes_everything() {
     let server = Server::start(&root.join("server"), &[]);
     let (token, agent_id) = join_token(&server);
     let me = format!("unix:uid:{}", uid());
-    create_entry(&server, &agent_id, "spiffe://example.org/files", &[&me], &[]);
+    create_entry(
+        &server,
+        &agent_id,
+        "spiffe://example.org/files",
+        &[&me],
+        &[],
+    );
     let agent_dir = subdir(root, "agent");
     let socket = agent_dir.join("api.sock");
     let certs = root.join("certs");
@@ -497,34 +557,60 @@ fn one_shot_helper_waits_for_the_agent_and_writes_everything() {
         &certs,
         "daemon_mode = false\nkey_file_mode = \"0640\"\njwt_svids = [{jwt_audience = \"db\", jwt_svid_file_name = \"db.jwt\"}]\njwt_bundle_file_name = \"jwt_bundle.json\"",
     );
-    let mut helper = start_helper(&root.join("helper.toml"), &root.join("helper.log"), "helper");
+    let mut helper = start_helper(
+        &root.join("helper.toml"),
+        &root.join("helper.log"),
+        "helper",
+    );
     helper.wait_log(30, "retry_in_secs=2");
     let log = helper.log_text();
-    assert!(log.contains("cannot reach the Workload API; retrying"), "{log}");
-    assert!(log.contains("does not exist: is sigil-agent running?"), "{log}");
+    assert!(
+        log.contains("cannot reach the Workload API; retrying"),
+        "{log}"
+    );
+    assert!(
+        log.contains("does not exist: is sigil-agent running?"),
+        "{log}"
+    );
 
     let agent = Agent::start(&server, &agent_dir, &["--join-token", &token]);
     agent.wait_svids_for(&["spiffe://example.org/files"], 60);
-    let status = helper.wait(90);
+    // Generous: the agent hashes the (debug, 100+ MB) helper binary for its first attestation.
+    let status = helper.wait(180);
     let log = helper.log_text();
     assert!(status.success(), "helper: {status}\n{log}");
     assert!(log.contains("X509-SVID written"), "{log}");
 
-    let chain = sigil::x509::parse_pem_certs(&std::fs::read_to_string(certs.join("svid.pem")).expect("svid.pem"))
-        .expect("PEM chain");
+    let chain = sigil::x509::parse_pem_certs(
+        &std::fs::read_to_string(certs.join("svid.pem")).expect("svid.pem"),
+    )
+    .expect("PEM chain");
     assert_eq!(
-        sigil::x509::spiffe_id_of(&chain[0]).expect("SPIFFE ID").to_string(),
+        sigil::x509::spiffe_id_of(&chain[0])
+            .expect("SPIFFE ID")
+            .to_string(),
         "spiffe://example.org/files"
     );
-    let key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(certs.join("svid_key.pem")).expect("key"))
-        .expect("PKCS#8 key");
+    let key = rcgen::KeyPair::from_pem(
+        &std::fs::read_to_string(certs.join("svid_key.pem")).expect("key"),
+    )
+    .expect("PKCS#8 key");
     let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).expect("leaf");
-    assert_eq!(leaf.public_key().subject_public_key.data.as_ref(), key.public_key_raw());
+    assert_eq!(
+        leaf.public_key().subject_public_key.data.as_ref(),
+        key.public_key_raw()
+    );
     assert_eq!(
         std::fs::read_to_string(certs.join("svid_bundle.pem")).expect("bundle"),
         server.cli_ok(&["bundle", "show"])
     );
-    let mode = |name: &str| std::fs::metadata(certs.join(name)).expect(name).permissions().mode() & 0o777;
+    let mode = |name: &str| {
+        std::fs::metadata(certs.join(name))
+            .expect(name)
+            .permissions()
+            .mode()
+            & 0o777
+    };
     assert_eq!(mode("svid.pem"), 0o644);
     assert_eq!(mode("svid_key.pem"), 0o640);
     assert_eq!(mode("db.jwt"), 0o600);
@@ -536,16 +622,31 @@ fn one_shot_helper_waits_for_the_agent_and_writes_everything() {
     }
     let token = std::fs::read_to_string(certs.join("db.jwt")).expect("db.jwt");
     let out = Command::new(support::binary("sigil-agent"))
-        .args(["api", "validate", "jwt", "--audience", "db", "--output", "json", "--socket-path"])
+        .args([
+            "api",
+            "validate",
+            "jwt",
+            "--audience",
+            "db",
+            "--output",
+            "json",
+            "--socket-path",
+        ])
         .arg(&socket)
         .args(["--svid", token.trim()])
         .output()
         .expect("api validate");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(doc["spiffe_id"], "spiffe://example.org/files");
-    let bundles: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(certs.join("jwt_bundle.json")).expect("jwt bundle")).expect("JSON");
+    let bundles: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(certs.join("jwt_bundle.json")).expect("jwt bundle"),
+    )
+    .expect("JSON");
     let jwks = {
         use base64::Engine as _;
         base64::engine::general_purpose::STANDARD
@@ -563,7 +664,8 @@ fn helper_exits_with_its_childs_status() {
     let dir = shared_tempdir();
     let root = dir.path();
     let me = format!("unix:uid:{}", uid());
-    let (_server, agent) = server_and_agent(root, &[("spiffe://example.org/child", me.as_str(), &[])]);
+    let (_server, agent) =
+        server_and_agent(root, &[("spiffe://example.org/child", me.as_str(), &[])]);
     let socket = agent.socket_path();
     let certs = root.join("certs");
     let run = |name: &'static str, script: &str| {
@@ -572,13 +674,17 @@ fn helper_exits_with_its_childs_status() {
             &config,
             &socket,
             &certs,
-            &format!("cmd = \"/bin/sh\"\ncmd_args = [\"-c\", {script:?}, \"{}\"]", certs.join("svid.pem").display()),
+            &format!(
+                "cmd = \"/bin/sh\"\ncmd_args = [\"-c\", {script:?}, \"{}\"]",
+                certs.join("svid.pem").display()
+            ),
         );
         start_helper(&config, &root.join(format!("{name}.log")), name)
     };
-    // The child sees the files (it exits 3 if they are not there yet).
+    // The child sees the files (it exits 3 if they are not there yet). Generous: the agent
+    // hashes the (debug, 100+ MB) helper binary for its first attestation.
     let mut h = run("exit-7", "test -s \"$0\" || exit 3; exit 7");
-    let status = h.wait(60);
+    let status = h.wait(180);
     assert_eq!(status.code(), Some(7), "{}", h.log_text());
     let mut h = run("killed", "kill -KILL $$");
     let status = h.wait(60);
@@ -603,12 +709,17 @@ fn bad_configurations_are_refused_with_the_key_named() {
         let config = root.join(format!("{name}.toml"));
         std::fs::write(&config, text).expect("config");
         let mut cmd = Command::new(support::binary("sigil-agent"));
-        cmd.args(["helper", "--config"]).arg(&config).env_remove("SPIFFE_ENDPOINT_SOCKET");
+        cmd.args(["helper", "--config"])
+            .arg(&config)
+            .env_remove("SPIFFE_ENDPOINT_SOCKET");
         if as_nobody {
             cmd.uid(NOBODY).gid(NOBODY);
         }
         let out = output_within(&mut cmd, 30, b"");
-        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let good = format!(
         "agent_address = \"{}\"\ncert_dir = \"{}\"\nsvid_file_name = \"a.pem\"\nsvid_key_file_name = \"a.key\"\nsvid_bundle_file_name = \"b.pem\"\n",
@@ -616,10 +727,26 @@ fn bad_configurations_are_refused_with_the_key_named() {
         certs.display()
     );
     let cases = [
-        ("missing", "svid_file_name = \"a.pem\"".to_string(), "error: cert_dir is required"),
-        ("unknown", format!("{good}svid_file = \"x\""), "unknown field `svid_file`"),
-        ("signal", format!("{good}cmd = \"/bin/true\"\nrenew_signal = \"SIGNOPE\""), "invalid renew_signal \"SIGNOPE\": not a signal name"),
-        ("mode", format!("{good}key_file_mode = 600"), "invalid key_file_mode \"600\""),
+        (
+            "missing",
+            "svid_file_name = \"a.pem\"".to_string(),
+            "error: cert_dir is required",
+        ),
+        (
+            "unknown",
+            format!("{good}svid_file = \"x\""),
+            "unknown field `svid_file`",
+        ),
+        (
+            "signal",
+            format!("{good}cmd = \"/bin/true\"\nrenew_signal = \"SIGNOPE\""),
+            "invalid renew_signal \"SIGNOPE\": not a signal name",
+        ),
+        (
+            "mode",
+            format!("{good}key_file_mode = 600"),
+            "invalid key_file_mode \"600\"",
+        ),
     ];
     for (name, text, want) in cases {
         let (code, stderr) = run(name, &text, false);
@@ -631,7 +758,10 @@ fn bad_configurations_are_refused_with_the_key_named() {
     let (code, stderr) = run("unwritable", &good, true);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
-        stderr.contains(&format!("cert_dir {} is not writable by uid {NOBODY}", certs.display())),
+        stderr.contains(&format!(
+            "cert_dir {} is not writable by uid {NOBODY}",
+            certs.display()
+        )),
         "{stderr}"
     );
     assert!(stderr.contains("Permission denied"), "{stderr}");

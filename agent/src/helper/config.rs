@@ -59,7 +59,11 @@ pub enum HelperConfigError {
     Conflict(String),
 }
 
-fn invalid(key: impl Into<String>, value: impl ToString, reason: impl Into<String>) -> HelperConfigError {
+fn invalid(
+    key: impl Into<String>,
+    value: impl ToString,
+    reason: impl Into<String>,
+) -> HelperConfigError {
     HelperConfigError::Invalid {
         key: key.into(),
         value: value.to_string(),
@@ -293,7 +297,10 @@ pub struct HelperConfig {
 impl HelperConfig {
     /// Reads `--config` (if given) and applies the flags; `endpoint_env` is
     /// `SPIFFE_ENDPOINT_SOCKET`'s value.
-    pub fn load(flags: &HelperFlags, endpoint_env: Option<&str>) -> Result<Self, HelperConfigError> {
+    pub fn load(
+        flags: &HelperFlags,
+        endpoint_env: Option<&str>,
+    ) -> Result<Self, HelperConfigError> {
         let file = match &flags.config {
             Some(path) => parse_file(path)?,
             None => FileConfig::default(),
@@ -321,7 +328,10 @@ impl HelperConfig {
         let names = [
             flags.svid_file_name.clone().or(file.svid_file_name),
             flags.svid_key_file_name.clone().or(file.svid_key_file_name),
-            flags.svid_bundle_file_name.clone().or(file.svid_bundle_file_name),
+            flags
+                .svid_bundle_file_name
+                .clone()
+                .or(file.svid_bundle_file_name),
         ];
         let x509 = match names {
             [Some(svid), Some(key), Some(bundle)] => Some(X509Names { svid, key, bundle }),
@@ -341,7 +351,10 @@ impl HelperConfig {
                 .map(|s| jwt_svid_flag(s))
                 .collect::<Result<_, _>>()?
         };
-        let jwt_bundle = flags.jwt_bundle_file_name.clone().or(file.jwt_bundle_file_name);
+        let jwt_bundle = flags
+            .jwt_bundle_file_name
+            .clone()
+            .or(file.jwt_bundle_file_name);
         if x509.is_none() && jwt_svids.is_empty() && jwt_bundle.is_none() {
             return Err(HelperConfigError::Missing {
                 key: "svid_file_name, svid_key_file_name and svid_bundle_file_name",
@@ -358,7 +371,11 @@ impl HelperConfig {
                     ("svid_bundle_file_name", &x.bundle),
                 ]
             })
-            .chain(jwt_svids.iter().map(|j| ("jwt_svid_file_name", &j.file_name)))
+            .chain(
+                jwt_svids
+                    .iter()
+                    .map(|j| ("jwt_svid_file_name", &j.file_name)),
+            )
             .chain(jwt_bundle.iter().map(|b| ("jwt_bundle_file_name", b)));
         for (key, name) in all_names {
             check_name(name).map_err(|e| invalid(key, name, e.to_string()))?;
@@ -366,16 +383,37 @@ impl HelperConfig {
                 return Err(invalid(key, name, "another file has the same name"));
             }
         }
-        let mode = |key: &str, flag: &Option<String>, value: Option<FileModeValue>, default: u32| {
-            match flag.clone().map(FileModeValue::Text).or(value) {
-                Some(v) => file_mode(key, &v),
-                None => Ok(default),
-            }
-        };
-        let cert_file_mode = mode("cert_file_mode", &flags.cert_file_mode, file.cert_file_mode, DEFAULT_CERT_FILE_MODE)?;
-        let key_file_mode = mode("key_file_mode", &flags.key_file_mode, file.key_file_mode, DEFAULT_KEY_FILE_MODE)?;
-        let jwt_svid_file_mode = mode("jwt_svid_file_mode", &flags.jwt_svid_file_mode, file.jwt_svid_file_mode, DEFAULT_JWT_FILE_MODE)?;
-        let jwt_bundle_file_mode = mode("jwt_bundle_file_mode", &flags.jwt_bundle_file_mode, file.jwt_bundle_file_mode, DEFAULT_JWT_FILE_MODE)?;
+        let mode =
+            |key: &str, flag: &Option<String>, value: Option<FileModeValue>, default: u32| {
+                match flag.clone().map(FileModeValue::Text).or(value) {
+                    Some(v) => file_mode(key, &v),
+                    None => Ok(default),
+                }
+            };
+        let cert_file_mode = mode(
+            "cert_file_mode",
+            &flags.cert_file_mode,
+            file.cert_file_mode,
+            DEFAULT_CERT_FILE_MODE,
+        )?;
+        let key_file_mode = mode(
+            "key_file_mode",
+            &flags.key_file_mode,
+            file.key_file_mode,
+            DEFAULT_KEY_FILE_MODE,
+        )?;
+        let jwt_svid_file_mode = mode(
+            "jwt_svid_file_mode",
+            &flags.jwt_svid_file_mode,
+            file.jwt_svid_file_mode,
+            DEFAULT_JWT_FILE_MODE,
+        )?;
+        let jwt_bundle_file_mode = mode(
+            "jwt_bundle_file_mode",
+            &flags.jwt_bundle_file_mode,
+            file.jwt_bundle_file_mode,
+            DEFAULT_JWT_FILE_MODE,
+        )?;
         let renew_signal = flags
             .renew_signal
             .clone()
@@ -409,7 +447,8 @@ impl HelperConfig {
         }
         if renew_signal.is_some() && cmd.is_none() && pid_file.is_none() {
             return Err(HelperConfigError::Conflict(
-                "renew_signal needs cmd or pid_file_name: the process to signal on each rotation".into(),
+                "renew_signal needs cmd or pid_file_name: the process to signal on each rotation"
+                    .into(),
             ));
         }
         let daemon_mode = flags.daemon_mode.or(file.daemon_mode).unwrap_or(true);
@@ -428,7 +467,10 @@ impl HelperConfig {
             .log_format
             .clone()
             .or(file.log_format)
-            .map(|s| s.parse::<LogFormat>().map_err(|e| invalid("log_format", &s, e)))
+            .map(|s| {
+                s.parse::<LogFormat>()
+                    .map_err(|e| invalid("log_format", &s, e))
+            })
             .transpose()?
             .unwrap_or_default();
         Ok(Self {
@@ -529,18 +571,24 @@ fn jwt_svid_flag(s: &str) -> Result<JwtSvidOut, HelperConfigError> {
 /// TOML integers are refused: `key_file_mode = 600` is decimal 600 (0o1130), and `0o400` cannot
 /// be told apart from a mistyped `256`, so only a string says unambiguously what is meant.
 pub fn file_mode(key: &str, v: &FileModeValue) -> Result<u32, HelperConfigError> {
-    let reason = "write the mode as an octal string, e.g. \"0644\" (a TOML integer such as 644 is decimal)";
+    let reason =
+        "write the mode as an octal string, e.g. \"0644\" (a TOML integer such as 644 is decimal)";
     let s = match v {
         FileModeValue::Text(s) => s,
         FileModeValue::Number(n) => return Err(invalid(key, n, reason)),
     };
     let digits = s.strip_prefix("0o").unwrap_or(s);
-    if digits.is_empty() || digits.len() > 4 || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+    if digits.is_empty() || digits.len() > 4 || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b))
+    {
         return Err(invalid(key, s, reason));
     }
     let mode = u32::from_str_radix(digits, 8).map_err(|_| invalid(key, s, reason))?;
     if mode > 0o777 {
-        return Err(invalid(key, s, "only permission bits (at most 0777) can be set"));
+        return Err(invalid(
+            key,
+            s,
+            "only permission bits (at most 0777) can be set",
+        ));
     }
     Ok(mode)
 }
@@ -645,7 +693,12 @@ hint = "internal"
             c.cmd,
             Some(Cmd {
                 program: "/usr/sbin/nginx".into(),
-                args: vec!["-p".into(), "/srv".into(), "-g".into(), "daemon off;".into()]
+                args: vec![
+                    "-p".into(),
+                    "/srv".into(),
+                    "-g".into(),
+                    "daemon off;".into()
+                ]
             })
         );
         assert_eq!(c.renew_signal, Some(Signal::SIGHUP));
@@ -692,24 +745,38 @@ hint = "internal"
         assert!(err.starts_with("cert_dir is required"), "{err}");
         let err = from_toml("cert_dir = \"/c\"").unwrap_err().to_string();
         assert!(err.contains("nothing to write"), "{err}");
-        let err = from_toml("cert_dir = \"/c\"\nsvid_file_name = \"a\"").unwrap_err().to_string();
+        let err = from_toml("cert_dir = \"/c\"\nsvid_file_name = \"a\"")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("go together"), "{err}");
-        let err = from_toml(&format!("{X509}svid_file = \"x\"")).unwrap_err().to_string();
+        let err = from_toml(&format!("{X509}svid_file = \"x\""))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown field `svid_file`"), "{err}");
-        let err = from_toml(&format!("{X509}jwt_svids = [{{jwt_svid_file_name = \"a\"}}]"))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("jwt_svids[0]: jwt_audience is required"), "{err}");
-        let err = from_toml(&format!("{X509}jwt_svids = [{{jwt_audience = \"a\", file = \"a\"}}]"))
-            .unwrap_err()
-            .to_string();
+        let err = from_toml(&format!(
+            "{X509}jwt_svids = [{{jwt_svid_file_name = \"a\"}}]"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("jwt_svids[0]: jwt_audience is required"),
+            "{err}"
+        );
+        let err = from_toml(&format!(
+            "{X509}jwt_svids = [{{jwt_audience = \"a\", file = \"a\"}}]"
+        ))
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("unknown field `file`"), "{err}");
     }
 
     #[test]
     fn bad_values_are_refused() {
         let cases = [
-            ("renew_signal = \"SIGFOO\"\ncmd = \"x\"", "not a signal name"),
+            (
+                "renew_signal = \"SIGFOO\"\ncmd = \"x\"",
+                "not a signal name",
+            ),
             ("cert_file_mode = 644", "octal string"),
             ("cert_file_mode = 0o644", "octal string"),
             ("key_file_mode = \"0x1\"", "octal string"),
@@ -719,11 +786,16 @@ hint = "internal"
             ("cmd_args = [\"a\"]", "cmd_args needs cmd"),
             ("pid_file_name = \"/run/nginx.pid\"", "needs renew_signal"),
             ("renew_signal = \"SIGHUP\"", "needs cmd or pid_file_name"),
-            ("cmd = \"x\"\ndaemon_mode = false", "need daemon_mode = true"),
+            (
+                "cmd = \"x\"\ndaemon_mode = false",
+                "need daemon_mode = true",
+            ),
             ("log_format = \"xml\"", "log_format"),
         ];
         for (extra, want) in cases {
-            let err = from_toml(&format!("{X509}{extra}")).unwrap_err().to_string();
+            let err = from_toml(&format!("{X509}{extra}"))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(want), "{extra}: {err}");
         }
         let err = from_toml("cert_dir = \"/c\"\nsvid_file_name = \"a/b\"\nsvid_key_file_name = \"k\"\nsvid_bundle_file_name = \"b\"")
@@ -755,6 +827,9 @@ hint = "internal"
         assert_eq!(split_args("").unwrap(), Vec::<String>::new());
         assert_eq!(split_args("  a   b ").unwrap(), ["a", "b"]);
         assert_eq!(split_args("\"\" x").unwrap(), ["", "x"]);
-        assert_eq!(split_args("-g \"say \"\"hi\"\"\"").unwrap(), ["-g", "say \"hi\""]);
+        assert_eq!(
+            split_args("-g \"say \"\"hi\"\"\"").unwrap(),
+            ["-g", "say \"hi\""]
+        );
     }
 }

@@ -381,9 +381,7 @@ mod tests {
         let d = tempdir();
         let mut w = VersionedDir::open(d.path()).unwrap();
         for bad in ["", ".", "..", "a/b", ".sigil.current", ".sigil.v1"] {
-            let err = w
-                .publish(&[OutFile::new(bad, "x", 0o644)])
-                .expect_err(bad);
+            let err = w.publish(&[OutFile::new(bad, "x", 0o644)]).expect_err(bad);
             assert!(err.to_string().contains("plain file name"), "{err}");
         }
         let err = w
@@ -506,7 +504,11 @@ mod tests {
         }
         done.store(true, Ordering::Relaxed);
         for (r, what) in readers.into_iter().zip(["by path", "pinned"]) {
-            assert_eq!(r.join().unwrap(), 0, "reader {what} saw a cert with another key");
+            assert_eq!(
+                r.join().unwrap(),
+                0,
+                "reader {what} saw a cert with another key"
+            );
         }
         assert!(checked.load(Ordering::Relaxed) > 0);
     }

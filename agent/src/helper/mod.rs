@@ -161,12 +161,12 @@ fn render_x509(resp: &wl::X509svidResponse, cfg: &HelperConfig) -> anyhow::Resul
                 .iter()
                 .map(|s| format!("{} (hint {:?})", s.spiffe_id, s.hint))
                 .collect();
-            format!("no X509-SVID has hint {h:?}; this process has {}", have.join(", "))
+            format!(
+                "no X509-SVID has hint {h:?}; this process has {}",
+                have.join(", ")
+            )
         })?,
-        None => resp
-            .svids
-            .first()
-            .context("the agent sent no X509-SVID")?,
+        None => resp.svids.first().context("the agent sent no X509-SVID")?,
     };
     let mut chain = sigil::x509::split_der_concat(&svid.x509_svid)
         .with_context(|| format!("SVID {} has a malformed chain", svid.spiffe_id))?;
@@ -248,7 +248,10 @@ async fn watch_x509(workload: Workload, tx: mpsc::Sender<Event>) {
             }
         }
         let d = backoff.step();
-        tracing::info!(retry_in_secs = d.as_secs(), "waiting before asking the agent again");
+        tracing::info!(
+            retry_in_secs = d.as_secs(),
+            "waiting before asking the agent again"
+        );
         tokio::time::sleep(d).await;
     }
 }
@@ -271,7 +274,12 @@ fn now_unix() -> i64 {
 }
 
 /// Keeps `jwt_svids[index]` in its file: fetched, written, refreshed at half its lifetime.
-async fn keep_jwt_svid(workload: Workload, cfg: std::sync::Arc<HelperConfig>, index: usize, tx: mpsc::Sender<Event>) {
+async fn keep_jwt_svid(
+    workload: Workload,
+    cfg: std::sync::Arc<HelperConfig>,
+    index: usize,
+    tx: mpsc::Sender<Event>,
+) {
     let Some(want) = cfg.jwt_svids.get(index).cloned() else {
         return;
     };
@@ -306,7 +314,11 @@ async fn keep_jwt_svid(workload: Workload, cfg: std::sync::Arc<HelperConfig>, in
                 backoff.reset();
                 if first {
                     first = false;
-                    if tx.send(Event::FirstWrite(Source::JwtSvid(index))).await.is_err() {
+                    if tx
+                        .send(Event::FirstWrite(Source::JwtSvid(index)))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -324,7 +336,11 @@ async fn keep_jwt_svid(workload: Workload, cfg: std::sync::Arc<HelperConfig>, in
 
 /// Keeps the JWT bundles in `jwt_bundle_file_name` as spiffe-helper does: a JSON object from
 /// trust domain name to the base64 of its JWKS.
-async fn keep_jwt_bundle(workload: Workload, cfg: std::sync::Arc<HelperConfig>, tx: mpsc::Sender<Event>) {
+async fn keep_jwt_bundle(
+    workload: Workload,
+    cfg: std::sync::Arc<HelperConfig>,
+    tx: mpsc::Sender<Event>,
+) {
     use base64::Engine as _;
     let Some(name) = cfg.jwt_bundle.clone() else {
         return;
@@ -333,7 +349,10 @@ async fn keep_jwt_bundle(workload: Workload, cfg: std::sync::Arc<HelperConfig>, 
     let mut first = true;
     loop {
         let mut client = workload.client(&mut backoff).await;
-        match client.fetch_jwt_bundles(request(wl::JwtBundlesRequest {})).await {
+        match client
+            .fetch_jwt_bundles(request(wl::JwtBundlesRequest {}))
+            .await
+        {
             Ok(resp) => {
                 let mut stream = resp.into_inner();
                 loop {
@@ -356,7 +375,12 @@ async fn keep_jwt_bundle(workload: Workload, cfg: std::sync::Arc<HelperConfig>, 
                         })
                         .collect();
                     let text = serde_json::to_string(&doc).unwrap_or_default();
-                    match files::write_single(&cfg.cert_dir, &name, text.as_bytes(), cfg.jwt_bundle_file_mode) {
+                    match files::write_single(
+                        &cfg.cert_dir,
+                        &name,
+                        text.as_bytes(),
+                        cfg.jwt_bundle_file_mode,
+                    ) {
                         Ok(()) => {
                             backoff.reset();
                             tracing::info!(file = %cfg.cert_dir.join(&name).display(), trust_domains = doc.len(), "JWT bundle written");
@@ -394,14 +418,22 @@ fn signal_pid_file(pid_file: &Path, sig: Signal) -> anyhow::Result<i32> {
         .parse()
         .ok()
         .filter(|p| *p > 0)
-        .with_context(|| format!("pid_file_name {} does not hold a PID: {:?}", pid_file.display(), text.trim()))?;
+        .with_context(|| {
+            format!(
+                "pid_file_name {} does not hold a PID: {:?}",
+                pid_file.display(),
+                text.trim()
+            )
+        })?;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)
         .with_context(|| format!("sending {sig} to PID {pid} from {}", pid_file.display()))?;
     Ok(pid)
 }
 
 /// Waits for the child if there is one, else forever.
-async fn child_exit(child: &mut Option<tokio::process::Child>) -> std::io::Result<std::process::ExitStatus> {
+async fn child_exit(
+    child: &mut Option<tokio::process::Child>,
+) -> std::io::Result<std::process::ExitStatus> {
     match child {
         Some(c) => c.wait().await,
         None => std::future::pending().await,
@@ -545,7 +577,9 @@ fn renew(cfg: &HelperConfig, child: Option<&tokio::process::Child>) {
     if let Some(pid_file) = &cfg.pid_file {
         match signal_pid_file(pid_file, sig) {
             Ok(pid) => tracing::info!(pid, signal = %sig, "pid_file_name process signalled"),
-            Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot signal the pid_file_name process"),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot signal the pid_file_name process")
+            }
         }
     }
 }
@@ -590,14 +624,29 @@ mod tests {
     #[test]
     fn pid_files_name_the_process_on_their_first_line() {
         let dir = tempfile::tempdir().unwrap();
-        let mut sleeper = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mut sleeper = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
         // PostgreSQL's postmaster.pid: the PID, then the data directory and more.
         let pid_file = dir.path().join("postmaster.pid");
-        std::fs::write(&pid_file, format!("{}\n/var/lib/postgresql/data\n5432\n", sleeper.id())).unwrap();
-        assert_eq!(signal_pid_file(&pid_file, Signal::SIGTERM).unwrap(), sleeper.id() as i32);
-        assert_eq!(sleeper.wait().unwrap().signal(), Some(Signal::SIGTERM as i32));
+        std::fs::write(
+            &pid_file,
+            format!("{}\n/var/lib/postgresql/data\n5432\n", sleeper.id()),
+        )
+        .unwrap();
+        assert_eq!(
+            signal_pid_file(&pid_file, Signal::SIGTERM).unwrap(),
+            sleeper.id() as i32
+        );
+        assert_eq!(
+            sleeper.wait().unwrap().signal(),
+            Some(Signal::SIGTERM as i32)
+        );
         std::fs::write(&pid_file, "not a pid\n").unwrap();
-        let err = signal_pid_file(&pid_file, Signal::SIGHUP).unwrap_err().to_string();
+        let err = signal_pid_file(&pid_file, Signal::SIGHUP)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("does not hold a PID"), "{err}");
         let err = signal_pid_file(&dir.path().join("missing.pid"), Signal::SIGHUP).unwrap_err();
         assert!(format!("{err:#}").contains("missing.pid"), "{err:#}");
@@ -606,7 +655,8 @@ mod tests {
     #[test]
     fn jwt_expiry_is_read_from_the_payload() {
         use base64::Engine as _;
-        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"exp":1700000000,"sub":"x"}"#);
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(br#"{"exp":1700000000,"sub":"x"}"#);
         assert_eq!(jwt_expiry(&format!("h.{payload}.s")), Some(1_700_000_000));
         assert_eq!(jwt_expiry("not a jwt"), None);
     }
