@@ -291,7 +291,7 @@ async fn keep_jwt_svid(
             audience: want.audience.clone(),
             spiffe_id: String::new(),
         };
-        let outcome: anyhow::Result<(String, i64)> = async {
+        let outcome: anyhow::Result<i64> = async {
             let resp = client
                 .fetch_jwtsvid(request(req))
                 .await
@@ -299,18 +299,18 @@ async fn keep_jwt_svid(
                 .into_inner();
             let svid = match &cfg.hint {
                 Some(h) => resp.svids.iter().find(|s| &s.hint == h).with_context(|| {
-                    format!("no JWT-SVID for audience {:?} has hint {h:?}", want.audience[0])
+                    format!("no JWT-SVID for audience {:?} has hint {h:?}", want.audience)
                 })?,
                 None => resp.svids.first().context("the agent sent no JWT-SVID")?,
             };
             files::write_single(&cfg.cert_dir, &want.file_name, svid.svid.as_bytes(), cfg.jwt_svid_file_mode)?;
             let exp = jwt_expiry(&svid.svid).unwrap_or_else(|| now_unix() + 60);
             tracing::info!(file = %cfg.cert_dir.join(&want.file_name).display(), spiffe_id = %svid.spiffe_id, audience = ?want.audience, expires = exp, "JWT-SVID written");
-            Ok((svid.spiffe_id.clone(), exp))
+            Ok(exp)
         }
         .await;
         match outcome {
-            Ok((_, exp)) => {
+            Ok(exp) => {
                 backoff.reset();
                 if first {
                     first = false;
