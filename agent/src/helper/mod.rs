@@ -652,6 +652,120 @@ mod tests {
         assert!(format!("{err:#}").contains("missing.pid"), "{err:#}");
     }
 
+    /// A CA certificate (DER) and its issuer, signed by `parent` (self-signed without one).
+    fn ca(
+        name: &str,
+        parent: Option<&rcgen::Issuer<'static, rcgen::KeyPair>>,
+    ) -> (Vec<u8>, rcgen::Issuer<'static, rcgen::KeyPair>) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let cert = match parent {
+            Some(issuer) => p.signed_by(&key, issuer).unwrap(),
+            None => p.self_signed(&key).unwrap(),
+        };
+        (cert.der().to_vec(), rcgen::Issuer::new(p, key))
+    }
+
+    /// An X509-SVID message entry for `id` with `hint`: leaf + `intermediate`, bundle `root`.
+    fn svid(
+        id: &str,
+        hint: &str,
+        issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
+        intermediate: &[u8],
+        root: &[u8],
+    ) -> wl::X509svid {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.subject_alt_names = vec![rcgen::SanType::URI(id.try_into().unwrap())];
+        let leaf = p.signed_by(&key, issuer).unwrap();
+        wl::X509svid {
+            spiffe_id: id.into(),
+            x509_svid: [leaf.der().to_vec(), intermediate.to_vec()].concat(),
+            x509_svid_key: key.serialize_der(),
+            bundle: root.to_vec(),
+            hint: hint.into(),
+        }
+    }
+
+    fn certs_in(f: &OutFile) -> Vec<Vec<u8>> {
+        sigil::x509::parse_pem_certs(&String::from_utf8_lossy(&f.contents)).unwrap()
+    }
+
+    #[test]
+    fn rendering_picks_the_svid_and_places_intermediates_and_federated_roots() {
+        let (root, root_issuer) = ca("root", None);
+        let (inter, inter_issuer) = ca("intermediate", Some(&root_issuer));
+        let (other_root, _) = ca("other.org root", None);
+        let resp = wl::X509svidResponse {
+            svids: vec![
+                svid(
+                    "spiffe://example.org/a",
+                    "internal",
+                    &inter_issuer,
+                    &inter,
+                    &root,
+                ),
+                svid(
+                    "spiffe://example.org/b",
+                    "external",
+                    &inter_issuer,
+                    &inter,
+                    &root,
+                ),
+            ],
+            crl: vec![],
+            federated_bundles: [
+                ("spiffe://other.org".to_string(), other_root.clone()),
+                ("spiffe://example.org".to_string(), root.clone()),
+            ]
+            .into(),
+        };
+        let flags = HelperFlags {
+            cert_dir: Some("/c".into()),
+            svid_file_name: Some("svid.pem".into()),
+            svid_key_file_name: Some("svid_key.pem".into()),
+            svid_bundle_file_name: Some("bundle.pem".into()),
+            ..HelperFlags::default()
+        };
+        let cfg = HelperConfig::resolve(config::FileConfig::default(), &flags, None).unwrap();
+        // Default: the first SVID, chain as sent, the SVID's own bundle only.
+        let r = render_x509(&resp, &cfg).unwrap();
+        assert_eq!(r.spiffe_id, "spiffe://example.org/a");
+        assert_eq!(certs_in(&r.files[0]).len(), 2);
+        assert_eq!(certs_in(&r.files[2]), [root.clone()]);
+        assert_eq!(
+            r.files[1].contents,
+            sigil::x509::to_pem("PRIVATE KEY", &resp.svids[0].x509_svid_key).into_bytes()
+        );
+        assert_eq!((r.files[0].mode, r.files[1].mode), (0o644, 0o600));
+        // By hint, intermediates moved to the bundle, federated roots added (not our own twice).
+        let flags = HelperFlags {
+            hint: Some("external".into()),
+            add_intermediates_to_bundle: true,
+            include_federated_domains: true,
+            ..flags
+        };
+        let cfg = HelperConfig::resolve(config::FileConfig::default(), &flags, None).unwrap();
+        let r = render_x509(&resp, &cfg).unwrap();
+        assert_eq!(r.spiffe_id, "spiffe://example.org/b");
+        assert_eq!(certs_in(&r.files[0]).len(), 1);
+        assert_eq!(certs_in(&r.files[2]), [root, inter, other_root]);
+        // An unknown hint names what there is.
+        let flags = HelperFlags {
+            hint: Some("missing".into()),
+            ..flags
+        };
+        let cfg = HelperConfig::resolve(config::FileConfig::default(), &flags, None).unwrap();
+        let err = format!("{:#}", render_x509(&resp, &cfg).unwrap_err());
+        assert!(err.contains("no X509-SVID has hint \"missing\""), "{err}");
+        assert!(
+            err.contains("spiffe://example.org/b (hint \"external\")"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn jwt_expiry_is_read_from_the_payload() {
         use base64::Engine as _;
