@@ -734,7 +734,7 @@ mod tests {
         let r = render_x509(&resp, &cfg).unwrap();
         assert_eq!(r.spiffe_id, "spiffe://example.org/a");
         assert_eq!(certs_in(&r.files[0]).len(), 2);
-        assert_eq!(certs_in(&r.files[2]), [root.clone()]);
+        assert_eq!(certs_in(&r.files[2]), std::slice::from_ref(&root));
         assert_eq!(
             r.files[1].contents,
             sigil::x509::to_pem("PRIVATE KEY", &resp.svids[0].x509_svid_key).into_bytes()
