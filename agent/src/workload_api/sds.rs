@@ -44,7 +44,6 @@ use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server
     SecretDiscoveryService, SecretDiscoveryServiceServer,
 };
 use envoy_types::pb::google::protobuf::Any;
-use prost::Message as _;
 use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -493,8 +492,8 @@ struct Sent {
 enum Woke {
     /// The agent's cache changed.
     Changed,
-    /// A request came (None: the client closed its side).
-    Request(Option<Result<DiscoveryRequest, Status>>),
+    /// A request came (None: the client closed its side); boxed, as it is large.
+    Request(Box<Option<Result<DiscoveryRequest, Status>>>),
     /// The agent is shutting down, or the call is over.
     End,
 }
@@ -565,19 +564,25 @@ impl Streamer {
             let woke = tokio::select! {
                 biased;
                 _ = self.shutdown.wait_for(|s| *s) => Woke::End,
-                r = self.requests.next() => Woke::Request(r),
+                r = self.requests.next() => Woke::Request(Box::new(r)),
                 r = self.changes.changed() => if r.is_ok() { Woke::Changed } else { Woke::End },
             };
-            match woke {
+            let request = match woke {
                 Woke::End => return None,
-                Woke::Changed => self.look_now = true,
+                Woke::Changed => {
+                    self.look_now = true;
+                    continue;
+                }
+                Woke::Request(r) => *r,
+            };
+            match request {
                 // Envoy closed its side: the call is over.
-                Woke::Request(None) => return None,
-                Woke::Request(Some(Err(s))) => {
+                None => return None,
+                Some(Err(s)) => {
                     tracing::debug!(pid = self.caller.pid, status = %s, "SDS request stream failed");
                     return self.end(s);
                 }
-                Woke::Request(Some(Ok(req))) => {
+                Some(Ok(req)) => {
                     if let Err(s) = self.on_request(req) {
                         tracing::info!(pid = self.caller.pid, status = %s.message(), "bad SDS request; ending the stream");
                         return self.end(s);
@@ -600,10 +605,12 @@ impl Streamer {
             // applied.
             if req.error_detail.is_some() || req.version_info != sent.version {
                 if self.rejection_logged.as_deref() != Some(sent.version.as_str()) {
-                    let message = req.error_detail.as_ref().map_or(
-                        "(no error detail; another version applied)",
-                        |e| e.message.as_str(),
-                    );
+                    let message = req
+                        .error_detail
+                        .as_ref()
+                        .map_or("(no error detail; another version applied)", |e| {
+                            e.message.as_str()
+                        });
                     tracing::warn!(
                         pid,
                         version = %sent.version,

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use envoy_types::pb::google::rpc::Status as RpcStatus;
+use prost::Message as _;
 use sigil::proto::admin as apb;
 use sigil::proto::node as pb;
 use tokio::sync::mpsc;
@@ -290,7 +291,10 @@ fn names_resolve_as_spire_names_them() {
     assert_eq!(got.len(), 5);
     assert_eq!(chain(by_name("default")), pem(b"a-1"), "the default SVID");
     assert_eq!(chain(by_name(b)), pem(b"b-1"));
-    assert_eq!(trusted(by_name("ROOTCA")), [("example.org".into(), pem(own))]);
+    assert_eq!(
+        trusted(by_name("ROOTCA")),
+        [("example.org".into(), pem(own))]
+    );
     assert_eq!(
         trusted(by_name("ALL")),
         [
@@ -389,7 +393,9 @@ fn bad_requests_are_invalid_arguments() {
     );
     let many: Vec<String> = (0..=MAX_RESOURCE_NAMES).map(|i| format!("n{i}")).collect();
     let long = "x".repeat(MAX_RESOURCE_NAME_BYTES + 1);
-    let big: Vec<String> = (0..40).map(|i| format!("{i}{}", "y".repeat(2000))).collect();
+    let big: Vec<String> = (0..40)
+        .map(|i| format!("{i}{}", "y".repeat(2000)))
+        .collect();
     for (req, want) in [
         (
             DiscoveryRequest {
@@ -429,7 +435,10 @@ fn bad_requests_are_invalid_arguments() {
 
 #[tokio::test(start_paused = true)]
 async fn responses_carry_version_and_nonce_acks_are_quiet_and_rotation_is_pushed() {
-    let state = state_with(cache(vec![uid7("a", 1, &[]), uid7("b", 2, &[])], &["a", "b"]));
+    let state = state_with(cache(
+        vec![uid7("a", 1, &[]), uid7("b", 2, &[])],
+        &["a", "b"],
+    ));
     let (_stop, shutdown) = tokio::sync::watch::channel(false);
     let sds = sds_with(&state, shutdown, SdsConfig::default()).await;
     let (mut s, tx) = open(&sds, caller(&["unix:uid:7"])).await.unwrap();
@@ -569,8 +578,12 @@ async fn stale_nonces_are_ignored_and_new_names_get_a_fresh_response() {
     assert_eq!(names(&r2), ["ALL", "ROOTCA"]);
     assert_eq!(r2.nonce, "2");
     // The same names in another order (and repeated) are no change.
-    tx.send(request(&["ALL", "ROOTCA", "ALL"], &r2.nonce, &r2.version_info))
-        .unwrap();
+    tx.send(request(
+        &["ALL", "ROOTCA", "ALL"],
+        &r2.nonce,
+        &r2.version_info,
+    ))
+    .unwrap();
     quiet(&mut s, "the same set of names").await;
 
     // A federated bundle changes: pushed (ALL holds it).
@@ -603,7 +616,11 @@ async fn names_the_caller_lacks_wait_until_it_has_them() {
     let (mut s, tx) = open(&sds, caller(&["unix:uid:7"])).await.unwrap();
     let c = "spiffe://example.org/w/c";
     tx.send(request(&[c], "", "")).unwrap();
-    quiet(&mut s, "no secret at all: nothing is sent (Envoy would reject it)").await;
+    quiet(
+        &mut s,
+        "no secret at all: nothing is sent (Envoy would reject it)",
+    )
+    .await;
 
     // The entry arrives, then its SVID: sent then.
     {
@@ -625,11 +642,18 @@ async fn names_the_caller_lacks_wait_until_it_has_them() {
     assert_eq!(chain(&secrets(&r)[0]), pem(b"c-1"));
 
     // Asking for one more unknown name: the known one is answered again, the other left out.
-    tx.send(request(&[c, "spiffe://example.org/w/d"], &r.nonce, &r.version_info))
-        .unwrap();
+    tx.send(request(
+        &[c, "spiffe://example.org/w/d"],
+        &r.nonce,
+        &r.version_info,
+    ))
+    .unwrap();
     let r2 = next(&mut s).await;
     assert_eq!(names(&r2), [c]);
-    assert_eq!(r2.version_info, r.version_info, "same secrets, same version");
+    assert_eq!(
+        r2.version_info, r.version_info,
+        "same secrets, same version"
+    );
     assert_ne!(r2.nonce, r.nonce);
 }
 
@@ -661,10 +685,7 @@ async fn bad_requests_and_lost_identities_end_the_stream() {
     let r = next(&mut s).await;
     assert_eq!(
         names(&r),
-        [
-            "spiffe://example.org",
-            "spiffe://example.org/w/a",
-        ],
+        ["spiffe://example.org", "spiffe://example.org/w/a",],
         "no names: every SVID and our bundle (no federation here)"
     );
     *state.cache.write().await = cache(vec![entry("z", 1, &["unix:uid:8"], "")], &["z"]);
@@ -790,7 +811,8 @@ async fn served_on_the_workload_api_socket_without_the_security_header() {
     assert_eq!(names(&r), ["default"]);
 
     let (tx, rx) = mpsc::unbounded_channel();
-    tx.send(request(&["spiffe://example.org/w/a"], "", "")).unwrap();
+    tx.send(request(&["spiffe://example.org/w/a"], "", ""))
+        .unwrap();
     let mut responses = client
         .stream_secrets(UnboundedReceiverStream::new(rx))
         .await
