@@ -73,6 +73,22 @@ pub struct FileConfig {
     pub node_name: Option<String>,
     /// Most Workload API connections one uid may hold open.
     pub workload_api_max_connections_per_uid: Option<usize>,
+    /// Envoy's Secret Discovery Service (`[sds]`).
+    pub sds: Option<SdsFileConfig>,
+}
+
+/// The `[sds]` table: the names of SDS resources (SPIRE's keys and defaults).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SdsFileConfig {
+    /// The name of the caller's default X509-SVID.
+    pub default_svid_name: Option<String>,
+    /// The name of our trust domain's validation context.
+    pub default_bundle_name: Option<String>,
+    /// The name of the validation context with every trust domain the caller may use.
+    pub default_all_bundles_name: Option<String>,
+    /// Per-trust-domain validation contexts as `trusted_ca` PEM instead of the SPIFFE validator.
+    pub disable_spiffe_cert_validation: Option<bool>,
 }
 
 /// `sigil-agent run` flags.
@@ -157,6 +173,20 @@ pub struct RunFlags {
     /// [default: 1000].
     #[arg(long, value_name = "N")]
     pub workload_api_max_connections_per_uid: Option<usize>,
+    /// SDS: the name of the caller's default X509-SVID [default: default].
+    #[arg(long, value_name = "NAME")]
+    pub sds_default_svid_name: Option<String>,
+    /// SDS: the name of our trust domain's validation context [default: ROOTCA].
+    #[arg(long, value_name = "NAME")]
+    pub sds_default_bundle_name: Option<String>,
+    /// SDS: the name of the validation context holding every trust domain the caller may use
+    /// [default: ALL].
+    #[arg(long, value_name = "NAME")]
+    pub sds_default_all_bundles_name: Option<String>,
+    /// SDS: per-trust-domain validation contexts as `trusted_ca` PEM instead of Envoy's SPIFFE
+    /// validator.
+    #[arg(long)]
+    pub sds_disable_spiffe_cert_validation: bool,
 }
 
 /// How the agent authenticates the server before it has an SVID of its own.
@@ -262,6 +292,8 @@ pub struct AgentConfig {
     pub kubelet: Option<crate::attestor::k8s::KubeletConfig>,
     /// Most Workload API connections one uid may hold open.
     pub workload_api_max_connections_per_uid: usize,
+    /// Envoy's Secret Discovery Service.
+    pub sds: crate::workload_api::SdsConfig,
 }
 
 impl AgentConfig {
@@ -275,8 +307,9 @@ impl AgentConfig {
     }
 
     /// Merges file and flags, naming the key that is wrong.
-    pub fn resolve(file: FileConfig, flags: &RunFlags) -> anyhow::Result<Self> {
+    pub fn resolve(mut file: FileConfig, flags: &RunFlags) -> anyhow::Result<Self> {
         let kubelet = resolve_kubelet(&file, flags)?;
+        let sds = resolve_sds(file.sds.take().unwrap_or_default(), flags)?;
         let td = flags.trust_domain.clone().or(file.trust_domain).context(
             "trust_domain is required: set it in the config file or pass --trust-domain",
         )?;
@@ -420,8 +453,67 @@ impl AgentConfig {
             log_format,
             kubelet,
             workload_api_max_connections_per_uid,
+            sds,
         })
     }
+}
+
+/// The SDS settings: names non-empty, distinct, and not SPIFFE IDs (those name the caller's own
+/// identities and trust domains).
+fn resolve_sds(
+    file: SdsFileConfig,
+    flags: &RunFlags,
+) -> anyhow::Result<crate::workload_api::SdsConfig> {
+    use crate::workload_api::sds;
+    let names = [
+        (
+            "default_svid_name",
+            flags
+                .sds_default_svid_name
+                .clone()
+                .or(file.default_svid_name)
+                .unwrap_or_else(|| sds::DEFAULT_SVID_NAME.into()),
+        ),
+        (
+            "default_bundle_name",
+            flags
+                .sds_default_bundle_name
+                .clone()
+                .or(file.default_bundle_name)
+                .unwrap_or_else(|| sds::DEFAULT_BUNDLE_NAME.into()),
+        ),
+        (
+            "default_all_bundles_name",
+            flags
+                .sds_default_all_bundles_name
+                .clone()
+                .or(file.default_all_bundles_name)
+                .unwrap_or_else(|| sds::DEFAULT_ALL_BUNDLES_NAME.into()),
+        ),
+    ];
+    for (i, (key, name)) in names.iter().enumerate() {
+        if name.trim().is_empty() {
+            anyhow::bail!("invalid [sds] {key}: it is empty; give the SDS resource a name");
+        }
+        if name.starts_with("spiffe://") {
+            anyhow::bail!(
+                "invalid [sds] {key} {name:?}: SPIFFE IDs already name the caller's SVIDs and trust domains; pick a plain name"
+            );
+        }
+        if let Some((other, _)) = names[..i].iter().find(|(_, n)| n == name) {
+            anyhow::bail!(
+                "invalid [sds] {key} {name:?}: {other} has the same name; each SDS name must differ"
+            );
+        }
+    }
+    let [(_, default_svid_name), (_, default_bundle_name), (_, default_all_bundles_name)] = names;
+    Ok(crate::workload_api::SdsConfig {
+        default_svid_name,
+        default_bundle_name,
+        default_all_bundles_name,
+        disable_spiffe_cert_validation: flags.sds_disable_spiffe_cert_validation
+            || file.disable_spiffe_cert_validation.unwrap_or(false),
+    })
 }
 
 /// The `k8s` workload attestor's settings: `None` unless `workload_attestors` has `k8s`.
@@ -860,6 +952,50 @@ mod tests {
             ),
         ] {
             let err = parse(&text, flags).expect_err(want);
+            assert!(format!("{err:#}").contains(want), "{want}: {err:#}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn sds_names_have_spire_defaults_and_must_be_distinct_plain_names() -> anyhow::Result<()> {
+        let base = "trust_domain = \"example.org\"\nserver_address = \"srv:8081\"\ntrust_bundle = \"/b.pem\"\n";
+        let c = parse(base, RunFlags::default())?;
+        assert_eq!(c.sds, crate::workload_api::SdsConfig::default());
+        assert_eq!(c.sds.default_svid_name, "default");
+        assert_eq!(c.sds.default_bundle_name, "ROOTCA");
+        assert_eq!(c.sds.default_all_bundles_name, "ALL");
+        assert!(!c.sds.disable_spiffe_cert_validation);
+
+        let c = parse(
+            &format!("{base}[sds]\ndefault_svid_name = \"svid\"\ndefault_bundle_name = \"ca\"\ndisable_spiffe_cert_validation = true\n"),
+            RunFlags {
+                sds_default_svid_name: Some("mine".into()),
+                sds_default_all_bundles_name: Some("every".into()),
+                ..Default::default()
+            },
+        )?;
+        assert_eq!(c.sds.default_svid_name, "mine", "the flag wins");
+        assert_eq!(c.sds.default_bundle_name, "ca");
+        assert_eq!(c.sds.default_all_bundles_name, "every");
+        assert!(c.sds.disable_spiffe_cert_validation);
+
+        for (text, want) in [
+            ("[sds]\ndefault_svid_name = \"\"\n", "default_svid_name"),
+            (
+                "[sds]\ndefault_bundle_name = \"spiffe://example.org\"\n",
+                "SPIFFE IDs",
+            ),
+            (
+                "[sds]\ndefault_all_bundles_name = \"ROOTCA\"\n",
+                "default_bundle_name has the same name",
+            ),
+            ("[sds]\nsvid_name = \"x\"\n", "unknown field"),
+        ] {
+            let err = toml::from_str::<FileConfig>(&format!("{base}{text}"))
+                .map_err(anyhow::Error::from)
+                .and_then(|f| AgentConfig::resolve(f, &RunFlags::default()))
+                .expect_err(want);
             assert!(format!("{err:#}").contains(want), "{want}: {err:#}");
         }
         Ok(())

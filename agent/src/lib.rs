@@ -8,6 +8,8 @@
 //! - [`worker`]: the sync loop: sessions, batch signing, renewal, back-off.
 //! - [`explain`]: why a process gets (or does not get) an SVID: matches and near misses.
 //! - [`health`]: readiness (recent sync, no expired SVID, the socket still ours) and sync state.
+//! - [`helper`]: `sigil-agent helper`: a Workload API client that keeps SVIDs in files for
+//!   programs that only read PEM files (nginx, PostgreSQL, …) and signals them on rotation.
 //! - [`metrics`]: Prometheus metrics on `/metrics`.
 //! - [`run`]: start-up (re-use the stored SVID or attest), health endpoint, shutdown.
 //! - [`storage`]: the agent's own SVID and key on disk (reused across restarts, key 0600).
@@ -27,6 +29,7 @@ pub mod client;
 pub mod config;
 pub mod explain;
 pub mod health;
+pub mod helper;
 pub mod metrics;
 pub mod run;
 pub mod storage;

@@ -30,6 +30,9 @@ enum Command {
     Api(sigil_agent::cli::api::ApiCommand),
     /// Why does a process get (or not get) an SVID: its selectors, matches and near misses.
     Explain(sigil_agent::cli::explain::ExplainArgs),
+    /// Keep this process's SVID in files for programs that read PEM files (nginx, PostgreSQL,
+    /// …): write them, rotate them, signal or start the program (spiffe-helper's keys).
+    Helper(Box<sigil_agent::helper::HelperFlags>),
     /// Check the agent's health endpoint: exit 0 when ready.
     Healthcheck {
         /// The agent's health address.
@@ -153,7 +156,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     let result = runtime.block_on(async move {
-        match cli.command {
+        let done = match cli.command {
             Command::Run(flags) => {
                 let cfg = AgentConfig::load(&flags)?;
                 sigil::logging::init(&cfg.log_level, cfg.log_format).map_err(anyhow::Error::msg)?;
@@ -161,15 +164,18 @@ fn main() -> std::process::ExitCode {
             }
             Command::Api(cmd) => sigil_agent::cli::api::run(cmd).await,
             Command::Explain(args) => sigil_agent::cli::explain::run(args).await,
+            // The helper's exit code is its child's.
+            Command::Helper(flags) => return Ok(sigil_agent::helper::main(*flags).await),
             Command::Healthcheck { health_address } => healthcheck(&health_address).await,
             Command::Status {
                 admin_socket,
                 output,
             } => status(&admin_socket, &output).await,
-        }
+        };
+        done.map(|()| std::process::ExitCode::SUCCESS)
     });
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             // One line: the causes joined, each once.
             eprintln!("error: {}", sigil::text::error_chain(e.as_ref()));

@@ -315,6 +315,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         tokio::spawn(crate::workload_api::serve(
             workload_listener,
             workload_api,
+            cfg.sds.clone(),
             limits,
             async move {
                 let _ = rx.wait_for(|s| *s).await;

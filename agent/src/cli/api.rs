@@ -171,17 +171,22 @@ pub async fn run(cmd: ApiCommand) -> anyhow::Result<()> {
 }
 
 async fn client(socket: &SocketArgs) -> anyhow::Result<SpiffeWorkloadApiClient<Channel>> {
-    let path = socket.resolve()?;
+    connect(&socket.resolve()?).await
+}
+
+/// A Workload API client on the socket at `path`, with a clear error when nothing is there.
+pub async fn connect(path: &Path) -> anyhow::Result<SpiffeWorkloadApiClient<Channel>> {
     // What answers is believed (SVIDs, bundles, JWT validation): not in a directory anyone can
     // write to.
     if path.exists() {
-        sigil::uds::check_client_path(&path)?;
+        sigil::uds::check_client_path(path)?;
     }
-    let ch = sigil::socket_api::connect(&path, Api::Workload).await?;
+    let ch = sigil::socket_api::connect(path, Api::Workload).await?;
     Ok(SpiffeWorkloadApiClient::new(ch))
 }
 
-fn request<T>(msg: T) -> tonic::Request<T> {
+/// A Workload API request with the required security header.
+pub fn request<T>(msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.metadata_mut().insert(
         SECURITY_HEADER,
@@ -190,7 +195,8 @@ fn request<T>(msg: T) -> tonic::Request<T> {
     r
 }
 
-fn rpc_error(what: &str, s: tonic::Status) -> anyhow::Error {
+/// A Workload API error with what to check for the common codes.
+pub fn rpc_error(what: &str, s: tonic::Status) -> anyhow::Error {
     if s.code() == tonic::Code::Unimplemented {
         return anyhow::Error::new(Unimplemented {
             what: what.to_string(),
@@ -239,9 +245,12 @@ fn view(svid: &wl::X509svid) -> anyhow::Result<SvidView> {
     })
 }
 
-/// Writes svid.pem, svid.key (0600), bundle.pem (and svid.N.* for further SVIDs).
+/// Writes svid.pem, svid.key (0600), bundle.pem (and svid.N.* for further SVIDs,
+/// federated_bundle.<td>.pem) as one version of `dir`: readers never see a certificate with
+/// another version's key (see [`crate::helper::files`]).
 fn write_files(dir: &Path, resp: &wl::X509svidResponse) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    use crate::helper::files::{OutFile, VersionedDir};
+    let mut files = Vec::new();
     for (i, svid) in resp.svids.iter().enumerate() {
         let suffix = if i == 0 {
             String::new()
@@ -249,37 +258,37 @@ fn write_files(dir: &Path, resp: &wl::X509svidResponse) -> anyhow::Result<()> {
             format!(".{i}")
         };
         let chain = sigil::x509::split_der_concat(&svid.x509_svid)?;
-        let cert_path = dir.join(format!("svid{suffix}.pem"));
-        sigil::fs::write_atomic(
-            &cert_path,
-            sigil::x509::to_pem_certs(&chain).as_bytes(),
+        files.push(OutFile::new(
+            format!("svid{suffix}.pem"),
+            sigil::x509::to_pem_certs(&chain),
             0o644,
-        )
-        .with_context(|| format!("writing {}", cert_path.display()))?;
-        let key_path = dir.join(format!("svid{suffix}.key"));
-        sigil::fs::write_secret(
-            &key_path,
-            sigil::x509::to_pem("PRIVATE KEY", &svid.x509_svid_key).as_bytes(),
-        )
-        .with_context(|| format!("writing {}", key_path.display()))?;
+        ));
+        files.push(OutFile::new(
+            format!("svid{suffix}.key"),
+            sigil::x509::to_pem("PRIVATE KEY", &svid.x509_svid_key),
+            0o600,
+        ));
         if i == 0 {
             let roots = sigil::x509::split_der_concat(&svid.bundle)?;
-            let bundle_path = dir.join("bundle.pem");
-            sigil::fs::write_atomic(
-                &bundle_path,
-                sigil::x509::to_pem_certs(&roots).as_bytes(),
+            files.push(OutFile::new(
+                "bundle.pem",
+                sigil::x509::to_pem_certs(&roots),
                 0o644,
-            )
-            .with_context(|| format!("writing {}", bundle_path.display()))?;
+            ));
         }
     }
     for (td, der) in &resp.federated_bundles {
         let name = td.trim_start_matches("spiffe://");
         let roots = sigil::x509::split_der_concat(der)?;
-        let path = dir.join(format!("federated_bundle.{name}.pem"));
-        sigil::fs::write_atomic(&path, sigil::x509::to_pem_certs(&roots).as_bytes(), 0o644)
-            .with_context(|| format!("writing {}", path.display()))?;
+        files.push(OutFile::new(
+            format!("federated_bundle.{name}.pem"),
+            sigil::x509::to_pem_certs(&roots),
+            0o644,
+        ));
     }
+    VersionedDir::open(dir)?
+        .publish(&files)
+        .with_context(|| format!("writing the SVID files in {}", dir.display()))?;
     Ok(())
 }
 

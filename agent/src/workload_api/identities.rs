@@ -60,8 +60,9 @@ fn own_x509_bundle(cache: &Cache) -> Vec<u8> {
         .unwrap_or_default()
 }
 
-/// The federated trust domains the given entries name, with the bundles held for them.
-fn federated_for<'a>(
+/// The federated trust domains the given entries name (`spiffe://<td>`), with the bundles held
+/// for them.
+pub fn federated_for<'a>(
     cache: &'a Cache,
     entries: &[&RegistrationEntry],
 ) -> BTreeMap<String, &'a sigil::proto::node::Bundle> {
@@ -76,20 +77,36 @@ fn federated_for<'a>(
         .collect()
 }
 
-/// The FetchX509SVID state at `now` (Unix seconds) for a caller with `selectors`. Expired SVIDs
-/// are never sent.
-pub fn x509_svid_state(cache: &Cache, selectors: &SelectorSet, now: i64) -> X509State {
+/// The SVIDs a caller is served now, before they are encoded for an API.
+#[derive(Debug)]
+pub enum ServedSvids<'a> {
+    /// No entry matches the caller: "no identity issued".
+    NoIdentity,
+    /// Entries match but none has a current SVID yet: wait.
+    Pending,
+    /// Entries match, but every SVID the agent holds for them has expired.
+    Expired,
+    /// The SVIDs to serve (default first, one per hint, none expired) with their entries.
+    Ready {
+        /// Entry and SVID, in serving order.
+        svids: Vec<(&'a RegistrationEntry, &'a CachedSvid)>,
+        /// Matching entries without a current SVID (they will come in a later message).
+        pending: usize,
+    },
+}
+
+/// The SVIDs served at `now` (Unix seconds) to a caller with `selectors`: the Workload API's
+/// and SDS's common rule. Expired SVIDs are never served.
+pub fn served_svids<'a>(cache: &'a Cache, selectors: &SelectorSet, now: i64) -> ServedSvids<'a> {
     let entries = matching_entries(cache, selectors);
     if entries.is_empty() {
-        return X509State::NoIdentity;
+        return ServedSvids::NoIdentity;
     }
-    let bundle = own_x509_bundle(cache);
     let mut hints_seen: HashSet<&str> = HashSet::new();
     let mut svids = Vec::with_capacity(entries.len());
-    let mut served = Vec::with_capacity(entries.len());
     let mut pending = 0;
     let mut expired = 0;
-    for e in &entries {
+    for e in entries {
         let Some(svid) = current_svid(cache, e) else {
             pending += 1;
             continue;
@@ -101,23 +118,40 @@ pub fn x509_svid_state(cache: &Cache, selectors: &SelectorSet, now: i64) -> X509
         if !e.hint.is_empty() && !hints_seen.insert(e.hint.as_str()) {
             continue;
         }
-        svids.push(wl::X509svid {
+        svids.push((e, svid));
+    }
+    if svids.is_empty() {
+        return if expired > 0 && pending == 0 {
+            ServedSvids::Expired
+        } else {
+            ServedSvids::Pending
+        };
+    }
+    ServedSvids::Ready { svids, pending }
+}
+
+/// The FetchX509SVID state at `now` (Unix seconds) for a caller with `selectors`. Expired SVIDs
+/// are never sent.
+pub fn x509_svid_state(cache: &Cache, selectors: &SelectorSet, now: i64) -> X509State {
+    let (served, pending) = match served_svids(cache, selectors, now) {
+        ServedSvids::NoIdentity => return X509State::NoIdentity,
+        ServedSvids::Pending => return X509State::Pending,
+        ServedSvids::Expired => return X509State::Expired,
+        ServedSvids::Ready { svids, pending } => (svids, pending),
+    };
+    let bundle = own_x509_bundle(cache);
+    let svids = served
+        .iter()
+        .map(|(e, svid)| wl::X509svid {
             spiffe_id: e.spiffe_id.to_string(),
             x509_svid: svid.chain_der.concat(),
             x509_svid_key: svid.key_pkcs8_der.clone(),
             bundle: bundle.clone(),
             hint: e.hint.clone(),
-        });
-        served.push(*e);
-    }
-    if svids.is_empty() {
-        return if expired > 0 && pending == 0 {
-            X509State::Expired
-        } else {
-            X509State::Pending
-        };
-    }
-    let federated_bundles = federated_for(cache, &served)
+        })
+        .collect();
+    let entries: Vec<&RegistrationEntry> = served.iter().map(|(e, _)| *e).collect();
+    let federated_bundles = federated_for(cache, &entries)
         .into_iter()
         .map(|(k, b)| (k, b.x509_roots.clone()))
         .collect();

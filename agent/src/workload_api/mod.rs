@@ -9,14 +9,17 @@
 //!   counter and resend only when their message changed.
 //! - [`jwt`]: JWT-SVIDs minted by the server on demand and cached for half their lifetime.
 //! - [`expiry`]: wakes the streams when a cached SVID expires unrenewed (never served expired).
+//! - [`sds`]: Envoy's Secret Discovery Service on the same socket, for the same callers.
 //!
 //! The wire contract is the SPIFFE standard's: service `SpiffeWorkloadAPI` (no package), the
-//! `workload.spiffe.io: true` header, "no identity issued" as PermissionDenied.
+//! `workload.spiffe.io: true` header, "no identity issued" as PermissionDenied. SDS is
+//! `envoy.service.secret.v3.SecretDiscoveryService`, as SPIRE's agent serves it.
 
 pub mod expiry;
 pub mod identities;
 pub mod jwt;
 pub mod peer;
+pub mod sds;
 pub mod service;
 
 use std::future::Future;
@@ -27,6 +30,7 @@ use tokio::net::UnixListener;
 use tokio_stream::StreamExt as _;
 
 pub use peer::ConnectionLimits;
+pub use sds::SdsConfig;
 pub use service::WorkloadApi;
 
 /// Directory mode of the public socket: others may enter and connect, not create files.
@@ -55,17 +59,20 @@ pub async fn bind(
     Ok(bound)
 }
 
-/// Serves `api` on `listener`, with at most `limits` connections open, until `shutdown`
-/// completes.
+/// Serves `api`, and SDS over it with `sds`, on `listener`, with at most `limits` connections
+/// open, until `shutdown` completes.
 pub async fn serve(
     listener: UnixListener,
     api: WorkloadApi,
+    sds: SdsConfig,
     limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = peer::incoming(listener, limits, api.metrics().clone());
+    let secrets = sds::SecretDiscovery::new(api.clone(), sds).into_server();
     tonic::transport::Server::builder()
         .add_service(SpiffeWorkloadApiServer::new(api))
+        .add_service(secrets)
         .serve_with_incoming_shutdown(
             // Any client's `:authority` (gRPC C-core and grpc-java send the socket path).
             incoming.map(|c| c.map(sigil::h2_authority::AuthorityFix::new)),

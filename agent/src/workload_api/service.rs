@@ -40,21 +40,21 @@ pub const EXPIRED: &str = "the caller's X509-SVIDs have expired and the agent co
 pub const FIRST_SVID_WAIT: Duration = Duration::from_secs(15);
 
 /// An attested caller.
-struct Caller {
-    pid: i32,
-    selectors: SelectorSet,
-    pin: Arc<ProcessPin>,
+pub(super) struct Caller {
+    pub(super) pid: i32,
+    pub(super) selectors: SelectorSet,
+    pub(super) pin: Arc<ProcessPin>,
     /// Peer credentials, to attest again.
-    uid: u32,
-    gid: u32,
+    pub(super) uid: u32,
+    pub(super) gid: u32,
     /// `unix:sha256` was left out (no entry needed it when the caller was attested).
-    exe_hash_skipped: bool,
+    pub(super) exe_hash_skipped: bool,
 }
 
 impl Caller {
     /// The process is still the one that connected, with the uid and gid it connected with (a
     /// reused PID, or a caller that has since run a setuid program, is refused).
-    fn recheck(&self) -> Result<(), Status> {
+    pub(super) fn recheck(&self) -> Result<(), Status> {
         self.pin.check().map_err(|e| not_the_caller(self.pid, &e))
     }
 }
@@ -75,7 +75,7 @@ fn gone(pid: i32) -> Status {
 }
 
 /// What a watched stream should do after looking at the cache.
-enum Watch<M> {
+pub(super) enum Watch<M> {
     /// The caller has no identity: end the stream with PermissionDenied.
     NoIdentity,
     /// Nothing to send yet (an SVID is being minted).
@@ -128,8 +128,24 @@ impl WorkloadApi {
         &self.inner.state.metrics
     }
 
-    /// Attests the caller of `req` (each RPC has checked the security header before).
-    async fn attest<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+    /// The agent's state.
+    pub(super) fn state(&self) -> &Arc<AgentState> {
+        &self.inner.state
+    }
+
+    /// The workload attestor.
+    pub(super) fn attestor(&self) -> &Arc<WorkloadAttestor> {
+        &self.inner.attestor
+    }
+
+    /// Becomes true at agent shutdown.
+    pub(super) fn shutdown(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.shutdown.clone()
+    }
+
+    /// Attests the caller of `req` (each Workload API RPC has checked the security header
+    /// before).
+    pub(super) async fn attest<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
         let peer = req.extensions().get::<PeerInfo>().cloned().ok_or_else(|| {
             Status::unauthenticated("the caller's credentials are unavailable on this connection")
         })?;
@@ -238,10 +254,10 @@ impl WorkloadApi {
 pub type WatchStream<M> = Pin<Box<dyn Stream<Item = Result<M, Status>> + Send>>;
 
 /// Counts an open stream in the agent's metrics for as long as it lives.
-struct StreamGauge(Arc<AgentState>);
+pub(super) struct StreamGauge(Arc<AgentState>);
 
 impl StreamGauge {
-    fn new(state: &Arc<AgentState>) -> Self {
+    pub(super) fn new(state: &Arc<AgentState>) -> Self {
         state.metrics.workload_streams.inc();
         Self(state.clone())
     }
@@ -358,37 +374,44 @@ where
         }
     }
 
-    /// The caller was attested without `unix:sha256` (no entry needed it) and now an entry
-    /// does: attest it again, so that entry can match on this open stream. Err only when the
-    /// process is gone; another failure keeps the selectors it has (they were right).
+    /// [`attest_again_if_hash_wanted`] for this stream's caller.
     async fn attest_again_if_hash_wanted(&mut self) -> Result<(), Status> {
-        if !self.caller.exe_hash_skipped || !self.attestor.exe_hash_wanted() {
-            return Ok(());
-        }
-        let c = &self.caller;
-        match self
-            .attestor
-            .attest_async(c.pin.clone(), c.uid, c.gid)
-            .await
-        {
-            Ok(a) => {
-                tracing::debug!(pid = a.pid, selectors = %a.selectors, stream = self.what, "workload attested again: an entry now needs its executable's hash");
-                self.caller.selectors = a.selectors;
-                self.caller.exe_hash_skipped = a.exe_hash_skipped;
-                Ok(())
-            }
-            Err(AttestError::Gone { pid }) => Err(gone(pid)),
-            Err(e) => {
-                tracing::debug!(pid = c.pid, error = %e, "attesting the workload again failed; keeping its selectors");
-                Ok(())
-            }
-        }
+        attest_again_if_hash_wanted(&self.attestor, &mut self.caller, self.what).await
     }
 
     /// Sends `status` and ends the stream.
     fn end(mut self, status: Status) -> Option<(Result<M, Status>, Self)> {
         self.done = true;
         Some((Err(status), self))
+    }
+}
+
+/// The caller was attested without `unix:sha256` (no entry needed it) and now an entry does:
+/// attest it again, so that entry can match on its open `stream`. Err only when the process is
+/// gone; another failure keeps the selectors it has (they were right).
+pub(super) async fn attest_again_if_hash_wanted(
+    attestor: &Arc<WorkloadAttestor>,
+    caller: &mut Caller,
+    stream: &str,
+) -> Result<(), Status> {
+    if !caller.exe_hash_skipped || !attestor.exe_hash_wanted() {
+        return Ok(());
+    }
+    match attestor
+        .attest_async(caller.pin.clone(), caller.uid, caller.gid)
+        .await
+    {
+        Ok(a) => {
+            tracing::debug!(pid = a.pid, selectors = %a.selectors, stream, "workload attested again: an entry now needs its executable's hash");
+            caller.selectors = a.selectors;
+            caller.exe_hash_skipped = a.exe_hash_skipped;
+            Ok(())
+        }
+        Err(AttestError::Gone { pid }) => Err(gone(pid)),
+        Err(e) => {
+            tracing::debug!(pid = caller.pid, error = %e, "attesting the workload again failed; keeping its selectors");
+            Ok(())
+        }
     }
 }
 
@@ -413,7 +436,7 @@ fn bundles_watch<M>(msg: Option<M>, is_empty: impl FnOnce(&M) -> bool) -> Watch<
 }
 
 /// What the cache holds for `caller` now.
-async fn look<M>(
+pub(super) async fn look<M>(
     state: &AgentState,
     caller: &Caller,
     build: &impl Fn(&Cache, &SelectorSet) -> Watch<M>,
@@ -443,7 +466,7 @@ fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
     }
 }
 
-fn now_unix() -> i64 {
+pub(super) fn now_unix() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
