@@ -1264,6 +1264,9 @@ fn new_entry_reaches_an_open_stream() {
         assert_eq!(ids_of(&first), vec![WORKLOAD]);
         let serial = serial_and_validity(first.svids()[0].leaf().as_bytes()).0;
 
+        // Entry creation times are whole seconds, and equal ones are ordered by entry id: the
+        // second entry must be created in a later second to be the younger one.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
         let t = Instant::now();
         create_entry(&server, &w.agent_id, SECOND, &[&sel], &[]);
         let deadline = Instant::now() + Duration::from_secs(60);
