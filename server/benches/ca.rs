@@ -1,4 +1,4 @@
-//! CA signing benchmark (issue 2): how close SVID issuance gets to the raw ECDSA P-256 rate.
+//! CA signing benchmark: how close SVID issuance gets to the raw ECDSA P-256 rate.
 //!
 //! - `ring_ecdsa_p256_sign`: ring `EcdsaKeyPair::sign` (ASN.1 signature) of a 32-byte message,
 //!   the floor every X509-SVID pays once;

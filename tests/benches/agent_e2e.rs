@@ -1,4 +1,4 @@
-//! End-to-end agent benchmark (issue 3): real release `sigil-server` and `sigil-agent`
+//! End-to-end agent benchmark: real release `sigil-server` and `sigil-agent`
 //! processes on 127.0.0.1 and temp dirs (the harness of `tests/support`).
 //!
 //! For every size N (env `SIGIL_BENCH_E2E_SIZES`, default `1000,10000,100000`): a fresh server,
