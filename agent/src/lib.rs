@@ -1,10 +1,11 @@
 //! sigil-agent: the node agent.
 //!
 //! - [`config`]: TOML configuration and `run` flags.
-//! - [`admin`]: the agent's admin API (`sigil-agent status`) on a private Unix socket.
+//! - [`admin`]: the agent's admin API (`sigil-agent status`, `explain`) on a private Unix socket.
 //! - [`cache`]: authorised entries, their SVIDs (keys made here), rotation times, the bundle.
-//! - [`cli`]: operator commands: the `api` Workload API client.
-//! - [`client`]: node API calls: join-token attestation, agent SVID renewal, mTLS channels.
+//! - [`cli`]: operator commands: the `api` Workload API client and `explain`.
+//! - [`client`]: node API calls: attestation (join token, x509pop, k8s_psat), agent SVID renewal,
+//!   mTLS channels.
 //! - [`worker`]: the sync loop: sessions, batch signing, renewal, back-off.
 //! - [`explain`]: why a process gets (or does not get) an SVID: matches and near misses.
 //! - [`health`]: readiness (recent sync, no expired SVID, the socket still ours) and sync state.
