@@ -812,11 +812,7 @@ fn a_refused_entry_backs_off_on_its_own_timer_while_the_others_are_served() {
     );
     // Logged at warn once; the repeats at debug.
     let log = agent.log_text();
-    assert_eq!(
-        log.matches("X509-SVID signing failed;").count(),
-        1,
-        "{log}"
-    );
+    assert_eq!(log.matches("X509-SVID signing failed;").count(), 1, "{log}");
     assert!(
         log.matches("X509-SVID signing failed again").count() >= 2,
         "{log}"
@@ -829,7 +825,14 @@ fn a_refused_entry_backs_off_on_its_own_timer_while_the_others_are_served() {
     // The operator fixes the entry: signed at once (not at the next back-off time, which is
     // about a minute away now), the back-off cleared, the recovery logged.
     let fixed = std::time::Instant::now();
-    server.cli_ok(&["entry", "update", "--entry-id", &bad, "--dns", "bad.example.org"]);
+    server.cli_ok(&[
+        "entry",
+        "update",
+        "--entry-id",
+        &bad,
+        "--dns",
+        "bad.example.org",
+    ]);
     agent.wait_svids_for(&["spiffe://example.org/bad"], 30);
     assert!(
         fixed.elapsed() < std::time::Duration::from_secs(30),

@@ -57,16 +57,15 @@ impl pb::agent_admin_server::AgentAdmin for AgentAdminService {
                 .cmp(&b.spiffe_id)
                 .then(a.entry_id.cmp(&b.entry_id))
         });
-        let backoff = |entry_id: String, spiffe_id: String, r: &crate::cache::SignRetry| {
-            pb::SignBackoff {
+        let backoff =
+            |entry_id: String, spiffe_id: String, r: &crate::cache::SignRetry| pb::SignBackoff {
                 entry_id,
                 spiffe_id,
                 failures: r.failures,
                 last_error: r.reason.clone(),
                 next_retry_at: r.retry_at,
                 failing_since: r.since,
-            }
-        };
+            };
         let mut sign_backoff: Vec<pb::SignBackoff> = cache
             .sign_backoff()
             .map(|(e, r)| backoff(e.id.clone(), e.spiffe_id.to_string(), r))

@@ -809,7 +809,11 @@ mod tests {
         c.note_sign_failure_with_jitter("b", 1, "Unavailable: CA", 2800, 0.0);
         assert!(!c.due(2800).contains(&"b".to_string()));
         assert!(c.due(2800 + SIGN_BACKOFF_START).contains(&"b".to_string()));
-        assert_eq!(c.svid("b").unwrap().not_after, 4600, "the held SVID is kept");
+        assert_eq!(
+            c.svid("b").unwrap().not_after,
+            4600,
+            "the held SVID is kept"
+        );
         // The entry changed (the operator fixed it): due at once, no longer backing off.
         c.apply_sync(pb::SyncResponse {
             upserted: vec![entry("a", 2)],
@@ -821,7 +825,10 @@ mod tests {
         assert_eq!(c.next_refresh(), Some(0));
         let backing_off: Vec<&str> = c.sign_backoff().map(|(e, _)| e.id.as_str()).collect();
         assert_eq!(backing_off, ["b"]);
-        assert!(c.sign_failure("a").is_some(), "history kept until an outcome");
+        assert!(
+            c.sign_failure("a").is_some(),
+            "history kept until an outcome"
+        );
         // A successful signing clears the failure; a removed entry takes it along.
         let a = c.make_csrs(&["a".into()]).unwrap().pop().unwrap();
         c.note_sign_failure("a", 2, "x", 1001);

@@ -174,7 +174,12 @@ async fn status(socket: &std::path::Path, output: &str) -> anyhow::Result<()> {
     if !s.sign_backoff.is_empty() {
         println!("Signing failing : {}", s.sign_backoff.len());
         for b in &s.sign_backoff {
-            println!("  {}  entry {}  {}", b.spiffe_id, b.entry_id, backoff_text(b));
+            println!(
+                "  {}  entry {}  {}",
+                b.spiffe_id,
+                b.entry_id,
+                backoff_text(b)
+            );
         }
     }
     Ok(())

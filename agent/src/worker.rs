@@ -697,7 +697,14 @@ impl Worker {
 
     /// Records a failed signing of `entry_id` at `revision` and logs it: warn when it is news
     /// (first failure, or another reason), debug when it repeats.
-    fn sign_failed(&self, cache: &mut Cache, entry_id: &str, revision: i64, reason: &str, now: i64) {
+    fn sign_failed(
+        &self,
+        cache: &mut Cache,
+        entry_id: &str,
+        revision: i64,
+        reason: &str,
+        now: i64,
+    ) {
         let Some(note) = cache.note_sign_failure(entry_id, revision, reason, now) else {
             return;
         };
@@ -906,7 +913,11 @@ mod tests {
                 (nominal * 0.8 - 0.5..=nominal * 1.2 + 0.5).contains(&(delay as f64)),
                 "failure {n}: {delay} s"
             );
-            assert_eq!(seen.renew_at(&a, last), r.retry_at, "waits for the retry time");
+            assert_eq!(
+                seen.renew_at(&a, last),
+                r.retry_at,
+                "waits for the retry time"
+            );
             last = r.retry_at;
         }
         assert_eq!(kinds[0], SignFailureKind::First);
