@@ -719,3 +719,134 @@ fn renewed_agent_svid_that_cannot_be_saved_does_not_lock_the_agent_out() {
         assert!(agent.stop().success());
     }
 }
+
+/// The value of the agent's metric `name`, 0 while it has not reported it.
+fn agent_metric(agent: &Agent, name: &str) -> f64 {
+    agent.metric(name).unwrap_or(0.0)
+}
+
+#[test]
+fn a_refused_entry_backs_off_on_its_own_timer_while_the_others_are_served() {
+    let dir = tempdir();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    let me = format!("unix:uid:{}", nix::unistd::getuid().as_raw());
+    create_entry(
+        &server,
+        "spiffe://example.org/node",
+        "spiffe://example.org/me",
+        &[&me],
+        &[],
+    );
+    // `10.0.0.1` passes the entry checks, but the CA puts no name ending in a number (an IPv4
+    // address) in a certificate: the server refuses to sign this entry, at every attempt.
+    let bad = create_entry(
+        &server,
+        "spiffe://example.org/node",
+        "spiffe://example.org/bad",
+        &["unix:uid:4242"],
+        &["--dns", "10.0.0.1"],
+    );
+    let token = alias_token(&server, "spiffe://example.org/node");
+    let mut agent = Agent::start(
+        &server,
+        &subdir(dir.path(), "agent"),
+        &[
+            "--join-token",
+            &token,
+            "--log-level",
+            "sigil_agent=debug,info",
+        ],
+    );
+    agent.wait_svids_for(
+        &["spiffe://example.org/me", "spiffe://example.org/node"],
+        30,
+    );
+    const FAILURES: &str = "sigil_agent_x509_svid_sign_failures_total";
+    wait_for(30, "the first refused signing", || {
+        (agent_metric(&agent, FAILURES) >= 1.0).then_some(())
+    });
+    let first = std::time::Instant::now();
+    assert_eq!(
+        agent.metric("sigil_agent_x509_svid_sign_backoff_entries"),
+        Some(1.0)
+    );
+
+    // `status` says what is backing off, why, and when it is tried again.
+    let s = agent.status();
+    let backoff = s["sign_backoff"].as_array().expect("sign_backoff list");
+    assert_eq!(backoff.len(), 1, "{s}");
+    let b = &backoff[0];
+    assert_eq!(b["entry_id"], bad.as_str(), "{b}");
+    assert_eq!(b["spiffe_id"], "spiffe://example.org/bad", "{b}");
+    assert!(b["failures"].as_u64().unwrap_or(0) >= 1, "{b}");
+    let reason = b["last_error"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("10.0.0.1") && reason.contains("InvalidArgument"),
+        "{b}"
+    );
+    let since = b["failing_since"].as_i64().unwrap_or(0);
+    let next = b["next_retry_at"].as_i64().unwrap_or(0);
+    assert!(since > 0 && next > since, "{b}");
+    assert!(s["agent_svid_renewal_backoff"].is_null(), "{s}");
+    let out = agent.status_output(&[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text.contains("Signing failing : 1"), "{text}");
+    assert!(
+        text.contains(&format!("spiffe://example.org/bad  entry {bad}"))
+            && text.contains("next retry"),
+        "{text}"
+    );
+
+    // Retried on its own timer (nothing else happens meanwhile), within seconds — not at once,
+    // not in a loop, and bounded: attempts at about 0, 8, 24 and 56 s.
+    wait_for(25, "the second attempt", || {
+        (agent_metric(&agent, FAILURES) >= 2.0).then_some(())
+    });
+    std::thread::sleep(std::time::Duration::from_secs(60).saturating_sub(first.elapsed()));
+    let attempts = agent_metric(&agent, FAILURES);
+    assert!(
+        (3.0..=6.0).contains(&attempts),
+        "{attempts} signing attempts for the refused entry in 60 s:\n{}",
+        agent.log_text()
+    );
+    // Logged at warn once; the repeats at debug.
+    let log = agent.log_text();
+    assert_eq!(log.matches("X509-SVID signing failed;").count(), 1, "{log}");
+    assert!(
+        log.matches("X509-SVID signing failed again").count() >= 2,
+        "{log}"
+    );
+    // The other entries are served meanwhile.
+    let (ok, stdout, stderr) = fetch_x509(&agent.socket_path());
+    assert!(ok && stdout.contains("spiffe://example.org/me"), "{stderr}");
+    assert!(agent.healthy());
+
+    // The operator fixes the entry: signed at once (not at the next back-off time, which is
+    // about a minute away now), the back-off cleared, the recovery logged.
+    let fixed = std::time::Instant::now();
+    server.cli_ok(&[
+        "entry",
+        "update",
+        "--entry-id",
+        &bad,
+        "--dns",
+        "bad.example.org",
+    ]);
+    agent.wait_svids_for(&["spiffe://example.org/bad"], 30);
+    assert!(
+        fixed.elapsed() < std::time::Duration::from_secs(30),
+        "{:?}",
+        fixed.elapsed()
+    );
+    assert_eq!(
+        agent.metric("sigil_agent_x509_svid_sign_backoff_entries"),
+        Some(0.0)
+    );
+    let s = agent.status();
+    assert_eq!(s["sign_backoff"].as_array().map(Vec::len), Some(0), "{s}");
+    agent.wait_log(10, "the recovery", |l| {
+        l.contains("X509-SVID signed after failed attempts")
+    });
+    assert!(agent.stop().success());
+}

@@ -57,6 +57,28 @@ impl pb::agent_admin_server::AgentAdmin for AgentAdminService {
                 .cmp(&b.spiffe_id)
                 .then(a.entry_id.cmp(&b.entry_id))
         });
+        let backoff =
+            |entry_id: String, spiffe_id: String, r: &crate::cache::SignRetry| pb::SignBackoff {
+                entry_id,
+                spiffe_id,
+                failures: r.failures,
+                last_error: r.reason.clone(),
+                next_retry_at: r.retry_at,
+                failing_since: r.since,
+            };
+        let mut sign_backoff: Vec<pb::SignBackoff> = cache
+            .sign_backoff()
+            .map(|(e, r)| backoff(e.id.clone(), e.spiffe_id.to_string(), r))
+            .collect();
+        sign_backoff.sort_by(|a, b| {
+            a.spiffe_id
+                .cmp(&b.spiffe_id)
+                .then(a.entry_id.cmp(&b.entry_id))
+        });
+        let agent_svid_renewal_backoff = self
+            .state
+            .agent_svid_renewal()
+            .map(|r| backoff(String::new(), identity.spiffe_id.to_string(), &r));
         Ok(Response::new(pb::StatusResponse {
             spiffe_id: identity.spiffe_id.to_string(),
             agent_svid_expires_at: identity.not_after,
@@ -72,6 +94,8 @@ impl pb::agent_admin_server::AgentAdmin for AgentAdminService {
             sync_state: sync.state_name().to_string(),
             sync_state_since: sync.since().unwrap_or(0),
             sync_error: sync.last_error().unwrap_or_default().to_string(),
+            sign_backoff,
+            agent_svid_renewal_backoff,
         }))
     }
 

@@ -9,8 +9,11 @@
 //! hitting the server at once. The lifetime counts from when the agent received the SVID (not
 //! from its NotBefore, which the server back-dates), and whatever the certificate says (a lifetime
 //! capped by an expiring CA, a skewed clock) an entry is not renewed again within
-//! [`MIN_REFRESH_INTERVAL`] of its last signing, nor asked for again within
-//! [`SIGN_RETRY_INTERVAL`] after the server refused to sign it — unless the entry itself changes.
+//! [`MIN_REFRESH_INTERVAL`] of its last signing. A signing that failed (the server refused it,
+//! or the call failed) is asked for again with exponential back-off and jitter
+//! ([`sign_backoff_delay`]: 8 s doubling to 5 min, ± 20 %), at once if the entry itself changes;
+//! meanwhile the held SVID, if any, is served until it expires. [`Cache::next_refresh`] includes
+//! these retry times, so the worker wakes for them and for nothing sooner.
 //! SVIDs of removed entries are dropped with the entry. Expired SVIDs stay in the cache (status
 //! shows them) but are never served. Federated bundles always arrive as a complete set
 //! (`federated_bundles_set`) that replaces the held one.
@@ -32,9 +35,96 @@ pub const MAX_JITTER_FRACTION: f64 = 0.1;
 /// SVID (CA about to expire) is not retried in a loop. Below the refresh time of the shortest
 /// accepted TTL (1 min → 24-30 s), so it never delays a normal rotation.
 pub const MIN_REFRESH_INTERVAL: i64 = 20;
-/// How long (seconds) to wait before asking again for an SVID the server refused to sign,
-/// unless the entry changes meanwhile.
-pub const SIGN_RETRY_INTERVAL: i64 = 30;
+/// Delay (seconds, before jitter) before asking again for an SVID whose signing failed once.
+pub const SIGN_BACKOFF_START: i64 = 8;
+/// Longest delay (seconds, before jitter) between two attempts of a signing that keeps failing.
+pub const SIGN_BACKOFF_MAX: i64 = 300;
+/// Each back-off delay is scaled by a random factor in `1 ± SIGN_BACKOFF_JITTER`, so entries
+/// (and agents) refused together do not come back together.
+pub const SIGN_BACKOFF_JITTER: f64 = 0.2;
+
+/// The delay (seconds) before the next attempt after `failures` consecutive failed signings
+/// (1 after the first): [`SIGN_BACKOFF_START`] doubling up to [`SIGN_BACKOFF_MAX`], scaled by
+/// `1 + jitter` (`jitter` clamped to ±[`SIGN_BACKOFF_JITTER`]). Never below one second.
+pub fn sign_backoff_delay(failures: u32, jitter: f64) -> i64 {
+    let doublings = failures.saturating_sub(1).min(16);
+    let nominal = (SIGN_BACKOFF_START << doublings).min(SIGN_BACKOFF_MAX);
+    let factor = 1.0 + jitter.clamp(-SIGN_BACKOFF_JITTER, SIGN_BACKOFF_JITTER);
+    ((nominal as f64 * factor).round() as i64).max(1)
+}
+
+/// A signing that keeps failing (an entry's X509-SVID, or the agent SVID's renewal): how often,
+/// why, since when, and when to try again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignRetry {
+    /// Consecutive failures.
+    pub failures: u32,
+    /// When the first of them happened, Unix seconds.
+    pub since: i64,
+    /// Why the last one failed (the server's answer or the call's error; never key material).
+    pub reason: String,
+    /// When to try again, Unix seconds.
+    pub retry_at: i64,
+}
+
+/// What a failure changed, for logging: warn on news, debug on repeats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignFailureKind {
+    /// The first failure (after a success, a new entry revision, or ever).
+    First,
+    /// Failing already, now for another reason.
+    NewReason,
+    /// Failing again for the same reason.
+    Repeated,
+}
+
+impl SignRetry {
+    /// The state after a failure at `now` for `reason`, following `prev` (the state while
+    /// already failing, if it was), with `jitter` as in [`sign_backoff_delay`].
+    pub fn after_failure(
+        prev: Option<&SignRetry>,
+        reason: &str,
+        now: i64,
+        jitter: f64,
+    ) -> (SignRetry, SignFailureKind) {
+        let (failures, since, kind) = match prev {
+            None => (1, now, SignFailureKind::First),
+            Some(p) if p.reason == reason => (
+                p.failures.saturating_add(1),
+                p.since,
+                SignFailureKind::Repeated,
+            ),
+            Some(p) => (
+                p.failures.saturating_add(1),
+                p.since,
+                SignFailureKind::NewReason,
+            ),
+        };
+        let next = SignRetry {
+            failures,
+            since,
+            reason: reason.to_string(),
+            retry_at: now + sign_backoff_delay(failures, jitter),
+        };
+        (next, kind)
+    }
+}
+
+/// A random jitter for [`sign_backoff_delay`].
+pub fn sign_backoff_jitter() -> f64 {
+    rand::rng().random_range(-SIGN_BACKOFF_JITTER..=SIGN_BACKOFF_JITTER)
+}
+
+/// A failed signing of an entry's SVID as [`Cache::note_sign_failure`] recorded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignFailureNote {
+    /// The entry's SPIFFE ID.
+    pub spiffe_id: String,
+    /// The retry state after this failure.
+    pub retry: SignRetry,
+    /// News or a repeat.
+    pub kind: SignFailureKind,
+}
 
 /// Why a sync message could not be applied.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -116,8 +206,10 @@ pub struct Cache {
     bundle: Option<pb::Bundle>,
     /// Trust domain name → its federated bundle.
     federated: BTreeMap<String, pb::Bundle>,
-    /// Entry id → (entry revision, not before) for entries the server refused to sign.
-    sign_failures: HashMap<String, (i64, i64)>,
+    /// Entry id → (entry revision, retry state) for entries whose signing failed since their
+    /// last successful one. Kept when the entry changes (it is then due at once, the record is
+    /// only history until the next outcome), dropped with the entry or on success.
+    sign_failures: HashMap<String, (i64, SignRetry)>,
     /// True while some entry has a `unix:sha256` selector: the workload attestor reads it to
     /// hash executables only when an entry needs it.
     exe_hash_flag: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -178,6 +270,11 @@ impl Cache {
     /// Entries held.
     pub fn entries(&self) -> impl Iterator<Item = &RegistrationEntry> {
         self.entries.values()
+    }
+
+    /// The entry `id`, if held.
+    pub fn entry(&self, id: &str) -> Option<&RegistrationEntry> {
+        self.entries.get(id)
     }
 
     /// Number of entries held.
@@ -305,7 +402,7 @@ impl Cache {
             _ => 0,
         };
         match self.sign_failures.get(&e.id) {
-            Some(&(revision, retry_at)) if revision == e.revision => wanted.max(retry_at),
+            Some((revision, r)) if *revision == e.revision => wanted.max(r.retry_at),
             _ => wanted,
         }
     }
@@ -329,13 +426,59 @@ impl Cache {
         self.entries.values().map(|e| self.due_at(e)).min()
     }
 
-    /// Records that the server did not sign an SVID for `entry_id` at `revision`: it is not
-    /// asked for again before `now + SIGN_RETRY_INTERVAL` unless the entry changes.
-    pub fn note_sign_failure(&mut self, entry_id: &str, revision: i64, now: i64) {
-        if self.entries.contains_key(entry_id) {
-            self.sign_failures
-                .insert(entry_id.to_string(), (revision, now + SIGN_RETRY_INTERVAL));
-        }
+    /// Records that signing an SVID for `entry_id` at `revision` failed at `now` for `reason`:
+    /// it is not asked for again before the back-off delay ([`sign_backoff_delay`], growing with
+    /// each consecutive failure of this revision) unless the entry changes. `None` when the
+    /// entry is not held (nothing recorded).
+    pub fn note_sign_failure(
+        &mut self,
+        entry_id: &str,
+        revision: i64,
+        reason: &str,
+        now: i64,
+    ) -> Option<SignFailureNote> {
+        self.note_sign_failure_with_jitter(entry_id, revision, reason, now, sign_backoff_jitter())
+    }
+
+    fn note_sign_failure_with_jitter(
+        &mut self,
+        entry_id: &str,
+        revision: i64,
+        reason: &str,
+        now: i64,
+        jitter: f64,
+    ) -> Option<SignFailureNote> {
+        let spiffe_id = self.entries.get(entry_id)?.spiffe_id.to_string();
+        // A failure of an earlier revision says nothing about this one: start over.
+        let prev = self
+            .sign_failures
+            .get(entry_id)
+            .filter(|(r, _)| *r == revision)
+            .map(|(_, f)| f);
+        let (retry, kind) = SignRetry::after_failure(prev, reason, now, jitter);
+        self.sign_failures
+            .insert(entry_id.to_string(), (revision, retry.clone()));
+        Some(SignFailureNote {
+            spiffe_id,
+            retry,
+            kind,
+        })
+    }
+
+    /// The failures recorded for `entry_id` since its last successful signing, if any (of its
+    /// current revision or an earlier one).
+    pub fn sign_failure(&self, entry_id: &str) -> Option<&SignRetry> {
+        self.sign_failures.get(entry_id).map(|(_, f)| f)
+    }
+
+    /// Entries backing off after failed signings of their current revision, with their state.
+    pub fn sign_backoff(&self) -> impl Iterator<Item = (&RegistrationEntry, &SignRetry)> {
+        self.sign_failures.iter().filter_map(|(id, (revision, f))| {
+            self.entries
+                .get(id)
+                .filter(|e| e.revision == *revision)
+                .map(|e| (e, f))
+        })
     }
 
     /// The cached SVIDs that have expired at `now` (they are never served), with their entries.
@@ -651,16 +794,27 @@ mod tests {
         assert_eq!(c.next_refresh(), Some(0), "unsigned entries are due now");
         let b = c.make_csrs(&["b".into()]).unwrap().pop().unwrap();
         c.store_svid(b, vec![vec![1]], 4600, 1000);
-        c.note_sign_failure("a", 1, 1000);
+        let note = c
+            .note_sign_failure_with_jitter("a", 1, "InvalidArgument: bad DNS name", 1000, 0.0)
+            .unwrap();
+        assert_eq!(note.kind, SignFailureKind::First);
+        assert_eq!(note.spiffe_id, "spiffe://example.org/w/a");
+        assert_eq!(note.retry.retry_at, 1000 + SIGN_BACKOFF_START);
         assert!(c.due(1000).is_empty());
-        assert!(c.due(1000 + SIGN_RETRY_INTERVAL - 1).is_empty());
-        assert_eq!(c.next_refresh(), Some(1000 + SIGN_RETRY_INTERVAL));
-        assert_eq!(c.due(1000 + SIGN_RETRY_INTERVAL), vec!["a".to_string()]);
+        assert!(c.due(1000 + SIGN_BACKOFF_START - 1).is_empty());
+        // The worker wakes at the retry time: it is part of the next refresh.
+        assert_eq!(c.next_refresh(), Some(1000 + SIGN_BACKOFF_START));
+        assert_eq!(c.due(1000 + SIGN_BACKOFF_START), vec!["a".to_string()]);
         // A renewal refused: the held SVID is not asked for again before the retry time.
-        c.note_sign_failure("b", 1, 2800);
+        c.note_sign_failure_with_jitter("b", 1, "Unavailable: CA", 2800, 0.0);
         assert!(!c.due(2800).contains(&"b".to_string()));
-        assert!(c.due(2800 + SIGN_RETRY_INTERVAL).contains(&"b".to_string()));
-        // The entry changed (the operator fixed it): due at once.
+        assert!(c.due(2800 + SIGN_BACKOFF_START).contains(&"b".to_string()));
+        assert_eq!(
+            c.svid("b").unwrap().not_after,
+            4600,
+            "the held SVID is kept"
+        );
+        // The entry changed (the operator fixed it): due at once, no longer backing off.
         c.apply_sync(pb::SyncResponse {
             upserted: vec![entry("a", 2)],
             revision: 2,
@@ -668,9 +822,16 @@ mod tests {
         })
         .unwrap();
         assert_eq!(c.due(1001), vec!["a".to_string()]);
+        assert_eq!(c.next_refresh(), Some(0));
+        let backing_off: Vec<&str> = c.sign_backoff().map(|(e, _)| e.id.as_str()).collect();
+        assert_eq!(backing_off, ["b"]);
+        assert!(
+            c.sign_failure("a").is_some(),
+            "history kept until an outcome"
+        );
         // A successful signing clears the failure; a removed entry takes it along.
         let a = c.make_csrs(&["a".into()]).unwrap().pop().unwrap();
-        c.note_sign_failure("a", 2, 1001);
+        c.note_sign_failure("a", 2, "x", 1001);
         c.store_svid(a, vec![vec![1]], 4601, 1001);
         assert!(!c.sign_failures.contains_key("a"));
         c.apply_sync(pb::SyncResponse {
@@ -680,11 +841,127 @@ mod tests {
         })
         .unwrap();
         assert!(c.sign_failures.is_empty());
-        c.note_sign_failure("gone", 1, 1001);
+        assert!(c.note_sign_failure("gone", 1, "x", 1001).is_none());
         assert!(
             c.sign_failures.is_empty(),
             "unknown entries are not recorded"
         );
+    }
+
+    #[test]
+    fn sign_backoff_grows_is_capped_and_jittered() {
+        // Without jitter: 8, 16, 32 ... doubling up to the 5 min cap, and staying there.
+        let delays: Vec<i64> = (1..=10).map(|n| sign_backoff_delay(n, 0.0)).collect();
+        assert_eq!(delays, [8, 16, 32, 64, 128, 256, 300, 300, 300, 300]);
+        assert_eq!(sign_backoff_delay(u32::MAX, 0.0), SIGN_BACKOFF_MAX);
+        assert_eq!(sign_backoff_delay(0, 0.0), SIGN_BACKOFF_START);
+        // Jitter stays within ±20 % (clamped beyond).
+        assert_eq!(sign_backoff_delay(1, 0.2), 10);
+        assert_eq!(sign_backoff_delay(1, -0.2), 6);
+        assert_eq!(sign_backoff_delay(1, 5.0), 10);
+        assert_eq!(sign_backoff_delay(1, -5.0), 6);
+        assert_eq!(sign_backoff_delay(20, 0.2), 360);
+        assert_eq!(sign_backoff_delay(20, -0.2), 240);
+        // With random jitter, through the cache: each delay within the bounds, and spread.
+        let mut c = Cache::new();
+        c.apply_sync(snapshot(
+            (0..50).map(|i| entry(&i.to_string(), 1)).collect(),
+            1,
+        ))
+        .unwrap();
+        for n in 1..=12u32 {
+            let nominal = (SIGN_BACKOFF_START << (n - 1).min(16)).min(SIGN_BACKOFF_MAX) as f64;
+            let mut retry_ats = HashSet::new();
+            for i in 0..50 {
+                let note = c
+                    .note_sign_failure(&i.to_string(), 1, "refused", 10_000)
+                    .unwrap();
+                assert_eq!(note.retry.failures, n);
+                let delay = (note.retry.retry_at - 10_000) as f64;
+                assert!(
+                    (nominal * 0.8 - 0.5..=nominal * 1.2 + 0.5).contains(&delay),
+                    "failure {n}: {delay} s"
+                );
+                retry_ats.insert(note.retry.retry_at);
+            }
+            assert!(retry_ats.len() > 1, "failure {n}: no jitter");
+        }
+    }
+
+    #[test]
+    fn sign_backoff_resets_on_success_and_on_a_new_revision() {
+        let mut c = Cache::new();
+        c.apply_sync(snapshot(vec![entry("a", 1)], 1)).unwrap();
+        let fail = |c: &mut Cache, rev, reason: &str, now| {
+            c.note_sign_failure_with_jitter("a", rev, reason, now, 0.0)
+                .unwrap()
+        };
+        let n1 = fail(&mut c, 1, "refused", 1000);
+        let n2 = fail(&mut c, 1, "refused", n1.retry.retry_at);
+        let n3 = fail(&mut c, 1, "other", n2.retry.retry_at);
+        assert_eq!(
+            [n1.kind, n2.kind, n3.kind],
+            [
+                SignFailureKind::First,
+                SignFailureKind::Repeated,
+                SignFailureKind::NewReason
+            ]
+        );
+        assert_eq!(n3.retry.failures, 3);
+        assert_eq!(n3.retry.since, 1000);
+        assert_eq!(n3.retry.retry_at, n2.retry.retry_at + 32);
+        assert_eq!(c.next_refresh(), Some(n3.retry.retry_at));
+        // A new revision: due now, and its first failure starts over.
+        c.apply_sync(pb::SyncResponse {
+            upserted: vec![entry("a", 2)],
+            revision: 2,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.due(1100), vec!["a".to_string()]);
+        assert_eq!(c.sign_backoff().count(), 0);
+        let n4 = fail(&mut c, 2, "other", 1100);
+        assert_eq!(n4.kind, SignFailureKind::First);
+        assert_eq!((n4.retry.failures, n4.retry.since), (1, 1100));
+        assert_eq!(n4.retry.retry_at, 1100 + SIGN_BACKOFF_START);
+        assert_eq!(c.sign_backoff().count(), 1);
+        // A late answer for the old revision does not make the new one wait longer.
+        let stale = fail(&mut c, 1, "refused", 1101);
+        assert_eq!(stale.kind, SignFailureKind::First);
+        assert_eq!(c.due(1101), vec!["a".to_string()], "stale failure ignored");
+        // Success: the record goes, and the next failure is a first one again.
+        let n5 = fail(&mut c, 2, "other", 1102);
+        let p = c.make_csrs(&["a".into()]).unwrap().pop().unwrap();
+        assert!(c.store_svid(p, vec![vec![1]], 4700, n5.retry.retry_at));
+        assert!(c.sign_failure("a").is_none());
+        assert_eq!(c.sign_backoff().count(), 0);
+        let n6 = fail(&mut c, 2, "other", 5000);
+        assert_eq!((n6.kind, n6.retry.failures), (SignFailureKind::First, 1));
+    }
+
+    #[test]
+    fn a_refused_entry_is_asked_for_a_bounded_number_of_times() {
+        // Refused at every attempt, looked at every second for 10 min: 8+16+32+64+128+256 s
+        // (± 20 %) → at most 7 attempts, while the other entry renews normally.
+        let mut c = Cache::new();
+        c.apply_sync(snapshot(vec![entry("bad", 1), entry("good", 1)], 1))
+            .unwrap();
+        let (mut attempts, mut good) = (0, 0);
+        for now in 1000..1600 {
+            for p in c.make_csrs(&c.due(now)).unwrap() {
+                if p.entry_id == "bad" {
+                    attempts += 1;
+                    c.note_sign_failure(&p.entry_id, p.entry_revision, "refused", now);
+                } else {
+                    good += 1;
+                    assert!(c.store_svid(p, vec![vec![1]], now + 60, now));
+                }
+            }
+            let next = c.next_refresh().unwrap();
+            assert!(next > now, "nothing due right after a pass at {now}");
+        }
+        assert!((5..=7).contains(&attempts), "{attempts} attempts in 10 min");
+        assert!(good >= 600 / 30, "{good} signings of the good entry");
     }
 
     #[test]

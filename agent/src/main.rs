@@ -85,6 +85,29 @@ fn sync_text(s: &sigil::proto::agent_admin::StatusResponse) -> String {
     text
 }
 
+/// A signing in back-off as JSON.
+fn backoff_json(b: &sigil::proto::agent_admin::SignBackoff) -> serde_json::Value {
+    serde_json::json!({
+        "entry_id": b.entry_id, "spiffe_id": b.spiffe_id, "failures": b.failures,
+        "last_error": b.last_error, "next_retry_at": b.next_retry_at,
+        "failing_since": b.failing_since,
+    })
+}
+
+/// A signing in back-off as a line of text: failures, next retry, last error.
+fn backoff_text(b: &sigil::proto::agent_admin::SignBackoff) -> String {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    format!(
+        "{} failure{} since {}, next retry {} (in {} s): {}",
+        b.failures,
+        if b.failures == 1 { "" } else { "s" },
+        time_text(b.failing_since),
+        time_text(b.next_retry_at),
+        (b.next_retry_at - now).max(0),
+        b.last_error
+    )
+}
+
 async fn status(socket: &std::path::Path, output: &str) -> anyhow::Result<()> {
     // An agent with 100,000 SVIDs answers with well over gRPC's default 4 MiB.
     let s = match sigil_agent::cli::admin_client(socket)
@@ -114,12 +137,17 @@ async fn status(socket: &std::path::Path, output: &str) -> anyhow::Result<()> {
             "last_sync_at": s.last_sync_at, "sync_error": s.sync_error,
             "entries": s.entries, "refused": s.refused, "svids": svids,
             "federated_trust_domains": s.federated_trust_domains,
+            "sign_backoff": s.sign_backoff.iter().map(backoff_json).collect::<Vec<_>>(),
+            "agent_svid_renewal_backoff": s.agent_svid_renewal_backoff.as_ref().map(backoff_json),
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
     }
     println!("Agent ID        : {}", s.spiffe_id);
     println!("Agent SVID until: {}", time_text(s.agent_svid_expires_at));
+    if let Some(b) = &s.agent_svid_renewal_backoff {
+        println!("Agent SVID renew: FAILING, {}", backoff_text(b));
+    }
     println!("Sync            : {}", sync_text(&s));
     println!(
         "Entries synced  : {} (revision {}, bundle sequence {})",
@@ -142,6 +170,17 @@ async fn status(socket: &std::path::Path, output: &str) -> anyhow::Result<()> {
             time_text(v.not_after),
             time_text(v.refresh_at)
         );
+    }
+    if !s.sign_backoff.is_empty() {
+        println!("Signing failing : {}", s.sign_backoff.len());
+        for b in &s.sign_backoff {
+            println!(
+                "  {}  entry {}  {}",
+                b.spiffe_id,
+                b.entry_id,
+                backoff_text(b)
+            );
+        }
     }
     Ok(())
 }

@@ -16,6 +16,13 @@ pub struct AgentMetrics {
     pub svids: Gauge,
     /// X509-SVIDs minted (signed by the server for keys made here).
     pub svids_minted: Counter,
+    /// Failed signings of entries' X509-SVIDs (refused by the server, or the call failed), one
+    /// per entry and attempt.
+    pub svid_sign_failures: Counter,
+    /// Entries whose X509-SVID signing is backing off after failures.
+    pub svid_sign_backoff_entries: Gauge,
+    /// Failed renewals of the agent's own SVID (other than a refusal of the agent).
+    pub agent_svid_renewal_failures: Counter,
     /// Failed sync sessions (server unreachable, stream broken...).
     pub sync_failures: Counter,
     /// Sync messages applied.
@@ -54,6 +61,24 @@ impl AgentMetrics {
             "x509_svids_minted",
             "X509-SVIDs minted",
             svids_minted.clone(),
+        );
+        let svid_sign_failures = Counter::default();
+        r.register(
+            "x509_svid_sign_failures",
+            "Failed X509-SVID signings for entries (refused by sigil-server or the call failed), per entry and attempt",
+            svid_sign_failures.clone(),
+        );
+        let svid_sign_backoff_entries = Gauge::default();
+        r.register(
+            "x509_svid_sign_backoff_entries",
+            "Entries whose X509-SVID signing is backing off after failures",
+            svid_sign_backoff_entries.clone(),
+        );
+        let agent_svid_renewal_failures = Counter::default();
+        r.register(
+            "agent_svid_renewal_failures",
+            "Failed renewals of the agent SVID (other than a refusal of the agent)",
+            agent_svid_renewal_failures.clone(),
         );
         let sync_failures = Counter::default();
         r.register(
@@ -119,6 +144,9 @@ impl AgentMetrics {
             entries,
             svids,
             svids_minted,
+            svid_sign_failures,
+            svid_sign_backoff_entries,
+            agent_svid_renewal_failures,
             sync_failures,
             sync_messages,
             agent_svid_expiry,

@@ -10,6 +10,12 @@
 //! save fails (full disk, read-only directory), the agent goes on with the current SVID, which
 //! the server keeps accepting until the new one is used, and retries the save with back-off;
 //! only when the current SVID is about to expire does it switch to the unsaved one.
+//!
+//! A signing that fails — an entry's SVID the server refused, a BatchSign call that failed, or
+//! the agent SVID's renewal — is retried on its own timer with exponential back-off and jitter
+//! ([`crate::cache::sign_backoff_delay`]), logged at warn when it starts failing (or fails for
+//! another reason), at debug when it fails again the same way, and at info when it recovers.
+//! Only a refusal of the agent itself (PermissionDenied, Unauthenticated) ends the session.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +30,7 @@ use tokio::sync::{watch, RwLock};
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
-use crate::cache::Cache;
+use crate::cache::{Cache, SignFailureKind, SignRetry};
 use crate::client::{self, ClientError};
 use crate::storage::{AgentIdentity, Storage};
 
@@ -53,6 +59,8 @@ pub struct AgentState {
     pub sync: std::sync::Mutex<crate::health::SyncStatus>,
     /// The Workload API socket file as bound (readiness checks it is still there and ours).
     pub workload_socket: std::sync::Mutex<Option<crate::health::SocketId>>,
+    /// The agent SVID's renewal while it keeps failing (`status`).
+    pub agent_svid_renewal: std::sync::Mutex<Option<SignRetry>>,
 }
 
 impl AgentState {
@@ -67,7 +75,23 @@ impl AgentState {
             changes: watch::channel(0).0,
             sync: std::sync::Mutex::new(crate::health::SyncStatus::default()),
             workload_socket: std::sync::Mutex::new(None),
+            agent_svid_renewal: std::sync::Mutex::new(None),
         }
+    }
+
+    /// A copy of the agent SVID's renewal back-off, while renewing keeps failing.
+    pub fn agent_svid_renewal(&self) -> Option<SignRetry> {
+        self.agent_svid_renewal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_agent_svid_renewal(&self, retry: Option<SignRetry>) {
+        *self
+            .agent_svid_renewal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = retry;
     }
 
     /// A copy of the sync state.
@@ -149,21 +173,38 @@ fn now_unix() -> i64 {
 }
 
 /// The agent SVID the worker last saw and when it first saw it: its renewal counts from then
-/// (receipt), not from its back-dated NotBefore.
+/// (receipt), not from its back-dated NotBefore. Failed renewals of it back off (kept across
+/// sessions: a reconnect does not make a refused renewal due again).
 #[derive(Debug, Default)]
 struct AgentSvidSeen {
     serial_hex: String,
     received_at: i64,
+    retry: Option<SignRetry>,
 }
 
 impl AgentSvidSeen {
-    /// When to renew `id` (noting it as received `now` if it is new to the worker).
+    /// When to renew `id` (noting it as received `now` if it is new to the worker): at half its
+    /// life, not before the retry time of a failed renewal of it.
     fn renew_at(&mut self, id: &AgentIdentity, now: i64) -> i64 {
         if id.serial_hex != self.serial_hex {
             self.serial_hex = id.serial_hex.clone();
             self.received_at = now;
+            self.retry = None;
         }
-        crate::cache::agent_svid_renew_at(self.received_at, id.not_after)
+        let at = crate::cache::agent_svid_renew_at(self.received_at, id.not_after);
+        self.retry.as_ref().map_or(at, |r| at.max(r.retry_at))
+    }
+
+    /// Records a failed renewal at `now`.
+    fn note_failure(&mut self, reason: &str, now: i64) -> (SignRetry, SignFailureKind) {
+        let (retry, kind) = SignRetry::after_failure(
+            self.retry.as_ref(),
+            reason,
+            now,
+            crate::cache::sign_backoff_jitter(),
+        );
+        self.retry = Some(retry.clone());
+        (retry, kind)
     }
 }
 
@@ -408,6 +449,10 @@ impl Worker {
                 let id = self.state.identity.read().await;
                 (c.next_refresh(), agent_svid.renew_at(&id, now_unix()))
             };
+            if agent_svid.retry.is_none() {
+                // A new agent SVID (attested again) ends a renewal back-off.
+                self.state.set_agent_svid_renewal(None);
+            }
             // While a renewed SVID waits to be saved, the next renewal waits for it.
             let may_renew = pending.as_ref().is_none_or(|p| p.in_use);
             let wake_at = match (next_refresh, may_renew) {
@@ -437,10 +482,20 @@ impl Worker {
                         return Ok(SessionEnd::Renewed);
                     }
                     if may_renew && now_unix() >= renew_at {
-                        let id = client::renew(&mut node, td).await?;
-                        tracing::info!(serial = %id.serial_hex, "agent SVID renewed at half its lifetime");
-                        if self.save_renewed(id, pending).await? {
-                            return Ok(SessionEnd::Renewed);
+                        match client::renew(&mut node, td).await {
+                            Ok(id) => {
+                                match agent_svid.retry.take() {
+                                    Some(r) => tracing::info!(serial = %id.serial_hex, failures = r.failures, failing_since = r.since, "agent SVID renewed after failed attempts"),
+                                    None => tracing::info!(serial = %id.serial_hex, "agent SVID renewed at half its lifetime"),
+                                }
+                                self.state.set_agent_svid_renewal(None);
+                                if self.save_renewed(id, pending).await? {
+                                    return Ok(SessionEnd::Renewed);
+                                }
+                            }
+                            // Refused for good: the session ends (re-attestation or give up).
+                            Err(e) if e.is_permission_denied() => return Err(e),
+                            Err(e) => self.renewal_failed(agent_svid, &e),
                         }
                     }
                     self.sign_due(&mut node).await?;
@@ -486,6 +541,9 @@ impl Worker {
         m.sync_messages.inc();
         m.entries.set(cache.entry_count() as i64);
         m.svids.set(cache.svids().count() as i64);
+        // A changed or removed entry is no longer backing off.
+        m.svid_sign_backoff_entries
+            .set(cache.sign_backoff().count() as i64);
         if out.upserted + out.removed > 0 || out.bundle_changed || out.federated_changed {
             tracing::info!(
                 upserted = out.upserted,
@@ -499,7 +557,23 @@ impl Worker {
         Ok(())
     }
 
-    /// Signs every due SVID, in batches.
+    /// A renewal of the agent SVID failed (not a refusal of the agent): retried with back-off,
+    /// the current SVID used meanwhile.
+    fn renewal_failed(&self, agent_svid: &mut AgentSvidSeen, e: &ClientError) {
+        let now = now_unix();
+        let (retry, kind) = agent_svid.note_failure(&e.to_string(), now);
+        self.state.metrics.agent_svid_renewal_failures.inc();
+        self.state.set_agent_svid_renewal(Some(retry.clone()));
+        let retry_in_secs = retry.retry_at - now;
+        if kind == SignFailureKind::Repeated {
+            tracing::debug!(error = %e, failures = retry.failures, retry_in_secs, "agent SVID renewal failed again");
+        } else {
+            tracing::warn!(error = %e, failures = retry.failures, retry_in_secs, "agent SVID renewal failed; going on with the current SVID and retrying with back-off");
+        }
+    }
+
+    /// Signs every due SVID, in batches. A failed signing (refused, or the call failed) puts
+    /// the entry in back-off; only a refusal of the agent itself is returned as an error.
     async fn sign_due(
         &self,
         node: &mut sigil::proto::node::node_client::NodeClient<tonic::transport::Channel>,
@@ -517,15 +591,28 @@ impl Worker {
                     csr: p.csr_der.clone(),
                 })
                 .collect();
-            let results = node
-                .batch_sign(pb::BatchSignRequest { requests })
-                .await
-                .map_err(|status| ClientError::Rpc {
-                    what: "batch signing",
-                    status,
-                })?
-                .into_inner()
-                .results;
+            let results = match node.batch_sign(pb::BatchSignRequest { requests }).await {
+                Ok(r) => r.into_inner().results,
+                Err(status) => {
+                    let e = ClientError::Rpc {
+                        what: "batch signing",
+                        status,
+                    };
+                    if e.is_permission_denied() {
+                        return Err(e);
+                    }
+                    // Every entry of the batch backs off: a call that keeps failing (a server
+                    // that cannot sign, an answer too large) is not repeated on every wake-up.
+                    let reason = e.to_string();
+                    let now = now_unix();
+                    let mut cache = self.state.cache.write().await;
+                    for p in &pending {
+                        self.sign_failed(&mut cache, &p.entry_id, p.entry_revision, &reason, now);
+                    }
+                    self.update_backoff_gauge(&cache);
+                    continue;
+                }
+            };
             let now = now_unix();
             let mut cache = self.state.cache.write().await;
             let mut signed: u64 = 0;
@@ -536,8 +623,13 @@ impl Worker {
             for p in pending {
                 let (id, revision) = (p.entry_id.clone(), p.entry_revision);
                 let Some(r) = results.next() else {
-                    cache.note_sign_failure(&id, revision, now);
-                    tracing::warn!(entry_id = %id, "server sent no signing result for an SVID");
+                    self.sign_failed(
+                        &mut cache,
+                        &id,
+                        revision,
+                        "sigil-server sent no signing result for it",
+                        now,
+                    );
                     continue;
                 };
                 if r.entry_id != id {
@@ -546,8 +638,12 @@ impl Worker {
                     ));
                 }
                 if r.code != 0 {
-                    cache.note_sign_failure(&id, revision, now);
-                    tracing::warn!(entry_id = %r.entry_id, code = r.code, message = %r.message, retry_in_secs = crate::cache::SIGN_RETRY_INTERVAL, "server refused to sign an SVID");
+                    let reason = format!(
+                        "sigil-server refused to sign it: {} ({:?})",
+                        r.message,
+                        tonic::Code::from_i32(r.code)
+                    );
+                    self.sign_failed(&mut cache, &id, revision, &reason, now);
                     continue;
                 }
                 match sigil::x509::split_der_concat(&r.svid_chain) {
@@ -556,16 +652,26 @@ impl Worker {
                         if previous.is_some_and(|t| r.expires_at <= t) {
                             not_longer = Some(r.expires_at);
                         }
+                        let failed = cache.sign_failure(&id).cloned();
+                        let spiffe_id = cache.entry(&id).map(|e| e.spiffe_id.to_string());
                         if cache.store_svid(p, chain, r.expires_at, now) {
                             signed += 1;
+                            if let Some(f) = failed {
+                                let spiffe_id = spiffe_id.unwrap_or_default();
+                                tracing::info!(entry_id = %id, spiffe_id = %spiffe_id, failures = f.failures, failing_since = f.since, "X509-SVID signed after failed attempts");
+                            }
                         }
                     }
-                    _ => {
-                        cache.note_sign_failure(&id, revision, now);
-                        tracing::warn!(entry_id = %r.entry_id, "server sent a malformed SVID chain")
-                    }
+                    _ => self.sign_failed(
+                        &mut cache,
+                        &id,
+                        revision,
+                        "sigil-server sent a malformed SVID chain",
+                        now,
+                    ),
                 }
             }
+            self.update_backoff_gauge(&cache);
             drop(cache);
             if let Some(t) = not_longer {
                 tracing::warn!(
@@ -582,9 +688,41 @@ impl Worker {
                 .metrics
                 .svids
                 .set(self.state.cache.read().await.svids().count() as i64);
-            tracing::info!(signed, "X509-SVIDs minted");
+            if signed > 0 {
+                tracing::info!(signed, "X509-SVIDs minted");
+            }
         }
         Ok(())
+    }
+
+    /// Records a failed signing of `entry_id` at `revision` and logs it: warn when it is news
+    /// (first failure, or another reason), debug when it repeats.
+    fn sign_failed(
+        &self,
+        cache: &mut Cache,
+        entry_id: &str,
+        revision: i64,
+        reason: &str,
+        now: i64,
+    ) {
+        let Some(note) = cache.note_sign_failure(entry_id, revision, reason, now) else {
+            return;
+        };
+        self.state.metrics.svid_sign_failures.inc();
+        let (failures, retry_in_secs) = (note.retry.failures, note.retry.retry_at - now);
+        let held = cache.svid(entry_id).map(|s| s.not_after);
+        if note.kind == SignFailureKind::Repeated {
+            tracing::debug!(entry_id, spiffe_id = %note.spiffe_id, reason, failures, retry_in_secs, "X509-SVID signing failed again");
+        } else {
+            tracing::warn!(entry_id, spiffe_id = %note.spiffe_id, reason, failures, retry_in_secs, held_svid_not_after = held, "X509-SVID signing failed; retrying with back-off (a held SVID is served until it expires)");
+        }
+    }
+
+    fn update_backoff_gauge(&self, cache: &Cache) {
+        self.state
+            .metrics
+            .svid_sign_backoff_entries
+            .set(cache.sign_backoff().count() as i64);
     }
 
     /// Saves a renewed SVID and switches to it (true: reconnect), or, if the save fails, keeps
@@ -744,6 +882,57 @@ mod tests {
             "{other}"
         );
         assert!(!other.contains("evicted") && !other.contains("banned"));
+    }
+
+    #[test]
+    fn failed_agent_svid_renewals_back_off_until_a_new_svid() {
+        let id = |serial: &str| AgentIdentity {
+            spiffe_id: "spiffe://example.org/sigil/agent/join_token/t"
+                .parse()
+                .unwrap(),
+            chain_der: vec![],
+            key_pkcs8_der: vec![],
+            serial_hex: serial.into(),
+            not_before: 970,
+            not_after: 4600,
+        };
+        let mut seen = AgentSvidSeen::default();
+        let a = id("0a");
+        assert_eq!(seen.renew_at(&a, 1000), 2800);
+        // Refused at 2800: not asked again before the back-off, which grows and is capped.
+        let mut last = 2800;
+        let mut kinds = vec![];
+        for n in 1..=12u32 {
+            let (r, kind) = seen.note_failure("Unavailable: the CA expired", last);
+            kinds.push(kind);
+            assert_eq!(r.failures, n);
+            assert_eq!(r.since, 2800);
+            let delay = r.retry_at - last;
+            let nominal = crate::cache::sign_backoff_delay(n, 0.0) as f64;
+            assert!(
+                (nominal * 0.8 - 0.5..=nominal * 1.2 + 0.5).contains(&(delay as f64)),
+                "failure {n}: {delay} s"
+            );
+            assert_eq!(
+                seen.renew_at(&a, last),
+                r.retry_at,
+                "waits for the retry time"
+            );
+            last = r.retry_at;
+        }
+        assert_eq!(kinds[0], SignFailureKind::First);
+        assert!(kinds[1..].iter().all(|k| *k == SignFailureKind::Repeated));
+        assert_eq!(
+            seen.note_failure("Internal: datastore", last).1,
+            SignFailureKind::NewReason
+        );
+        // A new agent SVID (renewed, or attested again): the back-off is gone.
+        let b = id("0b");
+        assert_eq!(
+            seen.renew_at(&b, 5000),
+            crate::cache::agent_svid_renew_at(5000, 4600)
+        );
+        assert!(seen.retry.is_none());
     }
 
     #[test]
