@@ -236,7 +236,7 @@ impl Cache {
         Self::default()
     }
 
-    /// The highest entry revision applied; send it back as `known_revision` on reconnect.
+    /// The highest entry revision applied (sent as `known_revision` on reconnect; informational).
     pub fn revision(&self) -> i64 {
         self.revision
     }
