@@ -4,7 +4,7 @@
 //! sequence already held: the server skips an unchanged bundle, and starts every stream with a
 //! full entry snapshot), then `select!` over sync messages, the next SVID refresh time, the
 //! agent SVID's renewal time and shutdown. Due SVIDs are signed in `BatchSign` calls of up to
-//! 500. When a session fails the cache keeps serving what it holds and the
+//! [`SIGN_BATCH`]. When a session fails the cache keeps serving what it holds and the
 //! worker reconnects with exponential back-off and jitter, logging at a sane rate. A renewed
 //! agent SVID is saved to disk before it is used: the session then ends and the next one
 //! connects with the new SVID at once (the server makes it current on that first use). If the
