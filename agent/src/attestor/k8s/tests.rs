@@ -425,7 +425,9 @@ async fn unknown_pod_or_container_gives_up_after_the_wait() {
     let unknown_pod = "0f8e2a56-9c41-4d7b-a3e0-5b6c7d8e9f01";
     assert!(client.lookup(unknown_pod, WEB_APP).await.unwrap().is_none());
     let polls = kubelet.seen().len();
-    assert!((3..=5).contains(&polls), "{polls} requests");
+    // Polled again within the wait, and no more than the wait allows (a loaded machine fits
+    // fewer polls in 150 ms).
+    assert!((2..=5).contains(&polls), "{polls} requests");
     // Known pod, unknown container.
     assert!(client
         .lookup(WEB_POD, &"0".repeat(64))

@@ -693,7 +693,9 @@ async fn bursts_are_coalesced() -> TestResult {
         seen.extend(m.upserted.into_iter().map(|e| e.id));
     }
     writer.await?;
-    assert!(messages < N / 3, "{messages} messages for {N} creates");
+    // Without coalescing: one message per create. How many creates share a message depends on
+    // how fast the writer runs against the stream (on a loaded machine, fewer).
+    assert!(messages <= N / 2, "{messages} messages for {N} creates");
     Ok(())
 }
 
