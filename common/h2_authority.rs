@@ -6,22 +6,41 @@
 //! hyper and tonic — resets every stream whose `:authority` is not an RFC 3986 authority, so those
 //! clients could not use the Workload API at all. SPIRE's agent accepts them.
 //!
-//! [`AuthorityFix`] sits between the socket and hyper, on the bytes the client sends: every frame
-//! passes through untouched except HEADERS and their CONTINUATIONs, whose header block is decoded
-//! with a maintained HPACK codec (`loona-hpack`), given `localhost` in place of an `:authority`
-//! that is not a valid authority, and encoded again. Everything else h2 still checks as before.
+//! [`AuthorityFix`] sits between the socket and hyper, on the bytes the client sends. A client
+//! sends the same kind of `:authority` on every request, so a connection starts in the first of
+//! three modes, and its first header block decides between the other two:
 //!
-//! HPACK is stateful in each direction, so the adapter owns two contexts: a decoder that follows
-//! the client's encoder (dynamic-table size updates up to the 4,096 bytes h2 advertises), and an
-//! encoder whose table h2's decoder follows — which is why *every* header block is re-encoded, not
-//! only those that needed a change. What the server sends is not touched.
+//! - **Decide**, until the first complete header block: frames other than HEADERS and
+//!   CONTINUATION pass through as they arrive; the first header block is collected and *scanned*
+//!   (its field representations walked, RFC 7541 §6, without decoding it). When the scan is sure
+//!   the block has no `:authority` or only valid ones — what tonic, grpc-go, grpc-js and Envoy
+//!   send — its frames go on byte for byte and the connection passes through from then on.
+//!   Whatever the scan cannot judge (a reference into the dynamic table, a malformed field, an
+//!   invalid `:authority`) means rewrite: a wrong guess can cost speed, not correctness.
+//! - **PassThrough**: every byte goes to h2 untouched, without parsing. Nothing is changed, so
+//!   h2's HPACK decoder follows the client's encoder directly, and h2 validates everything as it
+//!   would without the adapter. So a client that sends a valid `:authority` first and an invalid
+//!   one later on the same connection gets h2's stream reset for the later request.
+//! - **Rewrite**, for the rest of the connection: every header block, the first one included, is
+//!   decoded with a maintained HPACK codec (`loona-hpack`), given `localhost` in place of an
+//!   `:authority` that is not a valid authority, and encoded again. HPACK is stateful in each
+//!   direction, so this mode owns two contexts: a decoder that follows the client's encoder
+//!   (dynamic-table size updates up to the 4,096 bytes h2 advertises), and an encoder whose table
+//!   h2's decoder follows — which is why *every* header block is re-encoded, not only those that
+//!   needed a change. Frames other than headers pass through untouched.
 //!
-//! Bounds, so that a client can cost only a fixed amount: a HEADERS or CONTINUATION frame is at
-//! most h2's default `SETTINGS_MAX_FRAME_SIZE`, a header block at most [`MAX_HEADER_BLOCK`]
-//! encoded bytes in at most [`MAX_CONTINUATIONS`] frames, its decoded list at most
-//! [`MAX_HEADER_LIST`] bytes (counted as `SETTINGS_MAX_HEADER_LIST_SIZE` counts). Anything over,
-//! or a block that does not decode, or a CONTINUATION out of place, ends the connection with an
-//! error (as h2 itself would, with a GOAWAY). No buffer is kept while a connection is idle.
+//! What the server sends is never touched. Decoding with `loona-hpack` is slow (it builds a
+//! Huffman table per Huffman-coded string), which is why clients that need no fix do not pay for
+//! it: the scan decodes only a Huffman-coded `:authority` value, with a table-driven decoder.
+//!
+//! Bounds while deciding and rewriting, so that a client can cost only a fixed amount: a HEADERS
+//! or CONTINUATION frame is at most h2's default `SETTINGS_MAX_FRAME_SIZE`, a header block at
+//! most [`MAX_HEADER_BLOCK`] encoded bytes in at most [`MAX_CONTINUATIONS`] frames, its decoded
+//! list (when rewriting) at most [`MAX_HEADER_LIST`] bytes (counted as
+//! `SETTINGS_MAX_HEADER_LIST_SIZE` counts). Anything over, or a block that does not decode, or a
+//! CONTINUATION out of place, ends the connection with an error (as h2 itself would, with a
+//! GOAWAY). When passing through, h2's own limits apply, as without the adapter. No buffer is
+//! kept while a connection is idle.
 
 use std::io;
 use std::pin::Pin;
@@ -56,6 +75,21 @@ const FLAG_END_STREAM: u8 = 0x1;
 const FLAG_END_HEADERS: u8 = 0x4;
 const FLAG_PADDED: u8 = 0x8;
 const FLAG_PRIORITY: u8 = 0x20;
+
+/// The Huffman encoding (RFC 7541 Appendix B) of `:authority`. HPACK's Huffman code is canonical
+/// and its padding fixed (the most significant bits of EOS), so a Huffman-coded name is
+/// `:authority` exactly when its bytes are these.
+const AUTHORITY_HUFFMAN: [u8; 8] = [0xb8, 0x3b, 0x53, 0x39, 0xec, 0x32, 0x7d, 0x7f];
+/// The static table index of `:authority` (RFC 7541 Appendix A); its entry has an empty value.
+const STATIC_AUTHORITY: usize = 1;
+/// Entries in the static table; higher indices are in the dynamic table, which the scan does
+/// not follow.
+const STATIC_TABLE_LEN: usize = 61;
+/// Largest HPACK integer the scan reads; a larger one is left to the full decoder.
+const SCAN_MAX_INTEGER: usize = 1 << 28;
+/// Longest Huffman-coded `:authority` value the scan decodes; a longer one is left to the full
+/// decoder.
+const SCAN_MAX_HUFFMAN_AUTHORITY: usize = 255;
 
 /// Why the adapter ended a connection.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -106,6 +140,17 @@ enum State {
     PassThrough(usize),
 }
 
+/// How the adapter treats a connection (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Until the first complete header block, which decides between the other two.
+    Decide,
+    /// Every byte passes untouched.
+    PassThrough,
+    /// Every header block is decoded, fixed and re-encoded.
+    Rewrite,
+}
+
 /// A header block being collected from HEADERS + CONTINUATION frames.
 struct PendingBlock {
     stream_id: u32,
@@ -114,10 +159,13 @@ struct PendingBlock {
     priority: Option<[u8; 5]>,
     fragment: Vec<u8>,
     frames: usize,
+    /// The frames as they arrived, kept while deciding so that they can pass byte for byte.
+    raw: Vec<u8>,
 }
 
 /// The HPACK side of the adapter, kept apart from the I/O so it can be tested on byte strings.
 pub struct Rewriter {
+    mode: Mode,
     state: State,
     decoder: loona_hpack::Decoder<'static>,
     encoder: loona_hpack::Encoder<'static>,
@@ -136,11 +184,17 @@ impl Rewriter {
         let mut decoder = loona_hpack::Decoder::new();
         decoder.set_max_allowed_table_size(HEADER_TABLE_SIZE);
         Self {
+            mode: Mode::Decide,
             state: State::Preface(PREFACE_LEN),
             decoder,
             encoder: loona_hpack::Encoder::new(),
             block: None,
         }
+    }
+
+    /// Whether every byte from now on passes untouched (so the caller may skip [`Self::process`]).
+    pub fn passes_through(&self) -> bool {
+        self.mode == Mode::PassThrough
     }
 
     /// Consumes what it can of `input` (from the front), appending what h2 should read to
@@ -151,6 +205,11 @@ impl Rewriter {
         let mut at = 0;
         while at < input.len() {
             let rest = &input[at..];
+            if self.mode == Mode::PassThrough {
+                out.extend_from_slice(rest);
+                at = input.len();
+                break;
+            }
             match self.state {
                 State::Preface(left) | State::PassThrough(left) => {
                     let n = left.min(rest.len());
@@ -188,11 +247,17 @@ impl Rewriter {
                     let Some(payload) = rest.get(FRAME_HEADER_LEN..FRAME_HEADER_LEN + len) else {
                         break;
                     };
-                    at += FRAME_HEADER_LEN + len;
+                    let whole = &rest[..FRAME_HEADER_LEN + len];
+                    at += whole.len();
                     if kind == TYPE_HEADERS {
                         self.start_block(stream_id, flags, payload)?;
                     } else {
                         self.continue_block(stream_id, payload)?;
+                    }
+                    if self.mode == Mode::Decide {
+                        if let Some(block) = self.block.as_mut() {
+                            block.raw.extend_from_slice(whole);
+                        }
                     }
                     if flags & FLAG_END_HEADERS != 0 {
                         self.finish_block(out)?;
@@ -240,6 +305,7 @@ impl Rewriter {
             priority,
             fragment: body[..fragment_len].to_vec(),
             frames: 1,
+            raw: Vec::new(),
         });
         Ok(())
     }
@@ -262,11 +328,21 @@ impl Rewriter {
         Ok(())
     }
 
-    /// Decodes the collected block, fixes `:authority`, and appends the re-encoded frames.
+    /// Appends the collected block to `out`: as it came when the connection passes through,
+    /// else decoded, with `:authority` fixed, and re-encoded.
     fn finish_block(&mut self, out: &mut Vec<u8>) -> Result<(), AuthorityFixError> {
         let Some(block) = self.block.take() else {
             return Ok(());
         };
+        if self.mode == Mode::Decide {
+            if scan(&block.fragment) == Decision::Pass {
+                out.extend_from_slice(&block.raw);
+                self.mode = Mode::PassThrough;
+                return Ok(());
+            }
+            // The decoder starts with this first block, so it follows the client's encoder.
+            self.mode = Mode::Rewrite;
+        }
         let mut fields: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut list_size = 0usize;
         let mut too_large = false;
@@ -304,6 +380,122 @@ impl Rewriter {
 /// Whether h2 would take `value` as `:authority`.
 fn valid_authority(value: &[u8]) -> bool {
     !value.is_empty() && http::uri::Authority::try_from(value).is_ok()
+}
+
+/// What a connection's first header block calls for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decision {
+    /// Surely no `:authority`, or only valid ones: the connection can pass through.
+    Pass,
+    /// An invalid `:authority`, or a block the scan cannot judge.
+    Rewrite,
+}
+
+/// Judges a header block without decoding it (no dynamic table; Huffman only for `:authority`
+/// values). [`Decision::Pass`] only when sure; never panics, whatever the bytes.
+fn scan(block: &[u8]) -> Decision {
+    match scan_fields(block) {
+        Some(()) => Decision::Pass,
+        None => Decision::Rewrite,
+    }
+}
+
+/// `Some` when every field representation in `block` (RFC 7541 §6) is surely not an invalid
+/// `:authority`; `None` when unsure.
+fn scan_fields(mut block: &[u8]) -> Option<()> {
+    while let Some(&first) = block.first() {
+        if first & 0x80 != 0 {
+            // Indexed field (1xxxxxxx). Index 0 is an error, the static `:authority` has an empty
+            // value, and the dynamic table is not followed.
+            let (index, rest) = read_integer(block, 7)?;
+            if index == 0 || index == STATIC_AUTHORITY || index > STATIC_TABLE_LEN {
+                return None;
+            }
+            block = rest;
+        } else if first & 0xe0 == 0x20 {
+            // Dynamic table size update (001xxxxx): h2 checks it.
+            let (_, rest) = read_integer(block, 5)?;
+            block = rest;
+        } else {
+            // Literal field: with incremental indexing (01xxxxxx), without indexing (0000xxxx) or
+            // never indexed (0001xxxx); the prefix holds the name's index, 0 for a literal name.
+            let prefix = if first & 0x40 != 0 { 6 } else { 4 };
+            let (name_index, rest) = read_integer(block, prefix)?;
+            let (is_authority, rest) = match name_index {
+                0 => {
+                    let (huffman, name, rest) = read_string(rest)?;
+                    let is_authority = if huffman {
+                        name == AUTHORITY_HUFFMAN.as_slice()
+                    } else {
+                        name == b":authority"
+                    };
+                    (is_authority, rest)
+                }
+                STATIC_AUTHORITY => (true, rest),
+                i if i > STATIC_TABLE_LEN => return None,
+                _ => (false, rest),
+            };
+            let (huffman, value, rest) = read_string(rest)?;
+            if is_authority && !valid_encoded_authority(huffman, value) {
+                return None;
+            }
+            block = rest;
+        }
+    }
+    Some(())
+}
+
+/// Whether an `:authority` value as encoded in a string literal is surely valid.
+fn valid_encoded_authority(huffman: bool, value: &[u8]) -> bool {
+    if !huffman {
+        return valid_authority(value);
+    }
+    if value.len() > SCAN_MAX_HUFFMAN_AUTHORITY {
+        return false;
+    }
+    // The shortest code is 5 bits.
+    let mut decoded = Vec::with_capacity(value.len() * 8 / 5);
+    if httlib_huffman::decode(value, &mut decoded, httlib_huffman::DecoderSpeed::FiveBits).is_err()
+    {
+        return false;
+    }
+    // Encoding is a bijection onto valid encodings: when the decoded string encodes back to the
+    // same bytes, it is what h2's decoder reads too, however lenient this decoder is (it accepts
+    // some padding that h2 refuses).
+    let mut again = Vec::with_capacity(value.len());
+    httlib_huffman::encode(&decoded, &mut again).is_ok()
+        && again == value
+        && valid_authority(&decoded)
+}
+
+/// The HPACK integer (RFC 7541 §5.1) with a `prefix_bits`-bit prefix (1 to 7) at the start of
+/// `bytes`, and the bytes after it; `None` when truncated or over [`SCAN_MAX_INTEGER`].
+fn read_integer(bytes: &[u8], prefix_bits: u32) -> Option<(usize, &[u8])> {
+    let (&first, mut rest) = bytes.split_first()?;
+    let prefix_max = (1u8 << prefix_bits) - 1;
+    let mut value = usize::from(first & prefix_max);
+    if value < usize::from(prefix_max) {
+        return Some((value, rest));
+    }
+    // Four continuation bytes reach 2^28; more is over the limit anyway.
+    for shift in [0u32, 7, 14, 21] {
+        let (&byte, tail) = rest.split_first()?;
+        rest = tail;
+        value += usize::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return (value <= SCAN_MAX_INTEGER).then_some((value, rest));
+        }
+    }
+    None
+}
+
+/// The string literal (RFC 7541 §5.2) at the start of `bytes`: whether it is Huffman-coded, its
+/// bytes as encoded, and the bytes after it; `None` when truncated or too long.
+fn read_string(bytes: &[u8]) -> Option<(bool, &[u8], &[u8])> {
+    let huffman = bytes.first()? & 0x80 != 0;
+    let (len, rest) = read_integer(bytes, 7)?;
+    let (string, rest) = rest.split_at_checked(len)?;
+    Some((huffman, string, rest))
 }
 
 /// HEADERS (+ CONTINUATION) frames carrying `encoded` for `block`'s stream.
@@ -398,6 +590,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for AuthorityFix<T> {
                     this.output_at = 0;
                 }
                 return Poll::Ready(Ok(()));
+            }
+            if this.rewriter.passes_through() {
+                // Passing through consumes all its input: nothing is held back.
+                debug_assert!(this.input.is_empty());
+                return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
             let mut chunk = [0u8; READ_CHUNK];
             let mut rb = ReadBuf::new(&mut chunk);

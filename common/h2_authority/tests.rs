@@ -316,20 +316,36 @@ fn dynamic_table_size_updates_beyond_the_advertised_size_end_the_connection() {
     input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &ok));
     rewrite(&input, 5).unwrap();
 
+    // With an `:authority` to fix, the block is decoded, and the update refused.
+    let mut update = vec![0x3f];
+    update.extend(loona_hpack::encoder::encode_integer(65_536 - 31, 8));
+    update.extend(literal(Name::Index(1), b"/x.sock", false));
+    let mut input = PREFACE.to_vec();
+    input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &update));
+    expect_error(&input, |e| matches!(e, AuthorityFixError::Hpack(_)));
+
+    // Without, the block passes untouched and h2 refuses the update itself.
     let mut update = vec![0x3f];
     update.extend(loona_hpack::encoder::encode_integer(65_536 - 31, 8));
     update.push(0x82);
     let mut input = PREFACE.to_vec();
     input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &update));
-    expect_error(&input, |e| matches!(e, AuthorityFixError::Hpack(_)));
+    assert_eq!(rewrite(&input, 5).unwrap(), input);
 }
 
 #[test]
 fn indexed_amplification_is_bounded() {
-    // One 4,000-byte field in the dynamic table, then a block of one-byte references to it.
+    // One 4,000-byte field in the dynamic table, then a block of one-byte references to it, on
+    // a connection that is rewritten (a socket path as `:authority`).
     let mut enc = loona_hpack::Encoder::new();
     let mut input = PREFACE.to_vec();
-    let first = encode(&mut enc, &[(b"x-big", vec![b'a'; 4000])]);
+    let first = encode(
+        &mut enc,
+        &[
+            (b":authority", b"/x.sock".to_vec()),
+            (b"x-big", vec![b'a'; 4000]),
+        ],
+    );
     input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &first));
     let refs = vec![0x80 | 62; 10_000];
     let (a, rest) = refs.split_at(MAX_FRAME_PAYLOAD.min(refs.len()));
@@ -357,8 +373,439 @@ fn garbage_hpack_ends_the_connection() {
     input.clear();
 }
 
+/// An HPACK integer (RFC 7541 §5.1): `flags` above a `prefix`-bit prefix.
+fn int(flags: u8, prefix: u32, value: usize) -> Vec<u8> {
+    let max = (1usize << prefix) - 1;
+    if value < max {
+        return vec![flags | value as u8];
+    }
+    let mut out = vec![flags | max as u8];
+    let mut rest = value - max;
+    while rest >= 128 {
+        out.push(0x80 | (rest % 128) as u8);
+        rest /= 128;
+    }
+    out.push(rest as u8);
+    out
+}
+
+fn huffman(s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    httlib_huffman::encode(s, &mut out).unwrap();
+    out
+}
+
+/// A string literal (RFC 7541 §5.2), Huffman-coded or raw.
+fn string(s: &[u8], huffman_coded: bool) -> Vec<u8> {
+    let bytes = if huffman_coded {
+        huffman(s)
+    } else {
+        s.to_vec()
+    };
+    let mut out = int(if huffman_coded { 0x80 } else { 0 }, 7, bytes.len());
+    out.extend(bytes);
+    out
+}
+
+/// How a literal field names its header.
+#[derive(Debug, Clone)]
+enum Name {
+    /// By table index.
+    Index(usize),
+    /// As a string literal (raw or Huffman-coded).
+    Literal(Vec<u8>, bool),
+}
+
+/// A literal field without indexing, so that the dynamic table stays as it was.
+fn literal(name: Name, value: &[u8], huffman_coded: bool) -> Vec<u8> {
+    let mut out = match name {
+        Name::Index(i) => int(0, 4, i),
+        Name::Literal(n, h) => {
+            let mut out = vec![0];
+            out.extend(string(&n, h));
+            out
+        }
+    };
+    out.extend(string(value, huffman_coded));
+    out
+}
+
+/// A request block as a client with its own HPACK encoder might send it (static indices,
+/// Huffman-coded strings, nothing added to the dynamic table), with `authority` (an encoded
+/// field) after `:path`.
+fn request_block(authority: Option<Vec<u8>>) -> Vec<u8> {
+    let mut out = vec![0x83, 0x86]; // :method POST, :scheme http
+    out.extend(literal(
+        Name::Index(4),
+        b"/SpiffeWorkloadAPI/FetchX509SVID",
+        true,
+    ));
+    out.extend(authority.unwrap_or_default());
+    out.extend(literal(Name::Index(31), b"application/grpc", true));
+    out.extend(literal(
+        Name::Literal(b"te".to_vec(), false),
+        b"trailers",
+        true,
+    ));
+    out.extend(literal(
+        Name::Literal(b"workload.spiffe.io".to_vec(), true),
+        b"true",
+        false,
+    ));
+    out
+}
+
+/// A connection whose first request carries `first_block`, followed by requests with the
+/// `later` authorities encoded by loona (in step: the first block leaves the dynamic table
+/// empty).
+fn hand_connection(first_block: &[u8], later: &[&str]) -> Vec<u8> {
+    let mut input = PREFACE.to_vec();
+    input.extend(frame(0x4, 0, 0, &[])); // SETTINGS
+    input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, first_block));
+    input.extend(frame(0x0, FLAG_END_STREAM, 1, b"\0\0\0\0\0"));
+    let mut enc = loona_hpack::Encoder::new();
+    for (i, a) in later.iter().enumerate() {
+        let stream = 3 + 2 * i as u32;
+        let block = encode(&mut enc, &request_fields(a));
+        input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, stream, &block));
+        input.extend(frame(0x0, FLAG_END_STREAM, stream, b"\0\0\0\0\0"));
+    }
+    input
+}
+
+const C_CORE: &str = "tmp%2Fsigil%2Fapi.sock";
+const GRPC_JAVA: &str = "/run/sigil/agent/public/api.sock";
+
+#[test]
+fn the_huffman_constant_is_authority() {
+    let decoded = loona_hpack::huffman::HuffmanDecoder::new()
+        .decode(&AUTHORITY_HUFFMAN)
+        .unwrap();
+    assert_eq!(decoded, b":authority");
+    assert_eq!(huffman(b":authority"), AUTHORITY_HUFFMAN);
+}
+
+#[test]
+fn a_valid_or_absent_authority_passes_byte_for_byte() {
+    let firsts = [
+        Some(literal(Name::Index(1), b"localhost", true)),
+        Some(literal(Name::Index(1), b"[::]:50051", true)),
+        Some(literal(Name::Index(1), b"localhost", false)),
+        Some(literal(
+            Name::Literal(b":authority".to_vec(), true),
+            b"unix",
+            true,
+        )),
+        None,
+    ];
+    for first in firsts {
+        let block = request_block(first.clone());
+        assert_eq!(scan(&block), Decision::Pass, "{first:?}");
+        // Later blocks pass untouched too, even one whose `:authority` h2 will refuse.
+        let input = hand_connection(&block, &["localhost", C_CORE]);
+        for step in [1, 7, 100, input.len()] {
+            assert_eq!(
+                rewrite(&input, step).unwrap(),
+                input,
+                "{first:?} step {step}"
+            );
+        }
+    }
+
+    // From a loona-encoded client as well (incremental indexing, raw strings).
+    let input = connection(&["[::1]:8081", GRPC_JAVA]);
+    let out = rewrite(&input, 13).unwrap();
+    assert_eq!(out, input);
+    let blocks = decoded_blocks(&out);
+    assert_eq!(authority_of(&blocks[1]).as_deref(), Some(GRPC_JAVA));
+
+    // Padding, priority and CONTINUATIONs are kept as they came.
+    let block = request_block(Some(literal(Name::Index(1), b"localhost", true)));
+    let (a, b) = block.split_at(block.len() / 2);
+    let mut payload = vec![3u8];
+    payload.extend_from_slice(&[0x80, 0, 0, 3, 15]);
+    payload.extend_from_slice(a);
+    payload.extend_from_slice(&[0, 0, 0]);
+    let mut input = PREFACE.to_vec();
+    input.extend(frame(
+        TYPE_HEADERS,
+        FLAG_PADDED | FLAG_PRIORITY | FLAG_END_STREAM,
+        5,
+        &payload,
+    ));
+    input.extend(frame(TYPE_CONTINUATION, FLAG_END_HEADERS, 5, b));
+    assert_eq!(rewrite(&input, 3).unwrap(), input);
+}
+
+#[test]
+fn socket_path_authorities_raw_or_huffman_are_rewritten_on_the_whole_connection() {
+    for path in [C_CORE, GRPC_JAVA] {
+        for huffman_coded in [false, true] {
+            let block = request_block(Some(literal(
+                Name::Index(1),
+                path.as_bytes(),
+                huffman_coded,
+            )));
+            assert_eq!(scan(&block), Decision::Rewrite);
+            let input = hand_connection(&block, &[GRPC_JAVA, "localhost:1"]);
+            let out = rewrite(&input, 5).unwrap();
+            assert_eq!(out, rewrite(&input, input.len()).unwrap());
+            let blocks = decoded_blocks(&out);
+            let authorities: Vec<_> = blocks.iter().map(|b| authority_of(b)).collect();
+            assert_eq!(
+                authorities,
+                [
+                    Some(REPLACEMENT_AUTHORITY.to_string()),
+                    Some(REPLACEMENT_AUTHORITY.to_string()),
+                    Some("localhost:1".to_string()),
+                ],
+                "{path} huffman {huffman_coded}"
+            );
+            assert_eq!(blocks[0][2].0, b":path");
+            assert_eq!(blocks[0][2].1, b"/SpiffeWorkloadAPI/FetchX509SVID");
+            assert!(blocks[0].contains(&(b"workload.spiffe.io".to_vec(), b"true".to_vec())));
+            assert!(blocks[0].contains(&(b"te".to_vec(), b"trailers".to_vec())));
+        }
+    }
+}
+
+#[test]
+fn how_the_first_block_names_authority_decides() {
+    use Decision::{Pass, Rewrite};
+    let authority_name = |h| Name::Literal(b":authority".to_vec(), h);
+    // Huffman-coded "localhost:1" with its padding (the EOS prefix, all ones) made zeros.
+    let mut bad_padding = huffman(b"localhost:1");
+    let pad_bits = 8 - b"localhost:1"
+        .iter()
+        .map(|&c| u32::from(httlib_huffman::encoder::table::ENCODE_TABLE[usize::from(c)].0))
+        .sum::<u32>()
+        % 8;
+    assert!(pad_bits > 0 && pad_bits < 8);
+    *bad_padding.last_mut().unwrap() &= !((1u8 << pad_bits) - 1);
+    let mut bad_padding_field = int(0, 4, 1);
+    bad_padding_field.extend(int(0x80, 7, bad_padding.len()));
+    bad_padding_field.extend(&bad_padding);
+
+    let mut dynamic = vec![0x41];
+    dynamic.extend(string(b"localhost", false));
+    dynamic.push(0x80 | 62);
+
+    let cases: Vec<(&str, Vec<u8>, Decision)> = vec![
+        (
+            "Huffman name, Huffman socket path",
+            literal(authority_name(true), C_CORE.as_bytes(), true),
+            Rewrite,
+        ),
+        (
+            "Huffman name, valid value",
+            literal(authority_name(true), b"localhost", true),
+            Pass,
+        ),
+        (
+            "raw name, socket path",
+            literal(authority_name(false), GRPC_JAVA.as_bytes(), false),
+            Rewrite,
+        ),
+        (
+            "raw name, valid value",
+            literal(authority_name(false), b"[::]:50051", false),
+            Pass,
+        ),
+        (
+            "another Huffman name",
+            literal(Name::Literal(b":authorit".to_vec(), true), b"/x", true),
+            Pass,
+        ),
+        (
+            "another raw name",
+            literal(Name::Literal(b"x-authority".to_vec(), false), b"/x", false),
+            Pass,
+        ),
+        ("static :authority, empty", vec![0x81], Rewrite),
+        ("dynamic entry", dynamic, Rewrite),
+        (
+            "dynamic name",
+            literal(Name::Index(62), b"localhost", false),
+            Rewrite,
+        ),
+        (
+            "never indexed, socket path",
+            {
+                let mut f = literal(Name::Index(1), b"/x", false);
+                f[0] |= 0x10;
+                f
+            },
+            Rewrite,
+        ),
+        (
+            "never indexed, valid",
+            {
+                let mut f = literal(Name::Index(1), b"unix", false);
+                f[0] |= 0x10;
+                f
+            },
+            Pass,
+        ),
+        (
+            "incremental indexing, valid",
+            {
+                let mut f = vec![0x41];
+                f.extend(string(b"localhost", true));
+                f
+            },
+            Pass,
+        ),
+        ("empty value", literal(Name::Index(1), b"", false), Rewrite),
+        (
+            "Huffman value with zero padding",
+            bad_padding_field,
+            Rewrite,
+        ),
+        (
+            "Huffman value of EOS",
+            {
+                let mut f = int(0, 4, 1);
+                f.extend([0x84, 0xff, 0xff, 0xff, 0xff]);
+                f
+            },
+            Rewrite,
+        ),
+        (
+            "long valid Huffman value",
+            literal(Name::Index(1), &[b'a'; 450], true),
+            Rewrite,
+        ),
+        ("size update", vec![0x3f, 0xe1, 0x1f], Pass),
+        ("truncated value", vec![0x01, 0x85, b'l'], Rewrite),
+        ("truncated integer", vec![0x7f, 0xff], Rewrite),
+        (
+            "huge integer",
+            vec![0x7f, 0xff, 0xff, 0xff, 0xff, 0x0f],
+            Rewrite,
+        ),
+        ("index 0", vec![0x80], Rewrite),
+    ];
+    for (what, field, decision) in cases {
+        // Last, so that a truncated field is truncated.
+        let block = [request_block(None), field].concat();
+        assert_eq!(scan(&block), decision, "{what}");
+        let input = hand_connection(&block, &["localhost"]);
+        match rewrite(&input, 9) {
+            Ok(out) if decision == Pass => assert_eq!(out, input, "{what}"),
+            Ok(out) => {
+                assert_ne!(out, input, "{what}: rewritten");
+                for block in decoded_blocks(&out) {
+                    if let Some(a) = authority_of(&block) {
+                        assert!(valid_authority(a.as_bytes()), "{what}: {a}");
+                    }
+                }
+            }
+            // Blocks that do not decode end the connection, as h2 would.
+            Err(e) => assert!(
+                decision == Rewrite && matches!(e, AuthorityFixError::Hpack(_)),
+                "{what}: {e:?}"
+            ),
+        }
+    }
+}
+
+#[test]
+fn any_split_gives_the_same_output_when_passing_through() {
+    let input = connection(&["localhost", C_CORE, "/a/b.sock"]);
+    for step in 1..40 {
+        assert_eq!(rewrite(&input, step).unwrap(), input, "step {step}");
+    }
+}
+
+/// One encoded field of a first block, valid or not, for the scan's properties.
+fn any_field() -> impl Strategy<Value = Vec<u8>> {
+    let value = prop_oneof![
+        proptest::sample::select(vec![
+            "localhost",
+            "[::]:50051",
+            "example.org:443",
+            C_CORE,
+            GRPC_JAVA,
+            "",
+            "a b",
+            "[::1",
+            "x@y:1",
+            "h:99999",
+        ])
+        .prop_map(|v| v.as_bytes().to_vec()),
+        "[ -~]{0,20}".prop_map(String::into_bytes),
+        proptest::collection::vec(any::<u8>(), 0..12),
+    ];
+    let name = prop_oneof![
+        (0usize..70).prop_map(Name::Index),
+        any::<bool>().prop_map(|h| Name::Literal(b":authority".to_vec(), h)),
+        ("[a-z:]{0,12}", any::<bool>()).prop_map(|(n, h)| Name::Literal(n.into_bytes(), h)),
+    ];
+    prop_oneof![
+        (0usize..70).prop_map(|i| int(0x80, 7, i)),
+        (0usize..5000).prop_map(|v| int(0x20, 5, v)),
+        (
+            proptest::sample::select(vec![(0x40u8, 6u32), (0x00, 4), (0x10, 4)]),
+            name,
+            value.clone(),
+            any::<bool>(),
+        )
+            .prop_map(|((flags, prefix), name, value, h)| {
+                let mut out = match name {
+                    Name::Index(i) => int(flags, prefix, i),
+                    Name::Literal(n, nh) => {
+                        let mut out = vec![flags];
+                        out.extend(string(&n, nh));
+                        out
+                    }
+                };
+                out.extend(string(&value, h));
+                out
+            }),
+        // Arbitrary bytes presented as a Huffman-coded `:authority`.
+        (value, any::<bool>()).prop_map(|(v, h)| {
+            let mut out = int(if h { 0x40 } else { 0 }, if h { 6 } else { 4 }, 1);
+            out.extend(int(0x80, 7, v.len()));
+            out.extend(v);
+            out
+        }),
+    ]
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// The scan never panics, and passes a block only when every `:authority` in it (as a full
+    /// decoder reads it, when the block decodes) is valid.
+    #[test]
+    fn scan_passes_only_valid_authorities(
+        fields in proptest::collection::vec(any_field(), 0..8),
+        cut in any::<proptest::sample::Index>(),
+        truncate in any::<bool>(),
+    ) {
+        let mut block = fields.concat();
+        if truncate && !block.is_empty() {
+            block.truncate(cut.index(block.len()));
+        }
+        if scan(&block) == Decision::Pass {
+            let mut dec = loona_hpack::Decoder::new();
+            dec.set_max_allowed_table_size(HEADER_TABLE_SIZE);
+            if let Ok(list) = dec.decode(&block) {
+                for (n, v) in list {
+                    if n == b":authority" {
+                        prop_assert!(valid_authority(&v), "{:?} passed", String::from_utf8_lossy(&v));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Arbitrary bytes: the scan never panics.
+    #[test]
+    fn scan_never_panics(block in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = scan(&block);
+        let _ = valid_encoded_authority(true, &block);
+    }
 
     /// Arbitrary bytes after the preface: an error or an output, never a panic, and never more
     /// held back than one header frame.
@@ -427,10 +874,11 @@ proptest! {
 
 /// A real h2 server (what hyper and tonic run) behind the adapter, on a real Unix socket, with a
 /// client sending gRPC C-core's `:authority`: the request arrives (with `localhost`) instead of
-/// being reset. Without the adapter the same client gets RST_STREAM.
+/// being reset. Without the adapter the same client gets RST_STREAM. A valid `:authority` goes
+/// through the adapter as it was (the connection passes through).
 #[tokio::test]
 async fn h2_serves_socket_path_authorities_through_the_adapter() {
-    for with_adapter in [true, false] {
+    for (with_adapter, authority) in [(true, C_CORE), (false, C_CORE), (true, "[::]:50051")] {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("api.sock");
         let listener = tokio::net::UnixListener::bind(&path).unwrap();
@@ -462,7 +910,7 @@ async fn h2_serves_socket_path_authorities_through_the_adapter() {
             TYPE_HEADERS,
             FLAG_END_HEADERS | FLAG_END_STREAM,
             1,
-            &encode(&mut enc, &request_fields("tmp%2Fsigil%2Fapi.sock")),
+            &encode(&mut enc, &request_fields(authority)),
         ));
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         client.write_all(&bytes).await.unwrap();
@@ -501,7 +949,12 @@ async fn h2_serves_socket_path_authorities_through_the_adapter() {
         let seen = server.await.unwrap();
         if with_adapter {
             assert_eq!(answer, TYPE_HEADERS, "served");
-            assert_eq!(seen.as_deref(), Some(REPLACEMENT_AUTHORITY));
+            let expected = if authority == C_CORE {
+                REPLACEMENT_AUTHORITY
+            } else {
+                authority
+            };
+            assert_eq!(seen.as_deref(), Some(expected));
         } else {
             assert_eq!(answer, 0x3, "h2 alone resets the stream (RST_STREAM)");
         }
