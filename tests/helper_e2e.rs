@@ -117,16 +117,7 @@ impl Drop for Proc {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             // SIGTERM first: a helper passes it on to its nginx, which then stops its workers.
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+            support::terminate(&mut c, Duration::from_secs(10));
         }
     }
 }

@@ -785,3 +785,17 @@ pub fn evicted_agent_attests_again(
     );
     agents
 }
+
+/// Stops a child for good (from a `Drop`): SIGTERM, up to `grace` to exit, then SIGKILL; reaped.
+pub fn terminate(child: &mut Child, grace: Duration) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
