@@ -292,22 +292,28 @@ fn curl_request(port: u16, client: &ClientFiles) -> Result<(), String> {
     }
 }
 
-/// An nginx answering handshakes, and the serials it has served (in order, each once).
+/// An nginx answering handshakes, and the serials it has served (in order of first sight).
 struct Served {
     port: u16,
     serials: Vec<String>,
 }
 
 impl Served {
+    /// Records one handshake's serial. The certificate just replaced may still be served for a
+    /// moment: on a reload nginx starts the new workers before it tells the old ones to stop
+    /// accepting, so for a while both answer. Anything older than that is a stale file.
     fn record(&mut self, serial: String) {
-        if self.serials.last() != Some(&serial) {
-            assert!(
-                !self.serials.contains(&serial),
-                "nginx on {} went back to an older certificate {serial}: {:?}",
+        if self.serials.last() == Some(&serial) {
+            return;
+        }
+        match self.serials.iter().position(|s| *s == serial) {
+            None => self.serials.push(serial),
+            Some(i) => assert!(
+                i + 2 == self.serials.len(),
+                "nginx on {} went back to a certificate older than the previous one {serial}: {:?}",
                 self.port,
                 self.serials
-            );
-            self.serials.push(serial);
+            ),
         }
     }
 }
