@@ -3,6 +3,7 @@
 //! Layout, one concept a module:
 //! - [`spiffe_id`]: `SpiffeId` and `TrustDomain`, enforcing the SPIFFE-ID spec.
 //! - [`selector`]: `type:value` selectors and selector sets.
+//! - [`clock`]: wall-clock Unix seconds, the one reader of the system clock for them.
 //! - [`ttl`]: human durations (`90s`, `15m`, `1h`).
 //! - [`entry`]: the registration-entry model, validated, with proto conversions.
 //! - [`bundle`]: trust bundles in PEM and SPIFFE bundle (JWKS) formats.
@@ -29,6 +30,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod bundle;
+pub mod clock;
 pub mod entry;
 pub mod fs;
 pub mod h2_authority;

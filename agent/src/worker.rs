@@ -169,9 +169,7 @@ impl Backoff {
     }
 }
 
-fn now_unix() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
-}
+use sigil::clock::now_unix;
 
 /// The agent SVID the worker last saw and when it first saw it: its renewal counts from then
 /// (receipt), not from its back-dated NotBefore. Failed renewals of it back off (kept across

@@ -85,9 +85,7 @@ pub fn rotation_delay(now: i64, not_after: i64) -> Duration {
     Duration::from_secs(((not_after - now) / 2).max(0) as u64).max(MIN_ROTATION_INTERVAL)
 }
 
-fn now_unix() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
-}
+use sigil::clock::now_unix;
 
 impl ServerIdentity {
     /// Issues the first server SVID.

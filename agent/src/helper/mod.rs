@@ -269,9 +269,7 @@ fn jwt_expiry(token: &str) -> Option<i64> {
         .as_i64()
 }
 
-fn now_unix() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
-}
+use sigil::clock::now_unix;
 
 /// Keeps `jwt_svids[index]` in its file: fetched, written, refreshed at half its lifetime.
 async fn keep_jwt_svid(

@@ -12,9 +12,7 @@ use tokio::sync::watch;
 
 use crate::worker::AgentState;
 
-fn now_unix() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
-}
+use sigil::clock::now_unix;
 
 /// Runs until `shutdown` turns true: sleeps until the next cached SVID expires, then bumps the
 /// agent's change counter; any cache change re-computes the next expiry.

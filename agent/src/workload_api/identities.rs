@@ -263,9 +263,7 @@ pub(crate) mod tests {
         c
     }
 
-    pub(crate) fn now_unix() -> i64 {
-        time::OffsetDateTime::now_utc().unix_timestamp()
-    }
+    pub(crate) use sigil::clock::now_unix;
 
     pub(crate) fn selectors(s: &[&str]) -> SelectorSet {
         s.iter().map(|x| x.parse().unwrap()).collect()

@@ -466,9 +466,7 @@ fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
     }
 }
 
-pub(super) fn now_unix() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
-}
+pub(super) use sigil::clock::now_unix;
 
 #[tonic::async_trait]
 impl SpiffeWorkloadApi for WorkloadApi {

@@ -390,9 +390,7 @@ fn federated_to_proto(b: &StoredBundle) -> Result<pb::FederatedBundle, Status> {
     })
 }
 
-fn now_unix() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
-}
+use sigil::clock::now_unix;
 
 #[tonic::async_trait]
 impl Admin for AdminService {

@@ -128,9 +128,7 @@ impl NodeService {
     }
 }
 
-fn now_unix() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
-}
+use sigil::clock::now_unix;
 
 fn concat_der(ders: &[Vec<u8>]) -> Vec<u8> {
     ders.concat()

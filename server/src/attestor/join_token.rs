@@ -51,9 +51,7 @@ pub fn token_prefix(token: &str) -> &str {
     &token[..end]
 }
 
-fn now_unix() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
-}
+use sigil::clock::now_unix;
 
 #[async_trait]
 impl NodeAttestor for JoinTokenAttestor {

@@ -34,7 +34,7 @@ pub mod token;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use async_trait::async_trait;
@@ -411,11 +411,7 @@ impl K8sPsatAttestor {
     }
 }
 
-fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
+use sigil::clock::now_unix;
 
 fn refused(reason: impl std::fmt::Display) -> AttestError {
     AttestError::Denied(format!("k8s_psat: service-account token refused: {reason}"))

@@ -123,9 +123,7 @@ impl Warnings {
     }
 }
 
-fn now_unix() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
-}
+use sigil::clock::now_unix;
 
 /// Logs the CA's expiry warnings until `shutdown` turns true.
 pub async fn monitor(not_before: i64, not_after: i64, mut shutdown: watch::Receiver<bool>) {

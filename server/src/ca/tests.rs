@@ -4,7 +4,7 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -75,11 +75,7 @@ fn webpki_verify(chain: &[Vec<u8>], roots: &[Vec<u8>]) -> Result<(), webpki::Err
     Ok(())
 }
 
-fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
+use sigil::clock::now_unix;
 
 #[test]
 fn svid_meets_the_x509_svid_spec() -> R {
