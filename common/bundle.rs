@@ -15,6 +15,8 @@ use x509_parser::prelude::FromDer as _;
 use x509_parser::public_key::PublicKey;
 use x509_parser::x509::SubjectPublicKeyInfo;
 
+use crate::jose::strip_zeros;
+pub use crate::jose::{EcCurve, JwkPublicKey};
 use crate::spiffe_id::TrustDomain;
 use crate::x509::to_pem_certs;
 
@@ -23,12 +25,6 @@ pub const USE_X509_SVID: &str = "x509-svid";
 /// JWK `use` of JWT-SVID signing keys.
 pub const USE_JWT_SVID: &str = "jwt-svid";
 
-const B64URL_CONFIG: GeneralPurposeConfig = GeneralPurposeConfig::new()
-    .with_encode_padding(false)
-    .with_decode_padding_mode(DecodePaddingMode::Indifferent);
-/// base64url without padding on output, padding optional on input (JOSE encoding).
-pub(crate) const B64URL: GeneralPurpose =
-    GeneralPurpose::new(&base64::alphabet::URL_SAFE, B64URL_CONFIG);
 const B64STD_CONFIG: GeneralPurposeConfig =
     GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
 /// Standard base64 (`x5c` uses it, RFC 7517 4.7), padding optional on input.
@@ -70,59 +66,6 @@ pub enum BundleError {
         index: usize,
         /// What the parser reported.
         reason: String,
-    },
-}
-
-/// An elliptic curve usable for JWT-SVID keys.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum EcCurve {
-    /// NIST P-256 (ES256).
-    P256,
-    /// NIST P-384 (ES384).
-    P384,
-}
-
-impl EcCurve {
-    /// The JWK `crv` name.
-    pub fn jwk_name(self) -> &'static str {
-        match self {
-            EcCurve::P256 => "P-256",
-            EcCurve::P384 => "P-384",
-        }
-    }
-
-    /// Byte length of one coordinate.
-    pub fn coord_len(self) -> usize {
-        match self {
-            EcCurve::P256 => 32,
-            EcCurve::P384 => 48,
-        }
-    }
-}
-
-/// A public key as carried in a JWK.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum JwkPublicKey {
-    /// `kty: EC`; affine coordinates, big-endian, fixed length.
-    Ec {
-        /// The curve.
-        curve: EcCurve,
-        /// X coordinate.
-        x: Vec<u8>,
-        /// Y coordinate.
-        y: Vec<u8>,
-    },
-    /// `kty: RSA`; unsigned big-endian integers without leading zeros.
-    Rsa {
-        /// Modulus.
-        n: Vec<u8>,
-        /// Public exponent.
-        e: Vec<u8>,
-    },
-    /// `kty: OKP, crv: Ed25519`.
-    Ed25519 {
-        /// The 32-byte public key.
-        x: Vec<u8>,
     },
 }
 
@@ -186,71 +129,6 @@ impl JwkPublicKey {
                 Ok(JwkPublicKey::Ed25519 { x })
             }
             other => Err(unsupported(format!("key algorithm {other}"))),
-        }
-    }
-
-    /// Writes `kty` and the key parameters into a JWK object.
-    fn write_jwk(&self, m: &mut Map<String, Value>) {
-        match self {
-            JwkPublicKey::Ec { curve, x, y } => {
-                m.insert("kty".into(), "EC".into());
-                m.insert("crv".into(), curve.jwk_name().into());
-                m.insert("x".into(), B64URL.encode(x).into());
-                m.insert("y".into(), B64URL.encode(y).into());
-            }
-            JwkPublicKey::Rsa { n, e } => {
-                m.insert("kty".into(), "RSA".into());
-                m.insert("n".into(), B64URL.encode(n).into());
-                m.insert("e".into(), B64URL.encode(e).into());
-            }
-            JwkPublicKey::Ed25519 { x } => {
-                m.insert("kty".into(), "OKP".into());
-                m.insert("crv".into(), "Ed25519".into());
-                m.insert("x".into(), B64URL.encode(x).into());
-            }
-        }
-    }
-
-    /// Reads `kty` and key parameters from a JWK; `Ok(None)` for key types to be ignored.
-    fn read_jwk(m: &Map<String, Value>) -> Result<Option<Self>, String> {
-        let kty = str_field(m, "kty")?;
-        match kty {
-            "EC" => {
-                let curve = match str_field(m, "crv")? {
-                    "P-256" => EcCurve::P256,
-                    "P-384" => EcCurve::P384,
-                    _ => return Ok(None), // A curve we cannot verify: ignore the key.
-                };
-                let x = b64url_field(m, "x")?;
-                let y = b64url_field(m, "y")?;
-                if x.len() != curve.coord_len() || y.len() != curve.coord_len() {
-                    return Err(format!(
-                        "EC coordinates must be {} bytes for {}",
-                        curve.coord_len(),
-                        curve.jwk_name()
-                    ));
-                }
-                Ok(Some(JwkPublicKey::Ec { curve, x, y }))
-            }
-            "RSA" => {
-                let n = strip_zeros(&b64url_field(m, "n")?);
-                let e = strip_zeros(&b64url_field(m, "e")?);
-                if n.is_empty() || e.is_empty() {
-                    return Err("RSA modulus and exponent must be non-zero".into());
-                }
-                Ok(Some(JwkPublicKey::Rsa { n, e }))
-            }
-            "OKP" => {
-                if str_field(m, "crv")? != "Ed25519" {
-                    return Ok(None);
-                }
-                let x = b64url_field(m, "x")?;
-                if x.len() != 32 {
-                    return Err("Ed25519 \"x\" must be 32 bytes".into());
-                }
-                Ok(Some(JwkPublicKey::Ed25519 { x }))
-            }
-            _ => Ok(None),
         }
     }
 }
@@ -501,10 +379,12 @@ fn read_jwt_authority(m: &Map<String, Value>) -> Result<Option<JwtAuthority>, St
     if kid.is_empty() {
         return Err("\"kid\" must not be empty".into());
     }
-    Ok(JwkPublicKey::read_jwk(m)?.map(|key| JwtAuthority {
-        kid: kid.to_string(),
-        key,
-    }))
+    Ok(JwkPublicKey::from_jwk(m)
+        .map_err(|e| e.to_string())?
+        .map(|key| JwtAuthority {
+            kid: kid.to_string(),
+            key,
+        }))
 }
 
 fn str_field<'a>(m: &'a Map<String, Value>, name: &str) -> Result<&'a str, String> {
@@ -513,17 +393,6 @@ fn str_field<'a>(m: &'a Map<String, Value>, name: &str) -> Result<&'a str, Strin
         Some(_) => Err(format!("\"{name}\" must be a string")),
         None => Err(format!("missing \"{name}\"")),
     }
-}
-
-fn b64url_field(m: &Map<String, Value>, name: &str) -> Result<Vec<u8>, String> {
-    B64URL
-        .decode(str_field(m, name)?)
-        .map_err(|e| format!("\"{name}\" is not valid base64url: {e}"))
-}
-
-fn strip_zeros(b: &[u8]) -> Vec<u8> {
-    let start = b.iter().position(|&x| x != 0).unwrap_or(b.len());
-    b[start..].to_vec()
 }
 
 #[cfg(test)]

@@ -1,16 +1,13 @@
-//! JWT-SVID validation (SPIFFE JWT-SVID spec): JWS compact serialization, signature checked with
-//! `ring` against the JWT authorities of a [`Bundle`], then `sub`, `aud` and `exp`.
+//! JWT-SVID validation (SPIFFE JWT-SVID spec) on [`crate::jose`]: JWS compact serialization,
+//! signature checked against the JWT authorities of a [`Bundle`], then `sub`, `aud` and `exp`.
 //!
 //! Accepted algorithms: ES256, ES384, RS256/384/512, PS256/384/512 and EdDSA (Ed25519); the
 //! key named by `kid` must be of the matching type. `none` and HMAC are always rejected.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
-use base64::Engine as _;
-use ring::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey, VerificationAlgorithm};
 use serde_json::{Map, Value};
 
-use crate::bundle::{Bundle, EcCurve, JwkPublicKey, B64URL};
+use crate::bundle::Bundle;
+use crate::jose::{self, Algorithm, Jws, JwsError, SignatureError, TimeError};
 use crate::spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};
 
 /// Longest token accepted, in bytes.
@@ -27,7 +24,7 @@ pub const MAX_AUDIENCE_BYTES: usize = 4_096;
 pub enum JwtError {
     /// Not three base64url JSON parts.
     #[error("token is malformed: {0}")]
-    Malformed(String),
+    Malformed(#[source] JwsError),
     /// `alg` is missing or not an accepted asymmetric algorithm.
     #[error("token algorithm {0:?} is not accepted (use ES256, ES384, RS256/384/512, PS256/384/512 or EdDSA)")]
     UnsupportedAlg(String),
@@ -117,48 +114,8 @@ pub struct JwtClaims {
     pub all: Map<String, Value>,
 }
 
-struct Parsed<'a> {
-    header: Map<String, Value>,
-    claims: Map<String, Value>,
-    signing_input: &'a str,
-    signature: Vec<u8>,
-}
-
-fn parse(token: &str) -> Result<Parsed<'_>, JwtError> {
-    if token.len() > MAX_TOKEN_LEN {
-        return Err(JwtError::Malformed(format!(
-            "longer than {MAX_TOKEN_LEN} bytes"
-        )));
-    }
-    let mut parts = token.split('.');
-    let (Some(h), Some(c), Some(s), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(JwtError::Malformed(
-            "expected three '.'-separated parts (JWS compact serialization)".into(),
-        ));
-    };
-    let json_part = |name: &str, part: &str| -> Result<Map<String, Value>, JwtError> {
-        let bytes = B64URL
-            .decode(part)
-            .map_err(|e| JwtError::Malformed(format!("{name} is not base64url: {e}")))?;
-        match serde_json::from_slice(&bytes) {
-            Ok(Value::Object(m)) => Ok(m),
-            Ok(_) => Err(JwtError::Malformed(format!("{name} is not a JSON object"))),
-            Err(e) => Err(JwtError::Malformed(format!("{name} is not JSON: {e}"))),
-        }
-    };
-    let header = json_part("header", h)?;
-    let claims = json_part("claims", c)?;
-    let signature = B64URL
-        .decode(s)
-        .map_err(|e| JwtError::Malformed(format!("signature is not base64url: {e}")))?;
-    Ok(Parsed {
-        header,
-        claims,
-        signing_input: &token[..h.len() + 1 + c.len()],
-        signature,
-    })
+fn parse(token: &str) -> Result<Jws<'_>, JwtError> {
+    Jws::parse(token, MAX_TOKEN_LEN).map_err(JwtError::Malformed)
 }
 
 /// The `sub` of a token WITHOUT verifying anything: only to pick the bundle to validate with.
@@ -178,9 +135,7 @@ pub fn validate_jwt_svid(
     audience: &str,
     bundle: &Bundle,
 ) -> Result<JwtClaims, JwtError> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let now = crate::clock::now_unix();
     validate_jwt_svid_at(token, audience, bundle, now)
 }
 
@@ -195,56 +150,33 @@ pub fn validate_jwt_svid_at(
         return Err(JwtError::NoExpectedAudience);
     }
     let p = parse(token)?;
-    if p.header.contains_key("crit") {
+    if p.has_critical_header() {
         return Err(JwtError::CriticalHeader);
     }
-    let alg = p
-        .header
-        .get("alg")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
+    let alg = p.alg();
     if let Some(typ) = p.header.get("typ") {
         match typ.as_str() {
             Some("JWT" | "JOSE") => {}
             _ => return Err(JwtError::BadTyp(typ.to_string())),
         }
     }
-    let kid = p
-        .header
-        .get("kid")
-        .and_then(Value::as_str)
-        .ok_or(JwtError::MissingKid)?;
+    let kid = p.kid().ok_or(JwtError::MissingKid)?;
     // Reject unknown algorithms before looking at keys, so `none`/HS256 fail the same way always.
-    algorithm_for(alg, None)?;
+    let verify_alg =
+        Algorithm::from_name(alg).ok_or_else(|| JwtError::UnsupportedAlg(alg.to_string()))?;
     let authority = bundle
         .jwt_authority(kid)
         .ok_or_else(|| JwtError::UnknownKid {
             kid: kid.to_string(),
             trust_domain: bundle.trust_domain.to_string(),
         })?;
-    let mismatch = || JwtError::AlgKeyMismatch {
-        alg: alg.to_string(),
-        kid: kid.to_string(),
-    };
-    let verify_alg = algorithm_for(alg, Some(&authority.key))?.ok_or_else(mismatch)?;
-    let msg = p.signing_input.as_bytes();
-    let ok = match &authority.key {
-        JwkPublicKey::Ec { x, y, .. } => {
-            let point = [&[0x04][..], x, y].concat();
-            UnparsedPublicKey::new(verify_alg.as_ec()?, point)
-                .verify(msg, &p.signature)
-                .is_ok()
-        }
-        JwkPublicKey::Rsa { n, e } => RsaPublicKeyComponents { n, e }
-            .verify(verify_alg.as_rsa()?, msg, &p.signature)
-            .is_ok(),
-        JwkPublicKey::Ed25519 { x } => UnparsedPublicKey::new(&signature::ED25519, x)
-            .verify(msg, &p.signature)
-            .is_ok(),
-    };
-    if !ok {
-        return Err(JwtError::BadSignature);
-    }
+    p.verify(verify_alg, &authority.key).map_err(|e| match e {
+        SignatureError::KeyMismatch => JwtError::AlgKeyMismatch {
+            alg: alg.to_string(),
+            kid: kid.to_string(),
+        },
+        SignatureError::Invalid => JwtError::BadSignature,
+    })?;
     claims_checked(p.claims, audience, &bundle.trust_domain, now)
 }
 
@@ -265,32 +197,17 @@ fn claims_checked(
             bundle: td.to_string(),
         });
     }
-    let expiry = all
-        .get("exp")
-        .and_then(Value::as_i64)
-        .ok_or(JwtError::BadClaim("exp"))?;
-    if expiry <= now {
-        return Err(JwtError::Expired { exp: expiry, now });
-    }
-    if let Some(nbf) = all.get("nbf") {
-        let nbf = nbf.as_i64().ok_or(JwtError::BadClaim("nbf"))?;
-        if nbf > now {
-            return Err(JwtError::NotYetValid { nbf, now });
-        }
-    }
+    let expiry = jose::check_time(&all, now, 0).map_err(|e| match e {
+        TimeError::NoExpiry | TimeError::NotANumber("exp") => JwtError::BadClaim("exp"),
+        TimeError::NotANumber(_) => JwtError::BadClaim("nbf"),
+        TimeError::Expired { exp, now } => JwtError::Expired { exp, now },
+        TimeError::NotYetValid { nbf, now } => JwtError::NotYetValid { nbf, now },
+    })?;
     let issued_at = match all.get("iat") {
         None => None,
         Some(v) => Some(v.as_i64().ok_or(JwtError::BadClaim("iat"))?),
     };
-    let aud: Vec<String> = match all.get("aud") {
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|v| v.as_str().map(str::to_string))
-            .collect::<Option<_>>()
-            .ok_or(JwtError::BadClaim("aud"))?,
-        _ => return Err(JwtError::BadClaim("aud")),
-    };
+    let aud = jose::audiences(&all).ok_or(JwtError::BadClaim("aud"))?;
     if aud.is_empty() {
         return Err(JwtError::BadClaim("aud"));
     }
@@ -309,83 +226,12 @@ fn claims_checked(
     })
 }
 
-enum VerifyAlg {
-    Ec(&'static signature::EcdsaVerificationAlgorithm),
-    Rsa(&'static signature::RsaParameters),
-    Ed25519,
-}
-
-impl VerifyAlg {
-    fn as_ec(&self) -> Result<&'static dyn VerificationAlgorithm, JwtError> {
-        match self {
-            VerifyAlg::Ec(a) => Ok(*a),
-            _ => Err(JwtError::BadSignature),
-        }
-    }
-    fn as_rsa(&self) -> Result<&'static signature::RsaParameters, JwtError> {
-        match self {
-            VerifyAlg::Rsa(a) => Ok(a),
-            _ => Err(JwtError::BadSignature),
-        }
-    }
-}
-
-/// The verification algorithm for `alg`; with a key, `Ok(None)` if the key type does not fit.
-fn algorithm_for(alg: &str, key: Option<&JwkPublicKey>) -> Result<Option<VerifyAlg>, JwtError> {
-    use JwkPublicKey as K;
-    let (want, fits): (VerifyAlg, fn(&K) -> bool) = match alg {
-        "ES256" => (VerifyAlg::Ec(&signature::ECDSA_P256_SHA256_FIXED), |k| {
-            matches!(
-                k,
-                K::Ec {
-                    curve: EcCurve::P256,
-                    ..
-                }
-            )
-        }),
-        "ES384" => (VerifyAlg::Ec(&signature::ECDSA_P384_SHA384_FIXED), |k| {
-            matches!(
-                k,
-                K::Ec {
-                    curve: EcCurve::P384,
-                    ..
-                }
-            )
-        }),
-        "RS256" => (
-            VerifyAlg::Rsa(&signature::RSA_PKCS1_2048_8192_SHA256),
-            |k| matches!(k, K::Rsa { .. }),
-        ),
-        "RS384" => (
-            VerifyAlg::Rsa(&signature::RSA_PKCS1_2048_8192_SHA384),
-            |k| matches!(k, K::Rsa { .. }),
-        ),
-        "RS512" => (
-            VerifyAlg::Rsa(&signature::RSA_PKCS1_2048_8192_SHA512),
-            |k| matches!(k, K::Rsa { .. }),
-        ),
-        "PS256" => (VerifyAlg::Rsa(&signature::RSA_PSS_2048_8192_SHA256), |k| {
-            matches!(k, K::Rsa { .. })
-        }),
-        "PS384" => (VerifyAlg::Rsa(&signature::RSA_PSS_2048_8192_SHA384), |k| {
-            matches!(k, K::Rsa { .. })
-        }),
-        "PS512" => (VerifyAlg::Rsa(&signature::RSA_PSS_2048_8192_SHA512), |k| {
-            matches!(k, K::Rsa { .. })
-        }),
-        "EdDSA" => (VerifyAlg::Ed25519, |k| matches!(k, K::Ed25519 { .. })),
-        other => return Err(JwtError::UnsupportedAlg(other.to_string())),
-    };
-    Ok(match key {
-        Some(k) if !fits(k) => None,
-        _ => Some(want),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bundle::JwtAuthority;
+    use crate::bundle::{EcCurve, JwkPublicKey, JwtAuthority};
+    use crate::jose::B64URL;
+    use base64::Engine as _;
     use ring::rand::SystemRandom;
     use ring::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_FIXED_SIGNING};
     use serde_json::json;
@@ -473,6 +319,43 @@ mod tests {
             jwt_svid_subject_unverified(&s.good(claims())?)?.to_string(),
             "spiffe://example.org/web"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn a_key_of_another_kind_is_refused_whatever_the_signature() -> TestResult {
+        let s = signer("k1")?;
+        let mut b = bundle(&s)?;
+        b.jwt_authorities.push(JwtAuthority {
+            kid: "rsa".into(),
+            key: JwkPublicKey::Rsa {
+                n: vec![0xc5; 256],
+                e: vec![1, 0, 1],
+            },
+        });
+        b.jwt_authorities.push(JwtAuthority {
+            kid: "ed".into(),
+            key: JwkPublicKey::Ed25519 { x: vec![3; 32] },
+        });
+        for (alg, kid) in [
+            ("RS256", "k1"),
+            ("PS256", "k1"),
+            ("EdDSA", "k1"),
+            ("ES256", "rsa"),
+            ("ES256", "ed"),
+            ("RS256", "ed"),
+            ("EdDSA", "rsa"),
+        ] {
+            let t = s.token(json!({"alg": alg, "kid": kid}), claims())?;
+            assert_eq!(
+                validate_jwt_svid_at(&t, "db", &b, NOW),
+                Err(JwtError::AlgKeyMismatch {
+                    alg: alg.into(),
+                    kid: kid.into()
+                }),
+                "{alg} with key {kid}"
+            );
+        }
         Ok(())
     }
 

@@ -8,6 +8,8 @@
 //! - [`entry`]: the registration-entry model, validated, with proto conversions.
 //! - [`bundle`]: trust bundles in PEM and SPIFFE bundle (JWKS) formats.
 //! - [`x509`]: PEM/DER helpers and X509-SVID inspection shared by tests and tools.
+//! - [`jose`]: JWS compact serialization, JWKs, signatures (ring), the time and audience
+//!   claims: what the JWT-SVID and service-account token checks build on, and JWT-SVID signing.
 //! - [`jwt`]: JWT-SVID validation against a bundle's JWT authorities.
 //! - [`fs`]: crash-safe file writes (keys are never left truncated or world-readable).
 //! - [`h2_authority`]: accepts any HTTP/2 `:authority` on our Unix sockets (gRPC C-core and
@@ -36,6 +38,7 @@ pub mod fs;
 pub mod h2_authority;
 pub mod health;
 pub mod https;
+pub mod jose;
 pub mod jwt;
 pub mod limits;
 pub mod logging;

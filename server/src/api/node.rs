@@ -26,7 +26,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use base64::Engine as _;
 use sigil::entry::RegistrationEntry;
 use sigil::proto::node as pb;
 use sigil::proto::node::node_server::Node;
@@ -552,16 +551,6 @@ pub async fn batch_sign(
     Ok(pb::BatchSignResponse { results })
 }
 
-/// The `exp` claim of a JWT we just minted.
-fn jwt_exp(token: &str) -> Option<i64> {
-    let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload)
-        .ok()?;
-    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    claims.get("exp")?.as_i64()
-}
-
 /// Mints a JWT-SVID for entry `req.entry_id` if `agent` is authorised for it.
 pub async fn mint_jwt_svid(
     state: &NodeState,
@@ -579,14 +568,15 @@ pub async fn mint_jwt_svid(
         )));
     }
     let entry = EntryAuthz::new(state, agent).entry(&req.entry_id).await??;
-    let token = state
+    let minted = state
         .ca
         .mint_jwt_svid(&entry.spiffe_id, &req.audience, entry.jwt_svid_ttl)
         .map_err(ca_status)?;
-    let expires_at =
-        jwt_exp(&token).ok_or_else(|| Status::internal("minted JWT-SVID has no exp claim"))?;
     tracing::debug!(agent = %agent.spiffe_id, entry_id = %entry.id, "JWT-SVID minted");
-    Ok(pb::JwtSvidResponse { token, expires_at })
+    Ok(pb::JwtSvidResponse {
+        token: minted.token,
+        expires_at: minted.expires_at,
+    })
 }
 
 /// [`Challenger`] over the `Attest` stream.

@@ -413,6 +413,11 @@ impl K8sPsatAttestor {
 
 use sigil::clock::now_unix;
 
+/// A token that is not a JWT at all: the payload is unusable.
+fn malformed(e: sigil::jose::JwsError) -> AttestError {
+    AttestError::InvalidPayload(format!("the service-account token is not a JWT: {e}"))
+}
+
 fn refused(reason: impl std::fmt::Display) -> AttestError {
     AttestError::Denied(format!("k8s_psat: service-account token refused: {reason}"))
 }
@@ -424,7 +429,7 @@ impl Cluster {
         keys: &KeySource,
         jwt: &str,
     ) -> Result<PodIdentity, AttestError> {
-        let jws = token::parse(jwt).map_err(AttestError::InvalidPayload)?;
+        let jws = token::parse(jwt).map_err(malformed)?;
         let mut set = keys.current().await.map_err(|e| {
             AttestError::Unavailable(format!(
                 "k8s_psat cluster {:?}: no service-account issuer keys: {e}",
@@ -442,8 +447,9 @@ impl Cluster {
                 Err(e) => {
                     tracing::warn!(cluster = %self.cfg.name, error = %e, "k8s_psat: re-fetching the service-account issuer keys failed");
                     return Err(refused(format!(
-                        "{} (re-fetching the keys failed: {e})",
-                        VerifyError::UnknownKid(kid)
+                        "{} (re-fetching the keys failed: {})",
+                        VerifyError::UnknownKid(kid),
+                        sigil::text::error_chain(&e)
                     )));
                 }
             },
@@ -464,7 +470,7 @@ impl Cluster {
 
     /// Asks the API server's TokenReview who the token belongs to.
     async fn token_review(&self, jwt: &str) -> Result<PodIdentity, AttestError> {
-        token::parse(jwt).map_err(AttestError::InvalidPayload)?;
+        token::parse(jwt).map_err(malformed)?;
         let review = json!({
             "apiVersion": "authentication.k8s.io/v1",
             "kind": "TokenReview",

@@ -1,21 +1,18 @@
 //! JWT-SVID signing: one ES256 (P-256) key in `jwt.key`, kept across restarts.
 //!
-//! The `kid` is derived from the public key (base64url of the first 18 bytes of SHA-256 over
-//! the uncompressed point), so it is stable across restarts without storing anything else and
-//! changes exactly when the key does. Tokens are JWS compact serialization with header
-//! `{"alg":"ES256","kid":…,"typ":"JWT"}` and claims `sub`, `aud`, `exp`, `iat`; the signature is
-//! the 64-byte r||s JWS requires (ring's `ECDSA_P256_SHA256_FIXED_SIGNING`).
+//! The `kid` is derived from the public key ([`Es256Signer::from_pkcs8`]: base64url of the
+//! first 18 bytes of SHA-256 over the uncompressed point), so it is stable across restarts
+//! without storing anything else and changes exactly when the key does. Tokens are JWS compact
+//! serialization with header `{"alg":"ES256","kid":…,"typ":"JWT"}` and claims `sub`, `aud`,
+//! `exp`, `iat`, signed by [`sigil::jose`].
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine as _;
 use rcgen::KeyPair;
-use ring::rand::SystemRandom;
-use ring::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_FIXED_SIGNING};
 use serde_json::{json, Value};
-use sigil::bundle::{EcCurve, JwkPublicKey, JwtAuthority};
+use sigil::bundle::JwtAuthority;
+use sigil::jose::Es256Signer;
 use sigil::SpiffeId;
 
 use super::{keys, Ca, CaError};
@@ -25,10 +22,7 @@ const MAX_JWT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// The JWT-SVID signing key, ready to sign.
 pub(crate) struct JwtKey {
-    key: EcdsaKeyPair,
-    rng: SystemRandom,
-    /// base64url of the constant header.
-    header_b64: String,
+    signer: Es256Signer,
     authority: JwtAuthority,
 }
 
@@ -44,38 +38,22 @@ impl JwtKey {
                 kp
             }
         };
-        let bad = |reason: &str| CaError::BadKeyFile {
+        let bad = |reason: String| CaError::BadKeyFile {
             path: path.to_path_buf(),
-            reason: reason.to_string(),
+            reason,
         };
         if kp.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
-            return Err(bad("the JWT-SVID key must be an EC P-256 key (ES256)"));
+            return Err(bad(
+                "the JWT-SVID key must be an EC P-256 key (ES256)".into()
+            ));
         }
-        let rng = SystemRandom::new();
-        let key =
-            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, kp.serialized_der(), &rng)
-                .map_err(|_| bad("not a usable P-256 PKCS#8 key"))?;
-        let point = key.public_key().as_ref();
-        if point.len() != 65 {
-            return Err(bad("unexpected P-256 public key length"));
-        }
-        let digest = ring::digest::digest(&ring::digest::SHA256, point);
-        let kid = URL_SAFE_NO_PAD.encode(&digest.as_ref()[..18]);
-        let header = json!({"alg": "ES256", "kid": kid, "typ": "JWT"});
+        let signer =
+            Es256Signer::from_pkcs8(kp.serialized_der()).map_err(|e| bad(e.to_string()))?;
         let authority = JwtAuthority {
-            kid,
-            key: JwkPublicKey::Ec {
-                curve: EcCurve::P256,
-                x: point[1..33].to_vec(),
-                y: point[33..].to_vec(),
-            },
+            kid: signer.kid().to_string(),
+            key: signer.public_key().clone(),
         };
-        Ok(Self {
-            key,
-            rng,
-            header_b64: URL_SAFE_NO_PAD.encode(header.to_string()),
-            authority,
-        })
+        Ok(Self { signer, authority })
     }
 
     pub(crate) fn kid(&self) -> &str {
@@ -87,6 +65,15 @@ impl JwtKey {
     }
 }
 
+/// A JWT-SVID just minted, with its expiry (so nobody parses the token to learn it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MintedJwtSvid {
+    /// The token (JWS compact serialization).
+    pub token: String,
+    /// Its `exp` claim, unix seconds.
+    pub expires_at: i64,
+}
+
 impl Ca {
     /// Mints a JWT-SVID for `id` with audience(s) `audience` (at least one, none empty).
     /// `aud` is a JSON string for one audience, an array for several.
@@ -95,7 +82,7 @@ impl Ca {
         id: &SpiffeId,
         audience: &[String],
         ttl: Option<Duration>,
-    ) -> Result<String, CaError> {
+    ) -> Result<MintedJwtSvid, CaError> {
         self.check_id(id)?;
         if audience.is_empty() {
             return Err(CaError::InvalidAudience(
@@ -124,23 +111,19 @@ impl Ca {
             [one] => one.as_str().into(),
             many => many.into(),
         };
+        let expires_at = i64::try_from(now.saturating_add(ttl.as_secs()))
+            .map_err(|_| CaError::Signing("the JWT-SVID expiry is out of range".into()))?;
         let claims = json!({
             "sub": id.to_string(),
             "aud": aud,
-            "exp": now + ttl.as_secs(),
+            "exp": expires_at,
             "iat": now,
         });
-        let mut token = String::with_capacity(512);
-        token.push_str(&self.jwt.header_b64);
-        token.push('.');
-        URL_SAFE_NO_PAD.encode_string(claims.to_string(), &mut token);
-        let sig = self
+        let token = self
             .jwt
-            .key
-            .sign(&self.jwt.rng, token.as_bytes())
-            .map_err(|_| CaError::Signing("ECDSA P-256 signing failed".into()))?;
-        token.push('.');
-        URL_SAFE_NO_PAD.encode_string(sig.as_ref(), &mut token);
-        Ok(token)
+            .signer
+            .sign(&claims)
+            .map_err(|e| CaError::Signing(e.to_string()))?;
+        Ok(MintedJwtSvid { token, expires_at })
     }
 }

@@ -27,6 +27,7 @@ mod self_signed;
 mod upstream;
 mod x509_svid;
 
+pub use jwt::MintedJwtSvid;
 pub use keys::KeyType;
 pub use x509_svid::IssuedSvid;
 
@@ -400,8 +401,8 @@ impl Ca {
                 None => CaError::SelfTest(format!("probe X509-SVID does not verify: {e}")),
             });
         }
-        let token = self.mint_jwt_svid(&id, &["sigil-self-test".to_string()], None)?;
-        sigil::jwt::validate_jwt_svid(&token, "sigil-self-test", &self.bundle())
+        let minted = self.mint_jwt_svid(&id, &["sigil-self-test".to_string()], None)?;
+        sigil::jwt::validate_jwt_svid(&minted.token, "sigil-self-test", &self.bundle())
             .map_err(|e| CaError::SelfTest(format!("probe JWT-SVID does not validate: {e}")))?;
         Ok(())
     }

@@ -238,8 +238,8 @@ fn serials_differ_and_ttl_is_capped_at_the_ca() -> R {
     // A TTL below the floor (an entry stored before the floor existed) gets the floor.
     let legacy = ca.sign_x509_svid(&spki, &id("/a")?, &[], Some(Duration::from_secs(2)))?;
     assert!((legacy.not_after - (now_unix() + 60)).abs() <= 5);
-    let token = ca.mint_jwt_svid(&id("/a")?, &["a".into()], Some(Duration::from_secs(1)))?;
-    let claims = sigil::jwt::validate_jwt_svid(&token, "a", &ca.bundle())?;
+    let minted = ca.mint_jwt_svid(&id("/a")?, &["a".into()], Some(Duration::from_secs(1)))?;
+    let claims = sigil::jwt::validate_jwt_svid(&minted.token, "a", &ca.bundle())?;
     let exp = claims.all["exp"].as_i64().ok_or("exp")?;
     assert!((exp - (now_unix() + 30)).abs() <= 5, "JWT floor: {exp}");
     Ok(())
@@ -409,7 +409,7 @@ fn key_files_are_private_and_restart_reuses_everything() -> R {
             .chain_der,
         second.x509_authorities(),
     )?;
-    let tok = first.mint_jwt_svid(&id("/x")?, &["a".into()], None)?;
+    let tok = first.mint_jwt_svid(&id("/x")?, &["a".into()], None)?.token;
     sigil::jwt::validate_jwt_svid(&tok, "a", &second.bundle())?;
     // Only the expected files exist (no temporary leftovers).
     let mut names: Vec<_> = fs::read_dir(&cfg.dir)?
@@ -743,7 +743,8 @@ fn jwt_svids_mint_and_validate() -> R {
     let ca = Ca::load_or_create(&config(dir.path()))?;
     let bundle = ca.bundle();
     let who = id("/ns/web")?;
-    let tok = ca.mint_jwt_svid(&who, &["db".into()], None)?;
+    let minted = ca.mint_jwt_svid(&who, &["db".into()], None)?;
+    let tok = minted.token.clone();
 
     // Header and signature shape.
     let parts: Vec<&str> = tok.split('.').collect();
@@ -769,14 +770,17 @@ fn jwt_svids_mint_and_validate() -> R {
         "default TTL 5 min"
     );
     assert!(claims.issued_at.is_some_and(|iat| (iat - now).abs() <= 5));
+    // The expiry returned with the token is its `exp` claim.
+    assert_eq!(minted.expires_at, claims.expiry);
 
     let multi = ca.mint_jwt_svid(
         &who,
         &["a".into(), "b".into()],
         Some(Duration::from_secs(60)),
     )?;
-    let c = sigil::jwt::validate_jwt_svid(&multi, "b", &bundle)?;
+    let c = sigil::jwt::validate_jwt_svid(&multi.token, "b", &bundle)?;
     assert_eq!(c.audience, vec!["a", "b"]);
+    assert_eq!(multi.expires_at, c.expiry);
 
     use sigil::jwt::JwtError;
     assert!(matches!(

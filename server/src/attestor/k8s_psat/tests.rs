@@ -365,6 +365,11 @@ async fn bad_tokens_are_denied_with_the_reason() -> TestResult {
     let impostor = TestIssuer::es256("rsa-1");
     let m = denied(attest(&a, &impostor.sign(&claims().to_json())).await);
     assert!(m.contains("signature does not verify"), "{m}");
+    // Its ES256 header names an RSA key: the message says so.
+    assert!(
+        m.contains("ES256 does not match the type of key \"rsa-1\" (RSA)"),
+        "{m}"
+    );
     // Same with an RSA-style header over an EC signature.
     let forged = impostor.sign_with_header(
         &json!({"alg": "RS256", "kid": "rsa-1"}),

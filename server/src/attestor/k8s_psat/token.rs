@@ -1,22 +1,21 @@
-//! Kubernetes service-account tokens for `k8s_psat`: JWS parsing, signature verification with
-//! `ring` against the keys of a JWKS, the time and audience checks, the `kubernetes.io` claims,
-//! and where the keys come from ([`KeySource`]: a JWKS file, or OIDC discovery).
+//! Kubernetes service-account tokens for `k8s_psat` on [`sigil::jose`]: the keys of a JWKS,
+//! the signature, the time and audience checks, the `kubernetes.io` claims, and where the keys
+//! come from ([`KeySource`]: a JWKS file, or OIDC discovery).
 //!
 //! Service-account issuers sign with RS256 (the default) or ES256; RS384/RS512 and ES384 are
 //! accepted too. `none`, HMAC and anything else are refused. The JWT-SVID validator
 //! (`sigil::jwt`) is not reused: it requires a SPIFFE ID subject and a trust bundle, neither of
-//! which a service-account token has.
+//! which a service-account token has; both build on the same JOSE code.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
-use base64::engine::DecodePaddingMode;
-use base64::Engine as _;
-use ring::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
 use serde_json::{Map, Value};
-use sigil::https::HttpsClient;
+use sigil::https::{HttpsClient, HttpsError};
+use sigil::jose::{self, Algorithm, JwkError, JwkPublicKey, JwsError, SignatureError, TimeError};
+
+pub use sigil::jose::Jws;
 
 /// Longest token accepted, in bytes (real ones are about 1 KiB).
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
@@ -27,40 +26,14 @@ pub const KEYS_MAX_AGE: Duration = Duration::from_secs(300);
 /// become a stream of fetches).
 pub const MIN_REFETCH: Duration = Duration::from_secs(30);
 
-const B64URL: GeneralPurpose = GeneralPurpose::new(
-    &base64::alphabet::URL_SAFE,
-    GeneralPurposeConfig::new()
-        .with_encode_padding(false)
-        .with_decode_padding_mode(DecodePaddingMode::Indifferent),
-);
-
-/// An elliptic curve of an `EC` JWK.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Curve {
-    /// P-256 (ES256).
-    P256,
-    /// P-384 (ES384).
-    P384,
-}
-
-/// A verification key from a JWKS.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PublicKey {
-    /// `kty: RSA`: big-endian modulus and exponent, no leading zeros.
-    Rsa {
-        /// Modulus.
-        n: Vec<u8>,
-        /// Public exponent.
-        e: Vec<u8>,
-    },
-    /// `kty: EC`: the uncompressed point `04 || x || y`.
-    Ec {
-        /// The curve.
-        curve: Curve,
-        /// The point.
-        point: Vec<u8>,
-    },
-}
+/// The algorithms service-account issuers sign with.
+const ACCEPTED_ALGS: [Algorithm; 5] = [
+    Algorithm::Rs256,
+    Algorithm::Rs384,
+    Algorithm::Rs512,
+    Algorithm::Es256,
+    Algorithm::Es384,
+];
 
 /// One usable key of a JWKS.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,125 +41,78 @@ pub struct Jwk {
     /// `kid`, if the key has one.
     pub kid: Option<String>,
     /// The key.
-    pub key: PublicKey,
+    pub key: JwkPublicKey,
 }
 
-fn b64_field(m: &Map<String, Value>, name: &str) -> Result<Vec<u8>, String> {
-    let s = m
-        .get(name)
-        .and_then(Value::as_str)
-        .ok_or_else(|| format!("\"{name}\" is missing or not a string"))?;
-    B64URL
-        .decode(s)
-        .map_err(|e| format!("\"{name}\" is not base64url: {e}"))
-}
-
-fn strip_zeros(b: &[u8]) -> Vec<u8> {
-    let start = b.iter().position(|&x| x != 0).unwrap_or(b.len());
-    b[start..].to_vec()
+/// Why a JWK Set is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum JwksError {
+    /// Not JSON.
+    #[error("not JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    /// JSON without a `keys` array.
+    #[error("not a JWK Set: no \"keys\" array")]
+    NoKeys,
+    /// A member of `keys` is not an object.
+    #[error("key #{0} is not a JSON object")]
+    NotObject(usize),
+    /// A `kid` that is not a string.
+    #[error("key #{0}: \"kid\" is not a string")]
+    KidNotString(usize),
+    /// An RSA or EC key with bad parameters.
+    #[error("key #{index}: {source}")]
+    BadKey {
+        /// Position in `keys` (0-based).
+        index: usize,
+        /// What is wrong with it.
+        #[source]
+        source: JwkError,
+    },
+    /// Nothing left to verify with.
+    #[error("the JWK Set holds no RSA or EC P-256/P-384 signature key")]
+    NoUsableKey,
 }
 
 /// Parses a JWK Set (`{"keys": [...]}`), keeping the RSA and EC P-256/P-384 signature keys.
 /// Keys with `"use"` other than `sig`, or of other types or curves, are skipped; a key of a
 /// supported type with bad parameters is an error, and so is a set with no usable key.
-pub fn parse_jwks(bytes: &[u8]) -> Result<Vec<Jwk>, String> {
-    let doc: Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
+pub fn parse_jwks(bytes: &[u8]) -> Result<Vec<Jwk>, JwksError> {
+    let doc: Value = serde_json::from_slice(bytes).map_err(JwksError::NotJson)?;
     let keys = doc
         .get("keys")
         .and_then(Value::as_array)
-        .ok_or("not a JWK Set: no \"keys\" array")?;
+        .ok_or(JwksError::NoKeys)?;
     let mut out = Vec::new();
-    for (i, k) in keys.iter().enumerate() {
-        let m = k
-            .as_object()
-            .ok_or_else(|| format!("key #{i} is not a JSON object"))?;
+    for (index, k) in keys.iter().enumerate() {
+        let m = k.as_object().ok_or(JwksError::NotObject(index))?;
         if m.get("use").is_some_and(|u| u.as_str() != Some("sig")) {
+            continue;
+        }
+        // Service-account issuers use RSA and EC keys only; skip the rest unread.
+        if !matches!(m.get("kty").and_then(Value::as_str), Some("RSA" | "EC")) {
             continue;
         }
         let kid = match m.get("kid") {
             None => None,
             Some(Value::String(s)) => Some(s.clone()),
-            Some(_) => return Err(format!("key #{i}: \"kid\" is not a string")),
+            Some(_) => return Err(JwksError::KidNotString(index)),
         };
-        let bad = |e: String| format!("key #{i}: {e}");
-        let key = match m.get("kty").and_then(Value::as_str) {
-            Some("RSA") => {
-                let n = strip_zeros(&b64_field(m, "n").map_err(bad)?);
-                let e = strip_zeros(&b64_field(m, "e").map_err(bad)?);
-                if n.is_empty() || e.is_empty() {
-                    return Err(bad("RSA modulus and exponent must be non-zero".into()));
-                }
-                PublicKey::Rsa { n, e }
-            }
-            Some("EC") => {
-                let (curve, len) = match m.get("crv").and_then(Value::as_str) {
-                    Some("P-256") => (Curve::P256, 32),
-                    Some("P-384") => (Curve::P384, 48),
-                    _ => continue,
-                };
-                let x = b64_field(m, "x").map_err(bad)?;
-                let y = b64_field(m, "y").map_err(bad)?;
-                if x.len() != len || y.len() != len {
-                    return Err(bad(format!("EC coordinates must be {len} bytes")));
-                }
-                PublicKey::Ec {
-                    curve,
-                    point: [&[0x04][..], &x, &y].concat(),
-                }
-            }
-            _ => continue,
+        let key = match JwkPublicKey::from_jwk(m) {
+            Ok(Some(key)) => key,
+            Ok(None) => continue,
+            Err(source) => return Err(JwksError::BadKey { index, source }),
         };
         out.push(Jwk { kid, key });
     }
     if out.is_empty() {
-        return Err("the JWK Set holds no RSA or EC P-256/P-384 signature key".into());
+        return Err(JwksError::NoUsableKey);
     }
     Ok(out)
 }
 
-/// A token split into its parts; nothing is verified yet.
-#[derive(Debug)]
-pub struct Jws<'a> {
-    /// The protected header.
-    pub header: Map<String, Value>,
-    /// The claims.
-    pub claims: Map<String, Value>,
-    signing_input: &'a str,
-    signature: Vec<u8>,
-}
-
-/// Splits a JWS compact serialization (`header.claims.signature`).
-pub fn parse(token: &str) -> Result<Jws<'_>, String> {
-    if token.len() > MAX_TOKEN_LEN {
-        return Err(format!("the token is longer than {MAX_TOKEN_LEN} bytes"));
-    }
-    let mut parts = token.split('.');
-    let (Some(h), Some(c), Some(s), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err("the token is not a JWT (expected three '.'-separated parts)".into());
-    };
-    let object = |name: &str, part: &str| -> Result<Map<String, Value>, String> {
-        let bytes = B64URL
-            .decode(part)
-            .map_err(|e| format!("the token {name} is not base64url: {e}"))?;
-        match serde_json::from_slice(&bytes) {
-            Ok(Value::Object(m)) => Ok(m),
-            Ok(_) => Err(format!("the token {name} is not a JSON object")),
-            Err(e) => Err(format!("the token {name} is not JSON: {e}")),
-        }
-    };
-    let header = object("header", h)?;
-    let claims = object("claims", c)?;
-    let signature = B64URL
-        .decode(s)
-        .map_err(|e| format!("the token signature is not base64url: {e}"))?;
-    Ok(Jws {
-        header,
-        claims,
-        signing_input: &token[..h.len() + 1 + c.len()],
-        signature,
-    })
+/// Splits a JWS compact serialization (`header.claims.signature`); nothing is verified yet.
+pub fn parse(token: &str) -> Result<Jws<'_>, JwsError> {
+    Jws::parse(token, MAX_TOKEN_LEN)
 }
 
 /// Why a signature was not accepted.
@@ -201,36 +127,31 @@ pub enum VerifyError {
     /// No key with the token's `kid`.
     #[error("token key ID {0:?} is not among the cluster's service-account issuer keys")]
     UnknownKid(String),
+    /// The key named by `kid` is of another type than `alg` needs.
+    #[error("token signature does not verify: its algorithm {alg} does not match the type of key {kid:?} ({kind})")]
+    AlgKeyMismatch {
+        /// Header `alg`.
+        alg: Algorithm,
+        /// Header `kid`.
+        kid: String,
+        /// The type of the key, as [`JwkPublicKey::kind`] names it.
+        kind: &'static str,
+    },
     /// No key verifies the signature.
     #[error("token signature does not verify with the cluster's service-account issuer keys")]
     BadSignature,
 }
 
-enum Alg {
-    Rsa(&'static signature::RsaParameters),
-    Ec(&'static signature::EcdsaVerificationAlgorithm, Curve),
-}
-
 /// Verifies the signature of `jws` with `keys`: the key named by `kid` (every key of the right
 /// type when the header has no `kid`).
 pub fn verify(jws: &Jws<'_>, keys: &[Jwk]) -> Result<(), VerifyError> {
-    if jws.header.contains_key("crit") {
+    if jws.has_critical_header() {
         return Err(VerifyError::Critical);
     }
-    let alg_name = jws
-        .header
-        .get("alg")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    let alg = match alg_name {
-        "RS256" => Alg::Rsa(&signature::RSA_PKCS1_2048_8192_SHA256),
-        "RS384" => Alg::Rsa(&signature::RSA_PKCS1_2048_8192_SHA384),
-        "RS512" => Alg::Rsa(&signature::RSA_PKCS1_2048_8192_SHA512),
-        "ES256" => Alg::Ec(&signature::ECDSA_P256_SHA256_FIXED, Curve::P256),
-        "ES384" => Alg::Ec(&signature::ECDSA_P384_SHA384_FIXED, Curve::P384),
-        other => return Err(VerifyError::UnsupportedAlg(other.to_string())),
-    };
-    let kid = jws.header.get("kid").and_then(Value::as_str);
+    let alg = Algorithm::from_name(jws.alg())
+        .filter(|a| ACCEPTED_ALGS.contains(a))
+        .ok_or_else(|| VerifyError::UnsupportedAlg(jws.alg().to_string()))?;
+    let kid = jws.kid();
     let candidates: Vec<&Jwk> = match kid {
         Some(kid) => keys
             .iter()
@@ -241,73 +162,113 @@ pub fn verify(jws: &Jws<'_>, keys: &[Jwk]) -> Result<(), VerifyError> {
     if let (Some(kid), true) = (kid, candidates.is_empty()) {
         return Err(VerifyError::UnknownKid(kid.to_string()));
     }
-    let msg = jws.signing_input.as_bytes();
-    let ok = candidates.iter().any(|k| match (&alg, &k.key) {
-        (Alg::Rsa(params), PublicKey::Rsa { n, e }) => RsaPublicKeyComponents { n, e }
-            .verify(params, msg, &jws.signature)
-            .is_ok(),
-        (Alg::Ec(a, want), PublicKey::Ec { curve, point }) if want == curve => {
-            UnparsedPublicKey::new(*a, point)
-                .verify(msg, &jws.signature)
-                .is_ok()
+    let mut fitting = false;
+    for k in &candidates {
+        match jws.verify(alg, &k.key) {
+            Ok(()) => return Ok(()),
+            Err(SignatureError::Invalid) => fitting = true,
+            Err(SignatureError::KeyMismatch) => {}
         }
-        _ => false,
-    });
-    if ok {
-        Ok(())
-    } else {
-        Err(VerifyError::BadSignature)
     }
+    match (kid, candidates.first()) {
+        // The key the token names is of another type: say so rather than "does not verify".
+        (Some(kid), Some(k)) if !fitting => Err(VerifyError::AlgKeyMismatch {
+            alg,
+            kid: kid.to_string(),
+            kind: k.key.kind(),
+        }),
+        _ => Err(VerifyError::BadSignature),
+    }
+}
+
+/// Why a token's claims are not acceptable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClaimsError {
+    /// No `exp`: a legacy, never-expiring token.
+    #[error("the token has no \"exp\" claim: only projected (expiring, audience-bound) service-account tokens are accepted")]
+    NoExpiry,
+    /// `exp` or `nbf` is not an integer.
+    #[error("the token's \"{0}\" claim is not a number")]
+    NotANumber(&'static str),
+    /// `exp` has passed (beyond the leeway).
+    #[error("the token expired at {exp} (now {now}, unix seconds); the kubelet rotates projected tokens — read the token file again")]
+    Expired {
+        /// The `exp` claim.
+        exp: i64,
+        /// The time of the check.
+        now: i64,
+    },
+    /// `nbf` is still ahead (beyond the leeway).
+    #[error("the token is not valid before {nbf} (now {now}, unix seconds); check the clocks")]
+    NotYetValid {
+        /// The `nbf` claim.
+        nbf: i64,
+        /// The time of the check.
+        now: i64,
+    },
+    /// `aud` is neither a string nor a list of strings.
+    #[error("the token's \"aud\" claim is not a string or a list of strings")]
+    BadAudience,
+    /// `aud` lacks the configured audience.
+    #[error("the token's audience {got:?} does not include {expected:?}; project the token with `audience: {expected}`")]
+    AudienceMismatch {
+        /// The token's audiences.
+        got: Vec<String>,
+        /// The configured audience.
+        expected: String,
+    },
+    /// No `kubernetes.io` object.
+    #[error(
+        "the token has no \"kubernetes.io\" claims: it is not a Kubernetes service-account token"
+    )]
+    NotServiceAccountToken,
+    /// A `kubernetes.io` claim is missing or empty.
+    #[error("the token's \"kubernetes.io\" claims have no {0}")]
+    MissingKubernetesClaim(&'static str),
+    /// No `kubernetes.io.pod`.
+    #[error("the token is not bound to a pod (no \"kubernetes.io\".pod claim): use a projected service-account token")]
+    NotPodBound,
+    /// `sub` disagrees with the `kubernetes.io` claims.
+    #[error("the token's subject {sub} does not match its kubernetes.io claims ({want})")]
+    SubjectMismatch {
+        /// `sub` as JSON.
+        sub: String,
+        /// The subject the claims imply.
+        want: String,
+    },
 }
 
 /// Checks `exp` (required: only expiring, projected tokens are accepted) and `nbf`, each with
 /// `leeway` seconds of clock skew, at `now` (unix seconds).
-pub fn check_validity(claims: &Map<String, Value>, now: i64, leeway: i64) -> Result<(), String> {
-    let exp = match claims.get("exp") {
-        Some(v) => v.as_i64().ok_or("the token's \"exp\" claim is not a number")?,
-        None => {
-            return Err("the token has no \"exp\" claim: only projected (expiring, audience-bound) service-account tokens are accepted".into())
-        }
-    };
-    if exp.saturating_add(leeway) <= now {
-        return Err(format!(
-            "the token expired at {exp} (now {now}, unix seconds); the kubelet rotates projected tokens — read the token file again"
-        ));
-    }
-    if let Some(nbf) = claims.get("nbf") {
-        let nbf = nbf
-            .as_i64()
-            .ok_or("the token's \"nbf\" claim is not a number")?;
-        if nbf.saturating_sub(leeway) > now {
-            return Err(format!(
-                "the token is not valid before {nbf} (now {now}, unix seconds); check the clocks"
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// The token's audiences (`aud` as a string or a list).
-pub fn audiences(claims: &Map<String, Value>) -> Vec<String> {
-    match claims.get("aud") {
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|v| v.as_str().map(str::to_string))
-            .collect(),
-        _ => Vec::new(),
-    }
+pub fn check_validity(
+    claims: &Map<String, Value>,
+    now: i64,
+    leeway: i64,
+) -> Result<(), ClaimsError> {
+    jose::check_time(claims, now, leeway)
+        .map(|_| ())
+        .map_err(|e| match e {
+            TimeError::NoExpiry => ClaimsError::NoExpiry,
+            TimeError::NotANumber(c) => ClaimsError::NotANumber(c),
+            TimeError::Expired { exp, now } => ClaimsError::Expired { exp, now },
+            TimeError::NotYetValid { nbf, now } => ClaimsError::NotYetValid { nbf, now },
+        })
 }
 
 /// Checks that `aud` contains `audience`.
-pub fn check_audience(claims: &Map<String, Value>, audience: &str) -> Result<(), String> {
-    let got = audiences(claims);
+pub fn check_audience(claims: &Map<String, Value>, audience: &str) -> Result<(), ClaimsError> {
+    let got = match jose::audiences(claims) {
+        Some(got) => got,
+        None if claims.contains_key("aud") => return Err(ClaimsError::BadAudience),
+        None => Vec::new(),
+    };
     if got.iter().any(|a| a == audience) {
         Ok(())
     } else {
-        Err(format!(
-            "the token's audience {got:?} does not include {audience:?}; project the token with `audience: {audience}`"
-        ))
+        Err(ClaimsError::AudienceMismatch {
+            got,
+            expected: audience.to_string(),
+        })
     }
 }
 
@@ -329,19 +290,15 @@ pub struct PodIdentity {
 }
 
 /// Reads the `kubernetes.io` claims of a projected token.
-pub fn pod_identity(claims: &Map<String, Value>) -> Result<PodIdentity, String> {
+pub fn pod_identity(claims: &Map<String, Value>) -> Result<PodIdentity, ClaimsError> {
     let k8s = claims
         .get("kubernetes.io")
         .and_then(Value::as_object)
-        .ok_or(
-        "the token has no \"kubernetes.io\" claims: it is not a Kubernetes service-account token",
-    )?;
-    let text = |v: Option<&Value>, what: &str| -> Result<String, String> {
+        .ok_or(ClaimsError::NotServiceAccountToken)?;
+    let text = |v: Option<&Value>, what: &'static str| -> Result<String, ClaimsError> {
         match v.and_then(Value::as_str) {
             Some(s) if !s.is_empty() => Ok(s.to_string()),
-            _ => Err(format!(
-                "the token's \"kubernetes.io\" claims have no {what}"
-            )),
+            _ => Err(ClaimsError::MissingKubernetesClaim(what)),
         }
     };
     let namespace = text(k8s.get("namespace"), "namespace")?;
@@ -349,9 +306,7 @@ pub fn pod_identity(claims: &Map<String, Value>) -> Result<PodIdentity, String> 
         k8s.get("serviceaccount").and_then(|s| s.get("name")),
         "serviceaccount name",
     )?;
-    let pod = k8s.get("pod").ok_or(
-        "the token is not bound to a pod (no \"kubernetes.io\".pod claim): use a projected service-account token",
-    )?;
+    let pod = k8s.get("pod").ok_or(ClaimsError::NotPodBound)?;
     let pod_name = text(pod.get("name"), "pod name")?;
     let pod_uid = text(pod.get("uid"), "pod uid")?;
     let (node_name, node_uid) = match k8s.get("node") {
@@ -364,9 +319,10 @@ pub fn pod_identity(claims: &Map<String, Value>) -> Result<PodIdentity, String> 
     if let Some(sub) = claims.get("sub") {
         let want = format!("system:serviceaccount:{namespace}:{service_account}");
         if sub.as_str() != Some(want.as_str()) {
-            return Err(format!(
-                "the token's subject {sub} does not match its kubernetes.io claims ({want})"
-            ));
+            return Err(ClaimsError::SubjectMismatch {
+                sub: sub.to_string(),
+                want,
+            });
         }
     }
     Ok(PodIdentity {
@@ -377,6 +333,62 @@ pub fn pod_identity(claims: &Map<String, Value>) -> Result<PodIdentity, String> 
         node_name,
         node_uid,
     })
+}
+
+/// Why the service-account issuer keys could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum KeysError {
+    /// The JWKS file cannot be read.
+    #[error("reading jwks_file {}: {source}", .path.display())]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The JWKS file is not a usable JWK Set.
+    #[error("jwks_file {}: {source}", .path.display())]
+    FileJwks {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: JwksError,
+    },
+    /// The discovery document could not be fetched.
+    #[error("OIDC discovery: {0}")]
+    Discovery(#[source] HttpsError),
+    /// The discovery document lacks a member.
+    #[error("OIDC discovery {url}: no \"{member}\"")]
+    DiscoveryMember {
+        /// The discovery URL.
+        url: String,
+        /// `issuer` or `jwks_uri`.
+        member: &'static str,
+    },
+    /// The discovery document names another issuer.
+    #[error("OIDC discovery {url}: the document's issuer {got:?} is not the configured oidc_discovery_url {configured:?}")]
+    IssuerMismatch {
+        /// The discovery URL.
+        url: String,
+        /// The document's `issuer`.
+        got: String,
+        /// The configured issuer URL.
+        configured: String,
+    },
+    /// The JWKS could not be fetched.
+    #[error("fetching the JWKS: {0}")]
+    FetchJwks(#[source] HttpsError),
+    /// The fetched JWKS is not a usable JWK Set.
+    #[error("JWKS {uri}: {source}")]
+    Jwks {
+        /// The `jwks_uri`.
+        uri: String,
+        /// What is wrong with it.
+        #[source]
+        source: JwksError,
+    },
 }
 
 /// Keys as last fetched, with the issuer they belong to (OIDC discovery's `issuer`).
@@ -421,14 +433,19 @@ pub fn origin(url: &str) -> Option<String> {
 }
 
 impl Fetcher {
-    async fn fetch(&self) -> Result<KeySet, String> {
+    async fn fetch(&self) -> Result<KeySet, KeysError> {
         match self {
             Fetcher::File(path) => {
                 let bytes = tokio::fs::read(path)
                     .await
-                    .map_err(|e| format!("reading jwks_file {}: {e}", path.display()))?;
-                let keys =
-                    parse_jwks(&bytes).map_err(|e| format!("jwks_file {}: {e}", path.display()))?;
+                    .map_err(|source| KeysError::ReadFile {
+                        path: path.clone(),
+                        source,
+                    })?;
+                let keys = parse_jwks(&bytes).map_err(|source| KeysError::FileJwks {
+                    path: path.clone(),
+                    source,
+                })?;
                 Ok(KeySet {
                     keys: Arc::new(keys),
                     issuer: None,
@@ -457,20 +474,24 @@ impl Fetcher {
                 let doc: Value = client
                     .get_json(&discovery_url, bearer_for(&discovery_url).as_deref())
                     .await
-                    .map_err(|e| format!("OIDC discovery: {e}"))?;
-                let issuer = doc
-                    .get("issuer")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| format!("OIDC discovery {discovery_url}: no \"issuer\""))?;
+                    .map_err(KeysError::Discovery)?;
+                let member = |member: &'static str| {
+                    doc.get(member).and_then(Value::as_str).ok_or_else(|| {
+                        KeysError::DiscoveryMember {
+                            url: discovery_url.clone(),
+                            member,
+                        }
+                    })
+                };
+                let issuer = member("issuer")?;
                 if issuer.trim_end_matches('/') != issuer_url.trim_end_matches('/') {
-                    return Err(format!(
-                        "OIDC discovery {discovery_url}: the document's issuer {issuer:?} is not the configured oidc_discovery_url {issuer_url:?}"
-                    ));
+                    return Err(KeysError::IssuerMismatch {
+                        url: discovery_url.clone(),
+                        got: issuer.to_string(),
+                        configured: issuer_url.clone(),
+                    });
                 }
-                let jwks_uri = doc
-                    .get("jwks_uri")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| format!("OIDC discovery {discovery_url}: no \"jwks_uri\""))?;
+                let jwks_uri = member("jwks_uri")?;
                 let body = client
                     .request(
                         hyper::Method::GET,
@@ -479,8 +500,11 @@ impl Fetcher {
                         None,
                     )
                     .await
-                    .map_err(|e| format!("fetching the JWKS: {e}"))?;
-                let keys = parse_jwks(&body).map_err(|e| format!("JWKS {jwks_uri}: {e}"))?;
+                    .map_err(KeysError::FetchJwks)?;
+                let keys = parse_jwks(&body).map_err(|source| KeysError::Jwks {
+                    uri: jwks_uri.to_string(),
+                    source,
+                })?;
                 Ok(KeySet {
                     keys: Arc::new(keys),
                     issuer: Some(issuer.to_string()),
@@ -519,33 +543,34 @@ impl KeySource {
 
     /// The keys to verify with: cached, or fetched if there are none yet or they are older than
     /// [`KEYS_MAX_AGE`] (a failed refresh keeps the old keys and logs a warning).
-    pub async fn current(&self) -> Result<KeySet, String> {
+    pub async fn current(&self) -> Result<KeySet, KeysError> {
         let mut c = self.cached.lock().await;
         let stale = c.fetched_at.is_none_or(|t| t.elapsed() >= KEYS_MAX_AGE);
         let may_try = c
             .attempted_at
             .is_none_or(|t| t.elapsed() >= self.min_refetch);
-        if c.current.is_none() || (stale && may_try) {
-            match self.fetch_into(&mut c).await {
-                Ok(set) => return Ok(set),
-                Err(e) => match &c.current {
-                    Some(old) => {
-                        tracing::warn!(error = %e, "k8s_psat: refreshing the service-account issuer keys failed; using the previous keys");
-                        return Ok(old.clone());
-                    }
-                    None => return Err(e),
-                },
-            }
+        if let (Some(cur), false) = (&c.current, stale && may_try) {
+            return Ok(cur.clone());
         }
-        c.current
-            .clone()
-            .ok_or_else(|| "no service-account issuer keys".to_string())
+        match self.fetch_into(&mut c).await {
+            Ok(set) => Ok(set),
+            Err(e) => match &c.current {
+                Some(old) => {
+                    tracing::warn!(error = %sigil::text::error_chain(&e), "k8s_psat: refreshing the service-account issuer keys failed; using the previous keys");
+                    Ok(old.clone())
+                }
+                None => Err(e),
+            },
+        }
     }
 
     /// After an unknown `kid` with the keys `seen`: newer keys if another caller fetched them
     /// meanwhile, or a new fetch if the last one is at least `min_refetch` old; `Ok(None)` if
     /// neither (the token's key stays unknown for now).
-    pub async fn refresh_for_unknown_kid(&self, seen: &KeySet) -> Result<Option<KeySet>, String> {
+    pub async fn refresh_for_unknown_kid(
+        &self,
+        seen: &KeySet,
+    ) -> Result<Option<KeySet>, KeysError> {
         let mut c = self.cached.lock().await;
         if let Some(cur) = &c.current {
             if !Arc::ptr_eq(&cur.keys, &seen.keys) {
@@ -560,7 +585,7 @@ impl KeySource {
         self.fetch_into(&mut c).await.map(Some)
     }
 
-    async fn fetch_into(&self, c: &mut Cached) -> Result<KeySet, String> {
+    async fn fetch_into(&self, c: &mut Cached) -> Result<KeySet, KeysError> {
         c.attempted_at = Some(Instant::now());
         let set = self.fetcher.fetch().await?;
         tracing::debug!(
@@ -576,7 +601,9 @@ impl KeySource {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
     use serde_json::json;
+    use sigil::jose::{EcCurve, B64URL};
 
     fn b64(b: &[u8]) -> String {
         B64URL.encode(b)
@@ -597,14 +624,14 @@ mod tests {
             keys[0],
             Jwk {
                 kid: Some("r".into()),
-                key: PublicKey::Rsa {
+                key: JwkPublicKey::Rsa {
                     n: vec![1, 2, 3],
                     e: vec![1, 0, 1]
                 }
             }
         );
         assert!(
-            matches!(&keys[1].key, PublicKey::Ec { curve: Curve::P256, point } if point.len() == 65 && point[0] == 4)
+            matches!(&keys[1].key, JwkPublicKey::Ec { curve: EcCurve::P256, x, y } if x.len() == 32 && y.len() == 32)
         );
     }
 
@@ -627,7 +654,7 @@ mod tests {
                 "kid",
             ),
         ] {
-            let err = parse_jwks(doc.as_bytes()).expect_err(doc);
+            let err = parse_jwks(doc.as_bytes()).expect_err(doc).to_string();
             assert!(err.contains(want), "{doc}: {err}");
         }
     }
@@ -646,7 +673,7 @@ mod tests {
             assert!(parse(t).is_err(), "{t:?}");
         }
         let long = "a".repeat(MAX_TOKEN_LEN + 1);
-        assert!(parse(&long).unwrap_err().contains("longer"));
+        assert!(parse(&long).unwrap_err().to_string().contains("longer"));
         let p = parse("e30.e30.").unwrap();
         assert!(p.header.is_empty() && p.claims.is_empty());
     }
@@ -655,7 +682,7 @@ mod tests {
     fn unsupported_algorithms_and_crit_are_refused() {
         let keys = vec![Jwk {
             kid: None,
-            key: PublicKey::Rsa {
+            key: JwkPublicKey::Rsa {
                 n: vec![1],
                 e: vec![3],
             },
@@ -686,23 +713,88 @@ mod tests {
     }
 
     #[test]
+    fn a_key_of_another_type_than_the_algorithm_is_refused() {
+        let rsa = Jwk {
+            kid: Some("r".into()),
+            key: JwkPublicKey::Rsa {
+                n: vec![0xc5; 256],
+                e: vec![1, 0, 1],
+            },
+        };
+        let ec = Jwk {
+            kid: Some("e".into()),
+            key: JwkPublicKey::Ec {
+                curve: EcCurve::P256,
+                x: vec![1; 32],
+                y: vec![2; 32],
+            },
+        };
+        let keys = vec![rsa, ec];
+        let token = |h: Value| format!("{}.e30.AAAA", b64(h.to_string().as_bytes()));
+        for (alg, kid, kind) in [
+            (Algorithm::Es256, "r", "RSA"),
+            (Algorithm::Es384, "e", "EC P-256"),
+            (Algorithm::Rs256, "e", "EC P-256"),
+        ] {
+            let t = token(json!({"alg": alg.name(), "kid": kid}));
+            assert_eq!(
+                verify(&parse(&t).unwrap(), &keys),
+                Err(VerifyError::AlgKeyMismatch {
+                    alg,
+                    kid: kid.into(),
+                    kind
+                }),
+                "{alg} with {kid}"
+            );
+        }
+        // EdDSA is a JWT-SVID algorithm, not a service-account one.
+        let t = token(json!({"alg": "EdDSA", "kid": "e"}));
+        assert_eq!(
+            verify(&parse(&t).unwrap(), &keys),
+            Err(VerifyError::UnsupportedAlg("EdDSA".into()))
+        );
+        // Without a kid, keys of the wrong type are passed over: the signature does not verify.
+        let t = token(json!({"alg": "ES384"}));
+        assert_eq!(
+            verify(&parse(&t).unwrap(), &keys),
+            Err(VerifyError::BadSignature)
+        );
+        // An Ed25519 key in the JWKS is skipped, not used.
+        let doc = json!({"keys": [
+            {"kty": "OKP", "crv": "Ed25519", "kid": "ed", "x": b64(&[3; 32])},
+            {"kty": "EC", "kid": "e", "crv": "P-256", "x": b64(&[1; 32]), "y": b64(&[2; 32])}
+        ]});
+        let parsed = parse_jwks(doc.to_string().as_bytes()).unwrap();
+        assert_eq!(parsed.len(), 1);
+        assert_eq!(parsed[0].kid.as_deref(), Some("e"));
+    }
+
+    #[test]
     fn validity_window_and_audience() {
         let c = |v: Value| v.as_object().cloned().unwrap();
         let now = 1_700_000_000;
         assert!(check_validity(&c(json!({"exp": now + 10})), now, 0).is_ok());
         assert!(check_validity(&c(json!({"exp": now - 10})), now, 30).is_ok());
-        let e = check_validity(&c(json!({"exp": now - 31})), now, 30).unwrap_err();
+        let e = check_validity(&c(json!({"exp": now - 31})), now, 30)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("expired"), "{e}");
-        let e = check_validity(&c(json!({})), now, 30).unwrap_err();
+        let e = check_validity(&c(json!({})), now, 30)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no \"exp\""), "{e}");
-        let e = check_validity(&c(json!({"exp": now + 99, "nbf": now + 31})), now, 30).unwrap_err();
+        let e = check_validity(&c(json!({"exp": now + 99, "nbf": now + 31})), now, 30)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not valid before"), "{e}");
         assert!(check_validity(&c(json!({"exp": now + 99, "nbf": now + 29})), now, 30).is_ok());
         assert!(check_validity(&c(json!({"exp": "soon"})), now, 30).is_err());
 
         assert!(check_audience(&c(json!({"aud": "sigil-server"})), "sigil-server").is_ok());
         assert!(check_audience(&c(json!({"aud": ["a", "sigil-server"]})), "sigil-server").is_ok());
-        let e = check_audience(&c(json!({"aud": ["api"]})), "sigil-server").unwrap_err();
+        let e = check_audience(&c(json!({"aud": ["api"]})), "sigil-server")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("audience") && e.contains("\"api\""), "{e}");
         assert!(check_audience(&c(json!({})), "sigil-server").is_err());
     }
@@ -741,16 +833,21 @@ mod tests {
             .remove("pod");
         assert!(pod_identity(&c(no_pod))
             .unwrap_err()
+            .to_string()
             .contains("not bound to a pod"));
 
         let mut other_sub = good.clone();
         other_sub["sub"] = json!("system:serviceaccount:default:default");
-        assert!(pod_identity(&c(other_sub)).unwrap_err().contains("subject"));
+        assert!(pod_identity(&c(other_sub))
+            .unwrap_err()
+            .to_string()
+            .contains("subject"));
 
         // A legacy (secret-based) token has flat claims and no kubernetes.io object.
         let legacy = json!({"iss": "kubernetes/serviceaccount", "kubernetes.io/serviceaccount/namespace": "sigil"});
         assert!(pod_identity(&c(legacy))
             .unwrap_err()
+            .to_string()
             .contains("kubernetes.io"));
     }
 
@@ -796,6 +893,11 @@ mod tests {
         assert!(Arc::ptr_eq(&again.keys, &second.keys));
         // A missing file is an error only while nothing was ever read.
         let missing = KeySource::new(Fetcher::File(dir.path().join("missing.json")));
-        assert!(missing.current().await.unwrap_err().contains("jwks_file"));
+        assert!(missing
+            .current()
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("jwks_file"));
     }
 }
