@@ -286,7 +286,20 @@ pub fn ds_status(e: DatastoreError) -> Status {
         DatastoreError::NotFound(_) => Status::not_found(e.to_string()),
         DatastoreError::InvalidPageToken(_) => Status::invalid_argument(e.to_string()),
         DatastoreError::Expired => Status::permission_denied(e.to_string()),
-        DatastoreError::Corrupt(_) | DatastoreError::Backend(_) => {
+        DatastoreError::Busy(_) => {
+            tracing::warn!(error = %e, "datastore busy");
+            Status::unavailable(format!("datastore busy: {e}"))
+        }
+        DatastoreError::Corrupt(_)
+        | DatastoreError::Sqlite(_)
+        | DatastoreError::Open { .. }
+        | DatastoreError::Io { .. }
+        | DatastoreError::NoWal { .. }
+        | DatastoreError::NewerSchema { .. }
+        | DatastoreError::Migration { .. }
+        | DatastoreError::Task(_)
+        | DatastoreError::Json(_)
+        | DatastoreError::JoinTokenCollision => {
             tracing::error!(error = %e, "datastore failure");
             Status::internal(format!("datastore failure: {e}"))
         }

@@ -11,6 +11,8 @@
 
 pub mod sqlite;
 
+use std::path::PathBuf;
+
 use async_trait::async_trait;
 use sigil::entry::RegistrationEntry;
 use sigil::{SelectorSet, SpiffeId, TrustDomain};
@@ -33,9 +35,84 @@ pub enum DatastoreError {
     /// Stored data that does not parse (manual edits, disk corruption).
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
-    /// The database itself failed (I/O, locking, ...).
+    /// SQLite stayed busy past its busy timeout (another connection or process held the
+    /// lock): trying again later may succeed.
+    #[error("the database is busy: {0}; try again")]
+    Busy(#[source] rusqlite::Error),
+    /// SQLite failed otherwise (I/O error, full disk, read-only file, ...).
     #[error("database error: {0}")]
-    Backend(String),
+    Sqlite(#[source] rusqlite::Error),
+    /// The database file cannot be opened.
+    #[error("database error: opening {}: {source}", .path.display())]
+    Open {
+        /// The database file.
+        path: PathBuf,
+        /// SQLite's error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// Creating, reading or syncing the database file or its directory failed.
+    #[error("database error: {what} {}: {source}", .path.display())]
+    Io {
+        /// What was being done (`creating`, `syncing the directory of`, ...).
+        what: &'static str,
+        /// The database file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// SQLite refused write-ahead logging for the file.
+    #[error("database error: {}: could not switch to WAL journal mode (got {mode})", .path.display())]
+    NoWal {
+        /// The database file.
+        path: PathBuf,
+        /// The journal mode SQLite reported.
+        mode: String,
+    },
+    /// The file's schema is newer than this code knows.
+    #[error(
+        "database error: {} has schema version {found}, but this sigil-server only knows versions \
+         up to {known}: it was written by a newer sigil-server; upgrade, or restore a backup made \
+         by this version",
+        .path.display()
+    )]
+    NewerSchema {
+        /// The database file.
+        path: PathBuf,
+        /// Its schema version.
+        found: usize,
+        /// The newest version this code knows.
+        known: usize,
+    },
+    /// A schema migration failed (it was rolled back).
+    #[error("database error: {}: schema migration {version} failed: {source}", .path.display())]
+    Migration {
+        /// The database file.
+        path: PathBuf,
+        /// The version the migration leads to.
+        version: usize,
+        /// SQLite's error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The blocking task running the call panicked or was cancelled.
+    #[error("database error: datastore task failed: {0}")]
+    Task(#[source] tokio::task::JoinError),
+    /// A value could not be encoded as JSON.
+    #[error("database error: encoding JSON: {0}")]
+    Json(#[source] serde_json::Error),
+    /// A newly generated join token equals a stored one.
+    #[error("database error: a join token with this value already exists")]
+    JoinTokenCollision,
+}
+
+impl DatastoreError {
+    /// True when trying the same call again later may succeed (the database was busy); false
+    /// for refusals, corrupt data and other failures, which a retry would only repeat.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, DatastoreError::Busy(_))
+    }
 }
 
 /// How a filter's selectors must relate to an entry's selectors.

@@ -87,7 +87,7 @@ impl SqliteDatastore {
         let path = path.to_path_buf();
         tokio::task::spawn_blocking(move || Self::open_blocking_with(&path, expect))
             .await
-            .map_err(|e| DatastoreError::Backend(format!("opening the datastore: {e}")))?
+            .map_err(DatastoreError::Task)?
     }
 
     /// Opens (creating if needed) the database at `path` and migrates it to the current schema.
@@ -128,10 +128,10 @@ impl SqliteDatastore {
             .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
             .map_err(|e| corrupt_at_open(path, e))?;
         if !mode.eq_ignore_ascii_case("wal") {
-            return Err(DatastoreError::Backend(format!(
-                "{}: could not switch to WAL journal mode (got {mode})",
-                path.display()
-            )));
+            return Err(DatastoreError::NoWal {
+                path: path.to_path_buf(),
+                mode,
+            });
         }
         migrations::migrate(&mut writer, path, migrations::MIGRATIONS)?;
         Ok(Self {
@@ -160,7 +160,7 @@ impl SqliteDatastore {
             f(&mut conn)
         })
         .await
-        .map_err(|e| DatastoreError::Backend(format!("datastore task failed: {e}")))?
+        .map_err(DatastoreError::Task)?
     }
 
     /// Runs `f` with a pooled read connection on the blocking pool.
@@ -188,7 +188,7 @@ impl SqliteDatastore {
             result
         })
         .await
-        .map_err(|e| DatastoreError::Backend(format!("datastore task failed: {e}")))?
+        .map_err(DatastoreError::Task)?
     }
 }
 
@@ -212,8 +212,10 @@ enum FileState {
 /// Creates the parent directory (0700) and an empty database file (0600) when missing, and makes
 /// their directory entries durable (SQLite syncs the WAL's directory entry, not the main file's).
 fn prepare_file(path: &Path) -> Result<FileState> {
-    let io_err = |what: &str, e: std::io::Error| {
-        DatastoreError::Backend(format!("{what} {}: {e}", path.display()))
+    let io_err = |what: &'static str, source: std::io::Error| DatastoreError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
     };
     let parent = path
         .parent()
@@ -322,8 +324,10 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 /// Opens a connection with the per-connection settings (durability, foreign keys, locks).
 fn open_connection(path: &Path) -> Result<Connection> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn = Connection::open_with_flags(path, flags)
-        .map_err(|e| DatastoreError::Backend(format!("opening {}: {e}", path.display())))?;
+    let conn = Connection::open_with_flags(path, flags).map_err(|source| DatastoreError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(map_err)?;
     conn.set_prepared_statement_cache_capacity(64);
     conn.execute_batch(
@@ -364,8 +368,8 @@ fn corrupt_at_open(path: &Path, e: rusqlite::Error) -> DatastoreError {
     }
 }
 
-/// Classifies SQLite errors: damaged files and undecodable values are `Corrupt`, the rest
-/// `Backend`.
+/// Classifies SQLite errors: damaged files and undecodable values are `Corrupt`, a lock held
+/// past the busy timeout `Busy`, the rest `Sqlite`.
 fn map_err(e: rusqlite::Error) -> DatastoreError {
     use rusqlite::Error as E;
     match &e {
@@ -378,7 +382,12 @@ fn map_err(e: rusqlite::Error) -> DatastoreError {
         | E::IntegralValueOutOfRange(..)
         | E::InvalidColumnType(..)
         | E::Utf8Error(..) => DatastoreError::Corrupt(e.to_string()),
-        _ => DatastoreError::Backend(e.to_string()),
+        E::SqliteFailure(f, _)
+            if matches!(f.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) =>
+        {
+            DatastoreError::Busy(e)
+        }
+        _ => DatastoreError::Sqlite(e),
     }
 }
 
@@ -440,7 +449,7 @@ fn ttl_to_sql(ttl: Option<Duration>) -> Option<i64> {
 }
 
 fn to_json<T: serde::Serialize + ?Sized>(v: &T) -> Result<String> {
-    serde_json::to_string(v).map_err(|e| DatastoreError::Backend(format!("encoding JSON: {e}")))
+    serde_json::to_string(v).map_err(DatastoreError::Json)
 }
 
 /// The registration identity, unique per (SPIFFE ID, parent, selector set): the SHA-256 of
@@ -1375,9 +1384,7 @@ impl Datastore for SqliteDatastore {
                     unix_now(),
                 ])?;
             if inserted == 0 {
-                return Err(DatastoreError::Backend(
-                    "a join token with this value already exists".into(),
-                ));
+                return Err(DatastoreError::JoinTokenCollision);
             }
             Ok(())
         })
@@ -2892,6 +2899,55 @@ mod tests {
 /// Durability across `kill -9`: a child process (this test binary, re-executed) creates entries
 /// and prints each acknowledged id; the parent kills it mid-stream and checks that every
 /// acknowledged entry is in the database.
+#[cfg(test)]
+mod error_kinds {
+    use super::*;
+
+    type TestResult = std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+    /// A lock another connection holds past the busy timeout is `Busy`: transient, and the
+    /// admin API answers Unavailable (clients retry); any other SQLite failure is neither.
+    #[test]
+    fn a_held_lock_is_busy_and_transient_other_failures_are_not() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("locks.db");
+        let holder = Connection::open(&path)?;
+        holder.execute_batch("CREATE TABLE t (x); BEGIN IMMEDIATE; INSERT INTO t VALUES (1);")?;
+        let other = Connection::open(&path)?;
+        other.busy_timeout(Duration::ZERO)?;
+        let busy = map_err(
+            other
+                .execute("INSERT INTO t VALUES (2)", [])
+                .err()
+                .ok_or("the write succeeded despite the lock")?,
+        );
+        assert!(matches!(busy, DatastoreError::Busy(_)), "{busy:?}");
+        assert!(busy.is_transient());
+        assert!(busy.to_string().contains("try again"), "{busy}");
+        assert_eq!(
+            crate::api::admin::ds_status(busy).code(),
+            tonic::Code::Unavailable
+        );
+
+        let missing = map_err(
+            other
+                .execute("INSERT INTO no_such_table VALUES (1)", [])
+                .err()
+                .ok_or("insert into a missing table succeeded")?,
+        );
+        assert!(matches!(missing, DatastoreError::Sqlite(_)), "{missing:?}");
+        assert!(!missing.is_transient());
+        assert!(std::error::Error::source(&missing).is_some());
+        assert_eq!(
+            crate::api::admin::ds_status(missing).code(),
+            tonic::Code::Internal
+        );
+        assert!(!DatastoreError::Corrupt("x".into()).is_transient());
+        assert!(!DatastoreError::NotFound("entry".into()).is_transient());
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod kill9 {
     use super::*;

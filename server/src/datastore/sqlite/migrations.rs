@@ -176,23 +176,21 @@ pub(super) fn migrate(
             ));
         }
         if version > known {
-            return Err(DatastoreError::Backend(format!(
-                "{} has schema version {version}, but this sigil-server only knows versions up to \
-                 {known}: it was written by a newer sigil-server; upgrade, or restore a backup \
-                 made by this version",
-                path.display()
-            )));
+            return Err(DatastoreError::NewerSchema {
+                path: path.to_path_buf(),
+                found: version,
+                known,
+            });
         }
         let Some(sql) = migrations.get(version) else {
             return Ok(());
         };
-        tx.execute_batch(sql).map_err(|e| {
-            DatastoreError::Backend(format!(
-                "{}: schema migration {} failed: {e}",
-                path.display(),
-                version + 1
-            ))
-        })?;
+        tx.execute_batch(sql)
+            .map_err(|source| DatastoreError::Migration {
+                path: path.to_path_buf(),
+                version: version + 1,
+                source,
+            })?;
         tx.pragma_update(None, "application_id", APPLICATION_ID)
             .map_err(map_err)?;
         tx.pragma_update(None, "user_version", (version + 1) as i64)
