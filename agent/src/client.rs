@@ -10,7 +10,7 @@ use sigil::{SpiffeId, TrustDomain};
 use tonic::transport::Channel;
 
 use crate::cache::make_csr;
-use crate::storage::AgentIdentity;
+use crate::storage::{AgentIdentity, IdentityError};
 
 /// Path of the server's SPIFFE ID.
 pub const SERVER_PATH: &str = "/sigil/server";
@@ -34,9 +34,77 @@ pub enum ClientError {
         /// The gRPC status.
         status: tonic::Status,
     },
-    /// The server's answer is unusable.
+    /// The server sent a challenge to an attestation that has none.
+    #[error("server sent a challenge to a {0} attestation")]
+    UnexpectedChallenge(&'static str),
+    /// The attestation stream closed before the exchange was complete.
+    #[error("the server closed the attestation stream")]
+    AttestationClosed,
+    /// The attestation stream ended without a result.
+    #[error("attestation ended without a result")]
+    NoAttestationResult,
+    /// A certificate list in the server's answer does not parse.
+    #[error("{what} from the server: {source}")]
+    BadCertificates {
+        /// `agent SVID chain`, `trust bundle`, ...
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: sigil::x509::X509Error,
+    },
+    /// The SVID the server issued is not a usable agent identity.
+    #[error("{what} from the server: {source}")]
+    BadIdentity {
+        /// `agent SVID` or `renewed agent SVID`.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: IdentityError,
+    },
+    /// The server sent no trust bundle roots.
+    #[error("server sent an empty trust bundle")]
+    EmptyBundle,
+    /// A sync message could not be applied.
     #[error("{0}")]
-    Protocol(String),
+    Sync(#[source] crate::cache::CacheError),
+    /// The sync stream ended.
+    #[error("sync stream closed by the server")]
+    SyncClosed,
+    /// Batch signing results do not answer the requests in order.
+    #[error("batch signing results out of order")]
+    SigningOutOfOrder,
+    /// Re-attestation with a method that is not configured.
+    #[error("no {0} settings configured")]
+    NotConfigured(&'static str),
+    /// The node's attestation material (files) cannot be read or used.
+    #[error("{0:#}")]
+    Material(#[source] anyhow::Error),
+    /// The x509pop certificate chain is empty.
+    #[error("the x509pop certificate chain is empty")]
+    X509popEmptyChain,
+    /// The x509pop key is not a usable PKCS#8 key.
+    #[error(
+        "the x509pop key is not a supported PKCS#8 key (ECDSA P-256/P-384, RSA, Ed25519): {0}"
+    )]
+    X509popKey(#[source] rcgen::Error),
+    /// The x509pop node certificate does not parse.
+    #[error("the x509pop node certificate: {0}")]
+    X509popCertificate(#[source] x509_parser::nom::Err<x509_parser::error::X509Error>),
+    /// The x509pop key is not the node certificate's.
+    #[error("the x509pop key does not belong to the node certificate (the first certificate of the chain)")]
+    X509popKeyMismatch,
+    /// Signing the x509pop challenge failed.
+    #[error("signing the x509pop challenge: {0}")]
+    X509popSign(#[source] rcgen::Error),
+    /// Encoding the k8s_psat payload failed.
+    #[error("encoding the k8s_psat payload: {0}")]
+    Encode(#[source] serde_json::Error),
+    /// Saving the new agent SVID failed.
+    #[error("saving the agent SVID: {0}")]
+    Save(#[source] crate::storage::StorageError),
+    /// The TLS identity refused the new agent SVID.
+    #[error("installing the agent SVID: {0}")]
+    Install(#[source] sigil::tls::TlsError),
     /// Generating a key or CSR failed.
     #[error("generating the agent key: {0}")]
     Key(#[from] rcgen::Error),
@@ -66,7 +134,28 @@ impl ClientError {
                     | Code::Unknown
                     | Code::Cancelled
             ),
-            ClientError::Connect { .. } | ClientError::Protocol(_) | ClientError::Key(_) => false,
+            // Local set-up problems and unusable answers: the same again on a retry.
+            ClientError::Connect { .. }
+            | ClientError::UnexpectedChallenge(_)
+            | ClientError::AttestationClosed
+            | ClientError::NoAttestationResult
+            | ClientError::BadCertificates { .. }
+            | ClientError::BadIdentity { .. }
+            | ClientError::EmptyBundle
+            | ClientError::Sync(_)
+            | ClientError::SyncClosed
+            | ClientError::SigningOutOfOrder
+            | ClientError::NotConfigured(_)
+            | ClientError::Material(_)
+            | ClientError::X509popEmptyChain
+            | ClientError::X509popKey(_)
+            | ClientError::X509popCertificate(_)
+            | ClientError::X509popKeyMismatch
+            | ClientError::X509popSign(_)
+            | ClientError::Encode(_)
+            | ClientError::Save(_)
+            | ClientError::Install(_)
+            | ClientError::Key(_) => false,
         }
     }
 
@@ -136,9 +225,7 @@ pub async fn attest_join_token(
     token: &str,
 ) -> Result<Attested, ClientError> {
     attest(client, td, "join_token", token.as_bytes().to_vec(), |_| {
-        Err(ClientError::Protocol(
-            "server sent a challenge to a join-token attestation".into(),
-        ))
+        Err(ClientError::UnexpectedChallenge("join-token"))
     })
     .await
 }
@@ -157,26 +244,18 @@ pub async fn attest_x509pop(
     use rcgen::{PublicKeyData as _, SigningKey as _};
     let leaf = cert_chain_der
         .first()
-        .ok_or_else(|| ClientError::Protocol("the x509pop certificate chain is empty".into()))?;
-    let key = rcgen::KeyPair::try_from(key_pkcs8_der).map_err(|e| {
-        ClientError::Protocol(format!(
-            "the x509pop key is not a supported PKCS#8 key (ECDSA P-256/P-384, RSA, Ed25519): {e}"
-        ))
-    })?;
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
-        .map_err(|e| ClientError::Protocol(format!("the x509pop node certificate: {e}")))?;
+        .ok_or(ClientError::X509popEmptyChain)?;
+    let key = rcgen::KeyPair::try_from(key_pkcs8_der).map_err(ClientError::X509popKey)?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(leaf).map_err(ClientError::X509popCertificate)?;
     if cert.public_key().raw != key.subject_public_key_info().as_slice() {
-        return Err(ClientError::Protocol(
-            "the x509pop key does not belong to the node certificate (the first certificate of the chain)"
-                .into(),
-        ));
+        return Err(ClientError::X509popKeyMismatch);
     }
     let payload = cert_chain_der.concat();
     attest(client, td, "x509pop", payload, |nonce| {
         let mut message = X509POP_SIGNATURE_CONTEXT.to_vec();
         message.extend_from_slice(&nonce);
-        key.sign(&message)
-            .map_err(|e| ClientError::Protocol(format!("signing the x509pop challenge: {e}")))
+        key.sign(&message).map_err(ClientError::X509popSign)
     })
     .await
 }
@@ -190,11 +269,9 @@ pub async fn attest_k8s_psat(
     token: &str,
 ) -> Result<Attested, ClientError> {
     let payload = serde_json::to_vec(&serde_json::json!({"cluster": cluster, "token": token}))
-        .map_err(|e| ClientError::Protocol(format!("encoding the k8s_psat payload: {e}")))?;
+        .map_err(ClientError::Encode)?;
     attest(client, td, "k8s_psat", payload, |_| {
-        Err(ClientError::Protocol(
-            "server sent a challenge to a k8s_psat attestation".into(),
-        ))
+        Err(ClientError::UnexpectedChallenge("k8s_psat"))
     })
     .await
 }
@@ -219,7 +296,7 @@ async fn attest(
     };
     tx.send(first)
         .await
-        .map_err(|_| ClientError::Protocol("attestation stream closed".into()))?;
+        .map_err(|_| ClientError::AttestationClosed)?;
     let mut responses = client
         .attest(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
@@ -242,29 +319,32 @@ async fn attest(
                     step: Some(pb::attest_request::Step::ChallengeResponse(answer)),
                 })
                 .await
-                .map_err(|_| {
-                    ClientError::Protocol("the server closed the attestation stream".into())
-                })?;
+                .map_err(|_| ClientError::AttestationClosed)?;
             }
             Some(_) => continue,
-            None => {
-                return Err(ClientError::Protocol(
-                    "attestation ended without a result".into(),
-                ))
-            }
+            None => return Err(ClientError::NoAttestationResult),
         }
     };
     drop(tx);
-    let chain = sigil::x509::split_der_concat(&result.svid_chain)
-        .map_err(|e| ClientError::Protocol(format!("agent SVID chain: {e}")))?;
-    let identity = AgentIdentity::new(td, chain, key)
-        .map_err(|e| ClientError::Protocol(format!("agent SVID from the server: {e}")))?;
-    let bundle_roots = sigil::x509::split_der_concat(&result.bundle)
-        .map_err(|e| ClientError::Protocol(format!("trust bundle: {e}")))?;
+    let chain = sigil::x509::split_der_concat(&result.svid_chain).map_err(|source| {
+        ClientError::BadCertificates {
+            what: "agent SVID chain",
+            source,
+        }
+    })?;
+    let identity =
+        AgentIdentity::new(td, chain, key).map_err(|source| ClientError::BadIdentity {
+            what: "agent SVID",
+            source,
+        })?;
+    let bundle_roots = sigil::x509::split_der_concat(&result.bundle).map_err(|source| {
+        ClientError::BadCertificates {
+            what: "trust bundle",
+            source,
+        }
+    })?;
     if bundle_roots.is_empty() {
-        return Err(ClientError::Protocol(
-            "server sent an empty trust bundle".into(),
-        ));
+        return Err(ClientError::EmptyBundle);
     }
     Ok(Attested {
         identity,
@@ -284,10 +364,16 @@ pub async fn renew(
         .await
         .map_err(ClientError::rpc("agent SVID renewal"))?
         .into_inner();
-    let chain = sigil::x509::split_der_concat(&resp.svid_chain)
-        .map_err(|e| ClientError::Protocol(format!("renewed agent SVID chain: {e}")))?;
-    AgentIdentity::new(td, chain, key)
-        .map_err(|e| ClientError::Protocol(format!("renewed agent SVID: {e}")))
+    let chain = sigil::x509::split_der_concat(&resp.svid_chain).map_err(|source| {
+        ClientError::BadCertificates {
+            what: "renewed agent SVID chain",
+            source,
+        }
+    })?;
+    AgentIdentity::new(td, chain, key).map_err(|source| ClientError::BadIdentity {
+        what: "renewed agent SVID",
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -318,6 +404,53 @@ mod tests {
         ] {
             assert!(!rpc(code).is_transient(), "{code:?}");
         }
-        assert!(!ClientError::Protocol("bad answer".into()).is_transient());
+        assert!(!ClientError::EmptyBundle.is_transient());
+    }
+
+    /// Local problems and unusable answers are neither transient nor a refusal: the worker
+    /// neither retries them as an outage nor drops its identity for them.
+    #[test]
+    fn local_and_answer_errors_are_permanent_but_no_refusal() {
+        let bad_chain = sigil::x509::split_der_concat(&[0x30, 0x03, 0x02])
+            .err()
+            .map(|source| ClientError::BadCertificates {
+                what: "agent SVID chain",
+                source,
+            });
+        let errors = [
+            ClientError::UnexpectedChallenge("join-token"),
+            ClientError::AttestationClosed,
+            ClientError::NoAttestationResult,
+            ClientError::EmptyBundle,
+            ClientError::SyncClosed,
+            ClientError::SigningOutOfOrder,
+            ClientError::NotConfigured("x509pop"),
+            ClientError::Material(anyhow::anyhow!("x509pop_cert /x: no such file")),
+            ClientError::X509popEmptyChain,
+            ClientError::X509popKeyMismatch,
+            ClientError::Sync(crate::cache::CacheError::NoSnapshot),
+        ];
+        for e in errors.iter().chain(bad_chain.as_ref()) {
+            assert!(!e.is_transient(), "{e}");
+            assert!(!e.is_permission_denied(), "{e}");
+            assert!(e.refusal().is_none(), "{e}");
+        }
+        let bad = bad_chain.expect("a truncated certificate does not parse");
+        assert!(
+            std::error::Error::source(&bad).is_some(),
+            "the parser's error is kept as the cause"
+        );
+        assert!(
+            bad.to_string()
+                .starts_with("agent SVID chain from the server: "),
+            "{bad}"
+        );
+        for code in [tonic::Code::PermissionDenied, tonic::Code::Unauthenticated] {
+            let refused = ClientError::Rpc {
+                what: "sync",
+                status: tonic::Status::new(code, "x"),
+            };
+            assert!(refused.is_permission_denied() && !refused.is_transient());
+        }
     }
 }

@@ -49,6 +49,34 @@ pub enum StorageError {
     },
 }
 
+/// Why a chain and key are not a usable agent identity.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// No certificate at all.
+    #[error("the chain is empty")]
+    EmptyChain,
+    /// The leaf is not an X509-SVID.
+    #[error("{0}")]
+    NotSvid(#[source] sigil::x509::X509Error),
+    /// The leaf's ID is not an agent ID of the trust domain.
+    #[error("{id} is not an agent ID of trust domain {td}")]
+    NotAgentId {
+        /// The leaf's SPIFFE ID.
+        id: SpiffeId,
+        /// The agent's trust domain.
+        td: TrustDomain,
+    },
+    /// The leaf does not parse as a certificate.
+    #[error("leaf certificate: {0}")]
+    Leaf(#[source] x509_parser::nom::Err<x509_parser::error::X509Error>),
+    /// The key is not a usable PKCS#8 key.
+    #[error("private key: {0}")]
+    Key(#[source] rcgen::Error),
+    /// The key is not the leaf's.
+    #[error("the private key does not belong to the certificate")]
+    KeyMismatch,
+}
+
 /// The agent's identity: its SVID chain and private key.
 #[derive(Clone, PartialEq, Eq)]
 pub struct AgentIdentity {
@@ -84,20 +112,19 @@ impl AgentIdentity {
         td: &TrustDomain,
         chain_der: Vec<Vec<u8>>,
         key_pkcs8_der: Vec<u8>,
-    ) -> Result<Self, String> {
-        let leaf = chain_der.first().ok_or("the chain is empty")?;
-        let spiffe_id = sigil::x509::check_x509_svid(leaf).map_err(|e| e.to_string())?;
+    ) -> Result<Self, IdentityError> {
+        let leaf = chain_der.first().ok_or(IdentityError::EmptyChain)?;
+        let spiffe_id = sigil::x509::check_x509_svid(leaf).map_err(IdentityError::NotSvid)?;
         if !spiffe_id.is_member_of(td) || !spiffe_id.path().starts_with(AGENT_PATH_PREFIX) {
-            return Err(format!(
-                "{spiffe_id} is not an agent ID of trust domain {td}"
-            ));
+            return Err(IdentityError::NotAgentId {
+                id: spiffe_id,
+                td: td.clone(),
+            });
         }
-        let (_, cert) = x509_parser::parse_x509_certificate(leaf)
-            .map_err(|e| format!("leaf certificate: {e}"))?;
-        let key = rcgen::KeyPair::try_from(key_pkcs8_der.as_slice())
-            .map_err(|e| format!("private key: {e}"))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(IdentityError::Leaf)?;
+        let key = rcgen::KeyPair::try_from(key_pkcs8_der.as_slice()).map_err(IdentityError::Key)?;
         if rcgen::PublicKeyData::subject_public_key_info(&key) != cert.public_key().raw {
-            return Err("the private key does not belong to the certificate".into());
+            return Err(IdentityError::KeyMismatch);
         }
         Ok(Self {
             spiffe_id,
@@ -193,7 +220,7 @@ impl Storage {
         };
         AgentIdentity::new(td, chain, key)
             .map(Some)
-            .map_err(invalid)
+            .map_err(|e| invalid(e.to_string()))
     }
 
     /// Removes the stored identity (after eviction, before attesting again).
@@ -323,7 +350,8 @@ pub(crate) mod tests {
         let (_, other_key) = identity(&td, "/sigil/agent/join_token/xyz");
         let err =
             AgentIdentity::new(&td, id.chain_der.clone(), other_key.serialize_der()).unwrap_err();
-        assert!(err.contains("does not belong"), "{err}");
+        assert!(matches!(err, IdentityError::KeyMismatch), "{err}");
+        assert!(err.to_string().contains("does not belong"), "{err}");
         let (workload, _) = {
             let td2 = TrustDomain::new("example.org").unwrap();
             let key = rcgen::KeyPair::generate().unwrap();
@@ -339,7 +367,10 @@ pub(crate) mod tests {
                 (),
             )
         };
-        assert!(workload.unwrap_err().contains("not an agent ID"));
+        assert!(workload
+            .unwrap_err()
+            .to_string()
+            .contains("not an agent ID"));
         let other_td = TrustDomain::new("other.org").unwrap();
         assert!(
             AgentIdentity::new(&other_td, id.chain_der.clone(), id.key_pkcs8_der.clone()).is_err()

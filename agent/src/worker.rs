@@ -383,13 +383,9 @@ impl Worker {
     /// Attests again with the x509pop certificate (re-read from disk: it may have been renewed).
     async fn reattest_x509pop(&self) -> Result<(), ClientError> {
         let Some(cfg) = &self.x509pop else {
-            return Err(ClientError::Protocol(
-                "no x509pop material configured".into(),
-            ));
+            return Err(ClientError::NotConfigured("x509pop"));
         };
-        let (chain, key) = cfg
-            .load()
-            .map_err(|e| ClientError::Protocol(format!("{e:#}")))?;
+        let (chain, key) = cfg.load().map_err(ClientError::Material)?;
         let mut node = self.node_channel(None)?;
         let td = &self.state.trust_domain;
         let attested = client::attest_x509pop(&mut node, td, chain, &key).await?;
@@ -400,13 +396,9 @@ impl Worker {
     /// Attests again with k8s_psat, reading the token file afresh (it rotates).
     async fn reattest_k8s_psat(&self) -> Result<(), ClientError> {
         let Some(cfg) = &self.k8s_psat else {
-            return Err(ClientError::Protocol(
-                "no k8s_psat settings configured".into(),
-            ));
+            return Err(ClientError::NotConfigured("k8s_psat"));
         };
-        let token = cfg
-            .load_token()
-            .map_err(|e| ClientError::Protocol(format!("{e:#}")))?;
+        let token = cfg.load_token().map_err(ClientError::Material)?;
         let mut node = self.node_channel(None)?;
         let td = &self.state.trust_domain;
         let attested = client::attest_k8s_psat(&mut node, td, &cfg.cluster, &token).await?;
@@ -468,7 +460,7 @@ impl Worker {
                 msg = stream.message() => {
                     let msg = msg.map_err(|status| ClientError::Rpc { what: "sync", status })?;
                     let Some(msg) = msg else {
-                        return Err(ClientError::Protocol("sync stream closed by the server".into()));
+                        return Err(ClientError::SyncClosed);
                     };
                     self.apply(msg).await?;
                     self.state.update_sync(|s| s.synced(now_unix()));
@@ -506,9 +498,7 @@ impl Worker {
 
     async fn apply(&self, msg: pb::SyncResponse) -> Result<(), ClientError> {
         let mut cache = self.state.cache.write().await;
-        let out = cache
-            .apply_sync(msg)
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let out = cache.apply_sync(msg).map_err(ClientError::Sync)?;
         if out.bundle_changed {
             if let Some(b) = cache.bundle() {
                 match sigil::x509::split_der_concat(&b.x509_roots) {
@@ -632,9 +622,7 @@ impl Worker {
                     continue;
                 };
                 if r.entry_id != id {
-                    return Err(ClientError::Protocol(
-                        "batch signing results out of order".into(),
-                    ));
+                    return Err(ClientError::SigningOutOfOrder);
                 }
                 if r.code != 0 {
                     let reason = format!(
@@ -801,9 +789,7 @@ impl Worker {
 
     /// Saves `id` and switches to it (after an attestation).
     async fn install_identity(&self, id: AgentIdentity) -> Result<(), ClientError> {
-        self.storage
-            .save_identity(&id)
-            .map_err(|e| ClientError::Protocol(format!("saving the agent SVID: {e}")))?;
+        self.storage.save_identity(&id).map_err(ClientError::Save)?;
         self.use_identity(id).await
     }
 
@@ -811,7 +797,7 @@ impl Worker {
     async fn use_identity(&self, id: AgentIdentity) -> Result<(), ClientError> {
         self.tls_identity
             .set(id.chain_der.clone(), id.key_pkcs8_der.clone())
-            .map_err(|e| ClientError::Protocol(format!("installing the agent SVID: {e}")))?;
+            .map_err(ClientError::Install)?;
         tracing::info!(spiffe_id = %id.spiffe_id, serial = %id.serial_hex, not_after = id.not_after, "agent SVID installed");
         self.state.metrics.agent_svid_expiry.set(id.not_after);
         *self.state.identity.write().await = id;
