@@ -5,7 +5,7 @@
 //! names the offending field in every error so the CLI can print one clear line.
 
 use crate::proto::admin as pb;
-use crate::selector::{Selector, SelectorSet};
+use crate::selector::{Selector, SelectorError, SelectorSet};
 use crate::spiffe_id::{SpiffeId, TrustDomain};
 use std::time::Duration;
 
@@ -224,9 +224,9 @@ pub fn selector_to_proto(s: &Selector) -> pb::Selector {
 }
 
 /// Validates protobuf selectors into a set.
-pub fn selectors_from_proto(v: &[pb::Selector]) -> Result<SelectorSet, String> {
+pub fn selectors_from_proto(v: &[pb::Selector]) -> Result<SelectorSet, SelectorError> {
     v.iter()
-        .map(|s| Selector::new(&s.r#type, &s.value).map_err(|e| e.to_string()))
+        .map(|s| Selector::new(&s.r#type, &s.value))
         .collect()
 }
 
