@@ -198,7 +198,7 @@ fn main() -> std::process::ExitCode {
         let done = match cli.command {
             Command::Run(flags) => {
                 let cfg = AgentConfig::load(&flags)?;
-                sigil::logging::init(&cfg.log_level, cfg.log_format).map_err(anyhow::Error::msg)?;
+                sigil::logging::init(&cfg.log_level, cfg.log_format)?;
                 sigil_agent::run::run(cfg).await
             }
             Command::Api(cmd) => sigil_agent::cli::api::run(cmd).await,

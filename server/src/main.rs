@@ -17,7 +17,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Run(flags) => {
                 let cfg = ServerConfig::load(&flags)?;
-                sigil::logging::init(&cfg.log_level, cfg.log_format).map_err(anyhow::Error::msg)?;
+                sigil::logging::init(&cfg.log_level, cfg.log_format)?;
                 sigil_server::run::run(cfg).await
             }
             other => cli::run_admin(other).await,
