@@ -25,24 +25,46 @@ pub const CONTENT_TYPE_MERGE_PATCH: &str = "application/merge-patch+json";
 /// Why an HTTPS request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpsError {
-    /// The URL is not `https://host[:port]/path`.
+    /// The URL breaks one of the client's rules (scheme, host).
     #[error("invalid URL {url:?}: {reason}")]
     BadUrl {
         /// The URL.
         url: String,
         /// What is wrong.
-        reason: String,
+        reason: &'static str,
+    },
+    /// The URL does not parse.
+    #[error("invalid URL {url:?}: {source}")]
+    UrlSyntax {
+        /// The URL.
+        url: String,
+        /// The parser's error.
+        #[source]
+        source: hyper::http::uri::InvalidUri,
+    },
+    /// The URL's host cannot name a TLS server.
+    #[error("invalid URL {url:?}: host is not a DNS name or IP address: {source}")]
+    BadHost {
+        /// The URL.
+        url: String,
+        /// Why the host is not a server name.
+        #[source]
+        source: rustls_pki_types::InvalidDnsNameError,
     },
     /// The trust roots are unusable.
     #[error("invalid TLS roots: {0}")]
-    Roots(String),
+    Roots(#[source] RootsError),
     /// TCP connect, TLS handshake or HTTP exchange failed.
-    #[error("{url}: {reason}")]
+    #[error("{url}: {step}: {source}")]
     Transport {
         /// The URL.
         url: String,
-        /// What failed.
-        reason: String,
+        /// Which step failed.
+        step: Step,
+        /// The underlying error (`std::io::Error` for [`Step::Connect`] and
+        /// [`Step::TlsHandshake`], `hyper::Error` for the HTTP steps).
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// No answer within the deadline.
     #[error("{url}: no answer within {timeout:?}")]
@@ -63,13 +85,77 @@ pub enum HttpsError {
         body: String,
     },
     /// The body is not the expected JSON.
-    #[error("{url}: unexpected response: {reason}")]
+    #[error("{url}: unexpected response: {source}")]
     Json {
         /// The URL.
         url: String,
         /// The parse error.
-        reason: String,
+        #[source]
+        source: serde_json::Error,
     },
+    /// The request body could not be serialised as JSON.
+    #[error("{url}: cannot encode the request body as JSON: {source}")]
+    Encode {
+        /// The URL.
+        url: String,
+        /// The serialiser's error.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// The step of an exchange that failed ([`HttpsError::Transport`]); callers pick their hint by
+/// it (a TLS handshake failure points at the CA, a connect failure at the address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// The TCP connection.
+    Connect,
+    /// The TLS handshake (server certificate not trusted, wrong host name, ...).
+    TlsHandshake,
+    /// The HTTP/1.1 connection setup.
+    HttpHandshake,
+    /// Building the request (a header value that HTTP cannot carry).
+    BuildRequest,
+    /// Sending the request and waiting for the response head.
+    Request,
+    /// Reading the response body (cut off, or larger than [`MAX_BODY`]).
+    ReadBody,
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Connect => "connect",
+            Self::TlsHandshake => "TLS handshake",
+            Self::HttpHandshake => "HTTP handshake",
+            Self::BuildRequest => "building the request",
+            Self::Request => "request",
+            Self::ReadBody => "reading the body",
+        })
+    }
+}
+
+/// Why the trust roots of an [`HttpsClient`] are unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum RootsError {
+    /// No CA certificate at all.
+    #[error("no CA certificates given")]
+    Empty,
+    /// The PEM text holds no usable certificate.
+    #[error("{0}")]
+    Pem(#[source] crate::x509::X509Error),
+    /// A certificate rustls cannot use as a trust anchor.
+    #[error("CA certificate #{index}: {source}")]
+    Certificate {
+        /// Position of the certificate (0-based).
+        index: usize,
+        /// What rustls reported.
+        #[source]
+        source: rustls::Error,
+    },
+    /// rustls refused the TLS configuration.
+    #[error("{0}")]
+    Config(#[source] rustls::Error),
 }
 
 impl HttpsError {
@@ -105,19 +191,19 @@ impl HttpsClient {
     /// A client verifying servers against `roots_der` (DER CA certificates).
     pub fn new(roots_der: &[Vec<u8>], timeout: Duration) -> Result<Self, HttpsError> {
         let mut roots = rustls::RootCertStore::empty();
-        for der in roots_der {
+        for (index, der) in roots_der.iter().enumerate() {
             roots
                 .add(CertificateDer::from(der.clone()))
-                .map_err(|e| HttpsError::Roots(e.to_string()))?;
+                .map_err(|source| HttpsError::Roots(RootsError::Certificate { index, source }))?;
         }
         if roots.is_empty() {
-            return Err(HttpsError::Roots("no CA certificates given".into()));
+            return Err(HttpsError::Roots(RootsError::Empty));
         }
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
-        .map_err(|e| HttpsError::Roots(e.to_string()))?
+        .map_err(|e| HttpsError::Roots(RootsError::Config(e)))?
         .with_root_certificates(roots)
         .with_no_client_auth();
         Ok(Self {
@@ -136,7 +222,7 @@ impl HttpsClient {
     /// A client verifying servers against the PEM CA certificates in `pem`.
     pub fn from_pem(pem: &str, timeout: Duration) -> Result<Self, HttpsError> {
         let roots =
-            crate::x509::parse_pem_certs(pem).map_err(|e| HttpsError::Roots(e.to_string()))?;
+            crate::x509::parse_pem_certs(pem).map_err(|e| HttpsError::Roots(RootsError::Pem(e)))?;
         Self::new(&roots, timeout)
     }
 
@@ -204,9 +290,9 @@ impl HttpsClient {
         content_type: &str,
         body: &B,
     ) -> Result<T, HttpsError> {
-        let bytes = serde_json::to_vec(body).map_err(|e| HttpsError::Json {
+        let bytes = serde_json::to_vec(body).map_err(|source| HttpsError::Encode {
             url: url.to_string(),
-            reason: e.to_string(),
+            source,
         })?;
         let answer = self
             .request_with(method, url, bearer, Some((content_type, bytes)))
@@ -221,17 +307,21 @@ impl HttpsClient {
         bearer: Option<&str>,
         body: Option<(&str, Vec<u8>)>,
     ) -> Result<Bytes, HttpsError> {
-        let bad = |reason: &str| HttpsError::BadUrl {
-            url: url.to_string(),
-            reason: reason.to_string(),
-        };
-        let transport = |reason: String| HttpsError::Transport {
+        let bad = |reason: &'static str| HttpsError::BadUrl {
             url: url.to_string(),
             reason,
         };
-        let uri: Uri = url
-            .parse()
-            .map_err(|e: hyper::http::uri::InvalidUri| bad(&e.to_string()))?;
+        let transport = |step: Step| {
+            move |e: Box<dyn std::error::Error + Send + Sync>| HttpsError::Transport {
+                url: url.to_string(),
+                step,
+                source: e,
+            }
+        };
+        let uri: Uri = url.parse().map_err(|source| HttpsError::UrlSyntax {
+            url: url.to_string(),
+            source,
+        })?;
         let default_port = match (&self.tls, uri.scheme_str()) {
             (Some(_), Some("https")) => 443,
             (None, Some("http")) => 80,
@@ -244,26 +334,31 @@ impl HttpsClient {
         let port = uri.port_u16().unwrap_or(default_port);
         let tcp = match &self.tls {
             Some(tls) => {
-                let server_name = ServerName::try_from(bare_host.to_string())
-                    .map_err(|e| bad(&format!("host is not a DNS name or IP address: {e}")))?;
+                let server_name =
+                    ServerName::try_from(bare_host.to_string()).map_err(|source| {
+                        HttpsError::BadHost {
+                            url: url.to_string(),
+                            source,
+                        }
+                    })?;
                 let tcp = TcpStream::connect((bare_host, port))
                     .await
-                    .map_err(|e| transport(format!("connect: {e}")))?;
+                    .map_err(|e| transport(Step::Connect)(e.into()))?;
                 let tls = tls
                     .connect(server_name, tcp)
                     .await
-                    .map_err(|e| transport(format!("TLS handshake: {e}")))?;
+                    .map_err(|e| transport(Step::TlsHandshake)(e.into()))?;
                 Box::new(tls) as Box<dyn Io>
             }
             None => Box::new(
                 TcpStream::connect((bare_host, port))
                     .await
-                    .map_err(|e| transport(format!("connect: {e}")))?,
+                    .map_err(|e| transport(Step::Connect)(e.into()))?,
             ),
         };
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
             .await
-            .map_err(|e| transport(format!("HTTP handshake: {e}")))?;
+            .map_err(|e| transport(Step::HttpHandshake)(e.into()))?;
         let conn_task = tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -288,16 +383,16 @@ impl HttpsClient {
         };
         let req = req
             .body(body)
-            .map_err(|e| transport(format!("building the request: {e}")))?;
+            .map_err(|e| transport(Step::BuildRequest)(e.into()))?;
         let resp = sender
             .send_request(req)
             .await
-            .map_err(|e| transport(format!("request: {e}")))?;
+            .map_err(|e| transport(Step::Request)(e.into()))?;
         let status = resp.status();
         let body = Limited::new(resp.into_body(), MAX_BODY)
             .collect()
             .await
-            .map_err(|e| transport(format!("reading the body: {e}")))?
+            .map_err(transport(Step::ReadBody))?
             .to_bytes();
         conn_task.abort();
         if !status.is_success() {
@@ -317,8 +412,135 @@ trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 fn parse_json<T: serde::de::DeserializeOwned>(url: &str, body: &[u8]) -> Result<T, HttpsError> {
-    serde_json::from_slice(body).map_err(|e| HttpsError::Json {
+    serde_json::from_slice(body).map_err(|source| HttpsError::Json {
         url: url.to_string(),
-        reason: e.to_string(),
+        source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    const TIMEOUT: Duration = Duration::from_secs(5);
+
+    fn ca_der() -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn unusable_roots_say_why_and_keep_the_cause() {
+        let e = HttpsClient::new(&[], TIMEOUT).unwrap_err();
+        assert!(matches!(e, HttpsError::Roots(RootsError::Empty)), "{e}");
+        assert!(e.to_string().contains("no CA certificates given"), "{e}");
+        let e = HttpsClient::from_pem("not pem", TIMEOUT).unwrap_err();
+        assert!(matches!(e, HttpsError::Roots(RootsError::Pem(_))), "{e}");
+        let cause = e
+            .source()
+            .and_then(|c| c.source())
+            .expect("the X.509 error");
+        assert!(cause.downcast_ref::<crate::x509::X509Error>().is_some());
+        assert!(HttpsClient::new(&[ca_der()], TIMEOUT).is_ok());
+    }
+
+    #[tokio::test]
+    async fn transport_failures_name_their_step_and_keep_the_io_error() {
+        let client = HttpsClient::new(&[ca_der()], TIMEOUT).unwrap();
+        // Nobody listens on a port just freed: connect fails.
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let e = client
+            .request(
+                Method::GET,
+                &format!("https://127.0.0.1:{port}/"),
+                None,
+                None,
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                HttpsError::Transport {
+                    step: Step::Connect,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains(": connect: "), "{e}");
+        let io = e.source().and_then(|c| c.downcast_ref::<std::io::Error>());
+        assert_eq!(
+            io.map(std::io::Error::kind),
+            Some(std::io::ErrorKind::ConnectionRefused)
+        );
+
+        // A server that answers the ClientHello with plain HTTP: the handshake fails.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+            }
+        });
+        let e = client
+            .request(Method::GET, &format!("https://{addr}/"), None, None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                HttpsError::Transport {
+                    step: Step::TlsHandshake,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains(": TLS handshake: "), "{e}");
+        assert!(e
+            .source()
+            .is_some_and(|c| c.downcast_ref::<std::io::Error>().is_some()));
+    }
+
+    #[tokio::test]
+    async fn url_errors_are_told_apart() {
+        let client = HttpsClient::new(&[ca_der()], TIMEOUT).unwrap();
+        let e = client
+            .request(Method::GET, "http://127.0.0.1/", None, None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, HttpsError::BadUrl { reason, .. } if reason.contains("https://")),
+            "{e}"
+        );
+        let e = client
+            .request(Method::GET, "https://exa mple/", None, None)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, HttpsError::UrlSyntax { .. }), "{e}");
+        assert!(e.source().is_some());
+    }
+
+    #[test]
+    fn a_body_that_is_not_the_expected_json_keeps_the_parser_error() {
+        let e = parse_json::<Vec<u8>>("https://x/", b"{").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("https://x/: unexpected response: "),
+            "{e}"
+        );
+        assert!(e
+            .source()
+            .is_some_and(|c| c.downcast_ref::<serde_json::Error>().is_some()));
+    }
 }

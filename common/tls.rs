@@ -85,17 +85,18 @@ pub enum TlsError {
     InvalidSvid(#[source] X509Error),
     /// The private key cannot be loaded or does not belong to the leaf.
     #[error("the private key is unusable: {0}; pass the unencrypted PKCS#8 DER key of the leaf certificate")]
-    InvalidKey(String),
+    InvalidKey(#[source] rustls::Error),
     /// A trust bundle without roots.
     #[error("the trust bundle is empty; pass at least one root certificate (e.g. from `sigil-server bundle show`)")]
     EmptyBundle,
     /// A root that cannot serve as a trust anchor.
-    #[error("trust-bundle certificate #{index} cannot be used as a root: {reason}")]
+    #[error("trust-bundle certificate #{index} cannot be used as a root: {source}")]
     InvalidRoot {
         /// Position of the root in the bundle (0-based).
         index: usize,
         /// What the parser reported.
-        reason: String,
+        #[source]
+        source: webpki::Error,
     },
     /// rustls refused the configuration.
     #[error("TLS configuration refused: {0}")]
@@ -103,10 +104,19 @@ pub enum TlsError {
     /// The server address is not `host:port`.
     #[error("invalid server address {addr:?}: {reason}; use HOST:PORT, e.g. sigil.example.org:8081 or 10.0.0.1:8081")]
     InvalidAddress {
-        /// The address as given.
+        /// The address as given (at most 256 characters of it).
         addr: String,
         /// Which rule it broke.
-        reason: String,
+        reason: &'static str,
+    },
+    /// The address passed the `host:port` rules but is not a usable endpoint URI.
+    #[error("invalid server address {addr:?}: {source}; use HOST:PORT, e.g. sigil.example.org:8081 or 10.0.0.1:8081")]
+    InvalidEndpoint {
+        /// The address as given (at most 256 characters of it).
+        addr: String,
+        /// What tonic reported.
+        #[source]
+        source: tonic::transport::Error,
     },
     /// Connecting (TCP, TLS handshake or HTTP/2) failed.
     #[error("connecting to {addr} failed: {source}")]
@@ -190,8 +200,8 @@ impl IdentityStore {
         let chain: Vec<CertificateDer<'static>> =
             chain_der.into_iter().map(CertificateDer::from).collect();
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pkcs8_der));
-        let certified = CertifiedKey::from_der(chain, key, &self.provider)
-            .map_err(|e| TlsError::InvalidKey(e.to_string()))?;
+        let certified =
+            CertifiedKey::from_der(chain, key, &self.provider).map_err(TlsError::InvalidKey)?;
         write(
             &self.current,
             Some(Arc::new(Identity {
@@ -274,10 +284,7 @@ impl TrustStore {
             .map(|(index, der)| {
                 webpki::anchor_from_trusted_cert(&CertificateDer::from(der.as_slice()))
                     .map(|a| a.to_owned())
-                    .map_err(|e| TlsError::InvalidRoot {
-                        index,
-                        reason: e.to_string(),
-                    })
+                    .map_err(|source| TlsError::InvalidRoot { index, source })
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Roots {
@@ -935,9 +942,9 @@ impl Handshakes {
 
 /// Splits `host:port` (IPv6 as `[addr]:port`) and returns the TLS server name for the host.
 fn server_name(addr: &str) -> Result<ServerName<'static>, TlsError> {
-    let bad = |reason: &str| TlsError::InvalidAddress {
+    let bad = |reason: &'static str| TlsError::InvalidAddress {
         addr: addr.chars().take(256).collect(),
-        reason: reason.to_string(),
+        reason,
     };
     let (host, port) = addr.rsplit_once(':').ok_or_else(|| bad("missing :PORT"))?;
     port.parse::<u16>()
@@ -965,9 +972,9 @@ fn endpoint(addr: &str) -> Result<Endpoint, TlsError> {
                 .keep_alive_timeout(KEEPALIVE_TIMEOUT)
                 .keep_alive_while_idle(true)
         })
-        .map_err(|e| TlsError::InvalidAddress {
+        .map_err(|source| TlsError::InvalidEndpoint {
             addr: addr.chars().take(256).collect(),
-            reason: e.to_string(),
+            source,
         })
 }
 
@@ -1786,6 +1793,13 @@ mod tests {
             TrustStore::new(&[vec![1, 2, 3]]),
             Err(TlsError::InvalidRoot { index: 0, .. })
         ));
+        // The parsers' errors stay attached as causes.
+        let root_err = TrustStore::new(&[vec![1, 2, 3]]).unwrap_err();
+        let cause = std::error::Error::source(&root_err).expect("a cause");
+        assert!(cause.downcast_ref::<webpki::Error>().is_some(), "{cause:?}");
+        let key_err = IdentityStore::new(chain.clone(), vec![1, 2, 3]).unwrap_err();
+        let cause = std::error::Error::source(&key_err).expect("a cause");
+        assert!(cause.downcast_ref::<rustls::Error>().is_some(), "{cause:?}");
         let trust = ca.trust();
         assert!(trust.set(&[]).is_err());
         assert_eq!(trust.roots_der(), vec![ca.cert_der.clone()]);

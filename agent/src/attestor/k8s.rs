@@ -260,11 +260,11 @@ impl KubeletError {
     fn request(cfg: &KubeletConfig, e: &HttpsError) -> Self {
         let url = cfg.pods_url();
         let hint = match e {
-            HttpsError::Transport { reason, .. } if reason.starts_with("TLS handshake") => format!(
+            HttpsError::Transport { step: sigil::https::Step::TlsHandshake, .. } => format!(
                 "is {} the CA that signed the kubelet's serving certificate (--kubelet-ca-path), and does that certificate name the host in --kubelet-url?",
                 cfg.ca_path.display()
             ),
-            HttpsError::Transport { reason, .. } if reason.starts_with("connect") => {
+            HttpsError::Transport { step: sigil::https::Step::Connect, .. } => {
                 "is the kubelet running, and is --kubelet-url this node's kubelet (in a DaemonSet, the node IP from status.hostIP, port 10250)?".to_string()
             }
             HttpsError::Timeout { .. } => {
