@@ -15,7 +15,7 @@ use x509_parser::prelude::FromDer as _;
 use x509_parser::public_key::PublicKey;
 use x509_parser::x509::SubjectPublicKeyInfo;
 
-use crate::jose::strip_zeros;
+use crate::jose::{str_member, strip_zeros};
 pub use crate::jose::{EcCurve, JwkPublicKey};
 use crate::spiffe_id::TrustDomain;
 use crate::x509::to_pem_certs;
@@ -36,48 +36,117 @@ const OID_EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
 const OID_RSA_ENCRYPTION: &str = "1.2.840.113549.1.1.1";
 const OID_ED25519: &str = "1.3.101.112";
 
+/// A DER parse error of `x509-parser`.
+type DerError = x509_parser::nom::Err<x509_parser::error::X509Error>;
+
 /// Why bundle material could not be read or written.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum BundleError {
     /// Not JSON at all.
     #[error("bundle is not valid JSON: {0}")]
-    Json(String),
+    Json(#[source] serde_json::Error),
     /// Valid JSON but not of the expected shape.
     #[error("bundle JSON is malformed: {0}")]
-    Malformed(String),
+    Malformed(&'static str),
     /// A field of one key is missing or has a bad value.
-    #[error("bundle key #{index}: {reason}")]
+    #[error("bundle key #{index}: {source}")]
     BadKey {
         /// Position in `keys` (0-based).
         index: usize,
         /// What is wrong with it.
-        reason: String,
+        #[source]
+        source: BundleKeyError,
     },
     /// Two JWT authorities share a `kid`.
     #[error("bundle has two JWT authorities with kid {0:?}; key IDs must be unique")]
     DuplicateKid(String),
     /// A public key of a type a JWK cannot carry here.
     #[error("unsupported public key: {0} (supported: EC P-256/P-384, RSA, Ed25519)")]
-    UnsupportedKey(String),
+    UnsupportedKey(#[source] SpkiError),
     /// An X.509 authority that is not a parseable certificate.
-    #[error("X.509 authority #{index} is not a valid certificate: {reason}")]
+    #[error("X.509 authority #{index} is not a valid certificate: {source}")]
     BadCertificate {
         /// Position in `x509_authorities` (0-based).
         index: usize,
         /// What the parser reported.
-        reason: String,
+        #[source]
+        source: DerError,
     },
+    /// An X.509 authority with bytes after its certificate.
+    #[error(
+        "X.509 authority #{index} is not a valid certificate: trailing bytes after the certificate"
+    )]
+    TrailingBytes {
+        /// Position in `x509_authorities` (0-based).
+        index: usize,
+    },
+}
+
+/// What is wrong with one key of a bundle document ([`BundleError::BadKey`]).
+#[derive(Debug, thiserror::Error)]
+pub enum BundleKeyError {
+    /// The key is not a JSON object.
+    #[error("a key must be a JSON object")]
+    NotObject,
+    /// `x5c` is not an array.
+    #[error("\"x5c\" must be an array of base64 strings")]
+    X5cNotArray,
+    /// An `x5c` entry is not a string.
+    #[error("\"x5c\" entries must be base64 strings")]
+    X5cNotString,
+    /// The `x5c` certificate is not base64.
+    #[error("\"x5c\" is not valid base64: {0}")]
+    X5cBase64(#[source] base64::DecodeError),
+    /// The `x5c` certificate has bytes after it.
+    #[error("\"x5c\" certificate has trailing bytes")]
+    X5cTrailingBytes,
+    /// The `x5c` entry is not a DER certificate.
+    #[error("\"x5c\" is not a DER X.509 certificate: {0}")]
+    X5cCertificate(#[source] DerError),
+    /// A `jwt-svid` key without a string `kid`.
+    #[error("jwt-svid keys must have a string \"kid\"")]
+    NoKid,
+    /// An empty `kid`.
+    #[error("\"kid\" must not be empty")]
+    EmptyKid,
+    /// `use` or a key parameter is missing or malformed.
+    #[error("{0}")]
+    Jwk(#[source] crate::jose::JwkError),
+}
+
+/// Why a SubjectPublicKeyInfo cannot be a JWK here ([`BundleError::UnsupportedKey`]).
+#[derive(Debug, thiserror::Error)]
+pub enum SpkiError {
+    /// Not a DER SubjectPublicKeyInfo.
+    #[error("bad SubjectPublicKeyInfo: {0}")]
+    Der(#[source] DerError),
+    /// Bytes after the SubjectPublicKeyInfo.
+    #[error("trailing bytes after SubjectPublicKeyInfo")]
+    TrailingBytes,
+    /// An EC curve other than P-256 and P-384 (its OID).
+    #[error("EC curve {0:?}")]
+    EcCurve(String),
+    /// An EC point that is compressed or of the wrong size.
+    #[error("EC point is not an uncompressed point of the curve's size")]
+    EcPoint,
+    /// An RSA key that does not parse.
+    #[error("malformed RSA public key")]
+    Rsa,
+    /// An Ed25519 key that is not 32 bytes.
+    #[error("Ed25519 key is not 32 bytes")]
+    Ed25519Length,
+    /// Another key algorithm (its OID).
+    #[error("key algorithm {0}")]
+    Algorithm(String),
 }
 
 impl JwkPublicKey {
     /// Reads a DER SubjectPublicKeyInfo.
     pub fn from_spki_der(spki_der: &[u8]) -> Result<Self, BundleError> {
         let (rest, spki) = SubjectPublicKeyInfo::from_der(spki_der)
-            .map_err(|e| BundleError::UnsupportedKey(format!("bad SubjectPublicKeyInfo: {e}")))?;
+            .map_err(|e| BundleError::UnsupportedKey(SpkiError::Der(e)))?;
         if !rest.is_empty() {
-            return Err(BundleError::UnsupportedKey(
-                "trailing bytes after SubjectPublicKeyInfo".into(),
-            ));
+            return Err(BundleError::UnsupportedKey(SpkiError::TrailingBytes));
         }
         Self::from_spki(&spki)
     }
@@ -86,7 +155,7 @@ impl JwkPublicKey {
     /// Ed25519), validating the key's shape.
     pub fn from_spki(spki: &SubjectPublicKeyInfo<'_>) -> Result<Self, BundleError> {
         let alg = spki.algorithm.algorithm.to_id_string();
-        let unsupported = |what: String| BundleError::UnsupportedKey(what);
+        let unsupported = BundleError::UnsupportedKey;
         match alg.as_str() {
             OID_EC_PUBLIC_KEY => {
                 let curve_oid = spki
@@ -99,14 +168,12 @@ impl JwkPublicKey {
                 let curve = match curve_oid.as_str() {
                     OID_P256 => EcCurve::P256,
                     OID_P384 => EcCurve::P384,
-                    other => return Err(unsupported(format!("EC curve {other:?}"))),
+                    other => return Err(unsupported(SpkiError::EcCurve(other.to_string()))),
                 };
                 let point = spki.subject_public_key.data.as_ref();
                 let n = curve.coord_len();
                 if point.len() != 1 + 2 * n || point[0] != 0x04 {
-                    return Err(unsupported(
-                        "EC point is not an uncompressed point of the curve's size".into(),
-                    ));
+                    return Err(unsupported(SpkiError::EcPoint));
                 }
                 Ok(JwkPublicKey::Ec {
                     curve,
@@ -119,16 +186,16 @@ impl JwkPublicKey {
                     n: strip_zeros(rsa.modulus),
                     e: strip_zeros(rsa.exponent),
                 }),
-                _ => Err(unsupported("malformed RSA public key".into())),
+                _ => Err(unsupported(SpkiError::Rsa)),
             },
             OID_ED25519 => {
                 let x = spki.subject_public_key.data.to_vec();
                 if x.len() != 32 {
-                    return Err(unsupported("Ed25519 key is not 32 bytes".into()));
+                    return Err(unsupported(SpkiError::Ed25519Length));
                 }
                 Ok(JwkPublicKey::Ed25519 { x })
             }
-            other => Err(unsupported(format!("key algorithm {other}"))),
+            other => Err(unsupported(SpkiError::Algorithm(other.to_string()))),
         }
     }
 }
@@ -208,17 +275,10 @@ impl Bundle {
     pub fn to_spiffe_json(&self) -> Result<String, BundleError> {
         let mut keys = Vec::with_capacity(self.x509_authorities.len() + self.jwt_authorities.len());
         for (index, der) in self.x509_authorities.iter().enumerate() {
-            let (rest, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| {
-                BundleError::BadCertificate {
-                    index,
-                    reason: e.to_string(),
-                }
-            })?;
+            let (rest, cert) = x509_parser::parse_x509_certificate(der)
+                .map_err(|source| BundleError::BadCertificate { index, source })?;
             if !rest.is_empty() {
-                return Err(BundleError::BadCertificate {
-                    index,
-                    reason: "trailing bytes after the certificate".into(),
-                });
+                return Err(BundleError::TrailingBytes { index });
             }
             let key = JwkPublicKey::from_spki(cert.public_key())?;
             let mut m = Map::new();
@@ -256,29 +316,26 @@ impl Bundle {
 
     /// Parses a SPIFFE bundle document for trust domain `td`.
     pub fn from_spiffe_json(td: TrustDomain, json: &str) -> Result<Bundle, BundleError> {
-        let doc: Value =
-            serde_json::from_str(json).map_err(|e| BundleError::Json(e.to_string()))?;
+        let doc: Value = serde_json::from_str(json).map_err(BundleError::Json)?;
         let obj = doc
             .as_object()
-            .ok_or_else(|| BundleError::Malformed("top level must be a JSON object".into()))?;
+            .ok_or(BundleError::Malformed("top level must be a JSON object"))?;
         let keys = obj
             .get("keys")
-            .ok_or_else(|| BundleError::Malformed("missing \"keys\"".into()))?
+            .ok_or(BundleError::Malformed("missing \"keys\""))?
             .as_array()
-            .ok_or_else(|| BundleError::Malformed("\"keys\" must be an array".into()))?;
+            .ok_or(BundleError::Malformed("\"keys\" must be an array"))?;
         let sequence_number = match obj.get("spiffe_sequence") {
             None | Some(Value::Null) => 0,
-            Some(v) => v.as_u64().ok_or_else(|| {
-                BundleError::Malformed("\"spiffe_sequence\" must be a non-negative integer".into())
-            })?,
+            Some(v) => v.as_u64().ok_or(BundleError::Malformed(
+                "\"spiffe_sequence\" must be a non-negative integer",
+            ))?,
         };
         let refresh_hint = match obj.get("spiffe_refresh_hint") {
             None | Some(Value::Null) => None,
-            Some(v) => Some(v.as_u64().ok_or_else(|| {
-                BundleError::Malformed(
-                    "\"spiffe_refresh_hint\" must be a non-negative integer (seconds)".into(),
-                )
-            })?),
+            Some(v) => Some(v.as_u64().ok_or(BundleError::Malformed(
+                "\"spiffe_refresh_hint\" must be a non-negative integer (seconds)",
+            ))?),
         };
         let mut bundle = Bundle {
             trust_domain: td,
@@ -288,11 +345,11 @@ impl Bundle {
             refresh_hint,
         };
         for (index, key) in keys.iter().enumerate() {
-            let bad = |reason: String| BundleError::BadKey { index, reason };
+            let bad = |source: BundleKeyError| BundleError::BadKey { index, source };
             let m = key
                 .as_object()
-                .ok_or_else(|| bad("a key must be a JSON object".into()))?;
-            match str_field(m, "use").map_err(bad)? {
+                .ok_or_else(|| bad(BundleKeyError::NotObject))?;
+            match str_member(m, "use").map_err(|e| bad(BundleKeyError::Jwk(e)))? {
                 USE_X509_SVID => {
                     if let Some(der) = read_x5c(m).map_err(bad)? {
                         bundle.x509_authorities.push(der);
@@ -312,26 +369,21 @@ impl Bundle {
     /// Parses JWT authorities from a JWKS (`{"keys":[...]}`) or a bare JWK array; keys with
     /// another `use` are ignored.
     pub fn jwt_authorities_from_json(json: &str) -> Result<Vec<JwtAuthority>, BundleError> {
-        let doc: Value =
-            serde_json::from_str(json).map_err(|e| BundleError::Json(e.to_string()))?;
+        let doc: Value = serde_json::from_str(json).map_err(BundleError::Json)?;
         let keys = match &doc {
             Value::Array(a) => a,
             Value::Object(o) => o
                 .get("keys")
                 .and_then(Value::as_array)
-                .ok_or_else(|| BundleError::Malformed("missing \"keys\" array".into()))?,
-            _ => {
-                return Err(BundleError::Malformed(
-                    "expected a JWKS object or array".into(),
-                ))
-            }
+                .ok_or(BundleError::Malformed("missing \"keys\" array"))?,
+            _ => return Err(BundleError::Malformed("expected a JWKS object or array")),
         };
         let mut out = Vec::new();
         for (index, key) in keys.iter().enumerate() {
-            let bad = |reason: String| BundleError::BadKey { index, reason };
+            let bad = |source: BundleKeyError| BundleError::BadKey { index, source };
             let m = key
                 .as_object()
-                .ok_or_else(|| bad("a key must be a JSON object".into()))?;
+                .ok_or_else(|| bad(BundleKeyError::NotObject))?;
             if m.get("use").and_then(Value::as_str) == Some(USE_JWT_SVID) {
                 if let Some(auth) = read_jwt_authority(m).map_err(bad)? {
                     push_unique(&mut out, auth)?;
@@ -350,7 +402,7 @@ fn push_unique(list: &mut Vec<JwtAuthority>, auth: JwtAuthority) -> Result<(), B
     Ok(())
 }
 
-fn read_x5c(m: &Map<String, Value>) -> Result<Option<Vec<u8>>, String> {
+fn read_x5c(m: &Map<String, Value>) -> Result<Option<Vec<u8>>, BundleKeyError> {
     // X509-SVID spec 6.2: no or empty x5c means the entry is ignored; only the first counts.
     let first = match m.get("x5c") {
         None | Some(Value::Null) => return Ok(None),
@@ -358,41 +410,28 @@ fn read_x5c(m: &Map<String, Value>) -> Result<Option<Vec<u8>>, String> {
             None => return Ok(None),
             Some(v) => v,
         },
-        Some(_) => return Err("\"x5c\" must be an array of base64 strings".into()),
+        Some(_) => return Err(BundleKeyError::X5cNotArray),
     };
-    let b64 = first
-        .as_str()
-        .ok_or_else(|| "\"x5c\" entries must be base64 strings".to_string())?;
-    let der = B64STD
-        .decode(b64)
-        .map_err(|e| format!("\"x5c\" is not valid base64: {e}"))?;
+    let b64 = first.as_str().ok_or(BundleKeyError::X5cNotString)?;
+    let der = B64STD.decode(b64).map_err(BundleKeyError::X5cBase64)?;
     match x509_parser::parse_x509_certificate(&der) {
         Ok(([], _)) => Ok(Some(der)),
-        Ok(_) => Err("\"x5c\" certificate has trailing bytes".into()),
-        Err(e) => Err(format!("\"x5c\" is not a DER X.509 certificate: {e}")),
+        Ok(_) => Err(BundleKeyError::X5cTrailingBytes),
+        Err(e) => Err(BundleKeyError::X5cCertificate(e)),
     }
 }
 
-fn read_jwt_authority(m: &Map<String, Value>) -> Result<Option<JwtAuthority>, String> {
-    let kid =
-        str_field(m, "kid").map_err(|_| "jwt-svid keys must have a string \"kid\"".to_string())?;
+fn read_jwt_authority(m: &Map<String, Value>) -> Result<Option<JwtAuthority>, BundleKeyError> {
+    let kid = str_member(m, "kid").map_err(|_| BundleKeyError::NoKid)?;
     if kid.is_empty() {
-        return Err("\"kid\" must not be empty".into());
+        return Err(BundleKeyError::EmptyKid);
     }
     Ok(JwkPublicKey::from_jwk(m)
-        .map_err(|e| e.to_string())?
+        .map_err(BundleKeyError::Jwk)?
         .map(|key| JwtAuthority {
             kid: kid.to_string(),
             key,
         }))
-}
-
-fn str_field<'a>(m: &'a Map<String, Value>, name: &str) -> Result<&'a str, String> {
-    match m.get(name) {
-        Some(Value::String(s)) => Ok(s),
-        Some(_) => Err(format!("\"{name}\" must be a string")),
-        None => Err(format!("missing \"{name}\"")),
-    }
 }
 
 #[cfg(test)]
@@ -575,6 +614,50 @@ mod tests {
             b.to_spiffe_json(),
             Err(BundleError::BadCertificate { index: 3, .. })
         ));
+        let mut b = sample()?;
+        let mut long = b.x509_authorities[0].clone();
+        long.push(0);
+        b.x509_authorities = vec![long];
+        assert!(matches!(
+            b.to_spiffe_json(),
+            Err(BundleError::TrailingBytes { index: 0 })
+        ));
+        Ok(())
+    }
+
+    #[test]
+    fn errors_keep_their_causes() -> TestResult {
+        use std::error::Error as _;
+        let e = Bundle::from_spiffe_json(td()?, "{").unwrap_err();
+        assert!(e
+            .source()
+            .is_some_and(|c| c.downcast_ref::<serde_json::Error>().is_some()));
+        let e = Bundle::from_spiffe_json(td()?, r#"{"keys":[{"use":"x509-svid","x5c":["!!!"]}]}"#)
+            .unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                BundleError::BadKey {
+                    index: 0,
+                    source: BundleKeyError::X5cBase64(_)
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("\"x5c\" is not valid base64"), "{e}");
+        assert!(e
+            .source()
+            .and_then(|c| c.source())
+            .is_some_and(|c| c.downcast_ref::<base64::DecodeError>().is_some()));
+        // A missing `use` is named.
+        let e = Bundle::from_spiffe_json(td()?, r#"{"keys":[{"kty":"EC"}]}"#).unwrap_err();
+        assert!(e.to_string().contains("\"use\" is missing"), "{e}");
+        let e = JwkPublicKey::from_spki_der(&[0x30, 0x03, 1, 2, 3]).unwrap_err();
+        assert!(
+            matches!(e, BundleError::UnsupportedKey(SpkiError::Der(_))),
+            "{e}"
+        );
+        assert!(e.source().and_then(|c| c.source()).is_some());
         Ok(())
     }
 }

@@ -184,7 +184,10 @@ impl JwkPublicKey {
     }
 }
 
-fn str_member<'a>(m: &'a Map<String, Value>, name: &'static str) -> Result<&'a str, JwkError> {
+pub(crate) fn str_member<'a>(
+    m: &'a Map<String, Value>,
+    name: &'static str,
+) -> Result<&'a str, JwkError> {
     match m.get(name) {
         Some(Value::String(s)) => Ok(s),
         Some(_) => Err(JwkError::NotString(name)),

@@ -107,6 +107,34 @@ pub fn pem_error_text(e: &rustls_pki_types::pem::Error) -> String {
     }
 }
 
+/// A PEM parse error that displays as [`pem_error_text`] does.
+///
+/// It has no `source()`: the wrapped error's own message shows marker lines as byte arrays, and
+/// an error chain printed for users would repeat it. Code that needs it reads [`PemError::get`].
+#[derive(Debug)]
+pub struct PemError(rustls_pki_types::pem::Error);
+
+impl PemError {
+    /// The parser's error.
+    pub fn get(&self) -> &rustls_pki_types::pem::Error {
+        &self.0
+    }
+}
+
+impl From<rustls_pki_types::pem::Error> for PemError {
+    fn from(e: rustls_pki_types::pem::Error) -> Self {
+        Self(e)
+    }
+}
+
+impl std::fmt::Display for PemError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&pem_error_text(&self.0))
+    }
+}
+
+impl std::error::Error for PemError {}
+
 /// Parses every `CERTIFICATE` block of a PEM text into DER; other block types are skipped.
 ///
 /// Errors when there is no certificate, a block is not valid base64, or a block is not a

@@ -32,21 +32,40 @@ pub enum StorageError {
         source: std::io::Error,
     },
     /// A stored file is not usable.
-    #[error("{path} is not a usable agent SVID file: {reason}; delete it to attest again")]
+    #[error("{path} is not a usable agent SVID file: {source}; delete it to attest again")]
     Invalid {
         /// Which file.
         path: PathBuf,
         /// What is wrong.
-        reason: String,
+        #[source]
+        source: SvidFileError,
     },
     /// The stored trust bundle is not usable.
-    #[error("{path} is not a usable trust bundle (the last one the server sent): {reason}; delete it, and the agent authenticates the server with --trust-bundle and receives the current bundle again")]
+    #[error("{path} is not a usable trust bundle (the last one the server sent): {source}; delete it, and the agent authenticates the server with --trust-bundle and receives the current bundle again")]
     InvalidBundle {
         /// Which file.
         path: PathBuf,
-        /// What is wrong.
-        reason: String,
+        /// What the parser reported.
+        #[source]
+        source: sigil::x509::X509Error,
     },
+}
+
+/// What is wrong with the stored agent SVID file.
+#[derive(Debug, thiserror::Error)]
+pub enum SvidFileError {
+    /// A certificate block is not valid PEM.
+    #[error("bad certificate PEM: {0}")]
+    CertificatePem(#[source] sigil::x509::PemError),
+    /// No private key block could be read.
+    #[error("no private key: {0}")]
+    NoKey(#[source] sigil::x509::PemError),
+    /// The private key is not PKCS#8.
+    #[error("the key is not PKCS#8")]
+    KeyNotPkcs8,
+    /// Chain and key are not a usable agent identity.
+    #[error("{0}")]
+    Identity(#[source] IdentityError),
 }
 
 /// Why a chain and key are not a usable agent identity.
@@ -195,32 +214,22 @@ impl Storage {
                 })
             }
         };
-        let invalid = |reason: String| StorageError::Invalid {
+        let invalid = |source: SvidFileError| StorageError::Invalid {
             path: path.clone(),
-            reason,
+            source,
         };
         let chain: Vec<Vec<u8>> = CertificateDer::pem_slice_iter(&bytes)
             .map(|c| c.map(|c| c.to_vec()))
             .collect::<Result<_, _>>()
-            .map_err(|e| {
-                invalid(format!(
-                    "bad certificate PEM: {}",
-                    sigil::x509::pem_error_text(&e)
-                ))
-            })?;
+            .map_err(|e| invalid(SvidFileError::CertificatePem(e.into())))?;
         let key = match PrivateKeyDer::from_pem_slice(&bytes) {
             Ok(PrivateKeyDer::Pkcs8(k)) => k.secret_pkcs8_der().to_vec(),
-            Ok(_) => return Err(invalid("the key is not PKCS#8".into())),
-            Err(e) => {
-                return Err(invalid(format!(
-                    "no private key: {}",
-                    sigil::x509::pem_error_text(&e)
-                )))
-            }
+            Ok(_) => return Err(invalid(SvidFileError::KeyNotPkcs8)),
+            Err(e) => return Err(invalid(SvidFileError::NoKey(e.into()))),
         };
         AgentIdentity::new(td, chain, key)
             .map(Some)
-            .map_err(|e| invalid(e.to_string()))
+            .map_err(|e| invalid(SvidFileError::Identity(e)))
     }
 
     /// Removes the stored identity (after eviction, before attesting again).
@@ -256,12 +265,9 @@ impl Storage {
     pub fn load_bundle(&self) -> Result<Option<Vec<Vec<u8>>>, StorageError> {
         let path = self.dir.join(BUNDLE_FILE);
         match std::fs::read_to_string(&path) {
-            Ok(text) => sigil::x509::parse_pem_certs(&text).map(Some).map_err(|e| {
-                StorageError::InvalidBundle {
-                    path,
-                    reason: e.to_string(),
-                }
-            }),
+            Ok(text) => sigil::x509::parse_pem_certs(&text)
+                .map(Some)
+                .map_err(|source| StorageError::InvalidBundle { path, source }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(StorageError::Io {
                 op: "reading",
@@ -404,6 +410,27 @@ pub(crate) mod tests {
             "{err}"
         );
         assert!(!err.contains("[67, 69"), "{err}");
+        // The cause is kept, and a chain printed for users stays readable.
+        let err = store.load_identity(&td).unwrap_err();
+        assert!(matches!(
+            err,
+            StorageError::Invalid {
+                source: SvidFileError::CertificatePem(_),
+                ..
+            }
+        ));
+        assert!(!sigil::text::error_chain(&err).contains("[67, 69"));
+        // A key that is not the leaf's: the identity error is the cause.
+        let (other, _) = identity(&td, "/sigil/agent/join_token/other");
+        let mut pem = sigil::x509::to_pem_certs(&id.chain_der);
+        pem.push_str(&pem_block("PRIVATE KEY", &other.key_pkcs8_der));
+        std::fs::write(store.svid_path(), pem).unwrap();
+        let err = store.load_identity(&td).unwrap_err();
+        let cause = std::error::Error::source(&err)
+            .and_then(std::error::Error::source)
+            .and_then(|c| c.downcast_ref::<IdentityError>());
+        assert!(matches!(cause, Some(IdentityError::KeyMismatch)), "{err}");
+        assert!(err.to_string().contains("does not belong"), "{err}");
     }
 
     #[test]
@@ -422,6 +449,9 @@ pub(crate) mod tests {
         assert!(!err.contains("SVID file"), "{err}");
         assert!(err.contains("--trust-bundle"), "{err}");
         assert!(!err.contains("[67, 69"), "{err}");
+        let err = store.load_bundle().unwrap_err();
+        assert!(std::error::Error::source(&err)
+            .is_some_and(|c| c.downcast_ref::<sigil::x509::X509Error>().is_some()));
     }
 
     #[test]
