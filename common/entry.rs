@@ -241,13 +241,16 @@ fn ttl_from_proto(secs: i64) -> Result<Option<Duration>, String> {
     }
 }
 
-fn validate_dns_name(name: &str) -> Result<(), String> {
-    let bad = || {
-        format!(
-            "{} is not a DNS name (letters, digits, '-', '.', optional leading '*.')",
-            crate::text::quote_for_display(name)
-        )
-    };
+/// A `dns_names` value that is not a DNS name.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{} is not a DNS name (letters, digits, '-', '.', optional leading '*.')",
+    crate::text::quote_for_display(.0)
+)]
+struct InvalidDnsName(String);
+
+fn validate_dns_name(name: &str) -> Result<(), InvalidDnsName> {
+    let bad = || InvalidDnsName(name.to_string());
     let body = name.strip_prefix("*.").unwrap_or(name);
     if body.is_empty() || name.len() > 253 {
         return Err(bad());
@@ -363,5 +366,12 @@ mod tests {
             let err = RegistrationEntry::from_proto(&e).expect_err(field);
             assert_eq!(err.field, field, "{err}");
         }
+        let mut e = valid();
+        e.dns_names = vec!["bad name".into()];
+        let err = RegistrationEntry::from_proto(&e).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid dns_names: \"bad name\" is not a DNS name (letters, digits, '-', '.', optional leading '*.')"
+        );
     }
 }

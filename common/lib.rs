@@ -33,6 +33,7 @@
 
 pub mod bundle;
 pub mod clock;
+pub mod config;
 pub mod entry;
 pub mod fs;
 pub mod h2_authority;

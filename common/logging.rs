@@ -13,13 +13,18 @@ pub enum LogFormat {
     Json,
 }
 
+/// A log format name that is neither `text` nor `json`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("log format {0:?} is not one of: text, json")]
+pub struct UnknownLogFormat(pub String);
+
 impl std::str::FromStr for LogFormat {
-    type Err = String;
+    type Err = UnknownLogFormat;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "text" => Ok(Self::Text),
             "json" => Ok(Self::Json),
-            other => Err(format!("log format {other:?} is not one of: text, json")),
+            other => Err(UnknownLogFormat(other.to_string())),
         }
     }
 }

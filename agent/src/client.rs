@@ -77,8 +77,8 @@ pub enum ClientError {
     #[error("no {0} settings configured")]
     NotConfigured(&'static str),
     /// The node's attestation material (files) cannot be read or used.
-    #[error("{0:#}")]
-    Material(#[source] anyhow::Error),
+    #[error("{0}")]
+    Material(#[source] crate::config::MaterialError),
     /// The x509pop certificate chain is empty.
     #[error("the x509pop certificate chain is empty")]
     X509popEmptyChain,
@@ -425,7 +425,7 @@ mod tests {
             ClientError::SyncClosed,
             ClientError::SigningOutOfOrder,
             ClientError::NotConfigured("x509pop"),
-            ClientError::Material(anyhow::anyhow!("x509pop_cert /x: no such file")),
+            ClientError::Material(crate::config::MaterialError::NoCertificate("/x".into())),
             ClientError::X509popEmptyChain,
             ClientError::X509popKeyMismatch,
             ClientError::Sync(crate::cache::CacheError::NoSnapshot),

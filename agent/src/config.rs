@@ -6,8 +6,8 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use serde::Deserialize;
+pub use sigil::config::ConfigError;
 use sigil::logging::LogFormat;
 use sigil::TrustDomain;
 
@@ -209,24 +209,79 @@ pub struct X509PopConfig {
 
 impl X509PopConfig {
     /// Reads the chain (DER, leaf first) and the key (PKCS#8 DER), naming the file that is wrong.
-    pub fn load(&self) -> anyhow::Result<(Vec<Vec<u8>>, Vec<u8>)> {
-        let text = std::fs::read_to_string(&self.cert)
-            .with_context(|| format!("reading x509pop_cert {}", self.cert.display()))?;
-        let chain = sigil::x509::parse_pem_certs(&text)
-            .with_context(|| format!("x509pop_cert {}", self.cert.display()))?;
+    pub fn load(&self) -> Result<(Vec<Vec<u8>>, Vec<u8>), MaterialError> {
+        let read = |key, path: &Path| {
+            std::fs::read_to_string(path).map_err(|source| MaterialError::Read {
+                key,
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        let text = read("x509pop_cert", &self.cert)?;
+        let chain =
+            sigil::x509::parse_pem_certs(&text).map_err(|source| MaterialError::Certificates {
+                path: self.cert.clone(),
+                source,
+            })?;
         if chain.is_empty() {
-            anyhow::bail!("x509pop_cert {} holds no certificate", self.cert.display());
+            return Err(MaterialError::NoCertificate(self.cert.clone()));
         }
-        let text = std::fs::read_to_string(&self.key)
-            .with_context(|| format!("reading x509pop_key {}", self.key.display()))?;
-        let key = rcgen::KeyPair::from_pem(&text).map_err(|e| {
-            anyhow::anyhow!(
-                "x509pop_key {}: expected a PEM PKCS#8 private key (ECDSA P-256/P-384, RSA or Ed25519): {e}",
-                self.key.display()
-            )
+        let text = read("x509pop_key", &self.key)?;
+        let key = rcgen::KeyPair::from_pem(&text).map_err(|source| MaterialError::Key {
+            path: self.key.clone(),
+            source,
         })?;
         Ok((chain, key.serialize_der()))
     }
+}
+
+/// Why the node's attestation material (x509pop files, the k8s_psat token) cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum MaterialError {
+    /// An x509pop file cannot be read.
+    #[error("reading {key} {}: {source}", path.display())]
+    Read {
+        /// `x509pop_cert` or `x509pop_key`.
+        key: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The x509pop certificate file is not PEM certificates.
+    #[error("x509pop_cert {}: {source}", path.display())]
+    Certificates {
+        /// The file.
+        path: PathBuf,
+        /// What the parser reported.
+        #[source]
+        source: sigil::x509::X509Error,
+    },
+    /// The x509pop certificate file holds no certificate.
+    #[error("x509pop_cert {} holds no certificate", .0.display())]
+    NoCertificate(PathBuf),
+    /// The x509pop key file is not a usable private key.
+    #[error("x509pop_key {}: expected a PEM PKCS#8 private key (ECDSA P-256/P-384, RSA or Ed25519): {source}", path.display())]
+    Key {
+        /// The file.
+        path: PathBuf,
+        /// What rcgen reported.
+        #[source]
+        source: rcgen::Error,
+    },
+    /// The k8s_psat token cannot be read.
+    #[error("reading k8s_psat_token_path {} (mount a projected service-account token with audience sigil-server there): {source}", path.display())]
+    ReadToken {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The k8s_psat token file is empty.
+    #[error("k8s_psat_token_path {} is empty", .0.display())]
+    EmptyToken(PathBuf),
 }
 
 /// Where the kubelet mounts the agent's projected service-account token by default.
@@ -243,16 +298,16 @@ pub struct K8sPsatConfig {
 
 impl K8sPsatConfig {
     /// Reads the token, naming the file if it is missing or empty.
-    pub fn load_token(&self) -> anyhow::Result<String> {
-        let text = std::fs::read_to_string(&self.token_path).with_context(|| {
-            format!(
-                "reading k8s_psat_token_path {} (mount a projected service-account token with audience sigil-server there)",
-                self.token_path.display()
-            )
+    pub fn load_token(&self) -> Result<String, MaterialError> {
+        let text = std::fs::read_to_string(&self.token_path).map_err(|source| {
+            MaterialError::ReadToken {
+                path: self.token_path.clone(),
+                source,
+            }
         })?;
         let token = text.trim();
         if token.is_empty() {
-            anyhow::bail!("k8s_psat_token_path {} is empty", self.token_path.display());
+            return Err(MaterialError::EmptyToken(self.token_path.clone()));
         }
         Ok(token.to_string())
     }
@@ -298,38 +353,55 @@ pub struct AgentConfig {
 
 impl AgentConfig {
     /// Reads `--config` (if given) and applies the flags.
-    pub fn load(flags: &RunFlags) -> anyhow::Result<Self> {
+    pub fn load(flags: &RunFlags) -> Result<Self, ConfigError> {
         let file = match &flags.config {
-            Some(path) => read_file(path)?,
+            Some(path) => sigil::config::read_toml(path)?,
             None => FileConfig::default(),
         };
         Self::resolve(file, flags)
     }
 
     /// Merges file and flags, naming the key that is wrong.
-    pub fn resolve(mut file: FileConfig, flags: &RunFlags) -> anyhow::Result<Self> {
+    pub fn resolve(mut file: FileConfig, flags: &RunFlags) -> Result<Self, ConfigError> {
         let kubelet = resolve_kubelet(&file, flags)?;
         let sds = resolve_sds(file.sds.take().unwrap_or_default(), flags)?;
-        let td = flags.trust_domain.clone().or(file.trust_domain).context(
-            "trust_domain is required: set it in the config file or pass --trust-domain",
-        )?;
+        let td = flags
+            .trust_domain
+            .clone()
+            .or(file.trust_domain)
+            .ok_or_else(|| {
+                ConfigError::missing(
+                    "trust_domain",
+                    "set it in the config file or pass --trust-domain",
+                )
+            })?;
         let trust_domain =
-            TrustDomain::new(&td).with_context(|| format!("invalid trust_domain {td:?}"))?;
-        let server_address = flags.server_address.clone().or(file.server_address).context(
-            "server_address is required: set it in the config file or pass --server-address HOST:PORT",
-        )?;
+            TrustDomain::new(&td).map_err(|e| ConfigError::unusable("trust_domain", &td, e))?;
+        let server_address = flags
+            .server_address
+            .clone()
+            .or(file.server_address)
+            .ok_or_else(|| {
+                ConfigError::missing(
+                    "server_address",
+                    "set it in the config file or pass --server-address HOST:PORT",
+                )
+            })?;
         validate_host_port(&server_address)
-            .with_context(|| format!("invalid server_address {server_address:?}"))?;
+            .map_err(|reason| ConfigError::invalid("server_address", &server_address, reason))?;
         let insecure = flags.insecure_bootstrap || file.insecure_bootstrap.unwrap_or(false);
         let bootstrap = match (flags.trust_bundle.clone().or(file.trust_bundle), insecure) {
-            (Some(_), true) => anyhow::bail!(
-                "trust_bundle and insecure_bootstrap are mutually exclusive: pick one"
-            ),
+            (Some(_), true) => {
+                return Err(ConfigError::conflict(
+                    "trust_bundle and insecure_bootstrap are mutually exclusive: pick one",
+                ))
+            }
             (Some(path), false) => Bootstrap::TrustBundle(path),
             (None, true) => Bootstrap::Insecure,
-            (None, false) => anyhow::bail!(
-                "trust_bundle is required to authenticate the server (write it with `sigil-server bundle show > bundle.pem` and pass --trust-bundle bundle.pem), or pass --insecure-bootstrap for a demo"
-            ),
+            (None, false) => return Err(ConfigError::missing(
+                "trust_bundle",
+                "it authenticates the server (write it with `sigil-server bundle show > bundle.pem` and pass --trust-bundle bundle.pem), or pass --insecure-bootstrap for a demo",
+            )),
         };
         let health = flags
             .health_address
@@ -340,24 +412,26 @@ impl AgentConfig {
             None
         } else {
             Some(health.parse().map_err(|_| {
-                anyhow::anyhow!(
-                    "invalid health_address {health:?}: expected IP:PORT, e.g. 127.0.0.1:8083"
+                ConfigError::invalid(
+                    "health_address",
+                    &health,
+                    "expected IP:PORT, e.g. 127.0.0.1:8083",
                 )
             })?)
         };
-        let ready_max_sync_age = match flags.ready_max_sync_age.clone().or(file.ready_max_sync_age)
-        {
-            Some(v) => sigil::ttl::parse(&v)
-                .map_err(|e| anyhow::anyhow!("invalid ready_max_sync_age: {e}"))?,
-            None => crate::health::DEFAULT_READY_MAX_SYNC_AGE,
-        };
+        let ready_max_sync_age =
+            match flags.ready_max_sync_age.clone().or(file.ready_max_sync_age) {
+                Some(v) => sigil::ttl::parse(&v)
+                    .map_err(|e| ConfigError::value("ready_max_sync_age", e))?,
+                None => crate::health::DEFAULT_READY_MAX_SYNC_AGE,
+            };
         let log_format = flags
             .log_format
             .clone()
             .or(file.log_format)
             .map(|s| s.parse::<LogFormat>())
             .transpose()
-            .map_err(|e| anyhow::anyhow!("invalid log_format: {e}"))?
+            .map_err(|e| ConfigError::value("log_format", e))?
             .unwrap_or_default();
         let join_token = flags.join_token.clone().or(file.join_token);
         if let Some(t) = &join_token {
@@ -365,7 +439,11 @@ impl AgentConfig {
                 || t.len() > 256
                 || t.chars().any(|c| c.is_whitespace() || c.is_control())
             {
-                anyhow::bail!("invalid join_token: expected the token printed by `sigil-server token generate`");
+                // The value is not shown: it is a secret.
+                return Err(ConfigError::rule(
+                    "join_token",
+                    "expected the token printed by `sigil-server token generate`",
+                ));
             }
         }
         let x509pop = match (
@@ -374,17 +452,17 @@ impl AgentConfig {
         ) {
             (Some(cert), Some(key)) => Some(X509PopConfig { cert, key }),
             (None, None) => None,
-            (Some(_), None) => anyhow::bail!(
-                "x509pop_cert needs x509pop_key: pass --x509pop-key with the node certificate's PEM PKCS#8 key"
-            ),
-            (None, Some(_)) => anyhow::bail!(
-                "x509pop_key needs x509pop_cert: pass --x509pop-cert with the node certificate chain (PEM, leaf first)"
-            ),
+            (Some(_), None) => return Err(ConfigError::conflict(
+                "x509pop_cert needs x509pop_key: pass --x509pop-key with the node certificate's PEM PKCS#8 key",
+            )),
+            (None, Some(_)) => return Err(ConfigError::conflict(
+                "x509pop_key needs x509pop_cert: pass --x509pop-cert with the node certificate chain (PEM, leaf first)",
+            )),
         };
         if join_token.is_some() && x509pop.is_some() {
-            anyhow::bail!(
-                "join_token and x509pop_cert/x509pop_key are mutually exclusive: attest with one method"
-            );
+            return Err(ConfigError::conflict(
+                "join_token and x509pop_cert/x509pop_key are mutually exclusive: attest with one method",
+            ));
         }
         let k8s_psat = match (
             flags.k8s_psat_cluster.clone().or(file.k8s_psat_cluster),
@@ -392,34 +470,40 @@ impl AgentConfig {
         ) {
             (Some(cluster), path) => {
                 if cluster.is_empty() || cluster.contains('/') || cluster.trim() != cluster {
-                    anyhow::bail!(
-                        "invalid k8s_psat_cluster {cluster:?}: expected the cluster's name in the server's node_attestor.k8s_psat configuration"
-                    );
+                    return Err(ConfigError::invalid(
+                        "k8s_psat_cluster",
+                        cluster,
+                        "expected the cluster's name in the server's node_attestor.k8s_psat configuration",
+                    ));
                 }
                 Some(K8sPsatConfig {
                     cluster,
                     token_path: path.unwrap_or_else(|| DEFAULT_K8S_PSAT_TOKEN_PATH.into()),
                 })
             }
-            (None, Some(_)) => anyhow::bail!(
-                "k8s_psat_token_path needs k8s_psat_cluster: pass --k8s-psat-cluster with the cluster's name in the server's k8s_psat configuration"
-            ),
+            (None, Some(_)) => return Err(ConfigError::conflict(
+                "k8s_psat_token_path needs k8s_psat_cluster: pass --k8s-psat-cluster with the cluster's name in the server's k8s_psat configuration",
+            )),
             (None, None) => None,
         };
         if k8s_psat.is_some() && (join_token.is_some() || x509pop.is_some()) {
-            anyhow::bail!(
-                "k8s_psat_cluster is mutually exclusive with join_token and x509pop_cert/x509pop_key: attest with one method"
-            );
+            return Err(ConfigError::conflict(
+                "k8s_psat_cluster is mutually exclusive with join_token and x509pop_cert/x509pop_key: attest with one method",
+            ));
         }
         let workload_api_max_connections_per_uid = flags
             .workload_api_max_connections_per_uid
             .or(file.workload_api_max_connections_per_uid)
             .unwrap_or(crate::workload_api::peer::DEFAULT_MAX_CONNECTIONS_PER_UID);
         if workload_api_max_connections_per_uid == 0 {
-            anyhow::bail!(
-                "invalid workload_api_max_connections_per_uid 0: every workload needs at least one connection; use a positive number (default {})",
-                crate::workload_api::peer::DEFAULT_MAX_CONNECTIONS_PER_UID
-            );
+            return Err(ConfigError::invalid(
+                "workload_api_max_connections_per_uid",
+                "0",
+                format!(
+                    "every workload needs at least one connection; use a positive number (default {})",
+                    crate::workload_api::peer::DEFAULT_MAX_CONNECTIONS_PER_UID
+                ),
+            ));
         }
         Ok(Self {
             trust_domain,
@@ -463,11 +547,11 @@ impl AgentConfig {
 fn resolve_sds(
     file: SdsFileConfig,
     flags: &RunFlags,
-) -> anyhow::Result<crate::workload_api::SdsConfig> {
+) -> Result<crate::workload_api::SdsConfig, ConfigError> {
     use crate::workload_api::sds;
     let names = [
         (
-            "default_svid_name",
+            "[sds] default_svid_name",
             flags
                 .sds_default_svid_name
                 .clone()
@@ -475,7 +559,7 @@ fn resolve_sds(
                 .unwrap_or_else(|| sds::DEFAULT_SVID_NAME.into()),
         ),
         (
-            "default_bundle_name",
+            "[sds] default_bundle_name",
             flags
                 .sds_default_bundle_name
                 .clone()
@@ -483,7 +567,7 @@ fn resolve_sds(
                 .unwrap_or_else(|| sds::DEFAULT_BUNDLE_NAME.into()),
         ),
         (
-            "default_all_bundles_name",
+            "[sds] default_all_bundles_name",
             flags
                 .sds_default_all_bundles_name
                 .clone()
@@ -493,17 +577,24 @@ fn resolve_sds(
     ];
     for (i, (key, name)) in names.iter().enumerate() {
         if name.trim().is_empty() {
-            anyhow::bail!("invalid [sds] {key}: it is empty; give the SDS resource a name");
+            return Err(ConfigError::rule(
+                *key,
+                "it is empty; give the SDS resource a name",
+            ));
         }
         if name.starts_with("spiffe://") {
-            anyhow::bail!(
-                "invalid [sds] {key} {name:?}: SPIFFE IDs already name the caller's SVIDs and trust domains; pick a plain name"
-            );
+            return Err(ConfigError::invalid(
+                *key,
+                name,
+                "SPIFFE IDs already name the caller's SVIDs and trust domains; pick a plain name",
+            ));
         }
         if let Some((other, _)) = names[..i].iter().find(|(_, n)| n == name) {
-            anyhow::bail!(
-                "invalid [sds] {key} {name:?}: {other} has the same name; each SDS name must differ"
-            );
+            return Err(ConfigError::invalid(
+                *key,
+                name,
+                format!("{other} has the same name; each SDS name must differ"),
+            ));
         }
     }
     let [(_, default_svid_name), (_, default_bundle_name), (_, default_all_bundles_name)] = names;
@@ -520,7 +611,7 @@ fn resolve_sds(
 fn resolve_kubelet(
     file: &FileConfig,
     flags: &RunFlags,
-) -> anyhow::Result<Option<crate::attestor::k8s::KubeletConfig>> {
+) -> Result<Option<crate::attestor::k8s::KubeletConfig>, ConfigError> {
     let names = if flags.workload_attestors.is_empty() {
         file.workload_attestors.clone().unwrap_or_default()
     } else {
@@ -531,9 +622,12 @@ fn resolve_kubelet(
         match name.as_str() {
             "k8s" => k8s = true,
             "unix" => {}
-            other => anyhow::bail!(
-                "unknown workload attestor {other:?} in workload_attestors: expected \"k8s\" (unix and cgroup selectors are always on)"
-            ),
+            other => {
+                return Err(ConfigError::rule(
+                    "workload_attestors",
+                    format!("unknown workload attestor {other:?}; expected \"k8s\" (unix and cgroup selectors are always on)"),
+                ))
+            }
         }
     }
     let url = flags.kubelet_url.clone().or(file.kubelet_url.clone());
@@ -552,35 +646,31 @@ fn resolve_kubelet(
         .or(file.kubelet_container_wait.clone());
     if !k8s {
         if url.is_some() || ca.is_some() || token.is_some() || port.is_some() || wait.is_some() {
-            anyhow::bail!(
-                "kubelet_* settings are given but the k8s workload attestor is off: add --workload-attestor k8s (workload_attestors = [\"k8s\"])"
-            );
+            return Err(ConfigError::conflict(
+                "kubelet_* settings are given but the k8s workload attestor is off: add --workload-attestor k8s (workload_attestors = [\"k8s\"])",
+            ));
         }
         return Ok(None);
     }
     let node = flags.node_name.clone().or(file.node_name.clone());
     crate::attestor::k8s::KubeletConfig::resolve(url, port, ca, token, wait.as_deref(), node)
         .map(Some)
-}
-
-fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading config file {}", path.display()))?;
-    toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
+        // Its message names the kubelet_* key that is wrong.
+        .map_err(|e| ConfigError::Section(e.into()))
 }
 
 /// `HOST:PORT` with a non-empty host and a numeric port (host names allowed, unlike listen
-/// addresses).
-fn validate_host_port(s: &str) -> anyhow::Result<()> {
+/// addresses); the error is the rule broken.
+fn validate_host_port(s: &str) -> Result<(), &'static str> {
     let (host, port) = s
         .rsplit_once(':')
-        .context("expected HOST:PORT, e.g. sigil-server.example.org:8081")?;
+        .ok_or("expected HOST:PORT, e.g. sigil-server.example.org:8081")?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() || host.chars().any(char::is_whitespace) {
-        anyhow::bail!("the host part is empty or contains spaces");
+        return Err("the host part is empty or contains spaces");
     }
     port.parse::<u16>()
-        .map_err(|_| anyhow::anyhow!("port {port:?} is not a number from 0 to 65535"))?;
+        .map_err(|_| "the port is not a number from 0 to 65535")?;
     Ok(())
 }
 
@@ -589,7 +679,7 @@ mod tests {
     use super::*;
 
     fn parse(text: &str, flags: RunFlags) -> anyhow::Result<AgentConfig> {
-        AgentConfig::resolve(toml::from_str(text)?, &flags)
+        Ok(AgentConfig::resolve(toml::from_str(text)?, &flags)?)
     }
 
     #[test]
@@ -659,6 +749,84 @@ mod tests {
             "{err:#}"
         );
         Ok(())
+    }
+
+    #[test]
+    fn config_errors_are_typed_and_keep_their_causes() {
+        use std::error::Error as _;
+        let dir = tempfile::tempdir().unwrap();
+        let flags = |config: PathBuf| RunFlags {
+            config: Some(config),
+            ..RunFlags::default()
+        };
+        let err = AgentConfig::load(&flags(dir.path().join("none.toml"))).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }), "{err}");
+        assert!(err.source().is_some_and(|c| c.is::<std::io::Error>()));
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "server_adress = \"x:1\"\n").unwrap();
+        let err = AgentConfig::load(&flags(path.clone())).unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
+        assert!(err.to_string().contains("server_adress"), "{err}");
+        assert!(err.source().is_some_and(|c| c.is::<toml::de::Error>()));
+        std::fs::write(&path, "trust_domain = \"Bad Domain\"\n").unwrap();
+        let err = AgentConfig::load(&flags(path.clone())).unwrap_err();
+        assert!(matches!(err, ConfigError::Unusable { .. }), "{err}");
+        assert!(err.source().is_some_and(|c| c.is::<sigil::SpiffeIdError>()));
+        std::fs::write(
+            &path,
+            "trust_domain = \"example.org\"\nserver_address = \"s:1\"\ninsecure_bootstrap = true\nready_max_sync_age = \"soon\"\n",
+        )
+        .unwrap();
+        let err = AgentConfig::load(&flags(path.clone())).unwrap_err();
+        assert!(
+            err.to_string().starts_with("invalid ready_max_sync_age: "),
+            "{err}"
+        );
+        assert!(err.source().is_some_and(|c| c.is::<sigil::ttl::TtlError>()));
+        // A join token is a secret: a refused one is not repeated in the message.
+        std::fs::write(
+            &path,
+            "trust_domain = \"example.org\"\nserver_address = \"s:1\"\ninsecure_bootstrap = true\njoin_token = \"sec ret\"\n",
+        )
+        .unwrap();
+        let err = AgentConfig::load(&flags(path)).unwrap_err();
+        assert!(matches!(err, ConfigError::Rule { .. }), "{err}");
+        assert!(!err.to_string().contains("sec ret"), "{err}");
+    }
+
+    #[test]
+    fn material_errors_keep_their_causes() {
+        use std::error::Error as _;
+        let dir = tempfile::tempdir().unwrap();
+        let x = X509PopConfig {
+            cert: dir.path().join("n.pem"),
+            key: dir.path().join("n.key"),
+        };
+        let err = x.load().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                MaterialError::Read {
+                    key: "x509pop_cert",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.source().is_some_and(|c| c.is::<std::io::Error>()));
+        std::fs::write(&x.cert, "junk").unwrap();
+        let err = x.load().unwrap_err();
+        assert!(matches!(err, MaterialError::Certificates { .. }), "{err}");
+        assert!(err
+            .source()
+            .is_some_and(|c| c.is::<sigil::x509::X509Error>()));
+        let k = K8sPsatConfig {
+            cluster: "prod".into(),
+            token_path: dir.path().join("token"),
+        };
+        let err = k.load_token().unwrap_err();
+        assert!(matches!(err, MaterialError::ReadToken { .. }), "{err}");
+        assert!(err.source().is_some_and(|c| c.is::<std::io::Error>()));
     }
 
     #[test]
@@ -994,7 +1162,7 @@ mod tests {
         ] {
             let err = toml::from_str::<FileConfig>(&format!("{base}{text}"))
                 .map_err(anyhow::Error::from)
-                .and_then(|f| AgentConfig::resolve(f, &RunFlags::default()))
+                .and_then(|f| Ok(AgentConfig::resolve(f, &RunFlags::default())?))
                 .expect_err(want);
             assert!(format!("{err:#}").contains(want), "{want}: {err:#}");
         }

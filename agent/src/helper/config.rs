@@ -29,12 +29,13 @@ pub enum HelperConfigError {
         source: std::io::Error,
     },
     /// Not TOML, an unknown key or a value of the wrong type.
-    #[error("helper config {}: {message}", path.display())]
+    #[error("helper config {}: {}", path.display(), source.to_string().trim_end())]
     Parse {
         /// The file.
         path: PathBuf,
-        /// The parser's message (it names the key and the line).
-        message: String,
+        /// The parser's error (it names the key and the line).
+        #[source]
+        source: toml::de::Error,
     },
     /// A required key is missing.
     #[error("{key} is required: {hint}")]
@@ -469,7 +470,7 @@ impl HelperConfig {
             .or(file.log_format)
             .map(|s| {
                 s.parse::<LogFormat>()
-                    .map_err(|e| invalid("log_format", &s, e))
+                    .map_err(|e| invalid("log_format", &s, e.to_string()))
             })
             .transpose()?
             .unwrap_or_default();
@@ -508,9 +509,9 @@ pub fn parse_file(path: &Path) -> Result<FileConfig, HelperConfigError> {
         path: path.to_path_buf(),
         source,
     })?;
-    toml::from_str(&text).map_err(|e| HelperConfigError::Parse {
+    toml::from_str(&text).map_err(|source| HelperConfigError::Parse {
         path: path.to_path_buf(),
-        message: e.to_string().trim_end().to_string(),
+        source,
     })
 }
 
@@ -658,9 +659,9 @@ mod tests {
     use super::*;
 
     fn from_toml(text: &str) -> Result<HelperConfig, HelperConfigError> {
-        let file: FileConfig = toml::from_str(text).map_err(|e| HelperConfigError::Parse {
+        let file: FileConfig = toml::from_str(text).map_err(|source| HelperConfigError::Parse {
             path: "helper.toml".into(),
-            message: e.to_string(),
+            source,
         })?;
         HelperConfig::resolve(file, &HelperFlags::default(), None)
     }
