@@ -5,11 +5,11 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
 use serde::Deserialize;
+pub use sigil::config::ConfigError;
 use sigil::logging::LogFormat;
 use sigil::TrustDomain;
 
@@ -263,21 +263,28 @@ pub struct ServerConfig {
 
 impl ServerConfig {
     /// Reads the file named by `--config` (if any) and applies the flags.
-    pub fn load(flags: &RunFlags) -> anyhow::Result<Self> {
+    pub fn load(flags: &RunFlags) -> Result<Self, ConfigError> {
         let file = match &flags.config {
-            Some(path) => read_file(path)?,
+            Some(path) => sigil::config::read_toml(path)?,
             None => FileConfig::default(),
         };
         Self::resolve(file, flags)
     }
 
     /// Merges file and flags, validating every value and naming the key that is wrong.
-    pub fn resolve(file: FileConfig, flags: &RunFlags) -> anyhow::Result<Self> {
-        let td = flags.trust_domain.clone().or(file.trust_domain).context(
-            "trust_domain is required: set it in the config file or pass --trust-domain",
-        )?;
+    pub fn resolve(file: FileConfig, flags: &RunFlags) -> Result<Self, ConfigError> {
+        let td = flags
+            .trust_domain
+            .clone()
+            .or(file.trust_domain)
+            .ok_or_else(|| {
+                ConfigError::missing(
+                    "trust_domain",
+                    "set it in the config file or pass --trust-domain",
+                )
+            })?;
         let trust_domain =
-            TrustDomain::new(&td).with_context(|| format!("invalid trust_domain {td:?}"))?;
+            TrustDomain::new(&td).map_err(|e| ConfigError::unusable("trust_domain", &td, e))?;
         let data_dir = flags
             .data_dir
             .clone()
@@ -314,14 +321,14 @@ impl ServerConfig {
             .or(file.log_format)
             .map(|s| s.parse::<LogFormat>())
             .transpose()
-            .map_err(|e| anyhow::anyhow!("invalid log_format: {e}"))?
+            .map_err(|e| ConfigError::value("log_format", e))?
             .unwrap_or_default();
 
         let mut ca = CaConfig::new(trust_domain.clone(), data_dir.join("ca"));
         if let Some(kt) = flags.ca_key_type.clone().or(file.ca.key_type) {
             ca.key_type = kt
                 .parse::<KeyType>()
-                .map_err(|e| anyhow::anyhow!("invalid ca.key_type: {e}"))?;
+                .map_err(|e| ConfigError::value("ca.key_type", e))?;
         }
         if let Some(d) = duration("ca.ca_ttl", flags.ca_ttl.clone().or(file.ca.ca_ttl))? {
             ca.ca_ttl = d;
@@ -334,7 +341,7 @@ impl ServerConfig {
                 .or(file.ca.default_x509_svid_ttl),
         )? {
             sigil::ttl::check_x509_svid_ttl(d)
-                .map_err(|e| anyhow::anyhow!("invalid ca.default_x509_svid_ttl: {e}"))?;
+                .map_err(|e| ConfigError::value("ca.default_x509_svid_ttl", e))?;
             ca.default_x509_svid_ttl = d;
         }
         if let Some(d) = duration(
@@ -345,7 +352,7 @@ impl ServerConfig {
                 .or(file.ca.default_jwt_svid_ttl),
         )? {
             sigil::ttl::check_jwt_svid_ttl(d)
-                .map_err(|e| anyhow::anyhow!("invalid ca.default_jwt_svid_ttl: {e}"))?;
+                .map_err(|e| ConfigError::value("ca.default_jwt_svid_ttl", e))?;
             ca.default_jwt_svid_ttl = d;
         }
         if let Some(org) = file.ca.organization {
@@ -354,14 +361,18 @@ impl ServerConfig {
         ca.upstream = match (&flags.upstream_cert_chain, file.ca.upstream) {
             (Some(chain), _) => Some(UpstreamConfig {
                 cert_chain_path: chain.clone(),
-                key_path: flags
-                    .upstream_key
-                    .clone()
-                    .context("--upstream-key is required")?,
-                bundle_path: flags
-                    .upstream_bundle
-                    .clone()
-                    .context("--upstream-bundle is required")?,
+                key_path: flags.upstream_key.clone().ok_or_else(|| {
+                    ConfigError::missing(
+                        "--upstream-key",
+                        "--upstream-cert-chain needs the upstream CA's key (PEM)",
+                    )
+                })?,
+                bundle_path: flags.upstream_bundle.clone().ok_or_else(|| {
+                    ConfigError::missing(
+                        "--upstream-bundle",
+                        "--upstream-cert-chain needs the upstream trust bundle (PEM)",
+                    )
+                })?,
             }),
             (None, Some(u)) => Some(UpstreamConfig {
                 cert_chain_path: u.cert_chain,
@@ -372,7 +383,13 @@ impl ServerConfig {
         };
         match file.datastore.kind.as_deref() {
             None | Some("sqlite") => {}
-            Some(other) => bail!("invalid datastore.type {other:?}: supported: sqlite"),
+            Some(other) => {
+                return Err(ConfigError::invalid(
+                    "datastore.type",
+                    other,
+                    "supported: sqlite",
+                ))
+            }
         }
         let datastore_path = flags
             .datastore_path
@@ -387,7 +404,10 @@ impl ServerConfig {
             .as_ref()
             .is_some_and(|p| p.as_os_str().is_empty())
         {
-            bail!("invalid node_attestor.x509pop.ca_bundle: the path is empty");
+            return Err(ConfigError::rule(
+                "node_attestor.x509pop.ca_bundle",
+                "the path is empty",
+            ));
         }
         let mut k8s_clusters = file
             .node_attestor
@@ -399,21 +419,27 @@ impl ServerConfig {
             k8s_clusters.insert(name.clone(), from_file.overridden_by(k8s_psat_flags(flags)));
         }
         let in_cluster = crate::kube::InCluster::detect();
+        // Its messages name the node_attestor.k8s_psat key that is wrong.
         let k8s_psat =
-            k8s_psat::resolve_clusters(k8s_clusters, in_cluster.api_server_url.as_deref())?;
+            k8s_psat::resolve_clusters(k8s_clusters, in_cluster.api_server_url.as_deref())
+                .map_err(|e| ConfigError::Section(e.into()))?;
         let configmap_flags = bundle_publisher_flags(flags);
         let configmap = match file.bundle_publisher.k8s_configmap {
             Some(f) => Some(f.overridden_by(configmap_flags)),
             None if flags.bundle_publisher_k8s_configmap => Some(configmap_flags),
-            None if configmap_flags != FileK8sConfigMap::default() => bail!(
-                "--bundle-publisher-k8s-configmap-* flags need the ConfigMap publisher on: pass \
-                 --bundle-publisher-k8s-configmap or add [bundle_publisher.k8s_configmap] to the \
-                 config file"
-            ),
+            None if configmap_flags != FileK8sConfigMap::default() => {
+                return Err(ConfigError::conflict(
+                    "--bundle-publisher-k8s-configmap-* flags need the ConfigMap publisher on: pass \
+                     --bundle-publisher-k8s-configmap or add [bundle_publisher.k8s_configmap] to \
+                     the config file",
+                ))
+            }
             None => None,
         };
         let bundle_publisher = BundlePublisherConfig {
-            k8s_configmap: bundle_publisher::resolve_k8s_configmap(configmap, &in_cluster)?,
+            // Its messages name the bundle_publisher.k8s_configmap key that is wrong.
+            k8s_configmap: bundle_publisher::resolve_k8s_configmap(configmap, &in_cluster)
+                .map_err(|e| ConfigError::Section(e.into()))?,
         };
         Ok(Self {
             trust_domain,
@@ -460,24 +486,20 @@ fn bundle_publisher_flags(flags: &RunFlags) -> FileK8sConfigMap {
     }
 }
 
-fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading config file {}", path.display()))?;
-    toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
-}
-
-fn addr(key: &str, value: Option<&str>, default: &str) -> anyhow::Result<SocketAddr> {
+fn addr(key: &'static str, value: Option<&str>, default: &str) -> Result<SocketAddr, ConfigError> {
     let v = value.unwrap_or(default);
     v.parse().map_err(|_| {
-        anyhow::anyhow!(
-            "invalid {key} {v:?}: expected HOST:PORT with an IP address, e.g. 127.0.0.1:8081"
+        ConfigError::invalid(
+            key,
+            v,
+            "expected HOST:PORT with an IP address, e.g. 127.0.0.1:8081",
         )
     })
 }
 
-fn duration(key: &str, value: Option<String>) -> anyhow::Result<Option<Duration>> {
+fn duration(key: &'static str, value: Option<String>) -> Result<Option<Duration>, ConfigError> {
     value
-        .map(|v| sigil::ttl::parse(&v).map_err(|e| anyhow::anyhow!("invalid {key}: {e}")))
+        .map(|v| sigil::ttl::parse(&v).map_err(|e| ConfigError::value(key, e)))
         .transpose()
 }
 
@@ -487,7 +509,41 @@ mod tests {
 
     fn parse(toml_text: &str, flags: RunFlags) -> anyhow::Result<ServerConfig> {
         let file: FileConfig = toml::from_str(toml_text)?;
-        ServerConfig::resolve(file, &flags)
+        Ok(ServerConfig::resolve(file, &flags)?)
+    }
+
+    #[test]
+    fn config_errors_are_typed_and_keep_their_causes() {
+        use std::error::Error as _;
+        let resolve = |text: &str| {
+            ServerConfig::resolve(
+                toml::from_str(text).expect("valid TOML"),
+                &RunFlags::default(),
+            )
+        };
+        let err = resolve("").unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Missing { key, .. } if key == "trust_domain"),
+            "{err}"
+        );
+        let err = resolve("trust_domain = \"example.org\"\n[ca]\nca_ttl = \"0s\"\n").unwrap_err();
+        assert!(
+            err.source().is_some_and(|c| c.is::<sigil::ttl::TtlError>()),
+            "{err}"
+        );
+        let err =
+            resolve("trust_domain = \"example.org\"\n[datastore]\ntype = \"mysql\"\n").unwrap_err();
+        assert!(matches!(err, ConfigError::Invalid { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "invalid datastore.type \"mysql\": supported: sqlite"
+        );
+        // A section checked by its own module keeps that module's message.
+        let err =
+            resolve("trust_domain = \"example.org\"\n[node_attestor.k8s_psat.clusters.\"a b\"]\n")
+                .unwrap_err();
+        assert!(matches!(err, ConfigError::Section(_)), "{err}");
+        assert!(err.to_string().contains("cluster name \"a b\""), "{err}");
     }
 
     #[test]
