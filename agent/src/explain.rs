@@ -9,7 +9,7 @@
 use sigil::entry::RegistrationEntry;
 use sigil::selector::{Selector, SelectorSet};
 
-use crate::cache::Cache;
+use crate::sync::cache::Cache;
 
 /// Most near misses reported (closest first).
 pub const MAX_NEAR_MISSES: usize = 10;

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::worker::AgentState;
+use crate::sync::worker::AgentState;
 
 /// Default `ready_max_sync_age`: how long the agent stays ready after losing its sync stream.
 pub const DEFAULT_READY_MAX_SYNC_AGE: Duration = Duration::from_secs(300);

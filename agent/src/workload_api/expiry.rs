@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::worker::AgentState;
+use crate::sync::worker::AgentState;
 
 use sigil::clock::now_unix;
 

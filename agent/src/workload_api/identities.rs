@@ -12,7 +12,7 @@ use sigil::entry::RegistrationEntry;
 use sigil::proto::workload as wl;
 use sigil::selector::SelectorSet;
 
-use crate::cache::{Cache, CachedSvid};
+use crate::sync::cache::{Cache, CachedSvid};
 
 /// The entries whose selectors are all among `selectors`, default first.
 pub fn matching_entries<'a>(

@@ -52,9 +52,9 @@ use super::service::{
     attest_again_if_hash_wanted, look, now_unix, Caller, StreamGauge, Watch, WorkloadApi, EXPIRED,
     NO_IDENTITY,
 };
-use crate::attestor::WorkloadAttestor;
-use crate::cache::Cache;
-use crate::worker::AgentState;
+use crate::sync::cache::Cache;
+use crate::sync::worker::AgentState;
+use crate::workload_attestor::WorkloadAttestor;
 
 /// The only resource type served.
 pub const SECRET_TYPE_URL: &str =

@@ -11,9 +11,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::*;
-use crate::attestor::ProcessPin;
 use crate::workload_api::identities::tests::{entry, now_unix, selectors};
 use crate::workload_api::jwt::NodeLink;
+use crate::workload_attestor::ProcessPin;
 
 /// A self-signed CA certificate (DER) standing in for a trust domain's root.
 fn ca_der(cn: &str) -> Vec<u8> {
@@ -82,7 +82,7 @@ fn mint(c: &mut Cache, id: &str, leaf: &str) {
 
 fn state_with(cache: Cache) -> Arc<AgentState> {
     let td: sigil::TrustDomain = "example.org".parse().unwrap();
-    let (identity, _) = crate::storage::tests::identity(&td, "/sigil/agent/test");
+    let (identity, _) = crate::sync::storage::tests::identity(&td, "/sigil/agent/test");
     Arc::new(AgentState::new(td, identity, cache))
 }
 

@@ -14,7 +14,7 @@
 //!
 //! A signing that fails — an entry's SVID the server refused, a BatchSign call that failed, or
 //! the agent SVID's renewal — is retried on its own timer with exponential back-off and jitter
-//! ([`crate::cache::sign_backoff_delay`]), logged at warn when it starts failing (or fails for
+//! ([`crate::sync::cache::sign_backoff_delay`]), logged at warn when it starts failing (or fails for
 //! another reason), at debug when it fails again the same way, and at info when it recovers.
 //! Only a refusal of the agent itself (PermissionDenied, Unauthenticated) ends the session.
 
@@ -31,9 +31,10 @@ use tokio::sync::{watch, RwLock};
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
-use crate::cache::{Cache, SignFailureKind, SignRetry};
-use crate::client::{self, ClientError};
-use crate::storage::{AgentIdentity, Storage};
+use crate::node_attestor::NodeAttestation;
+use crate::sync::cache::{Cache, SignFailureKind, SignRetry};
+use crate::sync::client::{self, ClientError};
+use crate::sync::storage::{AgentIdentity, Storage};
 
 /// First retry delay.
 pub const BACKOFF_START: Duration = Duration::from_millis(250);
@@ -122,12 +123,10 @@ pub struct Worker {
     pub trust: Arc<TrustStore>,
     /// On-disk state.
     pub storage: Storage,
-    /// x509pop material, if configured: lets the agent attest again after an eviction (a join
-    /// token is single-use, so a join-token agent cannot).
-    pub x509pop: Option<crate::config::X509PopConfig>,
-    /// k8s_psat settings, if configured: like x509pop, the agent attests again after an
-    /// eviction, with the token file read afresh (the kubelet rotates projected tokens).
-    pub k8s_psat: Option<crate::config::K8sPsatConfig>,
+    /// The node attestation method, if configured: x509pop and k8s_psat let the agent attest
+    /// again after an eviction, with the material read afresh (a join token is single-use, so a
+    /// join-token agent cannot).
+    pub attestation: Option<NodeAttestation>,
 }
 
 /// Exponential back-off with full jitter.
@@ -190,7 +189,7 @@ impl AgentSvidSeen {
             self.received_at = now;
             self.retry = None;
         }
-        let at = crate::cache::agent_svid_renew_at(self.received_at, id.not_after);
+        let at = crate::sync::cache::agent_svid_renew_at(self.received_at, id.not_after);
         self.retry.as_ref().map_or(at, |r| at.max(r.retry_at))
     }
 
@@ -200,7 +199,7 @@ impl AgentSvidSeen {
             self.retry.as_ref(),
             reason,
             now,
-            crate::cache::sign_backoff_jitter(),
+            crate::sync::cache::sign_backoff_jitter(),
         );
         self.retry = Some(retry.clone());
         (retry, kind)
@@ -276,15 +275,14 @@ impl Worker {
                 Ok(SessionEnd::Renewed) => continue,
                 Err(e)
                     if (e.is_permission_denied() || expired_at.is_some())
-                        && (self.x509pop.is_some() || self.k8s_psat.is_some()) =>
+                        && self
+                            .attestation
+                            .as_ref()
+                            .is_some_and(NodeAttestation::can_attest_again) =>
                 {
                     self.state.metrics.sync_failures.inc();
                     let delay = backoff.delay();
-                    let method = if self.k8s_psat.is_some() {
-                        "k8s_psat"
-                    } else {
-                        "x509pop"
-                    };
+                    let method = self.attestation.as_ref().map_or("", NodeAttestation::name);
                     if expired_at.is_some() {
                         tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "the agent SVID has expired; attesting again with {method}");
                     } else {
@@ -297,11 +295,7 @@ impl Worker {
                         _ = tokio::time::sleep(delay) => {}
                         _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
                     }
-                    let again = if self.k8s_psat.is_some() {
-                        self.reattest_k8s_psat().await
-                    } else {
-                        self.reattest_x509pop().await
-                    };
+                    let again = self.attest_again().await;
                     match again {
                         Ok(()) => continue,
                         Err(e2) if e2.is_permission_denied() => {
@@ -380,37 +374,17 @@ impl Worker {
         )
     }
 
-    /// Attests again with the x509pop certificate (re-read from disk: it may have been renewed).
-    async fn reattest_x509pop(&self) -> Result<(), ClientError> {
-        let Some(cfg) = &self.x509pop else {
+    /// Attests again with the configured method, its material read afresh (an x509pop
+    /// certificate may have been renewed; the kubelet rotates projected tokens).
+    async fn attest_again(&self) -> Result<(), ClientError> {
+        let Some(method) = &self.attestation else {
             return Err(ClientError::Protocol(
-                "no x509pop material configured".into(),
+                "no node attestation method configured".into(),
             ));
         };
-        let (chain, key) = cfg
-            .load()
-            .map_err(|e| ClientError::Protocol(format!("{e:#}")))?;
         let mut node = self.node_channel(None)?;
-        let td = &self.state.trust_domain;
-        let attested = client::attest_x509pop(&mut node, td, chain, &key).await?;
-        tracing::info!(spiffe_id = %attested.identity.spiffe_id, "attested again with x509pop");
-        self.install_identity(attested.identity).await
-    }
-
-    /// Attests again with k8s_psat, reading the token file afresh (it rotates).
-    async fn reattest_k8s_psat(&self) -> Result<(), ClientError> {
-        let Some(cfg) = &self.k8s_psat else {
-            return Err(ClientError::Protocol(
-                "no k8s_psat settings configured".into(),
-            ));
-        };
-        let token = cfg
-            .load_token()
-            .map_err(|e| ClientError::Protocol(format!("{e:#}")))?;
-        let mut node = self.node_channel(None)?;
-        let td = &self.state.trust_domain;
-        let attested = client::attest_k8s_psat(&mut node, td, &cfg.cluster, &token).await?;
-        tracing::info!(spiffe_id = %attested.identity.spiffe_id, "attested again with k8s_psat");
+        let attested = method.attest(&mut node, &self.state.trust_domain).await?;
+        tracing::info!(spiffe_id = %attested.identity.spiffe_id, "attested again with {}", method.name());
         self.install_identity(attested.identity).await
     }
 
@@ -675,7 +649,7 @@ impl Worker {
             if let Some(t) = not_longer {
                 tracing::warn!(
                     not_after = t,
-                    min_refresh_interval_secs = crate::cache::MIN_REFRESH_INTERVAL,
+                    min_refresh_interval_secs = crate::sync::cache::MIN_REFRESH_INTERVAL,
                     "renewed X509-SVIDs do not outlive the ones they replace (is sigil-server's CA about to expire?); not renewing them again sooner than the minimum interval"
                 );
             }
@@ -820,129 +794,4 @@ impl Worker {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_with_jitter_and_caps() {
-        let mut b = Backoff::default();
-        let mut prev_cap = Duration::ZERO;
-        for i in 0..20 {
-            let d = b.delay();
-            let cap = (BACKOFF_START * 2u32.saturating_pow(i)).min(BACKOFF_MAX);
-            assert!(
-                d <= cap && d >= cap / 2,
-                "attempt {i}: {d:?} not in [{:?}, {cap:?}]",
-                cap / 2
-            );
-            assert!(cap >= prev_cap);
-            prev_cap = cap;
-        }
-        assert_eq!(b.failures, 20);
-        assert!(b.should_warn() == 20u32.is_power_of_two());
-        b.reset();
-        assert_eq!(b.failures, 0);
-        assert!(b.delay() <= BACKOFF_START);
-    }
-
-    #[test]
-    fn an_unsaved_renewal_is_used_only_in_the_last_tenth_of_the_current_lifetime() {
-        // 1 h SVID issued at 1000.
-        assert!(!nearly_expired(1000 + 1800, 1000, 4600));
-        assert!(!nearly_expired(4600 - 361, 1000, 4600));
-        assert!(nearly_expired(4600 - 360, 1000, 4600));
-        assert!(nearly_expired(4600 + 5, 1000, 4600));
-        // A malformed lifetime never delays the switch.
-        assert!(nearly_expired(10, 20, 10));
-    }
-
-    #[test]
-    fn refusals_say_what_happened() {
-        let rpc = |status| ClientError::Rpc {
-            what: "sync",
-            status,
-        };
-        let superseded = refusal_message(
-            &rpc(AgentRefusal::Superseded.status("agent SVID serial 0a0b is not …")),
-            "0a0b",
-        );
-        assert!(
-            superseded.contains("refused our agent SVID serial 0a0b: it is not the current one"),
-            "{superseded}"
-        );
-        assert!(!superseded.contains("evicted") && !superseded.contains("banned"));
-        let evicted = refusal_message(&rpc(AgentRefusal::Evicted.status("gone")), "0a");
-        assert!(evicted.contains("it was evicted") && !evicted.contains("banned"));
-        let banned = refusal_message(&rpc(AgentRefusal::Banned.status("ban")), "0a");
-        assert!(banned.contains("has banned this agent") && !banned.contains("evicted"));
-        let other = refusal_message(&rpc(tonic::Status::unauthenticated("expired")), "0a");
-        assert!(
-            other.contains("refused this agent: sync: expired"),
-            "{other}"
-        );
-        assert!(!other.contains("evicted") && !other.contains("banned"));
-    }
-
-    #[test]
-    fn failed_agent_svid_renewals_back_off_until_a_new_svid() {
-        let id = |serial: &str| AgentIdentity {
-            spiffe_id: "spiffe://example.org/sigil/agent/join_token/t"
-                .parse()
-                .unwrap(),
-            chain_der: vec![],
-            key_pkcs8_der: vec![],
-            serial_hex: serial.into(),
-            not_before: 970,
-            not_after: 4600,
-        };
-        let mut seen = AgentSvidSeen::default();
-        let a = id("0a");
-        assert_eq!(seen.renew_at(&a, 1000), 2800);
-        // Refused at 2800: not asked again before the back-off, which grows and is capped.
-        let mut last = 2800;
-        let mut kinds = vec![];
-        for n in 1..=12u32 {
-            let (r, kind) = seen.note_failure("Unavailable: the CA expired", last);
-            kinds.push(kind);
-            assert_eq!(r.failures, n);
-            assert_eq!(r.since, 2800);
-            let delay = r.retry_at - last;
-            let nominal = crate::cache::sign_backoff_delay(n, 0.0) as f64;
-            assert!(
-                (nominal * 0.8 - 0.5..=nominal * 1.2 + 0.5).contains(&(delay as f64)),
-                "failure {n}: {delay} s"
-            );
-            assert_eq!(
-                seen.renew_at(&a, last),
-                r.retry_at,
-                "waits for the retry time"
-            );
-            last = r.retry_at;
-        }
-        assert_eq!(kinds[0], SignFailureKind::First);
-        assert!(kinds[1..].iter().all(|k| *k == SignFailureKind::Repeated));
-        assert_eq!(
-            seen.note_failure("Internal: datastore", last).1,
-            SignFailureKind::NewReason
-        );
-        // A new agent SVID (renewed, or attested again): the back-off is gone.
-        let b = id("0b");
-        assert_eq!(
-            seen.renew_at(&b, 5000),
-            crate::cache::agent_svid_renew_at(5000, 4600)
-        );
-        assert!(seen.retry.is_none());
-    }
-
-    #[test]
-    fn warnings_are_rate_limited() {
-        let mut b = Backoff::default();
-        let warned: Vec<u32> = (0..100)
-            .filter_map(|_| {
-                b.delay();
-                b.should_warn().then_some(b.failures)
-            })
-            .collect();
-        assert_eq!(warned, vec![1, 2, 4, 8, 16, 32, 64]);
-    }
-}
+mod tests;

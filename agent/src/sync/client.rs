@@ -9,8 +9,8 @@ use sigil::tls::{IdentityStore, ServerVerification, TrustStore};
 use sigil::{SpiffeId, TrustDomain};
 use tonic::transport::Channel;
 
-use crate::cache::make_csr;
-use crate::storage::AgentIdentity;
+use crate::sync::cache::make_csr;
+use crate::sync::storage::AgentIdentity;
 
 /// Path of the server's SPIFFE ID.
 pub const SERVER_PATH: &str = "/sigil/server";
