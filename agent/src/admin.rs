@@ -41,7 +41,7 @@ impl pb::agent_admin_server::AgentAdmin for AgentAdminService {
         let refused = self.state.refused.read().await.clone().unwrap_or_default();
         let sync = self.state.sync_status();
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        let cache = self.state.cache.read().await;
+        let cache = self.state.snapshot();
         let mut svids: Vec<pb::CachedSvid> = cache
             .svids()
             .map(|(e, s)| pb::CachedSvid {
@@ -139,7 +139,7 @@ impl pb::agent_admin_server::AgentAdmin for AgentAdminService {
                 "cannot attest pid {pid}: {other} (is the agent allowed to read /proc/{pid}?)"
             )),
         })?;
-        let cache = self.state.cache.read().await;
+        let cache = self.state.snapshot();
         let x = crate::explain::explain(&cache, &attested.selectors);
         Ok(Response::new(pb::ExplainResponse {
             pid,

@@ -21,6 +21,7 @@ use crate::config::{AgentConfig, Bootstrap};
 use crate::node_attestor::{Material, NodeAttestation};
 use crate::sync::cache::Cache;
 use crate::sync::client::{self, Attested};
+use crate::sync::node_api::TonicNodeApi;
 use crate::sync::storage::Storage;
 use crate::sync::worker::{AgentState, Backoff, Worker};
 use sigil::tls::{IdentityStore, ServerVerification, TrustStore};
@@ -182,7 +183,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let trust = Arc::new(TrustStore::new(&roots)?);
     let cache = Cache::new();
     let exe_hash_flag = cache.exe_hash_flag();
-    let state = Arc::new(AgentState::new(td.clone(), identity.clone(), cache));
+    let state = Arc::new(AgentState::new(td.clone(), identity.clone()));
     state.metrics.agent_svid_expiry.set(identity.not_after);
     if let Some(t) = crate::health::earliest_not_after(&roots) {
         state.metrics.bundle_expiry.set(t);
@@ -209,7 +210,14 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     );
     let worker = Worker {
         state: state.clone(),
-        server_address: cfg.server_address.clone(),
+        node: Arc::new(TonicNodeApi::new(
+            cfg.server_address.clone(),
+            td.clone(),
+            tls_identity.clone(),
+            trust.clone(),
+        )),
+        cache,
+        clock: sigil::clock::Clock::system(),
         tls_identity,
         trust,
         storage,

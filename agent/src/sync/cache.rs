@@ -18,13 +18,24 @@
 //! shows them) but are never served. Federated bundles always arrive as a complete set
 //! (`federated_bundles_set`) that replaces the held one.
 //!
+//! Entries wait in a refresh queue ordered by when they are due, so finding the due ones and the
+//! next wake-up costs what is due, not what is held.
+//!
 //! The cache holds no locks and does no I/O; the agent's worker owns it and decides when to call.
+//! After each change the worker publishes a [`Snapshot`]: an immutable copy that shares
+//! structure with the cache (persistent maps: a change copies only the paths it touches), with
+//! entries indexed by selector so that matching a caller reads only the entries that share a
+//! selector with it. [`Cache::take_changes`] says what changed ([`Changes`]), so that only the
+//! Workload API streams it concerns wake up.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use rand::Rng as _;
 use sigil::entry::RegistrationEntry;
 use sigil::proto::node as pb;
+use sigil::selector::{Selector, SelectorSet};
 
 /// Fraction of an SVID's lifetime after which it is renewed (before jitter).
 pub const REFRESH_FRACTION: f64 = 0.5;
@@ -169,6 +180,9 @@ pub struct CachedSvid {
     pub not_after: i64,
     /// When to renew, Unix seconds.
     pub refresh_at: i64,
+    /// A number no other SVID stored in this cache has: a Workload API stream's view changed
+    /// when the generation of an SVID in it did.
+    pub generation: u64,
 }
 
 impl std::fmt::Debug for CachedSvid {
@@ -194,25 +208,281 @@ pub struct PendingCsr {
     pub csr_der: Vec<u8>,
 }
 
-/// Entries, SVIDs and bundle.
-#[derive(Debug, Default)]
-pub struct Cache {
-    entries: HashMap<String, RegistrationEntry>,
-    svids: HashMap<String, CachedSvid>,
-    /// Chunks of a snapshot in progress.
-    incoming_snapshot: Option<HashMap<String, RegistrationEntry>>,
+/// An entry that needs a key and CSR ([`make_csrs_for`]).
+#[derive(Debug, Clone)]
+pub struct CsrTarget {
+    /// Entry id.
+    pub entry_id: String,
+    /// Entry revision at request time.
+    pub entry_revision: i64,
+    /// The SPIFFE ID the CSR carries.
+    pub spiffe_id: String,
+}
+
+/// Generates a key and CSR for each target: CPU work (one P-256 key each) that the worker runs
+/// on the blocking pool.
+pub fn make_csrs_for(targets: Vec<CsrTarget>) -> Result<Vec<PendingCsr>, rcgen::Error> {
+    targets
+        .into_iter()
+        .map(|t| {
+            let (key, csr) = make_csr(Some(&t.spiffe_id))?;
+            Ok(PendingCsr {
+                entry_id: t.entry_id,
+                entry_revision: t.entry_revision,
+                key_pkcs8_der: key,
+                csr_der: csr,
+            })
+        })
+        .collect()
+}
+
+/// An entry id, shared by the maps and indexes that name the entry.
+pub type EntryId = Arc<str>;
+
+/// True for a `unix:sha256:…` selector: the executable's hash, read only while an entry needs it.
+pub fn is_exe_hash(s: &Selector) -> bool {
+    s.kind() == "unix" && s.value().starts_with("sha256:")
+}
+
+/// What changed between two published snapshots, for waking only the Workload API streams it
+/// concerns.
+#[derive(Debug, Default, Clone)]
+pub struct Changes {
+    /// Every stream may be concerned: the first snapshot arrived, the bundle or the federated
+    /// bundles changed.
+    pub all: bool,
+    /// Entries whose part of a caller's view changed: added, changed (old and new versions),
+    /// removed, or given a new SVID.
+    pub entries: Vec<Arc<RegistrationEntry>>,
+}
+
+impl Changes {
+    /// A change that concerns every stream.
+    pub fn everything() -> Self {
+        Self {
+            all: true,
+            entries: Vec::new(),
+        }
+    }
+
+    /// Nothing a stream sees changed.
+    pub fn is_empty(&self) -> bool {
+        !self.all && self.entries.is_empty()
+    }
+}
+
+/// An immutable view of the cache, as the worker published it last. Cloning is cheap (the maps
+/// share structure with the worker's, and a change copies only the paths it touches), so the
+/// worker publishes one after every change and readers (Workload API streams, the admin API,
+/// readiness) hold one without a lock.
+#[derive(Clone, Default)]
+pub struct Snapshot {
     has_snapshot: bool,
     revision: i64,
-    bundle: Option<pb::Bundle>,
+    entries: imbl::HashMap<EntryId, Arc<RegistrationEntry>>,
+    /// Every entry with selectors, under its first selector (in `SelectorSet` order). An entry
+    /// matches a caller only when all its selectors are the caller's, its first one included,
+    /// so looking up each of the caller's selectors finds every match exactly once.
+    by_selector: imbl::HashMap<Selector, imbl::HashSet<EntryId>>,
+    svids: imbl::HashMap<EntryId, Arc<CachedSvid>>,
+    /// (NotAfter, entry id) of every cached SVID, in expiry order.
+    expiries: imbl::OrdSet<(i64, EntryId)>,
+    bundle: Option<Arc<pb::Bundle>>,
+    /// Bumped whenever the bundle changes.
+    bundle_generation: u64,
     /// Trust domain name → its federated bundle.
-    federated: BTreeMap<String, pb::Bundle>,
+    federated: Arc<BTreeMap<String, pb::Bundle>>,
+    /// Bumped whenever the federated bundles change.
+    federated_generation: u64,
     /// Entry id → (entry revision, retry state) for entries whose signing failed since their
     /// last successful one. Kept when the entry changes (it is then due at once, the record is
     /// only history until the next outcome), dropped with the entry or on success.
-    sign_failures: HashMap<String, (i64, SignRetry)>,
+    sign_failures: imbl::HashMap<EntryId, Arc<(i64, SignRetry)>>,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("has_snapshot", &self.has_snapshot)
+            .field("revision", &self.revision)
+            .field("entries", &self.entries.len())
+            .field("svids", &self.svids.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The smallest entry id: a range bound below every real one.
+fn min_id() -> EntryId {
+    Arc::from("")
+}
+
+impl Snapshot {
+    /// The highest entry revision applied (sent as `known_revision` on reconnect; informational).
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    /// True once a complete snapshot has been applied.
+    pub fn has_snapshot(&self) -> bool {
+        self.has_snapshot
+    }
+
+    /// The bundle sequence held (0 when none).
+    pub fn bundle_sequence(&self) -> u64 {
+        self.bundle.as_ref().map_or(0, |b| b.sequence_number)
+    }
+
+    /// The current bundle, if any.
+    pub fn bundle(&self) -> Option<&pb::Bundle> {
+        self.bundle.as_deref()
+    }
+
+    /// A number that changes whenever the bundle does.
+    pub fn bundle_generation(&self) -> u64 {
+        self.bundle_generation
+    }
+
+    /// The federated bundles held, by trust domain name (e.g. `other.org`).
+    pub fn federated_bundles(&self) -> &BTreeMap<String, pb::Bundle> {
+        &self.federated
+    }
+
+    /// A number that changes whenever the federated bundles do.
+    pub fn federated_generation(&self) -> u64 {
+        self.federated_generation
+    }
+
+    /// Entries held.
+    pub fn entries(&self) -> impl Iterator<Item = &RegistrationEntry> {
+        self.entries.values().map(|e| &**e)
+    }
+
+    /// The entry `id`, if held.
+    pub fn entry(&self, id: &str) -> Option<&RegistrationEntry> {
+        self.entries.get(id).map(|e| &**e)
+    }
+
+    /// Number of entries held.
+    pub fn entry_count(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// The entries whose selectors (one or more) are all among `selectors`, in no order: each
+    /// of the caller's selectors is looked up in the index, so the cost follows the entries
+    /// that share a selector with the caller, not the entries held.
+    pub fn matching(&self, selectors: &SelectorSet) -> Vec<&RegistrationEntry> {
+        let mut out = Vec::new();
+        for s in selectors {
+            let Some(ids) = self.by_selector.get(s) else {
+                continue;
+            };
+            for id in ids {
+                if let Some(e) = self.entries.get(id) {
+                    if e.selectors.is_subset_of(selectors) {
+                        out.push(&**e);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Every cached SVID with its entry.
+    pub fn svids(&self) -> impl Iterator<Item = (&RegistrationEntry, &CachedSvid)> {
+        self.svids
+            .iter()
+            .filter_map(|(id, s)| self.entries.get(id).map(|e| (&**e, &**s)))
+    }
+
+    /// Number of cached SVIDs.
+    pub fn svid_count(&self) -> usize {
+        self.svids.len()
+    }
+
+    /// The SVID of an entry, if minted.
+    pub fn svid(&self, entry_id: &str) -> Option<&CachedSvid> {
+        self.svids.get(entry_id).map(|s| &**s)
+    }
+
+    /// The failures recorded for `entry_id` since its last successful signing, if any (of its
+    /// current revision or an earlier one).
+    pub fn sign_failure(&self, entry_id: &str) -> Option<&SignRetry> {
+        self.sign_failures.get(entry_id).map(|f| &f.1)
+    }
+
+    /// Entries backing off after failed signings of their current revision, with their state.
+    pub fn sign_backoff(&self) -> impl Iterator<Item = (&RegistrationEntry, &SignRetry)> {
+        self.sign_failures.iter().filter_map(|(id, f)| {
+            self.entries
+                .get(id)
+                .filter(|e| e.revision == f.0)
+                .map(|e| (&**e, &f.1))
+        })
+    }
+
+    /// The cached SVIDs that have expired at `now` (they are never served), with their entries.
+    pub fn expired_svids(
+        &self,
+        now: i64,
+    ) -> impl Iterator<Item = (&RegistrationEntry, &CachedSvid)> {
+        self.expiries
+            .iter()
+            .take_while(move |(t, _)| *t <= now)
+            .filter_map(|(_, id)| Some((self.entry(id)?, self.svid(id)?)))
+    }
+
+    /// The earliest NotAfter after `now` of any cached SVID: when the next one expires.
+    pub fn next_expiry_after(&self, now: i64) -> Option<i64> {
+        self.expiries
+            .range((now.saturating_add(1), min_id())..)
+            .next()
+            .map(|(t, _)| *t)
+    }
+
+    /// The entries whose SVIDs expire after `after` and at or before `upto`.
+    pub fn expiring(&self, after: i64, upto: i64) -> Vec<Arc<RegistrationEntry>> {
+        self.expiries
+            .range((after.saturating_add(1), min_id())..)
+            .take_while(|(t, _)| *t <= upto)
+            .filter_map(|(_, id)| self.entries.get(id).cloned())
+            .collect()
+    }
+}
+
+/// The agent's cache: entries, SVIDs and bundles, owned by the worker (no lock). Reads go to
+/// the current [`Snapshot`] (`Deref`); [`Cache::snapshot`] is the copy the worker publishes.
+#[derive(Default)]
+pub struct Cache {
+    view: Snapshot,
+    /// Chunks of a snapshot in progress.
+    incoming_snapshot: Option<HashMap<String, RegistrationEntry>>,
+    /// Entries with a `unix:sha256` selector (keeps `exe_hash_flag` without a scan).
+    exe_hash_entries: usize,
     /// True while some entry has a `unix:sha256` selector: the workload attestor reads it to
     /// hash executables only when an entry needs it.
-    exe_hash_flag: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    exe_hash_flag: Arc<AtomicBool>,
+    /// (when due, entry id) for every entry: the refresh queue.
+    refresh_queue: BTreeSet<(i64, EntryId)>,
+    /// Each entry's key in `refresh_queue`.
+    due_at: HashMap<EntryId, i64>,
+    /// The last SVID generation handed out.
+    svid_generation: u64,
+    /// What changed since the last [`Cache::take_changes`].
+    changes: Changes,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.view.fmt(f)
+    }
+}
+
+impl std::ops::Deref for Cache {
+    type Target = Snapshot;
+
+    fn deref(&self) -> &Snapshot {
+        &self.view
+    }
 }
 
 /// What a sync message changed, for logging and for waking Workload API streams.
@@ -236,62 +506,86 @@ impl Cache {
         Self::default()
     }
 
-    /// The highest entry revision applied (sent as `known_revision` on reconnect; informational).
-    pub fn revision(&self) -> i64 {
-        self.revision
+    /// The current state, to publish: cheap, it shares structure with the cache.
+    pub fn snapshot(&self) -> Snapshot {
+        self.view.clone()
     }
 
-    /// True once a complete snapshot has been applied.
-    pub fn has_snapshot(&self) -> bool {
-        self.has_snapshot
-    }
-
-    /// The bundle sequence held (0 when none).
-    pub fn bundle_sequence(&self) -> u64 {
-        self.bundle.as_ref().map_or(0, |b| b.sequence_number)
-    }
-
-    /// The current bundle, if any.
-    pub fn bundle(&self) -> Option<&pb::Bundle> {
-        self.bundle.as_ref()
-    }
-
-    /// The federated bundles held, by trust domain name (e.g. `other.org`).
-    pub fn federated_bundles(&self) -> &BTreeMap<String, pb::Bundle> {
-        &self.federated
+    /// What changed since the last call.
+    pub fn take_changes(&mut self) -> Changes {
+        std::mem::take(&mut self.changes)
     }
 
     /// The flag that is true while some cached entry has a `unix:sha256` selector (shared: the
     /// workload attestor holds it, see `WorkloadAttestor::with_exe_hash_flag`).
-    pub fn exe_hash_flag(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    pub fn exe_hash_flag(&self) -> Arc<AtomicBool> {
         self.exe_hash_flag.clone()
     }
 
-    /// Entries held.
-    pub fn entries(&self) -> impl Iterator<Item = &RegistrationEntry> {
-        self.entries.values()
+    fn index(&mut self, id: &EntryId, e: &RegistrationEntry) {
+        if let Some(first) = e.selectors.iter().next() {
+            self.view
+                .by_selector
+                .entry(first.clone())
+                .or_default()
+                .insert(id.clone());
+        }
+        if e.selectors.iter().any(is_exe_hash) {
+            self.exe_hash_entries += 1;
+        }
     }
 
-    /// The entry `id`, if held.
-    pub fn entry(&self, id: &str) -> Option<&RegistrationEntry> {
-        self.entries.get(id)
+    fn unindex(&mut self, id: &str, e: &RegistrationEntry) {
+        if let Some(first) = e.selectors.iter().next() {
+            if let Some(ids) = self.view.by_selector.get_mut(first) {
+                ids.remove(id);
+                if ids.is_empty() {
+                    self.view.by_selector.remove(first);
+                }
+            }
+        }
+        if e.selectors.iter().any(is_exe_hash) {
+            self.exe_hash_entries -= 1;
+        }
     }
 
-    /// Number of entries held.
-    pub fn entry_count(&self) -> usize {
-        self.entries.len()
+    /// Adds or replaces an entry; false when it is held unchanged.
+    fn upsert_entry(&mut self, e: RegistrationEntry) -> bool {
+        let old = self.view.entries.get(e.id.as_str()).cloned();
+        if old.as_deref() == Some(&e) {
+            return false;
+        }
+        let id: EntryId = match self.view.entries.get_key_value(e.id.as_str()) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(e.id.as_str()),
+        };
+        if let Some(old) = old {
+            self.unindex(&id, &old);
+            self.changes.entries.push(old);
+        }
+        let new = Arc::new(e);
+        self.index(&id, &new);
+        self.view.entries.insert(id.clone(), new.clone());
+        self.changes.entries.push(new);
+        self.requeue(&id);
+        true
     }
 
-    /// Every cached SVID with its entry.
-    pub fn svids(&self) -> impl Iterator<Item = (&RegistrationEntry, &CachedSvid)> {
-        self.svids
-            .iter()
-            .filter_map(|(id, s)| self.entries.get(id).map(|e| (e, s)))
-    }
-
-    /// The SVID of an entry, if minted.
-    pub fn svid(&self, entry_id: &str) -> Option<&CachedSvid> {
-        self.svids.get(entry_id)
+    /// Removes an entry with its SVID and failure record; false when it is not held.
+    fn remove_entry(&mut self, id: &str) -> bool {
+        let Some((key, old)) = self.view.entries.remove_with_key(id) else {
+            return false;
+        };
+        self.unindex(id, &old);
+        if let Some(s) = self.view.svids.remove(id) {
+            self.view.expiries.remove(&(s.not_after, key.clone()));
+        }
+        self.view.sign_failures.remove(id);
+        if let Some(t) = self.due_at.remove(id) {
+            self.refresh_queue.remove(&(t, key));
+        }
+        self.changes.entries.push(old);
+        true
     }
 
     /// Applies one sync message. A snapshot arrives in chunks (`full` on the first,
@@ -337,56 +631,63 @@ impl Cache {
             }
             if msg.snapshot_complete {
                 let snapshot = self.incoming_snapshot.take().unwrap_or_default();
-                out.removed = self
+                // Applied as the difference from what is held: unchanged entries keep their
+                // place (and their SVIDs) at no cost.
+                let gone: Vec<EntryId> = self
+                    .view
                     .entries
                     .keys()
-                    .filter(|id| !snapshot.contains_key(*id))
-                    .count();
-                out.upserted = snapshot
-                    .iter()
-                    .filter(|(id, e)| self.entries.get(*id) != Some(e))
-                    .count();
-                self.entries = snapshot;
-                self.has_snapshot = true;
-                self.revision = msg.revision;
+                    .filter(|id| !snapshot.contains_key(&***id))
+                    .cloned()
+                    .collect();
+                for id in &gone {
+                    self.remove_entry(id);
+                }
+                out.removed = gone.len();
+                for (_, e) in snapshot {
+                    if self.upsert_entry(e) {
+                        out.upserted += 1;
+                    }
+                }
+                if !self.view.has_snapshot {
+                    // Streams waiting for the first entries look again.
+                    self.changes.all = true;
+                }
+                self.view.has_snapshot = true;
+                self.view.revision = msg.revision;
                 out.complete = true;
             }
         } else {
-            if !self.has_snapshot {
+            if !self.view.has_snapshot {
                 return Err(CacheError::NoSnapshot);
             }
             out.upserted = upserted.len();
             for e in upserted {
-                self.entries.insert(e.id.clone(), e);
+                self.upsert_entry(e);
             }
             for id in &msg.removed {
-                if self.entries.remove(id).is_some() {
+                if self.remove_entry(id) {
                     out.removed += 1;
                 }
             }
-            self.revision = self.revision.max(msg.revision);
+            self.view.revision = self.view.revision.max(msg.revision);
             out.complete = true;
         }
-        // SVIDs of entries that are gone go with them.
-        let entries = &self.entries;
-        self.svids.retain(|id, _| entries.contains_key(id));
-        self.sign_failures.retain(|id, _| entries.contains_key(id));
-        let wanted = entries.values().any(|e| {
-            e.selectors
-                .iter()
-                .any(|s| s.kind() == "unix" && s.value().starts_with("sha256:"))
-        });
         self.exe_hash_flag
-            .store(wanted, std::sync::atomic::Ordering::SeqCst);
+            .store(self.exe_hash_entries > 0, Ordering::SeqCst);
         if let Some(b) = msg.bundle {
-            if self.bundle.as_ref() != Some(&b) {
-                self.bundle = Some(b);
+            if self.view.bundle.as_deref() != Some(&b) {
+                self.view.bundle = Some(Arc::new(b));
+                self.view.bundle_generation += 1;
+                self.changes.all = true;
                 out.bundle_changed = true;
             }
         }
         if let Some(set) = federated {
-            if self.federated != set {
-                self.federated = set;
+            if *self.view.federated != set {
+                self.view.federated = Arc::new(set);
+                self.view.federated_generation += 1;
+                self.changes.all = true;
                 out.federated_changed = true;
             }
         }
@@ -397,24 +698,38 @@ impl Cache {
     /// revision of the entry → now, else its refresh time; in both cases not before the retry
     /// time of a refused signing of this revision.
     fn due_at(&self, e: &RegistrationEntry) -> i64 {
-        let wanted = match self.svids.get(&e.id) {
+        let wanted = match self.view.svids.get(e.id.as_str()) {
             Some(s) if s.entry_revision == e.revision => s.refresh_at,
             _ => 0,
         };
-        match self.sign_failures.get(&e.id) {
-            Some((revision, r)) if *revision == e.revision => wanted.max(r.retry_at),
+        match self.view.sign_failures.get(e.id.as_str()) {
+            Some(f) if f.0 == e.revision => wanted.max(f.1.retry_at),
             _ => wanted,
         }
     }
 
+    /// Puts entry `id` at its place in the refresh queue (after its entry, SVID or failure
+    /// record changed).
+    fn requeue(&mut self, id: &EntryId) {
+        let Some(e) = self.view.entries.get(id) else {
+            return;
+        };
+        let at = self.due_at(e);
+        if let Some(old) = self.due_at.insert(id.clone(), at) {
+            self.refresh_queue.remove(&(old, id.clone()));
+        }
+        self.refresh_queue.insert((at, id.clone()));
+    }
+
     /// Entry ids that need an SVID now: none yet, minted for an older revision of the entry, or
     /// at/after their refresh time (see [`Self::due_at`]). Sorted for deterministic batches.
+    /// Read from the refresh queue: the cost follows the entries due, not the entries held.
     pub fn due(&self, now: i64) -> Vec<String> {
         let mut due: Vec<String> = self
-            .entries
-            .values()
-            .filter(|e| self.due_at(e) <= now)
-            .map(|e| e.id.clone())
+            .refresh_queue
+            .iter()
+            .take_while(|(t, _)| *t <= now)
+            .map(|(_, id)| id.to_string())
             .collect();
         due.sort();
         due
@@ -423,7 +738,7 @@ impl Cache {
     /// When the next entry becomes due (when to wake next; a time in the past means now), if
     /// any entry is held.
     pub fn next_refresh(&self) -> Option<i64> {
-        self.entries.values().map(|e| self.due_at(e)).min()
+        self.refresh_queue.first().map(|(t, _)| *t)
     }
 
     /// Records that signing an SVID for `entry_id` at `revision` failed at `now` for `reason`:
@@ -448,16 +763,20 @@ impl Cache {
         now: i64,
         jitter: f64,
     ) -> Option<SignFailureNote> {
-        let spiffe_id = self.entries.get(entry_id)?.spiffe_id.to_string();
+        let (id, entry) = self.view.entries.get_key_value(entry_id)?;
+        let (id, spiffe_id) = (id.clone(), entry.spiffe_id.to_string());
         // A failure of an earlier revision says nothing about this one: start over.
         let prev = self
+            .view
             .sign_failures
             .get(entry_id)
-            .filter(|(r, _)| *r == revision)
-            .map(|(_, f)| f);
+            .filter(|f| f.0 == revision)
+            .map(|f| &f.1);
         let (retry, kind) = SignRetry::after_failure(prev, reason, now, jitter);
-        self.sign_failures
-            .insert(entry_id.to_string(), (revision, retry.clone()));
+        self.view
+            .sign_failures
+            .insert(id.clone(), Arc::new((revision, retry.clone())));
+        self.requeue(&id);
         Some(SignFailureNote {
             spiffe_id,
             retry,
@@ -465,55 +784,23 @@ impl Cache {
         })
     }
 
-    /// The failures recorded for `entry_id` since its last successful signing, if any (of its
-    /// current revision or an earlier one).
-    pub fn sign_failure(&self, entry_id: &str) -> Option<&SignRetry> {
-        self.sign_failures.get(entry_id).map(|(_, f)| f)
+    /// The entries `ids` (those still held) as key and CSR targets.
+    pub fn csr_targets(&self, ids: &[String]) -> Vec<CsrTarget> {
+        ids.iter()
+            .filter_map(|id| self.view.entries.get(id.as_str()))
+            .map(|e| CsrTarget {
+                entry_id: e.id.clone(),
+                entry_revision: e.revision,
+                spiffe_id: e.spiffe_id.to_string(),
+            })
+            .collect()
     }
 
-    /// Entries backing off after failed signings of their current revision, with their state.
-    pub fn sign_backoff(&self) -> impl Iterator<Item = (&RegistrationEntry, &SignRetry)> {
-        self.sign_failures.iter().filter_map(|(id, (revision, f))| {
-            self.entries
-                .get(id)
-                .filter(|e| e.revision == *revision)
-                .map(|e| (e, f))
-        })
-    }
-
-    /// The cached SVIDs that have expired at `now` (they are never served), with their entries.
-    pub fn expired_svids(
-        &self,
-        now: i64,
-    ) -> impl Iterator<Item = (&RegistrationEntry, &CachedSvid)> {
-        self.svids().filter(move |(_, s)| s.not_after <= now)
-    }
-
-    /// The earliest NotAfter after `now` of any cached SVID: when the next one expires.
-    pub fn next_expiry_after(&self, now: i64) -> Option<i64> {
-        self.svids
-            .values()
-            .map(|s| s.not_after)
-            .filter(|&t| t > now)
-            .min()
-    }
-
-    /// Generates a key and CSR for each entry id (skipping ids no longer held).
+    /// Generates a key and CSR for each entry id (skipping ids no longer held), on the calling
+    /// thread (the worker uses [`Cache::csr_targets`] and [`make_csrs_for`] on the blocking
+    /// pool).
     pub fn make_csrs(&self, ids: &[String]) -> Result<Vec<PendingCsr>, rcgen::Error> {
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            let Some(entry) = self.entries.get(id) else {
-                continue;
-            };
-            let (key, csr) = make_csr(Some(&entry.spiffe_id.to_string()))?;
-            out.push(PendingCsr {
-                entry_id: id.clone(),
-                entry_revision: entry.revision,
-                key_pkcs8_der: key,
-                csr_der: csr,
-            });
-        }
-        Ok(out)
+        make_csrs_for(self.csr_targets(ids))
     }
 
     /// Stores a signed SVID for a pending CSR. Ignored (returns false) when the entry is gone.
@@ -524,28 +811,34 @@ impl Cache {
         not_after: i64,
         now: i64,
     ) -> bool {
-        if !self.entries.contains_key(&pending.entry_id) {
+        let Some((id, entry)) = self.view.entries.get_key_value(pending.entry_id.as_str()) else {
             return false;
-        }
+        };
+        let (id, entry) = (id.clone(), entry.clone());
         let refresh_at = refresh_time(
             now,
             not_after,
             rand::rng().random_range(0.0..=MAX_JITTER_FRACTION),
         )
         .max(now + MIN_REFRESH_INTERVAL);
-        self.sign_failures.remove(&pending.entry_id);
-        self.svids.insert(
-            pending.entry_id.clone(),
-            CachedSvid {
-                entry_id: pending.entry_id,
-                entry_revision: pending.entry_revision,
-                chain_der,
-                key_pkcs8_der: pending.key_pkcs8_der,
-                issued_at: now,
-                not_after,
-                refresh_at,
-            },
-        );
+        self.view.sign_failures.remove(&id);
+        self.svid_generation += 1;
+        let svid = CachedSvid {
+            entry_id: pending.entry_id,
+            entry_revision: pending.entry_revision,
+            chain_der,
+            key_pkcs8_der: pending.key_pkcs8_der,
+            issued_at: now,
+            not_after,
+            refresh_at,
+            generation: self.svid_generation,
+        };
+        if let Some(old) = self.view.svids.insert(id.clone(), Arc::new(svid)) {
+            self.view.expiries.remove(&(old.not_after, id.clone()));
+        }
+        self.view.expiries.insert((not_after, id.clone()));
+        self.requeue(&id);
+        self.changes.entries.push(entry);
         true
     }
 }

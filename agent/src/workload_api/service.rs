@@ -8,8 +8,10 @@
 //! again, and a stream whose process is gone ends with Unauthenticated (its connection may have
 //! been passed on to another process).
 //! Streams need no task of their own: each is polled by the connection that carries it, woken
-//! by the agent's change counter; each message is the full state, sent only when it differs
-//! from the last one.
+//! only by the cache changes that concern its caller ([`crate::sync::watchers`]); it reads the
+//! latest published snapshot, builds a message only when its view's key changed
+//! ([`identities::view_key`]), and sends it only when it differs from the last one: each message
+//! is the full state.
 
 use std::hash::{Hash as _, Hasher as _};
 use std::pin::Pin;
@@ -25,8 +27,9 @@ use tonic::{Request, Response, Status};
 use super::identities::{self, X509State};
 use super::jwt::{JwtSvidCache, NodeLink};
 use super::peer::PeerInfo;
-use crate::sync::cache::Cache;
+use crate::sync::cache::Snapshot;
 use crate::sync::client::ClientError;
+use crate::sync::watchers::Subscription;
 use crate::sync::worker::AgentState;
 use crate::workload_attestor::{AttestError, ProcessPin, WorkloadAttestor};
 
@@ -192,8 +195,8 @@ impl WorkloadApi {
     /// a cached SVID leaves with the response headers and a caller without identity gets
     /// PermissionDenied as the call's status. Later messages are computed inside the stream's
     /// own poll (no task or channel per stream: an agent holds one stream per workload, and
-    /// each would cost a few KiB): woken by the agent's change counter, it re-reads the cache
-    /// and yields the new full state when it differs from the last one sent.
+    /// each would cost a few KiB): woken by the changes that concern its caller, it reads the
+    /// latest snapshot and yields the new full state when it differs from the last one sent.
     async fn watch<M, F>(
         &self,
         caller: Caller,
@@ -202,12 +205,16 @@ impl WorkloadApi {
     ) -> Result<WatchStream<M>, Status>
     where
         M: prost::Message + Send + 'static,
-        F: Fn(&Cache, &SelectorSet) -> Watch<M> + Send + Sync + 'static,
+        F: Fn(&Snapshot, &SelectorSet) -> Watch<M> + Send + Sync + 'static,
     {
         let state = self.inner.state.clone();
+        let mut caller = caller;
+        // An entry needing `unix:sha256` may have arrived since the caller was attested.
+        attest_again_if_hash_wanted(&self.inner.attestor, &mut caller, what).await?;
         // Subscribed before the first look, so no change between the two is missed.
-        let mut changes = state.changes.subscribe();
-        changes.borrow_and_update();
+        let sub = state
+            .watchers
+            .subscribe(&caller.selectors, caller.exe_hash_skipped);
         let mut watcher = Watcher {
             _gauge: StreamGauge::new(&state),
             state,
@@ -215,8 +222,9 @@ impl WorkloadApi {
             caller,
             what,
             build,
-            changes,
+            sub,
             shutdown: self.inner.shutdown.clone(),
+            last_key: None,
             last: None,
             first: None,
             look_now: false,
@@ -224,9 +232,13 @@ impl WorkloadApi {
             pending_deadline: tokio::time::Instant::now() + FIRST_SVID_WAIT,
             done: false,
         };
-        // An entry needing `unix:sha256` may have arrived since the caller was attested.
-        watcher.attest_again_if_hash_wanted().await?;
-        match look(&watcher.state, &watcher.caller, &watcher.build).await {
+        let first = look_changed(
+            &watcher.state,
+            &watcher.caller,
+            &watcher.build,
+            &mut watcher.last_key,
+        );
+        match first.unwrap_or(Watch::Pending) {
             Watch::NoIdentity => {
                 tracing::info!(pid = watcher.caller.pid, selectors = %watcher.caller.selectors, stream = what, "no identity for the caller; PermissionDenied");
                 return Err(Status::permission_denied(NO_IDENTITY));
@@ -286,13 +298,16 @@ struct Watcher<M, F> {
     caller: Caller,
     what: &'static str,
     build: F,
-    changes: tokio::sync::watch::Receiver<u64>,
+    /// Wakes the stream when a change concerns its caller.
+    sub: Subscription,
     shutdown: tokio::sync::watch::Receiver<bool>,
+    /// The view key of the last look (None: none yet, or look again whatever the key).
+    last_key: Option<u64>,
     /// Fingerprint of the last message sent (None: nothing sent yet).
     last: Option<u64>,
     /// The first message, looked up before the stream started.
     first: Option<M>,
-    /// The cache changed since the last look.
+    /// A change concerned the caller since the last look.
     look_now: bool,
     /// The last look found the caller's SVID still being minted.
     pending: bool,
@@ -307,7 +322,7 @@ struct Watcher<M, F> {
 impl<M, F> Watcher<M, F>
 where
     M: prost::Message,
-    F: Fn(&Cache, &SelectorSet) -> Watch<M>,
+    F: Fn(&Snapshot, &SelectorSet) -> Watch<M>,
 {
     /// The stream's next item (None ends it): waits for a change, then sends the new state if
     /// it differs from the last one.
@@ -320,12 +335,16 @@ where
         }
         loop {
             if std::mem::take(&mut self.look_now) {
-                self.changes.borrow_and_update();
-                self.pending = false;
                 if let Err(s) = self.attest_again_if_hash_wanted().await {
                     return self.end(s);
                 }
-                match look(&self.state, &self.caller, &self.build).await {
+                let seen = look_changed(&self.state, &self.caller, &self.build, &mut self.last_key);
+                // An unchanged view: the last look's outcome stands.
+                let Some(seen) = seen else {
+                    continue;
+                };
+                self.pending = false;
+                match seen {
                     Watch::NoIdentity => {
                         tracing::info!(pid = self.caller.pid, selectors = %self.caller.selectors, stream = self.what, "no identity for the caller any more; ending the stream with PermissionDenied");
                         return self.end(Status::permission_denied(NO_IDENTITY));
@@ -358,7 +377,7 @@ where
             let waiting_first = self.pending && self.last.is_none();
             let deadline = self.pending_deadline;
             let woke = tokio::select! {
-                r = self.changes.changed() => if r.is_ok() { Woke::Changed } else { Woke::End },
+                _ = self.sub.changed() => Woke::Changed,
                 _ = self.shutdown.wait_for(|s| *s) => Woke::End,
                 _ = tokio::time::sleep_until(deadline), if waiting_first => Woke::FirstSvidLate,
             };
@@ -374,9 +393,13 @@ where
         }
     }
 
-    /// [`attest_again_if_hash_wanted`] for this stream's caller.
+    /// [`attest_again_if_hash_wanted`] for this stream's caller, registering its new selectors.
     async fn attest_again_if_hash_wanted(&mut self) -> Result<(), Status> {
-        attest_again_if_hash_wanted(&self.attestor, &mut self.caller, self.what).await
+        if attest_again_if_hash_wanted(&self.attestor, &mut self.caller, self.what).await? {
+            self.sub
+                .update(&self.caller.selectors, self.caller.exe_hash_skipped);
+        }
+        Ok(())
     }
 
     /// Sends `status` and ends the stream.
@@ -387,15 +410,15 @@ where
 }
 
 /// The caller was attested without `unix:sha256` (no entry needed it) and now an entry does:
-/// attest it again, so that entry can match on its open `stream`. Err only when the process is
-/// gone; another failure keeps the selectors it has (they were right).
+/// attest it again, so that entry can match on its open `stream` (true: attested again). Err
+/// only when the process is gone; another failure keeps the selectors it has (they were right).
 pub(super) async fn attest_again_if_hash_wanted(
     attestor: &Arc<WorkloadAttestor>,
     caller: &mut Caller,
     stream: &str,
-) -> Result<(), Status> {
+) -> Result<bool, Status> {
     if !caller.exe_hash_skipped || !attestor.exe_hash_wanted() {
-        return Ok(());
+        return Ok(false);
     }
     match attestor
         .attest_async(caller.pin.clone(), caller.uid, caller.gid)
@@ -405,18 +428,18 @@ pub(super) async fn attest_again_if_hash_wanted(
             tracing::debug!(pid = a.pid, selectors = %a.selectors, stream, "workload attested again: an entry now needs its executable's hash");
             caller.selectors = a.selectors;
             caller.exe_hash_skipped = a.exe_hash_skipped;
-            Ok(())
+            Ok(true)
         }
         Err(AttestError::Gone { pid }) => Err(gone(pid)),
         Err(e) => {
             tracing::debug!(pid = caller.pid, error = %e, "attesting the workload again failed; keeping its selectors");
-            Ok(())
+            Ok(false)
         }
     }
 }
 
 /// FetchX509SVID's view of the cache for a caller with `selectors`.
-fn x509_svid_watch(cache: &Cache, selectors: &SelectorSet) -> Watch<wl::X509svidResponse> {
+fn x509_svid_watch(cache: &Snapshot, selectors: &SelectorSet) -> Watch<wl::X509svidResponse> {
     match identities::x509_svid_state(cache, selectors, now_unix()) {
         X509State::NoIdentity => Watch::NoIdentity,
         X509State::Pending => Watch::Pending,
@@ -436,18 +459,42 @@ fn bundles_watch<M>(msg: Option<M>, is_empty: impl FnOnce(&M) -> bool) -> Watch<
 }
 
 /// What the cache holds for `caller` now.
-pub(super) async fn look<M>(
+pub(super) fn look<M>(
     state: &AgentState,
     caller: &Caller,
-    build: &impl Fn(&Cache, &SelectorSet) -> Watch<M>,
+    build: &impl Fn(&Snapshot, &SelectorSet) -> Watch<M>,
 ) -> Watch<M> {
-    let cache = state.cache.read().await;
+    look_in(&state.snapshot(), caller, build)
+}
+
+fn look_in<M>(
+    cache: &Snapshot,
+    caller: &Caller,
+    build: &impl Fn(&Snapshot, &SelectorSet) -> Watch<M>,
+) -> Watch<M> {
     if cache.has_snapshot() {
-        build(&cache, &caller.selectors)
+        build(cache, &caller.selectors)
     } else {
         // Just started: "no identity" would be a lie until entries arrive.
         Watch::Pending
     }
+}
+
+/// [`look`], unless the caller's view is the same as at the last look (`last_key`, updated):
+/// then `None`, and nothing is built or encoded.
+pub(super) fn look_changed<M>(
+    state: &AgentState,
+    caller: &Caller,
+    build: &impl Fn(&Snapshot, &SelectorSet) -> Watch<M>,
+    last_key: &mut Option<u64>,
+) -> Option<Watch<M>> {
+    let cache = state.snapshot();
+    let key = identities::view_key(&cache, &caller.selectors, now_unix());
+    if *last_key == Some(key) {
+        return None;
+    }
+    *last_key = Some(key);
+    Some(look_in(&cache, caller, build))
 }
 
 /// A message's identity, to send only changes (maps encode in key order: deterministic).
@@ -526,7 +573,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let caller = self.attest(&req).await?;
         let want = req.into_inner();
         let targets: Vec<(String, i64, String, String)> = {
-            let cache = self.inner.state.cache.read().await;
+            let cache = self.inner.state.snapshot();
             if !cache.has_snapshot() {
                 return Err(Status::unavailable(
                     "the agent has not received its entries from sigil-server yet; retry shortly",
@@ -612,7 +659,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let subject = sigil::jwt::jwt_svid_subject_unverified(&r.svid).map_err(|e| invalid(&e))?;
         let td = subject.trust_domain();
         let bundle = {
-            let cache = self.inner.state.cache.read().await;
+            let cache = self.inner.state.snapshot();
             let b = identities::bundle_for(&cache, td.name()).ok_or_else(|| {
                 Status::invalid_argument(format!(
                     "invalid JWT-SVID: no bundle for trust domain \"{}\"",

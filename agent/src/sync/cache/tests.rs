@@ -3,7 +3,7 @@ use sigil::proto::admin as apb;
 use std::collections::HashSet;
 
 fn held_ids(cache: &Cache) -> HashSet<String> {
-    cache.entries.keys().cloned().collect()
+    cache.entries.keys().map(|k| k.to_string()).collect()
 }
 
 fn entry(id: &str, rev: i64) -> apb::Entry {

@@ -1,4 +1,6 @@
 use super::*;
+use crate::sync::cache::Cache;
+use crate::sync::worker::testing::TestState;
 
 #[test]
 fn claims_become_a_protobuf_struct() {
@@ -30,10 +32,8 @@ fn claims_become_a_protobuf_struct() {
 }
 
 /// Agent state over `cache` (the agent's own SVID is a throwaway).
-fn state_with(cache: Cache) -> Arc<AgentState> {
-    let td: sigil::TrustDomain = "example.org".parse().unwrap();
-    let (identity, _) = crate::sync::storage::tests::identity(&td, "/sigil/agent/test");
-    Arc::new(AgentState::new(td, identity, cache))
+fn state_with(cache: Cache) -> TestState {
+    TestState::new(cache)
 }
 
 /// A caller with `selectors`, pinned to this test process (alive throughout).
@@ -130,6 +130,74 @@ async fn stream_sends_changes_only_and_ends_when_the_identity_goes() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_change_wakes_only_the_streams_whose_callers_it_concerns() {
+    use identities::tests::{cache_with, entry};
+    use tokio_stream::StreamExt as _;
+    let state = state_with(cache_with(
+        vec![
+            entry("a", 1, &["unix:uid:7"], ""),
+            entry("b", 2, &["unix:uid:8"], ""),
+        ],
+        &["a", "b"],
+    ));
+    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    let mut s7 = x509_stream(&state, shutdown.clone(), caller(&["unix:uid:7"]))
+        .await
+        .unwrap();
+    let mut s8 = x509_stream(&state, shutdown, caller(&["unix:uid:8"]))
+        .await
+        .unwrap();
+    let first7 = s7.next().await.unwrap().unwrap();
+    assert_eq!(ids(&first7), ["spiffe://example.org/w/a"]);
+    s8.next().await.unwrap().unwrap();
+    assert_eq!(state.watchers.len(), 2);
+
+    // `b` rotates: only uid 8's stream is woken, and it gets the new SVID.
+    {
+        let mut cache = state.cache.write().await;
+        let now = now_unix();
+        let p = cache.make_csrs(&["b".to_string()]).unwrap().pop().unwrap();
+        assert!(cache.store_svid(p, vec![b"b-2".to_vec()], now + 3600, now));
+    }
+    assert_eq!(state.publish(), 1, "one stream woken");
+    let m = s8.next().await.unwrap().unwrap();
+    assert_eq!(m.svids[0].x509_svid, b"b-2".to_vec());
+    let quiet = tokio::time::timeout(Duration::from_secs(60), s7.next()).await;
+    assert!(quiet.is_err(), "uid 7's stream sent {quiet:?}");
+
+    // A new bundle concerns both.
+    {
+        let mut cache = state.cache.write().await;
+        cache
+            .apply_sync(sigil::proto::node::SyncResponse {
+                bundle: Some(sigil::proto::node::Bundle {
+                    trust_domain: "example.org".into(),
+                    x509_roots: vec![0xBB],
+                    sequence_number: 2,
+                    ..Default::default()
+                }),
+                revision: 1,
+                ..Default::default()
+            })
+            .unwrap();
+    }
+    assert_eq!(state.publish(), 2);
+    assert_eq!(
+        s7.next().await.unwrap().unwrap().svids[0].bundle,
+        vec![0xBB]
+    );
+    assert_eq!(
+        s8.next().await.unwrap().unwrap().svids[0].bundle,
+        vec![0xBB]
+    );
+    drop((s7, s8));
+    assert!(
+        state.watchers.is_empty(),
+        "streams unregister when they end"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_stream_attested_without_the_exe_hash_gets_entries_that_need_it() {
     use crate::workload_attestor::tests::{sha256_hex, FakeProc, EXE_BYTES};
     use identities::tests::{cache_with, entry};
@@ -176,7 +244,7 @@ async fn a_stream_attested_without_the_exe_hash_gets_entries_that_need_it() {
             assert!(cache.store_svid(p, vec![b"b".to_vec()], now + 3600, now));
         }
     }
-    state.notify_changed();
+    state.publish();
     let both = tokio::time::timeout(Duration::from_secs(60), s.next())
         .await
         .expect("the stream sent the new entry")
