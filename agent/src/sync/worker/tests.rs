@@ -409,7 +409,7 @@ mod sessions {
             tls_identity: Arc::new(
                 IdentityStore::new(id.chain_der.clone(), id.key_pkcs8_der.clone()).unwrap(),
             ),
-            trust: Arc::new(TrustStore::new(&[node.ca.der.clone()]).unwrap()),
+            trust: Arc::new(TrustStore::new(std::slice::from_ref(&node.ca.der)).unwrap()),
             storage,
             attestation,
         };
