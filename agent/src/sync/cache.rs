@@ -280,9 +280,10 @@ pub struct Snapshot {
     has_snapshot: bool,
     revision: i64,
     entries: imbl::HashMap<EntryId, Arc<RegistrationEntry>>,
-    /// Every entry with selectors, under its first selector (in `SelectorSet` order). An entry
-    /// matches a caller only when all its selectors are the caller's, its first one included,
-    /// so looking up each of the caller's selectors finds every match exactly once.
+    /// Every entry with selectors, under one of them: the one fewest entries had when it was
+    /// indexed (a service account's selector rather than its namespace's). An entry matches a
+    /// caller only when all its selectors are the caller's, its index key included, so looking
+    /// up each of the caller's selectors finds every match exactly once, among few others.
     by_selector: imbl::HashMap<Selector, imbl::HashSet<EntryId>>,
     svids: imbl::HashMap<EntryId, Arc<CachedSvid>>,
     /// (NotAfter, entry id) of every cached SVID, in expiry order.
@@ -458,6 +459,10 @@ pub struct Cache {
     incoming_snapshot: Option<HashMap<String, RegistrationEntry>>,
     /// Entries with a `unix:sha256` selector (keeps `exe_hash_flag` without a scan).
     exe_hash_entries: usize,
+    /// How many entries have each selector (picks index keys).
+    selector_counts: HashMap<Selector, usize>,
+    /// Each indexed entry's key in the snapshot's `by_selector`.
+    index_keys: HashMap<EntryId, Selector>,
     /// True while some entry has a `unix:sha256` selector: the workload attestor reads it to
     /// hash executables only when an entry needs it.
     exe_hash_flag: Arc<AtomicBool>,
@@ -523,12 +528,21 @@ impl Cache {
     }
 
     fn index(&mut self, id: &EntryId, e: &RegistrationEntry) {
-        if let Some(first) = e.selectors.iter().next() {
+        let key = e
+            .selectors
+            .iter()
+            .min_by_key(|s| self.selector_counts.get(*s).copied().unwrap_or(0))
+            .cloned();
+        for sel in &e.selectors {
+            *self.selector_counts.entry(sel.clone()).or_default() += 1;
+        }
+        if let Some(key) = key {
             self.view
                 .by_selector
-                .entry(first.clone())
+                .entry(key.clone())
                 .or_default()
                 .insert(id.clone());
+            self.index_keys.insert(id.clone(), key);
         }
         if e.selectors.iter().any(is_exe_hash) {
             self.exe_hash_entries += 1;
@@ -536,11 +550,19 @@ impl Cache {
     }
 
     fn unindex(&mut self, id: &str, e: &RegistrationEntry) {
-        if let Some(first) = e.selectors.iter().next() {
-            if let Some(ids) = self.view.by_selector.get_mut(first) {
+        for sel in &e.selectors {
+            if let Some(n) = self.selector_counts.get_mut(sel) {
+                *n -= 1;
+                if *n == 0 {
+                    self.selector_counts.remove(sel);
+                }
+            }
+        }
+        if let Some(key) = self.index_keys.remove(id) {
+            if let Some(ids) = self.view.by_selector.get_mut(&key) {
                 ids.remove(id);
                 if ids.is_empty() {
-                    self.view.by_selector.remove(first);
+                    self.view.by_selector.remove(&key);
                 }
             }
         }

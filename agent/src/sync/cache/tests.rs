@@ -589,3 +589,85 @@ fn bundle_changes_are_reported_once() {
         .unwrap();
     assert!(!out.bundle_changed);
 }
+
+#[test]
+fn the_selector_index_finds_exactly_what_a_scan_finds_across_changes() {
+    let sel = |s: &str| {
+        let (t, v) = s.split_once(':').unwrap();
+        apb::Selector {
+            r#type: t.into(),
+            value: v.into(),
+        }
+    };
+    let with = |id: &str, rev: i64, sels: &[&str]| apb::Entry {
+        id: id.into(),
+        spiffe_id: format!("spiffe://example.org/w/{id}"),
+        parent_id: "spiffe://example.org/agent".into(),
+        selectors: sels.iter().map(|s| sel(s)).collect(),
+        revision_number: rev,
+        ..Default::default()
+    };
+    // Namespaces shared by many entries, service accounts by few.
+    let mut entries: Vec<apb::Entry> = (0..60)
+        .map(|i| {
+            with(
+                &format!("e{i}"),
+                1,
+                &[
+                    &format!("k8s:ns:ns-{}", i % 3),
+                    &format!("k8s:sa:sa-{}", i % 20),
+                ],
+            )
+        })
+        .collect();
+    entries.push(with("ns-only", 1, &["k8s:ns:ns-1"]));
+    let mut c = Cache::new();
+    c.apply_sync(snapshot(entries, 1)).unwrap();
+    let callers: Vec<sigil::selector::SelectorSet> = (0..20)
+        .map(|j| {
+            [format!("k8s:ns:ns-{}", j % 3), format!("k8s:sa:sa-{j}")]
+                .iter()
+                .map(|s| s.parse().unwrap())
+                .collect()
+        })
+        .chain(std::iter::once(
+            ["k8s:ns:ns-1".parse().unwrap()].into_iter().collect(),
+        ))
+        .collect();
+    let check = |c: &Cache| {
+        for caller in &callers {
+            let mut by_index: Vec<&str> =
+                c.matching(caller).iter().map(|e| e.id.as_str()).collect();
+            let mut by_scan: Vec<&str> = c
+                .entries()
+                .filter(|e| !e.selectors.is_empty() && e.selectors.is_subset_of(caller))
+                .map(|e| e.id.as_str())
+                .collect();
+            by_index.sort();
+            by_scan.sort();
+            assert_eq!(by_index, by_scan, "caller {caller}");
+        }
+    };
+    check(&c);
+    assert_eq!(c.matching(&callers[1]).len(), 2, "e1 and ns-only");
+    // An entry moves to other selectors, one gets another one, one goes.
+    c.apply_sync(pb::SyncResponse {
+        upserted: vec![
+            with("e1", 2, &["k8s:ns:ns-2", "k8s:sa:sa-5"]),
+            with("e2", 2, &["k8s:ns:ns-2", "k8s:sa:sa-2", "unix:uid:7"]),
+        ],
+        removed: vec!["e3".into()],
+        revision: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    check(&c);
+    // A full snapshot with fewer entries.
+    c.apply_sync(snapshot(
+        vec![with("e5", 3, &["k8s:ns:ns-2", "k8s:sa:sa-5"])],
+        3,
+    ))
+    .unwrap();
+    check(&c);
+    assert!(c.index_keys.len() == 1 && c.selector_counts.len() == 2);
+}
