@@ -7,8 +7,8 @@ use std::sync::Arc;
 use sigil::proto::agent_admin as pb;
 use tonic::{Request, Response, Status};
 
-use crate::attestor::{AttestError, ExeHash, ProcessPin, WorkloadAttestor};
-use crate::worker::AgentState;
+use crate::sync::worker::AgentState;
+use crate::workload_attestor::{AttestError, ExeHash, ProcessPin, WorkloadAttestor};
 
 /// The `sigil.agent.v1.AgentAdmin` service.
 pub struct AgentAdminService {
@@ -41,7 +41,7 @@ impl pb::agent_admin_server::AgentAdmin for AgentAdminService {
         let refused = self.state.refused.read().await.clone().unwrap_or_default();
         let sync = self.state.sync_status();
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        let cache = self.state.cache.read().await;
+        let cache = self.state.snapshot();
         let mut svids: Vec<pb::CachedSvid> = cache
             .svids()
             .map(|(e, s)| pb::CachedSvid {
@@ -57,15 +57,16 @@ impl pb::agent_admin_server::AgentAdmin for AgentAdminService {
                 .cmp(&b.spiffe_id)
                 .then(a.entry_id.cmp(&b.entry_id))
         });
-        let backoff =
-            |entry_id: String, spiffe_id: String, r: &crate::cache::SignRetry| pb::SignBackoff {
+        let backoff = |entry_id: String, spiffe_id: String, r: &crate::sync::cache::SignRetry| {
+            pb::SignBackoff {
                 entry_id,
                 spiffe_id,
                 failures: r.failures,
                 last_error: r.reason.clone(),
                 next_retry_at: r.retry_at,
                 failing_since: r.since,
-            };
+            }
+        };
         let mut sign_backoff: Vec<pb::SignBackoff> = cache
             .sign_backoff()
             .map(|(e, r)| backoff(e.id.clone(), e.spiffe_id.to_string(), r))
@@ -111,8 +112,8 @@ impl pb::agent_admin_server::AgentAdmin for AgentAdminService {
         }
         let pinned = tokio::task::spawn_blocking(move || {
             let pin = ProcessPin::pin(pid)?;
-            let (uid, gid) = crate::attestor::process::effective_ids_in(
-                std::path::Path::new(crate::attestor::process::DEFAULT_PROC_ROOT),
+            let (uid, gid) = crate::workload_attestor::process::effective_ids_in(
+                std::path::Path::new(crate::workload_attestor::process::DEFAULT_PROC_ROOT),
                 pid,
             )?;
             Ok((std::sync::Arc::new(pin), uid, gid))
@@ -138,7 +139,7 @@ impl pb::agent_admin_server::AgentAdmin for AgentAdminService {
                 "cannot attest pid {pid}: {other} (is the agent allowed to read /proc/{pid}?)"
             )),
         })?;
-        let cache = self.state.cache.read().await;
+        let cache = self.state.snapshot();
         let x = crate::explain::explain(&cache, &attested.selectors);
         Ok(Response::new(pb::ExplainResponse {
             pid,

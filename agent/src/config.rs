@@ -11,6 +11,8 @@ pub use sigil::config::ConfigError;
 use sigil::logging::LogFormat;
 use sigil::TrustDomain;
 
+use crate::node_attestor::NodeAttestation;
+
 /// Default Workload API socket (SPIRE's layout, under /run where only root creates directories,
 /// not the world-writable /tmp; the same path as deploy/systemd's).
 pub const DEFAULT_SOCKET_PATH: &str = "/run/sigil-agent/public/api.sock";
@@ -322,13 +324,9 @@ pub struct AgentConfig {
     pub server_address: String,
     /// First-contact trust.
     pub bootstrap: Bootstrap,
-    /// Join token, if attesting with one.
-    pub join_token: Option<String>,
-    /// x509pop material, if attesting with a node certificate (never together with a token).
-    pub x509pop: Option<X509PopConfig>,
-    /// k8s_psat settings, if attesting with a projected service-account token (never together
-    /// with the other methods).
-    pub k8s_psat: Option<K8sPsatConfig>,
+    /// The node attestation method, if one was given (at most one may be; none is fine while a
+    /// stored agent SVID is re-used).
+    pub node_attestation: Option<NodeAttestation>,
     /// Data directory.
     pub data_dir: PathBuf,
     /// Workload API socket.
@@ -344,7 +342,7 @@ pub struct AgentConfig {
     /// Log format.
     pub log_format: LogFormat,
     /// The `k8s` workload attestor's kubelet, if that attestor is on.
-    pub kubelet: Option<crate::attestor::k8s::KubeletConfig>,
+    pub kubelet: Option<crate::workload_attestor::k8s::KubeletConfig>,
     /// Most Workload API connections one uid may hold open.
     pub workload_api_max_connections_per_uid: usize,
     /// Envoy's Secret Discovery Service.
@@ -486,11 +484,18 @@ impl AgentConfig {
             )),
             (None, None) => None,
         };
-        if k8s_psat.is_some() && (join_token.is_some() || x509pop.is_some()) {
-            return Err(ConfigError::conflict(
+        let node_attestation = match (join_token, x509pop, k8s_psat) {
+            (Some(token), None, None) => Some(NodeAttestation::JoinToken(token)),
+            (None, Some(x), None) => Some(NodeAttestation::X509Pop(x)),
+            (None, None, Some(k)) => Some(NodeAttestation::K8sPsat(k)),
+            (None, None, None) => None,
+            (Some(_), Some(_), None) => return Err(ConfigError::conflict(
+                "join_token and x509pop_cert/x509pop_key are mutually exclusive: attest with one method",
+            )),
+            (_, _, Some(_)) => return Err(ConfigError::conflict(
                 "k8s_psat_cluster is mutually exclusive with join_token and x509pop_cert/x509pop_key: attest with one method",
-            ));
-        }
+            )),
+        };
         let workload_api_max_connections_per_uid = flags
             .workload_api_max_connections_per_uid
             .or(file.workload_api_max_connections_per_uid)
@@ -509,9 +514,7 @@ impl AgentConfig {
             trust_domain,
             server_address,
             bootstrap,
-            join_token,
-            x509pop,
-            k8s_psat,
+            node_attestation,
             data_dir: flags
                 .data_dir
                 .clone()
@@ -611,7 +614,7 @@ fn resolve_sds(
 fn resolve_kubelet(
     file: &FileConfig,
     flags: &RunFlags,
-) -> Result<Option<crate::attestor::k8s::KubeletConfig>, ConfigError> {
+) -> Result<Option<crate::workload_attestor::k8s::KubeletConfig>, ConfigError> {
     let names = if flags.workload_attestors.is_empty() {
         file.workload_attestors.clone().unwrap_or_default()
     } else {
@@ -653,10 +656,17 @@ fn resolve_kubelet(
         return Ok(None);
     }
     let node = flags.node_name.clone().or(file.node_name.clone());
-    crate::attestor::k8s::KubeletConfig::resolve(url, port, ca, token, wait.as_deref(), node)
-        .map(Some)
-        // Its message names the kubelet_* key that is wrong.
-        .map_err(|e| ConfigError::Section(e.into()))
+    crate::workload_attestor::k8s::KubeletConfig::resolve(
+        url,
+        port,
+        ca,
+        token,
+        wait.as_deref(),
+        node,
+    )
+    .map(Some)
+    // Its message names the kubelet_* key that is wrong.
+    .map_err(|e| ConfigError::Section(e.into()))
 }
 
 /// `HOST:PORT` with a non-empty host and a numeric port (host names allowed, unlike listen
@@ -696,7 +706,10 @@ mod tests {
         assert_eq!(c.bootstrap, Bootstrap::TrustBundle("/b.pem".into()));
         assert_eq!(c.socket_path, PathBuf::from("/s.sock"));
         assert_eq!(c.admin_socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
-        assert_eq!(c.join_token.as_deref(), Some("abc"));
+        assert_eq!(
+            c.node_attestation,
+            Some(NodeAttestation::JoinToken("abc".into()))
+        );
         assert_eq!(
             c.health_address.map(|a| a.to_string()).as_deref(),
             Some(DEFAULT_HEALTH_ADDRESS)
@@ -882,14 +895,13 @@ mod tests {
             },
         )?;
         assert_eq!(
-            c.x509pop,
-            Some(X509PopConfig {
+            c.node_attestation,
+            Some(NodeAttestation::X509Pop(X509PopConfig {
                 cert: "/n.pem".into(),
                 key: "/n.key".into()
-            })
+            }))
         );
-        assert!(c.join_token.is_none());
-        assert!(parse(base, RunFlags::default())?.x509pop.is_none());
+        assert!(parse(base, RunFlags::default())?.node_attestation.is_none());
         for (flags, want) in [
             (
                 RunFlags {
@@ -932,11 +944,11 @@ mod tests {
             },
         )?;
         assert_eq!(
-            c.k8s_psat,
-            Some(K8sPsatConfig {
+            c.node_attestation,
+            Some(NodeAttestation::K8sPsat(K8sPsatConfig {
                 cluster: "prod".into(),
                 token_path: DEFAULT_K8S_PSAT_TOKEN_PATH.into()
-            })
+            }))
         );
         let c = parse(
             &format!("{base}k8s_psat_cluster = \"file\"\nk8s_psat_token_path = \"/t\"\n"),
@@ -946,13 +958,13 @@ mod tests {
             },
         )?;
         assert_eq!(
-            c.k8s_psat,
-            Some(K8sPsatConfig {
+            c.node_attestation,
+            Some(NodeAttestation::K8sPsat(K8sPsatConfig {
                 cluster: "flag".into(),
                 token_path: "/t".into()
-            })
+            }))
         );
-        assert!(parse(base, RunFlags::default())?.k8s_psat.is_none());
+        assert!(parse(base, RunFlags::default())?.node_attestation.is_none());
         for (flags, want) in [
             (
                 RunFlags {
@@ -1042,7 +1054,7 @@ mod tests {
     #[test]
     fn k8s_workload_attestor_is_off_by_default_and_configured_by_file_or_flags(
     ) -> anyhow::Result<()> {
-        use crate::attestor::k8s;
+        use crate::workload_attestor::k8s;
         let base = "trust_domain = \"example.org\"\nserver_address = \"srv:8081\"\ninsecure_bootstrap = true\n";
         assert!(parse(base, RunFlags::default())?.kubelet.is_none());
         // NODE_NAME alone (set on every node by a DaemonSet) does not turn it on.

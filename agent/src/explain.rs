@@ -9,7 +9,7 @@
 use sigil::entry::RegistrationEntry;
 use sigil::selector::{Selector, SelectorSet};
 
-use crate::cache::Cache;
+use crate::sync::cache::Snapshot;
 
 /// Most near misses reported (closest first).
 pub const MAX_NEAR_MISSES: usize = 10;
@@ -64,7 +64,7 @@ fn property(s: &Selector) -> (&str, &str) {
 }
 
 /// Compares `selectors` with every entry in `cache`.
-pub fn explain(cache: &Cache, selectors: &SelectorSet) -> Explanation {
+pub fn explain(cache: &Snapshot, selectors: &SelectorSet) -> Explanation {
     let matches = crate::workload_api::identities::matching_entries(cache, selectors)
         .into_iter()
         .map(|e| Match {

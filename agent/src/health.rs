@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::worker::AgentState;
+use crate::sync::worker::AgentState;
 
 /// Default `ready_max_sync_age`: how long the agent stays ready after losing its sync stream.
 pub const DEFAULT_READY_MAX_SYNC_AGE: Duration = Duration::from_secs(300);
@@ -228,7 +228,7 @@ impl Readiness {
         let refused = self.state.refused.read().await.clone();
         let agent_svid_not_after = self.state.identity.read().await.not_after;
         let sync = self.state.sync_status();
-        let cache = self.state.cache.read().await;
+        let cache = self.state.snapshot();
         let mut expired = cache.expired_svids(now);
         let example = expired.next().map(|(e, _)| e.spiffe_id.to_string());
         let count = example.as_ref().map_or(0, |_| 1 + expired.count());

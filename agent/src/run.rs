@@ -17,11 +17,13 @@ use anyhow::Context;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
 
-use crate::cache::Cache;
-use crate::client::{self, Attested, ClientError};
 use crate::config::{AgentConfig, Bootstrap};
-use crate::storage::Storage;
-use crate::worker::{AgentState, Backoff, Worker};
+use crate::node_attestor::{Material, NodeAttestation};
+use crate::sync::cache::Cache;
+use crate::sync::client::{self, Attested};
+use crate::sync::node_api::TonicNodeApi;
+use crate::sync::storage::Storage;
+use crate::sync::worker::{AgentState, Backoff, Worker};
 use sigil::tls::{IdentityStore, ServerVerification, TrustStore};
 use sigil::TrustDomain;
 
@@ -52,54 +54,13 @@ impl Signals {
     }
 }
 
-/// The configured attestation method with its material (read before contacting the server, so
-/// a bad path fails fast).
-enum Method<'a> {
-    JoinToken(&'a str),
-    X509Pop(Vec<Vec<u8>>, Vec<u8>),
-    K8sPsat(&'a crate::config::K8sPsatConfig),
-}
-
-impl Method<'_> {
-    /// What the error of a failed attestation is prefixed with.
-    fn failed(&self) -> &'static str {
-        match self {
-            Method::JoinToken(_) => "node attestation with the join token failed",
-            Method::X509Pop(..) => "x509pop node attestation failed",
-            Method::K8sPsat(_) => "k8s_psat node attestation failed",
-        }
-    }
-
-    async fn attest(
-        &self,
-        addr: &str,
-        td: &TrustDomain,
-        verification: &ServerVerification,
-    ) -> anyhow::Result<Result<Attested, ClientError>> {
-        let mut node = match client::channel(addr, verification.clone(), None) {
-            Ok(n) => n,
-            Err(e) => return Ok(Err(e)),
-        };
-        Ok(match self {
-            Method::JoinToken(token) => client::attest_join_token(&mut node, td, token).await,
-            Method::X509Pop(chain, key) => {
-                client::attest_x509pop(&mut node, td, chain.clone(), key).await
-            }
-            // Read for every attempt: the kubelet rotates projected tokens.
-            Method::K8sPsat(k) => {
-                let token = k.load_token()?;
-                client::attest_k8s_psat(&mut node, td, &k.cluster, &token).await
-            }
-        })
-    }
-}
-
 /// The first attestation: retried with exponential back-off and jitter (every failure logged
 /// with its error; the delay grows to 30 s) while the failure is transient (server unreachable,
 /// restarting, overloaded), until it succeeds or a signal arrives (`Ok(None)`). A refusal
 /// (PermissionDenied, InvalidArgument...) ends it with the server's reason.
 async fn attest_first(
-    method: &Method<'_>,
+    method: &NodeAttestation,
+    mut material: Material,
     addr: &str,
     td: &TrustDomain,
     verification: &ServerVerification,
@@ -107,8 +68,16 @@ async fn attest_first(
 ) -> anyhow::Result<Option<Attested>> {
     let mut backoff = Backoff::default();
     loop {
+        // Read for every attempt: the kubelet rotates projected tokens.
+        if backoff.failures > 0 && matches!(method, NodeAttestation::K8sPsat(_)) {
+            material = method.load()?;
+        }
+        let attempt = async {
+            let mut node = client::channel(addr, verification.clone(), None)?;
+            material.attest(&mut node, td).await
+        };
         let result = tokio::select! {
-            r = method.attest(addr, td, verification) => r?,
+            r = attempt => r,
             signal = signals.recv() => {
                 tracing::info!(signal, "stopped before attesting to sigil-server");
                 return Ok(None);
@@ -174,22 +143,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             if other.is_some() {
                 tracing::warn!("the stored agent SVID has expired; attesting again");
             }
-            // Exactly one method is configured (the config refuses two); x509pop files and the
-            // k8s_psat token are read before contacting the server so a bad path fails fast.
-            let method = match (&cfg.join_token, &cfg.x509pop, &cfg.k8s_psat) {
-                (Some(token), _, _) => Method::JoinToken(token),
-                (None, Some(x), _) => {
-                    let (chain, key) = x.load()?;
-                    Method::X509Pop(chain, key)
-                }
-                (None, None, Some(k)) => {
-                    k.load_token()?;
-                    Method::K8sPsat(k)
-                }
-                (None, None, None) => anyhow::bail!(
+            let Some(method) = &cfg.node_attestation else {
+                anyhow::bail!(
                     "no usable agent SVID is stored and no attestation method was given: pass --join-token (from `sigil-server token generate`), --x509pop-cert/--x509pop-key or --k8s-psat-cluster"
-                ),
+                );
             };
+            // Read before contacting the server, so a bad path fails fast.
+            let material = method.load()?;
             let verification = match bootstrap_roots {
                 Some(r) => client::verify_server(Arc::new(TrustStore::new(&r)?), &td),
                 None => {
@@ -198,7 +158,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 }
             };
             let Some(attested) = attest_first(
-                &method,
+                method,
+                material,
                 &cfg.server_address,
                 &td,
                 &verification,
@@ -222,16 +183,18 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let trust = Arc::new(TrustStore::new(&roots)?);
     let cache = Cache::new();
     let exe_hash_flag = cache.exe_hash_flag();
-    let state = Arc::new(AgentState::new(td.clone(), identity.clone(), cache));
+    let state = Arc::new(AgentState::new(td.clone(), identity.clone()));
     state.metrics.agent_svid_expiry.set(identity.not_after);
     if let Some(t) = crate::health::earliest_not_after(&roots) {
         state.metrics.bundle_expiry.set(t);
     }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let mut attestor = crate::attestor::WorkloadAttestor::new().with_exe_hash_flag(exe_hash_flag);
+    let mut attestor =
+        crate::workload_attestor::WorkloadAttestor::new().with_exe_hash_flag(exe_hash_flag);
     if let Some(k) = &cfg.kubelet {
         tracing::info!(kubelet = %k.pods_url(), ca = %k.ca_path.display(), node = k.node_name.as_deref(), "k8s workload attestor on: pod selectors from the kubelet");
-        attestor = attestor.with_kubelet(crate::attestor::k8s::KubeletClient::new(k.clone()));
+        attestor =
+            attestor.with_kubelet(crate::workload_attestor::k8s::KubeletClient::new(k.clone()));
     }
     let attestor = Arc::new(attestor);
     let workload_api = crate::workload_api::WorkloadApi::new(
@@ -247,12 +210,18 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     );
     let worker = Worker {
         state: state.clone(),
-        server_address: cfg.server_address.clone(),
+        node: Arc::new(TonicNodeApi::new(
+            cfg.server_address.clone(),
+            td.clone(),
+            tls_identity.clone(),
+            trust.clone(),
+        )),
+        cache,
+        clock: sigil::clock::Clock::system(),
         tls_identity,
         trust,
         storage,
-        x509pop: cfg.x509pop.clone(),
-        k8s_psat: cfg.k8s_psat.clone(),
+        attestation: cfg.node_attestation.clone(),
     };
     let worker_task = tokio::spawn(worker.run(shutdown_rx.clone()));
 

@@ -1,6 +1,6 @@
 //! Which identities a workload gets, and the Workload API messages that carry them.
 //!
-//! Pure functions over the [`Cache`]: an entry matches a process when every one of the entry's
+//! Pure functions over a cache [`Snapshot`]: an entry matches a process when every one of the entry's
 //! selectors is among the process's selectors. Identities are ordered by entry creation time
 //! (then entry id) so the default SVID — the first one, which most clients use — is stable
 //! across messages and restarts; of several SVIDs sharing a hint only the first is sent, as
@@ -12,19 +12,39 @@ use sigil::entry::RegistrationEntry;
 use sigil::proto::workload as wl;
 use sigil::selector::SelectorSet;
 
-use crate::cache::{Cache, CachedSvid};
+use crate::sync::cache::{CachedSvid, Snapshot};
 
-/// The entries whose selectors are all among `selectors`, default first.
+/// The entries whose selectors are all among `selectors`, default first (found through the
+/// snapshot's selector index).
 pub fn matching_entries<'a>(
-    cache: &'a Cache,
+    cache: &'a Snapshot,
     selectors: &SelectorSet,
 ) -> Vec<&'a RegistrationEntry> {
-    let mut out: Vec<&RegistrationEntry> = cache
-        .entries()
-        .filter(|e| !e.selectors.is_empty() && e.selectors.is_subset_of(selectors))
-        .collect();
+    let mut out = cache.matching(selectors);
     out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
     out
+}
+
+/// What every Workload API and SDS message for a caller with `selectors` is made of at `now`,
+/// as a number: the matching entries (id and revision), which of their SVIDs are current and
+/// unexpired (by generation), the bundles' generations, and whether entries have arrived at all.
+/// Equal keys make equal messages, so a woken stream builds and encodes a message only when its
+/// key changed.
+pub fn view_key(cache: &Snapshot, selectors: &SelectorSet, now: i64) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    cache.has_snapshot().hash(&mut h);
+    cache.bundle_generation().hash(&mut h);
+    cache.federated_generation().hash(&mut h);
+    for e in matching_entries(cache, selectors) {
+        e.id.hash(&mut h);
+        e.revision.hash(&mut h);
+        match current_svid(cache, e) {
+            Some(s) => (s.generation, s.not_after <= now).hash(&mut h),
+            None => 0u8.hash(&mut h),
+        }
+    }
+    h.finish()
 }
 
 /// What the cache can give a caller right now.
@@ -48,12 +68,12 @@ pub enum X509State {
 
 /// An SVID is current for an entry when it was minted for the entry's present revision: an
 /// older one may carry a SPIFFE ID the entry no longer has.
-fn current_svid<'a>(cache: &'a Cache, e: &RegistrationEntry) -> Option<&'a CachedSvid> {
+fn current_svid<'a>(cache: &'a Snapshot, e: &RegistrationEntry) -> Option<&'a CachedSvid> {
     cache.svid(&e.id).filter(|s| s.entry_revision == e.revision)
 }
 
 /// `spiffe://<td>` → concatenated DER roots: our own bundle, for every SVID.
-fn own_x509_bundle(cache: &Cache) -> Vec<u8> {
+fn own_x509_bundle(cache: &Snapshot) -> Vec<u8> {
     cache
         .bundle()
         .map(|b| b.x509_roots.clone())
@@ -63,7 +83,7 @@ fn own_x509_bundle(cache: &Cache) -> Vec<u8> {
 /// The federated trust domains the given entries name (`spiffe://<td>`), with the bundles held
 /// for them.
 pub fn federated_for<'a>(
-    cache: &'a Cache,
+    cache: &'a Snapshot,
     entries: &[&RegistrationEntry],
 ) -> BTreeMap<String, &'a sigil::proto::node::Bundle> {
     let wanted: BTreeSet<&str> = entries
@@ -97,7 +117,7 @@ pub enum ServedSvids<'a> {
 
 /// The SVIDs served at `now` (Unix seconds) to a caller with `selectors`: the Workload API's
 /// and SDS's common rule. Expired SVIDs are never served.
-pub fn served_svids<'a>(cache: &'a Cache, selectors: &SelectorSet, now: i64) -> ServedSvids<'a> {
+pub fn served_svids<'a>(cache: &'a Snapshot, selectors: &SelectorSet, now: i64) -> ServedSvids<'a> {
     let entries = matching_entries(cache, selectors);
     if entries.is_empty() {
         return ServedSvids::NoIdentity;
@@ -132,7 +152,7 @@ pub fn served_svids<'a>(cache: &'a Cache, selectors: &SelectorSet, now: i64) -> 
 
 /// The FetchX509SVID state at `now` (Unix seconds) for a caller with `selectors`. Expired SVIDs
 /// are never sent.
-pub fn x509_svid_state(cache: &Cache, selectors: &SelectorSet, now: i64) -> X509State {
+pub fn x509_svid_state(cache: &Snapshot, selectors: &SelectorSet, now: i64) -> X509State {
     let (served, pending) = match served_svids(cache, selectors, now) {
         ServedSvids::NoIdentity => return X509State::NoIdentity,
         ServedSvids::Pending => return X509State::Pending,
@@ -168,7 +188,7 @@ pub fn x509_svid_state(cache: &Cache, selectors: &SelectorSet, now: i64) -> X509
 /// `spiffe://<td>` → `part(bundle)` for our trust domain and the domains the caller's entries
 /// federate with; `None` when no entry matches (the caller has no identity).
 fn bundles_for(
-    cache: &Cache,
+    cache: &Snapshot,
     selectors: &SelectorSet,
     part: fn(&sigil::proto::node::Bundle) -> Vec<u8>,
 ) -> Option<BTreeMap<String, Vec<u8>>> {
@@ -187,7 +207,7 @@ fn bundles_for(
 }
 
 /// The X.509 bundles (concatenated DER roots) for a caller; `None` when it has no identity.
-pub fn x509_bundles(cache: &Cache, selectors: &SelectorSet) -> Option<wl::X509BundlesResponse> {
+pub fn x509_bundles(cache: &Snapshot, selectors: &SelectorSet) -> Option<wl::X509BundlesResponse> {
     bundles_for(cache, selectors, |b| b.x509_roots.clone()).map(|bundles| wl::X509BundlesResponse {
         crl: Vec::new(),
         bundles,
@@ -195,13 +215,13 @@ pub fn x509_bundles(cache: &Cache, selectors: &SelectorSet) -> Option<wl::X509Bu
 }
 
 /// The JWT bundles (JWKS documents) for a caller; `None` when it has no identity.
-pub fn jwt_bundles(cache: &Cache, selectors: &SelectorSet) -> Option<wl::JwtBundlesResponse> {
+pub fn jwt_bundles(cache: &Snapshot, selectors: &SelectorSet) -> Option<wl::JwtBundlesResponse> {
     bundles_for(cache, selectors, |b| b.jwks_json.clone().into_bytes())
         .map(|bundles| wl::JwtBundlesResponse { bundles })
 }
 
 /// The bundle (own or federated) for trust domain `td`, if held.
-pub fn bundle_for<'a>(cache: &'a Cache, td: &str) -> Option<&'a sigil::proto::node::Bundle> {
+pub fn bundle_for<'a>(cache: &'a Snapshot, td: &str) -> Option<&'a sigil::proto::node::Bundle> {
     match cache.bundle() {
         Some(b) if b.trust_domain == td => Some(b),
         _ => cache.federated_bundles().get(td),
@@ -211,6 +231,7 @@ pub fn bundle_for<'a>(cache: &'a Cache, td: &str) -> Option<&'a sigil::proto::no
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::sync::cache::Cache;
     use sigil::proto::admin as apb;
     use sigil::proto::node as pb;
 

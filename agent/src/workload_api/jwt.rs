@@ -15,7 +15,7 @@ use sigil::TrustDomain;
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
 
-use crate::client::{self, ClientError};
+use crate::sync::client::{self, ClientError};
 
 /// Most tokens cached.
 pub const MAX_CACHED_TOKENS: usize = 10_000;

@@ -5,8 +5,8 @@
 //!   capped per uid and in all, so no local user can starve the others.
 //! - [`identities`]: which cached entries match a caller's selectors, and the messages built
 //!   from them (full state, default SVID first, federated bundles where entries federate).
-//! - [`service`]: the five `SpiffeWorkloadAPI` RPCs; streams are woken by the agent's change
-//!   counter and resend only when their message changed.
+//! - [`service`]: the five `SpiffeWorkloadAPI` RPCs; streams are woken only by the cache
+//!   changes that concern their caller and resend only when their message changed.
 //! - [`jwt`]: JWT-SVIDs minted by the server on demand and cached for half their lifetime.
 //! - [`expiry`]: wakes the streams when a cached SVID expires unrenewed (never served expired).
 //! - [`sds`]: Envoy's Secret Discovery Service on the same socket, for the same callers.

@@ -29,8 +29,8 @@ use tokio::time::Instant;
 use tokio_stream::Stream;
 use tonic::transport::server::Connected;
 
-use crate::attestor::ProcessPin;
 use crate::metrics::AgentMetrics;
+use crate::workload_attestor::ProcessPin;
 
 /// Default of [`ConnectionLimits::per_uid`] (`workload_api_max_connections_per_uid`): far above
 /// what one workload user holds (a connection or two per process), low enough that a single

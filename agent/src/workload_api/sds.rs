@@ -49,12 +49,13 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::identities::{self, ServedSvids};
 use super::service::{
-    attest_again_if_hash_wanted, look, now_unix, Caller, StreamGauge, Watch, WorkloadApi, EXPIRED,
-    NO_IDENTITY,
+    attest_again_if_hash_wanted, look, look_changed, now_unix, Caller, StreamGauge, Watch,
+    WorkloadApi, EXPIRED, NO_IDENTITY,
 };
-use crate::attestor::WorkloadAttestor;
-use crate::cache::Cache;
-use crate::worker::AgentState;
+use crate::sync::cache::Snapshot;
+use crate::sync::watchers::Subscription;
+use crate::sync::worker::AgentState;
+use crate::workload_attestor::WorkloadAttestor;
 
 /// The only resource type served.
 pub const SECRET_TYPE_URL: &str =
@@ -140,11 +141,12 @@ impl SecretDiscovery {
     async fn open(&self, mut caller: Caller, requests: Requests) -> Result<SdsStream, Status> {
         let state = self.api.state().clone();
         let attestor = self.api.attestor().clone();
-        // Subscribed before the first look, so no change between the two is missed.
-        let mut changes = state.changes.subscribe();
-        changes.borrow_and_update();
         attest_again_if_hash_wanted(&attestor, &mut caller, STREAM).await?;
-        match look(&state, &caller, &sds_view).await {
+        // Subscribed before the first look, so no change between the two is missed.
+        let sub = state
+            .watchers
+            .subscribe(&caller.selectors, caller.exe_hash_skipped);
+        match look(&state, &caller, &sds_view) {
             Watch::NoIdentity => {
                 tracing::info!(pid = caller.pid, selectors = %caller.selectors, stream = STREAM, "no identity for the caller; PermissionDenied");
                 return Err(Status::permission_denied(NO_IDENTITY));
@@ -160,7 +162,8 @@ impl SecretDiscovery {
             config: self.config.clone(),
             caller,
             requests,
-            changes,
+            sub,
+            last_key: None,
             shutdown: self.api.shutdown(),
             names: None,
             validator: Validator::Spiffe,
@@ -255,7 +258,7 @@ struct View {
 }
 
 /// SDS's view of the cache for a caller with `selectors`.
-fn sds_view(cache: &Cache, selectors: &sigil::selector::SelectorSet) -> Watch<View> {
+fn sds_view(cache: &Snapshot, selectors: &sigil::selector::SelectorSet) -> Watch<View> {
     let served = match identities::served_svids(cache, selectors, now_unix()) {
         ServedSvids::NoIdentity => return Watch::NoIdentity,
         ServedSvids::Pending => return Watch::Pending,
@@ -505,7 +508,11 @@ struct Streamer {
     config: Arc<SdsConfig>,
     caller: Caller,
     requests: Requests,
-    changes: tokio::sync::watch::Receiver<u64>,
+    /// Wakes the stream when a change concerns its caller.
+    sub: Subscription,
+    /// The caller's view key at the last look (None: look whatever the key, e.g. after the
+    /// names or the validator changed).
+    last_key: Option<u64>,
     shutdown: tokio::sync::watch::Receiver<bool>,
     /// The names of the last request that counted (None before the first one).
     names: Option<BTreeSet<String>>,
@@ -535,14 +542,20 @@ impl Streamer {
         }
         loop {
             if std::mem::take(&mut self.look_now) {
-                self.changes.borrow_and_update();
                 let answer = std::mem::take(&mut self.answer);
-                if let Err(s) =
-                    attest_again_if_hash_wanted(&self.attestor, &mut self.caller, STREAM).await
-                {
-                    return self.end(s);
+                match attest_again_if_hash_wanted(&self.attestor, &mut self.caller, STREAM).await {
+                    Ok(true) => self
+                        .sub
+                        .update(&self.caller.selectors, self.caller.exe_hash_skipped),
+                    Ok(false) => {}
+                    Err(s) => return self.end(s),
                 }
-                match look(&self.state, &self.caller, &sds_view).await {
+                if answer {
+                    self.last_key = None;
+                }
+                let seen = look_changed(&self.state, &self.caller, &sds_view, &mut self.last_key);
+                // An unchanged view sends nothing, like Pending.
+                match seen.unwrap_or(Watch::Pending) {
                     Watch::NoIdentity => {
                         tracing::info!(pid = self.caller.pid, selectors = %self.caller.selectors, stream = STREAM, "no identity for the caller any more; ending the stream with PermissionDenied");
                         return self.end(Status::permission_denied(NO_IDENTITY));
@@ -565,7 +578,7 @@ impl Streamer {
                 biased;
                 _ = self.shutdown.wait_for(|s| *s) => Woke::End,
                 r = self.requests.next() => Woke::Request(Box::new(r)),
-                r = self.changes.changed() => if r.is_ok() { Woke::Changed } else { Woke::End },
+                _ = self.sub.changed() => Woke::Changed,
             };
             let request = match woke {
                 Woke::End => return None,
@@ -630,6 +643,7 @@ impl Streamer {
             if v != self.validator {
                 self.validator = v;
                 self.look_now = true;
+                self.last_key = None;
             }
         }
         let names = name_set(req.resource_names);
@@ -728,7 +742,7 @@ impl SecretDiscovery {
         let validator = req.node.as_ref().map_or(Validator::Spiffe, |n| {
             validator_for(n, self.config.disable_spiffe_cert_validation)
         });
-        let view = match look(self.api.state(), caller, &sds_view).await {
+        let view = match look(self.api.state(), caller, &sds_view) {
             Watch::NoIdentity => return Err(Status::permission_denied(NO_IDENTITY)),
             Watch::Pending => {
                 return Err(Status::unavailable(

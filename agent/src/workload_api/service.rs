@@ -8,8 +8,10 @@
 //! again, and a stream whose process is gone ends with Unauthenticated (its connection may have
 //! been passed on to another process).
 //! Streams need no task of their own: each is polled by the connection that carries it, woken
-//! by the agent's change counter; each message is the full state, sent only when it differs
-//! from the last one.
+//! only by the cache changes that concern its caller ([`crate::sync::watchers`]); it reads the
+//! latest published snapshot, builds a message only when its view's key changed
+//! ([`identities::view_key`]), and sends it only when it differs from the last one: each message
+//! is the full state.
 
 use std::hash::{Hash as _, Hasher as _};
 use std::pin::Pin;
@@ -25,10 +27,11 @@ use tonic::{Request, Response, Status};
 use super::identities::{self, X509State};
 use super::jwt::{JwtSvidCache, NodeLink};
 use super::peer::PeerInfo;
-use crate::attestor::{AttestError, ProcessPin, WorkloadAttestor};
-use crate::cache::Cache;
-use crate::client::ClientError;
-use crate::worker::AgentState;
+use crate::sync::cache::Snapshot;
+use crate::sync::client::ClientError;
+use crate::sync::watchers::Subscription;
+use crate::sync::worker::AgentState;
+use crate::workload_attestor::{AttestError, ProcessPin, WorkloadAttestor};
 
 /// The header every Workload API call must carry (SPIFFE Workload Endpoint spec).
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
@@ -192,8 +195,8 @@ impl WorkloadApi {
     /// a cached SVID leaves with the response headers and a caller without identity gets
     /// PermissionDenied as the call's status. Later messages are computed inside the stream's
     /// own poll (no task or channel per stream: an agent holds one stream per workload, and
-    /// each would cost a few KiB): woken by the agent's change counter, it re-reads the cache
-    /// and yields the new full state when it differs from the last one sent.
+    /// each would cost a few KiB): woken by the changes that concern its caller, it reads the
+    /// latest snapshot and yields the new full state when it differs from the last one sent.
     async fn watch<M, F>(
         &self,
         caller: Caller,
@@ -202,12 +205,16 @@ impl WorkloadApi {
     ) -> Result<WatchStream<M>, Status>
     where
         M: prost::Message + Send + 'static,
-        F: Fn(&Cache, &SelectorSet) -> Watch<M> + Send + Sync + 'static,
+        F: Fn(&Snapshot, &SelectorSet) -> Watch<M> + Send + Sync + 'static,
     {
         let state = self.inner.state.clone();
+        let mut caller = caller;
+        // An entry needing `unix:sha256` may have arrived since the caller was attested.
+        attest_again_if_hash_wanted(&self.inner.attestor, &mut caller, what).await?;
         // Subscribed before the first look, so no change between the two is missed.
-        let mut changes = state.changes.subscribe();
-        changes.borrow_and_update();
+        let sub = state
+            .watchers
+            .subscribe(&caller.selectors, caller.exe_hash_skipped);
         let mut watcher = Watcher {
             _gauge: StreamGauge::new(&state),
             state,
@@ -215,8 +222,9 @@ impl WorkloadApi {
             caller,
             what,
             build,
-            changes,
+            sub,
             shutdown: self.inner.shutdown.clone(),
+            last_key: None,
             last: None,
             first: None,
             look_now: false,
@@ -224,9 +232,13 @@ impl WorkloadApi {
             pending_deadline: tokio::time::Instant::now() + FIRST_SVID_WAIT,
             done: false,
         };
-        // An entry needing `unix:sha256` may have arrived since the caller was attested.
-        watcher.attest_again_if_hash_wanted().await?;
-        match look(&watcher.state, &watcher.caller, &watcher.build).await {
+        let first = look_changed(
+            &watcher.state,
+            &watcher.caller,
+            &watcher.build,
+            &mut watcher.last_key,
+        );
+        match first.unwrap_or(Watch::Pending) {
             Watch::NoIdentity => {
                 tracing::info!(pid = watcher.caller.pid, selectors = %watcher.caller.selectors, stream = what, "no identity for the caller; PermissionDenied");
                 return Err(Status::permission_denied(NO_IDENTITY));
@@ -286,13 +298,16 @@ struct Watcher<M, F> {
     caller: Caller,
     what: &'static str,
     build: F,
-    changes: tokio::sync::watch::Receiver<u64>,
+    /// Wakes the stream when a change concerns its caller.
+    sub: Subscription,
     shutdown: tokio::sync::watch::Receiver<bool>,
+    /// The view key of the last look (None: none yet, or look again whatever the key).
+    last_key: Option<u64>,
     /// Fingerprint of the last message sent (None: nothing sent yet).
     last: Option<u64>,
     /// The first message, looked up before the stream started.
     first: Option<M>,
-    /// The cache changed since the last look.
+    /// A change concerned the caller since the last look.
     look_now: bool,
     /// The last look found the caller's SVID still being minted.
     pending: bool,
@@ -307,7 +322,7 @@ struct Watcher<M, F> {
 impl<M, F> Watcher<M, F>
 where
     M: prost::Message,
-    F: Fn(&Cache, &SelectorSet) -> Watch<M>,
+    F: Fn(&Snapshot, &SelectorSet) -> Watch<M>,
 {
     /// The stream's next item (None ends it): waits for a change, then sends the new state if
     /// it differs from the last one.
@@ -320,12 +335,16 @@ where
         }
         loop {
             if std::mem::take(&mut self.look_now) {
-                self.changes.borrow_and_update();
-                self.pending = false;
                 if let Err(s) = self.attest_again_if_hash_wanted().await {
                     return self.end(s);
                 }
-                match look(&self.state, &self.caller, &self.build).await {
+                let seen = look_changed(&self.state, &self.caller, &self.build, &mut self.last_key);
+                // An unchanged view: the last look's outcome stands.
+                let Some(seen) = seen else {
+                    continue;
+                };
+                self.pending = false;
+                match seen {
                     Watch::NoIdentity => {
                         tracing::info!(pid = self.caller.pid, selectors = %self.caller.selectors, stream = self.what, "no identity for the caller any more; ending the stream with PermissionDenied");
                         return self.end(Status::permission_denied(NO_IDENTITY));
@@ -358,7 +377,7 @@ where
             let waiting_first = self.pending && self.last.is_none();
             let deadline = self.pending_deadline;
             let woke = tokio::select! {
-                r = self.changes.changed() => if r.is_ok() { Woke::Changed } else { Woke::End },
+                _ = self.sub.changed() => Woke::Changed,
                 _ = self.shutdown.wait_for(|s| *s) => Woke::End,
                 _ = tokio::time::sleep_until(deadline), if waiting_first => Woke::FirstSvidLate,
             };
@@ -374,9 +393,13 @@ where
         }
     }
 
-    /// [`attest_again_if_hash_wanted`] for this stream's caller.
+    /// [`attest_again_if_hash_wanted`] for this stream's caller, registering its new selectors.
     async fn attest_again_if_hash_wanted(&mut self) -> Result<(), Status> {
-        attest_again_if_hash_wanted(&self.attestor, &mut self.caller, self.what).await
+        if attest_again_if_hash_wanted(&self.attestor, &mut self.caller, self.what).await? {
+            self.sub
+                .update(&self.caller.selectors, self.caller.exe_hash_skipped);
+        }
+        Ok(())
     }
 
     /// Sends `status` and ends the stream.
@@ -387,15 +410,15 @@ where
 }
 
 /// The caller was attested without `unix:sha256` (no entry needed it) and now an entry does:
-/// attest it again, so that entry can match on its open `stream`. Err only when the process is
-/// gone; another failure keeps the selectors it has (they were right).
+/// attest it again, so that entry can match on its open `stream` (true: attested again). Err
+/// only when the process is gone; another failure keeps the selectors it has (they were right).
 pub(super) async fn attest_again_if_hash_wanted(
     attestor: &Arc<WorkloadAttestor>,
     caller: &mut Caller,
     stream: &str,
-) -> Result<(), Status> {
+) -> Result<bool, Status> {
     if !caller.exe_hash_skipped || !attestor.exe_hash_wanted() {
-        return Ok(());
+        return Ok(false);
     }
     match attestor
         .attest_async(caller.pin.clone(), caller.uid, caller.gid)
@@ -405,18 +428,18 @@ pub(super) async fn attest_again_if_hash_wanted(
             tracing::debug!(pid = a.pid, selectors = %a.selectors, stream, "workload attested again: an entry now needs its executable's hash");
             caller.selectors = a.selectors;
             caller.exe_hash_skipped = a.exe_hash_skipped;
-            Ok(())
+            Ok(true)
         }
         Err(AttestError::Gone { pid }) => Err(gone(pid)),
         Err(e) => {
             tracing::debug!(pid = caller.pid, error = %e, "attesting the workload again failed; keeping its selectors");
-            Ok(())
+            Ok(false)
         }
     }
 }
 
 /// FetchX509SVID's view of the cache for a caller with `selectors`.
-fn x509_svid_watch(cache: &Cache, selectors: &SelectorSet) -> Watch<wl::X509svidResponse> {
+fn x509_svid_watch(cache: &Snapshot, selectors: &SelectorSet) -> Watch<wl::X509svidResponse> {
     match identities::x509_svid_state(cache, selectors, now_unix()) {
         X509State::NoIdentity => Watch::NoIdentity,
         X509State::Pending => Watch::Pending,
@@ -436,18 +459,42 @@ fn bundles_watch<M>(msg: Option<M>, is_empty: impl FnOnce(&M) -> bool) -> Watch<
 }
 
 /// What the cache holds for `caller` now.
-pub(super) async fn look<M>(
+pub(super) fn look<M>(
     state: &AgentState,
     caller: &Caller,
-    build: &impl Fn(&Cache, &SelectorSet) -> Watch<M>,
+    build: &impl Fn(&Snapshot, &SelectorSet) -> Watch<M>,
 ) -> Watch<M> {
-    let cache = state.cache.read().await;
+    look_in(&state.snapshot(), caller, build)
+}
+
+fn look_in<M>(
+    cache: &Snapshot,
+    caller: &Caller,
+    build: &impl Fn(&Snapshot, &SelectorSet) -> Watch<M>,
+) -> Watch<M> {
     if cache.has_snapshot() {
-        build(&cache, &caller.selectors)
+        build(cache, &caller.selectors)
     } else {
         // Just started: "no identity" would be a lie until entries arrive.
         Watch::Pending
     }
+}
+
+/// [`look`], unless the caller's view is the same as at the last look (`last_key`, updated):
+/// then `None`, and nothing is built or encoded.
+pub(super) fn look_changed<M>(
+    state: &AgentState,
+    caller: &Caller,
+    build: &impl Fn(&Snapshot, &SelectorSet) -> Watch<M>,
+    last_key: &mut Option<u64>,
+) -> Option<Watch<M>> {
+    let cache = state.snapshot();
+    let key = identities::view_key(&cache, &caller.selectors, now_unix());
+    if *last_key == Some(key) {
+        return None;
+    }
+    *last_key = Some(key);
+    Some(look_in(&cache, caller, build))
 }
 
 /// A message's identity, to send only changes (maps encode in key order: deterministic).
@@ -526,7 +573,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let caller = self.attest(&req).await?;
         let want = req.into_inner();
         let targets: Vec<(String, i64, String, String)> = {
-            let cache = self.inner.state.cache.read().await;
+            let cache = self.inner.state.snapshot();
             if !cache.has_snapshot() {
                 return Err(Status::unavailable(
                     "the agent has not received its entries from sigil-server yet; retry shortly",
@@ -612,7 +659,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let subject = sigil::jwt::jwt_svid_subject_unverified(&r.svid).map_err(|e| invalid(&e))?;
         let td = subject.trust_domain();
         let bundle = {
-            let cache = self.inner.state.cache.read().await;
+            let cache = self.inner.state.snapshot();
             let b = identities::bundle_for(&cache, td.name()).ok_or_else(|| {
                 Status::invalid_argument(format!(
                     "invalid JWT-SVID: no bundle for trust domain \"{}\"",
@@ -661,339 +708,4 @@ fn json_to_value(v: serde_json::Value) -> prost_types::Value {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn claims_become_a_protobuf_struct() {
-        let claims: serde_json::Value = serde_json::json!({
-            "sub": "spiffe://example.org/a", "aud": ["x", "y"], "exp": 1700000000, "nested": {"ok": true}, "none": null
-        });
-        let serde_json::Value::Object(map) = claims else {
-            panic!("object")
-        };
-        let s = json_object_to_struct(map);
-        use prost_types::value::Kind;
-        assert_eq!(
-            s.fields["sub"].kind,
-            Some(Kind::StringValue("spiffe://example.org/a".into()))
-        );
-        assert_eq!(
-            s.fields["exp"].kind,
-            Some(Kind::NumberValue(1_700_000_000.0))
-        );
-        let Some(Kind::ListValue(l)) = &s.fields["aud"].kind else {
-            panic!("aud list")
-        };
-        assert_eq!(l.values.len(), 2);
-        let Some(Kind::StructValue(n)) = &s.fields["nested"].kind else {
-            panic!("nested")
-        };
-        assert_eq!(n.fields["ok"].kind, Some(Kind::BoolValue(true)));
-        assert_eq!(s.fields["none"].kind, Some(Kind::NullValue(0)));
-    }
-
-    /// Agent state over `cache` (the agent's own SVID is a throwaway).
-    fn state_with(cache: Cache) -> Arc<AgentState> {
-        let td: sigil::TrustDomain = "example.org".parse().unwrap();
-        let (identity, _) = crate::storage::tests::identity(&td, "/sigil/agent/test");
-        Arc::new(AgentState::new(td, identity, cache))
-    }
-
-    /// A caller with `selectors`, pinned to this test process (alive throughout).
-    fn caller(selectors: &[&str]) -> Caller {
-        let pid = std::process::id() as i32;
-        Caller {
-            pid,
-            selectors: identities::tests::selectors(selectors),
-            pin: Arc::new(ProcessPin::pin(pid).unwrap()),
-            uid: 0,
-            gid: 0,
-            exe_hash_skipped: false,
-        }
-    }
-
-    /// The X.509 SVID stream [`WorkloadApi::fetch_x509svid`] opens for `caller`.
-    async fn x509_stream(
-        state: &Arc<AgentState>,
-        shutdown: tokio::sync::watch::Receiver<bool>,
-        caller: Caller,
-    ) -> Result<WatchStream<wl::X509svidResponse>, Status> {
-        x509_stream_with(state, shutdown, caller, Arc::new(WorkloadAttestor::new())).await
-    }
-
-    /// [`x509_stream`] with the given attestor.
-    async fn x509_stream_with(
-        state: &Arc<AgentState>,
-        shutdown: tokio::sync::watch::Receiver<bool>,
-        caller: Caller,
-        attestor: Arc<WorkloadAttestor>,
-    ) -> Result<WatchStream<wl::X509svidResponse>, Status> {
-        let roots = state.identity.read().await.chain_der.clone();
-        let api = WorkloadApi::new(
-            state.clone(),
-            attestor,
-            // Never dialled: these tests make no JWT calls.
-            NodeLink::new(
-                "127.0.0.1:1".into(),
-                state.trust_domain.clone(),
-                Arc::new(sigil::tls::IdentityStore::empty()),
-                Arc::new(sigil::tls::TrustStore::new(&roots).unwrap()),
-            ),
-            shutdown,
-        );
-        api.watch(caller, "x509_svid", x509_svid_watch).await
-    }
-
-    fn ids(m: &wl::X509svidResponse) -> Vec<String> {
-        m.svids.iter().map(|s| s.spiffe_id.clone()).collect()
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn stream_sends_changes_only_and_ends_when_the_identity_goes() {
-        use identities::tests::{cache_with, entry};
-        use tokio_stream::StreamExt as _;
-        let state = state_with(cache_with(vec![entry("a", 1, &["unix:uid:7"], "")], &["a"]));
-        let (_stop, shutdown) = tokio::sync::watch::channel(false);
-        let mut s = x509_stream(&state, shutdown, caller(&["unix:uid:7"]))
-            .await
-            .unwrap();
-        assert_eq!(state.metrics.workload_streams.get(), 1);
-        let first = s.next().await.unwrap().unwrap();
-        assert_eq!(ids(&first), ["spiffe://example.org/w/a"]);
-
-        // A change that leaves this caller's message as it was: nothing is sent.
-        state.notify_changed();
-        let quiet = tokio::time::timeout(Duration::from_secs(60), s.next()).await;
-        assert!(quiet.is_err(), "an unchanged state was re-sent: {quiet:?}");
-
-        // A second matching entry: the next message carries both.
-        *state.cache.write().await = cache_with(
-            vec![
-                entry("a", 1, &["unix:uid:7"], ""),
-                entry("b", 2, &["unix:uid:7"], ""),
-            ],
-            &["a", "b"],
-        );
-        state.notify_changed();
-        let both = s.next().await.unwrap().unwrap();
-        assert_eq!(
-            ids(&both),
-            ["spiffe://example.org/w/a", "spiffe://example.org/w/b"]
-        );
-
-        // Every entry gone: PermissionDenied "no identity issued", then the stream ends.
-        *state.cache.write().await = cache_with(vec![entry("c", 3, &["unix:uid:8"], "")], &["c"]);
-        state.notify_changed();
-        let err = s.next().await.unwrap().unwrap_err();
-        assert_eq!(err.code(), tonic::Code::PermissionDenied);
-        assert_eq!(err.message(), NO_IDENTITY);
-        assert!(s.next().await.is_none());
-        drop(s);
-        assert_eq!(state.metrics.workload_streams.get(), 0, "gauge back to 0");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_stream_attested_without_the_exe_hash_gets_entries_that_need_it() {
-        use crate::attestor::tests::{sha256_hex, FakeProc, EXE_BYTES};
-        use identities::tests::{cache_with, entry};
-        use tokio_stream::StreamExt as _;
-        let state = state_with(cache_with(vec![entry("a", 1, &["unix:uid:7"], "")], &["a"]));
-        let fake = FakeProc::new();
-        // Wired as the agent does: the attestor reads the cache's flag.
-        let flag = state.cache.read().await.exe_hash_flag();
-        let attestor = Arc::new(fake.attestor().with_exe_hash_flag(flag));
-        let pin = Arc::new(fake.pin());
-        let a = attestor.attest_async(pin.clone(), 7, 7).await.unwrap();
-        assert!(a.exe_hash_skipped, "no entry needs the hash yet");
-        let caller = Caller {
-            pid: a.pid,
-            selectors: a.selectors,
-            pin,
-            uid: 7,
-            gid: 7,
-            exe_hash_skipped: true,
-        };
-        let (_stop, shutdown) = tokio::sync::watch::channel(false);
-        let mut s = x509_stream_with(&state, shutdown, caller, attestor)
-            .await
-            .unwrap();
-        assert_eq!(
-            ids(&s.next().await.unwrap().unwrap()),
-            ["spiffe://example.org/w/a"]
-        );
-
-        // An entry on the executable's hash arrives (and its SVID): the open stream gets it.
-        let sha = format!("unix:sha256:{}", sha256_hex(EXE_BYTES));
-        {
-            let mut cache = state.cache.write().await;
-            cache
-                .apply_sync(sigil::proto::node::SyncResponse {
-                    upserted: vec![entry("b", 2, &["unix:uid:7", &sha], "")],
-                    revision: 2,
-                    ..Default::default()
-                })
-                .unwrap();
-            // Valid for an hour from now: an expired SVID is never served.
-            let now = now_unix();
-            for p in cache.make_csrs(&["b".to_string()]).unwrap() {
-                assert!(cache.store_svid(p, vec![b"b".to_vec()], now + 3600, now));
-            }
-        }
-        state.notify_changed();
-        let both = tokio::time::timeout(Duration::from_secs(60), s.next())
-            .await
-            .expect("the stream sent the new entry")
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            ids(&both),
-            ["spiffe://example.org/w/a", "spiffe://example.org/w/b"]
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_caller_whose_svid_never_arrives_gets_unavailable_after_the_wait() {
-        use identities::tests::{cache_with, entry};
-        use tokio_stream::StreamExt as _;
-        // The entry matches, but no SVID is minted for it.
-        let state = state_with(cache_with(vec![entry("a", 1, &["unix:uid:7"], "")], &[]));
-        let (_stop, shutdown) = tokio::sync::watch::channel(false);
-        let mut s = x509_stream(&state, shutdown, caller(&["unix:uid:7"]))
-            .await
-            .unwrap();
-        let started = tokio::time::Instant::now();
-        let err = s.next().await.unwrap().unwrap_err();
-        assert_eq!(err.code(), tonic::Code::Unavailable);
-        assert_eq!(started.elapsed(), FIRST_SVID_WAIT);
-        assert!(s.next().await.is_none());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn streams_end_quietly_at_shutdown_and_unknown_callers_are_refused() {
-        use identities::tests::{cache_with, entry};
-        use tokio_stream::StreamExt as _;
-        let state = state_with(cache_with(vec![entry("a", 1, &["unix:uid:7"], "")], &["a"]));
-        let (stop, shutdown) = tokio::sync::watch::channel(false);
-        let refused = x509_stream(&state, shutdown.clone(), caller(&["unix:uid:9"])).await;
-        let err = refused.err().expect("no identity for uid 9");
-        assert_eq!(err.code(), tonic::Code::PermissionDenied);
-        assert_eq!(state.metrics.workload_streams.get(), 0);
-
-        let mut s = x509_stream(&state, shutdown, caller(&["unix:uid:7"]))
-            .await
-            .unwrap();
-        assert!(s.next().await.unwrap().is_ok());
-        stop.send(true).unwrap();
-        assert!(s.next().await.is_none(), "ended without an error status");
-    }
-
-    #[tokio::test]
-    async fn svids_that_expire_unrenewed_end_the_stream_with_unavailable() {
-        use identities::tests::{entry, now_unix};
-        use tokio_stream::StreamExt as _;
-        // An SVID that expires in 2 s and is never renewed (real time: expiry is wall-clock).
-        let mut cache = Cache::new();
-        cache
-            .apply_sync(sigil::proto::node::SyncResponse {
-                upserted: vec![entry("a", 1, &["unix:uid:7"], "")],
-                full: true,
-                snapshot_complete: true,
-                revision: 1,
-                ..Default::default()
-            })
-            .unwrap();
-        let now = now_unix();
-        let p = cache.make_csrs(&["a".into()]).unwrap().pop().unwrap();
-        cache.store_svid(p, vec![b"a".to_vec()], now + 2, now);
-        let state = state_with(cache);
-        let (_stop, shutdown) = tokio::sync::watch::channel(false);
-        let waker = tokio::spawn(super::super::expiry::wake_streams_at_expiry(
-            state.clone(),
-            shutdown.clone(),
-        ));
-        let mut s = x509_stream(&state, shutdown.clone(), caller(&["unix:uid:7"]))
-            .await
-            .unwrap();
-        assert!(s.next().await.unwrap().is_ok(), "valid at first");
-        let end = tokio::time::timeout(Duration::from_secs(30), s.next())
-            .await
-            .expect("the stream noticed the expiry")
-            .unwrap()
-            .unwrap_err();
-        assert_eq!(end.code(), tonic::Code::Unavailable, "{end:?}");
-        assert_eq!(end.message(), EXPIRED);
-        assert!(s.next().await.is_none());
-        // A new call gets Unavailable at once, not an expired SVID.
-        let err = x509_stream(&state, shutdown, caller(&["unix:uid:7"]))
-            .await
-            .err()
-            .expect("no expired SVID served");
-        assert_eq!(err.code(), tonic::Code::Unavailable);
-        waker.abort();
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn every_message_waits_for_the_connecting_process_to_be_there() {
-        use identities::tests::{cache_with, entry};
-        use tokio_stream::StreamExt as _;
-        // The caller: a child process, pinned with the ids it runs as.
-        let mut child = std::process::Command::new("sleep")
-            .arg("60")
-            .spawn()
-            .unwrap();
-        let pid = child.id() as i32;
-        let me = (
-            nix::unistd::geteuid().as_raw(),
-            nix::unistd::getegid().as_raw(),
-        );
-        let mut pin = ProcessPin::pin(pid).unwrap();
-        pin.creds = Some(me);
-        let caller = Caller {
-            pid,
-            selectors: identities::tests::selectors(&["unix:uid:7"]),
-            pin: Arc::new(pin),
-            uid: me.0,
-            gid: me.1,
-            exe_hash_skipped: false,
-        };
-        let state = state_with(cache_with(vec![entry("a", 1, &["unix:uid:7"], "")], &["a"]));
-        let (_stop, shutdown) = tokio::sync::watch::channel(false);
-        let mut s = x509_stream(&state, shutdown, caller).await.unwrap();
-        assert!(s.next().await.unwrap().is_ok());
-
-        // It exits; its stream (held by another process now, say) gets the next change.
-        child.kill().unwrap();
-        child.wait().unwrap();
-        *state.cache.write().await = cache_with(
-            vec![
-                entry("a", 1, &["unix:uid:7"], ""),
-                entry("b", 2, &["unix:uid:7"], ""),
-            ],
-            &["a", "b"],
-        );
-        state.notify_changed();
-        let err = s.next().await.unwrap().unwrap_err();
-        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
-        assert!(err.message().contains(&format!("pid {pid}")), "{err:?}");
-        assert!(s.next().await.is_none());
-    }
-
-    #[test]
-    fn header_must_be_exactly_true() {
-        let mut r = Request::new(());
-        assert_eq!(
-            check_header(&r).map_err(|s| s.code()),
-            Err(tonic::Code::InvalidArgument)
-        );
-        r.metadata_mut()
-            .insert(SECURITY_HEADER, "false".parse().expect("ascii"));
-        assert_eq!(
-            check_header(&r).map_err(|s| s.code()),
-            Err(tonic::Code::InvalidArgument)
-        );
-        r.metadata_mut()
-            .insert(SECURITY_HEADER, "true".parse().expect("ascii"));
-        assert!(check_header(&r).is_ok());
-    }
-}
+mod tests;

@@ -11,9 +11,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::*;
-use crate::attestor::ProcessPin;
+use crate::sync::cache::Cache;
+use crate::sync::worker::testing::TestState;
 use crate::workload_api::identities::tests::{entry, now_unix, selectors};
 use crate::workload_api::jwt::NodeLink;
+use crate::workload_attestor::ProcessPin;
 
 /// A self-signed CA certificate (DER) standing in for a trust domain's root.
 fn ca_der(cn: &str) -> Vec<u8> {
@@ -80,10 +82,8 @@ fn mint(c: &mut Cache, id: &str, leaf: &str) {
     assert!(c.store_svid(p, vec![leaf.as_bytes().to_vec()], now + 3600, now));
 }
 
-fn state_with(cache: Cache) -> Arc<AgentState> {
-    let td: sigil::TrustDomain = "example.org".parse().unwrap();
-    let (identity, _) = crate::storage::tests::identity(&td, "/sigil/agent/test");
-    Arc::new(AgentState::new(td, identity, cache))
+fn state_with(cache: Cache) -> TestState {
+    TestState::new(cache)
 }
 
 async fn sds_with(
@@ -461,12 +461,12 @@ async fn responses_carry_version_and_nonce_acks_are_quiet_and_rotation_is_pushed
     quiet(&mut s, "unchanged secrets are not re-sent").await;
     // The SVID of `b`, which this stream did not ask for, rotates: nothing.
     mint(&mut *state.cache.write().await, "b", "b-2");
-    state.notify_changed();
+    state.publish();
     quiet(&mut s, "b is not subscribed").await;
 
     // The default SVID rotates: pushed with a new version and nonce.
     mint(&mut *state.cache.write().await, "a", "a-2");
-    state.notify_changed();
+    state.publish();
     let r2 = next(&mut s).await;
     assert_eq!(chain(&secrets(&r2)[0]), pem(b"a-2"));
     assert_eq!(r2.nonce, "2");
@@ -546,7 +546,7 @@ async fn a_rejected_version_is_logged_once_and_never_resent() {
 
     // The next change is sent, and its rejection logged in turn.
     mint(&mut *state.cache.write().await, "a", "a-2");
-    state.notify_changed();
+    state.publish();
     let r2 = next(&mut s).await;
     assert_ne!(r2.version_info, r1.version_info);
     assert_eq!(r2.nonce, "2");
@@ -602,7 +602,7 @@ async fn stale_nonces_are_ignored_and_new_names_get_a_fresh_response() {
         })
         .unwrap();
     }
-    state.notify_changed();
+    state.publish();
     let r3 = next(&mut s).await;
     assert_eq!(names(&r3), ["ALL", "ROOTCA"]);
     assert_ne!(r3.version_info, r2.version_info);
@@ -633,10 +633,10 @@ async fn names_the_caller_lacks_wait_until_it_has_them() {
             })
             .unwrap();
     }
-    state.notify_changed();
+    state.publish();
     quiet(&mut s, "not minted yet").await;
     mint(&mut *state.cache.write().await, "c", "c-1");
-    state.notify_changed();
+    state.publish();
     let r = next(&mut s).await;
     assert_eq!(names(&r), [c]);
     assert_eq!(chain(&secrets(&r)[0]), pem(b"c-1"));
@@ -696,6 +696,7 @@ async fn bad_requests_and_lost_identities_end_the_stream() {
 
     // Shutdown ends open streams quietly.
     *state.cache.write().await = cache(vec![uid7("a", 1, &[])], &["a"]);
+    state.notify_changed();
     let (mut s, _tx) = open(&sds, caller(&["unix:uid:7"])).await.unwrap();
     stop.send(true).unwrap();
     assert!(s.next().await.is_none());
@@ -734,7 +735,7 @@ async fn every_response_waits_for_the_connecting_process_to_be_there() {
     child.kill().unwrap();
     child.wait().unwrap();
     mint(&mut *state.cache.write().await, "a", "a-2");
-    state.notify_changed();
+    state.publish();
     let err = s.next().await.unwrap().unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
     assert!(err.message().contains(&format!("pid {pid}")), "{err:?}");

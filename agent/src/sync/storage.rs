@@ -183,6 +183,11 @@ impl Storage {
         })
     }
 
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Path of the SVID file.
     pub fn svid_path(&self) -> PathBuf {
         self.dir.join(SVID_FILE)

@@ -9,8 +9,8 @@ use sigil::tls::{IdentityStore, ServerVerification, TrustStore};
 use sigil::{SpiffeId, TrustDomain};
 use tonic::transport::Channel;
 
-use crate::cache::make_csr;
-use crate::storage::{AgentIdentity, IdentityError};
+use crate::sync::cache::make_csr;
+use crate::sync::storage::{AgentIdentity, IdentityError};
 
 /// Path of the server's SPIFFE ID.
 pub const SERVER_PATH: &str = "/sigil/server";
@@ -66,7 +66,7 @@ pub enum ClientError {
     EmptyBundle,
     /// A sync message could not be applied.
     #[error("{0}")]
-    Sync(#[source] crate::cache::CacheError),
+    Sync(#[source] crate::sync::cache::CacheError),
     /// The sync stream ended.
     #[error("sync stream closed by the server")]
     SyncClosed,
@@ -101,10 +101,13 @@ pub enum ClientError {
     Encode(#[source] serde_json::Error),
     /// Saving the new agent SVID failed.
     #[error("saving the agent SVID: {0}")]
-    Save(#[source] crate::storage::StorageError),
+    Save(#[source] crate::sync::storage::StorageError),
     /// The TLS identity refused the new agent SVID.
     #[error("installing the agent SVID: {0}")]
     Install(#[source] sigil::tls::TlsError),
+    /// The blocking task that generates keys and CSRs did not finish.
+    #[error("the key generation task failed: {0}")]
+    KeyTask(#[source] tokio::task::JoinError),
     /// Generating a key or CSR failed.
     #[error("generating the agent key: {0}")]
     Key(#[from] rcgen::Error),
@@ -155,6 +158,7 @@ impl ClientError {
             | ClientError::Encode(_)
             | ClientError::Save(_)
             | ClientError::Install(_)
+            | ClientError::KeyTask(_)
             | ClientError::Key(_) => false,
         }
     }
@@ -428,7 +432,7 @@ mod tests {
             ClientError::Material(crate::config::MaterialError::NoCertificate("/x".into())),
             ClientError::X509popEmptyChain,
             ClientError::X509popKeyMismatch,
-            ClientError::Sync(crate::cache::CacheError::NoSnapshot),
+            ClientError::Sync(crate::sync::cache::CacheError::NoSnapshot),
         ];
         for e in errors.iter().chain(bad_chain.as_ref()) {
             assert!(!e.is_transient(), "{e}");

@@ -14,7 +14,7 @@
 //!
 //! A signing that fails — an entry's SVID the server refused, a BatchSign call that failed, or
 //! the agent SVID's renewal — is retried on its own timer with exponential back-off and jitter
-//! ([`crate::cache::sign_backoff_delay`]), logged at warn when it starts failing (or fails for
+//! ([`crate::sync::cache::sign_backoff_delay`]), logged at warn when it starts failing (or fails for
 //! another reason), at debug when it fails again the same way, and at info when it recovers.
 //! Only a refusal of the agent itself (PermissionDenied, Unauthenticated) ends the session.
 
@@ -22,18 +22,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng as _;
+use sigil::clock::Clock;
 use sigil::proto::node as pb;
-use sigil::proto::node::node_client::NodeClient;
 use sigil::proto::AgentRefusal;
 use sigil::tls::{IdentityStore, TrustStore};
 use sigil::TrustDomain;
 use tokio::sync::{watch, RwLock};
 use tokio::time::Instant;
-use tonic::transport::Channel;
 
-use crate::cache::{Cache, SignFailureKind, SignRetry};
-use crate::client::{self, ClientError};
-use crate::storage::{AgentIdentity, Storage};
+use crate::node_attestor::NodeAttestation;
+use crate::sync::cache::{make_csrs_for, Cache, Changes, SignFailureKind, SignRetry, Snapshot};
+use crate::sync::client::ClientError;
+use crate::sync::node_api::{NodeApi, NodeSession};
+use crate::sync::storage::{AgentIdentity, Storage, StorageError};
+use crate::sync::watchers::Watchers;
 
 /// First retry delay.
 pub const BACKOFF_START: Duration = Duration::from_millis(250);
@@ -46,16 +48,16 @@ pub const SIGN_BATCH: usize = 500;
 pub struct AgentState {
     /// Trust domain.
     pub trust_domain: TrustDomain,
-    /// Entries, SVIDs, bundle.
-    pub cache: RwLock<Cache>,
+    /// The cache as the worker published it last (entries, SVIDs, bundles).
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    /// The Workload API streams to wake when the cache changes.
+    pub watchers: Watchers,
     /// The agent's current identity.
     pub identity: RwLock<AgentIdentity>,
     /// Set when the server refused the agent (evicted/banned): no new SVIDs are minted.
     pub refused: RwLock<Option<String>>,
     /// Metrics.
     pub metrics: crate::metrics::AgentMetrics,
-    /// Bumped after every cache change, so Workload API streams wake and resend.
-    pub changes: watch::Sender<u64>,
     /// The state of the sync with the server (readiness and `status`).
     pub sync: std::sync::Mutex<crate::health::SyncStatus>,
     /// The Workload API socket file as bound (readiness checks it is still there and ours).
@@ -65,15 +67,15 @@ pub struct AgentState {
 }
 
 impl AgentState {
-    /// Fresh state around a cache.
-    pub fn new(trust_domain: TrustDomain, identity: AgentIdentity, cache: Cache) -> Self {
+    /// Fresh state, with an empty cache.
+    pub fn new(trust_domain: TrustDomain, identity: AgentIdentity) -> Self {
         Self {
             trust_domain,
-            cache: RwLock::new(cache),
+            snapshot: watch::channel(Arc::new(Snapshot::default())).0,
+            watchers: Watchers::new(),
             identity: RwLock::new(identity),
             refused: RwLock::new(None),
             metrics: crate::metrics::AgentMetrics::new(),
-            changes: watch::channel(0).0,
             sync: std::sync::Mutex::new(crate::health::SyncStatus::default()),
             workload_socket: std::sync::Mutex::new(None),
             agent_svid_renewal: std::sync::Mutex::new(None),
@@ -104,30 +106,44 @@ impl AgentState {
         f(&mut self.sync.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
-    /// Tells every watcher that the cache changed.
-    pub fn notify_changed(&self) {
-        self.changes.send_modify(|v| *v = v.wrapping_add(1));
+    /// The cache as last published.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    /// A receiver that sees every snapshot published from now on.
+    pub fn snapshots(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshot.subscribe()
+    }
+
+    /// Publishes `snapshot` and wakes the Workload API streams `changes` concern; returns how
+    /// many were woken.
+    pub fn publish(&self, snapshot: Snapshot, changes: &Changes) -> usize {
+        self.snapshot.send_replace(Arc::new(snapshot));
+        self.watchers.wake(changes)
     }
 }
 
-/// Where the worker connects and what it presents.
+/// The worker: owns the cache, talks to the server, publishes snapshots.
 pub struct Worker {
     /// Shared state.
     pub state: Arc<AgentState>,
-    /// Server address.
-    pub server_address: String,
+    /// The server's node API.
+    pub node: Arc<dyn NodeApi>,
+    /// The cache (only the worker changes it; readers see the snapshots it publishes).
+    pub cache: Cache,
+    /// Where Unix time is read.
+    pub clock: Clock,
     /// TLS identity presented to the server (rotated on renewal).
     pub tls_identity: Arc<IdentityStore>,
     /// Roots the server is verified with (updated from sync).
     pub trust: Arc<TrustStore>,
     /// On-disk state.
     pub storage: Storage,
-    /// x509pop material, if configured: lets the agent attest again after an eviction (a join
-    /// token is single-use, so a join-token agent cannot).
-    pub x509pop: Option<crate::config::X509PopConfig>,
-    /// k8s_psat settings, if configured: like x509pop, the agent attests again after an
-    /// eviction, with the token file read afresh (the kubelet rotates projected tokens).
-    pub k8s_psat: Option<crate::config::K8sPsatConfig>,
+    /// The node attestation method, if configured: x509pop and k8s_psat let the agent attest
+    /// again after an eviction, with the material read afresh (a join token is single-use, so a
+    /// join-token agent cannot).
+    pub attestation: Option<NodeAttestation>,
 }
 
 /// Exponential back-off with full jitter.
@@ -169,8 +185,6 @@ impl Backoff {
     }
 }
 
-use sigil::clock::now_unix;
-
 /// The agent SVID the worker last saw and when it first saw it: its renewal counts from then
 /// (receipt), not from its back-dated NotBefore. Failed renewals of it back off (kept across
 /// sessions: a reconnect does not make a refused renewal due again).
@@ -190,7 +204,7 @@ impl AgentSvidSeen {
             self.received_at = now;
             self.retry = None;
         }
-        let at = crate::cache::agent_svid_renew_at(self.received_at, id.not_after);
+        let at = crate::sync::cache::agent_svid_renew_at(self.received_at, id.not_after);
         self.retry.as_ref().map_or(at, |r| at.max(r.retry_at))
     }
 
@@ -200,7 +214,7 @@ impl AgentSvidSeen {
             self.retry.as_ref(),
             reason,
             now,
-            crate::cache::sign_backoff_jitter(),
+            crate::sync::cache::sign_backoff_jitter(),
         );
         self.retry = Some(retry.clone());
         (retry, kind)
@@ -249,7 +263,7 @@ enum SessionEnd {
 
 impl Worker {
     /// Runs until `shutdown` becomes true.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = Backoff::default();
         let mut agent_svid = AgentSvidSeen::default();
         let mut pending = None;
@@ -262,29 +276,28 @@ impl Worker {
                 .await;
             if let Err(e) = &result {
                 self.state
-                    .update_sync(|s| s.disconnected(now_unix(), &e.to_string()));
+                    .update_sync(|s| s.disconnected(self.clock.now_unix(), &e.to_string()));
             }
             // An expired agent SVID cannot open a session (the server refuses it): attest
             // again if the method allows, else stop minting — not a retry loop, and not
             // reported as an eviction.
             let expired_at = {
                 let id = self.state.identity.read().await;
-                (id.not_after <= now_unix()).then_some(id.not_after)
+                (id.not_after <= self.clock.now_unix()).then_some(id.not_after)
             };
             match result {
                 Ok(SessionEnd::Shutdown) => return,
                 Ok(SessionEnd::Renewed) => continue,
                 Err(e)
                     if (e.is_permission_denied() || expired_at.is_some())
-                        && (self.x509pop.is_some() || self.k8s_psat.is_some()) =>
+                        && self
+                            .attestation
+                            .as_ref()
+                            .is_some_and(NodeAttestation::can_attest_again) =>
                 {
                     self.state.metrics.sync_failures.inc();
                     let delay = backoff.delay();
-                    let method = if self.k8s_psat.is_some() {
-                        "k8s_psat"
-                    } else {
-                        "x509pop"
-                    };
+                    let method = self.attestation.as_ref().map_or("", NodeAttestation::name);
                     if expired_at.is_some() {
                         tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "the agent SVID has expired; attesting again with {method}");
                     } else {
@@ -297,11 +310,7 @@ impl Worker {
                         _ = tokio::time::sleep(delay) => {}
                         _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
                     }
-                    let again = if self.k8s_psat.is_some() {
-                        self.reattest_k8s_psat().await
-                    } else {
-                        self.reattest_x509pop().await
-                    };
+                    let again = self.attest_again().await;
                     match again {
                         Ok(()) => continue,
                         Err(e2) if e2.is_permission_denied() => {
@@ -361,84 +370,48 @@ impl Worker {
             }
         };
         *self.state.refused.write().await = Some(why);
-        if let Err(e) = self.storage.remove_identity() {
+        if let Err(e) = self.on_disk(|s| s.remove_identity()).await {
             tracing::warn!(error = %e, "removing the refused agent SVID");
         }
         let _ = shutdown.wait_for(|s| *s).await;
     }
 
-    /// A channel to the server's node API, the server verified against the current bundle;
-    /// presenting `identity` (the agent SVID) or none (attestation).
-    fn node_channel(
-        &self,
-        identity: Option<Arc<IdentityStore>>,
-    ) -> Result<NodeClient<Channel>, ClientError> {
-        client::channel(
-            &self.server_address,
-            client::verify_server(self.trust.clone(), &self.state.trust_domain),
-            identity,
-        )
-    }
-
-    /// Attests again with the x509pop certificate (re-read from disk: it may have been renewed).
-    async fn reattest_x509pop(&self) -> Result<(), ClientError> {
-        let Some(cfg) = &self.x509pop else {
-            return Err(ClientError::NotConfigured("x509pop"));
+    /// Attests again with the configured method, its material read afresh (an x509pop
+    /// certificate may have been renewed; the kubelet rotates projected tokens).
+    async fn attest_again(&self) -> Result<(), ClientError> {
+        let Some(method) = &self.attestation else {
+            return Err(ClientError::NotConfigured("node attestation"));
         };
-        let (chain, key) = cfg.load().map_err(ClientError::Material)?;
-        let mut node = self.node_channel(None)?;
-        let td = &self.state.trust_domain;
-        let attested = client::attest_x509pop(&mut node, td, chain, &key).await?;
-        tracing::info!(spiffe_id = %attested.identity.spiffe_id, "attested again with x509pop");
-        self.install_identity(attested.identity).await
-    }
-
-    /// Attests again with k8s_psat, reading the token file afresh (it rotates).
-    async fn reattest_k8s_psat(&self) -> Result<(), ClientError> {
-        let Some(cfg) = &self.k8s_psat else {
-            return Err(ClientError::NotConfigured("k8s_psat"));
-        };
-        let token = cfg.load_token().map_err(ClientError::Material)?;
-        let mut node = self.node_channel(None)?;
-        let td = &self.state.trust_domain;
-        let attested = client::attest_k8s_psat(&mut node, td, &cfg.cluster, &token).await?;
-        tracing::info!(spiffe_id = %attested.identity.spiffe_id, "attested again with k8s_psat");
+        let attested = self.node.attest(method).await?;
+        tracing::info!(spiffe_id = %attested.identity.spiffe_id, "attested again with {}", method.name());
         self.install_identity(attested.identity).await
     }
 
     async fn session(
-        &self,
+        &mut self,
         shutdown: &mut watch::Receiver<bool>,
         backoff: &mut Backoff,
         agent_svid: &mut AgentSvidSeen,
         pending: &mut Option<PendingRenewal>,
     ) -> Result<SessionEnd, ClientError> {
-        let td = &self.state.trust_domain;
-        let mut node = self.node_channel(Some(self.tls_identity.clone()))?;
-        let (revision, bundle_seq) = {
-            let c = self.state.cache.read().await;
-            (c.revision(), c.bundle_sequence())
-        };
+        let mut node = self.node.session()?;
         let mut stream = node
             .sync(pb::SyncRequest {
-                known_revision: revision,
-                known_bundle_sequence: bundle_seq,
+                known_revision: self.cache.revision(),
+                known_bundle_sequence: self.cache.bundle_sequence(),
             })
-            .await
-            .map_err(|status| ClientError::Rpc {
-                what: "sync",
-                status,
-            })?
-            .into_inner();
+            .await?;
         if backoff.failures > 0 {
             tracing::info!(failures = backoff.failures, "reconnected to sigil-server");
         }
         backoff.reset();
         loop {
             let (next_refresh, renew_at) = {
-                let c = self.state.cache.read().await;
                 let id = self.state.identity.read().await;
-                (c.next_refresh(), agent_svid.renew_at(&id, now_unix()))
+                (
+                    self.cache.next_refresh(),
+                    agent_svid.renew_at(&id, self.clock.now_unix()),
+                )
             };
             if agent_svid.retry.is_none() {
                 // A new agent SVID (attested again) ends a renewal back-off.
@@ -450,21 +423,20 @@ impl Worker {
                 (Some(r), true) => r.min(renew_at),
                 (None, true) => renew_at,
                 (Some(r), false) => r,
-                (None, false) => now_unix() + 3600,
+                (None, false) => self.clock.now_unix() + 3600,
             };
-            let mut sleep = Duration::from_secs((wake_at - now_unix()).max(0) as u64);
+            let mut sleep = Duration::from_secs((wake_at - self.clock.now_unix()).max(0) as u64);
             if let Some(p) = pending.as_ref() {
                 sleep = sleep.min(p.retry_at.saturating_duration_since(Instant::now()));
             }
             tokio::select! {
                 msg = stream.message() => {
-                    let msg = msg.map_err(|status| ClientError::Rpc { what: "sync", status })?;
-                    let Some(msg) = msg else {
+                    let Some(msg) = msg? else {
                         return Err(ClientError::SyncClosed);
                     };
                     self.apply(msg).await?;
-                    self.state.update_sync(|s| s.synced(now_unix()));
-                    self.sign_due(&mut node).await?;
+                    self.state.update_sync(|s| s.synced(self.clock.now_unix()));
+                    self.sign_due(node.as_mut()).await?;
                 }
                 _ = tokio::time::sleep(sleep) => {
                     if pending.as_ref().is_some_and(|p| Instant::now() >= p.retry_at)
@@ -472,8 +444,8 @@ impl Worker {
                     {
                         return Ok(SessionEnd::Renewed);
                     }
-                    if may_renew && now_unix() >= renew_at {
-                        match client::renew(&mut node, td).await {
+                    if may_renew && self.clock.now_unix() >= renew_at {
+                        match node.renew().await {
                             Ok(id) => {
                                 match agent_svid.retry.take() {
                                     Some(r) => tracing::info!(serial = %id.serial_hex, failures = r.failures, failing_since = r.since, "agent SVID renewed after failed attempts"),
@@ -489,33 +461,30 @@ impl Worker {
                             Err(e) => self.renewal_failed(agent_svid, &e),
                         }
                     }
-                    self.sign_due(&mut node).await?;
+                    self.sign_due(node.as_mut()).await?;
                 }
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return Ok(SessionEnd::Shutdown),
             }
         }
     }
 
-    async fn apply(&self, msg: pb::SyncResponse) -> Result<(), ClientError> {
-        let mut cache = self.state.cache.write().await;
-        let out = cache.apply_sync(msg).map_err(ClientError::Sync)?;
+    async fn apply(&mut self, msg: pb::SyncResponse) -> Result<(), ClientError> {
+        let out = self.cache.apply_sync(msg).map_err(ClientError::Sync)?;
         if out.bundle_changed {
-            if let Some(b) = cache.bundle() {
+            if let Some(b) = self.cache.bundle() {
                 match sigil::x509::split_der_concat(&b.x509_roots) {
                     Ok(roots) if !roots.is_empty() => {
+                        let sequence = b.sequence_number;
                         if let Some(t) = crate::health::earliest_not_after(&roots) {
                             self.state.metrics.bundle_expiry.set(t);
                         }
+                        let count = roots.len();
                         if let Err(e) = self.trust.set(&roots) {
                             tracing::warn!(error = %e, "new trust bundle not usable; keeping the old one");
-                        } else if let Err(e) = self.storage.save_bundle(&roots) {
+                        } else if let Err(e) = self.on_disk(move |s| s.save_bundle(&roots)).await {
                             tracing::warn!(error = %e, "saving the trust bundle");
                         }
-                        tracing::info!(
-                            sequence = b.sequence_number,
-                            roots = roots.len(),
-                            "trust bundle updated"
-                        );
+                        tracing::info!(sequence, roots = count, "trust bundle updated");
                     }
                     _ => tracing::warn!(
                         "server sent an empty or malformed bundle; keeping the old one"
@@ -523,13 +492,12 @@ impl Worker {
                 }
             }
         }
-        if out.upserted + out.removed > 0 || out.bundle_changed || out.federated_changed {
-            self.state.notify_changed();
-        }
+        self.publish();
+        let cache = &self.cache;
         let m = &self.state.metrics;
         m.sync_messages.inc();
         m.entries.set(cache.entry_count() as i64);
-        m.svids.set(cache.svids().count() as i64);
+        m.svids.set(cache.svid_count() as i64);
         // A changed or removed entry is no longer backing off.
         m.svid_sign_backoff_entries
             .set(cache.sign_backoff().count() as i64);
@@ -546,10 +514,33 @@ impl Worker {
         Ok(())
     }
 
+    /// Publishes the cache as it is now, waking the streams its changes concern.
+    fn publish(&mut self) {
+        let changes = self.cache.take_changes();
+        self.state.publish(self.cache.snapshot(), &changes);
+    }
+
+    /// Runs `f` on the data directory on the blocking pool (writes fsync).
+    async fn on_disk<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Storage) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        let storage = self.storage.clone();
+        tokio::task::spawn_blocking(move || f(&storage))
+            .await
+            .unwrap_or_else(|e| {
+                Err(StorageError::Io {
+                    op: "writing in",
+                    path: self.storage.dir().to_path_buf(),
+                    source: std::io::Error::other(format!("the task failed: {e}")),
+                })
+            })
+    }
+
     /// A renewal of the agent SVID failed (not a refusal of the agent): retried with back-off,
     /// the current SVID used meanwhile.
     fn renewal_failed(&self, agent_svid: &mut AgentSvidSeen, e: &ClientError) {
-        let now = now_unix();
+        let now = self.clock.now_unix();
         let (retry, kind) = agent_svid.note_failure(&e.to_string(), now);
         self.state.metrics.agent_svid_renewal_failures.inc();
         self.state.set_agent_svid_renewal(Some(retry.clone()));
@@ -562,17 +553,18 @@ impl Worker {
     }
 
     /// Signs every due SVID, in batches. A failed signing (refused, or the call failed) puts
-    /// the entry in back-off; only a refusal of the agent itself is returned as an error.
-    async fn sign_due(
-        &self,
-        node: &mut sigil::proto::node::node_client::NodeClient<tonic::transport::Channel>,
-    ) -> Result<(), ClientError> {
-        let due = self.state.cache.read().await.due(now_unix());
+    /// the entry in back-off; only a refusal of the agent itself is returned as an error. Keys
+    /// and CSRs are made on the blocking pool; each batch's outcome is published at once.
+    async fn sign_due(&mut self, node: &mut dyn NodeSession) -> Result<(), ClientError> {
+        let due = self.cache.due(self.clock.now_unix());
         for ids in due.chunks(SIGN_BATCH) {
-            let pending = self.state.cache.read().await.make_csrs(ids)?;
-            if pending.is_empty() {
+            let targets = self.cache.csr_targets(ids);
+            if targets.is_empty() {
                 continue;
             }
+            let pending = tokio::task::spawn_blocking(move || make_csrs_for(targets))
+                .await
+                .map_err(ClientError::KeyTask)??;
             let requests = pending
                 .iter()
                 .map(|p| pb::SignRequest {
@@ -580,101 +572,31 @@ impl Worker {
                     csr: p.csr_der.clone(),
                 })
                 .collect();
-            let results = match node.batch_sign(pb::BatchSignRequest { requests }).await {
-                Ok(r) => r.into_inner().results,
-                Err(status) => {
-                    let e = ClientError::Rpc {
-                        what: "batch signing",
-                        status,
-                    };
+            let results = match node.batch_sign(requests).await {
+                Ok(r) => r,
+                Err(e) => {
                     if e.is_permission_denied() {
                         return Err(e);
                     }
                     // Every entry of the batch backs off: a call that keeps failing (a server
                     // that cannot sign, an answer too large) is not repeated on every wake-up.
                     let reason = e.to_string();
-                    let now = now_unix();
-                    let mut cache = self.state.cache.write().await;
+                    let now = self.clock.now_unix();
                     for p in &pending {
-                        self.sign_failed(&mut cache, &p.entry_id, p.entry_revision, &reason, now);
+                        self.sign_failed(&p.entry_id, p.entry_revision, &reason, now);
                     }
-                    self.update_backoff_gauge(&cache);
+                    self.update_backoff_gauge();
+                    self.publish();
                     continue;
                 }
             };
-            let now = now_unix();
-            let mut cache = self.state.cache.write().await;
-            let mut signed: u64 = 0;
-            // Renewals that do not outlive the SVID they replace (a CA about to expire caps
-            // every lifetime): the refresh floor keeps them from looping; say why once.
-            let mut not_longer: Option<i64> = None;
-            let mut results = results.into_iter();
-            for p in pending {
-                let (id, revision) = (p.entry_id.clone(), p.entry_revision);
-                let Some(r) = results.next() else {
-                    self.sign_failed(
-                        &mut cache,
-                        &id,
-                        revision,
-                        "sigil-server sent no signing result for it",
-                        now,
-                    );
-                    continue;
-                };
-                if r.entry_id != id {
-                    return Err(ClientError::SigningOutOfOrder);
-                }
-                if r.code != 0 {
-                    let reason = format!(
-                        "sigil-server refused to sign it: {} ({:?})",
-                        r.message,
-                        tonic::Code::from_i32(r.code)
-                    );
-                    self.sign_failed(&mut cache, &id, revision, &reason, now);
-                    continue;
-                }
-                match sigil::x509::split_der_concat(&r.svid_chain) {
-                    Ok(chain) if !chain.is_empty() => {
-                        let previous = cache.svid(&id).map(|s| s.not_after);
-                        if previous.is_some_and(|t| r.expires_at <= t) {
-                            not_longer = Some(r.expires_at);
-                        }
-                        let failed = cache.sign_failure(&id).cloned();
-                        let spiffe_id = cache.entry(&id).map(|e| e.spiffe_id.to_string());
-                        if cache.store_svid(p, chain, r.expires_at, now) {
-                            signed += 1;
-                            if let Some(f) = failed {
-                                let spiffe_id = spiffe_id.unwrap_or_default();
-                                tracing::info!(entry_id = %id, spiffe_id = %spiffe_id, failures = f.failures, failing_since = f.since, "X509-SVID signed after failed attempts");
-                            }
-                        }
-                    }
-                    _ => self.sign_failed(
-                        &mut cache,
-                        &id,
-                        revision,
-                        "sigil-server sent a malformed SVID chain",
-                        now,
-                    ),
-                }
-            }
-            self.update_backoff_gauge(&cache);
-            drop(cache);
-            if let Some(t) = not_longer {
-                tracing::warn!(
-                    not_after = t,
-                    min_refresh_interval_secs = crate::cache::MIN_REFRESH_INTERVAL,
-                    "renewed X509-SVIDs do not outlive the ones they replace (is sigil-server's CA about to expire?); not renewing them again sooner than the minimum interval"
-                );
-            }
-            if signed > 0 {
-                self.state.notify_changed();
-            }
+            let outcome = self.store_signed(pending, results);
+            self.update_backoff_gauge();
+            // Published even when the results were out of order: what was stored is served.
+            self.publish();
+            let signed = outcome?;
             self.state.metrics.svids_minted.inc_by(signed);
-            self.state
-                .metrics
-                .svids
-                .set(self.state.cache.read().await.svids().count() as i64);
+            self.state.metrics.svids.set(self.cache.svid_count() as i64);
             if signed > 0 {
                 tracing::info!(signed, "X509-SVIDs minted");
             }
@@ -682,22 +604,87 @@ impl Worker {
         Ok(())
     }
 
+    /// Stores the SVIDs of one batch (`results` answer `pending` in order); the number stored.
+    fn store_signed(
+        &mut self,
+        pending: Vec<crate::sync::cache::PendingCsr>,
+        results: Vec<pb::SignResult>,
+    ) -> Result<u64, ClientError> {
+        let now = self.clock.now_unix();
+        let mut signed: u64 = 0;
+        // Renewals that do not outlive the SVID they replace (a CA about to expire caps
+        // every lifetime): the refresh floor keeps them from looping; say why once.
+        let mut not_longer: Option<i64> = None;
+        let mut results = results.into_iter();
+        for p in pending {
+            let (id, revision) = (p.entry_id.clone(), p.entry_revision);
+            let Some(r) = results.next() else {
+                self.sign_failed(
+                    &id,
+                    revision,
+                    "sigil-server sent no signing result for it",
+                    now,
+                );
+                continue;
+            };
+            if r.entry_id != id {
+                return Err(ClientError::SigningOutOfOrder);
+            }
+            if r.code != 0 {
+                let reason = format!(
+                    "sigil-server refused to sign it: {} ({:?})",
+                    r.message,
+                    tonic::Code::from_i32(r.code)
+                );
+                self.sign_failed(&id, revision, &reason, now);
+                continue;
+            }
+            match sigil::x509::split_der_concat(&r.svid_chain) {
+                Ok(chain) if !chain.is_empty() => {
+                    let previous = self.cache.svid(&id).map(|s| s.not_after);
+                    if previous.is_some_and(|t| r.expires_at <= t) {
+                        not_longer = Some(r.expires_at);
+                    }
+                    let failed = self.cache.sign_failure(&id).cloned();
+                    let spiffe_id = self.cache.entry(&id).map(|e| e.spiffe_id.to_string());
+                    if self.cache.store_svid(p, chain, r.expires_at, now) {
+                        signed += 1;
+                        if let Some(f) = failed {
+                            let spiffe_id = spiffe_id.unwrap_or_default();
+                            tracing::info!(entry_id = %id, spiffe_id = %spiffe_id, failures = f.failures, failing_since = f.since, "X509-SVID signed after failed attempts");
+                        }
+                    }
+                }
+                _ => self.sign_failed(
+                    &id,
+                    revision,
+                    "sigil-server sent a malformed SVID chain",
+                    now,
+                ),
+            }
+        }
+        if let Some(t) = not_longer {
+            tracing::warn!(
+                not_after = t,
+                min_refresh_interval_secs = crate::sync::cache::MIN_REFRESH_INTERVAL,
+                "renewed X509-SVIDs do not outlive the ones they replace (is sigil-server's CA about to expire?); not renewing them again sooner than the minimum interval"
+            );
+        }
+        Ok(signed)
+    }
+
     /// Records a failed signing of `entry_id` at `revision` and logs it: warn when it is news
     /// (first failure, or another reason), debug when it repeats.
-    fn sign_failed(
-        &self,
-        cache: &mut Cache,
-        entry_id: &str,
-        revision: i64,
-        reason: &str,
-        now: i64,
-    ) {
-        let Some(note) = cache.note_sign_failure(entry_id, revision, reason, now) else {
+    fn sign_failed(&mut self, entry_id: &str, revision: i64, reason: &str, now: i64) {
+        let Some(note) = self
+            .cache
+            .note_sign_failure(entry_id, revision, reason, now)
+        else {
             return;
         };
         self.state.metrics.svid_sign_failures.inc();
         let (failures, retry_in_secs) = (note.retry.failures, note.retry.retry_at - now);
-        let held = cache.svid(entry_id).map(|s| s.not_after);
+        let held = self.cache.svid(entry_id).map(|s| s.not_after);
         if note.kind == SignFailureKind::Repeated {
             tracing::debug!(entry_id, spiffe_id = %note.spiffe_id, reason, failures, retry_in_secs, "X509-SVID signing failed again");
         } else {
@@ -705,11 +692,11 @@ impl Worker {
         }
     }
 
-    fn update_backoff_gauge(&self, cache: &Cache) {
+    fn update_backoff_gauge(&self) {
         self.state
             .metrics
             .svid_sign_backoff_entries
-            .set(cache.sign_backoff().count() as i64);
+            .set(self.cache.sign_backoff().count() as i64);
     }
 
     /// Saves a renewed SVID and switches to it (true: reconnect), or, if the save fails, keeps
@@ -719,7 +706,8 @@ impl Worker {
         id: AgentIdentity,
         pending: &mut Option<PendingRenewal>,
     ) -> Result<bool, ClientError> {
-        match self.storage.save_identity(&id) {
+        let to_save = id.clone();
+        match self.on_disk(move |s| s.save_identity(&to_save)).await {
             Ok(()) => {
                 *pending = None;
                 self.use_identity(id).await?;
@@ -748,7 +736,8 @@ impl Worker {
         let Some(p) = pending.as_mut() else {
             return Ok(false);
         };
-        match self.storage.save_identity(&p.identity) {
+        let to_save = p.identity.clone();
+        match self.on_disk(move |s| s.save_identity(&to_save)).await {
             Ok(()) => {
                 tracing::info!(serial = %p.identity.serial_hex, failed_attempts = p.backoff.failures, "renewed agent SVID saved");
                 let in_use = p.in_use;
@@ -775,7 +764,7 @@ impl Worker {
                     let current = self.state.identity.read().await;
                     (current.not_before, current.not_after)
                 };
-                if !nearly_expired(now_unix(), not_before, not_after) {
+                if !nearly_expired(self.clock.now_unix(), not_before, not_after) {
                     return Ok(false);
                 }
                 tracing::warn!(serial = %p.identity.serial_hex, current_not_after = not_after, "the current agent SVID is about to expire and the renewed one is still not saved: using the renewed one from memory; until it is saved, a restart must attest again");
@@ -789,7 +778,10 @@ impl Worker {
 
     /// Saves `id` and switches to it (after an attestation).
     async fn install_identity(&self, id: AgentIdentity) -> Result<(), ClientError> {
-        self.storage.save_identity(&id).map_err(ClientError::Save)?;
+        let to_save = id.clone();
+        self.on_disk(move |s| s.save_identity(&to_save))
+            .await
+            .map_err(ClientError::Save)?;
         self.use_identity(id).await
     }
 
@@ -806,129 +798,55 @@ impl Worker {
 }
 
 #[cfg(test)]
-mod tests {
+mod tests;
+
+/// Test support: the agent's state around a cache that the test changes and publishes itself,
+/// as the worker does.
+#[cfg(test)]
+pub(crate) mod testing {
     use super::*;
 
-    #[test]
-    fn backoff_grows_with_jitter_and_caps() {
-        let mut b = Backoff::default();
-        let mut prev_cap = Duration::ZERO;
-        for i in 0..20 {
-            let d = b.delay();
-            let cap = (BACKOFF_START * 2u32.saturating_pow(i)).min(BACKOFF_MAX);
-            assert!(
-                d <= cap && d >= cap / 2,
-                "attempt {i}: {d:?} not in [{:?}, {cap:?}]",
-                cap / 2
-            );
-            assert!(cap >= prev_cap);
-            prev_cap = cap;
+    /// [`AgentState`] (deref) with the cache behind it.
+    pub(crate) struct TestState {
+        state: Arc<AgentState>,
+        /// The cache; [`TestState::publish`] or [`TestState::notify_changed`] publish it.
+        pub(crate) cache: RwLock<Cache>,
+    }
+
+    impl std::ops::Deref for TestState {
+        type Target = Arc<AgentState>;
+
+        fn deref(&self) -> &Arc<AgentState> {
+            &self.state
         }
-        assert_eq!(b.failures, 20);
-        assert!(b.should_warn() == 20u32.is_power_of_two());
-        b.reset();
-        assert_eq!(b.failures, 0);
-        assert!(b.delay() <= BACKOFF_START);
     }
 
-    #[test]
-    fn an_unsaved_renewal_is_used_only_in_the_last_tenth_of_the_current_lifetime() {
-        // 1 h SVID issued at 1000.
-        assert!(!nearly_expired(1000 + 1800, 1000, 4600));
-        assert!(!nearly_expired(4600 - 361, 1000, 4600));
-        assert!(nearly_expired(4600 - 360, 1000, 4600));
-        assert!(nearly_expired(4600 + 5, 1000, 4600));
-        // A malformed lifetime never delays the switch.
-        assert!(nearly_expired(10, 20, 10));
-    }
-
-    #[test]
-    fn refusals_say_what_happened() {
-        let rpc = |status| ClientError::Rpc {
-            what: "sync",
-            status,
-        };
-        let superseded = refusal_message(
-            &rpc(AgentRefusal::Superseded.status("agent SVID serial 0a0b is not …")),
-            "0a0b",
-        );
-        assert!(
-            superseded.contains("refused our agent SVID serial 0a0b: it is not the current one"),
-            "{superseded}"
-        );
-        assert!(!superseded.contains("evicted") && !superseded.contains("banned"));
-        let evicted = refusal_message(&rpc(AgentRefusal::Evicted.status("gone")), "0a");
-        assert!(evicted.contains("it was evicted") && !evicted.contains("banned"));
-        let banned = refusal_message(&rpc(AgentRefusal::Banned.status("ban")), "0a");
-        assert!(banned.contains("has banned this agent") && !banned.contains("evicted"));
-        let other = refusal_message(&rpc(tonic::Status::unauthenticated("expired")), "0a");
-        assert!(
-            other.contains("refused this agent: sync: expired"),
-            "{other}"
-        );
-        assert!(!other.contains("evicted") && !other.contains("banned"));
-    }
-
-    #[test]
-    fn failed_agent_svid_renewals_back_off_until_a_new_svid() {
-        let id = |serial: &str| AgentIdentity {
-            spiffe_id: "spiffe://example.org/sigil/agent/join_token/t"
-                .parse()
-                .unwrap(),
-            chain_der: vec![],
-            key_pkcs8_der: vec![],
-            serial_hex: serial.into(),
-            not_before: 970,
-            not_after: 4600,
-        };
-        let mut seen = AgentSvidSeen::default();
-        let a = id("0a");
-        assert_eq!(seen.renew_at(&a, 1000), 2800);
-        // Refused at 2800: not asked again before the back-off, which grows and is capped.
-        let mut last = 2800;
-        let mut kinds = vec![];
-        for n in 1..=12u32 {
-            let (r, kind) = seen.note_failure("Unavailable: the CA expired", last);
-            kinds.push(kind);
-            assert_eq!(r.failures, n);
-            assert_eq!(r.since, 2800);
-            let delay = r.retry_at - last;
-            let nominal = crate::cache::sign_backoff_delay(n, 0.0) as f64;
-            assert!(
-                (nominal * 0.8 - 0.5..=nominal * 1.2 + 0.5).contains(&(delay as f64)),
-                "failure {n}: {delay} s"
-            );
-            assert_eq!(
-                seen.renew_at(&a, last),
-                r.retry_at,
-                "waits for the retry time"
-            );
-            last = r.retry_at;
+    impl TestState {
+        /// The state of an agent (its own SVID a throwaway) holding `cache`, published.
+        pub(crate) fn new(cache: Cache) -> Self {
+            let td: TrustDomain = "example.org".parse().unwrap();
+            let (identity, _) = crate::sync::storage::tests::identity(&td, "/sigil/agent/test");
+            let s = Self {
+                state: Arc::new(AgentState::new(td, identity)),
+                cache: RwLock::new(cache),
+            };
+            s.notify_changed();
+            s
         }
-        assert_eq!(kinds[0], SignFailureKind::First);
-        assert!(kinds[1..].iter().all(|k| *k == SignFailureKind::Repeated));
-        assert_eq!(
-            seen.note_failure("Internal: datastore", last).1,
-            SignFailureKind::NewReason
-        );
-        // A new agent SVID (renewed, or attested again): the back-off is gone.
-        let b = id("0b");
-        assert_eq!(
-            seen.renew_at(&b, 5000),
-            crate::cache::agent_svid_renew_at(5000, 4600)
-        );
-        assert!(seen.retry.is_none());
-    }
 
-    #[test]
-    fn warnings_are_rate_limited() {
-        let mut b = Backoff::default();
-        let warned: Vec<u32> = (0..100)
-            .filter_map(|_| {
-                b.delay();
-                b.should_warn().then_some(b.failures)
-            })
-            .collect();
-        assert_eq!(warned, vec![1, 2, 4, 8, 16, 32, 64]);
+        /// Publishes the cache and wakes every stream (whatever changed).
+        pub(crate) fn notify_changed(&self) {
+            let mut cache = self.cache.try_write().expect("the cache is not held");
+            cache.take_changes();
+            self.state.publish(cache.snapshot(), &Changes::everything());
+        }
+
+        /// Publishes the cache and wakes the streams its changes concern, as the worker does;
+        /// returns how many were woken.
+        pub(crate) fn publish(&self) -> usize {
+            let mut cache = self.cache.try_write().expect("the cache is not held");
+            let changes = cache.take_changes();
+            self.state.publish(cache.snapshot(), &changes)
+        }
     }
 }

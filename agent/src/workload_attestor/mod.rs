@@ -164,7 +164,7 @@ impl WorkloadAttestor {
     }
 
     /// Hashes executables only while `flag` is true: the agent's cache sets it while some
-    /// entry has a `unix:sha256` selector ([`crate::cache::Cache::exe_hash_flag`]).
+    /// entry has a `unix:sha256` selector ([`crate::sync::cache::Cache::exe_hash_flag`]).
     pub fn with_exe_hash_flag(mut self, flag: Arc<AtomicBool>) -> Self {
         self.exe_hash_flag = Some(flag);
         self

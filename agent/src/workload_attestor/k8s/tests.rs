@@ -4,7 +4,7 @@
 //! containers, a static pod, a pod whose container is still being created).
 
 use super::*;
-use crate::attestor::{ProcessPin, WorkloadAttestor};
+use crate::workload_attestor::{ProcessPin, WorkloadAttestor};
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::path::Path;
@@ -915,7 +915,7 @@ async fn process_gone_during_the_kubelet_step_is_gone() {
     std::fs::write(&stat, text.replace(" 777 ", " 778 ")).unwrap();
     let e = task.await.unwrap().unwrap_err();
     assert!(
-        matches!(e, crate::attestor::AttestError::Gone { pid: PID }),
+        matches!(e, crate::workload_attestor::AttestError::Gone { pid: PID }),
         "{e:?}"
     );
     assert_eq!(kubelet.seen().len(), 1);

@@ -77,14 +77,15 @@ pub(crate) fn supplementary_gids(status: &[u8]) -> Vec<u32> {
 /// every call, which would otherwise cost each Workload API call ~10 µs.
 const NAME_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 
-type NameCache =
-    std::sync::Mutex<std::collections::HashMap<(bool, u32), (Option<String>, std::time::Instant)>>;
+type NameCache = std::sync::Mutex<
+    std::collections::HashMap<(bool, u32), (Option<String>, tokio::time::Instant)>,
+>;
 
 /// Cached name of a user (`is_group` false) or group id.
 fn cached_name(is_group: bool, id: u32, lookup: fn(u32) -> Option<String>) -> Option<String> {
     static CACHE: std::sync::OnceLock<NameCache> = std::sync::OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
-    let now = std::time::Instant::now();
+    let now = tokio::time::Instant::now();
     {
         let map = cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((name, at)) = map.get(&(is_group, id)) {

@@ -724,12 +724,13 @@ mod tests {
                 .unwrap(),
         );
         let root = Path::new(DEFAULT_PROC_ROOT);
+        // A real process on the real clock: wait for it to run as root.
+        #[allow(clippy::disallowed_types)]
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while effective_ids_in(root, child.pid()).ok().map(|(u, _)| u) != Some(0) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{prog} never ran as root"
-            );
+            #[allow(clippy::disallowed_types)]
+            let now = std::time::Instant::now();
+            assert!(now < deadline, "{prog} never ran as root");
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         let e = check_creds(root, child.pid(), (NOBODY, NOBODY)).unwrap_err();

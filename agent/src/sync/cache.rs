@@ -1,0 +1,897 @@
+//! The agent's cache: the entries it is authorised for, their X509-SVIDs, the trust bundle, and
+//! the federated bundles of the foreign trust domains its entries federate with.
+//!
+//! Fed by the server's sync stream ([`Cache::apply_sync`]): a snapshot (possibly in chunks)
+//! replaces everything, later messages upsert and remove entries. For every entry the agent holds
+//! a workload key it generated itself and an SVID signed by the server; [`Cache::due`] says which
+//! entries need a (new) SVID: never signed, entry changed since signing, or past its refresh time
+//! — half the SVID's lifetime minus up to 10 % jitter, so a fleet's rotations spread out instead of
+//! hitting the server at once. The lifetime counts from when the agent received the SVID (not
+//! from its NotBefore, which the server back-dates), and whatever the certificate says (a lifetime
+//! capped by an expiring CA, a skewed clock) an entry is not renewed again within
+//! [`MIN_REFRESH_INTERVAL`] of its last signing. A signing that failed (the server refused it,
+//! or the call failed) is asked for again with exponential back-off and jitter
+//! ([`sign_backoff_delay`]: 8 s doubling to 5 min, ± 20 %), at once if the entry itself changes;
+//! meanwhile the held SVID, if any, is served until it expires. [`Cache::next_refresh`] includes
+//! these retry times, so the worker wakes for them and for nothing sooner.
+//! SVIDs of removed entries are dropped with the entry. Expired SVIDs stay in the cache (status
+//! shows them) but are never served. Federated bundles always arrive as a complete set
+//! (`federated_bundles_set`) that replaces the held one.
+//!
+//! Entries wait in a refresh queue ordered by when they are due, so finding the due ones and the
+//! next wake-up costs what is due, not what is held.
+//!
+//! The cache holds no locks and does no I/O; the agent's worker owns it and decides when to call.
+//! After each change the worker publishes a [`Snapshot`]: an immutable copy that shares
+//! structure with the cache (persistent maps: a change copies only the paths it touches), with
+//! entries indexed by selector so that matching a caller reads only the entries that share a
+//! selector with it. [`Cache::take_changes`] says what changed ([`Changes`]), so that only the
+//! Workload API streams it concerns wake up.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use rand::Rng as _;
+use sigil::entry::RegistrationEntry;
+use sigil::proto::node as pb;
+use sigil::selector::{Selector, SelectorSet};
+
+/// Fraction of an SVID's lifetime after which it is renewed (before jitter).
+pub const REFRESH_FRACTION: f64 = 0.5;
+/// Largest jitter, as a fraction of the lifetime, taken off the refresh time.
+pub const MAX_JITTER_FRACTION: f64 = 0.1;
+/// Shortest time (seconds) between two signings of one entry's SVID, and between two renewals
+/// of the agent SVID, whatever the certificates say: a renewal that cannot outlive the current
+/// SVID (CA about to expire) is not retried in a loop. Below the refresh time of the shortest
+/// accepted TTL (1 min → 24-30 s), so it never delays a normal rotation.
+pub const MIN_REFRESH_INTERVAL: i64 = 20;
+/// Delay (seconds, before jitter) before asking again for an SVID whose signing failed once.
+pub const SIGN_BACKOFF_START: i64 = 8;
+/// Longest delay (seconds, before jitter) between two attempts of a signing that keeps failing.
+pub const SIGN_BACKOFF_MAX: i64 = 300;
+/// Each back-off delay is scaled by a random factor in `1 ± SIGN_BACKOFF_JITTER`, so entries
+/// (and agents) refused together do not come back together.
+pub const SIGN_BACKOFF_JITTER: f64 = 0.2;
+
+/// The delay (seconds) before the next attempt after `failures` consecutive failed signings
+/// (1 after the first): [`SIGN_BACKOFF_START`] doubling up to [`SIGN_BACKOFF_MAX`], scaled by
+/// `1 + jitter` (`jitter` clamped to ±[`SIGN_BACKOFF_JITTER`]). Never below one second.
+pub fn sign_backoff_delay(failures: u32, jitter: f64) -> i64 {
+    let doublings = failures.saturating_sub(1).min(16);
+    let nominal = (SIGN_BACKOFF_START << doublings).min(SIGN_BACKOFF_MAX);
+    let factor = 1.0 + jitter.clamp(-SIGN_BACKOFF_JITTER, SIGN_BACKOFF_JITTER);
+    ((nominal as f64 * factor).round() as i64).max(1)
+}
+
+/// A signing that keeps failing (an entry's X509-SVID, or the agent SVID's renewal): how often,
+/// why, since when, and when to try again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignRetry {
+    /// Consecutive failures.
+    pub failures: u32,
+    /// When the first of them happened, Unix seconds.
+    pub since: i64,
+    /// Why the last one failed (the server's answer or the call's error; never key material).
+    pub reason: String,
+    /// When to try again, Unix seconds.
+    pub retry_at: i64,
+}
+
+/// What a failure changed, for logging: warn on news, debug on repeats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignFailureKind {
+    /// The first failure (after a success, a new entry revision, or ever).
+    First,
+    /// Failing already, now for another reason.
+    NewReason,
+    /// Failing again for the same reason.
+    Repeated,
+}
+
+impl SignRetry {
+    /// The state after a failure at `now` for `reason`, following `prev` (the state while
+    /// already failing, if it was), with `jitter` as in [`sign_backoff_delay`].
+    pub fn after_failure(
+        prev: Option<&SignRetry>,
+        reason: &str,
+        now: i64,
+        jitter: f64,
+    ) -> (SignRetry, SignFailureKind) {
+        let (failures, since, kind) = match prev {
+            None => (1, now, SignFailureKind::First),
+            Some(p) if p.reason == reason => (
+                p.failures.saturating_add(1),
+                p.since,
+                SignFailureKind::Repeated,
+            ),
+            Some(p) => (
+                p.failures.saturating_add(1),
+                p.since,
+                SignFailureKind::NewReason,
+            ),
+        };
+        let next = SignRetry {
+            failures,
+            since,
+            reason: reason.to_string(),
+            retry_at: now + sign_backoff_delay(failures, jitter),
+        };
+        (next, kind)
+    }
+}
+
+/// A random jitter for [`sign_backoff_delay`].
+pub fn sign_backoff_jitter() -> f64 {
+    rand::rng().random_range(-SIGN_BACKOFF_JITTER..=SIGN_BACKOFF_JITTER)
+}
+
+/// A failed signing of an entry's SVID as [`Cache::note_sign_failure`] recorded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignFailureNote {
+    /// The entry's SPIFFE ID.
+    pub spiffe_id: String,
+    /// The retry state after this failure.
+    pub retry: SignRetry,
+    /// News or a repeat.
+    pub kind: SignFailureKind,
+}
+
+/// Why a sync message could not be applied.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CacheError {
+    /// An entry in the message does not validate.
+    #[error("server sent an invalid entry {id:?}: {reason}")]
+    InvalidEntry {
+        /// Entry id.
+        id: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A delta arrived before any snapshot.
+    #[error("incremental sync message before the first snapshot")]
+    NoSnapshot,
+    /// A federated bundle in the message names no valid trust domain.
+    #[error(
+        "server sent a federated bundle for an invalid trust domain {trust_domain:?}: {reason}"
+    )]
+    InvalidFederatedBundle {
+        /// The trust domain as sent.
+        trust_domain: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// A cached X509-SVID for one entry.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CachedSvid {
+    /// The entry it was minted for.
+    pub entry_id: String,
+    /// The entry revision it was minted for.
+    pub entry_revision: i64,
+    /// DER chain, leaf first.
+    pub chain_der: Vec<Vec<u8>>,
+    /// PKCS#8 DER key, generated on this node.
+    pub key_pkcs8_der: Vec<u8>,
+    /// Unix seconds.
+    pub issued_at: i64,
+    /// Unix seconds.
+    pub not_after: i64,
+    /// When to renew, Unix seconds.
+    pub refresh_at: i64,
+    /// A number no other SVID stored in this cache has: a Workload API stream's view changed
+    /// when the generation of an SVID in it did.
+    pub generation: u64,
+}
+
+impl std::fmt::Debug for CachedSvid {
+    // Keys stay out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedSvid")
+            .field("entry_id", &self.entry_id)
+            .field("not_after", &self.not_after)
+            .field("refresh_at", &self.refresh_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A key and CSR waiting to be signed.
+pub struct PendingCsr {
+    /// Entry id.
+    pub entry_id: String,
+    /// Entry revision at request time.
+    pub entry_revision: i64,
+    /// The new private key (PKCS#8 DER), kept until the SVID arrives.
+    pub key_pkcs8_der: Vec<u8>,
+    /// DER PKCS#10 CSR to send.
+    pub csr_der: Vec<u8>,
+}
+
+/// An entry that needs a key and CSR ([`make_csrs_for`]).
+#[derive(Debug, Clone)]
+pub struct CsrTarget {
+    /// Entry id.
+    pub entry_id: String,
+    /// Entry revision at request time.
+    pub entry_revision: i64,
+    /// The SPIFFE ID the CSR carries.
+    pub spiffe_id: String,
+}
+
+/// Generates a key and CSR for each target: CPU work (one P-256 key each) that the worker runs
+/// on the blocking pool.
+pub fn make_csrs_for(targets: Vec<CsrTarget>) -> Result<Vec<PendingCsr>, rcgen::Error> {
+    targets
+        .into_iter()
+        .map(|t| {
+            let (key, csr) = make_csr(Some(&t.spiffe_id))?;
+            Ok(PendingCsr {
+                entry_id: t.entry_id,
+                entry_revision: t.entry_revision,
+                key_pkcs8_der: key,
+                csr_der: csr,
+            })
+        })
+        .collect()
+}
+
+/// An entry id, shared by the maps and indexes that name the entry.
+pub type EntryId = Arc<str>;
+
+/// True for a `unix:sha256:…` selector: the executable's hash, read only while an entry needs it.
+pub fn is_exe_hash(s: &Selector) -> bool {
+    s.kind() == "unix" && s.value().starts_with("sha256:")
+}
+
+/// What changed between two published snapshots, for waking only the Workload API streams it
+/// concerns.
+#[derive(Debug, Default, Clone)]
+pub struct Changes {
+    /// Every stream may be concerned: the first snapshot arrived, the bundle or the federated
+    /// bundles changed.
+    pub all: bool,
+    /// Entries whose part of a caller's view changed: added, changed (old and new versions),
+    /// removed, or given a new SVID.
+    pub entries: Vec<Arc<RegistrationEntry>>,
+}
+
+impl Changes {
+    /// A change that concerns every stream.
+    pub fn everything() -> Self {
+        Self {
+            all: true,
+            entries: Vec::new(),
+        }
+    }
+
+    /// Nothing a stream sees changed.
+    pub fn is_empty(&self) -> bool {
+        !self.all && self.entries.is_empty()
+    }
+}
+
+/// An immutable view of the cache, as the worker published it last. Cloning is cheap (the maps
+/// share structure with the worker's, and a change copies only the paths it touches), so the
+/// worker publishes one after every change and readers (Workload API streams, the admin API,
+/// readiness) hold one without a lock.
+#[derive(Clone, Default)]
+pub struct Snapshot {
+    has_snapshot: bool,
+    revision: i64,
+    entries: imbl::HashMap<EntryId, Arc<RegistrationEntry>>,
+    /// Every entry with selectors, under one of them: the one fewest entries had when it was
+    /// indexed (a service account's selector rather than its namespace's). An entry matches a
+    /// caller only when all its selectors are the caller's, its index key included, so looking
+    /// up each of the caller's selectors finds every match exactly once, among few others.
+    by_selector: imbl::HashMap<Selector, imbl::HashSet<EntryId>>,
+    svids: imbl::HashMap<EntryId, Arc<CachedSvid>>,
+    /// (NotAfter, entry id) of every cached SVID, in expiry order.
+    expiries: imbl::OrdSet<(i64, EntryId)>,
+    bundle: Option<Arc<pb::Bundle>>,
+    /// Bumped whenever the bundle changes.
+    bundle_generation: u64,
+    /// Trust domain name → its federated bundle.
+    federated: Arc<BTreeMap<String, pb::Bundle>>,
+    /// Bumped whenever the federated bundles change.
+    federated_generation: u64,
+    /// Entry id → (entry revision, retry state) for entries whose signing failed since their
+    /// last successful one. Kept when the entry changes (it is then due at once, the record is
+    /// only history until the next outcome), dropped with the entry or on success.
+    sign_failures: imbl::HashMap<EntryId, Arc<(i64, SignRetry)>>,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("has_snapshot", &self.has_snapshot)
+            .field("revision", &self.revision)
+            .field("entries", &self.entries.len())
+            .field("svids", &self.svids.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The smallest entry id: a range bound below every real one.
+fn min_id() -> EntryId {
+    Arc::from("")
+}
+
+impl Snapshot {
+    /// The highest entry revision applied (sent as `known_revision` on reconnect; informational).
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    /// True once a complete snapshot has been applied.
+    pub fn has_snapshot(&self) -> bool {
+        self.has_snapshot
+    }
+
+    /// The bundle sequence held (0 when none).
+    pub fn bundle_sequence(&self) -> u64 {
+        self.bundle.as_ref().map_or(0, |b| b.sequence_number)
+    }
+
+    /// The current bundle, if any.
+    pub fn bundle(&self) -> Option<&pb::Bundle> {
+        self.bundle.as_deref()
+    }
+
+    /// A number that changes whenever the bundle does.
+    pub fn bundle_generation(&self) -> u64 {
+        self.bundle_generation
+    }
+
+    /// The federated bundles held, by trust domain name (e.g. `other.org`).
+    pub fn federated_bundles(&self) -> &BTreeMap<String, pb::Bundle> {
+        &self.federated
+    }
+
+    /// A number that changes whenever the federated bundles do.
+    pub fn federated_generation(&self) -> u64 {
+        self.federated_generation
+    }
+
+    /// Entries held.
+    pub fn entries(&self) -> impl Iterator<Item = &RegistrationEntry> {
+        self.entries.values().map(|e| &**e)
+    }
+
+    /// The entry `id`, if held.
+    pub fn entry(&self, id: &str) -> Option<&RegistrationEntry> {
+        self.entries.get(id).map(|e| &**e)
+    }
+
+    /// Number of entries held.
+    pub fn entry_count(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// The entries whose selectors (one or more) are all among `selectors`, in no order: each
+    /// of the caller's selectors is looked up in the index, so the cost follows the entries
+    /// that share a selector with the caller, not the entries held.
+    pub fn matching(&self, selectors: &SelectorSet) -> Vec<&RegistrationEntry> {
+        let mut out = Vec::new();
+        for s in selectors {
+            let Some(ids) = self.by_selector.get(s) else {
+                continue;
+            };
+            for id in ids {
+                if let Some(e) = self.entries.get(id) {
+                    if e.selectors.is_subset_of(selectors) {
+                        out.push(&**e);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Every cached SVID with its entry.
+    pub fn svids(&self) -> impl Iterator<Item = (&RegistrationEntry, &CachedSvid)> {
+        self.svids
+            .iter()
+            .filter_map(|(id, s)| self.entries.get(id).map(|e| (&**e, &**s)))
+    }
+
+    /// Number of cached SVIDs.
+    pub fn svid_count(&self) -> usize {
+        self.svids.len()
+    }
+
+    /// The SVID of an entry, if minted.
+    pub fn svid(&self, entry_id: &str) -> Option<&CachedSvid> {
+        self.svids.get(entry_id).map(|s| &**s)
+    }
+
+    /// The failures recorded for `entry_id` since its last successful signing, if any (of its
+    /// current revision or an earlier one).
+    pub fn sign_failure(&self, entry_id: &str) -> Option<&SignRetry> {
+        self.sign_failures.get(entry_id).map(|f| &f.1)
+    }
+
+    /// Entries backing off after failed signings of their current revision, with their state.
+    pub fn sign_backoff(&self) -> impl Iterator<Item = (&RegistrationEntry, &SignRetry)> {
+        self.sign_failures.iter().filter_map(|(id, f)| {
+            self.entries
+                .get(id)
+                .filter(|e| e.revision == f.0)
+                .map(|e| (&**e, &f.1))
+        })
+    }
+
+    /// The cached SVIDs that have expired at `now` (they are never served), with their entries.
+    pub fn expired_svids(
+        &self,
+        now: i64,
+    ) -> impl Iterator<Item = (&RegistrationEntry, &CachedSvid)> {
+        self.expiries
+            .iter()
+            .take_while(move |(t, _)| *t <= now)
+            .filter_map(|(_, id)| Some((self.entry(id)?, self.svid(id)?)))
+    }
+
+    /// The earliest NotAfter after `now` of any cached SVID: when the next one expires.
+    pub fn next_expiry_after(&self, now: i64) -> Option<i64> {
+        self.expiries
+            .range((now.saturating_add(1), min_id())..)
+            .next()
+            .map(|(t, _)| *t)
+    }
+
+    /// The entries whose SVIDs expire after `after` and at or before `upto`.
+    pub fn expiring(&self, after: i64, upto: i64) -> Vec<Arc<RegistrationEntry>> {
+        self.expiries
+            .range((after.saturating_add(1), min_id())..)
+            .take_while(|(t, _)| *t <= upto)
+            .filter_map(|(_, id)| self.entries.get(id).cloned())
+            .collect()
+    }
+}
+
+/// The agent's cache: entries, SVIDs and bundles, owned by the worker (no lock). Reads go to
+/// the current [`Snapshot`] (`Deref`); [`Cache::snapshot`] is the copy the worker publishes.
+#[derive(Default)]
+pub struct Cache {
+    view: Snapshot,
+    /// Chunks of a snapshot in progress.
+    incoming_snapshot: Option<HashMap<String, RegistrationEntry>>,
+    /// Entries with a `unix:sha256` selector (keeps `exe_hash_flag` without a scan).
+    exe_hash_entries: usize,
+    /// How many entries have each selector (picks index keys).
+    selector_counts: HashMap<Selector, usize>,
+    /// Each indexed entry's key in the snapshot's `by_selector`.
+    index_keys: HashMap<EntryId, Selector>,
+    /// True while some entry has a `unix:sha256` selector: the workload attestor reads it to
+    /// hash executables only when an entry needs it.
+    exe_hash_flag: Arc<AtomicBool>,
+    /// (when due, entry id) for every entry: the refresh queue.
+    refresh_queue: BTreeSet<(i64, EntryId)>,
+    /// Each entry's key in `refresh_queue`.
+    due_at: HashMap<EntryId, i64>,
+    /// The last SVID generation handed out.
+    svid_generation: u64,
+    /// What changed since the last [`Cache::take_changes`].
+    changes: Changes,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.view.fmt(f)
+    }
+}
+
+impl std::ops::Deref for Cache {
+    type Target = Snapshot;
+
+    fn deref(&self) -> &Snapshot {
+        &self.view
+    }
+}
+
+/// What a sync message changed, for logging and for waking Workload API streams.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SyncOutcome {
+    /// Entries added or changed.
+    pub upserted: usize,
+    /// Entries removed (and their SVIDs dropped).
+    pub removed: usize,
+    /// The bundle changed.
+    pub bundle_changed: bool,
+    /// The set of federated bundles changed (one added, removed or replaced).
+    pub federated_changed: bool,
+    /// A snapshot finished (or none was pending).
+    pub complete: bool,
+}
+
+impl Cache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The current state, to publish: cheap, it shares structure with the cache.
+    pub fn snapshot(&self) -> Snapshot {
+        self.view.clone()
+    }
+
+    /// What changed since the last call.
+    pub fn take_changes(&mut self) -> Changes {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// The flag that is true while some cached entry has a `unix:sha256` selector (shared: the
+    /// workload attestor holds it, see `WorkloadAttestor::with_exe_hash_flag`).
+    pub fn exe_hash_flag(&self) -> Arc<AtomicBool> {
+        self.exe_hash_flag.clone()
+    }
+
+    fn index(&mut self, id: &EntryId, e: &RegistrationEntry) {
+        let key = e
+            .selectors
+            .iter()
+            .min_by_key(|s| self.selector_counts.get(*s).copied().unwrap_or(0))
+            .cloned();
+        for sel in &e.selectors {
+            *self.selector_counts.entry(sel.clone()).or_default() += 1;
+        }
+        if let Some(key) = key {
+            self.view
+                .by_selector
+                .entry(key.clone())
+                .or_default()
+                .insert(id.clone());
+            self.index_keys.insert(id.clone(), key);
+        }
+        if e.selectors.iter().any(is_exe_hash) {
+            self.exe_hash_entries += 1;
+        }
+    }
+
+    fn unindex(&mut self, id: &str, e: &RegistrationEntry) {
+        for sel in &e.selectors {
+            if let Some(n) = self.selector_counts.get_mut(sel) {
+                *n -= 1;
+                if *n == 0 {
+                    self.selector_counts.remove(sel);
+                }
+            }
+        }
+        if let Some(key) = self.index_keys.remove(id) {
+            if let Some(ids) = self.view.by_selector.get_mut(&key) {
+                ids.remove(id);
+                if ids.is_empty() {
+                    self.view.by_selector.remove(&key);
+                }
+            }
+        }
+        if e.selectors.iter().any(is_exe_hash) {
+            self.exe_hash_entries -= 1;
+        }
+    }
+
+    /// Adds or replaces an entry; false when it is held unchanged.
+    fn upsert_entry(&mut self, e: RegistrationEntry) -> bool {
+        let old = self.view.entries.get(e.id.as_str()).cloned();
+        if old.as_deref() == Some(&e) {
+            return false;
+        }
+        let id: EntryId = match self.view.entries.get_key_value(e.id.as_str()) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(e.id.as_str()),
+        };
+        if let Some(old) = old {
+            self.unindex(&id, &old);
+            self.changes.entries.push(old);
+        }
+        let new = Arc::new(e);
+        self.index(&id, &new);
+        self.view.entries.insert(id.clone(), new.clone());
+        self.changes.entries.push(new);
+        self.requeue(&id);
+        true
+    }
+
+    /// Removes an entry with its SVID and failure record; false when it is not held.
+    fn remove_entry(&mut self, id: &str) -> bool {
+        let Some((key, old)) = self.view.entries.remove_with_key(id) else {
+            return false;
+        };
+        self.unindex(id, &old);
+        if let Some(s) = self.view.svids.remove(id) {
+            self.view.expiries.remove(&(s.not_after, key.clone()));
+        }
+        self.view.sign_failures.remove(id);
+        if let Some(t) = self.due_at.remove(id) {
+            self.refresh_queue.remove(&(t, key));
+        }
+        self.changes.entries.push(old);
+        true
+    }
+
+    /// Applies one sync message. A snapshot arrives in chunks (`full` on the first,
+    /// `snapshot_complete` on the last) and replaces everything only once complete, so a
+    /// connection lost mid-snapshot leaves the previous state intact.
+    pub fn apply_sync(&mut self, msg: pb::SyncResponse) -> Result<SyncOutcome, CacheError> {
+        let mut out = SyncOutcome::default();
+        let upserted = msg
+            .upserted
+            .iter()
+            .map(|e| {
+                RegistrationEntry::from_proto(e).map_err(|err| CacheError::InvalidEntry {
+                    id: e.id.clone(),
+                    reason: err.to_string(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        // Validated before anything changes, like the entries: a bad message applies nothing.
+        let federated = if msg.federated_bundles_set {
+            let mut set = BTreeMap::new();
+            for b in msg.federated_bundles {
+                let td = sigil::TrustDomain::new(&b.trust_domain).map_err(|e| {
+                    CacheError::InvalidFederatedBundle {
+                        trust_domain: b.trust_domain.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
+                set.insert(td.name().to_string(), b);
+            }
+            Some(set)
+        } else {
+            None
+        };
+        if msg.full {
+            self.incoming_snapshot = Some(HashMap::new());
+        }
+        if let Some(snapshot) = self.incoming_snapshot.as_mut() {
+            for e in upserted {
+                snapshot.insert(e.id.clone(), e);
+            }
+            for id in &msg.removed {
+                snapshot.remove(id);
+            }
+            if msg.snapshot_complete {
+                let snapshot = self.incoming_snapshot.take().unwrap_or_default();
+                // Applied as the difference from what is held: unchanged entries keep their
+                // place (and their SVIDs) at no cost.
+                let gone: Vec<EntryId> = self
+                    .view
+                    .entries
+                    .keys()
+                    .filter(|id| !snapshot.contains_key(&***id))
+                    .cloned()
+                    .collect();
+                for id in &gone {
+                    self.remove_entry(id);
+                }
+                out.removed = gone.len();
+                for (_, e) in snapshot {
+                    if self.upsert_entry(e) {
+                        out.upserted += 1;
+                    }
+                }
+                if !self.view.has_snapshot {
+                    // Streams waiting for the first entries look again.
+                    self.changes.all = true;
+                }
+                self.view.has_snapshot = true;
+                self.view.revision = msg.revision;
+                out.complete = true;
+            }
+        } else {
+            if !self.view.has_snapshot {
+                return Err(CacheError::NoSnapshot);
+            }
+            out.upserted = upserted.len();
+            for e in upserted {
+                self.upsert_entry(e);
+            }
+            for id in &msg.removed {
+                if self.remove_entry(id) {
+                    out.removed += 1;
+                }
+            }
+            self.view.revision = self.view.revision.max(msg.revision);
+            out.complete = true;
+        }
+        self.exe_hash_flag
+            .store(self.exe_hash_entries > 0, Ordering::SeqCst);
+        if let Some(b) = msg.bundle {
+            if self.view.bundle.as_deref() != Some(&b) {
+                self.view.bundle = Some(Arc::new(b));
+                self.view.bundle_generation += 1;
+                self.changes.all = true;
+                out.bundle_changed = true;
+            }
+        }
+        if let Some(set) = federated {
+            if *self.view.federated != set {
+                self.view.federated = Arc::new(set);
+                self.view.federated_generation += 1;
+                self.changes.all = true;
+                out.federated_changed = true;
+            }
+        }
+        Ok(out)
+    }
+
+    /// When `e` needs a (new) SVID, Unix seconds (0: now): none yet or minted for an older
+    /// revision of the entry → now, else its refresh time; in both cases not before the retry
+    /// time of a refused signing of this revision.
+    fn due_at(&self, e: &RegistrationEntry) -> i64 {
+        let wanted = match self.view.svids.get(e.id.as_str()) {
+            Some(s) if s.entry_revision == e.revision => s.refresh_at,
+            _ => 0,
+        };
+        match self.view.sign_failures.get(e.id.as_str()) {
+            Some(f) if f.0 == e.revision => wanted.max(f.1.retry_at),
+            _ => wanted,
+        }
+    }
+
+    /// Puts entry `id` at its place in the refresh queue (after its entry, SVID or failure
+    /// record changed).
+    fn requeue(&mut self, id: &EntryId) {
+        let Some(e) = self.view.entries.get(id) else {
+            return;
+        };
+        let at = self.due_at(e);
+        if let Some(old) = self.due_at.insert(id.clone(), at) {
+            self.refresh_queue.remove(&(old, id.clone()));
+        }
+        self.refresh_queue.insert((at, id.clone()));
+    }
+
+    /// Entry ids that need an SVID now: none yet, minted for an older revision of the entry, or
+    /// at/after their refresh time (see [`Self::due_at`]). Sorted for deterministic batches.
+    /// Read from the refresh queue: the cost follows the entries due, not the entries held.
+    pub fn due(&self, now: i64) -> Vec<String> {
+        let mut due: Vec<String> = self
+            .refresh_queue
+            .iter()
+            .take_while(|(t, _)| *t <= now)
+            .map(|(_, id)| id.to_string())
+            .collect();
+        due.sort();
+        due
+    }
+
+    /// When the next entry becomes due (when to wake next; a time in the past means now), if
+    /// any entry is held.
+    pub fn next_refresh(&self) -> Option<i64> {
+        self.refresh_queue.first().map(|(t, _)| *t)
+    }
+
+    /// Records that signing an SVID for `entry_id` at `revision` failed at `now` for `reason`:
+    /// it is not asked for again before the back-off delay ([`sign_backoff_delay`], growing with
+    /// each consecutive failure of this revision) unless the entry changes. `None` when the
+    /// entry is not held (nothing recorded).
+    pub fn note_sign_failure(
+        &mut self,
+        entry_id: &str,
+        revision: i64,
+        reason: &str,
+        now: i64,
+    ) -> Option<SignFailureNote> {
+        self.note_sign_failure_with_jitter(entry_id, revision, reason, now, sign_backoff_jitter())
+    }
+
+    fn note_sign_failure_with_jitter(
+        &mut self,
+        entry_id: &str,
+        revision: i64,
+        reason: &str,
+        now: i64,
+        jitter: f64,
+    ) -> Option<SignFailureNote> {
+        let (id, entry) = self.view.entries.get_key_value(entry_id)?;
+        let (id, spiffe_id) = (id.clone(), entry.spiffe_id.to_string());
+        // A failure of an earlier revision says nothing about this one: start over.
+        let prev = self
+            .view
+            .sign_failures
+            .get(entry_id)
+            .filter(|f| f.0 == revision)
+            .map(|f| &f.1);
+        let (retry, kind) = SignRetry::after_failure(prev, reason, now, jitter);
+        self.view
+            .sign_failures
+            .insert(id.clone(), Arc::new((revision, retry.clone())));
+        self.requeue(&id);
+        Some(SignFailureNote {
+            spiffe_id,
+            retry,
+            kind,
+        })
+    }
+
+    /// The entries `ids` (those still held) as key and CSR targets.
+    pub fn csr_targets(&self, ids: &[String]) -> Vec<CsrTarget> {
+        ids.iter()
+            .filter_map(|id| self.view.entries.get(id.as_str()))
+            .map(|e| CsrTarget {
+                entry_id: e.id.clone(),
+                entry_revision: e.revision,
+                spiffe_id: e.spiffe_id.to_string(),
+            })
+            .collect()
+    }
+
+    /// Generates a key and CSR for each entry id (skipping ids no longer held), on the calling
+    /// thread (the worker uses [`Cache::csr_targets`] and [`make_csrs_for`] on the blocking
+    /// pool).
+    pub fn make_csrs(&self, ids: &[String]) -> Result<Vec<PendingCsr>, rcgen::Error> {
+        make_csrs_for(self.csr_targets(ids))
+    }
+
+    /// Stores a signed SVID for a pending CSR. Ignored (returns false) when the entry is gone.
+    pub fn store_svid(
+        &mut self,
+        pending: PendingCsr,
+        chain_der: Vec<Vec<u8>>,
+        not_after: i64,
+        now: i64,
+    ) -> bool {
+        let Some((id, entry)) = self.view.entries.get_key_value(pending.entry_id.as_str()) else {
+            return false;
+        };
+        let (id, entry) = (id.clone(), entry.clone());
+        let refresh_at = refresh_time(
+            now,
+            not_after,
+            rand::rng().random_range(0.0..=MAX_JITTER_FRACTION),
+        )
+        .max(now + MIN_REFRESH_INTERVAL);
+        self.view.sign_failures.remove(&id);
+        self.svid_generation += 1;
+        let svid = CachedSvid {
+            entry_id: pending.entry_id,
+            entry_revision: pending.entry_revision,
+            chain_der,
+            key_pkcs8_der: pending.key_pkcs8_der,
+            issued_at: now,
+            not_after,
+            refresh_at,
+            generation: self.svid_generation,
+        };
+        if let Some(old) = self.view.svids.insert(id.clone(), Arc::new(svid)) {
+            self.view.expiries.remove(&(old.not_after, id.clone()));
+        }
+        self.view.expiries.insert((not_after, id.clone()));
+        self.requeue(&id);
+        self.changes.entries.push(entry);
+        true
+    }
+}
+
+/// Refresh time for an SVID received at `issued_at` and valid until `not_after`: at
+/// `REFRESH_FRACTION - jitter` of its lifetime (`jitter` in `0..=MAX_JITTER_FRACTION`).
+/// `issued_at` is when the agent received it, not its NotBefore, which the server back-dates
+/// for clock skew (from NotBefore, a TTL shorter than twice the back-dating would be due at
+/// once, again and again).
+pub fn refresh_time(issued_at: i64, not_after: i64, jitter: f64) -> i64 {
+    let life = (not_after - issued_at).max(0) as f64;
+    issued_at + (life * (REFRESH_FRACTION - jitter.clamp(0.0, MAX_JITTER_FRACTION))) as i64
+}
+
+/// When to renew the agent SVID received at `received_at` and valid until `not_after`: at half
+/// its lifetime, but never within [`MIN_REFRESH_INTERVAL`] of receiving it.
+pub fn agent_svid_renew_at(received_at: i64, not_after: i64) -> i64 {
+    refresh_time(received_at, not_after, 0.0).max(received_at + MIN_REFRESH_INTERVAL)
+}
+
+/// A new ECDSA P-256 key (PKCS#8 DER) and a CSR (DER) carrying `spiffe_id` as URI SAN, or no
+/// SAN when the server assigns the ID (agent attestation). The key never leaves the node.
+pub fn make_csr(spiffe_id: Option<&str>) -> Result<(Vec<u8>, Vec<u8>), rcgen::Error> {
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    if let Some(id) = spiffe_id {
+        params.subject_alt_names = vec![rcgen::SanType::URI(id.try_into()?)];
+    }
+    let csr = params.serialize_request(&key)?;
+    Ok((key.serialize_der(), csr.der().to_vec()))
+}
+
+#[cfg(test)]
+mod tests;
