@@ -14,8 +14,9 @@
 //! `CreateEntry` calls over the admin socket, each followed by polling the agent's admin
 //! `Status` every 2 ms until the new SPIFFE ID has a cached SVID.
 //!
-//! Run: `cargo bench --bench agent_e2e`. Every wait is bounded; a size that does not finish
-//! in time is reported as such instead of hanging.
+//! Run: `cargo build --release --workspace --bins --benches`, then `cargo bench --bench
+//! agent_e2e`. Every wait is bounded; a size that does not finish in time is reported as such
+//! instead of hanging.
 
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

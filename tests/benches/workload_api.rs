@@ -21,7 +21,8 @@
 //!    afterwards shows whether the agent's cache has it, and an `entry update` (new hint)
 //!    wakes the streams as a second, separately timed trigger.
 //!
-//! Run: `cargo bench --bench workload_api`. Env: `SIGIL_BENCH_WL_N` (calls per latency
+//! Run: `cargo build --release --workspace --bins --benches`, then `cargo bench --bench
+//! workload_api`. Env: `SIGIL_BENCH_WL_N` (calls per latency
 //! series, default 2000), `SIGIL_BENCH_WL_WARMUP` (default 200), `SIGIL_BENCH_WL_ROUNDS`
 //! (default 4), `SIGIL_BENCH_WL_STREAMS` (default `1000,10000`; `K/C` = K streams over C
 //! connections; empty = skip part 2), `SIGIL_BENCH_WL_BUNDLE_WAIT_SECS` (default 5),
