@@ -1,12 +1,11 @@
 //! End-to-end tests of `sigil-agent` against a real `sigil-server`: node attestation with a join
 //! token, entry sync by push, SVID minting, restart without re-attestation, eviction.
 
-mod support;
-
 use std::os::unix::fs::PermissionsExt as _;
 
-use support::{alias_token, create_entry, join_token, only_agent, refused_agent_log};
-use support::{subdir, tempdir, wait_for, wait_minted_for_new_entry, Agent, Server};
+use sigil::clock::now_unix;
+use sigil_testkit::{alias_token, create_entry, join_token, only_agent, refused_agent_log};
+use sigil_testkit::{subdir, tempdir, wait_for, wait_minted_for_new_entry, Agent, Server};
 
 #[test]
 fn agent_attests_syncs_restarts_and_is_evicted() {
@@ -218,7 +217,7 @@ fn agent_with_web(server: &Server, dir: &std::path::Path) -> (Agent, serde_json:
 #[test]
 fn agent_serves_cache_through_a_server_outage_and_resumes() {
     let dir = tempdir();
-    let port = support::free_port();
+    let port = sigil_testkit::free_port();
     let bind = format!("127.0.0.1:{port}");
     let mut server = Server::start(&dir.path().join("server"), &["--bind-address", &bind]);
     let (mut agent, before) = agent_with_web(&server, dir.path());
@@ -339,10 +338,6 @@ fn svids_and_the_agent_svid_rotate_at_half_their_ttl() {
     assert!(agent.stop().success());
 }
 
-fn now_unix() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
-}
-
 /// The value of the unlabelled metric `name` in a Prometheus text answer.
 fn metric_in(text: &str, name: &str) -> Option<f64> {
     let prefix = format!("{name} ");
@@ -352,15 +347,15 @@ fn metric_in(text: &str, name: &str) -> Option<f64> {
 
 /// `GET /ready` on `address` until it answers 503; returns the answer (fails after `secs`).
 fn wait_not_ready(address: &str, secs: u64, what: &str) -> String {
-    support::wait_for(secs, what, || {
-        let r = support::http_get(address, "/ready");
+    sigil_testkit::wait_for(secs, what, || {
+        let r = sigil_testkit::http_get(address, "/ready");
         r.starts_with("HTTP/1.1 503").then_some(r)
     })
 }
 
 /// `sigil-agent api fetch x509` on `socket`: (success, stdout, stderr).
 fn fetch_x509(socket: &std::path::Path) -> (bool, String, String) {
-    let out = std::process::Command::new(support::binary("sigil-agent"))
+    let out = std::process::Command::new(sigil_testkit::binary("sigil-agent"))
         .args(["api", "fetch", "x509", "--socket-path"])
         .arg(socket)
         .env_remove("SPIFFE_ENDPOINT_SOCKET")
@@ -376,10 +371,10 @@ fn fetch_x509(socket: &std::path::Path) -> (bool, String, String) {
 #[test]
 fn an_agent_started_before_its_server_attests_once_the_server_is_up() {
     let dir = tempdir();
-    let bind = format!("127.0.0.1:{}", support::free_port());
+    let bind = format!("127.0.0.1:{}", sigil_testkit::free_port());
     let mut server = Server::start(&dir.path().join("server"), &["--bind-address", &bind]);
     let token = alias_token(&server, "spiffe://example.org/node-a");
-    let (other_token, _) = support::join_token(&server);
+    let (other_token, _) = sigil_testkit::join_token(&server);
     let (a_dir, b_dir) = (subdir(dir.path(), "agent"), subdir(dir.path(), "stopped"));
     let bundle = server.cli_ok(&["bundle", "show"]);
     for d in [&a_dir, &b_dir] {
@@ -420,7 +415,7 @@ fn an_agent_started_before_its_server_attests_once_the_server_is_up() {
 #[test]
 fn readiness_follows_the_sync_and_the_workload_api_socket() {
     let dir = tempdir();
-    let bind = format!("127.0.0.1:{}", support::free_port());
+    let bind = format!("127.0.0.1:{}", sigil_testkit::free_port());
     let mut server = Server::start(&dir.path().join("server"), &["--bind-address", &bind]);
     let token = alias_token(&server, "spiffe://example.org/node");
     let mut agent = Agent::start(
@@ -429,7 +424,7 @@ fn readiness_follows_the_sync_and_the_workload_api_socket() {
         &["--join-token", &token, "--ready-max-sync-age", "5s"],
     );
     agent.wait_attested("first SVID");
-    support::wait_for(30, "the agent to be ready", || {
+    sigil_testkit::wait_for(30, "the agent to be ready", || {
         agent.healthy().then_some(())
     });
     let s = agent.status();
@@ -471,14 +466,14 @@ fn readiness_follows_the_sync_and_the_workload_api_socket() {
 
     // Back: ready again once the stream is up.
     server.restart();
-    support::wait_for(90, "the agent to be ready again", || {
+    sigil_testkit::wait_for(90, "the agent to be ready again", || {
         agent.healthy().then_some(())
     });
     assert_eq!(agent.status()["sync_state"], "connected");
 
     // The socket file is deleted: workloads cannot reach the agent any more.
     std::fs::remove_file(agent.socket_path()).expect("removing the socket");
-    let r = support::http_get(&agent.health_address, "/ready");
+    let r = sigil_testkit::http_get(&agent.health_address, "/ready");
     assert!(
         r.starts_with("HTTP/1.1 503") && r.contains("is gone"),
         "{r}"
@@ -489,7 +484,7 @@ fn readiness_follows_the_sync_and_the_workload_api_socket() {
 #[test]
 fn an_expiring_ca_is_reported_and_causes_no_signing_storm() {
     let dir = tempdir();
-    let health = format!("127.0.0.1:{}", support::free_port());
+    let health = format!("127.0.0.1:{}", sigil_testkit::free_port());
     // A self-signed root that lives 75 s: near its end every SVID (1 min TTL) is capped at it,
     // and renewing cannot give a longer one.
     let server = Server::start(
@@ -505,7 +500,7 @@ fn an_expiring_ca_is_reported_and_causes_no_signing_storm() {
     );
     let started = now_unix();
     let ca_expiry = metric_in(
-        &support::http_get(&health, "/metrics"),
+        &sigil_testkit::http_get(&health, "/metrics"),
         "sigil_server_ca_expiry_seconds",
     )
     .expect("the CA expiry metric") as i64;
@@ -541,7 +536,7 @@ fn an_expiring_ca_is_reported_and_causes_no_signing_storm() {
 
     // The last sixth of the CA's life (105 s with the root's 30 s back-dating): a warning,
     // not before.
-    let warned = support::wait_for(90, "the CA expiry warning", || {
+    let warned = sigil_testkit::wait_for(90, "the CA expiry warning", || {
         let log = server.log_text();
         log.contains("the CA certificate expires at").then_some(log)
     });
@@ -577,12 +572,12 @@ fn an_expiring_ca_is_reported_and_causes_no_signing_storm() {
     // 20-30 s at most (a renewal loop would mint thousands), and no misleading refusal.
     std::thread::sleep(std::time::Duration::from_secs(5));
     let log = agent.log_text();
-    let minted = support::minted(&log);
+    let minted = sigil_testkit::minted(&log);
     assert!(minted <= 16, "{minted} X509-SVIDs minted:\n{log}");
     let renewals = log.matches("agent SVID renewed").count();
     assert!(renewals <= 5, "{renewals} agent SVID renewals:\n{log}");
     let signed = metric_in(
-        &support::http_get(&health, "/metrics"),
+        &sigil_testkit::http_get(&health, "/metrics"),
         "sigil_server_x509_svids_signed_total",
     )
     .unwrap_or_default();

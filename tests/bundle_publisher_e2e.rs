@@ -1,16 +1,12 @@
 //! End-to-end test of the bundle publisher (`[bundle_publisher.k8s_configmap]`) with a real
 //! `sigil-server` process. No cluster runs here: the fake Kubernetes API server
-//! (`support/fake_k8s.rs`, real HTTPS on loopback, ConfigMaps in memory) stands in for it, named
+//! (`sigil_testkit::fake_k8s`, real HTTPS on loopback, ConfigMaps in memory) stands in for it, named
 //! by the server's TOML config with its CA and bearer token.
-
-#[path = "support/fake_k8s.rs"]
-mod fake_k8s;
-mod support;
 
 use std::path::{Path, PathBuf};
 
-use fake_k8s::FakeK8s;
-use support::{tempdir, wait_for, Server};
+use sigil_testkit::fake_k8s::FakeK8s;
+use sigil_testkit::{tempdir, wait_for, Server};
 
 const NS: &str = "sigil";
 const NAME: &str = "sigil-bundle";

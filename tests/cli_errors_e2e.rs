@@ -4,13 +4,11 @@
 //! `Some(…)` or repeated OS errors, selectors checked on `entry create` (refused, or a
 //! warning for a type no Sigil attestor produces).
 
-mod support;
-
 use std::os::unix::process::CommandExt as _;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{alias_token, binary, tempdir, Agent, Server};
+use sigil_testkit::{alias_token, binary, tempdir, Agent, Server};
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()

@@ -19,8 +19,6 @@
 //! `go build` into `target/clients/go/`, `mvn package` into tests/clients/java/target/. A test
 //! whose client is missing fails, saying so.
 
-mod support;
-
 use std::io::{BufRead as _, BufReader, Read as _};
 use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;
@@ -29,7 +27,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use support::{agent_with_workload_entries, tempdir, Server, WorkloadAgent};
+use sigil_testkit::{agent_with_workload_entries, tempdir, Server, WorkloadAgent};
 
 /// Audience the clients ask their JWT-SVIDs for (their default).
 const AUDIENCE: &str = "sigil-e2e";
@@ -340,7 +338,7 @@ fn python_py_spiffe_fetches_validates_and_sees_a_rotation() {
         .map(serial_number)
         .unwrap_or_else(|| panic!("x509_rotated line for {ID}: {lines:?}"));
     assert_ne!(rotated, first, "the watch delivered a new SVID");
-    let minted = support::minted(&w.agent.log_text());
+    let minted = sigil_testkit::minted(&w.agent.log_text());
     assert!(minted >= 2, "the agent rotated (minted {minted})");
 }
 

@@ -14,17 +14,13 @@
 //! whole configuration resolved; attesting is not tried here: there is no cluster).
 //!
 //! The server runs as in a pod: `KUBERNETES_SERVICE_HOST`/`_PORT` name a fake API server
-//! (`support/fake_k8s.rs`) whose CA and token stand in for the service-account files, so the
+//! (`sigil_testkit::fake_k8s`) whose CA and token stand in for the service-account files, so the
 //! bundle publisher of the rendered server.toml must put `bundle show`'s PEM into the very
 //! ConfigMap and key the agent DaemonSet mounts and agent.toml reads.
 //!
 //! Needs `kubectl` and `kubernetes-validate` (PyPI). `.ci/run` installs the latter into
 //! `target/ci-venv` and puts it on PATH; this test also looks there. Without it the test fails:
 //! it is not skipped.
-
-#[path = "support/fake_k8s.rs"]
-mod fake_k8s;
-mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -909,7 +905,7 @@ impl Running {
         let log = dir.join(format!("{bin}.log"));
         let out = std::fs::File::create(&log).expect("log file");
         let err = out.try_clone().expect("log file");
-        let child = Command::new(support::binary(bin))
+        let child = Command::new(sigil_testkit::binary(bin))
             .args(args)
             .envs(envs.iter().map(|(k, v)| (k, v)))
             .env_remove("RUST_LOG")
@@ -1008,7 +1004,7 @@ fn container_args_env(c: &Value) -> (Vec<String>, Vec<(String, String)>) {
 
 /// A `sigil-server` started by [`server_accepts`], ready, with its fake API server.
 struct ServerInPod {
-    fake: fake_k8s::FakeK8s,
+    fake: sigil_testkit::fake_k8s::FakeK8s,
     server: Running,
     admin_socket: PathBuf,
     _dir: tempfile::TempDir,
@@ -1017,7 +1013,7 @@ struct ServerInPod {
 impl ServerInPod {
     /// `sigil-server bundle show` of this server.
     fn bundle_show(&self) -> String {
-        let out = Command::new(support::binary("sigil-server"))
+        let out = Command::new(sigil_testkit::binary("sigil-server"))
             .args(["bundle", "show", "--admin-socket"])
             .arg(&self.admin_socket)
             .output()
@@ -1037,8 +1033,8 @@ impl ServerInPod {
 /// k8s_psat cluster and of the bundle publisher, when not set; the publisher's namespace) are
 /// its CA and token in the temp dir.
 fn server_accepts(what: &str, toml_text: &str, args: &[String], pod_ns: &str) -> ServerInPod {
-    let dir = support::tempdir();
-    let fake = fake_k8s::FakeK8s::start();
+    let dir = sigil_testkit::tempdir();
+    let fake = sigil_testkit::fake_k8s::FakeK8s::start();
     let (ca, token) = fake.write_credentials(dir.path());
     let mut table: toml::Table = toml_text.parse().expect("server.toml");
     let in_pod_files = |t: &mut toml::Table| {
@@ -1103,7 +1099,7 @@ fn server_accepts(what: &str, toml_text: &str, args: &[String], pod_ns: &str) ->
 
 /// Starts `sigil-agent` with `toml` and the given arguments until its configuration resolved.
 fn agent_accepts(what: &str, toml_text: &str, args: &[String], env: &[(String, String)]) {
-    let dir = support::tempdir();
+    let dir = sigil_testkit::tempdir();
     let config = dir.path().join("agent.toml");
     std::fs::write(&config, toml_text).expect("write");
     let mut args = with_config(args, &config);
@@ -1194,9 +1190,9 @@ fn exec_start_args(unit: &str) -> Vec<String> {
 fn systemd_configs_are_accepted_by_the_binaries() {
     let read = |p: &str| std::fs::read_to_string(repo().join(p)).expect("config file");
     // The node CA the example server.toml trusts for x509pop, as an operator would install it.
-    let etc = support::tempdir();
+    let etc = sigil_testkit::tempdir();
     let node_ca = etc.path().join("node-ca.pem");
-    std::fs::write(&node_ca, support::foreign_ca_pem("example node CA")).expect("node CA");
+    std::fs::write(&node_ca, sigil_testkit::foreign_ca_pem("example node CA")).expect("node CA");
     let server_toml = read("deploy/systemd/server.toml").replace(
         "/etc/sigil/node-ca.pem",
         node_ca.to_str().expect("utf-8 path"),

@@ -3,8 +3,6 @@
 //! server's `server.toml` must offer it, and a real server and agent started with those files
 //! (paths under `/etc/sigil/` and the state directories pointed at a temp dir) must attest.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -12,7 +10,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
-use support::{tempdir, Agent, Server};
+use sigil_testkit::{tempdir, Agent, Server};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

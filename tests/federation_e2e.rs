@@ -1,10 +1,8 @@
 //! End-to-end test of federated trust bundles: `sigil-server bundle set|list|delete` against a
 //! real server, and a real agent receiving exactly the bundles its entries federate with.
 
-mod support;
-
-use support::{alias_token, create_entry, foreign_ca_pem, subdir, tempdir, wait_status};
-use support::{Agent, Server};
+use sigil_testkit::{alias_token, create_entry, foreign_ca_pem, subdir, tempdir, wait_status};
+use sigil_testkit::{Agent, Server};
 
 /// The federated trust domains an agent's status reports.
 fn federated(status: &serde_json::Value) -> Vec<String> {

@@ -6,8 +6,6 @@
 //! that is not there yet, the child's exit status and signals passed on, and bad configurations
 //! refused with a message naming the key.
 
-mod support;
-
 use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;
@@ -15,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{create_entry, join_token, subdir, tempdir, Agent, Server};
+use sigil_testkit::{create_entry, join_token, subdir, tempdir, Agent, Server};
 
 /// The unprivileged uid (`nobody`) of the client process.
 const NOBODY: u32 = 65534;
@@ -117,7 +115,7 @@ impl Drop for Proc {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             // SIGTERM first: a helper passes it on to its nginx, which then stops its workers.
-            support::terminate(&mut c, Duration::from_secs(10));
+            sigil_testkit::terminate(&mut c, Duration::from_secs(10));
         }
     }
 }
@@ -125,7 +123,7 @@ impl Drop for Proc {
 /// Starts `sigil-agent helper --config <config>` with its stderr in `log`.
 fn start_helper(config: &Path, log: &Path, what: &'static str) -> Proc {
     let out = std::fs::File::create(log).expect("helper log");
-    let child = Command::new(support::binary("sigil-agent"))
+    let child = Command::new(sigil_testkit::binary("sigil-agent"))
         .args(["helper", "--config"])
         .arg(config)
         .env_remove("SPIFFE_ENDPOINT_SOCKET")
@@ -368,7 +366,7 @@ fn nginx_serves_mtls_across_three_rotations() {
         dir: subdir(root, "client"),
     };
     nix::unistd::chown(&client.dir, Some(NOBODY.into()), Some(NOBODY.into())).expect("chown");
-    let out = Command::new(support::binary("sigil-agent"))
+    let out = Command::new(sigil_testkit::binary("sigil-agent"))
         .args(["api", "fetch", "x509", "--socket-path"])
         .arg(&socket)
         .arg("--write")
@@ -387,7 +385,7 @@ fn nginx_serves_mtls_across_three_rotations() {
     let (a_prefix, a_certs, a_port) = (
         subdir(root, "nginx-a"),
         root.join("certs-a"),
-        support::free_port(),
+        sigil_testkit::free_port(),
     );
     nginx_config(&a_prefix, &a_certs, a_port);
     let args: Vec<String> = nginx_args(&a_prefix)
@@ -413,7 +411,7 @@ fn nginx_serves_mtls_across_three_rotations() {
     let (b_prefix, b_certs, b_port) = (
         subdir(root, "nginx-b"),
         root.join("certs-b"),
-        support::free_port(),
+        sigil_testkit::free_port(),
     );
     nginx_config(&b_prefix, &b_certs, b_port);
     helper_config(
@@ -618,7 +616,7 @@ fn one_shot_helper_waits_for_the_agent_and_writes_everything() {
         );
     }
     let token = std::fs::read_to_string(certs.join("db.jwt")).expect("db.jwt");
-    let out = Command::new(support::binary("sigil-agent"))
+    let out = Command::new(sigil_testkit::binary("sigil-agent"))
         .args([
             "api",
             "validate",
@@ -705,7 +703,7 @@ fn bad_configurations_are_refused_with_the_key_named() {
     let run = |name: &str, text: &str, as_nobody: bool| -> (Option<i32>, String) {
         let config = root.join(format!("{name}.toml"));
         std::fs::write(&config, text).expect("config");
-        let mut cmd = Command::new(support::binary("sigil-agent"));
+        let mut cmd = Command::new(sigil_testkit::binary("sigil-agent"));
         cmd.args(["helper", "--config"])
             .arg(&config)
             .env_remove("SPIFFE_ENDPOINT_SOCKET");

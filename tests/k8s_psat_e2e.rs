@@ -1,18 +1,16 @@
 //! End-to-end test of k8s_psat node attestation with real `sigil-server` / `sigil-agent`
 //! processes. No cluster runs here, so the Kubernetes side is faked in this test process: a fake
-//! API server over real HTTPS on loopback (`support/fake_k8s.rs`: pods, nodes) and an RS256
+//! API server over real HTTPS on loopback (`sigil_testkit::fake_k8s`: pods, nodes) and an RS256
 //! service-account issuer whose JWKS the server reads from a file (its TOML config names both).
 //! The agent reads its "projected" token from a file, as in a pod.
 
-#[path = "support/fake_k8s.rs"]
-mod fake_k8s;
-mod support;
-
 use std::path::{Path, PathBuf};
 
-use fake_k8s::{FakeK8s, PodClaims, TestIssuer};
-use support::{create_entry, evicted_agent_attests_again, only_agent, refused_agent_log, subdir};
-use support::{tempdir, Agent, Server};
+use sigil_testkit::fake_k8s::{FakeK8s, PodClaims, TestIssuer};
+use sigil_testkit::{
+    create_entry, evicted_agent_attests_again, only_agent, refused_agent_log, subdir,
+};
+use sigil_testkit::{tempdir, Agent, Server};
 
 const CLUSTER: &str = "test-cluster";
 const NODE: &str = "node-1";

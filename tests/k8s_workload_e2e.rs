@@ -8,20 +8,12 @@
 //!
 //! Needs root and a writable cgroup v1 hierarchy; without them the test fails saying so.
 
-mod support;
-
-use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use support::{create_entry, join_token, tempdir, Agent, Server};
+use sigil_testkit::fake_kubelet::FakeKubelet;
+use sigil_testkit::{create_entry, join_token, tempdir, Agent, Server};
 
 /// The ignored helper test that runs as the workload.
 const HELPER: &str = "k8s_workload_helper_fetches_its_svid";
@@ -212,38 +204,8 @@ impl Drop for Workload {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The fake kubelet.
+// What the fake kubelet serves.
 // ---------------------------------------------------------------------------------------------
-
-struct FakeKubelet {
-    url: String,
-    /// Requests with the right token.
-    authorized: Arc<AtomicUsize>,
-    /// Requests without it.
-    refused: Arc<AtomicUsize>,
-}
-
-/// A CA (PEM) and a serving certificate it signed for 127.0.0.1 (chain, key).
-fn kubelet_pki() -> (String, Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-    let ca_key = rcgen::KeyPair::generate().expect("CA key");
-    let mut ca = rcgen::CertificateParams::default();
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(rcgen::DnType::CommonName, "kubernetes");
-    let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
-    let issuer = rcgen::Issuer::new(ca, ca_key);
-    let key = rcgen::KeyPair::generate().expect("kubelet key");
-    let mut leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "node-1".into()])
-        .expect("kubelet certificate params");
-    leaf.distinguished_name
-        .push(rcgen::DnType::CommonName, "system:node:node-1");
-    let cert = leaf.signed_by(&key, &issuer).expect("kubelet certificate");
-    (
-        ca_cert.pem(),
-        vec![CertificateDer::from(cert.der().to_vec())],
-        PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-    )
-}
 
 /// A kubelet-shaped pod list with the workload's pod (and another pod on the node).
 fn pod_list(pod_uid: &str, container_id: &str) -> String {
@@ -307,77 +269,6 @@ fn pod_list(pod_uid: &str, container_id: &str) -> String {
     .to_string()
 }
 
-impl FakeKubelet {
-    /// Serves `body` on `GET /pods` over HTTPS to requests bearing [`TOKEN`]; runs on `rt`.
-    fn start(rt: &tokio::runtime::Runtime, body: String) -> (FakeKubelet, String) {
-        let (ca_pem, chain, key) = kubelet_pki();
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .expect("kubelet TLS config");
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("binding the fake kubelet");
-        let port = listener.local_addr().expect("address").port();
-        let authorized = Arc::new(AtomicUsize::new(0));
-        let refused = Arc::new(AtomicUsize::new(0));
-        let body = Arc::new(body);
-        let (ok, no) = (authorized.clone(), refused.clone());
-        rt.spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let (acceptor, body, ok, no) =
-                    (acceptor.clone(), body.clone(), ok.clone(), no.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let svc = hyper::service::service_fn(move |req: hyper::Request<_>| {
-                        let authorized = req
-                            .headers()
-                            .get(hyper::header::AUTHORIZATION)
-                            .and_then(|v| v.to_str().ok())
-                            == Some(format!("Bearer {TOKEN}").as_str());
-                        let (status, text) = if req.uri().path() != "/pods" {
-                            (404, "404 page not found".to_string())
-                        } else if authorized {
-                            ok.fetch_add(1, Ordering::Relaxed);
-                            (200, body.as_str().to_string())
-                        } else {
-                            no.fetch_add(1, Ordering::Relaxed);
-                            (401, "Unauthorized".to_string())
-                        };
-                        async move {
-                            Ok::<_, Infallible>(
-                                hyper::Response::builder()
-                                    .status(status)
-                                    .header(hyper::header::CONTENT_TYPE, "application/json")
-                                    .body(Full::new(Bytes::from(text)))
-                                    .expect("response"),
-                            )
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tls), svc)
-                        .await;
-                });
-            }
-        });
-        (
-            FakeKubelet {
-                url: format!("https://127.0.0.1:{port}"),
-                authorized,
-                refused,
-            },
-            ca_pem,
-        )
-    }
-}
-
 /// A pod UID and a container ID unique to this run.
 fn ids() -> (String, String) {
     let nanos = SystemTime::now()
@@ -409,15 +300,10 @@ fn k8s_selectors_reach_the_workload_api() {
     // First, so a machine without a writable hierarchy fails before starting anything.
     let cgroup = PodCgroup::create(&pod_uid, &container_id);
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let (kubelet, ca_pem) = FakeKubelet::start(&rt, pod_list(&pod_uid, &container_id));
+    let kubelet = FakeKubelet::start(TOKEN, &[&pod_list(&pod_uid, &container_id)]);
     let dir = tempdir();
     let (ca_path, token_path) = (dir.path().join("kubelet-ca.crt"), dir.path().join("token"));
-    std::fs::write(&ca_path, ca_pem).expect("CA file");
+    std::fs::write(&ca_path, &kubelet.ca_pem).expect("CA file");
     std::fs::write(&token_path, format!("{TOKEN}\n")).expect("token file");
 
     let server = Server::start(&dir.path().join("server"), &[]);
@@ -500,7 +386,7 @@ fn k8s_selectors_reach_the_workload_api() {
     );
 
     // The agent's view of the workload, as an operator would check it.
-    let explain = Command::new(support::binary("sigil-agent"))
+    let explain = Command::new(sigil_testkit::binary("sigil-agent"))
         .args(["explain", "--pid", &workload.pid().to_string()])
         .arg("--admin-socket")
         .arg(&agent.admin_socket)
@@ -565,15 +451,8 @@ fn k8s_selectors_reach_the_workload_api() {
         "the workload got exactly the entry its pod's selectors match"
     );
 
-    assert!(
-        kubelet.authorized.load(Ordering::Relaxed) >= 1,
-        "the agent asked the kubelet"
-    );
-    assert_eq!(
-        kubelet.refused.load(Ordering::Relaxed),
-        0,
-        "every request had the token"
-    );
+    assert!(kubelet.authorized() >= 1, "the agent asked the kubelet");
+    assert_eq!(kubelet.refused(), 0, "every request had the token");
     let log = agent.log_text();
     assert!(
         !log.contains("kubelet unavailable"),

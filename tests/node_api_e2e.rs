@@ -1,8 +1,6 @@
 //! End-to-end tests of the node API: a real `sigil-server` process, and the client side the agent
 //! uses — `sigil::tls` (SPIFFE mTLS) with the generated `NodeClient` — with keys generated here.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -15,7 +13,7 @@ use sigil::proto::node as pb;
 use sigil::proto::node::node_client::NodeClient;
 use sigil::tls::{IdentityStore, ServerVerification, TrustStore};
 use sigil::SpiffeId;
-use support::{tempdir, Server};
+use sigil_testkit::{tempdir, Server};
 use tokio::io::AsyncReadExt as _;
 use tokio::net::TcpStream;
 use tonic::transport::Channel;

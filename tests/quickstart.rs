@@ -3,8 +3,6 @@
 //! built (`SIGIL_BIN_DIR`), so CI does not compile the dependencies a second time with the
 //! binaries' own feature set; the script's build line is checked on its own.
 
-mod support;
-
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -14,12 +12,12 @@ fn script() -> PathBuf {
 
 #[test]
 fn quickstart_once_fetches_an_svid() {
-    let bin_dir = support::binary("sigil-server")
+    let bin_dir = sigil_testkit::binary("sigil-server")
         .parent()
         .expect("binary directory")
         .to_path_buf();
-    support::binary("sigil-agent");
-    let tmp = support::tempdir();
+    sigil_testkit::binary("sigil-agent");
+    let tmp = sigil_testkit::tempdir();
     let out = Command::new("bash")
         .arg(script())
         .arg("--once")

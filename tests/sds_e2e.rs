@@ -14,15 +14,15 @@
 //! agent logged no rejected secrets. Also: `deploy/envoy/envoy.yaml` passes
 //! `envoy --mode validate`.
 
-mod support;
-
 use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{create_entry, free_port, join_token, subdir, tempdir, wait_for, Agent, Server};
+use sigil_testkit::{
+    create_entry, free_port, join_token, subdir, tempdir, wait_for, Agent, Server,
+};
 
 /// The unprivileged uid (`nobody`) of the client Envoy.
 const NOBODY: u32 = 65534;
@@ -199,7 +199,7 @@ impl Envoy {
 impl Drop for Envoy {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            support::terminate(&mut c, Duration::from_secs(10));
+            sigil_testkit::terminate(&mut c, Duration::from_secs(10));
         }
     }
 }
@@ -463,7 +463,7 @@ fn envoys_get_mutual_tls_from_sds_and_follow_rotations() {
     // same curl, so the refusals are the certificates').
     let certs = subdir(root, "client-certs");
     nix::unistd::chown(&certs, Some(NOBODY.into()), Some(NOBODY.into())).expect("chown");
-    let out = Command::new(support::binary("sigil-agent"))
+    let out = Command::new(sigil_testkit::binary("sigil-agent"))
         .args(["api", "fetch", "x509", "--socket-path"])
         .arg(&socket)
         .arg("--write")

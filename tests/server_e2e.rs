@@ -1,15 +1,13 @@
 //! End-to-end tests of `sigil-server`: the real binary on temp dirs, driven by its CLI and its
 //! admin API over the Unix socket.
 
-mod support;
-
 use std::collections::HashSet;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sigil::proto::admin as pb;
-use support::{free_port, tempdir, Server};
+use sigil_testkit::{free_port, tempdir, Server};
 
 const AGENT: &str = "spiffe://example.org/sigil/agent/join_token/node-1";
 
@@ -460,7 +458,7 @@ fn health_metrics_and_config_file() {
     assert_eq!(health["trust_domain"], "example.org");
     assert_eq!(health["ready"], true);
 
-    let get = |path: &str| support::http_get(&format!("127.0.0.1:{port}"), path);
+    let get = |path: &str| sigil_testkit::http_get(&format!("127.0.0.1:{port}"), path);
     assert!(get("/live").starts_with("HTTP/1.1 200"));
     assert!(get("/ready").starts_with("HTTP/1.1 200"));
     let metrics = get("/metrics");
@@ -494,7 +492,7 @@ fn health_metrics_and_config_file() {
 #[test]
 fn bad_configuration_fails_with_one_clear_line() {
     let dir = tempdir();
-    let bin = support::binary("sigil-server");
+    let bin = sigil_testkit::binary("sigil-server");
     let run = |args: &[&str]| {
         std::process::Command::new(&bin)
             .arg("run")
@@ -620,7 +618,7 @@ fn svid_ttls_below_the_floors_are_refused() {
     assert_eq!(server.cli_json(&["entry", "count"])["count"], 1);
 
     // The server's defaults: it refuses to start, naming the key.
-    let out = std::process::Command::new(support::binary("sigil-server"))
+    let out = std::process::Command::new(sigil_testkit::binary("sigil-server"))
         .args(["run", "--trust-domain", "example.org", "--data-dir"])
         .arg(dir.path().join("other"))
         .args(["--default-x509-svid-ttl", "20s", "--health-address", ""])
@@ -736,7 +734,7 @@ fn empty_or_damaged_database_is_refused_at_start() {
     let db = server.data_dir.join("datastore.sqlite3");
     let good = std::fs::read(&db).expect("reading the database");
     let start = || {
-        std::process::Command::new(support::binary("sigil-server"))
+        std::process::Command::new(sigil_testkit::binary("sigil-server"))
             .args([
                 "run",
                 "--trust-domain",

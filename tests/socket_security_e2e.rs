@@ -2,15 +2,13 @@
 //! per data directory, a live socket is never taken over by a second process, a socket directory
 //! created by another user is refused, and SIGHUP does not stop either daemon.
 
-mod support;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use support::{binary, join_token, subdir, tempdir, wait_status, Agent, Server};
+use sigil_testkit::{binary, join_token, subdir, tempdir, wait_status, Agent, Server};
 
 /// uid/gid of `nobody`: a user other than the one running the daemons (root in CI).
 const NOBODY: u32 = 65534;

@@ -9,23 +9,22 @@
 //!
 //! Every test starts its own server and agent and bounds each wait; nothing sleeps and hopes.
 
-mod support;
-
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use sigil::clock::{now_unix, now_unix_f64};
 use sigil::proto::workload as wl;
 use sigil::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use sigil_testkit::{agent_with_workload_entries, create_entry, tempdir};
+use sigil_testkit::{Agent, Server, WorkloadAgent};
 use spiffe::transport::GrpcStatusCode;
 use spiffe::transport::TransportError;
 use spiffe::{JwtSvid, TrustDomain, WorkloadApiClient, WorkloadApiError};
-use support::{agent_with_workload_entries, create_entry, tempdir};
-use support::{Agent, Server, WorkloadAgent};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_stream::{Stream, StreamExt as _};
 
@@ -254,17 +253,6 @@ fn chain_der(svid: &spiffe::X509Svid) -> Vec<Vec<u8>> {
 fn sorted(mut v: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
     v.sort();
     v
-}
-
-fn now_unix() -> i64 {
-    now_unix_f64() as i64
-}
-
-fn now_unix_f64() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs_f64()
 }
 
 /// Leaf serial (lowercase hex) and validity (Unix seconds) of a DER certificate.
@@ -1435,7 +1423,7 @@ fn entry_removal_ends_the_stream_with_permission_denied() {
 
 /// Runs `sigil-agent <args>`; returns (success, stdout, stderr).
 fn agent_cli(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(support::binary("sigil-agent"))
+    let out = Command::new(sigil_testkit::binary("sigil-agent"))
         .args(args)
         .env_remove("SPIFFE_ENDPOINT_SOCKET")
         .output()
@@ -1554,7 +1542,7 @@ fn operator_commands_fetch_validate_watch_and_explain() {
     // explain: this test process matches WORKLOAD and nearly matches the other entry.
     let admin = w.agent.admin_socket.to_str().expect("utf-8").to_string();
     let pid = std::process::id().to_string();
-    let x = support::wait_for(30, "explain to see the near-miss entry", || {
+    let x = sigil_testkit::wait_for(30, "explain to see the near-miss entry", || {
         let x = agent_cli_json(&["explain", "--pid", &pid, "--admin-socket", &admin]);
         (x["near_misses"].as_array().is_some_and(|a| !a.is_empty())).then_some(x)
     });
@@ -1663,7 +1651,7 @@ fn api_watch_reconnects_across_an_agent_restart() {
     let socket = w.agent.socket_path();
     let (out_path, err_path) = (dir.path().join("watch.out"), dir.path().join("watch.err"));
     let mut watch = ChildGuard(
-        Command::new(support::binary("sigil-agent"))
+        Command::new(sigil_testkit::binary("sigil-agent"))
             .args(["api", "watch", "--socket-path"])
             .arg(&socket)
             .env_remove("SPIFFE_ENDPOINT_SOCKET")
@@ -1680,7 +1668,7 @@ fn api_watch_reconnects_across_an_agent_restart() {
             .map(str::to_string)
     };
     // Generous: the agent hashes the caller's (debug, ~130 MB) executable on its first call.
-    let first = support::wait_for(120, "the first SVID from api watch", || {
+    let first = sigil_testkit::wait_for(120, "the first SVID from api watch", || {
         read(&out_path)
             .lines()
             .find(|l| l.contains(&format!("received: {WORKLOAD}")))
@@ -1691,7 +1679,7 @@ fn api_watch_reconnects_across_an_agent_restart() {
     let agent_dir = w.agent.log.parent().expect("agent dir").to_path_buf();
     assert!(w.agent.stop().success());
     w.agent = Agent::start(&server, &agent_dir, &[]);
-    let out = support::wait_for(180, "api watch to print the SVID after the restart", || {
+    let out = sigil_testkit::wait_for(180, "api watch to print the SVID after the restart", || {
         let out = read(&out_path);
         let (_, after) = out.split_once("reconnected to the Workload API")?;
         after
@@ -1723,11 +1711,11 @@ fn another_user_holding_connections_does_not_starve_a_registered_workload() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
         .expect("chmod the test dir");
     let server = Server::start(&dir.path().join("server"), &[]);
-    let (token, agent_id) = support::join_token(&server);
+    let (token, agent_id) = sigil_testkit::join_token(&server);
     create_entry(&server, &agent_id, WORKLOAD, &[&uid_selector()], &[]);
     let agent = Agent::start(
         &server,
-        &support::subdir(dir.path(), "agent"),
+        &sigil_testkit::subdir(dir.path(), "agent"),
         &[
             "--join-token",
             &token,
@@ -1893,7 +1881,7 @@ fn a_stream_ends_when_the_process_that_connected_exits() {
         .read_line(&mut line)
         .expect("reading the child's pid");
     let _relay = KillOnDrop(Some(line.trim().parse().expect("the child's pid")));
-    support::wait_for(30, "the relay's socket", || proxy.exists().then_some(()));
+    sigil_testkit::wait_for(30, "the relay's socket", || proxy.exists().then_some(()));
 
     runtime().block_on(async {
         let mut client = raw_client(&proxy).await;

@@ -2,16 +2,14 @@
 //! processes: a test CA and node certificate made with rcgen, the server trusting the CA with
 //! `--x509pop-ca-bundle`, the agent proving possession of the node key.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
 };
-use support::{create_entry, evicted_agent_attests_again, only_agent, refused_agent_log};
-use support::{subdir, tempdir, Agent, Server};
+use sigil_testkit::{create_entry, evicted_agent_attests_again, only_agent, refused_agent_log};
+use sigil_testkit::{subdir, tempdir, Agent, Server};
 
 /// A CA whose certificate is written to `<dir>/<name>.pem`.
 fn make_ca(dir: &Path, name: &str) -> (PathBuf, Issuer<'static, KeyPair>) {

@@ -550,7 +550,7 @@ impl ConfigMapPublisher {
 }
 
 #[cfg(test)]
-use crate::fake_k8s;
+use sigil_testkit::fake_k8s;
 
 #[cfg(test)]
 mod tests;

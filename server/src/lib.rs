@@ -29,8 +29,3 @@ pub mod kube;
 pub mod metrics;
 pub mod run;
 pub mod sync;
-
-/// The fake Kubernetes API server of the k8s_psat and bundle publisher tests.
-#[cfg(test)]
-#[path = "../../tests/support/fake_k8s.rs"]
-mod fake_k8s;

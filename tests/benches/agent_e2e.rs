@@ -1,5 +1,5 @@
 //! End-to-end agent benchmark: real release `sigil-server` and `sigil-agent`
-//! processes on 127.0.0.1 and temp dirs (the harness of `tests/support`).
+//! processes on 127.0.0.1 and temp dirs (the harness of `sigil_testkit`).
 //!
 //! For every size N (env `SIGIL_BENCH_E2E_SIZES`, default `1000,10000,100000`): a fresh server,
 //! N entries created under the agent's node alias with `sigil-server entry create --data`
@@ -14,18 +14,16 @@
 //! `CreateEntry` calls over the admin socket, each followed by polling the agent's admin
 //! `Status` every 2 ms until the new SPIFFE ID has a cached SVID.
 //!
-//! Run: `cargo bench --bench agent_e2e`. Every wait is bounded; a size that does not finish
-//! in time is reported as such instead of hanging.
-
-#[path = "../support/mod.rs"]
-mod support;
+//! Run: `cargo build --release --workspace --bins --benches`, then `cargo bench --bench
+//! agent_e2e`. Every wait is bounded; a size that does not finish in time is reported as such
+//! instead of hanging.
 
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sigil::proto::admin as pb;
 use sigil::proto::agent_admin::{agent_admin_client::AgentAdminClient, StatusRequest};
-use support::{pct, proc_kib, tempdir, Agent, Server};
+use sigil_testkit::{pct, proc_kib, tempdir, Agent, Server};
 
 const ALIAS: &str = "spiffe://example.org/node-a";
 const LATENCY_CREATES: usize = 100;
@@ -274,7 +272,7 @@ fn main() {
         .filter_map(|s| s.trim().parse().ok())
         .collect();
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    support::binary("sigil-server"); // build the release binaries before any timing
+    sigil_testkit::binary("sigil-server"); // build the release binaries before any timing
     let load = || std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     eprintln!("load before: {}", load().trim());
     let mut results = Vec::new();

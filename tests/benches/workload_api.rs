@@ -1,5 +1,5 @@
 //! Workload API benchmark: real release `sigil-server` and `sigil-agent` processes (the harness
-//! of `tests/support`), the bench process as the workload (`unix:uid:<getuid>`).
+//! of `sigil_testkit`), the bench process as the workload (`unix:uid:<getuid>`).
 //!
 //! 1. **FetchX509SVID first-message latency** for a cached SVID: open the stream (header
 //!    `workload.spiffe.io: true`), time until the first message, drop the stream. Measured on
@@ -21,7 +21,8 @@
 //!    afterwards shows whether the agent's cache has it, and an `entry update` (new hint)
 //!    wakes the streams as a second, separately timed trigger.
 //!
-//! Run: `cargo bench --bench workload_api`. Env: `SIGIL_BENCH_WL_N` (calls per latency
+//! Run: `cargo build --release --workspace --bins --benches`, then `cargo bench --bench
+//! workload_api`. Env: `SIGIL_BENCH_WL_N` (calls per latency
 //! series, default 2000), `SIGIL_BENCH_WL_WARMUP` (default 200), `SIGIL_BENCH_WL_ROUNDS`
 //! (default 4), `SIGIL_BENCH_WL_STREAMS` (default `1000,10000`; `K/C` = K streams over C
 //! connections; empty = skip part 2), `SIGIL_BENCH_WL_BUNDLE_WAIT_SECS` (default 5),
@@ -30,9 +31,6 @@
 //! `SIGIL_BENCH_WL_DEBUG` (log tails when a trigger misses streams),
 //! `SIGIL_BENCH_WL_BASELINE_WRAPPER` / `SIGIL_TEST_AGENT_WRAPPER` (a profiler command the
 //! baseline server / the agent run under, e.g. `heaptrack -o /tmp/agent`). Every wait is bounded.
-
-#[path = "../support/mod.rs"]
-mod support;
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -46,7 +44,7 @@ use sigil::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use sigil::proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
-use support::{
+use sigil_testkit::{
     agent_with_workload_entries_and_flags, foreign_ca_pem, pct, proc_kib, tempdir, Agent, Server,
 };
 use tokio_stream::{Stream, StreamExt as _};
@@ -688,7 +686,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    support::binary("sigil-server"); // build the release binaries before any timing
+    sigil_testkit::binary("sigil-server"); // build the release binaries before any timing
     let load = || std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     eprintln!("load before: {}", load().trim());
 

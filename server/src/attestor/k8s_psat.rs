@@ -725,7 +725,7 @@ impl K8sPsatAttestor {
 }
 
 #[cfg(test)]
-use crate::fake_k8s;
+use sigil_testkit::fake_k8s;
 
 #[cfg(test)]
 mod tests;

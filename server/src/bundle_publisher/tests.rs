@@ -1,5 +1,5 @@
 //! Bundle publisher tests against the fake Kubernetes API server over real HTTPS on loopback
-//! (`tests/support/fake_k8s.rs`: ConfigMaps in memory, bearer-checked).
+//! (`sigil_testkit::fake_k8s`: ConfigMaps in memory, bearer-checked).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};

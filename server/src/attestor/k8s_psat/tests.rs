@@ -1,5 +1,5 @@
 //! k8s_psat tests: real JWT crypto (tokens minted here with RS256 and ES256 test issuers) and a
-//! fake Kubernetes API server over real HTTPS on loopback (`tests/support/fake_k8s.rs`).
+//! fake Kubernetes API server over real HTTPS on loopback (`sigil_testkit::fake_k8s`).
 
 use std::path::PathBuf;
 use std::sync::OnceLock;

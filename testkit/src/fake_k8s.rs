@@ -14,14 +14,10 @@
 //! [`TestIssuer`] mints projected service-account tokens (RS256 or ES256 with ring) and gives
 //! its JWK; [`PodClaims`] builds the claims.
 //!
-//! Shared by the server's unit tests (`server/src/attestor/k8s_psat.rs`, through `#[path]`)
-//! and `tests/k8s_psat_e2e.rs`, so it only uses crates both have.
-
-#![allow(dead_code)]
+//! Used by the server's unit tests (`k8s_psat`, the bundle publisher) and the end-to-end tests.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use http_body_util::{BodyExt as _, Full};
@@ -644,14 +640,6 @@ fn b64url(b: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
 }
 
-/// Seconds since the epoch.
-pub fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 enum IssuerKey {
     Rsa(RsaKeyPair),
     Ec(EcdsaKeyPair),
@@ -789,7 +777,7 @@ impl PodClaims {
 
     /// The JSON claims.
     pub fn to_json(&self) -> Value {
-        let now = now_unix();
+        let now = sigil::clock::now_unix();
         let mut k8s = json!({
             "namespace": self.namespace,
             "pod": {"name": self.pod_name, "uid": self.pod_uid},

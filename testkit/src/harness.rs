@@ -1,117 +1,16 @@
-//! Shared harness for end-to-end tests: real `sigil-server` processes on temp dirs.
+//! Real `sigil-server` and `sigil-agent` processes on temp dirs, and the steps end-to-end
+//! tests share (join tokens, entries, waiting on an agent's log or status).
 //!
-//! Binaries are the ones cargo built for this workspace (`target/<profile>/sigil-server`); if
-//! missing they are built once with the same cargo. Every process is killed on drop, so a failing
-//! test never leaves a server behind.
-
-#![allow(dead_code)]
+//! Every process is killed on drop, so a failing test never leaves a server behind.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use sigil::proto::admin::admin_client::AdminClient;
 use tonic::transport::Channel;
 
-/// Path of a workspace binary, building it if needed.
-pub fn binary(name: &str) -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    // tests run from target/<profile>/deps/<test-exe>
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target profile directory")
-        .to_path_buf();
-    let path = dir.join(name);
-    BUILT.get_or_init(|| {
-        let profile_release = dir.ends_with("release");
-        let mut cmd = Command::new(env!("CARGO"));
-        // The workspace and a test (or bench) target, as in the `cargo test --workspace` (or
-        // `cargo bench`) that built this one: cargo then resolves the same features (with the
-        // dev-dependencies'), so every dependency it compiled is reused and only the two
-        // binaries are built. `-p sigil-server -p sigil-agent --bins` alone would resolve
-        // without the dev-dependencies and compile ~80 crates a second time. The target named
-        // is this very test, which is up to date.
-        cmd.args(["build", "--workspace", "--bins"]);
-        cmd.args([
-            if profile_release { "--bench" } else { "--test" },
-            env!("CARGO_CRATE_NAME"),
-        ]);
-        if profile_release {
-            cmd.arg("--release");
-        }
-        cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
-        // Cargo sets package variables for the test process (CARGO_MANIFEST_DIR,
-        // CARGO_PKG_NAME, ...). Build scripts such as ring's rerun when those change, and cargo
-        // compares them as found in its own environment: inherited here, they would make this
-        // build and the outer one rebuild ring and everything above it, in turn.
-        for (key, _) in std::env::vars_os() {
-            let Some(k) = key.to_str() else { continue };
-            if k.starts_with("CARGO_PKG_")
-                || k.starts_with("CARGO_MANIFEST_")
-                || k.starts_with("CARGO_BIN_")
-                || matches!(
-                    k,
-                    "CARGO_CRATE_NAME"
-                        | "CARGO_PRIMARY_PACKAGE"
-                        | "CARGO_TARGET_TMPDIR"
-                        | "OUT_DIR"
-                )
-            {
-                cmd.env_remove(k);
-            }
-        }
-        let status = cmd.status().expect("running cargo build for the binaries");
-        assert!(status.success(), "cargo build of the binaries failed");
-    });
-    assert!(path.exists(), "{} was not built", path.display());
-    path
-}
-
-/// The whole HTTP/1.1 answer (status line, headers, body) to `GET path` on `address`
-/// (`host:port`): enough for the health and metrics endpoints.
-pub fn http_get(address: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(address)
-        .unwrap_or_else(|e| panic!("connecting to {address}: {e}"));
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .expect("writing the request");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("reading the answer");
-    out
-}
-
-/// A `/proc/<pid>/status` figure in KiB (`key` as in the file, e.g. `"VmRSS:"`); 0 if the
-/// process or the line is gone.
-pub fn proc_kib(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-/// Nearest-rank percentile `p` (0–100) of `v`, which must not be empty.
-pub fn pct(v: &[f64], p: f64) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let idx = ((p / 100.0) * s.len() as f64).ceil() as usize;
-    s[idx.saturating_sub(1).min(s.len() - 1)]
-}
-
-/// A temp dir for one test, removed on drop.
-pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("sigil-e2e-")
-        .tempdir()
-        .expect("creating temp dir")
-}
+use crate::process::{binary, free_port, http_get, subdir};
 
 /// A running `sigil-server`.
 pub struct Server {
@@ -316,14 +215,6 @@ impl Drop for Server {
             let _ = c.wait();
         }
     }
-}
-
-/// A free loopback TCP port (bound then released; fine for tests on one machine).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("finding a free port")
 }
 
 /// A running `sigil-agent`, killed on drop.
@@ -671,28 +562,6 @@ pub fn foreign_ca_pem(common_name: &str) -> String {
     params.self_signed(&key).expect("self-signing a CA").pem()
 }
 
-/// Polls `f` every 100 ms until it returns `Some` (fails the test with `what` after `secs`).
-pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {secs} s waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// `<root>/<name>`, created.
-pub fn subdir(root: &Path, name: &str) -> PathBuf {
-    let d = root.join(name);
-    std::fs::create_dir_all(&d).expect("creating dir");
-    d
-}
-
 /// How many X509-SVIDs an agent's log says it has minted (the sum of its `signed=` counts).
 pub fn minted(log: &str) -> usize {
     log.lines()
@@ -784,18 +653,4 @@ pub fn evicted_agent_attests_again(
         "minting after re-attestation",
     );
     agents
-}
-
-/// Stops a child for good (from a `Drop`): SIGTERM, up to `grace` to exit, then SIGKILL; reaped.
-pub fn terminate(child: &mut Child, grace: Duration) {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
 }

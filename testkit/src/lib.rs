@@ -1,0 +1,17 @@
+//! Test support shared by Sigil's tests and benchmarks.
+//!
+//! - Processes: [`Server`] and [`Agent`] run the real `sigil-server` and `sigil-agent` binaries
+//!   on temp dirs (killed on drop, so a failing test leaves nothing behind), with helpers for
+//!   entries, join tokens and waiting on logs and status; [`binary`] finds the binaries cargo
+//!   built, [`terminate`] stops other programs the tests start.
+//! - [`fake_k8s`]: a fake Kubernetes API server (pods, nodes, TokenReview, ConfigMaps, OIDC
+//!   discovery) over real HTTPS, and a service-account token issuer.
+//! - [`fake_kubelet`]: a fake kubelet serving pod lists over real HTTPS.
+
+pub mod fake_k8s;
+pub mod fake_kubelet;
+mod harness;
+mod process;
+
+pub use harness::*;
+pub use process::*;
