@@ -76,10 +76,7 @@ fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
 
 fn env_list(key: &str, default: &[usize]) -> Vec<usize> {
     match std::env::var(key) {
-        Ok(v) => v
-            .split(',')
-            .filter_map(|s| s.trim().parse().ok())
-            .collect(),
+        Ok(v) => v.split(',').filter_map(|s| s.trim().parse().ok()).collect(),
         Err(_) => default.to_vec(),
     }
 }
@@ -92,10 +89,8 @@ impl Config {
     fn from_env() -> Self {
         let quick = std::env::var_os("VS_SPIRE_QUICK").is_some_and(|v| v != "0");
         let q = |full: usize, small: usize| if quick { small } else { full };
-        let out = std::env::var_os("VS_SPIRE_OUT").map_or_else(
-            || target_dir().join("vs-spire"),
-            PathBuf::from,
-        );
+        let out = std::env::var_os("VS_SPIRE_OUT")
+            .map_or_else(|| target_dir().join("vs-spire"), PathBuf::from);
         Config {
             runs: env_or("VS_SPIRE_RUNS", q(3, 1)),
             rows: env_list("VS_SPIRE_ROWS", &[1, 2, 3, 4, 5, 6, 7])
@@ -171,7 +166,9 @@ fn pct(v: &[f64], p: f64) -> f64 {
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// Status code and body of `GET path` on `127.0.0.1:port` (HTTP/1.1, connection close).
@@ -209,7 +206,14 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 /// Sum of `bytes_received` / `bytes_acked` over established TCP connections to `port`.
 fn ss_bytes(port: u16) -> Option<(u64, u64)> {
     let out = Command::new("ss")
-        .args(["-tinH", "state", "established", "dport", "=", &format!(":{port}")])
+        .args([
+            "-tinH",
+            "state",
+            "established",
+            "dport",
+            "=",
+            &format!(":{port}"),
+        ])
         .output()
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -242,7 +246,9 @@ fn foreign_ca_pem(cn: &str) -> Result<String> {
     let key = rcgen::KeyPair::generate()?;
     let mut params = rcgen::CertificateParams::default();
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
     Ok(params.self_signed(&key)?.pem())
 }
 
@@ -289,7 +295,12 @@ impl Bins {
             spire_server: spire.join("spire-server"),
             spire_agent: spire.join("spire-agent"),
         };
-        for p in [&b.sigil_server, &b.sigil_agent, &b.spire_server, &b.spire_agent] {
+        for p in [
+            &b.sigil_server,
+            &b.sigil_agent,
+            &b.spire_server,
+            &b.spire_agent,
+        ] {
             if !p.exists() {
                 bail!(
                     "{} is missing: run bench/vs-spire.sh, which builds both systems",
@@ -485,7 +496,11 @@ health_checks {{
                 return Ok(since.elapsed());
             }
             if let Some(st) = self.proc.exited() {
-                bail!("{} server exited ({st}):\n{}", self.sys.name(), self.proc.log_tail());
+                bail!(
+                    "{} server exited ({st}):\n{}",
+                    self.sys.name(),
+                    self.proc.log_tail()
+                );
             }
             if Instant::now() > deadline {
                 bail!("{} server not ready in {secs} s", self.sys.name());
@@ -509,11 +524,16 @@ health_checks {{
             }
             Sys::Spire => {
                 // Subcommand words first, then the socket, then SPIRE's flag names.
-                let split = args.iter().position(|a| a.starts_with("--")).unwrap_or(args.len());
-                cmd.args(&args[..split]).arg("-socketPath").arg(&self.socket);
+                let split = args
+                    .iter()
+                    .position(|a| a.starts_with("--"))
+                    .unwrap_or(args.len());
+                cmd.args(&args[..split])
+                    .arg("-socketPath")
+                    .arg(&self.socket);
                 for a in &args[split..] {
                     let spire = match *a {
-                        "--spiffe-id" => "-spiffeID"
+                        "--spiffe-id" => "-spiffeID",
                         "--parent-id" => "-parentID",
                         "--selector" => "-selector",
                         "--data" => "-data",
@@ -527,8 +547,8 @@ health_checks {{
                 }
             }
         }
-        cmd.stdin(Stdio::null())
-            .output()
+        cmd.stdin(Stdio::null());
+        output_within(&mut cmd, CLI_TIMEOUT)
             .with_context(|| format!("running {} {args:?}", self.bin.display()))
     }
 
@@ -549,7 +569,14 @@ health_checks {{
     fn token(&self, alias: &str) -> Result<String> {
         match self.sys {
             Sys::Sigil => {
-                let out = self.cli_ok(&["token", "generate", "--spiffe-id", alias, "--output", "json"])?;
+                let out = self.cli_ok(&[
+                    "token",
+                    "generate",
+                    "--spiffe-id",
+                    alias,
+                    "--output",
+                    "json",
+                ])?;
                 let v: serde_json::Value = serde_json::from_str(&out)?;
                 v["token"]
                     .as_str()
@@ -557,7 +584,8 @@ health_checks {{
                     .ok_or_else(|| anyhow!("no token in {out}"))
             }
             Sys::Spire => {
-                let out = self.cli_ok(&["token", "generate", "--spiffe-id", alias, "--ttl", "3600"])?;
+                let out =
+                    self.cli_ok(&["token", "generate", "--spiffe-id", alias, "--ttl", "3600"])?;
                 out.lines()
                     .find_map(|l| l.strip_prefix("Token: "))
                     .map(|t| t.trim().to_string())
@@ -583,10 +611,7 @@ health_checks {{
         for p in &files {
             let path = p.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?;
             let out = self.cli_ok(&["entry", "create", "--data", path, "--output", "json"])?;
-            // A batch may answer success while single entries failed: check they did not.
-            if out.contains("\"code\": 6") || out.contains("AlreadyExists") {
-                bail!("{} entry create: some entries failed: {}", self.sys.name(), &out[..out.len().min(500)]);
-            }
+            check_batch(self.sys, &out)?;
         }
         Ok(t.elapsed())
     }
@@ -602,6 +627,52 @@ health_checks {{
     }
 }
 
+/// The longest any one CLI call may take.
+const CLI_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// `cmd.output()`, killed and failed after `limit`.
+fn output_within(cmd: &mut Command, limit: Duration) -> Result<Output> {
+    let dir = tempfile::tempdir()?;
+    let (o, e) = (dir.path().join("out"), dir.path().join("err"));
+    let mut child = cmd
+        .stdout(std::fs::File::create(&o)?)
+        .stderr(std::fs::File::create(&e)?)
+        .spawn()?;
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("did not finish in {} s", limit.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    Ok(Output {
+        status,
+        stdout: std::fs::read(&o)?,
+        stderr: std::fs::read(&e)?,
+    })
+}
+
+/// A batch create exits 0 even when single entries failed (both CLIs): check every result.
+fn check_batch(sys: Sys, out: &str) -> Result<()> {
+    let v: serde_json::Value =
+        serde_json::from_str(out).with_context(|| format!("{} entry create output", sys.name()))?;
+    let results = v["results"].as_array().cloned().unwrap_or_default();
+    for r in &results {
+        let code = r["status"]["code"].as_i64().unwrap_or(0);
+        // SPIRE: {"status": {"code": 0}}; Sigil: {"status": "Ok"}.
+        let text_failed = r["status"].as_str().is_some_and(|s| s != "Ok");
+        if code != 0 || text_failed {
+            bail!("{} entry create: an entry failed: {r}", sys.name());
+        }
+    }
+    Ok(())
+}
+
 /// A running agent of either system.
 struct Agent {
     sys: Sys,
@@ -614,13 +685,22 @@ impl Agent {
     /// Spawns an agent attesting with `token` (does not wait). `cache`: SPIRE's
     /// `x509_svid_cache_max_size` (SPIRE mints SVIDs for at most that many entries ahead of a
     /// workload asking; Sigil for all).
-    fn spawn(sys: Sys, bins: &Bins, server: &Server, dir: &Path, token: &str, cache: usize) -> Result<Agent> {
+    fn spawn(
+        sys: Sys,
+        bins: &Bins,
+        server: &Server,
+        dir: &Path,
+        token: &str,
+        cache: usize,
+    ) -> Result<Agent> {
         std::fs::create_dir_all(dir.join("data"))?;
         let bundle = dir.join("bundle.pem");
         if !bundle.exists() {
             std::fs::write(&bundle, server.bundle_pem()?)?;
         }
-        let socket = dir.join("api.sock");
+        // SPIRE refuses an admin socket in the Workload API socket's directory or below it.
+        std::fs::create_dir_all(dir.join("public"))?;
+        let socket = dir.join("public").join("api.sock");
         let metrics_port = free_port()?;
         let mut cmd = match sys {
             Sys::Sigil => {
@@ -693,7 +773,10 @@ telemetry {{
                     ),
                 )?;
                 let mut c = Command::new(&bins.spire_agent);
-                c.arg("run").arg("-config").arg(&conf).args(["-joinToken", token]);
+                c.arg("run")
+                    .arg("-config")
+                    .arg(&conf)
+                    .args(["-joinToken", token]);
                 c
             }
         };
@@ -740,7 +823,10 @@ struct Setup {
 }
 
 fn uid_selector() -> (String, String) {
-    ("unix".into(), format!("uid:{}", nix::unistd::getuid().as_raw()))
+    (
+        "unix".into(),
+        format!("uid:{}", nix::unistd::getuid().as_raw()),
+    )
 }
 
 fn setup_workload(sys: Sys, bins: &Bins) -> Result<Setup> {
@@ -782,7 +868,10 @@ fn setup_workload(sys: Sys, bins: &Bins) -> Result<Setup> {
                 }
             }
             if Instant::now() > deadline {
-                bail!("{} agent did not serve {WORKLOAD} with the other.org bundle in 60 s", sys.name());
+                bail!(
+                    "{} agent did not serve {WORKLOAD} with the other.org bundle in 60 s",
+                    sys.name()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -803,7 +892,9 @@ fn rt() -> tokio::runtime::Runtime {
 // ---------------------------------------------------------------------------------------------
 
 async fn client(socket: &Path) -> Result<SpiffeWorkloadApiClient<Channel>> {
-    Ok(SpiffeWorkloadApiClient::new(sigil::uds::connect(socket).await?))
+    Ok(SpiffeWorkloadApiClient::new(
+        sigil::uds::connect(socket).await?,
+    ))
 }
 
 async fn first_message(c: &mut SpiffeWorkloadApiClient<Channel>) -> Result<wl::X509svidResponse> {
@@ -822,13 +913,12 @@ async fn first_message_fresh(socket: &Path) -> Result<wl::X509svidResponse> {
 }
 
 async fn jwt(c: &mut SpiffeWorkloadApiClient<Channel>) -> Result<wl::JwtsvidResponse> {
-    Ok(c
-        .fetch_jwtsvid(with_header(wl::JwtsvidRequest {
-            audience: vec!["bench".into()],
-            spiffe_id: String::new(),
-        }))
-        .await?
-        .into_inner())
+    Ok(c.fetch_jwtsvid(with_header(wl::JwtsvidRequest {
+        audience: vec!["bench".into()],
+        spiffe_id: String::new(),
+    }))
+    .await?
+    .into_inner())
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -902,7 +992,18 @@ impl Results {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn put(&mut self, row: u8, key: &str, label: &str, unit: &'static str, lower_better: bool, sys: Sys, run: usize, v: Option<f64>, note: &str) {
+    fn put(
+        &mut self,
+        row: u8,
+        key: &str,
+        label: &str,
+        unit: &'static str,
+        lower_better: bool,
+        sys: Sys,
+        run: usize,
+        v: Option<f64>,
+        note: &str,
+    ) {
         self.def(row, key, label, unit, lower_better);
         self.values
             .entry(key.into())
@@ -1016,7 +1117,10 @@ impl Results {
                 } else {
                     let sigil_better = (r > 1.0) == d.lower_better;
                     let by = if r > 1.0 { r } else { 1.0 / r };
-                    format!("{} by {by:.2}×", if sigil_better { "**Sigil**" } else { "SPIRE" })
+                    format!(
+                        "{} by {by:.2}×",
+                        if sigil_better { "**Sigil**" } else { "SPIRE" }
+                    )
                 };
                 (format!("{r:.2}"), verdict)
             };
@@ -1054,14 +1158,23 @@ fn fmt_num(v: f64) -> String {
 // ---------------------------------------------------------------------------------------------
 
 /// Rows 1 and 3 on one setup per system.
-fn rows_1_and_3(cfg: &Config, bins: &Bins, res: &mut Results, run: usize, order: &[Sys]) -> Result<()> {
+fn rows_1_and_3(
+    cfg: &Config,
+    bins: &Bins,
+    res: &mut Results,
+    run: usize,
+    order: &[Sys],
+) -> Result<()> {
     let mut setups = BTreeMap::new();
     for &sys in order {
         setups.insert(sys, setup_workload(sys, bins)?);
     }
     let rt = rt();
     if cfg.rows.contains(&1) {
-        eprintln!("  row 1: Workload API latency ({} calls per series)", cfg.lat_calls);
+        eprintln!(
+            "  row 1: Workload API latency ({} calls per series)",
+            cfg.lat_calls
+        );
         let per = cfg.lat_calls.div_ceil(cfg.lat_rounds);
         let mut got: BTreeMap<(Sys, &str), Vec<f64>> = BTreeMap::new();
         let kinds = [
@@ -1079,14 +1192,29 @@ fn rows_1_and_3(cfg: &Config, bins: &Bins, res: &mut Results, run: usize, order:
                 }
             }
         }
-        for ((sys, name), v) in &got {
+        for ((sys, name), v) in kinds
+            .iter()
+            .flat_map(|(_, name)| order.iter().map(move |s| (*s, *name)))
+            .filter_map(|k| got.get(&k).map(|v| (k, v)))
+        {
+            let (sys, name) = (&sys, &name);
             let label = match *name {
                 "x509_persistent" => "FetchX509SVID first message, persistent connection",
                 "x509_new_connection" => "FetchX509SVID first message, new connection per call",
                 _ => "FetchJWTSVID, persistent connection",
             };
             for (p, tag) in [(50.0, "p50"), (99.0, "p99")] {
-                res.put(1, &format!("{name}_{tag}"), &format!("{label}, {tag}"), "ms", true, *sys, run, Some(pct(v, p)), "");
+                res.put(
+                    1,
+                    &format!("{name}_{tag}"),
+                    &format!("{label}, {tag}"),
+                    "ms",
+                    true,
+                    *sys,
+                    run,
+                    Some(pct(v, p)),
+                    "",
+                );
             }
             for x in v {
                 res.sample("latency", *sys, run, name, *x);
@@ -1094,11 +1222,18 @@ fn rows_1_and_3(cfg: &Config, bins: &Bins, res: &mut Results, run: usize, order:
         }
         for &sys in order {
             let m = rt.block_on(first_message_fresh(&setups[&sys].agent.socket))?;
-            eprintln!("    [{}] first message: {} bytes", sys.name(), prost::Message::encoded_len(&m));
+            eprintln!(
+                "    [{}] first message: {} bytes",
+                sys.name(),
+                prost::Message::encoded_len(&m)
+            );
         }
     }
     if cfg.rows.contains(&3) {
-        eprintln!("  row 3: entry create → open stream ({} creates)", cfg.creates);
+        eprintln!(
+            "  row 3: entry create → open stream ({} creates)",
+            cfg.creates
+        );
         for &sys in order {
             let s = &setups[&sys];
             let (v, cli, note) = rt.block_on(create_to_stream(s, sys, cfg.creates, run))?;
@@ -1107,9 +1242,29 @@ fn rows_1_and_3(cfg: &Config, bins: &Bins, res: &mut Results, run: usize, order:
             }
             let ok = v.len() == cfg.creates;
             for (p, tag) in [(50.0, "p50"), (99.0, "p99")] {
-                res.put(3, &format!("create_to_stream_{tag}"), &format!("entry create (CLI start) → update on an open stream, {tag}"), "ms", true, sys, run, ok.then(|| pct(&v, p)), &note);
+                res.put(
+                    3,
+                    &format!("create_to_stream_{tag}"),
+                    &format!("entry create (CLI start) → update on an open stream, {tag}"),
+                    "ms",
+                    true,
+                    sys,
+                    run,
+                    ok.then(|| pct(&v, p)),
+                    &note,
+                );
             }
-            res.put(3, "create_cli_p50", "entry create CLI alone (one entry), p50", "ms", true, sys, run, Some(pct(&cli, 50.0)), "");
+            res.put(
+                3,
+                "create_cli_p50",
+                "entry create CLI alone (one entry), p50",
+                "ms",
+                true,
+                sys,
+                run,
+                Some(pct(&cli, 50.0)),
+                "",
+            );
         }
     }
     Ok(())
@@ -1117,7 +1272,12 @@ fn rows_1_and_3(cfg: &Config, bins: &Bins, res: &mut Results, run: usize, order:
 
 /// Opens one FetchX509SVID stream, then `n` times creates an entry for this uid and times until
 /// a message on the stream carries its SVID. Returns (latencies ms, CLI durations ms, note).
-async fn create_to_stream(s: &Setup, sys: Sys, n: usize, run: usize) -> Result<(Vec<f64>, Vec<f64>, String)> {
+async fn create_to_stream(
+    s: &Setup,
+    sys: Sys,
+    n: usize,
+    run: usize,
+) -> Result<(Vec<f64>, Vec<f64>, String)> {
     let mut c = client(&s.agent.socket).await?;
     let mut stream = c
         .fetch_x509svid(with_header(wl::X509svidRequest {}))
@@ -1136,8 +1296,14 @@ async fn create_to_stream(s: &Setup, sys: Sys, n: usize, run: usize) -> Result<(
             federates: false,
         };
         let p = s.pem_dir.join(format!("create-{i}.json"));
-        std::fs::write(&p, serde_json::to_vec(&serde_json::json!({"entries": [spec.json()]}))?)?;
-        let path = p.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?.to_string();
+        std::fs::write(
+            &p,
+            serde_json::to_vec(&serde_json::json!({"entries": [spec.json()]}))?,
+        )?;
+        let path = p
+            .to_str()
+            .ok_or_else(|| anyhow!("non-UTF-8 path"))?
+            .to_string();
         // The CLI runs on a thread while the stream is read here.
         let t0 = Instant::now();
         let server_bin = s.server.bin.clone();
@@ -1146,7 +1312,10 @@ async fn create_to_stream(s: &Setup, sys: Sys, n: usize, run: usize) -> Result<(
             let mut cmd = Command::new(server_bin);
             cmd.args(["entry", "create"]);
             match sys {
-                Sys::Sigil => cmd.args(["--data", &path]).arg("--admin-socket").arg(&socket),
+                Sys::Sigil => cmd
+                    .args(["--data", &path])
+                    .arg("--admin-socket")
+                    .arg(&socket),
                 Sys::Spire => cmd.arg("-socketPath").arg(&socket).args(["-data", &path]),
             };
             let out = cmd.output();
@@ -1155,7 +1324,9 @@ async fn create_to_stream(s: &Setup, sys: Sys, n: usize, run: usize) -> Result<(
         let found = tokio::time::timeout(wait, async {
             loop {
                 match stream.message().await {
-                    Ok(Some(m)) if m.svids.iter().any(|v| v.spiffe_id == id) => return Ok(t0.elapsed()),
+                    Ok(Some(m)) if m.svids.iter().any(|v| v.spiffe_id == id) => {
+                        return Ok(t0.elapsed())
+                    }
                     Ok(Some(_)) => {}
                     Ok(None) => bail!("stream ended"),
                     Err(e) => bail!("stream error: {e}"),
@@ -1163,10 +1334,14 @@ async fn create_to_stream(s: &Setup, sys: Sys, n: usize, run: usize) -> Result<(
             }
         })
         .await;
-        let (out, cli_d) = cli_task.await?;
-        let out = out?;
-        if !out.status.success() {
-            bail!("{} entry create failed: {}", sys.name(), String::from_utf8_lossy(&out.stderr));
+        let (output, cli_d) = cli_task.await?;
+        let output = output?;
+        if !output.status.success() {
+            bail!(
+                "{} entry create failed: {}",
+                sys.name(),
+                String::from_utf8_lossy(&output.stderr)
+            );
         }
         cli.push(cli_d.as_secs_f64() * 1e3);
         match found {
@@ -1188,13 +1363,69 @@ fn row_2(cfg: &Config, bins: &Bins, res: &mut Results, run: usize, order: &[Sys]
             let s = setup_workload(sys, bins)?;
             let r = many_streams(&s, k, run, Duration::from_secs(cfg.prop_wait))?;
             let ks = format!("{k}");
-            res.put(2, &format!("rss_streams_{k}"), &format!("agent RSS with {ks} streams open (one connection each)"), "MiB", true, sys, run, (r.opened == k).then_some(r.rss_open as f64 / 1024.0), &r.note);
-            res.put(2, &format!("open_streams_{k}"), &format!("time to open {ks} streams (first message on each)"), "s", true, sys, run, (r.opened == k).then_some(r.open_secs), &r.note);
+            res.put(
+                2,
+                &format!("rss_streams_{k}"),
+                &format!("agent RSS with {ks} streams open (one connection each)"),
+                "MiB",
+                true,
+                sys,
+                run,
+                (r.opened == k).then_some(r.rss_open as f64 / 1024.0),
+                &r.note,
+            );
+            res.put(
+                2,
+                &format!("open_streams_{k}"),
+                &format!("time to open {ks} streams (first message on each)"),
+                "s",
+                true,
+                sys,
+                run,
+                (r.opened == k).then_some(r.open_secs),
+                &r.note,
+            );
             let all = r.arrivals.len() == r.opened && r.opened == k;
-            let note = if all { String::new() } else { format!("{} of {} streams updated in {} s; {}", r.arrivals.len(), r.opened, cfg.prop_wait, r.note) };
-            res.put(2, &format!("bundle_all_{k}"), &format!("bundle change → all {ks} streams updated (last)"), "ms", true, sys, run, all.then(|| pct(&r.arrivals, 100.0)), &note);
-            res.put(2, &format!("bundle_p50_{k}"), &format!("bundle change → stream updated, p50 of {ks}"), "ms", true, sys, run, (!r.arrivals.is_empty()).then(|| pct(&r.arrivals, 50.0)), "");
-            res.sample("streams_rss", sys, run, &format!("{k}"), r.rss_open as f64 / 1024.0);
+            let note = if all {
+                String::new()
+            } else {
+                format!(
+                    "{} of {} streams updated in {} s; {}",
+                    r.arrivals.len(),
+                    r.opened,
+                    cfg.prop_wait,
+                    r.note
+                )
+            };
+            res.put(
+                2,
+                &format!("bundle_all_{k}"),
+                &format!("bundle change → all {ks} streams updated (last)"),
+                "ms",
+                true,
+                sys,
+                run,
+                all.then(|| pct(&r.arrivals, 100.0)),
+                &note,
+            );
+            res.put(
+                2,
+                &format!("bundle_p50_{k}"),
+                &format!("bundle change → stream updated, p50 of {ks}"),
+                "ms",
+                true,
+                sys,
+                run,
+                (!r.arrivals.is_empty()).then(|| pct(&r.arrivals, 50.0)),
+                "",
+            );
+            res.sample(
+                "streams_rss",
+                sys,
+                run,
+                &format!("{k}"),
+                r.rss_open as f64 / 1024.0,
+            );
             res.sample("streams_rss", sys, run, "0", r.rss_idle as f64 / 1024.0);
             for a in &r.arrivals {
                 res.sample("bundle_propagation", sys, run, &ks, *a);
@@ -1254,22 +1485,32 @@ fn many_streams(s: &Setup, k: usize, run: usize, wait: Duration) -> Result<Strea
                         .fetch_x509svid(with_header(wl::X509svidRequest {}))
                         .await?
                         .into_inner();
-                    let first = st.message().await?.ok_or_else(|| anyhow!("no first message"))?;
+                    let first = st
+                        .message()
+                        .await?
+                        .ok_or_else(|| anyhow!("no first message"))?;
                     anyhow::Ok((c, st, first))
                 };
-                let (_c, mut st, _first) = match tokio::time::timeout(Duration::from_secs(60), opening).await {
-                    Ok(Ok(x)) => x,
-                    Ok(Err(e)) => {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                        first_err.lock().expect("lock").get_or_insert(format!("{e:#}"));
-                        return;
-                    }
-                    Err(_) => {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                        first_err.lock().expect("lock").get_or_insert("open timed out (60 s)".into());
-                        return;
-                    }
-                };
+                let (_c, mut st, _first) =
+                    match tokio::time::timeout(Duration::from_secs(60), opening).await {
+                        Ok(Ok(x)) => x,
+                        Ok(Err(e)) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            first_err
+                                .lock()
+                                .expect("lock")
+                                .get_or_insert(format!("{e:#}"));
+                            return;
+                        }
+                        Err(_) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            first_err
+                                .lock()
+                                .expect("lock")
+                                .get_or_insert("open timed out (60 s)".into());
+                            return;
+                        }
+                    };
                 drop(permit);
                 opened.fetch_add(1, Ordering::Relaxed);
                 loop {
@@ -1292,7 +1533,9 @@ fn many_streams(s: &Setup, k: usize, run: usize, wait: Duration) -> Result<Strea
         );
     }
     let deadline = Instant::now() + Duration::from_secs(300);
-    while opened.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed) < k && Instant::now() < deadline {
+    while opened.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed) < k
+        && Instant::now() < deadline
+    {
         std::thread::sleep(Duration::from_millis(10));
     }
     let open_secs = t_open.elapsed().as_secs_f64();
@@ -1340,7 +1583,11 @@ fn many_streams(s: &Setup, k: usize, run: usize, wait: Duration) -> Result<Strea
 fn sync_entries(n: usize, parent: &str, tag: &str) -> Vec<EntrySpec> {
     (0..n)
         .map(|i| EntrySpec {
-            spiffe_id: format!("spiffe://example.org/{tag}/ns-{}/sa-{}/w-{i}", i % 100, i % 5000),
+            spiffe_id: format!(
+                "spiffe://example.org/{tag}/ns-{}/sa-{}/w-{i}",
+                i % 100,
+                i % 5000
+            ),
             parent_id: parent.into(),
             selectors: vec![
                 ("k8s".into(), format!("ns:ns-{}", i % 100)),
@@ -1355,13 +1602,19 @@ fn sync_entries(n: usize, parent: &str, tag: &str) -> Vec<EntrySpec> {
 
 /// Waits until every agent holds `n` entries and `n` SVIDs (its metrics, polled every 50 ms).
 /// Returns per agent (time to entries, time to SVIDs) from `t0`; `None` where it ran out.
-fn wait_synced(agents: &mut [Agent], n: usize, t0: Instant, secs: u64) -> Vec<(Option<f64>, Option<f64>)> {
+fn wait_synced(
+    agents: &mut [Agent],
+    n: usize,
+    t0: Instant,
+    secs: u64,
+) -> Vec<(Option<f64>, Option<f64>)> {
     let mut out = vec![(None, None); agents.len()];
+    let mut gone = vec![false; agents.len()];
     let deadline = t0 + Duration::from_secs(secs);
     loop {
         let mut done = true;
-        for (a, o) in agents.iter_mut().zip(out.iter_mut()) {
-            if o.1.is_some() {
+        for ((a, o), gone) in agents.iter_mut().zip(out.iter_mut()).zip(gone.iter_mut()) {
+            if o.1.is_some() || *gone {
                 continue;
             }
             done = false;
@@ -1375,8 +1628,8 @@ fn wait_synced(agents: &mut [Agent], n: usize, t0: Instant, secs: u64) -> Vec<(O
                     o.1 = Some(t);
                 }
             }
-            if a.proc.exited().is_some() {
-                o.1 = o.1.or(None);
+            if o.1.is_none() && a.proc.exited().is_some() {
+                *gone = true;
             }
         }
         if done || Instant::now() > deadline {
@@ -1387,7 +1640,13 @@ fn wait_synced(agents: &mut [Agent], n: usize, t0: Instant, secs: u64) -> Vec<(O
 }
 
 /// Rows 4 and 6: one server per size with N entries for one agent.
-fn rows_4_and_6(cfg: &Config, bins: &Bins, res: &mut Results, run: usize, order: &[Sys]) -> Result<()> {
+fn rows_4_and_6(
+    cfg: &Config,
+    bins: &Bins,
+    res: &mut Results,
+    run: usize,
+    order: &[Sys],
+) -> Result<()> {
     let max = cfg.sync_sizes.iter().copied().max().unwrap_or(0);
     for &n in &cfg.sync_sizes {
         for &sys in order {
@@ -1402,18 +1661,54 @@ fn rows_4_and_6(cfg: &Config, bins: &Bins, res: &mut Results, run: usize, order:
             let nk = fmt_k(n);
             if cfg.rows.contains(&6) && n == max {
                 let rate = n as f64 / create.as_secs_f64();
-                let note = if create.as_secs() > fill_timeout { "slow fill" } else { "" };
-                res.put(6, &format!("create_rate_{n}"), &format!("entry create, batches of 1,000 (CLI), {nk} entries"), "entries/s", false, sys, run, Some(rate), note);
+                let note = if create.as_secs() > fill_timeout {
+                    "slow fill"
+                } else {
+                    ""
+                };
+                res.put(
+                    6,
+                    &format!("create_rate_{n}"),
+                    &format!("entry create, batches of 1,000 (CLI), {nk} entries"),
+                    "entries/s",
+                    false,
+                    sys,
+                    run,
+                    Some(rate),
+                    note,
+                );
                 std::thread::sleep(Duration::from_secs(1));
-                res.put(6, &format!("server_rss_{n}"), &format!("server RSS holding {nk} entries"), "MiB", true, sys, run, Some(proc_kib(server.proc.pid(), "VmRSS:") as f64 / 1024.0), "");
+                res.put(
+                    6,
+                    &format!("server_rss_{n}"),
+                    &format!("server RSS holding {nk} entries"),
+                    "MiB",
+                    true,
+                    sys,
+                    run,
+                    Some(proc_kib(server.proc.pid(), "VmRSS:") as f64 / 1024.0),
+                    "",
+                );
                 let spiffe = entries[n / 2].spiffe_id.clone();
                 let queries: [(&str, &str, Vec<&str>); 3] = [
-                    ("show_spiffe_id", "entry show by SPIFFE ID (1 hit)", vec!["entry", "show", "--spiffe-id", &spiffe]),
-                    ("show_selector", "entry show by selector k8s:sa:sa-7 (20 hits)", vec!["entry", "show", "--selector", "k8s:sa:sa-7"]),
+                    (
+                        "show_spiffe_id",
+                        "entry show by SPIFFE ID (1 hit)",
+                        vec!["entry", "show", "--spiffe-id", &spiffe],
+                    ),
+                    (
+                        "show_selector",
+                        "entry show by selector k8s:sa:sa-7 (20 hits)",
+                        vec!["entry", "show", "--selector", "k8s:sa:sa-7"],
+                    ),
                     ("show_all", "entry show, all entries", vec!["entry", "show"]),
                 ];
                 for (key, label, args) in queries {
-                    let calls = if key == "show_all" { cfg.list_calls.min(3) } else { cfg.list_calls };
+                    let calls = if key == "show_all" {
+                        cfg.list_calls.min(3)
+                    } else {
+                        cfg.list_calls
+                    };
                     let mut v = Vec::new();
                     let mut note = String::new();
                     for _ in 0..calls {
@@ -1428,7 +1723,17 @@ fn rows_4_and_6(cfg: &Config, bins: &Bins, res: &mut Results, run: usize, order:
                             }
                         }
                     }
-                    res.put(6, &format!("{key}_{n}"), &format!("{label}, {nk} entries, CLI, p50"), "ms", true, sys, run, (!v.is_empty()).then(|| pct(&v, 50.0)), &note);
+                    res.put(
+                        6,
+                        &format!("{key}_{n}"),
+                        &format!("{label}, {nk} entries, CLI, p50"),
+                        "ms",
+                        true,
+                        sys,
+                        run,
+                        (!v.is_empty()).then(|| pct(&v, 50.0)),
+                        &note,
+                    );
                 }
             }
             if !cfg.rows.contains(&4) {
@@ -1436,18 +1741,68 @@ fn rows_4_and_6(cfg: &Config, bins: &Bins, res: &mut Results, run: usize, order:
             }
             let timeout = 60 + n as u64 / 200; // 560 s at 100,000
             let t0 = Instant::now();
-            let agent = Agent::spawn(sys, bins, &server, &dir.path().join("agent"), &token, n + 10)?;
+            let agent = Agent::spawn(
+                sys,
+                bins,
+                &server,
+                &dir.path().join("agent"),
+                &token,
+                n + 10,
+            )?;
             let pid = agent.pid();
             let mut agents = [agent];
             let r = wait_synced(&mut agents, n, t0, timeout)[0];
             let dnf = format!("did not finish in {timeout} s");
-            let exited = agents[0].proc.exited().map(|s| format!("agent exited ({s})"));
+            let exited = agents[0]
+                .proc
+                .exited()
+                .map(|s| format!("agent exited ({s})"));
             let note = exited.clone().unwrap_or_else(|| dnf.clone());
-            res.put(4, &format!("sync_entries_{n}"), &format!("agent start → all {nk} entries synced"), "s", true, sys, run, r.0, if r.0.is_none() { &note } else { "" });
-            res.put(4, &format!("sync_svids_{n}"), &format!("agent start → all {nk} SVIDs cached"), "s", true, sys, run, r.1, if r.1.is_none() { &note } else { "" });
-            res.put(4, &format!("sync_rss_{n}"), &format!("agent RSS after syncing {nk} entries"), "MiB", true, sys, run, Some(proc_kib(pid, "VmRSS:") as f64 / 1024.0), if r.1.is_none() { "at the timeout" } else { "" });
+            res.put(
+                4,
+                &format!("sync_entries_{n}"),
+                &format!("agent start → all {nk} entries synced"),
+                "s",
+                true,
+                sys,
+                run,
+                r.0,
+                if r.0.is_none() { &note } else { "" },
+            );
+            res.put(
+                4,
+                &format!("sync_svids_{n}"),
+                &format!("agent start → all {nk} SVIDs cached"),
+                "s",
+                true,
+                sys,
+                run,
+                r.1,
+                if r.1.is_none() { &note } else { "" },
+            );
+            res.put(
+                4,
+                &format!("sync_rss_{n}"),
+                &format!("agent RSS after syncing {nk} entries"),
+                "MiB",
+                true,
+                sys,
+                run,
+                Some(proc_kib(pid, "VmRSS:") as f64 / 1024.0),
+                if r.1.is_none() { "at the timeout" } else { "" },
+            );
             if let Some((inb, outb)) = ss_bytes(server.port) {
-                res.put(4, &format!("sync_bytes_{n}"), &format!("TCP bytes agent ↔ server for {nk} entries (in + out)"), "MiB", true, sys, run, Some((inb + outb) as f64 / 1_048_576.0), if r.1.is_none() { "at the timeout" } else { "" });
+                res.put(
+                    4,
+                    &format!("sync_bytes_{n}"),
+                    &format!("TCP bytes agent ↔ server for {nk} entries (in + out)"),
+                    "MiB",
+                    true,
+                    sys,
+                    run,
+                    Some((inb + outb) as f64 / 1_048_576.0),
+                    if r.1.is_none() { "at the timeout" } else { "" },
+                );
             }
             if r.1.is_none() {
                 eprintln!("    agent log tail:\n{}", agents[0].proc.log_tail());
@@ -1486,7 +1841,14 @@ fn row_5(cfg: &Config, bins: &Bins, res: &mut Results, run: usize, order: &[Sys]
         let t0 = Instant::now();
         let mut agents = Vec::new();
         for (a, t) in tokens.iter().enumerate() {
-            agents.push(Agent::spawn(sys, bins, &server, &dir.path().join(format!("agent-{a}")), t, m + 10)?);
+            agents.push(Agent::spawn(
+                sys,
+                bins,
+                &server,
+                &dir.path().join(format!("agent-{a}")),
+                t,
+                m + 10,
+            )?);
         }
         let timeout = 120 + (k * m) as u64 / 100;
         let r = wait_synced(&mut agents, m, t0, timeout);
@@ -1494,11 +1856,48 @@ fn row_5(cfg: &Config, bins: &Bins, res: &mut Results, run: usize, order: &[Sys]
         let all = r.iter().all(|x| x.1.is_some());
         let done = r.iter().filter(|x| x.1.is_some()).count();
         let last = r.iter().filter_map(|x| x.1).fold(0.0, f64::max);
-        let note = if all { String::new() } else { format!("{done} of {k} agents done in {timeout} s") };
+        let note = if all {
+            String::new()
+        } else {
+            format!("{done} of {k} agents done in {timeout} s")
+        };
         let total = (k * m) as f64;
-        res.put(5, "sign_rate", &format!("{k} agents × {} SVIDs at once: SVIDs/s (start → last agent done)", fmt_k(m)), "SVIDs/s", false, sys, run, all.then(|| total / last), &note);
-        res.put(5, "sign_cpu", "server CPU seconds per 1,000 SVIDs", "s", true, sys, run, all.then(|| cpu / total * 1000.0), &note);
-        res.put(5, "sign_server_rss", "server RSS after signing", "MiB", true, sys, run, Some(proc_kib(spid, "VmRSS:") as f64 / 1024.0), "");
+        res.put(
+            5,
+            "sign_rate",
+            &format!(
+                "{k} agents × {} SVIDs at once: SVIDs/s (start → last agent done)",
+                fmt_k(m)
+            ),
+            "SVIDs/s",
+            false,
+            sys,
+            run,
+            all.then(|| total / last),
+            &note,
+        );
+        res.put(
+            5,
+            "sign_cpu",
+            "server CPU seconds per 1,000 SVIDs",
+            "s",
+            true,
+            sys,
+            run,
+            all.then(|| cpu / total * 1000.0),
+            &note,
+        );
+        res.put(
+            5,
+            "sign_server_rss",
+            "server RSS after signing",
+            "MiB",
+            true,
+            sys,
+            run,
+            Some(proc_kib(spid, "VmRSS:") as f64 / 1024.0),
+            "",
+        );
     }
     Ok(())
 }
@@ -1533,7 +1932,12 @@ fn row_7(cfg: &Config, bins: &Bins, res: &mut Results, run: usize, order: &[Sys]
             let got = rt.block_on(async {
                 let deadline = t + Duration::from_secs(60);
                 loop {
-                    if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(5), first_message_fresh(&agent.socket)).await {
+                    if let Ok(Ok(m)) = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        first_message_fresh(&agent.socket),
+                    )
+                    .await
+                    {
                         if m.svids.iter().any(|v| v.spiffe_id == WORKLOAD) {
                             return Some(t.elapsed());
                         }
@@ -1551,9 +1955,32 @@ fn row_7(cfg: &Config, bins: &Bins, res: &mut Results, run: usize, order: &[Sys]
             drop(agent);
             drop(server);
         }
-        res.put(7, "cold_server", &format!("server start → ready (median of {})", cfg.cold_reps), "ms", true, sys, run, Some(pct(&srv, 50.0)), "");
+        res.put(
+            7,
+            "cold_server",
+            &format!("server start → ready (median of {})", cfg.cold_reps),
+            "ms",
+            true,
+            sys,
+            run,
+            Some(pct(&srv, 50.0)),
+            "",
+        );
         let ok = agt.len() == cfg.cold_reps;
-        res.put(7, "cold_agent", &format!("agent start → first X509-SVID served (median of {})", cfg.cold_reps), "ms", true, sys, run, ok.then(|| pct(&agt, 50.0)), if ok { "" } else { "no SVID in 60 s" });
+        res.put(
+            7,
+            "cold_agent",
+            &format!(
+                "agent start → first X509-SVID served (median of {})",
+                cfg.cold_reps
+            ),
+            "ms",
+            true,
+            sys,
+            run,
+            ok.then(|| pct(&agt, 50.0)),
+            if ok { "" } else { "no SVID in 60 s" },
+        );
     }
     Ok(())
 }
@@ -1577,13 +2004,20 @@ fn real_main() -> Result<()> {
         eprintln!("warning: RLIMIT_NOFILE {nofile} is below {max_streams} streams + 200: opening will fail");
     }
     let loads_before = load();
-    eprintln!("vs_spire: {} run(s), rows {:?}, load {loads_before}", cfg.runs, cfg.rows);
+    eprintln!(
+        "vs_spire: {} run(s), rows {:?}, load {loads_before}",
+        cfg.runs, cfg.rows
+    );
     let mut res = Results::default();
     let mut failures = Vec::new();
     let mut loads = vec![loads_before.clone()];
     for run in 1..=cfg.runs {
         // Alternate who goes first, so drifts in load do not always favour one.
-        let order = if run % 2 == 1 { [Sys::Spire, Sys::Sigil] } else { [Sys::Sigil, Sys::Spire] };
+        let order = if run % 2 == 1 {
+            [Sys::Spire, Sys::Sigil]
+        } else {
+            [Sys::Sigil, Sys::Spire]
+        };
         eprintln!("run {run}/{} (load {})", cfg.runs, load());
         let steps: [(&[u8], &str, RowFn); 5] = [
             (&[1, 3], "rows 1/3", rows_1_and_3),
