@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 COLORS = {"SPIRE": "#d62728", "Sigil": "#1f77b4"}
 
@@ -53,6 +54,7 @@ def latency(src, dst):
             if v:
                 cdf(ax, v, color=COLORS[system], label=f"{system} ({len(v)} calls)")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("latency (ms, log scale)")
         ax.set_ylabel("fraction of calls")
         ax.set_title(title, fontsize=10)
@@ -107,7 +109,9 @@ def propagation(src, dst):
             v = b.get((system, str(k)))
             if v:
                 cdf(ax, [x / 1000 for x in v], color=COLORS[system], label=system)
-        ax.set_xlabel("seconds after `bundle set` started")
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("seconds after `bundle set` started (log scale)")
         ax.set_ylabel("fraction of streams updated")
         ax.set_title(f"Bundle change → {k:,} open streams", fontsize=10)
         ax.grid(True, alpha=0.3)
@@ -119,6 +123,7 @@ def propagation(src, dst):
             if v:
                 cdf(ax, [x / 1000 for x in v], color=COLORS[system], label=f"{system} ({len(v)})")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("seconds after `entry create` started (log scale)")
         ax.set_ylabel("fraction of creates")
         ax.set_title("Entry created → its SVID on an open stream", fontsize=10)
