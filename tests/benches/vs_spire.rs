@@ -65,7 +65,12 @@ struct Config {
     sign_entries: usize,
     list_calls: usize,
     cold_reps: usize,
+    fill_secs: u64,
+    big_runs: usize,
 }
+
+/// Sync sizes from this many entries up run only in the first `VS_SPIRE_BIG_RUNS` runs.
+const BIG: usize = 50_000;
 
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
     std::env::var(key)
@@ -85,7 +90,9 @@ impl Config {
     /// Full mode by default; `VS_SPIRE_QUICK=1` shrinks every size. Each size has its own
     /// variable (`VS_SPIRE_LAT_CALLS`, `VS_SPIRE_LAT_ROUNDS`, `VS_SPIRE_STREAMS`,
     /// `VS_SPIRE_PROP_WAIT`, `VS_SPIRE_CREATES`, `VS_SPIRE_SYNC_SIZES`, `VS_SPIRE_SIGN_AGENTS`,
-    /// `VS_SPIRE_SIGN_ENTRIES`, `VS_SPIRE_LIST_CALLS`, `VS_SPIRE_COLD_REPS`).
+    /// `VS_SPIRE_SIGN_ENTRIES`, `VS_SPIRE_LIST_CALLS`, `VS_SPIRE_COLD_REPS`, `VS_SPIRE_FILL_SECS`:
+    /// no further `entry create` call starts after that long, `VS_SPIRE_BIG_RUNS`: runs that
+    /// include sync sizes of 50,000 and more).
     fn from_env() -> Self {
         let quick = std::env::var_os("VS_SPIRE_QUICK").is_some_and(|v| v != "0");
         let q = |full: usize, small: usize| if quick { small } else { full };
@@ -114,6 +121,8 @@ impl Config {
             sign_entries: env_or("VS_SPIRE_SIGN_ENTRIES", q(1000, 200)),
             list_calls: env_or("VS_SPIRE_LIST_CALLS", q(10, 3)),
             cold_reps: env_or("VS_SPIRE_COLD_REPS", q(5, 2)),
+            fill_secs: env_or("VS_SPIRE_FILL_SECS", 600),
+            big_runs: env_or("VS_SPIRE_BIG_RUNS", 1),
         }
     }
 }
@@ -596,6 +605,12 @@ health_checks {{
 
     /// Creates `entries` through the CLI, `batch` per call; returns the total time.
     fn create_entries(&self, entries: &[EntrySpec], batch: usize) -> Result<Duration> {
+        let f = self.fill(entries, batch, Duration::MAX)?;
+        Ok(f.elapsed)
+    }
+
+    /// Creates `entries` through the CLI, `batch` per call, starting no call after `limit`.
+    fn fill(&self, entries: &[EntrySpec], batch: usize, limit: Duration) -> Result<Fill> {
         let dir = self.dir.join("entry-data");
         std::fs::create_dir_all(&dir)?;
         let mut files = Vec::new();
@@ -608,10 +623,19 @@ health_checks {{
             files.push(p);
         }
         let t = Instant::now();
+        let mut created = 0;
         for (i, p) in files.iter().enumerate() {
+            if t.elapsed() > limit {
+                return Ok(Fill {
+                    created,
+                    elapsed: t.elapsed(),
+                    complete: false,
+                });
+            }
             let path = p.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?;
             let out = self.cli_ok(&["entry", "create", "--data", path, "--output", "json"])?;
             check_batch(self.sys, &out)?;
+            created = ((i + 1) * batch).min(entries.len());
             if files.len() >= 20 && (i + 1) % 10 == 0 {
                 eprintln!(
                     "    [{}] {} of {} entries created ({:.0} s)",
@@ -622,7 +646,11 @@ health_checks {{
                 );
             }
         }
-        Ok(t.elapsed())
+        Ok(Fill {
+            created,
+            elapsed: t.elapsed(),
+            complete: true,
+        })
     }
 
     fn bundle_pem(&self) -> Result<String> {
@@ -634,6 +662,13 @@ health_checks {{
         self.cli_ok(&["bundle", "set", "--id", FOREIGN, "--path", path])
             .map(drop)
     }
+}
+
+/// How far a bounded [`Server::fill`] got.
+struct Fill {
+    created: usize,
+    elapsed: Duration,
+    complete: bool,
 }
 
 /// The longest any one CLI call may take.
@@ -1658,33 +1693,41 @@ fn rows_4_and_6(
 ) -> Result<()> {
     let max = cfg.sync_sizes.iter().copied().max().unwrap_or(0);
     for &n in &cfg.sync_sizes {
+        if n >= BIG && run > cfg.big_runs {
+            continue;
+        }
         for &sys in order {
             eprintln!("  rows 4/6: {n} entries, {}", sys.name());
             let dir = tempdir(sys)?;
             let server = Server::start(sys, bins, &dir.path().join("server"))?;
             let token = server.token(ALIAS)?;
             let entries = sync_entries(n, ALIAS, "sync");
-            let fill_timeout = 60 + n as u64 / 50;
-            // The fill is bounded by the CLI calls themselves; a stuck call shows as a failure.
-            let create = server.create_entries(&entries, 1000)?;
+            let limit = Duration::from_secs(cfg.fill_secs);
+            let fill = server.fill(&entries, 1000, limit)?;
             let nk = fmt_k(n);
+            let short = (!fill.complete).then(|| {
+                format!(
+                    "fill stopped at {} of {nk} entries after {:.0} s (limit {} s)",
+                    fill.created,
+                    fill.elapsed.as_secs_f64(),
+                    cfg.fill_secs
+                )
+            });
+            let dnf = short.clone().unwrap_or_default();
             if cfg.rows.contains(&6) && n == max {
-                let rate = n as f64 / create.as_secs_f64();
-                let note = if create.as_secs() > fill_timeout {
-                    "slow fill"
-                } else {
-                    ""
-                };
+                let rate = fill.created as f64 / fill.elapsed.as_secs_f64();
                 res.put(
                     6,
                     &format!("create_rate_{n}"),
-                    &format!("entry create, batches of 1,000 (CLI), {nk} entries"),
+                    &format!("entry create, batches of 1,000 (CLI), {nk} entries under one parent"),
                     "entries/s",
                     false,
                     sys,
                     run,
-                    Some(rate),
-                    note,
+                    fill.complete.then_some(rate),
+                    &short
+                        .as_ref()
+                        .map_or(String::new(), |s| format!("{s}: {rate:.0} entries/s")),
                 );
                 std::thread::sleep(Duration::from_secs(1));
                 res.put(
@@ -1695,8 +1738,9 @@ fn rows_4_and_6(
                     true,
                     sys,
                     run,
-                    Some(proc_kib(server.proc.pid(), "VmRSS:") as f64 / 1024.0),
-                    "",
+                    fill.complete
+                        .then(|| proc_kib(server.proc.pid(), "VmRSS:") as f64 / 1024.0),
+                    &dnf,
                 );
                 let spiffe = entries[n / 2].spiffe_id.clone();
                 let queries: [(&str, &str, Vec<&str>); 3] = [
@@ -1719,8 +1763,11 @@ fn rows_4_and_6(
                         cfg.list_calls
                     };
                     let mut v = Vec::new();
-                    let mut note = String::new();
+                    let mut note = dnf.clone();
                     for _ in 0..calls {
+                        if !fill.complete {
+                            break;
+                        }
                         let mut a = args.clone();
                         a.extend(["--output", "json"]);
                         let t = Instant::now();
@@ -1744,6 +1791,26 @@ fn rows_4_and_6(
                         &note,
                     );
                 }
+            }
+            if !fill.complete && cfg.rows.contains(&4) {
+                for (key, label) in [
+                    ("sync_entries", "all {} entries synced"),
+                    ("sync_svids", "all {} SVIDs cached"),
+                ] {
+                    let label = format!("agent start → {}", label.replace("{}", &nk));
+                    res.put(
+                        4,
+                        &format!("{key}_{n}"),
+                        &label,
+                        "s",
+                        true,
+                        sys,
+                        run,
+                        None,
+                        &dnf,
+                    );
+                }
+                continue;
             }
             if !cfg.rows.contains(&4) {
                 continue;
