@@ -67,24 +67,32 @@ def latency(src, dst):
 
 
 def rss(src, dst):
-    _, r = read(os.path.join(src, "streams_rss.csv"))
-    if not r:
+    """Idle RSS from streams_rss.csv (series 0), RSS with K streams from summary.csv."""
+    _, idle = read(os.path.join(src, "streams_rss.csv"))
+    summary = os.path.join(src, "summary.csv")
+    if not idle or not os.path.exists(summary):
         return
+    pts = defaultdict(list)  # (system, run) -> [(streams, MiB)]
+    for (system, series, run), v in idle.items():
+        pts[(system, run)].append((int(series), min(v)))
+    with open(summary, newline="") as f:
+        for r in csv.DictReader(f):
+            if r["key"].startswith("rss_streams_") and r["value"]:
+                k = int(r["key"].rsplit("_", 1)[1])
+                pts[(r["system"], r["run"])].append((k, float(r["value"])))
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for system in ("SPIRE", "Sigil"):
-        runs = sorted({k[2] for k in r if k[0] == system})
-        for i, run in enumerate(runs):
-            pts = sorted(
-                (int(k[1]), sum(v) / len(v)) for k, v in r.items() if k[0] == system and k[2] == run
-            )
-            ax.plot(
-                [p[0] for p in pts],
-                [p[1] for p in pts],
-                "o-",
-                color=COLORS[system],
-                alpha=0.8,
-                label=system if i == 0 else None,
-            )
+    labelled = set()
+    for (system, run), p in sorted(pts.items()):
+        p.sort()
+        ax.plot(
+            [x[0] for x in p],
+            [x[1] for x in p],
+            "o-",
+            color=COLORS[system],
+            alpha=0.8,
+            label=None if system in labelled else system,
+        )
+        labelled.add(system)
     ax.set_xlabel("open FetchX509SVID streams (one connection each)")
     ax.set_ylabel("agent RSS (MiB)")
     ax.set_title("Agent memory vs open streams (one line per run)")

@@ -1470,6 +1470,7 @@ fn row_2(cfg: &Config, bins: &Bins, res: &mut Results, run: usize, order: &[Sys]
                 (!r.arrivals.is_empty()).then(|| pct(&r.arrivals, 50.0)),
                 "",
             );
+            // The idle point of the RSS plot; the points with streams open are in summary.csv.
             res.sample("streams_rss", sys, run, "0", r.rss_idle as f64 / 1024.0);
             for a in &r.arrivals {
                 res.sample("bundle_propagation", sys, run, &ks, *a);
