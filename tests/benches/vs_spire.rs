@@ -1013,11 +1013,14 @@ struct MetricDef {
     lower_better: bool,
 }
 
+/// One run's value of a figure: (run, value, note).
+type RunValue = (usize, Option<f64>, String);
+
 #[derive(Default)]
 struct Results {
     defs: Vec<MetricDef>,
     /// key → system → per-run value (None: did not finish / failed, with a note).
-    values: BTreeMap<String, BTreeMap<Sys, Vec<(usize, Option<f64>, String)>>>,
+    values: BTreeMap<String, BTreeMap<Sys, Vec<RunValue>>>,
     /// Raw samples for the plots: (file stem, system, run, series, value).
     samples: Vec<(&'static str, Sys, usize, String, f64)>,
 }
