@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Sigil against SPIRE 1.13.3 on this machine, same run, one client (BENCHMARKS.md, "Sigil vs
+# SPIRE"). Builds SPIRE into target/spire/bin once (Go module proxy: a scratch module with
+# `go get -tool …@v1.13.3`, then `go install`), builds Sigil's release binaries and the bench,
+# runs tests/benches/vs_spire.rs (three runs by default), writes CSV and table.md to
+# target/vs-spire/ and PNG plots to bench/plots/.
+#
+# Usage: bench/vs-spire.sh            full mode (the recorded figures; about an hour)
+#        VS_SPIRE_QUICK=1 bench/vs-spire.sh   small sizes, one run (a few minutes)
+# Other variables (sizes, rows, runs): see the header of tests/benches/vs_spire.rs.
+# Not part of .ci/run.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+SPIRE_VERSION=v1.13.3
+SPIRE_BIN="${VS_SPIRE_BIN:-$TARGET/spire/bin}"
+OUT="${VS_SPIRE_OUT:-$TARGET/vs-spire}"
+
+if [ ! -x "$SPIRE_BIN/spire-server" ] || [ ! -x "$SPIRE_BIN/spire-agent" ]; then
+  command -v go >/dev/null || { echo "vs-spire: go is needed to build SPIRE" >&2; exit 1; }
+  MOD="$TARGET/spire/mod"
+  echo "==> building SPIRE $SPIRE_VERSION into $SPIRE_BIN (scratch module $MOD; ~10 minutes the first time)"
+  mkdir -p "$MOD" "$SPIRE_BIN"
+  (
+    cd "$MOD"
+    [ -f go.mod ] || go mod init spirebuild >/dev/null
+    export GOFLAGS=-mod=mod
+    echo "    go get -tool spire-server, spire-agent @$SPIRE_VERSION"
+    go get -tool "github.com/spiffe/spire/cmd/spire-server@$SPIRE_VERSION" \
+      "github.com/spiffe/spire/cmd/spire-agent@$SPIRE_VERSION"
+    echo "    go install"
+    GOBIN="$SPIRE_BIN" go install github.com/spiffe/spire/cmd/spire-server \
+      github.com/spiffe/spire/cmd/spire-agent
+  )
+  echo "    $("$SPIRE_BIN/spire-server" --version 2>&1)"
+fi
+
+echo "==> building Sigil (release) and the bench"
+# One build (release profile) for the binaries and the bench executable; `cargo bench` would
+# compile everything a second time in its own profile.
+EXE="$(cargo build --release --workspace --bins --bench vs_spire \
+  --message-format=json-render-diagnostics |
+  python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "vs_spire" and m.get("executable"):
+        print(m["executable"])')"
+[ -x "$EXE" ] || { echo "vs-spire: the bench executable was not built" >&2; exit 1; }
+
+echo "==> running (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
+mkdir -p "$OUT"
+VS_SPIRE_BIN="$SPIRE_BIN" VS_SPIRE_OUT="$OUT" "$EXE" 2> >(tee "$OUT/bench.log" >&2) |
+  tee "$OUT/report.md"
+
+echo "==> plots"
+VENV="$TARGET/vs-spire-venv"
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet matplotlib
+fi
+"$VENV/bin/python" "$ROOT/bench/vs_spire_plot.py" "$OUT" "${VS_SPIRE_PLOTS:-$ROOT/bench/plots}"
