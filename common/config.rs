@@ -139,6 +139,21 @@ impl ConfigError {
     }
 }
 
+/// `trust_domain`, the flag before the file: required in both binaries and validated by the
+/// SPIFFE-ID rules.
+pub fn resolve_trust_domain(
+    flag: Option<String>,
+    file: Option<String>,
+) -> Result<crate::TrustDomain, ConfigError> {
+    let td = flag.or(file).ok_or_else(|| {
+        ConfigError::missing(
+            "trust_domain",
+            "set it in the config file or pass --trust-domain",
+        )
+    })?;
+    crate::TrustDomain::new(&td).map_err(|e| ConfigError::unusable("trust_domain", &td, e))
+}
+
 /// Reads and parses the TOML file `path` into `T`.
 pub fn read_toml<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

@@ -363,18 +363,8 @@ impl AgentConfig {
     pub fn resolve(mut file: FileConfig, flags: &RunFlags) -> Result<Self, ConfigError> {
         let kubelet = resolve_kubelet(&file, flags)?;
         let sds = resolve_sds(file.sds.take().unwrap_or_default(), flags)?;
-        let td = flags
-            .trust_domain
-            .clone()
-            .or(file.trust_domain)
-            .ok_or_else(|| {
-                ConfigError::missing(
-                    "trust_domain",
-                    "set it in the config file or pass --trust-domain",
-                )
-            })?;
         let trust_domain =
-            TrustDomain::new(&td).map_err(|e| ConfigError::unusable("trust_domain", &td, e))?;
+            sigil::config::resolve_trust_domain(flags.trust_domain.clone(), file.trust_domain)?;
         let server_address = flags
             .server_address
             .clone()

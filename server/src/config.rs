@@ -273,18 +273,8 @@ impl ServerConfig {
 
     /// Merges file and flags, validating every value and naming the key that is wrong.
     pub fn resolve(file: FileConfig, flags: &RunFlags) -> Result<Self, ConfigError> {
-        let td = flags
-            .trust_domain
-            .clone()
-            .or(file.trust_domain)
-            .ok_or_else(|| {
-                ConfigError::missing(
-                    "trust_domain",
-                    "set it in the config file or pass --trust-domain",
-                )
-            })?;
         let trust_domain =
-            TrustDomain::new(&td).map_err(|e| ConfigError::unusable("trust_domain", &td, e))?;
+            sigil::config::resolve_trust_domain(flags.trust_domain.clone(), file.trust_domain)?;
         let data_dir = flags
             .data_dir
             .clone()
