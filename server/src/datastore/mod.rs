@@ -8,7 +8,14 @@
 //! Revisions: every entry change takes the next value of one global, monotonically increasing
 //! revision counter, and deletions leave a tombstone with their revision, so an agent can ask
 //! "what changed since revision R" ([`Datastore::entry_changes_since`]).
+//!
+//! Layout: this module holds the trait and its types; `paging.rs` the page sizes and page tokens
+//! every backend uses; `sqlite/` the SQLite backend. `conformance.rs` (tests only) is the
+//! behaviour suite every backend runs, instantiated per backend with `datastore_conformance!`.
 
+#[cfg(test)]
+pub(crate) mod conformance;
+pub mod paging;
 pub mod sqlite;
 
 use std::path::PathBuf;
