@@ -8,7 +8,14 @@
 //! Revisions: every entry change takes the next value of one global, monotonically increasing
 //! revision counter, and deletions leave a tombstone with their revision, so an agent can ask
 //! "what changed since revision R" ([`Datastore::entry_changes_since`]).
+//!
+//! Layout: this module holds the trait and its types; `paging.rs` the page sizes and page tokens
+//! every backend uses; `sqlite/` the SQLite backend. `conformance.rs` (tests only) is the
+//! behaviour suite every backend runs, instantiated per backend with `datastore_conformance!`.
 
+#[cfg(test)]
+pub(crate) mod conformance;
+pub mod paging;
 pub mod sqlite;
 
 use std::path::PathBuf;
@@ -236,7 +243,9 @@ pub trait Datastore: Send + Sync + 'static {
     /// The entry with this id, if any.
     async fn get_entry(&self, id: &str) -> Result<Option<RegistrationEntry>, DatastoreError>;
 
-    /// Entries matching `filter`, at most `page_size` of them, after `page_token`.
+    /// Entries matching `filter` in creation order, at most `page_size` of them (0 means
+    /// [`paging::DEFAULT_PAGE_SIZE`], more than [`paging::MAX_PAGE_SIZE`] is capped), after
+    /// `page_token` (see [`paging`]; an empty one is the first page).
     async fn list_entries(
         &self,
         filter: &EntryFilter,
@@ -257,11 +266,16 @@ pub trait Datastore: Send + Sync + 'static {
     /// Deletes an entry, returning what was deleted; leaves a tombstone for sync.
     async fn delete_entry(&self, id: &str) -> Result<RegistrationEntry, DatastoreError>;
 
-    /// Entries created/updated and ids deleted after `revision`, and the current revision.
+    /// Entries created/updated and ids deleted after `revision`, each once and in revision
+    /// order (an entry created and deleted after `revision` is only a removal), and the current
+    /// revision.
     async fn entry_changes_since(&self, revision: i64) -> Result<EntryChanges, DatastoreError>;
 
     /// Creates or replaces an agent record (keyed by SPIFFE ID), including its pending renewed
     /// SVID (an attestation passes `None`: a new attestation supersedes any renewal).
+    /// `updated_at` becomes now; `created_at` is the stored one on replace, else the given one
+    /// (now if 0). A banned agent stays banned: only [`Datastore::set_agent_banned`] clears the
+    /// flag, so an attestation racing with a ban cannot undo it.
     async fn upsert_agent(&self, agent: AttestedAgent) -> Result<(), DatastoreError>;
 
     /// Records a renewed SVID of agent `id` beside its current one (replacing an earlier pending
@@ -275,14 +289,16 @@ pub trait Datastore: Send + Sync + 'static {
     ) -> Result<bool, DatastoreError>;
 
     /// Makes the pending renewed SVID with `serial` agent `id`'s current one (the previous one
-    /// is refused from then on), if the agent is not banned; returns whether it did.
+    /// is refused from then on), if the agent is not banned; returns whether it did. Atomic with
+    /// [`Datastore::set_agent_new_svid`]: of concurrent calls for one pending SVID one succeeds.
     async fn promote_agent_svid(&self, id: &SpiffeId, serial: &str)
         -> Result<bool, DatastoreError>;
 
     /// The agent with this ID, if any.
     async fn get_agent(&self, id: &SpiffeId) -> Result<Option<AttestedAgent>, DatastoreError>;
 
-    /// Agents in a stable order, paged.
+    /// Agents in creation order (a replaced agent keeps its place), paged as
+    /// [`Datastore::list_entries`].
     async fn list_agents(
         &self,
         page_size: usize,
@@ -298,11 +314,12 @@ pub trait Datastore: Send + Sync + 'static {
     /// Sets or clears the banned flag. NotFound if absent.
     async fn set_agent_banned(&self, id: &SpiffeId, banned: bool) -> Result<(), DatastoreError>;
 
-    /// Stores a new join token.
+    /// Stores a new join token (as a hash: the stored data yields no usable token).
+    /// [`DatastoreError::JoinTokenCollision`] if the same value is stored already.
     async fn create_join_token(&self, token: JoinToken) -> Result<(), DatastoreError>;
 
     /// Atomically takes a token so it can be used once: NotFound if unknown or already used,
-    /// Expired if past `expires_at` relative to `now` (Unix seconds; it is deleted either way).
+    /// Expired if `now >= expires_at` (Unix seconds; it is deleted either way).
     async fn consume_join_token(&self, token: &str, now: i64) -> Result<JoinToken, DatastoreError>;
 
     /// Deletes tokens expired at `now`; returns how many.
