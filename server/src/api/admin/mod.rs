@@ -1,7 +1,7 @@
 //! The admin API service (`sigil.admin.v1.Admin`) on the server's local Unix socket.
 //!
 //! Access control is the socket's file permissions (directory 0700). Every RPC passes through
-//! one layer ([`layer`]): it takes the caller's uid from the socket's peer credentials, runs the
+//! one layer (`layer.rs`): it takes the caller's uid from the socket's peer credentials, runs the
 //! handler, writes the audit event of a mutation, refreshes the entry gauge after an entry
 //! change, bounds the error message and records the metrics ([`Metrics::observe_admin`]). Audit
 //! events are structured `tracing` events with target `sigil::audit`: the caller's uid, the
@@ -11,8 +11,8 @@
 //!
 //! Layout: this file holds the service, its state, the trait implementation (one line per RPC:
 //! how the layer treats it, and its handler) and what the handlers share; the handlers live by
-//! resource in [`entries`], [`agents`], [`bundles`] (the server's bundle and federated bundles),
-//! [`join_tokens`] and [`health`].
+//! resource in `entries.rs`, `agents.rs`, `bundles.rs` (the server's bundle and federated
+//! bundles), `join_tokens.rs` and `health.rs`.
 
 use std::sync::Arc;
 
