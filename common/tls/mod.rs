@@ -19,7 +19,8 @@
 //!   with a timeout, so a slow or broken client never blocks others or the accept loop, which
 //!   never pauses: unfinished handshakes are bounded per source address and in total, and a
 //!   flood drops the oldest handshakes of the source holding the most (see [`HandshakeLimits`]).
-//! - [`connect`] / [`connect_lazy`]: a tonic [`Channel`](tonic::transport::Channel) over TLS with a [`rustls::ClientConfig`].
+//! - [`connect`] / [`connect_lazy`]: a tonic [`Channel`](tonic::transport::Channel) over TLS
+//!   with a [`rustls::ClientConfig`].
 //!
 //! Only TLS 1.3 is offered: it encrypts the client certificate, so an agent's SPIFFE ID is not
 //! visible on the wire. Session resumption is disabled on both sides, so every connection
