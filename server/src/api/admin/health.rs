@@ -1,0 +1,32 @@
+//! Health: readiness (the CA's validity), counts, version.
+
+use sigil::clock::now_unix;
+use sigil::proto::admin as pb;
+use tonic::Status;
+
+use super::{ds_status, AdminState};
+use crate::datastore::EntryFilter;
+
+/// Health; also refreshes the `entries` gauge.
+pub(super) async fn health(
+    state: &AdminState,
+    _req: pb::HealthRequest,
+) -> Result<pb::HealthResponse, Status> {
+    let ds = &state.datastore;
+    let entries = ds
+        .count_entries(&EntryFilter::default())
+        .await
+        .map_err(ds_status)?;
+    let agents = ds.count_agents().await.map_err(ds_status)?;
+    state.metrics.entries.set(entries as i64);
+    let not_ready = crate::ca::expiry::not_ready_reason(state.ca_not_after, now_unix());
+    Ok(pb::HealthResponse {
+        ready: not_ready.is_none(),
+        not_ready_reason: not_ready.unwrap_or_default(),
+        ca_not_after: state.ca_not_after,
+        trust_domain: state.trust_domain.to_string(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        entries,
+        agents,
+    })
+}

@@ -1,0 +1,261 @@
+//! The admin API service (`sigil.admin.v1.Admin`) on the server's local Unix socket.
+//!
+//! Access control is the socket's file permissions (directory 0700). Every RPC passes through
+//! one layer (`layer.rs`): it takes the caller's uid from the socket's peer credentials, runs the
+//! handler, writes the audit event of a mutation, refreshes the entry gauge after an entry
+//! change, bounds the error message and records the metrics ([`Metrics::observe_admin`]). Audit
+//! events are structured `tracing` events with target `sigil::audit`: the caller's uid, the
+//! action, the object it acted on (field `object`: `target` is tracing's own key, which JSON
+//! lines already carry) and the result. Values from the caller are echoed truncated
+//! ([`sigil::text::echo`]), in audit events as in error messages.
+//!
+//! Layout: this file holds the service, its state, the trait implementation (one line per RPC:
+//! how the layer treats it, and its handler) and what the handlers share; the handlers live by
+//! resource in `entries.rs`, `agents.rs`, `bundles.rs` (the server's bundle and federated
+//! bundles), `join_tokens.rs` and `health.rs`.
+
+use std::sync::Arc;
+
+use sigil::bundle::Bundle;
+use sigil::proto::admin as pb;
+use sigil::proto::admin::admin_server::Admin;
+use sigil::{SpiffeId, TrustDomain};
+use tokio::sync::RwLock;
+use tonic::{Request, Response, Status};
+
+use crate::datastore::{Datastore, DatastoreError};
+use crate::metrics::Metrics;
+use crate::sync::SyncEvents;
+
+mod agents;
+mod bundles;
+mod entries;
+mod health;
+mod join_tokens;
+mod layer;
+#[cfg(test)]
+mod tests;
+
+use layer::Rpc;
+
+/// Default page size for list calls.
+pub const DEFAULT_PAGE_SIZE: usize = 500;
+/// Largest page size a caller may ask for.
+pub const MAX_PAGE_SIZE: usize = 10_000;
+/// Largest batch in one BatchCreateEntries call.
+pub const MAX_BATCH: usize = 10_000;
+/// Default join-token lifetime (seconds).
+pub const DEFAULT_JOIN_TOKEN_TTL: i64 = 600;
+/// Longest error message returned or audited: messages that echo a caller's value bound it with
+/// [`sigil::text::echo`]; this catches any that does not.
+pub const MAX_MESSAGE_CHARS: usize = 1024;
+
+/// State the admin API shares with the rest of the server.
+pub struct AdminState {
+    /// The server's trust domain.
+    pub trust_domain: TrustDomain,
+    /// Registration data.
+    pub datastore: Arc<dyn Datastore>,
+    /// The current trust bundle (with its stored sequence number).
+    pub bundle: RwLock<Bundle>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Change notifications for the agents' sync streams: published after every successful
+    /// entry or federated-bundle mutation.
+    pub events: SyncEvents,
+    /// NotAfter of the CA, Unix seconds: after it the server is not ready.
+    pub ca_not_after: i64,
+}
+
+/// The admin gRPC service.
+pub struct AdminService {
+    state: Arc<AdminState>,
+}
+
+impl AdminService {
+    /// Wraps shared state.
+    pub fn new(state: Arc<AdminState>) -> Self {
+        Self { state }
+    }
+}
+
+/// Parses a SPIFFE ID the caller passed in `field`.
+fn parse_id(field: &str, s: &str) -> Result<SpiffeId, Status> {
+    SpiffeId::parse(s).map_err(|e| Status::invalid_argument(format!("invalid {field}: {e}")))
+}
+
+/// Maps datastore errors to gRPC statuses; backend failures are logged and hidden.
+pub fn ds_status(e: DatastoreError) -> Status {
+    match e {
+        DatastoreError::AlreadyExists(_) => Status::already_exists(e.to_string()),
+        DatastoreError::NotFound(_) => Status::not_found(e.to_string()),
+        DatastoreError::InvalidPageToken(_) => Status::invalid_argument(e.to_string()),
+        DatastoreError::Expired => Status::permission_denied(e.to_string()),
+        DatastoreError::Busy(_) => {
+            tracing::warn!(error = %e, "datastore busy");
+            Status::unavailable(format!("datastore busy: {e}"))
+        }
+        DatastoreError::Corrupt(_)
+        | DatastoreError::Sqlite(_)
+        | DatastoreError::Open { .. }
+        | DatastoreError::Io { .. }
+        | DatastoreError::NoWal { .. }
+        | DatastoreError::NewerSchema { .. }
+        | DatastoreError::Migration { .. }
+        | DatastoreError::Task(_)
+        | DatastoreError::Json(_)
+        | DatastoreError::JoinTokenCollision => {
+            tracing::error!(error = %e, "datastore failure");
+            Status::internal(format!("datastore failure: {e}"))
+        }
+    }
+}
+
+/// The page size of a list call: the default for 0, at most [`MAX_PAGE_SIZE`].
+fn page_size(requested: u32) -> usize {
+    match requested as usize {
+        0 => DEFAULT_PAGE_SIZE,
+        n => n.min(MAX_PAGE_SIZE),
+    }
+}
+
+/// A list call's page token; empty means the first page.
+fn page_token(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+/// Each RPC: how the layer treats it (metric label, audit action, entry gauge), then its handler.
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn create_entry(
+        &self,
+        req: Request<pb::CreateEntryRequest>,
+    ) -> Result<Response<pb::CreateEntryResponse>, Status> {
+        let rpc = Rpc::audited("CreateEntry", "entry.create").changing_entries();
+        self.call(rpc, req, entries::create).await
+    }
+
+    async fn batch_create_entries(
+        &self,
+        req: Request<pb::BatchCreateEntriesRequest>,
+    ) -> Result<Response<pb::BatchCreateEntriesResponse>, Status> {
+        let rpc = Rpc::batch("BatchCreateEntries", "entry.batch_create", "entry.create")
+            .changing_entries();
+        self.call(rpc, req, entries::batch_create).await
+    }
+
+    async fn get_entry(
+        &self,
+        req: Request<pb::GetEntryRequest>,
+    ) -> Result<Response<pb::GetEntryResponse>, Status> {
+        self.call(Rpc::read("GetEntry"), req, entries::get).await
+    }
+
+    async fn list_entries(
+        &self,
+        req: Request<pb::ListEntriesRequest>,
+    ) -> Result<Response<pb::ListEntriesResponse>, Status> {
+        self.call(Rpc::read("ListEntries"), req, entries::list)
+            .await
+    }
+
+    async fn count_entries(
+        &self,
+        req: Request<pb::CountEntriesRequest>,
+    ) -> Result<Response<pb::CountEntriesResponse>, Status> {
+        self.call(Rpc::read("CountEntries"), req, entries::count)
+            .await
+    }
+
+    async fn update_entry(
+        &self,
+        req: Request<pb::UpdateEntryRequest>,
+    ) -> Result<Response<pb::UpdateEntryResponse>, Status> {
+        let rpc = Rpc::audited("UpdateEntry", "entry.update");
+        self.call(rpc, req, entries::update).await
+    }
+
+    async fn delete_entry(
+        &self,
+        req: Request<pb::DeleteEntryRequest>,
+    ) -> Result<Response<pb::DeleteEntryResponse>, Status> {
+        let rpc = Rpc::audited("DeleteEntry", "entry.delete").changing_entries();
+        self.call(rpc, req, entries::delete).await
+    }
+
+    async fn list_agents(
+        &self,
+        req: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        self.call(Rpc::read("ListAgents"), req, agents::list).await
+    }
+
+    async fn get_agent(
+        &self,
+        req: Request<pb::GetAgentRequest>,
+    ) -> Result<Response<pb::GetAgentResponse>, Status> {
+        self.call(Rpc::read("GetAgent"), req, agents::get).await
+    }
+
+    async fn evict_agent(
+        &self,
+        req: Request<pb::EvictAgentRequest>,
+    ) -> Result<Response<pb::EvictAgentResponse>, Status> {
+        let rpc = Rpc::audited("EvictAgent", "agent.evict");
+        self.call(rpc, req, agents::evict).await
+    }
+
+    async fn ban_agent(
+        &self,
+        req: Request<pb::BanAgentRequest>,
+    ) -> Result<Response<pb::BanAgentResponse>, Status> {
+        let rpc = Rpc::audited("BanAgent", "agent.ban");
+        self.call(rpc, req, agents::ban).await
+    }
+
+    async fn get_bundle(
+        &self,
+        req: Request<pb::GetBundleRequest>,
+    ) -> Result<Response<pb::GetBundleResponse>, Status> {
+        self.call(Rpc::read("GetBundle"), req, bundles::get).await
+    }
+
+    async fn set_federated_bundle(
+        &self,
+        req: Request<pb::SetFederatedBundleRequest>,
+    ) -> Result<Response<pb::SetFederatedBundleResponse>, Status> {
+        let rpc = Rpc::audited("SetFederatedBundle", "bundle.set");
+        self.call(rpc, req, bundles::set_federated).await
+    }
+
+    async fn list_federated_bundles(
+        &self,
+        req: Request<pb::ListFederatedBundlesRequest>,
+    ) -> Result<Response<pb::ListFederatedBundlesResponse>, Status> {
+        let rpc = Rpc::read("ListFederatedBundles");
+        self.call(rpc, req, bundles::list_federated).await
+    }
+
+    async fn delete_federated_bundle(
+        &self,
+        req: Request<pb::DeleteFederatedBundleRequest>,
+    ) -> Result<Response<pb::DeleteFederatedBundleResponse>, Status> {
+        let rpc = Rpc::audited("DeleteFederatedBundle", "bundle.delete");
+        self.call(rpc, req, bundles::delete_federated).await
+    }
+
+    async fn create_join_token(
+        &self,
+        req: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
+        let rpc = Rpc::audited("CreateJoinToken", "token.generate");
+        self.call(rpc, req, join_tokens::create).await
+    }
+
+    async fn health(
+        &self,
+        req: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        self.call(Rpc::read("Health"), req, health::health).await
+    }
+}
