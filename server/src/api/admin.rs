@@ -290,6 +290,10 @@ pub fn ds_status(e: DatastoreError) -> Status {
             tracing::warn!(error = %e, "datastore busy");
             Status::unavailable(format!("datastore busy: {e}"))
         }
+        DatastoreError::Postgres(ref pg) if pg.is_transient() => {
+            tracing::warn!(error = %e, "datastore unavailable");
+            Status::unavailable(format!("datastore unavailable: {e}"))
+        }
         DatastoreError::Corrupt(_)
         | DatastoreError::Sqlite(_)
         | DatastoreError::Open { .. }
@@ -299,7 +303,8 @@ pub fn ds_status(e: DatastoreError) -> Status {
         | DatastoreError::Migration { .. }
         | DatastoreError::Task(_)
         | DatastoreError::Json(_)
-        | DatastoreError::JoinTokenCollision => {
+        | DatastoreError::JoinTokenCollision
+        | DatastoreError::Postgres(_) => {
             tracing::error!(error = %e, "datastore failure");
             Status::internal(format!("datastore failure: {e}"))
         }
