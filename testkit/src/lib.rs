@@ -12,8 +12,8 @@
 
 pub mod fake_k8s;
 pub mod fake_kubelet;
-pub mod postgres;
 mod harness;
+pub mod postgres;
 mod process;
 
 pub use harness::*;

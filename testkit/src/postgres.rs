@@ -137,8 +137,19 @@ pub fn bin_dir() -> PathBuf {
 
 fn psql_command(url: &str, sql: &str) -> Command {
     let mut cmd = Command::new(bin_dir().join("psql"));
-    cmd.args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", sql])
-        .stdin(Stdio::null());
+    cmd.args([
+        "-X",
+        "-q",
+        "-A",
+        "-t",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-d",
+        url,
+        "-c",
+        sql,
+    ])
+    .stdin(Stdio::null());
     cmd
 }
 
@@ -227,7 +238,16 @@ fn start_cluster() -> String {
         .command(&bin.join("initdb"))
         .arg("-D")
         .arg(&data)
-        .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"])
+        .args([
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+        ])
         .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("running initdb: {e}"));
@@ -270,7 +290,9 @@ fn start_cluster() -> String {
         }
         let log = std::fs::read_to_string(dir.join("postgres.log")).unwrap_or_default();
         if let Ok(Some(status)) = child.try_wait() {
-            panic!("the throwaway PostgreSQL exited ({status}) before accepting connections:\n{log}");
+            panic!(
+                "the throwaway PostgreSQL exited ({status}) before accepting connections:\n{log}"
+            );
         }
         assert!(
             Instant::now() < deadline,

@@ -14,7 +14,8 @@ const AGENT_COLUMNS: &str = "seq, spiffe_id, attestation_type, serial, expires_a
 fn decode(row: &Row) -> Result<(i64, AttestedAgent)> {
     let raw_id: Option<String> = row.try_get(1).ok();
     let what = || format!("agent {:?}", raw_id.as_deref().unwrap_or("?"));
-    let bad = |field: &str, why: String| DatastoreError::Corrupt(format!("{}: {field}: {why}", what()));
+    let bad =
+        |field: &str, why: String| DatastoreError::Corrupt(format!("{}: {field}: {why}", what()));
     let spiffe_id = SpiffeId::parse(&col::<String>(row, 1, &what)?)
         .map_err(|e| bad("spiffe_id", e.to_string()))?;
     let selectors = col::<Vec<String>>(row, 6, &what)?

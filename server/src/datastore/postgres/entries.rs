@@ -53,8 +53,7 @@ fn decode(row: &Row) -> Result<(i64, RegistrationEntry)> {
         .map(|s| Selector::parse(s))
         .collect::<Result<SelectorSet, _>>()
         .map_err(|e| bad("selectors", e.to_string()))?;
-    if i32::try_from(selectors.len()).ok() != Some(selector_count) || raw.len() != selectors.len()
-    {
+    if i32::try_from(selectors.len()).ok() != Some(selector_count) || raw.len() != selectors.len() {
         return Err(bad(
             "selectors",
             format!(
@@ -288,9 +287,18 @@ impl FilterSql {
                 }
             } else {
                 let kinds = f.param(set.iter().map(|s| s.kind().to_string()).collect::<Vec<_>>());
-                let values =
-                    f.param(set.iter().map(|s| s.value().to_string()).collect::<Vec<_>>());
-                let count = f.param(n);
+                let values = f.param(
+                    set.iter()
+                        .map(|s| s.value().to_string())
+                        .collect::<Vec<_>>(),
+                );
+                // Compared with INTEGER columns and bigint COUNT(*): typed once, here. Only
+                // where used: an unused parameter has no type PostgreSQL could infer.
+                let count = if *mode == SelectorMatch::Any {
+                    String::new()
+                } else {
+                    format!("{}::bigint", f.param(n))
+                };
                 // One index probe per wanted selector.
                 let hits = format!(
                     "FROM unnest({kinds}::text[], {values}::text[]) AS want(t, v) \

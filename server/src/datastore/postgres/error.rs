@@ -199,7 +199,9 @@ pub(crate) fn map_pg(e: tokio_postgres::Error) -> DatastoreError {
     let transient = match e.code() {
         Some(code) => is_transient_state(code),
         // No server error: I/O, a closed connection, a timeout.
-        None => e.is_closed() || std::error::Error::source(&e).is_some_and(|c| c.is::<std::io::Error>()),
+        None => {
+            e.is_closed() || std::error::Error::source(&e).is_some_and(|c| c.is::<std::io::Error>())
+        }
     };
     if transient {
         PostgresError::Unavailable {

@@ -151,15 +151,16 @@ impl PostgresDatastore {
         let target = options.target();
         // The first connection outside the pool, so its error is the driver's own, with the
         // SQLSTATE that says what to check.
-        let (mut client, connection) = options
-            .config
-            .connect(NoTls)
-            .await
-            .map_err(|source| PostgresError::Connect {
-                target: target.clone(),
-                hint: connect_hint(&source),
-                source,
-            })?;
+        let (mut client, connection) =
+            options
+                .config
+                .connect(NoTls)
+                .await
+                .map_err(|source| PostgresError::Connect {
+                    target: target.clone(),
+                    hint: connect_hint(&source),
+                    source,
+                })?;
         let conn_task = tokio::spawn(connection);
         let migrated = migrations::migrate(&mut client, &target, migrations::MIGRATIONS).await;
         drop(client);
@@ -272,7 +273,11 @@ fn col<'a, T: tokio_postgres::types::FromSql<'a>>(
             .columns()
             .get(idx)
             .map_or("?", tokio_postgres::Column::name);
-        DatastoreError::Corrupt(format!("{}: column {name}: {}", what(), error::describe(&e)))
+        DatastoreError::Corrupt(format!(
+            "{}: column {name}: {}",
+            what(),
+            error::describe(&e)
+        ))
     })
 }
 
