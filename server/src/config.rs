@@ -132,8 +132,9 @@ pub enum DatastoreConfig {
         /// The database file.
         path: PathBuf,
     },
-    /// A PostgreSQL database, shared by the servers configured with it.
-    Postgres(PostgresOptions),
+    /// A PostgreSQL database, shared by the servers configured with it (boxed: the parsed
+    /// connection string is large).
+    Postgres(Box<PostgresOptions>),
 }
 
 /// The environment variable that may hold `datastore.connection_string` (so it can come from a
@@ -558,7 +559,7 @@ fn resolve_datastore(
                 }
                 options.max_connections = n;
             }
-            Ok(DatastoreConfig::Postgres(options))
+            Ok(DatastoreConfig::Postgres(Box::new(options)))
         }
         Some(other) => Err(ConfigError::invalid(
             "datastore.type",

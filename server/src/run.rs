@@ -107,7 +107,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         }
         // Its errors name the server (without the password) and what to check.
         DatastoreConfig::Postgres(options) => Arc::new(
-            PostgresDatastore::open_with(options.clone())
+            PostgresDatastore::open_with(options.as_ref().clone())
                 .await
                 .context("opening the PostgreSQL datastore")?,
         ),
