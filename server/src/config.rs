@@ -16,6 +16,7 @@ use sigil::TrustDomain;
 use crate::attestor::k8s_psat::{self, ClusterConfig, FileCluster, FileK8sPsat};
 use crate::bundle_publisher::{self, BundlePublisherConfig, FileBundlePublisher, FileK8sConfigMap};
 use crate::ca::{CaConfig, KeyType, UpstreamConfig};
+use crate::datastore::postgres::PostgresOptions;
 
 /// Default node API address (SPIRE's server port).
 pub const DEFAULT_BIND_ADDRESS: &str = "0.0.0.0:8081";
@@ -111,12 +112,34 @@ pub struct FileUpstream {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileDatastore {
-    /// `sqlite` (default).
+    /// `sqlite` (default) or `postgres`.
     #[serde(rename = "type")]
     pub kind: Option<String>,
     /// SQLite database path; default `<data_dir>/datastore.sqlite3`.
     pub path: Option<PathBuf>,
+    /// PostgreSQL: libpq connection string (URL or `key=value`); also
+    /// `SIGIL_DATASTORE_CONNECTION_STRING`.
+    pub connection_string: Option<String>,
+    /// PostgreSQL: connections this server keeps at most [default: 16].
+    pub max_connections: Option<usize>,
 }
+
+/// Which datastore the server uses, resolved from `[datastore]`.
+#[derive(Debug, Clone)]
+pub enum DatastoreConfig {
+    /// The embedded SQLite database at this path.
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// A PostgreSQL database, shared by the servers configured with it (boxed: the parsed
+    /// connection string is large).
+    Postgres(Box<PostgresOptions>),
+}
+
+/// The environment variable that may hold `datastore.connection_string` (so it can come from a
+/// secret rather than a file).
+pub const CONNECTION_STRING_ENV: &str = "SIGIL_DATASTORE_CONNECTION_STRING";
 
 /// `sigil-server run` flags; each overrides the file key of the same name.
 #[derive(Debug, Default, Clone, clap::Args)]
@@ -166,9 +189,21 @@ pub struct RunFlags {
     /// Upstream CA: root bundle (PEM).
     #[arg(long, value_name = "FILE", requires = "upstream_cert_chain")]
     pub upstream_bundle: Option<PathBuf>,
+    /// Datastore: sqlite or postgres [default: sqlite].
+    #[arg(long, value_name = "TYPE")]
+    pub datastore_type: Option<String>,
     /// SQLite database path [default: <data-dir>/datastore.sqlite3].
     #[arg(long, value_name = "FILE")]
     pub datastore_path: Option<PathBuf>,
+    /// PostgreSQL connection string (URL or key=value). Prefer the environment variable or the
+    /// file: a password on the command line is visible to other local users.
+    #[arg(
+        long,
+        value_name = "CONNINFO",
+        env = "SIGIL_DATASTORE_CONNECTION_STRING",
+        hide_env_values = true
+    )]
+    pub datastore_connection_string: Option<String>,
     /// Enable x509pop node attestation: PEM CA certificate(s) trusted to issue node certificates.
     #[arg(long, value_name = "FILE")]
     pub x509pop_ca_bundle: Option<PathBuf>,
@@ -251,8 +286,8 @@ pub struct ServerConfig {
     pub log_format: LogFormat,
     /// CA configuration.
     pub ca: CaConfig,
-    /// SQLite database path.
-    pub datastore_path: PathBuf,
+    /// The datastore.
+    pub datastore: DatastoreConfig,
     /// x509pop CA bundle (PEM); `None`: x509pop is not offered.
     pub x509pop_ca_bundle: Option<PathBuf>,
     /// k8s_psat clusters by name; empty: k8s_psat is not offered.
@@ -371,21 +406,7 @@ impl ServerConfig {
             }),
             (None, None) => None,
         };
-        match file.datastore.kind.as_deref() {
-            None | Some("sqlite") => {}
-            Some(other) => {
-                return Err(ConfigError::invalid(
-                    "datastore.type",
-                    other,
-                    "supported: sqlite",
-                ))
-            }
-        }
-        let datastore_path = flags
-            .datastore_path
-            .clone()
-            .or(file.datastore.path)
-            .unwrap_or_else(|| data_dir.join("datastore.sqlite3"));
+        let datastore = resolve_datastore(file.datastore, flags, &data_dir)?;
         let x509pop_ca_bundle = flags
             .x509pop_ca_bundle
             .clone()
@@ -438,7 +459,7 @@ impl ServerConfig {
             log_level,
             log_format,
             ca,
-            datastore_path,
+            datastore,
             x509pop_ca_bundle,
             k8s_psat,
             bundle_publisher,
@@ -471,6 +492,80 @@ fn bundle_publisher_flags(flags: &RunFlags) -> FileK8sConfigMap {
         api_server_url: flags.bundle_publisher_k8s_configmap_api_server_url.clone(),
         api_token_file: flags.bundle_publisher_k8s_configmap_api_token_file.clone(),
         api_ca_file: flags.bundle_publisher_k8s_configmap_api_ca_file.clone(),
+    }
+}
+
+/// `[datastore]` and the `--datastore-*` flags (the connection string also from
+/// [`CONNECTION_STRING_ENV`], through its flag): keys of the other type are refused rather than
+/// ignored, so a half-changed configuration does not silently run on the wrong database.
+fn resolve_datastore(
+    file: FileDatastore,
+    flags: &RunFlags,
+    data_dir: &std::path::Path,
+) -> Result<DatastoreConfig, ConfigError> {
+    let kind = flags.datastore_type.clone().or(file.kind);
+    let path = flags.datastore_path.clone().or(file.path);
+    let connection_string = flags
+        .datastore_connection_string
+        .clone()
+        .or(file.connection_string);
+    match kind.as_deref() {
+        None | Some("sqlite") => {
+            if connection_string.is_some() {
+                return Err(ConfigError::conflict(format!(
+                    "datastore.connection_string (or {CONNECTION_STRING_ENV}) is set, but the \
+                     datastore type is sqlite: set type = \"postgres\" in [datastore] to use \
+                     PostgreSQL, or unset the connection string"
+                )));
+            }
+            if file.max_connections.is_some() {
+                return Err(ConfigError::conflict(
+                    "datastore.max_connections is for type = \"postgres\"; the sqlite datastore \
+                     has no connection pool",
+                ));
+            }
+            Ok(DatastoreConfig::Sqlite {
+                path: path.unwrap_or_else(|| data_dir.join("datastore.sqlite3")),
+            })
+        }
+        Some("postgres") => {
+            if path.is_some() {
+                return Err(ConfigError::conflict(
+                    "datastore.path (--datastore-path) is for type = \"sqlite\"; the postgres \
+                     datastore is named by datastore.connection_string",
+                ));
+            }
+            let conninfo = connection_string
+                .filter(|c| !c.trim().is_empty())
+                .ok_or_else(|| {
+                    ConfigError::missing(
+                        "datastore.connection_string",
+                        format!(
+                            "type = \"postgres\" needs the database's connection string, in \
+                             [datastore] or in the {CONNECTION_STRING_ENV} environment \
+                             variable, e.g. postgresql://sigil@db.example.org:5432/sigil"
+                        ),
+                    )
+                })?;
+            let mut options = PostgresOptions::parse(&conninfo)
+                .map_err(|e| ConfigError::value("datastore.connection_string", e))?;
+            if let Some(n) = file.max_connections {
+                if n == 0 {
+                    return Err(ConfigError::invalid(
+                        "datastore.max_connections",
+                        "0",
+                        "at least 1 connection is needed",
+                    ));
+                }
+                options.max_connections = n;
+            }
+            Ok(DatastoreConfig::Postgres(Box::new(options)))
+        }
+        Some(other) => Err(ConfigError::invalid(
+            "datastore.type",
+            other,
+            "supported: sqlite, postgres",
+        )),
     }
 }
 
@@ -524,7 +619,7 @@ mod tests {
         assert!(matches!(err, ConfigError::Invalid { .. }), "{err}");
         assert_eq!(
             err.to_string(),
-            "invalid datastore.type \"mysql\": supported: sqlite"
+            "invalid datastore.type \"mysql\": supported: sqlite, postgres"
         );
         // A section checked by its own module gives the same typed error.
         let err =
@@ -545,7 +640,11 @@ mod tests {
         assert_eq!(c.trust_domain.name(), "example.org");
         assert_eq!(c.bind_address.to_string(), DEFAULT_BIND_ADDRESS);
         assert_eq!(c.admin_socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
-        assert_eq!(c.datastore_path, PathBuf::from("./.data/datastore.sqlite3"));
+        assert!(
+            matches!(&c.datastore, DatastoreConfig::Sqlite { path } if path == &PathBuf::from("./.data/datastore.sqlite3")),
+            "{:?}",
+            c.datastore
+        );
         assert_eq!(c.ca.default_x509_svid_ttl, Duration::from_secs(3600));
         assert!(c.x509pop_ca_bundle.is_none(), "x509pop is off by default");
         assert!(c.k8s_psat.is_empty(), "k8s_psat is off by default");
@@ -572,7 +671,11 @@ mod tests {
         assert_eq!(c.trust_domain.name(), "flag.org");
         assert_eq!(c.bind_address.to_string(), "127.0.0.1:9");
         assert_eq!(c.ca.default_x509_svid_ttl, Duration::from_secs(120));
-        assert_eq!(c.datastore_path, PathBuf::from("/d/datastore.sqlite3"));
+        assert!(
+            matches!(&c.datastore, DatastoreConfig::Sqlite { path } if path == &PathBuf::from("/d/datastore.sqlite3")),
+            "{:?}",
+            c.datastore
+        );
         assert!(c.health_address.is_none());
         Ok(())
     }
@@ -632,6 +735,100 @@ mod tests {
         );
         assert!(toml::from_str::<FileConfig>("[node_attestor.k8s]\nx = 1").is_err());
         assert!(toml::from_str::<FileConfig>("trust_domian = \"a.org\"").is_err());
+    }
+
+    #[test]
+    fn postgres_datastore_from_file_flags_or_environment() -> anyhow::Result<()> {
+        let text = "trust_domain = \"a.org\"\n[datastore]\ntype = \"postgres\"\n\
+            connection_string = \"postgresql://sigil:pw@db.example:6432/ids\"\n\
+            max_connections = 4\n";
+        let c = parse(text, RunFlags::default())?;
+        let DatastoreConfig::Postgres(options) = &c.datastore else {
+            panic!("not postgres: {:?}", c.datastore);
+        };
+        assert_eq!(
+            options.target().to_string(),
+            "host=db.example port=6432 user=sigil dbname=ids"
+        );
+        assert_eq!(options.max_connections, 4);
+        assert!(!format!("{c:?}").contains("pw@"), "no password in Debug");
+
+        // The flag (and so SIGIL_DATASTORE_CONNECTION_STRING, which clap reads into it) wins
+        // over the file.
+        let c = parse(
+            text,
+            RunFlags {
+                datastore_connection_string: Some("host=/run/postgresql dbname=other".into()),
+                ..Default::default()
+            },
+        )?;
+        let DatastoreConfig::Postgres(options) = &c.datastore else {
+            panic!("not postgres: {:?}", c.datastore);
+        };
+        assert_eq!(
+            options.target().to_string(),
+            "host=/run/postgresql dbname=other"
+        );
+        let c = parse(
+            "trust_domain = \"a.org\"",
+            RunFlags {
+                datastore_type: Some("postgres".into()),
+                datastore_connection_string: Some("postgresql://db/sigil".into()),
+                ..Default::default()
+            },
+        )?;
+        assert!(matches!(c.datastore, DatastoreConfig::Postgres(_)));
+        Ok(())
+    }
+
+    #[test]
+    fn postgres_datastore_errors_say_what_to_fix_without_the_password() {
+        for (text, flags, expected) in [
+            (
+                "[datastore]\ntype = \"postgres\"",
+                RunFlags::default(),
+                "datastore.connection_string is required: type = \"postgres\" needs the \
+                 database's connection string, in [datastore] or in the \
+                 SIGIL_DATASTORE_CONNECTION_STRING environment variable",
+            ),
+            (
+                "[datastore]\ntype = \"postgres\"\nconnection_string = \"postgresql://u:s3cret@db:port/x\"",
+                RunFlags::default(),
+                "invalid datastore.connection_string: the PostgreSQL connection string does not \
+                 parse: invalid value for option `port`",
+            ),
+            (
+                "[datastore]\ntype = \"postgres\"\nconnection_string = \"host=db password=s3cret sslmode=require\"",
+                RunFlags::default(),
+                "invalid datastore.connection_string: sslmode=require is set, but this \
+                 sigil-server does not connect to PostgreSQL over TLS yet",
+            ),
+            (
+                "[datastore]\ntype = \"postgres\"\nconnection_string = \"postgresql://db/x\"\npath = \"/x.db\"",
+                RunFlags::default(),
+                "datastore.path (--datastore-path) is for type = \"sqlite\"",
+            ),
+            (
+                "[datastore]\ntype = \"postgres\"\nconnection_string = \"postgresql://db/x\"\nmax_connections = 0",
+                RunFlags::default(),
+                "invalid datastore.max_connections \"0\": at least 1 connection is needed",
+            ),
+            (
+                "",
+                RunFlags {
+                    datastore_connection_string: Some("postgresql://u:s3cret@db/x".into()),
+                    ..Default::default()
+                },
+                "datastore.connection_string (or SIGIL_DATASTORE_CONNECTION_STRING) is set, but \
+                 the datastore type is sqlite",
+            ),
+        ] {
+            let text = format!("trust_domain = \"a.org\"\n{text}");
+            let err = parse(&text, flags).expect_err(&text);
+            let msg = format!("{err:#}");
+            assert!(msg.contains(expected), "{text}:\n{msg}\nexpected: {expected}");
+            assert!(!msg.contains("s3cret"), "{text}: the password is echoed: {msg}");
+        }
     }
 
     #[test]

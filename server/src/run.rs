@@ -26,7 +26,8 @@ use crate::attestor::k8s_psat::K8sPsatAttestor;
 use crate::attestor::x509pop::X509PopAttestor;
 use crate::attestor::Attestors;
 use crate::ca::Ca;
-use crate::config::ServerConfig;
+use crate::config::{DatastoreConfig, ServerConfig};
+use crate::datastore::postgres::PostgresDatastore;
 use crate::datastore::sqlite::{Expect, SqliteDatastore};
 use crate::datastore::{Datastore, EntryFilter, StoredBundle};
 use crate::identity::ServerIdentity;
@@ -88,18 +89,29 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     restrict_dir(&cfg.data_dir)?;
     let _lock = sigil::fs::lock_dir(&cfg.data_dir, LOCK_FILE, "sigil-server")?;
 
-    // The datastore is opened before the CA: CA keys already on disk mean this server has run
-    // here before, so its database must hold data (an empty file means it was lost).
-    let expect = if ca_keys_exist(&cfg.ca.dir) {
-        Expect::Data
-    } else {
-        Expect::Any
+    let datastore: Arc<dyn Datastore> = match &cfg.datastore {
+        DatastoreConfig::Sqlite { path } => {
+            // The datastore is opened before the CA: CA keys already on disk mean this server
+            // has run here before, so its database must hold data (an empty file means it was
+            // lost).
+            let expect = if ca_keys_exist(&cfg.ca.dir) {
+                Expect::Data
+            } else {
+                Expect::Any
+            };
+            Arc::new(
+                SqliteDatastore::open_with(path, expect)
+                    .await
+                    .with_context(|| format!("opening datastore {}", path.display()))?,
+            )
+        }
+        // Its errors name the server (without the password) and what to check.
+        DatastoreConfig::Postgres(options) => Arc::new(
+            PostgresDatastore::open_with(options.as_ref().clone())
+                .await
+                .context("opening the PostgreSQL datastore")?,
+        ),
     };
-    let datastore: Arc<dyn Datastore> = Arc::new(
-        SqliteDatastore::open_with(&cfg.datastore_path, expect)
-            .await
-            .with_context(|| format!("opening datastore {}", cfg.datastore_path.display()))?,
-    );
     let ca = Arc::new(Ca::load_or_create(&cfg.ca).context("loading the CA")?);
 
     // Publish the CA's bundle; the datastore assigns the sequence number.

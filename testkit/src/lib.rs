@@ -7,10 +7,13 @@
 //! - [`fake_k8s`]: a fake Kubernetes API server (pods, nodes, TokenReview, ConfigMaps, OIDC
 //!   discovery) over real HTTPS, and a service-account token issuer.
 //! - [`fake_kubelet`]: a fake kubelet serving pod lists over real HTTPS.
+//! - [`postgres`]: a database of its own per test on a throwaway PostgreSQL cluster (or the
+//!   server named by `SIGIL_TEST_POSTGRES_URL`).
 
 pub mod fake_k8s;
 pub mod fake_kubelet;
 mod harness;
+pub mod postgres;
 mod process;
 
 pub use harness::*;

@@ -2,20 +2,22 @@
 //! and the federated bundles of other trust domains.
 //!
 //! The [`Datastore`] trait is what the rest of the server uses; [`sqlite::SqliteDatastore`] is the
-//! embedded default (PostgreSQL comes later behind the same trait). Every write is durable when
-//! the call returns: the admin API acknowledges nothing that a `kill -9` could lose.
+//! embedded default, [`postgres::PostgresDatastore`] a shared database several servers can use at
+//! once. Every write is durable when the call returns: the admin API acknowledges nothing that a
+//! `kill -9` could lose.
 //!
 //! Revisions: every entry change takes the next value of one global, monotonically increasing
 //! revision counter, and deletions leave a tombstone with their revision, so an agent can ask
 //! "what changed since revision R" ([`Datastore::entry_changes_since`]).
 //!
 //! Layout: this module holds the trait and its types; `paging.rs` the page sizes and page tokens
-//! every backend uses; `sqlite/` the SQLite backend. `conformance.rs` (tests only) is the
+//! every backend uses; `sqlite/` the SQLite backend; `postgres/` the PostgreSQL backend. `conformance.rs` (tests only) is the
 //! behaviour suite every backend runs, instantiated per backend with `datastore_conformance!`.
 
 #[cfg(test)]
 pub(crate) mod conformance;
 pub mod paging;
+pub mod postgres;
 pub mod sqlite;
 
 use std::path::PathBuf;
@@ -112,13 +114,22 @@ pub enum DatastoreError {
     /// A newly generated join token equals a stored one.
     #[error("database error: a join token with this value already exists")]
     JoinTokenCollision,
+    /// The PostgreSQL datastore failed: connecting, a statement, a migration (the message names
+    /// what to check).
+    #[error(transparent)]
+    Postgres(postgres::PostgresError),
 }
 
 impl DatastoreError {
-    /// True when trying the same call again later may succeed (the database was busy); false
-    /// for refusals, corrupt data and other failures, which a retry would only repeat.
+    /// True when trying the same call again later may succeed (the database was busy or
+    /// unreachable); false for refusals, corrupt data and other failures, which a retry would
+    /// only repeat.
     pub fn is_transient(&self) -> bool {
-        matches!(self, DatastoreError::Busy(_))
+        match self {
+            DatastoreError::Busy(_) => true,
+            DatastoreError::Postgres(e) => e.is_transient(),
+            _ => false,
+        }
     }
 }
 

@@ -38,10 +38,7 @@ mod tests;
 
 use layer::Rpc;
 
-/// Default page size for list calls.
-pub const DEFAULT_PAGE_SIZE: usize = 500;
-/// Largest page size a caller may ask for.
-pub const MAX_PAGE_SIZE: usize = 10_000;
+pub use crate::datastore::paging::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
 /// Largest batch in one BatchCreateEntries call.
 pub const MAX_BATCH: usize = 10_000;
 /// Default join-token lifetime (seconds).
@@ -95,6 +92,10 @@ pub fn ds_status(e: DatastoreError) -> Status {
             tracing::warn!(error = %e, "datastore busy");
             Status::unavailable(format!("datastore busy: {e}"))
         }
+        DatastoreError::Postgres(ref pg) if pg.is_transient() => {
+            tracing::warn!(error = %e, "datastore unavailable");
+            Status::unavailable(format!("datastore unavailable: {e}"))
+        }
         DatastoreError::Corrupt(_)
         | DatastoreError::Sqlite(_)
         | DatastoreError::Open { .. }
@@ -104,7 +105,8 @@ pub fn ds_status(e: DatastoreError) -> Status {
         | DatastoreError::Migration { .. }
         | DatastoreError::Task(_)
         | DatastoreError::Json(_)
-        | DatastoreError::JoinTokenCollision => {
+        | DatastoreError::JoinTokenCollision
+        | DatastoreError::Postgres(_) => {
             tracing::error!(error = %e, "datastore failure");
             Status::internal(format!("datastore failure: {e}"))
         }
@@ -113,10 +115,7 @@ pub fn ds_status(e: DatastoreError) -> Status {
 
 /// The page size of a list call: the default for 0, at most [`MAX_PAGE_SIZE`].
 fn page_size(requested: u32) -> usize {
-    match requested as usize {
-        0 => DEFAULT_PAGE_SIZE,
-        n => n.min(MAX_PAGE_SIZE),
-    }
+    crate::datastore::paging::effective_page_size(requested as usize)
 }
 
 /// A list call's page token; empty means the first page.

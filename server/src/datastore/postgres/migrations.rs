@@ -1,0 +1,217 @@
+//! Schema migrations of the PostgreSQL datastore.
+//!
+//! [`MIGRATIONS`] is append-only: migration `i` (0-based) brings the schema from version `i` to
+//! `i + 1`. The version lives in the one-row table `sigil_schema`, written in the same
+//! transaction as the migration's DDL (PostgreSQL's DDL is transactional), so a failure leaves
+//! the old schema. Every migration transaction first takes a transaction-level advisory lock:
+//! servers starting at once wait for each other, and each applies only what is still missing.
+//! Never edit a migration that has shipped; add a new one.
+//!
+//! The tables live in the first schema of the connection's search path (`public` by default);
+//! a role with its own schema first in its search path gets its own tables.
+
+use tokio_postgres::Client;
+
+use super::error::{PostgresError, Target};
+use crate::datastore::DatastoreError;
+
+/// The advisory lock key of the migrations ("SIGL" + "MIGR" in ASCII), the same for every
+/// server sharing the database.
+const MIGRATION_LOCK: i64 = 0x5349_474c_4d49_4752;
+
+/// The migrations, in order; the schema version is the number applied.
+pub(super) const MIGRATIONS: &[&str] = &[V1];
+
+/// Version 1: entries (+ selectors, tombstones, revision counter), agents (with the pending
+/// renewed SVID), join tokens, the server's own bundle and federated bundles. Identifiers that
+/// are compared or ordered byte-wise use the "C" collation, as SQLite does.
+const V1: &str = r#"
+-- One row: the global entry revision. Every entry create/update/delete locks it first and takes
+-- the next value, so revisions follow commit order and never go backwards, also not after
+-- deletes.
+CREATE TABLE revision (
+    id    INTEGER PRIMARY KEY CHECK (id = 1),
+    value BIGINT  NOT NULL
+);
+INSERT INTO revision (id, value) VALUES (1, 0);
+
+-- seq is the stable listing order and the page-token key (taken under the revision lock, so in
+-- commit order). reg_key = SHA-256 of "spiffe_id\nparent_id" + "\ntype:value" per sorted
+-- selector: the registration identity, unique.
+CREATE TABLE entries (
+    seq            BIGINT  GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id             TEXT    COLLATE "C" NOT NULL UNIQUE,
+    spiffe_id      TEXT    COLLATE "C" NOT NULL,
+    parent_id      TEXT    COLLATE "C" NOT NULL,
+    x509_ttl       BIGINT,
+    jwt_ttl        BIGINT,
+    dns_names      TEXT[]  NOT NULL DEFAULT '{}',
+    admin          BOOLEAN NOT NULL DEFAULT FALSE,
+    downstream     BOOLEAN NOT NULL DEFAULT FALSE,
+    federates_with TEXT[]  NOT NULL DEFAULT '{}',
+    hint           TEXT    NOT NULL DEFAULT '',
+    revision       BIGINT  NOT NULL,
+    created_at     BIGINT  NOT NULL,
+    updated_at     BIGINT  NOT NULL,
+    reg_key        BYTEA   NOT NULL UNIQUE,
+    selector_count INTEGER NOT NULL
+);
+CREATE INDEX entries_spiffe_id ON entries (spiffe_id);
+CREATE INDEX entries_parent_id ON entries (parent_id);
+CREATE INDEX entries_revision ON entries (revision);
+CREATE INDEX entries_without_selectors ON entries (seq) WHERE selector_count = 0;
+
+-- One row per selector of an entry. entry_selector_count repeats entries.selector_count so the
+-- Exact/Subset matches are answered from the (type, value, count) index alone.
+CREATE TABLE entry_selectors (
+    entry_seq            BIGINT  NOT NULL REFERENCES entries (seq) ON DELETE CASCADE,
+    type                 TEXT    COLLATE "C" NOT NULL,
+    value                TEXT    COLLATE "C" NOT NULL,
+    entry_selector_count INTEGER NOT NULL,
+    PRIMARY KEY (entry_seq, type, value)
+);
+CREATE INDEX entry_selectors_type_value ON entry_selectors (type, value, entry_selector_count);
+
+CREATE TABLE entry_tombstones (
+    id         TEXT   COLLATE "C" PRIMARY KEY,
+    revision   BIGINT NOT NULL,
+    deleted_at BIGINT NOT NULL
+);
+CREATE INDEX entry_tombstones_revision ON entry_tombstones (revision);
+
+-- new_serial/new_expires_at: a renewed SVID the agent has not used yet (both set or neither).
+CREATE TABLE agents (
+    seq              BIGINT  GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    spiffe_id        TEXT    COLLATE "C" NOT NULL UNIQUE,
+    attestation_type TEXT    NOT NULL,
+    serial           TEXT    COLLATE "C" NOT NULL,
+    expires_at       BIGINT  NOT NULL,
+    new_serial       TEXT    COLLATE "C",
+    new_expires_at   BIGINT,
+    banned           BOOLEAN NOT NULL DEFAULT FALSE,
+    selectors        TEXT[]  NOT NULL DEFAULT '{}',
+    created_at       BIGINT  NOT NULL,
+    updated_at       BIGINT  NOT NULL
+);
+
+-- Only the SHA-256 (hex) of a token is stored: a copy of the database holds no usable token.
+CREATE TABLE join_tokens (
+    token_sha256 TEXT   COLLATE "C" PRIMARY KEY,
+    expires_at   BIGINT NOT NULL,
+    spiffe_id    TEXT,
+    created_at   BIGINT NOT NULL
+);
+CREATE INDEX join_tokens_expires_at ON join_tokens (expires_at);
+
+-- The server's own bundle (written by the CA at start-up) and, apart from it, the federated
+-- bundles of other trust domains, so listing and deleting those never touches the own one.
+-- x509_roots: DER certificates; sequence: bumped whenever the content changes.
+CREATE TABLE bundles (
+    trust_domain  TEXT    COLLATE "C" PRIMARY KEY,
+    x509_roots    BYTEA[] NOT NULL,
+    jwt_keys_json TEXT    NOT NULL,
+    sequence      BIGINT  NOT NULL,
+    updated_at    BIGINT  NOT NULL
+);
+CREATE TABLE federated_bundles (
+    trust_domain  TEXT    COLLATE "C" PRIMARY KEY,
+    x509_roots    BYTEA[] NOT NULL,
+    jwt_keys_json TEXT    NOT NULL,
+    sequence      BIGINT  NOT NULL,
+    updated_at    BIGINT  NOT NULL
+);
+"#;
+
+/// Brings the database to the newest schema in `migrations`, one transaction per migration,
+/// each under the advisory lock. Refuses a database whose schema has other tables but no
+/// Sigil schema version, and one newer than `migrations`.
+pub(super) async fn migrate(
+    client: &mut Client,
+    target: &Target,
+    migrations: &[&str],
+) -> Result<(), DatastoreError> {
+    let known = migrations.len();
+    loop {
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await?;
+        let has_version_table: bool = tx
+            .query_one("SELECT to_regclass('sigil_schema') IS NOT NULL", &[])
+            .await?
+            .try_get(0)?;
+        let version: i32 = if has_version_table {
+            tx.query_opt("SELECT version FROM sigil_schema WHERE id = 1", &[])
+                .await?
+                .map(|r| r.try_get(0))
+                .transpose()?
+                .ok_or_else(|| {
+                    DatastoreError::Corrupt(format!(
+                        "PostgreSQL database ({target}): the sigil_schema table has no row"
+                    ))
+                })?
+        } else {
+            // Fresh: the schema must hold no tables. Otherwise it is another application's;
+            // do not add ours to it.
+            let row = tx
+                .query_one(
+                    "SELECT current_schema(), (SELECT COUNT(*) FROM pg_catalog.pg_tables \
+                     WHERE schemaname = current_schema())",
+                    &[],
+                )
+                .await?;
+            let schema: Option<String> = row.try_get(0)?;
+            let tables: i64 = row.try_get(1)?;
+            let Some(schema) = schema else {
+                return Err(PostgresError::NoSchema {
+                    target: target.clone(),
+                }
+                .into());
+            };
+            if tables > 0 {
+                return Err(PostgresError::ForeignDatabase {
+                    target: target.clone(),
+                    schema,
+                    tables,
+                }
+                .into());
+            }
+            0
+        };
+        let applied = usize::try_from(version).map_err(|_| {
+            DatastoreError::Corrupt(format!(
+                "PostgreSQL database ({target}): negative schema version {version}"
+            ))
+        })?;
+        if applied > known {
+            return Err(PostgresError::NewerSchema {
+                target: target.clone(),
+                found: version,
+                known,
+            }
+            .into());
+        }
+        let Some(sql) = migrations.get(applied) else {
+            tx.commit().await?;
+            return Ok(());
+        };
+        let next = version + 1;
+        let record = if applied == 0 {
+            "CREATE TABLE sigil_schema (\
+                 id INTEGER PRIMARY KEY CHECK (id = 1), \
+                 version INTEGER NOT NULL); \
+             INSERT INTO sigil_schema (id, version) VALUES (1, 1);"
+                .to_string()
+        } else {
+            format!("UPDATE sigil_schema SET version = {next} WHERE id = 1;")
+        };
+        let migration_err = |source| PostgresError::Migration {
+            target: target.clone(),
+            version: applied + 1,
+            source,
+        };
+        tx.batch_execute(sql).await.map_err(migration_err)?;
+        tx.batch_execute(&record).await.map_err(migration_err)?;
+        tx.commit().await?;
+        tracing::info!(target = %target, version = next, "applied datastore schema migration");
+    }
+}
