@@ -269,7 +269,7 @@ pub async fn identify(path: &Path) -> Option<Api> {
     let mut agent = AgentAdminClient::new(channel.clone());
     let r = tokio::time::timeout(PROBE_TIMEOUT, async {
         agent
-            .status(crate::proto::agent_admin::StatusRequest {})
+            .status(crate::proto::agent_admin::StatusRequest::default())
             .await
             .map(drop)
     })

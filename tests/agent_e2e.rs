@@ -222,6 +222,28 @@ fn agent_serves_cache_through_a_server_outage_and_resumes() {
     let mut server = Server::start(&dir.path().join("server"), &["--bind-address", &bind]);
     let (mut agent, before) = agent_with_web(&server, dir.path());
     let serial = before["svids"][1]["serial"].clone();
+    // Status for one SPIFFE ID lists only its SVID; a malformed ID is refused.
+    let out = agent.status_output(&[
+        "--output",
+        "json",
+        "--spiffe-id",
+        "spiffe://example.org/web",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let one: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    assert_eq!(svid_ids(&one), ["spiffe://example.org/web"]);
+    assert_eq!(one["svids"][0]["serial"], serial);
+    let out = agent.status_output(&["--spiffe-id", "not-an-id"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("spiffe_id"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Server down: the agent keeps running and keeps its SVID, and stays ready. Waited for
     // until its fourth failed reconnect (back-off 0.25 s doubling); the retry and warning rates

@@ -35,8 +35,17 @@ fn leaf_serial(chain: &[Vec<u8>]) -> String {
 impl pb::agent_admin_server::AgentAdmin for AgentAdminService {
     async fn status(
         &self,
-        _req: Request<pb::StatusRequest>,
+        req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
+        let only = match req.into_inner().spiffe_id.as_str() {
+            "" => None,
+            s => Some(
+                sigil::SpiffeId::parse(s)
+                    .map_err(|e| Status::invalid_argument(format!("spiffe_id: {e}")))?,
+            ),
+        };
+        let wanted =
+            |e: &sigil::entry::RegistrationEntry| only.as_ref().is_none_or(|id| e.spiffe_id == *id);
         let identity = self.state.identity.read().await.clone();
         let refused = self.state.refused.read().await.clone().unwrap_or_default();
         let sync = self.state.sync_status();
@@ -44,6 +53,7 @@ impl pb::agent_admin_server::AgentAdmin for AgentAdminService {
         let cache = self.state.snapshot();
         let mut svids: Vec<pb::CachedSvid> = cache
             .svids()
+            .filter(|(e, _)| wanted(e))
             .map(|(e, s)| pb::CachedSvid {
                 entry_id: e.id.clone(),
                 spiffe_id: e.spiffe_id.to_string(),
@@ -69,6 +79,7 @@ impl pb::agent_admin_server::AgentAdmin for AgentAdminService {
         };
         let mut sign_backoff: Vec<pb::SignBackoff> = cache
             .sign_backoff()
+            .filter(|(e, _)| wanted(e))
             .map(|(e, r)| backoff(e.id.clone(), e.spiffe_id.to_string(), r))
             .collect();
         sign_backoff.sort_by(|a, b| {

@@ -24,6 +24,9 @@ enum Command {
         /// Output format: text or json.
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
         output: String,
+        /// Only the SVIDs (and sign back-offs) of this SPIFFE ID.
+        #[arg(long, value_name = "SPIFFE_ID")]
+        spiffe_id: Option<String>,
     },
     /// Talk to the Workload API as a workload would: fetch, validate, watch.
     #[command(subcommand)]
@@ -108,12 +111,18 @@ fn backoff_text(b: &sigil::proto::agent_admin::SignBackoff) -> String {
     )
 }
 
-async fn status(socket: &std::path::Path, output: &str) -> anyhow::Result<()> {
+async fn status(
+    socket: &std::path::Path,
+    output: &str,
+    spiffe_id: Option<String>,
+) -> anyhow::Result<()> {
     // An agent with 100,000 SVIDs answers with well over gRPC's default 4 MiB.
     let s = match sigil_agent::cli::admin_client(socket)
         .await?
         .max_decoding_message_size(256 * 1024 * 1024)
-        .status(sigil::proto::agent_admin::StatusRequest {})
+        .status(sigil::proto::agent_admin::StatusRequest {
+            spiffe_id: spiffe_id.unwrap_or_default(),
+        })
         .await
     {
         Ok(r) => r.into_inner(),
@@ -209,7 +218,8 @@ fn main() -> std::process::ExitCode {
             Command::Status {
                 admin_socket,
                 output,
-            } => status(&admin_socket, &output).await,
+                spiffe_id,
+            } => status(&admin_socket, &output, spiffe_id).await,
         };
         done.map(|()| std::process::ExitCode::SUCCESS)
     });

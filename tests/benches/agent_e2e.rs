@@ -12,7 +12,7 @@
 //!
 //! On the first size (default 1,000) it also measures create → agent latency: 100 single
 //! `CreateEntry` calls over the admin socket, each followed by polling the agent's admin
-//! `Status` every 2 ms until the new SPIFFE ID has a cached SVID.
+//! `Status` for the new SPIFFE ID every 2 ms until it has a cached SVID.
 //!
 //! Run: `cargo build --release --workspace --bins --benches`, then `cargo bench --bench
 //! agent_e2e`. Every wait is bounded; a size that does not finish in time is reported as such
@@ -175,7 +175,9 @@ fn latency(rt: &tokio::runtime::Runtime, server: &Server, agent: &Agent) -> Late
             let deadline = t + Duration::from_secs(10);
             loop {
                 let s = status
-                    .status(StatusRequest {})
+                    .status(StatusRequest {
+                        spiffe_id: id.clone(),
+                    })
                     .await
                     .expect("agent Status")
                     .into_inner();
