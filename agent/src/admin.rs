@@ -51,9 +51,18 @@ impl pb::agent_admin_server::AgentAdmin for AgentAdminService {
         let sync = self.state.sync_status();
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let cache = self.state.snapshot();
-        let mut svids: Vec<pb::CachedSvid> = cache
-            .svids()
-            .filter(|(e, _)| wanted(e))
+        // For one SPIFFE ID, walk the entries (a compare each) rather than join every SVID
+        // with its entry: polling one identity stays cheap at 100,000 entries.
+        let selected: Box<dyn Iterator<Item = _>> = match &only {
+            Some(_) => Box::new(
+                cache
+                    .entries()
+                    .filter(|e| wanted(e))
+                    .filter_map(|e| cache.svid(&e.id).map(|s| (e, s))),
+            ),
+            None => Box::new(cache.svids()),
+        };
+        let mut svids: Vec<pb::CachedSvid> = selected
             .map(|(e, s)| pb::CachedSvid {
                 entry_id: e.id.clone(),
                 spiffe_id: e.spiffe_id.to_string(),
