@@ -63,9 +63,6 @@ pub enum ConfigError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    /// A section checked by the module that owns it; its message names the key.
-    #[error(transparent)]
-    Section(Box<dyn std::error::Error + Send + Sync>),
     /// A key whose value is not shown (a secret, or an empty value) breaks a rule.
     #[error("invalid {key}: {reason}")]
     Rule {

@@ -230,13 +230,20 @@ pub fn selectors_from_proto(v: &[pb::Selector]) -> Result<SelectorSet, SelectorE
         .collect()
 }
 
-fn ttl_from_proto(secs: i64) -> Result<Option<Duration>, String> {
+/// A TTL in a request that is out of range.
+#[derive(Debug, thiserror::Error)]
+enum BadTtl {
+    #[error("{0} is negative; give a positive TTL or 0 for the default")]
+    Negative(i64),
+    #[error("{0}s is longer than 366 days")]
+    TooLong(i64),
+}
+
+fn ttl_from_proto(secs: i64) -> Result<Option<Duration>, BadTtl> {
     match secs {
         0 => Ok(None),
-        s if s < 0 => Err(format!(
-            "{s} is negative; give a positive TTL or 0 for the default"
-        )),
-        s if s as u64 > crate::ttl::MAX.as_secs() => Err(format!("{s}s is longer than 366 days")),
+        s if s < 0 => Err(BadTtl::Negative(s)),
+        s if s as u64 > crate::ttl::MAX.as_secs() => Err(BadTtl::TooLong(s)),
         s => Ok(Some(Duration::from_secs(s as u64))),
     }
 }

@@ -16,11 +16,14 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
+/// Why a component is not ready: its own error type, shown in the 503 body by its `Display`.
+pub type NotReady = Box<dyn std::error::Error + Send + Sync>;
+
 /// What the endpoint asks the component it reports on.
 #[async_trait]
 pub trait Probe: Send + Sync + 'static {
     /// `Ok` when ready to serve; otherwise why not (shown in the 503 body).
-    async fn ready(&self) -> Result<(), String>;
+    async fn ready(&self) -> Result<(), NotReady>;
 }
 
 /// Serves the endpoint on `listener` until `shutdown` completes.
@@ -120,7 +123,7 @@ mod tests {
 
     #[async_trait]
     impl Probe for Flag {
-        async fn ready(&self) -> Result<(), String> {
+        async fn ready(&self) -> Result<(), NotReady> {
             if self.0.load(Ordering::SeqCst) {
                 Ok(())
             } else {

@@ -134,7 +134,7 @@ impl pb::agent_admin_server::AgentAdmin for AgentAdminService {
             AttestError::Gone { .. } => Status::not_found(format!(
                 "no process with pid {pid} (or it exited meanwhile)"
             )),
-            AttestError::Task(_) => Status::internal(e.to_string()),
+            AttestError::Task(_) | AttestError::HashNotComputed => Status::internal(e.to_string()),
             other => Status::failed_precondition(format!(
                 "cannot attest pid {pid}: {other} (is the agent allowed to read /proc/{pid}?)"
             )),

@@ -655,8 +655,6 @@ fn resolve_kubelet(
         node,
     )
     .map(Some)
-    // Its message names the kubelet_* key that is wrong.
-    .map_err(|e| ConfigError::Section(e.into()))
 }
 
 /// `HOST:PORT` with a non-empty host and a numeric port (host names allowed, unlike listen

@@ -115,22 +115,52 @@ impl SocketId {
     }
 }
 
+/// Why the Workload API socket fails the readiness check.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketProblem {
+    /// Another file now sits at the socket's path.
+    #[error("the Workload API socket {} was replaced by another file; workloads cannot reach this agent: restart it", .0.display())]
+    Replaced(PathBuf),
+    /// Nothing is at the socket's path any more.
+    #[error("the Workload API socket {} is gone (deleted?); workloads cannot reach this agent: restart it", .0.display())]
+    Gone(PathBuf),
+    /// The path could not be inspected.
+    #[error("the Workload API socket {}: {source}", .path.display())]
+    Inspect {
+        /// The socket's path.
+        path: PathBuf,
+        /// Why `lstat` failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Connecting was refused or failed.
+    #[error("the Workload API socket {} does not accept connections: {source}", .path.display())]
+    Refused {
+        /// The socket's path.
+        path: PathBuf,
+        /// Why the connection failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Connecting did not finish in time.
+    #[error("the Workload API socket {} did not accept a connection within {} s", .0.display(), SOCKET_CONNECT_TIMEOUT.as_secs())]
+    Timeout(PathBuf),
+}
+
 /// Checks that `path` is still the socket `bound` and accepts a connection.
-pub async fn check_socket(path: &Path, bound: SocketId) -> Result<(), String> {
-    let shown = path.display();
+pub async fn check_socket(path: &Path, bound: SocketId) -> Result<(), SocketProblem> {
     match SocketId::of(path) {
         Ok(id) if id == bound => {}
-        Ok(_) => {
-            return Err(format!(
-                "the Workload API socket {shown} was replaced by another file; workloads cannot reach this agent: restart it"
-            ))
-        }
+        Ok(_) => return Err(SocketProblem::Replaced(path.to_path_buf())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(format!(
-                "the Workload API socket {shown} is gone (deleted?); workloads cannot reach this agent: restart it"
-            ))
+            return Err(SocketProblem::Gone(path.to_path_buf()))
         }
-        Err(e) => return Err(format!("the Workload API socket {shown}: {e}")),
+        Err(source) => {
+            return Err(SocketProblem::Inspect {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
     }
     match tokio::time::timeout(
         SOCKET_CONNECT_TIMEOUT,
@@ -139,13 +169,11 @@ pub async fn check_socket(path: &Path, bound: SocketId) -> Result<(), String> {
     .await
     {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(format!(
-            "the Workload API socket {shown} does not accept connections: {e}"
-        )),
-        Err(_) => Err(format!(
-            "the Workload API socket {shown} did not accept a connection within {} s",
-            SOCKET_CONNECT_TIMEOUT.as_secs()
-        )),
+        Ok(Err(source)) => Err(SocketProblem::Refused {
+            path: path.to_path_buf(),
+            source,
+        }),
+        Err(_) => Err(SocketProblem::Timeout(path.to_path_buf())),
     }
 }
 
@@ -166,43 +194,82 @@ pub struct Facts {
     pub expired_svids: (usize, Option<String>),
 }
 
+/// Why the agent is not ready.
+#[derive(Debug, thiserror::Error)]
+pub enum NotReady {
+    /// The server refused the agent (banned, evicted, attestation refused).
+    #[error("refused by the server: {0}")]
+    Refused(String),
+    /// The agent's own SVID expired and renewal failed.
+    #[error("the agent SVID expired at {} and could not be renewed", crate::cli::time_text(*.0))]
+    AgentSvidExpired(i64),
+    /// No snapshot of entries yet.
+    #[error("waiting for the first entry sync{}", .last_error.as_ref().map(|e| format!(" (last attempt: {e})")).unwrap_or_default())]
+    FirstSync {
+        /// Why the last sync attempt failed, if one did.
+        last_error: Option<String>,
+    },
+    /// The last successful sync is older than `ready_max_sync_age`.
+    #[error("no successful sync with sigil-server for {age} s (ready_max_sync_age {max_age} s; last sync {}): {error}", .last.map_or_else(|| "never".to_string(), crate::cli::time_text))]
+    SyncStale {
+        /// Seconds since the last successful sync (0 if never).
+        age: i64,
+        /// The configured limit, seconds.
+        max_age: i64,
+        /// When the agent was last in sync (Unix seconds).
+        last: Option<i64>,
+        /// Why the sync stream is down.
+        error: String,
+    },
+    /// Cached X509-SVIDs expired without renewal.
+    #[error("{count} cached X509-SVID(s) expired and could not be renewed (e.g. {}); workloads get none for them: is sigil-server reachable and its CA valid?", .example.as_deref().unwrap_or("?"))]
+    ExpiredSvids {
+        /// How many.
+        count: usize,
+        /// The SPIFFE ID of one of them.
+        example: Option<String>,
+    },
+    /// The Workload API socket was never bound.
+    #[error("the Workload API socket is not bound yet")]
+    SocketNotBound,
+    /// The Workload API socket fails its check.
+    #[error(transparent)]
+    Socket(#[from] SocketProblem),
+}
+
 /// The readiness verdict from `facts` at `now`: `Err` says why not ready.
-pub fn evaluate(facts: &Facts, now: i64) -> Result<(), String> {
+pub fn evaluate(facts: &Facts, now: i64) -> Result<(), NotReady> {
     if let Some(why) = &facts.refused {
-        return Err(format!("refused by the server: {why}"));
+        return Err(NotReady::Refused(why.clone()));
     }
     if facts.agent_svid_not_after <= now {
-        return Err(format!(
-            "the agent SVID expired at {} and could not be renewed",
-            crate::cli::time_text(facts.agent_svid_not_after)
-        ));
+        return Err(NotReady::AgentSvidExpired(facts.agent_svid_not_after));
     }
     if !facts.has_snapshot {
-        return Err(match facts.sync.last_error() {
-            Some(e) => format!("waiting for the first entry sync (last attempt: {e})"),
-            None => "waiting for the first entry sync".into(),
+        return Err(NotReady::FirstSync {
+            last_error: facts.sync.last_error().map(str::to_string),
         });
     }
     let max_age = facts.max_sync_age.as_secs() as i64;
     let age = facts.sync.last_sync_at(now).map(|t| now - t);
     if age.is_none_or(|a| a > max_age) {
-        let last = facts
-            .sync
-            .last_sync_at(now)
-            .map_or_else(|| "never".to_string(), crate::cli::time_text);
-        let error = facts.sync.last_error().unwrap_or("no sync stream");
-        return Err(format!(
-            "no successful sync with sigil-server for {} s (ready_max_sync_age {} s; last sync {last}): {error}",
-            age.unwrap_or(0),
-            max_age
-        ));
+        return Err(NotReady::SyncStale {
+            age: age.unwrap_or(0),
+            max_age,
+            last: facts.sync.last_sync_at(now),
+            error: facts
+                .sync
+                .last_error()
+                .unwrap_or("no sync stream")
+                .to_string(),
+        });
     }
-    let (n, example) = &facts.expired_svids;
-    if *n > 0 {
-        return Err(format!(
-            "{n} cached X509-SVID(s) expired and could not be renewed (e.g. {}); workloads get none for them: is sigil-server reachable and its CA valid?",
-            example.as_deref().unwrap_or("?")
-        ));
+    let (count, example) = &facts.expired_svids;
+    if *count > 0 {
+        return Err(NotReady::ExpiredSvids {
+            count: *count,
+            example: example.clone(),
+        });
     }
     Ok(())
 }
@@ -245,7 +312,7 @@ impl Readiness {
 
 #[async_trait]
 impl sigil::health::Probe for Readiness {
-    async fn ready(&self) -> Result<(), String> {
+    async fn ready(&self) -> Result<(), sigil::health::NotReady> {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         evaluate(&self.facts(now).await, now)?;
         let bound = *self
@@ -254,8 +321,8 @@ impl sigil::health::Probe for Readiness {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         match bound {
-            Some(id) => check_socket(&self.socket_path, id).await,
-            None => Err("the Workload API socket is not bound yet".into()),
+            Some(id) => Ok(check_socket(&self.socket_path, id).await?),
+            None => Err(NotReady::SocketNotBound.into()),
         }
     }
 }
@@ -311,20 +378,38 @@ mod tests {
         assert_eq!(s.last_error(), Some("connection refused"));
     }
 
+    fn reason(f: &Facts, now: i64) -> String {
+        evaluate(f, now)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    }
+
+    async fn socket_reason(path: &Path, bound: SocketId) -> String {
+        check_socket(path, bound)
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    }
+
     #[test]
     fn ready_needs_a_recent_sync() {
         let mut f = healthy();
-        assert_eq!(evaluate(&f, 100_000), Ok(()), "connected: age 0");
+        assert!(evaluate(&f, 100_000).is_ok(), "connected: age 0");
         f.sync.disconnected(2000, "connection refused");
-        assert_eq!(evaluate(&f, 2060), Ok(()), "down for exactly the threshold");
-        let why = evaluate(&f, 2061).unwrap_err();
+        assert!(evaluate(&f, 2060).is_ok(), "down for exactly the threshold");
+        let why = evaluate(&f, 2061)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(
             why.contains("no successful sync with sigil-server for 61 s"),
             "{why}"
         );
         assert!(why.contains("connection refused"), "{why}");
         f.sync.synced(2100);
-        assert_eq!(evaluate(&f, 2100), Ok(()));
+        assert!(evaluate(&f, 2100).is_ok());
     }
 
     #[test]
@@ -332,20 +417,18 @@ mod tests {
         let now = 1000;
         let mut f = healthy();
         f.has_snapshot = false;
-        assert!(evaluate(&f, now).unwrap_err().contains("first entry sync"));
+        assert!(reason(&f, now).contains("first entry sync"));
         let mut f = healthy();
         f.expired_svids = (2, Some("spiffe://example.org/web".into()));
-        let why = evaluate(&f, now).unwrap_err();
+        let why = reason(&f, now);
         assert!(why.contains("2 cached X509-SVID(s) expired"), "{why}");
         assert!(why.contains("spiffe://example.org/web"), "{why}");
         let mut f = healthy();
         f.agent_svid_not_after = now;
-        assert!(evaluate(&f, now)
-            .unwrap_err()
-            .contains("agent SVID expired"));
+        assert!(reason(&f, now).contains("agent SVID expired"));
         let mut f = healthy();
         f.refused = Some("agent is banned".into());
-        assert!(evaluate(&f, now).unwrap_err().contains("agent is banned"));
+        assert!(reason(&f, now).contains("agent is banned"));
     }
 
     #[tokio::test]
@@ -354,16 +437,16 @@ mod tests {
         let path = dir.path().join("api.sock");
         let listener = tokio::net::UnixListener::bind(&path)?;
         let bound = SocketId::of(&path)?;
-        assert_eq!(check_socket(&path, bound).await, Ok(()));
+        assert!(check_socket(&path, bound).await.is_ok());
 
         // Deleted: gone, even though the listener still runs.
         std::fs::remove_file(&path)?;
-        let why = check_socket(&path, bound).await.unwrap_err();
+        let why = socket_reason(&path, bound).await;
         assert!(why.contains("is gone"), "{why}");
 
         // Another socket at the path (someone else's): not ours.
         let other = tokio::net::UnixListener::bind(&path)?;
-        let why = check_socket(&path, bound).await.unwrap_err();
+        let why = socket_reason(&path, bound).await;
         assert!(why.contains("replaced"), "{why}");
         drop(other);
         drop(listener);
@@ -373,7 +456,7 @@ mod tests {
         let l = std::os::unix::net::UnixListener::bind(&path)?;
         let bound = SocketId::of(&path)?;
         drop(l);
-        let why = check_socket(&path, bound).await.unwrap_err();
+        let why = socket_reason(&path, bound).await;
         assert!(why.contains("does not accept connections"), "{why}");
         Ok(())
     }

@@ -26,12 +26,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::bail;
 use async_trait::async_trait;
 use hyper::Method;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sigil::bundle::Bundle;
+use sigil::config::ConfigError;
 use sigil::https::{HttpsClient, HttpsError, CONTENT_TYPE_JSON, CONTENT_TYPE_MERGE_PATCH};
 use tokio::sync::{watch, RwLock};
 use tokio::time::Instant;
@@ -151,7 +151,7 @@ fn configmap_key(s: &str) -> bool {
 pub fn resolve_k8s_configmap(
     file: Option<FileK8sConfigMap>,
     in_cluster: &InCluster,
-) -> anyhow::Result<Option<K8sConfigMapConfig>> {
+) -> Result<Option<K8sConfigMapConfig>, ConfigError> {
     let Some(f) = file else {
         return Ok(None);
     };
@@ -160,21 +160,27 @@ pub fn resolve_k8s_configmap(
         .or_else(|| in_cluster.namespace.clone())
         .unwrap_or_else(|| DEFAULT_NAMESPACE.into());
     if !dns_label(&namespace) {
-        bail!(
-            "invalid {SECTION}.namespace {namespace:?}: a namespace name is lowercase letters, digits and '-' (at most 63)"
-        );
+        return Err(ConfigError::invalid(
+            format!("{SECTION}.namespace"),
+            namespace,
+            "a namespace name is lowercase letters, digits and '-' (at most 63)",
+        ));
     }
     let name = f.name.unwrap_or_else(|| DEFAULT_NAME.into());
     if !dns_subdomain(&name) {
-        bail!(
-            "invalid {SECTION}.name {name:?}: a ConfigMap name is lowercase letters, digits, '-' and '.' (at most 253)"
-        );
+        return Err(ConfigError::invalid(
+            format!("{SECTION}.name"),
+            name,
+            "a ConfigMap name is lowercase letters, digits, '-' and '.' (at most 253)",
+        ));
     }
     let key = f.key.unwrap_or_else(|| DEFAULT_KEY.into());
     if !configmap_key(&key) {
-        bail!(
-            "invalid {SECTION}.key {key:?}: a ConfigMap key is letters, digits, '-', '_' and '.' (at most 253)"
-        );
+        return Err(ConfigError::invalid(
+            format!("{SECTION}.key"),
+            key,
+            "a ConfigMap key is letters, digits, '-', '_' and '.' (at most 253)",
+        ));
     }
     let api = crate::kube::resolve_api_server(
         SECTION,

@@ -411,8 +411,7 @@ impl ServerConfig {
         let in_cluster = crate::kube::InCluster::detect();
         // Its messages name the node_attestor.k8s_psat key that is wrong.
         let k8s_psat =
-            k8s_psat::resolve_clusters(k8s_clusters, in_cluster.api_server_url.as_deref())
-                .map_err(|e| ConfigError::Section(e.into()))?;
+            k8s_psat::resolve_clusters(k8s_clusters, in_cluster.api_server_url.as_deref())?;
         let configmap_flags = bundle_publisher_flags(flags);
         let configmap = match file.bundle_publisher.k8s_configmap {
             Some(f) => Some(f.overridden_by(configmap_flags)),
@@ -428,8 +427,7 @@ impl ServerConfig {
         };
         let bundle_publisher = BundlePublisherConfig {
             // Its messages name the bundle_publisher.k8s_configmap key that is wrong.
-            k8s_configmap: bundle_publisher::resolve_k8s_configmap(configmap, &in_cluster)
-                .map_err(|e| ConfigError::Section(e.into()))?,
+            k8s_configmap: bundle_publisher::resolve_k8s_configmap(configmap, &in_cluster)?,
         };
         Ok(Self {
             trust_domain,
@@ -528,11 +526,11 @@ mod tests {
             err.to_string(),
             "invalid datastore.type \"mysql\": supported: sqlite"
         );
-        // A section checked by its own module keeps that module's message.
+        // A section checked by its own module gives the same typed error.
         let err =
             resolve("trust_domain = \"example.org\"\n[node_attestor.k8s_psat.clusters.\"a b\"]\n")
                 .unwrap_err();
-        assert!(matches!(err, ConfigError::Section(_)), "{err}");
+        assert!(matches!(err, ConfigError::Invalid { .. }), "{err}");
         assert!(err.to_string().contains("cluster name \"a b\""), "{err}");
     }
 

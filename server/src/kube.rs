@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::bail;
+use sigil::config::ConfigError;
 
 /// In-cluster defaults: where a pod finds its API server credentials.
 pub const IN_CLUSTER_TOKEN_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
@@ -60,12 +60,16 @@ impl InCluster {
 }
 
 /// `url` if it is `https://host…`, without a trailing `/`; the error names `key`.
-pub fn https_url(key: &str, url: &str) -> anyhow::Result<String> {
+pub fn https_url(key: &str, url: &str) -> Result<String, ConfigError> {
     let parsed: hyper::Uri = url
         .parse()
-        .map_err(|e| anyhow::anyhow!("invalid {key} {url:?}: {e}"))?;
+        .map_err(|e| ConfigError::unusable(key.to_string(), url, e))?;
     if parsed.scheme_str() != Some("https") || parsed.host().is_none() {
-        bail!("invalid {key} {url:?}: expected an https:// URL");
+        return Err(ConfigError::invalid(
+            key.to_string(),
+            url,
+            "expected an https:// URL",
+        ));
     }
     Ok(url.trim_end_matches('/').to_string())
 }
@@ -92,20 +96,22 @@ pub fn resolve_api_server(
     api_ca_file: Option<PathBuf>,
     in_cluster_url: Option<&str>,
     why: &str,
-) -> anyhow::Result<ApiServerAccess> {
+) -> Result<ApiServerAccess, ConfigError> {
     let key = |k: &str| format!("{section}.{k}");
     let url = match api_server_url.or(in_cluster_url) {
         Some(u) => https_url(&key("api_server_url"), u)?,
-        None => bail!(
-            "{} is required outside a Kubernetes pod ({why})",
-            key("api_server_url")
-        ),
+        None => {
+            return Err(ConfigError::missing(
+                key("api_server_url"),
+                format!("set it when running outside a Kubernetes pod ({why})"),
+            ))
+        }
     };
     let token_file = api_token_file.unwrap_or_else(|| IN_CLUSTER_TOKEN_FILE.into());
     let ca_file = api_ca_file.unwrap_or_else(|| IN_CLUSTER_CA_FILE.into());
     for (k, p) in [("api_token_file", &token_file), ("api_ca_file", &ca_file)] {
         if p.as_os_str().is_empty() {
-            bail!("invalid {}: the path is empty", key(k));
+            return Err(ConfigError::rule(key(k), "the path is empty"));
         }
     }
     Ok(ApiServerAccess {

@@ -48,20 +48,29 @@ struct Readiness {
 
 #[async_trait]
 impl sigil::health::Probe for Readiness {
-    async fn ready(&self) -> Result<(), String> {
+    async fn ready(&self) -> Result<(), sigil::health::NotReady> {
         if !self.ready.load(Ordering::SeqCst) {
-            return Err("starting up".into());
+            return Err(NotReady::StartingUp.into());
         }
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        if let Some(why) = crate::ca::expiry::not_ready_reason(self.ca_not_after, now) {
-            return Err(why);
-        }
+        crate::ca::expiry::check_not_expired(self.ca_not_after, now).map_err(NotReady::from)?;
         self.datastore
             .count_agents()
             .await
             .map(|_| ())
-            .map_err(|e| format!("datastore: {e}"))
+            .map_err(|e| NotReady::Datastore(e).into())
     }
+}
+
+/// Why the server is not ready.
+#[derive(Debug, thiserror::Error)]
+enum NotReady {
+    #[error("starting up")]
+    StartingUp,
+    #[error(transparent)]
+    CaExpired(#[from] crate::ca::expiry::CaExpired),
+    #[error("datastore: {0}")]
+    Datastore(#[source] crate::datastore::DatastoreError),
 }
 
 /// Runs the server until SIGTERM or SIGINT.

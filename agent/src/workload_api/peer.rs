@@ -58,7 +58,18 @@ pub struct PeerInfo {
     pub pid: Option<i32>,
     /// The pinned process, or why it could not be pinned (the caller already exited, runs as
     /// another user than it connected as, or the kernel gave no pid).
-    pub pin: Result<Arc<ProcessPin>, String>,
+    pub pin: Result<Arc<ProcessPin>, Arc<PinError>>,
+}
+
+/// Why the process behind a connection could not be pinned.
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    /// The kernel gave no pid (a peer in another PID namespace).
+    #[error("the kernel reported no process id for the caller")]
+    NoPid,
+    /// The process could not be pinned (exited, or changed credentials).
+    #[error(transparent)]
+    Attest(#[from] crate::workload_attestor::AttestError),
 }
 
 /// A Unix stream whose peer was identified when it was accepted. It holds its uid's connection
@@ -77,8 +88,8 @@ impl PeerStream {
         let pin = match pid {
             Some(pid) if pid > 0 => ProcessPin::pin_peer(&stream, pid, cred.uid(), cred.gid())
                 .map(Arc::new)
-                .map_err(|e| e.to_string()),
-            _ => Err("the kernel reported no process id for the caller".to_string()),
+                .map_err(|e| Arc::new(PinError::from(e))),
+            _ => Err(Arc::new(PinError::NoPid)),
         };
         Self {
             stream,

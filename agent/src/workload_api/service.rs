@@ -180,7 +180,9 @@ impl WorkloadApi {
                 tracing::debug!(error = %e, "workload attestation: not the process that connected");
                 Err(not_the_caller(pin.pid, &e))
             }
-            Err(e @ AttestError::Task(_)) => Err(Status::internal(e.to_string())),
+            Err(e @ (AttestError::Task(_) | AttestError::HashNotComputed)) => {
+                Err(Status::internal(e.to_string()))
+            }
             Err(e) => {
                 self.inner.state.metrics.workload_attest_failures.inc();
                 tracing::warn!(error = %e, "workload attestation failed");

@@ -52,6 +52,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use serde::Deserialize;
+use sigil::config::ConfigError;
 use sigil::https::{HttpsClient, HttpsError};
 use sigil::selector::Selector;
 
@@ -118,29 +119,39 @@ impl KubeletConfig {
         token_path: Option<PathBuf>,
         container_wait: Option<&str>,
         node_name: Option<String>,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, ConfigError> {
         let secure = url.unwrap_or_else(|| DEFAULT_KUBELET_URL.to_string());
         let host = https_host(&secure).map_err(|why| {
-            anyhow::anyhow!(
-                "invalid kubelet_url {secure:?}: {why} (expected https://<node IP or name>:10250; for the read-only port set kubelet_read_only_port)"
+            ConfigError::invalid(
+                "kubelet_url",
+                secure.clone(),
+                format!("{why} (expected https://<node IP or name>:10250; for the read-only port set kubelet_read_only_port)"),
             )
         })?;
         let url = match read_only_port {
-            Some(0) => anyhow::bail!("invalid kubelet_read_only_port 0: expected e.g. 10255"),
+            Some(0) => {
+                return Err(ConfigError::rule(
+                    "kubelet_read_only_port 0",
+                    "expected e.g. 10255",
+                ))
+            }
             Some(port) => format!("http://{host}:{port}"),
             None => secure.trim_end_matches('/').to_string(),
         };
         let container_wait = match container_wait.map(str::trim) {
             None => DEFAULT_CONTAINER_WAIT,
             Some("0") => Duration::ZERO,
-            Some(s) => sigil::ttl::parse(s)
-                .map_err(|e| anyhow::anyhow!("invalid kubelet_container_wait: {e}"))?,
+            Some(s) => {
+                sigil::ttl::parse(s).map_err(|e| ConfigError::value("kubelet_container_wait", e))?
+            }
         };
         if let Some(n) = &node_name {
             if n.is_empty() || n.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                anyhow::bail!(
-                    "invalid node_name {n:?}: expected the Kubernetes node name (spec.nodeName)"
-                );
+                return Err(ConfigError::invalid(
+                    "node_name",
+                    n.clone(),
+                    "expected the Kubernetes node name (spec.nodeName)",
+                ));
             }
         }
         Ok(Self {

@@ -122,7 +122,10 @@ pub enum AttestError {
     },
     /// The blocking attestation task panicked or was cancelled.
     #[error("workload attestation task failed: {0}")]
-    Task(String),
+    Task(#[source] tokio::task::JoinError),
+    /// The executable hash step did not run although it was asked for (a bug).
+    #[error("workload attestation: the executable hash was not computed")]
+    HashNotComputed,
 }
 
 /// Reads a pinned process's properties into selectors.
@@ -228,7 +231,7 @@ impl WorkloadAttestor {
                 let p = Arc::clone(&pin);
                 tokio::task::spawn_blocking(move || me.attest(&p, uid, gid))
                     .await
-                    .map_err(|e| AttestError::Task(e.to_string()))??
+                    .map_err(AttestError::Task)??
             }
         };
         let Some(kubelet) = &self.kubelet else {
@@ -266,7 +269,7 @@ impl WorkloadAttestor {
     /// selectors returned were all read from it.
     pub fn attest(&self, pin: &ProcessPin, uid: u32, gid: u32) -> Result<Attestation, AttestError> {
         self.attest_with(pin, uid, gid, HashStep::Compute)?
-            .ok_or_else(|| AttestError::Task("executable hash was not computed".into()))
+            .ok_or(AttestError::HashNotComputed)
     }
 
     /// [`attest`](Self::attest) with the hash step chosen; with [`HashStep::CachedOnly`],

@@ -36,10 +36,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context};
 use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use sigil::config::ConfigError;
 use sigil::https::{HttpsClient, HttpsError};
 use sigil::{Selector, SelectorSet, TrustDomain};
 
@@ -171,21 +171,23 @@ fn valid_cluster_name(name: &str) -> bool {
 pub fn resolve_clusters(
     clusters: BTreeMap<String, FileCluster>,
     in_cluster_url: Option<&str>,
-) -> anyhow::Result<BTreeMap<String, ClusterConfig>> {
+) -> Result<BTreeMap<String, ClusterConfig>, ConfigError> {
     let mut out = BTreeMap::new();
     for (name, c) in clusters {
         if !valid_cluster_name(&name) {
-            bail!(
-                "invalid node_attestor.k8s_psat cluster name {name:?}: use letters, digits, '-', '_' and '.'"
-            );
+            return Err(ConfigError::invalid(
+                "node_attestor.k8s_psat cluster name",
+                name,
+                "use letters, digits, '-', '_' and '.'",
+            ));
         }
         let key = |k: &str| format!("node_attestor.k8s_psat.clusters.{name}.{k}");
         let allow = c.service_account_allow_list.unwrap_or_default();
         if allow.is_empty() {
-            bail!(
-                "{} is required: the service accounts allowed to attest, e.g. [\"sigil:sigil-agent\"]",
-                key("service_account_allow_list")
-            );
+            return Err(ConfigError::missing(
+                key("service_account_allow_list"),
+                "the service accounts allowed to attest, e.g. [\"sigil:sigil-agent\"]",
+            ));
         }
         let mut service_account_allow_list = Vec::new();
         for sa in allow {
@@ -193,15 +195,18 @@ pub fn resolve_clusters(
                 Some((ns, n)) if !ns.is_empty() && !n.is_empty() && !n.contains(':') => {
                     service_account_allow_list.push((ns.to_string(), n.to_string()));
                 }
-                _ => bail!(
-                    "invalid {} entry {sa:?}: expected NAMESPACE:SERVICE_ACCOUNT, e.g. sigil:sigil-agent",
-                    key("service_account_allow_list")
-                ),
+                _ => {
+                    return Err(ConfigError::invalid(
+                        format!("{} entry", key("service_account_allow_list")),
+                        sa,
+                        "expected NAMESPACE:SERVICE_ACCOUNT, e.g. sigil:sigil-agent",
+                    ))
+                }
             }
         }
         let audience = c.audience.unwrap_or_else(|| DEFAULT_AUDIENCE.into());
         if audience.is_empty() {
-            bail!("invalid {}: the audience is empty", key("audience"));
+            return Err(ConfigError::rule(key("audience"), "the audience is empty"));
         }
         let api = crate::kube::resolve_api_server(
             &format!("node_attestor.k8s_psat.clusters.{name}"),
@@ -221,19 +226,19 @@ pub fn resolve_clusters(
         .filter(|m| **m)
         .count();
         if methods != 1 {
-            bail!(
+            return Err(ConfigError::conflict(format!(
                 "node_attestor.k8s_psat.clusters.{name}: set exactly one of jwks_file, oidc_discovery_url or use_token_review = true (found {methods})"
-            );
+            )));
         }
         if c.ca_file.is_some() && c.oidc_discovery_url.is_none() {
-            bail!(
+            return Err(ConfigError::conflict(format!(
                 "{} is only used with oidc_discovery_url (the API server's CA is api_ca_file)",
                 key("ca_file")
-            );
+            )));
         }
         let verification = if let Some(f) = c.jwks_file {
             if f.as_os_str().is_empty() {
-                bail!("invalid {}: the path is empty", key("jwks_file"));
+                return Err(ConfigError::rule(key("jwks_file"), "the path is empty"));
             }
             Verification::JwksFile(f)
         } else if let Some(u) = c.oidc_discovery_url {
@@ -339,11 +344,64 @@ pub struct K8sPsatAttestor {
     clusters: BTreeMap<String, Cluster>,
 }
 
-fn read_roots(key: &str, path: &Path) -> anyhow::Result<HttpsClient> {
-    let pem = std::fs::read_to_string(path)
-        .with_context(|| format!("reading {key} {}", path.display()))?;
-    HttpsClient::from_pem(&pem, HTTP_TIMEOUT)
-        .map_err(|e| anyhow::anyhow!("{key} {}: {e}", path.display()))
+/// Why the k8s_psat attestor could not be set up from its (valid) configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// No `[node_attestor.k8s_psat.clusters.*]` table.
+    #[error("k8s_psat: no cluster is configured")]
+    NoCluster,
+    /// A configured file could not be read.
+    #[error("reading {key} {}: {source}", .path.display())]
+    Read {
+        /// The config key that names the file.
+        key: String,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A CA file holds no usable certificates.
+    #[error("{key} {}: {source}", .path.display())]
+    Roots {
+        /// The config key that names the file.
+        key: String,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: HttpsError,
+    },
+    /// A JWKS file is not a usable key set.
+    #[error("{key} {}: {source}", .path.display())]
+    Jwks {
+        /// The config key that names the file.
+        key: String,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: token::JwksError,
+    },
+}
+
+fn read_file(key: String, path: &Path) -> Result<Vec<u8>, SetupError> {
+    std::fs::read(path).map_err(|source| SetupError::Read {
+        key,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn read_roots(key: String, path: &Path) -> Result<HttpsClient, SetupError> {
+    let pem = read_file(key.clone(), path)?;
+    HttpsClient::from_pem(&String::from_utf8_lossy(&pem), HTTP_TIMEOUT).map_err(|source| {
+        SetupError::Roots {
+            key,
+            path: path.to_path_buf(),
+            source,
+        }
+    })
 }
 
 impl K8sPsatAttestor {
@@ -353,32 +411,34 @@ impl K8sPsatAttestor {
     pub fn new(
         trust_domain: TrustDomain,
         clusters: &BTreeMap<String, ClusterConfig>,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, SetupError> {
         if clusters.is_empty() {
-            bail!("k8s_psat: no cluster is configured");
+            return Err(SetupError::NoCluster);
         }
         let mut out = BTreeMap::new();
         for (name, cfg) in clusters {
             let key = |k: &str| format!("node_attestor.k8s_psat.clusters.{name}.{k}");
-            let client = read_roots(&key("api_ca_file"), &cfg.api_ca_file)?;
-            std::fs::metadata(&cfg.api_token_file).with_context(|| {
-                format!("{} {}", key("api_token_file"), cfg.api_token_file.display())
+            let client = read_roots(key("api_ca_file"), &cfg.api_ca_file)?;
+            std::fs::metadata(&cfg.api_token_file).map_err(|source| SetupError::Read {
+                key: key("api_token_file"),
+                path: cfg.api_token_file.clone(),
+                source,
             })?;
             let api_origin = token::origin(&cfg.api_server_url);
             let keys = match &cfg.verification {
                 Verification::JwksFile(path) => {
-                    let bytes = std::fs::read(path).with_context(|| {
-                        format!("reading {} {}", key("jwks_file"), path.display())
-                    })?;
-                    token::parse_jwks(&bytes).map_err(|e| {
-                        anyhow::anyhow!("{} {}: {e}", key("jwks_file"), path.display())
+                    let bytes = read_file(key("jwks_file"), path)?;
+                    token::parse_jwks(&bytes).map_err(|source| SetupError::Jwks {
+                        key: key("jwks_file"),
+                        path: path.clone(),
+                        source,
                     })?;
                     Some(KeySource::new(Fetcher::File(path.clone())))
                 }
                 Verification::OidcDiscovery { url, ca_file } => {
                     Some(KeySource::new(Fetcher::Oidc {
                         issuer_url: url.clone(),
-                        client: read_roots(&key("ca_file"), ca_file)?,
+                        client: read_roots(key("ca_file"), ca_file)?,
                         api_origin,
                         api_token_file: cfg.api_token_file.clone(),
                     }))

@@ -48,14 +48,28 @@ fn warn_from(not_before: i64, not_after: i64) -> i64 {
     not_after - (not_after - not_before).max(0) / WARN_FROM_FRACTION
 }
 
-/// Why the server is not ready because of its CA, if it is not.
+/// The CA has expired: the server issues nothing and is not ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the CA certificate expired at {}: no SVIDs can be issued and workloads' SVIDs no longer verify; renew the CA (a new upstream intermediate, or for the self-signed root delete root.crt and root.key and distribute the new bundle) and restart", rfc3339(*.not_after))]
+pub struct CaExpired {
+    /// The CA's NotAfter, Unix seconds.
+    pub not_after: i64,
+}
+
+/// The CA's expiry as an error, if it has expired at `now`.
+pub fn check_not_expired(not_after: i64, now: i64) -> Result<(), CaExpired> {
+    if now >= not_after {
+        Err(CaExpired { not_after })
+    } else {
+        Ok(())
+    }
+}
+
+/// Why the server is not ready because of its CA, if it is not (the message of [`CaExpired`]).
 pub fn not_ready_reason(not_after: i64, now: i64) -> Option<String> {
-    (now >= not_after).then(|| {
-        format!(
-            "the CA certificate expired at {}: no SVIDs can be issued and workloads' SVIDs no longer verify; renew the CA (a new upstream intermediate, or for the self-signed root delete root.crt and root.key and distribute the new bundle) and restart",
-            rfc3339(not_after)
-        )
-    })
+    check_not_expired(not_after, now)
+        .err()
+        .map(|e| e.to_string())
 }
 
 fn rfc3339(unix: i64) -> String {

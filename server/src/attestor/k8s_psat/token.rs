@@ -9,7 +9,9 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use serde_json::{Map, Value};
 use sigil::https::{HttpsClient, HttpsError};
@@ -585,6 +587,12 @@ impl KeySource {
         self.fetch_into(&mut c).await.map(Some)
     }
 
+    /// Tests: lets the next unknown `kid` fetch at once, as if `min_refetch` had passed.
+    #[cfg(test)]
+    pub(crate) async fn forget_last_attempt(&self) {
+        self.cached.lock().await.attempted_at = None;
+    }
+
     async fn fetch_into(&self, c: &mut Cached) -> Result<KeySet, KeysError> {
         c.attempted_at = Some(Instant::now());
         let set = self.fetcher.fetch().await?;
@@ -864,7 +872,8 @@ mod tests {
         assert_eq!(origin("not a url"), None);
     }
 
-    #[tokio::test]
+    // Paused time: the min_refetch window is crossed by advancing the clock, not by racing it.
+    #[tokio::test(start_paused = true)]
     async fn file_source_rereads_on_unknown_kid_at_most_every_min_refetch() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("jwks.json");
@@ -884,7 +893,12 @@ mod tests {
             src.current().await.unwrap().keys[0].kid.as_deref(),
             Some("a")
         );
-        tokio::time::sleep(Duration::from_millis(350)).await;
+        tokio::time::advance(Duration::from_millis(299)).await;
+        assert!(
+            src.refresh_for_unknown_kid(&first).await.unwrap().is_none(),
+            "1 ms before min_refetch"
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
         let second = src.refresh_for_unknown_kid(&first).await.unwrap().unwrap();
         assert_eq!(second.keys[0].kid.as_deref(), Some("b"));
         // A caller still holding the old set gets the new one without another read.
