@@ -105,6 +105,9 @@ pub struct FileUpstream {
     pub key: PathBuf,
     /// PEM: the upstream root(s), which become the trust bundle.
     pub bundle: PathBuf,
+    /// Program and arguments run at ½ of the intermediate's life to write a new intermediate
+    /// into `cert_chain` and `key` (read again from ⅚ of its life).
+    pub command: Option<Vec<String>>,
 }
 
 /// `[datastore]` section.
@@ -363,11 +366,21 @@ impl ServerConfig {
                         "--upstream-cert-chain needs the upstream trust bundle (PEM)",
                     )
                 })?,
+                command: None,
             }),
             (None, Some(u)) => Some(UpstreamConfig {
                 cert_chain_path: u.cert_chain,
                 key_path: u.key,
                 bundle_path: u.bundle,
+                command: match u.command {
+                    Some(argv) if argv.is_empty() || argv[0].is_empty() => {
+                        return Err(ConfigError::value(
+                            "ca.upstream.command",
+                            "give the program and its arguments, e.g. [\"/usr/local/bin/renew-intermediate\"]",
+                        ))
+                    }
+                    other => other,
+                },
             }),
             (None, None) => None,
         };

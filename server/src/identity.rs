@@ -204,7 +204,7 @@ mod tests {
         let first = leaf(&identity);
         let id = sigil::x509::verify_x509_svid(
             &first,
-            ca.x509_authorities(),
+            &ca.x509_authorities(),
             std::time::SystemTime::now(),
         )
         .unwrap();

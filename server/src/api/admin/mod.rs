@@ -14,6 +14,7 @@
 //! resource in [`entries`], [`agents`], [`bundles`] (the server's bundle and federated bundles),
 //! [`join_tokens`] and [`health`].
 
+use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 
 use sigil::bundle::Bundle;
@@ -23,6 +24,7 @@ use sigil::{SpiffeId, TrustDomain};
 use tokio::sync::RwLock;
 use tonic::{Request, Response, Status};
 
+use crate::ca::Ca;
 use crate::datastore::{Datastore, DatastoreError};
 use crate::metrics::Metrics;
 use crate::sync::SyncEvents;
@@ -63,8 +65,11 @@ pub struct AdminState {
     /// Change notifications for the agents' sync streams: published after every successful
     /// entry or federated-bundle mutation.
     pub events: SyncEvents,
-    /// NotAfter of the CA, Unix seconds: after it the server is not ready.
-    pub ca_not_after: i64,
+    /// NotAfter of the active X.509 authority, Unix seconds: after it the server is not ready
+    /// (updated at each activation).
+    pub ca_not_after: AtomicI64,
+    /// The CA, for the local authority RPCs (None in tests of other resources).
+    pub ca: Option<Arc<Ca>>,
 }
 
 /// The admin gRPC service.

@@ -20,7 +20,8 @@ async fn service() -> TestResult<(tempfile::TempDir, AdminService, Arc<AdminStat
         bundle: RwLock::new(Bundle::new(td)),
         metrics: Metrics::new(),
         events: SyncEvents::new(),
-        ca_not_after: i64::MAX,
+        ca_not_after: AtomicI64::new(i64::MAX),
+        ca: None,
     });
     Ok((dir, AdminService::new(state.clone()), state))
 }
@@ -667,7 +668,8 @@ async fn health_is_not_ready_once_the_ca_expired() -> TestResult {
             bundle: RwLock::new(Bundle::new(td.clone())),
             metrics: Metrics::new(),
             events: SyncEvents::new(),
-            ca_not_after,
+            ca_not_after: AtomicI64::new(ca_not_after),
+            ca: None,
         }))
     };
     let now = now_unix();
@@ -683,7 +685,7 @@ async fn health_is_not_ready_once_the_ca_expired() -> TestResult {
         .into_inner();
     assert!(!h.ready);
     assert!(
-        h.not_ready_reason.contains("CA certificate expired"),
+        h.not_ready_reason.contains("CA authority expired"),
         "{}",
         h.not_ready_reason
     );
