@@ -1142,3 +1142,6 @@ fn load_jwt_record(
         key_file: r.key_file.clone(),
     })
 }
+
+#[cfg(test)]
+mod tests;
