@@ -67,7 +67,7 @@ impl Published {
 }
 
 /// Runs the upstream hook `argv` with the upstream paths in its environment.
-async fn run_hook(ca: &Ca, argv: &[String]) {
+pub(crate) async fn run_hook(ca: &Ca, argv: &[String]) {
     let Some((program, args)) = argv.split_first() else {
         return;
     };

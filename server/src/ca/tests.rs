@@ -926,3 +926,93 @@ fn ca_is_shareable_across_threads() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Ca>();
 }
+
+/// A root and an intermediate for `example.org` valid from an hour ago for `days`.
+fn intermediate(root: &Issuer<'_, KeyPair>, days: u64) -> Res<(Vec<u8>, String)> {
+    let key = KeyPair::generate()?;
+    let mut p = ca_params("Upstream Intermediate", Some("spiffe://example.org"))?;
+    p.not_after = ::time::OffsetDateTime::now_utc() + Duration::from_secs(days * 24 * 3600);
+    let cert = p.signed_by(&key, root)?;
+    Ok((cert.der().to_vec(), key.serialize_pem()))
+}
+
+#[tokio::test]
+async fn upstream_mode_activates_a_replaced_intermediate_from_five_sixths() -> R {
+    let dir = tempfile::tempdir()?;
+    let root_key = KeyPair::generate()?;
+    let mut root_p = ca_params("Upstream Root", None)?;
+    root_p.use_authority_key_identifier_extension = false;
+    root_p.not_after = ::time::OffsetDateTime::now_utc() + Duration::from_secs(365 * 24 * 3600);
+    let root = root_p.self_signed(&root_key)?;
+    let root_issuer = Issuer::new(root_p, root_key);
+    let (a, a_key) = intermediate(&root_issuer, 30)?;
+    let up = UpstreamConfig {
+        cert_chain_path: dir.path().join("chain.pem"),
+        key_path: dir.path().join("inter.key"),
+        bundle_path: dir.path().join("bundle.pem"),
+        command: None,
+    };
+    fs::write(&up.cert_chain_path, to_pem_certs(std::slice::from_ref(&a)))?;
+    fs::write(&up.key_path, &a_key)?;
+    fs::write(&up.bundle_path, to_pem_certs(&[root.der().to_vec()]))?;
+    let mut cfg = config(dir.path());
+    cfg.upstream = Some(up.clone());
+    let ca = Ca::load_or_create(&cfg)?;
+    let first = ca.list(Kind::X509)[0].clone();
+    let half = authority::prepare_at(first.not_before, first.not_after);
+    let five_sixths = authority::activate_at(first.not_before, first.not_after);
+    // The hook is due once per intermediate, from ½.
+    assert!(!ca.upstream_hook_due(half - 1));
+    assert!(ca.upstream_hook_due(half));
+    ca.upstream_hook_ran();
+    assert!(!ca.upstream_hook_due(half));
+    // No prepare / activate / taint by hand in upstream mode.
+    assert!(matches!(
+        ca.prepare(Kind::X509, half),
+        Err(CaError::UpstreamManaged)
+    ));
+    // At ⅚ with the same files: nothing changes (and a warning says what to do). (The JWT
+    // key, on its own one-hour schedule, rotates here.)
+    assert!(!ca.tick(five_sixths)?.x509_activated);
+    assert_eq!(ca.current().signing_cert_der(), a.as_slice());
+    // Replaced files: activated at the next read; the root stays the bundle.
+    let (b, b_key) = intermediate(&root_issuer, 60)?;
+    fs::write(&up.cert_chain_path, to_pem_certs(std::slice::from_ref(&b)))?;
+    fs::write(&up.key_path, &b_key)?;
+    assert_eq!(
+        ca.tick(five_sixths + 1)?,
+        Changes::default(),
+        "not read again yet"
+    );
+    let ch = ca.tick(five_sixths + authority::UPSTREAM_RELOAD_EVERY)?;
+    assert!(ch.x509_activated && !ch.bundle, "{ch:?}");
+    assert_eq!(ca.current().signing_cert_der(), b.as_slice());
+    assert_eq!(ca.x509_authorities(), vec![root.der().to_vec()]);
+    let listed: Vec<Slot> = ca.list(Kind::X509).iter().map(|a| a.slot).collect();
+    assert_eq!(listed, [Slot::Active, Slot::Old]);
+    let (_k, spki) = leaf_spki(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let svid = ca.sign_x509_svid(&spki, &id("/up")?, &[], None)?;
+    assert_eq!(svid.chain_der[1], b);
+    webpki_verify(&svid.chain_der, &ca.x509_authorities())?;
+    // The old intermediate is listed until it expires.
+    ca.tick(first.not_after)?;
+    assert_eq!(ca.list(Kind::X509).len(), 1);
+
+    // The hook: run with the paths in its environment; here it writes intermediate C.
+    let (c, c_key) = intermediate(&root_issuer, 90)?;
+    fs::write(
+        dir.path().join("c.pem"),
+        to_pem_certs(std::slice::from_ref(&c)),
+    )?;
+    fs::write(dir.path().join("c.key"), &c_key)?;
+    let script = format!(
+        "cp {0}/c.pem \"$SIGIL_UPSTREAM_CERT_CHAIN\" && cp {0}/c.key \"$SIGIL_UPSTREAM_KEY\"",
+        dir.path().display()
+    );
+    rotation::run_hook(&ca, &["/bin/sh".into(), "-c".into(), script]).await;
+    assert_eq!(
+        fs::read(&up.cert_chain_path)?,
+        to_pem_certs(&[c]).into_bytes()
+    );
+    Ok(())
+}
