@@ -9,7 +9,8 @@
 //! hitting the server at once. The lifetime counts from when the agent received the SVID (not
 //! from its NotBefore, which the server back-dates), and whatever the certificate says (a lifetime
 //! capped by an expiring CA, a skewed clock) an entry is not renewed again within
-//! [`MIN_REFRESH_INTERVAL`] of its last signing. A signing that failed (the server refused it,
+//! [`refresh_floor`] of its last signing ([`MIN_REFRESH_INTERVAL`], less for an SVID that would
+//! expire before it). A signing that failed (the server refused it,
 //! or the call failed) is asked for again with exponential back-off and jitter
 //! ([`sign_backoff_delay`]: 8 s doubling to 5 min, ± 20 %), at once if the entry itself changes;
 //! meanwhile the held SVID, if any, is served until it expires. [`Cache::next_refresh`] includes
@@ -44,8 +45,13 @@ pub const MAX_JITTER_FRACTION: f64 = 0.1;
 /// Shortest time (seconds) between two signings of one entry's SVID, and between two renewals
 /// of the agent SVID, whatever the certificates say: a renewal that cannot outlive the current
 /// SVID (CA about to expire) is not retried in a loop. Below the refresh time of the shortest
-/// accepted TTL (1 min → 24-30 s), so it never delays a normal rotation.
+/// accepted TTL (1 min → 24-30 s), so it never delays a normal rotation. An SVID received with
+/// less than twice this left (capped by an authority about to be replaced) is renewed at half
+/// of what it has left, but not within [`MIN_SHORT_REFRESH_INTERVAL`]: the server's next
+/// authority is active before the current one's last sixth, so a renewal then outlives it.
 pub const MIN_REFRESH_INTERVAL: i64 = 20;
+/// Shortest time (seconds) between two signings of an SVID received with little life left.
+pub const MIN_SHORT_REFRESH_INTERVAL: i64 = 5;
 /// Delay (seconds, before jitter) before asking again for an SVID whose signing failed once.
 pub const SIGN_BACKOFF_START: i64 = 8;
 /// Longest delay (seconds, before jitter) between two attempts of a signing that keeps failing.
@@ -842,7 +848,7 @@ impl Cache {
             not_after,
             rand::rng().random_range(0.0..=MAX_JITTER_FRACTION),
         )
-        .max(now + MIN_REFRESH_INTERVAL);
+        .max(now + refresh_floor(now, not_after));
         self.view.sign_failures.remove(&id);
         self.svid_generation += 1;
         let svid = CachedSvid {
@@ -875,10 +881,24 @@ pub fn refresh_time(issued_at: i64, not_after: i64, jitter: f64) -> i64 {
     issued_at + (life * (REFRESH_FRACTION - jitter.clamp(0.0, MAX_JITTER_FRACTION))) as i64
 }
 
+/// The least time (seconds) before an SVID received at `received_at`, valid until `not_after`,
+/// is renewed: [`MIN_REFRESH_INTERVAL`], or for one with less than twice that left, half of
+/// what it has left, at least [`MIN_SHORT_REFRESH_INTERVAL`] (so it is renewed before it
+/// expires, once the server has a new authority). Already expired: [`MIN_REFRESH_INTERVAL`].
+pub fn refresh_floor(received_at: i64, not_after: i64) -> i64 {
+    let left = not_after - received_at;
+    if left <= 0 {
+        MIN_REFRESH_INTERVAL
+    } else {
+        (left / 2).clamp(MIN_SHORT_REFRESH_INTERVAL, MIN_REFRESH_INTERVAL)
+    }
+}
+
 /// When to renew the agent SVID received at `received_at` and valid until `not_after`: at half
-/// its lifetime, but never within [`MIN_REFRESH_INTERVAL`] of receiving it.
+/// its lifetime, but never within [`refresh_floor`] of receiving it.
 pub fn agent_svid_renew_at(received_at: i64, not_after: i64) -> i64 {
-    refresh_time(received_at, not_after, 0.0).max(received_at + MIN_REFRESH_INTERVAL)
+    refresh_time(received_at, not_after, 0.0)
+        .max(received_at + refresh_floor(received_at, not_after))
 }
 
 /// A new ECDSA P-256 key (PKCS#8 DER) and a CSR (DER) carrying `spiffe_id` as URI SAN, or no

@@ -40,7 +40,7 @@ use sigil::x509::{parse_pem_certs, to_pem_certs};
 use super::jwt::JwtKey;
 use super::keys;
 use super::{
-    parse_cert, self_signed, upstream, CaConfig, CaError, SigningMaterial, JWT_KEY_FILE,
+    parse_cert, self_signed, upstream, CaConfig, CaError, SigningMaterial, BACKDATE, JWT_KEY_FILE,
     ROOT_CERT_FILE, ROOT_KEY_FILE,
 };
 
@@ -127,6 +127,10 @@ pub(crate) struct X509Authority {
     /// Certificates after the leaf in an issued chain (upstream intermediates).
     pub chain_tail: Vec<Vec<u8>>,
     pub not_before: i64,
+    /// Where its schedule starts: when it was issued (a self-signed authority's NotBefore is
+    /// back-dated by [`BACKDATE`], which would skew ½ and ⅚ of short lives), or the upstream
+    /// intermediate's NotBefore.
+    pub start: i64,
     /// The earliest NotAfter of the authority's own chain: no SVID outlives it.
     pub not_after: i64,
     pub slot: Slot,
@@ -272,14 +276,14 @@ fn unix(t: time::OffsetDateTime) -> i64 {
     t.unix_timestamp()
 }
 
-/// ½ and ⅚ of the life from `not_before` to `not_after`.
-pub(crate) fn prepare_at(not_before: i64, not_after: i64) -> i64 {
-    not_before + (not_after - not_before).max(0) / 2
+/// ½ of the life from `start` to `not_after`: when the next authority is prepared.
+pub(crate) fn prepare_at(start: i64, not_after: i64) -> i64 {
+    start + (not_after - start).max(0) / 2
 }
 
-/// ⅚ of the life from `not_before` to `not_after`.
-pub(crate) fn activate_at(not_before: i64, not_after: i64) -> i64 {
-    not_before + (not_after - not_before).max(0) * 5 / 6
+/// ⅚ of the life from `start` to `not_after`: when the prepared authority is activated.
+pub(crate) fn activate_at(start: i64, not_after: i64) -> i64 {
+    start + (not_after - start).max(0) * 5 / 6
 }
 
 impl Authorities {
@@ -934,7 +938,7 @@ impl Authorities {
     pub(crate) fn upstream_hook_due(&self, now: i64) -> bool {
         let a = self.active_x509();
         self.is_upstream()
-            && now >= prepare_at(a.not_before, a.not_after)
+            && now >= prepare_at(a.start, a.not_after)
             && self.upstream_hook_ran_for.as_deref() != Some(a.id.as_str())
     }
 
@@ -944,7 +948,7 @@ impl Authorities {
         let mut ch = Changes::default();
         if self.is_upstream() {
             let a = self.active_x509();
-            if now >= activate_at(a.not_before, a.not_after) && now >= self.upstream_next_reload {
+            if now >= activate_at(a.start, a.not_after) && now >= self.upstream_next_reload {
                 match self.reload_upstream(config, now) {
                     Ok(c) => ch.merge(c),
                     Err(e) => {
@@ -954,7 +958,7 @@ impl Authorities {
             }
         } else {
             let a = self.active_x509();
-            let (nb, na) = (a.not_before, a.not_after);
+            let (nb, na) = (a.start, a.not_after);
             let has_prepared = self.x509.iter().any(|a| a.slot == Slot::Prepared);
             if !has_prepared && now >= prepare_at(nb, na) {
                 ch.merge(self.prepare(config, Kind::X509, now)?);
@@ -982,13 +986,13 @@ impl Authorities {
         let a = self.active_x509();
         if self.is_upstream() {
             if self.upstream_hook_ran_for.as_deref() != Some(a.id.as_str()) {
-                times.push(prepare_at(a.not_before, a.not_after));
+                times.push(prepare_at(a.start, a.not_after));
             }
-            times.push(activate_at(a.not_before, a.not_after).max(self.upstream_next_reload));
+            times.push(activate_at(a.start, a.not_after).max(self.upstream_next_reload));
         } else if self.x509.iter().any(|a| a.slot == Slot::Prepared) {
-            times.push(activate_at(a.not_before, a.not_after));
+            times.push(activate_at(a.start, a.not_after));
         } else {
-            times.push(prepare_at(a.not_before, a.not_after));
+            times.push(prepare_at(a.start, a.not_after));
         }
         let j = self.active_jwt();
         if self.jwt.iter().any(|a| a.slot == Slot::Prepared) {
@@ -1029,13 +1033,21 @@ fn x509_from_material(
             reason: format!("its subject name cannot be used as an issuer name: {e}"),
         }
     })?;
+    let not_after = unix(m.not_after);
+    // Self-signed authorities (with files) were issued BACKDATE after their NotBefore.
+    let start = if files.is_some() {
+        (not_before + BACKDATE.as_secs() as i64).min(not_after)
+    } else {
+        not_before
+    };
     Ok(X509Authority {
         id,
         issuer: Arc::new(issuer),
         cert_der: m.cert_der,
         chain_tail: m.chain_tail,
         not_before,
-        not_after: unix(m.not_after),
+        start,
+        not_after,
         slot,
         tainted: false,
         files,

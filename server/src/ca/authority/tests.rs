@@ -39,9 +39,10 @@ fn authority_files(cfg: &CaConfig) -> Vec<String> {
 /// The ½ and ⅚ points of the active X.509 authority.
 fn points(ca: &Ca) -> (i64, i64, i64) {
     let a = &ca.list(Kind::X509)[0];
+    let start = a.not_before + BACKDATE.as_secs() as i64;
     (
-        prepare_at(a.not_before, a.not_after),
-        activate_at(a.not_before, a.not_after),
+        prepare_at(start, a.not_after),
+        activate_at(start, a.not_after),
         a.not_after,
     )
 }

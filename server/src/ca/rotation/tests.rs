@@ -63,7 +63,11 @@ async fn prepare_at_half_activate_at_five_sixths_old_leaves_after_expiry() {
     let ca = Arc::new(Ca::load_or_create_at(&cfg, start).unwrap());
     let first = ca.list(Kind::X509)[0].clone();
     let first_jwt = ca.list(Kind::Jwt)[0].clone();
-    let (nb, na) = (first.not_before, first.not_after);
+    // Self-signed authorities' schedules start when they were issued (NotBefore is back-dated).
+    let (nb, na) = (
+        first.not_before + BACKDATE.as_secs() as i64,
+        first.not_after,
+    );
     let recorder = Arc::new(Recorder {
         clock,
         events: Mutex::new(Vec::new()),
