@@ -92,6 +92,11 @@ impl crate::ca::rotation::Publish for CaPublisher {
     async fn bundle(&self, signer: Arc<crate::ca::Signer>) -> Result<(), PublishError> {
         let mut bundle = signer.bundle();
         let (tainted_x509, tainted_jwt) = signer.tainted();
+        // Sent with the bundle: agents re-mint what a tainted authority signed.
+        self.state.events.set_taint(crate::sync::Taint {
+            x509: tainted_x509.to_vec(),
+            jwt: tainted_jwt.to_vec(),
+        });
         let stored = self
             .datastore
             .set_bundle(StoredBundle {

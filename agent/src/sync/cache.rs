@@ -505,6 +505,8 @@ pub struct SyncOutcome {
     pub removed: usize,
     /// The bundle changed.
     pub bundle_changed: bool,
+    /// SVIDs made due now because the bundle marks their issuer tainted.
+    pub tainted_svids: usize,
     /// The set of federated bundles changed (one added, removed or replaced).
     pub federated_changed: bool,
     /// A snapshot finished (or none was pending).
@@ -709,6 +711,7 @@ impl Cache {
                 self.view.bundle_generation += 1;
                 self.changes.all = true;
                 out.bundle_changed = true;
+                out.tainted_svids = self.remint_tainted();
             }
         }
         if let Some(set) = federated {
@@ -734,6 +737,39 @@ impl Cache {
             Some(f) if f.0 == e.revision => wanted.max(f.1.retry_at),
             _ => wanted,
         }
+    }
+
+    /// Whether `leaf_der` was issued by an X.509 authority the bundle marks tainted.
+    pub fn issued_by_tainted(&self, leaf_der: &[u8]) -> bool {
+        let Some(b) = self.view.bundle.as_deref() else {
+            return false;
+        };
+        !b.tainted_x509_authorities.is_empty()
+            && authority_key_id(leaf_der).is_some_and(|k| b.tainted_x509_authorities.contains(&k))
+    }
+
+    /// Makes every SVID issued by a tainted authority due now (not at its half-life); returns
+    /// how many.
+    fn remint_tainted(&mut self) -> usize {
+        let tainted: Vec<(EntryId, Arc<CachedSvid>)> = self
+            .view
+            .svids
+            .iter()
+            .filter(|(_, s)| {
+                s.refresh_at > 0
+                    && s.chain_der
+                        .first()
+                        .is_some_and(|l| self.issued_by_tainted(l))
+            })
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .collect();
+        for (id, svid) in &tainted {
+            let mut again = CachedSvid::clone(svid);
+            again.refresh_at = 0;
+            self.view.svids.insert(id.clone(), Arc::new(again));
+            self.requeue(id);
+        }
+        tainted.len()
     }
 
     /// Puts entry `id` at its place in the refresh queue (after its entry, SVID or failure
@@ -892,6 +928,19 @@ pub fn refresh_floor(received_at: i64, not_after: i64) -> i64 {
     } else {
         (left / 2).clamp(MIN_SHORT_REFRESH_INTERVAL, MIN_REFRESH_INTERVAL)
     }
+}
+
+/// The authority key identifier of a certificate (its issuer's subject key ID), lowercase hex.
+pub fn authority_key_id(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    cert.extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                aki.key_identifier.as_ref().map(|k| hex::encode(k.0))
+            }
+            _ => None,
+        })
 }
 
 /// When to renew the agent SVID received at `received_at` and valid until `not_after`: at half

@@ -676,3 +676,65 @@ fn the_selector_index_finds_exactly_what_a_scan_finds_across_changes() {
     check(&c);
     assert!(c.index_keys.len() == 1 && c.selector_counts.len() == 2);
 }
+
+#[test]
+fn svids_of_a_tainted_authority_are_due_at_once() {
+    // Two roots; the leaf of entry "a" is issued by the first, of "b" by the second.
+    let root = |cn: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = p.self_signed(&key).unwrap();
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert.der()).unwrap();
+        let ski = parsed
+            .extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(k) => {
+                    Some(hex::encode(k.0))
+                }
+                _ => None,
+            })
+            .unwrap();
+        (rcgen::Issuer::new(p, key), ski)
+    };
+    let leaf = |issuer: &rcgen::Issuer<'_, rcgen::KeyPair>| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.use_authority_key_identifier_extension = true;
+        p.signed_by(&key, issuer).unwrap().der().to_vec()
+    };
+    let (old, old_ski) = root("old");
+    let (new, _) = root("new");
+    let mut c = Cache::new();
+    c.apply_sync(snapshot(vec![entry("a", 1), entry("b", 1)], 1))
+        .unwrap();
+    let now = 1000;
+    let mut pending = c.make_csrs(&c.due(now)).unwrap();
+    pending.sort_by(|x, y| x.entry_id.cmp(&y.entry_id));
+    let mut it = pending.into_iter();
+    assert!(c.store_svid(it.next().unwrap(), vec![leaf(&old)], now + 3600, now));
+    assert!(c.store_svid(it.next().unwrap(), vec![leaf(&new)], now + 3600, now));
+    assert!(c.due(now + 1).is_empty());
+    assert_eq!(
+        authority_key_id(&c.svid("a").unwrap().chain_der[0]),
+        Some(old_ski.clone())
+    );
+
+    let mut m = pb::SyncResponse {
+        revision: 1,
+        ..Default::default()
+    };
+    m.bundle = Some(pb::Bundle {
+        trust_domain: "example.org".into(),
+        sequence_number: 2,
+        tainted_x509_authorities: vec![old_ski],
+        ..Default::default()
+    });
+    let out = c.apply_sync(m).unwrap();
+    assert_eq!(out.tainted_svids, 1);
+    assert_eq!(c.due(now + 1), ["a"]);
+    assert!(c.issued_by_tainted(&c.svid("a").unwrap().chain_der[0]));
+    assert!(!c.issued_by_tainted(&c.svid("b").unwrap().chain_der[0]));
+}
