@@ -56,6 +56,11 @@ struct Seen {
     failures: Vec<String>,
 }
 
+/// The state of one stream (a panicked reader leaves it readable).
+fn lock(s: &Mutex<Seen>) -> std::sync::MutexGuard<'_, Seen> {
+    s.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Reads `stream` until it ends, checking each message.
 async fn watch(socket: std::path::PathBuf, seen: Arc<Mutex<Seen>>) {
     let client = WorkloadApiClient::connect_to(format!("unix://{}", socket.display()))
@@ -70,10 +75,7 @@ async fn watch(socket: std::path::PathBuf, seen: Arc<Mutex<Seen>>) {
         let ctx = match msg {
             Ok(c) => c,
             Err(e) => {
-                seen.lock()
-                    .unwrap()
-                    .failures
-                    .push(format!("stream error: {e}"));
+                lock(&seen).failures.push(format!("stream error: {e}"));
                 return;
             }
         };
@@ -87,7 +89,7 @@ async fn watch(socket: std::path::PathBuf, seen: Arc<Mutex<Seen>>) {
                     .collect()
             })
             .unwrap_or_default();
-        let mut s = seen.lock().unwrap();
+        let mut s = lock(&seen);
         s.messages += 1;
         let n = s.messages;
         s.latest_roots = roots.iter().filter_map(|r| key_id(r, false)).collect();
@@ -174,8 +176,7 @@ fn workloads_follow_two_rotations_a_taint_and_a_revoke() {
     assert!(out.contains("tainted"), "{out}");
     assert_eq!(x509_state(&server)["old"][0]["tainted"], true);
     wait_until(8, "every stream's SVID from the active authority", || {
-        seen.iter()
-            .all(|s| s.lock().unwrap().latest_issuer == active)
+        seen.iter().all(|s| lock(s).latest_issuer == active)
     });
     // Refusals change nothing: the active one cannot be tainted or revoked.
     for verb in ["taint", "revoke"] {
@@ -188,7 +189,7 @@ fn workloads_follow_two_rotations_a_taint_and_a_revoke() {
     assert!(out.contains("revoked"), "{out}");
     wait_until(10, "the revoked root out of every stream's bundle", || {
         seen.iter().all(|s| {
-            let s = s.lock().unwrap();
+            let s = lock(s);
             !s.latest_roots.contains(&old) && s.latest_roots.contains(&active)
         })
     });
@@ -207,7 +208,7 @@ fn workloads_follow_two_rotations_a_taint_and_a_revoke() {
         t.abort();
     }
     for (i, s) in seen.iter().enumerate() {
-        let s = s.lock().unwrap();
+        let s = lock(s);
         assert!(s.failures.is_empty(), "stream {i}: {:?}", s.failures);
         assert!(
             s.issuers.len() >= 2,
