@@ -4,7 +4,7 @@
 //! X509-SVID update on every stream must chain to the bundle of the same message; the streams
 //! see SVIDs from more than one authority; `localauthority x509 taint` makes the agent re-mint
 //! at once, `revoke` takes the root out of the workload's bundle; and the agent still gets new
-//! SVIDs from the server afterwards.
+//! SVIDs from the server afterwards. The same for a JWT key: tainted, its tokens are not re-used.
 //!
 //! Each wait is bounded; the test stops by itself.
 
@@ -153,6 +153,50 @@ fn workloads_follow_two_rotations_a_taint_and_a_revoke() {
         .iter()
         .map(|s| rt.spawn(watch(socket.clone(), s.clone())))
         .collect();
+
+    // JWT keys: a token's key made old by hand and tainted is not re-used for the next token.
+    let jwt_kid = |rt: &tokio::runtime::Runtime| {
+        rt.block_on(async {
+            let client = WorkloadApiClient::connect_to(format!("unix://{}", socket.display()))
+                .await
+                .expect("connecting to the Workload API");
+            let svid = client
+                .fetch_jwt_svid(["rotation"], None)
+                .await
+                .expect("fetch_jwt_svid");
+            let token = svid.token().to_string();
+            sigil::jose::Jws::parse(&token, token.len())
+                .expect("a JWS")
+                .kid()
+                .expect("a kid")
+                .to_string()
+        })
+    };
+    let first_kid = jwt_kid(&rt);
+    let jwt_state = server.cli_json(&["localauthority", "jwt", "show"]);
+    if jwt_state["active"]["authority_id"] == first_kid.as_str() {
+        server.cli_ok(&["localauthority", "jwt", "prepare"]);
+        server.cli_ok(&["localauthority", "jwt", "activate"]);
+    }
+    server.cli_ok(&[
+        "localauthority",
+        "jwt",
+        "taint",
+        "--authority-id",
+        &first_kid,
+    ]);
+    wait_until(10, "a JWT-SVID from another key after the taint", || {
+        jwt_kid(&rt) != first_kid
+    });
+    server.cli_ok(&[
+        "localauthority",
+        "jwt",
+        "revoke",
+        "--authority-id",
+        &first_kid,
+    ]);
+    let bundle = server.cli_ok(&["bundle", "show", "--format", "spiffe"]);
+    assert!(!bundle.contains(&first_kid), "{bundle}");
 
     // Two rotations: three authorities active in turn.
     let mut actives = vec![active_id(&x509_state(&server))];
