@@ -560,6 +560,11 @@ mod tests {
         assert_eq!(c.admin_socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
         assert_eq!(c.datastore_path, PathBuf::from("./.data/datastore.sqlite3"));
         assert_eq!(c.ca.default_x509_svid_ttl, Duration::from_secs(3600));
+        assert_eq!(
+            c.ca.ca_ttl,
+            Duration::from_secs(24 * 3600),
+            "SPIRE's default"
+        );
         assert!(c.x509pop_ca_bundle.is_none(), "x509pop is off by default");
         assert!(c.k8s_psat.is_empty(), "k8s_psat is off by default");
         assert!(
@@ -645,6 +650,28 @@ mod tests {
         );
         assert!(toml::from_str::<FileConfig>("[node_attestor.k8s]\nx = 1").is_err());
         assert!(toml::from_str::<FileConfig>("trust_domian = \"a.org\"").is_err());
+    }
+
+    #[test]
+    fn upstream_command_from_file() -> anyhow::Result<()> {
+        let base = "trust_domain = \"a.org\"\n[ca.upstream]\ncert_chain = \"/c.pem\"\nkey = \"/k.pem\"\nbundle = \"/b.pem\"\n";
+        let c = parse(base, RunFlags::default())?;
+        assert_eq!(c.ca.upstream.and_then(|u| u.command), None);
+        let c = parse(
+            &format!("{base}command = [\"/usr/local/bin/renew\", \"--now\"]\n"),
+            RunFlags::default(),
+        )?;
+        assert_eq!(
+            c.ca.upstream.and_then(|u| u.command),
+            Some(vec![
+                "/usr/local/bin/renew".to_string(),
+                "--now".to_string()
+            ])
+        );
+        let err = parse(&format!("{base}command = []\n"), RunFlags::default())
+            .expect_err("an empty command");
+        assert!(err.to_string().contains("ca.upstream.command"), "{err}");
+        Ok(())
     }
 
     #[test]
