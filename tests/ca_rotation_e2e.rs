@@ -264,3 +264,66 @@ fn workloads_follow_two_rotations_a_taint_and_a_revoke() {
     let log = w.agent.log_text();
     assert!(!log.contains("giving up"), "{log}");
 }
+
+/// Checks the server's CA state after a restart: one active authority, the bundle holds exactly
+/// the listed X.509 authorities, and every file in the CA directory is one the journal names.
+fn check_consistent(server: &Server, ca_dir: &std::path::Path) -> (String, usize) {
+    let state = x509_state(server);
+    let active = active_id(&state);
+    let mut listed: BTreeSet<String> = BTreeSet::from([active.clone()]);
+    if let Some(p) = state["prepared"]["authority_id"].as_str() {
+        listed.insert(p.to_string());
+    }
+    for o in state["old"].as_array().into_iter().flatten() {
+        listed.insert(o["authority_id"].as_str().unwrap_or_default().to_string());
+    }
+    let pem = server.cli_ok(&["bundle", "show"]);
+    let roots: BTreeSet<String> = sigil::x509::parse_pem_certs(&pem)
+        .expect("PEM bundle")
+        .iter()
+        .filter_map(|r| key_id(r, false))
+        .collect();
+    assert_eq!(roots, listed, "bundle vs authorities: {state}");
+    let journal = std::fs::read_to_string(ca_dir.join("authorities.json")).expect("journal");
+    for entry in std::fs::read_dir(ca_dir).expect("CA dir") {
+        let name = entry.expect("dir entry").file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("x509-") || name.starts_with("jwt-") {
+            assert!(journal.contains(name.as_ref()), "{name} not in the journal");
+        }
+    }
+    (active, listed.len())
+}
+
+#[test]
+fn kill_9_during_prepare_and_activate_restarts_consistent() {
+    let dir = tempdir();
+    let mut server = Server::start(&dir.path().join("server"), &["--ca-ttl", "1m"]);
+    let ca_dir = dir.path().join("server/data/ca");
+    let (first, _) = check_consistent(&server, &ca_dir);
+    // Across the first preparation (30 s) and activation (50 s): kill -9 every 1.5-2.5 s,
+    // landing at every step of both (key files, journal, bundle, server SVID) over the runs.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut kills = 0;
+    let mut seen_prepared = false;
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1500 + 250 * (kills % 5)));
+        server.kill9();
+        kills += 1;
+        server.restart();
+        let (active, count) = check_consistent(&server, &ca_dir);
+        seen_prepared |= count >= 2;
+        if active != first {
+            break;
+        }
+    }
+    assert!(
+        seen_prepared,
+        "no prepared authority seen in {kills} restarts"
+    );
+    let (active, _) = check_consistent(&server, &ca_dir);
+    assert_ne!(
+        active, first,
+        "no activation within a minute ({kills} kills)"
+    );
+}
