@@ -113,7 +113,8 @@ fn main() {
             bundle: RwLock::new(Bundle::new(td)),
             metrics: Metrics::new(),
             events: sigil_server::sync::SyncEvents::new(),
-            ca_not_after: i64::MAX,
+            ca_not_after: std::sync::atomic::AtomicI64::new(i64::MAX),
+            ca: None,
         });
         let sock = dir.path().join("admin.sock");
         let (listener, _socket_file) = sigil::uds::bind(&sock, 0o700, 0o600).await.expect("bind");

@@ -106,6 +106,9 @@ pub struct FileUpstream {
     pub key: PathBuf,
     /// PEM: the upstream root(s), which become the trust bundle.
     pub bundle: PathBuf,
+    /// Program and arguments run at ½ of the intermediate's life to write a new intermediate
+    /// into `cert_chain` and `key` (read again from ⅚ of its life).
+    pub command: Option<Vec<String>>,
 }
 
 /// `[datastore]` section.
@@ -398,11 +401,21 @@ impl ServerConfig {
                         "--upstream-cert-chain needs the upstream trust bundle (PEM)",
                     )
                 })?,
+                command: None,
             }),
             (None, Some(u)) => Some(UpstreamConfig {
                 cert_chain_path: u.cert_chain,
                 key_path: u.key,
                 bundle_path: u.bundle,
+                command: match u.command {
+                    Some(argv) if argv.is_empty() || argv[0].is_empty() => {
+                        return Err(ConfigError::value(
+                            "ca.upstream.command",
+                            "give the program and its arguments, e.g. [\"/usr/local/bin/renew-intermediate\"]",
+                        ))
+                    }
+                    other => other,
+                },
             }),
             (None, None) => None,
         };
@@ -646,6 +659,11 @@ mod tests {
             c.datastore
         );
         assert_eq!(c.ca.default_x509_svid_ttl, Duration::from_secs(3600));
+        assert_eq!(
+            c.ca.ca_ttl,
+            Duration::from_secs(24 * 3600),
+            "SPIRE's default"
+        );
         assert!(c.x509pop_ca_bundle.is_none(), "x509pop is off by default");
         assert!(c.k8s_psat.is_empty(), "k8s_psat is off by default");
         assert!(
@@ -778,6 +796,28 @@ mod tests {
             },
         )?;
         assert!(matches!(c.datastore, DatastoreConfig::Postgres(_)));
+        Ok(())
+    }
+
+    #[test]
+    fn upstream_command_from_file() -> anyhow::Result<()> {
+        let base = "trust_domain = \"a.org\"\n[ca.upstream]\ncert_chain = \"/c.pem\"\nkey = \"/k.pem\"\nbundle = \"/b.pem\"\n";
+        let c = parse(base, RunFlags::default())?;
+        assert_eq!(c.ca.upstream.and_then(|u| u.command), None);
+        let c = parse(
+            &format!("{base}command = [\"/usr/local/bin/renew\", \"--now\"]\n"),
+            RunFlags::default(),
+        )?;
+        assert_eq!(
+            c.ca.upstream.and_then(|u| u.command),
+            Some(vec![
+                "/usr/local/bin/renew".to_string(),
+                "--now".to_string()
+            ])
+        );
+        let err = parse(&format!("{base}command = []\n"), RunFlags::default())
+            .expect_err("an empty command");
+        assert!(err.to_string().contains("ca.upstream.command"), "{err}");
         Ok(())
     }
 

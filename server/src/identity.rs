@@ -3,7 +3,8 @@
 //! At start-up the server generates an ECDSA P-256 key in memory (it is never written to disk
 //! or logged) and has its own CA sign an X509-SVID for it with the default X509-SVID TTL. At
 //! half of the remaining lifetime a fresh key and SVID replace it in the [`IdentityStore`]:
-//! new connections get the new one, established connections keep theirs — but never sooner than
+//! new connections get the new one, established connections keep theirs (the CA's rotation task
+//! also rotates it when a new X.509 authority becomes active) — but never sooner than
 //! [`MIN_ROTATION_INTERVAL`] after the last one: near the CA's expiry every SVID is capped at
 //! it, and rotating would not gain anything. A failed rotation is retried (every
 //! [`MIN_ROTATION_INTERVAL`] to [`RETRY_MAX`]) and logged at error level on the 1st, 2nd, 4th,
@@ -204,7 +205,7 @@ mod tests {
         let first = leaf(&identity);
         let id = sigil::x509::verify_x509_svid(
             &first,
-            ca.x509_authorities(),
+            &ca.x509_authorities(),
             std::time::SystemTime::now(),
         )
         .unwrap();

@@ -10,7 +10,7 @@
 //! One server per data directory: it holds an exclusive lock on `<data_dir>/sigil-server.lock`
 //! for its whole life, and a second one refuses to start (before touching the admin socket).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -25,6 +25,7 @@ use crate::attestor::join_token::JoinTokenAttestor;
 use crate::attestor::k8s_psat::K8sPsatAttestor;
 use crate::attestor::x509pop::X509PopAttestor;
 use crate::attestor::Attestors;
+use crate::ca::rotation::PublishError;
 use crate::ca::Ca;
 use crate::config::{DatastoreConfig, ServerConfig};
 use crate::datastore::postgres::PostgresDatastore;
@@ -43,8 +44,8 @@ const NODE_API_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 struct Readiness {
     ready: AtomicBool,
     datastore: Arc<dyn Datastore>,
-    /// NotAfter of the CA, Unix seconds: an expired CA issues nothing.
-    ca_not_after: i64,
+    /// The CA: an expired active authority issues nothing.
+    ca: Arc<Ca>,
 }
 
 #[async_trait]
@@ -54,7 +55,8 @@ impl sigil::health::Probe for Readiness {
             return Err(NotReady::StartingUp.into());
         }
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        crate::ca::expiry::check_not_expired(self.ca_not_after, now).map_err(NotReady::from)?;
+        crate::ca::expiry::check_not_expired(self.ca.ca_not_after(), now)
+            .map_err(NotReady::from)?;
         self.datastore
             .count_agents()
             .await
@@ -72,6 +74,78 @@ enum NotReady {
     CaExpired(#[from] crate::ca::expiry::CaExpired),
     #[error("datastore: {0}")]
     Datastore(#[source] crate::datastore::DatastoreError),
+}
+
+/// Publishes the CA's changes: the bundle to the datastore (and through [`SyncEvents`] to the
+/// agents' sync streams), the admin API's bundle, the node API's trust store; the server SVID.
+///
+/// [`SyncEvents`]: crate::sync::SyncEvents
+struct CaPublisher {
+    datastore: Arc<dyn Datastore>,
+    state: Arc<AdminState>,
+    trust: Arc<sigil::tls::TrustStore>,
+    identity: Arc<ServerIdentity>,
+    metrics: Metrics,
+}
+
+#[async_trait]
+impl crate::ca::rotation::Publish for CaPublisher {
+    async fn bundle(&self, signer: Arc<crate::ca::Signer>) -> Result<(), PublishError> {
+        let mut bundle = signer.bundle();
+        let (tainted_x509, tainted_jwt) = signer.tainted();
+        // Sent with the bundle: agents re-mint what a tainted authority signed.
+        self.state.events.set_taint(crate::sync::Taint {
+            x509: tainted_x509.to_vec(),
+            jwt: tainted_jwt.to_vec(),
+        });
+        let stored = self
+            .datastore
+            .set_bundle(StoredBundle {
+                trust_domain: bundle.trust_domain.clone(),
+                x509_roots: bundle.x509_authorities.clone(),
+                jwt_keys_json: bundle.jwt_keys_json(),
+                sequence: 0,
+            })
+            .await
+            .map_err(|e| PublishError {
+                what: "storing the trust bundle",
+                source: Box::new(e),
+            })?;
+        // Agents' SVIDs from every published authority verify on the node API.
+        self.trust
+            .set(&bundle.x509_authorities)
+            .map_err(|e| PublishError {
+                what: "updating the node API's trust bundle",
+                source: Box::new(e),
+            })?;
+        bundle.sequence_number = stored.sequence;
+        let roots = bundle.x509_authorities.len();
+        *self.state.bundle.write().await = bundle;
+        self.state
+            .ca_not_after
+            .store(signer.ca_not_after(), Ordering::SeqCst);
+        self.metrics.ca_expiry.set(signer.ca_not_after());
+        self.state.events.bundle_changed(stored.sequence);
+        tracing::info!(
+            sequence = stored.sequence,
+            roots,
+            tainted_x509 = tainted_x509.len(),
+            tainted_jwt = tainted_jwt.len(),
+            "trust bundle published"
+        );
+        Ok(())
+    }
+
+    async fn x509_activated(&self, signer: Arc<crate::ca::Signer>) -> Result<(), PublishError> {
+        self.state
+            .ca_not_after
+            .store(signer.ca_not_after(), Ordering::SeqCst);
+        self.metrics.ca_expiry.set(signer.ca_not_after());
+        self.identity.rotate().map_err(|e| PublishError {
+            what: "re-issuing the server SVID",
+            source: Box::new(e),
+        })
+    }
 }
 
 /// Runs the server until SIGTERM or SIGINT.
@@ -141,7 +215,8 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         bundle: RwLock::new(bundle),
         metrics: metrics.clone(),
         events: events.clone(),
-        ca_not_after: ca.ca_not_after(),
+        ca_not_after: AtomicI64::new(ca.ca_not_after()),
+        ca: Some(ca.clone()),
     });
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -173,11 +248,11 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         ServerIdentity::issue(ca.clone(), metrics.clone()).context("issuing the server SVID")?,
     );
     let trust = Arc::new(
-        sigil::tls::TrustStore::new(ca.x509_authorities())
+        sigil::tls::TrustStore::new(&ca.x509_authorities())
             .context("loading the trust bundle for the node API")?,
     );
     let tls = Arc::new(
-        sigil::tls::server_config(server_identity.store(), trust)
+        sigil::tls::server_config(server_identity.store(), trust.clone())
             .context("building the node API TLS configuration")?,
     );
     let node_listener = tokio::net::TcpListener::bind(cfg.bind_address)
@@ -223,18 +298,29 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     let node_task = tokio::spawn(node);
     tracing::info!(address = %node_address, spiffe_id = %server_identity.spiffe_id(), "node API listening (mTLS)");
     let rotation_task = tokio::spawn(server_identity.clone().run_rotation(shutdown_rx.clone()));
+    // The CA's schedule: every bundle change to the datastore (and on to the agents), the admin
+    // API's bundle, and the node API's trust; the server SVID from each new active authority.
+    let ca_rotation_task = tokio::spawn(crate::ca::rotation::run(
+        ca.clone(),
+        sigil::clock::Clock::system(),
+        Arc::new(CaPublisher {
+            datastore: datastore.clone(),
+            state: state.clone(),
+            trust: trust.clone(),
+            identity: server_identity.clone(),
+            metrics: metrics.clone(),
+        }),
+        shutdown_rx.clone(),
+    ));
 
     let readiness = Arc::new(Readiness {
         ready: AtomicBool::new(false),
         datastore: datastore.clone(),
-        ca_not_after: ca.ca_not_after(),
+        ca: ca.clone(),
     });
-    // Until CA rotation exists, its expiry must be loud: warnings from 1/6 of its life left.
-    let ca_monitor = tokio::spawn(crate::ca::expiry::monitor(
-        ca.ca_not_before(),
-        ca.ca_not_after(),
-        shutdown_rx.clone(),
-    ));
+    // Should rotation fail, the active authority's expiry must be loud: warnings from 1/6 of
+    // its life left.
+    let ca_monitor = tokio::spawn(crate::ca::expiry::monitor(ca.clone(), shutdown_rx.clone()));
     let health_task = match cfg.health_address {
         Some(addr) => {
             let l = tokio::net::TcpListener::bind(addr)
@@ -306,6 +392,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         ),
     }
     let _ = rotation_task.await;
+    let _ = ca_rotation_task.await;
     let _ = ca_monitor.await;
     if let Some(t) = health_task {
         let _ = t.await;
@@ -331,11 +418,15 @@ async fn wait_for_signal() -> anyhow::Result<&'static str> {
 }
 
 /// True when the CA directory holds a key the server wrote on an earlier start (the JWT key
-/// exists in both CA modes, the root key with a self-signed CA).
+/// exists in both CA modes, the root key with a self-signed CA, the journal once either does).
 fn ca_keys_exist(ca_dir: &std::path::Path) -> bool {
-    [crate::ca::ROOT_KEY_FILE, crate::ca::JWT_KEY_FILE]
-        .iter()
-        .any(|f| ca_dir.join(f).exists())
+    [
+        crate::ca::ROOT_KEY_FILE,
+        crate::ca::JWT_KEY_FILE,
+        crate::ca::authority::JOURNAL_FILE,
+    ]
+    .iter()
+    .any(|f| ca_dir.join(f).exists())
 }
 
 fn restrict_dir(dir: &std::path::Path) -> anyhow::Result<()> {

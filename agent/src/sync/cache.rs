@@ -9,7 +9,8 @@
 //! hitting the server at once. The lifetime counts from when the agent received the SVID (not
 //! from its NotBefore, which the server back-dates), and whatever the certificate says (a lifetime
 //! capped by an expiring CA, a skewed clock) an entry is not renewed again within
-//! [`MIN_REFRESH_INTERVAL`] of its last signing. A signing that failed (the server refused it,
+//! [`refresh_floor`] of its last signing ([`MIN_REFRESH_INTERVAL`], less for an SVID that would
+//! expire before it). A signing that failed (the server refused it,
 //! or the call failed) is asked for again with exponential back-off and jitter
 //! ([`sign_backoff_delay`]: 8 s doubling to 5 min, ± 20 %), at once if the entry itself changes;
 //! meanwhile the held SVID, if any, is served until it expires. [`Cache::next_refresh`] includes
@@ -44,8 +45,13 @@ pub const MAX_JITTER_FRACTION: f64 = 0.1;
 /// Shortest time (seconds) between two signings of one entry's SVID, and between two renewals
 /// of the agent SVID, whatever the certificates say: a renewal that cannot outlive the current
 /// SVID (CA about to expire) is not retried in a loop. Below the refresh time of the shortest
-/// accepted TTL (1 min → 24-30 s), so it never delays a normal rotation.
+/// accepted TTL (1 min → 24-30 s), so it never delays a normal rotation. An SVID received with
+/// less than twice this left (capped by an authority about to be replaced) is renewed at half
+/// of what it has left, but not within [`MIN_SHORT_REFRESH_INTERVAL`]: the server's next
+/// authority is active before the current one's last sixth, so a renewal then outlives it.
 pub const MIN_REFRESH_INTERVAL: i64 = 20;
+/// Shortest time (seconds) between two signings of an SVID received with little life left.
+pub const MIN_SHORT_REFRESH_INTERVAL: i64 = 5;
 /// Delay (seconds, before jitter) before asking again for an SVID whose signing failed once.
 pub const SIGN_BACKOFF_START: i64 = 8;
 /// Longest delay (seconds, before jitter) between two attempts of a signing that keeps failing.
@@ -499,6 +505,8 @@ pub struct SyncOutcome {
     pub removed: usize,
     /// The bundle changed.
     pub bundle_changed: bool,
+    /// SVIDs made due now because the bundle marks their issuer tainted.
+    pub tainted_svids: usize,
     /// The set of federated bundles changed (one added, removed or replaced).
     pub federated_changed: bool,
     /// A snapshot finished (or none was pending).
@@ -703,6 +711,7 @@ impl Cache {
                 self.view.bundle_generation += 1;
                 self.changes.all = true;
                 out.bundle_changed = true;
+                out.tainted_svids = self.remint_tainted();
             }
         }
         if let Some(set) = federated {
@@ -728,6 +737,39 @@ impl Cache {
             Some(f) if f.0 == e.revision => wanted.max(f.1.retry_at),
             _ => wanted,
         }
+    }
+
+    /// Whether `leaf_der` was issued by an X.509 authority the bundle marks tainted.
+    pub fn issued_by_tainted(&self, leaf_der: &[u8]) -> bool {
+        let Some(b) = self.view.bundle.as_deref() else {
+            return false;
+        };
+        !b.tainted_x509_authorities.is_empty()
+            && authority_key_id(leaf_der).is_some_and(|k| b.tainted_x509_authorities.contains(&k))
+    }
+
+    /// Makes every SVID issued by a tainted authority due now (not at its half-life); returns
+    /// how many.
+    fn remint_tainted(&mut self) -> usize {
+        let tainted: Vec<(EntryId, Arc<CachedSvid>)> = self
+            .view
+            .svids
+            .iter()
+            .filter(|(_, s)| {
+                s.refresh_at > 0
+                    && s.chain_der
+                        .first()
+                        .is_some_and(|l| self.issued_by_tainted(l))
+            })
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .collect();
+        for (id, svid) in &tainted {
+            let mut again = CachedSvid::clone(svid);
+            again.refresh_at = 0;
+            self.view.svids.insert(id.clone(), Arc::new(again));
+            self.requeue(id);
+        }
+        tainted.len()
     }
 
     /// Puts entry `id` at its place in the refresh queue (after its entry, SVID or failure
@@ -842,7 +884,7 @@ impl Cache {
             not_after,
             rand::rng().random_range(0.0..=MAX_JITTER_FRACTION),
         )
-        .max(now + MIN_REFRESH_INTERVAL);
+        .max(now + refresh_floor(now, not_after));
         self.view.sign_failures.remove(&id);
         self.svid_generation += 1;
         let svid = CachedSvid {
@@ -875,10 +917,37 @@ pub fn refresh_time(issued_at: i64, not_after: i64, jitter: f64) -> i64 {
     issued_at + (life * (REFRESH_FRACTION - jitter.clamp(0.0, MAX_JITTER_FRACTION))) as i64
 }
 
+/// The least time (seconds) before an SVID received at `received_at`, valid until `not_after`,
+/// is renewed: [`MIN_REFRESH_INTERVAL`], or for one with less than twice that left, half of
+/// what it has left, at least [`MIN_SHORT_REFRESH_INTERVAL`] (so it is renewed before it
+/// expires, once the server has a new authority). Already expired: [`MIN_REFRESH_INTERVAL`].
+pub fn refresh_floor(received_at: i64, not_after: i64) -> i64 {
+    let left = not_after - received_at;
+    if left <= 0 {
+        MIN_REFRESH_INTERVAL
+    } else {
+        (left / 2).clamp(MIN_SHORT_REFRESH_INTERVAL, MIN_REFRESH_INTERVAL)
+    }
+}
+
+/// The authority key identifier of a certificate (its issuer's subject key ID), lowercase hex.
+pub fn authority_key_id(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    cert.extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                aki.key_identifier.as_ref().map(|k| hex::encode(k.0))
+            }
+            _ => None,
+        })
+}
+
 /// When to renew the agent SVID received at `received_at` and valid until `not_after`: at half
-/// its lifetime, but never within [`MIN_REFRESH_INTERVAL`] of receiving it.
+/// its lifetime, but never within [`refresh_floor`] of receiving it.
 pub fn agent_svid_renew_at(received_at: i64, not_after: i64) -> i64 {
-    refresh_time(received_at, not_after, 0.0).max(received_at + MIN_REFRESH_INTERVAL)
+    refresh_time(received_at, not_after, 0.0)
+        .max(received_at + refresh_floor(received_at, not_after))
 }
 
 /// A new ECDSA P-256 key (PKCS#8 DER) and a CSR (DER) carrying `spiffe_id` as URI SAN, or no

@@ -408,10 +408,18 @@ impl Worker {
         loop {
             let (next_refresh, renew_at) = {
                 let id = self.state.identity.read().await;
-                (
-                    self.cache.next_refresh(),
-                    agent_svid.renew_at(&id, self.clock.now_unix()),
-                )
+                let now = self.clock.now_unix();
+                let mut renew_at = agent_svid.renew_at(&id, now);
+                // Issued by a tainted authority: renewed now (after any failure's back-off).
+                if id
+                    .chain_der
+                    .first()
+                    .is_some_and(|l| self.cache.issued_by_tainted(l))
+                {
+                    let not_before = agent_svid.retry.as_ref().map_or(now, |r| r.retry_at);
+                    renew_at = renew_at.min(now.max(not_before));
+                }
+                (self.cache.next_refresh(), renew_at)
             };
             if agent_svid.retry.is_none() {
                 // A new agent SVID (attested again) ends a renewal back-off.
@@ -484,7 +492,13 @@ impl Worker {
                         } else if let Err(e) = self.on_disk(move |s| s.save_bundle(&roots)).await {
                             tracing::warn!(error = %e, "saving the trust bundle");
                         }
-                        tracing::info!(sequence, roots = count, "trust bundle updated");
+                        tracing::info!(
+                            sequence,
+                            roots = count,
+                            tainted_authorities = b.tainted_x509_authorities.len(),
+                            svids_reminted = out.tainted_svids,
+                            "trust bundle updated"
+                        );
                     }
                     _ => tracing::warn!(
                         "server sent an empty or malformed bundle; keeping the old one"

@@ -271,6 +271,7 @@ pub(crate) mod tests {
                 x509_roots: vec![0xAA],
                 jwks_json: r#"{"keys":[]}"#.into(),
                 sequence_number: 1,
+                ..Default::default()
             }),
             ..Default::default()
         })

@@ -80,6 +80,8 @@ type TokenKey = (String, i64, Vec<String>);
 #[derive(Debug, Clone)]
 struct CachedToken {
     token: String,
+    /// The `kid` that signed it: a tainted one is not re-used.
+    kid: String,
     issued_at: i64,
     expires_at: i64,
 }
@@ -142,14 +144,15 @@ impl JwtSvidCache {
     }
 
     /// A JWT-SVID for revision `entry_revision` of entry `entry_id` and `audience`: cached if
-    /// still in its first half-life, else minted by the server through `link`. `serial` is the
-    /// agent SVID's current serial.
+    /// still in its first half-life and not signed by a key in `tainted_kids`, else minted by
+    /// the server through `link`. `serial` is the agent SVID's current serial.
     pub async fn get(
         &self,
         link: &NodeLink,
         serial: &str,
         (entry_id, entry_revision): (&str, i64),
         audience: &[String],
+        tainted_kids: &[String],
         now: i64,
     ) -> Result<String, ClientError> {
         let mut aud = audience.to_vec();
@@ -158,7 +161,9 @@ impl JwtSvidCache {
         // The revision is part of the key: a changed entry may carry another SPIFFE ID.
         let key = (entry_id.to_string(), entry_revision, aud);
         if let Some(t) = self.tokens.lock().await.get(&key) {
-            if now < t.issued_at + (t.expires_at - t.issued_at) / 2 {
+            if now < t.issued_at + (t.expires_at - t.issued_at) / 2
+                && !tainted_kids.contains(&t.kid)
+            {
                 return Ok(t.token.clone());
             }
         }
@@ -186,6 +191,10 @@ impl JwtSvidCache {
         tokens.insert(
             key,
             CachedToken {
+                kid: sigil::jose::Jws::parse(&resp.token, resp.token.len())
+                    .ok()
+                    .and_then(|j| j.kid().map(str::to_string))
+                    .unwrap_or_default(),
                 token: resp.token,
                 issued_at: now,
                 expires_at: resp.expires_at,

@@ -574,8 +574,12 @@ impl SpiffeWorkloadApi for WorkloadApi {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let caller = self.attest(&req).await?;
         let want = req.into_inner();
+        let mut tainted_kids = Vec::new();
         let targets: Vec<(String, i64, String, String)> = {
             let cache = self.inner.state.snapshot();
+            if let Some(b) = cache.bundle() {
+                tainted_kids.clone_from(&b.tainted_jwt_kids);
+            }
             if !cache.has_snapshot() {
                 return Err(Status::unavailable(
                     "the agent has not received its entries from sigil-server yet; retry shortly",
@@ -613,6 +617,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                     &serial,
                     (&entry_id, revision),
                     &audience,
+                    &tainted_kids,
                     now,
                 )
                 .await

@@ -1,9 +1,11 @@
-//! The CA's remaining life. The server does not rotate its CA: a CA that expires takes every
-//! SVID with it (each is capped at the CA's NotAfter), so the operator must be told well before.
+//! The active authority's remaining life. The rotation ([`super::rotation`]) activates a new
+//! authority at ⅚ of the active one's life; if that does not happen (a failing rotation, an
+//! upstream intermediate nobody replaced), an expiring authority takes every SVID with it (each
+//! is capped at its NotAfter), so the operator must be told well before.
 //!
-//! From ⅙ of the CA's lifetime left the server logs a warning (at most once an hour), and once
-//! it has expired an error (as often) and `/ready` and `healthcheck` fail. The CA's NotAfter is
-//! also exported as the metric `sigil_server_ca_expiry_seconds`.
+//! From ⅙ of the active authority's lifetime left the server logs a warning (at most once an
+//! hour), and once it has expired an error (as often) and `/ready` and `healthcheck` fail. Its
+//! NotAfter is also exported as the metric `sigil_server_ca_expiry_seconds`.
 
 use std::time::Duration;
 
@@ -50,7 +52,7 @@ fn warn_from(not_before: i64, not_after: i64) -> i64 {
 
 /// The CA has expired: the server issues nothing and is not ready.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the CA certificate expired at {}: no SVIDs can be issued and workloads' SVIDs no longer verify; renew the CA (a new upstream intermediate, or for the self-signed root delete root.crt and root.key and distribute the new bundle) and restart", rfc3339(*.not_after))]
+#[error("the active CA authority expired at {}: no SVIDs can be issued and workloads' SVIDs no longer verify; see why rotation failed in the log (`sigil-server localauthority x509 show`), or provide a new upstream intermediate", rfc3339(*.not_after))]
 pub struct CaExpired {
     /// The CA's NotAfter, Unix seconds.
     pub not_after: i64,
@@ -139,16 +141,27 @@ impl Warnings {
 
 use sigil::clock::now_unix;
 
-/// Logs the CA's expiry warnings until `shutdown` turns true.
-pub async fn monitor(not_before: i64, not_after: i64, mut shutdown: watch::Receiver<bool>) {
-    let mut warnings = Warnings::new(not_before, not_after);
+/// Slack after a state change before the monitor looks: the rotation task, due at the same
+/// second (⅚ of the life), activates the next authority first.
+const SLACK: i64 = 2;
+
+/// Logs the active authority's expiry warnings until `shutdown` turns true.
+pub async fn monitor(ca: std::sync::Arc<super::Ca>, mut shutdown: watch::Receiver<bool>) {
+    let mut bounds = (ca.ca_not_before(), ca.ca_not_after());
+    let mut warnings = Warnings::new(bounds.0, bounds.1);
     loop {
         let now = now_unix();
+        let current = (ca.ca_not_before(), ca.ca_not_after());
+        if current != bounds {
+            bounds = current;
+            warnings = Warnings::new(bounds.0, bounds.1);
+        }
+        let not_after = bounds.1;
         match warnings.check(now) {
             Some(CaExpiry::Expiring { left }) => tracing::warn!(
                 ca_not_after = not_after,
                 seconds_left = left,
-                "the CA certificate expires at {} (in {}); SVIDs are capped at its expiry and the server does not rotate it: renew the CA before then (a new upstream intermediate, or a new self-signed root and bundle)",
+                "the active CA authority expires at {} (in {}) and no new one was activated; SVIDs are capped at its expiry: see the rotation errors above, `sigil-server localauthority x509 show`, or provide a new upstream intermediate",
                 rfc3339(not_after),
                 sigil::ttl::format(Duration::from_secs(left.max(0) as u64))
             ),
@@ -159,7 +172,7 @@ pub async fn monitor(not_before: i64, not_after: i64, mut shutdown: watch::Recei
             ),
             Some(CaExpiry::Valid) | None => {}
         }
-        let sleep = Duration::from_secs((warnings.next_check(now) - now).max(1) as u64);
+        let sleep = Duration::from_secs((warnings.next_check(now) - now + SLACK).max(1) as u64);
         tokio::select! {
             _ = tokio::time::sleep(sleep) => {}
             _ = shutdown.wait_for(|s| *s) => return,
@@ -226,9 +239,12 @@ mod tests {
 
     #[tokio::test]
     async fn the_monitor_stops_on_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = sigil::TrustDomain::new("example.org").unwrap();
+        let ca =
+            super::super::Ca::load_or_create(&super::super::CaConfig::new(td, dir.path())).unwrap();
         let (stop, rx) = watch::channel(false);
-        let now = now_unix();
-        let task = tokio::spawn(monitor(now - 10, now + 3600, rx));
+        let task = tokio::spawn(monitor(std::sync::Arc::new(ca), rx));
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!task.is_finished());
         let _ = stop.send(true);

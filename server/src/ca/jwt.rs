@@ -1,4 +1,5 @@
-//! JWT-SVID signing: one ES256 (P-256) key in `jwt.key`, kept across restarts.
+//! JWT-SVID signing keys: ES256 (P-256), in `jwt.key` (the first) and `jwt-<kid>.key` (those
+//! prepared since; see [`super::authority`]), kept across restarts.
 //!
 //! The `kid` is derived from the public key ([`Es256Signer::from_pkcs8`]: base64url of the
 //! first 18 bytes of SHA-256 over the uncompressed point), so it is stable across restarts
@@ -15,7 +16,7 @@ use sigil::bundle::JwtAuthority;
 use sigil::jose::Es256Signer;
 use sigil::SpiffeId;
 
-use super::{keys, Ca, CaError};
+use super::{keys, CaError, Signer};
 
 /// Longest JWT-SVID lifetime accepted.
 const MAX_JWT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -29,15 +30,25 @@ pub(crate) struct JwtKey {
 impl JwtKey {
     /// Loads `path`, or creates it (0600, atomically) if missing.
     pub(crate) fn load_or_create(path: &Path) -> Result<Self, CaError> {
-        let kp = match keys::load_key_file(path)? {
-            Some(kp) => kp,
-            None => {
-                let kp = KeyPair::generate().map_err(|e| CaError::KeyGeneration(e.to_string()))?;
-                keys::write_secret_file(path, kp.serialize_pem().as_bytes())?;
-                tracing::info!(path = %path.display(), "created a new JWT-SVID signing key");
-                kp
-            }
-        };
+        if let Some(key) = Self::load(path)? {
+            return Ok(key);
+        }
+        let kp = KeyPair::generate().map_err(|e| CaError::KeyGeneration(e.to_string()))?;
+        keys::write_secret_file(path, kp.serialize_pem().as_bytes())?;
+        tracing::info!(path = %path.display(), "created a new JWT-SVID signing key");
+        Self::from_key_pair(&kp, path)
+    }
+
+    /// Loads `path`; `Ok(None)` if it does not exist.
+    pub(crate) fn load(path: &Path) -> Result<Option<Self>, CaError> {
+        match keys::load_key_file(path)? {
+            Some(kp) => Self::from_key_pair(&kp, path).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// A signing key from a key pair (`path` names it in errors).
+    pub(crate) fn from_key_pair(kp: &KeyPair, path: &Path) -> Result<Self, CaError> {
         let bad = |reason: String| CaError::BadKeyFile {
             path: path.to_path_buf(),
             reason,
@@ -74,9 +85,10 @@ pub struct MintedJwtSvid {
     pub expires_at: i64,
 }
 
-impl Ca {
+impl Signer {
     /// Mints a JWT-SVID for `id` with audience(s) `audience` (at least one, none empty).
-    /// `aud` is a JSON string for one audience, an array for several.
+    /// `aud` is a JSON string for one audience, an array for several. Its `exp` is capped at the
+    /// signing key's NotAfter.
     pub fn mint_jwt_svid(
         &self,
         id: &SpiffeId,
@@ -112,7 +124,15 @@ impl Ca {
             many => many.into(),
         };
         let expires_at = i64::try_from(now.saturating_add(ttl.as_secs()))
-            .map_err(|_| CaError::Signing("the JWT-SVID expiry is out of range".into()))?;
+            .map_err(|_| CaError::Signing("the JWT-SVID expiry is out of range".into()))?
+            .min(self.jwt_not_after);
+        if expires_at <= now as i64 {
+            return Err(CaError::CaExpired(format!(
+                "JWT key {} (NotAfter {})",
+                self.jwt.kid(),
+                self.jwt_not_after
+            )));
+        }
         let claims = json!({
             "sub": id.to_string(),
             "aud": aud,

@@ -5,14 +5,14 @@
 //! because silently minting a new root would invalidate every issued SVID.
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType};
-use sigil::x509::{parse_pem_certs, spiffe_id_of, to_pem_certs};
+use sigil::x509::{parse_pem_certs, to_pem_certs};
 use time::OffsetDateTime;
 
 use super::keys::{self, KeyType};
 use super::x509_svid::random_serial;
 use super::{
-    check_ca_cert, parse_cert, CaConfig, CaError, SigningMaterial, BACKDATE, ROOT_CERT_FILE,
-    ROOT_KEY_FILE,
+    check_ca_cert, check_trust_domain_uri, parse_cert, CaConfig, CaError, SigningMaterial,
+    BACKDATE, ROOT_CERT_FILE, ROOT_KEY_FILE,
 };
 
 pub(crate) fn load_or_create(config: &CaConfig) -> Result<SigningMaterial, CaError> {
@@ -24,7 +24,7 @@ pub(crate) fn load_or_create(config: &CaConfig) -> Result<SigningMaterial, CaErr
         (None, None) => {
             let key = config.key_type.generate()?;
             keys::write_secret_file(&key_path, key.serialize_pem().as_bytes())?;
-            let der = new_root_cert(config, &key)?;
+            let der = new_root_cert(config, &key, sigil::clock::now_unix())?;
             keys::write_public_file(
                 &cert_path,
                 to_pem_certs(std::slice::from_ref(&der)).as_bytes(),
@@ -42,7 +42,7 @@ pub(crate) fn load_or_create(config: &CaConfig) -> Result<SigningMaterial, CaErr
                 "root key exists without its certificate (interrupted first start?); \
                  issuing a new self-signed certificate for the existing key"
             );
-            let der = new_root_cert(config, &key)?;
+            let der = new_root_cert(config, &key, sigil::clock::now_unix())?;
             keys::write_public_file(
                 &cert_path,
                 to_pem_certs(std::slice::from_ref(&der)).as_bytes(),
@@ -73,23 +73,7 @@ pub(crate) fn load_or_create(config: &CaConfig) -> Result<SigningMaterial, CaErr
 
     let cert = parse_cert(&cert_der, &cert_path)?;
     check_ca_cert(&cert, &key, &cert_path, &key_path)?;
-    let expected = config.trust_domain.id_string();
-    match spiffe_id_of(&cert_der) {
-        Ok(id) if id.to_string() == expected => {}
-        Ok(id) => {
-            return Err(CaError::TrustDomainMismatch {
-                path: cert_path,
-                found: id.to_string(),
-                expected,
-            })
-        }
-        Err(e) => {
-            return Err(CaError::BadCertFile {
-                path: cert_path,
-                reason: format!("no trust domain URI SAN: {e}"),
-            })
-        }
-    }
+    check_trust_domain_uri(config, &cert_der, &cert_path)?;
     match KeyType::of(key.algorithm()) {
         Some(t) if t == config.key_type => {}
         found => tracing::warn!(
@@ -116,14 +100,18 @@ pub(crate) fn load_or_create(config: &CaConfig) -> Result<SigningMaterial, CaErr
         chain_tail: Vec::new(),
         authorities: vec![cert_der],
         not_after,
-        upstream_paths: None,
     })
 }
 
 /// A self-signed root: CA=true (critical), keyCertSign+cRLSign (critical), the trust domain ID as
-/// URI SAN, SKI, random serial, back-dated NotBefore.
-fn new_root_cert(config: &CaConfig, key: &KeyPair) -> Result<Vec<u8>, CaError> {
-    let now = OffsetDateTime::now_utc();
+/// URI SAN, SKI, random serial, NotBefore `now` back-dated, NotAfter `now` + `ca_ttl`.
+pub(crate) fn new_root_cert(
+    config: &CaConfig,
+    key: &KeyPair,
+    now: i64,
+) -> Result<Vec<u8>, CaError> {
+    let now = OffsetDateTime::from_unix_timestamp(now)
+        .map_err(|e| CaError::Signing(format!("time out of range: {e}")))?;
     let mut p = CertificateParams::default();
     let mut dn = config.base_dn()?;
     let cn = format!("{} CA", config.trust_domain);

@@ -158,7 +158,8 @@ fn svid_meets_the_x509_svid_spec() -> R {
     assert!(leaf.raw_serial().len() >= 9 && leaf.raw_serial()[0] & 0x80 == 0);
 
     // Key identifiers: SKI present, AKI = the CA's SKI.
-    let (_, root) = X509Certificate::from_der(&ca.x509_authorities()[0])?;
+    let roots = ca.x509_authorities();
+    let (_, root) = X509Certificate::from_der(&roots[0])?;
     let ski_of = |c: &X509Certificate<'_>| {
         c.extensions()
             .iter()
@@ -184,7 +185,7 @@ fn svid_meets_the_x509_svid_spec() -> R {
     assert_eq!(leaf.public_key().raw, spki.as_slice());
 
     assert_eq!(check_x509_svid(&svid.chain_der[0])?, want);
-    webpki_verify(&svid.chain_der, ca.x509_authorities())?;
+    webpki_verify(&svid.chain_der, &ca.x509_authorities())?;
     Ok(())
 }
 
@@ -192,7 +193,8 @@ fn svid_meets_the_x509_svid_spec() -> R {
 fn root_is_a_spiffe_signing_certificate() -> R {
     let dir = tempfile::tempdir()?;
     let ca = Ca::load_or_create(&config(dir.path()))?;
-    let (_, root) = X509Certificate::from_der(&ca.x509_authorities()[0])?;
+    let roots = ca.x509_authorities();
+    let (_, root) = X509Certificate::from_der(&roots[0])?;
     let bc = root.basic_constraints()?.ok_or("no bc")?;
     assert!(bc.value.ca && bc.critical);
     let ku = root.key_usage()?.ok_or("no ku")?;
@@ -208,9 +210,12 @@ fn root_is_a_spiffe_signing_certificate() -> R {
     )));
     root.verify_signature(None)?;
     let life = root.validity().not_after.timestamp() - now_unix();
-    assert!((life - 365 * 24 * 3600).abs() < 60);
+    assert!((life - DEFAULT_CA_TTL.as_secs() as i64).abs() < 60);
     assert_eq!(ca.ca_not_after(), root.validity().not_after.timestamp());
-    assert_eq!(ca.signing_cert_der(), ca.x509_authorities()[0].as_slice());
+    assert_eq!(
+        ca.current().signing_cert_der(),
+        ca.x509_authorities()[0].as_slice()
+    );
     Ok(())
 }
 
@@ -314,7 +319,7 @@ fn leaf_key_types() -> R {
     ] {
         let (_k, spki) = leaf_spki(alg)?;
         let svid = ca.sign_x509_svid(&spki, &id("/k")?, &[], None)?;
-        webpki_verify(&svid.chain_der, ca.x509_authorities())?;
+        webpki_verify(&svid.chain_der, &ca.x509_authorities())?;
     }
     Ok(())
 }
@@ -342,7 +347,7 @@ fn csr_path_uses_only_the_public_key() -> R {
     assert!(leaf.subject().iter_common_name().next().is_none());
     let san = leaf.subject_alternative_name()?.ok_or("no SAN")?;
     assert_eq!(san.value.general_names.len(), 1);
-    webpki_verify(&svid.chain_der, ca.x509_authorities())?;
+    webpki_verify(&svid.chain_der, &ca.x509_authorities())?;
 
     // A flipped signature bit, garbage, truncations: InvalidCsr, never a panic.
     let mut tampered = csr.der().to_vec();
@@ -397,7 +402,7 @@ fn key_files_are_private_and_restart_reuses_everything() -> R {
     assert_eq!(mode(cfg.dir.join(JWT_KEY_FILE))?, 0o600);
     let key_before = fs::read(cfg.dir.join(ROOT_KEY_FILE))?;
     let second = Ca::load_or_create(&cfg)?;
-    assert_eq!(first.x509_authorities(), second.x509_authorities());
+    assert_eq!(&first.x509_authorities(), &second.x509_authorities());
     assert_eq!(first.jwt_kid(), second.jwt_kid());
     assert_eq!(first.bundle(), second.bundle());
     assert_eq!(fs::read(cfg.dir.join(ROOT_KEY_FILE))?, key_before);
@@ -407,7 +412,7 @@ fn key_files_are_private_and_restart_reuses_everything() -> R {
         &first
             .sign_x509_svid(&spki, &id("/x")?, &[], None)?
             .chain_der,
-        second.x509_authorities(),
+        &second.x509_authorities(),
     )?;
     let tok = first.mint_jwt_svid(&id("/x")?, &["a".into()], None)?.token;
     sigil::jwt::validate_jwt_svid(&tok, "a", &second.bundle())?;
@@ -416,7 +421,10 @@ fn key_files_are_private_and_restart_reuses_everything() -> R {
         .map(|e| e.map(|e| e.file_name()))
         .collect::<Result<_, _>>()?;
     names.sort();
-    assert_eq!(names, vec!["jwt.key", "root.crt", "root.key"]);
+    assert_eq!(
+        names,
+        vec!["authorities.json", "jwt.key", "root.crt", "root.key"]
+    );
     // A group-readable key still loads (with a warning).
     fs::set_permissions(
         cfg.dir.join(ROOT_KEY_FILE),
@@ -498,10 +506,13 @@ fn corrupted_files_give_clear_errors() -> R {
     let e = Ca::load_or_create(&cfg).err().ok_or("expected an error")?;
     assert!(matches!(e, CaError::MissingKey { .. }), "{e}");
     restore()?;
-    // Key without certificate (crash during first start): a new certificate for the same key.
+    // Key without certificate (crash during first start, before the journal): a new
+    // certificate for the same key.
     fs::remove_file(&cert_path)?;
+    fs::remove_file(cfg.dir.join(authority::JOURNAL_FILE))?;
     let ca = Ca::load_or_create(&cfg)?;
-    let (_, root) = X509Certificate::from_der(&ca.x509_authorities()[0])?;
+    let roots = ca.x509_authorities();
+    let (_, root) = X509Certificate::from_der(&roots[0])?;
     assert_eq!(
         root.public_key().raw,
         KeyPair::from_pem(std::str::from_utf8(&key)?)?
@@ -533,9 +544,19 @@ fn root_for_another_trust_domain_or_expired_is_refused() -> R {
     p.not_after = rcgen::date_time_ymd(2021, 1, 1);
     let old = p.self_signed(&key)?;
     fs::write(cfg.dir.join(ROOT_CERT_FILE), old.pem())?;
+    // Journaled (the server ran here): an expired active authority is replaced at start, and
+    // leaves the bundle (every SVID it signed has expired too).
+    let ca = Ca::load_or_create(&cfg)?;
+    assert_ne!(ca.x509_authorities(), vec![old.der().to_vec()]);
+    assert_eq!(ca.x509_authorities().len(), 1);
+    assert_eq!(ca.list(Kind::X509).len(), 1);
+    // Without a journal (an upgrade from a single root), it is refused as before.
+    fs::remove_file(cfg.dir.join(authority::JOURNAL_FILE))?;
+    fs::write(cfg.dir.join(ROOT_KEY_FILE), key.serialize_pem())?;
+    fs::write(cfg.dir.join(ROOT_CERT_FILE), old.pem())?;
     let e = Ca::load_or_create(&cfg).err().ok_or("expected an error")?;
     assert!(matches!(e, CaError::CertNotValidNow { .. }), "{e}");
-    // A non-CA certificate with the same key.
+    // A non-CA certificate with the same key (journaled or not).
     p.is_ca = IsCa::ExplicitNoCa;
     p.not_after = rcgen::date_time_ymd(2100, 1, 1);
     fs::write(cfg.dir.join(ROOT_CERT_FILE), p.self_signed(&key)?.pem())?;
@@ -553,7 +574,8 @@ fn every_root_key_type_works() -> R {
         let mut cfg = config(dir.path());
         cfg.key_type = kt;
         let ca = Ca::load_or_create(&cfg)?;
-        let (_, root) = X509Certificate::from_der(&ca.x509_authorities()[0])?;
+        let roots = ca.x509_authorities();
+        let (_, root) = X509Certificate::from_der(&roots[0])?;
         let alg = root.signature_algorithm.algorithm.to_id_string();
         let want = match kt {
             KeyType::EcP256 => "1.2.840.10045.4.3.2",
@@ -566,11 +588,11 @@ fn every_root_key_type_works() -> R {
         }
         let (_k, spki) = leaf_spki(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let svid = ca.sign_x509_svid(&spki, &id("/kt")?, &[], None)?;
-        webpki_verify(&svid.chain_der, ca.x509_authorities())?;
+        webpki_verify(&svid.chain_der, &ca.x509_authorities())?;
         // Restart keeps the key type even if the configuration changes.
         cfg.key_type = KeyType::EcP256;
         let again = Ca::load_or_create(&cfg)?;
-        assert_eq!(again.x509_authorities(), ca.x509_authorities());
+        assert_eq!(&again.x509_authorities(), &ca.x509_authorities());
     }
     Ok(())
 }
@@ -619,6 +641,7 @@ fn upstream(dir: &Path, depth: usize, alg: &'static rcgen::SignatureAlgorithm) -
         cert_chain_path: dir.join("chain.pem"),
         key_path: dir.join("inter.key"),
         bundle_path: dir.join("bundle.pem"),
+        command: None,
     };
     fs::write(&cfg.cert_chain_path, to_pem_certs(&chain))?;
     fs::write(&cfg.key_path, last_key.ok_or("depth 0")?)?;
@@ -640,7 +663,7 @@ fn upstream_mode_chains_to_the_upstream_root() -> R {
         let mut cfg = config(dir.path());
         cfg.upstream = Some(up.cfg.clone());
         let ca = Ca::load_or_create(&cfg)?;
-        assert_eq!(ca.x509_authorities(), std::slice::from_ref(&up.root_der));
+        assert_eq!(&ca.x509_authorities(), std::slice::from_ref(&up.root_der));
         let (_k, spki) = leaf_spki(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let svid = ca.sign_x509_svid(&spki, &id("/up")?, &["up.example.org".into()], None)?;
         assert_eq!(
@@ -649,7 +672,7 @@ fn upstream_mode_chains_to_the_upstream_root() -> R {
             "leaf + intermediates, no root"
         );
         assert!(!svid.chain_der.contains(&up.root_der));
-        webpki_verify(&svid.chain_der, ca.x509_authorities())?;
+        webpki_verify(&svid.chain_der, &ca.x509_authorities())?;
         assert_eq!(check_x509_svid(&svid.chain_der[0])?, id("/up")?);
         // The leaf is capped by the intermediate's 30-day life.
         let long = ca.sign_x509_svid(
@@ -862,10 +885,17 @@ fn config_is_validated() -> R {
     cfg.default_jwt_svid_ttl = Duration::from_secs(300);
     cfg.default_x509_svid_ttl = Duration::from_secs(60);
     let ca = Ca::load_or_create(&cfg)?;
-    assert_eq!(ca.default_x509_svid_ttl(), Duration::from_secs(60));
-    assert_eq!(ca.default_jwt_svid_ttl(), Duration::from_secs(300));
+    assert_eq!(
+        ca.current().default_x509_svid_ttl(),
+        Duration::from_secs(60)
+    );
+    assert_eq!(
+        ca.current().default_jwt_svid_ttl(),
+        Duration::from_secs(300)
+    );
     assert_eq!(ca.trust_domain(), &td());
-    let (_, root) = X509Certificate::from_der(&ca.x509_authorities()[0])?;
+    let roots = ca.x509_authorities();
+    let (_, root) = X509Certificate::from_der(&roots[0])?;
     assert_eq!(
         root.subject()
             .iter_country()
@@ -895,4 +925,94 @@ fn config_is_validated() -> R {
 fn ca_is_shareable_across_threads() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Ca>();
+}
+
+/// A root and an intermediate for `example.org` valid from an hour ago for `days`.
+fn intermediate(root: &Issuer<'_, KeyPair>, days: u64) -> Res<(Vec<u8>, String)> {
+    let key = KeyPair::generate()?;
+    let mut p = ca_params("Upstream Intermediate", Some("spiffe://example.org"))?;
+    p.not_after = ::time::OffsetDateTime::now_utc() + Duration::from_secs(days * 24 * 3600);
+    let cert = p.signed_by(&key, root)?;
+    Ok((cert.der().to_vec(), key.serialize_pem()))
+}
+
+#[tokio::test]
+async fn upstream_mode_activates_a_replaced_intermediate_from_five_sixths() -> R {
+    let dir = tempfile::tempdir()?;
+    let root_key = KeyPair::generate()?;
+    let mut root_p = ca_params("Upstream Root", None)?;
+    root_p.use_authority_key_identifier_extension = false;
+    root_p.not_after = ::time::OffsetDateTime::now_utc() + Duration::from_secs(365 * 24 * 3600);
+    let root = root_p.self_signed(&root_key)?;
+    let root_issuer = Issuer::new(root_p, root_key);
+    let (a, a_key) = intermediate(&root_issuer, 30)?;
+    let up = UpstreamConfig {
+        cert_chain_path: dir.path().join("chain.pem"),
+        key_path: dir.path().join("inter.key"),
+        bundle_path: dir.path().join("bundle.pem"),
+        command: None,
+    };
+    fs::write(&up.cert_chain_path, to_pem_certs(std::slice::from_ref(&a)))?;
+    fs::write(&up.key_path, &a_key)?;
+    fs::write(&up.bundle_path, to_pem_certs(&[root.der().to_vec()]))?;
+    let mut cfg = config(dir.path());
+    cfg.upstream = Some(up.clone());
+    let ca = Ca::load_or_create(&cfg)?;
+    let first = ca.list(Kind::X509)[0].clone();
+    let half = authority::prepare_at(first.not_before, first.not_after);
+    let five_sixths = authority::activate_at(first.not_before, first.not_after);
+    // The hook is due once per intermediate, from ½.
+    assert!(!ca.upstream_hook_due(half - 1));
+    assert!(ca.upstream_hook_due(half));
+    ca.upstream_hook_ran();
+    assert!(!ca.upstream_hook_due(half));
+    // No prepare / activate / taint by hand in upstream mode.
+    assert!(matches!(
+        ca.prepare(Kind::X509, half),
+        Err(CaError::UpstreamManaged)
+    ));
+    // At ⅚ with the same files: nothing changes (and a warning says what to do). (The JWT
+    // key, on its own one-hour schedule, rotates here.)
+    assert!(!ca.tick(five_sixths)?.x509_activated);
+    assert_eq!(ca.current().signing_cert_der(), a.as_slice());
+    // Replaced files: activated at the next read; the root stays the bundle.
+    let (b, b_key) = intermediate(&root_issuer, 60)?;
+    fs::write(&up.cert_chain_path, to_pem_certs(std::slice::from_ref(&b)))?;
+    fs::write(&up.key_path, &b_key)?;
+    assert_eq!(
+        ca.tick(five_sixths + 1)?,
+        Changes::default(),
+        "not read again yet"
+    );
+    let ch = ca.tick(five_sixths + authority::UPSTREAM_RELOAD_EVERY)?;
+    assert!(ch.x509_activated && !ch.bundle, "{ch:?}");
+    assert_eq!(ca.current().signing_cert_der(), b.as_slice());
+    assert_eq!(ca.x509_authorities(), vec![root.der().to_vec()]);
+    let listed: Vec<Slot> = ca.list(Kind::X509).iter().map(|a| a.slot).collect();
+    assert_eq!(listed, [Slot::Active, Slot::Old]);
+    let (_k, spki) = leaf_spki(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let svid = ca.sign_x509_svid(&spki, &id("/up")?, &[], None)?;
+    assert_eq!(svid.chain_der[1], b);
+    webpki_verify(&svid.chain_der, &ca.x509_authorities())?;
+    // The old intermediate is listed until it expires.
+    ca.tick(first.not_after)?;
+    assert_eq!(ca.list(Kind::X509).len(), 1);
+
+    // The hook: run with the paths in its environment; here it writes intermediate C.
+    let (c, c_key) = intermediate(&root_issuer, 90)?;
+    fs::write(
+        dir.path().join("c.pem"),
+        to_pem_certs(std::slice::from_ref(&c)),
+    )?;
+    fs::write(dir.path().join("c.key"), &c_key)?;
+    let script = format!(
+        "cp {0}/c.pem \"$SIGIL_UPSTREAM_CERT_CHAIN\" && cp {0}/c.key \"$SIGIL_UPSTREAM_KEY\"",
+        dir.path().display()
+    );
+    rotation::run_hook(&ca, &["/bin/sh".into(), "-c".into(), script]).await;
+    assert_eq!(
+        fs::read(&up.cert_chain_path)?,
+        to_pem_certs(&[c]).into_bytes()
+    );
+    Ok(())
 }

@@ -84,6 +84,5 @@ pub(crate) fn load(config: &CaConfig, up: &UpstreamConfig) -> Result<SigningMate
         chain_tail: tail,
         authorities: roots,
         not_after,
-        upstream_paths: Some((up.cert_chain_path.clone(), up.bundle_path.clone())),
     })
 }

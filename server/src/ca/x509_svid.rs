@@ -25,7 +25,7 @@ use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::prelude::FromDer as _;
 use x509_parser::x509::SubjectPublicKeyInfo;
 
-use super::{Ca, CaError, BACKDATE};
+use super::{CaError, Signer, BACKDATE};
 
 /// Largest TTL accepted (beyond it the CA's NotAfter caps anyway; this guards arithmetic).
 const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
@@ -114,7 +114,7 @@ fn dns_san(name: &str) -> Result<SanType, CaError> {
     Ok(SanType::DnsName(name.try_into().map_err(|_| bad())?))
 }
 
-impl Ca {
+impl Signer {
     /// Issues an X509-SVID for the public key of a PKCS#10 CSR, after verifying the CSR's
     /// self-signature. The CSR's subject, SANs and extensions are ignored.
     pub fn sign_x509_svid_csr(

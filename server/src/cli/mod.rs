@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod bundle;
 pub mod entry;
+pub mod localauthority;
 pub mod output;
 pub mod token;
 
@@ -51,6 +52,9 @@ pub enum Command {
     /// Show the trust bundle; manage federated bundles of other trust domains.
     #[command(subcommand)]
     Bundle(bundle::BundleCommand),
+    /// Show and manage the CA's X.509 authorities and JWT keys (rotation, taint, revoke).
+    #[command(subcommand)]
+    Localauthority(localauthority::LocalAuthorityCommand),
     /// Check that the server is up and ready (exit 0) or not (exit 1).
     Healthcheck(Common),
 }
@@ -106,6 +110,7 @@ impl Command {
             Command::Token(c) => c.common(),
             Command::Agent(c) => c.common(),
             Command::Bundle(c) => c.common(),
+            Command::Localauthority(c) => c.common(),
             Command::Healthcheck(c) => c,
         };
         Some(&common.admin_socket)
@@ -136,6 +141,7 @@ async fn run_admin_command(command: Command) -> anyhow::Result<()> {
         Command::Token(c) => token::run(c).await,
         Command::Agent(c) => agent::run(c).await,
         Command::Bundle(c) => bundle::run(c).await,
+        Command::Localauthority(c) => localauthority::run(c).await,
         Command::Healthcheck(common) => {
             let mut client = connect(&common.admin_socket).await?;
             let h = client

@@ -20,12 +20,24 @@ pub struct SyncSignal {
     pub bundle_sequence: u64,
     /// Incremented (wrapping) on every published federated-bundle change (set or delete).
     pub federated_changes: u64,
+    /// Incremented (wrapping) whenever the tainted authorities change ([`SyncEvents::taint`]).
+    pub taint_generation: u64,
+}
+
+/// The tainted authorities of the server's bundle, sent with it to agents.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Taint {
+    /// X.509 authorities: subject key IDs, lowercase hex.
+    pub x509: Vec<String>,
+    /// JWT keys: kids.
+    pub jwt: Vec<String>,
 }
 
 /// Publisher side; clones share one channel. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct SyncEvents {
     tx: Arc<watch::Sender<SyncSignal>>,
+    taint: Arc<std::sync::RwLock<Arc<Taint>>>,
 }
 
 impl Default for SyncEvents {
@@ -39,7 +51,32 @@ impl SyncEvents {
     pub fn new() -> Self {
         Self {
             tx: Arc::new(watch::Sender::new(SyncSignal::default())),
+            taint: Arc::default(),
         }
+    }
+
+    /// Announces the tainted authorities (before the bundle that carries them is announced).
+    pub fn set_taint(&self, taint: Taint) {
+        {
+            let mut cur = self
+                .taint
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if **cur == taint {
+                return;
+            }
+            *cur = Arc::new(taint);
+        }
+        self.tx
+            .send_modify(|s| s.taint_generation = s.taint_generation.wrapping_add(1));
+    }
+
+    /// The tainted authorities now.
+    pub fn taint(&self) -> Arc<Taint> {
+        self.taint
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Announces that registration entries changed (after the change is durable).
@@ -126,6 +163,7 @@ mod tests {
                 entry_changes: 1_000_000,
                 bundle_sequence: 7,
                 federated_changes: 1,
+                taint_generation: 0,
             }
         );
         // Nothing new since take: changed() waits.

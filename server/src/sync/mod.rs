@@ -21,7 +21,7 @@ pub mod stream;
 use std::time::Duration;
 
 pub use authz::{authorized_entries, is_authorized};
-pub use events::{SyncEvents, SyncSignal, SyncSubscriber};
+pub use events::{SyncEvents, SyncSignal, SyncSubscriber, Taint};
 pub use stream::sync_stream;
 
 /// Most entries in one `SyncResponse`.

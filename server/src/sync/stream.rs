@@ -87,9 +87,18 @@ pub fn sync_stream(
     reconcile_every: Duration,
 ) -> impl Stream<Item = Result<pb::SyncResponse, Status>> + Send + 'static {
     let reconcile_every = reconcile_every.max(MIN_RECONCILE_EVERY);
+    // A stream starts knowing the agent has no taint unless some is published: the bundle
+    // (with the taint) is then sent even when its sequence is the agent's.
+    let taint_sent = if events.taint().x509.is_empty() && events.taint().jwt.is_empty() {
+        events.current().taint_generation
+    } else {
+        events.current().taint_generation.wrapping_sub(1)
+    };
     let syncer = Syncer {
         ds,
         sub: events.subscribe(),
+        events: events.clone(),
+        taint_sent,
         events_open: true,
         agent_id,
         server_id,
@@ -335,6 +344,10 @@ impl Outbox {
 struct Syncer {
     ds: Arc<dyn Datastore>,
     sub: SyncSubscriber,
+    /// For the tainted authorities sent with the bundle.
+    events: SyncEvents,
+    /// The taint generation last sent with the bundle.
+    taint_sent: u64,
     /// False once the hub is gone: only the reconcile timer wakes the stream then.
     events_open: bool,
     agent_id: SpiffeId,
@@ -447,6 +460,7 @@ impl Syncer {
         }
         let bundle = if reconcile
             || (signal.bundle_sequence != 0 && signal.bundle_sequence != self.bundle_sequence)
+            || signal.taint_generation != self.taint_sent
         {
             self.bundle_if_changed().await?
         } else {
@@ -679,17 +693,25 @@ impl Syncer {
         Ok(Some(bundles))
     }
 
-    /// The stored bundle, if its sequence differs from what the agent holds.
+    /// The stored bundle with the tainted authorities, if its sequence or the taint differs
+    /// from what the agent holds.
     async fn bundle_if_changed(&mut self) -> Result<Option<pb::Bundle>, Status> {
+        // Read before the bundle: a taint published meanwhile is sent again next round.
+        let generation = self.events.current().taint_generation;
+        let taint = self.events.taint();
         let stored = self
             .ds
             .get_bundle(&self.trust_domain)
             .await
             .map_err(ds_status)?;
         match stored {
-            Some(b) if b.sequence != self.bundle_sequence => {
+            Some(b) if b.sequence != self.bundle_sequence || generation != self.taint_sent => {
                 self.bundle_sequence = b.sequence;
-                Ok(Some(bundle_to_proto(&b)))
+                self.taint_sent = generation;
+                let mut proto = bundle_to_proto(&b);
+                proto.tainted_x509_authorities = taint.x509.clone();
+                proto.tainted_jwt_kids = taint.jwt.clone();
+                Ok(Some(proto))
             }
             _ => Ok(None),
         }
@@ -703,6 +725,8 @@ pub fn bundle_to_proto(b: &StoredBundle) -> pb::Bundle {
         x509_roots: b.x509_roots.concat(),
         jwks_json: jwks_document(&b.jwt_keys_json),
         sequence_number: b.sequence,
+        tainted_x509_authorities: Vec::new(),
+        tainted_jwt_kids: Vec::new(),
     }
 }
 

@@ -152,27 +152,28 @@ fn signings_over(c: &mut Cache, start: i64, secs: i64, not_after: impl Fn(i64) -
 #[test]
 fn short_lifetimes_do_not_cause_signing_storms() {
     // A 2 s TTL (an entry stored before the TTL floor, or any server answer): renewed every
-    // MIN_REFRESH_INTERVAL, not every second.
+    // MIN_SHORT_REFRESH_INTERVAL, not every second.
     let mut c = Cache::new();
     c.apply_sync(snapshot(vec![entry("a", 1)], 1)).unwrap();
     let n = signings_over(&mut c, 1000, 100, |now| now + 2);
     assert_eq!(
         n as i64,
-        100 / MIN_REFRESH_INTERVAL,
+        100 / MIN_SHORT_REFRESH_INTERVAL,
         "{n} signings in 100 s"
     );
     let s = c.svid("a").unwrap();
-    assert_eq!(s.refresh_at, s.issued_at + MIN_REFRESH_INTERVAL);
+    assert_eq!(s.refresh_at, s.issued_at + MIN_SHORT_REFRESH_INTERVAL);
+    // 30 s left (an authority in its last sixth): renewed after 15 s, before it expires.
+    assert_eq!(refresh_floor(1000, 1030), 15);
+    assert_eq!(refresh_floor(1000, 1100), MIN_REFRESH_INTERVAL);
 
     // A lifetime capped by a CA that expires at 1100: every renewal returns the same
     // NotAfter, so the refresh time would be "now" forever without the floor.
     let mut c = Cache::new();
     c.apply_sync(snapshot(vec![entry("a", 1)], 1)).unwrap();
     let n = signings_over(&mut c, 1000, 200, |_| 1100);
-    assert!(
-        n <= (200 / MIN_REFRESH_INTERVAL + 1) as usize,
-        "{n} signings in 200 s"
-    );
+    // Halving what is left down to the short floor, then the floor once expired.
+    assert!(n <= 20, "{n} signings in 200 s");
 
     // An SVID that arrives already expired (skewed clocks) is not asked for again at once.
     let mut c = Cache::new();
@@ -382,11 +383,15 @@ fn agent_svid_renewal_counts_from_receipt_with_a_floor() {
     // A 1 h SVID received at 1000: renewed at half of it.
     assert_eq!(agent_svid_renew_at(1000, 4600), 2800);
     // A 20 s SVID whose NotBefore is back-dated 30 s: counted from NotBefore its renewal
-    // time (995) would be in the past at once; from receipt, with the floor, it is 1020.
+    // time (995) would be in the past at once; from receipt it is 1010.
     assert!(refresh_time(970, 1020, 0.0) < 1000);
-    assert_eq!(agent_svid_renew_at(1000, 1020), 1020);
+    assert_eq!(agent_svid_renew_at(1000, 1020), 1010);
     // Capped or already expired: still not before the floor.
-    assert_eq!(agent_svid_renew_at(1000, 1005), 1000 + MIN_REFRESH_INTERVAL);
+    assert_eq!(
+        agent_svid_renew_at(1000, 1005),
+        1000 + MIN_SHORT_REFRESH_INTERVAL
+    );
+    assert_eq!(agent_svid_renew_at(1000, 1016), 1008);
     assert_eq!(agent_svid_renew_at(1000, 900), 1000 + MIN_REFRESH_INTERVAL);
 }
 
@@ -670,4 +675,66 @@ fn the_selector_index_finds_exactly_what_a_scan_finds_across_changes() {
     .unwrap();
     check(&c);
     assert!(c.index_keys.len() == 1 && c.selector_counts.len() == 2);
+}
+
+#[test]
+fn svids_of_a_tainted_authority_are_due_at_once() {
+    // Two roots; the leaf of entry "a" is issued by the first, of "b" by the second.
+    let root = |cn: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = p.self_signed(&key).unwrap();
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert.der()).unwrap();
+        let ski = parsed
+            .extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(k) => {
+                    Some(hex::encode(k.0))
+                }
+                _ => None,
+            })
+            .unwrap();
+        (rcgen::Issuer::new(p, key), ski)
+    };
+    let leaf = |issuer: &rcgen::Issuer<'_, rcgen::KeyPair>| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.use_authority_key_identifier_extension = true;
+        p.signed_by(&key, issuer).unwrap().der().to_vec()
+    };
+    let (old, old_ski) = root("old");
+    let (new, _) = root("new");
+    let mut c = Cache::new();
+    c.apply_sync(snapshot(vec![entry("a", 1), entry("b", 1)], 1))
+        .unwrap();
+    let now = 1000;
+    let mut pending = c.make_csrs(&c.due(now)).unwrap();
+    pending.sort_by(|x, y| x.entry_id.cmp(&y.entry_id));
+    let mut it = pending.into_iter();
+    assert!(c.store_svid(it.next().unwrap(), vec![leaf(&old)], now + 3600, now));
+    assert!(c.store_svid(it.next().unwrap(), vec![leaf(&new)], now + 3600, now));
+    assert!(c.due(now + 1).is_empty());
+    assert_eq!(
+        authority_key_id(&c.svid("a").unwrap().chain_der[0]),
+        Some(old_ski.clone())
+    );
+
+    let mut m = pb::SyncResponse {
+        revision: 1,
+        ..Default::default()
+    };
+    m.bundle = Some(pb::Bundle {
+        trust_domain: "example.org".into(),
+        sequence_number: 2,
+        tainted_x509_authorities: vec![old_ski],
+        ..Default::default()
+    });
+    let out = c.apply_sync(m).unwrap();
+    assert_eq!(out.tainted_svids, 1);
+    assert_eq!(c.due(now + 1), ["a"]);
+    assert!(c.issued_by_tainted(&c.svid("a").unwrap().chain_der[0]));
+    assert!(!c.issued_by_tainted(&c.svid("b").unwrap().chain_der[0]));
 }

@@ -58,6 +58,7 @@ fn cache(entries: Vec<apb::Entry>, minted: &[&str]) -> Cache {
             x509_roots: own.clone(),
             jwks_json: r#"{"keys":[]}"#.into(),
             sequence_number: 1,
+            ..Default::default()
         }),
         federated_bundles: vec![pb::Bundle {
             trust_domain: "other.org".into(),

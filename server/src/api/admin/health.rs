@@ -19,11 +19,14 @@ pub(super) async fn health(
         .map_err(ds_status)?;
     let agents = ds.count_agents().await.map_err(ds_status)?;
     state.metrics.entries.set(entries as i64);
-    let not_ready = crate::ca::expiry::not_ready_reason(state.ca_not_after, now_unix());
+    let not_ready = crate::ca::expiry::not_ready_reason(
+        state.ca_not_after.load(std::sync::atomic::Ordering::SeqCst),
+        now_unix(),
+    );
     Ok(pb::HealthResponse {
         ready: not_ready.is_none(),
         not_ready_reason: not_ready.unwrap_or_default(),
-        ca_not_after: state.ca_not_after,
+        ca_not_after: state.ca_not_after.load(std::sync::atomic::Ordering::SeqCst),
         trust_domain: state.trust_domain.to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         entries,

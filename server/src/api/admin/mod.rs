@@ -11,9 +11,11 @@
 //!
 //! Layout: this file holds the service, its state, the trait implementation (one line per RPC:
 //! how the layer treats it, and its handler) and what the handlers share; the handlers live by
-//! resource in `entries.rs`, `agents.rs`, `bundles.rs` (the server's bundle and federated
-//! bundles), `join_tokens.rs` and `health.rs`.
+//! resource in [`entries`], [`agents`], [`bundles`] (the server's bundle and federated bundles),
+//! [`join_tokens`], [`localauthority`] (the CA's authorities: show, prepare, activate, taint,
+//! revoke) and [`health`].
 
+use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 
 use sigil::bundle::Bundle;
@@ -23,6 +25,7 @@ use sigil::{SpiffeId, TrustDomain};
 use tokio::sync::RwLock;
 use tonic::{Request, Response, Status};
 
+use crate::ca::Ca;
 use crate::datastore::{Datastore, DatastoreError};
 use crate::metrics::Metrics;
 use crate::sync::SyncEvents;
@@ -33,6 +36,7 @@ mod entries;
 mod health;
 mod join_tokens;
 mod layer;
+mod localauthority;
 #[cfg(test)]
 mod tests;
 
@@ -60,8 +64,11 @@ pub struct AdminState {
     /// Change notifications for the agents' sync streams: published after every successful
     /// entry or federated-bundle mutation.
     pub events: SyncEvents,
-    /// NotAfter of the CA, Unix seconds: after it the server is not ready.
-    pub ca_not_after: i64,
+    /// NotAfter of the active X.509 authority, Unix seconds: after it the server is not ready
+    /// (updated at each activation).
+    pub ca_not_after: AtomicI64,
+    /// The CA, for the local authority RPCs (None in tests of other resources).
+    pub ca: Option<Arc<Ca>>,
 }
 
 /// The admin gRPC service.
@@ -256,5 +263,45 @@ impl Admin for AdminService {
         req: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
         self.call(Rpc::read("Health"), req, health::health).await
+    }
+
+    async fn get_local_authority_state(
+        &self,
+        req: Request<pb::GetLocalAuthorityStateRequest>,
+    ) -> Result<Response<pb::GetLocalAuthorityStateResponse>, Status> {
+        let rpc = Rpc::read("GetLocalAuthorityState");
+        self.call(rpc, req, localauthority::show).await
+    }
+
+    async fn prepare_local_authority(
+        &self,
+        req: Request<pb::PrepareLocalAuthorityRequest>,
+    ) -> Result<Response<pb::PrepareLocalAuthorityResponse>, Status> {
+        let rpc = Rpc::audited("PrepareLocalAuthority", "authority.prepare");
+        self.call(rpc, req, localauthority::prepare).await
+    }
+
+    async fn activate_local_authority(
+        &self,
+        req: Request<pb::ActivateLocalAuthorityRequest>,
+    ) -> Result<Response<pb::ActivateLocalAuthorityResponse>, Status> {
+        let rpc = Rpc::audited("ActivateLocalAuthority", "authority.activate");
+        self.call(rpc, req, localauthority::activate).await
+    }
+
+    async fn taint_local_authority(
+        &self,
+        req: Request<pb::TaintLocalAuthorityRequest>,
+    ) -> Result<Response<pb::TaintLocalAuthorityResponse>, Status> {
+        let rpc = Rpc::audited("TaintLocalAuthority", "authority.taint");
+        self.call(rpc, req, localauthority::taint).await
+    }
+
+    async fn revoke_local_authority(
+        &self,
+        req: Request<pb::RevokeLocalAuthorityRequest>,
+    ) -> Result<Response<pb::RevokeLocalAuthorityResponse>, Status> {
+        let rpc = Rpc::audited("RevokeLocalAuthority", "authority.revoke");
+        self.call(rpc, req, localauthority::revoke).await
     }
 }

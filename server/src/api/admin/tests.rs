@@ -20,7 +20,8 @@ async fn service() -> TestResult<(tempfile::TempDir, AdminService, Arc<AdminStat
         bundle: RwLock::new(Bundle::new(td)),
         metrics: Metrics::new(),
         events: SyncEvents::new(),
-        ca_not_after: i64::MAX,
+        ca_not_after: AtomicI64::new(i64::MAX),
+        ca: None,
     });
     Ok((dir, AdminService::new(state.clone()), state))
 }
@@ -667,7 +668,8 @@ async fn health_is_not_ready_once_the_ca_expired() -> TestResult {
             bundle: RwLock::new(Bundle::new(td.clone())),
             metrics: Metrics::new(),
             events: SyncEvents::new(),
-            ca_not_after,
+            ca_not_after: AtomicI64::new(ca_not_after),
+            ca: None,
         }))
     };
     let now = now_unix();
@@ -683,9 +685,128 @@ async fn health_is_not_ready_once_the_ca_expired() -> TestResult {
         .into_inner();
     assert!(!h.ready);
     assert!(
-        h.not_ready_reason.contains("CA certificate expired"),
+        h.not_ready_reason.contains("CA authority expired"),
         "{}",
         h.not_ready_reason
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn local_authorities_show_prepare_activate_taint_revoke() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let ds = SqliteDatastore::open(&dir.path().join("ds.sqlite3")).await?;
+    let td = TrustDomain::new("example.org")?;
+    let ca = Arc::new(crate::ca::Ca::load_or_create(&crate::ca::CaConfig::new(
+        td.clone(),
+        dir.path().join("ca"),
+    ))?);
+    let svc = AdminService::new(Arc::new(AdminState {
+        trust_domain: td.clone(),
+        datastore: Arc::new(ds),
+        bundle: RwLock::new(Bundle::new(td)),
+        metrics: Metrics::new(),
+        events: SyncEvents::new(),
+        ca_not_after: AtomicI64::new(i64::MAX),
+        ca: Some(ca.clone()),
+    }));
+    for kind in [
+        pb::AuthorityKind::X509 as i32,
+        pb::AuthorityKind::Jwt as i32,
+    ] {
+        let show = || Request::new(pb::GetLocalAuthorityStateRequest { kind });
+        let s = svc.get_local_authority_state(show()).await?.into_inner();
+        let first = s.active.ok_or("no active")?;
+        assert!(s.prepared.is_none() && s.old.is_empty());
+        assert!(!first.authority_id.is_empty() && !first.tainted);
+
+        let taint = |id: &str| {
+            Request::new(pb::TaintLocalAuthorityRequest {
+                kind,
+                authority_id: id.to_string(),
+            })
+        };
+        let revoke = |id: &str| {
+            Request::new(pb::RevokeLocalAuthorityRequest {
+                kind,
+                authority_id: id.to_string(),
+            })
+        };
+        // Refusals: the active one, unknown and empty IDs; nothing prepared to activate.
+        let e = svc
+            .taint_local_authority(taint(&first.authority_id))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains("active authority"), "{e:?}");
+        let e = svc
+            .revoke_local_authority(revoke(&first.authority_id))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        let e = svc.taint_local_authority(taint("beef")).await.unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        assert!(e.message().contains("beef"), "{e:?}");
+        let e = svc.revoke_local_authority(revoke("")).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        let activate = |id: &str| {
+            Request::new(pb::ActivateLocalAuthorityRequest {
+                kind,
+                authority_id: id.to_string(),
+            })
+        };
+        let e = svc
+            .activate_local_authority(activate(""))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+
+        let prepared = svc
+            .prepare_local_authority(Request::new(pb::PrepareLocalAuthorityRequest { kind }))
+            .await?
+            .into_inner()
+            .prepared
+            .ok_or("no prepared")?;
+        assert_eq!(prepared.slot, "prepared");
+        let e = svc
+            .activate_local_authority(activate(&first.authority_id))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        let active = svc
+            .activate_local_authority(activate(&prepared.authority_id))
+            .await?
+            .into_inner()
+            .active
+            .ok_or("no active")?;
+        assert_eq!(active.authority_id, prepared.authority_id);
+        let s = svc.get_local_authority_state(show()).await?.into_inner();
+        assert_eq!(s.old.len(), 1);
+        assert_eq!(s.old[0].authority_id, first.authority_id);
+        let e = svc
+            .revoke_local_authority(revoke(&first.authority_id))
+            .await
+            .unwrap_err();
+        assert!(e.message().contains("not tainted"), "{e:?}");
+        let t = svc
+            .taint_local_authority(taint(&first.authority_id))
+            .await?
+            .into_inner()
+            .tainted
+            .ok_or("none")?;
+        assert!(t.tainted);
+        svc.revoke_local_authority(revoke(&first.authority_id))
+            .await?;
+        let s = svc.get_local_authority_state(show()).await?.into_inner();
+        assert!(s.old.is_empty());
+    }
+    assert_eq!(ca.x509_authorities().len(), 1);
+    assert_eq!(ca.bundle().jwt_authorities.len(), 1);
+    // No kind given.
+    let e = svc
+        .get_local_authority_state(Request::new(pb::GetLocalAuthorityStateRequest { kind: 0 }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
     Ok(())
 }

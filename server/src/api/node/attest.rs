@@ -157,7 +157,7 @@ pub async fn attest_with(
     Ok(pb::AttestResult {
         spiffe_id: agent_id.to_string(),
         svid_chain: concat_der(&svid.chain_der),
-        bundle: concat_der(state.ca.x509_authorities()),
+        bundle: concat_der(&state.ca.x509_authorities()),
     })
 }
 

@@ -478,7 +478,7 @@ async fn batch_sign_signs_only_authorised_entries_one_result_each() {
     let chain = sigil::x509::split_der_concat(&web.svid_chain).unwrap();
     let svid_id = sigil::x509::verify_x509_svid(
         &chain,
-        f.state.ca.x509_authorities(),
+        &f.state.ca.x509_authorities(),
         std::time::SystemTime::now(),
     )
     .unwrap();

@@ -746,3 +746,37 @@ fn outbox_splits_removals_and_sends_nothing_when_empty() {
     assert_eq!(second, Some((1, 8, false)));
     assert!(o.next_message().is_none());
 }
+
+#[tokio::test]
+async fn a_taint_resends_the_bundle_with_the_tainted_authorities() -> TestResult {
+    let fx = Fixture::new().await?;
+    let agent = fx.agent("/sigil/agent/join_token/a", &[]).await?;
+    let bundle = fx.set_bundle(b"root").await?;
+    let mut s = fx.stream(&agent, bundle.sequence, NEVER);
+    let chunks = snapshot(&mut s).await?;
+    assert!(chunks.iter().all(|m| m.bundle.is_none()), "held already");
+
+    // Tainted: the same stored bundle (same sequence) is sent again, with the taint.
+    fx.events.set_taint(crate::sync::Taint {
+        x509: vec!["ab12".into()],
+        jwt: vec!["k1".into()],
+    });
+    let m = next(&mut s, WITHIN).await?;
+    let b = m.bundle.ok_or("bundle missing")?;
+    assert_eq!(b.sequence_number, bundle.sequence);
+    assert_eq!(b.tainted_x509_authorities, ["ab12"]);
+    assert_eq!(b.tainted_jwt_kids, ["k1"]);
+    // The same taint again is no change.
+    fx.events.set_taint(crate::sync::Taint {
+        x509: vec!["ab12".into()],
+        jwt: vec!["k1".into()],
+    });
+    quiet(&mut s, Duration::from_millis(200)).await?;
+
+    // A new stream of an agent holding that sequence still gets the taint.
+    let mut s = fx.stream(&agent, bundle.sequence, NEVER);
+    let chunks = snapshot(&mut s).await?;
+    let b = chunks[0].bundle.as_ref().ok_or("bundle missing")?;
+    assert_eq!(b.tainted_x509_authorities, ["ab12"]);
+    Ok(())
+}
