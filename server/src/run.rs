@@ -1,7 +1,7 @@
 //! `sigil-server run`: wires the datastore, CA and APIs together and serves until a signal.
 //!
 //! Start-up order: datastore (migrations) → CA (load or create keys) → publish the bundle to the
-//! datastore → admin socket → the bundle publisher (a Kubernetes ConfigMap, when configured; in
+//! datastore (merged with other servers' roots on a shared one, `cluster`) → admin socket → the bundle publisher (a Kubernetes ConfigMap, when configured; in
 //! the background, retrying) → the server's own SVID and the node API (mTLS on `bind_address`) →
 //! health endpoint → one "ready" log line. SIGTERM/SIGINT stop new connections, let in-flight
 //! requests finish, remove the socket (if it is still ours), and exit 0. SIGHUP is logged and
@@ -29,7 +29,7 @@ use crate::ca::Ca;
 use crate::config::{DatastoreConfig, ServerConfig};
 use crate::datastore::postgres::PostgresDatastore;
 use crate::datastore::sqlite::{Expect, SqliteDatastore};
-use crate::datastore::{Datastore, EntryFilter, StoredBundle};
+use crate::datastore::{Datastore, EntryFilter};
 use crate::identity::ServerIdentity;
 use crate::metrics::Metrics;
 
@@ -114,18 +114,15 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     };
     let ca = Arc::new(Ca::load_or_create(&cfg.ca).context("loading the CA")?);
 
-    // Publish the CA's bundle; the datastore assigns the sequence number.
-    let mut bundle = ca.bundle();
-    let stored = datastore
-        .set_bundle(StoredBundle {
-            trust_domain: cfg.trust_domain.clone(),
-            x509_roots: bundle.x509_authorities.clone(),
-            jwt_keys_json: bundle.jwt_keys_json(),
-            sequence: 0,
-        })
+    // Publish the CA's bundle (on a shared datastore: added to the other servers' roots); the
+    // datastore assigns the sequence number.
+    let shared = matches!(cfg.datastore, DatastoreConfig::Postgres(_));
+    let bundle = crate::cluster::publish_own_bundle(datastore.as_ref(), &ca.bundle(), shared)
         .await
         .context("storing the trust bundle")?;
-    bundle.sequence_number = stored.sequence;
+    let bundle_sequence = bundle.sequence_number;
+    // Agent SVIDs verify against every server's root (the stored bundle) and our own.
+    let trusted = crate::cluster::trusted_roots(&bundle, ca.x509_authorities());
 
     let metrics = Metrics::new();
     metrics.ca_expiry.set(ca.ca_not_after());
@@ -134,7 +131,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     }
     // One change hub for the admin API (publisher) and the agents' sync streams.
     let events = crate::sync::SyncEvents::new();
-    events.bundle_changed(stored.sequence);
+    events.bundle_changed(bundle_sequence);
     let state = Arc::new(AdminState {
         trust_domain: cfg.trust_domain.clone(),
         datastore: datastore.clone(),
@@ -173,13 +170,23 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         ServerIdentity::issue(ca.clone(), metrics.clone()).context("issuing the server SVID")?,
     );
     let trust = Arc::new(
-        sigil::tls::TrustStore::new(ca.x509_authorities())
+        sigil::tls::TrustStore::new(&trusted)
             .context("loading the trust bundle for the node API")?,
     );
     let tls = Arc::new(
-        sigil::tls::server_config(server_identity.store(), trust)
+        sigil::tls::server_config(server_identity.store(), trust.clone())
             .context("building the node API TLS configuration")?,
     );
+    // Writes through other servers sharing the datastore reach our agents as our own do.
+    let feed_task = datastore.change_feed().map(|feed| {
+        tokio::spawn(crate::cluster::follow(
+            feed,
+            state.clone(),
+            trust.clone(),
+            ca.x509_authorities().to_vec(),
+            shutdown_rx.clone(),
+        ))
+    });
     let node_listener = tokio::net::TcpListener::bind(cfg.bind_address)
         .await
         .with_context(|| format!("binding node API address {}", cfg.bind_address))?;
@@ -282,7 +289,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         health_address = %cfg
             .health_address
             .map_or_else(|| "disabled".to_string(), |a| a.to_string()),
-        bundle_sequence = stored.sequence,
+        bundle_sequence,
         "sigil-server ready"
     );
 
@@ -312,6 +319,9 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     }
     let _ = pruner.await;
     if let Some(t) = publisher_task {
+        let _ = t.await;
+    }
+    if let Some(t) = feed_task {
         let _ = t.await;
     }
     // Removed only if it is still the one we bound.
