@@ -241,7 +241,8 @@ fn two_servers_on_one_database_share_entries_agents_and_fail_over() {
         );
         let log = agent.log_text();
         assert!(
-            !log.contains("attesting again") && log.matches("attested to sigil-server").count() == 1,
+            !log.contains("attesting again")
+                && log.matches("attested to sigil-server").count() == 1,
             "agent {k} attested again:\n{log}"
         );
         // Its workload kept its SVID.

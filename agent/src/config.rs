@@ -739,7 +739,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("server_address") && err.contains("HOST:PORT"), "{err}");
+        assert!(
+            err.contains("server_address") && err.contains("HOST:PORT"),
+            "{err}"
+        );
         let err = parse(&format!("{base}server_address = []\n"), RunFlags::default())
             .unwrap_err()
             .to_string();

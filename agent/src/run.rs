@@ -169,15 +169,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     ServerVerification::InsecureBootstrap
                 }
             };
-            let Some(attested) = attest_first(
-                method,
-                material,
-                &servers,
-                &td,
-                &verification,
-                &mut signals,
-            )
-            .await?
+            let Some(attested) =
+                attest_first(method, material, &servers, &td, &verification, &mut signals).await?
             else {
                 return Ok(());
             };

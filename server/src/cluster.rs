@@ -99,7 +99,10 @@ pub async fn publish_own_bundle(
             Some(s) => (s.sequence, union(&stored_to_bundle(s)?, own)),
             None => (0, own.clone()),
         };
-        match ds.compare_and_set_bundle(to_stored(&merged), expected).await? {
+        match ds
+            .compare_and_set_bundle(to_stored(&merged), expected)
+            .await?
+        {
             BundleSwap::Stored(s) => {
                 let bundle = stored_to_bundle(&s)?;
                 tracing::info!(

@@ -39,7 +39,6 @@ pub trait NodeApi: Send + Sync {
     async fn server_failed(&self, address: &str) -> Failover;
 }
 
-
 /// The calls of one session.
 #[async_trait]
 pub trait NodeSession: Send {

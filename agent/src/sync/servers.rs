@@ -209,7 +209,10 @@ mod tests {
         let s = Servers::new(vec!["localhost:8081".into()]);
         s.resolve().await;
         let resolved = resolve("localhost:8081").await;
-        assert!(resolved.contains(&"127.0.0.1:8081".to_string()), "{resolved:?}");
+        assert!(
+            resolved.contains(&"127.0.0.1:8081".to_string()),
+            "{resolved:?}"
+        );
         assert_eq!(s.len(), resolved.len());
         let mut seen = vec![s.current()];
         for _ in 1..resolved.len() {

@@ -54,9 +54,17 @@ async fn a_second_server_adds_its_roots_and_keeps_the_first_ones() -> TestResult
     let both = publish_own_bundle(b.as_ref(), &own_b, true).await?;
     assert_eq!(
         both.x509_authorities,
-        [own_a.x509_authorities.clone(), own_b.x509_authorities.clone()].concat()
+        [
+            own_a.x509_authorities.clone(),
+            own_b.x509_authorities.clone()
+        ]
+        .concat()
     );
-    let kids: Vec<&str> = both.jwt_authorities.iter().map(|k| k.kid.as_str()).collect();
+    let kids: Vec<&str> = both
+        .jwt_authorities
+        .iter()
+        .map(|k| k.kid.as_str())
+        .collect();
     assert_eq!(kids, ["kid-a", "kid-b"]);
     assert_eq!(both.sequence_number, 2);
     // A restart of a server whose roots are in already changes nothing.
@@ -96,11 +104,7 @@ async fn servers_starting_together_keep_each_others_roots() -> TestResult {
     for t in tasks {
         t.await??;
     }
-    let stored = open(&db)
-        .await?
-        .get_bundle(&td())
-        .await?
-        .ok_or("stored")?;
+    let stored = open(&db).await?.get_bundle(&td()).await?.ok_or("stored")?;
     let stored = stored_to_bundle(&stored)?;
     for b in &own {
         assert!(stored.x509_authorities.contains(&b.x509_authorities[0]));

@@ -20,8 +20,8 @@ use sigil::{Selector, SelectorSet, SpiffeId, TrustDomain};
 
 use super::paging::{effective_page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
 use super::{
-    AttestedAgent, BundleSwap, Datastore, DatastoreError, EntryFilter, JoinToken, NewAgentSvid, SelectorMatch,
-    StoredBundle,
+    AttestedAgent, BundleSwap, Datastore, DatastoreError, EntryFilter, JoinToken, NewAgentSvid,
+    SelectorMatch, StoredBundle,
 };
 
 /// What a behaviour returns: any error fails the test.
@@ -1342,7 +1342,10 @@ pub(crate) async fn concurrent_bundle_merges_keep_every_root(store: &dyn TestSto
                     let mut roots = stored.map(|b| b.x509_roots).unwrap_or_default();
                     roots.push(root.clone());
                     let refs: Vec<&[u8]> = roots.iter().map(Vec::as_slice).collect();
-                    match ds.compare_and_set_bundle(bundle(&refs, "[]"), expected).await? {
+                    match ds
+                        .compare_and_set_bundle(bundle(&refs, "[]"), expected)
+                        .await?
+                    {
                         BundleSwap::Stored(_) => return Ok::<_, DatastoreError>(()),
                         BundleSwap::Changed(_) => tokio::task::yield_now().await,
                     }

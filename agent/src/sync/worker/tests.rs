@@ -577,15 +577,16 @@ mod sessions {
             .into();
         });
         tokio::time::sleep(Duration::from_secs(5)).await;
-        let s = w.node.script();
-        assert_eq!(s.calls.sync_servers, ["server-a:8081", "server-b:8081"]);
-        // Moved within the quick delay, not after a back-off.
-        let gap = s.calls.sync[1] - s.calls.sync[0];
-        assert!(gap <= BACKOFF_START, "moved after {gap:?}");
-        // No attestation; the SVIDs minted on A are kept: nothing signed again on B.
-        assert!(s.calls.attest.is_empty());
-        assert_eq!(s.calls.sign.len(), 1, "signed once, on the first server");
-        drop(s);
+        {
+            let s = w.node.script();
+            assert_eq!(s.calls.sync_servers, ["server-a:8081", "server-b:8081"]);
+            // Moved within the quick delay, not after a back-off.
+            let gap = s.calls.sync[1] - s.calls.sync[0];
+            assert!(gap <= BACKOFF_START, "moved after {gap:?}");
+            // No attestation; the SVIDs minted on A are kept: nothing signed again on B.
+            assert!(s.calls.attest.is_empty());
+            assert_eq!(s.calls.sign.len(), 1, "signed once, on the first server");
+        }
         assert_eq!(w.state.snapshot().svid_count(), 2);
         assert_eq!(w.state.identity.read().await.serial_hex, w.first_serial);
         assert_eq!(w.stored_serial().as_deref(), Some(w.first_serial.as_str()));
@@ -602,26 +603,27 @@ mod sessions {
             s.servers = vec!["a:1".into(), "b:1".into(), "c:1".into()];
         });
         tokio::time::sleep(Duration::from_secs(60)).await;
-        let s = w.node.script();
-        let n = s.calls.sync.len();
-        assert!(n >= 9, "{n} attempts");
-        // Round robin.
-        for (i, server) in s.calls.sync_servers.iter().enumerate() {
-            assert_eq!(server, ["a:1", "b:1", "c:1"][i % 3], "attempt {i}");
-        }
-        // Within a round the next server is tried at once; between rounds the delay grows.
-        let gaps: Vec<Duration> = s.calls.sync.windows(2).map(|p| p[1] - p[0]).collect();
-        for (i, gap) in gaps.iter().enumerate() {
-            if i % 3 == 2 {
-                let round = (i / 3) as u32;
-                let cap = (BACKOFF_START * 2u32.saturating_pow(round)).min(BACKOFF_MAX);
-                assert!(*gap >= cap / 2, "round {round}: {gap:?}");
-            } else {
-                assert!(*gap <= BACKOFF_START, "attempt {i}: {gap:?}");
+        {
+            let s = w.node.script();
+            let n = s.calls.sync.len();
+            assert!(n >= 9, "{n} attempts");
+            // Round robin.
+            for (i, server) in s.calls.sync_servers.iter().enumerate() {
+                assert_eq!(server, ["a:1", "b:1", "c:1"][i % 3], "attempt {i}");
             }
+            // Within a round the next server is tried at once; between rounds the delay grows.
+            let gaps: Vec<Duration> = s.calls.sync.windows(2).map(|p| p[1] - p[0]).collect();
+            for (i, gap) in gaps.iter().enumerate() {
+                if i % 3 == 2 {
+                    let round = (i / 3) as u32;
+                    let cap = (BACKOFF_START * 2u32.saturating_pow(round)).min(BACKOFF_MAX);
+                    assert!(*gap >= cap / 2, "round {round}: {gap:?}");
+                } else {
+                    assert!(*gap <= BACKOFF_START, "attempt {i}: {gap:?}");
+                }
+            }
+            assert!(s.calls.sync[0] - started < Duration::from_millis(1));
         }
-        assert!(s.calls.sync[0] - started < Duration::from_millis(1));
-        drop(s);
         w.stop().await;
     }
 

@@ -176,7 +176,10 @@ pub(super) async fn compare_and_set(
             )
             .await?;
         let inserted = tx
-            .execute(&stmt, &[&td, &bundle.x509_roots, &bundle.jwt_keys_json, &now])
+            .execute(
+                &stmt,
+                &[&td, &bundle.x509_roots, &bundle.jwt_keys_json, &now],
+            )
             .await?;
         if inserted == 1 {
             tx.commit().await?;

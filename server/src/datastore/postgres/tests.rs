@@ -727,8 +727,8 @@ async fn writes_through_one_server_reach_the_change_feed_of_another() -> TestRes
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_change_feed_reconnects_after_losing_its_connection_and_asks_for_a_resync(
-) -> TestResult {
+async fn the_change_feed_reconnects_after_losing_its_connection_and_asks_for_a_resync() -> TestResult
+{
     let db = TestDatabase::create();
     let ds = open(&db).await?;
     let mut feed = ds.change_feed().ok_or("PostgreSQL has a change feed")?;
