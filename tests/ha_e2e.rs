@@ -185,6 +185,7 @@ fn two_servers_on_one_database_share_entries_agents_and_fail_over() {
     );
     wait_workload_svid(&agents[1], cross, 10);
     let took = started.elapsed();
+    eprintln!("an entry created on A reached a workload on B's agent in {took:?}");
     assert!(
         took < Duration::from_secs(5),
         "an entry made on A took {took:?} to reach a workload on B's agent"
@@ -227,6 +228,7 @@ fn two_servers_on_one_database_share_entries_agents_and_fail_over() {
         });
     }
     let moved = killed_at.elapsed();
+    eprintln!("the agents of the killed server were on the other one after {moved:?}");
     assert!(
         moved < Duration::from_secs(15),
         "the agents took {moved:?} to move"

@@ -25,7 +25,7 @@ pub const DEFAULT_DATA_DIR: &str = "./.data-agent";
 
 /// `server_address` in the file: one address or a list.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a HOST:PORT string or a list of them")]
 pub enum ServerAddresses {
     /// `server_address = "host:8081"`.
     One(String),
@@ -747,6 +747,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("server_address is required"), "{err}");
+        let err = parse(
+            &format!("{base}server_address = 8081\n"),
+            RunFlags::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("a HOST:PORT string or a list of them"),
+            "{err}"
+        );
         Ok(())
     }
 
