@@ -269,13 +269,46 @@ fn check_sigil(docs: &[Value]) {
     check_every_pod(docs);
     check_rbac(docs);
 
-    // --- server: one replica, SQLite on a PVC, non-root.
-    assert_eq!(
-        server["spec"]["replicas"], 1,
-        "sigil-server: exactly 1 replica (SQLite)"
-    );
+    // --- server: one replica on SQLite, or several sharing PostgreSQL; PVCs; non-root.
+    let server_toml = config_file(docs, "server.toml");
     let pod = &server["spec"]["template"]["spec"];
     let c = container(pod, "sigil-server");
+    let replicas = server["spec"]["replicas"].as_u64().unwrap_or(1);
+    let datastore = server_toml
+        .get("datastore")
+        .and_then(|d| d.get("type"))
+        .and_then(toml::Value::as_str)
+        .unwrap_or("sqlite");
+    match datastore {
+        "sqlite" => assert_eq!(replicas, 1, "sigil-server: exactly 1 replica on SQLite"),
+        "postgres" => {
+            assert!(replicas >= 2, "sigil-server on PostgreSQL: replicated");
+            assert!(
+                server_toml["datastore"].get("connection_string").is_none(),
+                "server.toml: no connection string (it may hold a password): from the Secret"
+            );
+            let conn = env(c, "SIGIL_DATASTORE_CONNECTION_STRING");
+            let secret = &conn["valueFrom"]["secretKeyRef"];
+            assert!(
+                secret["name"].is_string() && secret["key"].is_string(),
+                "SIGIL_DATASTORE_CONNECTION_STRING from a Secret: {conn}"
+            );
+            assert_ne!(secret["optional"], true, "the Secret is required");
+            // A disruption budget keeps all but one replica up.
+            let pdb = docs
+                .iter()
+                .find(|d| kind(d) == "PodDisruptionBudget")
+                .expect("a PodDisruptionBudget for the replicas");
+            let labels = &server["spec"]["template"]["metadata"]["labels"];
+            for (k, v) in pdb["spec"]["selector"]["matchLabels"]
+                .as_object()
+                .expect("PDB matchLabels")
+            {
+                assert_eq!(&labels[k], v, "PDB selects the server pods ({k})");
+            }
+        }
+        other => panic!("server.toml: unknown datastore type {other}"),
+    }
     let claims = array(&server["spec"]["volumeClaimTemplates"]);
     assert_eq!(claims.len(), 1, "sigil-server: one volumeClaimTemplate");
     let claim = claims[0]["metadata"]["name"].as_str().expect("claim name");
@@ -299,7 +332,6 @@ fn check_sigil(docs: &[Value]) {
         pod["securityContext"]["fsGroup"], 65532,
         "sigil-server: PVC writable"
     );
-    let server_toml = config_file(docs, "server.toml");
     let data_dir = server_toml["data_dir"]
         .as_str()
         .expect("server.toml data_dir");
@@ -435,14 +467,36 @@ fn check_sigil(docs: &[Value]) {
             .expect("agent.toml admin_socket"),
         "sigil-agent",
     );
-    let server_address = agent_toml["server_address"]
-        .as_str()
-        .expect("server_address");
-    assert_eq!(
-        server_address,
-        format!("sigil-server.{svc_ns}.svc:{}", node_api["port"]),
-        "agent.toml server_address: the sigil-server Service"
-    );
+    match &agent_toml["server_address"] {
+        toml::Value::String(a) => assert_eq!(
+            *a,
+            format!("sigil-server.{svc_ns}.svc:{}", node_api["port"]),
+            "agent.toml server_address: the sigil-server Service"
+        ),
+        // Replicas: each by its stable name under the StatefulSet's headless Service.
+        toml::Value::Array(list) => {
+            let headless = server["spec"]["serviceName"]
+                .as_str()
+                .expect("StatefulSet serviceName");
+            let svc = object(docs, "Service", headless);
+            assert_eq!(svc["spec"]["clusterIP"], "None", "{headless}: headless");
+            let want: Vec<toml::Value> = (0..replicas)
+                .map(|i| {
+                    format!(
+                        "{}-{i}.{headless}.{svc_ns}.svc:{}",
+                        name(server),
+                        node_api["port"]
+                    )
+                    .into()
+                })
+                .collect();
+            assert_eq!(
+                *list, want,
+                "agent.toml server_address: every replica, by its stable name"
+            );
+        }
+        other => panic!("agent.toml server_address: {other}"),
+    }
     check_probe_port(
         c,
         agent_toml["health_address"]
@@ -973,13 +1027,21 @@ fn with_config(args: &[String], path: &Path) -> Vec<String> {
 }
 
 /// A container's command-line arguments with `$(VAR)` expanded as the kubelet does, and its
-/// environment; downward-API values are made up (node `test-node` at 127.0.0.1).
-fn container_args_env(c: &Value) -> (Vec<String>, Vec<(String, String)>) {
+/// environment; downward-API values are made up (node `test-node` at 127.0.0.1), values from
+/// Secrets are taken from `secrets` (by variable name).
+fn container_args_env(
+    c: &Value,
+    secrets: &[(String, String)],
+) -> (Vec<String>, Vec<(String, String)>) {
     let mut env = Vec::new();
     for e in array(&c["env"]) {
         let name = e["name"].as_str().expect("env name").to_string();
+        let secret = secrets.iter().find(|(n, _)| *n == name);
         let value = match (&e["value"], &e["valueFrom"]["fieldRef"]["fieldPath"]) {
             (Value::String(v), _) => v.clone(),
+            _ if !e["valueFrom"]["secretKeyRef"].is_null() && secret.is_some() => {
+                secret.map(|(_, v)| v.clone()).unwrap_or_default()
+            }
             (_, Value::String(f)) if f == "spec.nodeName" => "test-node".into(),
             (_, Value::String(f)) if f == "status.hostIP" || f == "status.podIP" => {
                 "127.0.0.1".into()
@@ -1032,7 +1094,13 @@ impl ServerInPod {
 /// service-account files a pod would have mounted (`api_ca_file`, `api_token_file` of each
 /// k8s_psat cluster and of the bundle publisher, when not set; the publisher's namespace) are
 /// its CA and token in the temp dir.
-fn server_accepts(what: &str, toml_text: &str, args: &[String], pod_ns: &str) -> ServerInPod {
+fn server_accepts(
+    what: &str,
+    toml_text: &str,
+    args: &[String],
+    pod_ns: &str,
+    extra_env: &[(String, String)],
+) -> ServerInPod {
     let dir = sigil_testkit::tempdir();
     let fake = sigil_testkit::fake_k8s::FakeK8s::start();
     let (ca, token) = fake.write_credentials(dir.path());
@@ -1082,11 +1150,13 @@ fn server_accepts(what: &str, toml_text: &str, args: &[String], pod_ns: &str) ->
     // As in a pod: the API server's address (k8s_psat asks nothing of it at start; the bundle
     // publisher writes its ConfigMap).
     let port = fake.url.rsplit_once(':').expect("fake API URL").1;
-    let env = [
+    let mut env = [
         ("KUBERNETES_SERVICE_HOST", "127.0.0.1"),
         ("KUBERNETES_SERVICE_PORT", port),
     ]
-    .map(|(k, v)| (k.to_string(), v.to_string()));
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .to_vec();
+    env.extend(extra_env.iter().cloned());
     let mut server = Running::start(what, "sigil-server", &args, &env, dir.path());
     server.wait_for("sigil-server ready");
     ServerInPod {
@@ -1126,7 +1196,21 @@ fn binaries_accept(dir: &str) {
     let docs = documents(&kustomize(dir));
     let server = object(&docs, "StatefulSet", "sigil-server");
     let c = container(&server["spec"]["template"]["spec"], "sigil-server");
-    let (args, _) = container_args_env(c);
+    // A replicated server's database: a scratch PostgreSQL database for the Secret's value.
+    let shared = array(&c["env"])
+        .iter()
+        .any(|e| e["name"] == "SIGIL_DATASTORE_CONNECTION_STRING");
+    let db = shared.then(sigil_testkit::postgres::TestDatabase::create);
+    let secrets: Vec<(String, String)> = db
+        .iter()
+        .map(|db| {
+            (
+                "SIGIL_DATASTORE_CONNECTION_STRING".to_string(),
+                db.url().to_string(),
+            )
+        })
+        .collect();
+    let (args, env) = container_args_env(c, &secrets);
     let text = docs
         .iter()
         .find_map(|d| d["data"]["server.toml"].as_str())
@@ -1134,7 +1218,7 @@ fn binaries_accept(dir: &str) {
     let pod_ns = server["metadata"]["namespace"]
         .as_str()
         .expect("StatefulSet namespace");
-    let running = server_accepts(dir, text, &args, pod_ns);
+    let running = server_accepts(dir, text, &args, pod_ns, &env);
     // The agents' trust bundle, published where the DaemonSet mounts it (check_sigil).
     let (ns, name, key) = bundle_configmap(&docs).expect("the bundle publisher is on");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -1154,16 +1238,48 @@ fn binaries_accept(dir: &str) {
         running.bundle_show(),
         "{dir}: ConfigMap {ns}/{name} {key} is `sigil-server bundle show`"
     );
+    if shared {
+        // A second replica on the same database: its CA's root joins the first one's.
+        let second = server_accepts(dir, text, &args, pod_ns, &env);
+        let bundle = second.bundle_show();
+        assert_eq!(
+            bundle.matches("BEGIN CERTIFICATE").count(),
+            2,
+            "{dir}: both replicas' roots in the bundle:\n{bundle}"
+        );
+    }
     drop(running);
 
     let agent = object(&docs, "DaemonSet", "sigil-agent");
     let c = container(&agent["spec"]["template"]["spec"], "sigil-agent");
-    let (args, env) = container_args_env(c);
+    let (args, env) = container_args_env(c, &[]);
     let text = docs
         .iter()
         .find_map(|d| d["data"]["agent.toml"].as_str())
         .expect("agent.toml");
     agent_accepts(dir, text, &args, &env);
+}
+
+#[test]
+fn ha_overlay_renders_and_validates() {
+    let yaml = kustomize("deploy/k8s/overlays/ha");
+    let docs = documents(&yaml);
+    validate("deploy/k8s/overlays/ha", &yaml, docs.len());
+}
+
+#[test]
+fn ha_overlay_security_settings() {
+    let docs = documents(&kustomize("deploy/k8s/overlays/ha"));
+    check_sigil(&docs);
+    let server = object(&docs, "StatefulSet", "sigil-server");
+    assert_eq!(server["spec"]["replicas"], 3);
+    // Each replica its own CA keys: a PVC per replica, as in the base.
+    assert_eq!(array(&server["spec"]["volumeClaimTemplates"]).len(), 1);
+}
+
+#[test]
+fn ha_overlay_configs_are_accepted_by_the_binaries() {
+    binaries_accept("deploy/k8s/overlays/ha");
 }
 
 #[test]
@@ -1202,6 +1318,7 @@ fn systemd_configs_are_accepted_by_the_binaries() {
         &server_toml,
         &exec_start_args("deploy/systemd/sigil-server.service"),
         "default",
+        &[],
     );
     agent_accepts(
         "deploy/systemd/sigil-agent.service",

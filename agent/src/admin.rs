@@ -115,6 +115,8 @@ impl pb::agent_admin_server::AgentAdmin for AgentAdminService {
             sync_state: sync.state_name().to_string(),
             sync_state_since: sync.since().unwrap_or(0),
             sync_error: sync.last_error().unwrap_or_default().to_string(),
+            server: sync.server().unwrap_or_default().to_string(),
+            agent_svid_serial: identity.serial_hex.clone(),
             sign_backoff,
             agent_svid_renewal_backoff,
         }))

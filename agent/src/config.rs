@@ -23,14 +23,35 @@ pub const DEFAULT_HEALTH_ADDRESS: &str = "127.0.0.1:8083";
 /// Default data directory (relative to the working directory, like the server's).
 pub const DEFAULT_DATA_DIR: &str = "./.data-agent";
 
+/// `server_address` in the file: one address or a list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged, expecting = "a HOST:PORT string or a list of them")]
+pub enum ServerAddresses {
+    /// `server_address = "host:8081"`.
+    One(String),
+    /// `server_address = ["a:8081", "b:8081"]`.
+    Many(Vec<String>),
+}
+
+impl ServerAddresses {
+    /// The addresses in order.
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            ServerAddresses::One(a) => vec![a],
+            ServerAddresses::Many(v) => v,
+        }
+    }
+}
+
 /// The file as written by the operator.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     /// Trust domain name.
     pub trust_domain: Option<String>,
-    /// Node API address of sigil-server, HOST:PORT.
-    pub server_address: Option<String>,
+    /// Node API address of sigil-server, HOST:PORT, or a list of them (servers sharing one
+    /// datastore).
+    pub server_address: Option<ServerAddresses>,
     /// PEM bundle to trust the server with on first contact (`sigil-server bundle show`).
     pub trust_bundle: Option<PathBuf>,
     /// Skip server verification on first contact (demos only).
@@ -99,9 +120,10 @@ pub struct RunFlags {
     /// TOML configuration file.
     #[arg(long, short = 'c', value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Node API address of sigil-server (required here or in the file).
-    #[arg(long, value_name = "HOST:PORT")]
-    pub server_address: Option<String>,
+    /// Node API address of sigil-server (required here or in the file); several servers
+    /// sharing one datastore: repeat the flag or separate addresses with commas.
+    #[arg(long, value_name = "HOST:PORT", value_delimiter = ',')]
+    pub server_address: Vec<String>,
     /// Trust domain name (required here or in the file).
     #[arg(long)]
     pub trust_domain: Option<String>,
@@ -320,8 +342,9 @@ impl K8sPsatConfig {
 pub struct AgentConfig {
     /// Trust domain.
     pub trust_domain: TrustDomain,
-    /// Server node API address, HOST:PORT (a host name is allowed).
-    pub server_address: String,
+    /// Server node API addresses, HOST:PORT (host names allowed), at least one: the agent talks
+    /// to one at a time and moves to the next when it fails.
+    pub server_addresses: Vec<String>,
     /// First-contact trust.
     pub bootstrap: Bootstrap,
     /// The node attestation method, if one was given (at most one may be; none is fine while a
@@ -365,18 +388,27 @@ impl AgentConfig {
         let sds = resolve_sds(file.sds.take().unwrap_or_default(), flags)?;
         let trust_domain =
             sigil::config::resolve_trust_domain(flags.trust_domain.clone(), file.trust_domain)?;
-        let server_address = flags
-            .server_address
-            .clone()
-            .or(file.server_address)
-            .ok_or_else(|| {
-                ConfigError::missing(
-                    "server_address",
-                    "set it in the config file or pass --server-address HOST:PORT",
-                )
-            })?;
-        validate_host_port(&server_address)
-            .map_err(|reason| ConfigError::invalid("server_address", &server_address, reason))?;
+        let server_addresses = if flags.server_address.is_empty() {
+            file.server_address.map(ServerAddresses::into_vec)
+        } else {
+            Some(flags.server_address.clone())
+        }
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| {
+            ConfigError::missing(
+                "server_address",
+                "set it in the config file or pass --server-address HOST:PORT (several servers: \
+                 a list in the file, or the flag repeated or comma-separated)",
+            )
+        })?;
+        let server_addresses: Vec<String> = server_addresses
+            .iter()
+            .map(|a| a.trim().to_string())
+            .collect();
+        for a in &server_addresses {
+            validate_host_port(a)
+                .map_err(|reason| ConfigError::invalid("server_address", a, reason))?;
+        }
         let insecure = flags.insecure_bootstrap || file.insecure_bootstrap.unwrap_or(false);
         let bootstrap = match (flags.trust_bundle.clone().or(file.trust_bundle), insecure) {
             (Some(_), true) => {
@@ -502,7 +534,7 @@ impl AgentConfig {
         }
         Ok(Self {
             trust_domain,
-            server_address,
+            server_addresses,
             bootstrap,
             node_attestation,
             data_dir: flags
@@ -681,6 +713,61 @@ mod tests {
     }
 
     #[test]
+    fn several_server_addresses_from_a_list_repeated_flags_or_commas() -> anyhow::Result<()> {
+        let base = "trust_domain = \"example.org\"\ninsecure_bootstrap = true\n";
+        let c = parse(
+            &format!("{base}server_address = [\"a:8081\", \"[::1]:8081\"]\n"),
+            RunFlags::default(),
+        )?;
+        assert_eq!(c.server_addresses, ["a:8081", "[::1]:8081"]);
+        // Flags win over the file, repeated or comma-separated (as clap splits them).
+        let flags = <RunFlagsParser as clap::Parser>::try_parse_from([
+            "x",
+            "--server-address",
+            "b:1,c:2",
+            "--server-address",
+            " d:3",
+        ])?
+        .flags;
+        assert_eq!(flags.server_address, ["b:1", "c:2", " d:3"]);
+        let c = parse(&format!("{base}server_address = \"a:8081\"\n"), flags)?;
+        assert_eq!(c.server_addresses, ["b:1", "c:2", "d:3"]);
+        // Each address is checked, and the list may not be empty.
+        let err = parse(
+            &format!("{base}server_address = [\"a:8081\", \"b\"]\n"),
+            RunFlags::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("server_address") && err.contains("HOST:PORT"),
+            "{err}"
+        );
+        let err = parse(&format!("{base}server_address = []\n"), RunFlags::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server_address is required"), "{err}");
+        let err = parse(
+            &format!("{base}server_address = 8081\n"),
+            RunFlags::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("a HOST:PORT string or a list of them"),
+            "{err}"
+        );
+        Ok(())
+    }
+
+    /// `RunFlags` as clap parses them.
+    #[derive(clap::Parser)]
+    struct RunFlagsParser {
+        #[command(flatten)]
+        flags: RunFlags,
+    }
+
+    #[test]
     fn resolves_with_defaults_and_overrides() -> anyhow::Result<()> {
         let c = parse(
             "trust_domain = \"example.org\"\nserver_address = \"srv:8081\"\ntrust_bundle = \"/b.pem\"\n",
@@ -690,7 +777,7 @@ mod tests {
                 ..Default::default()
             },
         )?;
-        assert_eq!(c.server_address, "srv:8081");
+        assert_eq!(c.server_addresses, ["srv:8081"]);
         assert_eq!(c.bootstrap, Bootstrap::TrustBundle("/b.pem".into()));
         assert_eq!(c.socket_path, PathBuf::from("/s.sock"));
         assert_eq!(c.admin_socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));

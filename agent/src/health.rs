@@ -36,6 +36,8 @@ pub struct SyncStatus {
     since: Option<i64>,
     /// Why the last session failed, while disconnected.
     last_error: Option<String>,
+    /// The server of the current (or last) session.
+    server: Option<String>,
 }
 
 impl SyncStatus {
@@ -60,6 +62,16 @@ impl SyncStatus {
             self.since = Some(now);
         }
         self.last_error = Some(error.to_string());
+    }
+
+    /// A session with the server at `address` starts.
+    pub fn set_server(&mut self, address: &str) {
+        self.server = Some(address.to_string());
+    }
+
+    /// The server of the current (or last) session.
+    pub fn server(&self) -> Option<&str> {
+        self.server.as_deref()
     }
 
     /// True while the sync stream is up.

@@ -82,6 +82,9 @@ fn sync_text(s: &sigil::proto::agent_admin::StatusResponse) -> String {
         String::new()
     };
     let mut text = format!("{}{since}; {last}", s.sync_state);
+    if !s.server.is_empty() {
+        text.push_str(&format!("; server {}", s.server));
+    }
     if !s.sync_error.is_empty() {
         text.push_str(&format!("; error: {}", s.sync_error));
     }
@@ -143,7 +146,8 @@ async fn status(
             "spiffe_id": s.spiffe_id, "agent_svid_expires_at": s.agent_svid_expires_at,
             "synced": s.synced, "revision": s.revision, "bundle_sequence": s.bundle_sequence,
             "sync_state": s.sync_state, "sync_state_since": s.sync_state_since,
-            "last_sync_at": s.last_sync_at, "sync_error": s.sync_error,
+            "last_sync_at": s.last_sync_at, "sync_error": s.sync_error, "server": s.server,
+            "agent_svid_serial": s.agent_svid_serial,
             "entries": s.entries, "refused": s.refused, "svids": svids,
             "federated_trust_domains": s.federated_trust_domains,
             "sign_backoff": s.sign_backoff.iter().map(backoff_json).collect::<Vec<_>>(),

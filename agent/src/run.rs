@@ -22,6 +22,7 @@ use crate::node_attestor::{Material, NodeAttestation};
 use crate::sync::cache::Cache;
 use crate::sync::client::{self, Attested};
 use crate::sync::node_api::TonicNodeApi;
+use crate::sync::servers::Servers;
 use crate::sync::storage::Storage;
 use crate::sync::worker::{AgentState, Backoff, Worker};
 use sigil::tls::{IdentityStore, ServerVerification, TrustStore};
@@ -54,14 +55,15 @@ impl Signals {
     }
 }
 
-/// The first attestation: retried with exponential back-off and jitter (every failure logged
-/// with its error; the delay grows to 30 s) while the failure is transient (server unreachable,
+/// The first attestation: tried on each server in turn, then retried with exponential back-off
+/// and jitter (every failure logged with its error; the delay grows to 30 s) while the failure
+/// is transient (server unreachable,
 /// restarting, overloaded), until it succeeds or a signal arrives (`Ok(None)`). A refusal
 /// (PermissionDenied, InvalidArgument...) ends it with the server's reason.
 async fn attest_first(
     method: &NodeAttestation,
     mut material: Material,
-    addr: &str,
+    servers: &Servers,
     td: &TrustDomain,
     verification: &ServerVerification,
     signals: &mut Signals,
@@ -72,8 +74,9 @@ async fn attest_first(
         if backoff.failures > 0 && matches!(method, NodeAttestation::K8sPsat(_)) {
             material = method.load()?;
         }
+        let addr = servers.current();
         let attempt = async {
-            let mut node = client::channel(addr, verification.clone(), None)?;
+            let mut node = client::channel(&addr, verification.clone(), None)?;
             material.attest(&mut node, td).await
         };
         let result = tokio::select! {
@@ -89,8 +92,14 @@ async fn attest_first(
                 return Err(anyhow::Error::new(e).context(method.failed()))
             }
             Err(e) => {
-                let delay = backoff.delay();
-                tracing::warn!(error = %e, server = %addr, attempt = backoff.failures, retry_in_ms = delay.as_millis() as u64, "{}: sigil-server is unreachable or not ready; retrying", method.failed());
+                // The next server, soon; after a round of all of them, with back-off.
+                let failover = servers.failed(&addr).await;
+                let delay = if failover.wrapped {
+                    backoff.delay()
+                } else {
+                    Backoff::quick()
+                };
+                tracing::warn!(error = %e, server = %addr, next = %failover.next, attempt = backoff.failures, retry_in_ms = delay.as_millis() as u64, "{}: sigil-server is unreachable or not ready; retrying", method.failed());
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     signal = signals.recv() => {
@@ -106,7 +115,10 @@ async fn attest_first(
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let td = cfg.trust_domain.clone();
-    tracing::info!(trust_domain = %td, server = %cfg.server_address, data_dir = %cfg.data_dir.display(), version = env!("CARGO_PKG_VERSION"), "sigil-agent starting");
+    tracing::info!(trust_domain = %td, servers = %cfg.server_addresses.join(","), data_dir = %cfg.data_dir.display(), version = env!("CARGO_PKG_VERSION"), "sigil-agent starting");
+    // A name with several addresses is one server per address.
+    let servers = Arc::new(Servers::new(cfg.server_addresses.clone()));
+    servers.resolve().await;
     sigil::signals::keep_running_on_sighup("sigil-agent").context("installing SIGHUP handler")?;
     sigil::limits::raise_open_files_limit_logged();
     let mut signals = Signals::install()?;
@@ -157,15 +169,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     ServerVerification::InsecureBootstrap
                 }
             };
-            let Some(attested) = attest_first(
-                method,
-                material,
-                &cfg.server_address,
-                &td,
-                &verification,
-                &mut signals,
-            )
-            .await?
+            let Some(attested) =
+                attest_first(method, material, &servers, &td, &verification, &mut signals).await?
             else {
                 return Ok(());
             };
@@ -201,7 +206,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         state.clone(),
         attestor.clone(),
         crate::workload_api::jwt::NodeLink::new(
-            cfg.server_address.clone(),
+            servers.clone(),
             td.clone(),
             tls_identity.clone(),
             trust.clone(),
@@ -211,7 +216,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let worker = Worker {
         state: state.clone(),
         node: Arc::new(TonicNodeApi::new(
-            cfg.server_address.clone(),
+            servers.clone(),
             td.clone(),
             tls_identity.clone(),
             trust.clone(),
@@ -315,7 +320,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         None => None,
     };
 
-    tracing::info!(spiffe_id = %identity.spiffe_id, server = %cfg.server_address, admin_socket = %cfg.admin_socket.display(), workload_api = %format!("unix://{}", cfg.socket_path.display()), "sigil-agent ready");
+    tracing::info!(spiffe_id = %identity.spiffe_id, servers = %cfg.server_addresses.join(","), admin_socket = %cfg.admin_socket.display(), workload_api = %format!("unix://{}", cfg.socket_path.display()), "sigil-agent ready");
     let signal = signals.recv().await;
     tracing::info!(signal, "shutting down");
     let _ = shutdown_tx.send(true);

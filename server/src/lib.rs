@@ -22,6 +22,7 @@ pub mod attestor;
 pub mod bundle_publisher;
 pub mod ca;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod datastore;
 pub mod identity;

@@ -1,7 +1,7 @@
 //! `sigil-server run`: wires the datastore, CA and APIs together and serves until a signal.
 //!
 //! Start-up order: datastore (migrations) → CA (load or create keys) → publish the bundle to the
-//! datastore → admin socket → the bundle publisher (a Kubernetes ConfigMap, when configured; in
+//! datastore (merged with other servers' roots on a shared one, `cluster`) → admin socket → the bundle publisher (a Kubernetes ConfigMap, when configured; in
 //! the background, retrying) → the server's own SVID and the node API (mTLS on `bind_address`) →
 //! health endpoint → one "ready" log line. SIGTERM/SIGINT stop new connections, let in-flight
 //! requests finish, remove the socket (if it is still ours), and exit 0. SIGHUP is logged and
@@ -30,7 +30,7 @@ use crate::ca::Ca;
 use crate::config::{DatastoreConfig, ServerConfig};
 use crate::datastore::postgres::PostgresDatastore;
 use crate::datastore::sqlite::{Expect, SqliteDatastore};
-use crate::datastore::{Datastore, EntryFilter, StoredBundle};
+use crate::datastore::{Datastore, EntryFilter};
 use crate::identity::ServerIdentity;
 use crate::metrics::Metrics;
 
@@ -86,48 +86,55 @@ struct CaPublisher {
     trust: Arc<sigil::tls::TrustStore>,
     identity: Arc<ServerIdentity>,
     metrics: Metrics,
+    /// Other servers share the datastore (PostgreSQL): the bundle is merged, not replaced.
+    shared: bool,
+    /// This server's own bundle as last published: what it retires next time leaves the
+    /// shared bundle.
+    published: tokio::sync::Mutex<sigil::bundle::Bundle>,
 }
 
 #[async_trait]
 impl crate::ca::rotation::Publish for CaPublisher {
     async fn bundle(&self, signer: Arc<crate::ca::Signer>) -> Result<(), PublishError> {
-        let mut bundle = signer.bundle();
+        let bundle = signer.bundle();
         let (tainted_x509, tainted_jwt) = signer.tainted();
         // Sent with the bundle: agents re-mint what a tainted authority signed.
         self.state.events.set_taint(crate::sync::Taint {
             x509: tainted_x509.to_vec(),
             jwt: tainted_jwt.to_vec(),
         });
-        let stored = self
-            .datastore
-            .set_bundle(StoredBundle {
-                trust_domain: bundle.trust_domain.clone(),
-                x509_roots: bundle.x509_authorities.clone(),
-                jwt_keys_json: bundle.jwt_keys_json(),
-                sequence: 0,
-            })
-            .await
-            .map_err(|e| PublishError {
-                what: "storing the trust bundle",
-                source: Box::new(e),
-            })?;
-        // Agents' SVIDs from every published authority verify on the node API.
+        // On a shared datastore the own roots are added to the other servers' (compare-and-set
+        // on the sequence); alone, they replace what is stored.
+        let own_roots = bundle.x509_authorities.clone();
+        let previous = self.published.lock().await.clone();
+        let stored = crate::cluster::publish_own_bundle(
+            self.datastore.as_ref(),
+            &bundle,
+            Some(&previous),
+            self.shared,
+        )
+        .await
+        .map_err(|e| PublishError {
+            what: "storing the trust bundle",
+            source: Box::new(e),
+        })?;
+        // Agents' SVIDs from every published authority (every server's) verify on the node API.
         self.trust
-            .set(&bundle.x509_authorities)
+            .set(&crate::cluster::trusted_roots(&stored, &own_roots))
             .map_err(|e| PublishError {
                 what: "updating the node API's trust bundle",
                 source: Box::new(e),
             })?;
-        bundle.sequence_number = stored.sequence;
-        let roots = bundle.x509_authorities.len();
-        *self.state.bundle.write().await = bundle;
+        *self.published.lock().await = bundle;
+        let (roots, sequence) = (stored.x509_authorities.len(), stored.sequence_number);
+        *self.state.bundle.write().await = stored;
         self.state
             .ca_not_after
             .store(signer.ca_not_after(), Ordering::SeqCst);
         self.metrics.ca_expiry.set(signer.ca_not_after());
-        self.state.events.bundle_changed(stored.sequence);
+        self.state.events.bundle_changed(sequence);
         tracing::info!(
-            sequence = stored.sequence,
+            sequence,
             roots,
             tainted_x509 = tainted_x509.len(),
             tainted_jwt = tainted_jwt.len(),
@@ -188,18 +195,16 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     };
     let ca = Arc::new(Ca::load_or_create(&cfg.ca).context("loading the CA")?);
 
-    // Publish the CA's bundle; the datastore assigns the sequence number.
-    let mut bundle = ca.bundle();
-    let stored = datastore
-        .set_bundle(StoredBundle {
-            trust_domain: cfg.trust_domain.clone(),
-            x509_roots: bundle.x509_authorities.clone(),
-            jwt_keys_json: bundle.jwt_keys_json(),
-            sequence: 0,
-        })
+    // Publish the CA's bundle (on a shared datastore: added to the other servers' roots); the
+    // datastore assigns the sequence number.
+    let shared = matches!(cfg.datastore, DatastoreConfig::Postgres(_));
+    let own_bundle = ca.bundle();
+    let bundle = crate::cluster::publish_own_bundle(datastore.as_ref(), &own_bundle, None, shared)
         .await
         .context("storing the trust bundle")?;
-    bundle.sequence_number = stored.sequence;
+    let bundle_sequence = bundle.sequence_number;
+    // Agent SVIDs verify against every server's root (the stored bundle) and our own.
+    let trusted = crate::cluster::trusted_roots(&bundle, &ca.x509_authorities());
 
     let metrics = Metrics::new();
     metrics.ca_expiry.set(ca.ca_not_after());
@@ -208,7 +213,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     }
     // One change hub for the admin API (publisher) and the agents' sync streams.
     let events = crate::sync::SyncEvents::new();
-    events.bundle_changed(stored.sequence);
+    events.bundle_changed(bundle_sequence);
     let state = Arc::new(AdminState {
         trust_domain: cfg.trust_domain.clone(),
         datastore: datastore.clone(),
@@ -248,13 +253,23 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         ServerIdentity::issue(ca.clone(), metrics.clone()).context("issuing the server SVID")?,
     );
     let trust = Arc::new(
-        sigil::tls::TrustStore::new(&ca.x509_authorities())
+        sigil::tls::TrustStore::new(&trusted)
             .context("loading the trust bundle for the node API")?,
     );
     let tls = Arc::new(
         sigil::tls::server_config(server_identity.store(), trust.clone())
             .context("building the node API TLS configuration")?,
     );
+    // Writes through other servers sharing the datastore reach our agents as our own do.
+    let feed_task = datastore.change_feed().map(|feed| {
+        tokio::spawn(crate::cluster::follow(
+            feed,
+            state.clone(),
+            trust.clone(),
+            ca.x509_authorities().to_vec(),
+            shutdown_rx.clone(),
+        ))
+    });
     let node_listener = tokio::net::TcpListener::bind(cfg.bind_address)
         .await
         .with_context(|| format!("binding node API address {}", cfg.bind_address))?;
@@ -309,6 +324,8 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
             trust: trust.clone(),
             identity: server_identity.clone(),
             metrics: metrics.clone(),
+            shared,
+            published: tokio::sync::Mutex::new(own_bundle),
         }),
         shutdown_rx.clone(),
     ));
@@ -368,7 +385,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         health_address = %cfg
             .health_address
             .map_or_else(|| "disabled".to_string(), |a| a.to_string()),
-        bundle_sequence = stored.sequence,
+        bundle_sequence,
         "sigil-server ready"
     );
 
@@ -399,6 +416,9 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     }
     let _ = pruner.await;
     if let Some(t) = publisher_task {
+        let _ = t.await;
+    }
+    if let Some(t) = feed_task {
         let _ = t.await;
     }
     // Removed only if it is still the one we bound.

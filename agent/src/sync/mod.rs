@@ -7,6 +7,8 @@
 //!   mTLS channels.
 //! - [`node_api`]: the node API as the worker sees it ([`node_api::NodeApi`]), in front of the
 //!   gRPC client.
+//! - [`servers`]: the configured sigil-servers (several share one datastore) and which one the
+//!   agent talks to now; a failed session moves it to the next.
 //! - [`storage`]: the agent's own SVID and key on disk (reused across restarts, key 0600).
 //! - [`watchers`]: the Workload API streams to wake, indexed by selector: a change wakes only
 //!   the streams it concerns.
@@ -14,6 +16,7 @@
 pub mod cache;
 pub mod client;
 pub mod node_api;
+pub mod servers;
 pub mod storage;
 pub mod watchers;
 pub mod worker;

@@ -2,7 +2,8 @@
 //! worker's session logic (renewal, refusals, back-off, re-attestation) can be tested against a
 //! scripted server in paused time.
 //!
-//! [`TonicNodeApi`] is the real one: [`super::client`]'s calls over TLS to sigil-server.
+//! [`TonicNodeApi`] is the real one: [`super::client`]'s calls over TLS to sigil-server, to
+//! one of the configured servers at a time ([`Servers`]).
 
 use std::sync::Arc;
 
@@ -14,6 +15,8 @@ use sigil::TrustDomain;
 use tonic::transport::Channel;
 
 use super::client::{self, Attested, ClientError};
+pub use super::servers::Failover;
+use super::servers::Servers;
 use super::storage::AgentIdentity;
 use crate::node_attestor::NodeAttestation;
 
@@ -26,6 +29,14 @@ pub trait NodeApi: Send + Sync {
     /// Attests again with `method` (material read afresh), over a connection without client
     /// identity.
     async fn attest(&self, method: &NodeAttestation) -> Result<Attested, ClientError>;
+
+    /// The server address sessions go to now.
+    fn server(&self) -> String;
+
+    /// The session with the server at `address` failed, not by a refusal (unreachable, stream
+    /// broken, keepalive timeout): sessions go to the next server from now on (the same one if
+    /// there is only one).
+    async fn server_failed(&self, address: &str) -> Failover;
 }
 
 /// The calls of one session.
@@ -53,7 +64,7 @@ pub trait SyncStream: Send {
 
 /// The node API over TLS (mTLS with the agent SVID after attestation).
 pub struct TonicNodeApi {
-    server_address: String,
+    servers: Arc<Servers>,
     trust_domain: TrustDomain,
     /// The agent SVID presented (the worker rotates it).
     tls_identity: Arc<IdentityStore>,
@@ -62,16 +73,16 @@ pub struct TonicNodeApi {
 }
 
 impl TonicNodeApi {
-    /// The node API at `server_address`, verified against `trust` as the server of
+    /// The node API of `servers` (one at a time), verified against `trust` as the server of
     /// `trust_domain`, presenting `tls_identity`.
     pub fn new(
-        server_address: String,
+        servers: Arc<Servers>,
         trust_domain: TrustDomain,
         tls_identity: Arc<IdentityStore>,
         trust: Arc<TrustStore>,
     ) -> Self {
         Self {
-            server_address,
+            servers,
             trust_domain,
             tls_identity,
             trust,
@@ -85,7 +96,7 @@ impl TonicNodeApi {
         identity: Option<Arc<IdentityStore>>,
     ) -> Result<NodeClient<Channel>, ClientError> {
         client::channel(
-            &self.server_address,
+            &self.servers.current(),
             client::verify_server(self.trust.clone(), &self.trust_domain),
             identity,
         )
@@ -104,6 +115,14 @@ impl NodeApi for TonicNodeApi {
     async fn attest(&self, method: &NodeAttestation) -> Result<Attested, ClientError> {
         let mut node = self.channel(None)?;
         method.attest(&mut node, &self.trust_domain).await
+    }
+
+    fn server(&self) -> String {
+        self.servers.current()
+    }
+
+    async fn server_failed(&self, address: &str) -> Failover {
+        self.servers.failed(address).await
     }
 }
 

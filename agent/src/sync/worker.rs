@@ -173,6 +173,12 @@ impl Backoff {
         half + half.mul_f64(rand::rng().random_range(0.0..=1.0))
     }
 
+    /// A short random delay (at most [`BACKOFF_START`]) before trying another server: spreads
+    /// the agents of a failed server over time without making them wait.
+    pub fn quick() -> Duration {
+        BACKOFF_START.mul_f64(rand::rng().random_range(0.0..=1.0))
+    }
+
     /// After a success.
     pub fn reset(&mut self) {
         *self = Self::default();
@@ -271,6 +277,7 @@ impl Worker {
             if *shutdown.borrow() {
                 return;
             }
+            let server = self.node.server();
             let result = self
                 .session(&mut shutdown, &mut backoff, &mut agent_svid, &mut pending)
                 .await;
@@ -331,6 +338,26 @@ impl Worker {
                 }
                 Err(e) => {
                     self.state.metrics.sync_failures.inc();
+                    // Another server may be fine (they share the datastore, so the agent SVID
+                    // and the cache stay valid): the next session goes there, soon; only a
+                    // failed round of every server backs off.
+                    let was_connected = backoff.failures == 0;
+                    let failover = self.node.server_failed(&server).await;
+                    if failover.next != server {
+                        if was_connected {
+                            tracing::warn!(error = %e, failed = %server, next = %failover.next, "sigil-server connection lost; switching to the next server");
+                        } else {
+                            tracing::debug!(error = %e, failed = %server, next = %failover.next, "trying the next sigil-server");
+                        }
+                        if !failover.wrapped {
+                            let delay = Backoff::quick();
+                            tokio::select! {
+                                _ = tokio::time::sleep(delay) => {}
+                                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
+                            }
+                            continue;
+                        }
+                    }
                     let delay = backoff.delay();
                     if backoff.should_warn() {
                         tracing::warn!(error = %e, failures = backoff.failures, retry_in_ms = delay.as_millis() as u64, "sync with sigil-server failed; serving cached SVIDs and retrying");
@@ -394,6 +421,8 @@ impl Worker {
         agent_svid: &mut AgentSvidSeen,
         pending: &mut Option<PendingRenewal>,
     ) -> Result<SessionEnd, ClientError> {
+        let server = self.node.server();
+        self.state.update_sync(|s| s.set_server(&server));
         let mut node = self.node.session()?;
         let mut stream = node
             .sync(pb::SyncRequest {
@@ -402,7 +431,9 @@ impl Worker {
             })
             .await?;
         if backoff.failures > 0 {
-            tracing::info!(failures = backoff.failures, "reconnected to sigil-server");
+            tracing::info!(failures = backoff.failures, server = %server, "reconnected to sigil-server");
+        } else {
+            tracing::info!(server = %server, "sync session with sigil-server open");
         }
         backoff.reset();
         loop {

@@ -16,6 +16,7 @@ use tokio::sync::Mutex;
 use tonic::transport::Channel;
 
 use crate::sync::client::{self, ClientError};
+use crate::sync::servers::Servers;
 
 /// Most tokens cached.
 pub const MAX_CACHED_TOKENS: usize = 10_000;
@@ -89,23 +90,25 @@ struct CachedToken {
 /// Server connection for minting, re-made when the agent SVID rotates (the server refuses a
 /// connection authenticated with a superseded agent certificate).
 pub struct NodeLink {
-    server_address: String,
+    servers: Arc<Servers>,
     trust_domain: TrustDomain,
     tls_identity: Arc<IdentityStore>,
     trust: Arc<TrustStore>,
-    client: Mutex<Option<(String, NodeClient<Channel>)>>,
+    /// The client, with the serial and server address it was made for.
+    client: Mutex<Option<(String, String, NodeClient<Channel>)>>,
 }
 
 impl NodeLink {
-    /// A link to `server_address`, authenticating with the agent's rotating identity.
+    /// A link to the current one of `servers` (the worker moves it on when a server fails),
+    /// authenticating with the agent's rotating identity.
     pub fn new(
-        server_address: String,
+        servers: Arc<Servers>,
         trust_domain: TrustDomain,
         tls_identity: Arc<IdentityStore>,
         trust: Arc<TrustStore>,
     ) -> Self {
         Self {
-            server_address,
+            servers,
             trust_domain,
             tls_identity,
             trust,
@@ -116,17 +119,18 @@ impl NodeLink {
     /// A client whose connection presents the agent SVID with serial `serial`.
     async fn client(&self, serial: &str) -> Result<NodeClient<Channel>, ClientError> {
         let mut guard = self.client.lock().await;
-        if let Some((s, c)) = guard.as_ref() {
-            if s == serial {
+        let server = self.servers.current();
+        if let Some((s, a, c)) = guard.as_ref() {
+            if s == serial && *a == server {
                 return Ok(c.clone());
             }
         }
         let c = client::channel(
-            &self.server_address,
+            &server,
             client::verify_server(self.trust.clone(), &self.trust_domain),
             Some(self.tls_identity.clone()),
         )?;
-        *guard = Some((serial.to_string(), c.clone()));
+        *guard = Some((serial.to_string(), server, c.clone()));
         Ok(c)
     }
 }

@@ -20,8 +20,8 @@ use sigil::{Selector, SelectorSet, SpiffeId, TrustDomain};
 
 use super::paging::{effective_page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
 use super::{
-    AttestedAgent, Datastore, DatastoreError, EntryFilter, JoinToken, NewAgentSvid, SelectorMatch,
-    StoredBundle,
+    AttestedAgent, BundleSwap, Datastore, DatastoreError, EntryFilter, JoinToken, NewAgentSvid,
+    SelectorMatch, StoredBundle,
 };
 
 /// What a behaviour returns: any error fails the test.
@@ -58,6 +58,7 @@ macro_rules! datastore_conformance {
             agent_times_follow_the_upsert_rule,
             join_tokens_are_single_use_and_expire,
             bundle_sequence_bumps_only_on_change,
+            bundle_compare_and_set_refuses_a_stale_sequence,
             federated_bundles_set_get_list_delete,
             federated_bundles_survive_reopen,
         );
@@ -68,6 +69,7 @@ macro_rules! datastore_conformance {
             renewal_racing_promotion_has_one_winner,
             concurrent_writes_take_distinct_revisions,
             concurrent_bundle_changes_take_distinct_sequences,
+            concurrent_bundle_merges_keep_every_root,
         );
     };
     (@tests $new_store:path, [$attr:meta]; $($name:ident),* $(,)?) => {
@@ -1277,5 +1279,88 @@ pub(crate) async fn concurrent_bundle_changes_take_distinct_sequences(
         };
         assert_eq!(stored.map(|b| b.sequence), Some(n));
     }
+    Ok(())
+}
+
+/// A swap from a sequence that is no longer current writes nothing and returns what is stored.
+pub(crate) async fn bundle_compare_and_set_refuses_a_stale_sequence(
+    store: &dyn TestStore,
+) -> TestResult {
+    let ds = store.open().await?;
+    let td = TrustDomain::new("example.org")?;
+    assert_eq!(
+        ds.compare_and_set_bundle(bundle(&[b"a"], "[]"), 1).await?,
+        BundleSwap::Changed(None),
+        "nothing stored: only 0 is current"
+    );
+    assert_eq!(ds.get_bundle(&td).await?, None);
+    let BundleSwap::Stored(first) = ds.compare_and_set_bundle(bundle(&[b"a"], "[]"), 0).await?
+    else {
+        return Err("the first swap from 0 must store".into());
+    };
+    assert_eq!(first.sequence, 1);
+    assert_eq!(
+        ds.compare_and_set_bundle(bundle(&[b"b"], "[]"), 0).await?,
+        BundleSwap::Changed(Some(first.clone()))
+    );
+    let BundleSwap::Stored(second) = ds
+        .compare_and_set_bundle(bundle(&[b"a", b"b"], "[]"), 1)
+        .await?
+    else {
+        return Err("a swap from the current sequence must store".into());
+    };
+    assert_eq!(second.sequence, 2);
+    assert_eq!(second.x509_roots, vec![b"a".to_vec(), b"b".to_vec()]);
+    // The same content again: stored as it is, no new sequence.
+    assert_eq!(
+        ds.compare_and_set_bundle(bundle(&[b"a", b"b"], "[]"), 2)
+            .await?,
+        BundleSwap::Stored(second.clone())
+    );
+    assert_eq!(
+        ds.compare_and_set_bundle(bundle(&[b"c"], "[]"), 1).await?,
+        BundleSwap::Changed(Some(second.clone()))
+    );
+    assert_eq!(ds.get_bundle(&td).await?, Some(second));
+    Ok(())
+}
+
+/// Servers adding their roots at once by read, union, compare-and-set lose none.
+pub(crate) async fn concurrent_bundle_merges_keep_every_root(store: &dyn TestStore) -> TestResult {
+    let ds = store.open().await?;
+    let td = TrustDomain::new("example.org")?;
+    let n = 6;
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let ds = Arc::clone(&ds);
+            let td = td.clone();
+            tokio::spawn(async move {
+                let root = format!("root {i}").into_bytes();
+                loop {
+                    let stored = ds.get_bundle(&td).await?;
+                    let expected = stored.as_ref().map_or(0, |b| b.sequence);
+                    let mut roots = stored.map(|b| b.x509_roots).unwrap_or_default();
+                    roots.push(root.clone());
+                    let refs: Vec<&[u8]> = roots.iter().map(Vec::as_slice).collect();
+                    match ds
+                        .compare_and_set_bundle(bundle(&refs, "[]"), expected)
+                        .await?
+                    {
+                        BundleSwap::Stored(_) => return Ok::<_, DatastoreError>(()),
+                        BundleSwap::Changed(_) => tokio::task::yield_now().await,
+                    }
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    let stored = ds.get_bundle(&td).await?.ok_or("no bundle stored")?;
+    let roots: BTreeSet<Vec<u8>> = stored.x509_roots.iter().cloned().collect();
+    let want: BTreeSet<Vec<u8>> = (0..n).map(|i| format!("root {i}").into_bytes()).collect();
+    assert_eq!(roots, want);
+    assert_eq!(stored.x509_roots.len(), n, "each root once");
+    assert_eq!(stored.sequence, n as u64);
     Ok(())
 }

@@ -16,6 +16,7 @@
 
 #[cfg(test)]
 pub(crate) mod conformance;
+pub mod feed;
 pub mod paging;
 pub mod postgres;
 pub mod sqlite;
@@ -25,6 +26,8 @@ use std::path::PathBuf;
 use async_trait::async_trait;
 use sigil::entry::RegistrationEntry;
 use sigil::{SelectorSet, SpiffeId, TrustDomain};
+
+pub use feed::{Change, ChangeFeed};
 
 /// Datastore failures. The admin API maps them to gRPC status codes.
 #[derive(Debug, thiserror::Error)]
@@ -228,6 +231,16 @@ pub struct StoredBundle {
     pub sequence: u64,
 }
 
+/// The outcome of [`Datastore::compare_and_set_bundle`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BundleSwap {
+    /// The stored sequence was the expected one: this is what is stored now.
+    Stored(StoredBundle),
+    /// Someone changed the bundle first: this is what is stored (`None`: no bundle), nothing
+    /// was written.
+    Changed(Option<StoredBundle>),
+}
+
 /// Entry changes after a revision.
 #[derive(Debug, Clone, Default)]
 pub struct EntryChanges {
@@ -344,6 +357,15 @@ pub trait Datastore: Send + Sync + 'static {
     /// is now stored.
     async fn set_bundle(&self, bundle: StoredBundle) -> Result<StoredBundle, DatastoreError>;
 
+    /// Stores `bundle` as [`Datastore::set_bundle`] does, but only if the stored bundle's
+    /// sequence is still `expected_sequence` (0: no bundle stored): a read-modify-write that
+    /// cannot lose a concurrent writer's change (several servers merging their roots).
+    async fn compare_and_set_bundle(
+        &self,
+        bundle: StoredBundle,
+        expected_sequence: u64,
+    ) -> Result<BundleSwap, DatastoreError>;
+
     /// Stores the federated bundle of a foreign trust domain (`bundle.trust_domain`), creating
     /// or replacing it, with the same sequence rule as [`Datastore::set_bundle`]. Federated
     /// bundles live apart from the server's own bundle; refusing the server's own trust domain
@@ -368,4 +390,11 @@ pub trait Datastore: Send + Sync + 'static {
         &self,
         td: &TrustDomain,
     ) -> Result<StoredBundle, DatastoreError>;
+
+    /// The changes written by every server sharing this datastore, as they commit (see
+    /// [`feed`]); `None` when no other server can write to it (SQLite: one server per file).
+    /// Each call starts a feed of its own.
+    fn change_feed(&self) -> Option<ChangeFeed> {
+        None
+    }
 }

@@ -1,4 +1,5 @@
-//! The change notification hub between writers (admin API, bundle updates) and sync streams.
+//! The change notification hub between writers (admin API, bundle updates, and the writes of
+//! other servers sharing the datastore, forwarded by `crate::cluster::follow`) and sync streams.
 //!
 //! A [`tokio::sync::watch`] channel of one small [`SyncSignal`]: a counter bumped on every entry
 //! change, the latest bundle sequence number and a counter bumped on every federated-bundle

@@ -183,6 +183,8 @@ mod sessions {
         Refuse(tonic::Status),
         /// Sends these messages, then keeps the stream open.
         Serve(Vec<pb::SyncResponse>),
+        /// Sends these messages, then the stream breaks with this status (the server went).
+        ServeThenBreak(Vec<pb::SyncResponse>, tonic::Status),
     }
 
     /// Which entries the fake refuses to sign.
@@ -195,6 +197,8 @@ mod sessions {
         renew: Vec<Instant>,
         sign: Vec<Instant>,
         attest: Vec<Instant>,
+        /// The server of each sync call.
+        sync_servers: Vec<String>,
     }
 
     struct Script {
@@ -205,6 +209,9 @@ mod sessions {
         refuse_sign: RefuseFn,
         /// Attestations: Ok → a new SVID for an hour; Err → this status.
         attest: Result<(), tonic::Status>,
+        /// The servers (addresses) the fake stands for, and the current one.
+        servers: Vec<String>,
+        current: usize,
         calls: Calls,
     }
 
@@ -225,6 +232,8 @@ mod sessions {
                     renew: Ok(()),
                     refuse_sign: Box::new(|_| false),
                     attest: Ok(()),
+                    servers: vec!["server-a:8081".into()],
+                    current: 0,
                     calls: Calls::default(),
                 })),
             })
@@ -255,14 +264,18 @@ mod sessions {
         node: Arc<FakeNode>,
     }
 
-    struct FakeStream(VecDeque<pb::SyncResponse>);
+    struct FakeStream(VecDeque<pb::SyncResponse>, Option<tonic::Status>);
 
     #[async_trait]
     impl SyncStream for FakeStream {
         async fn message(&mut self) -> Result<Option<pb::SyncResponse>, ClientError> {
-            match self.0.pop_front() {
-                Some(m) => Ok(Some(m)),
-                None => std::future::pending().await,
+            match (self.0.pop_front(), self.1.take()) {
+                (Some(m), end) => {
+                    self.1 = end;
+                    Ok(Some(m))
+                }
+                (None, Some(status)) => Err(rpc("sync", &status)),
+                (None, None) => std::future::pending().await,
             }
         }
     }
@@ -286,8 +299,13 @@ mod sessions {
         ) -> Result<Box<dyn crate::sync::node_api::SyncStream>, ClientError> {
             let mut s = self.node.script();
             s.calls.sync.push(Instant::now());
+            let server = s.servers[s.current].clone();
+            s.calls.sync_servers.push(server);
             match s.syncs.pop_front() {
-                Some(SyncPlan::Serve(msgs)) => Ok(Box::new(FakeStream(msgs.into()))),
+                Some(SyncPlan::Serve(msgs)) => Ok(Box::new(FakeStream(msgs.into(), None))),
+                Some(SyncPlan::ServeThenBreak(msgs, status)) => {
+                    Ok(Box::new(FakeStream(msgs.into(), Some(status))))
+                }
                 Some(SyncPlan::Refuse(status)) => Err(rpc("sync", &status)),
                 None => Err(rpc("sync", &tonic::Status::unavailable("server down"))),
             }
@@ -353,6 +371,22 @@ mod sessions {
                     bundle_roots: vec![self.ca.der.clone()],
                 }),
                 Err(status) => Err(rpc("attestation", &status)),
+            }
+        }
+
+        fn server(&self) -> String {
+            let s = self.script();
+            s.servers[s.current].clone()
+        }
+
+        async fn server_failed(&self, address: &str) -> crate::sync::node_api::Failover {
+            let mut s = self.script();
+            if s.servers[s.current] == address {
+                s.current = (s.current + 1) % s.servers.len();
+            }
+            crate::sync::node_api::Failover {
+                next: s.servers[s.current].clone(),
+                wrapped: s.current == 0,
             }
         }
     }
@@ -526,6 +560,70 @@ mod sessions {
         assert_eq!(w.node.script().calls.sync.len(), 1);
         assert!(w.state.sync_status().is_connected());
         assert_eq!(w.state.identity.read().await.serial_hex, w.first_serial);
+        w.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_server_is_replaced_by_the_next_one_at_once_with_the_same_svid_and_cache() {
+        let w = start(24 * 3600, None, |s| {
+            s.servers = vec!["server-a:8081".into(), "server-b:8081".into()];
+            s.syncs = [
+                SyncPlan::ServeThenBreak(
+                    vec![snapshot(&["e1", "e2"])],
+                    tonic::Status::unavailable("connection reset by peer"),
+                ),
+                SyncPlan::Serve(vec![snapshot(&["e1", "e2"])]),
+            ]
+            .into();
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        {
+            let s = w.node.script();
+            assert_eq!(s.calls.sync_servers, ["server-a:8081", "server-b:8081"]);
+            // Moved within the quick delay, not after a back-off.
+            let gap = s.calls.sync[1] - s.calls.sync[0];
+            assert!(gap <= BACKOFF_START, "moved after {gap:?}");
+            // No attestation; the SVIDs minted on A are kept: nothing signed again on B.
+            assert!(s.calls.attest.is_empty());
+            assert_eq!(s.calls.sign.len(), 1, "signed once, on the first server");
+        }
+        assert_eq!(w.state.snapshot().svid_count(), 2);
+        assert_eq!(w.state.identity.read().await.serial_hex, w.first_serial);
+        assert_eq!(w.stored_serial().as_deref(), Some(w.first_serial.as_str()));
+        let status = w.state.sync_status();
+        assert!(status.is_connected());
+        assert_eq!(status.server(), Some("server-b:8081"));
+        w.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn servers_all_down_are_tried_in_turn_and_each_round_backs_off() {
+        let started = Instant::now();
+        let w = start(24 * 3600, None, |s| {
+            s.servers = vec!["a:1".into(), "b:1".into(), "c:1".into()];
+        });
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        {
+            let s = w.node.script();
+            let n = s.calls.sync.len();
+            assert!(n >= 9, "{n} attempts");
+            // Round robin.
+            for (i, server) in s.calls.sync_servers.iter().enumerate() {
+                assert_eq!(server, ["a:1", "b:1", "c:1"][i % 3], "attempt {i}");
+            }
+            // Within a round the next server is tried at once; between rounds the delay grows.
+            let gaps: Vec<Duration> = s.calls.sync.windows(2).map(|p| p[1] - p[0]).collect();
+            for (i, gap) in gaps.iter().enumerate() {
+                if i % 3 == 2 {
+                    let round = (i / 3) as u32;
+                    let cap = (BACKOFF_START * 2u32.saturating_pow(round)).min(BACKOFF_MAX);
+                    assert!(*gap >= cap / 2, "round {round}: {gap:?}");
+                } else {
+                    assert!(*gap <= BACKOFF_START, "attempt {i}: {gap:?}");
+                }
+            }
+            assert!(s.calls.sync[0] - started < Duration::from_millis(1));
+        }
         w.stop().await;
     }
 

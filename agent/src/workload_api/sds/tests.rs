@@ -98,7 +98,9 @@ async fn sds_with(
         Arc::new(WorkloadAttestor::new()),
         // Never dialled: SDS makes no JWT calls.
         NodeLink::new(
-            "127.0.0.1:1".into(),
+            Arc::new(crate::sync::servers::Servers::new(vec![
+                "127.0.0.1:1".into()
+            ])),
             state.trust_domain.clone(),
             Arc::new(sigil::tls::IdentityStore::empty()),
             Arc::new(sigil::tls::TrustStore::new(&roots).unwrap()),

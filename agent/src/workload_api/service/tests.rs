@@ -71,7 +71,9 @@ async fn x509_stream_with(
         attestor,
         // Never dialled: these tests make no JWT calls.
         NodeLink::new(
-            "127.0.0.1:1".into(),
+            Arc::new(crate::sync::servers::Servers::new(vec![
+                "127.0.0.1:1".into()
+            ])),
             state.trust_domain.clone(),
             Arc::new(sigil::tls::IdentityStore::empty()),
             Arc::new(sigil::tls::TrustStore::new(&roots).unwrap()),

@@ -6,7 +6,7 @@ use sigil::TrustDomain;
 use tokio_postgres::Row;
 
 use super::{col, Result};
-use crate::datastore::{DatastoreError, StoredBundle};
+use crate::datastore::{BundleSwap, DatastoreError, StoredBundle};
 
 /// The two bundle tables, which have the same columns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +140,87 @@ pub(super) async fn set(
     .await?;
     tx.commit().await?;
     Ok(StoredBundle { sequence, ..bundle })
+}
+
+/// Stores the own bundle if its stored sequence is `expected` (0: none stored). The row is
+/// locked before it is compared, and a missing row is inserted with `ON CONFLICT DO NOTHING`,
+/// so of two servers swapping from the same sequence one wins and the other sees its result.
+pub(super) async fn compare_and_set(
+    conn: &mut Object,
+    bundle: StoredBundle,
+    expected: u64,
+    now: i64,
+) -> Result<BundleSwap> {
+    let td = bundle.trust_domain.name().to_string();
+    let tx = conn.transaction().await?;
+    let stmt = tx
+        .prepare_cached(
+            "SELECT x509_roots, jwt_keys_json, sequence FROM bundles WHERE trust_domain = $1 \
+             FOR UPDATE",
+        )
+        .await?;
+    let stored = tx
+        .query_opt(&stmt, &[&td])
+        .await?
+        .as_ref()
+        .map(|r| decode(Table::Own, &bundle.trust_domain, r, 0))
+        .transpose()?;
+    let Some(stored) = stored else {
+        if expected != 0 {
+            return Ok(BundleSwap::Changed(None));
+        }
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO bundles (trust_domain, x509_roots, jwt_keys_json, sequence, \
+                 updated_at) VALUES ($1, $2, $3, 1, $4) ON CONFLICT (trust_domain) DO NOTHING",
+            )
+            .await?;
+        let inserted = tx
+            .execute(
+                &stmt,
+                &[&td, &bundle.x509_roots, &bundle.jwt_keys_json, &now],
+            )
+            .await?;
+        if inserted == 1 {
+            tx.commit().await?;
+            return Ok(BundleSwap::Stored(StoredBundle {
+                sequence: 1,
+                ..bundle
+            }));
+        }
+        // Another server inserted it meanwhile (after our SELECT, before our INSERT); this
+        // statement sees its committed row.
+        let current = get(&tx, Table::Own, &bundle.trust_domain).await?;
+        return Ok(BundleSwap::Changed(current));
+    };
+    if stored.sequence != expected {
+        return Ok(BundleSwap::Changed(Some(stored)));
+    }
+    if stored.x509_roots == bundle.x509_roots
+        && same_jwks(&stored.jwt_keys_json, &bundle.jwt_keys_json)
+    {
+        return Ok(BundleSwap::Stored(stored));
+    }
+    let sequence = stored.sequence.saturating_add(1);
+    let stmt = tx
+        .prepare_cached(
+            "UPDATE bundles SET x509_roots = $2, jwt_keys_json = $3, sequence = $4, \
+             updated_at = $5 WHERE trust_domain = $1",
+        )
+        .await?;
+    tx.execute(
+        &stmt,
+        &[
+            &td,
+            &bundle.x509_roots,
+            &bundle.jwt_keys_json,
+            &i64::try_from(sequence).unwrap_or(i64::MAX),
+            &now,
+        ],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(BundleSwap::Stored(StoredBundle { sequence, ..bundle }))
 }
 
 /// Same JWKS: byte-identical, or the same JSON value (key order and whitespace aside).

@@ -20,7 +20,7 @@ use crate::datastore::DatastoreError;
 const MIGRATION_LOCK: i64 = 0x5349_474c_4d49_4752;
 
 /// The migrations, in order; the schema version is the number applied.
-pub(super) const MIGRATIONS: &[&str] = &[V1];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// Version 1: entries (+ selectors, tombstones, revision counter), agents (with the pending
 /// renewed SVID), join tokens, the server's own bundle and federated bundles. Identifiers that
@@ -120,6 +120,63 @@ CREATE TABLE federated_bundles (
     sequence      BIGINT  NOT NULL,
     updated_at    BIGINT  NOT NULL
 );
+"#;
+
+/// The channel every change is announced on (`NOTIFY`); see [`crate::datastore::feed`].
+pub(super) const CHANGES_CHANNEL: &str = "sigil_changes";
+
+/// Version 2: change notifications. Triggers announce each write on channel `sigil_changes`
+/// from inside the writing transaction, so the notification is delivered when, and only if, it
+/// commits, whichever server (or manual SQL) wrote. Payloads as `datastore::feed::Change`:
+/// entries per statement; agents per row, only when what a sync stream checks changed (ban,
+/// node selectors, eviction), not on every renewal; the own bundle per row with its trust domain.
+const V2: &str = r#"
+CREATE FUNCTION sigil_notify_entries() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('sigil_changes', 'entries');
+    RETURN NULL;
+END $$;
+CREATE TRIGGER entries_notify AFTER INSERT OR UPDATE OR DELETE ON entries
+    FOR EACH STATEMENT EXECUTE FUNCTION sigil_notify_entries();
+
+CREATE FUNCTION sigil_notify_agent() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        PERFORM pg_notify('sigil_changes', 'agent:' || OLD.spiffe_id);
+    ELSE
+        PERFORM pg_notify('sigil_changes', 'agent:' || NEW.spiffe_id);
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER agents_notify_update AFTER UPDATE ON agents FOR EACH ROW
+    WHEN (OLD.banned IS DISTINCT FROM NEW.banned OR OLD.selectors IS DISTINCT FROM NEW.selectors)
+    EXECUTE FUNCTION sigil_notify_agent();
+CREATE TRIGGER agents_notify_delete AFTER DELETE ON agents FOR EACH ROW
+    EXECUTE FUNCTION sigil_notify_agent();
+
+CREATE FUNCTION sigil_notify_join_tokens() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('sigil_changes', 'join_tokens');
+    RETURN NULL;
+END $$;
+CREATE TRIGGER join_tokens_notify AFTER INSERT OR DELETE ON join_tokens FOR EACH ROW
+    EXECUTE FUNCTION sigil_notify_join_tokens();
+
+CREATE FUNCTION sigil_notify_bundle() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('sigil_changes', 'bundle:' || NEW.trust_domain);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER bundles_notify AFTER INSERT OR UPDATE ON bundles FOR EACH ROW
+    EXECUTE FUNCTION sigil_notify_bundle();
+
+CREATE FUNCTION sigil_notify_federated() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('sigil_changes', 'federated');
+    RETURN NULL;
+END $$;
+CREATE TRIGGER federated_bundles_notify AFTER INSERT OR UPDATE OR DELETE ON federated_bundles
+    FOR EACH STATEMENT EXECUTE FUNCTION sigil_notify_federated();
 "#;
 
 /// Brings the database to the newest schema in `migrations`, one transaction per migration,

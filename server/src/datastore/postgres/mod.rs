@@ -3,7 +3,8 @@
 //! Layout: `mod.rs` connects (pool, first connection with a clear error, migrations) and
 //! implements [`Datastore`] by calling one module per resource: `entries.rs` (writes, filters,
 //! changes since a revision), `agents.rs`, `join_tokens.rs`, `bundles.rs`; `migrations.rs` holds
-//! the schema, `error.rs` the [`PostgresError`] classification.
+//! the schema (with the triggers that announce every write), `feed.rs` the change feed that
+//! listens to them, `error.rs` the [`PostgresError`] classification.
 //!
 //! Semantics are those of the SQLite datastore, made to hold across servers:
 //! - Durable on return: every write commits before the call returns, and each connection turns
@@ -26,6 +27,7 @@ mod agents;
 mod bundles;
 mod entries;
 mod error;
+mod feed;
 mod join_tokens;
 mod migrations;
 #[cfg(test)]
@@ -46,8 +48,8 @@ pub use error::{PostgresError, Target};
 
 use super::paging::{effective_page_size, into_page, parse_page_token};
 use super::{
-    AttestedAgent, Datastore, DatastoreError, EntryChanges, EntryFilter, JoinToken, NewAgentSvid,
-    Page, StoredBundle,
+    AttestedAgent, BundleSwap, ChangeFeed, Datastore, DatastoreError, EntryChanges, EntryFilter,
+    JoinToken, NewAgentSvid, Page, StoredBundle,
 };
 use error::{connect_hint, map_pg, map_pool};
 
@@ -125,6 +127,8 @@ impl fmt::Debug for PostgresOptions {
 pub struct PostgresDatastore {
     pool: Pool,
     target: Target,
+    /// For the change feed's own connection.
+    config: tokio_postgres::Config,
 }
 
 impl fmt::Debug for PostgresDatastore {
@@ -195,7 +199,11 @@ impl PostgresDatastore {
             .build()
             .map_err(PostgresError::Pool)?;
         tracing::info!(target = %target, "PostgreSQL datastore ready");
-        Ok(Self { pool, target })
+        Ok(Self {
+            pool,
+            target,
+            config: options.config,
+        })
     }
 
     /// Where this datastore connects (no password).
@@ -397,5 +405,19 @@ impl Datastore for PostgresDatastore {
     async fn delete_federated_bundle(&self, td: &TrustDomain) -> Result<StoredBundle> {
         let conn = self.conn().await?;
         bundles::delete_federated(&conn, td).await
+    }
+
+    async fn compare_and_set_bundle(
+        &self,
+        bundle: StoredBundle,
+        expected_sequence: u64,
+    ) -> Result<BundleSwap> {
+        let mut conn = self.conn().await?;
+        bundles::compare_and_set(&mut conn, bundle, expected_sequence, unix_now()).await
+    }
+
+    /// `LISTEN` on a connection of its own (see `feed.rs`).
+    fn change_feed(&self) -> Option<ChangeFeed> {
+        Some(feed::start(self.config.clone(), self.target.clone()))
     }
 }

@@ -10,7 +10,7 @@ use sigil::{Selector, SelectorSet, SpiffeId, TrustDomain};
 use sigil_testkit::postgres::TestDatabase;
 
 use super::*;
-use crate::datastore::SelectorMatch;
+use crate::datastore::{Change, SelectorMatch};
 
 type TestResult<T = ()> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -337,7 +337,10 @@ async fn servers_starting_at_once_migrate_once() -> TestResult {
     });
     let stores = futures::future::try_join_all(opens).await?;
     let stores = stores.into_iter().collect::<Result<Vec<_>>>()?;
-    assert_eq!(db.psql("SELECT version FROM sigil_schema").trim(), "1");
+    assert_eq!(
+        db.psql("SELECT version FROM sigil_schema").trim(),
+        migrations::MIGRATIONS.len().to_string()
+    );
     assert_eq!(db.psql("SELECT COUNT(*) FROM revision").trim(), "1");
     // And each works on the same data.
     create_all(&stores[0], vec![entry("/x", "/p", &[])]).await?;
@@ -637,6 +640,119 @@ async fn a_lost_server_is_a_transient_error_and_a_corrupt_row_is_corrupt() -> Te
                 );
             }
         }
+    }
+    Ok(())
+}
+
+/// The next change of `feed` within 10 s.
+async fn next_change(feed: &mut ChangeFeed) -> TestResult<Change> {
+    tokio::time::timeout(Duration::from_secs(10), feed.next())
+        .await
+        .map_err(|_| "no change announced within 10 s")?
+        .ok_or_else(|| "the change feed stopped".into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_through_one_server_reach_the_change_feed_of_another() -> TestResult {
+    use crate::datastore::conformance::{bundle, federated};
+    let db = TestDatabase::create();
+    let (a, b) = (open(&db).await?, open(&db).await?);
+    let mut feed = b.change_feed().ok_or("PostgreSQL has a change feed")?;
+    assert_eq!(next_change(&mut feed).await?, Change::Resync, "listening");
+
+    create_all(&a, vec![entry("/w", "/p", &["t:a"])]).await?;
+    assert_eq!(next_change(&mut feed).await?, Change::Entries);
+    // Attestation and renewal are no news for sync streams; the entry write after them is the
+    // next change.
+    let agent_id = id("/sigil/agent/fed");
+    a.upsert_agent(agent("/sigil/agent/fed", "01")).await?;
+    let renewed = NewAgentSvid {
+        serial: "02".into(),
+        expires_at: unix_now() + 3600,
+    };
+    assert!(a.set_agent_new_svid(&agent_id, "01", renewed).await?);
+    assert!(a.promote_agent_svid(&agent_id, "02").await?);
+    let created = create_all(&a, vec![entry("/w2", "/p", &["t:b"])]).await?;
+    assert_eq!(next_change(&mut feed).await?, Change::Entries);
+    let mut updated = created[0].clone();
+    updated.dns_names = vec!["w2.example.org".into()];
+    a.update_entry(updated).await?;
+    assert_eq!(next_change(&mut feed).await?, Change::Entries);
+    a.delete_entry(&created[0].id).await?;
+    assert_eq!(next_change(&mut feed).await?, Change::Entries);
+
+    let agent_change = Change::Agent(agent_id.to_string());
+    a.set_agent_banned(&agent_id, true).await?;
+    assert_eq!(next_change(&mut feed).await?, agent_change);
+    a.set_agent_banned(&agent_id, false).await?;
+    assert_eq!(next_change(&mut feed).await?, agent_change);
+    a.delete_agent(&agent_id).await?;
+    assert_eq!(next_change(&mut feed).await?, agent_change);
+
+    a.create_join_token(JoinToken {
+        token: "feed-token".into(),
+        expires_at: unix_now() + 600,
+        spiffe_id: None,
+    })
+    .await?;
+    assert_eq!(next_change(&mut feed).await?, Change::JoinTokens);
+    a.consume_join_token("feed-token", unix_now()).await?;
+    assert_eq!(next_change(&mut feed).await?, Change::JoinTokens);
+
+    a.set_bundle(bundle(&[b"root a"], "[]")).await?;
+    assert_eq!(
+        next_change(&mut feed).await?,
+        Change::Bundle("example.org".into())
+    );
+    // Unchanged content writes nothing, so announces nothing.
+    a.set_bundle(bundle(&[b"root a"], "[]")).await?;
+    let BundleSwap::Stored(_) = a
+        .compare_and_set_bundle(bundle(&[b"root a", b"root b"], "[]"), 1)
+        .await?
+    else {
+        return Err("the swap from the current sequence stores".into());
+    };
+    assert_eq!(
+        next_change(&mut feed).await?,
+        Change::Bundle("example.org".into())
+    );
+    a.set_federated_bundle(federated("other.org", &[b"r"], "[]"))
+        .await?;
+    assert_eq!(next_change(&mut feed).await?, Change::Federated);
+    a.delete_federated_bundle(&TrustDomain::new("other.org")?)
+        .await?;
+    assert_eq!(next_change(&mut feed).await?, Change::Federated);
+
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_change_feed_reconnects_after_losing_its_connection_and_asks_for_a_resync() -> TestResult
+{
+    let db = TestDatabase::create();
+    let ds = open(&db).await?;
+    let mut feed = ds.change_feed().ok_or("PostgreSQL has a change feed")?;
+    assert_eq!(next_change(&mut feed).await?, Change::Resync);
+    let terminate = format!(
+        "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE application_name = '{}' AND datname = current_database()",
+        feed::APPLICATION_NAME
+    );
+    for round in 0..2 {
+        assert_eq!(db.psql(&terminate).trim(), "1", "one listener connection");
+        // Whatever was written while it was down is covered by the resync.
+        create_all(&ds, vec![entry(&format!("/down{round}"), "/p", &[])]).await?;
+        loop {
+            match next_change(&mut feed).await? {
+                Change::Resync => break,
+                // Announced before the backend went away.
+                Change::Entries => continue,
+                other => return Err(format!("unexpected change {other:?}").into()),
+            }
+        }
+        // And it listens again.
+        create_all(&ds, vec![entry(&format!("/up{round}"), "/p", &[])]).await?;
+        assert_eq!(next_change(&mut feed).await?, Change::Entries);
     }
     Ok(())
 }

@@ -7,7 +7,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use sigil::TrustDomain;
 
 use super::{to_json, unix_now, Result, SqliteDatastore};
-use crate::datastore::{DatastoreError, StoredBundle};
+use crate::datastore::{BundleSwap, DatastoreError, StoredBundle};
 
 /// [`crate::datastore::Datastore::get_bundle`] and
 /// [`crate::datastore::Datastore::get_federated_bundle`].
@@ -29,6 +29,26 @@ pub(super) async fn set(
 ) -> Result<StoredBundle> {
     ds.write(move |conn| set_bundle_conn(conn, table, bundle))
         .await
+}
+
+/// [`crate::datastore::Datastore::compare_and_set_bundle`]: the comparison and the write in one
+/// immediate transaction (SQLite has one writer at a time).
+pub(super) async fn compare_and_set(
+    ds: &SqliteDatastore,
+    bundle: StoredBundle,
+    expected: u64,
+) -> Result<BundleSwap> {
+    ds.write(move |conn| {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let stored = get_bundle_conn(&tx, BundleTable::Own, &bundle.trust_domain)?;
+        if stored.as_ref().map_or(0, |s| s.sequence) != expected {
+            return Ok(BundleSwap::Changed(stored));
+        }
+        let written = write_bundle(&tx, BundleTable::Own, stored.as_ref(), bundle)?;
+        tx.commit()?;
+        Ok(BundleSwap::Stored(written))
+    })
+    .await
 }
 
 /// [`crate::datastore::Datastore::list_federated_bundles`].
@@ -159,7 +179,20 @@ fn set_bundle_conn(
 ) -> Result<StoredBundle> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let stored = get_bundle_conn(&tx, table, &bundle.trust_domain)?;
-    let sequence = match &stored {
+    let written = write_bundle(&tx, table, stored.as_ref(), bundle)?;
+    tx.commit()?;
+    Ok(written)
+}
+
+/// Writes `bundle` over `stored` (read in the same transaction) unless the content is the
+/// same; returns what is stored then.
+fn write_bundle(
+    conn: &Connection,
+    table: BundleTable,
+    stored: Option<&StoredBundle>,
+    bundle: StoredBundle,
+) -> Result<StoredBundle> {
+    let sequence = match stored {
         Some(s)
             if s.x509_roots == bundle.x509_roots
                 && same_jwks(&s.jwt_keys_json, &bundle.jwt_keys_json) =>
@@ -174,7 +207,7 @@ fn set_bundle_conn(
         .iter()
         .map(|der| base64::engine::general_purpose::STANDARD.encode(der))
         .collect();
-    tx.prepare_cached(&format!(
+    conn.prepare_cached(&format!(
         "INSERT INTO {} (trust_domain, x509_roots, jwt_keys_json, sequence, updated_at) \
          VALUES (?1, ?2, ?3, ?4, ?5) \
          ON CONFLICT (trust_domain) DO UPDATE SET x509_roots = excluded.x509_roots, \
@@ -189,7 +222,6 @@ fn set_bundle_conn(
         i64::try_from(sequence).unwrap_or(i64::MAX),
         unix_now(),
     ])?;
-    tx.commit()?;
     Ok(StoredBundle { sequence, ..bundle })
 }
 

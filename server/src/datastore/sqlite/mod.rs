@@ -37,8 +37,8 @@ use sigil::entry::RegistrationEntry;
 use sigil::{SpiffeId, TrustDomain};
 
 use super::{
-    AttestedAgent, Datastore, DatastoreError, EntryChanges, EntryFilter, JoinToken, NewAgentSvid,
-    Page, StoredBundle,
+    AttestedAgent, BundleSwap, Datastore, DatastoreError, EntryChanges, EntryFilter, JoinToken,
+    NewAgentSvid, Page, StoredBundle,
 };
 use bundles::BundleTable;
 
@@ -521,6 +521,14 @@ impl Datastore for SqliteDatastore {
 
     async fn set_federated_bundle(&self, bundle: StoredBundle) -> Result<StoredBundle> {
         bundles::set(self, BundleTable::Federated, bundle).await
+    }
+
+    async fn compare_and_set_bundle(
+        &self,
+        bundle: StoredBundle,
+        expected_sequence: u64,
+    ) -> Result<BundleSwap> {
+        bundles::compare_and_set(self, bundle, expected_sequence).await
     }
 
     async fn get_federated_bundle(&self, td: &TrustDomain) -> Result<Option<StoredBundle>> {
