@@ -277,6 +277,59 @@ impl Changes {
     }
 }
 
+/// The entry ids under one selector of the index. Most selectors index a single entry (a
+/// workload's own uid or service account), and a persistent set costs a whole node (hundreds of
+/// bytes) even for one element, so one id is held inline.
+#[derive(Clone, Debug)]
+enum IdSet {
+    One(EntryId),
+    Many(imbl::OrdSet<EntryId>),
+}
+
+impl IdSet {
+    fn insert(&mut self, id: EntryId) {
+        match self {
+            IdSet::One(one) if *one == id => {}
+            IdSet::One(one) => {
+                let mut set = imbl::OrdSet::new();
+                set.insert(one.clone());
+                set.insert(id);
+                *self = IdSet::Many(set);
+            }
+            IdSet::Many(set) => {
+                set.insert(id);
+            }
+        }
+    }
+
+    /// Removes `id`; `true` when the set is then empty.
+    fn remove(&mut self, id: &str) -> bool {
+        match self {
+            IdSet::One(one) => &**one == id,
+            IdSet::Many(set) => {
+                set.remove(id);
+                match set.len() {
+                    0 => true,
+                    1 => {
+                        if let Some(last) = set.get_min().cloned() {
+                            *self = IdSet::One(last);
+                        }
+                        false
+                    }
+                    _ => false,
+                }
+            }
+        }
+    }
+
+    fn iter(&self) -> Box<dyn Iterator<Item = &EntryId> + '_> {
+        match self {
+            IdSet::One(one) => Box::new(std::iter::once(one)),
+            IdSet::Many(set) => Box::new(set.iter()),
+        }
+    }
+}
+
 /// An immutable view of the cache, as the worker published it last. Cloning is cheap (the maps
 /// share structure with the worker's, and a change copies only the paths it touches), so the
 /// worker publishes one after every change and readers (Workload API streams, the admin API,
@@ -285,13 +338,13 @@ impl Changes {
 pub struct Snapshot {
     has_snapshot: bool,
     revision: i64,
-    entries: imbl::HashMap<EntryId, Arc<RegistrationEntry>>,
+    entries: imbl::OrdMap<EntryId, Arc<RegistrationEntry>>,
     /// Every entry with selectors, under one of them: the one fewest entries had when it was
     /// indexed (a service account's selector rather than its namespace's). An entry matches a
     /// caller only when all its selectors are the caller's, its index key included, so looking
     /// up each of the caller's selectors finds every match exactly once, among few others.
-    by_selector: imbl::HashMap<Selector, imbl::HashSet<EntryId>>,
-    svids: imbl::HashMap<EntryId, Arc<CachedSvid>>,
+    by_selector: imbl::OrdMap<Selector, IdSet>,
+    svids: imbl::OrdMap<EntryId, Arc<CachedSvid>>,
     /// (NotAfter, entry id) of every cached SVID, in expiry order.
     expiries: imbl::OrdSet<(i64, EntryId)>,
     bundle: Option<Arc<pb::Bundle>>,
@@ -304,7 +357,7 @@ pub struct Snapshot {
     /// Entry id → (entry revision, retry state) for entries whose signing failed since their
     /// last successful one. Kept when the entry changes (it is then due at once, the record is
     /// only history until the next outcome), dropped with the entry or on success.
-    sign_failures: imbl::HashMap<EntryId, Arc<(i64, SignRetry)>>,
+    sign_failures: imbl::OrdMap<EntryId, Arc<(i64, SignRetry)>>,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -383,7 +436,7 @@ impl Snapshot {
             let Some(ids) = self.by_selector.get(s) else {
                 continue;
             };
-            for id in ids {
+            for id in ids.iter() {
                 if let Some(e) = self.entries.get(id) {
                     if e.selectors.is_subset_of(selectors) {
                         out.push(&**e);
@@ -545,11 +598,14 @@ impl Cache {
             *self.selector_counts.entry(sel.clone()).or_default() += 1;
         }
         if let Some(key) = key {
-            self.view
-                .by_selector
-                .entry(key.clone())
-                .or_default()
-                .insert(id.clone());
+            match self.view.by_selector.get_mut(&key) {
+                Some(ids) => ids.insert(id.clone()),
+                None => {
+                    self.view
+                        .by_selector
+                        .insert(key.clone(), IdSet::One(id.clone()));
+                }
+            }
             self.index_keys.insert(id.clone(), key);
         }
         if e.selectors.iter().any(is_exe_hash) {
@@ -568,8 +624,7 @@ impl Cache {
         }
         if let Some(key) = self.index_keys.remove(id) {
             if let Some(ids) = self.view.by_selector.get_mut(&key) {
-                ids.remove(id);
-                if ids.is_empty() {
+                if ids.remove(id) {
                     self.view.by_selector.remove(&key);
                 }
             }
