@@ -247,6 +247,7 @@ fn the_server_rides_out_a_postgres_outage_and_recovers_without_restart() {
         stderr.contains("PostgreSQL") || stderr.contains("datastore"),
         "the CLI's error does not name the datastore: {stderr}"
     );
+    eprintln!("during the outage: /ready: {reason}; entry create: {stderr}");
     // The workload keeps its SVID from the agent, all through the outage.
     while down.elapsed() < OUTAGE {
         let (ok, stdout, stderr) = fetch_x509(&agent.socket_path());
