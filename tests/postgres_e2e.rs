@@ -244,7 +244,7 @@ fn the_server_rides_out_a_postgres_outage_and_recovers_without_restart() {
         String::from_utf8_lossy(&out.stdout)
     );
     assert!(
-        stderr.contains("PostgreSQL") || stderr.contains("datastore"),
+        stderr.contains("datastore unavailable") && stderr.contains("PostgreSQL"),
         "the CLI's error does not name the datastore: {stderr}"
     );
     eprintln!("during the outage: /ready: {reason}; entry create: {stderr}");
