@@ -1,23 +1,37 @@
 //! End-to-end test of the CA lifecycle: a real `sigil-server` with one-minute authorities
 //! (`--ca-ttl 1m`: a new one prepared every 30 s, activated 20 s later), a real `sigil-agent`,
-//! and several Workload API streams read with the `spiffe` crate, through two rotations. Every
-//! X509-SVID update on every stream must chain to the bundle of the same message; the streams
-//! see SVIDs from more than one authority; `localauthority x509 taint` makes the agent re-mint
-//! at once, `revoke` takes the root out of the workload's bundle; and the agent still gets new
-//! SVIDs from the server afterwards. The same for a JWT key: tainted, its tokens are not re-used.
+//! 200 Workload API streams read with the `spiffe` crate (over a few connections), and an mTLS
+//! client/server pair of workloads (each presenting its SVID and trusting the bundle of its own
+//! latest Workload API message, with `sigil::tls`) shaking hands over and over, through three
+//! rotations. Every X509-SVID update on every stream must chain to the bundle of the same
+//! message, no handshake may fail, and the streams see SVIDs from more than one authority;
+//! `localauthority x509 taint` makes the agent re-mint every affected SVID within 5 s, `revoke`
+//! takes the root out of the workloads' bundles; and the agent still gets new SVIDs from the
+//! server afterwards. The same for a JWT key: tainted, its tokens are not re-used.
 //!
 //! Each wait is bounded; the test stops by itself.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use sigil::spiffe_id::SpiffeId;
+use sigil::tls::{IdentityStore, ServerVerification, TrustStore};
 use sigil_testkit::{agent_with_workload_entries, create_entry, tempdir, Server};
 use spiffe::WorkloadApiClient;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_stream::StreamExt as _;
 
 const WORKLOAD: &str = "spiffe://example.org/rotating";
-const STREAMS: usize = 3;
+/// The mTLS pair's identities.
+const MTLS_SERVER: &str = "spiffe://example.org/mtls/server";
+const MTLS_CLIENT: &str = "spiffe://example.org/mtls/client";
+/// Workload API streams, spread over [`CONNECTIONS`] connections.
+const STREAMS: usize = 200;
+const CONNECTIONS: usize = 10;
+/// Authority activations the workloads live through.
+const ROTATIONS: usize = 3;
 
 fn uid_selector() -> String {
     format!("unix:uid:{}", nix::unistd::getuid().as_raw())
@@ -48,8 +62,8 @@ struct Seen {
     messages: usize,
     /// Issuers (AKI) of the SVIDs received.
     issuers: BTreeSet<String>,
-    /// Issuer of the latest SVID.
-    latest_issuer: String,
+    /// Issuers of the latest message's SVIDs.
+    latest_issuers: BTreeSet<String>,
     /// Subject key IDs of the latest message's roots.
     latest_roots: BTreeSet<String>,
     /// Messages whose SVID did not chain to their own bundle.
@@ -61,15 +75,25 @@ fn lock(s: &Mutex<Seen>) -> std::sync::MutexGuard<'_, Seen> {
     s.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Reads `stream` until it ends, checking each message.
-async fn watch(socket: std::path::PathBuf, seen: Arc<Mutex<Seen>>) {
-    let client = WorkloadApiClient::connect_to(format!("unix://{}", socket.display()))
-        .await
-        .expect("connecting to the Workload API");
-    let mut stream = client
-        .stream_x509_contexts()
-        .await
-        .expect("stream_x509_contexts");
+/// One workload of the mTLS pair: its SVID and the bundle of its latest message.
+struct Side {
+    id: &'static str,
+    identity: Arc<IdentityStore>,
+    trust: Arc<TrustStore>,
+}
+
+/// Reads one X.509 context stream of `client` until it ends, checking each message; `side`, if
+/// any, takes its SVID and bundle from every message.
+async fn watch(client: WorkloadApiClient, seen: Arc<Mutex<Seen>>, side: Option<Arc<Side>>) {
+    let mut stream = match client.stream_x509_contexts().await {
+        Ok(s) => s,
+        Err(e) => {
+            lock(&seen)
+                .failures
+                .push(format!("stream_x509_contexts: {e}"));
+            return;
+        }
+    };
     let td = spiffe::TrustDomain::new("example.org").expect("trust domain");
     while let Some(msg) = stream.next().await {
         let ctx = match msg {
@@ -93,6 +117,7 @@ async fn watch(socket: std::path::PathBuf, seen: Arc<Mutex<Seen>>) {
         s.messages += 1;
         let n = s.messages;
         s.latest_roots = roots.iter().filter_map(|r| key_id(r, false)).collect();
+        s.latest_issuers.clear();
         for svid in ctx.svids() {
             let chain: Vec<Vec<u8>> = svid
                 .cert_chain()
@@ -106,8 +131,104 @@ async fn watch(socket: std::path::PathBuf, seen: Arc<Mutex<Seen>>) {
             }
             let issuer = key_id(&chain[0], true).unwrap_or_default();
             s.issuers.insert(issuer.clone());
-            s.latest_issuer = issuer;
+            s.latest_issuers.insert(issuer);
+            if let Some(side) = side
+                .as_ref()
+                .filter(|d| svid.spiffe_id().to_string() == d.id)
+            {
+                let key = svid.private_key().as_bytes().to_vec();
+                if let Err(e) = side.identity.set(chain, key) {
+                    s.failures.push(format!("message {n}: the mTLS SVID: {e}"));
+                }
+            }
         }
+        if let Some(side) = &side {
+            if let Err(e) = side.trust.set(&roots) {
+                s.failures
+                    .push(format!("message {n}: the mTLS bundle: {e}"));
+            }
+        }
+    }
+}
+
+/// Handshakes of the mTLS pair: how many succeeded, and what each failure said.
+#[derive(Default)]
+struct Handshakes {
+    ok: AtomicUsize,
+    failures: Mutex<Vec<String>>,
+}
+
+impl Handshakes {
+    fn fail(&self, what: String) {
+        self.failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(what);
+    }
+}
+
+/// The mTLS server workload: answers each connection's byte with the same byte.
+async fn mtls_server(
+    listener: tokio::net::TcpListener,
+    side: Arc<Side>,
+    handshakes: Arc<Handshakes>,
+) {
+    let config = sigil::tls::server_config(side.identity.clone(), side.trust.clone())
+        .expect("the mTLS server's TLS config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let acceptor = acceptor.clone();
+        let handshakes = handshakes.clone();
+        tokio::spawn(async move {
+            let result = async {
+                let mut tls = acceptor.accept(tcp).await?;
+                let mut byte = [0u8; 1];
+                tls.read_exact(&mut byte).await?;
+                tls.write_all(&byte).await?;
+                tls.shutdown().await
+            }
+            .await;
+            if let Err(e) = result {
+                handshakes.fail(format!("server side: {e}"));
+            }
+        });
+    }
+}
+
+/// The mTLS client workload: a new connection (full handshake, no resumption) every 50 ms,
+/// sending a byte and reading it back, which fails if either side refused the other.
+async fn mtls_client(address: std::net::SocketAddr, side: Arc<Side>, handshakes: Arc<Handshakes>) {
+    let expected = SpiffeId::parse(MTLS_SERVER).expect("SPIFFE ID");
+    let config = sigil::tls::client_config(
+        ServerVerification::Spiffe {
+            trust: side.trust.clone(),
+            expected_id: expected,
+        },
+        Some(side.identity.clone()),
+    )
+    .expect("the mTLS client's TLS config");
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = rustls_pki_types::ServerName::try_from("mtls-server").expect("server name");
+    loop {
+        let result = async {
+            let tcp = tokio::net::TcpStream::connect(address).await?;
+            let mut tls = connector.connect(name.clone(), tcp).await?;
+            tls.write_all(b"x").await?;
+            let mut byte = [0u8; 1];
+            tls.read_exact(&mut byte).await?;
+            std::io::Result::Ok(())
+        };
+        match tokio::time::timeout(Duration::from_secs(10), result).await {
+            Ok(Ok(())) => {
+                handshakes.ok.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(Err(e)) => handshakes.fail(format!("client side: {e}")),
+            Err(_) => handshakes.fail("client side: no answer in 10 s".into()),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -136,31 +257,79 @@ fn wait_until(secs: u64, what: &str, mut pred: impl FnMut() -> bool) {
 }
 
 #[test]
-fn workloads_follow_two_rotations_a_taint_and_a_revoke() {
+fn workloads_and_an_mtls_pair_follow_three_rotations_a_taint_and_a_revoke() {
     let dir = tempdir();
     let server = Server::start(&dir.path().join("server"), &["--ca-ttl", "1m"]);
     let sel = uid_selector();
-    let w = agent_with_workload_entries(&server, dir.path(), &[(WORKLOAD, &[sel.as_str()])], &[]);
+    let w = agent_with_workload_entries(
+        &server,
+        dir.path(),
+        &[
+            (WORKLOAD, &[sel.as_str()]),
+            (MTLS_SERVER, &[sel.as_str()]),
+            (MTLS_CLIENT, &[sel.as_str()]),
+        ],
+        &[],
+    );
+    w.agent
+        .wait_svids_for(&[WORKLOAD, MTLS_SERVER, MTLS_CLIENT], 60);
     let socket = w.agent.socket_path();
+    let endpoint = format!("unix://{}", socket.display());
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let seen: Vec<Arc<Mutex<Seen>>> = (0..STREAMS).map(|_| Arc::default()).collect();
-    let tasks: Vec<_> = seen
-        .iter()
-        .map(|s| rt.spawn(watch(socket.clone(), s.clone())))
+    let clients: Vec<WorkloadApiClient> = (0..CONNECTIONS)
+        .map(|_| {
+            rt.block_on(WorkloadApiClient::connect_to(&endpoint))
+                .expect("connecting to the Workload API")
+        })
         .collect();
+    let seen: Vec<Arc<Mutex<Seen>>> = (0..STREAMS + 2).map(|_| Arc::default()).collect();
+    let mut tasks: Vec<_> = seen[..STREAMS]
+        .iter()
+        .enumerate()
+        .map(|(i, s)| rt.spawn(watch(clients[i % CONNECTIONS].clone(), s.clone(), None)))
+        .collect();
+
+    // The mTLS pair: each workload on a connection of its own, starting from the server's
+    // bundle until its first message.
+    let initial_roots =
+        sigil::x509::parse_pem_certs(&server.cli_ok(&["bundle", "show"])).expect("PEM bundle");
+    let side = |id: &'static str| {
+        Arc::new(Side {
+            id,
+            identity: Arc::new(IdentityStore::empty()),
+            trust: Arc::new(TrustStore::new(&initial_roots).expect("the server's bundle")),
+        })
+    };
+    let (server_side, client_side) = (side(MTLS_SERVER), side(MTLS_CLIENT));
+    for (s, d) in [
+        (&seen[STREAMS], &server_side),
+        (&seen[STREAMS + 1], &client_side),
+    ] {
+        let client = rt
+            .block_on(WorkloadApiClient::connect_to(&endpoint))
+            .expect("connecting to the Workload API");
+        tasks.push(rt.spawn(watch(client, s.clone(), Some(d.clone()))));
+    }
+    wait_until(30, "both mTLS workloads holding their SVIDs", || {
+        server_side.identity.current().is_some() && client_side.identity.current().is_some()
+    });
+    let handshakes = Arc::new(Handshakes::default());
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("binding the mTLS server");
+    let address = listener.local_addr().expect("the mTLS server's address");
+    tasks.push(rt.spawn(mtls_server(listener, server_side, handshakes.clone())));
+    tasks.push(rt.spawn(mtls_client(address, client_side, handshakes.clone())));
 
     // JWT keys: a token's key made old by hand and tainted is not re-used for the next token.
     let jwt_kid = |rt: &tokio::runtime::Runtime| {
         rt.block_on(async {
-            let client = WorkloadApiClient::connect_to(format!("unix://{}", socket.display()))
-                .await
-                .expect("connecting to the Workload API");
-            let svid = client
+            let svid = clients[0]
                 .fetch_jwt_svid(["rotation"], None)
                 .await
                 .expect("fetch_jwt_svid");
@@ -198,14 +367,14 @@ fn workloads_follow_two_rotations_a_taint_and_a_revoke() {
     let bundle = server.cli_ok(&["bundle", "show", "--format", "spiffe"]);
     assert!(!bundle.contains(&first_kid), "{bundle}");
 
-    // Two rotations: three authorities active in turn.
+    // Three rotations: four authorities active in turn.
     let mut actives = vec![active_id(&x509_state(&server))];
-    wait_until(150, "two X.509 authority activations", || {
+    wait_until(200, "three X.509 authority activations", || {
         let id = active_id(&x509_state(&server));
         if actives.last() != Some(&id) {
             actives.push(id);
         }
-        actives.len() >= 3
+        actives.len() > ROTATIONS
     });
     let state = x509_state(&server);
     let active = active_id(&state);
@@ -215,13 +384,16 @@ fn workloads_follow_two_rotations_a_taint_and_a_revoke() {
         .to_string();
     assert_eq!(old, actives[actives.len() - 2]);
 
-    // Taint the old one: the agent re-mints what it signed at once (not at half-life).
+    // Taint the old one: the agent re-mints everything it signed at once (not at half-life).
     let out = server.cli_ok(&["localauthority", "x509", "taint", "--authority-id", &old]);
     assert!(out.contains("tainted"), "{out}");
-    assert_eq!(x509_state(&server)["old"][0]["tainted"], true);
-    wait_until(8, "every stream's SVID from the active authority", || {
-        seen.iter().all(|s| lock(s).latest_issuer == active)
+    let tainted_at = Instant::now();
+    wait_until(5, "every stream's SVIDs from the active authority", || {
+        seen.iter()
+            .all(|s| lock(s).latest_issuers == BTreeSet::from([active.clone()]))
     });
+    eprintln!("taint: every SVID re-minted in {:?}", tainted_at.elapsed());
+    assert_eq!(x509_state(&server)["old"][0]["tainted"], true);
     // Refusals change nothing: the active one cannot be tainted or revoked.
     for verb in ["taint", "revoke"] {
         let out = server.cli(&["localauthority", "x509", verb, "--authority-id", &active]);
@@ -237,6 +409,11 @@ fn workloads_follow_two_rotations_a_taint_and_a_revoke() {
             !s.latest_roots.contains(&old) && s.latest_roots.contains(&active)
         })
     });
+    // Handshakes go on after the revocation.
+    let before = handshakes.ok.load(Ordering::SeqCst);
+    wait_until(10, "mTLS handshakes after the revocation", || {
+        handshakes.ok.load(Ordering::SeqCst) > before + 10
+    });
 
     // The agent still talks to the server: a new entry gets its SVID.
     create_entry(
@@ -251,11 +428,24 @@ fn workloads_follow_two_rotations_a_taint_and_a_revoke() {
     for t in tasks {
         t.abort();
     }
+    let failures = handshakes
+        .failures
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let ok = handshakes.ok.load(Ordering::SeqCst);
+    assert!(
+        failures.is_empty(),
+        "{} of {ok} handshakes failed: {failures:?}",
+        failures.len()
+    );
+    assert!(ok > 100, "only {ok} mTLS handshakes");
+    eprintln!("{ok} mTLS handshakes, none failed");
     for (i, s) in seen.iter().enumerate() {
         let s = lock(s);
         assert!(s.failures.is_empty(), "stream {i}: {:?}", s.failures);
         assert!(
-            s.issuers.len() >= 2,
+            s.issuers.len() >= ROTATIONS,
             "stream {i} saw SVIDs of {:?} only ({} messages)",
             s.issuers,
             s.messages

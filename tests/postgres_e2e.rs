@@ -2,12 +2,17 @@
 //! on a database of its own (`sigil_testkit::postgres`), entries made with the CLI, a real agent
 //! attesting with a join token, and a workload fetching its SVID from the agent; the data is in
 //! PostgreSQL and survives a server restart. A server given a database it cannot reach refuses
-//! to start, saying what to check and never printing the password.
+//! to start, saying what to check and never printing the password. A server whose database goes
+//! away for a while (a cluster of the test's own, stopped and started) keeps running unready,
+//! refuses writes with a clear error while agents keep serving SVIDs, and recovers by itself.
 
 use std::process::Command;
+use std::time::{Duration, Instant};
 
-use sigil_testkit::postgres::TestDatabase;
-use sigil_testkit::{binary, create_entry, join_token, subdir, tempdir, Agent, Server};
+use sigil_testkit::postgres::{TestCluster, TestDatabase};
+use sigil_testkit::{
+    binary, create_entry, free_port, http_get, join_token, subdir, tempdir, wait_for, Agent, Server,
+};
 
 /// `sigil-agent api fetch x509` on `socket`: (success, stdout, stderr).
 fn fetch_x509(socket: &std::path::Path) -> (bool, String, String) {
@@ -129,4 +134,153 @@ fn a_server_that_cannot_reach_its_database_says_what_to_check() {
         !stderr.contains("s3cret-pw"),
         "the password leaked: {stderr}"
     );
+}
+
+/// Runs `sigil-server <args>` against `server`'s admin socket, failing the test if it has not
+/// answered within `secs` (a CLI that hangs on a datastore outage is a failure too).
+fn cli_within(server: &Server, args: &[&str], secs: u64) -> std::process::Output {
+    let mut child = Command::new(binary("sigil-server"))
+        .args(args)
+        .arg("--admin-socket")
+        .arg(&server.admin_socket)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running sigil-server CLI");
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while child.try_wait().expect("waiting for the CLI").is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("sigil-server {args:?} did not answer within {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.wait_with_output().expect("the CLI's output")
+}
+
+/// `GET /ready` on `address`: (HTTP status code, body).
+fn ready(address: &str) -> (u16, String) {
+    let answer = http_get(address, "/ready");
+    let code = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+/// How long the database stays down.
+const OUTAGE: Duration = Duration::from_secs(30);
+
+#[test]
+fn the_server_rides_out_a_postgres_outage_and_recovers_without_restart() {
+    let mut cluster = TestCluster::start();
+    let db = cluster.create_database();
+    let dir = tempdir();
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[datastore]\ntype = \"postgres\"\nconnection_string = \"{}\"\n",
+            db.url()
+        ),
+    )
+    .expect("writing the server config");
+    let health = format!("127.0.0.1:{}", free_port());
+    let mut server = Server::start(
+        &subdir(dir.path(), "server"),
+        &[
+            "--config",
+            config.to_str().expect("UTF-8 temp path"),
+            "--health-address",
+            &health,
+        ],
+    );
+    assert_eq!(ready(&health).0, 200, "{:?}", ready(&health));
+    let (token, agent_id) = join_token(&server);
+    let sel = format!("unix:uid:{}", nix::unistd::getuid().as_raw());
+    let workload = "spiffe://example.org/pg/outage/before";
+    create_entry(&server, &agent_id, workload, &[&sel], &[]);
+    let agent = Agent::start(
+        &server,
+        &subdir(dir.path(), "agent"),
+        &["--join-token", &token],
+    );
+    agent.wait_svids_for(&[workload], 60);
+
+    // The outage.
+    cluster.stop();
+    let down = Instant::now();
+    let reason = wait_for(30, "/ready answering 503 during the outage", || {
+        let (code, body) = ready(&health);
+        (code == 503).then_some(body)
+    });
+    assert!(reason.contains("datastore"), "{reason}");
+    // A write is refused, saying why, and not stored (checked after recovery).
+    let lost = "spiffe://example.org/pg/outage/refused";
+    let out = cli_within(
+        &server,
+        &[
+            "entry",
+            "create",
+            "--parent-id",
+            &agent_id,
+            "--spiffe-id",
+            lost,
+            "--selector",
+            &sel,
+        ],
+        30,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a write acknowledged during the outage: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        stderr.contains("datastore unavailable") && stderr.contains("PostgreSQL"),
+        "the CLI's error does not name the datastore: {stderr}"
+    );
+    eprintln!("during the outage: /ready: {reason}; entry create: {stderr}");
+    // The workload keeps its SVID from the agent, all through the outage.
+    while down.elapsed() < OUTAGE {
+        let (ok, stdout, stderr) = fetch_x509(&agent.socket_path());
+        assert!(ok && stdout.contains(workload), "{stdout}{stderr}");
+        assert!(
+            server
+                .child
+                .as_mut()
+                .is_some_and(|c| c.try_wait().ok().flatten().is_none()),
+            "the server exited during the outage; log:\n{}",
+            server.log_text()
+        );
+        assert_eq!(ready(&health).0, 503);
+        std::thread::sleep(Duration::from_secs(2));
+    }
+
+    // Recovery, without a restart.
+    let pid = server.child.as_ref().map(|c| c.id());
+    cluster.start_again();
+    wait_for(30, "/ready answering 200 after the outage", || {
+        (ready(&health).0 == 200).then_some(())
+    });
+    assert_eq!(server.child.as_ref().map(|c| c.id()), pid);
+    let after = "spiffe://example.org/pg/outage/after";
+    create_entry(&server, &agent_id, after, &[&sel], &[]);
+    agent.wait_svids_for(&[workload, after], 60);
+    let (ok, stdout, stderr) = fetch_x509(&agent.socket_path());
+    assert!(ok && stdout.contains(after), "{stdout}{stderr}");
+    let listed = server.cli_json(&["entry", "show"]).to_string();
+    assert!(
+        !listed.contains(lost),
+        "a refused write was stored: {listed}"
+    );
+    let log = server.log_text();
+    assert!(!log.contains("panicked"), "{log}");
 }

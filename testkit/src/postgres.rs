@@ -29,20 +29,24 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct TestDatabase {
     name: String,
     url: String,
-    admin_url: &'static str,
+    admin_url: String,
 }
 
 impl TestDatabase {
     /// Creates a database with a random name (fails the test, saying why, when no server can be
     /// had).
     pub fn create() -> TestDatabase {
-        let admin_url = server_url();
+        TestDatabase::create_on(server_url())
+    }
+
+    /// Creates a database with a random name on the server at `admin_url`.
+    fn create_on(admin_url: &str) -> TestDatabase {
         let name = format!("sigil_test_{}", random_hex());
         psql(admin_url, &format!("CREATE DATABASE {name}"));
         TestDatabase {
             url: with_dbname(admin_url, &name),
             name,
-            admin_url,
+            admin_url: admin_url.to_string(),
         }
     }
 
@@ -67,7 +71,7 @@ impl Drop for TestDatabase {
     fn drop(&mut self) {
         // Best effort: the throwaway cluster goes away with its databases anyway.
         let _ = psql_command(
-            self.admin_url,
+            &self.admin_url,
             &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
         )
         .output();
@@ -222,8 +226,18 @@ wait "$pg"
 rm -rf "$2"
 "#;
 
-/// Starts the throwaway cluster and returns its URL.
+/// Starts the shared throwaway cluster and returns its URL.
 fn start_cluster() -> String {
+    let (dir, bin, run_as) = init_cluster();
+    let data = dir.join("data");
+    let mut child = spawn_watchdog(WATCHDOG, &bin, &run_as, &data, &dir);
+    wait_accepting(&bin, &dir, &mut child);
+    cluster_url(&dir)
+}
+
+/// `initdb` in a new temp dir (given to the user the cluster runs as): the dir, the programs'
+/// dir, and who runs them.
+fn init_cluster() -> (PathBuf, PathBuf, RunAs) {
     let bin = bin_dir();
     let run_as = RunAs::detect();
     // The watchdog removes the dir when the test process is gone.
@@ -258,36 +272,50 @@ fn start_cluster() -> String {
         String::from_utf8_lossy(&init.stdout),
         String::from_utf8_lossy(&init.stderr)
     );
+    (dir, bin, run_as)
+}
+
+/// Starts `script` (a watchdog) with the server's arguments.
+fn spawn_watchdog(
+    script: &str,
+    bin: &Path,
+    run_as: &RunAs,
+    data: &Path,
+    dir: &Path,
+) -> std::process::Child {
     let mut watchdog = run_as.command(Path::new("/bin/sh"));
     watchdog
-        .args(["-c", WATCHDOG])
+        .args(["-c", script])
         .arg(bin.join("postgres"))
-        .arg(&data)
-        .arg(&dir)
+        .arg(data)
+        .arg(dir)
         .arg(PORT.to_string())
         .arg(std::process::id().to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    // Not waited for: it lives as long as the test process and reaps the server itself.
-    let mut child = watchdog
+    // Not waited for by the shared cluster: it lives as long as the test process and reaps the
+    // server itself.
+    watchdog
         .spawn()
-        .unwrap_or_else(|e| panic!("starting the PostgreSQL watchdog: {e}"));
-    let url = format!(
-        "postgresql:///postgres?host={}&port={PORT}&user=postgres",
-        dir.display()
-    );
+        .unwrap_or_else(|e| panic!("starting the PostgreSQL watchdog: {e}"))
+}
+
+/// Whether the cluster in `dir` accepts connections now.
+fn accepting(bin: &Path, dir: &Path) -> bool {
+    Command::new(bin.join("pg_isready"))
+        .arg("-h")
+        .arg(dir)
+        .args(["-p", &PORT.to_string(), "-q"])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Waits until the cluster in `dir` accepts connections (fails the test, with its log, when its
+/// watchdog `child` exits first or after [`START_TIMEOUT`]).
+fn wait_accepting(bin: &Path, dir: &Path, child: &mut std::process::Child) {
     let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        let ready = Command::new(bin.join("pg_isready"))
-            .arg("-h")
-            .arg(&dir)
-            .args(["-p", &PORT.to_string(), "-q"])
-            .status()
-            .is_ok_and(|s| s.success());
-        if ready {
-            break;
-        }
+    while !accepting(bin, dir) {
         let log = std::fs::read_to_string(dir.join("postgres.log")).unwrap_or_default();
         if let Ok(Some(status)) = child.try_wait() {
             panic!(
@@ -300,7 +328,109 @@ fn start_cluster() -> String {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    url
+}
+
+/// The superuser URL of the cluster whose socket is in `dir`.
+fn cluster_url(dir: &Path) -> String {
+    format!(
+        "postgresql:///postgres?host={}&port={PORT}&user=postgres",
+        dir.display()
+    )
+}
+
+/// The watchdog of a dedicated cluster: like [`WATCHDOG`], but the dir stays when the server
+/// stops while the test process lives (the test starts it again); it goes with the test process.
+const CLUSTER_WATCHDOG: &str = r#"
+"$0" -D "$1" -k "$2" -p "$3" -c listen_addresses= -c fsync=off -c full_page_writes=off \
+    -c max_connections=300 >>"$2/postgres.log" 2>&1 &
+pg=$!
+while [ -d "/proc/$4" ] && kill -0 "$pg" 2>/dev/null; do sleep 1; done
+kill -INT "$pg" 2>/dev/null
+wait "$pg"
+[ -d "/proc/$4" ] || rm -rf "$2"
+"#;
+
+/// A PostgreSQL cluster for one test alone, which the test can stop and start again (an
+/// outage); stopped and removed when dropped.
+pub struct TestCluster {
+    dir: PathBuf,
+    bin: PathBuf,
+    run_as: RunAs,
+    /// The running server's watchdog, while it runs.
+    watchdog: Option<std::process::Child>,
+}
+
+impl TestCluster {
+    /// Creates and starts a cluster (fails the test, saying why, when it cannot).
+    pub fn start() -> TestCluster {
+        let (dir, bin, run_as) = init_cluster();
+        let mut cluster = TestCluster {
+            dir,
+            bin,
+            run_as,
+            watchdog: None,
+        };
+        cluster.start_again();
+        cluster
+    }
+
+    /// The superuser URL of the `postgres` database.
+    pub fn url(&self) -> String {
+        cluster_url(&self.dir)
+    }
+
+    /// A new database of its own on this cluster.
+    pub fn create_database(&self) -> TestDatabase {
+        TestDatabase::create_on(&self.url())
+    }
+
+    /// Whether the server accepts connections now.
+    pub fn accepting(&self) -> bool {
+        accepting(&self.bin, &self.dir)
+    }
+
+    /// Starts the server again after [`TestCluster::stop`] and waits until it accepts
+    /// connections.
+    pub fn start_again(&mut self) {
+        assert!(self.watchdog.is_none(), "the cluster is running already");
+        let data = self.dir.join("data");
+        let mut child = spawn_watchdog(CLUSTER_WATCHDOG, &self.bin, &self.run_as, &data, &self.dir);
+        wait_accepting(&self.bin, &self.dir, &mut child);
+        self.watchdog = Some(child);
+    }
+
+    /// Stops the server (fast shutdown: open connections are cut) and waits until it is gone.
+    pub fn stop(&mut self) {
+        let Some(mut watchdog) = self.watchdog.take() else {
+            return;
+        };
+        let pid_file = self.dir.join("data").join("postmaster.pid");
+        let pid = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.lines().next()?.trim().parse::<i32>().ok());
+        if let Some(pid) = pid {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGINT,
+            );
+        }
+        let deadline = Instant::now() + START_TIMEOUT;
+        // The watchdog exits once the server has.
+        while watchdog.try_wait().ok().flatten().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "the throwaway PostgreSQL did not stop in {START_TIMEOUT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 #[cfg(test)]
@@ -346,5 +476,18 @@ mod tests {
             "SELECT COUNT(*) FROM pg_database WHERE datname = '{name}'"
         ));
         assert_eq!(left.trim(), "0", "dropped at the end of the test");
+    }
+
+    #[test]
+    fn a_dedicated_cluster_stops_and_starts_again_with_its_data() {
+        let mut cluster = TestCluster::start();
+        let db = cluster.create_database();
+        db.psql("CREATE TABLE t (x INT); INSERT INTO t VALUES (7)");
+        cluster.stop();
+        assert!(!cluster.accepting());
+        let out = psql_command(db.url(), "SELECT 1").output().expect("psql");
+        assert!(!out.status.success(), "a query while stopped");
+        cluster.start_again();
+        assert_eq!(db.psql("SELECT x FROM t").trim(), "7");
     }
 }
