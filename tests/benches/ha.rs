@@ -52,13 +52,14 @@ const WAIT: Duration = Duration::from_secs(30);
 // ---------------------------------------------------------------- setup
 
 /// Two servers on one PostgreSQL database at fixed ports (the killed one comes back on its own).
+/// Fields drop in order: the servers before their database, the database before the dir.
 struct Pair {
-    _dir: tempfile::TempDir,
-    _db: TestDatabase,
     servers: [Server; 2],
     addrs: [String; 2],
     /// `bundle show` once both roots are in it.
     bundle: String,
+    _db: TestDatabase,
+    _dir: tempfile::TempDir,
 }
 
 fn postgres_config(dir: &Path, db: &TestDatabase) -> String {
@@ -650,6 +651,9 @@ fn main() {
             &token,
         ));
         agent_ids.push(id);
+    }
+    for (k, agent) in agents.iter().enumerate() {
+        agent.wait_svids_for(&[&format!("spiffe://example.org/ha/workload/{k}")], 60);
     }
     let logs: Vec<Log> = agents
         .iter()
