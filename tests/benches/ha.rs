@@ -192,7 +192,8 @@ struct Snap {
 type Log = Arc<Mutex<Vec<(Instant, Snap)>>>;
 
 fn messages(log: &Log) -> std::sync::MutexGuard<'_, Vec<(Instant, Snap)>> {
-    log.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    log.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -256,10 +257,7 @@ async fn watch(socket: PathBuf, log: Log) {
 fn first_after(log: &Log, since: Instant, what: &str, pred: impl Fn(&Snap) -> bool) -> Instant {
     let deadline = Instant::now() + WAIT;
     loop {
-        if let Some((at, _)) = messages(log)
-            .iter()
-            .find(|(at, s)| *at >= since && pred(s))
-        {
+        if let Some((at, _)) = messages(log).iter().find(|(at, s)| *at >= since && pred(s)) {
             return *at;
         }
         assert!(Instant::now() < deadline, "timed out: {what}");
@@ -599,7 +597,12 @@ fn rotate(server: &Server, logs: &[Log]) -> Vec<(&'static str, usize, f64, f64)>
     let t = Instant::now();
     server.cli_ok(&["localauthority", "x509", "activate"]);
     let took = ms(t.elapsed());
-    steps.push(("`activate` (CLI round trip; streams unchanged)", 0, took, took));
+    steps.push((
+        "`activate` (CLI round trip; streams unchanged)",
+        0,
+        took,
+        took,
+    ));
 
     let t = Instant::now();
     server.cli_ok(&["localauthority", "x509", "taint", "--authority-id", &old]);
@@ -763,15 +766,33 @@ fn main() {
     };
     println!("\n| propagation to a Workload API stream on an agent connected to server B | n | p50 | p99 | max |");
     println!("|---|---|---|---|---|");
-    row("`CreateEntry` through A → SVID on the stream", &cross_create);
-    row("`DeleteEntry` through A → SVID gone from the stream", &cross_delete);
-    row("`CreateEntry` through B (same server) → SVID on the stream", &same_create);
-    row("`DeleteEntry` through B (same server) → SVID gone", &same_delete);
+    row(
+        "`CreateEntry` through A → SVID on the stream",
+        &cross_create,
+    );
+    row(
+        "`DeleteEntry` through A → SVID gone from the stream",
+        &cross_delete,
+    );
+    row(
+        "`CreateEntry` through B (same server) → SVID on the stream",
+        &same_create,
+    );
+    row(
+        "`DeleteEntry` through B (same server) → SVID gone",
+        &same_delete,
+    );
 
     println!("\n| failover after `kill -9` ({KILLS} rounds, alternating servers) | n | p50 | p99 | max |");
     println!("|---|---|---|---|---|");
-    row("kill → agent's sync stream connected to the survivor", &moved);
-    row("kill → entry created through the survivor cached on a moved agent", &synced);
+    row(
+        "kill → agent's sync stream connected to the survivor",
+        &moved,
+    );
+    row(
+        "kill → entry created through the survivor cached on a moved agent",
+        &synced,
+    );
 
     println!(
         "\n| CA rotation on server A, {} streams on {AGENTS} agents ({} roots in the bundle after) | streams that changed | median stream | slowest stream |",
