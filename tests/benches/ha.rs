@@ -371,35 +371,40 @@ fn failover(
             }),
         }))
         .expect("CreateEntry through the survivor");
-        let mut pending: Vec<usize> = leaving.clone();
+        // One admin connection per agent, opened before the kill: a poll is one call on it.
+        let mut clients = rt.block_on(async {
+            let mut v = Vec::new();
+            for &k in &leaving {
+                let channel = sigil::uds::connect(&agents[k].admin_socket)
+                    .await
+                    .expect("agent admin socket");
+                v.push(AgentAdminClient::new(channel));
+            }
+            v
+        });
         let mut cached = None;
-        while !pending.is_empty() || cached.is_none() {
-            assert!(killed.elapsed() < WAIT, "agents {pending:?} did not move");
-            pending.retain(|&k| {
-                let s = rt.block_on(status(&agents[k].admin_socket));
-                let done = s.is_some_and(|s| {
-                    s.server == pair.addrs[survivor] && s.sync_state == "connected"
-                });
-                if done {
-                    moved.push(ms(killed.elapsed()));
+        // Until every agent moved and the first one cached the new entry.
+        let mut gone = vec![false; clients.len()];
+        while gone.iter().any(|g| !g) || cached.is_none() {
+            assert!(killed.elapsed() < WAIT, "agents did not move");
+            // Index 0 is the agent the new entry is for.
+            for (i, client) in clients.iter_mut().enumerate() {
+                if gone[i] && (i > 0 || cached.is_some()) {
+                    continue;
                 }
-                !done
-            });
-            if cached.is_none() {
-                let held = rt.block_on(async {
-                    let channel = sigil::uds::connect(&agents[leaving[0]].admin_socket)
-                        .await
-                        .ok()?;
-                    AgentAdminClient::new(channel)
-                        .status(StatusRequest {
-                            spiffe_id: id.clone(),
-                        })
-                        .await
-                        .ok()
-                        .map(|r| r.into_inner().svids.iter().any(|v| v.spiffe_id == id))
-                });
-                if held == Some(true) {
-                    cached = Some(ms(killed.elapsed()));
+                let s = rt
+                    .block_on(client.status(StatusRequest {
+                        spiffe_id: id.clone(),
+                    }))
+                    .expect("agent Status")
+                    .into_inner();
+                let at = ms(killed.elapsed());
+                if i == 0 && cached.is_none() && s.svids.iter().any(|v| v.spiffe_id == id) {
+                    cached = Some(at);
+                }
+                if !gone[i] && s.server == pair.addrs[survivor] && s.sync_state == "connected" {
+                    gone[i] = true;
+                    moved.push(at);
                 }
             }
             std::thread::sleep(Duration::from_millis(2));
