@@ -4,7 +4,7 @@
 //! certificate, or a k8s_psat projected service-account token. The first attestation runs at
 //! start-up (`run::attest_first`) when no usable agent SVID is stored; x509pop and k8s_psat can
 //! attest again later, when the server evicted the agent or its SVID expired (the worker calls
-//! [`NodeAttestation::attest`] through [`crate::sync::worker::NodeApi`]). The material is read
+//! [`NodeAttestation::attest`] through [`crate::sync::node_api::NodeApi`]). The material is read
 //! from disk for every attestation: an x509pop certificate may have been renewed, and the kubelet
 //! rotates projected tokens.
 

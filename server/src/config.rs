@@ -195,7 +195,7 @@ pub struct RunFlags {
     /// Datastore: sqlite or postgres [default: sqlite].
     #[arg(long, value_name = "TYPE")]
     pub datastore_type: Option<String>,
-    /// SQLite database path [default: <data-dir>/datastore.sqlite3].
+    /// SQLite database path [default: DATA_DIR/datastore.sqlite3, DATA_DIR being --data-dir].
     #[arg(long, value_name = "FILE")]
     pub datastore_path: Option<PathBuf>,
     /// PostgreSQL connection string (URL or key=value). Prefer the environment variable or the

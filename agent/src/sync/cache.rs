@@ -841,7 +841,7 @@ impl Cache {
     }
 
     /// Entry ids that need an SVID now: none yet, minted for an older revision of the entry, or
-    /// at/after their refresh time (see [`Self::due_at`]). Sorted for deterministic batches.
+    /// at/after their refresh time (see `due_at`). Sorted for deterministic batches.
     /// Read from the refresh queue: the cost follows the entries due, not the entries held.
     pub fn due(&self, now: i64) -> Vec<String> {
         let mut due: Vec<String> = self

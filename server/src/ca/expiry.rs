@@ -121,7 +121,7 @@ impl Warnings {
     }
 
     /// When to look again after `now`: the next state change or the next warning, whichever
-    /// comes first, but at most [`MAX_SLEEP`] away.
+    /// comes first, but at most `MAX_SLEEP` away.
     pub fn next_check(&self, now: i64) -> i64 {
         let next_warning = self.last.map(|(at, _)| at + WARN_EVERY);
         let candidates = [

@@ -11,9 +11,9 @@
 //!
 //! Layout: this file holds the service, its state, the trait implementation (one line per RPC:
 //! how the layer treats it, and its handler) and what the handlers share; the handlers live by
-//! resource in [`entries`], [`agents`], [`bundles`] (the server's bundle and federated bundles),
-//! [`join_tokens`], [`localauthority`] (the CA's authorities: show, prepare, activate, taint,
-//! revoke) and [`health`].
+//! resource in `entries.rs`, `agents.rs`, `bundles.rs` (the server's bundle and federated
+//! bundles), `join_tokens.rs`, `localauthority.rs` (the CA's authorities: show, prepare,
+//! activate, taint, revoke) and `health.rs`.
 
 use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
