@@ -94,9 +94,20 @@ impl ClientProc {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting the {what} ({cmd:?}): {e}"));
+        // A binary this test has just copied can be "busy" for a moment: another test thread
+        // may have forked (to spawn its own process) while the copy's file was open for
+        // writing, and that child holds the descriptor until it execs. Retry briefly.
+        let mut attempts = 0;
+        let mut child = loop {
+            match cmd.spawn() {
+                Ok(c) => break c,
+                Err(e) if e.raw_os_error() == Some(26) && attempts < 100 => {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("starting the {what} ({cmd:?}): {e}"),
+            }
+        };
         let stdout = child.stdout.take().expect("piped stdout");
         let mut stderr = child.stderr.take().expect("piped stderr");
         let (tx, lines) = mpsc::channel();
