@@ -58,7 +58,15 @@ pub struct FileConfig {
     /// Where the trust bundle is published for the agents.
     #[serde(default)]
     pub bundle_publisher: FileBundlePublisher,
+    /// Federation with other trust domains.
+    #[serde(default)]
+    pub federation: FileFederation,
 }
+
+/// `[federation]` section.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileFederation {}
 
 /// `[node_attestor]` section (join tokens need no settings).
 #[derive(Debug, Default, Deserialize)]

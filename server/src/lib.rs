@@ -25,6 +25,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod datastore;
+pub mod federation;
 pub mod identity;
 pub mod kube;
 pub mod metrics;

@@ -1,0 +1,1 @@
+//! Keeps every federation relationship's bundle fresh.

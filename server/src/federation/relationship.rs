@@ -1,0 +1,1 @@
+//! Federation relationships: with which trust domains this one federates, and how.
