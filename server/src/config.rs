@@ -17,6 +17,9 @@ use crate::attestor::k8s_psat::{self, ClusterConfig, FileCluster, FileK8sPsat};
 use crate::bundle_publisher::{self, BundlePublisherConfig, FileBundlePublisher, FileK8sConfigMap};
 use crate::ca::{CaConfig, KeyType, UpstreamConfig};
 use crate::datastore::postgres::PostgresOptions;
+use crate::federation::endpoint::{
+    self as bundle_endpoint, BundleEndpointConfig, FileBundleEndpoint,
+};
 
 /// Default node API address (SPIRE's server port).
 pub const DEFAULT_BIND_ADDRESS: &str = "0.0.0.0:8081";
@@ -66,7 +69,10 @@ pub struct FileConfig {
 /// `[federation]` section.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FileFederation {}
+pub struct FileFederation {
+    /// `[federation.bundle_endpoint]`: unset means this server serves no bundle endpoint.
+    pub bundle_endpoint: Option<FileBundleEndpoint>,
+}
 
 /// `[node_attestor]` section (join tokens need no settings).
 #[derive(Debug, Default, Deserialize)]
@@ -276,6 +282,22 @@ pub struct RunFlags {
     /// Bundle ConfigMap: API server CA (PEM) [default: the pod's service-account ca.crt].
     #[arg(long, value_name = "FILE")]
     pub bundle_publisher_k8s_configmap_api_ca_file: Option<PathBuf>,
+    /// Serve the federation bundle endpoint on this address (as [federation.bundle_endpoint]
+    /// address in the file); the other --federation-bundle-endpoint-* flags set its keys.
+    #[arg(long, value_name = "IP:PORT")]
+    pub federation_bundle_endpoint_address: Option<String>,
+    /// Bundle endpoint profile: https_spiffe (the server's SVID) or https_web [default: https_spiffe].
+    #[arg(long, value_name = "PROFILE")]
+    pub federation_bundle_endpoint_profile: Option<String>,
+    /// Bundle endpoint, https_web: PEM certificate chain (re-read when it changes).
+    #[arg(long, value_name = "FILE")]
+    pub federation_bundle_endpoint_cert_file: Option<PathBuf>,
+    /// Bundle endpoint, https_web: PEM private key (re-read when it changes).
+    #[arg(long, value_name = "FILE")]
+    pub federation_bundle_endpoint_key_file: Option<PathBuf>,
+    /// Bundle endpoint: spiffe_refresh_hint served [default: 5m].
+    #[arg(long, value_name = "DURATION")]
+    pub federation_bundle_endpoint_refresh_hint: Option<String>,
 }
 
 /// The resolved configuration the server runs with.
@@ -305,6 +327,8 @@ pub struct ServerConfig {
     pub k8s_psat: BTreeMap<String, ClusterConfig>,
     /// Where the trust bundle is published (nowhere by default).
     pub bundle_publisher: BundlePublisherConfig,
+    /// The federation bundle endpoint; `None`: not served.
+    pub bundle_endpoint: Option<BundleEndpointConfig>,
 }
 
 impl ServerConfig {
@@ -471,6 +495,21 @@ impl ServerConfig {
             // Its messages name the bundle_publisher.k8s_configmap key that is wrong.
             k8s_configmap: bundle_publisher::resolve_k8s_configmap(configmap, &in_cluster)?,
         };
+        let endpoint_flags = bundle_endpoint_flags(flags);
+        let endpoint = match file.federation.bundle_endpoint {
+            Some(f) => Some(f.overridden_by(endpoint_flags)),
+            None if endpoint_flags.address.is_some() => Some(endpoint_flags),
+            None if endpoint_flags != FileBundleEndpoint::default() => {
+                return Err(ConfigError::conflict(
+                    "--federation-bundle-endpoint-* flags need the bundle endpoint on: pass \
+                     --federation-bundle-endpoint-address or add [federation.bundle_endpoint] to \
+                     the config file",
+                ))
+            }
+            None => None,
+        };
+        // Its messages name the federation.bundle_endpoint key that is wrong.
+        let bundle_endpoint = bundle_endpoint::resolve(endpoint)?;
         Ok(Self {
             trust_domain,
             data_dir,
@@ -484,7 +523,19 @@ impl ServerConfig {
             x509pop_ca_bundle,
             k8s_psat,
             bundle_publisher,
+            bundle_endpoint,
         })
+    }
+}
+
+/// The bundle endpoint keys given by `--federation-bundle-endpoint-*` flags.
+fn bundle_endpoint_flags(flags: &RunFlags) -> FileBundleEndpoint {
+    FileBundleEndpoint {
+        address: flags.federation_bundle_endpoint_address.clone(),
+        profile: flags.federation_bundle_endpoint_profile.clone(),
+        cert_file: flags.federation_bundle_endpoint_cert_file.clone(),
+        key_file: flags.federation_bundle_endpoint_key_file.clone(),
+        refresh_hint: flags.federation_bundle_endpoint_refresh_hint.clone(),
     }
 }
 

@@ -17,6 +17,7 @@ pub struct Metrics {
     registry: Arc<Registry>,
     admin_requests: Family<Labels, Counter>,
     admin_latency: Family<Labels, Histogram>,
+    bundle_endpoint_requests: Family<Labels, Counter>,
     /// X509-SVIDs signed (all callers).
     pub x509_svids_signed: Counter,
     /// Registration entries, refreshed on health checks and admin changes.
@@ -42,6 +43,13 @@ impl Metrics {
             "admin_request_duration_seconds",
             "Admin API request latency by method",
             admin_latency.clone(),
+        );
+        let bundle_endpoint_requests = Family::<Labels, Counter>::default();
+        registry.register(
+            "federation_bundle_endpoint_requests",
+            "Federation bundle endpoint requests by outcome (ok, not_found, method_not_allowed, \
+             error, timeout, busy)",
+            bundle_endpoint_requests.clone(),
         );
         let x509_svids_signed = Counter::default();
         registry.register(
@@ -72,6 +80,7 @@ impl Metrics {
             registry: Arc::new(registry),
             admin_requests,
             admin_latency,
+            bundle_endpoint_requests,
             x509_svids_signed,
             entries,
             ca_expiry,
@@ -94,6 +103,13 @@ impl Metrics {
         self.admin_latency
             .get_or_create(&vec![("method".into(), method.into())])
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// Records one bundle endpoint request (or refused connection) by outcome.
+    pub fn observe_bundle_endpoint(&self, outcome: &str) {
+        self.bundle_endpoint_requests
+            .get_or_create(&vec![("outcome".into(), outcome.into())])
+            .inc();
     }
 }
 

@@ -3,7 +3,9 @@
 //! Start-up order: datastore (migrations) → CA (load or create keys) → publish the bundle to the
 //! datastore (merged with other servers' roots on a shared one, `cluster`) → admin socket → the bundle publisher (a Kubernetes ConfigMap, when configured; in
 //! the background, retrying) → the server's own SVID and the node API (mTLS on `bind_address`) →
-//! health endpoint → one "ready" log line. SIGTERM/SIGINT stop new connections, let in-flight
+//! the federation bundle endpoint (when configured: the admin state's bundle, read at each
+//! request, over the server SVID or a certificate from files) → health endpoint → one "ready"
+//! log line. SIGTERM/SIGINT stop new connections, let in-flight
 //! requests finish, remove the socket (if it is still ours), and exit 0. SIGHUP is logged and
 //! changes nothing.
 //!
@@ -312,6 +314,36 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         );
     let node_task = tokio::spawn(node);
     tracing::info!(address = %node_address, spiffe_id = %server_identity.spiffe_id(), "node API listening (mTLS)");
+    // The bundle other trust domains fetch: `state.bundle`, which the CA's rotation and the
+    // change-feed follower keep current, read at each request.
+    let bundle_endpoint_task = match &cfg.bundle_endpoint {
+        Some(c) => {
+            let endpoint = crate::federation::endpoint::BundleEndpoint::from_config(
+                c,
+                server_identity.store(),
+                state.clone(),
+                metrics.clone(),
+            )
+            .context("setting up the federation bundle endpoint")?;
+            let l = tokio::net::TcpListener::bind(c.address)
+                .await
+                .with_context(|| {
+                    format!(
+                        "binding the federation bundle endpoint address {} \
+                         ([federation.bundle_endpoint] address)",
+                        c.address
+                    )
+                })?;
+            tracing::info!(
+                address = %l.local_addr()?,
+                profile = c.profile.name(),
+                refresh_hint_secs = c.refresh_hint.as_secs(),
+                "federation bundle endpoint listening (GET /)"
+            );
+            Some(tokio::spawn(endpoint.serve(l, shutdown_rx.clone())))
+        }
+        None => None,
+    };
     let rotation_task = tokio::spawn(server_identity.clone().run_rotation(shutdown_rx.clone()));
     // The CA's schedule: every bundle change to the datastore (and on to the agents), the admin
     // API's bundle, and the node API's trust; the server SVID from each new active authority.
@@ -419,6 +451,9 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         let _ = t.await;
     }
     if let Some(t) = feed_task {
+        let _ = t.await;
+    }
+    if let Some(t) = bundle_endpoint_task {
         let _ = t.await;
     }
     // Removed only if it is still the one we bound.
