@@ -199,19 +199,9 @@ pub fn resolve(
     };
     let refresh_hint = match f.refresh_hint {
         None => DEFAULT_REFRESH_HINT,
-        Some(text) => {
-            let d = sigil::ttl::parse(&text)
-                .map_err(|e| ConfigError::value(format!("{SECTION}.refresh_hint"), e))?;
-            if d < Duration::from_secs(1) {
-                return Err(ConfigError::invalid(
-                    format!("{SECTION}.refresh_hint"),
-                    text,
-                    "at least 1s: the hint is in whole seconds, and 0 would have clients poll \
-                     without pause",
-                ));
-            }
-            Duration::from_secs(d.as_secs())
-        }
+        // Whole seconds, never zero (which would have clients poll without pause).
+        Some(text) => sigil::ttl::parse(&text)
+            .map_err(|e| ConfigError::value(format!("{SECTION}.refresh_hint"), e))?,
     };
     Ok(Some(BundleEndpointConfig {
         address,
@@ -691,10 +681,11 @@ impl Handler {
         match tokio::time::timeout(limits.request_timeout, conn).await {
             // Errors here are clients that hang up or send something that is not HTTP/1.1.
             Ok(Ok(())) => {}
-            Ok(Err(e)) => {
+            Ok(Err(e)) if !e.is_timeout() => {
                 tracing::debug!(peer = ?peer, error = %e, "bundle endpoint: connection error")
             }
-            Err(_) => {
+            // hyper's own deadline on the request head, or ours on the whole exchange.
+            Ok(Err(_)) | Err(_) => {
                 self.metrics
                     .observe_bundle_endpoint(Outcome::Timeout.as_str());
                 tracing::debug!(
@@ -775,6 +766,9 @@ impl Handler {
         }
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests;
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
