@@ -580,3 +580,6 @@ impl FetchBundle for HttpsBundleFetcher {
         parse_bundle(url, trust_domain, &body)
     }
 }
+
+#[cfg(test)]
+mod tests;
