@@ -1020,6 +1020,87 @@ mod tests {
     }
 
     #[test]
+    fn federation_bundle_endpoint_from_file_and_flags() -> anyhow::Result<()> {
+        use crate::federation::endpoint::ServedProfile;
+        let c = parse("trust_domain = \"a.org\"", RunFlags::default())?;
+        assert!(c.bundle_endpoint.is_none(), "off by default");
+
+        let text = "trust_domain = \"a.org\"\n\
+            [federation.bundle_endpoint]\n\
+            address = \"0.0.0.0:443\"\n\
+            profile = \"https_web\"\n\
+            cert_file = \"/etc/tls/crt.pem\"\n\
+            key_file = \"/etc/tls/key.pem\"\n\
+            refresh_hint = \"1m\"\n";
+        let e = parse(text, RunFlags::default())?
+            .bundle_endpoint
+            .expect("endpoint on");
+        assert_eq!(e.address.to_string(), "0.0.0.0:443");
+        assert_eq!(e.refresh_hint, Duration::from_secs(60));
+        assert_eq!(
+            e.profile,
+            ServedProfile::HttpsWeb {
+                cert_file: "/etc/tls/crt.pem".into(),
+                key_file: "/etc/tls/key.pem".into()
+            }
+        );
+
+        // Flags override the file's keys, or turn the endpoint on alone.
+        let e = parse(
+            text,
+            RunFlags {
+                federation_bundle_endpoint_cert_file: Some("/flag.pem".into()),
+                federation_bundle_endpoint_refresh_hint: Some("2m".into()),
+                ..Default::default()
+            },
+        )?
+        .bundle_endpoint
+        .expect("endpoint on");
+        assert!(
+            matches!(&e.profile, ServedProfile::HttpsWeb { cert_file, .. } if cert_file == &PathBuf::from("/flag.pem"))
+        );
+        assert_eq!(e.refresh_hint, Duration::from_secs(120));
+        let e = parse(
+            "trust_domain = \"a.org\"",
+            RunFlags {
+                federation_bundle_endpoint_address: Some("127.0.0.1:8443".into()),
+                ..Default::default()
+            },
+        )?
+        .bundle_endpoint
+        .expect("endpoint on");
+        assert_eq!(e.profile, ServedProfile::HttpsSpiffe);
+        assert_eq!(e.address.to_string(), "127.0.0.1:8443");
+
+        let err = parse(
+            "trust_domain = \"a.org\"",
+            RunFlags {
+                federation_bundle_endpoint_profile: Some("https_web".into()),
+                ..Default::default()
+            },
+        )
+        .expect_err("a key flag without the endpoint");
+        assert!(
+            format!("{err:#}").contains("--federation-bundle-endpoint-address"),
+            "{err:#}"
+        );
+        let err = parse(
+            "trust_domain = \"a.org\"\n[federation.bundle_endpoint]\nprofile = \"https_web\"\n",
+            RunFlags::default(),
+        )
+        .expect_err("https_web without files");
+        assert!(
+            format!("{err:#}").contains("federation.bundle_endpoint.cert_file"),
+            "{err:#}"
+        );
+        assert!(toml::from_str::<FileConfig>(
+            "[federation.bundle_endpoint]\nadress = \"0.0.0.0:8443\""
+        )
+        .is_err());
+        Ok(())
+    }
+
+    #[test]
     fn bundle_publisher_from_file_and_flags() -> anyhow::Result<()> {
         let text = "trust_domain = \"a.org\"\n\
             [bundle_publisher.k8s_configmap]\n\

@@ -106,7 +106,8 @@ pub enum FetchError {
         reason: String,
     },
     /// TCP connect or the HTTP exchange failed (not TLS).
-    #[error("bundle endpoint {url}: {source}; check that the URL's host and port are right and the endpoint is running")]
+    // `source` names the URL and the failed step.
+    #[error("bundle endpoint {source}; check that the URL's host and port are right and the endpoint is running")]
     Connect {
         /// The URL.
         url: String,
@@ -151,7 +152,7 @@ pub enum FetchError {
         hint: &'static str,
     },
     /// The TLS handshake failed for another reason than the certificate.
-    #[error("bundle endpoint {url}: TLS handshake failed: {source}; check that the URL's port serves HTTPS")]
+    #[error("bundle endpoint {source}; check that the URL's port serves HTTPS")]
     Tls {
         /// The URL.
         url: String,
