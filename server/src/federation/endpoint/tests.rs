@@ -310,8 +310,8 @@ async fn https_web_serves_the_files_and_follows_their_replacement() {
     )
     .unwrap();
     let running = Running::start(endpoint).await;
-    let trusts_1 = HttpsBundleFetcher::with_web_roots(&[ca1.der.clone()]).unwrap();
-    let trusts_2 = HttpsBundleFetcher::with_web_roots(&[ca2.der.clone()]).unwrap();
+    let trusts_1 = HttpsBundleFetcher::with_web_roots(std::slice::from_ref(&ca1.der)).unwrap();
+    let trusts_2 = HttpsBundleFetcher::with_web_roots(std::slice::from_ref(&ca2.der)).unwrap();
     let web = EndpointProfile::HttpsWeb;
 
     let fetched = trusts_1

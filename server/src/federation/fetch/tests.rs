@@ -91,7 +91,7 @@ fn document(trust_domain: &str, roots: Vec<Vec<u8>>) -> Vec<u8> {
 
 /// Fetches `url` over https_web trusting `ca` only.
 async fn fetch_web(ca: &WebCa, url: &str, trust_domain: &str) -> Result<FetchedBundle, FetchError> {
-    HttpsBundleFetcher::with_web_roots(&[ca.der.clone()])
+    HttpsBundleFetcher::with_web_roots(std::slice::from_ref(&ca.der))
         .unwrap()
         .fetch(url, &td(trust_domain), &EndpointProfile::HttpsWeb, None)
         .await
@@ -355,7 +355,7 @@ async fn https_spiffe_refuses_a_web_pki_certificate() {
 #[tokio::test]
 async fn unreachable_and_silent_endpoints_fail_in_bounded_time() {
     let ca = WebCa::new("web CA", None);
-    let fetcher = HttpsBundleFetcher::with_web_roots(&[ca.der.clone()])
+    let fetcher = HttpsBundleFetcher::with_web_roots(std::slice::from_ref(&ca.der))
         .unwrap()
         .with_timeout(Duration::from_millis(300));
     // Nobody listens on a port just freed.
