@@ -17,6 +17,8 @@ use crate::attestor::k8s_psat::{self, ClusterConfig, FileCluster, FileK8sPsat};
 use crate::bundle_publisher::{self, BundlePublisherConfig, FileBundlePublisher, FileK8sConfigMap};
 use crate::ca::{CaConfig, KeyType, UpstreamConfig};
 use crate::datastore::postgres::PostgresOptions;
+use crate::federation;
+use crate::federation::relationship::{BundleFormat, ConfiguredRelationship, RelationshipError};
 
 /// Default node API address (SPIRE's server port).
 pub const DEFAULT_BIND_ADDRESS: &str = "0.0.0.0:8081";
@@ -66,7 +68,30 @@ pub struct FileConfig {
 /// `[federation]` section.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FileFederation {}
+pub struct FileFederation {
+    /// `[federation.federates_with."<trust domain>"]`: relationships defined by this file
+    /// (read only through the admin API; see `federation/relationship.rs`).
+    #[serde(default)]
+    pub federates_with: BTreeMap<String, FileFederatesWith>,
+}
+
+/// `[federation.federates_with."<trust domain>"]`: SPIRE's keys, the profile's endpoint SPIFFE
+/// ID beside it rather than in a nested block.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileFederatesWith {
+    /// The foreign trust domain's bundle endpoint, `https://`.
+    pub bundle_endpoint_url: Option<String>,
+    /// `https_web` or `https_spiffe`.
+    pub bundle_endpoint_profile: Option<String>,
+    /// The SPIFFE ID the endpoint presents (`https_spiffe` only).
+    pub endpoint_spiffe_id: Option<String>,
+    /// The foreign trust domain's bundle to start from, stored at start-up when none is
+    /// stored yet.
+    pub trust_domain_bundle_path: Option<PathBuf>,
+    /// Format of that file: `pem` (default) or `spiffe`.
+    pub trust_domain_bundle_format: Option<String>,
+}
 
 /// `[node_attestor]` section (join tokens need no settings).
 #[derive(Debug, Default, Deserialize)]
@@ -305,6 +330,8 @@ pub struct ServerConfig {
     pub k8s_psat: BTreeMap<String, ClusterConfig>,
     /// Where the trust bundle is published (nowhere by default).
     pub bundle_publisher: BundlePublisherConfig,
+    /// Federation relationships of the config file, ordered by trust domain.
+    pub federates_with: Vec<ConfiguredRelationship>,
 }
 
 impl ServerConfig {
@@ -471,7 +498,9 @@ impl ServerConfig {
             // Its messages name the bundle_publisher.k8s_configmap key that is wrong.
             k8s_configmap: bundle_publisher::resolve_k8s_configmap(configmap, &in_cluster)?,
         };
+        let federates_with = resolve_federates_with(&trust_domain, file.federation.federates_with)?;
         Ok(Self {
+            federates_with,
             trust_domain,
             data_dir,
             bind_address,
@@ -588,6 +617,114 @@ fn resolve_datastore(
             "supported: sqlite, postgres",
         )),
     }
+}
+
+/// `[federation.federates_with."<td>"]`: each relationship checked by the rules of
+/// `federation::relationship`, each error naming the full key; the initial bundle read and
+/// parsed now, so a bad file stops the start rather than the first fetch.
+fn resolve_federates_with(
+    own: &TrustDomain,
+    file: BTreeMap<String, FileFederatesWith>,
+) -> Result<Vec<ConfiguredRelationship>, ConfigError> {
+    let mut out: Vec<ConfiguredRelationship> = Vec::new();
+    for (name, f) in file {
+        let key = |field: &str| format!("federation.federates_with.{name:?}.{field}");
+        let refused = |e: RelationshipError| {
+            ConfigError::invalid(
+                key(e.field()),
+                match e.field() {
+                    "trust_domain" => name.clone(),
+                    "bundle_endpoint_url" => f.bundle_endpoint_url.clone().unwrap_or_default(),
+                    "bundle_endpoint_profile" => {
+                        f.bundle_endpoint_profile.clone().unwrap_or_default()
+                    }
+                    "endpoint_spiffe_id" => f.endpoint_spiffe_id.clone().unwrap_or_default(),
+                    _ => String::new(),
+                },
+                e.to_string(),
+            )
+        };
+        let url = f.bundle_endpoint_url.as_deref().ok_or_else(|| {
+            ConfigError::missing(
+                key("bundle_endpoint_url"),
+                "the foreign trust domain's bundle endpoint, e.g. https://other.org:8443",
+            )
+        })?;
+        let profile = f.bundle_endpoint_profile.as_deref().ok_or_else(|| {
+            ConfigError::missing(
+                key("bundle_endpoint_profile"),
+                "https_web (Web PKI) or https_spiffe (with endpoint_spiffe_id)",
+            )
+        })?;
+        let relationship = federation::relationship::relationship(
+            own,
+            &name,
+            url,
+            profile,
+            f.endpoint_spiffe_id.as_deref(),
+        )
+        .map_err(refused)?;
+        if out
+            .iter()
+            .any(|c| c.relationship.trust_domain == relationship.trust_domain)
+        {
+            return Err(ConfigError::conflict(format!(
+                "[federation.federates_with] names trust domain {} twice (as a name and as \
+                 spiffe://{0}); keep one",
+                relationship.trust_domain
+            )));
+        }
+        let format = f
+            .trust_domain_bundle_format
+            .as_deref()
+            .map(str::parse::<BundleFormat>)
+            .transpose()
+            .map_err(|e| {
+                ConfigError::invalid(
+                    key("trust_domain_bundle_format"),
+                    f.trust_domain_bundle_format.clone().unwrap_or_default(),
+                    e.to_string(),
+                )
+            })?;
+        let initial_bundle = match &f.trust_domain_bundle_path {
+            None if format.is_some() => {
+                return Err(ConfigError::conflict(format!(
+                    "{} is set without {}",
+                    key("trust_domain_bundle_format"),
+                    key("trust_domain_bundle_path")
+                )))
+            }
+            None => None,
+            Some(path) => {
+                let content = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError::unusable(
+                        key("trust_domain_bundle_path"),
+                        path.display().to_string(),
+                        e,
+                    )
+                })?;
+                let bundle = federation::relationship::parse_bundle(
+                    &relationship.trust_domain,
+                    format.unwrap_or_default(),
+                    &content,
+                )
+                .map_err(|e| {
+                    ConfigError::unusable(
+                        key("trust_domain_bundle_path"),
+                        path.display().to_string(),
+                        e,
+                    )
+                })?;
+                Some(bundle)
+            }
+        };
+        out.push(ConfiguredRelationship {
+            relationship,
+            initial_bundle,
+        });
+    }
+    out.sort_by(|a, b| a.relationship.trust_domain.cmp(&b.relationship.trust_domain));
+    Ok(out)
 }
 
 fn addr(key: &'static str, value: Option<&str>, default: &str) -> Result<SocketAddr, ConfigError> {

@@ -1,0 +1,1 @@
+//! Refresher tests on paused time.
