@@ -788,6 +788,90 @@ mod tests {
     }
 
     #[test]
+    fn federates_with_relationships_are_checked_naming_the_key() -> anyhow::Result<()> {
+        let resolve = |body: &str| {
+            ServerConfig::resolve(
+                toml::from_str(&format!("trust_domain = \"example.org\"\n{body}"))
+                    .expect("valid TOML"),
+                &RunFlags::default(),
+            )
+        };
+        let dir = tempfile::tempdir()?;
+        let bundle = dir.path().join("other.pem");
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        std::fs::write(&bundle, params.self_signed(&key)?.pem())?;
+        let c = resolve(&format!(
+            r#"
+[federation.federates_with."other.org"]
+bundle_endpoint_url = "https://other.org:8443"
+bundle_endpoint_profile = "https_spiffe"
+endpoint_spiffe_id = "spiffe://other.org/spire/server"
+trust_domain_bundle_path = "{}"
+trust_domain_bundle_format = "pem"
+
+[federation.federates_with."aaa.org"]
+bundle_endpoint_url = "https://aaa.org/bundle"
+bundle_endpoint_profile = "https_web"
+"#,
+            bundle.display()
+        ))?;
+        let names: Vec<&str> = c
+            .federates_with
+            .iter()
+            .map(|r| r.relationship.trust_domain.name())
+            .collect();
+        assert_eq!(names, ["aaa.org", "other.org"]);
+        let other = &c.federates_with[1];
+        assert_eq!(
+            other.initial_bundle.as_ref().map(|b| b.x509_authorities.len()),
+            Some(1)
+        );
+
+        let cases = [
+            (
+                "[federation.federates_with.\"other.org\"]\nbundle_endpoint_profile = \"https_web\"\n",
+                "federation.federates_with.\"other.org\".bundle_endpoint_url is required",
+            ),
+            (
+                "[federation.federates_with.\"other.org\"]\nbundle_endpoint_url = \"http://o.org\"\nbundle_endpoint_profile = \"https_web\"\n",
+                "invalid federation.federates_with.\"other.org\".bundle_endpoint_url \"http://o.org\"",
+            ),
+            (
+                "[federation.federates_with.\"example.org\"]\nbundle_endpoint_url = \"https://o.org\"\nbundle_endpoint_profile = \"https_web\"\n",
+                "own trust domain",
+            ),
+            (
+                "[federation.federates_with.\"other.org\"]\nbundle_endpoint_url = \"https://o.org\"\nbundle_endpoint_profile = \"https_spiffe\"\n",
+                "federation.federates_with.\"other.org\".endpoint_spiffe_id",
+            ),
+            (
+                "[federation.federates_with.\"other.org\"]\nbundle_endpoint_url = \"https://o.org\"\nbundle_endpoint_profile = \"https_web\"\ntrust_domain_bundle_path = \"/nonexistent/b.pem\"\n",
+                "federation.federates_with.\"other.org\".trust_domain_bundle_path \"/nonexistent/b.pem\"",
+            ),
+            (
+                "[federation.federates_with.\"other.org\"]\nbundle_endpoint_url = \"https://o.org\"\nbundle_endpoint_profile = \"https_web\"\ntrust_domain_bundle_format = \"der\"\n",
+                "trust_domain_bundle_format \"der\"",
+            ),
+            (
+                "[federation.federates_with.\"other.org\"]\nbundle_endpoint_url = \"https://o.org\"\nbundle_endpoint_profile = \"https_web\"\n[federation.federates_with.\"spiffe://other.org\"]\nbundle_endpoint_url = \"https://o.org\"\nbundle_endpoint_profile = \"https_web\"\n",
+                "twice",
+            ),
+        ];
+        for (body, says) in cases {
+            let err = resolve(body).expect_err(body);
+            assert!(err.to_string().contains(says), "{body}: {err}");
+        }
+        let err = toml::from_str::<FileConfig>(
+            "[federation.federates_with.\"o.org\"]\nbundle_endpoint_uri = \"https://o.org\"\n",
+        )
+        .expect_err("unknown key");
+        assert!(err.to_string().contains("bundle_endpoint_uri"), "{err}");
+        Ok(())
+    }
+
+    #[test]
     fn defaults_and_required_trust_domain() -> anyhow::Result<()> {
         let err = parse("", RunFlags::default()).expect_err("no trust domain");
         assert!(

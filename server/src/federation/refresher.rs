@@ -225,6 +225,10 @@ impl Federation {
     /// Fetches the bundle of `td` now and returns the outcome (the relationships are read
     /// again first, so one just created is known).
     pub async fn refresh(&self, td: &TrustDomain) -> Result<RefreshOutcome, RefreshError> {
+        // The inbox is still here until `Refresher::run` takes it: nobody would answer.
+        if lock(&self.inbox).is_some() {
+            return Err(RefreshError::NotRunning);
+        }
         let (reply, answer) = oneshot::channel();
         self.requests
             .send(RefreshRequest {
@@ -311,13 +315,30 @@ impl Refresher {
         Ok(())
     }
 
-    /// Follows the relationships until `shutdown` turns true. Runs once: a second call
-    /// returns at once (the inbox is taken).
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let Some(mut inbox) = lock(&self.federation.inbox).take() else {
-            tracing::error!("the federation refresher was started twice; the second one stops");
-            return;
-        };
+    /// Follows the relationships until `shutdown` turns true. The inbox of
+    /// [`Federation::refresh`] is taken when this is called (before the future is spawned), so
+    /// a refresh asked for right after is answered; a second call returns a future that ends
+    /// at once.
+    pub fn run(
+        self,
+        shutdown: watch::Receiver<bool>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let inbox = lock(&self.federation.inbox).take();
+        async move {
+            match inbox {
+                Some(inbox) => self.follow(inbox, shutdown).await,
+                None => tracing::error!(
+                    "the federation refresher was started twice; the second one stops"
+                ),
+            }
+        }
+    }
+
+    async fn follow(
+        self,
+        mut inbox: mpsc::Receiver<RefreshRequest>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let mut tracked: BTreeMap<TrustDomain, Tracked> = BTreeMap::new();
         let mut reload_at = Some(Instant::now());
         loop {

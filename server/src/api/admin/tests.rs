@@ -814,3 +814,5 @@ async fn local_authorities_show_prepare_activate_taint_revoke() -> TestResult {
     assert_eq!(e.code(), Code::InvalidArgument);
     Ok(())
 }
+
+mod federation;
