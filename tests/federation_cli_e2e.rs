@@ -43,7 +43,10 @@ fn relationships_are_managed_with_the_cli_and_config_ones_are_read_only() {
     assert_eq!(shown["source"], "config", "{shown}");
     assert_eq!(shown["bundle"]["x509_roots"], 1, "{shown}");
     let err = cli_err(&server, &["federation", "delete", "--id", "configured.org"]);
-    assert!(err.contains("config file") && err.contains("FailedPrecondition"), "{err}");
+    assert!(
+        err.contains("config file") && err.contains("FailedPrecondition"),
+        "{err}"
+    );
 
     // https_web, no bundle.
     let out = server.cli_ok(&[
@@ -56,7 +59,10 @@ fn relationships_are_managed_with_the_cli_and_config_ones_are_read_only() {
         "--bundle-endpoint-profile",
         "https_web",
     ]);
-    assert!(out.contains("Federation relationship with web.org created"), "{out}");
+    assert!(
+        out.contains("Federation relationship with web.org created"),
+        "{out}"
+    );
     assert!(out.contains("Bundle endpoint profile : https_web"), "{out}");
 
     // https_spiffe with its initial bundle from a file.
@@ -76,7 +82,10 @@ fn relationships_are_managed_with_the_cli_and_config_ones_are_read_only() {
         "--trust-domain-bundle-path",
         other_pem.to_str().expect("utf-8 path"),
     ]);
-    assert_eq!(created["endpoint_spiffe_id"], "spiffe://other.org/spire/server");
+    assert_eq!(
+        created["endpoint_spiffe_id"],
+        "spiffe://other.org/spire/server"
+    );
     assert_eq!(created["source"], "datastore");
     assert_eq!(created["bundle"]["sequence_number"], 1, "{created}");
     // The bundle is a federated bundle like one from `bundle set`.
@@ -110,7 +119,10 @@ fn relationships_are_managed_with_the_cli_and_config_ones_are_read_only() {
         ]
     );
     let text = server.cli_ok(&["federation", "list"]);
-    assert!(text.starts_with("Found 3 federation relationships"), "{text}");
+    assert!(
+        text.starts_with("Found 3 federation relationships"),
+        "{text}"
+    );
 
     // Refresh: this server has no fetcher yet, so it fails saying so; the status shows it and
     // the stored bundle is unchanged.
@@ -123,10 +135,16 @@ fn relationships_are_managed_with_the_cli_and_config_ones_are_read_only() {
             .is_some_and(|e| !e.is_empty()),
         "{shown}"
     );
-    assert!(shown["status"]["consecutive_failures"].as_u64() >= Some(1), "{shown}");
+    assert!(
+        shown["status"]["consecutive_failures"].as_u64() >= Some(1),
+        "{shown}"
+    );
     assert_eq!(shown["bundle"]["sequence_number"], 1, "{shown}");
     let text = server.cli_ok(&["federation", "show", "--id", "other.org"]);
-    assert!(text.contains("Last error") && text.contains("Next attempt"), "{text}");
+    assert!(
+        text.contains("Last error") && text.contains("Next attempt"),
+        "{text}"
+    );
 
     // Update to https_web.
     let updated = server.cli_json(&[
@@ -160,11 +178,23 @@ fn relationships_are_managed_with_the_cli_and_config_ones_are_read_only() {
     duplicate.push("--output");
     duplicate.push("json");
     for (args, says) in [
-        (base("example.org", "https://o.org", "https_web"), "own trust domain"),
-        (base("new.org", "http://o.org", "https_web"), "bundle_endpoint_url"),
-        (base("new.org", "https://o.org", "https_spiffe"), "--endpoint-spiffe-id"),
+        (
+            base("example.org", "https://o.org", "https_web"),
+            "own trust domain",
+        ),
+        (
+            base("new.org", "http://o.org", "https_web"),
+            "bundle_endpoint_url",
+        ),
+        (
+            base("new.org", "https://o.org", "https_spiffe"),
+            "--endpoint-spiffe-id",
+        ),
         (base("new.org", "https://o.org", "https"), "https_web"),
-        (base("spiffe://new.org/x", "https://o.org", "https_web"), "has no path"),
+        (
+            base("spiffe://new.org/x", "https://o.org", "https_web"),
+            "has no path",
+        ),
         (duplicate, "AlreadyExists"),
     ] {
         let err = cli_err(&server, &args);

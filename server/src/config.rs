@@ -723,7 +723,11 @@ fn resolve_federates_with(
             initial_bundle,
         });
     }
-    out.sort_by(|a, b| a.relationship.trust_domain.cmp(&b.relationship.trust_domain));
+    out.sort_by(|a, b| {
+        a.relationship
+            .trust_domain
+            .cmp(&b.relationship.trust_domain)
+    });
     Ok(out)
 }
 
@@ -825,7 +829,10 @@ bundle_endpoint_profile = "https_web"
         assert_eq!(names, ["aaa.org", "other.org"]);
         let other = &c.federates_with[1];
         assert_eq!(
-            other.initial_bundle.as_ref().map(|b| b.x509_authorities.len()),
+            other
+                .initial_bundle
+                .as_ref()
+                .map(|b| b.x509_authorities.len()),
             Some(1)
         );
 

@@ -280,7 +280,9 @@ mod tests {
     #[test]
     fn id_accepts_names_and_trust_domain_ids_only() {
         assert_eq!(
-            trust_domain_arg("--id", "other.org").map(|t| t.to_string()).ok(),
+            trust_domain_arg("--id", "other.org")
+                .map(|t| t.to_string())
+                .ok(),
             Some("other.org".into())
         );
         assert_eq!(

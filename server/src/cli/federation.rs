@@ -107,8 +107,17 @@ pub async fn run(cmd: FederationCommand) -> anyhow::Result<()> {
     }
 }
 
-/// The relationship and initial bundle a create/update sends.
-fn request(a: &RelationshipArgs) -> anyhow::Result<(TrustDomain, pb::FederationRelationship, Option<(bool, String)>)> {
+/// What a create/update sends.
+#[derive(Debug)]
+struct Request {
+    trust_domain: TrustDomain,
+    relationship: pb::FederationRelationship,
+    /// The initial bundle's content, and whether it is PEM (else a SPIFFE bundle).
+    bundle: Option<(bool, String)>,
+}
+
+/// The relationship and initial bundle a create/update sends, checked as far as the CLI can.
+fn request(a: &RelationshipArgs) -> anyhow::Result<Request> {
     let td = trust_domain_arg("--trust-domain", &a.trust_domain)?;
     let profile = match a.bundle_endpoint_profile {
         Profile::HttpsWeb => "https_web",
@@ -119,9 +128,9 @@ fn request(a: &RelationshipArgs) -> anyhow::Result<(TrustDomain, pb::FederationR
             "--bundle-endpoint-profile https_spiffe needs --endpoint-spiffe-id (the SPIFFE ID the \
              endpoint presents, e.g. spiffe://{td}/spire/server)"
         ),
-        (Profile::HttpsWeb, Some(_)) => anyhow::bail!(
-            "--endpoint-spiffe-id is only for --bundle-endpoint-profile https_spiffe"
-        ),
+        (Profile::HttpsWeb, Some(_)) => {
+            anyhow::bail!("--endpoint-spiffe-id is only for --bundle-endpoint-profile https_spiffe")
+        }
         _ => {}
     }
     let bundle = a
@@ -132,21 +141,25 @@ fn request(a: &RelationshipArgs) -> anyhow::Result<(TrustDomain, pb::FederationR
                 .map(|content| (a.trust_domain_bundle_format == BundleFormat::Pem, content))
         })
         .transpose()?;
-    Ok((
-        td.clone(),
-        pb::FederationRelationship {
+    Ok(Request {
+        relationship: pb::FederationRelationship {
             trust_domain: td.to_string(),
             bundle_endpoint_url: a.bundle_endpoint_url.clone(),
             bundle_endpoint_profile: profile.into(),
             endpoint_spiffe_id: a.endpoint_spiffe_id.clone().unwrap_or_default(),
             ..Default::default()
         },
+        trust_domain: td,
         bundle,
-    ))
+    })
 }
 
 async fn create_or_update(a: RelationshipArgs, update: bool) -> anyhow::Result<()> {
-    let (td, relationship, bundle) = request(&a)?;
+    let Request {
+        trust_domain: td,
+        relationship,
+        bundle,
+    } = request(&a)?;
     let mut client = connect(&a.common.admin_socket).await?;
     let stored = if update {
         use pb::update_federation_relationship_request::TrustDomainBundle as B;
@@ -251,7 +264,13 @@ async fn list(common: Common) -> anyhow::Result<()> {
                 print!(
                     "{}",
                     output::table(
-                        &["TRUST DOMAIN", "BUNDLE ENDPOINT URL", "PROFILE", "SOURCE", "REFRESH"],
+                        &[
+                            "TRUST DOMAIN",
+                            "BUNDLE ENDPOINT URL",
+                            "PROFILE",
+                            "SOURCE",
+                            "REFRESH"
+                        ],
                         &rows
                     )
                 );
@@ -425,12 +444,14 @@ mod tests {
     #[test]
     fn profile_and_endpoint_id_go_together() {
         let err = request(&args(Profile::HttpsSpiffe, None)).expect_err("no id");
-        assert!(err.to_string().contains("needs --endpoint-spiffe-id"), "{err}");
+        assert!(
+            err.to_string().contains("needs --endpoint-spiffe-id"),
+            "{err}"
+        );
         let err = request(&args(Profile::HttpsWeb, Some("spiffe://other.org/s"))).expect_err("id");
         assert!(err.to_string().contains("only for"), "{err}");
-        let (_, r, b) = request(&args(Profile::HttpsSpiffe, Some("spiffe://other.org/s")))
-            .expect("valid");
-        assert_eq!(r.bundle_endpoint_profile, "https_spiffe");
-        assert!(b.is_none());
+        let r = request(&args(Profile::HttpsSpiffe, Some("spiffe://other.org/s"))).expect("valid");
+        assert_eq!(r.relationship.bundle_endpoint_profile, "https_spiffe");
+        assert!(r.bundle.is_none());
     }
 }

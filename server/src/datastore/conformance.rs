@@ -1013,7 +1013,11 @@ pub(crate) async fn federated_bundles_survive_reopen(store: &dyn TestStore) -> T
 }
 
 /// A relationship with `td` (times are the datastore's to set: these are ignored).
-pub(crate) fn relationship(td: &str, url: &str, profile: EndpointProfile) -> FederationRelationship {
+pub(crate) fn relationship(
+    td: &str,
+    url: &str,
+    profile: EndpointProfile,
+) -> FederationRelationship {
     FederationRelationship {
         trust_domain: TrustDomain::new(td).expect("td"),
         bundle_endpoint_url: url.into(),
@@ -1066,21 +1070,31 @@ pub(crate) async fn federation_relationships_create_get_list_update_delete(
         Err(DatastoreError::RelationshipExists(td)) => assert_eq!(td, other),
         x => panic!("second relationship with other.org: {x:?}"),
     }
-    assert_eq!(ds.get_federation_relationship(&other).await?, Some(o.clone()));
+    assert_eq!(
+        ds.get_federation_relationship(&other).await?,
+        Some(o.clone())
+    );
     assert_eq!(
         ds.list_federation_relationships().await?,
         vec![a.clone(), o.clone()]
     );
 
     // Update: URL and profile replaced (the endpoint ID goes with https_spiffe).
-    let mut changed = relationship("other.org", "https://other.org/v2", EndpointProfile::HttpsWeb);
+    let mut changed = relationship(
+        "other.org",
+        "https://other.org/v2",
+        EndpointProfile::HttpsWeb,
+    );
     changed.created_at = 1;
     let u = ds.update_federation_relationship(changed).await?;
     assert_eq!(u.created_at, o.created_at, "created_at kept");
     assert!(u.updated_at >= o.updated_at);
     assert_eq!(u.bundle_endpoint_url, "https://other.org/v2");
     assert_eq!(u.profile, EndpointProfile::HttpsWeb);
-    assert_eq!(ds.get_federation_relationship(&other).await?, Some(u.clone()));
+    assert_eq!(
+        ds.get_federation_relationship(&other).await?,
+        Some(u.clone())
+    );
     assert!(matches!(
         ds.update_federation_relationship(relationship(
             "none.org",
@@ -1127,7 +1141,10 @@ pub(crate) async fn federation_relationships_survive_reopen_apart_from_bundles(
         .await?
     };
     let ds = store.open().await?;
-    assert_eq!(ds.list_federation_relationships().await?, vec![stored.clone()]);
+    assert_eq!(
+        ds.list_federation_relationships().await?,
+        vec![stored.clone()]
+    );
     ds.delete_federated_bundle(&other).await?;
     assert_eq!(ds.get_federation_relationship(&other).await?, Some(stored));
     ds.set_federated_bundle(federated("other.org", &[b"r2"], "[]"))

@@ -88,7 +88,9 @@ pub enum RefreshError {
     },
     /// The endpoint served a bundle with no X.509 root and no JWT key; it is not stored (it
     /// would drop every trust in the foreign trust domain).
-    #[error("the endpoint served an empty bundle (no X.509 roots, no JWT keys); keeping the last one")]
+    #[error(
+        "the endpoint served an empty bundle (no X.509 roots, no JWT keys); keeping the last one"
+    )]
     EmptyBundle,
     /// A stored bundle does not parse.
     #[error("the stored bundle of {trust_domain} is unusable: {source}")]
@@ -305,7 +307,10 @@ impl Refresher {
             if self.datastore.get_federated_bundle(td).await?.is_some() {
                 continue;
             }
-            let stored = self.datastore.set_federated_bundle(to_stored(bundle)).await?;
+            let stored = self
+                .datastore
+                .set_federated_bundle(to_stored(bundle))
+                .await?;
             tracing::info!(trust_domain = %td, sequence = stored.sequence, "initial federated bundle stored from trust_domain_bundle_path");
             stored_any = true;
         }
@@ -391,7 +396,10 @@ impl Refresher {
 
     /// Reads the relationships again: new ones are fetched at once, changed ones (URL or
     /// profile) too, with their failure count reset; removed ones are forgotten.
-    async fn reload(&self, tracked: &mut BTreeMap<TrustDomain, Tracked>) -> Result<(), DatastoreError> {
+    async fn reload(
+        &self,
+        tracked: &mut BTreeMap<TrustDomain, Tracked>,
+    ) -> Result<(), DatastoreError> {
         let stored = self.datastore.list_federation_relationships().await?;
         let mut current: BTreeMap<TrustDomain, FederationRelationship> = BTreeMap::new();
         for r in stored {
@@ -488,7 +496,8 @@ impl Refresher {
                 } else {
                     tracing::debug!(trust_domain = %td, url = %url, error = %message, failures = t.failures, retry_in_secs = retry_in.as_secs(), "fetching the federated bundle failed again");
                 }
-                self.metrics.observe_federation_refresh(td.name(), "error", None);
+                self.metrics
+                    .observe_federation_refresh(td.name(), "error", None);
                 let failures = t.failures;
                 self.federation.set_status(&td, |s| {
                     s.last_attempt_at = Some(attempted_at);
@@ -538,8 +547,7 @@ impl Refresher {
                 got: fetched.bundle.trust_domain,
             });
         }
-        if fetched.bundle.x509_authorities.is_empty() && fetched.bundle.jwt_authorities.is_empty()
-        {
+        if fetched.bundle.x509_authorities.is_empty() && fetched.bundle.jwt_authorities.is_empty() {
             return Err(RefreshError::EmptyBundle);
         }
         let new = to_stored(&fetched.bundle);
@@ -596,12 +604,13 @@ fn to_stored(b: &Bundle) -> StoredBundle {
 
 /// A stored bundle as a [`Bundle`] (to authenticate an endpoint with).
 fn from_stored(s: &StoredBundle) -> Result<Bundle, RefreshError> {
-    let jwt_authorities = Bundle::jwt_authorities_from_json(&s.jwt_keys_json).map_err(|source| {
-        RefreshError::StoredBundle {
-            trust_domain: s.trust_domain.clone(),
-            source,
-        }
-    })?;
+    let jwt_authorities =
+        Bundle::jwt_authorities_from_json(&s.jwt_keys_json).map_err(|source| {
+            RefreshError::StoredBundle {
+                trust_domain: s.trust_domain.clone(),
+                source,
+            }
+        })?;
     Ok(Bundle {
         x509_authorities: s.x509_roots.clone(),
         jwt_authorities,

@@ -324,16 +324,64 @@ mod tests {
         let cases: &[(&str, &str, &str, Option<&str>, &str)] = &[
             ("", "https://o.org", HTTPS_WEB, None, "trust_domain"),
             ("Bad Name", "https://o.org", HTTPS_WEB, None, "trust_domain"),
-            ("spiffe://o.org/w", "https://o.org", HTTPS_WEB, None, "trust_domain"),
-            ("example.org", "https://o.org", HTTPS_WEB, None, "trust_domain"),
-            ("o.org", "http://o.org", HTTPS_WEB, None, "bundle_endpoint_url"),
+            (
+                "spiffe://o.org/w",
+                "https://o.org",
+                HTTPS_WEB,
+                None,
+                "trust_domain",
+            ),
+            (
+                "example.org",
+                "https://o.org",
+                HTTPS_WEB,
+                None,
+                "trust_domain",
+            ),
+            (
+                "o.org",
+                "http://o.org",
+                HTTPS_WEB,
+                None,
+                "bundle_endpoint_url",
+            ),
             ("o.org", "https://", HTTPS_WEB, None, "bundle_endpoint_url"),
             ("o.org", "o.org:443", HTTPS_WEB, None, "bundle_endpoint_url"),
-            ("o.org", "https://u@o.org", HTTPS_WEB, None, "bundle_endpoint_url"),
-            ("o.org", "https://o.org/#x", HTTPS_WEB, None, "bundle_endpoint_url"),
-            ("o.org", "https://o.org", "https", None, "bundle_endpoint_profile"),
-            ("o.org", "https://o.org", HTTPS_SPIFFE, None, "endpoint_spiffe_id"),
-            ("o.org", "https://o.org", HTTPS_SPIFFE, Some("o.org/x"), "endpoint_spiffe_id"),
+            (
+                "o.org",
+                "https://u@o.org",
+                HTTPS_WEB,
+                None,
+                "bundle_endpoint_url",
+            ),
+            (
+                "o.org",
+                "https://o.org/#x",
+                HTTPS_WEB,
+                None,
+                "bundle_endpoint_url",
+            ),
+            (
+                "o.org",
+                "https://o.org",
+                "https",
+                None,
+                "bundle_endpoint_profile",
+            ),
+            (
+                "o.org",
+                "https://o.org",
+                HTTPS_SPIFFE,
+                None,
+                "endpoint_spiffe_id",
+            ),
+            (
+                "o.org",
+                "https://o.org",
+                HTTPS_SPIFFE,
+                Some("o.org/x"),
+                "endpoint_spiffe_id",
+            ),
             (
                 "o.org",
                 "https://o.org",
@@ -364,8 +412,14 @@ mod tests {
             profile_fields(&r.profile),
             (HTTPS_SPIFFE, "spiffe://other.org/spire/server".to_string())
         );
-        let w = relationship(&own(), "other.org", "https://127.0.0.1:1/", HTTPS_WEB, Some(""))
-            .expect("an empty endpoint ID is no endpoint ID");
+        let w = relationship(
+            &own(),
+            "other.org",
+            "https://127.0.0.1:1/",
+            HTTPS_WEB,
+            Some(""),
+        )
+        .expect("an empty endpoint ID is no endpoint ID");
         assert_eq!(w.profile, EndpointProfile::HttpsWeb);
     }
 
@@ -377,6 +431,9 @@ mod tests {
         let err = parse_bundle(&td, BundleFormat::Pem, "not pem").expect_err("not pem");
         assert_eq!(err.field(), "trust_domain_bundle");
         assert!("json".parse::<BundleFormat>().is_err());
-        assert_eq!("spiffe".parse::<BundleFormat>().ok(), Some(BundleFormat::Spiffe));
+        assert_eq!(
+            "spiffe".parse::<BundleFormat>().ok(),
+            Some(BundleFormat::Spiffe)
+        );
     }
 }

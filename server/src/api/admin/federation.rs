@@ -147,7 +147,10 @@ async fn to_proto(
         .map(federated_to_proto)
         .transpose()?;
     Ok(pb::FederationRelationship {
-        status: state.federation.status(&r.trust_domain).map(status_to_proto),
+        status: state
+            .federation
+            .status(&r.trust_domain)
+            .map(status_to_proto),
         trust_domain: r.trust_domain.to_string(),
         bundle_endpoint_url: r.bundle_endpoint_url,
         bundle_endpoint_profile: profile.to_string(),
@@ -173,12 +176,16 @@ async fn find(
         .await
         .map_err(ds_status)?
         .map(|r| (r, Source::Datastore))
-        .ok_or_else(|| Status::not_found(format!("no federation relationship with trust domain {td}")))
+        .ok_or_else(|| {
+            Status::not_found(format!("no federation relationship with trust domain {td}"))
+        })
 }
 
 /// The trust domain a create/update request names, for its audit event.
 fn object(r: &Option<pb::FederationRelationship>) -> String {
-    r.as_ref().map(|r| r.trust_domain.clone()).unwrap_or_default()
+    r.as_ref()
+        .map(|r| r.trust_domain.clone())
+        .unwrap_or_default()
 }
 
 /// CreateFederationRelationship; audited as the trust domain given.
@@ -206,9 +213,9 @@ pub(super) async fn create(
             .map_err(ds_status)?
             .is_some()
         {
-            return Err(ds_status(crate::datastore::DatastoreError::RelationshipExists(
-                r.trust_domain,
-            )));
+            return Err(ds_status(
+                crate::datastore::DatastoreError::RelationshipExists(r.trust_domain),
+            ));
         }
         if let Some(b) = &initial {
             store_bundle(state, b).await?;

@@ -159,7 +159,9 @@ fn raw(r: &Row<'_>) -> rusqlite::Result<RawRow> {
     ))
 }
 
-fn decode((td, url, profile, endpoint_id, created_at, updated_at): RawRow) -> Result<FederationRelationship> {
+fn decode(
+    (td, url, profile, endpoint_id, created_at, updated_at): RawRow,
+) -> Result<FederationRelationship> {
     let bad = |why: String| {
         DatastoreError::Corrupt(format!("federation relationship with {td:?}: {why}"))
     };

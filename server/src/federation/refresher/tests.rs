@@ -97,7 +97,10 @@ impl FetchBundle for Script {
             .unwrap_or(Step::Serve(vec![b"steady"], None));
         let (bundle, hint) = match step {
             Step::Serve(roots, hint) => (bundle_of(trust_domain.clone(), &roots), hint),
-            Step::WrongTrustDomain => (bundle_of(TrustDomain::new("third.org").expect("td"), &[b"x"]), None),
+            Step::WrongTrustDomain => (
+                bundle_of(TrustDomain::new("third.org").expect("td"), &[b"x"]),
+                None,
+            ),
             Step::Empty => (Bundle::new(trust_domain.clone()), None),
             Step::Hang => std::future::pending().await,
         };
@@ -243,7 +246,12 @@ async fn refreshes_at_the_clamped_hint_and_stores_only_changes() -> TestResult {
         text.contains(r#"sigil_server_federation_bundle_refreshes_total{trust_domain="other.org",outcome="changed"} 3"#),
         "{text}"
     );
-    assert!(text.contains("sigil_server_federation_bundle_last_success_seconds{trust_domain=\"other.org\"}"), "{text}");
+    assert!(
+        text.contains(
+            "sigil_server_federation_bundle_last_success_seconds{trust_domain=\"other.org\"}"
+        ),
+        "{text}"
+    );
     h.stop().await
 }
 
@@ -251,7 +259,11 @@ async fn refreshes_at_the_clamped_hint_and_stores_only_changes() -> TestResult {
 async fn failures_back_off_within_bounds_and_keep_the_last_good_bundle() -> TestResult {
     let mut steps = vec![Step::Serve(vec![b"good"], Some(60))];
     for i in 0..9 {
-        steps.push(if i % 2 == 0 { Step::WrongTrustDomain } else { Step::Empty });
+        steps.push(if i % 2 == 0 {
+            Step::WrongTrustDomain
+        } else {
+            Step::Empty
+        });
     }
     steps.push(Step::Serve(vec![b"good"], Some(120)));
     let h = Harness::start(steps, &[], &[web("https://other.org/b")]).await?;
@@ -262,8 +274,10 @@ async fn failures_back_off_within_bounds_and_keep_the_last_good_bundle() -> Test
     let status = h.federation.status(&other()).ok_or("status")?;
     assert_eq!(status.consecutive_failures, 5);
     assert!(
-        status.last_error.as_deref().is_some_and(|e| e.contains("empty bundle")
-            || e.contains("third.org")),
+        status
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("empty bundle") || e.contains("third.org")),
         "{status:?}"
     );
     assert!(status.last_success_at.is_some());
@@ -300,7 +314,10 @@ async fn a_hanging_endpoint_times_out_and_no_fetcher_is_an_error() -> TestResult
     tokio::time::sleep(FETCH_TIMEOUT + Duration::from_secs(1)).await;
     let status = h.federation.status(&other()).ok_or("status")?;
     assert!(
-        status.last_error.as_deref().is_some_and(|e| e.contains("did not answer within 30s")),
+        status
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("did not answer within 30s")),
         "{status:?}"
     );
     assert_eq!(status.last_success_at, None);
@@ -313,7 +330,11 @@ async fn a_hanging_endpoint_times_out_and_no_fetcher_is_an_error() -> TestResult
     h.stop().await?;
 
     let h = Harness::start_with(vec![], &[], &[web("https://other.org/b")], false).await?;
-    let err = h.federation.refresh(&other()).await.expect_err("no fetcher");
+    let err = h
+        .federation
+        .refresh(&other())
+        .await
+        .expect_err("no fetcher");
     assert!(matches!(err, RefreshError::NoFetcher), "{err}");
     let status = h.federation.status(&other()).ok_or("status")?;
     assert!(status.last_error.is_some_and(|e| e.contains("bundle set")));
@@ -343,7 +364,10 @@ async fn relationship_changes_are_picked_up_at_once() -> TestResult {
         .await?;
     h.federation.relationships_changed();
     let calls = h.script.wait_calls(2).await;
-    assert_eq!((calls[1].at, calls[1].url.as_str()), (changed_at, "https://two.example/"));
+    assert_eq!(
+        (calls[1].at, calls[1].url.as_str()),
+        (changed_at, "https://two.example/")
+    );
 
     // Deleted: no more fetches, no status; the bundle stays.
     h.datastore.delete_federation_relationship(&other()).await?;
@@ -383,7 +407,10 @@ async fn a_forced_refresh_fetches_now_and_returns_its_outcome() -> TestResult {
         }
     );
     let err = h.federation.refresh(&other()).await.expect_err("wrong td");
-    assert!(matches!(err, RefreshError::WrongTrustDomain { .. }), "{err}");
+    assert!(
+        matches!(err, RefreshError::WrongTrustDomain { .. }),
+        "{err}"
+    );
     assert_eq!(h.stored_roots().await?, Some(vec![b"b".to_vec()]));
     h.stop().await
 }
@@ -396,7 +423,7 @@ async fn https_spiffe_trust_chains_across_a_ca_rotation() -> TestResult {
         ..web("https://other.org:8443")
     };
     // Nothing to authenticate the endpoint with yet: refused without a fetch.
-    let h = Harness::start(vec![], &[], &[rel.clone()]).await?;
+    let h = Harness::start(vec![], &[], std::slice::from_ref(&rel)).await?;
     let err = h.federation.refresh(&other()).await.expect_err("no trust");
     assert!(matches!(err, RefreshError::NoTrustBundle(_)), "{err}");
     assert!(h.script.calls().is_empty());

@@ -90,18 +90,28 @@ async fn relationships_are_created_shown_updated_and_deleted() -> TestResult {
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
     assert!(err.message().contains("other.org"), "{err:?}");
 
-    let got = svc.get_federation_relationship(get_req("other.org")).await?;
+    let got = svc
+        .get_federation_relationship(get_req("other.org"))
+        .await?;
     assert_eq!(got.into_inner().relationship, Some(created.clone()));
     assert_eq!(list_all(&svc).await?, vec![created.clone()]);
 
     // To https_spiffe: the endpoint's trust domain needs a bundle, given here.
-    let spiffe = rel("other.org", "https://other.org:8443/b", SPIFFE, "spiffe://other.org/spire/server");
+    let spiffe = rel(
+        "other.org",
+        "https://other.org:8443/b",
+        SPIFFE,
+        "spiffe://other.org/spire/server",
+    );
     let err = svc
         .update_federation_relationship(update_req(spiffe.clone(), None))
         .await
         .expect_err("no bundle to authenticate the endpoint");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    assert!(err.message().contains("bundle set --id other.org"), "{err:?}");
+    assert!(
+        err.message().contains("bundle set --id other.org"),
+        "{err:?}"
+    );
     let before = state.events.current().federated_changes;
     let (root_pem, root_der) = ca_pem()?;
     let updated = svc
@@ -110,10 +120,16 @@ async fn relationships_are_created_shown_updated_and_deleted() -> TestResult {
         .into_inner()
         .relationship
         .ok_or("no relationship")?;
-    assert_eq!(updated.endpoint_spiffe_id, "spiffe://other.org/spire/server");
+    assert_eq!(
+        updated.endpoint_spiffe_id,
+        "spiffe://other.org/spire/server"
+    );
     assert_eq!(updated.created_at, created.created_at);
     let bundle = updated.bundle.ok_or("the initial bundle is shown")?;
-    assert_eq!(sigil::x509::parse_pem_certs(&bundle.x509_pem)?, vec![root_der]);
+    assert_eq!(
+        sigil::x509::parse_pem_certs(&bundle.x509_pem)?,
+        vec![root_der]
+    );
     assert_eq!(state.events.current().federated_changes, before + 1);
 
     let err = svc
@@ -145,14 +161,38 @@ async fn invalid_relationships_are_refused_naming_the_field() -> TestResult {
     let (_dir, svc, _state) = service().await?;
     let id = "spiffe://other.org/s";
     let cases = [
-        (rel("example.org", "https://o.org", WEB, ""), "own trust domain"),
-        (rel("Not A Domain", "https://o.org", WEB, ""), "invalid trust_domain"),
-        (rel("other.org", "http://o.org", WEB, ""), "bundle_endpoint_url"),
-        (rel("other.org", "https:///x", WEB, ""), "bundle_endpoint_url"),
-        (rel("other.org", "https://o.org", "web", ""), "bundle_endpoint_profile"),
-        (rel("other.org", "https://o.org", SPIFFE, ""), "endpoint_spiffe_id is required"),
-        (rel("other.org", "https://o.org", WEB, id), "only for bundle_endpoint_profile"),
-        (rel("other.org", "https://o.org", SPIFFE, "not-an-id"), "invalid endpoint_spiffe_id"),
+        (
+            rel("example.org", "https://o.org", WEB, ""),
+            "own trust domain",
+        ),
+        (
+            rel("Not A Domain", "https://o.org", WEB, ""),
+            "invalid trust_domain",
+        ),
+        (
+            rel("other.org", "http://o.org", WEB, ""),
+            "bundle_endpoint_url",
+        ),
+        (
+            rel("other.org", "https:///x", WEB, ""),
+            "bundle_endpoint_url",
+        ),
+        (
+            rel("other.org", "https://o.org", "web", ""),
+            "bundle_endpoint_profile",
+        ),
+        (
+            rel("other.org", "https://o.org", SPIFFE, ""),
+            "endpoint_spiffe_id is required",
+        ),
+        (
+            rel("other.org", "https://o.org", WEB, id),
+            "only for bundle_endpoint_profile",
+        ),
+        (
+            rel("other.org", "https://o.org", SPIFFE, "not-an-id"),
+            "invalid endpoint_spiffe_id",
+        ),
     ];
     for (r, says) in cases {
         let err = svc
@@ -219,15 +259,25 @@ async fn config_file_relationships_are_shown_but_not_changed() -> TestResult {
     let svc = AdminService::new(state);
     let all = list_all(&svc).await?;
     assert_eq!(all.len(), 1);
-    assert_eq!((all[0].trust_domain.as_str(), all[0].source.as_str()), ("other.org", "config"));
-    svc.get_federation_relationship(get_req("other.org")).await?;
+    assert_eq!(
+        (all[0].trust_domain.as_str(), all[0].source.as_str()),
+        ("other.org", "config")
+    );
+    svc.get_federation_relationship(get_req("other.org"))
+        .await?;
     let refusals = [
-        svc.create_federation_relationship(create_req(rel("other.org", "https://x.org", WEB, ""), None))
-            .await
-            .expect_err("config"),
-        svc.update_federation_relationship(update_req(rel("other.org", "https://x.org", WEB, ""), None))
-            .await
-            .expect_err("config"),
+        svc.create_federation_relationship(create_req(
+            rel("other.org", "https://x.org", WEB, ""),
+            None,
+        ))
+        .await
+        .expect_err("config"),
+        svc.update_federation_relationship(update_req(
+            rel("other.org", "https://x.org", WEB, ""),
+            None,
+        ))
+        .await
+        .expect_err("config"),
         svc.delete_federation_relationship(delete_req("other.org"))
             .await
             .expect_err("config"),
@@ -244,8 +294,11 @@ async fn refresh_reports_the_fetch_outcome_and_mutations_are_audited() -> TestRe
     let (_dir, svc, state) = service().await?;
     let log = LogBuffer::default();
     let _guard = log.install();
-    svc.create_federation_relationship(create_req(rel("other.org", "https://o.org", WEB, ""), None))
-        .await?;
+    svc.create_federation_relationship(create_req(
+        rel("other.org", "https://o.org", WEB, ""),
+        None,
+    ))
+    .await?;
     let refresh = |td: &str| {
         svc.refresh_bundle(Request::new(pb::RefreshBundleRequest {
             trust_domain: td.into(),
