@@ -24,6 +24,8 @@ pub struct Metrics {
     pub entries: Gauge,
     /// NotAfter of the CA, Unix seconds.
     pub ca_expiry: Gauge,
+    federation_refreshes: Family<Labels, Counter>,
+    federation_last_success: Family<Labels, Gauge>,
 }
 
 impl Metrics {
@@ -69,6 +71,18 @@ impl Metrics {
             "NotAfter of the CA certificate that signs SVIDs (Unix seconds); SVIDs are capped at it",
             ca_expiry.clone(),
         );
+        let federation_refreshes = Family::<Labels, Counter>::default();
+        registry.register(
+            "federation_bundle_refreshes",
+            "Federated bundle fetches by foreign trust domain and outcome (changed, unchanged, error)",
+            federation_refreshes.clone(),
+        );
+        let federation_last_success = Family::<Labels, Gauge>::default();
+        registry.register(
+            "federation_bundle_last_success_seconds",
+            "Time of the last successful federated bundle fetch by foreign trust domain (Unix seconds)",
+            federation_last_success.clone(),
+        );
         let build = Gauge::<i64>::default();
         build.set(1);
         registry.register(
@@ -84,6 +98,8 @@ impl Metrics {
             x509_svids_signed,
             entries,
             ca_expiry,
+            federation_refreshes,
+            federation_last_success,
         }
     }
 
@@ -110,6 +126,41 @@ impl Metrics {
         self.bundle_endpoint_requests
             .get_or_create(&vec![("outcome".into(), outcome.into())])
             .inc();
+    }
+}
+
+impl Metrics {
+    /// Records one federated bundle fetch of `trust_domain`: `outcome` is `changed`,
+    /// `unchanged` or `error`; `success_at` (Unix seconds) is set when it succeeded.
+    pub fn observe_federation_refresh(
+        &self,
+        trust_domain: &str,
+        outcome: &str,
+        success_at: Option<i64>,
+    ) {
+        self.federation_refreshes
+            .get_or_create(&vec![
+                ("trust_domain".into(), trust_domain.into()),
+                ("outcome".into(), outcome.into()),
+            ])
+            .inc();
+        if let Some(t) = success_at {
+            self.federation_last_success
+                .get_or_create(&vec![("trust_domain".into(), trust_domain.into())])
+                .set(t);
+        }
+    }
+
+    /// Forgets the series of a trust domain no longer federated with.
+    pub fn forget_federation(&self, trust_domain: &str) {
+        for outcome in ["changed", "unchanged", "error"] {
+            self.federation_refreshes.remove(&vec![
+                ("trust_domain".into(), trust_domain.into()),
+                ("outcome".into(), outcome.into()),
+            ]);
+        }
+        self.federation_last_success
+            .remove(&vec![("trust_domain".into(), trust_domain.into())]);
     }
 }
 

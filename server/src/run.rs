@@ -216,7 +216,12 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     // One change hub for the admin API (publisher) and the agents' sync streams.
     let events = crate::sync::SyncEvents::new();
     events.bundle_changed(bundle_sequence);
+    let federation = Arc::new(crate::federation::refresher::Federation::new(
+        cfg.trust_domain.clone(),
+        &cfg.federates_with,
+    ));
     let state = Arc::new(AdminState {
+        federation: federation.clone(),
         trust_domain: cfg.trust_domain.clone(),
         datastore: datastore.clone(),
         bundle: RwLock::new(bundle),
@@ -362,6 +367,22 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         shutdown_rx.clone(),
     ));
 
+    // Federation: the config file's initial bundles stored, then every relationship's bundle
+    // kept fresh from its endpoint (relationship changes arrive through `federation`).
+    let refresher = crate::federation::refresher::Refresher {
+        federation,
+        datastore: datastore.clone(),
+        fetcher: bundle_fetcher(),
+        events: events.clone(),
+        metrics: metrics.clone(),
+        clock: sigil::clock::Clock::system(),
+    };
+    refresher
+        .store_initial_bundles(&cfg.federates_with)
+        .await
+        .context("storing the initial bundles of [federation.federates_with]")?;
+    let refresher_task = tokio::spawn(refresher.run(shutdown_rx.clone()));
+
     let readiness = Arc::new(Readiness {
         ready: AtomicBool::new(false),
         datastore: datastore.clone(),
@@ -447,6 +468,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         let _ = t.await;
     }
     let _ = pruner.await;
+    let _ = refresher_task.await;
     if let Some(t) = publisher_task {
         let _ = t.await;
     }
@@ -460,6 +482,12 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     drop(admin_socket_file);
     tracing::info!("sigil-server stopped");
     Ok(())
+}
+
+/// What fetches federated bundles from their bundle endpoints: HTTPS with the system's roots
+/// (or `SSL_CERT_FILE`) for `https_web`, the stored bundle for `https_spiffe`.
+fn bundle_fetcher() -> Option<Arc<dyn crate::federation::FetchBundle>> {
+    Some(Arc::new(crate::federation::fetch::HttpsBundleFetcher::new()))
 }
 
 async fn wait_for_signal() -> anyhow::Result<&'static str> {
