@@ -9,6 +9,7 @@ pub mod bundle;
 pub mod entry;
 pub mod localauthority;
 pub mod output;
+pub mod spire_data;
 pub mod token;
 
 use std::path::{Path, PathBuf};
