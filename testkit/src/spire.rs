@@ -185,7 +185,10 @@ health_checks {{
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                panic!("spire-server exited with {status}; log:\n{}", self.log_text());
+                panic!(
+                    "spire-server exited with {status}; log:\n{}",
+                    self.log_text()
+                );
             }
             if self.socket.exists() && self.cli(&["healthcheck"], &[]).status.success() {
                 return;
@@ -391,7 +394,10 @@ plugins {{
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                panic!("spire-agent exited with {status}; log:\n{}", self.log_text());
+                panic!(
+                    "spire-agent exited with {status}; log:\n{}",
+                    self.log_text()
+                );
             }
             let healthy = self.socket.exists()
                 && Command::new(spire_binary("spire-agent"))

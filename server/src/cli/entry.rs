@@ -598,7 +598,11 @@ fn print_plan(out: Output, entries: &[pb::Entry], import: Option<&SpireImport>) 
         }
         Output::Text => {
             if let Some(i) = import {
-                println!("Read {} entries of {}", i.planned.len() + i.refused.len(), i.format.describe());
+                println!(
+                    "Read {} entries of {}",
+                    i.planned.len() + i.refused.len(),
+                    i.format.describe()
+                );
             }
             let n = entries.len();
             println!(

@@ -257,8 +257,8 @@ pub fn detect(doc: &Value, forced: FormatArg) -> Result<DataFormat, DataFileErro
         let Value::Object(fields) = e else { continue };
         for (key, value) in fields {
             let at = |what: String| format!("entry {i}: {what}");
-            let sigil_ttl = matches!(key.as_str(), "x509_svid_ttl" | "jwt_svid_ttl")
-                && value.is_string();
+            let sigil_ttl =
+                matches!(key.as_str(), "x509_svid_ttl" | "jwt_svid_ttl") && value.is_string();
             if sigil_form.is_none()
                 && (matches!(key.as_str(), "node" | "x509_ttl" | "jwt_ttl") || sigil_ttl)
             {
@@ -275,7 +275,11 @@ pub fn detect(doc: &Value, forced: FormatArg) -> Result<DataFormat, DataFileErro
             let lower = key.to_ascii_lowercase();
             let spire_only = matches!(
                 lower.as_str(),
-                "entryexpiry" | "entry_expiry" | "store_svid" | "entry_id" | "revision_number"
+                "entryexpiry"
+                    | "entry_expiry"
+                    | "store_svid"
+                    | "entry_id"
+                    | "revision_number"
                     | "created_at"
             );
             let other_case = *key != lower && SPIRE_CREATE_FIELDS.contains(&lower.as_str());
@@ -408,7 +412,10 @@ fn normalized(raw: &Value) -> Result<serde_json::Map<String, Value>, String> {
             .map(|c| c.to_ascii_lowercase())
             .collect();
         if out.insert(folded, v.clone()).is_some() {
-            return Err(format!("field {} is given twice (in another spelling)", quote(k)));
+            return Err(format!(
+                "field {} is given twice (in another spelling)",
+                quote(k)
+            ));
         }
     }
     Ok(out)
@@ -459,10 +466,9 @@ impl<'de> Deserialize<'de> for Int {
         match Option::<Raw>::deserialize(d)? {
             None => Ok(Int(0)),
             Some(Raw::N(n)) => Ok(Int(n)),
-            Some(Raw::S(s)) => s
-                .parse()
-                .map(Int)
-                .map_err(|_| serde::de::Error::custom(format!("{} is not a whole number", quote(&s)))),
+            Some(Raw::S(s)) => s.parse().map(Int).map_err(|_| {
+                serde::de::Error::custom(format!("{} is not a whole number", quote(&s)))
+            }),
         }
     }
 }
@@ -653,7 +659,11 @@ fn own_id(field: &'static str, value: Option<&str>, td: &TrustDomain) -> Result<
 fn map_spire_id(what: &'static str, id: SpiffeId) -> Result<SpiffeId, Refusal> {
     let Some(rest) = id.path().strip_prefix("/spire/") else {
         if id.path() == "/spire" {
-            return Err(spire_only(what, &id, "is under SPIRE's reserved /spire path"));
+            return Err(spire_only(
+                what,
+                &id,
+                "is under SPIRE's reserved /spire path",
+            ));
         }
         return Ok(id);
     };
@@ -662,7 +672,11 @@ fn map_spire_id(what: &'static str, id: SpiffeId) -> Result<SpiffeId, Refusal> {
         return Ok(crate::api::server_id(&td));
     }
     let Some(agent) = rest.strip_prefix("agent/") else {
-        return Err(spire_only(what, &id, "is under SPIRE's reserved /spire path: no Sigil identity corresponds"));
+        return Err(spire_only(
+            what,
+            &id,
+            "is under SPIRE's reserved /spire path: no Sigil identity corresponds",
+        ));
     };
     let (kind, name) = agent.split_once('/').unwrap_or((agent, ""));
     match kind {
@@ -760,7 +774,10 @@ fn map_ttl(field: &'static str, secs: i64, x509: bool) -> Result<i64, Refusal> {
 /// Maps one SPIRE entry onto the Sigil entry to create for trust domain `td`.
 fn map_entry(e: SpireEntry, td: &TrustDomain, now: i64) -> Result<pb::Entry, Refusal> {
     let spiffe_id = own_id("spiffe_id", e.spiffe_id.as_deref(), td)?;
-    let parent_id = map_spire_id("parent_id", own_id("parent_id", e.parent_id.as_deref(), td)?)?;
+    let parent_id = map_spire_id(
+        "parent_id",
+        own_id("parent_id", e.parent_id.as_deref(), td)?,
+    )?;
     if e.store_svid {
         return Err(Refusal::StoreSvid);
     }
@@ -784,7 +801,10 @@ fn map_entry(e: SpireEntry, td: &TrustDomain, now: i64) -> Result<pb::Entry, Ref
     }
     // Duplicated selectors mean the same set; keep the first of each.
     let mut seen = BTreeMap::new();
-    selectors.retain(|s| seen.insert((s.r#type.clone(), s.value.clone()), ()).is_none());
+    selectors.retain(|s| {
+        seen.insert((s.r#type.clone(), s.value.clone()), ())
+            .is_none()
+    });
     Ok(pb::Entry {
         spiffe_id: spiffe_id.to_string(),
         parent_id: parent_id.to_string(),

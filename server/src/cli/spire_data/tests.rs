@@ -58,7 +58,10 @@ fn only_refusal(doc: &Value) -> Refusal {
 #[test]
 fn formats_are_told_apart_per_file() {
     let show = show_file(vec![shown("/w", "/node", json!([sel("unix", "uid:1")]))]);
-    assert_eq!(detect(&show, FormatArg::Auto).ok(), Some(DataFormat::SpireShow));
+    assert_eq!(
+        detect(&show, FormatArg::Auto).ok(),
+        Some(DataFormat::SpireShow)
+    );
 
     let common = json!({"entries": [{"spiffe_id": "spiffe://example.org/w",
         "parent_id": "spiffe://example.org/node", "selectors": [sel("unix", "uid:1")]}]});
@@ -94,7 +97,10 @@ fn formats_are_told_apart_per_file() {
 
     let mut sigil = common.clone();
     sigil["entries"][0]["selectors"] = json!(["unix:uid:1"]);
-    assert_eq!(detect(&sigil, FormatArg::Auto).ok(), Some(DataFormat::Sigil));
+    assert_eq!(
+        detect(&sigil, FormatArg::Auto).ok(),
+        Some(DataFormat::Sigil)
+    );
     assert_eq!(
         detect(&json!([{"spiffe_id": "x"}]), FormatArg::Auto).ok(),
         Some(DataFormat::Sigil)
@@ -125,7 +131,11 @@ fn spire_entries_map_onto_sigil_entries() {
     federated["hint"] = json!("internal");
     federated["downstream"] = json!(true);
     let doc = show_file(vec![
-        shown("/node/a", "/spire/server", json!([sel("k8s_psat", "cluster:c1")])),
+        shown(
+            "/node/a",
+            "/spire/server",
+            json!([sel("k8s_psat", "cluster:c1")]),
+        ),
         shown(
             "/k8s-web",
             "/spire/agent/k8s_psat/c1/0d0c5d1e-1111-4222-8333-444455556666",
@@ -179,7 +189,10 @@ fn create_input_is_read_as_spire_reads_it() {
     assert_eq!(e.x509_svid_ttl, 200);
     assert!(e.admin);
     assert_eq!(i.refused[0].reason, Refusal::Expired(NOW - 1));
-    assert_eq!(i.refused[0].spiffe_id.as_deref(), Some("spiffe://example.org/old"));
+    assert_eq!(
+        i.refused[0].spiffe_id.as_deref(),
+        Some("spiffe://example.org/old")
+    );
 }
 
 #[test]
@@ -219,13 +232,24 @@ fn what_sigil_cannot_honour_is_refused_with_the_reason() {
     assert_eq!(only_refusal(&show_file(vec![e])), Refusal::Expiry(NOW + 60));
     let mut e = shown("/w", "/n", unix());
     e["x509_svid_ttl"] = json!(30);
-    assert!(matches!(only_refusal(&show_file(vec![e])), Refusal::Ttl { field: "x509_svid_ttl", .. }));
+    assert!(matches!(
+        only_refusal(&show_file(vec![e])),
+        Refusal::Ttl {
+            field: "x509_svid_ttl",
+            ..
+        }
+    ));
     let mut e = shown("/w", "/n", unix());
     e["jwt_svid_ttl"] = json!(-5);
-    assert!(only_refusal(&show_file(vec![e])).to_string().contains("negative"));
+    assert!(only_refusal(&show_file(vec![e]))
+        .to_string()
+        .contains("negative"));
     let mut e = shown("/w", "/n", unix());
     e["federates_with"] = json!(["not a domain"]);
-    assert!(matches!(only_refusal(&show_file(vec![e])), Refusal::FederatesWith { .. }));
+    assert!(matches!(
+        only_refusal(&show_file(vec![e])),
+        Refusal::FederatesWith { .. }
+    ));
 
     let mut other = shown("/w", "/n", unix());
     other["spiffe_id"]["trust_domain"] = json!("other.org");
@@ -238,7 +262,10 @@ fn what_sigil_cannot_honour_is_refused_with_the_reason() {
     other["parent_id"]["trust_domain"] = json!("other.org");
     assert!(matches!(
         only_refusal(&show_file(vec![other])),
-        Refusal::TrustDomain { field: "parent_id", .. }
+        Refusal::TrustDomain {
+            field: "parent_id",
+            ..
+        }
     ));
 }
 
@@ -255,7 +282,10 @@ fn a_refused_entry_does_not_hide_the_others() {
     let refused: Vec<usize> = i.refused.iter().map(|r| r.index).collect();
     assert_eq!(planned, [0, 3]);
     assert_eq!(refused, [1, 2]);
-    assert_eq!(i.refused[0].spiffe_id.as_deref(), Some("spiffe://example.org/b"));
+    assert_eq!(
+        i.refused[0].spiffe_id.as_deref(),
+        Some("spiffe://example.org/b")
+    );
     assert_eq!(i.refused[1].spiffe_id, None);
 }
 
@@ -271,7 +301,10 @@ fn malformed_input_gives_clear_errors() {
     }
     let empty = json!({"entries": [], "next_page_token": ""});
     let format = detect(&empty, FormatArg::Auto).expect("format");
-    assert!(matches!(read_spire(&empty, format, &td(), NOW), Err(DataFileError::Empty)));
+    assert!(matches!(
+        read_spire(&empty, format, &td(), NOW),
+        Err(DataFileError::Empty)
+    ));
 
     let base = || shown("/w", "/n", json!([sel("unix", "uid:1")]));
     let with = |k: &str, v: Value| {
@@ -281,26 +314,63 @@ fn malformed_input_gives_clear_errors() {
     };
     for (doc, needle) in [
         (with("selectors", json!(["unix:uid:1"])), "invalid type"),
-        (with("selectors", json!([{"type": "unix"}])), "missing field `value`"),
-        (with("selectors", json!([{"type": "unix", "value": "uid:1", "x": 1}])), "unknown field"),
-        (with("x509_svid_ttl", json!("soon")), "\"soon\" is not a whole number"),
-        (with("expires_at", json!("99999999999999999999999")), "not a whole number"),
+        (
+            with("selectors", json!([{"type": "unix"}])),
+            "missing field `value`",
+        ),
+        (
+            with(
+                "selectors",
+                json!([{"type": "unix", "value": "uid:1", "x": 1}]),
+            ),
+            "unknown field",
+        ),
+        (
+            with("x509_svid_ttl", json!("soon")),
+            "\"soon\" is not a whole number",
+        ),
+        (
+            with("expires_at", json!("99999999999999999999999")),
+            "not a whole number",
+        ),
         (with("admin", json!("yes")), "invalid type"),
         (with("surprise", json!(1)), "unknown field `surprise`"),
-        (with("spiffe_id", json!({"trust_domain": "example.org", "path": "/w", "x": 1})), "unknown field"),
-        (with("spiffe_id", json!({"trust_domain": "example.org", "path": 7})), "invalid type"),
+        (
+            with(
+                "spiffe_id",
+                json!({"trust_domain": "example.org", "path": "/w", "x": 1}),
+            ),
+            "unknown field",
+        ),
+        (
+            with(
+                "spiffe_id",
+                json!({"trust_domain": "example.org", "path": 7}),
+            ),
+            "invalid type",
+        ),
         (with("spiffeId", json!(id("/w"))), "given twice"),
     ] {
         let reason = only_refusal(&doc).to_string();
         assert!(
-            reason.starts_with("not an entry of SPIRE's `entry show -output json`") && reason.contains(needle),
+            reason.starts_with("not an entry of SPIRE's `entry show -output json`")
+                && reason.contains(needle),
             "{doc}: {reason}"
         );
     }
     for (doc, needle) in [
         (with("spiffe_id", Value::Null), "spiffe_id is missing"),
-        (with("spiffe_id", json!({"trust_domain": "", "path": "/w"})), "spiffe_id \"spiffe:///w\""),
-        (with("parent_id", json!({"trust_domain": "example.org", "path": "no-slash"})), "parent_id"),
+        (
+            with("spiffe_id", json!({"trust_domain": "", "path": "/w"})),
+            "spiffe_id \"spiffe:///w\"",
+        ),
+        (
+            with(
+                "parent_id",
+                json!({"trust_domain": "example.org", "path": "no-slash"}),
+            ),
+            "parent_id",
+        ),
     ] {
         let reason = only_refusal(&doc).to_string();
         assert!(reason.contains(needle), "{doc}: {reason}");
