@@ -726,6 +726,13 @@ fn map_selector(s: &SpireSelector) -> Result<pb::Selector, Refusal> {
         let mapped = map_spire_id("selector spiffe_id", id)?;
         sel = Selector::new("spiffe_id", &mapped.to_string()).map_err(|e| refuse(e.to_string()))?;
     }
+    if sel.kind() == "x509pop" && sel.value().starts_with("san:") {
+        // Same spelling, another property: SPIRE's come from `x509pop://<td>/<key>/<value>` URI
+        // SANs, Sigil's `x509pop:san:dns` from DNS SANs.
+        return Err(refuse(
+            "SPIRE's x509pop:san selectors come from x509pop:// URI SANs, Sigil's x509pop:san:dns from DNS SANs: the same spelling would match other nodes; use x509pop:subject:cn or Sigil's x509pop:san:dns for the node's DNS name".into(),
+        ));
+    }
     match sel.check_registrable() {
         Ok(Registrable::Known) => Ok(sigil::entry::selector_to_proto(&sel)),
         Ok(Registrable::UnknownType) => Err(refuse(format!(

@@ -216,6 +216,10 @@ fn what_sigil_cannot_honour_is_refused_with_the_reason() {
             shown("/w", "/n", json!([sel("spiffe_id", "spiffe://example.org/spire/agent/join_token/t")])),
             "selector spiffe_id spiffe://example.org/spire/agent/join_token/t is a SPIRE join-token agent",
         ),
+        (
+            shown("/w", "/spire/server", json!([sel("x509pop", "san:dns:node1")])),
+            "x509pop:// URI SANs",
+        ),
         (shown("/w", "/n", json!([])), "no selectors"),
         (shown("/w", "/n", json!([sel("unix", " uid:1")])), "control characters or leading"),
     ];
