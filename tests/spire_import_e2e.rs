@@ -147,7 +147,10 @@ fn spire_entries_imported_into_sigil_give_the_same_identity() {
             "Sigil's docker attestor has no key \"label\"",
         ),
         ("spiffe://example.org/stored", "store_svid is set"),
-        (NODE, "is a SPIRE join-token agent"),
+        (
+            NODE,
+            "sigil-server token generate --spiffe-id spiffe://example.org/node-a",
+        ),
     ] {
         assert!(
             stdout.lines().any(|l| l.contains(id) && l.contains(reason)),

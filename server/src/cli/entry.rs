@@ -413,7 +413,7 @@ fn entry_from_data(i: usize, d: DataEntry) -> anyhow::Result<pb::Entry> {
 }
 
 /// The `--data` file (or stdin) as JSON.
-fn read_document(path: &PathBuf) -> anyhow::Result<serde_json::Value> {
+fn read_document(path: &std::path::Path) -> anyhow::Result<serde_json::Value> {
     let text = if path.as_os_str() == "-" {
         std::io::read_to_string(std::io::stdin()).context("reading entries from stdin")?
     } else {
@@ -425,7 +425,7 @@ fn read_document(path: &PathBuf) -> anyhow::Result<serde_json::Value> {
 }
 
 /// The entries of a `--data` file in Sigil's format.
-fn read_data(path: &PathBuf, doc: serde_json::Value) -> anyhow::Result<Vec<pb::Entry>> {
+fn read_data(path: &std::path::Path, doc: serde_json::Value) -> anyhow::Result<Vec<pb::Entry>> {
     let parsed: DataFile = serde_json::from_value(doc).map_err(|e| {
         anyhow::anyhow!(
             "--data file {} is not valid: {e} (expected {{\"entries\": [{{\"spiffe_id\": ..., \"parent_id\": ..., \"selectors\": [\"unix:uid:1000\"]}}]}})",
@@ -692,7 +692,7 @@ async fn import_spire(
         }
     }
     eprintln!(
-        "{} of {total} entries of {}: {} created, {} refused, {} failed",
+        "{}: {total} entries of {}: {} created, {} refused, {} failed",
         path.display(),
         format.describe(),
         created.len(),

@@ -141,6 +141,16 @@ pub enum Refusal {
         /// Why no Sigil identity corresponds, and what to do.
         why: String,
     },
+    /// The node-alias entry SPIRE's `token generate -spiffeID` made for a join-token agent.
+    #[error(
+        "is the node alias SPIRE made for join token {token} (`spire-server token generate -spiffeID`), a spent SPIRE token: on Sigil, `sigil-server token generate --spiffe-id {alias}` makes this alias for the agent attesting with the new token"
+    )]
+    JoinTokenAlias {
+        /// The alias (the entry's SPIFFE ID).
+        alias: String,
+        /// SPIRE's token.
+        token: String,
+    },
     /// `store_svid`: SPIRE's SVIDStore plug-ins; Sigil has none.
     #[error(
         "store_svid is set: SPIRE hands the SVID to an SVIDStore plug-in, Sigil has none (serve the workload through the Workload API or `sigil-agent helper` instead)"
@@ -781,10 +791,20 @@ fn map_ttl(field: &'static str, secs: i64, x509: bool) -> Result<i64, Refusal> {
 /// Maps one SPIRE entry onto the Sigil entry to create for trust domain `td`.
 fn map_entry(e: SpireEntry, td: &TrustDomain, now: i64) -> Result<pb::Entry, Refusal> {
     let spiffe_id = own_id("spiffe_id", e.spiffe_id.as_deref(), td)?;
-    let parent_id = map_spire_id(
-        "parent_id",
-        own_id("parent_id", e.parent_id.as_deref(), td)?,
-    )?;
+    let parent_id = own_id("parent_id", e.parent_id.as_deref(), td)?;
+    if let Some(token) = parent_id.path().strip_prefix("/spire/agent/join_token/") {
+        let only_selector_is_parent = matches!(
+            e.selectors.as_slice(),
+            [s] if s.kind == "spiffe_id" && s.value == parent_id.to_string()
+        );
+        if only_selector_is_parent {
+            return Err(Refusal::JoinTokenAlias {
+                alias: spiffe_id.to_string(),
+                token: token.to_string(),
+            });
+        }
+    }
+    let parent_id = map_spire_id("parent_id", parent_id)?;
     if e.store_svid {
         return Err(Refusal::StoreSvid);
     }

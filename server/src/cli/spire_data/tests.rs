@@ -228,6 +228,20 @@ fn what_sigil_cannot_honour_is_refused_with_the_reason() {
         assert!(reason.contains(needle), "{entry}: {reason}");
     }
 
+    let parent = "spiffe://example.org/spire/agent/join_token/t1";
+    let alias = shown(
+        "/node-a",
+        "/spire/agent/join_token/t1",
+        json!([sel("spiffe_id", parent)]),
+    );
+    assert_eq!(
+        only_refusal(&show_file(vec![alias])),
+        Refusal::JoinTokenAlias {
+            alias: "spiffe://example.org/node-a".into(),
+            token: "t1".into()
+        }
+    );
+
     let mut e = shown("/w", "/n", unix());
     e["store_svid"] = json!(true);
     assert_eq!(only_refusal(&show_file(vec![e])), Refusal::StoreSvid);
