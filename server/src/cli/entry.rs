@@ -455,6 +455,9 @@ async fn create(a: CreateArgs) -> anyhow::Result<()> {
             }
             read_data(path, doc)?
         }
+        None if a.strict || a.format != FormatArg::Auto => {
+            bail!("--strict and --format apply to --data files: give --data FILE")
+        }
         None => vec![entry_from_fields(&a.fields)?],
     };
     warn_unknown_selector_types(&entries);

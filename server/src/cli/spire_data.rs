@@ -461,6 +461,16 @@ struct SpireSelector {
     value: String,
 }
 
+/// An entry's selectors, their field names folded as the entry's are.
+fn selectors(list: Vec<Value>) -> Result<Vec<SpireSelector>, String> {
+    list.iter()
+        .map(|v| {
+            serde_json::from_value(Value::Object(normalized(v)?))
+                .map_err(|e| format!("selector {v}: {e}"))
+        })
+        .collect()
+}
+
 /// A 64-bit number as protojson writes it (a string) or as a number.
 #[derive(Debug, Default, Clone, Copy)]
 struct Int(i64);
@@ -533,7 +543,7 @@ struct ShowEntry {
     #[serde(default)]
     parentid: Option<Value>,
     #[serde(default, deserialize_with = "or_default")]
-    selectors: Vec<SpireSelector>,
+    selectors: Vec<Value>,
     #[serde(default)]
     x509svidttl: Int,
     #[serde(default)]
@@ -573,7 +583,7 @@ impl ShowEntry {
         Ok(SpireEntry {
             spiffe_id: id(&e.spiffeid)?,
             parent_id: id(&e.parentid)?,
-            selectors: e.selectors,
+            selectors: selectors(e.selectors)?,
             x509_svid_ttl: e.x509svidttl.0,
             jwt_svid_ttl: e.jwtsvidttl.0,
             federates_with: e.federateswith,
@@ -593,7 +603,7 @@ impl ShowEntry {
 #[serde(deny_unknown_fields)]
 struct CreateEntry {
     #[serde(default, deserialize_with = "or_default")]
-    selectors: Vec<SpireSelector>,
+    selectors: Vec<Value>,
     #[serde(default)]
     parentid: Option<String>,
     #[serde(default)]
@@ -632,7 +642,7 @@ impl CreateEntry {
         Ok(SpireEntry {
             spiffe_id: e.spiffeid.filter(|s| !s.is_empty()),
             parent_id: e.parentid.filter(|s| !s.is_empty()),
-            selectors: e.selectors,
+            selectors: selectors(e.selectors)?,
             x509_svid_ttl: e.x509svidttl.0,
             jwt_svid_ttl: e.jwtsvidttl.0,
             federates_with: e.federateswith,

@@ -174,7 +174,7 @@ fn spire_entries_map_onto_sigil_entries() {
 fn create_input_is_read_as_spire_reads_it() {
     // Go's encoding/json matches names case-insensitively; entryExpiry is camelCase there.
     let doc = json!({"entries": [
-        {"selectors": [sel("unix", "uid:1111")], "spiffe_id": "spiffe://example.org/Blog",
+        {"selectors": [{"Type": "unix", "VALUE": "uid:1111"}], "spiffe_id": "spiffe://example.org/Blog",
          "parent_id": "spiffe://example.org/spire/server", "x509_svid_ttl": 200,
          "ENTRYEXPIRY": 0, "Admin": true},
         {"selectors": [sel("unix", "uid:1")], "spiffe_id": "spiffe://example.org/old",
@@ -331,7 +331,10 @@ fn malformed_input_gives_clear_errors() {
         show_file(vec![e])
     };
     for (doc, needle) in [
-        (with("selectors", json!(["unix:uid:1"])), "invalid type"),
+        (
+            with("selectors", json!(["unix:uid:1"])),
+            "expected an object, found a string",
+        ),
         (
             with("selectors", json!([{"type": "unix"}])),
             "missing field `value`",
