@@ -42,7 +42,11 @@ pub fn spire_bin_dir() -> PathBuf {
 /// Path of a SPIRE binary (`spire-server`, `spire-agent`); fails the test naming the build
 /// command when it is missing.
 pub fn spire_binary(name: &str) -> PathBuf {
-    let path = spire_bin_dir().join(name);
+    binary_in(&spire_bin_dir(), name)
+}
+
+fn binary_in(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
     if !path.is_file() {
         panic!(
             "{} is missing: the SPIRE interoperability tests run real SPIRE; build it with \
@@ -434,5 +438,27 @@ impl Drop for SpireAgent {
         if let Some(mut c) = self.child.take() {
             terminate(&mut c, Duration::from_secs(5));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_spire_binary_names_the_build_command() {
+        let dir = crate::tempdir();
+        let panic = std::panic::catch_unwind(|| binary_in(dir.path(), "spire-server"))
+            .expect_err("missing binary");
+        let message = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(
+            message.contains("spire-server is missing") && message.contains("tests/spire/build.sh"),
+            "{message}"
+        );
+        std::fs::write(dir.path().join("spire-agent"), "").expect("writing");
+        assert_eq!(
+            binary_in(dir.path(), "spire-agent"),
+            dir.path().join("spire-agent")
+        );
     }
 }
