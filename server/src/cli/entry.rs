@@ -95,7 +95,7 @@ pub struct CreateArgs {
     /// `entry show` output; string IDs are SPIRE's `entry create -data` input when the file
     /// has what only that has (entryExpiry, store_svid, entry_id, revision_number, created_at,
     /// IDs under /spire/), else Sigil's. SPIRE's entries are mapped (parent
-    /// spiffe://<td>/spire/server → spiffe://<td>/sigil/server) and those Sigil cannot honour
+    /// spiffe://TD/spire/server → spiffe://TD/sigil/server) and those Sigil cannot honour
     /// are refused, each with its reason, without stopping the others (see --strict).
     #[arg(long, value_enum, default_value_t = FormatArg::Auto, requires = "data")]
     format: FormatArg,
