@@ -221,6 +221,8 @@ fn spire_entries_imported_into_sigil_give_the_same_identity() {
         &subdir(dir.path(), "sigil-agent"),
         &["--join-token", &sigil_token],
     );
+    let agents = spire.cli_ok(&["agent", "list"], &[]);
+    assert!(agents.contains(&spire_agent.agent_id), "{agents}");
     let from_spire = svid_id(spire_agent.socket_path(), || spire_agent.log_text());
     let from_sigil = svid_id(&sigil_agent.socket_path(), || sigil_agent.log_text());
     assert_eq!(from_spire, WORKLOAD);

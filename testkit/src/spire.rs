@@ -305,11 +305,14 @@ impl Drop for SpireServer {
     }
 }
 
-/// A running `spire-agent` (join-token attestation, `unix` workload attestor), killed on drop.
+/// A running `spire-agent` (join-token attestation, `unix` workload attestor with
+/// `discover_workload_path`, so `unix:path` selectors work too), killed on drop.
 pub struct SpireAgent {
     child: Option<Child>,
     /// The test directory.
     pub dir: PathBuf,
+    /// Its SPIFFE ID: `spiffe://<td>/spire/agent/join_token/<token>`.
+    pub agent_id: String,
     /// The Workload API socket.
     pub socket: PathBuf,
     /// Its log (stdout and stderr).
@@ -360,7 +363,9 @@ plugins {{
         plugin_data {{}}
     }}
     WorkloadAttestor "unix" {{
-        plugin_data {{}}
+        plugin_data {{
+            discover_workload_path = true
+        }}
     }}
 }}
 "#,
@@ -385,6 +390,10 @@ plugins {{
         let mut a = SpireAgent {
             child: Some(child),
             dir: dir.to_path_buf(),
+            agent_id: format!(
+                "spiffe://{}/spire/agent/join_token/{join_token}",
+                server.trust_domain
+            ),
             socket,
             log,
         };
