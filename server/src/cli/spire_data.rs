@@ -378,7 +378,8 @@ pub fn read_spire(
                     raw_spiffe_id(raw),
                     Refusal::Malformed {
                         format: format.describe(),
-                        reason,
+                        // serde's messages may quote the input: bounded like every echo.
+                        reason: sigil::text::echo(&reason).into_owned(),
                     },
                 )
             })
@@ -466,7 +467,7 @@ fn selectors(list: Vec<Value>) -> Result<Vec<SpireSelector>, String> {
     list.iter()
         .map(|v| {
             serde_json::from_value(Value::Object(normalized(v)?))
-                .map_err(|e| format!("selector {v}: {e}"))
+                .map_err(|e| format!("selector {}: {e}", quote(&v.to_string())))
         })
         .collect()
 }

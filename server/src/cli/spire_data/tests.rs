@@ -371,6 +371,12 @@ fn malformed_input_gives_clear_errors() {
             "invalid type",
         ),
         (with("spiffeId", json!(id("/w"))), "given twice"),
+        // Long input is echoed cut, with its length.
+        (
+            with("selectors", json!([{"type": "x".repeat(5000)}])),
+            "(5011 bytes): missing field `value`",
+        ),
+        (with("admin", json!("y".repeat(5000))), "bytes)"),
     ] {
         let reason = only_refusal(&doc).to_string();
         assert!(
