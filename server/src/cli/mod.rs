@@ -10,6 +10,7 @@ pub mod entry;
 pub mod federation;
 pub mod localauthority;
 pub mod output;
+pub mod spire_data;
 pub mod token;
 
 use std::path::{Path, PathBuf};
