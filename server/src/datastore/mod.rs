@@ -16,6 +16,7 @@
 
 #[cfg(test)]
 pub(crate) mod conformance;
+pub mod descent;
 pub mod feed;
 pub mod paging;
 pub mod postgres;
@@ -252,6 +253,17 @@ pub struct EntryChanges {
     pub revision: i64,
 }
 
+/// One consistent read of what an agent is authorised for ([`Datastore::read_authorized`]).
+#[derive(Debug, Clone, Default)]
+pub struct AuthorizedRead {
+    /// The entry revision the read is current at: every change up to it is in, none after it.
+    pub revision: i64,
+    /// The node-alias entries that apply to the agent (see [`descent::alias_matches`]).
+    pub aliases: Vec<RegistrationEntry>,
+    /// The authorised entries, breadth-first from the roots, each level in creation order.
+    pub entries: Vec<RegistrationEntry>,
+}
+
 /// Storage for everything the server must not lose.
 #[async_trait]
 pub trait Datastore: Send + Sync + 'static {
@@ -397,4 +409,15 @@ pub trait Datastore: Send + Sync + 'static {
     fn change_feed(&self) -> Option<ChangeFeed> {
         None
     }
+
+    /// What the agent `agent_id` with node selectors `selectors` is authorised for, read in one
+    /// consistent snapshot (see [`descent`]): the node aliases (parent `server_id`) that apply,
+    /// and every entry reachable from the agent's ID and those aliases' SPIFFE IDs through
+    /// parent links, with the revision the read is current at.
+    async fn read_authorized(
+        &self,
+        agent_id: &SpiffeId,
+        selectors: &SelectorSet,
+        server_id: &SpiffeId,
+    ) -> Result<AuthorizedRead, DatastoreError>;
 }

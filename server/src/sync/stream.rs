@@ -416,10 +416,10 @@ impl Syncer {
         self.selectors = agent.selectors;
         // Everything published so far is covered by what is read below.
         self.federated_seen = self.sub.take().federated_changes;
-        let revision = self.current_revision().await?;
         let set = compute(&*self.ds, &self.agent_id, &self.selectors, &self.server_id)
             .await
             .map_err(ds_status)?;
+        let revision = set.revision;
         let (entries, _) = self.tracked.replace(set);
         let bundle = self.bundle_if_changed().await?;
         // Always sent: the agent may hold a stale set from an earlier connection.
@@ -525,10 +525,10 @@ impl Syncer {
     /// Recomputes the authorised set and diffs it against what was sent.
     async fn reconcile(&mut self, why: &'static str) -> Result<Round, Status> {
         let started = std::time::Instant::now();
-        let revision = self.current_revision().await?;
         let set = compute(&*self.ds, &self.agent_id, &self.selectors, &self.server_id)
             .await
             .map_err(ds_status)?;
+        let revision = set.revision;
         let (upserts, removed) = self.tracked.replace(set);
         self.last_revision = self.last_revision.max(revision);
         self.next_reconcile = after(self.reconcile_every);

@@ -10,7 +10,10 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{IsolationLevel, Row};
 
 use super::{col, effective_page_size, into_page, to_i64, Result};
-use crate::datastore::{DatastoreError, EntryChanges, EntryFilter, Page, SelectorMatch};
+use crate::datastore::descent::Descent;
+use crate::datastore::{
+    AuthorizedRead, DatastoreError, EntryChanges, EntryFilter, Page, SelectorMatch,
+};
 
 /// Columns of an entry row, as read by [`decode`]; the last one gathers the entry's selectors
 /// as `type:value` strings.
@@ -548,4 +551,62 @@ pub(super) async fn changes_since(conn: &mut Object, since: i64) -> Result<Entry
         removed,
         revision,
     })
+}
+
+/// [`crate::datastore::Datastore::read_authorized`]: one read-only repeatable-read transaction,
+/// one query for the aliases and one per level.
+pub(super) async fn read_authorized(
+    conn: &mut Object,
+    agent_id: &SpiffeId,
+    selectors: &SelectorSet,
+    server_id: &SpiffeId,
+) -> Result<AuthorizedRead> {
+    let tx = conn
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    let revision = current_revision(&tx).await?;
+    let candidates = if selectors.is_empty() {
+        Vec::new()
+    } else {
+        let filter = EntryFilter {
+            parent_id: Some(server_id.clone()),
+            selectors: Some((selectors.clone(), SelectorMatch::Subset)),
+            ..Default::default()
+        };
+        match FilterSql::build(&filter) {
+            Some(f) => {
+                let sql = format!(
+                    "SELECT {ENTRY_COLUMNS} FROM entries e WHERE {} ORDER BY e.seq",
+                    f.conds.join(" AND ")
+                );
+                let stmt = tx.prepare_cached(&sql).await?;
+                tx.query(&stmt, &f.param_refs())
+                    .await?
+                    .iter()
+                    .map(|r| decode(r).map(|(_, e)| e))
+                    .collect::<Result<Vec<_>>>()?
+            }
+            None => Vec::new(),
+        }
+    };
+    let mut descent = Descent::new(agent_id, server_id, selectors, candidates, revision);
+    let stmt = tx
+        .prepare_cached(&format!(
+            "SELECT {ENTRY_COLUMNS} FROM entries e WHERE e.parent_id = ANY($1::text[])"
+        ))
+        .await?;
+    while let Some(parents) = descent.next_level() {
+        let rows = tx
+            .query(&stmt, &[&parents])
+            .await?
+            .iter()
+            .map(decode)
+            .collect::<Result<Vec<_>>>()?;
+        descent.add(rows);
+    }
+    tx.commit().await?;
+    Ok(descent.finish())
 }

@@ -11,7 +11,10 @@ use sigil::{Selector, SelectorSet, SpiffeId, TrustDomain};
 
 use super::{to_json, unix_now, Result, SqliteDatastore};
 use crate::datastore::paging::{effective_page_size, into_page, parse_page_token, ENTRY_TOKEN};
-use crate::datastore::{DatastoreError, EntryChanges, EntryFilter, Page, SelectorMatch};
+use crate::datastore::descent::Descent;
+use crate::datastore::{
+    AuthorizedRead, DatastoreError, EntryChanges, EntryFilter, Page, SelectorMatch,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Calls (the `Datastore` methods)
@@ -73,6 +76,18 @@ pub(super) async fn delete(ds: &SqliteDatastore, id: &str) -> Result<Registratio
 /// [`crate::datastore::Datastore::entry_changes_since`].
 pub(super) async fn changes_since(ds: &SqliteDatastore, revision: i64) -> Result<EntryChanges> {
     ds.read(move |conn| entry_changes_conn(conn, revision))
+        .await
+}
+
+/// [`crate::datastore::Datastore::read_authorized`]: one blocking job, one read transaction.
+pub(super) async fn read_authorized(
+    ds: &SqliteDatastore,
+    agent_id: &SpiffeId,
+    selectors: &SelectorSet,
+    server_id: &SpiffeId,
+) -> Result<AuthorizedRead> {
+    let (agent_id, selectors, server_id) = (agent_id.clone(), selectors.clone(), server_id.clone());
+    ds.read(move |conn| read_authorized_conn(conn, &agent_id, &selectors, &server_id))
         .await
 }
 
@@ -404,6 +419,65 @@ fn list_entries_conn(
     };
     tx.finish()?;
     Ok(into_page(rows, limit, ENTRY_TOKEN))
+}
+
+/// Decoded `(seq, entry)` rows of `sql` with `params`.
+fn query_entries(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<(i64, RegistrationEntry)>> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let raw = stmt
+        .query_map(params, EntryRow::read)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    raw.into_iter().map(EntryRow::decode).collect()
+}
+
+fn read_authorized_conn(
+    conn: &mut Connection,
+    agent_id: &SpiffeId,
+    selectors: &SelectorSet,
+    server_id: &SpiffeId,
+) -> Result<AuthorizedRead> {
+    let tx = conn.transaction()?;
+    let revision = current_revision(&tx)?;
+    let candidates = if selectors.is_empty() {
+        Vec::new()
+    } else {
+        let filter = EntryFilter {
+            parent_id: Some(server_id.clone()),
+            selectors: Some((selectors.clone(), SelectorMatch::Subset)),
+            ..Default::default()
+        };
+        match FilterSql::build(&filter) {
+            Some(f) => {
+                let sql = format!(
+                    "{}SELECT {ENTRY_COLUMNS} FROM entries e WHERE {} ORDER BY e.seq",
+                    f.with,
+                    f.conds.join(" AND ")
+                );
+                query_entries(&tx, &sql, params_from_iter(f.params))?
+                    .into_iter()
+                    .map(|(_, e)| e)
+                    .collect()
+            }
+            None => Vec::new(),
+        }
+    };
+    let mut descent = Descent::new(agent_id, server_id, selectors, candidates, revision);
+    // One statement for every level: the parents travel as one JSON array, each probed in the
+    // parent_id index.
+    let level_sql = format!(
+        "SELECT {ENTRY_COLUMNS} FROM entries e \
+         WHERE e.parent_id IN (SELECT value FROM json_each(?1))"
+    );
+    while let Some(parents) = descent.next_level() {
+        let parents = to_json(&parents)?;
+        descent.add(query_entries(&tx, &level_sql, [parents])?);
+    }
+    tx.finish()?;
+    Ok(descent.finish())
 }
 
 fn count_entries_conn(conn: &Connection, filter: &EntryFilter) -> Result<u64> {

@@ -34,10 +34,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use rusqlite::{Connection, ErrorCode, OpenFlags};
 use sigil::entry::RegistrationEntry;
-use sigil::{SpiffeId, TrustDomain};
+use sigil::{SelectorSet, SpiffeId, TrustDomain};
 
 use super::{
-    AttestedAgent, BundleSwap, Datastore, DatastoreError, EntryChanges, EntryFilter, JoinToken,
+    AttestedAgent, AuthorizedRead, BundleSwap, Datastore, DatastoreError, EntryChanges, EntryFilter, JoinToken,
     NewAgentSvid, Page, StoredBundle,
 };
 use bundles::BundleTable;
@@ -541,5 +541,14 @@ impl Datastore for SqliteDatastore {
 
     async fn delete_federated_bundle(&self, td: &TrustDomain) -> Result<StoredBundle> {
         bundles::delete_federated(self, td).await
+    }
+
+    async fn read_authorized(
+        &self,
+        agent_id: &SpiffeId,
+        selectors: &SelectorSet,
+        server_id: &SpiffeId,
+    ) -> Result<AuthorizedRead> {
+        entries::read_authorized(self, agent_id, selectors, server_id).await
     }
 }
