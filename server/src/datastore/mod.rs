@@ -22,6 +22,7 @@ pub mod paging;
 pub mod postgres;
 pub mod sqlite;
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 
 use async_trait::async_trait;
@@ -264,6 +265,45 @@ pub struct AuthorizedRead {
     pub entries: Vec<RegistrationEntry>,
 }
 
+/// Where an entry sits in the parent → child graph: its SPIFFE ID under its parent, as of a
+/// revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// The entry's id.
+    pub id: String,
+    /// Its SPIFFE ID.
+    pub spiffe_id: SpiffeId,
+    /// Its parent ID.
+    pub parent_id: SpiffeId,
+    /// For a current placement, the entry's revision; for an ended one, the revision of the
+    /// write that ended it (a move or the deletion).
+    pub revision: i64,
+}
+
+/// What changed in the entry graph after a revision ([`Datastore::entry_history_since`]), read
+/// in one consistent snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct EntryHistory {
+    /// The current revision.
+    pub revision: i64,
+    /// The current placement of every entry changed after the revision, in revision order.
+    pub changed: Vec<Placement>,
+    /// Ids among `changed` of the entries created after the revision.
+    pub created: HashSet<String>,
+    /// Placements ended after the revision, in revision order: the former SPIFFE ID and parent
+    /// of each entry moved (either changed) or deleted. An id here that is not in `changed`
+    /// was deleted.
+    pub ended: Vec<Placement>,
+    /// The SPIFFE IDs named by `changed` and `ended` that are the parent of some entry not
+    /// changed after the revision.
+    pub anchored: HashSet<SpiffeId>,
+}
+
+/// How long deleted entries' tombstones and moved entries' former placements are kept: an agent
+/// reconnecting with an older revision gets a full snapshot.
+pub const ENTRY_HISTORY_RETENTION: std::time::Duration =
+    std::time::Duration::from_secs(24 * 3600);
+
 /// Storage for everything the server must not lose.
 #[async_trait]
 pub trait Datastore: Send + Sync + 'static {
@@ -420,4 +460,18 @@ pub trait Datastore: Send + Sync + 'static {
         selectors: &SelectorSet,
         server_id: &SpiffeId,
     ) -> Result<AuthorizedRead, DatastoreError>;
+
+    /// What changed in the entry graph after `revision` (see [`EntryHistory`]); `None` when the
+    /// history after it is no longer complete: tombstones or former placements after it were
+    /// pruned ([`Datastore::prune_entry_history`]), or it predates their recording.
+    async fn entry_history_since(
+        &self,
+        revision: i64,
+    ) -> Result<Option<EntryHistory>, DatastoreError>;
+
+    /// Deletes the tombstones and former placements written before `before` (Unix seconds)
+    /// and every one with a revision up to theirs, so the history stays complete after a
+    /// revision; returns how many were deleted. [`Datastore::entry_history_since`] answers
+    /// `None` for revisions before the newest one deleted.
+    async fn prune_entry_history(&self, before: i64) -> Result<u64, DatastoreError>;
 }

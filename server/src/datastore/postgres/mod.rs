@@ -48,7 +48,7 @@ pub use error::{PostgresError, Target};
 
 use super::paging::{effective_page_size, into_page, parse_page_token};
 use super::{
-    AttestedAgent, AuthorizedRead, BundleSwap, ChangeFeed, Datastore, DatastoreError, EntryChanges, EntryFilter,
+    AttestedAgent, AuthorizedRead, BundleSwap, ChangeFeed, Datastore, DatastoreError, EntryChanges, EntryFilter, EntryHistory,
     JoinToken, NewAgentSvid, Page, StoredBundle,
 };
 use error::{connect_hint, map_pg, map_pool};
@@ -429,5 +429,15 @@ impl Datastore for PostgresDatastore {
     ) -> Result<AuthorizedRead> {
         let mut conn = self.conn().await?;
         entries::read_authorized(&mut conn, agent_id, selectors, server_id).await
+    }
+
+    async fn entry_history_since(&self, revision: i64) -> Result<Option<EntryHistory>> {
+        let mut conn = self.conn().await?;
+        entries::history_since(&mut conn, revision).await
+    }
+
+    async fn prune_entry_history(&self, before: i64) -> Result<u64> {
+        let mut conn = self.conn().await?;
+        entries::prune_history(&mut conn, before).await
     }
 }

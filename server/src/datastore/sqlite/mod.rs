@@ -37,7 +37,8 @@ use sigil::entry::RegistrationEntry;
 use sigil::{SelectorSet, SpiffeId, TrustDomain};
 
 use super::{
-    AttestedAgent, AuthorizedRead, BundleSwap, Datastore, DatastoreError, EntryChanges, EntryFilter, JoinToken,
+    AttestedAgent, AuthorizedRead, BundleSwap, Datastore, DatastoreError, EntryChanges, EntryFilter,
+    EntryHistory, JoinToken,
     NewAgentSvid, Page, StoredBundle,
 };
 use bundles::BundleTable;
@@ -550,5 +551,13 @@ impl Datastore for SqliteDatastore {
         server_id: &SpiffeId,
     ) -> Result<AuthorizedRead> {
         entries::read_authorized(self, agent_id, selectors, server_id).await
+    }
+
+    async fn entry_history_since(&self, revision: i64) -> Result<Option<EntryHistory>> {
+        entries::history_since(self, revision).await
+    }
+
+    async fn prune_entry_history(&self, before: i64) -> Result<u64> {
+        entries::prune_history(self, before).await
     }
 }

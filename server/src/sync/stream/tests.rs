@@ -90,6 +90,7 @@ impl Fixture {
             pb::SyncRequest {
                 known_revision: 0,
                 known_bundle_sequence: known_bundle,
+                known_roots: Vec::new(),
             },
             reconcile,
         ))
@@ -732,12 +733,22 @@ async fn large_entries_are_split_by_size() -> TestResult {
 fn outbox_splits_removals_and_sends_nothing_when_empty() {
     let mut o = Outbox::default();
     assert!(o.next_message().is_none());
-    o.load((Vec::new(), Vec::new(), 7), Bundles::default(), false);
+    o.load(
+        (Vec::new(), Vec::new(), 7),
+        Bundles::default(),
+        RoundKind::Increment,
+        Vec::new(),
+    );
     assert!(o.next_message().is_none());
     let ids: Vec<String> = (0..MAX_REMOVED_PER_MESSAGE + 1)
         .map(|i| i.to_string())
         .collect();
-    o.load((Vec::new(), ids, 8), Bundles::default(), false);
+    o.load(
+        (Vec::new(), ids, 8),
+        Bundles::default(),
+        RoundKind::Increment,
+        Vec::new(),
+    );
     let first = o.next_message().map(|m| m.removed.len());
     let second = o
         .next_message()
