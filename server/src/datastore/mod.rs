@@ -8,11 +8,17 @@
 //!
 //! Revisions: every entry change takes the next value of one global, monotonically increasing
 //! revision counter, and deletions leave a tombstone with their revision, so an agent can ask
-//! "what changed since revision R" ([`Datastore::entry_changes_since`]).
+//! "what changed since revision R" ([`Datastore::entry_changes_since`]). Tombstones also record
+//! the deleted entry's SPIFFE ID and parent, updates that change either record the former ones,
+//! and entries their creating revision: the entry history a reconnecting agent's sync stream
+//! resumes from ([`Datastore::entry_history_since`]). The history is pruned after
+//! [`ENTRY_HISTORY_RETENTION`] ([`Datastore::prune_entry_history`]).
 //!
 //! Layout: this module holds the trait and its types; `paging.rs` the page sizes and page tokens
-//! every backend uses; `sqlite/` the SQLite backend; `postgres/` the PostgreSQL backend. `conformance.rs` (tests only) is the
-//! behaviour suite every backend runs, instantiated per backend with `datastore_conformance!`.
+//! every backend uses; `descent.rs` the breadth-first walk of [`Datastore::read_authorized`],
+//! which each backend runs inside one read transaction; `sqlite/` the SQLite backend;
+//! `postgres/` the PostgreSQL backend. `conformance.rs` (tests only) is the behaviour suite
+//! every backend runs, instantiated per backend with `datastore_conformance!`.
 
 #[cfg(test)]
 pub(crate) mod conformance;

@@ -1,16 +1,30 @@
 //! The server side of `Node.Sync`: one stream per connected agent.
 //!
-//! 1. **Snapshot.** Every stream starts with the agent's complete authorised set, `full = true`
-//!    on the first message and `snapshot_complete = true` on the last, in messages of at most
-//!    [`MAX_ENTRIES_PER_MESSAGE`] entries and [`MAX_BYTES_PER_MESSAGE`] encoded bytes, so there
-//!    is no message-size cliff. The revision is read *before* the entries are listed: a change
-//!    racing the snapshot is sent again afterwards (a duplicate), never missed. The bundle is
-//!    included when its sequence differs from the agent's `known_bundle_sequence`.
+//! 1. **Snapshot or resume.** A stream starts with the agent's complete authorised set,
+//!    `full = true` on the first message and `snapshot_complete = true` on the last, in messages
+//!    of at most [`MAX_ENTRIES_PER_MESSAGE`] entries and [`MAX_BYTES_PER_MESSAGE`] encoded
+//!    bytes, so there is no message-size cliff. The set is one consistent read
+//!    ([`Datastore::read_authorized`]) and carries its revision. The bundle is included when its
+//!    sequence differs from the agent's `known_bundle_sequence`.
 //!
-//!    A stream cannot resume from the agent's `known_revision`: the request does not say which
-//!    entries the agent holds, tombstones do not say what a deleted entry was the parent of, and
-//!    the agent's node selectors may have changed since, so entries that silently lost their
-//!    authorisation could not be named in `removed`. A snapshot is always correct.
+//!    An agent reconnecting with a complete set (its `known_revision` and `known_roots`, the
+//!    `revision` and `roots` of the last round it applied in full) is sent only what changed
+//!    since instead, when the server can tell exactly what that is; the first message then says
+//!    `resumed`. The server computes the set afresh from its own data and reads the entry
+//!    history since the revision ([`Datastore::entry_history_since`]) at the same revision, and
+//!    resumes only if (a) the history is complete (tombstones and moves are kept for
+//!    [`crate::datastore::ENTRY_HISTORY_RETENTION`], 24 h: an older revision, or one the
+//!    datastore has not reached, gets a snapshot), (b) the roots (the agent's ID and its node
+//!    aliases, as a digest) are those the agent's set was computed for, and (c) no parent link
+//!    created, moved or deleted since hangs above an entry unchanged since: such a change can
+//!    authorise or unauthorise entries that did not change themselves (a moved subtree, a
+//!    deleted parent, a new parent of old orphans), which the history does not name. Then every
+//!    unchanged entry is as authorised as it was, and the round holds the upserts of authorised
+//!    entries changed since and the removals of changed or deleted entries the agent may hold
+//!    (ids only). Whatever the request says, upserts come from the set computed for this agent:
+//!    a forged revision or digest can only cost the agent entries, never give it others'.
+//!    Anything else is a snapshot, which is always correct. Every round's messages but the last
+//!    carry `more_follows`, so an agent cut off mid-round knows its set is at no revision.
 //! 2. **Incremental.** The stream sleeps until [`SyncEvents`] announces a change (or the
 //!    reconcile timer fires), then reads `entry_changes_since(last revision)` and sends upserts
 //!    of changed authorised entries and removals of deleted or no-longer-authorised entries the
@@ -78,8 +92,8 @@ fn after(d: Duration) -> Instant {
 /// [`super::DEFAULT_RECONCILE_EVERY`]; at least [`MIN_RECONCILE_EVERY`]). The stream subscribes
 /// to `events` immediately, so changes published after this call are never missed. It ends with
 /// `PermissionDenied` when the agent is evicted or banned, and with the mapped status on a
-/// datastore failure (the agent reconnects and gets a fresh snapshot); otherwise it runs until
-/// the client goes away.
+/// datastore failure (the agent reconnects, resuming or with a fresh snapshot); otherwise it runs
+/// until the client goes away.
 pub fn sync_stream(
     ds: Arc<dyn Datastore>,
     events: SyncEvents,
@@ -417,6 +431,14 @@ struct Syncer {
     last_round: Option<Instant>,
 }
 
+/// How a stream's first round goes.
+enum Resume {
+    /// Resumed: the round is loaded.
+    Resumed,
+    /// A snapshot is needed; the set read meanwhile, current and for the agent's selectors.
+    Snapshot(AuthorizedSet),
+}
+
 /// One round's output: upserts, removed ids, revision.
 type Round = (Vec<RegistrationEntry>, Vec<String>, i64);
 
@@ -455,15 +477,18 @@ impl Syncer {
     /// The stream's first round: resumed from the agent's revision when possible, else a
     /// snapshot.
     async fn start(&mut self) -> Result<(), Status> {
-        if self.known_revision > 0 && !self.known_roots.is_empty() && self.resume().await? {
-            return Ok(());
+        if self.known_revision <= 0 || self.known_roots.is_empty() {
+            return self.snapshot(None).await;
         }
-        self.snapshot().await
+        match self.resume().await? {
+            Resume::Resumed => Ok(()),
+            Resume::Snapshot(set) => self.snapshot(Some(set)).await,
+        }
     }
 
-    /// Tries to resume from `known_revision` (see the module docs); false when a snapshot is
-    /// needed instead.
-    async fn resume(&mut self) -> Result<bool, Status> {
+    /// Tries to resume from `known_revision` (see the module docs); the set it read when a
+    /// snapshot is needed instead.
+    async fn resume(&mut self) -> Result<Resume, Status> {
         let started = std::time::Instant::now();
         let agent = self.check_agent().await?;
         self.selectors = agent.selectors;
@@ -494,7 +519,7 @@ impl Syncer {
                 }
             };
             tracing::info!(agent = %self.agent_id, known_revision = since, reason = why, "sync cannot resume; sending a snapshot");
-            return Ok(false);
+            return Ok(Resume::Snapshot(set));
         };
         let Some((upserts, removed)) = resume_diff(&set, &history, since, &self.server_id) else {
             tracing::info!(
@@ -503,7 +528,7 @@ impl Syncer {
                 reason = "a change since the revision may have moved entries it did not change",
                 "sync cannot resume; sending a snapshot"
             );
-            return Ok(false);
+            return Ok(Resume::Snapshot(set));
         };
         let revision = set.revision;
         // What the agent holds now is exactly the set: track it as sent.
@@ -531,18 +556,25 @@ impl Syncer {
         );
         self.phase = Phase::Live;
         self.next_reconcile = after(self.reconcile_every);
-        Ok(true)
+        Ok(Resume::Resumed)
     }
 
-    async fn snapshot(&mut self) -> Result<(), Status> {
+    /// Sends the set as a snapshot: `read`, when a failed resume read it already (with the
+    /// agent checked and the signals taken), else a fresh one.
+    async fn snapshot(&mut self, read: Option<AuthorizedSet>) -> Result<(), Status> {
         let started = std::time::Instant::now();
-        let agent = self.check_agent().await?;
-        self.selectors = agent.selectors;
-        // Everything published so far is covered by what is read below.
-        self.federated_seen = self.sub.take().federated_changes;
-        let set = compute(&*self.ds, &self.agent_id, &self.selectors, &self.server_id)
-            .await
-            .map_err(ds_status)?;
+        let set = match read {
+            Some(set) => set,
+            None => {
+                let agent = self.check_agent().await?;
+                self.selectors = agent.selectors;
+                // Everything published so far is covered by what is read below.
+                self.federated_seen = self.sub.take().federated_changes;
+                compute(&*self.ds, &self.agent_id, &self.selectors, &self.server_id)
+                    .await
+                    .map_err(ds_status)?
+            }
+        };
         let revision = set.revision;
         let (entries, _) = self.tracked.replace(set);
         let bundle = self.bundle_if_changed().await?;
