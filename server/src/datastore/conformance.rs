@@ -1538,7 +1538,7 @@ pub(crate) async fn entry_history_pruning_ends_resumes_from_before_it(
     })
     .await?; // 3: a move
     ds.delete_entry(&c[0].id).await?; // 4
-    // Nothing is older than the epoch: nothing pruned, the history stays complete.
+                                      // Nothing is older than the epoch: nothing pruned, the history stays complete.
     assert_eq!(ds.prune_entry_history(0).await?, 0);
     assert!(ds.entry_history_since(0).await?.is_some());
     // Everything is older than a time in the future.

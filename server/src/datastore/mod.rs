@@ -307,8 +307,7 @@ pub struct EntryHistory {
 
 /// How long deleted entries' tombstones and moved entries' former placements are kept: an agent
 /// reconnecting with an older revision gets a full snapshot.
-pub const ENTRY_HISTORY_RETENTION: std::time::Duration =
-    std::time::Duration::from_secs(24 * 3600);
+pub const ENTRY_HISTORY_RETENTION: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// Storage for everything the server must not lose.
 #[async_trait]

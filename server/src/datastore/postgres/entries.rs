@@ -491,7 +491,8 @@ pub(super) async fn update(
         .await?;
     tx.execute(&stmt, &[&seq]).await?;
     insert_selectors(&tx, seq, &entry.selectors).await?;
-    if old_spiffe_id != entry.spiffe_id.to_string() || old_parent_id != entry.parent_id.to_string() {
+    if old_spiffe_id != entry.spiffe_id.to_string() || old_parent_id != entry.parent_id.to_string()
+    {
         // The former placement, for agents resuming from before this revision.
         let stmt = tx
             .prepare_cached(
@@ -734,9 +735,8 @@ pub(super) async fn history_since(conn: &mut Object, since: i64) -> Result<Optio
             .await?;
         for row in tx.query(&stmt, &[&named, &since]).await? {
             let parent: String = col(&row, 0, &|| "entry parent".to_string())?;
-            let id = SpiffeId::parse(&parent).map_err(|e| {
-                DatastoreError::Corrupt(format!("entry parent_id {parent:?}: {e}"))
-            })?;
+            let id = SpiffeId::parse(&parent)
+                .map_err(|e| DatastoreError::Corrupt(format!("entry parent_id {parent:?}: {e}")))?;
             history.anchored.insert(id);
         }
     }
@@ -756,11 +756,9 @@ pub(super) async fn prune_history(conn: &mut Object, before: i64) -> Result<u64>
              UNION ALL SELECT MAX(revision) FROM entry_moves WHERE moved_at < $1) AS newest",
         )
         .await?;
-    let newest: Option<i64> = col(
-        &tx.query_one(&stmt, &[&before]).await?,
-        0,
-        &|| "entry history".to_string(),
-    )?;
+    let newest: Option<i64> = col(&tx.query_one(&stmt, &[&before]).await?, 0, &|| {
+        "entry history".to_string()
+    })?;
     let Some(newest) = newest else {
         tx.commit().await?;
         return Ok(0);

@@ -48,8 +48,8 @@ pub use error::{PostgresError, Target};
 
 use super::paging::{effective_page_size, into_page, parse_page_token};
 use super::{
-    AttestedAgent, AuthorizedRead, BundleSwap, ChangeFeed, Datastore, DatastoreError, EntryChanges, EntryFilter, EntryHistory,
-    JoinToken, NewAgentSvid, Page, StoredBundle,
+    AttestedAgent, AuthorizedRead, BundleSwap, ChangeFeed, Datastore, DatastoreError, EntryChanges,
+    EntryFilter, EntryHistory, JoinToken, NewAgentSvid, Page, StoredBundle,
 };
 use error::{connect_hint, map_pg, map_pool};
 

@@ -10,8 +10,8 @@ use sigil::entry::RegistrationEntry;
 use sigil::{Selector, SelectorSet, SpiffeId, TrustDomain};
 
 use super::{to_json, unix_now, Result, SqliteDatastore};
-use crate::datastore::paging::{effective_page_size, into_page, parse_page_token, ENTRY_TOKEN};
 use crate::datastore::descent::Descent;
+use crate::datastore::paging::{effective_page_size, into_page, parse_page_token, ENTRY_TOKEN};
 use crate::datastore::{
     AuthorizedRead, DatastoreError, EntryChanges, EntryFilter, EntryHistory, Page, Placement,
     SelectorMatch,
@@ -572,7 +572,9 @@ fn update_entry_conn(
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let stored: Option<(i64, i64, String, String)> = tx
         .prepare_cached("SELECT seq, created_at, spiffe_id, parent_id FROM entries WHERE id = ?1")?
-        .query_row([&entry.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .query_row([&entry.id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
         .optional()?;
     let Some((seq, created_at, old_spiffe_id, old_parent_id)) = stored else {
         return Err(DatastoreError::NotFound(format!(
@@ -609,7 +611,8 @@ fn update_entry_conn(
     tx.prepare_cached("DELETE FROM entry_selectors WHERE entry_seq = ?1")?
         .execute([seq])?;
     insert_selectors(&tx, seq, &entry.selectors)?;
-    if old_spiffe_id != entry.spiffe_id.to_string() || old_parent_id != entry.parent_id.to_string() {
+    if old_spiffe_id != entry.spiffe_id.to_string() || old_parent_id != entry.parent_id.to_string()
+    {
         // The former placement, for agents resuming from before this revision.
         tx.prepare_cached(
             "INSERT INTO entry_moves (revision, id, spiffe_id, parent_id, moved_at) \
@@ -775,9 +778,8 @@ fn entry_history_conn(conn: &mut Connection, since: i64) -> Result<Option<EntryH
             .query_map(params![to_json(&named)?, since], |r| r.get::<_, String>(0))?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         for parent in rows {
-            let id = SpiffeId::parse(&parent).map_err(|e| {
-                DatastoreError::Corrupt(format!("entry parent_id {parent:?}: {e}"))
-            })?;
+            let id = SpiffeId::parse(&parent)
+                .map_err(|e| DatastoreError::Corrupt(format!("entry parent_id {parent:?}: {e}")))?;
             history.anchored.insert(id);
         }
     }

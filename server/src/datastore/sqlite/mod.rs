@@ -37,9 +37,8 @@ use sigil::entry::RegistrationEntry;
 use sigil::{SelectorSet, SpiffeId, TrustDomain};
 
 use super::{
-    AttestedAgent, AuthorizedRead, BundleSwap, Datastore, DatastoreError, EntryChanges, EntryFilter,
-    EntryHistory, JoinToken,
-    NewAgentSvid, Page, StoredBundle,
+    AttestedAgent, AuthorizedRead, BundleSwap, Datastore, DatastoreError, EntryChanges,
+    EntryFilter, EntryHistory, JoinToken, NewAgentSvid, Page, StoredBundle,
 };
 use bundles::BundleTable;
 

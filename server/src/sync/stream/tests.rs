@@ -872,7 +872,10 @@ impl Fixture {
         let mut s = self.stream_with(agent, held.request());
         let round = first_round(&mut s, held).await?;
         let resumed = round[0].resumed;
-        assert_eq!(resumed, !round[0].full, "a first round is resumed or a snapshot");
+        assert_eq!(
+            resumed, !round[0].full,
+            "a first round is resumed or a snapshot"
+        );
         assert!(round[1..].iter().all(|m| !m.resumed && !m.full));
         Ok(resumed)
     }
@@ -890,7 +893,10 @@ impl Fixture {
     /// A first connection: the snapshot, held.
     async fn connect(&self, agent: &SpiffeId) -> TestResult<Held> {
         let mut held = Held::default();
-        assert!(!self.reconnect(agent, &mut held).await?, "no revision: a snapshot");
+        assert!(
+            !self.reconnect(agent, &mut held).await?,
+            "no revision: a snapshot"
+        );
         assert_eq!(held.entries, self.authorised(agent).await?);
         Ok(held)
     }
@@ -908,7 +914,11 @@ async fn resume_with_nothing_changed_sends_one_small_message() -> TestResult {
         .await?;
     let mine: Vec<RegistrationEntry> = (0..10_000)
         .map(|i| {
-            let parent = if i % 2 == 0 { agent.clone() } else { id("/cluster/c1") };
+            let parent = if i % 2 == 0 {
+                agent.clone()
+            } else {
+                id("/cluster/c1")
+            };
             entry(&format!("/w/{i}"), &parent, &["unix:uid:1"])
         })
         .collect();
@@ -1099,7 +1109,9 @@ async fn resume_falls_back_to_a_snapshot_when_the_roots_changed() -> TestResult 
 async fn resume_from_a_pruned_or_unknown_revision_is_a_snapshot() -> TestResult {
     let fx = Fixture::new().await?;
     let agent = fx.agent("/sigil/agent/join_token/a", &[]).await?;
-    let gone = fx.create_one(entry("/gone", &agent, &["unix:uid:1"])).await?;
+    let gone = fx
+        .create_one(entry("/gone", &agent, &["unix:uid:1"]))
+        .await?;
     fx.create_one(entry("/w", &agent, &["unix:uid:2"])).await?;
     let mut held = fx.connect(&agent).await?;
     fx.delete(&gone.id).await?;
@@ -1107,7 +1119,10 @@ async fn resume_from_a_pruned_or_unknown_revision_is_a_snapshot() -> TestResult 
     fx.ds
         .prune_entry_history(sigil::clock::now_unix() + 60)
         .await?;
-    assert!(!fx.reconnect(&agent, &mut held).await?, "too old: a snapshot");
+    assert!(
+        !fx.reconnect(&agent, &mut held).await?,
+        "too old: a snapshot"
+    );
     assert_eq!(held.entries, fx.authorised(&agent).await?);
     assert_eq!(held.entries.len(), 1);
 
@@ -1155,7 +1170,10 @@ async fn a_forged_revision_gets_nothing_beyond_the_agents_own_entries() -> TestR
         let round = first_round(&mut s, &mut held).await?;
         assert!(round[0].resumed);
         for m in &round {
-            assert!(m.upserted.iter().all(|e| paths(&[e.clone()]) == set(&["/evil/own"])));
+            assert!(m
+                .upserted
+                .iter()
+                .all(|e| paths(&[e.clone()]) == set(&["/evil/own"])));
             assert!(
                 m.removed.iter().all(|id| !a_ids.contains(id)),
                 "another agent's entry named: {:?}",
@@ -1170,7 +1188,8 @@ async fn a_forged_revision_gets_nothing_beyond_the_agents_own_entries() -> TestR
 async fn a_resumed_round_of_many_changes_is_chunked() -> TestResult {
     let fx = Fixture::new().await?;
     let agent = fx.agent("/sigil/agent/join_token/a", &[]).await?;
-    fx.create_one(entry("/first", &agent, &["unix:uid:1"])).await?;
+    fx.create_one(entry("/first", &agent, &["unix:uid:1"]))
+        .await?;
     let mut held = fx.connect(&agent).await?;
     fx.create(
         (0..2_500)
@@ -1181,7 +1200,10 @@ async fn a_resumed_round_of_many_changes_is_chunked() -> TestResult {
     let mut s = fx.stream_with(&agent, held.request());
     let round = first_round(&mut s, &mut held).await?;
     assert_eq!(
-        round.iter().map(|m| (m.upserted.len(), m.more_follows)).collect::<Vec<_>>(),
+        round
+            .iter()
+            .map(|m| (m.upserted.len(), m.more_follows))
+            .collect::<Vec<_>>(),
         [(1_000, true), (1_000, true), (500, false)]
     );
     assert!(round[0].resumed && round[1..].iter().all(|m| !m.resumed));
