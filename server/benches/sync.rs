@@ -1,7 +1,8 @@
 //! Sync benchmarks at the server layer (no gRPC, no agent): the initial snapshot of 10,000 and
-//! 100,000 entries to one agent through `sync_stream`, and the latency from an entry create (as
-//! the admin API does it: durable datastore write, then an event) to the upsert leaving the
-//! stream. Real SQLite files under `target/tmp` (`CARGO_TARGET_TMPDIR`), `synchronous=FULL`.
+//! 100,000 entries to one agent through `sync_stream`, a reconnect of that agent holding them
+//! (resumed from its revision: nothing changed, then 100 creates since), and the latency from an
+//! entry create (as the admin API does it: durable datastore write, then an event) to the upsert
+//! leaving the stream. Real SQLite files under `target/tmp` (`CARGO_TARGET_TMPDIR`), `synchronous=FULL`.
 //!
 //! Run: `cargo bench -p sigil-server --bench sync` (about a minute on 2 cores).
 //! `SIGIL_BENCH_SYNC_SIZES=10000,100000` changes the snapshot sizes, `SIGIL_BENCH_RUNS=3` the
