@@ -1449,7 +1449,7 @@ fn placements(p: &[super::Placement]) -> Vec<(String, String, String)> {
 
 /// Deletes record the deleted entry's SPIFFE ID and parent, updates that change either record
 /// the former ones; `entry_history_since` returns them with the entries changed (and which were
-/// created) since a revision, and which named SPIFFE IDs still parent unchanged entries.
+/// created) since a revision, and which named SPIFFE IDs parent entries created by then.
 pub(crate) async fn entry_history_records_former_placements(store: &dyn TestStore) -> TestResult {
     let ds = store.open().await?;
     let c = create_all(
@@ -1505,8 +1505,9 @@ pub(crate) async fn entry_history_records_former_placements(store: &dyn TestStor
         h.ended.iter().map(|p| p.revision).collect::<Vec<_>>(),
         [6, 7]
     );
-    // /d (revision 4) hangs below /b; /b's own parent /a has no unchanged child left.
-    assert_eq!(h.anchored, HashSet::from([id("/b")]));
+    // Entries created by revision 4 hang below /b (/d) and /a (/b, updated in place since, and
+    // /c, moved there since); none below /c.
+    assert_eq!(h.anchored, HashSet::from([id("/a"), id("/b")]));
 
     let h0 = ds.entry_history_since(0).await?.ok_or("complete")?;
     assert_eq!(

@@ -300,8 +300,9 @@ pub struct EntryHistory {
     /// of each entry moved (either changed) or deleted. An id here that is not in `changed`
     /// was deleted.
     pub ended: Vec<Placement>,
-    /// The SPIFFE IDs named by `changed` and `ended` that are the parent of some entry not
-    /// changed after the revision.
+    /// The SPIFFE IDs named by `changed` and `ended` that are the parent of some entry created
+    /// by the revision (whatever changed in it since: an entry updated in place keeps its link
+    /// to its parent).
     pub anchored: HashSet<SpiffeId>,
 }
 

@@ -877,8 +877,10 @@ impl Syncer {
 /// below its SPIFFE ID, so the IDs to watch (`moved`) are those of links created, moved or
 /// deleted since (node aliases aside: with the roots unchanged, no alias changed what is
 /// reachable). If none of them (other than a root, reachable either way) is the parent of an
-/// entry unchanged since, every unchanged entry is as authorised now as it was then: the
-/// agent holds exactly the unchanged part of the set, and only changed entries are sent.
+/// entry that existed then (`anchored`; an entry updated in place since still links its parent
+/// to its SPIFFE ID, and whatever hangs below it may depend on that), every unchanged entry is
+/// as authorised now as it was then: the agent holds exactly the unchanged part of the set, and
+/// only changed entries are sent.
 fn resume_diff(
     set: &AuthorizedSet,
     history: &EntryHistory,

@@ -730,7 +730,7 @@ pub(super) async fn history_since(conn: &mut Object, since: i64) -> Result<Optio
         let stmt = tx
             .prepare_cached(
                 "SELECT DISTINCT parent_id FROM entries \
-                 WHERE parent_id = ANY($1::text[]) AND revision <= $2",
+                 WHERE parent_id = ANY($1::text[]) AND created_revision <= $2",
             )
             .await?;
         for row in tx.query(&stmt, &[&named, &since]).await? {

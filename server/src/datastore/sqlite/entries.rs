@@ -772,7 +772,7 @@ fn entry_history_conn(conn: &mut Connection, since: i64) -> Result<Option<EntryH
         let named: Vec<String> = named.into_iter().collect();
         let mut stmt = tx.prepare_cached(
             "SELECT DISTINCT parent_id FROM entries \
-             WHERE parent_id IN (SELECT value FROM json_each(?1)) AND revision <= ?2",
+             WHERE parent_id IN (SELECT value FROM json_each(?1)) AND created_revision <= ?2",
         )?;
         let rows = stmt
             .query_map(params![to_json(&named)?, since], |r| r.get::<_, String>(0))?

@@ -1050,6 +1050,23 @@ async fn resume_falls_back_to_a_snapshot_when_a_subtree_moved() -> TestResult {
     assert_eq!(held.entries, fx.authorised(&agent).await?);
     assert!(held.entries.values().any(|(p, _)| p == "/orphan/child"));
 
+    // A parent deleted while the entry below it was updated in place: what hangs below that
+    // entry is lost too.
+    let p = fx.create_one(entry("/p", &agent, &["unix:uid:5"])).await?;
+    let x = fx
+        .create_one(entry("/p/x", &id("/p"), &["unix:uid:6"]))
+        .await?;
+    let c = fx
+        .create_one(entry("/p/x/c", &id("/p/x"), &["unix:uid:7"]))
+        .await?;
+    assert!(fx.reconnect(&agent, &mut held).await?);
+    assert!(held.entries.contains_key(&c.id));
+    fx.delete(&p.id).await?;
+    fx.update_hint(x, "in place").await?;
+    assert!(!fx.reconnect(&agent, &mut held).await?, "a snapshot");
+    assert_eq!(held.entries, fx.authorised(&agent).await?);
+    assert!(!held.entries.contains_key(&c.id));
+
     // Deleting a parent whose children stay: its subtree is lost.
     let orphan = held
         .entries
