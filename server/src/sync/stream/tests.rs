@@ -1190,7 +1190,7 @@ async fn a_forged_revision_gets_nothing_beyond_the_agents_own_entries() -> TestR
             assert!(m
                 .upserted
                 .iter()
-                .all(|e| paths(&[e.clone()]) == set(&["/evil/own"])));
+                .all(|e| paths(std::slice::from_ref(e)) == set(&["/evil/own"])));
             assert!(
                 m.removed.iter().all(|id| !a_ids.contains(id)),
                 "another agent's entry named: {:?}",
