@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sigil against SPIRE 1.13.3 on this machine, same run, one client (BENCHMARKS.md, "Sigil vs
-# SPIRE"). Builds SPIRE into target/spire/bin once (Go module proxy: a scratch module with
-# `go get -tool …@v1.13.3`, then `go install`), builds Sigil's release binaries and the bench,
+# SPIRE"). Builds SPIRE into target/spire/bin once (tests/spire/build.sh, which the tests use
+# too), builds Sigil's release binaries and the bench,
 # runs tests/benches/vs_spire.rs (three runs by default), writes CSV and table.md to
 # target/vs-spire/ and PNG plots to bench/plots/.
 #
@@ -14,27 +14,14 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
-SPIRE_VERSION=v1.13.3
-SPIRE_BIN="${VS_SPIRE_BIN:-$TARGET/spire/bin}"
 OUT="${VS_SPIRE_OUT:-$TARGET/vs-spire}"
 
-if [ ! -x "$SPIRE_BIN/spire-server" ] || [ ! -x "$SPIRE_BIN/spire-agent" ]; then
-  command -v go >/dev/null || { echo "vs-spire: go is needed to build SPIRE" >&2; exit 1; }
-  MOD="$TARGET/spire/mod"
-  echo "==> building SPIRE $SPIRE_VERSION into $SPIRE_BIN (scratch module $MOD; ~10 minutes the first time)"
-  mkdir -p "$MOD" "$SPIRE_BIN"
-  (
-    cd "$MOD"
-    [ -f go.mod ] || go mod init spirebuild >/dev/null
-    export GOFLAGS=-mod=mod
-    echo "    go get -tool spire-server, spire-agent @$SPIRE_VERSION"
-    go get -tool "github.com/spiffe/spire/cmd/spire-server@$SPIRE_VERSION" \
-      "github.com/spiffe/spire/cmd/spire-agent@$SPIRE_VERSION"
-    echo "    go install"
-    GOBIN="$SPIRE_BIN" go install github.com/spiffe/spire/cmd/spire-server \
-      github.com/spiffe/spire/cmd/spire-agent
-  )
-  echo "    $("$SPIRE_BIN/spire-server" --version 2>&1)"
+# SPIRE: built once into $TARGET/spire/bin by the script the tests use (version pinned there).
+if [ -n "${VS_SPIRE_BIN:-}" ]; then
+  SPIRE_BIN="$VS_SPIRE_BIN"
+else
+  "$ROOT/tests/spire/build.sh" "$TARGET"
+  SPIRE_BIN="$TARGET/spire/bin"
 fi
 
 echo "==> building Sigil (release) and the bench"

@@ -1,9 +1,12 @@
 //! A small HTTPS/1.1 client for JSON APIs: the Kubernetes API server (TokenReview, the bundle
-//! publisher's ConfigMap), the kubelet (pod list) and OIDC discovery / JWKS documents.
+//! publisher's ConfigMap), the kubelet (pod list), OIDC discovery / JWKS documents and SPIFFE
+//! federation bundle endpoints.
 //!
 //! hyper does the HTTP, rustls the TLS (verified against the roots the caller gives — a cluster
-//! CA, a kubelet CA — never the system store implicitly); every request has a deadline and a
-//! response-size cap, so a stuck or hostile endpoint costs a bounded wait and bounded memory.
+//! CA, a kubelet CA — or by the verifier of a caller's own [`rustls::ClientConfig`]
+//! ([`HttpsClient::with_tls_config`]), never the system store implicitly); every request has a
+//! deadline and a response-size cap ([`MAX_BODY`], or [`HttpsClient::with_max_body`]), so a stuck
+//! or hostile endpoint costs a bounded wait and bounded memory.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,6 +77,14 @@ pub enum HttpsError {
         /// The deadline.
         timeout: Duration,
     },
+    /// The response body is larger than the client's cap.
+    #[error("{url}: the response body is larger than {limit} bytes")]
+    TooLarge {
+        /// The URL.
+        url: String,
+        /// The cap, in bytes.
+        limit: usize,
+    },
     /// A non-2xx status.
     #[error("{url}: HTTP {status}: {body}")]
     Status {
@@ -118,7 +129,7 @@ pub enum Step {
     BuildRequest,
     /// Sending the request and waiting for the response head.
     Request,
-    /// Reading the response body (cut off, or larger than [`MAX_BODY`]).
+    /// Reading the response body (cut off; one larger than the cap is [`HttpsError::TooLarge`]).
     ReadBody,
 }
 
@@ -176,6 +187,7 @@ pub struct HttpsClient {
     /// refuses `http://`: one never falls back to the other).
     tls: Option<tokio_rustls::TlsConnector>,
     timeout: Duration,
+    max_body: usize,
 }
 
 impl std::fmt::Debug for HttpsClient {
@@ -183,6 +195,7 @@ impl std::fmt::Debug for HttpsClient {
         f.debug_struct("HttpsClient")
             .field("tls", &self.tls.is_some())
             .field("timeout", &self.timeout)
+            .field("max_body", &self.max_body)
             .finish_non_exhaustive()
     }
 }
@@ -206,17 +219,35 @@ impl HttpsClient {
         .map_err(|e| HttpsError::Roots(RootsError::Config(e)))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-        Ok(Self {
+        Ok(Self::with_tls_config(config, timeout))
+    }
+
+    /// A client using `config` as it is: its verifier decides which servers are trusted (e.g.
+    /// a SPIFFE ID check, or Web PKI roots with host-name verification). The client speaks
+    /// HTTP/1.1; `config` should offer no ALPN protocol or `http/1.1`.
+    pub fn with_tls_config(config: rustls::ClientConfig, timeout: Duration) -> Self {
+        Self {
             tls: Some(tokio_rustls::TlsConnector::from(Arc::new(config))),
             timeout,
-        })
+            max_body: MAX_BODY,
+        }
+    }
+
+    /// The same client with another response-size cap (bytes; [`MAX_BODY`] by default).
+    pub fn with_max_body(mut self, max_body: usize) -> Self {
+        self.max_body = max_body;
+        self
     }
 
     /// A client for plain `http://` URLs only: nothing is encrypted or authenticated. For
     /// endpoints an operator explicitly chose to reach without TLS (the kubelet's read-only
     /// port); it refuses `https://` URLs rather than skipping their verification.
     pub fn plain_http(timeout: Duration) -> Self {
-        Self { tls: None, timeout }
+        Self {
+            tls: None,
+            timeout,
+            max_body: MAX_BODY,
+        }
     }
 
     /// A client verifying servers against the PEM CA certificates in `pem`.
@@ -249,6 +280,32 @@ impl HttpsClient {
         bearer: Option<&str>,
         body: Option<(&str, Vec<u8>)>,
     ) -> Result<Bytes, HttpsError> {
+        let (status, body) = self.send(method, url, bearer, body).await?;
+        if !status.is_success() {
+            let text = String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned();
+            return Err(HttpsError::Status {
+                url: url.to_string(),
+                status,
+                body: text,
+            });
+        }
+        Ok(body)
+    }
+
+    /// GETs `url` and returns the status and body, whatever the status (for callers with their
+    /// own rules about it); transport failures, the deadline and the size cap are still errors.
+    pub async fn get_with_status(&self, url: &str) -> Result<(StatusCode, Bytes), HttpsError> {
+        self.send(Method::GET, url, None, None).await
+    }
+
+    /// One exchange within the deadline.
+    async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        bearer: Option<&str>,
+        body: Option<(&str, Vec<u8>)>,
+    ) -> Result<(StatusCode, Bytes), HttpsError> {
         match tokio::time::timeout(self.timeout, self.exchange(method, url, bearer, body)).await {
             Ok(r) => r,
             Err(_) => Err(HttpsError::Timeout {
@@ -306,7 +363,7 @@ impl HttpsClient {
         url: &str,
         bearer: Option<&str>,
         body: Option<(&str, Vec<u8>)>,
-    ) -> Result<Bytes, HttpsError> {
+    ) -> Result<(StatusCode, Bytes), HttpsError> {
         let bad = |reason: &'static str| HttpsError::BadUrl {
             url: url.to_string(),
             reason,
@@ -389,21 +446,22 @@ impl HttpsClient {
             .await
             .map_err(|e| transport(Step::Request)(e.into()))?;
         let status = resp.status();
-        let body = Limited::new(resp.into_body(), MAX_BODY)
+        let body = Limited::new(resp.into_body(), self.max_body)
             .collect()
             .await
-            .map_err(transport(Step::ReadBody))?
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    HttpsError::TooLarge {
+                        url: url.to_string(),
+                        limit: self.max_body,
+                    }
+                } else {
+                    transport(Step::ReadBody)(e)
+                }
+            })?
             .to_bytes();
         conn_task.abort();
-        if !status.is_success() {
-            let text = String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned();
-            return Err(HttpsError::Status {
-                url: url.to_string(),
-                status,
-                body: text,
-            });
-        }
-        Ok(body)
+        Ok((status, body))
     }
 }
 

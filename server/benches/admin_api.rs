@@ -110,11 +110,15 @@ fn main() {
         let state = Arc::new(AdminState {
             trust_domain: td.clone(),
             datastore: ds,
-            bundle: RwLock::new(Bundle::new(td)),
+            bundle: RwLock::new(Bundle::new(td.clone())),
             metrics: Metrics::new(),
             events: sigil_server::sync::SyncEvents::new(),
             ca_not_after: std::sync::atomic::AtomicI64::new(i64::MAX),
             ca: None,
+            federation: std::sync::Arc::new(sigil_server::federation::refresher::Federation::new(
+                td.clone(),
+                &[],
+            )),
         });
         let sock = dir.path().join("admin.sock");
         let (listener, _socket_file) = sigil::uds::bind(&sock, 0o700, 0o600).await.expect("bind");

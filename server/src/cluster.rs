@@ -177,6 +177,7 @@ pub async fn follow(
         match change {
             Change::Entries | Change::Agent(_) => state.events.entries_changed(),
             Change::JoinTokens => {}
+            Change::Federation => state.federation.relationships_changed(),
             Change::Federated => state.events.federated_bundles_changed(),
             Change::Bundle(td) => {
                 if td == state.trust_domain.name() {
@@ -186,6 +187,7 @@ pub async fn follow(
             Change::Resync => {
                 state.events.entries_changed();
                 state.events.federated_bundles_changed();
+                state.federation.relationships_changed();
                 bundle_due = !refresh_bundle(&state, &trust, &own_roots).await;
             }
         }

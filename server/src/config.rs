@@ -17,6 +17,11 @@ use crate::attestor::k8s_psat::{self, ClusterConfig, FileCluster, FileK8sPsat};
 use crate::bundle_publisher::{self, BundlePublisherConfig, FileBundlePublisher, FileK8sConfigMap};
 use crate::ca::{CaConfig, KeyType, UpstreamConfig};
 use crate::datastore::postgres::PostgresOptions;
+use crate::federation;
+use crate::federation::endpoint::{
+    self as bundle_endpoint, BundleEndpointConfig, FileBundleEndpoint,
+};
+use crate::federation::relationship::{BundleFormat, ConfiguredRelationship, RelationshipError};
 
 /// Default node API address (SPIRE's server port).
 pub const DEFAULT_BIND_ADDRESS: &str = "0.0.0.0:8081";
@@ -66,7 +71,32 @@ pub struct FileConfig {
 /// `[federation]` section.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FileFederation {}
+pub struct FileFederation {
+    /// `[federation.bundle_endpoint]`: unset means this server serves no bundle endpoint.
+    pub bundle_endpoint: Option<FileBundleEndpoint>,
+    /// `[federation.federates_with."<trust domain>"]`: relationships defined by this file
+    /// (read only through the admin API; see `federation/relationship.rs`).
+    #[serde(default)]
+    pub federates_with: BTreeMap<String, FileFederatesWith>,
+}
+
+/// `[federation.federates_with."<trust domain>"]`: SPIRE's keys, the profile's endpoint SPIFFE
+/// ID beside it rather than in a nested block.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileFederatesWith {
+    /// The foreign trust domain's bundle endpoint, `https://`.
+    pub bundle_endpoint_url: Option<String>,
+    /// `https_web` or `https_spiffe`.
+    pub bundle_endpoint_profile: Option<String>,
+    /// The SPIFFE ID the endpoint presents (`https_spiffe` only).
+    pub endpoint_spiffe_id: Option<String>,
+    /// The foreign trust domain's bundle to start from, stored at start-up when none is
+    /// stored yet.
+    pub trust_domain_bundle_path: Option<PathBuf>,
+    /// Format of that file: `pem` (default) or `spiffe`.
+    pub trust_domain_bundle_format: Option<String>,
+}
 
 /// `[node_attestor]` section (join tokens need no settings).
 #[derive(Debug, Default, Deserialize)]
@@ -276,6 +306,22 @@ pub struct RunFlags {
     /// Bundle ConfigMap: API server CA (PEM) [default: the pod's service-account ca.crt].
     #[arg(long, value_name = "FILE")]
     pub bundle_publisher_k8s_configmap_api_ca_file: Option<PathBuf>,
+    /// Serve the federation bundle endpoint on this address (as [federation.bundle_endpoint]
+    /// address in the file); the other --federation-bundle-endpoint-* flags set its keys.
+    #[arg(long, value_name = "IP:PORT")]
+    pub federation_bundle_endpoint_address: Option<String>,
+    /// Bundle endpoint profile: https_spiffe (the server's SVID) or https_web [default: https_spiffe].
+    #[arg(long, value_name = "PROFILE")]
+    pub federation_bundle_endpoint_profile: Option<String>,
+    /// Bundle endpoint, https_web: PEM certificate chain (re-read when it changes).
+    #[arg(long, value_name = "FILE")]
+    pub federation_bundle_endpoint_cert_file: Option<PathBuf>,
+    /// Bundle endpoint, https_web: PEM private key (re-read when it changes).
+    #[arg(long, value_name = "FILE")]
+    pub federation_bundle_endpoint_key_file: Option<PathBuf>,
+    /// Bundle endpoint: spiffe_refresh_hint served [default: 5m].
+    #[arg(long, value_name = "DURATION")]
+    pub federation_bundle_endpoint_refresh_hint: Option<String>,
 }
 
 /// The resolved configuration the server runs with.
@@ -305,6 +351,10 @@ pub struct ServerConfig {
     pub k8s_psat: BTreeMap<String, ClusterConfig>,
     /// Where the trust bundle is published (nowhere by default).
     pub bundle_publisher: BundlePublisherConfig,
+    /// The federation bundle endpoint; `None`: not served.
+    pub bundle_endpoint: Option<BundleEndpointConfig>,
+    /// Federation relationships of the config file, ordered by trust domain.
+    pub federates_with: Vec<ConfiguredRelationship>,
 }
 
 impl ServerConfig {
@@ -471,7 +521,24 @@ impl ServerConfig {
             // Its messages name the bundle_publisher.k8s_configmap key that is wrong.
             k8s_configmap: bundle_publisher::resolve_k8s_configmap(configmap, &in_cluster)?,
         };
+        let endpoint_flags = bundle_endpoint_flags(flags);
+        let endpoint = match file.federation.bundle_endpoint {
+            Some(f) => Some(f.overridden_by(endpoint_flags)),
+            None if endpoint_flags.address.is_some() => Some(endpoint_flags),
+            None if endpoint_flags != FileBundleEndpoint::default() => {
+                return Err(ConfigError::conflict(
+                    "--federation-bundle-endpoint-* flags need the bundle endpoint on: pass \
+                     --federation-bundle-endpoint-address or add [federation.bundle_endpoint] to \
+                     the config file",
+                ))
+            }
+            None => None,
+        };
+        // Its messages name the federation.bundle_endpoint key that is wrong.
+        let bundle_endpoint = bundle_endpoint::resolve(endpoint)?;
+        let federates_with = resolve_federates_with(&trust_domain, file.federation.federates_with)?;
         Ok(Self {
+            federates_with,
             trust_domain,
             data_dir,
             bind_address,
@@ -484,7 +551,19 @@ impl ServerConfig {
             x509pop_ca_bundle,
             k8s_psat,
             bundle_publisher,
+            bundle_endpoint,
         })
+    }
+}
+
+/// The bundle endpoint keys given by `--federation-bundle-endpoint-*` flags.
+fn bundle_endpoint_flags(flags: &RunFlags) -> FileBundleEndpoint {
+    FileBundleEndpoint {
+        address: flags.federation_bundle_endpoint_address.clone(),
+        profile: flags.federation_bundle_endpoint_profile.clone(),
+        cert_file: flags.federation_bundle_endpoint_cert_file.clone(),
+        key_file: flags.federation_bundle_endpoint_key_file.clone(),
+        refresh_hint: flags.federation_bundle_endpoint_refresh_hint.clone(),
     }
 }
 
@@ -590,6 +669,118 @@ fn resolve_datastore(
     }
 }
 
+/// `[federation.federates_with."<td>"]`: each relationship checked by the rules of
+/// `federation::relationship`, each error naming the full key; the initial bundle read and
+/// parsed now, so a bad file stops the start rather than the first fetch.
+fn resolve_federates_with(
+    own: &TrustDomain,
+    file: BTreeMap<String, FileFederatesWith>,
+) -> Result<Vec<ConfiguredRelationship>, ConfigError> {
+    let mut out: Vec<ConfiguredRelationship> = Vec::new();
+    for (name, f) in file {
+        let key = |field: &str| format!("federation.federates_with.{name:?}.{field}");
+        let refused = |e: RelationshipError| {
+            ConfigError::invalid(
+                key(e.field()),
+                match e.field() {
+                    "trust_domain" => name.clone(),
+                    "bundle_endpoint_url" => f.bundle_endpoint_url.clone().unwrap_or_default(),
+                    "bundle_endpoint_profile" => {
+                        f.bundle_endpoint_profile.clone().unwrap_or_default()
+                    }
+                    "endpoint_spiffe_id" => f.endpoint_spiffe_id.clone().unwrap_or_default(),
+                    _ => String::new(),
+                },
+                e.to_string(),
+            )
+        };
+        let url = f.bundle_endpoint_url.as_deref().ok_or_else(|| {
+            ConfigError::missing(
+                key("bundle_endpoint_url"),
+                "the foreign trust domain's bundle endpoint, e.g. https://other.org:8443",
+            )
+        })?;
+        let profile = f.bundle_endpoint_profile.as_deref().ok_or_else(|| {
+            ConfigError::missing(
+                key("bundle_endpoint_profile"),
+                "https_web (Web PKI) or https_spiffe (with endpoint_spiffe_id)",
+            )
+        })?;
+        let relationship = federation::relationship::relationship(
+            own,
+            &name,
+            url,
+            profile,
+            f.endpoint_spiffe_id.as_deref(),
+        )
+        .map_err(refused)?;
+        if out
+            .iter()
+            .any(|c| c.relationship.trust_domain == relationship.trust_domain)
+        {
+            return Err(ConfigError::conflict(format!(
+                "[federation.federates_with] names trust domain {} twice (as a name and as \
+                 spiffe://{0}); keep one",
+                relationship.trust_domain
+            )));
+        }
+        let format = f
+            .trust_domain_bundle_format
+            .as_deref()
+            .map(str::parse::<BundleFormat>)
+            .transpose()
+            .map_err(|e| {
+                ConfigError::invalid(
+                    key("trust_domain_bundle_format"),
+                    f.trust_domain_bundle_format.clone().unwrap_or_default(),
+                    e.to_string(),
+                )
+            })?;
+        let initial_bundle = match &f.trust_domain_bundle_path {
+            None if format.is_some() => {
+                return Err(ConfigError::conflict(format!(
+                    "{} is set without {}",
+                    key("trust_domain_bundle_format"),
+                    key("trust_domain_bundle_path")
+                )))
+            }
+            None => None,
+            Some(path) => {
+                let content = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError::unusable(
+                        key("trust_domain_bundle_path"),
+                        path.display().to_string(),
+                        e,
+                    )
+                })?;
+                let bundle = federation::relationship::parse_bundle(
+                    &relationship.trust_domain,
+                    format.unwrap_or_default(),
+                    &content,
+                )
+                .map_err(|e| {
+                    ConfigError::unusable(
+                        key("trust_domain_bundle_path"),
+                        path.display().to_string(),
+                        e,
+                    )
+                })?;
+                Some(bundle)
+            }
+        };
+        out.push(ConfiguredRelationship {
+            relationship,
+            initial_bundle,
+        });
+    }
+    out.sort_by(|a, b| {
+        a.relationship
+            .trust_domain
+            .cmp(&b.relationship.trust_domain)
+    });
+    Ok(out)
+}
+
 fn addr(key: &'static str, value: Option<&str>, default: &str) -> Result<SocketAddr, ConfigError> {
     let v = value.unwrap_or(default);
     v.parse().map_err(|_| {
@@ -648,6 +839,93 @@ mod tests {
                 .unwrap_err();
         assert!(matches!(err, ConfigError::Invalid { .. }), "{err}");
         assert!(err.to_string().contains("cluster name \"a b\""), "{err}");
+    }
+
+    #[test]
+    fn federates_with_relationships_are_checked_naming_the_key() -> anyhow::Result<()> {
+        let resolve = |body: &str| {
+            ServerConfig::resolve(
+                toml::from_str(&format!("trust_domain = \"example.org\"\n{body}"))
+                    .expect("valid TOML"),
+                &RunFlags::default(),
+            )
+        };
+        let dir = tempfile::tempdir()?;
+        let bundle = dir.path().join("other.pem");
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        std::fs::write(&bundle, params.self_signed(&key)?.pem())?;
+        let c = resolve(&format!(
+            r#"
+[federation.federates_with."other.org"]
+bundle_endpoint_url = "https://other.org:8443"
+bundle_endpoint_profile = "https_spiffe"
+endpoint_spiffe_id = "spiffe://other.org/spire/server"
+trust_domain_bundle_path = "{}"
+trust_domain_bundle_format = "pem"
+
+[federation.federates_with."aaa.org"]
+bundle_endpoint_url = "https://aaa.org/bundle"
+bundle_endpoint_profile = "https_web"
+"#,
+            bundle.display()
+        ))?;
+        let names: Vec<&str> = c
+            .federates_with
+            .iter()
+            .map(|r| r.relationship.trust_domain.name())
+            .collect();
+        assert_eq!(names, ["aaa.org", "other.org"]);
+        let other = &c.federates_with[1];
+        assert_eq!(
+            other
+                .initial_bundle
+                .as_ref()
+                .map(|b| b.x509_authorities.len()),
+            Some(1)
+        );
+
+        let cases = [
+            (
+                "[federation.federates_with.\"other.org\"]\nbundle_endpoint_profile = \"https_web\"\n",
+                "federation.federates_with.\"other.org\".bundle_endpoint_url is required",
+            ),
+            (
+                "[federation.federates_with.\"other.org\"]\nbundle_endpoint_url = \"http://o.org\"\nbundle_endpoint_profile = \"https_web\"\n",
+                "invalid federation.federates_with.\"other.org\".bundle_endpoint_url \"http://o.org\"",
+            ),
+            (
+                "[federation.federates_with.\"example.org\"]\nbundle_endpoint_url = \"https://o.org\"\nbundle_endpoint_profile = \"https_web\"\n",
+                "own trust domain",
+            ),
+            (
+                "[federation.federates_with.\"other.org\"]\nbundle_endpoint_url = \"https://o.org\"\nbundle_endpoint_profile = \"https_spiffe\"\n",
+                "federation.federates_with.\"other.org\".endpoint_spiffe_id",
+            ),
+            (
+                "[federation.federates_with.\"other.org\"]\nbundle_endpoint_url = \"https://o.org\"\nbundle_endpoint_profile = \"https_web\"\ntrust_domain_bundle_path = \"/nonexistent/b.pem\"\n",
+                "federation.federates_with.\"other.org\".trust_domain_bundle_path \"/nonexistent/b.pem\"",
+            ),
+            (
+                "[federation.federates_with.\"other.org\"]\nbundle_endpoint_url = \"https://o.org\"\nbundle_endpoint_profile = \"https_web\"\ntrust_domain_bundle_format = \"der\"\n",
+                "trust_domain_bundle_format \"der\"",
+            ),
+            (
+                "[federation.federates_with.\"other.org\"]\nbundle_endpoint_url = \"https://o.org\"\nbundle_endpoint_profile = \"https_web\"\n[federation.federates_with.\"spiffe://other.org\"]\nbundle_endpoint_url = \"https://o.org\"\nbundle_endpoint_profile = \"https_web\"\n",
+                "twice",
+            ),
+        ];
+        for (body, says) in cases {
+            let err = resolve(body).expect_err(body);
+            assert!(err.to_string().contains(says), "{body}: {err}");
+        }
+        let err = toml::from_str::<FileConfig>(
+            "[federation.federates_with.\"o.org\"]\nbundle_endpoint_uri = \"https://o.org\"\n",
+        )
+        .expect_err("unknown key");
+        assert!(err.to_string().contains("bundle_endpoint_uri"), "{err}");
+        Ok(())
     }
 
     #[test]
@@ -963,6 +1241,87 @@ mod tests {
         );
         assert!(toml::from_str::<FileConfig>(
             "[node_attestor.k8s_psat.clusters.prod]\njwks_flie = \"/j\""
+        )
+        .is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn federation_bundle_endpoint_from_file_and_flags() -> anyhow::Result<()> {
+        use crate::federation::endpoint::ServedProfile;
+        let c = parse("trust_domain = \"a.org\"", RunFlags::default())?;
+        assert!(c.bundle_endpoint.is_none(), "off by default");
+
+        let text = "trust_domain = \"a.org\"\n\
+            [federation.bundle_endpoint]\n\
+            address = \"0.0.0.0:443\"\n\
+            profile = \"https_web\"\n\
+            cert_file = \"/etc/tls/crt.pem\"\n\
+            key_file = \"/etc/tls/key.pem\"\n\
+            refresh_hint = \"1m\"\n";
+        let e = parse(text, RunFlags::default())?
+            .bundle_endpoint
+            .expect("endpoint on");
+        assert_eq!(e.address.to_string(), "0.0.0.0:443");
+        assert_eq!(e.refresh_hint, Duration::from_secs(60));
+        assert_eq!(
+            e.profile,
+            ServedProfile::HttpsWeb {
+                cert_file: "/etc/tls/crt.pem".into(),
+                key_file: "/etc/tls/key.pem".into()
+            }
+        );
+
+        // Flags override the file's keys, or turn the endpoint on alone.
+        let e = parse(
+            text,
+            RunFlags {
+                federation_bundle_endpoint_cert_file: Some("/flag.pem".into()),
+                federation_bundle_endpoint_refresh_hint: Some("2m".into()),
+                ..Default::default()
+            },
+        )?
+        .bundle_endpoint
+        .expect("endpoint on");
+        assert!(
+            matches!(&e.profile, ServedProfile::HttpsWeb { cert_file, .. } if cert_file == &PathBuf::from("/flag.pem"))
+        );
+        assert_eq!(e.refresh_hint, Duration::from_secs(120));
+        let e = parse(
+            "trust_domain = \"a.org\"",
+            RunFlags {
+                federation_bundle_endpoint_address: Some("127.0.0.1:8443".into()),
+                ..Default::default()
+            },
+        )?
+        .bundle_endpoint
+        .expect("endpoint on");
+        assert_eq!(e.profile, ServedProfile::HttpsSpiffe);
+        assert_eq!(e.address.to_string(), "127.0.0.1:8443");
+
+        let err = parse(
+            "trust_domain = \"a.org\"",
+            RunFlags {
+                federation_bundle_endpoint_profile: Some("https_web".into()),
+                ..Default::default()
+            },
+        )
+        .expect_err("a key flag without the endpoint");
+        assert!(
+            format!("{err:#}").contains("--federation-bundle-endpoint-address"),
+            "{err:#}"
+        );
+        let err = parse(
+            "trust_domain = \"a.org\"\n[federation.bundle_endpoint]\nprofile = \"https_web\"\n",
+            RunFlags::default(),
+        )
+        .expect_err("https_web without files");
+        assert!(
+            format!("{err:#}").contains("federation.bundle_endpoint.cert_file"),
+            "{err:#}"
+        );
+        assert!(toml::from_str::<FileConfig>(
+            "[federation.bundle_endpoint]\nadress = \"0.0.0.0:8443\""
         )
         .is_err());
         Ok(())

@@ -3,7 +3,9 @@
 //! Start-up order: datastore (migrations) → CA (load or create keys) → publish the bundle to the
 //! datastore (merged with other servers' roots on a shared one, `cluster`) → admin socket → the bundle publisher (a Kubernetes ConfigMap, when configured; in
 //! the background, retrying) → the server's own SVID and the node API (mTLS on `bind_address`) →
-//! health endpoint → one "ready" log line. SIGTERM/SIGINT stop new connections, let in-flight
+//! the federation bundle endpoint (when configured: the admin state's bundle, read at each
+//! request, over the server SVID or a certificate from files) → health endpoint → one "ready"
+//! log line. SIGTERM/SIGINT stop new connections, let in-flight
 //! requests finish, remove the socket (if it is still ours), and exit 0. SIGHUP is logged and
 //! changes nothing.
 //!
@@ -214,7 +216,12 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     // One change hub for the admin API (publisher) and the agents' sync streams.
     let events = crate::sync::SyncEvents::new();
     events.bundle_changed(bundle_sequence);
+    let federation = Arc::new(crate::federation::refresher::Federation::new(
+        cfg.trust_domain.clone(),
+        &cfg.federates_with,
+    ));
     let state = Arc::new(AdminState {
+        federation: federation.clone(),
         trust_domain: cfg.trust_domain.clone(),
         datastore: datastore.clone(),
         bundle: RwLock::new(bundle),
@@ -312,6 +319,36 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         );
     let node_task = tokio::spawn(node);
     tracing::info!(address = %node_address, spiffe_id = %server_identity.spiffe_id(), "node API listening (mTLS)");
+    // The bundle other trust domains fetch: `state.bundle`, which the CA's rotation and the
+    // change-feed follower keep current, read at each request.
+    let bundle_endpoint_task = match &cfg.bundle_endpoint {
+        Some(c) => {
+            let endpoint = crate::federation::endpoint::BundleEndpoint::from_config(
+                c,
+                server_identity.store(),
+                state.clone(),
+                metrics.clone(),
+            )
+            .context("setting up the federation bundle endpoint")?;
+            let l = tokio::net::TcpListener::bind(c.address)
+                .await
+                .with_context(|| {
+                    format!(
+                        "binding the federation bundle endpoint address {} \
+                         ([federation.bundle_endpoint] address)",
+                        c.address
+                    )
+                })?;
+            tracing::info!(
+                address = %l.local_addr()?,
+                profile = c.profile.name(),
+                refresh_hint_secs = c.refresh_hint.as_secs(),
+                "federation bundle endpoint listening (GET /)"
+            );
+            Some(tokio::spawn(endpoint.serve(l, shutdown_rx.clone())))
+        }
+        None => None,
+    };
     let rotation_task = tokio::spawn(server_identity.clone().run_rotation(shutdown_rx.clone()));
     // The CA's schedule: every bundle change to the datastore (and on to the agents), the admin
     // API's bundle, and the node API's trust; the server SVID from each new active authority.
@@ -329,6 +366,22 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         }),
         shutdown_rx.clone(),
     ));
+
+    // Federation: the config file's initial bundles stored, then every relationship's bundle
+    // kept fresh from its endpoint (relationship changes arrive through `federation`).
+    let refresher = crate::federation::refresher::Refresher {
+        federation,
+        datastore: datastore.clone(),
+        fetcher: bundle_fetcher(),
+        events: events.clone(),
+        metrics: metrics.clone(),
+        clock: sigil::clock::Clock::system(),
+    };
+    refresher
+        .store_initial_bundles(&cfg.federates_with)
+        .await
+        .context("storing the initial bundles of [federation.federates_with]")?;
+    let refresher_task = tokio::spawn(refresher.run(shutdown_rx.clone()));
 
     let readiness = Arc::new(Readiness {
         ready: AtomicBool::new(false),
@@ -427,16 +480,26 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         let _ = t.await;
     }
     let _ = pruner.await;
+    let _ = refresher_task.await;
     if let Some(t) = publisher_task {
         let _ = t.await;
     }
     if let Some(t) = feed_task {
         let _ = t.await;
     }
+    if let Some(t) = bundle_endpoint_task {
+        let _ = t.await;
+    }
     // Removed only if it is still the one we bound.
     drop(admin_socket_file);
     tracing::info!("sigil-server stopped");
     Ok(())
+}
+
+/// What fetches federated bundles from their bundle endpoints: HTTPS with the system's roots
+/// (or `SSL_CERT_FILE`) for `https_web`, the stored bundle for `https_spiffe`.
+fn bundle_fetcher() -> Option<Arc<dyn crate::federation::FetchBundle>> {
+    Some(Arc::new(crate::federation::fetch::HttpsBundleFetcher::new()))
 }
 
 async fn wait_for_signal() -> anyhow::Result<&'static str> {

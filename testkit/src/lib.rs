@@ -7,6 +7,8 @@
 //! - [`fake_k8s`]: a fake Kubernetes API server (pods, nodes, TokenReview, ConfigMaps, OIDC
 //!   discovery) over real HTTPS, and a service-account token issuer.
 //! - [`fake_kubelet`]: a fake kubelet serving pod lists over real HTTPS.
+//! - [`spire`]: real SPIRE servers and agents (built by `tests/spire/build.sh`) for
+//!   interoperability and migration tests.
 //! - [`postgres`]: a database of its own per test on a throwaway PostgreSQL cluster (or the
 //!   server named by `SIGIL_TEST_POSTGRES_URL`).
 
@@ -15,6 +17,7 @@ pub mod fake_kubelet;
 mod harness;
 pub mod postgres;
 mod process;
+pub mod spire;
 
 pub use harness::*;
 pub use process::*;

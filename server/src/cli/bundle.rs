@@ -83,12 +83,13 @@ pub struct DeleteArgs {
     common: Common,
 }
 
-/// Checks `--id` before anything is sent: a trust domain name or its ID, without a path.
-fn trust_domain_arg(id: &str) -> anyhow::Result<TrustDomain> {
+/// Checks a trust domain flag (`--id`) before anything is sent: a trust domain name or its
+/// ID, without a path.
+pub(super) fn trust_domain_arg(flag: &str, id: &str) -> anyhow::Result<TrustDomain> {
     if let Ok(parsed) = SpiffeId::parse(id) {
         if !parsed.path().is_empty() {
             anyhow::bail!(
-                "invalid --id {}: a trust domain has no path; use {}",
+                "invalid {flag} {}: a trust domain has no path; use {}",
                 sigil::text::quote_for_display(id),
                 parsed.trust_domain().id_string()
             );
@@ -96,13 +97,14 @@ fn trust_domain_arg(id: &str) -> anyhow::Result<TrustDomain> {
     }
     TrustDomain::new(id).map_err(|e| {
         anyhow::anyhow!(
-            "invalid --id {}: {e} (expected e.g. other.org or spiffe://other.org)",
+            "invalid {flag} {}: {e} (expected e.g. other.org or spiffe://other.org)",
             sigil::text::quote_for_display(id)
         )
     })
 }
 
-fn read_input(path: &PathBuf) -> anyhow::Result<String> {
+/// Reads the file named by `flag` (`-` = stdin).
+pub(super) fn read_input(path: &PathBuf, flag: &str) -> anyhow::Result<String> {
     if path.as_os_str() == "-" {
         let mut s = String::new();
         std::io::stdin()
@@ -110,11 +112,11 @@ fn read_input(path: &PathBuf) -> anyhow::Result<String> {
             .context("reading the bundle from stdin")?;
         return Ok(s);
     }
-    std::fs::read_to_string(path).with_context(|| format!("reading --path {}", path.display()))
+    std::fs::read_to_string(path).with_context(|| format!("reading {flag} {}", path.display()))
 }
 
 /// Number of X.509 roots and JWT keys of a bundle as the server sent it.
-fn counts(b: &pb::FederatedBundle) -> (usize, usize) {
+pub(super) fn counts(b: &pb::FederatedBundle) -> (usize, usize) {
     TrustDomain::new(&b.trust_domain)
         .ok()
         .and_then(|td| Bundle::from_spiffe_json(td, &b.spiffe_bundle_json).ok())
@@ -175,8 +177,8 @@ async fn show(a: ShowArgs) -> anyhow::Result<()> {
 
 async fn set(a: SetArgs) -> anyhow::Result<()> {
     use pb::set_federated_bundle_request::Bundle as Input;
-    let td = trust_domain_arg(&a.id)?;
-    let content = read_input(&a.path)?;
+    let td = trust_domain_arg("--id", &a.id)?;
+    let content = read_input(&a.path, "--path")?;
     let bundle = match a.format {
         Format::Pem => Input::X509Pem(content),
         Format::Spiffe => Input::SpiffeBundleJson(content),
@@ -256,7 +258,7 @@ async fn list(common: Common) -> anyhow::Result<()> {
 }
 
 async fn delete(a: DeleteArgs) -> anyhow::Result<()> {
-    let td = trust_domain_arg(&a.id)?;
+    let td = trust_domain_arg("--id", &a.id)?;
     let mut client = connect(&a.common.admin_socket).await?;
     client
         .delete_federated_bundle(pb::DeleteFederatedBundleRequest {
@@ -278,18 +280,20 @@ mod tests {
     #[test]
     fn id_accepts_names_and_trust_domain_ids_only() {
         assert_eq!(
-            trust_domain_arg("other.org").map(|t| t.to_string()).ok(),
-            Some("other.org".into())
-        );
-        assert_eq!(
-            trust_domain_arg("spiffe://other.org")
+            trust_domain_arg("--id", "other.org")
                 .map(|t| t.to_string())
                 .ok(),
             Some("other.org".into())
         );
-        let err = trust_domain_arg("spiffe://other.org/w").expect_err("path");
+        assert_eq!(
+            trust_domain_arg("--id", "spiffe://other.org")
+                .map(|t| t.to_string())
+                .ok(),
+            Some("other.org".into())
+        );
+        let err = trust_domain_arg("--id", "spiffe://other.org/w").expect_err("path");
         assert!(err.to_string().contains("has no path"), "{err}");
-        let err = trust_domain_arg("Other Org").expect_err("bad name");
+        let err = trust_domain_arg("--id", "Other Org").expect_err("bad name");
         assert!(err.to_string().contains("invalid --id"), "{err}");
     }
 }

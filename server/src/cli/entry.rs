@@ -9,6 +9,7 @@ use sigil::proto::admin as pb;
 use sigil::{Selector, SpiffeId, TrustDomain};
 
 use super::output::{self, EntryJson, Output};
+use super::spire_data::{self, DataFormat, FormatArg, SpireImport};
 use super::{connect, status_error, Common};
 
 /// Entries per BatchCreateEntries call (well under gRPC's 4 MB message limit).
@@ -85,9 +86,25 @@ pub struct EntryFields {
 pub struct CreateArgs {
     #[command(flatten)]
     fields: EntryFields,
-    /// JSON file of entries to create ("-" for stdin): {"entries": [{"spiffe_id": ..., ...}]}.
+    /// JSON file of entries to create ("-" for stdin): Sigil's {"entries": [{"spiffe_id": ...,
+    /// ...}]}, the output of `spire-server entry show -output json`, or the input of
+    /// `spire-server entry create -data` (see --format).
     #[arg(long, value_name = "FILE", conflicts_with_all = ["spiffe_id", "parent_id", "node", "selectors"])]
     data: Option<PathBuf>,
+    /// The --data file's format. auto: SPIFFE IDs as {trust_domain, path} objects are SPIRE's
+    /// `entry show` output; string IDs are SPIRE's `entry create -data` input when the file
+    /// has what only that has (entryExpiry, store_svid, entry_id, revision_number, created_at,
+    /// IDs under /spire/), else Sigil's. SPIRE's entries are mapped (parent
+    /// spiffe://TD/spire/server → spiffe://TD/sigil/server) and those Sigil cannot honour
+    /// are refused, each with its reason, without stopping the others (see --strict).
+    #[arg(long, value_enum, default_value_t = FormatArg::Auto, requires = "data")]
+    format: FormatArg,
+    /// Print what would be created (and, for SPIRE's formats, refused); create nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// With SPIRE's formats: create nothing if any entry is refused.
+    #[arg(long, requires = "data")]
+    strict: bool,
     #[command(flatten)]
     common: Common,
 }
@@ -395,14 +412,21 @@ fn entry_from_data(i: usize, d: DataEntry) -> anyhow::Result<pb::Entry> {
     })
 }
 
-fn read_data(path: &PathBuf) -> anyhow::Result<Vec<pb::Entry>> {
+/// The `--data` file (or stdin) as JSON.
+fn read_document(path: &std::path::Path) -> anyhow::Result<serde_json::Value> {
     let text = if path.as_os_str() == "-" {
         std::io::read_to_string(std::io::stdin()).context("reading entries from stdin")?
     } else {
         std::fs::read_to_string(path)
             .with_context(|| format!("reading --data file {}", path.display()))?
     };
-    let parsed: DataFile = serde_json::from_str(&text).map_err(|e| {
+    serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("--data file {} is not valid JSON: {e}", path.display()))
+}
+
+/// The entries of a `--data` file in Sigil's format.
+fn read_data(path: &std::path::Path, doc: serde_json::Value) -> anyhow::Result<Vec<pb::Entry>> {
+    let parsed: DataFile = serde_json::from_value(doc).map_err(|e| {
         anyhow::anyhow!(
             "--data file {} is not valid: {e} (expected {{\"entries\": [{{\"spiffe_id\": ..., \"parent_id\": ..., \"selectors\": [\"unix:uid:1000\"]}}]}})",
             path.display()
@@ -422,13 +446,60 @@ fn read_data(path: &PathBuf) -> anyhow::Result<Vec<pb::Entry>> {
 
 async fn create(a: CreateArgs) -> anyhow::Result<()> {
     let entries = match &a.data {
-        Some(path) => read_data(path)?,
+        Some(path) => {
+            let doc = read_document(path)?;
+            let format = spire_data::detect(&doc, a.format)
+                .map_err(|e| anyhow::anyhow!("--data file {}: {e}", path.display()))?;
+            if format != DataFormat::Sigil {
+                return import_spire(&a, path, &doc, format).await;
+            }
+            read_data(path, doc)?
+        }
+        None if a.strict || a.format != FormatArg::Auto => {
+            bail!("--strict and --format apply to --data files: give --data FILE")
+        }
         None => vec![entry_from_fields(&a.fields)?],
     };
     warn_unknown_selector_types(&entries);
+    if a.dry_run {
+        print_plan(a.common.output, &entries, None);
+        return Ok(());
+    }
     let mut client = connect(&a.common.admin_socket).await?;
     let total = entries.len();
-    let mut results = Vec::with_capacity(total);
+    let results = create_batches(&mut client, entries).await?;
+    let failed: Vec<&pb::EntryResult> = results.iter().filter(|r| r.code != 0).collect();
+    match a.common.output {
+        Output::Json => {
+            let out: Vec<CreateResultJson> = results.iter().map(CreateResultJson::from).collect();
+            output::print_json(&serde_json::json!({ "results": out }));
+        }
+        Output::Text => {
+            let created = created_entries(&results);
+            if created.len() == 1 && total == 1 {
+                print!("{}", output::entry_detail(&created[0]));
+            } else if !created.is_empty() {
+                print!("{}", output::entry_table(&created));
+            }
+        }
+    }
+    // For a single entry the final error line says it all; batches list each failure first.
+    if total > 1 {
+        print_failures(&failed);
+    }
+    match (failed.len(), total) {
+        (0, _) => Ok(()),
+        (1, 1) => bail!("creating entry: {}", failed[0].message),
+        (n, t) => bail!("{n} of {t} entries could not be created"),
+    }
+}
+
+/// Sends `entries` in [`CHUNK`]s; one result per entry, in order.
+async fn create_batches(
+    client: &mut sigil::proto::admin::admin_client::AdminClient<tonic::transport::Channel>,
+    entries: Vec<pb::Entry>,
+) -> anyhow::Result<Vec<pb::EntryResult>> {
+    let mut results = Vec::with_capacity(entries.len());
     for chunk in entries.chunks(CHUNK) {
         let resp = client
             .batch_create_entries(pb::BatchCreateEntriesRequest {
@@ -439,38 +510,19 @@ async fn create(a: CreateArgs) -> anyhow::Result<()> {
             .into_inner();
         results.extend(resp.results);
     }
-    let failed: Vec<&pb::EntryResult> = results.iter().filter(|r| r.code != 0).collect();
-    match a.common.output {
-        Output::Json => {
-            let out: Vec<CreateResultJson> = results
-                .iter()
-                .map(|r| CreateResultJson {
-                    status: format!("{:?}", tonic::Code::from(r.code)),
-                    message: r.message.clone(),
-                    entry: r
-                        .entry
-                        .as_ref()
-                        .map(EntryJson::from)
-                        .unwrap_or_else(|| EntryJson::from(&pb::Entry::default())),
-                })
-                .collect();
-            output::print_json(&serde_json::json!({ "results": out }));
-        }
-        Output::Text => {
-            let created: Vec<pb::Entry> = results
-                .iter()
-                .filter(|r| r.code == 0)
-                .filter_map(|r| r.entry.clone())
-                .collect();
-            if created.len() == 1 && total == 1 {
-                print!("{}", output::entry_detail(&created[0]));
-            } else if !created.is_empty() {
-                print!("{}", output::entry_table(&created));
-            }
-        }
-    }
-    // For a single entry the final error line says it all; batches list each failure first.
-    for r in failed.iter().filter(|_| total > 1) {
+    Ok(results)
+}
+
+fn created_entries(results: &[pb::EntryResult]) -> Vec<pb::Entry> {
+    results
+        .iter()
+        .filter(|r| r.code == 0)
+        .filter_map(|r| r.entry.clone())
+        .collect()
+}
+
+fn print_failures(failed: &[&pb::EntryResult]) {
+    for r in failed {
         let id = r
             .entry
             .as_ref()
@@ -482,10 +534,181 @@ async fn create(a: CreateArgs) -> anyhow::Result<()> {
             tonic::Code::from(r.code)
         );
     }
-    match (failed.len(), total) {
-        (0, _) => Ok(()),
-        (1, 1) => bail!("creating entry: {}", failed[0].message),
-        (n, t) => bail!("{n} of {t} entries could not be created"),
+}
+
+impl From<&pb::EntryResult> for CreateResultJson {
+    fn from(r: &pb::EntryResult) -> Self {
+        CreateResultJson {
+            status: format!("{:?}", tonic::Code::from(r.code)),
+            message: r.message.clone(),
+            entry: r
+                .entry
+                .as_ref()
+                .map(EntryJson::from)
+                .unwrap_or_else(|| EntryJson::from(&pb::Entry::default())),
+        }
+    }
+}
+
+/// A refused SPIRE entry, as printed in JSON.
+#[derive(Debug, Serialize)]
+struct RefusedJson {
+    /// Position in the file, from 0.
+    index: usize,
+    /// SPIFFE ID as written ("" when it has none).
+    spiffe_id: String,
+    reason: String,
+}
+
+fn refused_json(import: Option<&SpireImport>) -> Vec<RefusedJson> {
+    import
+        .map(|i| {
+            i.refused
+                .iter()
+                .map(|r| RefusedJson {
+                    index: r.index,
+                    spiffe_id: r.spiffe_id.clone().unwrap_or_default(),
+                    reason: r.reason.to_string(),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// One line per refused entry, on stderr.
+fn print_refused(import: &SpireImport) {
+    for r in &import.refused {
+        let id = r
+            .spiffe_id
+            .as_deref()
+            .map(sigil::text::quote_for_display)
+            .unwrap_or_else(|| "(no SPIFFE ID)".into());
+        eprintln!("refused entry {} {id}: {}", r.index, r.reason);
+    }
+}
+
+/// `--dry-run`: what would be created, and what refused (SPIRE's formats).
+fn print_plan(out: Output, entries: &[pb::Entry], import: Option<&SpireImport>) {
+    match out {
+        Output::Json => {
+            let list: Vec<EntryJson> = entries.iter().map(EntryJson::from).collect();
+            let mut doc = serde_json::json!({ "dry_run": true, "would_create": list });
+            if let Some(i) = import {
+                doc["format"] = serde_json::json!(i.format.describe());
+                doc["refused"] = serde_json::json!(refused_json(Some(i)));
+            }
+            output::print_json(&doc);
+        }
+        Output::Text => {
+            if let Some(i) = import {
+                println!(
+                    "Read {} entries of {}",
+                    i.planned.len() + i.refused.len(),
+                    i.format.describe()
+                );
+            }
+            let n = entries.len();
+            println!(
+                "Would create {n} {}{}",
+                if n == 1 { "entry" } else { "entries" },
+                if n == 0 { "" } else { ":" }
+            );
+            if n > 0 {
+                print!("{}", output::entry_table(entries));
+            }
+            if let Some(i) = import.filter(|i| !i.refused.is_empty()) {
+                println!("Would refuse {}:", i.refused.len());
+                for r in &i.refused {
+                    let id = r
+                        .spiffe_id
+                        .as_deref()
+                        .map(sigil::text::quote_for_display)
+                        .unwrap_or_else(|| "(no SPIFFE ID)".into());
+                    println!("  entry {} {id}: {}", r.index, r.reason);
+                }
+            }
+        }
+    }
+}
+
+/// `entry create --data` with a file in one of SPIRE's formats: each entry mapped or refused
+/// with its reason, the mapped ones created (none with `--strict` if any is refused).
+async fn import_spire(
+    a: &CreateArgs,
+    path: &std::path::Path,
+    doc: &serde_json::Value,
+    format: DataFormat,
+) -> anyhow::Result<()> {
+    let mut client = connect(&a.common.admin_socket).await?;
+    let td = client
+        .get_bundle(pb::GetBundleRequest {})
+        .await
+        .map_err(|s| status_error("reading the server's trust domain", s))?
+        .into_inner()
+        .trust_domain;
+    let td = TrustDomain::new(&td)
+        .map_err(|e| anyhow::anyhow!("the server reports an invalid trust domain: {e}"))?;
+    let import = spire_data::read_spire(doc, format, &td, sigil::clock::now_unix())
+        .map_err(|e| anyhow::anyhow!("--data file {}: {e}", path.display()))?;
+    let total = import.planned.len() + import.refused.len();
+    let entries: Vec<pb::Entry> = import.planned.iter().map(|p| p.entry.clone()).collect();
+    if a.dry_run {
+        print_plan(a.common.output, &entries, Some(&import));
+        if a.strict && !import.refused.is_empty() {
+            bail!(
+                "{} of {total} entries would be refused; with --strict nothing would be created",
+                import.refused.len()
+            );
+        }
+        return Ok(());
+    }
+    if a.common.output == Output::Text {
+        print_refused(&import);
+    }
+    if a.strict && !import.refused.is_empty() {
+        bail!(
+            "{} of {total} entries refused (above); --strict: nothing created",
+            import.refused.len()
+        );
+    }
+    let results = if entries.is_empty() {
+        Vec::new()
+    } else {
+        create_batches(&mut client, entries).await?
+    };
+    let failed: Vec<&pb::EntryResult> = results.iter().filter(|r| r.code != 0).collect();
+    let created = created_entries(&results);
+    match a.common.output {
+        Output::Json => {
+            let out: Vec<CreateResultJson> = results.iter().map(CreateResultJson::from).collect();
+            output::print_json(&serde_json::json!({
+                "format": format.describe(),
+                "results": out,
+                "refused": refused_json(Some(&import)),
+            }));
+        }
+        Output::Text => {
+            if !created.is_empty() {
+                print!("{}", output::entry_table(&created));
+            }
+            print_failures(&failed);
+        }
+    }
+    eprintln!(
+        "{}: {total} entries of {}: {} created, {} refused, {} failed",
+        path.display(),
+        format.describe(),
+        created.len(),
+        import.refused.len(),
+        failed.len()
+    );
+    if import.refused.is_empty() && failed.is_empty() {
+        Ok(())
+    } else {
+        bail!(
+            "{} of {total} entries not created (reasons above)",
+            import.refused.len() + failed.len()
+        )
     }
 }
 

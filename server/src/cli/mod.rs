@@ -7,8 +7,10 @@
 pub mod agent;
 pub mod bundle;
 pub mod entry;
+pub mod federation;
 pub mod localauthority;
 pub mod output;
+pub mod spire_data;
 pub mod token;
 
 use std::path::{Path, PathBuf};
@@ -52,6 +54,10 @@ pub enum Command {
     /// Show the trust bundle; manage federated bundles of other trust domains.
     #[command(subcommand)]
     Bundle(bundle::BundleCommand),
+    /// Manage federation relationships: other trust domains whose bundles are fetched from
+    /// their bundle endpoints and kept fresh.
+    #[command(subcommand)]
+    Federation(federation::FederationCommand),
     /// Show and manage the CA's X.509 authorities and JWT keys (rotation, taint, revoke).
     #[command(subcommand)]
     Localauthority(localauthority::LocalAuthorityCommand),
@@ -110,6 +116,7 @@ impl Command {
             Command::Token(c) => c.common(),
             Command::Agent(c) => c.common(),
             Command::Bundle(c) => c.common(),
+            Command::Federation(c) => c.common(),
             Command::Localauthority(c) => c.common(),
             Command::Healthcheck(c) => c,
         };
@@ -141,6 +148,7 @@ async fn run_admin_command(command: Command) -> anyhow::Result<()> {
         Command::Token(c) => token::run(c).await,
         Command::Agent(c) => agent::run(c).await,
         Command::Bundle(c) => bundle::run(c).await,
+        Command::Federation(c) => federation::run(c).await,
         Command::Localauthority(c) => localauthority::run(c).await,
         Command::Healthcheck(common) => {
             let mut client = connect(&common.admin_socket).await?;

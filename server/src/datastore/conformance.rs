@@ -20,9 +20,10 @@ use sigil::{Selector, SelectorSet, SpiffeId, TrustDomain};
 
 use super::paging::{effective_page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
 use super::{
-    AttestedAgent, BundleSwap, Datastore, DatastoreError, EntryFilter, JoinToken, NewAgentSvid,
-    SelectorMatch, StoredBundle,
+    AttestedAgent, BundleSwap, Datastore, DatastoreError, EntryFilter, FederationRelationship,
+    JoinToken, NewAgentSvid, SelectorMatch, StoredBundle,
 };
+use crate::federation::EndpointProfile;
 
 /// What a behaviour returns: any error fails the test.
 pub(crate) type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -61,6 +62,8 @@ macro_rules! datastore_conformance {
             bundle_compare_and_set_refuses_a_stale_sequence,
             federated_bundles_set_get_list_delete,
             federated_bundles_survive_reopen,
+            federation_relationships_create_get_list_update_delete,
+            federation_relationships_survive_reopen_apart_from_bundles,
             read_authorized_follows_the_rule_in_one_read,
             entry_history_records_former_placements,
             entry_history_pruning_ends_resumes_from_before_it,
@@ -1009,6 +1012,148 @@ pub(crate) async fn federated_bundles_survive_reopen(store: &dyn TestStore) -> T
         .set_federated_bundle(federated("other.org", &[b"r3"], "[]"))
         .await?;
     assert_eq!(next.sequence, 3);
+    Ok(())
+}
+
+/// A relationship with `td` (times are the datastore's to set: these are ignored).
+pub(crate) fn relationship(
+    td: &str,
+    url: &str,
+    profile: EndpointProfile,
+) -> FederationRelationship {
+    FederationRelationship {
+        trust_domain: TrustDomain::new(td).expect("td"),
+        bundle_endpoint_url: url.into(),
+        profile,
+        created_at: 7,
+        updated_at: 7,
+    }
+}
+
+/// Relationships: create refuses a second one for a trust domain, get/list read what was
+/// stored (ordered by trust domain), update keeps created_at and needs an existing one, delete
+/// returns what it removed once.
+pub(crate) async fn federation_relationships_create_get_list_update_delete(
+    store: &dyn TestStore,
+) -> TestResult {
+    let ds = store.open().await?;
+    let other = TrustDomain::new("other.org")?;
+    assert!(ds.list_federation_relationships().await?.is_empty());
+    assert_eq!(ds.get_federation_relationship(&other).await?, None);
+
+    let spiffe = EndpointProfile::HttpsSpiffe {
+        endpoint_spiffe_id: SpiffeId::parse("spiffe://other.org/sigil/server")?,
+    };
+    let before = sigil::clock::now_unix();
+    let o = ds
+        .create_federation_relationship(relationship(
+            "other.org",
+            "https://other.org:8443/bundle",
+            spiffe.clone(),
+        ))
+        .await?;
+    assert!(o.created_at >= before && o.created_at != 7, "{o:?}");
+    assert_eq!(o.updated_at, o.created_at);
+    assert_eq!(o.profile, spiffe);
+    let a = ds
+        .create_federation_relationship(relationship(
+            "aaa.org",
+            "https://aaa.org/",
+            EndpointProfile::HttpsWeb,
+        ))
+        .await?;
+    match ds
+        .create_federation_relationship(relationship(
+            "other.org",
+            "https://elsewhere.org/",
+            EndpointProfile::HttpsWeb,
+        ))
+        .await
+    {
+        Err(DatastoreError::RelationshipExists(td)) => assert_eq!(td, other),
+        x => panic!("second relationship with other.org: {x:?}"),
+    }
+    assert_eq!(
+        ds.get_federation_relationship(&other).await?,
+        Some(o.clone())
+    );
+    assert_eq!(
+        ds.list_federation_relationships().await?,
+        vec![a.clone(), o.clone()]
+    );
+
+    // Update: URL and profile replaced (the endpoint ID goes with https_spiffe).
+    let mut changed = relationship(
+        "other.org",
+        "https://other.org/v2",
+        EndpointProfile::HttpsWeb,
+    );
+    changed.created_at = 1;
+    let u = ds.update_federation_relationship(changed).await?;
+    assert_eq!(u.created_at, o.created_at, "created_at kept");
+    assert!(u.updated_at >= o.updated_at);
+    assert_eq!(u.bundle_endpoint_url, "https://other.org/v2");
+    assert_eq!(u.profile, EndpointProfile::HttpsWeb);
+    assert_eq!(
+        ds.get_federation_relationship(&other).await?,
+        Some(u.clone())
+    );
+    assert!(matches!(
+        ds.update_federation_relationship(relationship(
+            "none.org",
+            "https://none.org/",
+            EndpointProfile::HttpsWeb
+        ))
+        .await,
+        Err(DatastoreError::NotFound(_))
+    ));
+
+    assert_eq!(ds.delete_federation_relationship(&other).await?, u);
+    assert!(matches!(
+        ds.delete_federation_relationship(&other).await,
+        Err(DatastoreError::NotFound(_))
+    ));
+    assert_eq!(ds.list_federation_relationships().await?, vec![a]);
+    // Created again after delete.
+    ds.create_federation_relationship(relationship(
+        "other.org",
+        "https://other.org/",
+        EndpointProfile::HttpsWeb,
+    ))
+    .await?;
+    Ok(())
+}
+
+/// Relationships survive closing and opening the store, and deleting one leaves the federated
+/// bundle of its trust domain (and deleting the bundle leaves the relationship).
+pub(crate) async fn federation_relationships_survive_reopen_apart_from_bundles(
+    store: &dyn TestStore,
+) -> TestResult {
+    let other = TrustDomain::new("other.org")?;
+    let stored = {
+        let ds = store.open().await?;
+        ds.set_federated_bundle(federated("other.org", &[b"r1"], "[]"))
+            .await?;
+        ds.create_federation_relationship(relationship(
+            "other.org",
+            "https://other.org/bundle",
+            EndpointProfile::HttpsSpiffe {
+                endpoint_spiffe_id: SpiffeId::parse("spiffe://other.org/spire/server")?,
+            },
+        ))
+        .await?
+    };
+    let ds = store.open().await?;
+    assert_eq!(
+        ds.list_federation_relationships().await?,
+        vec![stored.clone()]
+    );
+    ds.delete_federated_bundle(&other).await?;
+    assert_eq!(ds.get_federation_relationship(&other).await?, Some(stored));
+    ds.set_federated_bundle(federated("other.org", &[b"r2"], "[]"))
+        .await?;
+    ds.delete_federation_relationship(&other).await?;
+    assert!(ds.get_federated_bundle(&other).await?.is_some());
     Ok(())
 }
 

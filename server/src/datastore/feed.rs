@@ -8,7 +8,8 @@
 //! connection was lost) it yields [`Change::Resync`] once it is back.
 //!
 //! On the wire (PostgreSQL `NOTIFY` payloads) a change is one short text, [`Change::payload`]:
-//! `entries`, `agent:<spiffe id>`, `join_tokens`, `bundle:<trust domain>`, `federated`.
+//! `entries`, `agent:<spiffe id>`, `join_tokens`, `bundle:<trust domain>`, `federated`,
+//! `federation`.
 //! [`Change::parse`] reads it back; a payload it does not know (from a newer server) is a
 //! `Resync`, which is always safe.
 
@@ -29,6 +30,8 @@ pub enum Change {
     Bundle(String),
     /// A federated bundle was set or deleted.
     Federated,
+    /// A federation relationship was created, updated or deleted.
+    Federation,
     /// Changes may have been missed: everything may have changed.
     Resync,
 }
@@ -42,6 +45,7 @@ impl Change {
             Change::JoinTokens => "join_tokens".into(),
             Change::Bundle(td) => format!("bundle:{td}"),
             Change::Federated => "federated".into(),
+            Change::Federation => "federation".into(),
             Change::Resync => "resync".into(),
         }
     }
@@ -55,6 +59,7 @@ impl Change {
                 "entries" => Change::Entries,
                 "join_tokens" => Change::JoinTokens,
                 "federated" => Change::Federated,
+                "federation" => Change::Federation,
                 _ => Change::Resync,
             },
         }
@@ -98,6 +103,7 @@ mod tests {
             Change::JoinTokens,
             Change::Bundle("example.org".into()),
             Change::Federated,
+            Change::Federation,
             Change::Resync,
         ] {
             assert_eq!(Change::parse(&c.payload()), c);

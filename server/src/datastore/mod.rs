@@ -1,5 +1,6 @@
-//! Registration datastore: entries, attested agents, join tokens, the server's own trust bundle
-//! and the federated bundles of other trust domains.
+//! Registration datastore: entries, attested agents, join tokens, the server's own trust bundle,
+//! the federated bundles of other trust domains and the federation relationships that keep them
+//! fresh.
 //!
 //! The [`Datastore`] trait is what the rest of the server uses; [`sqlite::SqliteDatastore`] is the
 //! embedded default, [`postgres::PostgresDatastore`] a shared database several servers can use at
@@ -35,6 +36,8 @@ use async_trait::async_trait;
 use sigil::entry::RegistrationEntry;
 use sigil::{SelectorSet, SpiffeId, TrustDomain};
 
+use crate::federation::EndpointProfile;
+
 pub use feed::{Change, ChangeFeed};
 
 /// Datastore failures. The admin API maps them to gRPC status codes.
@@ -43,7 +46,10 @@ pub enum DatastoreError {
     /// Same SPIFFE ID, parent ID and selectors as an existing entry (its id attached).
     #[error("an entry with the same SPIFFE ID, parent ID and selectors already exists (id {0})")]
     AlreadyExists(String),
-    /// No such entry / agent / token.
+    /// A federation relationship with this trust domain exists already.
+    #[error("a federation relationship with trust domain {0} already exists")]
+    RelationshipExists(TrustDomain),
+    /// No such entry / agent / token / relationship.
     #[error("{0} not found")]
     NotFound(String),
     /// A join token that existed but has expired (it is removed).
@@ -249,6 +255,22 @@ pub enum BundleSwap {
     Changed(Option<StoredBundle>),
 }
 
+/// A federation relationship as stored: with which foreign trust domain this one federates and
+/// where its bundle is fetched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FederationRelationship {
+    /// The foreign trust domain (the key).
+    pub trust_domain: TrustDomain,
+    /// Its bundle endpoint, an `https://` URL.
+    pub bundle_endpoint_url: String,
+    /// How the endpoint is authenticated.
+    pub profile: EndpointProfile,
+    /// Unix seconds; set by the datastore.
+    pub created_at: i64,
+    /// Unix seconds; set by the datastore.
+    pub updated_at: i64,
+}
+
 /// Entry changes after a revision.
 #[derive(Debug, Clone, Default)]
 pub struct EntryChanges {
@@ -448,6 +470,42 @@ pub trait Datastore: Send + Sync + 'static {
         &self,
         td: &TrustDomain,
     ) -> Result<StoredBundle, DatastoreError>;
+
+    /// Stores a new federation relationship (`created_at` and `updated_at` become now);
+    /// [`DatastoreError::RelationshipExists`] if one with its trust domain is stored. The
+    /// caller validates it (URL, profile, not the own trust domain).
+    async fn create_federation_relationship(
+        &self,
+        relationship: FederationRelationship,
+    ) -> Result<FederationRelationship, DatastoreError>;
+
+    /// Replaces the endpoint URL and profile of the relationship with
+    /// `relationship.trust_domain` (`created_at` is kept, `updated_at` becomes now); NotFound
+    /// if there is none.
+    async fn update_federation_relationship(
+        &self,
+        relationship: FederationRelationship,
+    ) -> Result<FederationRelationship, DatastoreError>;
+
+    /// The relationship with `td`, if any.
+    async fn get_federation_relationship(
+        &self,
+        td: &TrustDomain,
+    ) -> Result<Option<FederationRelationship>, DatastoreError>;
+
+    /// Every relationship, ordered by trust domain name (one per foreign trust domain: few, so
+    /// no paging).
+    async fn list_federation_relationships(
+        &self,
+    ) -> Result<Vec<FederationRelationship>, DatastoreError>;
+
+    /// Deletes the relationship with `td`, returning what was deleted; NotFound if absent.
+    /// The federated bundle of `td` stays (entries federating with it keep working until
+    /// `bundle delete`).
+    async fn delete_federation_relationship(
+        &self,
+        td: &TrustDomain,
+    ) -> Result<FederationRelationship, DatastoreError>;
 
     /// The changes written by every server sharing this datastore, as they commit (see
     /// [`feed`]); `None` when no other server can write to it (SQLite: one server per file).

@@ -94,7 +94,7 @@ fn stored_to_bundle(b: &StoredBundle) -> Result<Bundle, BundleError> {
     })
 }
 
-fn federated_to_proto(b: &StoredBundle) -> Result<pb::FederatedBundle, Status> {
+pub(super) fn federated_to_proto(b: &StoredBundle) -> Result<pb::FederatedBundle, Status> {
     let bundle = stored_to_bundle(b)
         .and_then(|bundle| Ok((bundle.to_pem(), bundle.to_spiffe_json()?)))
         .map_err(|e| {

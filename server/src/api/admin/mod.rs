@@ -12,7 +12,7 @@
 //! Layout: this file holds the service, its state, the trait implementation (one line per RPC:
 //! how the layer treats it, and its handler) and what the handlers share; the handlers live by
 //! resource in `entries.rs`, `agents.rs`, `bundles.rs` (the server's bundle and federated
-//! bundles), `join_tokens.rs`, `localauthority.rs` (the CA's authorities: show, prepare,
+//! bundles), `federation.rs` (federation relationships, RefreshBundle), `join_tokens.rs`, `localauthority.rs` (the CA's authorities: show, prepare,
 //! activate, taint, revoke) and `health.rs`.
 
 use std::sync::atomic::AtomicI64;
@@ -33,6 +33,7 @@ use crate::sync::SyncEvents;
 mod agents;
 mod bundles;
 mod entries;
+mod federation;
 mod health;
 mod join_tokens;
 mod layer;
@@ -69,6 +70,8 @@ pub struct AdminState {
     pub ca_not_after: AtomicI64,
     /// The CA, for the local authority RPCs (None in tests of other resources).
     pub ca: Option<Arc<Ca>>,
+    /// Federation: the config file's relationships, refresh statuses, the refresher's inbox.
+    pub federation: Arc<crate::federation::refresher::Federation>,
 }
 
 /// The admin gRPC service.
@@ -91,7 +94,9 @@ fn parse_id(field: &str, s: &str) -> Result<SpiffeId, Status> {
 /// Maps datastore errors to gRPC statuses; backend failures are logged and hidden.
 pub fn ds_status(e: DatastoreError) -> Status {
     match e {
-        DatastoreError::AlreadyExists(_) => Status::already_exists(e.to_string()),
+        DatastoreError::AlreadyExists(_) | DatastoreError::RelationshipExists(_) => {
+            Status::already_exists(e.to_string())
+        }
         DatastoreError::NotFound(_) => Status::not_found(e.to_string()),
         DatastoreError::InvalidPageToken(_) => Status::invalid_argument(e.to_string()),
         DatastoreError::Expired => Status::permission_denied(e.to_string()),
@@ -248,6 +253,54 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::DeleteFederatedBundleResponse>, Status> {
         let rpc = Rpc::audited("DeleteFederatedBundle", "bundle.delete");
         self.call(rpc, req, bundles::delete_federated).await
+    }
+
+    async fn create_federation_relationship(
+        &self,
+        req: Request<pb::CreateFederationRelationshipRequest>,
+    ) -> Result<Response<pb::CreateFederationRelationshipResponse>, Status> {
+        let rpc = Rpc::audited("CreateFederationRelationship", "federation.create");
+        self.call(rpc, req, federation::create).await
+    }
+
+    async fn update_federation_relationship(
+        &self,
+        req: Request<pb::UpdateFederationRelationshipRequest>,
+    ) -> Result<Response<pb::UpdateFederationRelationshipResponse>, Status> {
+        let rpc = Rpc::audited("UpdateFederationRelationship", "federation.update");
+        self.call(rpc, req, federation::update).await
+    }
+
+    async fn get_federation_relationship(
+        &self,
+        req: Request<pb::GetFederationRelationshipRequest>,
+    ) -> Result<Response<pb::GetFederationRelationshipResponse>, Status> {
+        let rpc = Rpc::read("GetFederationRelationship");
+        self.call(rpc, req, federation::get).await
+    }
+
+    async fn list_federation_relationships(
+        &self,
+        req: Request<pb::ListFederationRelationshipsRequest>,
+    ) -> Result<Response<pb::ListFederationRelationshipsResponse>, Status> {
+        let rpc = Rpc::read("ListFederationRelationships");
+        self.call(rpc, req, federation::list).await
+    }
+
+    async fn delete_federation_relationship(
+        &self,
+        req: Request<pb::DeleteFederationRelationshipRequest>,
+    ) -> Result<Response<pb::DeleteFederationRelationshipResponse>, Status> {
+        let rpc = Rpc::audited("DeleteFederationRelationship", "federation.delete");
+        self.call(rpc, req, federation::delete).await
+    }
+
+    async fn refresh_bundle(
+        &self,
+        req: Request<pb::RefreshBundleRequest>,
+    ) -> Result<Response<pb::RefreshBundleResponse>, Status> {
+        let rpc = Rpc::audited("RefreshBundle", "federation.refresh");
+        self.call(rpc, req, federation::refresh).await
     }
 
     async fn create_join_token(

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::datastore::sqlite::SqliteDatastore;
+use crate::federation::refresher::Federation;
 use rcgen::PublicKeyData as _;
 use sigil::bundle::JwtAuthority;
 use sigil::clock::now_unix;
@@ -17,11 +18,12 @@ async fn service() -> TestResult<(tempfile::TempDir, AdminService, Arc<AdminStat
     let state = Arc::new(AdminState {
         trust_domain: td.clone(),
         datastore: Arc::new(ds),
-        bundle: RwLock::new(Bundle::new(td)),
+        bundle: RwLock::new(Bundle::new(td.clone())),
         metrics: Metrics::new(),
         events: SyncEvents::new(),
         ca_not_after: AtomicI64::new(i64::MAX),
         ca: None,
+        federation: Arc::new(Federation::new(td, &[])),
     });
     Ok((dir, AdminService::new(state.clone()), state))
 }
@@ -670,6 +672,7 @@ async fn health_is_not_ready_once_the_ca_expired() -> TestResult {
             events: SyncEvents::new(),
             ca_not_after: AtomicI64::new(ca_not_after),
             ca: None,
+            federation: Arc::new(Federation::new(td.clone(), &[])),
         }))
     };
     let now = now_unix();
@@ -704,11 +707,12 @@ async fn local_authorities_show_prepare_activate_taint_revoke() -> TestResult {
     let svc = AdminService::new(Arc::new(AdminState {
         trust_domain: td.clone(),
         datastore: Arc::new(ds),
-        bundle: RwLock::new(Bundle::new(td)),
+        bundle: RwLock::new(Bundle::new(td.clone())),
         metrics: Metrics::new(),
         events: SyncEvents::new(),
         ca_not_after: AtomicI64::new(i64::MAX),
         ca: Some(ca.clone()),
+        federation: Arc::new(Federation::new(td, &[])),
     }));
     for kind in [
         pb::AuthorityKind::X509 as i32,
@@ -810,3 +814,5 @@ async fn local_authorities_show_prepare_activate_taint_revoke() -> TestResult {
     assert_eq!(e.code(), Code::InvalidArgument);
     Ok(())
 }
+
+mod federation;

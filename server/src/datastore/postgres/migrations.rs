@@ -20,7 +20,7 @@ use crate::datastore::DatastoreError;
 const MIGRATION_LOCK: i64 = 0x5349_474c_4d49_4752;
 
 /// The migrations, in order; the schema version is the number applied.
-pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
 
 /// Version 1: entries (+ selectors, tombstones, revision counter), agents (with the pending
 /// renewed SVID), join tokens, the server's own bundle and federated bundles. Identifiers that
@@ -179,8 +179,32 @@ CREATE TRIGGER federated_bundles_notify AFTER INSERT OR UPDATE OR DELETE ON fede
     FOR EACH STATEMENT EXECUTE FUNCTION sigil_notify_federated();
 "#;
 
-/// Version 3: the entry history a reconnecting agent's sync stream resumes from.
+/// Version 3: federation relationships, announced per statement (`federation`) as the federated
+/// bundles are, so every server's refresher picks up a change made through another.
 const V3: &str = r#"
+-- profile: 'https_web' or 'https_spiffe'; endpoint_spiffe_id is set exactly for https_spiffe.
+CREATE TABLE federation_relationships (
+    trust_domain        TEXT   COLLATE "C" PRIMARY KEY,
+    bundle_endpoint_url TEXT   NOT NULL,
+    profile             TEXT   NOT NULL CHECK (profile IN ('https_web', 'https_spiffe')),
+    endpoint_spiffe_id  TEXT,
+    created_at          BIGINT NOT NULL,
+    updated_at          BIGINT NOT NULL,
+    CHECK ((profile = 'https_spiffe') = (endpoint_spiffe_id IS NOT NULL))
+);
+
+CREATE FUNCTION sigil_notify_federation() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('sigil_changes', 'federation');
+    RETURN NULL;
+END $$;
+CREATE TRIGGER federation_relationships_notify
+    AFTER INSERT OR UPDATE OR DELETE ON federation_relationships
+    FOR EACH STATEMENT EXECUTE FUNCTION sigil_notify_federation();
+"#;
+
+/// Version 4: the entry history a reconnecting agent's sync stream resumes from.
+const V4: &str = r#"
 -- A deleted entry's former SPIFFE ID and parent (NULL in tombstones written before).
 ALTER TABLE entry_tombstones ADD COLUMN spiffe_id TEXT COLLATE "C";
 ALTER TABLE entry_tombstones ADD COLUMN parent_id TEXT COLLATE "C";

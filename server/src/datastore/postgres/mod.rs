@@ -2,7 +2,8 @@
 //!
 //! Layout: `mod.rs` connects (pool, first connection with a clear error, migrations) and
 //! implements [`Datastore`] by calling one module per resource: `entries.rs` (writes, filters,
-//! changes since a revision), `agents.rs`, `join_tokens.rs`, `bundles.rs`; `migrations.rs` holds
+//! changes since a revision), `agents.rs`, `join_tokens.rs`, `bundles.rs`, `federation.rs`
+//! (federation relationships); `migrations.rs` holds
 //! the schema (with the triggers that announce every write), `feed.rs` the change feed that
 //! listens to them, `error.rs` the [`PostgresError`] classification.
 //!
@@ -27,6 +28,7 @@ mod agents;
 mod bundles;
 mod entries;
 mod error;
+mod federation;
 mod feed;
 mod join_tokens;
 mod migrations;
@@ -49,7 +51,7 @@ pub use error::{PostgresError, Target};
 use super::paging::{effective_page_size, into_page, parse_page_token};
 use super::{
     AttestedAgent, AuthorizedRead, BundleSwap, ChangeFeed, Datastore, DatastoreError, EntryChanges,
-    EntryFilter, EntryHistory, JoinToken, NewAgentSvid, Page, StoredBundle,
+    EntryFilter, EntryHistory, FederationRelationship, JoinToken, NewAgentSvid, Page, StoredBundle,
 };
 use error::{connect_hint, map_pg, map_pool};
 
@@ -405,6 +407,43 @@ impl Datastore for PostgresDatastore {
     async fn delete_federated_bundle(&self, td: &TrustDomain) -> Result<StoredBundle> {
         let conn = self.conn().await?;
         bundles::delete_federated(&conn, td).await
+    }
+
+    async fn create_federation_relationship(
+        &self,
+        relationship: FederationRelationship,
+    ) -> Result<FederationRelationship> {
+        let conn = self.conn().await?;
+        federation::create(&conn, relationship, unix_now()).await
+    }
+
+    async fn update_federation_relationship(
+        &self,
+        relationship: FederationRelationship,
+    ) -> Result<FederationRelationship> {
+        let conn = self.conn().await?;
+        federation::update(&conn, relationship, unix_now()).await
+    }
+
+    async fn get_federation_relationship(
+        &self,
+        td: &TrustDomain,
+    ) -> Result<Option<FederationRelationship>> {
+        let conn = self.conn().await?;
+        federation::get(&conn, td).await
+    }
+
+    async fn list_federation_relationships(&self) -> Result<Vec<FederationRelationship>> {
+        let conn = self.conn().await?;
+        federation::list(&conn).await
+    }
+
+    async fn delete_federation_relationship(
+        &self,
+        td: &TrustDomain,
+    ) -> Result<FederationRelationship> {
+        let conn = self.conn().await?;
+        federation::delete(&conn, td).await
     }
 
     async fn compare_and_set_bundle(

@@ -16,7 +16,7 @@ use crate::datastore::DatastoreError;
 pub(super) const APPLICATION_ID: i32 = 0x5349_474c;
 
 /// The migrations, in order; the schema version is the number applied.
-pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
 
 /// Version 1: entries (+ selectors, tombstones, revision counter), agents, join tokens, bundles.
 const V1: &str = r#"
@@ -129,8 +129,22 @@ ALTER TABLE agents ADD COLUMN new_serial TEXT;
 ALTER TABLE agents ADD COLUMN new_expires_at INTEGER;
 "#;
 
-/// Version 4: the entry history a reconnecting agent's sync stream resumes from.
+/// Version 4: federation relationships (whose bundles the server fetches from their endpoints).
 const V4: &str = r#"
+-- profile: 'https_web' or 'https_spiffe'; endpoint_spiffe_id is set exactly for https_spiffe.
+CREATE TABLE federation_relationships (
+    trust_domain        TEXT    PRIMARY KEY,
+    bundle_endpoint_url TEXT    NOT NULL,
+    profile             TEXT    NOT NULL CHECK (profile IN ('https_web', 'https_spiffe')),
+    endpoint_spiffe_id  TEXT,
+    created_at          INTEGER NOT NULL,
+    updated_at          INTEGER NOT NULL,
+    CHECK ((profile = 'https_spiffe') = (endpoint_spiffe_id IS NOT NULL))
+) STRICT;
+"#;
+
+/// Version 5: the entry history a reconnecting agent's sync stream resumes from.
+const V5: &str = r#"
 -- A deleted entry's former SPIFFE ID and parent (NULL in tombstones written before).
 ALTER TABLE entry_tombstones ADD COLUMN spiffe_id TEXT;
 ALTER TABLE entry_tombstones ADD COLUMN parent_id TEXT;

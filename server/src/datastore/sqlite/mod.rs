@@ -10,7 +10,7 @@
 //! plumbing `read` / `write`, error mapping) and the `impl Datastore`, whose methods each call
 //! one function of a resource module: `entries.rs` (entry rows, selector filters as SQL,
 //! revisions and tombstones), `agents.rs`, `join_tokens.rs`, `bundles.rs` (the server's own and
-//! the federated bundles). Schema: `migrations.rs`. Entry listing keeps insertion order through
+//! the federated bundles), `federation.rs` (federation relationships). Schema: `migrations.rs`. Entry listing keeps insertion order through
 //! the `seq` column (page tokens encode the last `seq`, see [`crate::datastore::paging`]);
 //! selector filters run in SQL against the `entry_selectors` table, so they do not load
 //! unrelated entries. Tests: the backend-generic suite of `datastore/conformance.rs` and the
@@ -19,6 +19,7 @@
 mod agents;
 mod bundles;
 mod entries;
+mod federation;
 mod join_tokens;
 mod migrations;
 #[cfg(test)]
@@ -38,7 +39,7 @@ use sigil::{SelectorSet, SpiffeId, TrustDomain};
 
 use super::{
     AttestedAgent, AuthorizedRead, BundleSwap, Datastore, DatastoreError, EntryChanges,
-    EntryFilter, EntryHistory, JoinToken, NewAgentSvid, Page, StoredBundle,
+    EntryFilter, EntryHistory, FederationRelationship, JoinToken, NewAgentSvid, Page, StoredBundle,
 };
 use bundles::BundleTable;
 
@@ -541,6 +542,38 @@ impl Datastore for SqliteDatastore {
 
     async fn delete_federated_bundle(&self, td: &TrustDomain) -> Result<StoredBundle> {
         bundles::delete_federated(self, td).await
+    }
+
+    async fn create_federation_relationship(
+        &self,
+        relationship: FederationRelationship,
+    ) -> Result<FederationRelationship> {
+        federation::create(self, relationship).await
+    }
+
+    async fn update_federation_relationship(
+        &self,
+        relationship: FederationRelationship,
+    ) -> Result<FederationRelationship> {
+        federation::update(self, relationship).await
+    }
+
+    async fn get_federation_relationship(
+        &self,
+        td: &TrustDomain,
+    ) -> Result<Option<FederationRelationship>> {
+        federation::get(self, td).await
+    }
+
+    async fn list_federation_relationships(&self) -> Result<Vec<FederationRelationship>> {
+        federation::list(self).await
+    }
+
+    async fn delete_federation_relationship(
+        &self,
+        td: &TrustDomain,
+    ) -> Result<FederationRelationship> {
+        federation::delete(self, td).await
     }
 
     async fn read_authorized(
