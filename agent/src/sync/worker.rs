@@ -424,10 +424,12 @@ impl Worker {
         let server = self.node.server();
         self.state.update_sync(|s| s.set_server(&server));
         let mut node = self.node.session()?;
+        let (known_revision, known_roots) = self.cache.resume_point();
         let mut stream = node
             .sync(pb::SyncRequest {
-                known_revision: self.cache.revision(),
+                known_revision,
                 known_bundle_sequence: self.cache.bundle_sequence(),
+                known_roots,
             })
             .await?;
         if backoff.failures > 0 {
@@ -546,7 +548,14 @@ impl Worker {
         // A changed or removed entry is no longer backing off.
         m.svid_sign_backoff_entries
             .set(cache.sign_backoff().count() as i64);
-        if out.upserted + out.removed > 0 || out.bundle_changed || out.federated_changed {
+        if out.resumed {
+            tracing::info!(
+                upserted = out.upserted,
+                removed = out.removed,
+                revision = cache.revision(),
+                "sync resumed from the entries held"
+            );
+        } else if out.upserted + out.removed > 0 || out.bundle_changed || out.federated_changed {
             tracing::info!(
                 upserted = out.upserted,
                 removed = out.removed,
