@@ -459,4 +459,12 @@ impl Datastore for PostgresDatastore {
     fn change_feed(&self) -> Option<ChangeFeed> {
         Some(feed::start(self.config.clone(), self.target.clone()))
     }
+
+    async fn get_entries(&self, ids: &[String]) -> Result<Vec<Option<RegistrationEntry>>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let conn = self.conn().await?;
+        entries::get_many(&conn, ids).await
+    }
 }

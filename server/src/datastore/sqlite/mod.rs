@@ -575,4 +575,8 @@ impl Datastore for SqliteDatastore {
     ) -> Result<FederationRelationship> {
         federation::delete(self, td).await
     }
+
+    async fn get_entries(&self, ids: &[String]) -> Result<Vec<Option<RegistrationEntry>>> {
+        entries::get_many(self, ids).await
+    }
 }
