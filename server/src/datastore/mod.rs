@@ -459,5 +459,8 @@ pub trait Datastore: Send + Sync + 'static {
     /// The entries with these ids, one per id and in the same order (`None` for an id with no
     /// entry; an id given twice is answered twice): what [`Datastore::get_entry`] would return
     /// for each, read at once (one round trip) for callers that need many.
-    async fn get_entries(&self, ids: &[String]) -> Result<Vec<Option<RegistrationEntry>>, DatastoreError>;
+    async fn get_entries(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<Option<RegistrationEntry>>, DatastoreError>;
 }

@@ -792,7 +792,7 @@ mod sessions {
                 return;
             }
             // Key generation runs on the blocking pool in real time: let it go on.
-            tokio::task::spawn_blocking(|| std::thread::yield_now())
+            tokio::task::spawn_blocking(std::thread::yield_now)
                 .await
                 .unwrap();
         }
@@ -802,20 +802,25 @@ mod sessions {
     #[tokio::test(start_paused = true)]
     async fn batches_are_pipelined_with_a_bounded_number_in_flight() {
         // Three batches: 500, 500 and 1 entries.
-        let ids: Vec<String> = (0..2 * SIGN_BATCH + 1).map(|i| format!("e{i:05}")).collect();
+        let ids: Vec<String> = (0..2 * SIGN_BATCH + 1)
+            .map(|i| format!("e{i:05}"))
+            .collect();
         let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
         let w = start(24 * 3600, None, |s| {
             s.syncs = [SyncPlan::Serve(vec![snapshot(&refs)])].into();
             s.sign_gate = Some(gate.clone());
             // The second call fails as a whole (the server could not answer it).
-            s.fail_sign_call = Box::new(|call| {
-                (call == 1).then(|| tonic::Status::unavailable("answer lost"))
-            });
+            s.fail_sign_call =
+                Box::new(|call| (call == 1).then(|| tonic::Status::unavailable("answer lost")));
         });
         // The second batch is sent while the first is still being signed.
         until(&w.node, 1_000_000, |c| c.sign.len() >= 2).await;
-        assert_eq!(w.node.script().calls.signing, 2, "two calls in flight at once");
+        assert_eq!(
+            w.node.script().calls.signing,
+            2,
+            "two calls in flight at once"
+        );
         assert_eq!(w.state.snapshot().svid_count(), 0, "nothing answered yet");
         // Answer them all; the third batch follows.
         gate.add_permits(3);

@@ -156,11 +156,7 @@ pub async fn batch_sign(
         }
     }
     drop(seen);
-    let found = state
-        .datastore
-        .get_entries(&ids)
-        .await
-        .map_err(ds_status)?;
+    let found = state.datastore.get_entries(&ids).await.map_err(ds_status)?;
     if found.len() != ids.len() {
         return Err(Status::internal(format!(
             "the datastore answered {} of {} entries",
@@ -193,10 +189,7 @@ pub async fn batch_sign(
         .collect();
     // Signing is CPU work: off the async workers, spread over the cores in consecutive chunks
     // whose results are joined back in order.
-    let chunk = jobs
-        .len()
-        .div_ceil(sign_parallelism())
-        .max(MIN_SIGN_CHUNK);
+    let chunk = jobs.len().div_ceil(sign_parallelism()).max(MIN_SIGN_CHUNK);
     let mut tasks = Vec::new();
     let mut jobs = jobs.into_iter();
     loop {

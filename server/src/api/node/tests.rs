@@ -532,7 +532,13 @@ async fn a_large_batch_is_answered_in_order_across_signing_chunks() {
             (other.clone(), Err(Code::PermissionDenied))
         } else {
             let (id, path) = &entries[i % entries.len()];
-            (id.clone(), Ok((path.clone(), rcgen::PublicKeyData::subject_public_key_info(&key))))
+            (
+                id.clone(),
+                Ok((
+                    path.clone(),
+                    rcgen::PublicKeyData::subject_public_key_info(&key),
+                )),
+            )
         };
         want.push((entry_id.clone(), expect));
         requests.push(pb::SignRequest { entry_id, csr });
@@ -547,7 +553,11 @@ async fn a_large_batch_is_answered_in_order_across_signing_chunks() {
                 assert_eq!(r.code, Code::Ok as i32, "result {i}: {}", r.message);
                 let chain = sigil::x509::split_der_concat(&r.svid_chain).unwrap();
                 let (_, cert) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
-                assert_eq!(cert.public_key().raw, &spki[..], "result {i}: its CSR's key");
+                assert_eq!(
+                    cert.public_key().raw,
+                    &spki[..],
+                    "result {i}: its CSR's key"
+                );
                 let san = cert.subject_alternative_name().unwrap().unwrap();
                 assert!(
                     format!("{:?}", san.value).contains(&format!("\"{path}\"")),
