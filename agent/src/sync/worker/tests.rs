@@ -815,7 +815,7 @@ mod sessions {
                 Box::new(|call| (call == 1).then(|| tonic::Status::unavailable("answer lost")));
         });
         // The second batch is sent while the first is still being signed.
-        until(&w.node, 1_000_000, |c| c.sign.len() >= 2).await;
+        until(&w.node, 200_000, |c| c.sign.len() >= 2).await;
         assert_eq!(
             w.node.script().calls.signing,
             2,
@@ -824,7 +824,7 @@ mod sessions {
         assert_eq!(w.state.snapshot().svid_count(), 0, "nothing answered yet");
         // Answer them all; the third batch follows.
         gate.add_permits(3);
-        until(&w.node, 1_000_000, |_| {
+        until(&w.node, 200_000, |_| {
             w.state.snapshot().svid_count() == SIGN_BATCH + 1
                 && w.state.snapshot().sign_backoff().count() == SIGN_BATCH
         })

@@ -1,5 +1,7 @@
 //! `BatchSign` (workload X509-SVIDs) and `MintJwtSvid` (JWT-SVIDs): both only for entries the
-//! calling agent is authorised for ([`crate::sync::is_authorized`]), checked per entry.
+//! calling agent is authorised for ([`crate::sync::is_authorized`]), checked per entry. A
+//! batch's entries are read in one datastore call ([`crate::datastore::Datastore::get_entries`])
+//! and its CSRs signed on the blocking pool in one chunk per core.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::OnceLock;
@@ -87,6 +89,7 @@ impl<'a> EntryAuthz<'a> {
     }
 }
 
+/// The refusal of a request without an entry id.
 fn empty_entry_id() -> Status {
     Status::invalid_argument("entry_id is required")
 }
