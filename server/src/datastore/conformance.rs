@@ -67,6 +67,7 @@ macro_rules! datastore_conformance {
             read_authorized_follows_the_rule_in_one_read,
             entry_history_records_former_placements,
             entry_history_pruning_ends_resumes_from_before_it,
+            get_entries_answers_each_id_in_order,
         );
         $crate::datastore::conformance::datastore_conformance!(@tests $new_store,
             [tokio::test(flavor = "multi_thread", worker_threads = 2)];
@@ -280,6 +281,56 @@ pub(crate) async fn entry_round_trip(store: &dyn TestStore) -> TestResult {
     assert_eq!(ds.get_entry(&created.id).await?, None);
     assert_eq!(ds.count_entries(&EntryFilter::default()).await?, 0);
     assert_eq!(ds.count_entries(&by(&["unix:uid:1001"])).await?, 0);
+    Ok(())
+}
+
+/// `get_entries` answers each id as `get_entry` would, in the order asked, duplicates and
+/// unknown or deleted ids included; no ids, no answers.
+pub(crate) async fn get_entries_answers_each_id_in_order(store: &dyn TestStore) -> TestResult {
+    let ds = store.open().await?;
+    let created = create_all(
+        &*ds,
+        (0..5)
+            .map(|i| {
+                let mut e = entry(&format!("/w/{i}"), "/agent/1", &["unix:uid:1000"]);
+                e.dns_names = vec![format!("w{i}.example.org")];
+                e
+            })
+            .collect(),
+    )
+    .await?;
+    let deleted = ds.delete_entry(&created[3].id).await?;
+    let ids: Vec<String> = [
+        &created[4].id,
+        "no-such-id",
+        &created[0].id,
+        &deleted.id,
+        &created[4].id,
+        &created[1].id,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let got = ds.get_entries(&ids).await?;
+    let mut want = Vec::new();
+    for id in &ids {
+        want.push(ds.get_entry(id).await?);
+    }
+    assert_eq!(got, want);
+    assert_eq!(
+        got.iter()
+            .map(|e| e.as_ref().map(|e| e.spiffe_id.path().to_string()))
+            .collect::<Vec<_>>(),
+        [
+            Some("/w/4".to_string()),
+            None,
+            Some("/w/0".to_string()),
+            None,
+            Some("/w/4".to_string()),
+            Some("/w/1".to_string()),
+        ]
+    );
+    assert!(ds.get_entries(&[]).await?.is_empty());
     Ok(())
 }
 

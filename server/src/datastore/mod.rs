@@ -538,4 +538,11 @@ pub trait Datastore: Send + Sync + 'static {
     /// revision; returns how many were deleted. [`Datastore::entry_history_since`] answers
     /// `None` for revisions before the newest one deleted.
     async fn prune_entry_history(&self, before: i64) -> Result<u64, DatastoreError>;
+    /// The entries with these ids, one per id and in the same order (`None` for an id with no
+    /// entry; an id given twice is answered twice): what [`Datastore::get_entry`] would return
+    /// for each, read at once (one round trip) for callers that need many.
+    async fn get_entries(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<Option<RegistrationEntry>>, DatastoreError>;
 }

@@ -1,6 +1,7 @@
 //! Registration entries: writes under the revision lock, reads, selector filters in SQL, and
 //! the changes since a revision.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use deadpool_postgres::{GenericClient, Object};
@@ -246,6 +247,24 @@ pub(super) async fn get(
         .as_ref()
         .map(decode)
         .transpose()
+}
+
+/// The entries with these ids, one per id in order (`None` where none is stored): one query.
+pub(super) async fn get_many(
+    c: &impl GenericClient,
+    ids: &[String],
+) -> Result<Vec<Option<RegistrationEntry>>> {
+    let stmt = c
+        .prepare_cached(&format!(
+            "SELECT {ENTRY_COLUMNS} FROM entries e WHERE e.id = ANY($1)"
+        ))
+        .await?;
+    let mut found: HashMap<String, RegistrationEntry> = HashMap::with_capacity(ids.len());
+    for row in c.query(&stmt, &[&ids]).await? {
+        let (_, e) = decode(&row)?;
+        found.insert(e.id.clone(), e);
+    }
+    Ok(ids.iter().map(|id| found.get(id).cloned()).collect())
 }
 
 fn not_found(id: &str) -> DatastoreError {

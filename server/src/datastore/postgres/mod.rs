@@ -479,4 +479,12 @@ impl Datastore for PostgresDatastore {
         let mut conn = self.conn().await?;
         entries::prune_history(&mut conn, before).await
     }
+
+    async fn get_entries(&self, ids: &[String]) -> Result<Vec<Option<RegistrationEntry>>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let conn = self.conn().await?;
+        entries::get_many(&conn, ids).await
+    }
 }

@@ -39,6 +39,24 @@ pub(super) async fn get(ds: &SqliteDatastore, id: &str) -> Result<Option<Registr
         .await
 }
 
+/// [`crate::datastore::Datastore::get_entries`]: one read connection and one blocking-pool hop
+/// for all of them.
+pub(super) async fn get_many(
+    ds: &SqliteDatastore,
+    ids: &[String],
+) -> Result<Vec<Option<RegistrationEntry>>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids = ids.to_vec();
+    ds.read(move |conn| {
+        ids.iter()
+            .map(|id| Ok(get_entry_conn(conn, id)?.map(|(_, e)| e)))
+            .collect()
+    })
+    .await
+}
+
 /// [`crate::datastore::Datastore::list_entries`].
 pub(super) async fn list(
     ds: &SqliteDatastore,

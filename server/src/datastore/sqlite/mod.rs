@@ -592,4 +592,8 @@ impl Datastore for SqliteDatastore {
     async fn prune_entry_history(&self, before: i64) -> Result<u64> {
         entries::prune_history(self, before).await
     }
+
+    async fn get_entries(&self, ids: &[String]) -> Result<Vec<Option<RegistrationEntry>>> {
+        entries::get_many(self, ids).await
+    }
 }
