@@ -81,8 +81,29 @@ pub fn subdir(root: &Path, name: &str) -> PathBuf {
     d
 }
 
-/// A free loopback TCP port (bound then released; fine for tests on one machine).
+/// A free loopback TCP port (bound then released; fine for tests on one machine), chosen below
+/// the kernel's ephemeral range: a server restarted on the same port would otherwise find it
+/// taken by some test's outgoing connection, which the kernel may give any ephemeral port.
 pub fn free_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    const LOWEST: u16 = 10_000;
+    if ephemeral_low > LOWEST + 1_000 {
+        let span = u64::from(ephemeral_low - LOWEST);
+        for attempt in 0..1_000u64 {
+            // RandomState is seeded per instance: random enough to keep parallel tests apart.
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(attempt);
+            h.write_u32(std::process::id());
+            let port = LOWEST + (h.finish() % span) as u16;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
