@@ -445,7 +445,7 @@ fn spire_federation_hcl(port: u16, endpoint_profile: &str, federates_with: &str)
         bundle_endpoint {{
             address = "127.0.0.1"
             port = {port}
-            refresh_hint = "10s"
+            refresh_hint = "1m"
             {endpoint_profile}
         }}
         {federates_with}
@@ -454,13 +454,13 @@ fn spire_federation_hcl(port: u16, endpoint_profile: &str, federates_with: &str)
     )
 }
 
-#[test]
-fn sigil_and_spire_federate_over_https_spiffe_through_ca_rotations() {
-    let dir = tempdir();
+/// Both trust domains federating over https_spiffe, each side's first bundle of the other
+/// given by hand; both have fetched once.
+fn spiffe_domains(dir: &Path) -> Domains {
     let spire_port = free_port();
     let spire_url = format!("https://127.0.0.1:{spire_port}");
     let d = start_domains(
-        dir.path(),
+        dir,
         &[
             "--federation-bundle-endpoint-address",
             "127.0.0.1:0",
@@ -482,7 +482,6 @@ fn sigil_and_spire_federate_over_https_spiffe_through_ca_rotations() {
             )
         },
         |sigil, spire| {
-            // Each side's first bundle of the other, given by hand once.
             let sigil_bundle = write(
                 &spire.dir,
                 "sigil-bundle.json",
@@ -523,18 +522,28 @@ fn sigil_and_spire_federate_over_https_spiffe_through_ca_rotations() {
             assert_eq!(created["bundle"]["x509_roots"], 1, "{created}");
         },
     );
-
     // Both fetch from the other's endpoint, authenticated with the bundle given by hand.
     let refreshed = d.sigil_refresh();
-    assert!(refreshed["relationship"]["status"]["last_success_at"].as_u64() > Some(0), "{refreshed}");
+    assert!(
+        refreshed["relationship"]["status"]["last_success_at"].as_u64() > Some(0),
+        "{refreshed}"
+    );
     d.spire_refresh();
+    d
+}
 
-    let spire_roots = |s: &SpireServer| {
-        sigil::x509::parse_pem_certs(&s.bundle_pem()).expect("SPIRE's bundle is PEM")
-    };
-    let sigil_roots = |s: &Server| {
-        sigil::x509::parse_pem_certs(&s.cli_ok(&["bundle", "show"])).expect("PEM bundle")
-    };
+fn spire_roots(s: &SpireServer) -> Vec<Vec<u8>> {
+    sigil::x509::parse_pem_certs(&s.bundle_pem()).expect("SPIRE's bundle is PEM")
+}
+
+fn sigil_roots(s: &Server) -> Vec<Vec<u8>> {
+    sigil::x509::parse_pem_certs(&s.cli_ok(&["bundle", "show"])).expect("PEM bundle")
+}
+
+#[test]
+fn sigil_and_spire_federate_over_https_spiffe_through_ca_rotations() {
+    let dir = tempdir();
+    let d = spiffe_domains(dir.path());
     let sigil_view = d.sigil_view(60, "the Sigil workload holding spire.test's bundle", |v| {
         v.roots(SPIRE_TD) == spire_roots(&d.spire)
     });
@@ -666,4 +675,299 @@ fn web_pki() -> &'static WebPki {
         std::env::set_var("SSL_CERT_FILE", &pki.ca_file);
         pki
     })
+}
+
+#[test]
+fn sigil_and_spire_federate_over_https_web_both_ways() {
+    let pki = web_pki();
+    let dir = tempdir();
+    let spire_port = free_port();
+    let spire_url = format!("https://127.0.0.1:{spire_port}");
+    let d = start_domains(
+        dir.path(),
+        &[
+            "--federation-bundle-endpoint-address",
+            "127.0.0.1:0",
+            "--federation-bundle-endpoint-profile",
+            "https_web",
+            "--federation-bundle-endpoint-cert-file",
+            pki.cert_file.to_str().expect("UTF-8 path"),
+            "--federation-bundle-endpoint-key-file",
+            pki.key_file.to_str().expect("UTF-8 path"),
+        ],
+        |sigil_endpoint| {
+            spire_federation_hcl(
+                spire_port,
+                &format!(
+                    r#"profile "https_web" {{
+                serving_cert_file {{
+                    cert_file_path = "{}"
+                    key_file_path = "{}"
+                    file_sync_interval = "1m"
+                }}
+            }}"#,
+                    pki.cert_file.display(),
+                    pki.key_file.display()
+                ),
+                &format!(
+                    r#"federates_with "{SIGIL_TD}" {{
+            bundle_endpoint_url = "https://{sigil_endpoint}"
+            bundle_endpoint_profile "https_web" {{}}
+        }}"#
+                ),
+            )
+        },
+        |sigil, spire| {
+            // No bundle by hand: each side fetches the other's over Web PKI.
+            wait_some(
+                30,
+                "SPIRE fetching example.org's bundle over https_web",
+                || spire.log_text(),
+                || {
+                    spire
+                        .cli(&["federation", "refresh"], &["-id", SIGIL_TD])
+                        .status
+                        .success()
+                        .then_some(())
+                },
+            );
+            let created = sigil.cli_json(&[
+                "federation",
+                "create",
+                "--trust-domain",
+                SPIRE_TD,
+                "--bundle-endpoint-url",
+                &spire_url,
+                "--bundle-endpoint-profile",
+                "https_web",
+            ]);
+            assert_eq!(created["bundle_endpoint_profile"], "https_web", "{created}");
+        },
+    );
+    let shown = d.sigil_refresh_until(30, "spire.test's bundle fetched over https_web", |s| {
+        s["bundle"]["x509_roots"] == 1
+    });
+    assert_eq!(shown["status"]["consecutive_failures"], 0, "{shown}");
+    let listed = d.spire.cli_ok(
+        &["bundle", "list"],
+        &["-id", &format!("spiffe://{SIGIL_TD}")],
+    );
+    assert_eq!(
+        sigil::x509::parse_pem_certs(&listed).expect("PEM"),
+        sigil_roots(&d.sigil),
+        "SPIRE's copy of example.org's bundle"
+    );
+
+    let sigil_view = d.sigil_view(60, "the Sigil workload holding spire.test's bundle", |v| {
+        v.roots(SPIRE_TD) == spire_roots(&d.spire)
+    });
+    let spire_view = d.spire_view(60, "the SPIRE workload holding example.org's bundle", |v| {
+        v.roots(SIGIL_TD) == sigil_roots(&d.sigil)
+    });
+    assert_mtls_both_ways(&d.rt, &sigil_view, &spire_view, "over https_web");
+
+    // A root prepared on either side travels over https_web too.
+    d.spire.cli_ok(&["localauthority", "x509", "prepare"], &[]);
+    d.sigil.cli_ok(&["localauthority", "x509", "prepare"]);
+    d.sigil_refresh_until(30, "SPIRE's prepared root over https_web", |s| {
+        s["bundle"]["x509_roots"] == 2
+    });
+    d.spire_refresh();
+    d.sigil_view(30, "the Sigil workload holding SPIRE's prepared root", |v| {
+        v.roots(SPIRE_TD).len() == 2
+    });
+    d.spire_view(30, "the SPIRE workload holding Sigil's prepared root", |v| {
+        v.roots(SIGIL_TD).len() == 2
+    });
+}
+
+/// A tiny HTTPS server with the test web certificate answering every request with `body`.
+fn serve_body(rt: &tokio::runtime::Runtime, body: Arc<std::sync::Mutex<String>>) -> String {
+    let pki = web_pki();
+    let chain = sigil::x509::parse_pem_certs(
+        &std::fs::read_to_string(&pki.cert_file).expect("reading the server cert"),
+    )
+    .expect("PEM cert")
+    .into_iter()
+    .map(rustls_pki_types::CertificateDer::from)
+    .collect();
+    let key = rustls_pki_types::pem::PemObject::from_pem_file(&pki.key_file).expect("PEM key");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocol versions")
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .expect("the server cert and key");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("binding the tiny server");
+    let address = listener.local_addr().expect("its address");
+    rt.spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            let body = body
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                // The request head, then one answer.
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+                     Connection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tls.write_all(answer.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    format!("https://{address}/")
+}
+
+#[test]
+fn bad_bundle_endpoints_never_replace_the_last_good_bundle() {
+    let pki = web_pki();
+    assert!(pki.ca_file.exists());
+    let dir = tempdir();
+    let d = spiffe_domains(dir.path());
+    let good_list = d.sigil.cli_json(&["bundle", "list"]);
+    let good_view = d.sigil_view(60, "the Sigil workload holding spire.test's bundle", |v| {
+        v.roots(SPIRE_TD) == spire_roots(&d.spire)
+    });
+    let good_roots = good_view.roots(SPIRE_TD);
+    let spire_url = d.sigil.cli_json(&["federation", "show", "--id", SPIRE_TD])
+        ["bundle_endpoint_url"]
+        .as_str()
+        .expect("the URL")
+        .to_string();
+
+    let body = Arc::new(std::sync::Mutex::new(String::new()));
+    let tiny_url = serve_body(&d.rt, body.clone());
+    let set_body = |text: &str| {
+        *body
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = text.to_string();
+    };
+    let down_url = format!("https://127.0.0.1:{}/", free_port());
+    let sigil_bundle = d.sigil.cli_ok(&["bundle", "show", "--format", "spiffe"]);
+
+    // (what, URL, profile, endpoint SPIFFE ID, the body the tiny server serves, the error says)
+    let cases: [(&str, &str, &str, &str, &str, &str); 4] = [
+        (
+            "an endpoint that is down",
+            &down_url,
+            "https_spiffe",
+            SPIRE_SERVER_ID,
+            "",
+            "check that the URL's host and port are right",
+        ),
+        (
+            "an endpoint serving garbage",
+            &tiny_url,
+            "https_web",
+            "",
+            "<html>not a bundle</html>",
+            "the answer is not JSON",
+        ),
+        (
+            "an endpoint serving another trust domain's bundle",
+            &tiny_url,
+            "https_web",
+            "",
+            &sigil_bundle,
+            "names spiffe://example.org, not trust domain spire.test",
+        ),
+        (
+            "an endpoint presenting the wrong SPIFFE ID",
+            &spire_url,
+            "https_spiffe",
+            "spiffe://spire.test/not-the-server",
+            "",
+            "presented SPIFFE ID spiffe://spire.test/spire/server, but \
+             spiffe://spire.test/not-the-server was configured",
+        ),
+    ];
+    for (what, url, profile, endpoint_id, served, says) in cases {
+        set_body(served);
+        let mut args = vec![
+            "federation",
+            "update",
+            "--trust-domain",
+            SPIRE_TD,
+            "--bundle-endpoint-url",
+            url,
+            "--bundle-endpoint-profile",
+            profile,
+        ];
+        if !endpoint_id.is_empty() {
+            args.extend(["--endpoint-spiffe-id", endpoint_id]);
+        }
+        d.sigil.cli_ok(&args);
+        let out = d
+            .sigil
+            .cli(&["federation", "refresh", "--id", SPIRE_TD]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: the refresh succeeded");
+        assert!(err.contains(says), "{what}: {err}");
+        let shown = d.sigil.cli_json(&["federation", "show", "--id", SPIRE_TD]);
+        let last_error = shown["status"]["last_error"].as_str().unwrap_or("");
+        assert!(last_error.contains(says), "{what}: {shown}");
+        assert!(
+            shown["status"]["consecutive_failures"].as_u64() >= Some(1),
+            "{what}: {shown}"
+        );
+        // The server's log names the trust domain, the URL and the error.
+        let sigil = &d.sigil;
+        wait_some(
+            10,
+            &format!("{what}: a log line naming the failure"),
+            || sigil.log_text(),
+            || {
+                sigil
+                    .log_text()
+                    .lines()
+                    .any(|l| l.contains(SPIRE_TD) && l.contains(url) && l.contains(says))
+                    .then_some(())
+            },
+        );
+        // The last good bundle stays, at the server and at the workload.
+        assert_eq!(d.sigil.cli_json(&["bundle", "list"]), good_list, "{what}");
+        let view = view(&d.rt, &d.sigil_agent.agent.socket_path(), SIGIL_WORKLOAD)
+            .expect("the workload's context");
+        assert_eq!(view.roots(SPIRE_TD), good_roots, "{what}");
+    }
+
+    // Back to the right endpoint: fetched again, and the failure count reset.
+    d.sigil.cli_ok(&[
+        "federation",
+        "update",
+        "--trust-domain",
+        SPIRE_TD,
+        "--bundle-endpoint-url",
+        &spire_url,
+        "--bundle-endpoint-profile",
+        "https_spiffe",
+        "--endpoint-spiffe-id",
+        SPIRE_SERVER_ID,
+    ]);
+    let shown = d.sigil_refresh()["relationship"].clone();
+    assert_eq!(shown["status"]["consecutive_failures"], 0, "{shown}");
+    assert_eq!(shown["status"]["last_error"], "", "{shown}");
 }
