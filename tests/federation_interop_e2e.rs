@@ -98,7 +98,10 @@ impl View {
     }
 
     fn issuer(&self) -> String {
-        self.chain.first().map(|c| issuer_key_id(c)).unwrap_or_default()
+        self.chain
+            .first()
+            .map(|c| issuer_key_id(c))
+            .unwrap_or_default()
     }
 }
 
@@ -113,7 +116,10 @@ fn view(rt: &tokio::runtime::Runtime, socket: &Path, id: &str) -> Option<View> {
             .ok()?
             .ok()
     })?;
-    let svid = ctx.svids().iter().find(|s| s.spiffe_id().to_string() == id)?;
+    let svid = ctx
+        .svids()
+        .iter()
+        .find(|s| s.spiffe_id().to_string() == id)?;
     let bundles = ctx
         .bundle_set()
         .iter()
@@ -193,9 +199,8 @@ async fn handshake(server: &View, client: &View) -> Result<(), String> {
             .map(Arc::new)
             .map_err(|e| format!("{}'s bundle of {peer_td}: {e}", v.id))
     };
-    let server_config =
-        sigil::tls::server_config(store(server)?, trust(server, &client_td)?)
-            .map_err(|e| e.to_string())?;
+    let server_config = sigil::tls::server_config(store(server)?, trust(server, &client_td)?)
+        .map_err(|e| e.to_string())?;
     let client_config = sigil::tls::client_config(
         ServerVerification::Spiffe {
             trust: trust(client, &server_td)?,
@@ -236,7 +241,9 @@ async fn handshake(server: &View, client: &View) -> Result<(), String> {
         tls.write_all(&byte)
             .await
             .map_err(|e| format!("server side: {e}"))?;
-        tls.shutdown().await.map_err(|e| format!("server side: {e}"))
+        tls.shutdown()
+            .await
+            .map_err(|e| format!("server side: {e}"))
     });
     let client_side = async {
         let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
@@ -554,10 +561,9 @@ fn sigil_and_spire_federate_over_https_spiffe_through_ca_rotations() {
     // The federated bundle is what makes it work: the own domain's roots alone do not.
     let mut alone = spire_view.clone();
     alone.bundles.remove(SIGIL_TD);
-    let e = d
-        .rt
-        .block_on(handshake(&sigil_view, &alone))
-        .expect_err("no bundle of example.org, no handshake");
+    let e =
+        d.rt.block_on(handshake(&sigil_view, &alone))
+            .expect_err("no bundle of example.org, no handshake");
     assert!(e.contains("example.org"), "{e}");
 
     // SPIRE's CA rotates: the prepared root reaches Sigil's workload before it signs anything.
@@ -570,9 +576,11 @@ fn sigil_and_spire_federate_over_https_spiffe_through_ca_rotations() {
         s["bundle"]["x509_roots"] == 2
     });
     assert_eq!(shown["status"]["consecutive_failures"], 0, "{shown}");
-    d.sigil_view(30, "the Sigil workload holding SPIRE's prepared root", |v| {
-        v.roots(SPIRE_TD).len() == 2
-    });
+    d.sigil_view(
+        30,
+        "the Sigil workload holding SPIRE's prepared root",
+        |v| v.roots(SPIRE_TD).len() == 2,
+    );
     d.spire.cli_ok(
         &["localauthority", "x509", "activate"],
         &["-authorityID", &prepared],
@@ -594,9 +602,11 @@ fn sigil_and_spire_federate_over_https_spiffe_through_ca_rotations() {
         .expect("a prepared authority")
         .to_string();
     d.spire_refresh();
-    d.spire_view(30, "the SPIRE workload holding Sigil's prepared root", |v| {
-        v.roots(SIGIL_TD).len() == 2
-    });
+    d.spire_view(
+        30,
+        "the SPIRE workload holding Sigil's prepared root",
+        |v| v.roots(SIGIL_TD).len() == 2,
+    );
     d.sigil.cli_ok(&[
         "localauthority",
         "x509",
@@ -617,8 +627,7 @@ fn sigil_and_spire_federate_over_https_spiffe_through_ca_rotations() {
         v.issuer() == sigil_prepared && v.roots(SPIRE_TD).len() == 2
     });
     let spire_view = d.spire_view(90, "a SPIRE SVID of the new authority", |v| {
-        v.issuer() == prepared
-            && v.roots(SIGIL_TD).len() == 2
+        v.issuer() == prepared && v.roots(SIGIL_TD).len() == 2
     });
     assert_ne!(spire_view.issuer(), old_spire);
     d.sigil_refresh();
@@ -638,12 +647,24 @@ struct WebPki {
     key_file: PathBuf,
 }
 
-/// The test web PKI, made once per test binary; `SSL_CERT_FILE` (read by both servers'
-/// https_web fetchers, Go's and rustls-native-certs) points at its CA from then on.
+/// The test web PKI, made once per test run in `<target>/tmp` (a run removes those of runs that
+/// are over); `SSL_CERT_FILE`, which both servers' https_web fetchers read (Go's crypto/x509,
+/// rustls-native-certs), points at its CA from then on. The variable is process-wide because
+/// the processes inherit the test's environment.
 fn web_pki() -> &'static WebPki {
     static PKI: OnceLock<WebPki> = OnceLock::new();
     PKI.get_or_init(|| {
-        let dir = tempdir().keep();
+        const PREFIX: &str = "federation-interop-pki-";
+        let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        for old in std::fs::read_dir(tmp).into_iter().flatten().flatten() {
+            let name = old.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix(PREFIX) {
+                if !Path::new("/proc").join(pid).exists() {
+                    let _ = std::fs::remove_dir_all(old.path());
+                }
+            }
+        }
+        let dir = subdir(tmp, &format!("{PREFIX}{}", std::process::id()));
         let ca_key = rcgen::KeyPair::generate().expect("CA key");
         let mut ca = rcgen::CertificateParams::default();
         ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -655,15 +676,17 @@ fn web_pki() -> &'static WebPki {
             .push(rcgen::DnType::CommonName, "federation interop test web CA");
         let ca_cert = ca.self_signed(&ca_key).expect("self-signing the CA");
         let key = rcgen::KeyPair::generate().expect("server key");
-        let mut leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
-            .expect("server name");
+        let mut leaf =
+            rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("server name");
         leaf.subject_alt_names
             .push(rcgen::SanType::IpAddress(std::net::IpAddr::from([
                 127, 0, 0, 1,
             ])));
         leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
         let issuer = rcgen::Issuer::new(ca.clone(), &ca_key);
-        let cert = leaf.signed_by(&key, &issuer).expect("signing the server cert");
+        let cert = leaf
+            .signed_by(&key, &issuer)
+            .expect("signing the server cert");
         let pki = WebPki {
             ca_file: dir.join("ca.pem"),
             cert_file: dir.join("server.pem"),
@@ -773,12 +796,16 @@ fn sigil_and_spire_federate_over_https_web_both_ways() {
         s["bundle"]["x509_roots"] == 2
     });
     d.spire_refresh();
-    d.sigil_view(30, "the Sigil workload holding SPIRE's prepared root", |v| {
-        v.roots(SPIRE_TD).len() == 2
-    });
-    d.spire_view(30, "the SPIRE workload holding Sigil's prepared root", |v| {
-        v.roots(SIGIL_TD).len() == 2
-    });
+    d.sigil_view(
+        30,
+        "the Sigil workload holding SPIRE's prepared root",
+        |v| v.roots(SPIRE_TD).len() == 2,
+    );
+    d.spire_view(
+        30,
+        "the SPIRE workload holding Sigil's prepared root",
+        |v| v.roots(SIGIL_TD).len() == 2,
+    );
 }
 
 /// A tiny HTTPS server with the test web certificate answering every request with `body`.
@@ -920,9 +947,7 @@ fn bad_bundle_endpoints_never_replace_the_last_good_bundle() {
             args.extend(["--endpoint-spiffe-id", endpoint_id]);
         }
         d.sigil.cli_ok(&args);
-        let out = d
-            .sigil
-            .cli(&["federation", "refresh", "--id", SPIRE_TD]);
+        let out = d.sigil.cli(&["federation", "refresh", "--id", SPIRE_TD]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{what}: the refresh succeeded");
         assert!(err.contains(says), "{what}: {err}");
