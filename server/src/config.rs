@@ -17,10 +17,10 @@ use crate::attestor::k8s_psat::{self, ClusterConfig, FileCluster, FileK8sPsat};
 use crate::bundle_publisher::{self, BundlePublisherConfig, FileBundlePublisher, FileK8sConfigMap};
 use crate::ca::{CaConfig, KeyType, UpstreamConfig};
 use crate::datastore::postgres::PostgresOptions;
+use crate::federation;
 use crate::federation::endpoint::{
     self as bundle_endpoint, BundleEndpointConfig, FileBundleEndpoint,
 };
-use crate::federation;
 use crate::federation::relationship::{BundleFormat, ConfiguredRelationship, RelationshipError};
 
 /// Default node API address (SPIRE's server port).
