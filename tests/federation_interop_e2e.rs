@@ -717,6 +717,8 @@ fn sigil_and_spire_federate_over_https_web_both_ways() {
             pki.cert_file.to_str().expect("UTF-8 path"),
             "--federation-bundle-endpoint-key-file",
             pki.key_file.to_str().expect("UTF-8 path"),
+            "--federation-bundle-endpoint-refresh-hint",
+            "30s",
         ],
         |sigil_endpoint| {
             spire_federation_hcl(
@@ -789,13 +791,32 @@ fn sigil_and_spire_federate_over_https_web_both_ways() {
     });
     assert_mtls_both_ways(&d.rt, &sigil_view, &spire_view, "over https_web");
 
-    // A root prepared on either side travels over https_web too.
+    // A root prepared on either side travels over https_web too, fetched by each server's own
+    // refresher at the refresh hint the other serves (SPIRE's 1m; Sigil's 30s, SPIRE fetching
+    // at least a minute apart), no `federation refresh` needed.
     d.spire.cli_ok(&["localauthority", "x509", "prepare"], &[]);
     d.sigil.cli_ok(&["localauthority", "x509", "prepare"]);
-    d.sigil_refresh_until(30, "SPIRE's prepared root over https_web", |s| {
-        s["bundle"]["x509_roots"] == 2
-    });
-    d.spire_refresh();
+    wait_some(
+        100,
+        "Sigil's refresher fetching SPIRE's prepared root",
+        || d.sigil.log_text(),
+        || {
+            let shown = d.sigil.cli_json(&["federation", "show", "--id", SPIRE_TD]);
+            (shown["bundle"]["x509_roots"] == 2).then_some(())
+        },
+    );
+    wait_some(
+        100,
+        "SPIRE's refresher fetching Sigil's prepared root",
+        || d.spire.log_text(),
+        || {
+            let listed = d.spire.cli_ok(
+                &["bundle", "list"],
+                &["-id", &format!("spiffe://{SIGIL_TD}")],
+            );
+            (sigil::x509::parse_pem_certs(&listed).ok()?.len() == 2).then_some(())
+        },
+    );
     d.sigil_view(
         30,
         "the Sigil workload holding SPIRE's prepared root",
