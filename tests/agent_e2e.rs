@@ -294,7 +294,7 @@ fn agent_serves_cache_through_a_server_outage_and_resumes() {
         "--selector",
         "unix:uid:2",
     ]);
-    wait_svids(
+    let after = wait_svids(
         &agent,
         &[
             "spiffe://example.org/api",
@@ -303,7 +303,25 @@ fn agent_serves_cache_through_a_server_outage_and_resumes() {
         ],
         60,
     );
-    assert!(agent.log_text().contains("reconnected to sigil-server"));
+    let log = agent.log_text();
+    assert!(log.contains("reconnected to sigil-server"));
+    // The stream resumed from the entries held (no snapshot), and what was held stays held:
+    // the web SVID is the one minted before the outage.
+    assert!(
+        log.contains("sync resumed from the entries held"),
+        "no resumed sync in the agent's log:\n{log}"
+    );
+    let web = |status: &serde_json::Value| {
+        status["svids"]
+            .as_array()
+            .and_then(|a| {
+                a.iter()
+                    .find(|s| s["spiffe_id"] == "spiffe://example.org/web")
+                    .map(|s| s["serial"].clone())
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(web(&after), serial, "not minted again");
     assert!(agent.stop().success());
 }
 

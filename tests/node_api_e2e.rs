@@ -350,6 +350,7 @@ async fn renewal_supersedes_the_old_svid_on_first_use_and_shutdown_ends_sync_str
         .sync(pb::SyncRequest {
             known_revision: 0,
             known_bundle_sequence: 0,
+            known_roots: Vec::new(),
         })
         .await
         .expect("sync stream")

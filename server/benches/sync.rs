@@ -1,7 +1,8 @@
 //! Sync benchmarks at the server layer (no gRPC, no agent): the initial snapshot of 10,000 and
-//! 100,000 entries to one agent through `sync_stream`, and the latency from an entry create (as
-//! the admin API does it: durable datastore write, then an event) to the upsert leaving the
-//! stream. Real SQLite files under `target/tmp` (`CARGO_TARGET_TMPDIR`), `synchronous=FULL`.
+//! 100,000 entries to one agent through `sync_stream`, a reconnect of that agent holding them
+//! (resumed from its revision: nothing changed, then 100 creates since), and the latency from an
+//! entry create (as the admin API does it: durable datastore write, then an event) to the upsert
+//! leaving the stream. Real SQLite files under `target/tmp` (`CARGO_TARGET_TMPDIR`), `synchronous=FULL`.
 //!
 //! Run: `cargo bench -p sigil-server --bench sync` (about a minute on 2 cores).
 //! `SIGIL_BENCH_SYNC_SIZES=10000,100000` changes the snapshot sizes, `SIGIL_BENCH_RUNS=3` the
@@ -141,20 +142,36 @@ struct SnapshotRun {
     entries: usize,
     bytes: usize,
     largest: usize,
+    /// What a reconnect would send back: the last message's revision and roots.
+    resume: pb::SyncRequest,
 }
 
 async fn snapshot_once(ds: &Arc<dyn Datastore>) -> SnapshotRun {
     let events = SyncEvents::new();
     let start = Instant::now();
     let mut s = Box::pin(stream(ds, &events));
+    first_round(&mut s, start).await
+}
+
+/// Reads a stream's first round (snapshot or resumed) to its last message.
+async fn first_round(
+    s: &mut (impl futures::Stream<Item = Result<pb::SyncResponse, tonic::Status>> + Unpin),
+    start: Instant,
+) -> SnapshotRun {
     let (mut messages, mut entries, mut bytes, mut largest) = (0, 0, 0, 0);
+    let mut resume = pb::SyncRequest::default();
     while let Some(m) = s.next().await {
         let m = m.unwrap();
         messages += 1;
-        entries += m.upserted.len();
+        entries += m.upserted.len() + m.removed.len();
         bytes += m.encoded_len();
         largest = largest.max(m.encoded_len());
-        if m.snapshot_complete {
+        if !m.more_follows {
+            resume = pb::SyncRequest {
+                known_revision: m.revision,
+                known_bundle_sequence: 0,
+                known_roots: m.roots,
+            };
             break;
         }
     }
@@ -164,7 +181,24 @@ async fn snapshot_once(ds: &Arc<dyn Datastore>) -> SnapshotRun {
         entries,
         bytes,
         largest,
+        resume,
     }
+}
+
+/// A reconnect holding the set of `req`: its first (resumed) round.
+async fn resume_once(ds: &Arc<dyn Datastore>, req: pb::SyncRequest) -> SnapshotRun {
+    let events = SyncEvents::new();
+    let start = Instant::now();
+    let mut s = Box::pin(sync_stream(
+        ds.clone(),
+        events,
+        agent_id(),
+        server_id(),
+        td(),
+        req,
+        Duration::from_secs(3600),
+    ));
+    first_round(&mut s, start).await
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -302,8 +336,10 @@ fn main() {
             println!("  authorized_entries alone: {}", ms(elapsed));
             let rss_before = rss_mib("VmRSS:");
             let mut times = Vec::new();
+            let mut resume = pb::SyncRequest::default();
             for run in 1..=runs {
                 let r = snapshot_once(&ds).await;
+                resume = r.resume.clone();
                 assert_eq!(r.entries, n);
                 println!(
                     "  run {run}: snapshot_complete after {}  ({} messages, {} entries, {:.2} MiB encoded, {:.0} bytes/entry, largest message {} KiB)",
@@ -324,7 +360,31 @@ fn main() {
                 rss_before,
                 rss_mib("VmHWM:"),
             );
-            latency(&ds, n).await;
+            // Reconnects of an agent holding the whole set: nothing changed, then 100 creates.
+            for (label, creates) in [("nothing changed", 0), ("100 entries created since", 100)] {
+                let batch: Vec<RegistrationEntry> =
+                    (0..creates).map(|i| entry(n + i, "resume-")).collect();
+                if !batch.is_empty() {
+                    ds.create_entries(batch).await.unwrap();
+                }
+                let mut times = Vec::new();
+                let mut last = None;
+                for _ in 0..runs {
+                    let r = resume_once(&ds, resume.clone()).await;
+                    times.push(r.time);
+                    last = Some(r);
+                }
+                times.sort();
+                let r = last.unwrap();
+                println!(
+                    "  reconnect, {label}: first round after {} (median of {runs}); {} messages, {} entries, {} bytes encoded",
+                    ms(times[times.len() / 2]),
+                    r.messages,
+                    r.entries,
+                    r.bytes,
+                );
+            }
+            latency(&ds, n + 100).await;
         });
     }
 }

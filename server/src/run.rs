@@ -409,12 +409,14 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         None => None,
     };
 
-    // Prune expired join tokens periodically.
+    // Prune expired join tokens every minute, and the entry history past its retention
+    // (`ENTRY_HISTORY_RETENTION`) every hour.
     let pruner = {
         let ds = datastore.clone();
         let mut rx = shutdown_rx.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+            let mut ticks: u64 = 0;
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
@@ -424,6 +426,16 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
                             Ok(n) => tracing::debug!(pruned = n, "expired join tokens removed"),
                             Err(e) => tracing::warn!(error = %e, "pruning join tokens failed"),
                         }
+                        if ticks % 60 == 0 {
+                            let retention = crate::datastore::ENTRY_HISTORY_RETENTION.as_secs();
+                            let before = now.saturating_sub(i64::try_from(retention).unwrap_or(i64::MAX));
+                            match ds.prune_entry_history(before).await {
+                                Ok(0) => {}
+                                Ok(n) => tracing::debug!(pruned = n, "entry tombstones and moves past their retention removed"),
+                                Err(e) => tracing::warn!(error = %e, "pruning the entry history failed"),
+                            }
+                        }
+                        ticks = ticks.wrapping_add(1);
                     }
                     _ = async { let _ = rx.wait_for(|s| *s).await; } => return,
                 }

@@ -25,7 +25,8 @@
 //! Run through `bench/vs-spire.sh` (builds SPIRE and the release binaries first). Env:
 //! `VS_SPIRE_BIN` (dir with spire-server / spire-agent), `VS_SPIRE_OUT` (CSV dir, default
 //! target/vs-spire), `VS_SPIRE_QUICK=1` (small sizes), `VS_SPIRE_RUNS`, `VS_SPIRE_ROWS`
-//! (e.g. `1,3`), and per-row sizes (see [`Config::from_env`]).
+//! (e.g. `1,3`), `VS_SPIRE_SYSTEMS=sigil` (one system only, e.g. without a SPIRE build), and
+//! per-row sizes (see [`Config::from_env`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -67,6 +68,8 @@ struct Config {
     cold_reps: usize,
     fill_secs: u64,
     big_runs: usize,
+    /// The systems run (`VS_SPIRE_SYSTEMS`, default both).
+    systems: Vec<Sys>,
 }
 
 /// Sync sizes from this many entries up run only in the first `VS_SPIRE_BIG_RUNS` runs.
@@ -123,6 +126,16 @@ impl Config {
             cold_reps: env_or("VS_SPIRE_COLD_REPS", q(5, 2)),
             fill_secs: env_or("VS_SPIRE_FILL_SECS", 600),
             big_runs: env_or("VS_SPIRE_BIG_RUNS", 1),
+            systems: match std::env::var("VS_SPIRE_SYSTEMS") {
+                Ok(v) => {
+                    let v = v.to_lowercase();
+                    [Sys::Spire, Sys::Sigil]
+                        .into_iter()
+                        .filter(|s| v.split(',').any(|x| x.trim() == s.name().to_lowercase()))
+                        .collect()
+                }
+                Err(_) => vec![Sys::Spire, Sys::Sigil],
+            },
         }
     }
 }
@@ -294,7 +307,8 @@ struct Bins {
 }
 
 impl Bins {
-    fn find() -> Result<Bins> {
+    /// The binaries of `systems`; the others' paths need not exist.
+    fn find(systems: &[Sys]) -> Result<Bins> {
         let release = target_dir().join("release");
         let spire = std::env::var_os("VS_SPIRE_BIN")
             .map_or_else(|| target_dir().join("spire").join("bin"), PathBuf::from);
@@ -304,13 +318,13 @@ impl Bins {
             spire_server: spire.join("spire-server"),
             spire_agent: spire.join("spire-agent"),
         };
-        for p in [
-            &b.sigil_server,
-            &b.sigil_agent,
-            &b.spire_server,
-            &b.spire_agent,
+        for (sys, p) in [
+            (Sys::Sigil, &b.sigil_server),
+            (Sys::Sigil, &b.sigil_agent),
+            (Sys::Spire, &b.spire_server),
+            (Sys::Spire, &b.spire_agent),
         ] {
-            if !p.exists() {
+            if systems.contains(&sys) && !p.exists() {
                 bail!(
                     "{} is missing: run bench/vs-spire.sh, which builds both systems",
                     p.display()
@@ -2085,7 +2099,7 @@ fn main() {
 
 fn real_main() -> Result<()> {
     let cfg = Config::from_env();
-    let bins = Bins::find()?;
+    let bins = Bins::find(&cfg.systems)?;
     if let Err(e) = sigil::limits::raise_open_files_limit() {
         eprintln!("raising RLIMIT_NOFILE failed: {e}");
     }
@@ -2104,11 +2118,14 @@ fn real_main() -> Result<()> {
     let mut loads = vec![loads_before.clone()];
     for run in 1..=cfg.runs {
         // Alternate who goes first, so drifts in load do not always favour one.
-        let order = if run % 2 == 1 {
+        let order: Vec<Sys> = if run % 2 == 1 {
             [Sys::Spire, Sys::Sigil]
         } else {
             [Sys::Sigil, Sys::Spire]
-        };
+        }
+        .into_iter()
+        .filter(|s| cfg.systems.contains(s))
+        .collect();
         eprintln!("run {run}/{} (load {})", cfg.runs, load());
         let steps: [(&[u8], &str, RowFn); 5] = [
             (&[1, 3], "rows 1/3", rows_1_and_3),

@@ -377,7 +377,7 @@ fn min_id() -> EntryId {
 }
 
 impl Snapshot {
-    /// The highest entry revision applied (sent as `known_revision` on reconnect; informational).
+    /// The highest entry revision applied.
     pub fn revision(&self) -> i64 {
         self.revision
     }
@@ -516,6 +516,12 @@ pub struct Cache {
     view: Snapshot,
     /// Chunks of a snapshot in progress.
     incoming_snapshot: Option<HashMap<String, RegistrationEntry>>,
+    /// Where a reconnect may resume: the server's roots digest of the set held at
+    /// `view.revision` (empty: never sent, e.g. by an older server).
+    sync_roots: Vec<u8>,
+    /// A round of changes was applied in part (`more_follows`): the set held is at no single
+    /// revision until one completes or a snapshot replaces it.
+    round_open: bool,
     /// Entries with a `unix:sha256` selector (keeps `exe_hash_flag` without a scan).
     exe_hash_entries: usize,
     /// How many entries have each selector (picks index keys).
@@ -564,6 +570,8 @@ pub struct SyncOutcome {
     pub federated_changed: bool,
     /// A snapshot finished (or none was pending).
     pub complete: bool,
+    /// The message opened a resumed stream.
+    pub resumed: bool,
 }
 
 impl Cache {
@@ -673,11 +681,30 @@ impl Cache {
         true
     }
 
+    /// What a new sync stream may resume from: `(known_revision, known_roots)`, `(0, [])` when
+    /// nothing can (no complete set held, or a round of changes was cut off).
+    pub fn resume_point(&self) -> (i64, Vec<u8>) {
+        if self.view.has_snapshot && !self.round_open && !self.sync_roots.is_empty() {
+            (self.view.revision, self.sync_roots.clone())
+        } else {
+            (0, Vec::new())
+        }
+    }
+
     /// Applies one sync message. A snapshot arrives in chunks (`full` on the first,
     /// `snapshot_complete` on the last) and replaces everything only once complete, so a
-    /// connection lost mid-snapshot leaves the previous state intact.
+    /// connection lost mid-snapshot leaves the previous state intact. A resumed stream
+    /// (`resumed` on its first message) is applied as changes to what is held.
     pub fn apply_sync(&mut self, msg: pb::SyncResponse) -> Result<SyncOutcome, CacheError> {
         let mut out = SyncOutcome::default();
+        if msg.resumed {
+            if !self.view.has_snapshot {
+                return Err(CacheError::NoSnapshot);
+            }
+            // A snapshot cut off on an earlier stream is not continued by this one.
+            self.incoming_snapshot = None;
+            out.resumed = true;
+        }
         let upserted = msg
             .upserted
             .iter()
@@ -740,6 +767,8 @@ impl Cache {
                 }
                 self.view.has_snapshot = true;
                 self.view.revision = msg.revision;
+                self.sync_roots = msg.roots;
+                self.round_open = false;
                 out.complete = true;
             }
         } else {
@@ -756,6 +785,10 @@ impl Cache {
                 }
             }
             self.view.revision = self.view.revision.max(msg.revision);
+            self.round_open = msg.more_follows;
+            if !msg.more_follows {
+                self.sync_roots = msg.roots;
+            }
             out.complete = true;
         }
         self.exe_hash_flag

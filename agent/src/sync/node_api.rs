@@ -41,13 +41,13 @@ pub trait NodeApi: Send + Sync {
 
 /// The calls of one session.
 #[async_trait]
-pub trait NodeSession: Send {
+pub trait NodeSession: Send + Sync {
     /// Opens the sync stream.
     async fn sync(&mut self, request: pb::SyncRequest) -> Result<Box<dyn SyncStream>, ClientError>;
 
-    /// Signs CSRs: one result per request, in order.
+    /// Signs CSRs: one result per request, in order. Several calls may be in flight at once.
     async fn batch_sign(
-        &mut self,
+        &self,
         requests: Vec<pb::SignRequest>,
     ) -> Result<Vec<pb::SignResult>, ClientError>;
 
@@ -144,10 +144,12 @@ impl NodeSession for TonicSession {
     }
 
     async fn batch_sign(
-        &mut self,
+        &self,
         requests: Vec<pb::SignRequest>,
     ) -> Result<Vec<pb::SignResult>, ClientError> {
+        // A clone shares the connection: concurrent calls are streams of one HTTP/2 connection.
         self.node
+            .clone()
             .batch_sign(pb::BatchSignRequest { requests })
             .await
             .map(|r| r.into_inner().results)

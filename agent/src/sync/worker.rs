@@ -4,7 +4,8 @@
 //! sequence already held: the server skips an unchanged bundle, and starts every stream with a
 //! full entry snapshot), then `select!` over sync messages, the next SVID refresh time, the
 //! agent SVID's renewal time and shutdown. Due SVIDs are signed in `BatchSign` calls of up to
-//! [`SIGN_BATCH`]. When a session fails the cache keeps serving what it holds and the
+//! [`SIGN_BATCH`], pipelined: the next batch's keys are made while up to [`SIGN_IN_FLIGHT`]
+//! calls are being signed. When a session fails the cache keeps serving what it holds and the
 //! worker reconnects with exponential back-off and jitter, logging at a sane rate. A renewed
 //! agent SVID is saved to disk before it is used: the session then ends and the next one
 //! connects with the new SVID at once (the server makes it current on that first use). If the
@@ -21,6 +22,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::stream::FuturesOrdered;
+use futures::StreamExt as _;
 use rand::Rng as _;
 use sigil::clock::Clock;
 use sigil::proto::node as pb;
@@ -31,7 +34,9 @@ use tokio::sync::{watch, RwLock};
 use tokio::time::Instant;
 
 use crate::node_attestor::NodeAttestation;
-use crate::sync::cache::{make_csrs_for, Cache, Changes, SignFailureKind, SignRetry, Snapshot};
+use crate::sync::cache::{
+    make_csrs_for, Cache, Changes, PendingCsr, SignFailureKind, SignRetry, Snapshot,
+};
 use crate::sync::client::ClientError;
 use crate::sync::node_api::{NodeApi, NodeSession};
 use crate::sync::storage::{AgentIdentity, Storage, StorageError};
@@ -43,6 +48,9 @@ pub const BACKOFF_START: Duration = Duration::from_millis(250);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Most SVIDs per BatchSign call.
 pub const SIGN_BATCH: usize = 500;
+/// Most BatchSign calls in flight at once: one being signed while the server reads the next
+/// and the agent stores the previous one, so that neither side waits for the other.
+pub const SIGN_IN_FLIGHT: usize = 2;
 
 /// Shared agent state (read by the health endpoint, the admin API and the Workload API).
 pub struct AgentState {
@@ -424,10 +432,12 @@ impl Worker {
         let server = self.node.server();
         self.state.update_sync(|s| s.set_server(&server));
         let mut node = self.node.session()?;
+        let (known_revision, known_roots) = self.cache.resume_point();
         let mut stream = node
             .sync(pb::SyncRequest {
-                known_revision: self.cache.revision(),
+                known_revision,
                 known_bundle_sequence: self.cache.bundle_sequence(),
+                known_roots,
             })
             .await?;
         if backoff.failures > 0 {
@@ -546,7 +556,14 @@ impl Worker {
         // A changed or removed entry is no longer backing off.
         m.svid_sign_backoff_entries
             .set(cache.sign_backoff().count() as i64);
-        if out.upserted + out.removed > 0 || out.bundle_changed || out.federated_changed {
+        if out.resumed {
+            tracing::info!(
+                upserted = out.upserted,
+                removed = out.removed,
+                revision = cache.revision(),
+                "sync resumed from the entries held"
+            );
+        } else if out.upserted + out.removed > 0 || out.bundle_changed || out.federated_changed {
             tracing::info!(
                 upserted = out.upserted,
                 removed = out.removed,
@@ -598,53 +615,94 @@ impl Worker {
     }
 
     /// Signs every due SVID, in batches. A failed signing (refused, or the call failed) puts
-    /// the entry in back-off; only a refusal of the agent itself is returned as an error. Keys
-    /// and CSRs are made on the blocking pool; each batch's outcome is published at once.
+    /// the entry in back-off; only a refusal of the agent itself is returned as an error.
+    ///
+    /// A pipeline, so that the agent's key generation and the server's signing overlap: keys
+    /// and CSRs are made on the blocking pool one batch ahead, up to [`SIGN_IN_FLIGHT`]
+    /// `BatchSign` calls are in flight, and each batch's outcome is stored and published as it
+    /// arrives (in batch order). At most `SIGN_IN_FLIGHT + 1` batches of keys are held at once.
     async fn sign_due(&mut self, node: &mut dyn NodeSession) -> Result<(), ClientError> {
+        let node: &dyn NodeSession = node;
         let due = self.cache.due(self.clock.now_unix());
-        for ids in due.chunks(SIGN_BATCH) {
-            let targets = self.cache.csr_targets(ids);
-            if targets.is_empty() {
-                continue;
-            }
-            let pending = tokio::task::spawn_blocking(move || make_csrs_for(targets))
-                .await
-                .map_err(ClientError::KeyTask)??;
-            let requests = pending
-                .iter()
-                .map(|p| pb::SignRequest {
-                    entry_id: p.entry_id.clone(),
-                    csr: p.csr_der.clone(),
-                })
-                .collect();
-            let results = match node.batch_sign(requests).await {
-                Ok(r) => r,
-                Err(e) => {
-                    if e.is_permission_denied() {
-                        return Err(e);
-                    }
-                    // Every entry of the batch backs off: a call that keeps failing (a server
-                    // that cannot sign, an answer too large) is not repeated on every wake-up.
-                    let reason = e.to_string();
-                    let now = self.clock.now_unix();
-                    for p in &pending {
-                        self.sign_failed(&p.entry_id, p.entry_revision, &reason, now);
-                    }
-                    self.update_backoff_gauge();
-                    self.publish();
-                    continue;
+        let mut batches = due.chunks(SIGN_BATCH);
+        let mut making = self.make_next_csrs(&mut batches);
+        let mut in_flight = FuturesOrdered::new();
+        loop {
+            tokio::select! {
+                // Results first: storing them frees a place for the next call.
+                biased;
+                Some((pending, results)) = in_flight.next(), if !in_flight.is_empty() => {
+                    self.batch_signed(pending, results)?;
                 }
-            };
-            let outcome = self.store_signed(pending, results);
-            self.update_backoff_gauge();
-            // Published even when the results were out of order: what was stored is served.
-            self.publish();
-            let signed = outcome?;
-            self.state.metrics.svids_minted.inc_by(signed);
-            self.state.metrics.svids.set(self.cache.svid_count() as i64);
-            if signed > 0 {
-                tracing::info!(signed, "X509-SVIDs minted");
+                made = async {
+                    match making.as_mut() {
+                        Some(task) => task.await,
+                        None => std::future::pending().await,
+                    }
+                }, if making.is_some() && in_flight.len() < SIGN_IN_FLIGHT => {
+                    let pending = made.map_err(ClientError::KeyTask)??;
+                    making = self.make_next_csrs(&mut batches);
+                    let requests = pending
+                        .iter()
+                        .map(|p| pb::SignRequest {
+                            entry_id: p.entry_id.clone(),
+                            csr: p.csr_der.clone(),
+                        })
+                        .collect();
+                    in_flight.push_back(async move { (pending, node.batch_sign(requests).await) });
+                }
+                else => return Ok(()),
             }
+        }
+    }
+
+    /// Starts making keys and CSRs for the next batch of `batches` whose entries are still
+    /// held, on the blocking pool; `None` when no batch is left.
+    fn make_next_csrs(
+        &self,
+        batches: &mut std::slice::Chunks<'_, String>,
+    ) -> Option<tokio::task::JoinHandle<Result<Vec<PendingCsr>, rcgen::Error>>> {
+        batches.find_map(|ids| {
+            let targets = self.cache.csr_targets(ids);
+            (!targets.is_empty())
+                .then(|| tokio::task::spawn_blocking(move || make_csrs_for(targets)))
+        })
+    }
+
+    /// Takes one batch's answer: stores its SVIDs, or puts every entry of a failed call in
+    /// back-off, and publishes. Errors: a refusal of the agent, results out of order.
+    fn batch_signed(
+        &mut self,
+        pending: Vec<PendingCsr>,
+        results: Result<Vec<pb::SignResult>, ClientError>,
+    ) -> Result<(), ClientError> {
+        let results = match results {
+            Ok(r) => r,
+            Err(e) => {
+                if e.is_permission_denied() {
+                    return Err(e);
+                }
+                // Every entry of the batch backs off: a call that keeps failing (a server
+                // that cannot sign, an answer too large) is not repeated on every wake-up.
+                let reason = e.to_string();
+                let now = self.clock.now_unix();
+                for p in &pending {
+                    self.sign_failed(&p.entry_id, p.entry_revision, &reason, now);
+                }
+                self.update_backoff_gauge();
+                self.publish();
+                return Ok(());
+            }
+        };
+        let outcome = self.store_signed(pending, results);
+        self.update_backoff_gauge();
+        // Published even when the results were out of order: what was stored is served.
+        self.publish();
+        let signed = outcome?;
+        self.state.metrics.svids_minted.inc_by(signed);
+        self.state.metrics.svids.set(self.cache.svid_count() as i64);
+        if signed > 0 {
+            tracing::info!(signed, "X509-SVIDs minted");
         }
         Ok(())
     }
@@ -652,7 +710,7 @@ impl Worker {
     /// Stores the SVIDs of one batch (`results` answer `pending` in order); the number stored.
     fn store_signed(
         &mut self,
-        pending: Vec<crate::sync::cache::PendingCsr>,
+        pending: Vec<PendingCsr>,
         results: Vec<pb::SignResult>,
     ) -> Result<u64, ClientError> {
         let now = self.clock.now_unix();
@@ -690,11 +748,14 @@ impl Worker {
                     if previous.is_some_and(|t| r.expires_at <= t) {
                         not_longer = Some(r.expires_at);
                     }
-                    let failed = self.cache.sign_failure(&id).cloned();
-                    let spiffe_id = self.cache.entry(&id).map(|e| e.spiffe_id.to_string());
+                    // Only an entry that was failing is logged (with its SPIFFE ID).
+                    let failed = self.cache.sign_failure(&id).cloned().map(|f| {
+                        let spiffe_id = self.cache.entry(&id).map(|e| e.spiffe_id.to_string());
+                        (f, spiffe_id)
+                    });
                     if self.cache.store_svid(p, chain, r.expires_at, now) {
                         signed += 1;
-                        if let Some(f) = failed {
+                        if let Some((f, spiffe_id)) = failed {
                             let spiffe_id = spiffe_id.unwrap_or_default();
                             tracing::info!(entry_id = %id, spiffe_id = %spiffe_id, failures = f.failures, failing_since = f.since, "X509-SVID signed after failed attempts");
                         }

@@ -10,7 +10,7 @@
 //! show (file modes, SQL plans, rows corrupted behind its back, schema migrations) stays in that
 //! backend's own tests.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -64,6 +64,10 @@ macro_rules! datastore_conformance {
             federated_bundles_survive_reopen,
             federation_relationships_create_get_list_update_delete,
             federation_relationships_survive_reopen_apart_from_bundles,
+            read_authorized_follows_the_rule_in_one_read,
+            entry_history_records_former_placements,
+            entry_history_pruning_ends_resumes_from_before_it,
+            get_entries_answers_each_id_in_order,
         );
         $crate::datastore::conformance::datastore_conformance!(@tests $new_store,
             [tokio::test(flavor = "multi_thread", worker_threads = 2)];
@@ -277,6 +281,56 @@ pub(crate) async fn entry_round_trip(store: &dyn TestStore) -> TestResult {
     assert_eq!(ds.get_entry(&created.id).await?, None);
     assert_eq!(ds.count_entries(&EntryFilter::default()).await?, 0);
     assert_eq!(ds.count_entries(&by(&["unix:uid:1001"])).await?, 0);
+    Ok(())
+}
+
+/// `get_entries` answers each id as `get_entry` would, in the order asked, duplicates and
+/// unknown or deleted ids included; no ids, no answers.
+pub(crate) async fn get_entries_answers_each_id_in_order(store: &dyn TestStore) -> TestResult {
+    let ds = store.open().await?;
+    let created = create_all(
+        &*ds,
+        (0..5)
+            .map(|i| {
+                let mut e = entry(&format!("/w/{i}"), "/agent/1", &["unix:uid:1000"]);
+                e.dns_names = vec![format!("w{i}.example.org")];
+                e
+            })
+            .collect(),
+    )
+    .await?;
+    let deleted = ds.delete_entry(&created[3].id).await?;
+    let ids: Vec<String> = [
+        &created[4].id,
+        "no-such-id",
+        &created[0].id,
+        &deleted.id,
+        &created[4].id,
+        &created[1].id,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let got = ds.get_entries(&ids).await?;
+    let mut want = Vec::new();
+    for id in &ids {
+        want.push(ds.get_entry(id).await?);
+    }
+    assert_eq!(got, want);
+    assert_eq!(
+        got.iter()
+            .map(|e| e.as_ref().map(|e| e.spiffe_id.path().to_string()))
+            .collect::<Vec<_>>(),
+        [
+            Some("/w/4".to_string()),
+            None,
+            Some("/w/0".to_string()),
+            None,
+            Some("/w/4".to_string()),
+            Some("/w/1".to_string()),
+        ]
+    );
+    assert!(ds.get_entries(&[]).await?.is_empty());
     Ok(())
 }
 
@@ -1507,5 +1561,202 @@ pub(crate) async fn concurrent_bundle_merges_keep_every_root(store: &dyn TestSto
     assert_eq!(roots, want);
     assert_eq!(stored.x509_roots.len(), n, "each root once");
     assert_eq!(stored.sequence, n as u64);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Authorised reads and the entry history
+
+/// `read_authorized`: the matching aliases (non-empty selectors, a subset of the agent's), the
+/// descent from the agent and the aliases through parent links (cycles end, the server's ID is
+/// never expanded), breadth-first, at the current revision.
+pub(crate) async fn read_authorized_follows_the_rule_in_one_read(
+    store: &dyn TestStore,
+) -> TestResult {
+    let ds = store.open().await?;
+    let server = id("/sigil/server");
+    let agent = id("/sigil/agent/a");
+    create_all(
+        &*ds,
+        vec![
+            entry("/w1", "/sigil/agent/a", &["u:1"]),
+            entry("/w1/child", "/w1", &["u:2"]),
+            entry("/w1/child/leaf", "/w1/child", &["u:3"]),
+            entry("/alias", "/sigil/server", &["node:a"]),
+            entry("/alias-other", "/sigil/server", &["node:a", "node:gpu"]),
+            entry("/alias-empty", "/sigil/server", &[]),
+            entry("/under-alias", "/alias", &["u:4"]),
+            entry("/under-other", "/alias-other", &["u:5"]),
+            entry("/under-empty", "/alias-empty", &["u:6"]),
+            // A cycle below the agent, and one nobody reaches.
+            entry("/loop", "/w1", &["u:7"]),
+            entry("/w1", "/loop", &["u:8"]),
+            entry("/x", "/y", &["u:9"]),
+            entry("/y", "/x", &["u:10"]),
+            // Under the server's ID but not a node alias of this agent: never expanded.
+            entry("/under-server", "/sigil/server", &["node:b"]),
+        ],
+    )
+    .await?;
+    let read = ds
+        .read_authorized(&agent, &sels(&["node:a", "node:n1"]), &server)
+        .await?;
+    assert_eq!(read.revision, 14);
+    assert_eq!(spiffe_ids(&read.aliases), ["/alias"]);
+    let got: BTreeSet<String> = spiffe_ids(&read.entries).into_iter().collect();
+    let want: BTreeSet<String> = [
+        "/w1",
+        "/w1/child",
+        "/w1/child/leaf",
+        "/under-alias",
+        "/loop",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    assert_eq!(got, want);
+    // /w1 is registered twice (under the agent and under /loop): both entries.
+    assert_eq!(read.entries.len(), 6);
+    // Breadth-first: the first level (children of the roots) comes first.
+    let first_level: BTreeSet<&str> = read.entries[..2]
+        .iter()
+        .map(|e| e.spiffe_id.path())
+        .collect();
+    assert_eq!(first_level, BTreeSet::from(["/w1", "/under-alias"]));
+    // No selectors: no aliases, only the agent's own subtree.
+    let plain = ds.read_authorized(&agent, &sels(&[]), &server).await?;
+    assert!(plain.aliases.is_empty());
+    assert_eq!(plain.entries.len(), 5);
+    Ok(())
+}
+
+/// The ids and SPIFFE ID paths of placements.
+fn placements(p: &[super::Placement]) -> Vec<(String, String, String)> {
+    p.iter()
+        .map(|p| {
+            (
+                p.id.clone(),
+                p.spiffe_id.path().to_string(),
+                p.parent_id.path().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Deletes record the deleted entry's SPIFFE ID and parent, updates that change either record
+/// the former ones; `entry_history_since` returns them with the entries changed (and which were
+/// created) since a revision, and which named SPIFFE IDs parent entries created by then.
+pub(crate) async fn entry_history_records_former_placements(store: &dyn TestStore) -> TestResult {
+    let ds = store.open().await?;
+    let c = create_all(
+        &*ds,
+        vec![
+            entry("/a", "/p", &["t:1"]),
+            entry("/b", "/a", &["t:2"]),
+            entry("/c", "/p", &["t:3"]),
+            entry("/d", "/b", &["t:4"]),
+        ],
+    )
+    .await?; // revisions 1-4
+    let (a, b, cc, d) = (&c[0], &c[1], &c[2], &c[3]);
+    let b5 = ds
+        .update_entry(RegistrationEntry {
+            hint: "in place".into(),
+            ..b.clone()
+        })
+        .await?; // 5: not a move
+    let c6 = ds
+        .update_entry(RegistrationEntry {
+            parent_id: id("/a"),
+            ..cc.clone()
+        })
+        .await?; // 6: moved from /p to /a
+    ds.delete_entry(&a.id).await?; // 7
+
+    let h = ds
+        .entry_history_since(4)
+        .await?
+        .ok_or("history since 4 is complete")?;
+    assert_eq!(h.revision, 7);
+    assert_eq!(
+        placements(&h.changed),
+        [
+            (b.id.clone(), "/b".into(), "/a".into()),
+            (cc.id.clone(), "/c".into(), "/a".into())
+        ]
+    );
+    assert_eq!(
+        h.changed.iter().map(|p| p.revision).collect::<Vec<_>>(),
+        [b5.revision, c6.revision]
+    );
+    assert!(h.created.is_empty());
+    assert_eq!(
+        placements(&h.ended),
+        [
+            (cc.id.clone(), "/c".into(), "/p".into()),
+            (a.id.clone(), "/a".into(), "/p".into())
+        ]
+    );
+    assert_eq!(
+        h.ended.iter().map(|p| p.revision).collect::<Vec<_>>(),
+        [6, 7]
+    );
+    // Entries created by revision 4 hang below /b (/d) and /a (/b, updated in place since, and
+    // /c, moved there since); none below /c.
+    assert_eq!(h.anchored, HashSet::from([id("/a"), id("/b")]));
+
+    let h0 = ds.entry_history_since(0).await?.ok_or("complete")?;
+    assert_eq!(
+        h0.created,
+        HashSet::from([b.id.clone(), cc.id.clone(), d.id.clone()])
+    );
+    assert!(h0.anchored.is_empty());
+    let h7 = ds.entry_history_since(7).await?.ok_or("complete")?;
+    assert!(h7.changed.is_empty() && h7.ended.is_empty() && h7.anchored.is_empty());
+    assert_eq!(h7.revision, 7);
+    Ok(())
+}
+
+/// Pruning removes tombstones and former placements written before a time, and every one up to
+/// the newest of those revisions: the history since an earlier revision is then `None` (a full
+/// snapshot), since a later one still complete. The live changes lose the pruned removals.
+pub(crate) async fn entry_history_pruning_ends_resumes_from_before_it(
+    store: &dyn TestStore,
+) -> TestResult {
+    let ds = store.open().await?;
+    let c = create_all(
+        &*ds,
+        vec![entry("/a", "/p", &["t:1"]), entry("/b", "/p", &["t:2"])],
+    )
+    .await?; // 1, 2
+    ds.update_entry(RegistrationEntry {
+        parent_id: id("/q"),
+        ..c[1].clone()
+    })
+    .await?; // 3: a move
+    ds.delete_entry(&c[0].id).await?; // 4
+                                      // Nothing is older than the epoch: nothing pruned, the history stays complete.
+    assert_eq!(ds.prune_entry_history(0).await?, 0);
+    assert!(ds.entry_history_since(0).await?.is_some());
+    // Everything is older than a time in the future.
+    let later = sigil::clock::now_unix() + 3600;
+    assert_eq!(ds.prune_entry_history(later).await?, 2);
+    for since in [0, 2, 3] {
+        assert!(
+            ds.entry_history_since(since).await?.is_none(),
+            "history since {since} was pruned"
+        );
+    }
+    let h = ds.entry_history_since(4).await?.ok_or("history since 4")?;
+    assert!(h.changed.is_empty() && h.ended.is_empty());
+    assert!(ds.entry_changes_since(0).await?.removed.is_empty());
+    // Recorded again from there; a second prune of nothing new changes nothing.
+    ds.delete_entry(&c[1].id).await?; // 5
+    assert_eq!(ds.prune_entry_history(0).await?, 0);
+    let h = ds.entry_history_since(4).await?.ok_or("history since 4")?;
+    assert_eq!(
+        placements(&h.ended),
+        [(c[1].id.clone(), "/b".into(), "/q".into())]
+    );
     Ok(())
 }

@@ -9,19 +9,27 @@
 //!
 //! Revisions: every entry change takes the next value of one global, monotonically increasing
 //! revision counter, and deletions leave a tombstone with their revision, so an agent can ask
-//! "what changed since revision R" ([`Datastore::entry_changes_since`]).
+//! "what changed since revision R" ([`Datastore::entry_changes_since`]). Tombstones also record
+//! the deleted entry's SPIFFE ID and parent, updates that change either record the former ones,
+//! and entries their creating revision: the entry history a reconnecting agent's sync stream
+//! resumes from ([`Datastore::entry_history_since`]). The history is pruned after
+//! [`ENTRY_HISTORY_RETENTION`] ([`Datastore::prune_entry_history`]).
 //!
 //! Layout: this module holds the trait and its types; `paging.rs` the page sizes and page tokens
-//! every backend uses; `sqlite/` the SQLite backend; `postgres/` the PostgreSQL backend. `conformance.rs` (tests only) is the
-//! behaviour suite every backend runs, instantiated per backend with `datastore_conformance!`.
+//! every backend uses; `descent.rs` the breadth-first walk of [`Datastore::read_authorized`],
+//! which each backend runs inside one read transaction; `sqlite/` the SQLite backend;
+//! `postgres/` the PostgreSQL backend. `conformance.rs` (tests only) is the behaviour suite
+//! every backend runs, instantiated per backend with `datastore_conformance!`.
 
 #[cfg(test)]
 pub(crate) mod conformance;
+pub mod descent;
 pub mod feed;
 pub mod paging;
 pub mod postgres;
 pub mod sqlite;
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 
 use async_trait::async_trait;
@@ -274,6 +282,56 @@ pub struct EntryChanges {
     pub revision: i64,
 }
 
+/// One consistent read of what an agent is authorised for ([`Datastore::read_authorized`]).
+#[derive(Debug, Clone, Default)]
+pub struct AuthorizedRead {
+    /// The entry revision the read is current at: every change up to it is in, none after it.
+    pub revision: i64,
+    /// The node-alias entries that apply to the agent (see [`descent::alias_matches`]).
+    pub aliases: Vec<RegistrationEntry>,
+    /// The authorised entries, breadth-first from the roots, each level in creation order.
+    pub entries: Vec<RegistrationEntry>,
+}
+
+/// Where an entry sits in the parent → child graph: its SPIFFE ID under its parent, as of a
+/// revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// The entry's id.
+    pub id: String,
+    /// Its SPIFFE ID.
+    pub spiffe_id: SpiffeId,
+    /// Its parent ID.
+    pub parent_id: SpiffeId,
+    /// For a current placement, the entry's revision; for an ended one, the revision of the
+    /// write that ended it (a move or the deletion).
+    pub revision: i64,
+}
+
+/// What changed in the entry graph after a revision ([`Datastore::entry_history_since`]), read
+/// in one consistent snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct EntryHistory {
+    /// The current revision.
+    pub revision: i64,
+    /// The current placement of every entry changed after the revision, in revision order.
+    pub changed: Vec<Placement>,
+    /// Ids among `changed` of the entries created after the revision.
+    pub created: HashSet<String>,
+    /// Placements ended after the revision, in revision order: the former SPIFFE ID and parent
+    /// of each entry moved (either changed) or deleted. An id here that is not in `changed`
+    /// was deleted.
+    pub ended: Vec<Placement>,
+    /// The SPIFFE IDs named by `changed` and `ended` that are the parent of some entry created
+    /// by the revision (whatever changed in it since: an entry updated in place keeps its link
+    /// to its parent).
+    pub anchored: HashSet<SpiffeId>,
+}
+
+/// How long deleted entries' tombstones and moved entries' former placements are kept: an agent
+/// reconnecting with an older revision gets a full snapshot.
+pub const ENTRY_HISTORY_RETENTION: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 /// Storage for everything the server must not lose.
 #[async_trait]
 pub trait Datastore: Send + Sync + 'static {
@@ -455,4 +513,36 @@ pub trait Datastore: Send + Sync + 'static {
     fn change_feed(&self) -> Option<ChangeFeed> {
         None
     }
+
+    /// What the agent `agent_id` with node selectors `selectors` is authorised for, read in one
+    /// consistent snapshot (see [`descent`]): the node aliases (parent `server_id`) that apply,
+    /// and every entry reachable from the agent's ID and those aliases' SPIFFE IDs through
+    /// parent links, with the revision the read is current at.
+    async fn read_authorized(
+        &self,
+        agent_id: &SpiffeId,
+        selectors: &SelectorSet,
+        server_id: &SpiffeId,
+    ) -> Result<AuthorizedRead, DatastoreError>;
+
+    /// What changed in the entry graph after `revision` (see [`EntryHistory`]); `None` when the
+    /// history after it is no longer complete: tombstones or former placements after it were
+    /// pruned ([`Datastore::prune_entry_history`]), or it predates their recording.
+    async fn entry_history_since(
+        &self,
+        revision: i64,
+    ) -> Result<Option<EntryHistory>, DatastoreError>;
+
+    /// Deletes the tombstones and former placements written before `before` (Unix seconds)
+    /// and every one with a revision up to theirs, so the history stays complete after a
+    /// revision; returns how many were deleted. [`Datastore::entry_history_since`] answers
+    /// `None` for revisions before the newest one deleted.
+    async fn prune_entry_history(&self, before: i64) -> Result<u64, DatastoreError>;
+    /// The entries with these ids, one per id and in the same order (`None` for an id with no
+    /// entry; an id given twice is answered twice): what [`Datastore::get_entry`] would return
+    /// for each, read at once (one round trip) for callers that need many.
+    async fn get_entries(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<Option<RegistrationEntry>>, DatastoreError>;
 }

@@ -491,7 +491,7 @@ impl Refresher {
                 t.due = Instant::now() + retry_in;
                 let message = sigil::text::error_chain(&e);
                 if t.warned.as_deref() != Some(message.as_str()) {
-                    tracing::warn!(trust_domain = %td, url = %url, error = %message, retry_in_secs = retry_in.as_secs(), "fetching the federated bundle failed; keeping the last one stored");
+                    tracing::warn!(trust_domain = %td, url = %url, error = %message, retry_in_secs = retry_in.as_secs(), "fetching the federated bundle failed; the stored one, if any, is kept until a fetch succeeds");
                     t.warned = Some(message.clone());
                 } else {
                     tracing::debug!(trust_domain = %td, url = %url, error = %message, failures = t.failures, retry_in_secs = retry_in.as_secs(), "fetching the federated bundle failed again");

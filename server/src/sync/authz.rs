@@ -6,24 +6,21 @@
 //! of an authorised entry. Node-alias entries themselves are not authorised entries, and the
 //! server's ID is never expanded as a parent (only the selector rule reaches entries under it).
 //!
-//! Everything is answered with indexed datastore queries: one `Subset` selector query for the
-//! aliases, then per distinct authorised SPIFFE ID (breadth-first, a few in flight at once) a
-//! `parent_id` count and, only for IDs that have children, a `parent_id` listing; never a scan
-//! of all entries.
+//! The set is read by [`Datastore::read_authorized`] in one consistent snapshot: one selector
+//! query for the aliases, then one `parent_id IN (...)` query per level of the descent, all on
+//! one connection (see `datastore/descent.rs`); never a scan of all entries. [`is_authorized`]
+//! walks up from one entry instead, one `spiffe_id` query per ancestor level.
 
-use std::collections::hash_map::Entry as MapEntry;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 
-use futures::{StreamExt, TryStreamExt};
 use sigil::entry::RegistrationEntry;
 use sigil::{SelectorSet, SpiffeId};
 
-use crate::datastore::{AttestedAgent, Datastore, DatastoreError, EntryFilter, SelectorMatch};
+pub(crate) use crate::datastore::descent::alias_matches;
+use crate::datastore::{AttestedAgent, Datastore, DatastoreError, EntryFilter};
 
 /// Page size for the listing queries (the datastore's maximum).
 const PAGE: usize = 10_000;
-/// Child queries in flight at once during the breadth-first descent.
-const PROBE_CONCURRENCY: usize = 4;
 
 /// The full result of an authorisation computation, as the sync stream needs it.
 #[derive(Debug, Default)]
@@ -34,18 +31,8 @@ pub(crate) struct AuthorizedSet {
     pub alias_ids: HashSet<String>,
     /// The authorised entries, breadth-first from the roots.
     pub entries: Vec<RegistrationEntry>,
-}
-
-/// True if `entry` is a node alias (parent = `server_id`) that applies to a node with `selectors`.
-/// An alias without selectors applies to nobody: it would otherwise apply to every node.
-pub(crate) fn alias_matches(
-    entry: &RegistrationEntry,
-    server_id: &SpiffeId,
-    selectors: &SelectorSet,
-) -> bool {
-    entry.parent_id == *server_id
-        && !entry.selectors.is_empty()
-        && entry.selectors.is_subset_of(selectors)
+    /// The entry revision the set is current at (one consistent read).
+    pub revision: i64,
 }
 
 /// All entries matching `filter`, every page.
@@ -65,24 +52,6 @@ async fn list_all(
     }
 }
 
-/// Entries whose parent is `parent`.
-async fn children(
-    ds: &dyn Datastore,
-    parent: SpiffeId,
-) -> Result<Vec<RegistrationEntry>, DatastoreError> {
-    let filter = EntryFilter {
-        parent_id: Some(parent),
-        ..Default::default()
-    };
-    // Most authorised SPIFFE IDs are workloads without children. A COUNT answered from the
-    // parent_id index costs about a third of an empty listing (no read transaction around it,
-    // no row decoding), so probe first and list only parents.
-    if ds.count_entries(&filter).await? == 0 {
-        return Ok(Vec::new());
-    }
-    list_all(ds, &filter).await
-}
-
 /// True if any entry has `parent` as its parent.
 pub(crate) async fn has_children(
     ds: &dyn Datastore,
@@ -95,89 +64,30 @@ pub(crate) async fn has_children(
     Ok(ds.count_entries(&filter).await? > 0)
 }
 
-/// Node-alias entries that apply to a node with `selectors`.
-async fn matching_aliases(
-    ds: &dyn Datastore,
-    server_id: &SpiffeId,
-    selectors: &SelectorSet,
-) -> Result<Vec<RegistrationEntry>, DatastoreError> {
-    if selectors.is_empty() {
-        return Ok(Vec::new());
-    }
-    let filter = EntryFilter {
-        parent_id: Some(server_id.clone()),
-        selectors: Some((selectors.clone(), SelectorMatch::Subset)),
-        ..Default::default()
-    };
-    let mut aliases = list_all(ds, &filter).await?;
-    // The SQL Subset match also returns entries without selectors; those apply to nobody.
-    aliases.retain(|e| alias_matches(e, server_id, selectors));
-    Ok(aliases)
-}
-
 /// Computes the roots, matching aliases and authorised entries of the agent `agent_id` with node
-/// selectors `selectors`.
+/// selectors `selectors`, and the revision they are current at.
 pub(crate) async fn compute(
     ds: &dyn Datastore,
     agent_id: &SpiffeId,
     selectors: &SelectorSet,
     server_id: &SpiffeId,
 ) -> Result<AuthorizedSet, DatastoreError> {
-    let aliases = matching_aliases(ds, server_id, selectors).await?;
-    let mut set = AuthorizedSet::default();
+    let read = ds.read_authorized(agent_id, selectors, server_id).await?;
+    let mut set = AuthorizedSet {
+        revision: read.revision,
+        entries: read.entries,
+        ..Default::default()
+    };
     set.roots.insert(agent_id.clone());
-    for alias in aliases {
+    for alias in read.aliases {
         set.roots.insert(alias.spiffe_id);
         set.alias_ids.insert(alias.id);
-    }
-    // SPIFFE IDs already expanded (or never to expand: the server's ID). Each entry has one
-    // parent, so it is listed once (barring a concurrent re-parenting, handled below); cycles
-    // end because no ID is expanded twice.
-    let mut expanded: HashSet<SpiffeId> = set.roots.clone();
-    expanded.insert(server_id.clone());
-    let mut frontier: Vec<SpiffeId> = set
-        .roots
-        .iter()
-        .filter(|r| *r != server_id)
-        .cloned()
-        .collect();
-    let mut position: HashMap<String, usize> = HashMap::new();
-    let mut levels = 0usize;
-    while !frontier.is_empty() {
-        levels += 1;
-        // `buffered` keeps the frontier's order, so the result is deterministic.
-        let batches: Vec<Vec<RegistrationEntry>> = futures::stream::iter(frontier)
-            .map(|parent| children(ds, parent))
-            .buffered(PROBE_CONCURRENCY)
-            .try_collect()
-            .await?;
-        let mut next = Vec::new();
-        for entry in batches.into_iter().flatten() {
-            if expanded.insert(entry.spiffe_id.clone()) {
-                next.push(entry.spiffe_id.clone());
-            }
-            // An entry re-parented while the levels were being listed can show up twice: keep
-            // its newest version, once.
-            match position.entry(entry.id.clone()) {
-                MapEntry::Vacant(v) => {
-                    v.insert(set.entries.len());
-                    set.entries.push(entry);
-                }
-                MapEntry::Occupied(o) => {
-                    let kept = &mut set.entries[*o.get()];
-                    if entry.revision > kept.revision {
-                        *kept = entry;
-                    }
-                }
-            }
-        }
-        frontier = next;
     }
     tracing::debug!(
         agent = %agent_id,
         roots = set.roots.len(),
         entries = set.entries.len(),
-        levels,
+        revision = set.revision,
         "authorised entries computed"
     );
     Ok(set)

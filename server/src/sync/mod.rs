@@ -11,8 +11,10 @@
 //!   publishes its sequence;
 //!   every open sync stream subscribes. Latest value wins: publishing never blocks and never
 //!   queues.
-//! - [`stream`]: [`sync_stream`], the server side of `Node.Sync`: a chunked snapshot first, then
-//!   incremental upserts/removals as changes happen, with a periodic full reconcile.
+//! - [`stream`]: [`sync_stream`], the server side of `Node.Sync`: a chunked snapshot first (or,
+//!   for an agent reconnecting with a set the server can bring up to date, only the changes
+//!   since its revision), then incremental upserts/removals as changes happen, with a periodic
+//!   full reconcile.
 
 pub mod authz;
 pub mod events;
@@ -38,5 +40,6 @@ pub const MIN_ROUND_INTERVAL: Duration = Duration::from_millis(10);
 /// a loop).
 pub const MIN_RECONCILE_EVERY: Duration = Duration::from_millis(100);
 /// A sensible `reconcile_every` for [`sync_stream`]: the full recompute is a safety net (events
-/// are in-process and reliable), and costs one indexed query per authorised SPIFFE ID.
+/// are in-process and reliable), and costs one consistent read of the authorised set (one
+/// indexed query per level of the entry tree).
 pub const DEFAULT_RECONCILE_EVERY: Duration = Duration::from_secs(300);

@@ -1,16 +1,30 @@
 //! The server side of `Node.Sync`: one stream per connected agent.
 //!
-//! 1. **Snapshot.** Every stream starts with the agent's complete authorised set, `full = true`
-//!    on the first message and `snapshot_complete = true` on the last, in messages of at most
-//!    [`MAX_ENTRIES_PER_MESSAGE`] entries and [`MAX_BYTES_PER_MESSAGE`] encoded bytes, so there
-//!    is no message-size cliff. The revision is read *before* the entries are listed: a change
-//!    racing the snapshot is sent again afterwards (a duplicate), never missed. The bundle is
-//!    included when its sequence differs from the agent's `known_bundle_sequence`.
+//! 1. **Snapshot or resume.** A stream starts with the agent's complete authorised set,
+//!    `full = true` on the first message and `snapshot_complete = true` on the last, in messages
+//!    of at most [`MAX_ENTRIES_PER_MESSAGE`] entries and [`MAX_BYTES_PER_MESSAGE`] encoded
+//!    bytes, so there is no message-size cliff. The set is one consistent read
+//!    ([`Datastore::read_authorized`]) and carries its revision. The bundle is included when its
+//!    sequence differs from the agent's `known_bundle_sequence`.
 //!
-//!    A stream cannot resume from the agent's `known_revision`: the request does not say which
-//!    entries the agent holds, tombstones do not say what a deleted entry was the parent of, and
-//!    the agent's node selectors may have changed since, so entries that silently lost their
-//!    authorisation could not be named in `removed`. A snapshot is always correct.
+//!    An agent reconnecting with a complete set (its `known_revision` and `known_roots`, the
+//!    `revision` and `roots` of the last round it applied in full) is sent only what changed
+//!    since instead, when the server can tell exactly what that is; the first message then says
+//!    `resumed`. The server computes the set afresh from its own data and reads the entry
+//!    history since the revision ([`Datastore::entry_history_since`]) at the same revision, and
+//!    resumes only if (a) the history is complete (tombstones and moves are kept for
+//!    [`crate::datastore::ENTRY_HISTORY_RETENTION`], 24 h: an older revision, or one the
+//!    datastore has not reached, gets a snapshot), (b) the roots (the agent's ID and its node
+//!    aliases, as a digest) are those the agent's set was computed for, and (c) no parent link
+//!    created, moved or deleted since hangs above an entry unchanged since: such a change can
+//!    authorise or unauthorise entries that did not change themselves (a moved subtree, a
+//!    deleted parent, a new parent of old orphans), which the history does not name. Then every
+//!    unchanged entry is as authorised as it was, and the round holds the upserts of authorised
+//!    entries changed since and the removals of changed or deleted entries the agent may hold
+//!    (ids only). Whatever the request says, upserts come from the set computed for this agent:
+//!    a forged revision or digest can only cost the agent entries, never give it others'.
+//!    Anything else is a snapshot, which is always correct. Every round's messages but the last
+//!    carry `more_follows`, so an agent cut off mid-round knows its set is at no revision.
 //! 2. **Incremental.** The stream sleeps until [`SyncEvents`] announces a change (or the
 //!    reconcile timer fires), then reads `entry_changes_since(last revision)` and sends upserts
 //!    of changed authorised entries and removals of deleted or no-longer-authorised entries the
@@ -56,10 +70,13 @@ use super::{
     MIN_ROUND_INTERVAL,
 };
 use crate::api::admin::ds_status;
-use crate::datastore::{AttestedAgent, Datastore, EntryChanges, StoredBundle};
+use crate::datastore::{AttestedAgent, Datastore, EntryChanges, EntryHistory, StoredBundle};
 
 /// Children probes in flight at once when classifying a change.
 const PROBE_CONCURRENCY: usize = 4;
+/// Reads of the set and the history a resume tries before a snapshot is sent instead (entries
+/// changing between the two reads).
+const RESUME_ATTEMPTS: u32 = 3;
 
 /// `d` from now; a year from now if that overflows (a configured `Duration::MAX`).
 fn after(d: Duration) -> Instant {
@@ -75,8 +92,8 @@ fn after(d: Duration) -> Instant {
 /// [`super::DEFAULT_RECONCILE_EVERY`]; at least [`MIN_RECONCILE_EVERY`]). The stream subscribes
 /// to `events` immediately, so changes published after this call are never missed. It ends with
 /// `PermissionDenied` when the agent is evicted or banned, and with the mapped status on a
-/// datastore failure (the agent reconnects and gets a fresh snapshot); otherwise it runs until
-/// the client goes away.
+/// datastore failure (the agent reconnects, resuming or with a fresh snapshot); otherwise it runs
+/// until the client goes away.
 pub fn sync_stream(
     ds: Arc<dyn Datastore>,
     events: SyncEvents,
@@ -106,6 +123,7 @@ pub fn sync_stream(
         reconcile_every,
         selectors: SelectorSet::new(),
         known_revision: req.known_revision,
+        known_roots: req.known_roots,
         last_revision: 0,
         bundle_sequence: req.known_bundle_sequence,
         federated_seen: 0,
@@ -163,6 +181,8 @@ struct Tracked {
     roots: HashSet<SpiffeId>,
     /// Entry ids of the matching node aliases.
     alias_ids: HashSet<String>,
+    /// [`roots_digest`] of `roots`.
+    digest: Vec<u8>,
 }
 
 impl Tracked {
@@ -239,11 +259,25 @@ impl Tracked {
             sent,
             provided,
             federates,
+            digest: roots_digest(&set.roots),
             roots: set.roots,
             alias_ids: set.alias_ids,
         };
         (upserts, removed)
     }
+}
+
+/// The `roots` value of a set computed from `roots`: SHA-256 of the sorted IDs, one per line.
+/// Opaque to the agent, which sends it back as `known_roots`.
+fn roots_digest(roots: &HashSet<SpiffeId>) -> Vec<u8> {
+    let mut ids: Vec<String> = roots.iter().map(ToString::to_string).collect();
+    ids.sort_unstable();
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for id in &ids {
+        ctx.update(id.as_bytes());
+        ctx.update(b"\n");
+    }
+    ctx.finish().as_ref().to_vec()
 }
 
 /// Decrements a reference count, forgetting the key at zero.
@@ -267,17 +301,32 @@ struct Outbox {
     bundle: Option<pb::Bundle>,
     /// The complete federated set, when it is to be sent (on the round's first message).
     federated: Option<Vec<pb::Bundle>>,
-    snapshot: bool,
-    /// The round's first message is still to be sent (a snapshot sends one even when empty).
+    kind: RoundKind,
+    /// The round's first message is still to be sent (a snapshot or a resumed stream sends
+    /// one even when empty).
     first_pending: bool,
     revision: i64,
+    /// [`roots_digest`] of the roots the round's set was computed for.
+    roots: Vec<u8>,
+}
+
+/// What a round of messages is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum RoundKind {
+    /// Changes since the previous round.
+    #[default]
+    Increment,
+    /// The complete set (`full` ... `snapshot_complete`).
+    Snapshot,
+    /// The first round of a resumed stream: changes since the agent's `known_revision`.
+    Resumed,
 }
 
 impl Outbox {
-    fn load(&mut self, round: Round, bundles: Bundles, snapshot: bool) {
+    fn load(&mut self, round: Round, bundles: Bundles, kind: RoundKind, roots: Vec<u8>) {
         let (entries, removed, revision) = round;
         let Bundles { bundle, federated } = bundles;
-        let first_pending = snapshot
+        let first_pending = kind != RoundKind::Increment
             || !entries.is_empty()
             || !removed.is_empty()
             || bundle.is_some()
@@ -288,9 +337,10 @@ impl Outbox {
             removed: removed.into(),
             bundle,
             federated,
-            snapshot,
+            kind,
             first_pending,
             revision,
+            roots,
         };
     }
 
@@ -328,15 +378,19 @@ impl Outbox {
         let n = self.removed.len().min(MAX_REMOVED_PER_MESSAGE);
         let removed = self.removed.drain(..n).collect();
         let federated = self.federated.take();
+        let snapshot = self.kind == RoundKind::Snapshot;
         Some(pb::SyncResponse {
             upserted,
             removed,
             bundle: self.bundle.take(),
-            full: self.snapshot && first,
-            snapshot_complete: self.snapshot && self.drained(),
+            full: snapshot && first,
+            snapshot_complete: snapshot && self.drained(),
             revision: self.revision,
             federated_bundles_set: federated.is_some(),
             federated_bundles: federated.unwrap_or_default(),
+            resumed: self.kind == RoundKind::Resumed && first,
+            more_follows: !self.drained(),
+            roots: self.roots.clone(),
         })
     }
 }
@@ -356,8 +410,10 @@ struct Syncer {
     reconcile_every: Duration,
     /// The agent's node selectors the current state was computed with.
     selectors: SelectorSet,
-    /// From the request; logged only (see the module docs).
+    /// From the request: where the agent's set stands, if it can be resumed from.
     known_revision: i64,
+    /// From the request: the roots digest of the agent's set.
+    known_roots: Vec<u8>,
     /// Every change up to this revision has been accounted for.
     last_revision: i64,
     /// The bundle sequence the agent holds.
@@ -373,6 +429,14 @@ struct Syncer {
     phase: Phase,
     next_reconcile: Instant,
     last_round: Option<Instant>,
+}
+
+/// How a stream's first round goes.
+enum Resume {
+    /// Resumed: the round is loaded.
+    Resumed,
+    /// A snapshot is needed; the set read meanwhile, current and for the agent's selectors.
+    Snapshot(AuthorizedSet),
 }
 
 /// One round's output: upserts, removed ids, revision.
@@ -393,7 +457,7 @@ impl Syncer {
             }
             let step = match self.phase {
                 Phase::Done => return None,
-                Phase::Snapshot => self.snapshot().await,
+                Phase::Snapshot => self.start().await,
                 Phase::Live => self.live_round().await,
             };
             if let Err(status) = step {
@@ -410,16 +474,108 @@ impl Syncer {
         }
     }
 
-    async fn snapshot(&mut self) -> Result<(), Status> {
+    /// The stream's first round: resumed from the agent's revision when possible, else a
+    /// snapshot.
+    async fn start(&mut self) -> Result<(), Status> {
+        if self.known_revision <= 0 || self.known_roots.is_empty() {
+            return self.snapshot(None).await;
+        }
+        match self.resume().await? {
+            Resume::Resumed => Ok(()),
+            Resume::Snapshot(set) => self.snapshot(Some(set)).await,
+        }
+    }
+
+    /// Tries to resume from `known_revision` (see the module docs); the set it read when a
+    /// snapshot is needed instead.
+    async fn resume(&mut self) -> Result<Resume, Status> {
         let started = std::time::Instant::now();
         let agent = self.check_agent().await?;
         self.selectors = agent.selectors;
-        // Everything published so far is covered by what is read below.
         self.federated_seen = self.sub.take().federated_changes;
-        let revision = self.current_revision().await?;
-        let set = compute(&*self.ds, &self.agent_id, &self.selectors, &self.server_id)
-            .await
-            .map_err(ds_status)?;
+        let since = self.known_revision;
+        // The set and the history are two reads; a write between them shows as two revisions.
+        let mut attempt = 0;
+        let (set, history) = loop {
+            attempt += 1;
+            let set = compute(&*self.ds, &self.agent_id, &self.selectors, &self.server_id)
+                .await
+                .map_err(ds_status)?;
+            let why = if since > set.revision {
+                "the revision is newer than the datastore's"
+            } else if roots_digest(&set.roots) != self.known_roots {
+                "the agent's roots changed"
+            } else {
+                match self
+                    .ds
+                    .entry_history_since(since)
+                    .await
+                    .map_err(ds_status)?
+                {
+                    None => "the entry history since the revision was pruned",
+                    Some(h) if h.revision == set.revision => break (set, h),
+                    Some(_) if attempt < RESUME_ATTEMPTS => continue,
+                    Some(_) => "entries kept changing while it was read",
+                }
+            };
+            tracing::info!(agent = %self.agent_id, known_revision = since, reason = why, "sync cannot resume; sending a snapshot");
+            return Ok(Resume::Snapshot(set));
+        };
+        let Some((upserts, removed)) = resume_diff(&set, &history, since, &self.server_id) else {
+            tracing::info!(
+                agent = %self.agent_id,
+                known_revision = since,
+                reason = "a change since the revision may have moved entries it did not change",
+                "sync cannot resume; sending a snapshot"
+            );
+            return Ok(Resume::Snapshot(set));
+        };
+        let revision = set.revision;
+        // What the agent holds now is exactly the set: track it as sent.
+        self.tracked.replace(set);
+        let bundle = self.bundle_if_changed().await?;
+        // Always sent: the agent may hold a stale set from an earlier connection.
+        let federated = self.federated_if_changed(true, true).await?;
+        tracing::info!(
+            agent = %self.agent_id,
+            entries = self.tracked.sent.len(),
+            upserted = upserts.len(),
+            removed = removed.len(),
+            revision,
+            known_revision = since,
+            bundle_sent = bundle.is_some(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "sync resumed"
+        );
+        self.last_revision = revision;
+        self.outbox.load(
+            (upserts, removed, revision),
+            Bundles { bundle, federated },
+            RoundKind::Resumed,
+            self.tracked.digest.clone(),
+        );
+        self.phase = Phase::Live;
+        self.next_reconcile = after(self.reconcile_every);
+        Ok(Resume::Resumed)
+    }
+
+    /// Sends the set as a snapshot: `read`, when a failed resume read it already (with the
+    /// agent checked and the signals taken), else a fresh one.
+    async fn snapshot(&mut self, read: Option<AuthorizedSet>) -> Result<(), Status> {
+        let started = std::time::Instant::now();
+        let set = match read {
+            Some(set) => set,
+            None => {
+                let agent = self.check_agent().await?;
+                self.selectors = agent.selectors;
+                // Everything published so far is covered by what is read below.
+                self.federated_seen = self.sub.take().federated_changes;
+                compute(&*self.ds, &self.agent_id, &self.selectors, &self.server_id)
+                    .await
+                    .map_err(ds_status)?
+            }
+        };
+        let revision = set.revision;
         let (entries, _) = self.tracked.replace(set);
         let bundle = self.bundle_if_changed().await?;
         // Always sent: the agent may hold a stale set from an earlier connection.
@@ -439,7 +595,8 @@ impl Syncer {
         self.outbox.load(
             (entries, Vec::new(), revision),
             Bundles { bundle, federated },
-            true,
+            RoundKind::Snapshot,
+            self.tracked.digest.clone(),
         );
         self.phase = Phase::Live;
         self.next_reconcile = after(self.reconcile_every);
@@ -491,7 +648,8 @@ impl Syncer {
         self.outbox.load(
             (upserts, removed, revision),
             Bundles { bundle, federated },
-            false,
+            RoundKind::Increment,
+            self.tracked.digest.clone(),
         );
         Ok(())
     }
@@ -525,10 +683,10 @@ impl Syncer {
     /// Recomputes the authorised set and diffs it against what was sent.
     async fn reconcile(&mut self, why: &'static str) -> Result<Round, Status> {
         let started = std::time::Instant::now();
-        let revision = self.current_revision().await?;
         let set = compute(&*self.ds, &self.agent_id, &self.selectors, &self.server_id)
             .await
             .map_err(ds_status)?;
+        let revision = set.revision;
         let (upserts, removed) = self.tracked.replace(set);
         self.last_revision = self.last_revision.max(revision);
         self.next_reconcile = after(self.reconcile_every);
@@ -649,16 +807,6 @@ impl Syncer {
         }
     }
 
-    /// The datastore's current entry revision.
-    async fn current_revision(&self) -> Result<i64, Status> {
-        // Nothing is newer than i64::MAX: an indexed empty read that returns the revision.
-        self.ds
-            .entry_changes_since(i64::MAX)
-            .await
-            .map(|c| c.revision)
-            .map_err(ds_status)
-    }
-
     /// The complete federated set for this agent if it must be sent: `always` (a snapshot), or
     /// when it differs from what was last sent. The datastore is read only when `look` (a
     /// federated bundle changed, or a reconcile) or when the relevant trust domains changed.
@@ -716,6 +864,85 @@ impl Syncer {
             _ => Ok(None),
         }
     }
+}
+
+/// What a stream resuming from `since` sends, given the set now and the history since (read at
+/// the same revision, with roots equal to those of the agent's set): upserts of the authorised
+/// entries changed since, and removals of entries changed or deleted since that the agent may
+/// hold. `None` when a change may have altered the authorisation of entries it did not change
+/// (a snapshot is needed).
+///
+/// The entries form a graph of parent → SPIFFE ID links, grown from the roots; an entry is
+/// authorised when its parent is reachable. A link can only change the reach of what hangs
+/// below its SPIFFE ID, so the IDs to watch (`moved`) are those of links created, moved or
+/// deleted since (node aliases aside: with the roots unchanged, no alias changed what is
+/// reachable). If none of them (other than a root, reachable either way) is the parent of an
+/// entry that existed then (`anchored`; an entry updated in place since still links its parent
+/// to its SPIFFE ID, and whatever hangs below it may depend on that), every unchanged entry is
+/// as authorised now as it was then: the agent holds exactly the unchanged part of the set, and
+/// only changed entries are sent.
+fn resume_diff(
+    set: &AuthorizedSet,
+    history: &EntryHistory,
+    since: i64,
+    server_id: &SpiffeId,
+) -> Option<(Vec<RegistrationEntry>, Vec<String>)> {
+    let ended_ids: HashSet<&str> = history.ended.iter().map(|p| p.id.as_str()).collect();
+    let mut moved: HashSet<&SpiffeId> = HashSet::new();
+    for p in &history.changed {
+        let new_link = history.created.contains(&p.id) || ended_ids.contains(p.id.as_str());
+        if new_link && p.parent_id != *server_id {
+            moved.insert(&p.spiffe_id);
+        }
+    }
+    for p in history.ended.iter().filter(|p| p.parent_id != *server_id) {
+        moved.insert(&p.spiffe_id);
+    }
+    if moved
+        .iter()
+        .any(|id| !set.roots.contains(*id) && history.anchored.contains(*id))
+    {
+        return None;
+    }
+    let upserts: Vec<RegistrationEntry> = set
+        .entries
+        .iter()
+        .filter(|e| e.revision > since)
+        .cloned()
+        .collect();
+    // Removals: an entry changed since and not authorised now, if the agent may have held it:
+    // its parent at `since` (its first ended placement since, else its current one; none if
+    // created since) is authorised now, or one of the watched IDs (whose reach then is not
+    // known). Only ids are sent, never content.
+    let held_now: HashSet<&str> = set.entries.iter().map(|e| e.id.as_str()).collect();
+    let granted: HashSet<&SpiffeId> = set
+        .roots
+        .iter()
+        .chain(set.entries.iter().map(|e| &e.spiffe_id))
+        .collect();
+    let mut parent_then: HashMap<&str, &SpiffeId> = HashMap::new();
+    for p in &history.ended {
+        parent_then.entry(p.id.as_str()).or_insert(&p.parent_id);
+    }
+    for p in &history.changed {
+        if !history.created.contains(&p.id) {
+            parent_then.entry(p.id.as_str()).or_insert(&p.parent_id);
+        }
+    }
+    let mut removed = Vec::new();
+    let mut seen: HashSet<&str> = HashSet::new();
+    for p in history.changed.iter().chain(&history.ended) {
+        let id = p.id.as_str();
+        if held_now.contains(id) || !seen.insert(id) {
+            continue;
+        }
+        if let Some(parent) = parent_then.get(id) {
+            if *parent != server_id && (granted.contains(parent) || moved.contains(parent)) {
+                removed.push(id.to_string());
+            }
+        }
+    }
+    Some((upserts, removed))
 }
 
 /// The node API's bundle message: concatenated DER roots and a JWKS document.

@@ -738,3 +738,71 @@ fn svids_of_a_tainted_authority_are_due_at_once() {
     assert!(c.issued_by_tainted(&c.svid("a").unwrap().chain_der[0]));
     assert!(!c.issued_by_tainted(&c.svid("b").unwrap().chain_der[0]));
 }
+
+#[test]
+fn resume_point_follows_complete_rounds_and_resumed_streams_apply_as_changes() {
+    let mut c = Cache::new();
+    // Nothing held, or a server that sends no roots: nothing to resume from.
+    assert_eq!(c.resume_point(), (0, Vec::new()));
+    let resumed = pb::SyncResponse {
+        resumed: true,
+        revision: 1,
+        roots: vec![1],
+        ..Default::default()
+    };
+    assert_eq!(c.apply_sync(resumed), Err(CacheError::NoSnapshot));
+    c.apply_sync(snapshot(vec![entry("a", 1)], 1)).unwrap();
+    assert_eq!(c.resume_point(), (0, Vec::new()));
+    c.apply_sync(pb::SyncResponse {
+        roots: vec![7; 32],
+        ..snapshot(vec![entry("a", 1), entry("b", 2)], 2)
+    })
+    .unwrap();
+    assert_eq!(c.resume_point(), (2, vec![7; 32]));
+
+    // A round cut off after its first message: the set is at no revision.
+    c.apply_sync(pb::SyncResponse {
+        upserted: vec![entry("c", 3)],
+        revision: 4,
+        more_follows: true,
+        roots: vec![7; 32],
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(c.resume_point(), (0, Vec::new()));
+    // A snapshot cut off does not spoil the set held; a resumed stream drops the partial one.
+    c.apply_sync(pb::SyncResponse {
+        upserted: vec![entry("x", 5)],
+        full: true,
+        revision: 5,
+        more_follows: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let out = c
+        .apply_sync(pb::SyncResponse {
+            upserted: vec![entry("d", 5)],
+            removed: vec!["a".into()],
+            resumed: true,
+            revision: 5,
+            roots: vec![8; 32],
+            ..Default::default()
+        })
+        .unwrap();
+    assert!(out.resumed && out.complete);
+    assert_eq!((out.upserted, out.removed), (1, 1));
+    assert_eq!(
+        held_ids(&c),
+        HashSet::from(["b".to_string(), "c".to_string(), "d".to_string()])
+    );
+    assert_eq!(c.resume_point(), (5, vec![8; 32]));
+    // The cut-off snapshot is not completed by a later chunk.
+    c.apply_sync(pb::SyncResponse {
+        snapshot_complete: true,
+        revision: 6,
+        roots: vec![8; 32],
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(!held_ids(&c).contains("x"));
+}

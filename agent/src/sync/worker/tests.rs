@@ -199,6 +199,11 @@ mod sessions {
         attest: Vec<Instant>,
         /// The server of each sync call.
         sync_servers: Vec<String>,
+        /// The entry ids of each BatchSign call.
+        sign_ids: Vec<Vec<String>>,
+        /// BatchSign calls in flight now, and the most at once.
+        signing: usize,
+        max_signing: usize,
     }
 
     struct Script {
@@ -213,6 +218,10 @@ mod sessions {
         servers: Vec<String>,
         current: usize,
         calls: Calls,
+        /// When set, each BatchSign call waits for a permit (taken for good) before answering.
+        sign_gate: Option<Arc<tokio::sync::Semaphore>>,
+        /// BatchSign calls (by their index) that fail as a whole with this status.
+        fail_sign_call: Box<dyn Fn(usize) -> Option<tonic::Status> + Send>,
     }
 
     /// A scripted sigil-server.
@@ -235,6 +244,8 @@ mod sessions {
                     servers: vec!["server-a:8081".into()],
                     current: 0,
                     calls: Calls::default(),
+                    sign_gate: None,
+                    fail_sign_call: Box::new(|_| None),
                 })),
             })
         }
@@ -312,11 +323,27 @@ mod sessions {
         }
 
         async fn batch_sign(
-            &mut self,
+            &self,
             requests: Vec<pb::SignRequest>,
         ) -> Result<Vec<pb::SignResult>, ClientError> {
+            let (call, gate) = {
+                let mut s = self.node.script();
+                s.calls.sign.push(Instant::now());
+                s.calls
+                    .sign_ids
+                    .push(requests.iter().map(|r| r.entry_id.clone()).collect());
+                s.calls.signing += 1;
+                s.calls.max_signing = s.calls.max_signing.max(s.calls.signing);
+                (s.calls.sign.len() - 1, s.sign_gate.clone())
+            };
+            if let Some(gate) = gate {
+                gate.acquire().await.unwrap().forget();
+            }
             let mut s = self.node.script();
-            s.calls.sign.push(Instant::now());
+            s.calls.signing -= 1;
+            if let Some(status) = (s.fail_sign_call)(call) {
+                return Err(rpc("batch signing", &status));
+            }
             let now = self.node.clock.now_unix();
             Ok(requests
                 .iter()
@@ -755,6 +782,71 @@ mod sessions {
         let calls = secs_since(started, &w.node.script().calls.sign);
         assert_eq!(calls.len() as u32, failure.failures, "{calls:?}");
         assert_eq!(w.state.metrics.svid_sign_backoff_entries.get(), 1);
+        w.stop().await;
+    }
+
+    /// Polls (in paused time) until `done` holds for the fake's calls, at most `rounds` times.
+    async fn until(node: &FakeNode, rounds: usize, done: impl Fn(&Calls) -> bool) {
+        for _ in 0..rounds {
+            if done(&node.script().calls) {
+                return;
+            }
+            // Key generation runs on the blocking pool in real time: let it go on.
+            tokio::task::spawn_blocking(std::thread::yield_now)
+                .await
+                .unwrap();
+        }
+        panic!("the fake never saw the expected calls");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn batches_are_pipelined_with_a_bounded_number_in_flight() {
+        // Three batches: 500, 500 and 1 entries.
+        let ids: Vec<String> = (0..2 * SIGN_BATCH + 1)
+            .map(|i| format!("e{i:05}"))
+            .collect();
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let w = start(24 * 3600, None, |s| {
+            s.syncs = [SyncPlan::Serve(vec![snapshot(&refs)])].into();
+            s.sign_gate = Some(gate.clone());
+            // The second call fails as a whole (the server could not answer it).
+            s.fail_sign_call =
+                Box::new(|call| (call == 1).then(|| tonic::Status::unavailable("answer lost")));
+        });
+        // The second batch is sent while the first is still being signed.
+        until(&w.node, 200_000, |c| c.sign.len() >= 2).await;
+        assert_eq!(
+            w.node.script().calls.signing,
+            2,
+            "two calls in flight at once"
+        );
+        assert_eq!(w.state.snapshot().svid_count(), 0, "nothing answered yet");
+        // Answer them all; the third batch follows.
+        gate.add_permits(3);
+        until(&w.node, 200_000, |_| {
+            w.state.snapshot().svid_count() == SIGN_BATCH + 1
+                && w.state.snapshot().sign_backoff().count() == SIGN_BATCH
+        })
+        .await;
+        {
+            let s = w.node.script();
+            assert_eq!(s.calls.max_signing, SIGN_IN_FLIGHT, "never more in flight");
+            // Batches in due order, each entry asked for once (a later call, blocked at the
+            // gate, can only be the failed batch's retry).
+            assert_eq!(s.calls.sign_ids[..3].concat(), ids);
+            for retry in &s.calls.sign_ids[3..] {
+                assert_eq!(retry[..], ids[SIGN_BATCH..2 * SIGN_BATCH]);
+            }
+        }
+        // The failed call's entries back off; the others have their SVIDs.
+        let snap = w.state.snapshot();
+        for (i, id) in ids.iter().enumerate() {
+            let in_failed_batch = (SIGN_BATCH..2 * SIGN_BATCH).contains(&i);
+            assert_eq!(snap.svid(id).is_some(), !in_failed_batch, "{id}");
+            assert_eq!(snap.sign_failure(id).is_some(), in_failed_batch, "{id}");
+        }
+        assert_eq!(w.state.metrics.svids_minted.get(), (SIGN_BATCH + 1) as u64);
         w.stop().await;
     }
 }

@@ -419,15 +419,16 @@ async fn a_just_started_container_is_found_on_the_third_poll() {
 async fn unknown_pod_or_container_gives_up_after_the_wait() {
     let kubelet = Kubelet::start(&[CONTAINERD]).await;
     let (_dir, mut cfg) = setup(&kubelet);
-    cfg.container_wait = Duration::from_millis(150);
-    cfg.poll_interval = Duration::from_millis(40);
+    // A wait long enough for a second poll even when one HTTPS request to the fake kubelet
+    // takes hundreds of milliseconds on a loaded machine.
+    cfg.container_wait = Duration::from_millis(1000);
+    cfg.poll_interval = Duration::from_millis(100);
     let client = KubeletClient::new(cfg);
     let unknown_pod = "0f8e2a56-9c41-4d7b-a3e0-5b6c7d8e9f01";
     assert!(client.lookup(unknown_pod, WEB_APP).await.unwrap().is_none());
     let polls = kubelet.seen().len();
-    // Polled again within the wait, and no more than the wait allows (a loaded machine fits
-    // fewer polls in 150 ms).
-    assert!((2..=5).contains(&polls), "{polls} requests");
+    // Polled again within the wait, and no more often than the poll interval allows.
+    assert!((2..=11).contains(&polls), "{polls} requests");
     // Known pod, unknown container.
     assert!(client
         .lookup(WEB_POD, &"0".repeat(64))

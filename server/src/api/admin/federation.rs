@@ -357,10 +357,10 @@ pub(super) async fn refresh(
 fn refresh_status(r: &FederationRelationship, e: RefreshError) -> Status {
     let message = |e: &RefreshError| {
         format!(
-            "refreshing the bundle of {} from {} failed: {}; the stored bundle is unchanged",
-            r.trust_domain,
+            "fetching from {} failed: {}; the stored bundle of {} is unchanged",
             sigil::text::echo(&r.bundle_endpoint_url),
-            sigil::text::error_chain(e)
+            sigil::text::error_chain(e),
+            r.trust_domain
         )
     };
     match e {

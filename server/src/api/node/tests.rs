@@ -497,6 +497,78 @@ async fn batch_sign_signs_only_authorised_entries_one_result_each() {
     );
 }
 
+/// A batch large enough to be signed in several parallel chunks: every result answers its
+/// request, in order, and each SVID carries its own entry's ID and its own CSR's key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_batch_is_answered_in_order_across_signing_chunks() {
+    let f = fixture().await;
+    let p = f.attested(None).await;
+    let agent = f.agent(&p).await.unwrap();
+    let mut entries = Vec::new();
+    for i in 0..5 {
+        let path = format!("spiffe://example.org/w/{i}");
+        entries.push((f.entry(&path, AGENT, &[]).await, path));
+    }
+    let other = f
+        .entry(
+            "spiffe://example.org/x",
+            "spiffe://example.org/sigil/agent/join_token/other",
+            &[],
+        )
+        .await;
+    // Requests: the entries in turn, every 7th for an unauthorised one, every 11th for none.
+    let mut want = Vec::new();
+    let mut requests = Vec::new();
+    for i in 0..3 * sign::MIN_SIGN_CHUNK + 5 {
+        let key = KeyPair::generate().unwrap();
+        let csr = CertificateParams::default()
+            .serialize_request(&key)
+            .unwrap()
+            .der()
+            .to_vec();
+        let (entry_id, expect) = if i % 11 == 10 {
+            ("no-such-entry".to_string(), Err(Code::NotFound))
+        } else if i % 7 == 6 {
+            (other.clone(), Err(Code::PermissionDenied))
+        } else {
+            let (id, path) = &entries[i % entries.len()];
+            (
+                id.clone(),
+                Ok((
+                    path.clone(),
+                    rcgen::PublicKeyData::subject_public_key_info(&key),
+                )),
+            )
+        };
+        want.push((entry_id.clone(), expect));
+        requests.push(pb::SignRequest { entry_id, csr });
+    }
+    let resp = batch_sign(&f.state, &agent, requests).await.unwrap();
+    assert_eq!(resp.results.len(), want.len());
+    for (i, (r, (entry_id, expect))) in resp.results.iter().zip(&want).enumerate() {
+        assert_eq!(&r.entry_id, entry_id, "result {i}");
+        match expect {
+            Err(code) => assert_eq!(r.code, *code as i32, "result {i}: {}", r.message),
+            Ok((path, spki)) => {
+                assert_eq!(r.code, Code::Ok as i32, "result {i}: {}", r.message);
+                let chain = sigil::x509::split_der_concat(&r.svid_chain).unwrap();
+                let (_, cert) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+                assert_eq!(
+                    cert.public_key().raw,
+                    &spki[..],
+                    "result {i}: its CSR's key"
+                );
+                let san = cert.subject_alternative_name().unwrap().unwrap();
+                assert!(
+                    format!("{:?}", san.value).contains(&format!("\"{path}\"")),
+                    "result {i}: {path} in {:?}",
+                    san.value
+                );
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn jwt_svids_for_authorised_entries_only() {
     let f = fixture().await;

@@ -1,6 +1,7 @@
 //! Registration entries: writes under the revision lock, reads, selector filters in SQL, and
 //! the changes since a revision.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use deadpool_postgres::{GenericClient, Object};
@@ -10,7 +11,11 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{IsolationLevel, Row};
 
 use super::{col, effective_page_size, into_page, to_i64, Result};
-use crate::datastore::{DatastoreError, EntryChanges, EntryFilter, Page, SelectorMatch};
+use crate::datastore::descent::Descent;
+use crate::datastore::{
+    AuthorizedRead, DatastoreError, EntryChanges, EntryFilter, EntryHistory, Page, Placement,
+    SelectorMatch,
+};
 
 /// Columns of an entry row, as read by [`decode`]; the last one gathers the entry's selectors
 /// as `type:value` strings.
@@ -244,6 +249,24 @@ pub(super) async fn get(
         .transpose()
 }
 
+/// The entries with these ids, one per id in order (`None` where none is stored): one query.
+pub(super) async fn get_many(
+    c: &impl GenericClient,
+    ids: &[String],
+) -> Result<Vec<Option<RegistrationEntry>>> {
+    let stmt = c
+        .prepare_cached(&format!(
+            "SELECT {ENTRY_COLUMNS} FROM entries e WHERE e.id = ANY($1)"
+        ))
+        .await?;
+    let mut found: HashMap<String, RegistrationEntry> = HashMap::with_capacity(ids.len());
+    for row in c.query(&stmt, &[&ids]).await? {
+        let (_, e) = decode(&row)?;
+        found.insert(e.id.clone(), e);
+    }
+    Ok(ids.iter().map(|id| found.get(id).cloned()).collect())
+}
+
 fn not_found(id: &str) -> DatastoreError {
     DatastoreError::NotFound(format!("entry {}", sigil::text::quote_for_display(id)))
 }
@@ -403,8 +426,9 @@ pub(super) async fn create(
     let mut rev = lock_revision(&tx).await?;
     let insert = tx
         .prepare_cached(&format!(
-            "INSERT INTO entries (id, revision, created_at, updated_at, {ENTRY_CONTENT}) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+            "INSERT INTO entries (id, revision, created_at, updated_at, {ENTRY_CONTENT}, \
+             created_revision) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $2) \
              RETURNING seq"
         ))
         .await?;
@@ -446,7 +470,7 @@ pub(super) async fn update(
     let tx = conn.transaction().await?;
     let rev = lock_revision(&tx).await? + 1;
     let stmt = tx
-        .prepare_cached("SELECT seq, created_at FROM entries WHERE id = $1")
+        .prepare_cached("SELECT seq, created_at, spiffe_id, parent_id FROM entries WHERE id = $1")
         .await?;
     let Some(row) = tx.query_opt(&stmt, &[&entry.id]).await? else {
         return Err(not_found(&entry.id));
@@ -454,6 +478,8 @@ pub(super) async fn update(
     let what = || format!("entry {:?}", entry.id);
     let seq: i64 = col(&row, 0, &what)?;
     let created_at: i64 = col(&row, 1, &what)?;
+    let old_spiffe_id: String = col(&row, 2, &what)?;
+    let old_parent_id: String = col(&row, 3, &what)?;
     let key = reg_key(&entry);
     if let Some(other) = find_registration(&tx, &key, Some(&entry.id)).await? {
         return Err(DatastoreError::AlreadyExists(other));
@@ -484,6 +510,21 @@ pub(super) async fn update(
         .await?;
     tx.execute(&stmt, &[&seq]).await?;
     insert_selectors(&tx, seq, &entry.selectors).await?;
+    if old_spiffe_id != entry.spiffe_id.to_string() || old_parent_id != entry.parent_id.to_string()
+    {
+        // The former placement, for agents resuming from before this revision.
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO entry_moves (revision, id, spiffe_id, parent_id, moved_at) \
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .await?;
+        tx.execute(
+            &stmt,
+            &[&rev, &entry.id, &old_spiffe_id, &old_parent_id, &now],
+        )
+        .await?;
+    }
     set_revision(&tx, rev).await?;
     tx.commit().await?;
     Ok(entry)
@@ -502,12 +543,16 @@ pub(super) async fn delete(conn: &mut Object, id: &str, now: i64) -> Result<Regi
     tx.execute(&stmt, &[&seq]).await?;
     let stmt = tx
         .prepare_cached(
-            "INSERT INTO entry_tombstones (id, revision, deleted_at) VALUES ($1, $2, $3) \
+            "INSERT INTO entry_tombstones (id, revision, deleted_at, spiffe_id, parent_id) \
+             VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (id) DO UPDATE SET revision = excluded.revision, \
-             deleted_at = excluded.deleted_at",
+             deleted_at = excluded.deleted_at, spiffe_id = excluded.spiffe_id, \
+             parent_id = excluded.parent_id",
         )
         .await?;
-    tx.execute(&stmt, &[&id, &rev, &now]).await?;
+    let (spiffe_id, parent_id) = (entry.spiffe_id.to_string(), entry.parent_id.to_string());
+    tx.execute(&stmt, &[&id, &rev, &now, &spiffe_id, &parent_id])
+        .await?;
     set_revision(&tx, rev).await?;
     tx.commit().await?;
     Ok(entry)
@@ -548,4 +593,209 @@ pub(super) async fn changes_since(conn: &mut Object, since: i64) -> Result<Entry
         removed,
         revision,
     })
+}
+
+/// [`crate::datastore::Datastore::read_authorized`]: one read-only repeatable-read transaction,
+/// one query for the aliases and one per level.
+pub(super) async fn read_authorized(
+    conn: &mut Object,
+    agent_id: &SpiffeId,
+    selectors: &SelectorSet,
+    server_id: &SpiffeId,
+) -> Result<AuthorizedRead> {
+    let tx = conn
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    let revision = current_revision(&tx).await?;
+    let candidates = if selectors.is_empty() {
+        Vec::new()
+    } else {
+        let filter = EntryFilter {
+            parent_id: Some(server_id.clone()),
+            selectors: Some((selectors.clone(), SelectorMatch::Subset)),
+            ..Default::default()
+        };
+        match FilterSql::build(&filter) {
+            Some(f) => {
+                let sql = format!(
+                    "SELECT {ENTRY_COLUMNS} FROM entries e WHERE {} ORDER BY e.seq",
+                    f.conds.join(" AND ")
+                );
+                let stmt = tx.prepare_cached(&sql).await?;
+                tx.query(&stmt, &f.param_refs())
+                    .await?
+                    .iter()
+                    .map(|r| decode(r).map(|(_, e)| e))
+                    .collect::<Result<Vec<_>>>()?
+            }
+            None => Vec::new(),
+        }
+    };
+    let mut descent = Descent::new(agent_id, server_id, selectors, candidates, revision);
+    let stmt = tx
+        .prepare_cached(&format!(
+            "SELECT {ENTRY_COLUMNS} FROM entries e WHERE e.parent_id = ANY($1::text[])"
+        ))
+        .await?;
+    while let Some(parents) = descent.next_level() {
+        let rows = tx
+            .query(&stmt, &[&parents])
+            .await?
+            .iter()
+            .map(decode)
+            .collect::<Result<Vec<_>>>()?;
+        descent.add(rows);
+    }
+    tx.commit().await?;
+    Ok(descent.finish())
+}
+
+/// A stored placement.
+fn placement(id: String, spiffe_id: &str, parent_id: &str, revision: i64) -> Result<Placement> {
+    let bad = |field: &str, why: String| {
+        DatastoreError::Corrupt(format!("entry history of {id:?}: {field}: {why}"))
+    };
+    let spiffe_id = SpiffeId::parse(spiffe_id).map_err(|e| bad("spiffe_id", e.to_string()))?;
+    let parent_id = SpiffeId::parse(parent_id).map_err(|e| bad("parent_id", e.to_string()))?;
+    Ok(Placement {
+        id,
+        spiffe_id,
+        parent_id,
+        revision,
+    })
+}
+
+/// [`crate::datastore::Datastore::entry_history_since`]: one read-only repeatable-read
+/// transaction.
+pub(super) async fn history_since(conn: &mut Object, since: i64) -> Result<Option<EntryHistory>> {
+    let tx = conn
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    let stmt = tx
+        .prepare_cached("SELECT value, history_from FROM revision WHERE id = 1")
+        .await?;
+    let row = tx
+        .query_opt(&stmt, &[])
+        .await?
+        .ok_or_else(|| DatastoreError::Corrupt("the revision counter row is missing".into()))?;
+    let what = || "the revision counter".to_string();
+    let revision: i64 = col(&row, 0, &what)?;
+    let history_from: i64 = col(&row, 1, &what)?;
+    if since < history_from {
+        tx.commit().await?;
+        return Ok(None);
+    }
+    let mut history = EntryHistory {
+        revision,
+        ..Default::default()
+    };
+    let stmt = tx
+        .prepare_cached(
+            "SELECT id, spiffe_id, parent_id, revision, created_revision FROM entries \
+             WHERE revision > $1 ORDER BY revision",
+        )
+        .await?;
+    for row in tx.query(&stmt, &[&since]).await? {
+        let what = || "changed entry".to_string();
+        let id: String = col(&row, 0, &what)?;
+        if col::<i64>(&row, 4, &what)? > since {
+            history.created.insert(id.clone());
+        }
+        history.changed.push(placement(
+            id,
+            &col::<String>(&row, 1, &what)?,
+            &col::<String>(&row, 2, &what)?,
+            col(&row, 3, &what)?,
+        )?);
+    }
+    let stmt = tx
+        .prepare_cached(
+            "SELECT id, spiffe_id, parent_id, revision FROM entry_tombstones WHERE revision > $1 \
+             UNION ALL \
+             SELECT id, spiffe_id, parent_id, revision FROM entry_moves WHERE revision > $1 \
+             ORDER BY 4",
+        )
+        .await?;
+    for row in tx.query(&stmt, &[&since]).await? {
+        let what = || "entry history".to_string();
+        let spiffe_id: Option<String> = col(&row, 1, &what)?;
+        let parent_id: Option<String> = col(&row, 2, &what)?;
+        // A tombstone without its placement predates the recording: history incomplete.
+        let (Some(spiffe_id), Some(parent_id)) = (spiffe_id, parent_id) else {
+            tx.commit().await?;
+            return Ok(None);
+        };
+        history.ended.push(placement(
+            col(&row, 0, &what)?,
+            &spiffe_id,
+            &parent_id,
+            col(&row, 3, &what)?,
+        )?);
+    }
+    let named: std::collections::BTreeSet<String> = history
+        .changed
+        .iter()
+        .chain(&history.ended)
+        .map(|p| p.spiffe_id.to_string())
+        .collect();
+    if !named.is_empty() {
+        let named: Vec<String> = named.into_iter().collect();
+        let stmt = tx
+            .prepare_cached(
+                "SELECT DISTINCT parent_id FROM entries \
+                 WHERE parent_id = ANY($1::text[]) AND created_revision <= $2",
+            )
+            .await?;
+        for row in tx.query(&stmt, &[&named, &since]).await? {
+            let parent: String = col(&row, 0, &|| "entry parent".to_string())?;
+            let id = SpiffeId::parse(&parent)
+                .map_err(|e| DatastoreError::Corrupt(format!("entry parent_id {parent:?}: {e}")))?;
+            history.anchored.insert(id);
+        }
+    }
+    tx.commit().await?;
+    Ok(Some(history))
+}
+
+/// [`crate::datastore::Datastore::prune_entry_history`]: under the revision lock, like every
+/// entry write.
+pub(super) async fn prune_history(conn: &mut Object, before: i64) -> Result<u64> {
+    let tx = conn.transaction().await?;
+    lock_revision(&tx).await?;
+    let stmt = tx
+        .prepare_cached(
+            "SELECT MAX(r) FROM (\
+             SELECT MAX(revision) AS r FROM entry_tombstones WHERE deleted_at < $1 \
+             UNION ALL SELECT MAX(revision) FROM entry_moves WHERE moved_at < $1) AS newest",
+        )
+        .await?;
+    let newest: Option<i64> = col(&tx.query_one(&stmt, &[&before]).await?, 0, &|| {
+        "entry history".to_string()
+    })?;
+    let Some(newest) = newest else {
+        tx.commit().await?;
+        return Ok(0);
+    };
+    let mut n = 0;
+    for sql in [
+        "DELETE FROM entry_tombstones WHERE revision <= $1",
+        "DELETE FROM entry_moves WHERE revision <= $1",
+    ] {
+        let stmt = tx.prepare_cached(sql).await?;
+        n += tx.execute(&stmt, &[&newest]).await?;
+    }
+    let stmt = tx
+        .prepare_cached(
+            "UPDATE revision SET history_from = GREATEST(history_from, $1) WHERE id = 1",
+        )
+        .await?;
+    tx.execute(&stmt, &[&newest]).await?;
+    tx.commit().await?;
+    Ok(n)
 }

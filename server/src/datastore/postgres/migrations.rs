@@ -20,7 +20,7 @@ use crate::datastore::DatastoreError;
 const MIGRATION_LOCK: i64 = 0x5349_474c_4d49_4752;
 
 /// The migrations, in order; the schema version is the number applied.
-pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
 
 /// Version 1: entries (+ selectors, tombstones, revision counter), agents (with the pending
 /// renewed SVID), join tokens, the server's own bundle and federated bundles. Identifiers that
@@ -201,6 +201,34 @@ END $$;
 CREATE TRIGGER federation_relationships_notify
     AFTER INSERT OR UPDATE OR DELETE ON federation_relationships
     FOR EACH STATEMENT EXECUTE FUNCTION sigil_notify_federation();
+"#;
+
+/// Version 4: the entry history a reconnecting agent's sync stream resumes from.
+const V4: &str = r#"
+-- A deleted entry's former SPIFFE ID and parent (NULL in tombstones written before).
+ALTER TABLE entry_tombstones ADD COLUMN spiffe_id TEXT COLLATE "C";
+ALTER TABLE entry_tombstones ADD COLUMN parent_id TEXT COLLATE "C";
+CREATE INDEX entry_tombstones_deleted_at ON entry_tombstones (deleted_at);
+
+-- The former SPIFFE ID and parent of an entry whose update changed either, one row per such
+-- update (revision: the update's).
+CREATE TABLE entry_moves (
+    revision  BIGINT PRIMARY KEY,
+    id        TEXT   COLLATE "C" NOT NULL,
+    spiffe_id TEXT   COLLATE "C" NOT NULL,
+    parent_id TEXT   COLLATE "C" NOT NULL,
+    moved_at  BIGINT NOT NULL
+);
+CREATE INDEX entry_moves_moved_at ON entry_moves (moved_at);
+
+-- The revision that created the entry. Existing entries get their current revision, which is
+-- at most `history_from` below: no history read can take them for new.
+ALTER TABLE entries ADD COLUMN created_revision BIGINT NOT NULL DEFAULT 0;
+UPDATE entries SET created_revision = revision;
+
+-- The history (tombstones with their placement, moves) is complete after this revision.
+ALTER TABLE revision ADD COLUMN history_from BIGINT NOT NULL DEFAULT 0;
+UPDATE revision SET history_from = value;
 "#;
 
 /// Brings the database to the newest schema in `migrations`, one transaction per migration,

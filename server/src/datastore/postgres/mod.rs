@@ -42,7 +42,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use sigil::entry::RegistrationEntry;
-use sigil::{SpiffeId, TrustDomain};
+use sigil::{SelectorSet, SpiffeId, TrustDomain};
 use tokio_postgres::config::SslMode;
 use tokio_postgres::NoTls;
 
@@ -50,8 +50,8 @@ pub use error::{PostgresError, Target};
 
 use super::paging::{effective_page_size, into_page, parse_page_token};
 use super::{
-    AttestedAgent, BundleSwap, ChangeFeed, Datastore, DatastoreError, EntryChanges, EntryFilter,
-    FederationRelationship, JoinToken, NewAgentSvid, Page, StoredBundle,
+    AttestedAgent, AuthorizedRead, BundleSwap, ChangeFeed, Datastore, DatastoreError, EntryChanges,
+    EntryFilter, EntryHistory, FederationRelationship, JoinToken, NewAgentSvid, Page, StoredBundle,
 };
 use error::{connect_hint, map_pg, map_pool};
 
@@ -458,5 +458,33 @@ impl Datastore for PostgresDatastore {
     /// `LISTEN` on a connection of its own (see `feed.rs`).
     fn change_feed(&self) -> Option<ChangeFeed> {
         Some(feed::start(self.config.clone(), self.target.clone()))
+    }
+
+    async fn read_authorized(
+        &self,
+        agent_id: &SpiffeId,
+        selectors: &SelectorSet,
+        server_id: &SpiffeId,
+    ) -> Result<AuthorizedRead> {
+        let mut conn = self.conn().await?;
+        entries::read_authorized(&mut conn, agent_id, selectors, server_id).await
+    }
+
+    async fn entry_history_since(&self, revision: i64) -> Result<Option<EntryHistory>> {
+        let mut conn = self.conn().await?;
+        entries::history_since(&mut conn, revision).await
+    }
+
+    async fn prune_entry_history(&self, before: i64) -> Result<u64> {
+        let mut conn = self.conn().await?;
+        entries::prune_history(&mut conn, before).await
+    }
+
+    async fn get_entries(&self, ids: &[String]) -> Result<Vec<Option<RegistrationEntry>>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let conn = self.conn().await?;
+        entries::get_many(&conn, ids).await
     }
 }

@@ -723,6 +723,18 @@ async fn writes_through_one_server_reach_the_change_feed_of_another() -> TestRes
         .await?;
     assert_eq!(next_change(&mut feed).await?, Change::Federated);
 
+    // Federation relationships: every write, so each server's refresher follows at once.
+    use crate::datastore::conformance::relationship;
+    use crate::federation::EndpointProfile;
+    let rel = relationship("other.org", "https://other.org/", EndpointProfile::HttpsWeb);
+    a.create_federation_relationship(rel.clone()).await?;
+    assert_eq!(next_change(&mut feed).await?, Change::Federation);
+    a.update_federation_relationship(rel).await?;
+    assert_eq!(next_change(&mut feed).await?, Change::Federation);
+    a.delete_federation_relationship(&TrustDomain::new("other.org")?)
+        .await?;
+    assert_eq!(next_change(&mut feed).await?, Change::Federation);
+
     Ok(())
 }
 

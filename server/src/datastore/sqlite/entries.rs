@@ -10,8 +10,12 @@ use sigil::entry::RegistrationEntry;
 use sigil::{Selector, SelectorSet, SpiffeId, TrustDomain};
 
 use super::{to_json, unix_now, Result, SqliteDatastore};
+use crate::datastore::descent::Descent;
 use crate::datastore::paging::{effective_page_size, into_page, parse_page_token, ENTRY_TOKEN};
-use crate::datastore::{DatastoreError, EntryChanges, EntryFilter, Page, SelectorMatch};
+use crate::datastore::{
+    AuthorizedRead, DatastoreError, EntryChanges, EntryFilter, EntryHistory, Page, Placement,
+    SelectorMatch,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Calls (the `Datastore` methods)
@@ -33,6 +37,24 @@ pub(super) async fn get(ds: &SqliteDatastore, id: &str) -> Result<Option<Registr
     let id = id.to_string();
     ds.read(move |conn| Ok(get_entry_conn(conn, &id)?.map(|(_, e)| e)))
         .await
+}
+
+/// [`crate::datastore::Datastore::get_entries`]: one read connection and one blocking-pool hop
+/// for all of them.
+pub(super) async fn get_many(
+    ds: &SqliteDatastore,
+    ids: &[String],
+) -> Result<Vec<Option<RegistrationEntry>>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids = ids.to_vec();
+    ds.read(move |conn| {
+        ids.iter()
+            .map(|id| Ok(get_entry_conn(conn, id)?.map(|(_, e)| e)))
+            .collect()
+    })
+    .await
 }
 
 /// [`crate::datastore::Datastore::list_entries`].
@@ -74,6 +96,32 @@ pub(super) async fn delete(ds: &SqliteDatastore, id: &str) -> Result<Registratio
 pub(super) async fn changes_since(ds: &SqliteDatastore, revision: i64) -> Result<EntryChanges> {
     ds.read(move |conn| entry_changes_conn(conn, revision))
         .await
+}
+
+/// [`crate::datastore::Datastore::read_authorized`]: one blocking job, one read transaction.
+pub(super) async fn read_authorized(
+    ds: &SqliteDatastore,
+    agent_id: &SpiffeId,
+    selectors: &SelectorSet,
+    server_id: &SpiffeId,
+) -> Result<AuthorizedRead> {
+    let (agent_id, selectors, server_id) = (agent_id.clone(), selectors.clone(), server_id.clone());
+    ds.read(move |conn| read_authorized_conn(conn, &agent_id, &selectors, &server_id))
+        .await
+}
+
+/// [`crate::datastore::Datastore::entry_history_since`].
+pub(super) async fn history_since(
+    ds: &SqliteDatastore,
+    revision: i64,
+) -> Result<Option<EntryHistory>> {
+    ds.read(move |conn| entry_history_conn(conn, revision))
+        .await
+}
+
+/// [`crate::datastore::Datastore::prune_entry_history`].
+pub(super) async fn prune_history(ds: &SqliteDatastore, before: i64) -> Result<u64> {
+    ds.write(move |conn| prune_history_conn(conn, before)).await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -406,6 +454,65 @@ fn list_entries_conn(
     Ok(into_page(rows, limit, ENTRY_TOKEN))
 }
 
+/// Decoded `(seq, entry)` rows of `sql` with `params`.
+fn query_entries(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<(i64, RegistrationEntry)>> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let raw = stmt
+        .query_map(params, EntryRow::read)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    raw.into_iter().map(EntryRow::decode).collect()
+}
+
+fn read_authorized_conn(
+    conn: &mut Connection,
+    agent_id: &SpiffeId,
+    selectors: &SelectorSet,
+    server_id: &SpiffeId,
+) -> Result<AuthorizedRead> {
+    let tx = conn.transaction()?;
+    let revision = current_revision(&tx)?;
+    let candidates = if selectors.is_empty() {
+        Vec::new()
+    } else {
+        let filter = EntryFilter {
+            parent_id: Some(server_id.clone()),
+            selectors: Some((selectors.clone(), SelectorMatch::Subset)),
+            ..Default::default()
+        };
+        match FilterSql::build(&filter) {
+            Some(f) => {
+                let sql = format!(
+                    "{}SELECT {ENTRY_COLUMNS} FROM entries e WHERE {} ORDER BY e.seq",
+                    f.with,
+                    f.conds.join(" AND ")
+                );
+                query_entries(&tx, &sql, params_from_iter(f.params))?
+                    .into_iter()
+                    .map(|(_, e)| e)
+                    .collect()
+            }
+            None => Vec::new(),
+        }
+    };
+    let mut descent = Descent::new(agent_id, server_id, selectors, candidates, revision);
+    // One statement for every level: the parents travel as one JSON array, each probed in the
+    // parent_id index.
+    let level_sql = format!(
+        "SELECT {ENTRY_COLUMNS} FROM entries e \
+         WHERE e.parent_id IN (SELECT value FROM json_each(?1))"
+    );
+    while let Some(parents) = descent.next_level() {
+        let parents = to_json(&parents)?;
+        descent.add(query_entries(&tx, &level_sql, [parents])?);
+    }
+    tx.finish()?;
+    Ok(descent.finish())
+}
+
 fn count_entries_conn(conn: &Connection, filter: &EntryFilter) -> Result<u64> {
     let Some(f) = FilterSql::build(filter) else {
         return Ok(0);
@@ -438,8 +545,8 @@ fn create_entries_conn(
     let mut out = Vec::with_capacity(entries.len());
     {
         let mut insert = tx.prepare_cached(&format!(
-            "INSERT INTO entries (id, revision, created_at, updated_at, {ENTRY_CONTENT}) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            "INSERT INTO entries (id, revision, created_revision, created_at, updated_at, \
+             {ENTRY_CONTENT}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         ))?;
         for entry in entries {
             let key = reg_key(&entry);
@@ -459,6 +566,7 @@ fn create_entries_conn(
             };
             let mut values = vec![
                 Value::Text(entry.id.clone()),
+                Value::Integer(rev),
                 Value::Integer(rev),
                 Value::Integer(now),
                 Value::Integer(now),
@@ -480,11 +588,13 @@ fn update_entry_conn(
     now: i64,
 ) -> Result<RegistrationEntry> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let stored: Option<(i64, i64)> = tx
-        .prepare_cached("SELECT seq, created_at FROM entries WHERE id = ?1")?
-        .query_row([&entry.id], |r| Ok((r.get(0)?, r.get(1)?)))
+    let stored: Option<(i64, i64, String, String)> = tx
+        .prepare_cached("SELECT seq, created_at, spiffe_id, parent_id FROM entries WHERE id = ?1")?
+        .query_row([&entry.id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
         .optional()?;
-    let Some((seq, created_at)) = stored else {
+    let Some((seq, created_at, old_spiffe_id, old_parent_id)) = stored else {
         return Err(DatastoreError::NotFound(format!(
             "entry {}",
             sigil::text::quote_for_display(&entry.id)
@@ -519,6 +629,15 @@ fn update_entry_conn(
     tx.prepare_cached("DELETE FROM entry_selectors WHERE entry_seq = ?1")?
         .execute([seq])?;
     insert_selectors(&tx, seq, &entry.selectors)?;
+    if old_spiffe_id != entry.spiffe_id.to_string() || old_parent_id != entry.parent_id.to_string()
+    {
+        // The former placement, for agents resuming from before this revision.
+        tx.prepare_cached(
+            "INSERT INTO entry_moves (revision, id, spiffe_id, parent_id, moved_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?
+        .execute(params![rev, entry.id, old_spiffe_id, old_parent_id, now])?;
+    }
     set_revision(&tx, rev)?;
     tx.commit()?;
     Ok(entry)
@@ -537,9 +656,16 @@ fn delete_entry_conn(conn: &mut Connection, id: &str, now: i64) -> Result<Regist
     tx.prepare_cached("DELETE FROM entries WHERE seq = ?1")?
         .execute([seq])?;
     tx.prepare_cached(
-        "INSERT OR REPLACE INTO entry_tombstones (id, revision, deleted_at) VALUES (?1, ?2, ?3)",
+        "INSERT OR REPLACE INTO entry_tombstones (id, revision, deleted_at, spiffe_id, parent_id) \
+         VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
-    .execute(params![id, rev, now])?;
+    .execute(params![
+        id,
+        rev,
+        now,
+        entry.spiffe_id.to_string(),
+        entry.parent_id.to_string()
+    ])?;
     set_revision(&tx, rev)?;
     tx.commit()?;
     Ok(entry)
@@ -571,4 +697,134 @@ fn entry_changes_conn(conn: &mut Connection, since: i64) -> Result<EntryChanges>
         removed,
         revision,
     })
+}
+
+/// A stored placement (`what` names the row in errors).
+fn placement(id: String, spiffe_id: &str, parent_id: &str, revision: i64) -> Result<Placement> {
+    let bad = |field: &str, why: String| {
+        DatastoreError::Corrupt(format!("entry history of {id:?}: {field}: {why}"))
+    };
+    let spiffe_id = SpiffeId::parse(spiffe_id).map_err(|e| bad("spiffe_id", e.to_string()))?;
+    let parent_id = SpiffeId::parse(parent_id).map_err(|e| bad("parent_id", e.to_string()))?;
+    Ok(Placement {
+        id,
+        spiffe_id,
+        parent_id,
+        revision,
+    })
+}
+
+fn entry_history_conn(conn: &mut Connection, since: i64) -> Result<Option<EntryHistory>> {
+    // One read transaction: everything below describes the same revision.
+    let tx = conn.transaction()?;
+    let revision = current_revision(&tx)?;
+    let history_from: i64 = tx
+        .prepare_cached("SELECT history_from FROM revision WHERE id = 1")?
+        .query_row([], |r| r.get(0))?;
+    if since < history_from {
+        return Ok(None);
+    }
+    let mut history = EntryHistory {
+        revision,
+        ..Default::default()
+    };
+    {
+        let mut stmt = tx.prepare_cached(
+            "SELECT id, spiffe_id, parent_id, revision, created_revision FROM entries \
+             WHERE revision > ?1 ORDER BY revision",
+        )?;
+        let rows = stmt
+            .query_map([since], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        for (id, spiffe_id, parent_id, rev, created) in rows {
+            if created > since {
+                history.created.insert(id.clone());
+            }
+            history
+                .changed
+                .push(placement(id, &spiffe_id, &parent_id, rev)?);
+        }
+    }
+    {
+        let mut stmt = tx.prepare_cached(
+            "SELECT id, spiffe_id, parent_id, revision FROM entry_tombstones WHERE revision > ?1 \
+             UNION ALL \
+             SELECT id, spiffe_id, parent_id, revision FROM entry_moves WHERE revision > ?1 \
+             ORDER BY 4",
+        )?;
+        let rows = stmt
+            .query_map([since], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Option<String>>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        for (id, spiffe_id, parent_id, rev) in rows {
+            // A tombstone without its placement predates the recording: history incomplete.
+            let (Some(spiffe_id), Some(parent_id)) = (spiffe_id, parent_id) else {
+                return Ok(None);
+            };
+            history
+                .ended
+                .push(placement(id, &spiffe_id, &parent_id, rev)?);
+        }
+    }
+    let named: std::collections::BTreeSet<String> = history
+        .changed
+        .iter()
+        .chain(&history.ended)
+        .map(|p| p.spiffe_id.to_string())
+        .collect();
+    if !named.is_empty() {
+        let named: Vec<String> = named.into_iter().collect();
+        let mut stmt = tx.prepare_cached(
+            "SELECT DISTINCT parent_id FROM entries \
+             WHERE parent_id IN (SELECT value FROM json_each(?1)) AND created_revision <= ?2",
+        )?;
+        let rows = stmt
+            .query_map(params![to_json(&named)?, since], |r| r.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        for parent in rows {
+            let id = SpiffeId::parse(&parent)
+                .map_err(|e| DatastoreError::Corrupt(format!("entry parent_id {parent:?}: {e}")))?;
+            history.anchored.insert(id);
+        }
+    }
+    tx.finish()?;
+    Ok(Some(history))
+}
+
+fn prune_history_conn(conn: &mut Connection, before: i64) -> Result<u64> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let newest: Option<i64> = tx
+        .prepare_cached(
+            "SELECT MAX(r) FROM (\
+             SELECT MAX(revision) AS r FROM entry_tombstones WHERE deleted_at < ?1 \
+             UNION ALL SELECT MAX(revision) FROM entry_moves WHERE moved_at < ?1)",
+        )?
+        .query_row([before], |r| r.get(0))?;
+    let Some(newest) = newest else {
+        return Ok(0);
+    };
+    let mut n = tx
+        .prepare_cached("DELETE FROM entry_tombstones WHERE revision <= ?1")?
+        .execute([newest])?;
+    n += tx
+        .prepare_cached("DELETE FROM entry_moves WHERE revision <= ?1")?
+        .execute([newest])?;
+    tx.prepare_cached("UPDATE revision SET history_from = MAX(history_from, ?1) WHERE id = 1")?
+        .execute([newest])?;
+    tx.commit()?;
+    Ok(n as u64)
 }

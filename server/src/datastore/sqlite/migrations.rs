@@ -16,7 +16,7 @@ use crate::datastore::DatastoreError;
 pub(super) const APPLICATION_ID: i32 = 0x5349_474c;
 
 /// The migrations, in order; the schema version is the number applied.
-pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
 
 /// Version 1: entries (+ selectors, tombstones, revision counter), agents, join tokens, bundles.
 const V1: &str = r#"
@@ -141,6 +141,34 @@ CREATE TABLE federation_relationships (
     updated_at          INTEGER NOT NULL,
     CHECK ((profile = 'https_spiffe') = (endpoint_spiffe_id IS NOT NULL))
 ) STRICT;
+"#;
+
+/// Version 5: the entry history a reconnecting agent's sync stream resumes from.
+const V5: &str = r#"
+-- A deleted entry's former SPIFFE ID and parent (NULL in tombstones written before).
+ALTER TABLE entry_tombstones ADD COLUMN spiffe_id TEXT;
+ALTER TABLE entry_tombstones ADD COLUMN parent_id TEXT;
+CREATE INDEX entry_tombstones_deleted_at ON entry_tombstones (deleted_at);
+
+-- The former SPIFFE ID and parent of an entry whose update changed either, one row per such
+-- update (revision: the update's).
+CREATE TABLE entry_moves (
+    revision  INTEGER PRIMARY KEY,
+    id        TEXT    NOT NULL,
+    spiffe_id TEXT    NOT NULL,
+    parent_id TEXT    NOT NULL,
+    moved_at  INTEGER NOT NULL
+) STRICT;
+CREATE INDEX entry_moves_moved_at ON entry_moves (moved_at);
+
+-- The revision that created the entry. Existing entries get their current revision, which is
+-- at most `history_from` below: no history read can take them for new.
+ALTER TABLE entries ADD COLUMN created_revision INTEGER NOT NULL DEFAULT 0;
+UPDATE entries SET created_revision = revision;
+
+-- The history (tombstones with their placement, moves) is complete after this revision.
+ALTER TABLE revision ADD COLUMN history_from INTEGER NOT NULL DEFAULT 0;
+UPDATE revision SET history_from = value;
 "#;
 
 /// Brings the database at `path` to the newest schema in `migrations`, one transaction per

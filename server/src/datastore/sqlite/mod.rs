@@ -35,11 +35,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use rusqlite::{Connection, ErrorCode, OpenFlags};
 use sigil::entry::RegistrationEntry;
-use sigil::{SpiffeId, TrustDomain};
+use sigil::{SelectorSet, SpiffeId, TrustDomain};
 
 use super::{
-    AttestedAgent, BundleSwap, Datastore, DatastoreError, EntryChanges, EntryFilter,
-    FederationRelationship, JoinToken, NewAgentSvid, Page, StoredBundle,
+    AttestedAgent, AuthorizedRead, BundleSwap, Datastore, DatastoreError, EntryChanges,
+    EntryFilter, EntryHistory, FederationRelationship, JoinToken, NewAgentSvid, Page, StoredBundle,
 };
 use bundles::BundleTable;
 
@@ -574,5 +574,26 @@ impl Datastore for SqliteDatastore {
         td: &TrustDomain,
     ) -> Result<FederationRelationship> {
         federation::delete(self, td).await
+    }
+
+    async fn read_authorized(
+        &self,
+        agent_id: &SpiffeId,
+        selectors: &SelectorSet,
+        server_id: &SpiffeId,
+    ) -> Result<AuthorizedRead> {
+        entries::read_authorized(self, agent_id, selectors, server_id).await
+    }
+
+    async fn entry_history_since(&self, revision: i64) -> Result<Option<EntryHistory>> {
+        entries::history_since(self, revision).await
+    }
+
+    async fn prune_entry_history(&self, before: i64) -> Result<u64> {
+        entries::prune_history(self, before).await
+    }
+
+    async fn get_entries(&self, ids: &[String]) -> Result<Vec<Option<RegistrationEntry>>> {
+        entries::get_many(self, ids).await
     }
 }

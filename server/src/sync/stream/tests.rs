@@ -90,6 +90,7 @@ impl Fixture {
             pb::SyncRequest {
                 known_revision: 0,
                 known_bundle_sequence: known_bundle,
+                known_roots: Vec::new(),
             },
             reconcile,
         ))
@@ -732,12 +733,22 @@ async fn large_entries_are_split_by_size() -> TestResult {
 fn outbox_splits_removals_and_sends_nothing_when_empty() {
     let mut o = Outbox::default();
     assert!(o.next_message().is_none());
-    o.load((Vec::new(), Vec::new(), 7), Bundles::default(), false);
+    o.load(
+        (Vec::new(), Vec::new(), 7),
+        Bundles::default(),
+        RoundKind::Increment,
+        Vec::new(),
+    );
     assert!(o.next_message().is_none());
     let ids: Vec<String> = (0..MAX_REMOVED_PER_MESSAGE + 1)
         .map(|i| i.to_string())
         .collect();
-    o.load((Vec::new(), ids, 8), Bundles::default(), false);
+    o.load(
+        (Vec::new(), ids, 8),
+        Bundles::default(),
+        RoundKind::Increment,
+        Vec::new(),
+    );
     let first = o.next_message().map(|m| m.removed.len());
     let second = o
         .next_message()
@@ -778,5 +789,441 @@ async fn a_taint_resends_the_bundle_with_the_tainted_authorities() -> TestResult
     let chunks = snapshot(&mut s).await?;
     let b = chunks[0].bundle.as_ref().ok_or("bundle missing")?;
     assert_eq!(b.tainted_x509_authorities, ["ab12"]);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Resuming from the agent's revision
+
+/// What an agent holds, built from the messages it was sent as `Cache::apply_sync` does.
+#[derive(Debug, Default, Clone)]
+struct Held {
+    /// Entry id → (SPIFFE ID path, revision).
+    entries: HashMap<String, (String, i64)>,
+    revision: i64,
+    roots: Vec<u8>,
+    /// Entries sent in the last round read.
+    sent: usize,
+}
+
+impl Held {
+    fn apply(&mut self, m: &pb::SyncResponse) {
+        if m.full {
+            self.entries.clear();
+        }
+        for e in &m.upserted {
+            let path = SpiffeId::parse(&e.spiffe_id).unwrap().path().to_string();
+            self.entries.insert(e.id.clone(), (path, e.revision_number));
+        }
+        for id in &m.removed {
+            self.entries.remove(id);
+        }
+        self.sent += m.upserted.len();
+        self.revision = m.revision;
+        self.roots = m.roots.clone();
+    }
+
+    /// The request of a reconnect holding this.
+    fn request(&self) -> pb::SyncRequest {
+        pb::SyncRequest {
+            known_revision: self.revision,
+            known_bundle_sequence: 0,
+            known_roots: self.roots.clone(),
+        }
+    }
+}
+
+/// Reads the stream's first round (a snapshot or a resumed round) into `held`; returns its
+/// messages.
+async fn first_round(s: &mut SyncStream, held: &mut Held) -> TestResult<Vec<pb::SyncResponse>> {
+    held.sent = 0;
+    let mut out = Vec::new();
+    loop {
+        let m = next(s, Duration::from_secs(30)).await?;
+        held.apply(&m);
+        let done = !m.more_follows;
+        assert_eq!(
+            m.snapshot_complete,
+            out.first().map_or(m.full, |f: &pb::SyncResponse| f.full) && done,
+            "snapshot_complete on the last chunk of a snapshot only"
+        );
+        out.push(m);
+        if done {
+            return Ok(out);
+        }
+    }
+}
+
+impl Fixture {
+    fn stream_with(&self, agent: &SpiffeId, req: pb::SyncRequest) -> SyncStream {
+        Box::pin(sync_stream(
+            self.ds.clone(),
+            self.events.clone(),
+            agent.clone(),
+            server(),
+            td(),
+            req,
+            NEVER,
+        ))
+    }
+
+    /// Connects as an agent holding `held`; returns the first round and whether it resumed.
+    async fn reconnect(&self, agent: &SpiffeId, held: &mut Held) -> TestResult<bool> {
+        let mut s = self.stream_with(agent, held.request());
+        let round = first_round(&mut s, held).await?;
+        let resumed = round[0].resumed;
+        assert_eq!(
+            resumed, !round[0].full,
+            "a first round is resumed or a snapshot"
+        );
+        assert!(round[1..].iter().all(|m| !m.resumed && !m.full));
+        Ok(resumed)
+    }
+
+    /// The ids and revisions `agent` is authorised for now, as the agent should hold them.
+    async fn authorised(&self, agent: &SpiffeId) -> TestResult<HashMap<String, (String, i64)>> {
+        let record = self.ds.get_agent(agent).await?.ok_or("agent record")?;
+        Ok(authorized_entries(&*self.ds, &record, &server())
+            .await?
+            .into_iter()
+            .map(|e| (e.id, (e.spiffe_id.path().to_string(), e.revision)))
+            .collect())
+    }
+
+    /// A first connection: the snapshot, held.
+    async fn connect(&self, agent: &SpiffeId) -> TestResult<Held> {
+        let mut held = Held::default();
+        assert!(
+            !self.reconnect(agent, &mut held).await?,
+            "no revision: a snapshot"
+        );
+        assert_eq!(held.entries, self.authorised(agent).await?);
+        Ok(held)
+    }
+}
+
+use crate::sync::authorized_entries;
+
+#[tokio::test]
+async fn resume_with_nothing_changed_sends_one_small_message() -> TestResult {
+    let fx = Fixture::new().await?;
+    let agent = fx
+        .agent("/sigil/agent/join_token/a", &["k8s:cluster:c1"])
+        .await?;
+    fx.create_one(entry("/cluster/c1", &server(), &["k8s:cluster:c1"]))
+        .await?;
+    let mine: Vec<RegistrationEntry> = (0..10_000)
+        .map(|i| {
+            let parent = if i % 2 == 0 {
+                agent.clone()
+            } else {
+                id("/cluster/c1")
+            };
+            entry(&format!("/w/{i}"), &parent, &["unix:uid:1"])
+        })
+        .collect();
+    fx.create(mine).await?;
+    let mut held = fx.connect(&agent).await?;
+    assert_eq!((held.entries.len(), held.sent), (10_000, 10_000));
+
+    let mut s = fx.stream_with(&agent, held.request());
+    let round = first_round(&mut s, &mut held).await?;
+    assert_eq!(round.len(), 1);
+    let m = &round[0];
+    assert!(m.resumed && !m.full && !m.more_follows);
+    assert!(m.upserted.is_empty() && m.removed.is_empty());
+    assert_eq!(held.entries.len(), 10_000);
+    // The whole reconnect: the revision, the roots digest, an empty federated set.
+    assert!(m.encoded_len() < 64, "{} bytes", m.encoded_len());
+    // The stream is live afterwards.
+    let e = fx
+        .create_one(entry("/late", &agent, &["unix:uid:1"]))
+        .await?;
+    let m = next(&mut s, WITHIN).await?;
+    assert_eq!(m.upserted, vec![e.to_proto()]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn resume_sends_only_the_creates_updates_and_deletes_since() -> TestResult {
+    let fx = Fixture::new().await?;
+    let agent = fx.agent("/sigil/agent/join_token/a", &[]).await?;
+    let other = fx.agent("/sigil/agent/join_token/b", &[]).await?;
+    let mine = fx
+        .create(
+            (0..50)
+                .map(|i| entry(&format!("/w/{i}"), &agent, &["unix:uid:1"]))
+                .collect(),
+        )
+        .await?;
+    let theirs = fx
+        .create_one(entry("/theirs", &other, &["unix:uid:1"]))
+        .await?;
+    let mut held = fx.connect(&agent).await?;
+
+    let new = fx
+        .create_one(entry("/new", &agent, &["unix:uid:2"]))
+        .await?;
+    fx.update_hint(mine[1].clone(), "changed").await?;
+    fx.delete(&mine[2].id).await?;
+    // Other agents' changes are none of this agent's business.
+    fx.create_one(entry("/theirs-too", &other, &["unix:uid:2"]))
+        .await?;
+    fx.delete(&theirs.id).await?;
+    // Created and deleted while away: never held, nothing to say.
+    let brief = fx
+        .create_one(entry("/brief", &other, &["unix:uid:3"]))
+        .await?;
+    fx.delete(&brief.id).await?;
+
+    assert!(fx.reconnect(&agent, &mut held).await?);
+    assert_eq!(held.sent, 2, "the create and the update");
+    assert_eq!(held.entries, fx.authorised(&agent).await?);
+    assert!(held.entries.contains_key(&new.id));
+    assert!(!held.entries.contains_key(&mine[2].id));
+    // Reconnecting again at once: nothing.
+    assert!(fx.reconnect(&agent, &mut held).await?);
+    assert_eq!(held.sent, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn resume_removes_entries_moved_away_and_sends_entries_moved_in() -> TestResult {
+    let fx = Fixture::new().await?;
+    let agent = fx.agent("/sigil/agent/join_token/a", &[]).await?;
+    let other = fx.agent("/sigil/agent/join_token/b", &[]).await?;
+    let leaf = fx
+        .create_one(entry("/leaf", &agent, &["unix:uid:1"]))
+        .await?;
+    let theirs = fx
+        .create_one(entry("/their-leaf", &other, &["unix:uid:1"]))
+        .await?;
+    let mut held = fx.connect(&agent).await?;
+
+    // Leaves (nothing below them) moving between agents: resumable.
+    fx.update(RegistrationEntry {
+        parent_id: other.clone(),
+        ..leaf.clone()
+    })
+    .await?;
+    fx.update(RegistrationEntry {
+        parent_id: agent.clone(),
+        ..theirs.clone()
+    })
+    .await?;
+    assert!(fx.reconnect(&agent, &mut held).await?);
+    assert_eq!(held.entries, fx.authorised(&agent).await?);
+    assert!(held.entries.contains_key(&theirs.id) && !held.entries.contains_key(&leaf.id));
+    Ok(())
+}
+
+#[tokio::test]
+async fn resume_falls_back_to_a_snapshot_when_a_subtree_moved() -> TestResult {
+    let fx = Fixture::new().await?;
+    let agent = fx.agent("/sigil/agent/join_token/a", &[]).await?;
+    let other = fx.agent("/sigil/agent/join_token/b", &[]).await?;
+    let app = fx
+        .create_one(entry("/app", &agent, &["unix:uid:1"]))
+        .await?;
+    let db = fx
+        .create_one(entry("/app/db", &id("/app"), &["unix:uid:2"]))
+        .await?;
+    fx.create_one(entry("/orphan/child", &id("/orphan"), &["unix:uid:3"]))
+        .await?;
+    let mut held = fx.connect(&agent).await?;
+    assert!(held.entries.contains_key(&db.id));
+
+    // /app moves to the other agent: /app/db, unchanged, goes with it.
+    fx.update(RegistrationEntry {
+        parent_id: other.clone(),
+        ..app.clone()
+    })
+    .await?;
+    assert!(!fx.reconnect(&agent, &mut held).await?, "a snapshot");
+    assert_eq!(held.entries, fx.authorised(&agent).await?);
+    assert!(!held.entries.contains_key(&db.id));
+
+    // /orphan is created under the agent: /orphan/child, unchanged, becomes authorised.
+    fx.create_one(entry("/orphan", &agent, &["unix:uid:4"]))
+        .await?;
+    assert!(!fx.reconnect(&agent, &mut held).await?, "a snapshot");
+    assert_eq!(held.entries, fx.authorised(&agent).await?);
+    assert!(held.entries.values().any(|(p, _)| p == "/orphan/child"));
+
+    // A parent deleted while the entry below it was updated in place: what hangs below that
+    // entry is lost too.
+    let p = fx.create_one(entry("/p", &agent, &["unix:uid:5"])).await?;
+    let x = fx
+        .create_one(entry("/p/x", &id("/p"), &["unix:uid:6"]))
+        .await?;
+    let c = fx
+        .create_one(entry("/p/x/c", &id("/p/x"), &["unix:uid:7"]))
+        .await?;
+    assert!(fx.reconnect(&agent, &mut held).await?);
+    assert!(held.entries.contains_key(&c.id));
+    fx.delete(&p.id).await?;
+    fx.update_hint(x, "in place").await?;
+    assert!(!fx.reconnect(&agent, &mut held).await?, "a snapshot");
+    assert_eq!(held.entries, fx.authorised(&agent).await?);
+    assert!(!held.entries.contains_key(&c.id));
+
+    // Deleting a parent whose children stay: its subtree is lost.
+    let orphan = held
+        .entries
+        .iter()
+        .find(|(_, (p, _))| p == "/orphan")
+        .map(|(id, _)| id.clone())
+        .ok_or("/orphan held")?;
+    fx.delete(&orphan).await?;
+    assert!(!fx.reconnect(&agent, &mut held).await?, "a snapshot");
+    assert_eq!(held.entries, fx.authorised(&agent).await?);
+    assert!(held.entries.is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn resume_falls_back_to_a_snapshot_when_the_roots_changed() -> TestResult {
+    let fx = Fixture::new().await?;
+    let agent = fx
+        .agent("/sigil/agent/join_token/a", &["k8s:cluster:c1"])
+        .await?;
+    fx.create_one(entry("/w", &agent, &["unix:uid:1"])).await?;
+    fx.create_one(entry("/c2/app", &id("/cluster/c2"), &["unix:uid:1"]))
+        .await?;
+    fx.create_one(entry("/cluster/c2", &server(), &["k8s:cluster:c2"]))
+        .await?;
+    let mut held = fx.connect(&agent).await?;
+    assert_eq!(held.entries.len(), 1);
+
+    // New node selectors make the c2 alias apply: /c2/app, unchanged, becomes authorised.
+    fx.agent(
+        "/sigil/agent/join_token/a",
+        &["k8s:cluster:c1", "k8s:cluster:c2"],
+    )
+    .await?;
+    assert!(!fx.reconnect(&agent, &mut held).await?, "a snapshot");
+    assert_eq!(held.entries, fx.authorised(&agent).await?);
+    assert_eq!(held.entries.len(), 2);
+
+    // A new alias for the agent: the roots change again.
+    fx.create_one(entry("/cluster/c1", &server(), &["k8s:cluster:c1"]))
+        .await?;
+    fx.create_one(entry("/c1/app", &id("/cluster/c1"), &["unix:uid:1"]))
+        .await?;
+    assert!(!fx.reconnect(&agent, &mut held).await?, "a snapshot");
+    assert_eq!(held.entries, fx.authorised(&agent).await?);
+    assert_eq!(held.entries.len(), 3);
+
+    // An alias of another node changing is no reason for a snapshot.
+    fx.create_one(entry("/cluster/c9", &server(), &["k8s:cluster:c9"]))
+        .await?;
+    assert!(fx.reconnect(&agent, &mut held).await?);
+    assert_eq!(held.sent, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn resume_from_a_pruned_or_unknown_revision_is_a_snapshot() -> TestResult {
+    let fx = Fixture::new().await?;
+    let agent = fx.agent("/sigil/agent/join_token/a", &[]).await?;
+    let gone = fx
+        .create_one(entry("/gone", &agent, &["unix:uid:1"]))
+        .await?;
+    fx.create_one(entry("/w", &agent, &["unix:uid:2"])).await?;
+    let mut held = fx.connect(&agent).await?;
+    fx.delete(&gone.id).await?;
+    // The tombstone is past the retention (a time in the future is after every write).
+    fx.ds
+        .prune_entry_history(sigil::clock::now_unix() + 60)
+        .await?;
+    assert!(
+        !fx.reconnect(&agent, &mut held).await?,
+        "too old: a snapshot"
+    );
+    assert_eq!(held.entries, fx.authorised(&agent).await?);
+    assert_eq!(held.entries.len(), 1);
+
+    // A revision the datastore has not reached (a restored backup): a snapshot.
+    held.revision += 100;
+    assert!(!fx.reconnect(&agent, &mut held).await?, "ahead: a snapshot");
+    // Without roots (an older agent) or without a revision: a snapshot.
+    held.roots.clear();
+    assert!(!fx.reconnect(&agent, &mut held).await?);
+    assert!(!fx.reconnect(&agent, &mut Held::default()).await?);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_forged_revision_gets_nothing_beyond_the_agents_own_entries() -> TestResult {
+    let fx = Fixture::new().await?;
+    let agent = fx.agent("/sigil/agent/join_token/a", &[]).await?;
+    let attacker = fx.agent("/sigil/agent/join_token/evil", &[]).await?;
+    let a_entries = fx
+        .create(
+            (0..20)
+                .map(|i| entry(&format!("/a/{i}"), &agent, &["unix:uid:1"]))
+                .collect(),
+        )
+        .await?;
+    fx.create_one(entry("/evil/own", &attacker, &["unix:uid:1"]))
+        .await?;
+    for e in &a_entries[..5] {
+        fx.delete(&e.id).await?;
+    }
+    fx.update_hint(a_entries[6].clone(), "changed").await?;
+    // Any revision, with the digest of its own roots (the agent's ID: easy to compute).
+    let roots = roots_digest(&HashSet::from([attacker.clone()]));
+    let a_ids: HashSet<String> = a_entries.iter().map(|e| e.id.clone()).collect();
+    for known_revision in [1, 2, 10, 20] {
+        let mut s = fx.stream_with(
+            &attacker,
+            pb::SyncRequest {
+                known_revision,
+                known_bundle_sequence: 0,
+                known_roots: roots.clone(),
+            },
+        );
+        let mut held = Held::default();
+        let round = first_round(&mut s, &mut held).await?;
+        assert!(round[0].resumed);
+        for m in &round {
+            assert!(m
+                .upserted
+                .iter()
+                .all(|e| paths(std::slice::from_ref(e)) == set(&["/evil/own"])));
+            assert!(
+                m.removed.iter().all(|id| !a_ids.contains(id)),
+                "another agent's entry named: {:?}",
+                m.removed
+            );
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_resumed_round_of_many_changes_is_chunked() -> TestResult {
+    let fx = Fixture::new().await?;
+    let agent = fx.agent("/sigil/agent/join_token/a", &[]).await?;
+    fx.create_one(entry("/first", &agent, &["unix:uid:1"]))
+        .await?;
+    let mut held = fx.connect(&agent).await?;
+    fx.create(
+        (0..2_500)
+            .map(|i| entry(&format!("/w/{i}"), &agent, &["unix:uid:1"]))
+            .collect(),
+    )
+    .await?;
+    let mut s = fx.stream_with(&agent, held.request());
+    let round = first_round(&mut s, &mut held).await?;
+    assert_eq!(
+        round
+            .iter()
+            .map(|m| (m.upserted.len(), m.more_follows))
+            .collect::<Vec<_>>(),
+        [(1_000, true), (1_000, true), (500, false)]
+    );
+    assert!(round[0].resumed && round[1..].iter().all(|m| !m.resumed));
+    assert_eq!(held.entries, fx.authorised(&agent).await?);
     Ok(())
 }
