@@ -119,6 +119,7 @@ fn main() {
                 td.clone(),
                 &[],
             )),
+            started: std::sync::atomic::AtomicBool::new(true),
         });
         let sock = dir.path().join("admin.sock");
         let (listener, _socket_file) = sigil::uds::bind(&sock, 0o700, 0o600).await.expect("bind");

@@ -229,6 +229,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         events: events.clone(),
         ca_not_after: AtomicI64::new(ca.ca_not_after()),
         ca: Some(ca.clone()),
+        started: AtomicBool::new(false),
     });
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -443,6 +444,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     };
 
     readiness.ready.store(true, Ordering::SeqCst);
+    state.started.store(true, Ordering::SeqCst);
     tracing::info!(
         trust_domain = %cfg.trust_domain,
         admin_socket = %cfg.admin_socket.display(),
@@ -457,6 +459,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     let signal = wait_for_signal().await?;
     tracing::info!(signal, "shutting down");
     readiness.ready.store(false, Ordering::SeqCst);
+    state.started.store(false, Ordering::SeqCst);
     let _ = shutdown_tx.send(true);
     match admin_task.await {
         Ok(Ok(())) => {}

@@ -163,6 +163,7 @@ async fn writes_through_another_server_are_announced_and_its_roots_trusted() -> 
         ca_not_after: i64::MAX.into(),
         ca: None,
         federation: std::sync::Arc::new(crate::federation::refresher::Federation::new(td(), &[])),
+        started: std::sync::atomic::AtomicBool::new(true),
     });
     let (stop, shutdown) = watch::channel(false);
     let feed = b.change_feed().ok_or("PostgreSQL has a change feed")?;

@@ -15,7 +15,7 @@
 //! bundles), `federation.rs` (federation relationships, RefreshBundle), `join_tokens.rs`, `localauthority.rs` (the CA's authorities: show, prepare,
 //! activate, taint, revoke) and `health.rs`.
 
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicBool, AtomicI64};
 use std::sync::Arc;
 
 use sigil::bundle::Bundle;
@@ -72,6 +72,10 @@ pub struct AdminState {
     pub ca: Option<Arc<Ca>>,
     /// Federation: the config file's relationships, refresh statuses, the refresher's inbox.
     pub federation: Arc<crate::federation::refresher::Federation>,
+    /// True once start-up is complete (node API, bundle endpoint, the config file's federated
+    /// bundles stored) and until shutdown begins: the admin API answers before that, and
+    /// `healthcheck` must not say ready earlier than `/ready` does.
+    pub started: AtomicBool,
 }
 
 /// The admin gRPC service.

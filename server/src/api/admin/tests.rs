@@ -24,6 +24,7 @@ async fn service() -> TestResult<(tempfile::TempDir, AdminService, Arc<AdminStat
         ca_not_after: AtomicI64::new(i64::MAX),
         ca: None,
         federation: Arc::new(Federation::new(td, &[])),
+        started: std::sync::atomic::AtomicBool::new(true),
     });
     Ok((dir, AdminService::new(state.clone()), state))
 }
@@ -673,6 +674,7 @@ async fn health_is_not_ready_once_the_ca_expired() -> TestResult {
             ca_not_after: AtomicI64::new(ca_not_after),
             ca: None,
             federation: Arc::new(Federation::new(td.clone(), &[])),
+            started: std::sync::atomic::AtomicBool::new(true),
         }))
     };
     let now = now_unix();
@@ -696,6 +698,35 @@ async fn health_is_not_ready_once_the_ca_expired() -> TestResult {
 }
 
 #[tokio::test]
+async fn health_is_not_ready_until_start_up_completes() -> TestResult {
+    // The admin API serves before the rest of the server (node API, bundle endpoint, the
+    // config file's federated bundles): `healthcheck` must not say ready before `/ready`.
+    let (_dir, svc, state) = service().await?;
+    state
+        .started
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let h = svc
+        .health(Request::new(pb::HealthRequest {}))
+        .await?
+        .into_inner();
+    assert!(!h.ready);
+    assert!(
+        h.not_ready_reason.contains("still starting"),
+        "{}",
+        h.not_ready_reason
+    );
+    state
+        .started
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let h = svc
+        .health(Request::new(pb::HealthRequest {}))
+        .await?
+        .into_inner();
+    assert!(h.ready, "{}", h.not_ready_reason);
+    Ok(())
+}
+
+#[tokio::test]
 async fn local_authorities_show_prepare_activate_taint_revoke() -> TestResult {
     let dir = tempfile::tempdir()?;
     let ds = SqliteDatastore::open(&dir.path().join("ds.sqlite3")).await?;
@@ -713,6 +744,7 @@ async fn local_authorities_show_prepare_activate_taint_revoke() -> TestResult {
         ca_not_after: AtomicI64::new(i64::MAX),
         ca: Some(ca.clone()),
         federation: Arc::new(Federation::new(td, &[])),
+        started: std::sync::atomic::AtomicBool::new(true),
     }));
     for kind in [
         pb::AuthorityKind::X509 as i32,

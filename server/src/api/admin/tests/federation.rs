@@ -255,6 +255,7 @@ async fn config_file_relationships_are_shown_but_not_changed() -> TestResult {
         ca_not_after: AtomicI64::new(i64::MAX),
         ca: None,
         federation: Arc::new(Federation::new(state.trust_domain.clone(), &[configured])),
+        started: std::sync::atomic::AtomicBool::new(true),
     });
     let svc = AdminService::new(state);
     let all = list_all(&svc).await?;
