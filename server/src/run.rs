@@ -443,6 +443,9 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         })
     };
 
+    // Handlers in place before anyone can see the server ready, so a SIGTERM sent as soon as
+    // it answers stops it gracefully rather than killing it.
+    let signal = shutdown_signal()?;
     readiness.ready.store(true, Ordering::SeqCst);
     state.started.store(true, Ordering::SeqCst);
     tracing::info!(
@@ -456,7 +459,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
         "sigil-server ready"
     );
 
-    let signal = wait_for_signal().await?;
+    let signal = signal.await;
     tracing::info!(signal, "shutting down");
     readiness.ready.store(false, Ordering::SeqCst);
     state.started.store(false, Ordering::SeqCst);
@@ -505,13 +508,16 @@ fn bundle_fetcher() -> Option<Arc<dyn crate::federation::FetchBundle>> {
     Some(Arc::new(crate::federation::fetch::HttpsBundleFetcher::new()))
 }
 
-async fn wait_for_signal() -> anyhow::Result<&'static str> {
+/// Installs the SIGTERM and SIGINT handlers now; the future names the first signal received.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = &'static str>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
     })
 }
 
