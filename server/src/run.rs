@@ -44,7 +44,8 @@ const NODE_API_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Readiness as the health endpoint sees it.
 struct Readiness {
-    ready: AtomicBool,
+    /// Its `started` flag is the one start-up readiness both `/ready` and `healthcheck` read.
+    admin: Arc<AdminState>,
     datastore: Arc<dyn Datastore>,
     /// The CA: an expired active authority issues nothing.
     ca: Arc<Ca>,
@@ -53,7 +54,7 @@ struct Readiness {
 #[async_trait]
 impl sigil::health::Probe for Readiness {
     async fn ready(&self) -> Result<(), sigil::health::NotReady> {
-        if !self.ready.load(Ordering::SeqCst) {
+        if !self.admin.started.load(Ordering::SeqCst) {
             return Err(NotReady::StartingUp.into());
         }
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
@@ -385,7 +386,7 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     let refresher_task = tokio::spawn(refresher.run(shutdown_rx.clone()));
 
     let readiness = Arc::new(Readiness {
-        ready: AtomicBool::new(false),
+        admin: state.clone(),
         datastore: datastore.clone(),
         ca: ca.clone(),
     });
@@ -446,7 +447,6 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     // Handlers in place before anyone can see the server ready, so a SIGTERM sent as soon as
     // it answers stops it gracefully rather than killing it.
     let signal = shutdown_signal()?;
-    readiness.ready.store(true, Ordering::SeqCst);
     state.started.store(true, Ordering::SeqCst);
     tracing::info!(
         trust_domain = %cfg.trust_domain,
@@ -461,7 +461,6 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
 
     let signal = signal.await;
     tracing::info!(signal, "shutting down");
-    readiness.ready.store(false, Ordering::SeqCst);
     state.started.store(false, Ordering::SeqCst);
     let _ = shutdown_tx.send(true);
     match admin_task.await {
