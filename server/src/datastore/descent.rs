@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use sigil::entry::RegistrationEntry;
 use sigil::{SelectorSet, SpiffeId};
 
-use super::AuthorizedRead;
+use super::{AuthorizedRead, EntryFilter, SelectorMatch};
 
 /// True if `entry` is a node alias (parent = `server_id`) that applies to a node with
 /// `selectors`. An alias without selectors applies to nobody: it would otherwise apply to every
@@ -26,6 +26,19 @@ pub fn alias_matches(
     entry.parent_id == *server_id
         && !entry.selectors.is_empty()
         && entry.selectors.is_subset_of(selectors)
+}
+
+/// The filter of the node-alias entries an agent with `selectors` may match (parent the
+/// server, selectors a subset of the agent's); `None` when the agent has no selectors.
+pub(crate) fn alias_candidates(
+    server_id: &SpiffeId,
+    selectors: &SelectorSet,
+) -> Option<EntryFilter> {
+    (!selectors.is_empty()).then(|| EntryFilter {
+        parent_id: Some(server_id.clone()),
+        selectors: Some((selectors.clone(), SelectorMatch::Subset)),
+        ..Default::default()
+    })
 }
 
 /// The walk's state: what was expanded, the next level's parents, what was found.

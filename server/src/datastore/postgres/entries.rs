@@ -11,7 +11,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{IsolationLevel, Row};
 
 use super::{col, effective_page_size, into_page, to_i64, Result};
-use crate::datastore::descent::Descent;
+use crate::datastore::descent::{alias_candidates, Descent};
 use crate::datastore::{
     AuthorizedRead, DatastoreError, EntryChanges, EntryFilter, EntryHistory, Page, Placement,
     SelectorMatch,
@@ -610,29 +610,21 @@ pub(super) async fn read_authorized(
         .start()
         .await?;
     let revision = current_revision(&tx).await?;
-    let candidates = if selectors.is_empty() {
-        Vec::new()
-    } else {
-        let filter = EntryFilter {
-            parent_id: Some(server_id.clone()),
-            selectors: Some((selectors.clone(), SelectorMatch::Subset)),
-            ..Default::default()
-        };
-        match FilterSql::build(&filter) {
-            Some(f) => {
-                let sql = format!(
-                    "SELECT {ENTRY_COLUMNS} FROM entries e WHERE {} ORDER BY e.seq",
-                    f.conds.join(" AND ")
-                );
-                let stmt = tx.prepare_cached(&sql).await?;
-                tx.query(&stmt, &f.param_refs())
-                    .await?
-                    .iter()
-                    .map(|r| decode(r).map(|(_, e)| e))
-                    .collect::<Result<Vec<_>>>()?
-            }
-            None => Vec::new(),
+    let filter = alias_candidates(server_id, selectors);
+    let candidates = match filter.as_ref().and_then(FilterSql::build) {
+        Some(f) => {
+            let sql = format!(
+                "SELECT {ENTRY_COLUMNS} FROM entries e WHERE {} ORDER BY e.seq",
+                f.conds.join(" AND ")
+            );
+            let stmt = tx.prepare_cached(&sql).await?;
+            tx.query(&stmt, &f.param_refs())
+                .await?
+                .iter()
+                .map(|r| decode(r).map(|(_, e)| e))
+                .collect::<Result<Vec<_>>>()?
         }
+        None => Vec::new(),
     };
     let mut descent = Descent::new(agent_id, server_id, selectors, candidates, revision);
     let stmt = tx

@@ -10,7 +10,7 @@ use sigil::entry::RegistrationEntry;
 use sigil::{Selector, SelectorSet, SpiffeId, TrustDomain};
 
 use super::{to_json, unix_now, Result, SqliteDatastore};
-use crate::datastore::descent::Descent;
+use crate::datastore::descent::{alias_candidates, Descent};
 use crate::datastore::paging::{effective_page_size, into_page, parse_page_token, ENTRY_TOKEN};
 use crate::datastore::{
     AuthorizedRead, DatastoreError, EntryChanges, EntryFilter, EntryHistory, Page, Placement,
@@ -475,28 +475,20 @@ fn read_authorized_conn(
 ) -> Result<AuthorizedRead> {
     let tx = conn.transaction()?;
     let revision = current_revision(&tx)?;
-    let candidates = if selectors.is_empty() {
-        Vec::new()
-    } else {
-        let filter = EntryFilter {
-            parent_id: Some(server_id.clone()),
-            selectors: Some((selectors.clone(), SelectorMatch::Subset)),
-            ..Default::default()
-        };
-        match FilterSql::build(&filter) {
-            Some(f) => {
-                let sql = format!(
-                    "{}SELECT {ENTRY_COLUMNS} FROM entries e WHERE {} ORDER BY e.seq",
-                    f.with,
-                    f.conds.join(" AND ")
-                );
-                query_entries(&tx, &sql, params_from_iter(f.params))?
-                    .into_iter()
-                    .map(|(_, e)| e)
-                    .collect()
-            }
-            None => Vec::new(),
+    let filter = alias_candidates(server_id, selectors);
+    let candidates = match filter.as_ref().and_then(FilterSql::build) {
+        Some(f) => {
+            let sql = format!(
+                "{}SELECT {ENTRY_COLUMNS} FROM entries e WHERE {} ORDER BY e.seq",
+                f.with,
+                f.conds.join(" AND ")
+            );
+            query_entries(&tx, &sql, params_from_iter(f.params))?
+                .into_iter()
+                .map(|(_, e)| e)
+                .collect()
         }
+        None => Vec::new(),
     };
     let mut descent = Descent::new(agent_id, server_id, selectors, candidates, revision);
     // One statement for every level: the parents travel as one JSON array, each probed in the
