@@ -3,9 +3,9 @@
 //! A selector names one observed property of a node or a process, e.g. `unix:uid:1000` is type
 //! `unix`, value `uid:1000`: the type ends at the first colon and the value may contain more.
 
-use std::collections::BTreeSet;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use crate::text::quote_for_display;
 
@@ -79,10 +79,50 @@ pub enum SelectorError {
 }
 
 /// A validated selector.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+///
+/// Held as one shared string `type:value` (the type never contains a colon): an agent holds
+/// several per entry and indexes them, and a clone shares the text instead of copying it.
+#[derive(Clone)]
 pub struct Selector {
-    kind: String,
-    value: String,
+    text: Arc<str>,
+    /// Byte offset of the colon between type and value.
+    colon: u32,
+}
+
+impl PartialEq for Selector {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for Selector {}
+
+impl std::hash::Hash for Selector {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.text.hash(state);
+    }
+}
+
+impl PartialOrd for Selector {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Selector {
+    /// By type, then value.
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.kind(), self.value()).cmp(&(other.kind(), other.value()))
+    }
+}
+
+impl fmt::Debug for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Selector")
+            .field("kind", &self.kind())
+            .field("value", &self.value())
+            .finish()
+    }
 }
 
 impl Selector {
@@ -107,9 +147,14 @@ impl Selector {
         if value.chars().any(char::is_control) || value.trim() != value {
             return Err(SelectorError::BadValue(value.to_string()));
         }
+        let mut text = String::with_capacity(kind.len() + 1 + value.len());
+        text.push_str(kind);
+        text.push(':');
+        text.push_str(value);
         Ok(Self {
-            kind: kind.to_string(),
-            value: value.to_string(),
+            text: Arc::from(text),
+            // Bounded by MAX_TYPE_LEN above.
+            colon: kind.len() as u32,
         })
     }
 
@@ -123,12 +168,17 @@ impl Selector {
 
     /// The selector type, e.g. `unix`.
     pub fn kind(&self) -> &str {
-        &self.kind
+        &self.text[..self.colon as usize]
     }
 
     /// The selector value, e.g. `uid:1000`.
     pub fn value(&self) -> &str {
-        &self.value
+        &self.text[self.colon as usize + 1..]
+    }
+
+    /// The whole selector, `type:value`.
+    pub fn as_str(&self) -> &str {
+        &self.text
     }
 
     /// Checks a selector being registered (an entry's, a node alias's) against what Sigil's
@@ -141,21 +191,21 @@ impl Selector {
     /// Not part of [`Selector::new`]: entries already stored, and selectors in filters, are
     /// read whatever they hold.
     pub fn check_registrable(&self) -> Result<Registrable, SelectorError> {
-        let Some(keys) = known_keys(&self.kind) else {
+        let Some(keys) = known_keys(self.kind()) else {
             return Ok(Registrable::UnknownType);
         };
         let invalid = |reason: String| SelectorError::InvalidValue {
             selector: self.to_string(),
             reason,
         };
-        if self.kind == "spiffe_id" {
+        if self.kind() == "spiffe_id" {
             // The node-alias selector of a join-token agent: the agent's own ID, no key.
-            return crate::SpiffeId::parse(&self.value)
+            return crate::SpiffeId::parse(self.value())
                 .map(|_| Registrable::Known)
                 .map_err(|e| invalid(format!("the value must be a SPIFFE ID: {e}")));
         }
         let found = keys.iter().find_map(|(key, rule)| {
-            let rest = self.value.strip_prefix(key)?;
+            let rest = self.value().strip_prefix(key)?;
             if rest.is_empty() {
                 return Some((key, rule, None));
             }
@@ -164,16 +214,16 @@ impl Selector {
         let Some((key, rule, rest)) = found else {
             return Err(SelectorError::UnknownKey {
                 selector: self.to_string(),
-                kind: self.kind.clone(),
+                kind: self.kind().to_string(),
                 key: self.named_key(keys),
                 known: keys
                     .iter()
-                    .map(|(k, r)| format!("{}:{k}:<{}>", self.kind, r.placeholder()))
+                    .map(|(k, r)| format!("{}:{k}:<{}>", self.kind(), r.placeholder()))
                     .collect::<Vec<_>>()
                     .join(", "),
             });
         };
-        let example = || format!("{}:{key}:<{}>", self.kind, rule.placeholder());
+        let example = || format!("{}:{key}:<{}>", self.kind(), rule.placeholder());
         let Some(rest) = rest else {
             return Err(invalid(format!("{key} needs a value: {}", example())));
         };
@@ -185,7 +235,7 @@ impl Selector {
     /// The key a selector of a known type names, for an error: its first segment, or its first
     /// two when a known key has two (`x509pop:subject:o:x` names `subject:o`).
     fn named_key(&self, keys: &[(&str, ValueRule)]) -> String {
-        let mut parts = self.value.splitn(3, ':');
+        let mut parts = self.value().splitn(3, ':');
         let first = parts.next().unwrap_or_default();
         let two_level = keys
             .iter()
@@ -365,7 +415,7 @@ fn known_keys(kind: &str) -> Option<&'static [(&'static str, ValueRule)]> {
 
 impl fmt::Display for Selector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.kind, self.value)
+        f.write_str(&self.text)
     }
 }
 
@@ -377,8 +427,11 @@ impl FromStr for Selector {
 }
 
 /// A sorted, de-duplicated set of selectors.
+///
+/// A sorted vector: sets are small (a handful for an entry, a few dozen for a workload), and an
+/// agent holds one per entry, where a tree would spend a whole node on three selectors.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
-pub struct SelectorSet(BTreeSet<Selector>);
+pub struct SelectorSet(Vec<Selector>);
 
 impl SelectorSet {
     /// An empty set.
@@ -388,7 +441,13 @@ impl SelectorSet {
 
     /// Adds a selector; returns false if it was already present.
     pub fn insert(&mut self, s: Selector) -> bool {
-        self.0.insert(s)
+        match self.0.binary_search(&s) {
+            Ok(_) => false,
+            Err(at) => {
+                self.0.insert(at, s);
+                true
+            }
+        }
     }
 
     /// Number of selectors.
@@ -403,39 +462,58 @@ impl SelectorSet {
 
     /// True if `s` is in the set.
     pub fn contains(&self, s: &Selector) -> bool {
-        self.0.contains(s)
+        self.0.binary_search(s).is_ok()
     }
 
     /// Iterates in sorted order.
-    pub fn iter(&self) -> impl Iterator<Item = &Selector> {
+    pub fn iter(&self) -> std::slice::Iter<'_, Selector> {
         self.0.iter()
     }
 
     /// True if every selector of `self` is in `other` (how an entry matches a workload).
     pub fn is_subset_of(&self, other: &SelectorSet) -> bool {
-        self.0.is_subset(&other.0)
+        if self.0.len() > other.0.len() {
+            return false;
+        }
+        // Both sorted: one pass over `other`.
+        let mut theirs = other.0.iter();
+        self.0.iter().all(|s| theirs.by_ref().any(|o| o == s))
     }
 
     /// True if every selector of `other` is in `self`.
     pub fn is_superset_of(&self, other: &SelectorSet) -> bool {
-        self.0.is_superset(&other.0)
+        other.is_subset_of(self)
     }
 
     /// True if the sets share at least one selector.
     pub fn intersects(&self, other: &SelectorSet) -> bool {
-        self.0.iter().any(|s| other.0.contains(s))
+        self.0.iter().any(|s| other.contains(s))
+    }
+
+    /// The same set with each selector replaced by what `f` returns for it (an equal selector,
+    /// e.g. a shared copy).
+    pub fn map_equal(&mut self, mut f: impl FnMut(&Selector) -> Selector) {
+        for s in &mut self.0 {
+            let shared = f(s);
+            debug_assert!(shared == *s);
+            *s = shared;
+        }
     }
 }
 
 impl FromIterator<Selector> for SelectorSet {
     fn from_iter<I: IntoIterator<Item = Selector>>(iter: I) -> Self {
-        Self(iter.into_iter().collect())
+        let mut v: Vec<Selector> = iter.into_iter().collect();
+        v.sort_unstable();
+        v.dedup();
+        v.shrink_to_fit();
+        Self(v)
     }
 }
 
 impl<'a> IntoIterator for &'a SelectorSet {
     type Item = &'a Selector;
-    type IntoIter = std::collections::btree_set::Iter<'a, Selector>;
+    type IntoIter = std::slice::Iter<'a, Selector>;
     fn into_iter(self) -> Self::IntoIter {
         self.0.iter()
     }
@@ -458,6 +536,41 @@ impl fmt::Display for SelectorSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn selectors_order_by_type_then_value_and_compare_whole() -> Result<(), SelectorError> {
+        // By type first: `a` before `a-b`, although `a:` sorts after `a-` as text.
+        let a = Selector::parse("a:zzz")?;
+        let ab = Selector::parse("a-b:aaa")?;
+        assert!(a < ab);
+        assert_eq!(a.kind(), "a");
+        assert_eq!(ab.value(), "aaa");
+        assert_eq!(a.as_str(), "a:zzz");
+        assert_eq!(a, Selector::new("a", "zzz")?);
+        assert_ne!(a, Selector::parse("a:zz")?);
+        Ok(())
+    }
+
+    #[test]
+    fn selector_sets_stay_sorted_and_deduplicated() -> Result<(), SelectorError> {
+        let p = |s: &str| Selector::parse(s);
+        let mut set: SelectorSet = [p("unix:uid:1")?, p("k8s:ns:a")?, p("unix:uid:1")?]
+            .into_iter()
+            .collect();
+        assert_eq!(set.len(), 2);
+        assert!(set.insert(p("k8s:sa:x")?));
+        assert!(!set.insert(p("k8s:ns:a")?));
+        let order: Vec<&str> = set.iter().map(Selector::as_str).collect();
+        assert_eq!(order, ["k8s:ns:a", "k8s:sa:x", "unix:uid:1"]);
+        assert!(set.contains(&p("k8s:sa:x")?) && !set.contains(&p("k8s:sa:y")?));
+        let entry: SelectorSet = [p("unix:uid:1")?, p("k8s:sa:x")?].into_iter().collect();
+        assert!(entry.is_subset_of(&set) && set.is_superset_of(&entry));
+        assert!(!set.is_subset_of(&entry));
+        let other: SelectorSet = [p("k8s:sa:y")?, p("unix:uid:1")?].into_iter().collect();
+        assert!(!other.is_subset_of(&set) && other.intersects(&set));
+        assert!(SelectorSet::new().is_subset_of(&set));
+        Ok(())
+    }
 
     #[test]
     fn value_may_contain_colons() -> Result<(), SelectorError> {

@@ -23,10 +23,9 @@ impl AgentAdminService {
     }
 }
 
-fn leaf_serial(chain: &[Vec<u8>]) -> String {
-    chain
-        .first()
-        .and_then(|leaf| x509_parser::parse_x509_certificate(leaf).ok())
+fn leaf_serial(leaf: &[u8]) -> String {
+    x509_parser::parse_x509_certificate(leaf)
+        .ok()
         .map(|(_, c)| c.raw_serial().iter().map(|b| format!("{b:02x}")).collect())
         .unwrap_or_default()
 }
@@ -66,7 +65,7 @@ impl pb::agent_admin_server::AgentAdmin for AgentAdminService {
             .map(|(e, s)| pb::CachedSvid {
                 entry_id: e.id.clone(),
                 spiffe_id: e.spiffe_id.to_string(),
-                serial: leaf_serial(&s.chain_der),
+                serial: leaf_serial(s.leaf_der()),
                 not_after: s.not_after,
                 refresh_at: s.refresh_at,
             })

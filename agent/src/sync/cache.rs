@@ -169,17 +169,18 @@ pub enum CacheError {
     },
 }
 
-/// A cached X509-SVID for one entry.
+/// A cached X509-SVID for one entry. Held compactly (one buffer for the chain, boxed bytes for
+/// the key, the entry id only as the map's key): an agent holds one per entry, 100,000 and more.
 #[derive(Clone, PartialEq, Eq)]
 pub struct CachedSvid {
-    /// The entry it was minted for.
-    pub entry_id: String,
     /// The entry revision it was minted for.
     pub entry_revision: i64,
-    /// DER chain, leaf first.
-    pub chain_der: Vec<Vec<u8>>,
+    /// DER certificates, leaf first, concatenated (as the Workload API sends them).
+    chain: Box<[u8]>,
+    /// Length of the leaf at the start of `chain`.
+    leaf_len: u32,
     /// PKCS#8 DER key, generated on this node.
-    pub key_pkcs8_der: Vec<u8>,
+    pub key_pkcs8_der: Box<[u8]>,
     /// Unix seconds.
     pub issued_at: i64,
     /// Unix seconds.
@@ -191,11 +192,29 @@ pub struct CachedSvid {
     pub generation: u64,
 }
 
+impl CachedSvid {
+    /// The DER certificates, leaf first, concatenated.
+    pub fn chain_der(&self) -> &[u8] {
+        &self.chain
+    }
+
+    /// The leaf certificate (DER).
+    pub fn leaf_der(&self) -> &[u8] {
+        &self.chain[..self.leaf_len as usize]
+    }
+
+    /// The DER certificates, leaf first, one by one.
+    pub fn certs_der(&self) -> Vec<Vec<u8>> {
+        // Stored from a chain that split, so it splits again.
+        sigil::x509::split_der_concat(&self.chain).unwrap_or_else(|_| vec![self.chain.to_vec()])
+    }
+}
+
 impl std::fmt::Debug for CachedSvid {
     // Keys stay out of logs.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CachedSvid")
-            .field("entry_id", &self.entry_id)
+            .field("entry_revision", &self.entry_revision)
             .field("not_after", &self.not_after)
             .field("refresh_at", &self.refresh_at)
             .finish_non_exhaustive()
@@ -319,6 +338,13 @@ impl IdSet {
                     _ => false,
                 }
             }
+        }
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        match self {
+            IdSet::One(one) => &**one == id,
+            IdSet::Many(set) => set.contains(id),
         }
     }
 
@@ -524,10 +550,9 @@ pub struct Cache {
     round_open: bool,
     /// Entries with a `unix:sha256` selector (keeps `exe_hash_flag` without a scan).
     exe_hash_entries: usize,
-    /// How many entries have each selector (picks index keys).
+    /// How many entries have each selector (picks index keys); its keys are the shared copies
+    /// the entries' selectors are made.
     selector_counts: HashMap<Selector, usize>,
-    /// Each indexed entry's key in the snapshot's `by_selector`.
-    index_keys: HashMap<EntryId, Selector>,
     /// True while some entry has a `unix:sha256` selector: the workload attestor reads it to
     /// hash executables only when an entry needs it.
     exe_hash_flag: Arc<AtomicBool>,
@@ -596,7 +621,15 @@ impl Cache {
         self.exe_hash_flag.clone()
     }
 
-    fn index(&mut self, id: &EntryId, e: &RegistrationEntry) {
+    /// Indexes entry `id` under one of its selectors: the one fewest held entries have. Its
+    /// selectors are made the cache's shared copies first (`selector_counts` holds one of each
+    /// selector held), so the entries of a namespace or service account share its text.
+    fn index(&mut self, id: &EntryId, e: &mut RegistrationEntry) {
+        e.selectors.map_equal(|s| {
+            self.selector_counts
+                .get_key_value(s)
+                .map_or_else(|| s.clone(), |(shared, _)| shared.clone())
+        });
         let key = e
             .selectors
             .iter()
@@ -609,12 +642,9 @@ impl Cache {
             match self.view.by_selector.get_mut(&key) {
                 Some(ids) => ids.insert(id.clone()),
                 None => {
-                    self.view
-                        .by_selector
-                        .insert(key.clone(), IdSet::One(id.clone()));
+                    self.view.by_selector.insert(key, IdSet::One(id.clone()));
                 }
             }
-            self.index_keys.insert(id.clone(), key);
         }
         if e.selectors.iter().any(is_exe_hash) {
             self.exe_hash_entries += 1;
@@ -630,11 +660,17 @@ impl Cache {
                 }
             }
         }
-        if let Some(key) = self.index_keys.remove(id) {
-            if let Some(ids) = self.view.by_selector.get_mut(&key) {
+        // Indexed under exactly one of its selectors (no map of which: it would cost more
+        // than looking in the few sets the entry's selectors name).
+        for sel in &e.selectors {
+            let Some(ids) = self.view.by_selector.get_mut(sel) else {
+                continue;
+            };
+            if ids.contains(id) {
                 if ids.remove(id) {
-                    self.view.by_selector.remove(&key);
+                    self.view.by_selector.remove(sel);
                 }
+                break;
             }
         }
         if e.selectors.iter().any(is_exe_hash) {
@@ -643,7 +679,7 @@ impl Cache {
     }
 
     /// Adds or replaces an entry; false when it is held unchanged.
-    fn upsert_entry(&mut self, e: RegistrationEntry) -> bool {
+    fn upsert_entry(&mut self, mut e: RegistrationEntry) -> bool {
         let old = self.view.entries.get(e.id.as_str()).cloned();
         if old.as_deref() == Some(&e) {
             return false;
@@ -656,8 +692,8 @@ impl Cache {
             self.unindex(&id, &old);
             self.changes.entries.push(old);
         }
+        self.index(&id, &mut e);
         let new = Arc::new(e);
-        self.index(&id, &new);
         self.view.entries.insert(id.clone(), new.clone());
         self.changes.entries.push(new);
         self.requeue(&id);
@@ -843,12 +879,7 @@ impl Cache {
             .view
             .svids
             .iter()
-            .filter(|(_, s)| {
-                s.refresh_at > 0
-                    && s.chain_der
-                        .first()
-                        .is_some_and(|l| self.issued_by_tainted(l))
-            })
+            .filter(|(_, s)| s.refresh_at > 0 && self.issued_by_tainted(s.leaf_der()))
             .map(|(k, s)| (k.clone(), s.clone()))
             .collect();
         for (id, svid) in &tainted {
@@ -975,11 +1006,12 @@ impl Cache {
         .max(now + refresh_floor(now, not_after));
         self.view.sign_failures.remove(&id);
         self.svid_generation += 1;
+        let leaf_len = chain_der.first().map_or(0, Vec::len) as u32;
         let svid = CachedSvid {
-            entry_id: pending.entry_id,
             entry_revision: pending.entry_revision,
-            chain_der,
-            key_pkcs8_der: pending.key_pkcs8_der,
+            chain: chain_der.concat().into_boxed_slice(),
+            leaf_len,
+            key_pkcs8_der: pending.key_pkcs8_der.into_boxed_slice(),
             issued_at: now,
             not_after,
             refresh_at,

@@ -271,7 +271,7 @@ fn sds_view(cache: &Snapshot, selectors: &sigil::selector::SelectorSet) -> Watch
             .iter()
             .map(|(e, svid)| SvidPem {
                 spiffe_id: e.spiffe_id.to_string(),
-                chain: sigil::x509::to_pem_certs(&svid.chain_der).into_bytes(),
+                chain: sigil::x509::to_pem_certs(&svid.certs_der()).into_bytes(),
                 key: sigil::x509::to_pem("PRIVATE KEY", &svid.key_pkcs8_der).into_bytes(),
             })
             .collect(),

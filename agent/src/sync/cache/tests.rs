@@ -674,7 +674,19 @@ fn the_selector_index_finds_exactly_what_a_scan_finds_across_changes() {
     ))
     .unwrap();
     check(&c);
-    assert!(c.index_keys.len() == 1 && c.selector_counts.len() == 2);
+    let indexed: usize = c
+        .view
+        .by_selector
+        .values()
+        .map(|ids| ids.iter().count())
+        .sum();
+    assert!(indexed == 1 && c.selector_counts.len() == 2);
+    // The entry's selectors are the cache's shared copies.
+    let e5 = c.entry("e5").unwrap();
+    for s in &e5.selectors {
+        let (shared, _) = c.selector_counts.get_key_value(s).unwrap();
+        assert!(std::ptr::eq(shared.as_str(), s.as_str()));
+    }
 }
 
 #[test]
@@ -718,7 +730,7 @@ fn svids_of_a_tainted_authority_are_due_at_once() {
     assert!(c.store_svid(it.next().unwrap(), vec![leaf(&new)], now + 3600, now));
     assert!(c.due(now + 1).is_empty());
     assert_eq!(
-        authority_key_id(&c.svid("a").unwrap().chain_der[0]),
+        authority_key_id(c.svid("a").unwrap().leaf_der()),
         Some(old_ski.clone())
     );
 
@@ -735,8 +747,8 @@ fn svids_of_a_tainted_authority_are_due_at_once() {
     let out = c.apply_sync(m).unwrap();
     assert_eq!(out.tainted_svids, 1);
     assert_eq!(c.due(now + 1), ["a"]);
-    assert!(c.issued_by_tainted(&c.svid("a").unwrap().chain_der[0]));
-    assert!(!c.issued_by_tainted(&c.svid("b").unwrap().chain_der[0]));
+    assert!(c.issued_by_tainted(c.svid("a").unwrap().leaf_der()));
+    assert!(!c.issued_by_tainted(c.svid("b").unwrap().leaf_der()));
 }
 
 #[test]
