@@ -8,6 +8,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// The URI scheme prefix every SPIFFE ID starts with.
 pub const SCHEME_PREFIX: &str = "spiffe://";
@@ -66,9 +67,9 @@ pub enum SpiffeIdError {
     TooLong,
 }
 
-/// A trust domain name such as `example.org`.
+/// A trust domain name such as `example.org`. A clone shares the name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TrustDomain(String);
+pub struct TrustDomain(Arc<str>);
 
 impl TrustDomain {
     /// Parses a trust domain from a bare name (`example.org`) or its ID (`spiffe://example.org`).
@@ -82,7 +83,7 @@ impl TrustDomain {
             return Ok(id.td);
         }
         validate_trust_domain(s)?;
-        Ok(Self(s.to_string()))
+        Ok(Self(Arc::from(s)))
     }
 
     /// The bare name, e.g. `example.org`.
@@ -119,7 +120,7 @@ impl FromStr for TrustDomain {
 pub struct SpiffeId {
     td: TrustDomain,
     /// Empty, or `/seg/seg...`.
-    path: String,
+    path: Arc<str>,
 }
 
 impl SpiffeId {
@@ -163,8 +164,8 @@ impl SpiffeId {
         validate_trust_domain(authority)?;
         validate_path(path)?;
         Ok(Self {
-            td: TrustDomain(authority.to_string()),
-            path: path.to_string(),
+            td: TrustDomain(Arc::from(authority)),
+            path: Arc::from(path),
         })
     }
 
@@ -176,6 +177,14 @@ impl SpiffeId {
     /// The path, empty or starting with `/`.
     pub fn path(&self) -> &str {
         &self.path
+    }
+
+    /// Makes this ID hold `td`'s copy of its trust domain name when they are the same trust
+    /// domain (a holder of many IDs keeps one copy of the name).
+    pub fn share_trust_domain(&mut self, td: &TrustDomain) {
+        if self.td == *td {
+            self.td = td.clone();
+        }
     }
 
     /// True if this is a member of `td`.

@@ -550,6 +550,9 @@ pub struct Cache {
     round_open: bool,
     /// Entries with a `unix:sha256` selector (keeps `exe_hash_flag` without a scan).
     exe_hash_entries: usize,
+    /// The parent ID of the last entry stored, whose copy the next entries with that parent
+    /// share.
+    shared_parent: Option<sigil::SpiffeId>,
     /// How many entries have each selector (picks index keys); its keys are the shared copies
     /// the entries' selectors are made.
     selector_counts: HashMap<Selector, usize>,
@@ -678,6 +681,18 @@ impl Cache {
         }
     }
 
+    /// Makes `e` hold shared copies of its parent ID and its trust domain name when they are
+    /// those of the entry before it (entries under one node alias all have the same).
+    fn share_ids(&mut self, e: &mut RegistrationEntry) {
+        match &self.shared_parent {
+            Some(p) if *p == e.parent_id => e.parent_id = p.clone(),
+            _ => self.shared_parent = Some(e.parent_id.clone()),
+        }
+        if let Some(p) = &self.shared_parent {
+            e.spiffe_id.share_trust_domain(p.trust_domain());
+        }
+    }
+
     /// Adds or replaces an entry; false when it is held unchanged.
     fn upsert_entry(&mut self, mut e: RegistrationEntry) -> bool {
         let old = self.view.entries.get(e.id.as_str()).cloned();
@@ -693,6 +708,7 @@ impl Cache {
             self.changes.entries.push(old);
         }
         self.index(&id, &mut e);
+        self.share_ids(&mut e);
         let new = Arc::new(e);
         self.view.entries.insert(id.clone(), new.clone());
         self.changes.entries.push(new);
@@ -907,12 +923,12 @@ impl Cache {
     /// Entry ids that need an SVID now: none yet, minted for an older revision of the entry, or
     /// at/after their refresh time (see `due_at`). Sorted for deterministic batches.
     /// Read from the refresh queue: the cost follows the entries due, not the entries held.
-    pub fn due(&self, now: i64) -> Vec<String> {
-        let mut due: Vec<String> = self
+    pub fn due(&self, now: i64) -> Vec<EntryId> {
+        let mut due: Vec<EntryId> = self
             .refresh_queue
             .iter()
             .take_while(|(t, _)| *t <= now)
-            .map(|(_, id)| id.to_string())
+            .map(|(_, id)| id.clone())
             .collect();
         due.sort();
         due
@@ -968,9 +984,9 @@ impl Cache {
     }
 
     /// The entries `ids` (those still held) as key and CSR targets.
-    pub fn csr_targets(&self, ids: &[String]) -> Vec<CsrTarget> {
+    pub fn csr_targets<S: AsRef<str>>(&self, ids: &[S]) -> Vec<CsrTarget> {
         ids.iter()
-            .filter_map(|id| self.view.entries.get(id.as_str()))
+            .filter_map(|id| self.view.entries.get(id.as_ref()))
             .map(|e| CsrTarget {
                 entry_id: e.id.clone(),
                 entry_revision: e.revision,
@@ -982,7 +998,7 @@ impl Cache {
     /// Generates a key and CSR for each entry id (skipping ids no longer held), on the calling
     /// thread (the worker uses [`Cache::csr_targets`] and [`make_csrs_for`] on the blocking
     /// pool).
-    pub fn make_csrs(&self, ids: &[String]) -> Result<Vec<PendingCsr>, rcgen::Error> {
+    pub fn make_csrs<S: AsRef<str>>(&self, ids: &[S]) -> Result<Vec<PendingCsr>, rcgen::Error> {
         make_csrs_for(self.csr_targets(ids))
     }
 

@@ -660,7 +660,7 @@ impl Worker {
     /// held, on the blocking pool; `None` when no batch is left.
     fn make_next_csrs(
         &self,
-        batches: &mut std::slice::Chunks<'_, String>,
+        batches: &mut std::slice::Chunks<'_, crate::sync::cache::EntryId>,
     ) -> Option<tokio::task::JoinHandle<Result<Vec<PendingCsr>, rcgen::Error>>> {
         batches.find_map(|ids| {
             let targets = self.cache.csr_targets(ids);

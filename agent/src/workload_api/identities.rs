@@ -414,7 +414,7 @@ pub(crate) mod tests {
         assert_eq!(x509_svid_state(&c, &sel, now + 3600), X509State::Expired);
         // One expired, one still valid: only the valid one.
         let mut c = c;
-        let p = c.make_csrs(&["b".into()]).unwrap().pop().unwrap();
+        let p = c.make_csrs(&["b"]).unwrap().pop().unwrap();
         c.store_svid(p, vec![b"b2".to_vec()], now + 7200, now);
         match x509_svid_state(&c, &sel, now + 3600) {
             X509State::Ready { response, .. } => {

@@ -73,7 +73,7 @@ fn deltas_need_a_snapshot_and_removal_drops_svids() {
     assert_eq!(c.apply_sync(delta.clone()), Err(CacheError::NoSnapshot));
     c.apply_sync(snapshot(vec![], 0)).unwrap();
     c.apply_sync(delta).unwrap();
-    assert_eq!(c.due(0), vec!["a".to_string()]);
+    assert_eq!(c.due(0), vec![EntryId::from("a")]);
     let pending = c.make_csrs(&c.due(0)).unwrap().pop().unwrap();
     assert!(c.store_svid(pending, vec![vec![1]], 3600, 0));
     assert!(c.due(0).is_empty());
@@ -91,13 +91,13 @@ fn deltas_need_a_snapshot_and_removal_drops_svids() {
 fn entry_change_or_refresh_time_makes_an_svid_due() {
     let mut c = Cache::new();
     c.apply_sync(snapshot(vec![entry("a", 1)], 1)).unwrap();
-    let pending = c.make_csrs(&["a".into()]).unwrap().pop().unwrap();
+    let pending = c.make_csrs(&["a"]).unwrap().pop().unwrap();
     c.store_svid(pending, vec![vec![1]], 3600, 0);
     let s = c.svid("a").unwrap().clone();
     // Half-life minus up to 10 % jitter: between 1440 s and 1800 s for a 1 h SVID.
     assert!((1440..=1800).contains(&s.refresh_at), "{}", s.refresh_at);
     assert!(c.due(s.refresh_at - 1).is_empty());
-    assert_eq!(c.due(s.refresh_at), vec!["a".to_string()]);
+    assert_eq!(c.due(s.refresh_at), vec![EntryId::from("a")]);
     assert_eq!(c.next_refresh(), Some(s.refresh_at));
     // An updated entry (new revision) needs a new SVID right away.
     c.apply_sync(pb::SyncResponse {
@@ -106,7 +106,7 @@ fn entry_change_or_refresh_time_makes_an_svid_due() {
         ..Default::default()
     })
     .unwrap();
-    assert_eq!(c.due(0), vec!["a".to_string()]);
+    assert_eq!(c.due(0), vec![EntryId::from("a")]);
 }
 
 #[test]
@@ -206,7 +206,7 @@ fn refused_signings_wait_before_asking_again_unless_the_entry_changes() {
     c.apply_sync(snapshot(vec![entry("a", 1), entry("b", 1)], 1))
         .unwrap();
     assert_eq!(c.next_refresh(), Some(0), "unsigned entries are due now");
-    let b = c.make_csrs(&["b".into()]).unwrap().pop().unwrap();
+    let b = c.make_csrs(&["b"]).unwrap().pop().unwrap();
     c.store_svid(b, vec![vec![1]], 4600, 1000);
     let note = c
         .note_sign_failure_with_jitter("a", 1, "InvalidArgument: bad DNS name", 1000, 0.0)
@@ -218,11 +218,13 @@ fn refused_signings_wait_before_asking_again_unless_the_entry_changes() {
     assert!(c.due(1000 + SIGN_BACKOFF_START - 1).is_empty());
     // The worker wakes at the retry time: it is part of the next refresh.
     assert_eq!(c.next_refresh(), Some(1000 + SIGN_BACKOFF_START));
-    assert_eq!(c.due(1000 + SIGN_BACKOFF_START), vec!["a".to_string()]);
+    assert_eq!(c.due(1000 + SIGN_BACKOFF_START), vec![EntryId::from("a")]);
     // A renewal refused: the held SVID is not asked for again before the retry time.
     c.note_sign_failure_with_jitter("b", 1, "Unavailable: CA", 2800, 0.0);
-    assert!(!c.due(2800).contains(&"b".to_string()));
-    assert!(c.due(2800 + SIGN_BACKOFF_START).contains(&"b".to_string()));
+    assert!(!c.due(2800).contains(&EntryId::from("b")));
+    assert!(c
+        .due(2800 + SIGN_BACKOFF_START)
+        .contains(&EntryId::from("b")));
     assert_eq!(
         c.svid("b").unwrap().not_after,
         4600,
@@ -235,7 +237,7 @@ fn refused_signings_wait_before_asking_again_unless_the_entry_changes() {
         ..Default::default()
     })
     .unwrap();
-    assert_eq!(c.due(1001), vec!["a".to_string()]);
+    assert_eq!(c.due(1001), vec![EntryId::from("a")]);
     assert_eq!(c.next_refresh(), Some(0));
     let backing_off: Vec<&str> = c.sign_backoff().map(|(e, _)| e.id.as_str()).collect();
     assert_eq!(backing_off, ["b"]);
@@ -244,7 +246,7 @@ fn refused_signings_wait_before_asking_again_unless_the_entry_changes() {
         "history kept until an outcome"
     );
     // A successful signing clears the failure; a removed entry takes it along.
-    let a = c.make_csrs(&["a".into()]).unwrap().pop().unwrap();
+    let a = c.make_csrs(&["a"]).unwrap().pop().unwrap();
     c.note_sign_failure("a", 2, "x", 1001);
     c.store_svid(a, vec![vec![1]], 4601, 1001);
     assert!(!c.sign_failures.contains_key("a"));
@@ -332,7 +334,7 @@ fn sign_backoff_resets_on_success_and_on_a_new_revision() {
         ..Default::default()
     })
     .unwrap();
-    assert_eq!(c.due(1100), vec!["a".to_string()]);
+    assert_eq!(c.due(1100), vec![EntryId::from("a")]);
     assert_eq!(c.sign_backoff().count(), 0);
     let n4 = fail(&mut c, 2, "other", 1100);
     assert_eq!(n4.kind, SignFailureKind::First);
@@ -342,10 +344,14 @@ fn sign_backoff_resets_on_success_and_on_a_new_revision() {
     // A late answer for the old revision does not make the new one wait longer.
     let stale = fail(&mut c, 1, "refused", 1101);
     assert_eq!(stale.kind, SignFailureKind::First);
-    assert_eq!(c.due(1101), vec!["a".to_string()], "stale failure ignored");
+    assert_eq!(
+        c.due(1101),
+        vec![EntryId::from("a")],
+        "stale failure ignored"
+    );
     // Success: the record goes, and the next failure is a first one again.
     let n5 = fail(&mut c, 2, "other", 1102);
-    let p = c.make_csrs(&["a".into()]).unwrap().pop().unwrap();
+    let p = c.make_csrs(&["a"]).unwrap().pop().unwrap();
     assert!(c.store_svid(p, vec![vec![1]], 4700, n5.retry.retry_at));
     assert!(c.sign_failure("a").is_none());
     assert_eq!(c.sign_backoff().count(), 0);
@@ -400,7 +406,7 @@ fn expired_svids_and_the_next_expiry() {
     let mut c = Cache::new();
     c.apply_sync(snapshot(vec![entry("a", 1), entry("b", 1)], 1))
         .unwrap();
-    let mut ps = c.make_csrs(&["a".into(), "b".into()]).unwrap();
+    let mut ps = c.make_csrs(&["a", "b"]).unwrap();
     let b = ps.pop().unwrap();
     let a = ps.pop().unwrap();
     c.store_svid(a, vec![vec![1]], 1100, 1000);
@@ -746,7 +752,7 @@ fn svids_of_a_tainted_authority_are_due_at_once() {
     });
     let out = c.apply_sync(m).unwrap();
     assert_eq!(out.tainted_svids, 1);
-    assert_eq!(c.due(now + 1), ["a"]);
+    assert_eq!(c.due(now + 1), [EntryId::from("a")]);
     assert!(c.issued_by_tainted(c.svid("a").unwrap().leaf_der()));
     assert!(!c.issued_by_tainted(c.svid("b").unwrap().leaf_der()));
 }
@@ -817,4 +823,17 @@ fn resume_point_follows_complete_rounds_and_resumed_streams_apply_as_changes() {
     })
     .unwrap();
     assert!(!held_ids(&c).contains("x"));
+}
+
+#[test]
+fn entries_share_their_parent_id_and_trust_domain_name() {
+    let mut c = Cache::new();
+    c.apply_sync(snapshot(vec![entry("a", 1), entry("b", 1)], 1))
+        .unwrap();
+    let (a, b) = (c.entry("a").unwrap(), c.entry("b").unwrap());
+    assert_eq!(a.parent_id, b.parent_id);
+    assert!(std::ptr::eq(a.parent_id.path(), b.parent_id.path()));
+    let names = |e: &RegistrationEntry| e.spiffe_id.trust_domain().name().as_ptr();
+    assert_eq!(names(a), names(b));
+    assert_eq!(names(a), a.parent_id.trust_domain().name().as_ptr());
 }

@@ -310,7 +310,7 @@ async fn svids_that_expire_unrenewed_end_the_stream_with_unavailable() {
         })
         .unwrap();
     let now = now_unix();
-    let p = cache.make_csrs(&["a".into()]).unwrap().pop().unwrap();
+    let p = cache.make_csrs(&["a"]).unwrap().pop().unwrap();
     cache.store_svid(p, vec![b"a".to_vec()], now + 2, now);
     let state = state_with(cache);
     let (_stop, shutdown) = tokio::sync::watch::channel(false);
