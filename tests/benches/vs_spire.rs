@@ -1662,7 +1662,8 @@ fn sync_entries(n: usize, parent: &str, tag: &str) -> Vec<EntrySpec> {
         .collect()
 }
 
-/// Waits until every agent holds `n` entries and `n` SVIDs (its metrics, polled every 50 ms).
+/// Waits until every agent holds `n` entries and `n` SVIDs (its metrics, polled every 10 ms:
+/// the resolution of the row-4 times).
 /// Returns per agent (time to entries, time to SVIDs) from `t0`; `None` where it ran out.
 fn wait_synced(
     agents: &mut [Agent],
@@ -1697,7 +1698,7 @@ fn wait_synced(
         if done || Instant::now() > deadline {
             return out;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

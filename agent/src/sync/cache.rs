@@ -540,8 +540,12 @@ impl Snapshot {
 #[derive(Default)]
 pub struct Cache {
     view: Snapshot,
-    /// Chunks of a snapshot in progress.
+    /// Chunks of a snapshot in progress, when it replaces entries held.
     incoming_snapshot: Option<HashMap<String, RegistrationEntry>>,
+    /// A snapshot into an empty cache (the agent's first) is in progress: its chunks are
+    /// applied as they arrive (no workload sees them before `has_snapshot`), so the last
+    /// chunk leaves little to do.
+    direct_snapshot: bool,
     /// Where a reconnect may resume: the server's roots digest of the set held at
     /// `view.revision` (empty: never sent, e.g. by an older server).
     sync_roots: Vec<u8>,
@@ -711,8 +715,8 @@ impl Cache {
         self.share_ids(&mut e);
         let new = Arc::new(e);
         self.view.entries.insert(id.clone(), new.clone());
+        self.requeue_entry(&id, &new);
         self.changes.entries.push(new);
-        self.requeue(&id);
         true
     }
 
@@ -755,6 +759,7 @@ impl Cache {
             }
             // A snapshot cut off on an earlier stream is not continued by this one.
             self.incoming_snapshot = None;
+            self.direct_snapshot = false;
             out.resumed = true;
         }
         let upserted = msg
@@ -784,9 +789,28 @@ impl Cache {
             None
         };
         if msg.full {
-            self.incoming_snapshot = Some(HashMap::new());
+            // Nothing held: nothing to keep if the snapshot is cut off (a later one replaces
+            // what it applied, as the difference below).
+            self.direct_snapshot = !self.view.has_snapshot && self.view.entries.is_empty();
+            self.incoming_snapshot = (!self.direct_snapshot).then(HashMap::new);
         }
-        if let Some(snapshot) = self.incoming_snapshot.as_mut() {
+        if self.direct_snapshot {
+            for e in upserted {
+                if self.upsert_entry(e) {
+                    out.upserted += 1;
+                }
+            }
+            for id in &msg.removed {
+                if self.remove_entry(id) {
+                    out.removed += 1;
+                }
+            }
+            if msg.snapshot_complete {
+                self.direct_snapshot = false;
+                self.complete_snapshot(msg.revision, msg.roots);
+                out.complete = true;
+            }
+        } else if let Some(snapshot) = self.incoming_snapshot.as_mut() {
             for e in upserted {
                 snapshot.insert(e.id.clone(), e);
             }
@@ -813,14 +837,7 @@ impl Cache {
                         out.upserted += 1;
                     }
                 }
-                if !self.view.has_snapshot {
-                    // Streams waiting for the first entries look again.
-                    self.changes.all = true;
-                }
-                self.view.has_snapshot = true;
-                self.view.revision = msg.revision;
-                self.sync_roots = msg.roots;
-                self.round_open = false;
+                self.complete_snapshot(msg.revision, msg.roots);
                 out.complete = true;
             }
         } else {
@@ -863,6 +880,23 @@ impl Cache {
             }
         }
         Ok(out)
+    }
+
+    /// A snapshot's last chunk was applied: the set held is the server's at `revision`.
+    fn complete_snapshot(&mut self, revision: i64, roots: Vec<u8>) {
+        if !self.view.has_snapshot {
+            // Streams waiting for the first entries look again.
+            self.changes.all = true;
+        }
+        self.view.has_snapshot = true;
+        self.view.revision = revision;
+        self.sync_roots = roots;
+        self.round_open = false;
+    }
+
+    /// True while a snapshot's chunks are arriving (the set held is not yet complete).
+    pub fn snapshot_in_progress(&self) -> bool {
+        self.direct_snapshot || self.incoming_snapshot.is_some()
     }
 
     /// When `e` needs a (new) SVID, Unix seconds (0: now): none yet or minted for an older
@@ -910,9 +944,14 @@ impl Cache {
     /// Puts entry `id` at its place in the refresh queue (after its entry, SVID or failure
     /// record changed).
     fn requeue(&mut self, id: &EntryId) {
-        let Some(e) = self.view.entries.get(id) else {
+        let Some(e) = self.view.entries.get(id).cloned() else {
             return;
         };
+        self.requeue_entry(id, &e);
+    }
+
+    /// [`Cache::requeue`] of the entry `e` held under `id`.
+    fn requeue_entry(&mut self, id: &EntryId, e: &RegistrationEntry) {
         let at = self.due_at(e);
         if let Some(old) = self.due_at.insert(id.clone(), at) {
             self.refresh_queue.remove(&(old, id.clone()));

@@ -460,7 +460,14 @@ impl Worker {
                     let not_before = agent_svid.retry.as_ref().map_or(now, |r| r.retry_at);
                     renew_at = renew_at.min(now.max(not_before));
                 }
-                (self.cache.next_refresh(), renew_at)
+                // While a snapshot's chunks arrive, signing waits for the last one: it would
+                // hold up reading them.
+                let next_refresh = if self.cache.snapshot_in_progress() {
+                    None
+                } else {
+                    self.cache.next_refresh()
+                };
+                (next_refresh, renew_at)
             };
             if agent_svid.retry.is_none() {
                 // A new agent SVID (attested again) ends a renewal back-off.
@@ -485,7 +492,9 @@ impl Worker {
                     };
                     self.apply(msg).await?;
                     self.state.update_sync(|s| s.synced(self.clock.now_unix()));
-                    self.sign_due(node.as_mut()).await?;
+                    if !self.cache.snapshot_in_progress() {
+                        self.sign_due(node.as_mut()).await?;
+                    }
                 }
                 _ = tokio::time::sleep(sleep) => {
                     if pending.as_ref().is_some_and(|p| Instant::now() >= p.retry_at)
@@ -510,7 +519,9 @@ impl Worker {
                             Err(e) => self.renewal_failed(agent_svid, &e),
                         }
                     }
-                    self.sign_due(node.as_mut()).await?;
+                    if !self.cache.snapshot_in_progress() {
+                        self.sign_due(node.as_mut()).await?;
+                    }
                 }
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return Ok(SessionEnd::Shutdown),
             }
@@ -563,7 +574,9 @@ impl Worker {
                 revision = cache.revision(),
                 "sync resumed from the entries held"
             );
-        } else if out.upserted + out.removed > 0 || out.bundle_changed || out.federated_changed {
+        } else if out.complete
+            && (out.upserted + out.removed > 0 || out.bundle_changed || out.federated_changed)
+        {
             tracing::info!(
                 upserted = out.upserted,
                 removed = out.removed,

@@ -63,6 +63,41 @@ fn chunked_snapshot_replaces_only_when_complete() {
 }
 
 #[test]
+fn a_first_snapshot_is_applied_as_its_chunks_arrive_and_a_cut_off_one_is_replaced() {
+    let mut c = Cache::new();
+    let chunk = |ids: &[&str], full: bool, complete: bool| pb::SyncResponse {
+        upserted: ids.iter().map(|id| entry(id, 1)).collect(),
+        full,
+        snapshot_complete: complete,
+        revision: 1,
+        ..Default::default()
+    };
+    let out = c.apply_sync(chunk(&["a", "b"], true, false)).unwrap();
+    assert!(!out.complete && out.upserted == 2);
+    assert_eq!(held_ids(&c), ["a".to_string(), "b".to_string()].into());
+    assert!(c.snapshot_in_progress() && !c.has_snapshot());
+    assert_eq!(c.resume_point(), (0, Vec::new()), "nothing to resume from");
+    // The stream is cut off; the next one sends another set from its start.
+    let out = c.apply_sync(chunk(&["b", "c"], true, false)).unwrap();
+    assert!(!out.complete);
+    assert_eq!(
+        held_ids(&c),
+        ["a".to_string(), "b".to_string()].into(),
+        "held until the replacing snapshot completes"
+    );
+    let out = c.apply_sync(chunk(&["d"], false, true)).unwrap();
+    assert!(out.complete && out.removed == 1);
+    assert_eq!(
+        held_ids(&c),
+        ["b".to_string(), "c".to_string(), "d".to_string()].into()
+    );
+    assert!(c.has_snapshot() && !c.snapshot_in_progress());
+    // A delta after it is applied as one.
+    let out = c.apply_sync(chunk(&["e"], false, false)).unwrap();
+    assert!(out.complete && out.upserted == 1 && !c.snapshot_in_progress());
+}
+
+#[test]
 fn deltas_need_a_snapshot_and_removal_drops_svids() {
     let mut c = Cache::new();
     let delta = pb::SyncResponse {
