@@ -546,6 +546,9 @@ pub struct Cache {
     /// applied as they arrive (no workload sees them before `has_snapshot`), so the last
     /// chunk leaves little to do.
     direct_snapshot: bool,
+    /// Entries added or changed so far by the direct snapshot in progress (reported with its
+    /// last chunk).
+    direct_upserted: usize,
     /// Where a reconnect may resume: the server's roots digest of the set held at
     /// `view.revision` (empty: never sent, e.g. by an older server).
     sync_roots: Vec<u8>,
@@ -792,12 +795,13 @@ impl Cache {
             // Nothing held: nothing to keep if the snapshot is cut off (a later one replaces
             // what it applied, as the difference below).
             self.direct_snapshot = !self.view.has_snapshot && self.view.entries.is_empty();
+            self.direct_upserted = 0;
             self.incoming_snapshot = (!self.direct_snapshot).then(HashMap::new);
         }
         if self.direct_snapshot {
             for e in upserted {
                 if self.upsert_entry(e) {
-                    out.upserted += 1;
+                    self.direct_upserted += 1;
                 }
             }
             for id in &msg.removed {
@@ -805,6 +809,8 @@ impl Cache {
                     out.removed += 1;
                 }
             }
+            // Counted for the whole snapshot, like a replacing one.
+            out.upserted = self.direct_upserted;
             if msg.snapshot_complete {
                 self.direct_snapshot = false;
                 self.complete_snapshot(msg.revision, msg.roots);

@@ -74,6 +74,16 @@ fn a_first_snapshot_is_applied_as_its_chunks_arrive_and_a_cut_off_one_is_replace
     };
     let out = c.apply_sync(chunk(&["a", "b"], true, false)).unwrap();
     assert!(!out.complete && out.upserted == 2);
+    let out = c.apply_sync(chunk(&["a2"], false, false)).unwrap();
+    assert!(
+        !out.complete && out.upserted == 3,
+        "counted for the snapshot so far"
+    );
+    c.apply_sync(pb::SyncResponse {
+        removed: vec!["a2".into()],
+        ..chunk(&[], false, false)
+    })
+    .unwrap();
     assert_eq!(held_ids(&c), ["a".to_string(), "b".to_string()].into());
     assert!(c.snapshot_in_progress() && !c.has_snapshot());
     assert_eq!(c.resume_point(), (0, Vec::new()), "nothing to resume from");
@@ -86,7 +96,10 @@ fn a_first_snapshot_is_applied_as_its_chunks_arrive_and_a_cut_off_one_is_replace
         "held until the replacing snapshot completes"
     );
     let out = c.apply_sync(chunk(&["d"], false, true)).unwrap();
-    assert!(out.complete && out.removed == 1);
+    assert!(
+        out.complete && out.removed == 1 && out.upserted == 2,
+        "b held unchanged"
+    );
     assert_eq!(
         held_ids(&c),
         ["b".to_string(), "c".to_string(), "d".to_string()].into()
