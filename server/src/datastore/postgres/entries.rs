@@ -11,7 +11,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{IsolationLevel, Row};
 
 use super::{col, effective_page_size, into_page, to_i64, Result};
-use crate::datastore::descent::{alias_candidates, Descent};
+use crate::datastore::descent::{alias_candidates, Descent, DISTINCT_PARENTS_SQL};
 use crate::datastore::{
     AuthorizedRead, DatastoreError, EntryChanges, EntryFilter, EntryHistory, Page, Placement,
     SelectorMatch,
@@ -627,6 +627,13 @@ pub(super) async fn read_authorized(
         None => Vec::new(),
     };
     let mut descent = Descent::new(agent_id, server_id, selectors, candidates, revision);
+    let parents = tx
+        .query(DISTINCT_PARENTS_SQL, &[])
+        .await?
+        .iter()
+        .map(|r| r.try_get::<_, String>(0))
+        .collect::<std::result::Result<_, _>>()?;
+    descent.only_parents(parents);
     let stmt = tx
         .prepare_cached(&format!(
             "SELECT {ENTRY_COLUMNS} FROM entries e WHERE e.parent_id = ANY($1::text[])"

@@ -10,7 +10,7 @@ use sigil::entry::RegistrationEntry;
 use sigil::{Selector, SelectorSet, SpiffeId, TrustDomain};
 
 use super::{to_json, unix_now, Result, SqliteDatastore};
-use crate::datastore::descent::{alias_candidates, Descent};
+use crate::datastore::descent::{alias_candidates, Descent, DISTINCT_PARENTS_SQL};
 use crate::datastore::paging::{effective_page_size, into_page, parse_page_token, ENTRY_TOKEN};
 use crate::datastore::{
     AuthorizedRead, DatastoreError, EntryChanges, EntryFilter, EntryHistory, Page, Placement,
@@ -491,6 +491,11 @@ fn read_authorized_conn(
         None => Vec::new(),
     };
     let mut descent = Descent::new(agent_id, server_id, selectors, candidates, revision);
+    let parents = tx
+        .prepare_cached(DISTINCT_PARENTS_SQL)?
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    descent.only_parents(parents);
     // One statement for every level: the parents travel as one JSON array, each probed in the
     // parent_id index.
     let level_sql = format!(
