@@ -931,6 +931,15 @@ impl Cache {
     /// Makes every SVID issued by a tainted authority due now (not at its half-life); returns
     /// how many.
     fn remint_tainted(&mut self) -> usize {
+        // Most bundle changes taint nothing: no scan of every SVID for them.
+        if self
+            .view
+            .bundle
+            .as_ref()
+            .is_none_or(|b| b.tainted_x509_authorities.is_empty())
+        {
+            return 0;
+        }
         let tainted: Vec<(EntryId, Arc<CachedSvid>)> = self
             .view
             .svids
