@@ -335,7 +335,10 @@ mod tests {
         let sa = w.subscribe(&mut a, false);
         let sb = w.subscribe(&mut b, false);
         let sc = w.subscribe(&mut c, false);
-        assert!(Arc::ptr_eq(&a, &b), "the second caller got the registry's copy");
+        assert!(
+            Arc::ptr_eq(&a, &b),
+            "the second caller got the registry's copy"
+        );
         assert!(!Arc::ptr_eq(&a, &c));
         assert_eq!(w.lock().sets.len(), 2);
         // Both streams still wake as before.
