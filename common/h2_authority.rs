@@ -546,7 +546,9 @@ fn frame_header(out: &mut Vec<u8>, len: usize, kind: u8, flags: u8, stream_id: u
 /// doc). Writes pass through.
 pub struct AuthorityFix<T> {
     inner: T,
-    rewriter: Rewriter,
+    /// `None` once the connection passes through: its HPACK contexts and pending block are
+    /// freed then, so a passed-through connection holds nothing of the adapter's for its life.
+    rewriter: Option<Box<Rewriter>>,
     /// Bytes read from `inner` not yet processed (an incomplete header frame); empty when idle.
     input: Vec<u8>,
     /// Processed bytes not yet handed to the reader.
@@ -559,7 +561,7 @@ impl<T> AuthorityFix<T> {
     pub fn new(inner: T) -> Self {
         Self {
             inner,
-            rewriter: Rewriter::new(),
+            rewriter: Some(Box::new(Rewriter::new())),
             input: Vec::new(),
             output: Vec::new(),
             output_at: 0,
@@ -591,11 +593,15 @@ impl<T: AsyncRead + Unpin> AsyncRead for AuthorityFix<T> {
                 }
                 return Poll::Ready(Ok(()));
             }
-            if this.rewriter.passes_through() {
-                // Passing through consumes all its input: nothing is held back.
-                debug_assert!(this.input.is_empty());
-                return Pin::new(&mut this.inner).poll_read(cx, buf);
-            }
+            let rewriter = match &mut this.rewriter {
+                Some(r) if !r.passes_through() => r,
+                _ => {
+                    // Passing through consumes all its input: nothing is held back.
+                    debug_assert!(this.input.is_empty());
+                    this.rewriter = None;
+                    return Pin::new(&mut this.inner).poll_read(cx, buf);
+                }
+            };
             let mut chunk = [0u8; READ_CHUNK];
             let mut rb = ReadBuf::new(&mut chunk);
             ready!(Pin::new(&mut this.inner).poll_read(cx, &mut rb))?;
@@ -607,11 +613,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for AuthorityFix<T> {
             }
             let mut out = std::mem::take(&mut this.output);
             if this.input.is_empty() {
-                let used = this.rewriter.process(read, &mut out)?;
+                let used = rewriter.process(read, &mut out)?;
                 this.input.extend_from_slice(&read[used..]);
             } else {
                 this.input.extend_from_slice(read);
-                let used = this.rewriter.process(&this.input, &mut out)?;
+                let used = rewriter.process(&this.input, &mut out)?;
                 this.input.drain(..used);
                 if this.input.is_empty() {
                     this.input = Vec::new();

@@ -129,8 +129,8 @@ fn spawn_streams(
             let state = state.clone();
             let counters = counters.clone();
             let mut stop = stop.clone();
-            let sel = caller(j);
-            let sub = state.watchers.subscribe(&sel, false);
+            let mut sel = Arc::new(caller(j));
+            let sub = state.watchers.subscribe(&mut sel, false);
             tokio::spawn(async move {
                 let mut last = None;
                 loop {

@@ -8,6 +8,10 @@
 //! attested without its executable's hash (no entry needed it then) is also woken by an entry
 //! that needs the hash and would otherwise match: it attests the caller again.
 //!
+//! The registry keeps one copy of each distinct selector set and hands it to every stream whose
+//! caller has that set ([`Watchers::subscribe`]), so a stream's selectors are held once, shared
+//! with the registry, and the many connections of one workload share one set.
+//!
 //! Waking is a [`Notify`] permit: a stream that is busy when woken finds the permit when it next
 //! waits, and several changes before it looks again cost it one look. The registry's lock is
 //! held only to index and to hand out permits, never across I/O or an await.
@@ -34,14 +38,37 @@ struct Registry {
     by_selector: HashMap<Selector, HashSet<u64>>,
     /// Subscribers attested without the executable's hash.
     exe_hash_skipped: HashSet<u64>,
+    /// Each distinct selector set of the subscribers, once, with how many hold it.
+    sets: HashMap<Arc<SelectorSet>, usize>,
 }
 
 struct Subscriber {
-    selectors: SelectorSet,
+    selectors: Arc<SelectorSet>,
     notify: Arc<Notify>,
 }
 
 impl Registry {
+    /// The registry's copy of `selectors` (now counted once more): an equal set already held,
+    /// else `selectors` itself.
+    fn share(&mut self, selectors: &Arc<SelectorSet>) -> Arc<SelectorSet> {
+        let shared = match self.sets.get_key_value(&**selectors) {
+            Some((held, _)) => held.clone(),
+            None => selectors.clone(),
+        };
+        *self.sets.entry(shared.clone()).or_insert(0) += 1;
+        shared
+    }
+
+    /// Counts `selectors` once less; forgets it when no subscriber holds it.
+    fn unshare(&mut self, selectors: &SelectorSet) {
+        if let Some(n) = self.sets.get_mut(selectors) {
+            *n -= 1;
+            if *n == 0 {
+                self.sets.remove(selectors);
+            }
+        }
+    }
+
     fn index(&mut self, id: u64, selectors: &SelectorSet, exe_hash_skipped: bool) {
         for s in selectors {
             self.by_selector.entry(s.clone()).or_default().insert(id);
@@ -82,12 +109,18 @@ impl Watchers {
     }
 
     /// Registers a stream whose caller has `selectors` (`exe_hash_skipped`: attested without
-    /// its executable's hash).
-    pub fn subscribe(&self, selectors: &SelectorSet, exe_hash_skipped: bool) -> Subscription {
+    /// its executable's hash). `selectors` becomes the registry's copy of an equal set when it
+    /// holds one, so that equal sets are held once.
+    pub fn subscribe(
+        &self,
+        selectors: &mut Arc<SelectorSet>,
+        exe_hash_skipped: bool,
+    ) -> Subscription {
         let notify = Arc::new(Notify::new());
         let mut r = self.lock();
         r.next_id += 1;
         let id = r.next_id;
+        *selectors = r.share(selectors);
         r.index(id, selectors, exe_hash_skipped);
         r.subscribers.insert(
             id,
@@ -173,13 +206,16 @@ impl Subscription {
         self.notify.notified().await;
     }
 
-    /// The caller was attested again: register its new selectors.
-    pub fn update(&self, selectors: &SelectorSet, exe_hash_skipped: bool) {
+    /// The caller was attested again: register its new selectors (`selectors` becomes the
+    /// registry's copy, as in [`Watchers::subscribe`]).
+    pub fn update(&self, selectors: &mut Arc<SelectorSet>, exe_hash_skipped: bool) {
         let mut r = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         let Some(old) = r.subscribers.get(&self.id).map(|s| s.selectors.clone()) else {
             return;
         };
         r.unindex(self.id, &old);
+        r.unshare(&old);
+        *selectors = r.share(selectors);
         r.index(self.id, selectors, exe_hash_skipped);
         if let Some(s) = r.subscribers.get_mut(&self.id) {
             s.selectors = selectors.clone();
@@ -192,6 +228,7 @@ impl Drop for Subscription {
         let mut r = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = r.subscribers.remove(&self.id) {
             r.unindex(self.id, &s.selectors);
+            r.unshare(&s.selectors);
         }
     }
 }
@@ -203,6 +240,10 @@ mod tests {
 
     fn selectors(s: &[&str]) -> SelectorSet {
         s.iter().map(|x| x.parse().unwrap()).collect()
+    }
+
+    fn shared(s: &[&str]) -> Arc<SelectorSet> {
+        Arc::new(selectors(s))
     }
 
     fn entry(sel: &[&str]) -> Arc<RegistrationEntry> {
@@ -229,9 +270,9 @@ mod tests {
     #[test]
     fn only_streams_whose_selectors_cover_the_entry_wake() {
         let w = Watchers::new();
-        let uid7 = w.subscribe(&selectors(&["unix:uid:7", "unix:gid:1"]), false);
-        let uid8 = w.subscribe(&selectors(&["unix:uid:8", "unix:gid:1"]), false);
-        let both = w.subscribe(&selectors(&["unix:uid:7", "unix:uid:8"]), false);
+        let uid7 = w.subscribe(&mut shared(&["unix:uid:7", "unix:gid:1"]), false);
+        let uid8 = w.subscribe(&mut shared(&["unix:uid:8", "unix:gid:1"]), false);
+        let both = w.subscribe(&mut shared(&["unix:uid:7", "unix:uid:8"]), false);
         assert_eq!(w.len(), 3);
 
         assert_eq!(w.wake(&changed(vec![entry(&["unix:uid:7"])])), 2);
@@ -270,18 +311,49 @@ mod tests {
     fn a_caller_attested_again_is_woken_by_its_new_selectors_and_the_hash() {
         let hash = format!("unix:sha256:{}", "a".repeat(64));
         let w = Watchers::new();
-        let s = w.subscribe(&selectors(&["unix:uid:7"]), true);
+        let s = w.subscribe(&mut shared(&["unix:uid:7"]), true);
         // An entry on the hash and the uid: the hash was not read, so the caller is woken to be
         // attested again; one on another uid is not its concern.
         assert_eq!(w.wake(&changed(vec![entry(&["unix:uid:7", &hash])])), 1);
         assert!(woken(&s));
         assert_eq!(w.wake(&changed(vec![entry(&["unix:uid:8", &hash])])), 0);
         // Attested again with the hash: its selectors are indexed anew.
-        s.update(&selectors(&["unix:uid:7", "unix:gid:3", &hash]), false);
+        s.update(&mut shared(&["unix:uid:7", "unix:gid:3", &hash]), false);
         assert_eq!(w.wake(&changed(vec![entry(&["unix:gid:3"])])), 1);
         assert!(woken(&s));
         let other = format!("unix:sha256:{}", "b".repeat(64));
         assert_eq!(w.wake(&changed(vec![entry(&["unix:uid:7", &other])])), 0);
         assert_eq!(w.wake(&changed(vec![entry(&["unix:uid:7", &hash])])), 1);
+    }
+
+    #[test]
+    fn equal_selector_sets_are_held_once() {
+        let w = Watchers::new();
+        let mut a = shared(&["unix:uid:7", "unix:gid:1"]);
+        let mut b = shared(&["unix:uid:7", "unix:gid:1"]);
+        let mut c = shared(&["unix:uid:8"]);
+        let sa = w.subscribe(&mut a, false);
+        let sb = w.subscribe(&mut b, false);
+        let sc = w.subscribe(&mut c, false);
+        assert!(
+            Arc::ptr_eq(&a, &b),
+            "the second caller got the registry's copy"
+        );
+        assert!(!Arc::ptr_eq(&a, &c));
+        assert_eq!(w.lock().sets.len(), 2);
+        // Both streams still wake as before.
+        assert_eq!(w.wake(&changed(vec![entry(&["unix:gid:1"])])), 2);
+        assert!(woken(&sa) && woken(&sb) && !woken(&sc));
+        // Attested again with another set: the shared one stays for the other stream.
+        let mut again = shared(&["unix:uid:8"]);
+        sb.update(&mut again, false);
+        assert!(Arc::ptr_eq(&again, &c));
+        assert_eq!(w.lock().sets.get(&*c), Some(&2));
+        assert_eq!(w.lock().sets.get(&*a), Some(&1));
+        drop(sa);
+        assert_eq!(w.lock().sets.len(), 1, "a set nobody holds is forgotten");
+        drop(sb);
+        drop(sc);
+        assert!(w.lock().sets.is_empty());
     }
 }

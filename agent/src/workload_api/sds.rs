@@ -145,7 +145,7 @@ impl SecretDiscovery {
         // Subscribed before the first look, so no change between the two is missed.
         let sub = state
             .watchers
-            .subscribe(&caller.selectors, caller.exe_hash_skipped);
+            .subscribe(&mut caller.selectors, caller.exe_hash_skipped);
         match look(&state, &caller, &sds_view) {
             Watch::NoIdentity => {
                 tracing::info!(pid = caller.pid, selectors = %caller.selectors, stream = STREAM, "no identity for the caller; PermissionDenied");
@@ -546,7 +546,7 @@ impl Streamer {
                 match attest_again_if_hash_wanted(&self.attestor, &mut self.caller, STREAM).await {
                     Ok(true) => self
                         .sub
-                        .update(&self.caller.selectors, self.caller.exe_hash_skipped),
+                        .update(&mut self.caller.selectors, self.caller.exe_hash_skipped),
                     Ok(false) => {}
                     Err(s) => return self.end(s),
                 }

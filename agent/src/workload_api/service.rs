@@ -45,7 +45,8 @@ pub const FIRST_SVID_WAIT: Duration = Duration::from_secs(15);
 /// An attested caller.
 pub(super) struct Caller {
     pub(super) pid: i32,
-    pub(super) selectors: SelectorSet,
+    /// Shared with the stream's registration ([`crate::sync::watchers`]).
+    pub(super) selectors: Arc<SelectorSet>,
     pub(super) pin: Arc<ProcessPin>,
     /// Peer credentials, to attest again.
     pub(super) uid: u32,
@@ -168,7 +169,7 @@ impl WorkloadApi {
                 tracing::debug!(pid = a.pid, uid, selectors = %a.selectors, "workload attested");
                 Ok(Caller {
                     pid: a.pid,
-                    selectors: a.selectors,
+                    selectors: Arc::new(a.selectors),
                     pin,
                     uid,
                     gid,
@@ -216,7 +217,7 @@ impl WorkloadApi {
         // Subscribed before the first look, so no change between the two is missed.
         let sub = state
             .watchers
-            .subscribe(&caller.selectors, caller.exe_hash_skipped);
+            .subscribe(&mut caller.selectors, caller.exe_hash_skipped);
         let mut watcher = Watcher {
             _gauge: StreamGauge::new(&state),
             state,
@@ -399,7 +400,7 @@ where
     async fn attest_again_if_hash_wanted(&mut self) -> Result<(), Status> {
         if attest_again_if_hash_wanted(&self.attestor, &mut self.caller, self.what).await? {
             self.sub
-                .update(&self.caller.selectors, self.caller.exe_hash_skipped);
+                .update(&mut self.caller.selectors, self.caller.exe_hash_skipped);
         }
         Ok(())
     }
@@ -422,13 +423,25 @@ pub(super) async fn attest_again_if_hash_wanted(
     if !caller.exe_hash_skipped || !attestor.exe_hash_wanted() {
         return Ok(false);
     }
+    // Boxed: the attestation's future (with a kubelet request when the k8s attestor is on) is
+    // several KiB, and awaited inline it would be part of every open stream's state for as long
+    // as the stream lives, although it runs only when an entry starts needing the hash.
+    Box::pin(attest_again(attestor, caller, stream)).await
+}
+
+/// [`attest_again_if_hash_wanted`] once it is wanted.
+async fn attest_again(
+    attestor: &Arc<WorkloadAttestor>,
+    caller: &mut Caller,
+    stream: &str,
+) -> Result<bool, Status> {
     match attestor
         .attest_async(caller.pin.clone(), caller.uid, caller.gid)
         .await
     {
         Ok(a) => {
             tracing::debug!(pid = a.pid, selectors = %a.selectors, stream, "workload attested again: an entry now needs its executable's hash");
-            caller.selectors = a.selectors;
+            caller.selectors = Arc::new(a.selectors);
             caller.exe_hash_skipped = a.exe_hash_skipped;
             Ok(true)
         }

@@ -324,23 +324,42 @@ pub(crate) fn read_proc_file(
 /// files (`stat`, `status`, `cgroup`) are generated whole on the first read and handed out as
 /// far as the buffer reaches, so a read that leaves room in the buffer has returned the rest of
 /// the file: the extra `read` that would only see end-of-file is skipped.
+///
+/// The page is read on the stack and only the bytes read are copied to the heap: these reads
+/// happen on every Workload API call and stream message, and a page-sized heap buffer for each
+/// (mostly empty: `stat` is ~300 bytes) leaves the allocator holes that the long-lived state of
+/// open connections then fills around.
 fn read_whole(file: &mut impl io::Read) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; 4096];
-    let mut len = 0;
+    let mut page = [0u8; PAGE];
+    let n = read_once(file, &mut page)?;
+    if n < PAGE {
+        return Ok(page[..n].to_vec());
+    }
+    // More than a page (a deep cgroup file): on the heap, doubling until a read leaves room.
+    let mut buf = page.to_vec();
     loop {
-        let n = match file.read(&mut buf[len..]) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        len += n;
-        if n == 0 || len < buf.len() {
-            buf.truncate(len);
+        let at = buf.len();
+        buf.resize(at * 2, 0);
+        let n = read_once(file, &mut buf[at..])?;
+        if n < at {
+            buf.truncate(at + n);
             return Ok(buf);
         }
-        buf.resize(buf.len() * 2, 0);
     }
 }
+
+/// One `read`, repeated only when interrupted.
+fn read_once(file: &mut impl io::Read, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match file.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
+
+/// How much of a procfs file is read on the stack.
+const PAGE: usize = 4096;
 
 /// Maps an error reading `/proc/<pid>/<what>`: the process having exited shows as ENOENT (its
 /// directory is gone) or ESRCH (it exited while the file was open), anything else is a real error.

@@ -115,7 +115,7 @@ fn caller(sel: &[&str]) -> Caller {
     let pid = std::process::id() as i32;
     Caller {
         pid,
-        selectors: selectors(sel),
+        selectors: Arc::new(selectors(sel)),
         pin: Arc::new(ProcessPin::pin(pid).unwrap()),
         uid: 0,
         gid: 0,
@@ -720,7 +720,7 @@ async fn every_response_waits_for_the_connecting_process_to_be_there() {
     pin.creds = Some(me);
     let caller = Caller {
         pid,
-        selectors: selectors(&["unix:uid:7"]),
+        selectors: Arc::new(selectors(&["unix:uid:7"])),
         pin: Arc::new(pin),
         uid: me.0,
         gid: me.1,

@@ -41,7 +41,7 @@ fn caller(selectors: &[&str]) -> Caller {
     let pid = std::process::id() as i32;
     Caller {
         pid,
-        selectors: identities::tests::selectors(selectors),
+        selectors: Arc::new(identities::tests::selectors(selectors)),
         pin: Arc::new(ProcessPin::pin(pid).unwrap()),
         uid: 0,
         gid: 0,
@@ -214,7 +214,7 @@ async fn a_stream_attested_without_the_exe_hash_gets_entries_that_need_it() {
     assert!(a.exe_hash_skipped, "no entry needs the hash yet");
     let caller = Caller {
         pid: a.pid,
-        selectors: a.selectors,
+        selectors: Arc::new(a.selectors),
         pin,
         uid: 7,
         gid: 7,
@@ -357,7 +357,7 @@ async fn every_message_waits_for_the_connecting_process_to_be_there() {
     pin.creds = Some(me);
     let caller = Caller {
         pid,
-        selectors: identities::tests::selectors(&["unix:uid:7"]),
+        selectors: Arc::new(identities::tests::selectors(&["unix:uid:7"])),
         pin: Arc::new(pin),
         uid: me.0,
         gid: me.1,
