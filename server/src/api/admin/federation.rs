@@ -217,21 +217,31 @@ pub(super) async fn create(
                 crate::datastore::DatastoreError::RelationshipExists(r.trust_domain),
             ));
         }
-        if let Some(b) = &initial {
-            store_bundle(state, b).await?;
-        }
-        let stored = state
-            .datastore
-            .create_federation_relationship(r)
-            .await
-            .map_err(ds_status)?;
-        state.federation.relationships_changed();
+        let write = state.datastore.create_federation_relationship(r);
         Ok(pb::CreateFederationRelationshipResponse {
-            relationship: Some(to_proto(state, stored, Source::Datastore).await?),
+            relationship: Some(store_and_write(state, initial.as_ref(), write).await?),
         })
     }
     .await;
     Outcome::new(result, object)
+}
+
+/// The end of a create or update: stores the starting bundle, if given, then `write` (the
+/// relationship's datastore write, not started before), tells the refresher and answers with
+/// the stored relationship.
+async fn store_and_write(
+    state: &AdminState,
+    initial: Option<&Bundle>,
+    write: impl std::future::Future<
+        Output = Result<FederationRelationship, crate::datastore::DatastoreError>,
+    >,
+) -> Result<pb::FederationRelationship, Status> {
+    if let Some(b) = initial {
+        store_bundle(state, b).await?;
+    }
+    let stored = write.await.map_err(ds_status)?;
+    state.federation.relationships_changed();
+    to_proto(state, stored, Source::Datastore).await
 }
 
 /// UpdateFederationRelationship; audited as the trust domain given.
@@ -264,17 +274,9 @@ pub(super) async fn update(
             )));
         }
         check_endpoint_trust(state, &r, initial.as_ref()).await?;
-        if let Some(b) = &initial {
-            store_bundle(state, b).await?;
-        }
-        let stored = state
-            .datastore
-            .update_federation_relationship(r)
-            .await
-            .map_err(ds_status)?;
-        state.federation.relationships_changed();
+        let write = state.datastore.update_federation_relationship(r);
         Ok(pb::UpdateFederationRelationshipResponse {
-            relationship: Some(to_proto(state, stored, Source::Datastore).await?),
+            relationship: Some(store_and_write(state, initial.as_ref(), write).await?),
         })
     }
     .await;
