@@ -83,6 +83,77 @@ pub struct SpireServerConfig {
     pub x509_svid_ttl: Option<String>,
 }
 
+/// What a SPIRE server's configuration file is made from.
+pub struct ServerConfigArgs<'a> {
+    /// The trust domain.
+    pub trust_domain: &'a str,
+    /// Node API port on 127.0.0.1.
+    pub port: u16,
+    /// Health check port on 127.0.0.1 (`/live`, `/ready`).
+    pub health_port: u16,
+    /// Admin API socket.
+    pub socket: &'a Path,
+    /// Data dir (SQLite datastore and disk key manager inside).
+    pub data: &'a Path,
+    /// `log_level`.
+    pub log_level: &'a str,
+    /// Extra HCL and the X509-SVID TTL.
+    pub extra: &'a SpireServerConfig,
+}
+
+/// A SPIRE server configuration (HCL) on loopback: SQLite datastore, `join_token` node
+/// attestor, disk key manager, P-256 CA, health checks; shared by the tests and the SPIRE
+/// head-to-head bench.
+pub fn server_config(a: &ServerConfigArgs<'_>) -> String {
+    format!(
+        r#"server {{
+    bind_address = "127.0.0.1"
+    bind_port = "{port}"
+    socket_path = "{socket}"
+    trust_domain = "{trust_domain}"
+    data_dir = "{data}"
+    log_level = "{log_level}"
+    ca_key_type = "ec-p256"
+    default_x509_svid_ttl = "{ttl}"
+{server_hcl}
+}}
+plugins {{
+    DataStore "sql" {{
+        plugin_data {{
+            database_type = "sqlite3"
+            connection_string = "{data}/datastore.sqlite3"
+        }}
+    }}
+    NodeAttestor "join_token" {{
+        plugin_data {{}}
+    }}
+    KeyManager "disk" {{
+        plugin_data {{
+            keys_path = "{data}/keys.json"
+        }}
+    }}
+{plugins_hcl}
+}}
+health_checks {{
+    listener_enabled = true
+    bind_address = "127.0.0.1"
+    bind_port = "{health_port}"
+    live_path = "/live"
+    ready_path = "/ready"
+}}
+"#,
+        trust_domain = a.trust_domain,
+        port = a.port,
+        health_port = a.health_port,
+        log_level = a.log_level,
+        socket = a.socket.display(),
+        data = a.data.display(),
+        ttl = a.extra.x509_svid_ttl.as_deref().unwrap_or("1h"),
+        server_hcl = a.extra.server_hcl,
+        plugins_hcl = a.extra.plugins_hcl,
+    )
+}
+
 /// A running `spire-server`, killed on drop.
 pub struct SpireServer {
     child: Option<Child>,
@@ -117,49 +188,15 @@ impl SpireServer {
         let conf = dir.join("server.conf");
         std::fs::write(
             &conf,
-            format!(
-                r#"server {{
-    bind_address = "127.0.0.1"
-    bind_port = "{port}"
-    socket_path = "{socket}"
-    trust_domain = "{trust_domain}"
-    data_dir = "{data}"
-    log_level = "DEBUG"
-    ca_key_type = "ec-p256"
-    default_x509_svid_ttl = "{ttl}"
-{server_hcl}
-}}
-plugins {{
-    DataStore "sql" {{
-        plugin_data {{
-            database_type = "sqlite3"
-            connection_string = "{data}/datastore.sqlite3"
-        }}
-    }}
-    NodeAttestor "join_token" {{
-        plugin_data {{}}
-    }}
-    KeyManager "disk" {{
-        plugin_data {{
-            keys_path = "{data}/keys.json"
-        }}
-    }}
-{plugins_hcl}
-}}
-health_checks {{
-    listener_enabled = true
-    bind_address = "127.0.0.1"
-    bind_port = "{health_port}"
-    live_path = "/live"
-    ready_path = "/ready"
-}}
-"#,
-                socket = socket.display(),
-                data = data.display(),
-                ttl = extra.x509_svid_ttl.as_deref().unwrap_or("1h"),
-                server_hcl = extra.server_hcl,
-                plugins_hcl = extra.plugins_hcl,
-            ),
+            server_config(&ServerConfigArgs {
+                trust_domain,
+                port,
+                health_port,
+                socket: &socket,
+                data: &data,
+                log_level: "DEBUG",
+                extra,
+            }),
         )
         .expect("writing SPIRE server config");
         let log = dir.join("spire-server.log");

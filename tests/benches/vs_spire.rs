@@ -455,44 +455,15 @@ impl Server {
                 let conf = dir.join("server.conf");
                 std::fs::write(
                     &conf,
-                    format!(
-                        r#"server {{
-    bind_address = "127.0.0.1"
-    bind_port = "{port}"
-    socket_path = "{socket}"
-    trust_domain = "{TD}"
-    data_dir = "{data}"
-    log_level = "INFO"
-    ca_key_type = "ec-p256"
-    default_x509_svid_ttl = "1h"
-}}
-plugins {{
-    DataStore "sql" {{
-        plugin_data {{
-            database_type = "sqlite3"
-            connection_string = "{data}/datastore.sqlite3"
-        }}
-    }}
-    NodeAttestor "join_token" {{
-        plugin_data {{}}
-    }}
-    KeyManager "disk" {{
-        plugin_data {{
-            keys_path = "{data}/keys.json"
-        }}
-    }}
-}}
-health_checks {{
-    listener_enabled = true
-    bind_address = "127.0.0.1"
-    bind_port = "{health_port}"
-    live_path = "/live"
-    ready_path = "/ready"
-}}
-"#,
-                        socket = socket.display(),
-                        data = data.display(),
-                    ),
+                    sigil_testkit::spire::server_config(&sigil_testkit::spire::ServerConfigArgs {
+                        trust_domain: TD,
+                        port,
+                        health_port,
+                        socket: &socket,
+                        data: &data,
+                        log_level: "INFO",
+                        extra: &sigil_testkit::spire::SpireServerConfig::default(),
+                    }),
                 )?;
                 let mut c = Command::new(&bins.spire_server);
                 c.arg("run").arg("-config").arg(&conf);
