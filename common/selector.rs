@@ -80,13 +80,12 @@ pub enum SelectorError {
 
 /// A validated selector.
 ///
-/// Held as one shared string `type:value` (the type never contains a colon): an agent holds
-/// several per entry and indexes them, and a clone shares the text instead of copying it.
+/// Held as one shared string `type:value` (the type never contains a colon, so the first one
+/// splits them): an agent holds several per entry and indexes them, and a clone shares the
+/// text instead of copying it.
 #[derive(Clone)]
 pub struct Selector {
     text: Arc<str>,
-    /// Byte offset of the colon between type and value.
-    colon: u32,
 }
 
 impl PartialEq for Selector {
@@ -153,8 +152,6 @@ impl Selector {
         text.push_str(value);
         Ok(Self {
             text: Arc::from(text),
-            // Bounded by MAX_TYPE_LEN above.
-            colon: kind.len() as u32,
         })
     }
 
@@ -168,12 +165,14 @@ impl Selector {
 
     /// The selector type, e.g. `unix`.
     pub fn kind(&self) -> &str {
-        &self.text[..self.colon as usize]
+        self.text
+            .split_once(':')
+            .map_or(&*self.text, |(kind, _)| kind)
     }
 
     /// The selector value, e.g. `uid:1000`.
     pub fn value(&self) -> &str {
-        &self.text[self.colon as usize + 1..]
+        self.text.split_once(':').map_or("", |(_, value)| value)
     }
 
     /// The whole selector, `type:value`.

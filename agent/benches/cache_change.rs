@@ -26,6 +26,8 @@ use sigil_agent::sync::storage::AgentIdentity;
 use sigil_agent::sync::worker::AgentState;
 use sigil_agent::workload_api::identities::{self, X509State};
 
+mod support;
+
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -82,21 +84,20 @@ fn agent_identity() -> AgentIdentity {
     AgentIdentity::new(&td, vec![cert.der().to_vec()], key.serialize_der()).unwrap()
 }
 
-/// An SVID "chain" of realistic size; its bytes change with `n` (a rotation).
-fn chain(n: u64) -> Vec<Vec<u8>> {
-    let mut c = vec![0x5a; 560];
-    c[..8].copy_from_slice(&n.to_be_bytes());
-    vec![c]
-}
+/// Real keys and leaves (1,000, the `n`-th SVID stored is number `n % 1,000`): the cache holds
+/// them compressed and streams rebuild them, as they would real ones.
+static SVIDS: std::sync::LazyLock<Vec<(Vec<u8>, Vec<u8>)>> =
+    std::sync::LazyLock::new(|| support::keys_and_leaves(1000));
 
 fn store(cache: &mut Cache, id: &str, revision: i64, n: u64, now: i64) {
+    let (key, leaf) = &SVIDS[n as usize % SVIDS.len()];
     let p = PendingCsr {
         entry_id: id.to_string(),
         entry_revision: revision,
-        key_pkcs8_der: vec![0x11; 138],
+        key_pkcs8_der: key.clone(),
         csr_der: Vec::new(),
     };
-    assert!(cache.store_svid(p, chain(n), now + 3600, now));
+    assert!(cache.store_svid(p, vec![leaf.clone()], now + 3600, now));
 }
 
 #[derive(Default)]
@@ -267,7 +268,7 @@ async fn run() {
     let snapshot_applied = t.elapsed();
     let t = Instant::now();
     for i in 0..n_entries {
-        store(&mut cache, &entry(i, 1).id, 1, 0, now);
+        store(&mut cache, &entry(i, 1).id, 1, i as u64, now);
     }
     let minted = t.elapsed();
     cache.take_changes();

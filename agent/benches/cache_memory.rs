@@ -1,8 +1,10 @@
 //! What the agent's cache holds in memory per entry: entries, indexes and SVIDs, counted by the
 //! allocator (dhat's heap statistics) at 100,000 entries shaped like those of the end-to-end
 //! bench (`k8s:ns:` 100 values, `k8s:sa:` 5,000, a unique `unix:uid:`, one DNS name, all under
-//! one node alias). Each SVID is a 560-byte leaf and a 138-byte PKCS#8 key, the sizes the real
-//! agent stores for a P-256 X509-SVID.
+//! one node alias). Each SVID is a P-256 key and a leaf signed the way sigil-server signs one;
+//! 1,000 distinct ones, entry i holding its own copy of number i % 1,000 (leaves are held
+//! compressed against another leaf of their authority, not against each other, so this costs
+//! what 100,000 distinct ones would).
 //!
 //! `cargo bench -p sigil-agent --bench cache_memory` (BENCHMARKS.md, "Agent cache memory").
 //! `SIGIL_BENCH_MEM_ENTRIES` (100000) sets the size; `SIGIL_BENCH_MEM_PROFILE=<file>` also writes
@@ -13,6 +15,8 @@
 use sigil::proto::admin as apb;
 use sigil::proto::node as pb;
 use sigil_agent::sync::cache::{Cache, PendingCsr};
+
+mod support;
 
 #[global_allocator]
 static ALLOC: dhat::Alloc = dhat::Alloc;
@@ -73,6 +77,9 @@ fn main() {
         Some(file) => dhat::Profiler::builder().file_name(file).build(),
         None => dhat::Profiler::builder().testing().build(),
     };
+    let svids = support::keys_and_leaves(1000);
+    let leaf_bytes = svids.iter().map(|(_, l)| l.len()).sum::<usize>() / svids.len();
+    let key_bytes = svids.iter().map(|(k, _)| k.len()).sum::<usize>() / svids.len();
     let before_messages = live();
     let mut messages: Vec<pb::SyncResponse> = (0..n)
         .collect::<Vec<_>>()
@@ -85,8 +92,6 @@ fn main() {
             ..Default::default()
         })
         .collect();
-    let chain = vec![0x30u8; 560];
-    let key = vec![0x11u8; 138];
 
     println!("{n} entries; live heap added by each step (dhat), per entry, and with an estimate of glibc's per-block overhead:\n");
     println!("| step | live heap | per entry | blocks per entry | with malloc overhead |");
@@ -96,6 +101,8 @@ fn main() {
     let start = before_messages;
     for m in messages.drain(..) {
         cache.apply_sync(m).unwrap();
+        // As the worker does after each message.
+        drop(cache.take_changes());
     }
     drop(messages);
     assert_eq!(cache.entry_count(), n);
@@ -109,18 +116,22 @@ fn main() {
     let ids: Vec<String> = cache.entries().map(|e| e.id.clone()).collect();
     let before_svids = live();
     let now = 1_700_000_000;
-    for id in &ids {
+    for (i, id) in ids.iter().enumerate() {
+        let (key, leaf) = &svids[i % svids.len()];
         let p = PendingCsr {
             entry_id: id.clone(),
             entry_revision: 1,
             key_pkcs8_der: key.clone(),
             csr_der: Vec::new(),
         };
-        assert!(cache.store_svid(p, vec![chain.clone()], now + 3600, now));
+        assert!(cache.store_svid(p, vec![leaf.clone()], now + 3600, now));
+        drop(cache.take_changes());
     }
     let svids = live();
     row(
-        "their X509-SVIDs (560-byte leaf, 138-byte key)",
+        &format!(
+            "their X509-SVIDs ({leaf_bytes}-byte leaf, {key_bytes}-byte PKCS#8 key on average)"
+        ),
         n,
         before_svids,
         svids,

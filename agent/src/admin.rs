@@ -65,7 +65,7 @@ impl pb::agent_admin_server::AgentAdmin for AgentAdminService {
             .map(|(e, s)| pb::CachedSvid {
                 entry_id: e.id.clone(),
                 spiffe_id: e.spiffe_id.to_string(),
-                serial: leaf_serial(s.leaf_der()),
+                serial: leaf_serial(&s.leaf_der()),
                 not_after: s.not_after,
                 refresh_at: s.refresh_at,
             })

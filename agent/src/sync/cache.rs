@@ -29,6 +29,7 @@
 //! selector with it. [`Cache::take_changes`] says what changed ([`Changes`]), so that only the
 //! Workload API streams it concerns wake up.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -37,6 +38,9 @@ use rand::Rng as _;
 use sigil::entry::RegistrationEntry;
 use sigil::proto::node as pb;
 use sigil::selector::{Selector, SelectorSet};
+
+use super::held_chain::{ChainPacker, HeldChain};
+use super::held_key::HeldKey;
 
 /// Fraction of an SVID's lifetime after which it is renewed (before jitter).
 pub const REFRESH_FRACTION: f64 = 0.5;
@@ -169,18 +173,19 @@ pub enum CacheError {
     },
 }
 
-/// A cached X509-SVID for one entry. Held compactly (one buffer for the chain, boxed bytes for
-/// the key, the entry id only as the map's key): an agent holds one per entry, 100,000 and more.
+/// A cached X509-SVID for one entry. Held compactly (the chain compressed against one of the
+/// same authority, a P-256 key as its secret, the entry id only as the map's key): an agent
+/// holds one per entry, 100,000 and more.
 #[derive(Clone, PartialEq, Eq)]
 pub struct CachedSvid {
     /// The entry revision it was minted for.
     pub entry_revision: i64,
     /// DER certificates, leaf first, concatenated (as the Workload API sends them).
-    chain: Box<[u8]>,
+    chain: HeldChain,
     /// Length of the leaf at the start of `chain`.
     leaf_len: u32,
-    /// PKCS#8 DER key, generated on this node.
-    pub key_pkcs8_der: Box<[u8]>,
+    /// The key, generated on this node.
+    key: HeldKey,
     /// Unix seconds.
     pub issued_at: i64,
     /// Unix seconds.
@@ -194,19 +199,33 @@ pub struct CachedSvid {
 
 impl CachedSvid {
     /// The DER certificates, leaf first, concatenated.
-    pub fn chain_der(&self) -> &[u8] {
-        &self.chain
+    pub fn chain_der(&self) -> Cow<'_, [u8]> {
+        self.chain.der()
     }
 
     /// The leaf certificate (DER).
-    pub fn leaf_der(&self) -> &[u8] {
-        &self.chain[..self.leaf_len as usize]
+    pub fn leaf_der(&self) -> Cow<'_, [u8]> {
+        let leaf_len = self.leaf_len as usize;
+        match self.chain.der() {
+            Cow::Borrowed(chain) => Cow::Borrowed(chain.get(..leaf_len).unwrap_or(chain)),
+            Cow::Owned(mut chain) => {
+                chain.truncate(leaf_len);
+                Cow::Owned(chain)
+            }
+        }
+    }
+
+    /// The private key, PKCS#8 DER (rebuilt from what is held: a copy).
+    pub fn key_pkcs8_der(&self) -> Vec<u8> {
+        // Held with this leaf: it rebuilds.
+        self.key.pkcs8_der(&self.leaf_der()).unwrap_or_default()
     }
 
     /// The DER certificates, leaf first, one by one.
     pub fn certs_der(&self) -> Vec<Vec<u8>> {
+        let chain = self.chain.der();
         // Stored from a chain that split, so it splits again.
-        sigil::x509::split_der_concat(&self.chain).unwrap_or_else(|_| vec![self.chain.to_vec()])
+        sigil::x509::split_der_concat(&chain).unwrap_or_else(|_| vec![chain.to_vec()])
     }
 }
 
@@ -356,6 +375,16 @@ impl IdSet {
     }
 }
 
+/// One held entry with its SVID (once minted), under the entry's id in the cache's map: one map
+/// for both, as an agent holds one of each per entry.
+#[derive(Clone)]
+struct Slot {
+    entry: Arc<RegistrationEntry>,
+    svid: Option<Arc<CachedSvid>>,
+    /// The entry's key in the worker's refresh queue (when it is due, Unix seconds).
+    queued_at: i64,
+}
+
 /// An immutable view of the cache, as the worker published it last. Cloning is cheap (the maps
 /// share structure with the worker's, and a change copies only the paths it touches), so the
 /// worker publishes one after every change and readers (Workload API streams, the admin API,
@@ -364,15 +393,18 @@ impl IdSet {
 pub struct Snapshot {
     has_snapshot: bool,
     revision: i64,
-    entries: imbl::OrdMap<EntryId, Arc<RegistrationEntry>>,
+    entries: imbl::OrdMap<EntryId, Slot>,
+    /// Entries with an SVID.
+    svid_count: usize,
     /// Every entry with selectors, under one of them: the one fewest entries had when it was
     /// indexed (a service account's selector rather than its namespace's). An entry matches a
     /// caller only when all its selectors are the caller's, its index key included, so looking
     /// up each of the caller's selectors finds every match exactly once, among few others.
     by_selector: imbl::OrdMap<Selector, IdSet>,
-    svids: imbl::OrdMap<EntryId, Arc<CachedSvid>>,
-    /// (NotAfter, entry id) of every cached SVID, in expiry order.
-    expiries: imbl::OrdSet<(i64, EntryId)>,
+    /// How many cached SVIDs expire at each NotAfter (Unix seconds): when the next one does,
+    /// and whether any has, without an index entry per SVID (rotation replaces SVIDs long
+    /// before they expire, so finding which ones did is rare work).
+    expiries: imbl::OrdMap<i64, u32>,
     bundle: Option<Arc<pb::Bundle>>,
     /// Bumped whenever the bundle changes.
     bundle_generation: u64,
@@ -392,14 +424,9 @@ impl std::fmt::Debug for Snapshot {
             .field("has_snapshot", &self.has_snapshot)
             .field("revision", &self.revision)
             .field("entries", &self.entries.len())
-            .field("svids", &self.svids.len())
+            .field("svids", &self.svid_count)
             .finish_non_exhaustive()
     }
-}
-
-/// The smallest entry id: a range bound below every real one.
-fn min_id() -> EntryId {
-    Arc::from("")
 }
 
 impl Snapshot {
@@ -440,12 +467,12 @@ impl Snapshot {
 
     /// Entries held.
     pub fn entries(&self) -> impl Iterator<Item = &RegistrationEntry> {
-        self.entries.values().map(|e| &**e)
+        self.entries.values().map(|s| &*s.entry)
     }
 
     /// The entry `id`, if held.
     pub fn entry(&self, id: &str) -> Option<&RegistrationEntry> {
-        self.entries.get(id).map(|e| &**e)
+        self.entries.get(id).map(|s| &*s.entry)
     }
 
     /// Number of entries held.
@@ -463,7 +490,7 @@ impl Snapshot {
                 continue;
             };
             for id in ids.iter() {
-                if let Some(e) = self.entries.get(id) {
+                if let Some(Slot { entry: e, .. }) = self.entries.get(id) {
                     if e.selectors.is_subset_of(selectors) {
                         out.push(&**e);
                     }
@@ -475,19 +502,19 @@ impl Snapshot {
 
     /// Every cached SVID with its entry.
     pub fn svids(&self) -> impl Iterator<Item = (&RegistrationEntry, &CachedSvid)> {
-        self.svids
-            .iter()
-            .filter_map(|(id, s)| self.entries.get(id).map(|e| (&**e, &**s)))
+        self.entries
+            .values()
+            .filter_map(|s| Some((&*s.entry, s.svid.as_deref()?)))
     }
 
     /// Number of cached SVIDs.
     pub fn svid_count(&self) -> usize {
-        self.svids.len()
+        self.svid_count
     }
 
     /// The SVID of an entry, if minted.
     pub fn svid(&self, entry_id: &str) -> Option<&CachedSvid> {
-        self.svids.get(entry_id).map(|s| &**s)
+        self.entries.get(entry_id).and_then(|s| s.svid.as_deref())
     }
 
     /// The failures recorded for `entry_id` since its last successful signing, if any (of its
@@ -501,36 +528,50 @@ impl Snapshot {
         self.sign_failures.iter().filter_map(|(id, f)| {
             self.entries
                 .get(id)
-                .filter(|e| e.revision == f.0)
-                .map(|e| (&**e, &f.1))
+                .filter(|s| s.entry.revision == f.0)
+                .map(|s| (&*s.entry, &f.1))
         })
     }
 
-    /// The cached SVIDs that have expired at `now` (they are never served), with their entries.
+    /// The cached SVIDs that have expired at `now` (they are never served), with their entries,
+    /// by entry id. Reads every SVID, but only when one has expired.
     pub fn expired_svids(
         &self,
         now: i64,
     ) -> impl Iterator<Item = (&RegistrationEntry, &CachedSvid)> {
-        self.expiries
-            .iter()
-            .take_while(move |(t, _)| *t <= now)
-            .filter_map(|(_, id)| Some((self.entry(id)?, self.svid(id)?)))
+        let any = self.expiries.range(..=now).next().is_some();
+        self.entries
+            .values()
+            .take_while(move |_| any)
+            .filter_map(move |s| {
+                let svid = s.svid.as_deref()?;
+                (svid.not_after <= now).then_some((&*s.entry, svid))
+            })
     }
 
     /// The earliest NotAfter after `now` of any cached SVID: when the next one expires.
     pub fn next_expiry_after(&self, now: i64) -> Option<i64> {
         self.expiries
-            .range((now.saturating_add(1), min_id())..)
+            .range(now.saturating_add(1)..)
             .next()
             .map(|(t, _)| *t)
     }
 
-    /// The entries whose SVIDs expire after `after` and at or before `upto`.
+    /// The entries whose SVIDs expire after `after` and at or before `upto`. Reads every SVID,
+    /// but only when one expires in that time.
     pub fn expiring(&self, after: i64, upto: i64) -> Vec<Arc<RegistrationEntry>> {
-        self.expiries
-            .range((after.saturating_add(1), min_id())..)
-            .take_while(|(t, _)| *t <= upto)
-            .filter_map(|(_, id)| self.entries.get(id).cloned())
+        let after = after.saturating_add(1);
+        if after > upto || self.expiries.range(after..=upto).next().is_none() {
+            return Vec::new();
+        }
+        self.entries
+            .values()
+            .filter(|s| {
+                s.svid
+                    .as_ref()
+                    .is_some_and(|v| (after..=upto).contains(&v.not_after))
+            })
+            .map(|s| s.entry.clone())
             .collect()
     }
 }
@@ -567,9 +608,10 @@ pub struct Cache {
     /// hash executables only when an entry needs it.
     exe_hash_flag: Arc<AtomicBool>,
     /// (when due, entry id) for every entry: the refresh queue.
+    /// An entry's key in it is kept in its slot (`queued_at`).
     refresh_queue: BTreeSet<(i64, EntryId)>,
-    /// Each entry's key in `refresh_queue`.
-    due_at: HashMap<EntryId, i64>,
+    /// Compresses the SVIDs' chains against one of the same authority.
+    chains: ChainPacker,
     /// The last SVID generation handed out.
     svid_generation: u64,
     /// What changed since the last [`Cache::take_changes`].
@@ -702,25 +744,52 @@ impl Cache {
 
     /// Adds or replaces an entry; false when it is held unchanged.
     fn upsert_entry(&mut self, mut e: RegistrationEntry) -> bool {
-        let old = self.view.entries.get(e.id.as_str()).cloned();
-        if old.as_deref() == Some(&e) {
-            return false;
-        }
-        let id: EntryId = match self.view.entries.get_key_value(e.id.as_str()) {
-            Some((k, _)) => k.clone(),
-            None => Arc::from(e.id.as_str()),
+        let (id, old) = match self.view.entries.get_key_value(e.id.as_str()) {
+            Some((_, old)) if *old.entry == e => return false,
+            Some((k, old)) => (k.clone(), Some(old.clone())),
+            None => (Arc::from(e.id.as_str()), None),
         };
-        if let Some(old) = old {
-            self.unindex(&id, &old);
-            self.changes.entries.push(old);
+        if let Some(old) = &old {
+            self.unindex(&id, &old.entry);
+            self.changes.entries.push(old.entry.clone());
         }
         self.index(&id, &mut e);
         self.share_ids(&mut e);
         let new = Arc::new(e);
-        self.view.entries.insert(id.clone(), new.clone());
-        self.requeue_entry(&id, &new);
-        self.changes.entries.push(new);
+        self.changes.entries.push(new.clone());
+        // The SVID minted for the former revision stays (served until the new one arrives).
+        let (svid, queued) = old.map_or((None, None), |o| (o.svid, Some(o.queued_at)));
+        self.place(
+            &id,
+            Slot {
+                entry: new,
+                svid,
+                queued_at: 0,
+            },
+            queued,
+        );
         true
+    }
+
+    /// One SVID expiring at `not_after` less.
+    fn forget_expiry(&mut self, not_after: i64) {
+        if let Some(n) = self.view.expiries.get_mut(&not_after) {
+            *n -= 1;
+            if *n == 0 {
+                self.view.expiries.remove(&not_after);
+            }
+        }
+    }
+
+    /// Stores `slot` under `id`, queued for when it is due (its former place in the refresh
+    /// queue, `queued`, left).
+    fn place(&mut self, id: &EntryId, mut slot: Slot, queued: Option<i64>) {
+        if let Some(t) = queued {
+            self.refresh_queue.remove(&(t, id.clone()));
+        }
+        slot.queued_at = self.due_at(id, &slot);
+        self.refresh_queue.insert((slot.queued_at, id.clone()));
+        self.view.entries.insert(id.clone(), slot);
     }
 
     /// Removes an entry with its SVID and failure record; false when it is not held.
@@ -728,15 +797,14 @@ impl Cache {
         let Some((key, old)) = self.view.entries.remove_with_key(id) else {
             return false;
         };
-        self.unindex(id, &old);
-        if let Some(s) = self.view.svids.remove(id) {
-            self.view.expiries.remove(&(s.not_after, key.clone()));
+        self.unindex(id, &old.entry);
+        if let Some(s) = &old.svid {
+            self.forget_expiry(s.not_after);
+            self.view.svid_count -= 1;
         }
         self.view.sign_failures.remove(id);
-        if let Some(t) = self.due_at.remove(id) {
-            self.refresh_queue.remove(&(t, key));
-        }
-        self.changes.entries.push(old);
+        self.refresh_queue.remove(&(old.queued_at, key));
+        self.changes.entries.push(old.entry);
         true
     }
 
@@ -908,13 +976,14 @@ impl Cache {
     /// When `e` needs a (new) SVID, Unix seconds (0: now): none yet or minted for an older
     /// revision of the entry → now, else its refresh time; in both cases not before the retry
     /// time of a refused signing of this revision.
-    fn due_at(&self, e: &RegistrationEntry) -> i64 {
-        let wanted = match self.view.svids.get(e.id.as_str()) {
-            Some(s) if s.entry_revision == e.revision => s.refresh_at,
+    fn due_at(&self, id: &str, slot: &Slot) -> i64 {
+        let revision = slot.entry.revision;
+        let wanted = match &slot.svid {
+            Some(s) if s.entry_revision == revision => s.refresh_at,
             _ => 0,
         };
-        match self.view.sign_failures.get(e.id.as_str()) {
-            Some(f) if f.0 == e.revision => wanted.max(f.1.retry_at),
+        match self.view.sign_failures.get(id) {
+            Some(f) if f.0 == revision => wanted.max(f.1.retry_at),
             _ => wanted,
         }
     }
@@ -940,38 +1009,36 @@ impl Cache {
         {
             return 0;
         }
-        let tainted: Vec<(EntryId, Arc<CachedSvid>)> = self
+        let tainted: Vec<(EntryId, Slot)> = self
             .view
-            .svids
+            .entries
             .iter()
-            .filter(|(_, s)| s.refresh_at > 0 && self.issued_by_tainted(s.leaf_der()))
+            .filter(|(_, s)| {
+                s.svid
+                    .as_ref()
+                    .is_some_and(|s| s.refresh_at > 0 && self.issued_by_tainted(&s.leaf_der()))
+            })
             .map(|(k, s)| (k.clone(), s.clone()))
             .collect();
-        for (id, svid) in &tainted {
-            let mut again = CachedSvid::clone(svid);
-            again.refresh_at = 0;
-            self.view.svids.insert(id.clone(), Arc::new(again));
-            self.requeue(id);
+        let count = tainted.len();
+        for (id, mut slot) in tainted {
+            if let Some(svid) = &mut slot.svid {
+                Arc::make_mut(svid).refresh_at = 0;
+            }
+            let queued = slot.queued_at;
+            self.place(&id, slot, Some(queued));
         }
-        tainted.len()
+        count
     }
 
     /// Puts entry `id` at its place in the refresh queue (after its entry, SVID or failure
     /// record changed).
     fn requeue(&mut self, id: &EntryId) {
-        let Some(e) = self.view.entries.get(id).cloned() else {
+        let Some(slot) = self.view.entries.get(id).cloned() else {
             return;
         };
-        self.requeue_entry(id, &e);
-    }
-
-    /// [`Cache::requeue`] of the entry `e` held under `id`.
-    fn requeue_entry(&mut self, id: &EntryId, e: &RegistrationEntry) {
-        let at = self.due_at(e);
-        if let Some(old) = self.due_at.insert(id.clone(), at) {
-            self.refresh_queue.remove(&(old, id.clone()));
-        }
-        self.refresh_queue.insert((at, id.clone()));
+        let queued = slot.queued_at;
+        self.place(id, slot, Some(queued));
     }
 
     /// Entry ids that need an SVID now: none yet, minted for an older revision of the entry, or
@@ -1016,8 +1083,8 @@ impl Cache {
         now: i64,
         jitter: f64,
     ) -> Option<SignFailureNote> {
-        let (id, entry) = self.view.entries.get_key_value(entry_id)?;
-        let (id, spiffe_id) = (id.clone(), entry.spiffe_id.to_string());
+        let (id, slot) = self.view.entries.get_key_value(entry_id)?;
+        let (id, spiffe_id) = (id.clone(), slot.entry.spiffe_id.to_string());
         // A failure of an earlier revision says nothing about this one: start over.
         let prev = self
             .view
@@ -1041,7 +1108,7 @@ impl Cache {
     pub fn csr_targets<S: AsRef<str>>(&self, ids: &[S]) -> Vec<CsrTarget> {
         ids.iter()
             .filter_map(|id| self.view.entries.get(id.as_ref()))
-            .map(|e| CsrTarget {
+            .map(|Slot { entry: e, .. }| CsrTarget {
                 entry_id: e.id.clone(),
                 entry_revision: e.revision,
                 spiffe_id: e.spiffe_id.to_string(),
@@ -1064,10 +1131,10 @@ impl Cache {
         not_after: i64,
         now: i64,
     ) -> bool {
-        let Some((id, entry)) = self.view.entries.get_key_value(pending.entry_id.as_str()) else {
+        let Some((id, slot)) = self.view.entries.get_key_value(pending.entry_id.as_str()) else {
             return false;
         };
-        let (id, entry) = (id.clone(), entry.clone());
+        let (id, mut slot) = (id.clone(), slot.clone());
         let refresh_at = refresh_time(
             now,
             not_after,
@@ -1076,23 +1143,27 @@ impl Cache {
         .max(now + refresh_floor(now, not_after));
         self.view.sign_failures.remove(&id);
         self.svid_generation += 1;
-        let leaf_len = chain_der.first().map_or(0, Vec::len) as u32;
+        let leaf = chain_der.first().map_or(&[][..], Vec::as_slice);
+        let leaf_len = leaf.len() as u32;
+        let key = HeldKey::new(pending.key_pkcs8_der, leaf);
         let svid = CachedSvid {
             entry_revision: pending.entry_revision,
-            chain: chain_der.concat().into_boxed_slice(),
+            chain: self.chains.hold(chain_der.concat()),
             leaf_len,
-            key_pkcs8_der: pending.key_pkcs8_der.into_boxed_slice(),
+            key,
             issued_at: now,
             not_after,
             refresh_at,
             generation: self.svid_generation,
         };
-        if let Some(old) = self.view.svids.insert(id.clone(), Arc::new(svid)) {
-            self.view.expiries.remove(&(old.not_after, id.clone()));
+        match slot.svid.replace(Arc::new(svid)) {
+            Some(old) => self.forget_expiry(old.not_after),
+            None => self.view.svid_count += 1,
         }
-        self.view.expiries.insert((not_after, id.clone()));
-        self.requeue(&id);
-        self.changes.entries.push(entry);
+        *self.view.expiries.entry(not_after).or_insert(0) += 1;
+        self.changes.entries.push(slot.entry.clone());
+        let queued = slot.queued_at;
+        self.place(&id, slot, Some(queued));
         true
     }
 }

@@ -5,6 +5,8 @@
 //! - [`cache`]: authorised entries, their SVIDs (keys made here), rotation times, bundles.
 //! - [`client`]: node API calls: attestation (join token, x509pop, k8s_psat), agent SVID renewal,
 //!   mTLS channels.
+//! - [`held_chain`], [`held_key`]: an SVID's chain and private key as the cache holds them
+//!   (compressed against a chain of the same authority; a P-256 key as its secret).
 //! - [`node_api`]: the node API as the worker sees it ([`node_api::NodeApi`]), in front of the
 //!   gRPC client.
 //! - [`servers`]: the configured sigil-servers (several share one datastore) and which one the
@@ -15,6 +17,8 @@
 
 pub mod cache;
 pub mod client;
+pub mod held_chain;
+pub mod held_key;
 pub mod node_api;
 pub mod servers;
 pub mod storage;

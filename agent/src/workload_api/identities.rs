@@ -164,8 +164,8 @@ pub fn x509_svid_state(cache: &Snapshot, selectors: &SelectorSet, now: i64) -> X
         .iter()
         .map(|(e, svid)| wl::X509svid {
             spiffe_id: e.spiffe_id.to_string(),
-            x509_svid: svid.chain_der().to_vec(),
-            x509_svid_key: svid.key_pkcs8_der.to_vec(),
+            x509_svid: svid.chain_der().into_owned(),
+            x509_svid_key: svid.key_pkcs8_der(),
             bundle: bundle.clone(),
             hint: e.hint.clone(),
         })

@@ -272,7 +272,7 @@ fn sds_view(cache: &Snapshot, selectors: &sigil::selector::SelectorSet) -> Watch
             .map(|(e, svid)| SvidPem {
                 spiffe_id: e.spiffe_id.to_string(),
                 chain: sigil::x509::to_pem_certs(&svid.certs_der()).into_bytes(),
-                key: sigil::x509::to_pem("PRIVATE KEY", &svid.key_pkcs8_der).into_bytes(),
+                key: sigil::x509::to_pem("PRIVATE KEY", &svid.key_pkcs8_der()).into_bytes(),
             })
             .collect(),
         own: cache.bundle().and_then(bundle_pem),

@@ -176,7 +176,7 @@ fn jitter_spreads_refresh_times() {
     for p in c.make_csrs(&c.due(0)).unwrap() {
         c.store_svid(p, vec![vec![1]], 3600, 0);
     }
-    let distinct: HashSet<i64> = c.svids.values().map(|s| s.refresh_at).collect();
+    let distinct: HashSet<i64> = c.svids().map(|(_, s)| s).map(|s| s.refresh_at).collect();
     assert!(
         distinct.len() > 10,
         "50 SVIDs should not all refresh in the same second"
@@ -242,10 +242,13 @@ fn normal_refresh_is_not_delayed_by_the_floor() {
     for p in c.make_csrs(&c.due(1000)).unwrap() {
         c.store_svid(p, vec![vec![1]], 1060, 1000);
     }
-    for s in c.svids.values() {
+    for s in c.svids().map(|(_, s)| s) {
         assert!((1024..=1030).contains(&s.refresh_at), "{}", s.refresh_at);
     }
-    assert!(c.svids.values().any(|s| s.refresh_at < 1030), "jitter kept");
+    assert!(
+        c.svids().map(|(_, s)| s).any(|s| s.refresh_at < 1030),
+        "jitter kept"
+    );
 }
 
 #[test]
@@ -784,7 +787,7 @@ fn svids_of_a_tainted_authority_are_due_at_once() {
     assert!(c.store_svid(it.next().unwrap(), vec![leaf(&new)], now + 3600, now));
     assert!(c.due(now + 1).is_empty());
     assert_eq!(
-        authority_key_id(c.svid("a").unwrap().leaf_der()),
+        authority_key_id(&c.svid("a").unwrap().leaf_der()),
         Some(old_ski.clone())
     );
 
@@ -801,8 +804,8 @@ fn svids_of_a_tainted_authority_are_due_at_once() {
     let out = c.apply_sync(m).unwrap();
     assert_eq!(out.tainted_svids, 1);
     assert_eq!(c.due(now + 1), [EntryId::from("a")]);
-    assert!(c.issued_by_tainted(c.svid("a").unwrap().leaf_der()));
-    assert!(!c.issued_by_tainted(c.svid("b").unwrap().leaf_der()));
+    assert!(c.issued_by_tainted(&c.svid("a").unwrap().leaf_der()));
+    assert!(!c.issued_by_tainted(&c.svid("b").unwrap().leaf_der()));
 }
 
 #[test]
@@ -884,4 +887,49 @@ fn entries_share_their_parent_id_and_trust_domain_name() {
     let names = |e: &RegistrationEntry| e.spiffe_id.trust_domain().name().as_ptr();
     assert_eq!(names(a), names(b));
     assert_eq!(names(a), a.parent_id.trust_domain().name().as_ptr());
+}
+
+/// A server-signed-like SVID for `key` under one CA: (leaf DER, CA DER).
+fn leaf_for(key: &rcgen::KeyPair, issuer: &rcgen::Issuer<'_, rcgen::KeyPair>, id: &str) -> Vec<u8> {
+    let mut p = rcgen::CertificateParams::new(vec![format!("{id}.example.org")]).unwrap();
+    p.subject_alt_names.push(rcgen::SanType::URI(
+        format!("spiffe://example.org/w/{id}").try_into().unwrap(),
+    ));
+    p.use_authority_key_identifier_extension = true;
+    p.signed_by(key, issuer).unwrap().der().to_vec()
+}
+
+#[test]
+fn svids_are_held_compactly_and_served_as_received() {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_der = ca.self_signed(&ca_key).unwrap().der().to_vec();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let ids = ["a", "b", "c"];
+    let mut c = Cache::new();
+    c.apply_sync(snapshot(ids.iter().map(|id| entry(id, 1)).collect(), 1))
+        .unwrap();
+    let mut sent = Vec::new();
+    for p in c.make_csrs(&ids).unwrap() {
+        let key = rcgen::KeyPair::try_from(p.key_pkcs8_der.as_slice()).unwrap();
+        let leaf = leaf_for(&key, &issuer, &p.entry_id);
+        sent.push((p.entry_id.clone(), p.key_pkcs8_der.clone(), leaf.clone()));
+        // An intermediate after the leaf, as an upstream authority sends.
+        assert!(c.store_svid(p, vec![leaf, ca_der.clone()], 2000, 1000));
+    }
+    for (id, key, leaf) in &sent {
+        let s = c.svid(id).unwrap();
+        assert_eq!(&*s.leaf_der(), leaf.as_slice());
+        assert_eq!(*s.chain_der(), [leaf.as_slice(), &ca_der].concat());
+        assert_eq!(s.certs_der(), vec![leaf.clone(), ca_der.clone()]);
+        assert_eq!(&s.key_pkcs8_der(), key);
+        assert!(matches!(s.key, HeldKey::P256 { .. }), "{:?}", s.key);
+    }
+    // The first chain is the dictionary; the others compress against it.
+    let packed = c.svid("c").unwrap();
+    let HeldChain::Packed { bytes, len, .. } = &packed.chain else {
+        panic!("held as received: {:?}", packed.chain);
+    };
+    assert!(bytes.len() * 2 < *len as usize, "{:?}", packed.chain);
 }
