@@ -70,7 +70,10 @@ impl HeldKey {
             Some(_) => return None,
         };
         let public = ec.public_key?;
-        let public_at = leaf.windows(public.len()).position(|w| w == public)?;
+        let first = *public.first()?;
+        let public_at = leaf
+            .windows(public.len())
+            .position(|w| w[0] == first && w == public)?;
         Some(HeldKey::P256 {
             secret,
             public_at: u16::try_from(public_at).ok()?,
