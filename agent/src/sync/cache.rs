@@ -215,18 +215,31 @@ impl CachedSvid {
         }
     }
 
+    /// The DER certificates, leaf first, concatenated, and the private key, PKCS#8 DER: what
+    /// serving the SVID needs, the chain decompressed once for both.
+    pub fn chain_and_key_der(&self) -> (Vec<u8>, Vec<u8>) {
+        let chain = self.chain.der().into_owned();
+        let leaf = chain.get(..self.leaf_len as usize).unwrap_or(&chain);
+        // Held with this leaf: it rebuilds.
+        let key = self.key.pkcs8_der(leaf).unwrap_or_default();
+        (chain, key)
+    }
+
     /// The private key, PKCS#8 DER (rebuilt from what is held: a copy).
     pub fn key_pkcs8_der(&self) -> Vec<u8> {
-        // Held with this leaf: it rebuilds.
-        self.key.pkcs8_der(&self.leaf_der()).unwrap_or_default()
+        self.chain_and_key_der().1
     }
 
     /// The DER certificates, leaf first, one by one.
     pub fn certs_der(&self) -> Vec<Vec<u8>> {
-        let chain = self.chain.der();
-        // Stored from a chain that split, so it splits again.
-        sigil::x509::split_der_concat(&chain).unwrap_or_else(|_| vec![chain.to_vec()])
+        split_chain(&self.chain.der())
     }
+}
+
+/// A concatenated chain as held in a [`CachedSvid`], certificate by certificate.
+pub fn split_chain(chain: &[u8]) -> Vec<Vec<u8>> {
+    // Stored from a chain that split, so it splits again.
+    sigil::x509::split_der_concat(chain).unwrap_or_else(|_| vec![chain.to_vec()])
 }
 
 impl std::fmt::Debug for CachedSvid {
@@ -758,13 +771,14 @@ impl Cache {
         let new = Arc::new(e);
         self.changes.entries.push(new.clone());
         // The SVID minted for the former revision stays (served until the new one arrives).
-        let (svid, queued) = old.map_or((None, None), |o| (o.svid, Some(o.queued_at)));
+        let queued = old.is_some();
+        let (svid, queued_at) = old.map_or((None, 0), |o| (o.svid, o.queued_at));
         self.place(
             &id,
             Slot {
                 entry: new,
                 svid,
-                queued_at: 0,
+                queued_at,
             },
             queued,
         );
@@ -781,11 +795,11 @@ impl Cache {
         }
     }
 
-    /// Stores `slot` under `id`, queued for when it is due (its former place in the refresh
-    /// queue, `queued`, left).
-    fn place(&mut self, id: &EntryId, mut slot: Slot, queued: Option<i64>) {
-        if let Some(t) = queued {
-            self.refresh_queue.remove(&(t, id.clone()));
+    /// Stores `slot` under `id`, queued for when it is due (when `queued`, its former place in
+    /// the refresh queue, `slot.queued_at`, left first).
+    fn place(&mut self, id: &EntryId, mut slot: Slot, queued: bool) {
+        if queued {
+            self.refresh_queue.remove(&(slot.queued_at, id.clone()));
         }
         slot.queued_at = self.due_at(id, &slot);
         self.refresh_queue.insert((slot.queued_at, id.clone()));
@@ -1025,8 +1039,7 @@ impl Cache {
             if let Some(svid) = &mut slot.svid {
                 Arc::make_mut(svid).refresh_at = 0;
             }
-            let queued = slot.queued_at;
-            self.place(&id, slot, Some(queued));
+            self.place(&id, slot, true);
         }
         count
     }
@@ -1037,8 +1050,7 @@ impl Cache {
         let Some(slot) = self.view.entries.get(id).cloned() else {
             return;
         };
-        let queued = slot.queued_at;
-        self.place(id, slot, Some(queued));
+        self.place(id, slot, true);
     }
 
     /// Entry ids that need an SVID now: none yet, minted for an older revision of the entry, or
@@ -1162,8 +1174,7 @@ impl Cache {
         }
         *self.view.expiries.entry(not_after).or_insert(0) += 1;
         self.changes.entries.push(slot.entry.clone());
-        let queued = slot.queued_at;
-        self.place(&id, slot, Some(queued));
+        self.place(&id, slot, true);
         true
     }
 }

@@ -105,13 +105,13 @@ impl ChainPacker {
             Ok(len) if len > 0 => len,
             _ => return HeldChain::Plain(chain.into_boxed_slice()),
         };
-        if self.dictionary.is_none() || self.misses >= MISSES_BEFORE_NEW_DICTIONARY {
-            self.dictionary = Some(Arc::new(Dictionary(chain.clone().into_boxed_slice())));
+        if self.misses >= MISSES_BEFORE_NEW_DICTIONARY {
+            self.dictionary = None;
             self.misses = 0;
         }
-        let Some(dictionary) = &self.dictionary else {
-            return HeldChain::Plain(chain.into_boxed_slice());
-        };
+        let dictionary = self
+            .dictionary
+            .get_or_insert_with(|| Arc::new(Dictionary(chain.clone().into_boxed_slice())));
         let packed = lz4_flex::block::compress_with_dict(&chain, &dictionary.0);
         if packed.len() as f64 > chain.len() as f64 * MAX_PACKED_SHARE
             || unpack(&packed, len, dictionary).as_deref() != Some(chain.as_slice())

@@ -143,13 +143,18 @@ mod tests {
         }
     }
 
+    /// `der` held with `leaf` is kept as given and given back.
+    fn assert_held_whole(der: Vec<u8>, leaf: &[u8]) {
+        let held = HeldKey::new(der.clone(), leaf);
+        assert_eq!(held, HeldKey::Pkcs8(der.clone().into_boxed_slice()));
+        assert_eq!(held.pkcs8_der(leaf), Some(der));
+    }
+
     #[test]
     fn a_key_its_leaf_does_not_carry_is_held_whole() {
         let (pkcs8, _) = key_and_leaf();
         let (_, other_leaf) = key_and_leaf();
-        let held = HeldKey::new(pkcs8.clone(), &other_leaf);
-        assert_eq!(held, HeldKey::Pkcs8(pkcs8.clone().into_boxed_slice()));
-        assert_eq!(held.pkcs8_der(&other_leaf), Some(pkcs8));
+        assert_held_whole(pkcs8, &other_leaf);
     }
 
     #[test]
@@ -163,9 +168,7 @@ mod tests {
             vec![0x30, 0x03, 0x02, 0x01],
             vec![],
         ] {
-            let held = HeldKey::new(der.clone(), &leaf);
-            assert_eq!(held, HeldKey::Pkcs8(der.clone().into_boxed_slice()));
-            assert_eq!(held.pkcs8_der(&leaf), Some(der));
+            assert_held_whole(der, &leaf);
         }
     }
 

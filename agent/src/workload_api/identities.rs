@@ -162,12 +162,15 @@ pub fn x509_svid_state(cache: &Snapshot, selectors: &SelectorSet, now: i64) -> X
     let bundle = own_x509_bundle(cache);
     let svids = served
         .iter()
-        .map(|(e, svid)| wl::X509svid {
-            spiffe_id: e.spiffe_id.to_string(),
-            x509_svid: svid.chain_der().into_owned(),
-            x509_svid_key: svid.key_pkcs8_der(),
-            bundle: bundle.clone(),
-            hint: e.hint.clone(),
+        .map(|(e, svid)| {
+            let (x509_svid, x509_svid_key) = svid.chain_and_key_der();
+            wl::X509svid {
+                spiffe_id: e.spiffe_id.to_string(),
+                x509_svid,
+                x509_svid_key,
+                bundle: bundle.clone(),
+                hint: e.hint.clone(),
+            }
         })
         .collect();
     let entries: Vec<&RegistrationEntry> = served.iter().map(|(e, _)| *e).collect();

@@ -52,7 +52,7 @@ use super::service::{
     attest_again_if_hash_wanted, look, look_changed, now_unix, Caller, StreamGauge, Watch,
     WorkloadApi, EXPIRED, NO_IDENTITY,
 };
-use crate::sync::cache::Snapshot;
+use crate::sync::cache::{split_chain, Snapshot};
 use crate::sync::watchers::Subscription;
 use crate::sync::worker::AgentState;
 use crate::workload_attestor::WorkloadAttestor;
@@ -269,10 +269,13 @@ fn sds_view(cache: &Snapshot, selectors: &sigil::selector::SelectorSet) -> Watch
     Watch::Send(View {
         svids: served
             .iter()
-            .map(|(e, svid)| SvidPem {
-                spiffe_id: e.spiffe_id.to_string(),
-                chain: sigil::x509::to_pem_certs(&svid.certs_der()).into_bytes(),
-                key: sigil::x509::to_pem("PRIVATE KEY", &svid.key_pkcs8_der()).into_bytes(),
+            .map(|(e, svid)| {
+                let (chain, key) = svid.chain_and_key_der();
+                SvidPem {
+                    spiffe_id: e.spiffe_id.to_string(),
+                    chain: sigil::x509::to_pem_certs(&split_chain(&chain)).into_bytes(),
+                    key: sigil::x509::to_pem("PRIVATE KEY", &key).into_bytes(),
+                }
             })
             .collect(),
         own: cache.bundle().and_then(bundle_pem),
